@@ -1,0 +1,89 @@
+"""The engine process: owns the model, runs the scheduler loop, talks to the HTTP front over two pipes.
+
+Messages are msgpack dicts (pd.engine.io). Front -> engine: GenerateRequest, AbortRequest. Engine -> front:
+first {"ready": info} or {"fatal": reason}, then after every step {"outputs": [...], "stats": {...}}.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgpack
+import torch
+
+from pd.engine.io import AbortRequest, GenerateRequest, TokenOutput, from_dict, to_dict
+from pd.engine.model_runner import ModelRunner, RunnerConfig
+from pd.engine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger("pd.engine")
+
+
+def _send(conn: Connection, payload: dict[str, Any]) -> None:
+    conn.send_bytes(msgpack.packb(payload, use_bin_type=True))
+
+
+def run_engine(
+    runner_cfg: RunnerConfig, sched_cfg: SchedulerConfig, inbox: Connection, outbox: Connection, log_level: str
+) -> None:
+    """Process entry point. Returns when the front closes its pipe."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(processName)s %(levelname)s %(message)s")
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        runner = ModelRunner(runner_cfg)
+        scheduler = Scheduler(sched_cfg, runner)
+    except Exception as e:  # report why loading failed instead of dying silently
+        logger.error("engine failed to start: %s", traceback.format_exc())
+        _send(outbox, {"fatal": f"{type(e).__name__}: {e}"})
+        return
+    _send(outbox, {"ready": {"context_length": runner.context_length, "stats": to_dict(scheduler.stats()),
+                             "model_config": runner.model_config.raw}})
+    EngineLoop(scheduler, inbox, outbox).run()
+
+
+class EngineLoop:
+    def __init__(self, scheduler: Scheduler, inbox: Connection, outbox: Connection) -> None:
+        self.scheduler, self.inbox, self.outbox = scheduler, inbox, outbox
+
+    def run(self) -> None:
+        while True:
+            try:
+                outputs = self._drain_inbox(block=not self.scheduler.has_work)
+            except EOFError:
+                logger.info("front closed the pipe; engine exiting")
+                return
+            if self.scheduler.has_work:
+                outputs += self._step()
+            _send(self.outbox, {"outputs": [to_dict(o) for o in outputs], "stats": to_dict(self.scheduler.stats())})
+
+    def _drain_inbox(self, block: bool) -> list[TokenOutput]:
+        outputs: list[TokenOutput] = []
+        if block:
+            self.inbox.poll(None)
+        while self.inbox.poll(0):
+            msg = from_dict(msgpack.unpackb(self.inbox.recv_bytes(), raw=False))
+            out = None
+            if isinstance(msg, GenerateRequest):
+                out = self.scheduler.add(msg)
+            elif isinstance(msg, AbortRequest):
+                out = self.scheduler.abort(msg.rid)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _step(self) -> list[TokenOutput]:
+        try:
+            return self.scheduler.step()
+        except Exception as e:
+            # A bug in a forward must not take the server down: fail the requests in flight, keep serving.
+            logger.error("step failed; ending the running requests: %s", traceback.format_exc())
+            outputs = []
+            for req in list(self.scheduler.running):
+                out = self.scheduler.abort(req.rid)
+                if out is not None:
+                    outputs.append(TokenOutput(out.rid, out.new_token_ids, out.prompt_tokens, out.completion_tokens,
+                                               "error", error=f"internal error: {type(e).__name__}: {e}"))
+            return outputs

@@ -1,0 +1,108 @@
+"""Messages between the HTTP front and the engine (scheduler) process.
+
+They cross a process boundary, so each is a plain dataclass of ints, floats, strings and lists that
+`to_dict`/`from_dict` turn into msgpack-able dicts. Never pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings. temperature == 0 means greedy (deterministic).
+
+    Stop strings are matched by the front on detokenized text; the engine only sees token ids.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k cut
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One request handed to the engine. `input_ids` is the full tokenized prompt."""
+
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Disaggregation fields (PD mode only; None otherwise).
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    rid: str
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """New tokens of one request since the last message.
+
+    finish_reason is None while running, else one of "stop" (EOS / stop token), "length"
+    (max_new_tokens or context length), "abort" (aborted by the client), "error" (see `error`).
+    """
+
+    rid: str
+    new_token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    matched_stop: int | None = None
+    error: str | None = None
+    # Time the request spent queued before its first forward, in seconds (for metrics).
+    queue_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Live state of the engine, reported after every step (and on request)."""
+
+    num_waiting: int
+    num_running: int
+    kv_pages_total: int
+    kv_pages_free: int
+    page_size: int
+    generated_tokens_total: int
+    prompt_tokens_total: int
+
+
+def to_dict(msg: Any) -> dict[str, Any]:
+    """Dataclass -> dict with a type tag, ready for msgpack."""
+    d = dataclasses.asdict(msg)
+    d["__type__"] = type(msg).__name__
+    return d
+
+
+_TYPES: dict[str, type] = {
+    t.__name__: t for t in (SamplingParams, GenerateRequest, AbortRequest, TokenOutput, EngineStats)
+}
+
+
+def from_dict(d: dict[str, Any]) -> Any:
+    """Inverse of `to_dict`; rejects unknown type tags (schema check, not arbitrary code)."""
+    d = dict(d)
+    name = d.pop("__type__")
+    cls = _TYPES[name]
+    if cls is GenerateRequest:
+        d["sampling"] = SamplingParams(**{**d["sampling"], "stop_token_ids": tuple(d["sampling"]["stop_token_ids"])})
+    elif cls is SamplingParams:
+        d["stop_token_ids"] = tuple(d["stop_token_ids"])
+    return cls(**d)

@@ -1,0 +1,100 @@
+"""Paged KV cache: page allocator, per-request slot table, and the per-layer KV buffers.
+
+A slot is one token's KV entry; page p holds slots [p*page_size, (p+1)*page_size). The allocator hands out
+whole pages; `req_to_token[row, pos]` is the slot of position `pos` of the request in `row`, so attention
+gathers a request's context with one indexing op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagePool:
+    """Free list of KV pages. Never hands out a page twice; `free` of a page not in use is a bug (asserted)."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))
+        self._in_use = bytearray(num_pages)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int] | None:
+        """n pages, or None (and nothing taken) when fewer are free."""
+        if n > len(self._free):
+            return None
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._in_use[p] = 1
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            assert self._in_use[p], f"page {p} freed twice"
+            self._in_use[p] = 0
+        self._free.extend(pages)
+
+
+class ReqToToken:
+    """Slot table [max_rows, max_context] int64 plus a free list of rows (one row per live request)."""
+
+    def __init__(self, max_rows: int, max_context: int, page_size: int) -> None:
+        self.table = torch.zeros(max_rows, max_context, dtype=torch.int64)
+        self.page_size = page_size
+        self._free_rows = list(range(max_rows - 1, -1, -1))
+
+    def alloc_row(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free_row(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    def assign_pages(self, row: int, first_page_index: int, pages: list[int]) -> None:
+        """Maps positions [first_page_index*page_size, ...) of `row` onto `pages`."""
+        if not pages:
+            return
+        ps = self.page_size
+        slots = (torch.tensor(pages, dtype=torch.int64)[:, None] * ps + torch.arange(ps)[None, :]).flatten()
+        start = first_page_index * ps
+        end = min(start + slots.numel(), self.table.shape[1])
+        self.table[row, start:end] = slots[: end - start]
+
+
+class KVCache:
+    """Per-layer KV buffers. `layout` lists, per buffer kind, (heads, dim): [(kv_heads, head_dim)] * 2 for
+    K and V of multi-head attention, [(1, latent_dim)] for MLA's compressed latent.
+
+    Each buffer is [num_pages * page_size, heads, dim] in `dtype` on `device`.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        layout: list[tuple[int, int]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_pages, self.page_size, self.device, self.dtype = num_pages, page_size, device, dtype
+        num_slots = num_pages * page_size
+        self.buffers = [
+            [torch.zeros(num_slots, heads, dim, dtype=dtype, device=device) for heads, dim in layout]
+            for _ in range(num_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, layout: list[tuple[int, int]], dtype: torch.dtype) -> int:
+        return num_layers * sum(h * d for h, d in layout) * torch.empty((), dtype=dtype).element_size()
+
+    def store(self, layer_id: int, loc: torch.Tensor, *values: torch.Tensor) -> None:
+        """Writes values[i] [T, heads_i, dim_i] into slots loc [T] of buffer i of the layer."""
+        for buf, val in zip(self.buffers[layer_id], values, strict=True):
+            buf[loc] = val.to(buf.dtype)
+
+    def gather(self, layer_id: int, slots: torch.Tensor) -> list[torch.Tensor]:
+        """slots [B, L] -> per buffer [B, L, heads, dim]."""
+        return [buf[slots] for buf in self.buffers[layer_id]]

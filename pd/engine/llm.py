@@ -1,0 +1,65 @@
+"""In-process engine for offline use and tests: the same scheduler and runner as `pd serve`, no HTTP."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from pd.engine.io import GenerateRequest, SamplingParams
+from pd.engine.model_runner import ModelRunner, RunnerConfig
+from pd.engine.scheduler import Scheduler, SchedulerConfig
+
+
+class LLM:
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        page_size: int = 16,
+        chunked_prefill_size: int = 2048,
+        max_running_requests: int = 64,
+        max_total_tokens: int | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        cfg = RunnerConfig(model_path, device, dtype, page_size, context_length, max_total_tokens, None)
+        self.runner = ModelRunner(cfg)
+        self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size), self.runner)
+        self._ids = itertools.count()
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Runs all prompts to completion with continuous batching; returns each one's output token ids."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        rids = [f"offline-{next(self._ids)}" for _ in prompts]
+        results: dict[str, list[int]] = {rid: [] for rid in rids}
+        for rid, ids, sp in zip(rids, prompts, params):
+            error = self.scheduler.add(GenerateRequest(rid, list(ids), sp))
+            if error is not None:
+                raise ValueError(error.error)
+        while self.scheduler.has_work:
+            for out in self.scheduler.step():
+                results[out.rid].extend(out.new_token_ids)
+        return [results[rid] for rid in rids]
+
+    @torch.inference_mode()
+    def prefill_logits(self, input_ids: list[int]) -> torch.Tensor:
+        """Logits [L, vocab] float32 of every prompt position, computed chunk by chunk through the paged cache
+        (chunks of the scheduler's chunked-prefill size), the way a served prefill runs."""
+        sched = self.scheduler
+        pages = sched.pool.alloc(sched._pages_for(len(input_ids)))
+        row = sched.slots.alloc_row()
+        assert pages is not None and row is not None, "KV cache too small for this prompt"
+        try:
+            sched.slots.assign_pages(row, 0, pages)
+            chunk = sched.cfg.chunked_prefill_size if sched.cfg.chunked_prefill_size > 0 else len(input_ids)
+            logits = []
+            for start in range(0, len(input_ids), chunk):
+                ids = input_ids[start : start + chunk]
+                batch = self.runner.build_batch(ids, [row], [start], [len(ids)], sched.slots.table,
+                                                logits_index=list(range(len(ids))))
+                logits.append(self.runner.forward(batch))
+            return torch.cat(logits)
+        finally:
+            sched.pool.free(pages)
+            sched.slots.free_row(row)

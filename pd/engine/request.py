@@ -1,0 +1,56 @@
+"""A request's life inside the engine: its tokens, its KV pages and why it finished."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from pd.engine.io import SamplingParams
+
+
+class ReqState(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Req:
+    rid: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_total_len: int  # prompt + new tokens may not exceed this (context length, or prompt + max_new_tokens)
+    output_ids: list[int] = field(default_factory=list)
+    state: ReqState = ReqState.WAITING
+    row: int = -1  # row in the slot table while running
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    finish_reason: str | None = None
+    matched_stop: int | None = None
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    num_sent: int = 0  # output tokens already reported to the front
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def next_input_ids(self, n: int) -> list[int]:
+        """The n tokens after those already in the cache (a prompt chunk, or the last sampled token)."""
+        prompt_len = len(self.prompt_ids)
+        if self.num_computed < prompt_len:
+            return self.prompt_ids[self.num_computed : self.num_computed + n]
+        start = self.num_computed - prompt_len
+        return self.output_ids[start : start + n]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)

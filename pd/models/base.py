@@ -1,0 +1,74 @@
+"""What every causal LM of the zoo shares: the forward contract, logits, and checkpoint-name handling.
+
+A model is built from a `ModelConfig` and a `MoeContext` (which experts this rank holds, which dispatcher and
+runner to use) and knows nothing else about devices or parallelism.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from pd.engine.forward_batch import ForwardBatch
+from pd.moe.layer import FusedMoE
+
+# Per-expert checkpoint names (Mixtral's w1/w3/w2 and everyone else's gate/up/down) and the fused layout.
+_EXPERT = re.compile(
+    r"^(?P<layer>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+)
+_FUSED_EXPERTS = re.compile(r"^(?P<layer>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+_SHARD = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+class CausalLM(nn.Module):
+    """Base of every model: subclasses set `self.model` (embed_tokens, layers, norm) and `self.lm_head`."""
+
+    model: nn.Module
+    lm_head: nn.Linear
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Runs the decoder on the batch's new tokens: -> final hidden states [T, hidden]."""
+        raise NotImplementedError
+
+    def kv_layout(self) -> list[tuple[int, int]]:
+        """(heads, dim) of each per-token KV buffer of one layer."""
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)  # type: ignore[arg-type]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, hidden] -> logits [S, vocab] float32."""
+        return self.lm_head(hidden).float()
+
+    # ---- checkpoint loading (see pd.models.loader) ----
+    def _moe_of(self, layer_prefix: str) -> FusedMoE | None:
+        try:
+            layer = self.get_submodule(layer_prefix)
+        except AttributeError:
+            return None
+        return next((m for m in layer.modules() if isinstance(m, FusedMoE)), None)
+
+    def load_special(self, name: str, tensor: torch.Tensor) -> bool:
+        if m := _EXPERT.match(name):
+            moe = self._moe_of(m["layer"])
+            if moe is not None:
+                moe.load_expert_weight(name, int(m["expert"]), _SHARD[m["proj"]], tensor)
+                return True
+        if m := _FUSED_EXPERTS.match(name):
+            moe = self._moe_of(m["layer"])
+            if moe is not None:
+                moe.load_fused(name, "gate_up" if m["proj"] == "gate_up_proj" else "down", tensor)
+                return True
+        return False
+
+    def ignore_weight(self, name: str) -> bool:
+        return "rotary_emb.inv_freq" in name
+
+    def param_loaded_specially(self, param_name: str) -> bool:
+        module_name, _, _ = param_name.rpartition(".")
+        module = self.get_submodule(module_name)
+        return isinstance(module, FusedMoE) and module.is_fully_loaded()

@@ -1,0 +1,120 @@
+"""Llama-style decoder (dense Llama; the attention and layer skeleton reused by Mixtral and Qwen MoE models).
+
+Parameter names mirror the Hugging Face checkpoint names, so the loader copies tensors 1:1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pd.engine.forward_batch import ForwardBatch
+from pd.layers.activation import silu_and_mul
+from pd.layers.attention import paged_attention
+from pd.layers.norm import RMSNorm
+from pd.layers.rotary import RotaryEmbedding
+from pd.models.base import CausalLM
+from pd.models.config import ModelConfig
+from pd.moe.context import MoeContext
+
+
+class Attention(nn.Module):
+    """GQA attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm before rope (Qwen3)."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, qkv_bias: bool = False, o_bias: bool = False,
+                 qk_norm: bool = False) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_kv_heads, config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(batch.positions, q, k)
+        out = paged_attention(self.layer_id, q, k, v, batch, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block. The MLP sits under `mlp_name` (e.g. Mixtral's checkpoints say block_sparse_moe)."""
+
+    def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module, mlp_name: str = "mlp") -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers built by `make_layer(layer_id)`, final norm, one shared rotary table."""
+
+    def __init__(self, config: ModelConfig, make_layer: Callable[[int], nn.Module], rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([make_layer(i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = rotary
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch, self.rotary_emb)
+        return self.norm(x)
+
+
+def default_rotary(config: ModelConfig, max_position: int) -> RotaryEmbedding:
+    return RotaryEmbedding(config.head_dim, config.rope_parameters, max_position)
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
+        super().__init__()
+        bias = bool(config.get("attention_bias", False))
+
+        def make_layer(i: int) -> nn.Module:
+            attn = Attention(config, i, qkv_bias=bias, o_bias=bias)
+            return DecoderLayer(config, attn, DenseMLP(config.hidden_size, config.intermediate_size))
+
+        self.config = config
+        self.model = DecoderModel(config, make_layer, default_rotary(config, max_position))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(batch)
+
+    def kv_layout(self) -> list[tuple[int, int]]:
+        return [(self.config.num_kv_heads, self.config.head_dim)] * 2

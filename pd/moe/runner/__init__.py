@@ -1,0 +1,46 @@
+"""MoE runner registry (``--moe-runner-backend``): name -> implementation, imported only when asked for."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch
+
+from pd.moe.dispatcher.base import CombineInput, DispatchOutput
+
+
+class MoeRunner(Protocol):
+    """Computes the local experts on dispatched tokens (pre-permute, grouped GEMMs, post-permute)."""
+
+    def run(
+        self,
+        dispatch_out: DispatchOutput,
+        w13_EXH: torch.Tensor,
+        w2_EHI: torch.Tensor,
+        activation: str = "silu",
+    ) -> CombineInput: ...
+
+
+# name -> (module, class); GPU runners join here and stay unimported on machines without their kernels.
+_RUNNERS: dict[str, tuple[str, str]] = {
+    "torch": ("pd.moe.runner.torch_ref", "TorchMoeRunner"),
+}
+
+
+def runner_names() -> tuple[str, ...]:
+    """Names accepted by get_runner."""
+    return tuple(_RUNNERS)
+
+
+def get_runner(name: str) -> MoeRunner:
+    """Build the runner registered under ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    if name not in _RUNNERS:
+        raise ValueError(f"unknown MoE runner {name!r}; known: {', '.join(_RUNNERS)}")
+    module_name, class_name = _RUNNERS[name]
+    runner: MoeRunner = getattr(importlib.import_module(module_name), class_name)()
+    return runner

@@ -1,0 +1,122 @@
+"""Pure-torch MoE runner: the CPU path and the oracle every other runner is tested against.
+
+Stages: pre-permute (sort (token, slot) pairs by local expert, gather their rows), grouped GEMM gate_up,
+activation, grouped GEMM down, scale by the routing weight, post-permute (scatter-add back per token).
+The arithmetic follows transformers' eager experts loop: per-expert ``linear``, ``act(gate) * up``,
+``linear``, ``* weight`` (float32 weight, so the product is float32), cast to the hidden dtype, then
+``index_add_`` in the hidden dtype with experts in ascending order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pd.moe.dispatcher.base import CombineInput, DispatchOutput
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu}
+
+# dtypes torch._grouped_mm accepts on CPU; on it the result equals per-expert ``linear`` bit for bit.
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_available(x: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm can run this input (checked only on CPU; other devices use the loop)."""
+    return hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and x.dtype in _GROUPED_MM_DTYPES
+
+
+class TorchMoeRunner:
+    """Reference runner over the dispatched tokens of one rank.
+
+    Args:
+        use_grouped_mm: True forces ``torch._grouped_mm``, False forces the loop over experts, None picks
+            grouped_mm where it is known to work (CPU, float32/bfloat16/float16).
+    """
+
+    def __init__(self, use_grouped_mm: bool | None = None) -> None:
+        self.use_grouped_mm = use_grouped_mm
+
+    def run(
+        self,
+        dispatch_out: DispatchOutput,
+        w13_EXH: torch.Tensor,
+        w2_EHI: torch.Tensor,
+        activation: str = "silu",
+    ) -> CombineInput:
+        """Compute this rank's experts for the dispatched tokens.
+
+        Args:
+            dispatch_out: hidden_states [N, H] (model dtype), topk_ids [N, K] int64 local ids (-1 = not on this
+                rank), topk_weights [N, K] float32.
+            w13_EXH: [E_local, 2*I, H] fused gate (rows [0:I]) and up (rows [I:2I]) projections, model dtype.
+            w2_EHI: [E_local, H, I] down projections, model dtype.
+            activation: "silu" or "gelu", applied to the gate half.
+
+        Returns:
+            CombineInput whose hidden_states [N, H] (model dtype) is, per token, the sum over its local slots of
+            weight * down(act(gate(x)) * up(x)); tokens with no local slot get zeros. The handle is passed on.
+
+        Raises:
+            ValueError: unknown activation, or an expert id >= E_local.
+        """
+        act = _ACTIVATIONS.get(activation)
+        if act is None:
+            raise ValueError(f"unknown MoE activation {activation!r}; known: {', '.join(_ACTIVATIONS)}")
+        hidden_NH = dispatch_out.hidden_states
+        ids_NK = dispatch_out.topk_ids
+        num_tokens, top_k = ids_NK.shape
+        num_experts = w13_EXH.shape[0]
+        assert hidden_NH.shape[0] == num_tokens and hidden_NH.dtype == w13_EXH.dtype == w2_EHI.dtype
+
+        # Pre-permute. Key = id + 1, so foreign slots (-1) form bucket 0 ahead of every local expert, and a
+        # stable sort keeps (token, slot) order inside each expert, as HF's per-expert loop does.
+        keys = ids_NK.reshape(-1) + 1
+        counts = torch.bincount(keys, minlength=num_experts + 1)
+        if counts.numel() != num_experts + 1:
+            raise ValueError(f"topk_ids hold a local expert id >= num_local_experts={num_experts}")
+        sizes = counts.tolist()  # the only host sync: the loop path and the slice below need plain ints
+        num_foreign = sizes[0]
+        out_NH = hidden_NH.new_zeros(num_tokens, hidden_NH.shape[1])
+        if num_foreign == num_tokens * top_k:
+            return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
+
+        order = torch.argsort(keys, stable=True)[num_foreign:]
+        token_idx = order // top_k
+        x_MH = hidden_NH.index_select(0, token_idx)
+
+        use_gmm = _grouped_mm_available(x_MH) if self.use_grouped_mm is None else self.use_grouped_mm
+        counts_E = counts[1:]
+        sizes_E = sizes[1:]
+        offs = torch.cumsum(counts_E, 0, dtype=torch.int32) if use_gmm else None
+
+        gate_up_MX = _grouped_linear(x_MH, w13_EXH, sizes_E, offs)
+        gate_MI, up_MI = gate_up_MX.chunk(2, dim=-1)
+        inter_MI = act(gate_MI).mul_(up_MI)
+        down_MH = _grouped_linear(inter_MI, w2_EHI, sizes_E, offs)
+
+        # Post-permute: weight (float32, like HF, so bf16 rows are scaled in float32), cast, scatter-add.
+        weights_M1 = dispatch_out.topk_weights.reshape(-1).index_select(0, order).unsqueeze(1)
+        if down_MH.dtype == weights_M1.dtype:
+            weighted_MH = down_MH.mul_(weights_M1)
+        else:
+            weighted_MH = (down_MH * weights_M1).to(out_NH.dtype)
+        out_NH.index_add_(0, token_idx, weighted_MH)
+        return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
+
+
+def _grouped_linear(
+    x_MK: torch.Tensor, w_EOK: torch.Tensor, sizes_E: list[int], offs_E: torch.Tensor | None
+) -> torch.Tensor:
+    """Rows sorted by expert, [M, K] -> [M, O]: segment e (sizes_E[e] rows) times w_EOK[e].T.
+
+    offs_E ([E] int32 cumulative sizes) selects torch._grouped_mm; None selects a loop over non-empty experts.
+    """
+    if offs_E is not None:
+        return torch._grouped_mm(x_MK, w_EOK.transpose(-2, -1), offs=offs_E)
+    y_MO = x_MK.new_empty(x_MK.shape[0], w_EOK.shape[1])
+    for expert, (x_seg, y_seg) in enumerate(zip(x_MK.split(sizes_E), y_MO.split(sizes_E))):
+        if x_seg.shape[0]:
+            torch.mm(x_seg, w_EOK[expert].t(), out=y_seg)
+    return y_MO

@@ -1,0 +1,405 @@
+"""Server arguments: parsed once from the command line into one frozen dataclass.
+
+"auto" values are resolved when the object is built (so every later reader sees concrete values), and every
+bad combination fails then with a `ServerArgsError` that names the flag and says what to change. Features the
+flags can name but this build cannot run yet are listed in `_NOT_IMPLEMENTED`; `from_namespace` refuses them,
+so they are never silently ignored. Per-rank or per-test copies are made with `dataclasses.replace`, which
+re-runs the same validation; note that values already resolved from others (served_model_name and
+tokenizer_path from model_path, dtype/mem_fraction_static/max_total_tokens from device) are kept as they are,
+so pass them too when replacing the field they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+A2A_BACKENDS = ("none", "torch", "deepep", "mooncake", "mori", "flashinfer", "ascend_fuseep")
+MOE_RUNNER_BACKENDS = ("auto", "torch", "triton", "deep_gemm", "flashinfer_cutlass", "cutlass")
+DEEPEP_MODES = ("auto", "normal", "low_latency")
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+TRANSFER_BACKENDS = ("mooncake", "fake")
+DEVICES = ("auto", "cpu", "cuda", "npu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+DEFAULT_SERVED_MODEL_NAME = "pd-default"
+DEFAULT_CPU_MAX_TOTAL_TOKENS = 65536
+DEFAULT_GPU_MEM_FRACTION = 0.85
+
+# Backends whose kernels exist for one device kind only.
+_A2A_DEVICE = {"deepep": "cuda", "mooncake": "cuda", "mori": "cuda", "flashinfer": "cuda", "ascend_fuseep": "npu"}
+_RUNNER_DEVICE = {"triton": "cuda", "deep_gemm": "cuda", "flashinfer_cutlass": "cuda", "cutlass": "cuda"}
+# These dispatchers address every rank's experts directly, so the EP group must be the whole TP group.
+_A2A_NEEDS_EP_EQ_TP = ("deepep", "mooncake", "mori", "ascend_fuseep")
+
+
+class ServerArgsError(ValueError):
+    """A bad flag or flag combination; the message names the flag and says what to change."""
+
+
+def _opt(default: Any, help: str, *flags: str, choices: Sequence[str] | None = None, type: Any = None) -> Any:
+    """A dataclass field that also describes its command-line flag (bool defaults become store_true)."""
+    return field(default=default, metadata={"flags": flags, "help": help, "choices": choices, "type": type})
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """Everything one server instance is started with. Build with `from_cli`/`from_namespace` or directly."""
+
+    # Model
+    model_path: str | None = _opt(
+        None, "checkpoint dir or HF id; default: the built-in tiny MoE", "--model-path", "--model", type=str
+    )
+    tokenizer_path: str | None = _opt(None, "default: --model-path", type=str)
+    served_model_name: str | None = _opt(None, "name in the API; default: basename of --model-path", type=str)
+    context_length: int | None = _opt(None, "max tokens per request; default: from the model config", type=int)
+    trust_remote_code: bool = _opt(False, "accepted for compatibility and ignored")
+    skip_tokenizer_init: bool = _opt(False, "take and return token ids only")
+    # Parallelism
+    tp_size: int = _opt(1, "tensor-parallel size (ranks per instance)", "--tp-size", "--tp", type=int)
+    ep_size: int = _opt(1, "expert-parallel size; must divide --tp-size", "--ep-size", "--ep", type=int)
+    dp_size: int = _opt(1, "data-parallel attention groups; needs --enable-dp-attention", type=int)
+    enable_dp_attention: bool = _opt(False, "data-parallel attention inside the TP group")
+    pp_size: int = _opt(1, "pipeline-parallel size", type=int)
+    nnodes: int = _opt(1, "number of nodes of this instance", type=int)
+    node_rank: int = _opt(0, "rank of this node, 0..nnodes-1", type=int)
+    dist_init_addr: str | None = _opt(None, "host:port of node 0 for multi-node init", type=str)
+    # MoE
+    moe_a2a_backend: str = _opt("none", "token dispatcher ('torch': portable all-to-all)", choices=A2A_BACKENDS)
+    moe_runner_backend: str = _opt("auto", "grouped-GEMM runner (auto: torch)", choices=MOE_RUNNER_BACKENDS)
+    deepep_mode: str = _opt("auto", "dispatch mode; auto: per batch, or by --disaggregation-mode", choices=DEEPEP_MODES)
+    enable_two_batch_overlap: bool = _opt(False, "overlap two micro-batches' attention and dispatch")
+    enable_single_batch_overlap: bool = _opt(False, "overlap shared experts with dispatch")
+    enable_eplb: bool = _opt(False, "rebalance expert placement from recorded load")
+    ep_num_redundant_experts: int = _opt(0, "extra expert replicas for EPLB", type=int)
+    eplb_rebalance_num_iterations: int = _opt(1000, "forward passes between EPLB rebalances", type=int)
+    speculative_moe_runner_backend: str | None = _opt(None, "runner for draft models", choices=MOE_RUNNER_BACKENDS)
+    # Disaggregation
+    disaggregation_mode: str = _opt("null", "run as a prefill or decode instance", choices=DISAGGREGATION_MODES)
+    disaggregation_transfer_backend: str = _opt("mooncake", "KV transfer backend", choices=TRANSFER_BACKENDS)
+    disaggregation_bootstrap_port: int = _opt(8998, "prefill bootstrap server port", type=int)
+    # Memory and scheduling
+    mem_fraction_static: float | None = _opt(None, "GPU memory fraction for weights + KV; auto 0.85", type=float)
+    max_running_requests: int = _opt(64, "max requests in one running batch", type=int)
+    max_total_tokens: int | None = _opt(None, "KV capacity in tokens; auto: 65536 on CPU, from memory on GPU", type=int)
+    max_queued_requests: int = _opt(1024, "requests waiting beyond this are rejected", type=int)
+    chunked_prefill_size: int = _opt(2048, "max prompt tokens per prefill step; -1 disables chunking", type=int)
+    page_size: int = _opt(16, "tokens per KV page", type=int)
+    # Runtime
+    device: str = _opt("auto", "auto: cuda if available, else npu if torch_npu imports, else cpu", choices=DEVICES)
+    dtype: str = _opt("auto", "auto: float32 on cpu, bfloat16 on cuda/npu", choices=DTYPES)
+    random_seed: int = _opt(0, "seed for sampling and weight init", type=int)
+    # HTTP
+    host: str = _opt("127.0.0.1", "listen address", type=str)
+    port: int = _opt(30000, "HTTP port", type=int)
+    api_key: str | None = _opt(None, "require 'Authorization: Bearer <key>'", type=str)
+    log_level: str = _opt("info", "logging level", choices=LOG_LEVELS)
+    enable_metrics: bool = _opt(False, "accepted for compatibility; /metrics is always on")
+
+    def __post_init__(self) -> None:
+        # Frozen, so resolved values are written through object.__setattr__; resolution is idempotent, which
+        # keeps dataclasses.replace (which calls __init__ again) consistent.
+        for name, value in _resolve_auto(self).items():
+            object.__setattr__(self, name, value)
+        _validate(self)
+
+    # ---- construction from the command line ----
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one flag per field to `parser` (dest = field name)."""
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            flags = meta["flags"] or (_flag(f.name),)
+            if isinstance(f.default, bool):
+                parser.add_argument(*flags, dest=f.name, action="store_true", help=meta["help"])
+            else:
+                parser.add_argument(
+                    *flags,
+                    dest=f.name,
+                    default=f.default,
+                    type=meta["type"],
+                    choices=meta["choices"],
+                    help=meta["help"] if f.default is None else f"{meta['help']} (default: {f.default})",
+                )
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> ServerArgs:
+        """Build from parsed flags (extra attributes are ignored). Raises ServerArgsError on a bad or
+        not-yet-implemented combination."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        args = cls(**{n: getattr(ns, n) for n in names if hasattr(ns, n)})
+        check_implemented(args)
+        return args
+
+    @classmethod
+    def from_cli(cls, argv: Sequence[str] | None = None, prog: str = "pd serve") -> ServerArgs:
+        """Parse `argv` (default: sys.argv[1:]); errors exit with status 2 and an argparse-style message."""
+        parser = argparse.ArgumentParser(prog=prog, usage="%(prog)s [options]", allow_abbrev=False)
+        cls.add_cli_args(parser)
+        ns = parser.parse_args(argv)
+        try:
+            return cls.from_namespace(ns)
+        except ServerArgsError as e:
+            parser.error(str(e))
+
+    # ---- derived values ----
+    @property
+    def is_cpu(self) -> bool:
+        return self.device == "cpu"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def is_npu(self) -> bool:
+        return self.device == "npu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    @property
+    def dist_backend(self) -> str:
+        """torch.distributed backend for this device kind."""
+        return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[self.device]
+
+    @property
+    def uses_default_model(self) -> bool:
+        return self.model_path is None
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in this instance, over all its nodes."""
+        return self.tp_size * self.pp_size
+
+    @property
+    def attn_tp_size(self) -> int:
+        """TP size of attention: the TP group is split into dp_size attention groups under DP attention."""
+        return self.tp_size // self.dp_size if self.enable_dp_attention else self.tp_size
+
+    @property
+    def moe_tp_size(self) -> int:
+        """How many ranks split each expert's weights (the EP<TP hybrid)."""
+        return self.tp_size // self.ep_size
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return self.disaggregation_mode != "null"
+
+    @property
+    def chunked_prefill_enabled(self) -> bool:
+        return self.chunked_prefill_size != -1
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """All fields as JSON-able values for /get_server_info; the API key is never echoed back."""
+        d = dataclasses.asdict(self)
+        d["api_key"] = None if self.api_key is None else "<set>"
+        return d
+
+
+def _flag(name: str) -> str:
+    """The canonical flag of a field, as used in error messages."""
+    for f in dataclasses.fields(ServerArgs):
+        if f.name == name and f.metadata["flags"]:
+            return f.metadata["flags"][0]
+    return "--" + name.replace("_", "-")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import torch
+        import torch_npu  # noqa: F401  (registers torch.npu)
+    except Exception:  # a broken install counts as absent; --device npu then says so
+        return False
+    return bool(torch.npu.is_available())
+
+
+def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
+    """Concrete values for every 'auto'/None field that has a parse-time answer."""
+    device = a.device
+    if device == "auto":
+        device = "cuda" if _cuda_available() else "npu" if _npu_available() else "cpu"
+    elif device == "cuda" and not _cuda_available():
+        raise ServerArgsError(
+            "--device cuda was requested but torch.cuda.is_available() is False; "
+            "install a CUDA build of torch or pass --device cpu"
+        )
+    elif device == "npu" and not _npu_available():
+        raise ServerArgsError(
+            "--device npu was requested but torch_npu does not import or sees no NPU; "
+            "install torch_npu or pass --device cpu"
+        )
+    deepep_mode = a.deepep_mode
+    if deepep_mode == "auto" and a.disaggregation_mode != "null":
+        # Prefill batches are large and variable (normal); decode batches are small and graph-captured.
+        deepep_mode = "normal" if a.disaggregation_mode == "prefill" else "low_latency"
+    name = a.served_model_name
+    if name is None:
+        name = os.path.basename(a.model_path.rstrip("/")) if a.model_path else DEFAULT_SERVED_MODEL_NAME
+    on_cpu = device == "cpu"
+    return {
+        "device": device,
+        "dtype": ("float32" if on_cpu else "bfloat16") if a.dtype == "auto" else a.dtype,
+        "moe_runner_backend": "torch" if a.moe_runner_backend == "auto" else a.moe_runner_backend,
+        "deepep_mode": deepep_mode,
+        "served_model_name": name,
+        "tokenizer_path": a.model_path if a.tokenizer_path is None else a.tokenizer_path,
+        "mem_fraction_static": DEFAULT_GPU_MEM_FRACTION
+        if a.mem_fraction_static is None and not on_cpu
+        else a.mem_fraction_static,
+        # On GPU the model runner derives capacity from free memory after loading weights.
+        "max_total_tokens": DEFAULT_CPU_MAX_TOTAL_TOKENS
+        if a.max_total_tokens is None and on_cpu
+        else a.max_total_tokens,
+    }
+
+
+def _validate(a: ServerArgs) -> None:
+    """Raise ServerArgsError for the first bad combination, in the order a user would fix them."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ServerArgsError(msg)
+
+    for n in (
+        "tp_size",
+        "ep_size",
+        "dp_size",
+        "pp_size",
+        "nnodes",
+        "page_size",
+        "max_running_requests",
+        "max_queued_requests",
+        "eplb_rebalance_num_iterations",
+    ):
+        need(getattr(a, n) >= 1, f"{_flag(n)} must be >= 1, got {getattr(a, n)}")
+    need(a.ep_num_redundant_experts >= 0, f"--ep-num-redundant-experts must be >= 0, got {a.ep_num_redundant_experts}")
+    need(a.context_length is None or a.context_length >= 1, f"--context-length must be >= 1, got {a.context_length}")
+    need(
+        a.max_total_tokens is None or a.max_total_tokens >= a.page_size,
+        f"--max-total-tokens ({a.max_total_tokens}) must be >= --page-size ({a.page_size})",
+    )
+    need(0 <= a.node_rank < a.nnodes, f"--node-rank ({a.node_rank}) must be in 0..{a.nnodes - 1} (--nnodes {a.nnodes})")
+    need(a.nnodes == 1 or a.dist_init_addr is not None, "--nnodes > 1 requires --dist-init-addr host:port of node 0")
+    if a.dist_init_addr is not None:
+        host, _, port = a.dist_init_addr.rpartition(":")
+        need(
+            bool(host) and port.isdigit() and 1 <= int(port) <= 65535,
+            f"--dist-init-addr must be host:port with a port in 1..65535, got {a.dist_init_addr!r}",
+        )
+    need(
+        a.world_size % a.nnodes == 0,
+        f"--nnodes ({a.nnodes}) must divide the rank count --tp-size x --pp-size ({a.world_size})",
+    )
+    # Expert parallelism.
+    need(a.tp_size % a.ep_size == 0, f"--ep-size ({a.ep_size}) must divide --tp-size ({a.tp_size})")
+    need(
+        a.moe_a2a_backend not in _A2A_NEEDS_EP_EQ_TP or a.ep_size == a.tp_size,
+        f"--moe-a2a-backend {a.moe_a2a_backend} needs --ep-size == --tp-size (got {a.ep_size} and {a.tp_size})",
+    )
+    need(
+        a.ep_size == a.tp_size or a.moe_a2a_backend == "none",
+        f"--ep-size ({a.ep_size}) < --tp-size ({a.tp_size}) requires --moe-a2a-backend none, got {a.moe_a2a_backend}",
+    )
+    need(a.dp_size == 1 or a.enable_dp_attention, f"--dp-size {a.dp_size} requires --enable-dp-attention")
+    need(a.tp_size % a.dp_size == 0, f"--dp-size ({a.dp_size}) must divide --tp-size ({a.tp_size})")
+    for flag, backend, table in (
+        ("--moe-a2a-backend", a.moe_a2a_backend, _A2A_DEVICE),
+        ("--moe-runner-backend", a.moe_runner_backend, _RUNNER_DEVICE),
+        ("--speculative-moe-runner-backend", a.speculative_moe_runner_backend, _RUNNER_DEVICE),
+    ):
+        want = table.get(backend or "")
+        need(want is None or a.device == want, f"{flag} {backend} requires --device {want}, got {a.device}")
+    for n in ("enable_two_batch_overlap", "enable_single_batch_overlap"):
+        need(
+            not getattr(a, n) or a.moe_a2a_backend != "none",
+            f"{_flag(n)} overlaps dispatch with compute, so it needs --moe-a2a-backend other than none",
+        )
+    need(not a.enable_eplb or a.ep_size > 1, "--enable-eplb requires --ep-size > 1")
+    need(a.ep_num_redundant_experts == 0 or a.ep_size > 1, "--ep-num-redundant-experts > 0 requires --ep-size > 1")
+    # Disaggregation: prefill batches always dispatch in normal mode, decode batches in low_latency mode.
+    bad_mode = {"prefill": "low_latency", "decode": "normal"}.get(a.disaggregation_mode)
+    need(
+        a.deepep_mode != bad_mode,
+        f"--deepep-mode {a.deepep_mode} cannot be used with --disaggregation-mode {a.disaggregation_mode}; "
+        "drop --deepep-mode (auto picks the right one)",
+    )
+    # Memory and scheduling.
+    need(
+        a.chunked_prefill_size == -1 or a.chunked_prefill_size >= a.page_size,
+        f"--chunked-prefill-size ({a.chunked_prefill_size}) must be -1 (off) or >= --page-size ({a.page_size})",
+    )
+    need(
+        a.max_total_tokens is None or a.chunked_prefill_size <= a.max_total_tokens,
+        f"--chunked-prefill-size ({a.chunked_prefill_size}) must be <= --max-total-tokens ({a.max_total_tokens})",
+    )
+    need(
+        a.mem_fraction_static is None or 0.0 < a.mem_fraction_static < 1.0,
+        f"--mem-fraction-static must be in (0, 1), got {a.mem_fraction_static}",
+    )
+    # Network.
+    need(bool(a.host), "--host must not be empty")
+    for n in ("port", "disaggregation_bootstrap_port"):
+        need(1 <= getattr(a, n) <= 65535, f"{_flag(n)} must be in 1..65535, got {getattr(a, n)}")
+    need(
+        a.disaggregation_mode != "prefill" or a.disaggregation_bootstrap_port != a.port,
+        f"--disaggregation-bootstrap-port ({a.disaggregation_bootstrap_port}) must differ from --port",
+    )
+
+
+# What this build cannot run yet: (message with {a.<field>} placeholders, predicate). Remove a row when the
+# feature lands; nothing else needs to change.
+_NOT_IMPLEMENTED: tuple[tuple[str, Callable[[ServerArgs], bool]], ...] = (
+    ("--tp-size {a.tp_size}", lambda a: a.tp_size > 1),
+    ("--ep-size {a.ep_size}", lambda a: a.ep_size > 1),
+    ("--dp-size {a.dp_size}", lambda a: a.dp_size > 1),
+    ("--pp-size {a.pp_size}", lambda a: a.pp_size > 1),
+    ("--nnodes {a.nnodes}", lambda a: a.nnodes > 1),
+    ("--moe-a2a-backend {a.moe_a2a_backend}", lambda a: a.moe_a2a_backend != "none"),
+    ("--moe-runner-backend {a.moe_runner_backend}", lambda a: a.moe_runner_backend != "torch"),
+    ("--enable-two-batch-overlap", lambda a: a.enable_two_batch_overlap),
+    ("--enable-single-batch-overlap", lambda a: a.enable_single_batch_overlap),
+    ("--enable-eplb", lambda a: a.enable_eplb),
+    ("--speculative-moe-runner-backend", lambda a: a.speculative_moe_runner_backend is not None),
+    ("--disaggregation-mode {a.disaggregation_mode}", lambda a: a.disaggregation_mode != "null"),
+    ("--device npu", lambda a: a.device == "npu"),
+)
+
+
+def not_implemented(args: ServerArgs) -> list[str]:
+    """One message per requested feature this build cannot run yet (empty if all are supported)."""
+    return [
+        f"{label.format(a=args)} is not implemented yet in this build" for label, pred in _NOT_IMPLEMENTED if pred(args)
+    ]
+
+
+def check_implemented(args: ServerArgs) -> None:
+    """Raise ServerArgsError listing every requested feature that is not implemented yet."""
+    missing = not_implemented(args)
+    if missing:
+        raise ServerArgsError("; ".join(missing))
