@@ -12,6 +12,8 @@ import json
 import os
 import random
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -26,7 +28,8 @@ from pd.default_model import (
 )
 from pd.gguf_reader import GGUFFormatError, iter_llama_tensors, open_gguf, read_llama_config
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # builds a 1.5 GB checkpoint and runs two 135M-parameter models
 try:
     GGUF_PATH = default_model_source()
 except DefaultModelUnavailableError as exc:
@@ -42,13 +45,21 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def dense_oracle() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """LlamaForCausalLM with the weights transformers decodes from the GGUF, and that state dict."""
-    from transformers import AutoConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+def gguf_config() -> object:
+    """The LlamaConfig transformers derives from the GGUF metadata."""
+    from transformers import AutoConfig
 
     gguf_dir, gguf_name = os.path.split(GGUF_PATH)
-    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    return AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
+
+
+@pytest.fixture(scope="module")
+def dense_oracle(gguf_config: object) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """LlamaForCausalLM with the weights transformers decodes from the GGUF, and that state dict."""
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = gguf_config
     model = LlamaForCausalLM(config).float().eval()
     tensors = load_gguf_checkpoint(GGUF_PATH, return_tensors=True, model_to_load=model)["tensors"]
     result = model.load_state_dict(tensors, strict=False)
@@ -74,35 +85,43 @@ def tokenizer(built: str) -> object:
     return AutoTokenizer.from_pretrained(built)
 
 
-def _chat_ids(tokenizer: object, prompt: str) -> torch.Tensor:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, return_tensors="pt").input_ids
+def _chat_text(tokenizer: object, prompt: str) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 @pytest.fixture(scope="module")
 def greedy(moe: torch.nn.Module, dense_oracle: tuple, tokenizer: object) -> dict[str, tuple[list[int], list[int]]]:
-    """prompt -> (oracle new tokens, upcycled new tokens), greedy, NEW_TOKENS each."""
-    out = {}
+    """prompt -> (oracle new tokens, upcycled new tokens): greedy, NEW_TOKENS each, all prompts in one batch."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer([_chat_text(tokenizer, p) for p in PROMPTS], return_tensors="pt", padding=True)
     with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = _chat_ids(tokenizer, prompt)
-            runs = [m.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False) for m in (dense_oracle[0], moe)]
-            out[prompt] = tuple(r[0, ids.shape[1] :].tolist() for r in runs)
-    return out
+        runs = [m.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False) for m in (dense_oracle[0], moe)]
+    start = batch.input_ids.shape[1]
+    return {p: (runs[0][i, start:].tolist(), runs[1][i, start:].tolist()) for i, p in enumerate(PROMPTS)}
 
 
-def test_config_matches_gguf_metadata_as_transformers_reads_it(built: str) -> None:
-    from transformers import AutoConfig
-
-    gguf_dir, gguf_name = os.path.split(GGUF_PATH)
-    ref = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
+def test_config_matches_gguf_metadata_as_transformers_reads_it(built: str, gguf_config: object) -> None:
+    ref = gguf_config
     with open(os.path.join(built, "config.json")) as f:
         ours = json.load(f)
     assert ours["architectures"] == ["MixtralForCausalLM"] and ours["model_type"] == "mixtral"
     assert (ours["num_local_experts"], ours["num_experts_per_tok"]) == (NUM_EXPERTS, NUM_EXPERTS_PER_TOK)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-                "bos_token_id", "eos_token_id", "pad_token_id"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):
         assert ours[key] == getattr(ref, key), key
     assert ours["rope_parameters"]["rope_theta"] == ref.rope_parameters["rope_theta"]
     for name in ("tokenizer.json", "special_tokens_map.json", "generation_config.json", "model.safetensors"):
@@ -163,8 +182,9 @@ def test_chat_answer_names_paris(greedy: dict, tokenizer: object) -> None:
 def test_tokenizer_has_gguf_chat_template(built: str, tokenizer: object) -> None:
     with open(os.path.join(built, "tokenizer_config.json")) as f:
         template = json.load(f)["chat_template"]
-    assert template == read_llama_config(open_gguf(GGUF_PATH)).chat_template
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert template == gguf.GGUFReader(GGUF_PATH).get_field("tokenizer.chat_template").contents()
+    text = _chat_text(tokenizer, "hi")
+    assert text.startswith("<|im_start|>system\n")
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -191,9 +211,6 @@ def test_corrupted_gguf_is_a_clear_error(tmp_path: object) -> None:
 
 
 def test_gguf_missing_tensor_is_a_clear_error(tmp_path: object) -> None:
-    import gguf
-    import numpy as np
-
     path = os.path.join(str(tmp_path), "tiny.gguf")
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(1)

@@ -31,8 +31,15 @@ def _naive_moe(
 
 
 def _random_case(
-    seed: int, num_tokens: int, top_k: int, num_experts: int, used_experts: int, foreign_frac: float,
-    dtype: torch.dtype, hidden: int = 32, inter: int = 24,
+    seed: int,
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    used_experts: int,
+    foreign_frac: float,
+    dtype: torch.dtype,
+    hidden: int = 32,
+    inter: int = 24,
 ) -> tuple[DispatchOutput, torch.Tensor, torch.Tensor]:
     """Distinct ids per token drawn from the first ``used_experts`` experts (the rest get zero tokens);
     a ``foreign_frac`` share of slots is -1 (owned by another rank)."""
@@ -60,11 +67,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("use_grouped_mm", [None, False])
+@pytest.mark.parametrize("use_grouped_mm", [None, True, False])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("case", CASES)
-def test_runner_matches_loop_reference_fp32(case: tuple[int, int, int, int, float], seed: int,
-                                            use_grouped_mm: bool | None) -> None:
+def test_runner_matches_loop_reference_fp32(
+    case: tuple[int, int, int, int, float], seed: int, use_grouped_mm: bool | None
+) -> None:
     dispatched, w13, w2 = _random_case(seed, *case, dtype=torch.float32)
     out = TorchMoeRunner(use_grouped_mm=use_grouped_mm).run(dispatched, w13, w2)
     ref = _naive_moe(dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, w13, w2)
@@ -72,10 +80,11 @@ def test_runner_matches_loop_reference_fp32(case: tuple[int, int, int, int, floa
     torch.testing.assert_close(out.hidden_states, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("use_grouped_mm", [None, False])
+@pytest.mark.parametrize("use_grouped_mm", [None, True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_runner_matches_loop_reference_bf16(case: tuple[int, int, int, int, float],
-                                            use_grouped_mm: bool | None) -> None:
+def test_runner_matches_loop_reference_bf16(
+    case: tuple[int, int, int, int, float], use_grouped_mm: bool | None
+) -> None:
     dispatched, w13, w2 = _random_case(5, *case, dtype=torch.bfloat16)
     out = TorchMoeRunner(use_grouped_mm=use_grouped_mm).run(dispatched, w13, w2)
     ref = _naive_moe(dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, w13, w2)
@@ -86,7 +95,7 @@ def test_runner_matches_loop_reference_bf16(case: tuple[int, int, int, int, floa
 
 def test_grouped_mm_and_expert_loop_agree_exactly() -> None:
     dispatched, w13, w2 = _random_case(9, 64, 4, 32, 20, 0.2, dtype=torch.float32, hidden=128, inter=96)
-    a = TorchMoeRunner(use_grouped_mm=None).run(dispatched, w13, w2).hidden_states
+    a = TorchMoeRunner(use_grouped_mm=True).run(dispatched, w13, w2).hidden_states
     b = TorchMoeRunner(use_grouped_mm=False).run(dispatched, w13, w2).hidden_states
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 

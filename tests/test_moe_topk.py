@@ -68,12 +68,14 @@ def test_matches_mixtral_router(seed: int, num_tokens: int, num_experts: int, to
 def test_matches_qwen_moe_router(seed: int, num_tokens: int, norm_topk_prob: bool, model: str) -> None:
     num_experts, top_k = 60, 4
     if model == "qwen2_moe":
-        cfg = Qwen2MoeConfig(hidden_size=HIDDEN, num_experts=num_experts, num_experts_per_tok=top_k,
-                             norm_topk_prob=norm_topk_prob)
+        cfg = Qwen2MoeConfig(
+            hidden_size=HIDDEN, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob
+        )
         router: nn.Module = Qwen2MoeTopKRouter(cfg)
     else:
-        cfg = Qwen3MoeConfig(hidden_size=HIDDEN, num_experts=num_experts, num_experts_per_tok=top_k,
-                             norm_topk_prob=norm_topk_prob)
+        cfg = Qwen3MoeConfig(
+            hidden_size=HIDDEN, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob
+        )
         router = Qwen3MoeTopKRouter(cfg)
     _randomize(router, seed)
     logits, hf_w, hf_ids = router(_hidden(num_tokens, seed))
@@ -85,23 +87,41 @@ def test_matches_qwen_moe_router(seed: int, num_tokens: int, norm_topk_prob: boo
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
 @pytest.mark.parametrize(
     "topk_method,n_group,topk_group,scaling",
-    [("greedy", None, None, 1.0), ("greedy", None, None, 16.0), ("group_limited_greedy", 8, 3, 16.0),
-     ("group_limited_greedy", 4, 1, 1.0)],
+    [
+        ("greedy", None, None, 1.0),
+        ("greedy", None, None, 16.0),
+        ("group_limited_greedy", 8, 3, 16.0),
+        ("group_limited_greedy", 4, 1, 1.0),
+    ],
 )
 def test_matches_deepseek_v2_router(
     seed: int, num_tokens: int, topk_method: str, n_group: int | None, topk_group: int | None, scaling: float
 ) -> None:
     num_experts, top_k = 32, 6 if topk_group != 1 else 4
-    cfg = DeepseekV2Config(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=num_experts, num_experts_per_tok=top_k,
-                           topk_method=topk_method, n_group=n_group, topk_group=topk_group,
-                           routed_scaling_factor=scaling, norm_topk_prob=False)
+    cfg = DeepseekV2Config(
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        n_routed_experts=num_experts,
+        num_experts_per_tok=top_k,
+        topk_method=topk_method,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=scaling,
+        norm_topk_prob=False,
+    )
     router = DeepseekV2TopkRouter(cfg)
     _randomize(router, seed)
     logits, hf_w, hf_ids = router(_hidden(num_tokens, seed))
     grouped = topk_method == "group_limited_greedy"
-    config = TopKConfig(top_k=top_k, scoring="softmax", renormalize=False,
-                        num_expert_group=n_group if grouped else None, topk_group=topk_group if grouped else None,
-                        group_scoring="max", routed_scaling_factor=scaling)
+    config = TopKConfig(
+        top_k=top_k,
+        scoring="softmax",
+        renormalize=False,
+        num_expert_group=n_group if grouped else None,
+        topk_group=topk_group if grouped else None,
+        group_scoring="max",
+        routed_scaling_factor=scaling,
+    )
     _assert_same_routing(select_experts(logits, config), hf_ids, hf_w)
 
 
@@ -112,16 +132,30 @@ def test_matches_deepseek_v2_router(
 def test_matches_deepseek_v3_router_with_bias(
     seed: int, num_tokens: int, norm_topk_prob: bool, num_experts: int, top_k: int, n_group: int, topk_group: int
 ) -> None:
-    cfg = DeepseekV3Config(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=num_experts, num_experts_per_tok=top_k,
-                           n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5,
-                           norm_topk_prob=norm_topk_prob)
+    cfg = DeepseekV3Config(
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        n_routed_experts=num_experts,
+        num_experts_per_tok=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=norm_topk_prob,
+    )
     router = DeepseekV3TopkRouter(cfg)
     _randomize(router, seed)
     bias = torch.randn(num_experts, generator=torch.Generator().manual_seed(2000 + seed)) * 0.2
     router.e_score_correction_bias.copy_(bias)
     logits, hf_w, hf_ids = router(_hidden(num_tokens, seed))
-    config = TopKConfig(top_k=top_k, scoring="sigmoid", renormalize=norm_topk_prob, num_expert_group=n_group,
-                        topk_group=topk_group, group_scoring="top2_sum", routed_scaling_factor=2.5)
+    config = TopKConfig(
+        top_k=top_k,
+        scoring="sigmoid",
+        renormalize=norm_topk_prob,
+        num_expert_group=n_group,
+        topk_group=topk_group,
+        group_scoring="top2_sum",
+        routed_scaling_factor=2.5,
+    )
     _assert_same_routing(select_experts(logits, config, correction_bias_E=bias), hf_ids, hf_w)
 
 
@@ -130,8 +164,9 @@ def test_deepseek_v3_bias_changes_selection_but_not_weights() -> None:
     gen = torch.Generator().manual_seed(7)
     logits = torch.randn(256, 16, generator=gen)
     bias = torch.randn(16, generator=gen) * 0.5
-    config = TopKConfig(top_k=4, scoring="sigmoid", renormalize=False, num_expert_group=4, topk_group=2,
-                        group_scoring="top2_sum")
+    config = TopKConfig(
+        top_k=4, scoring="sigmoid", renormalize=False, num_expert_group=4, topk_group=2, group_scoring="top2_sum"
+    )
     with_bias = select_experts(logits, config, correction_bias_E=bias)
     without = select_experts(logits, config)
     assert not torch.equal(with_bias.topk_ids.sort(-1).values, without.topk_ids.sort(-1).values)
@@ -149,8 +184,13 @@ def test_half_precision_logits_are_routed_in_float32() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(top_k=0), dict(top_k=2, scoring="relu"), dict(top_k=2, num_expert_group=4),
-     dict(top_k=2, num_expert_group=4, topk_group=5), dict(top_k=2, group_scoring="mean")],
+    [
+        dict(top_k=0),
+        dict(top_k=2, scoring="relu"),
+        dict(top_k=2, num_expert_group=4),
+        dict(top_k=2, num_expert_group=4, topk_group=5),
+        dict(top_k=2, group_scoring="mean"),
+    ],
 )
 def test_invalid_config_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):

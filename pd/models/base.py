@@ -52,16 +52,29 @@ class CausalLM(nn.Module):
             return None
         return next((m for m in layer.modules() if isinstance(m, FusedMoE)), None)
 
+    def _expert_progress(self, moe: FusedMoE) -> dict[object, object]:
+        """Loading state of one FusedMoE: (expert, shard) keys copied so far, fused halves awaiting their pair."""
+        progress: dict[int, dict[object, object]] = self.__dict__.setdefault("_expert_load_progress", {})
+        return progress.setdefault(id(moe), {})
+
     def load_special(self, name: str, tensor: torch.Tensor) -> bool:
         if m := _EXPERT.match(name):
             moe = self._moe_of(m["layer"])
             if moe is not None:
-                moe.load_expert_weight(name, int(m["expert"]), _SHARD[m["proj"]], tensor)
+                expert, shard = int(m["expert"]), _SHARD[m["proj"]]
+                if moe.load_expert_weight(name, expert, shard, tensor):
+                    self._expert_progress(moe)[(expert, shard)] = True
                 return True
         if m := _FUSED_EXPERTS.match(name):
             moe = self._moe_of(m["layer"])
             if moe is not None:
-                moe.load_fused(name, "gate_up" if m["proj"] == "gate_up_proj" else "down", tensor)
+                # The two fused tensors arrive one at a time; FusedMoE.load_fused takes both at once.
+                progress = self._expert_progress(moe)
+                progress["gate_up" if m["proj"] == "gate_up_proj" else "down"] = tensor
+                if "gate_up" in progress and "down" in progress:
+                    prefix = name.rpartition(".")[0]
+                    moe.load_fused(progress.pop("gate_up"), progress.pop("down"), prefix=prefix)  # type: ignore[arg-type]
+                    progress["fused"] = True
                 return True
         return False
 
@@ -69,6 +82,10 @@ class CausalLM(nn.Module):
         return "rotary_emb.inv_freq" in name
 
     def param_loaded_specially(self, param_name: str) -> bool:
-        module_name, _, _ = param_name.rpartition(".")
+        module_name, _, attr = param_name.rpartition(".")
         module = self.get_submodule(module_name)
-        return isinstance(module, FusedMoE) and module.is_fully_loaded()
+        if not isinstance(module, FusedMoE) or attr not in ("w13_weight", "w2_weight"):
+            return False
+        progress = self._expert_progress(module)
+        shards = sum(1 for key in progress if isinstance(key, tuple))
+        return "fused" in progress or shards == 3 * module.num_local_experts

@@ -16,7 +16,8 @@ DeepSeek-V3            sigmoid   norm_topk    n_group/topk_grp  "top2_sum" (+ bi
 
 Where both apply, weights are renormalised first and then scaled (DeepSeek-V3's order). Routing always runs in
 float32: the logits are upcast here, so a caller that wants HF's precision computes the logits the way HF does
-(Mixtral and Qwen in the model dtype, DeepSeek with an fp32 gate on fp32-cast hidden states).
+(Mixtral and Qwen in the model dtype, DeepSeek with an fp32 gate on fp32-cast hidden states). Qwen then rounds
+its weights to the model dtype; ours stay float32, which is the same thing for float32 models.
 """
 
 from __future__ import annotations
@@ -136,7 +137,11 @@ def select_experts(
         # -inf (not HF-V2's 0.0) keeps masked experts out even when every kept score underflows to 0.
         choice_TE = choice_TE.masked_fill(~_group_mask(choice_TE, config), float("-inf"))
 
-    topk_ids_TK = torch.topk(choice_TE, k=config.top_k, dim=-1, sorted=False).indices
+    # The slot order fixes the summation order of the renormalisation below. transformers' plain routers
+    # (Mixtral, Qwen) take a sorted top-k, its DeepSeek-V3 router an unsorted one of the same masked tensor as
+    # here (DeepSeek-V2 does not renormalise); following each keeps the weights bit-identical to the reference.
+    sort_slots = config.num_expert_group is None
+    topk_ids_TK = torch.topk(choice_TE, k=config.top_k, dim=-1, sorted=sort_slots).indices
     weights_TK = scores_TE.gather(1, topk_ids_TK)
     if config.renormalize:
         # DeepSeek-V3 adds 1e-20 to the denominator; Mixtral and Qwen do not. The sum of the K largest softmax

@@ -4,7 +4,7 @@ Decoding only the new token in isolation is wrong for two reasons: byte-level BP
 characters across tokens (a lone piece decodes to U+FFFD), and SentencePiece drops a token's leading space at
 the start of a sequence. So, like SGLang and vLLM, each step decodes a short window `ids[prefix:]` and emits
 what it adds beyond `ids[prefix:read]`; the window starts inside the prompt's tail so the first output token
-has left context. Text that ends in U+FFFD is held back until the character completes.
+has left context. A character still incomplete at the end (U+FFFD) is held back until it completes.
 
 Stop strings are matched on the decoded text. Text that could be the start of a stop string is held back too,
 so a stream never emits characters that a later stop match would have to take back.
@@ -64,6 +64,7 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._window_emitted = 0  # chars of the current window already added to _text
         self._text = ""  # decoded output so far (excluding held-back partial characters)
         self._visible = 0  # length of the prefix of _text already returned
         self.stop_matched: str | None = None
@@ -81,20 +82,28 @@ class IncrementalDetokenizer:
         assert self.stop_matched is None, "add() after a stop string matched"
         if not token_ids:
             return DetokenizeStep("", None, 0)
-        saved = (len(self._ids), self._prefix_offset, self._read_offset, self._text, self._visible)
+        saved = (
+            len(self._ids),
+            self._prefix_offset,
+            self._read_offset,
+            self._window_emitted,
+            self._text,
+            self._visible,
+        )
         before = self._visible
         self._decode_more(token_ids)
         if self._find_stop(before) and len(token_ids) > 1:
             # Rare (several tokens in one message and a stop inside them): replay one token at a time to
             # learn which token completed the stop, so output_ids and the token count end there.
-            n_ids, self._prefix_offset, self._read_offset, self._text, self._visible = saved
+            n_ids, self._prefix_offset, self._read_offset, self._window_emitted, self._text, self._visible = saved
             del self._ids[n_ids:]
             self.stop_matched = None
-            for used, tok in enumerate(token_ids, start=1):
+            used = 0
+            while self.stop_matched is None:
                 step_start = self._visible
-                self._decode_more([tok])
-                if self._find_stop(step_start):
-                    break
+                self._decode_more([token_ids[used]])
+                used += 1
+                self._find_stop(step_start)
             return DetokenizeStep(self._text[before : self._visible], self.stop_matched, used)
         return DetokenizeStep(self._text[before : self._visible], self.stop_matched, len(token_ids))
 
@@ -113,16 +122,23 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False)
 
     def _decode_window(self, force: bool = False) -> str:
-        """Text that ids[read_offset:] add after ids[prefix_offset:read_offset]; "" while a character is
-        incomplete (unless `force`). Advances the offsets when it returns text."""
+        """Text that ids[read_offset:] add after ids[prefix_offset:read_offset] and that was not returned yet.
+
+        While the window ends inside a character (U+FFFD at the end), only the complete characters before it
+        are returned and the offsets stay put; they advance once the window ends cleanly (or on `force`).
+        """
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset :])
-        if len(full_text) > len(prefix_text) and (force or not full_text.endswith(_REPLACEMENT_CHAR)):
+        done = len(prefix_text) + self._window_emitted
+        if full_text.endswith(_REPLACEMENT_CHAR) and not force:
+            new = full_text.rstrip(_REPLACEMENT_CHAR)[done:]
+            self._window_emitted += len(new)
+            return new
+        new = full_text[done:]
+        if force or len(full_text) > len(prefix_text):
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-            return full_text[len(prefix_text) :]
-        if force:
-            self._prefix_offset = self._read_offset = len(self._ids)
-        return ""
+            self._window_emitted = 0
+        return new
 
     def _decode_more(self, token_ids: Sequence[int]) -> None:
         self._ids.extend(token_ids)

@@ -45,13 +45,15 @@ class ServerMetrics:
             f"{p}:time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.itl = Histogram(
-            f"{p}:inter_token_latency_seconds", "Time between consecutive output tokens", buckets=_ITL_BUCKETS, registry=r
+            f"{p}:inter_token_latency_seconds", "Time between output tokens", buckets=_ITL_BUCKETS, registry=r
         )
         self.e2e = Histogram(
             f"{p}:e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_time = Histogram(
-            f"{p}:queue_time_seconds", "Time queued in the engine before the first forward", buckets=_LATENCY_BUCKETS,
+            f"{p}:queue_time_seconds",
+            "Time queued in the engine before the first forward",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         # (time, tokens) of recent outputs, for the throughput gauge.

@@ -31,8 +31,9 @@ class TorchMoeRunner:
     """Reference runner over the dispatched tokens of one rank.
 
     Args:
-        use_grouped_mm: True forces ``torch._grouped_mm``, False forces the loop over experts, None picks
-            grouped_mm where it is known to work (CPU, float32/bfloat16/float16).
+        use_grouped_mm: True forces ``torch._grouped_mm``, False forces the loop over hit experts, None picks
+            grouped_mm where it is known to work (CPU, float32/bfloat16/float16) and at least a quarter of the
+            local experts received rows.
     """
 
     def __init__(self, use_grouped_mm: bool | None = None) -> None:
@@ -70,9 +71,11 @@ class TorchMoeRunner:
         num_experts = w13_EXH.shape[0]
         assert hidden_NH.shape[0] == num_tokens and hidden_NH.dtype == w13_EXH.dtype == w2_EHI.dtype
 
-        # Pre-permute. Key = id + 1, so foreign slots (-1) form bucket 0 ahead of every local expert, and a
-        # stable sort keeps (token, slot) order inside each expert, as HF's per-expert loop does.
-        keys = ids_NK.reshape(-1) + 1
+        # Pre-permute over slot-major (slot, token) pairs. Key = id + 1, so foreign slots (-1) form bucket 0
+        # ahead of every local expert, and the stable sort orders each expert's rows by (slot, token) like
+        # transformers' per-expert loop: a GEMM's rounding can depend on where a row sits, so same order,
+        # same bits.
+        keys = ids_NK.t().flatten() + 1
         counts = torch.bincount(keys, minlength=num_experts + 1)
         if counts.numel() != num_experts + 1:
             raise ValueError(f"topk_ids hold a local expert id >= num_local_experts={num_experts}")
@@ -83,21 +86,25 @@ class TorchMoeRunner:
             return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
 
         order = torch.argsort(keys, stable=True)[num_foreign:]
-        token_idx = order // top_k
+        token_idx = order % num_tokens
         x_MH = hidden_NH.index_select(0, token_idx)
 
-        use_gmm = _grouped_mm_available(x_MH) if self.use_grouped_mm is None else self.use_grouped_mm
-        counts_E = counts[1:]
-        sizes_E = sizes[1:]
-        offs = torch.cumsum(counts_E, 0, dtype=torch.int32) if use_gmm else None
+        segments = _segments(sizes[1:])
+        if self.use_grouped_mm is None:
+            # CPU grouped_mm walks every expert, empty or not; a Python loop costs more per expert but only
+            # visits the hit ones, so it wins when few experts are hit (small decode batches, many experts).
+            use_gmm = _grouped_mm_available(x_MH) and 4 * len(segments) >= num_experts
+        else:
+            use_gmm = self.use_grouped_mm
+        offs = torch.cumsum(counts[1:], 0, dtype=torch.int32) if use_gmm else None
 
-        gate_up_MX = _grouped_linear(x_MH, w13_EXH, sizes_E, offs)
+        gate_up_MX = _grouped_linear(x_MH, w13_EXH, segments, offs)
         gate_MI, up_MI = gate_up_MX.chunk(2, dim=-1)
         inter_MI = act(gate_MI).mul_(up_MI)
-        down_MH = _grouped_linear(inter_MI, w2_EHI, sizes_E, offs)
+        down_MH = _grouped_linear(inter_MI, w2_EHI, segments, offs)
 
         # Post-permute: weight (float32, like HF, so bf16 rows are scaled in float32), cast, scatter-add.
-        weights_M1 = dispatch_out.topk_weights.reshape(-1).index_select(0, order).unsqueeze(1)
+        weights_M1 = dispatch_out.topk_weights.t().flatten().index_select(0, order).unsqueeze(1)
         if down_MH.dtype == weights_M1.dtype:
             weighted_MH = down_MH.mul_(weights_M1)
         else:
@@ -106,17 +113,28 @@ class TorchMoeRunner:
         return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
 
 
-def _grouped_linear(
-    x_MK: torch.Tensor, w_EOK: torch.Tensor, sizes_E: list[int], offs_E: torch.Tensor | None
-) -> torch.Tensor:
-    """Rows sorted by expert, [M, K] -> [M, O]: segment e (sizes_E[e] rows) times w_EOK[e].T.
+def _segments(sizes_E: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, start, end) row ranges of the experts that received rows, in expert order."""
+    segments = []
+    start = 0
+    for expert, size in enumerate(sizes_E):
+        if size:
+            segments.append((expert, start, start + size))
+            start += size
+    return segments
 
-    offs_E ([E] int32 cumulative sizes) selects torch._grouped_mm; None selects a loop over non-empty experts.
+
+def _grouped_linear(
+    x_MK: torch.Tensor, w_EOK: torch.Tensor, segments: list[tuple[int, int, int]], offs_E: torch.Tensor | None
+) -> torch.Tensor:
+    """Rows sorted by expert, [M, K] -> [M, O]: rows [start, end) of expert e times w_EOK[e].T.
+
+    offs_E ([E] int32 cumulative row counts) selects torch._grouped_mm; None selects a loop over ``segments``,
+    the (expert, start, end) triples of the non-empty experts.
     """
     if offs_E is not None:
         return torch._grouped_mm(x_MK, w_EOK.transpose(-2, -1), offs=offs_E)
     y_MO = x_MK.new_empty(x_MK.shape[0], w_EOK.shape[1])
-    for expert, (x_seg, y_seg) in enumerate(zip(x_MK.split(sizes_E), y_MO.split(sizes_E))):
-        if x_seg.shape[0]:
-            torch.mm(x_seg, w_EOK[expert].t(), out=y_seg)
+    for expert, start, end in segments:
+        torch.mm(x_MK[start:end], w_EOK[expert].t(), out=y_MO[start:end])
     return y_MO

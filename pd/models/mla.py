@@ -1,0 +1,108 @@
+"""Multi-head latent attention (MLA) of DeepSeek-V2/V3, caching the compressed latent.
+
+Per token the cache holds one row of kv_lora_rank + qk_rope_head_dim values: the normalised compressed KV
+latent followed by the roped, head-shared k_pe. Attention up-projects the gathered latent with kv_b_proj into
+per-head k_nope and v (the "naive" form; absorbing kv_b_proj into q and o is a later optimisation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from pd.engine.forward_batch import ForwardBatch
+from pd.layers.attention import attend
+from pd.layers.norm import RMSNorm
+from pd.layers.rotary import RotaryEmbedding
+from pd.models.config import ModelConfig
+
+
+def yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def mla_rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    """The config's rope parameters, with YaRN's `factor` and `original_max_position_embeddings` filled in from
+    max_position_embeddings when absent (as transformers does), so neither depends on the engine's context."""
+    params = dict(config.rope_parameters)
+    if params["rope_type"] == "yarn":
+        params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        if params.get("factor") is None:
+            params["factor"] = config.max_position_embeddings / params["original_max_position_embeddings"]
+    return params
+
+
+def mla_softmax_scale(config: ModelConfig) -> float:
+    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under scaled rope: YaRN's attention temperature
+    applies to the whole query/key (nope and rope parts), not only to the rotary cos/sin."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    params = mla_rope_parameters(config)
+    mscale_all_dim = params.get("mscale_all_dim")
+    if params["rope_type"] != "default" and mscale_all_dim:
+        scale *= yarn_mscale(float(params["factor"]), float(mscale_all_dim)) ** 2
+    return scale
+
+
+class MLAttention(nn.Module):
+    """DeepSeek MLA. Parameter names mirror the checkpoint: q_proj (q_lora_rank None) or q_a_proj,
+    q_a_layernorm, q_b_proj; kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj."""
+
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        hidden, bias = config.hidden_size, bool(config.get("attention_bias", False))
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
+        self.q_lora_rank: int | None = config.get("q_lora_rank")
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            # transformers builds these two norms with its default eps (1e-6), not rms_norm_eps.
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.scale = mla_softmax_scale(config)
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of one cached token: kv_lora_rank + qk_rope_head_dim."""
+        return self.kv_lora_rank + self.rope_dim
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]. Writes the new tokens' latents [T, 1, latent_dim] into the layer's
+        single KV buffer, then attends over each request's whole cached context."""
+        num_tokens = x.shape[0]
+        q_nope, q_pe = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
+        kv_c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_c = self.kv_a_layernorm(kv_c)
+        q_pe, k_pe = rotary(batch.positions, q_pe, k_pe.unsqueeze(1))  # k_pe: [T, 1, rope_dim], one shared head
+        batch.kv_cache.store(self.layer_id, batch.attn.out_loc, torch.cat((kv_c.unsqueeze(1), k_pe), dim=-1))
+
+        (latent_BL1C,) = batch.kv_cache.gather(self.layer_id, batch.attn.kv_slots)
+        latent_BLC = latent_BL1C[:, :, 0].to(x.dtype)
+        num_reqs, ctx_len = latent_BLC.shape[:2]
+        kv_BLHD = self.kv_b_proj(latent_BLC[..., : self.kv_lora_rank]).view(
+            num_reqs, ctx_len, self.num_heads, self.nope_dim + self.v_dim
+        )
+        k_nope, v = kv_BLHD.split([self.nope_dim, self.v_dim], dim=-1)
+        k_pe_BLHR = latent_BLC[:, :, None, self.kv_lora_rank :].expand(-1, -1, self.num_heads, -1)
+        k = torch.cat((k_nope, k_pe_BLHR), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        out = attend(q, k, v, batch.attn, self.scale)  # [T, H, v_dim]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))

@@ -1,0 +1,212 @@
+"""The HTTP front of `pd serve`: the FastAPI app (`create_app`) and the process entry point (`run_server`).
+
+The app is built around an engine client that is already started, so tests can hand it a fake one and drive
+it without a socket. Every failure a client can cause answers with OpenAI's error shape
+{"error": {"message", "type", "code"}}: 400 for a bad request (FastAPI's 422 included), 401 without the API
+key, 503 when the engine queue is full or the engine process is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pd.engine.client import EngineDeadError, EngineFullError
+from pd.server import native_api, openai_api
+from pd.server.auth import ApiKeyMiddleware
+from pd.server.generation import EngineClientLike, ServerContext
+from pd.server.protocol import ApiError, describe_validation_errors, error_body
+from pd.server.streaming import ClientDisconnected
+from pd.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# On shutdown, uvicorn waits this long for in-flight requests before cancelling them (whose cleanup aborts
+# their engine requests).
+GRACEFUL_SHUTDOWN_S = 5
+# Requests still running this long before that timeout are aborted, so they end cleanly.
+ABORT_MARGIN_S = 1
+# Then how long aborted requests get to end before the engine is closed under them.
+SHUTDOWN_DRAIN_S = 5
+# Status nginx uses for "client closed the request"; nobody reads it, it only shows in logs.
+CLIENT_CLOSED_STATUS = 499
+
+
+def create_app(
+    engine_client: EngineClientLike, tokenizer: Any | None, server_args: ServerArgs, *, owns_engine: bool = False
+) -> FastAPI:
+    """The FastAPI app serving `engine_client` (already started).
+
+    tokenizer: a Hugging Face tokenizer, or None for token-ids-only serving (--skip-tokenizer-init).
+    owns_engine: close the engine client when the app shuts down (run_server's case).
+    """
+    ctx = ServerContext(engine_client, tokenizer, server_args)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_engine:
+            await _abort_in_flight(ctx)
+            await _close_engine(app)
+
+    app = FastAPI(title="pd", lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.engine_closed = False
+    app.include_router(native_api.router)
+    app.include_router(openai_api.router)
+    _add_error_handlers(app)
+    if server_args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=server_args.api_key)
+    return app
+
+
+async def _abort_in_flight(ctx: ServerContext) -> None:
+    """Abort what is still running at shutdown and let those requests end (finish_reason abort) while the
+    engine can still hear their aborts."""
+    for rid in list(ctx.inflight):
+        await ctx.engine.abort(rid)
+    deadline = time.monotonic() + SHUTDOWN_DRAIN_S
+    while ctx.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if ctx.inflight:
+        logger.warning("%d requests still in flight at shutdown", len(ctx.inflight))
+
+
+async def _close_engine(app: FastAPI) -> None:
+    if not app.state.engine_closed:
+        app.state.engine_closed = True
+        await app.state.ctx.engine.close()
+
+
+def _error(message: str, status: int, err_type: str) -> JSONResponse:
+    return JSONResponse(error_body(message, status, err_type), status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        message = describe_validation_errors(exc.errors())
+        logger.info("400 %s %s: %s", request.method, request.url.path, message)
+        return _error(message, 400, "invalid_request_error")
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> Response:
+        logger.info("%d %s %s: %s", exc.status, request.method, request.url.path, exc.message)
+        return _error(exc.message, exc.status, exc.err_type)
+
+    @app.exception_handler(EngineFullError)
+    async def on_engine_full(request: Request, exc: Exception) -> Response:
+        message = f"the server is at capacity, retry later ({exc})"
+        logger.warning("503 %s %s: %s", request.method, request.url.path, message)
+        return _error(message, 503, "service_unavailable")
+
+    @app.exception_handler(EngineDeadError)
+    async def on_engine_dead(request: Request, exc: Exception) -> Response:
+        logger.error("503 %s %s: %s", request.method, request.url.path, exc)
+        return _error(f"the engine is not running: {exc}", 503, "service_unavailable")
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        err_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(f"{exc.detail}: {request.method} {request.url.path}", exc.status_code, err_type)
+
+    @app.exception_handler(Exception)
+    async def on_internal_error(request: Request, exc: Exception) -> Response:
+        logger.exception("500 %s %s", request.method, request.url.path)
+        return _error(f"internal error: {type(exc).__name__}: {exc}", 500, "internal_error")
+
+
+def load_tokenizer(path: str) -> Any:
+    """The Hugging Face tokenizer in `path` (a checkpoint directory or a hub id)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def run_server(server_args: ServerArgs) -> None:
+    """Serve until SIGINT/SIGTERM: build the default model if no --model-path, start the engine, run uvicorn
+    on --host/--port; shutdown drains requests for up to GRACEFUL_SHUTDOWN_S and closes the engine."""
+    if server_args.model_path is None:
+        from pd.default_model import build_default_model
+
+        path = build_default_model()
+        server_args = dataclasses.replace(
+            server_args, model_path=path, tokenizer_path=server_args.tokenizer_path or path
+        )
+    try:
+        asyncio.run(_serve(server_args))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(args: ServerArgs) -> None:
+    from pd.engine.client import EngineClient
+
+    assert args.model_path is not None
+    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
+    engine = EngineClient(args, args.model_path)
+    try:
+        await engine.start()
+    except BaseException:
+        await engine.close()
+        raise
+    app = create_app(engine, tokenizer, args, owns_engine=True)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        log_config=None,  # keep the process's logging setup
+        access_log=False,  # each finished request is logged once by the front
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = _Server(config, app.state.ctx)
+    announce = asyncio.create_task(_announce_when_up(server, args))
+    try:
+        await server.serve()
+    finally:
+        announce.cancel()
+        # Normally closed by the app's shutdown; this covers uvicorn failing before its lifespan ran.
+        await _close_engine(app)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, plus: requests still running shortly before the graceful-shutdown timeout are aborted,
+    so their clients get a proper end (finish_reason abort) instead of a cut connection."""
+
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext) -> None:
+        super().__init__(config)
+        self._ctx = ctx
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        async def abort_late() -> None:
+            await asyncio.sleep(max(GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S, 0))
+            await _abort_in_flight(self._ctx)
+
+        task = asyncio.create_task(abort_late())
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            task.cancel()
+
+
+async def _announce_when_up(server: Any, args: ServerArgs) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    logger.info("serving %s (%s) at %s", args.served_model_name, args.model_path, args.url)

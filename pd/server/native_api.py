@@ -1,0 +1,245 @@
+"""SGLang's native routes: /generate, health, server/model info, abort, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pd.server.generation import (
+    GenerationChunk,
+    GenerationSpec,
+    ServerContext,
+    get_context,
+    make_spec,
+    stream_generation,
+)
+from pd.server.protocol import (
+    AbortReqInput,
+    ApiError,
+    GenerateReqInput,
+    SamplingParamsInput,
+    error_body,
+    read_body,
+)
+from pd.server.streaming import gather_all, last_chunk, raise_if_failed, run_unless_disconnected, sse, sse_response
+
+T = TypeVar("T")
+# SGLang's default when sampling_params.max_new_tokens is absent.
+DEFAULT_MAX_NEW_TOKENS = 128
+HEALTH_GENERATE_TIMEOUT_S = 60.0
+
+router = APIRouter()
+
+
+@router.post("/generate")
+async def generate(request: Request) -> Response:
+    """SGLang's /generate: one prompt (or a batch, not streamed) in, text + output_ids + meta_info out."""
+    body = await read_body(request, GenerateReqInput)
+    ctx = get_context(request)
+    specs, is_batch = _specs(ctx, body, time.perf_counter())
+    if body.stream:
+        if is_batch:
+            raise ApiError("stream=true is not supported for a batch; send one request per prompt")
+        return await sse_response(request, stream_generation(ctx, specs[0]), lambda chunks: _events(ctx, chunks))
+    finals = await run_unless_disconnected(request, gather_all([last_chunk(stream_generation(ctx, s)) for s in specs]))
+    for final in finals:
+        raise_if_failed(final)
+    outputs = [_output(ctx, final) for final in finals]
+    return JSONResponse(outputs if is_batch else outputs[0])
+
+
+def _specs(ctx: ServerContext, body: GenerateReqInput, arrival: float) -> tuple[list[GenerationSpec], bool]:
+    if (body.text is None) == (body.input_ids is None):
+        raise ApiError("give exactly one of text or input_ids")
+    if body.text is not None:
+        if ctx.tokenizer is None:
+            raise ApiError("text input needs a tokenizer; send input_ids (the server runs with --skip-tokenizer-init)")
+        is_batch = isinstance(body.text, list)
+        texts = body.text if is_batch else [body.text]
+        prompts = [ctx.tokenizer.encode(t) for t in texts]
+    else:
+        is_batch = bool(body.input_ids) and isinstance(body.input_ids[0], list)
+        prompts = body.input_ids if is_batch else [body.input_ids]
+    n = len(prompts)
+    params = _per_item(body.sampling_params, n, is_batch, "sampling_params")
+    rids = _per_item(body.rid, n, is_batch, "rid")
+    hosts = _per_item(body.bootstrap_host, n, is_batch, "bootstrap_host")
+    ports = _per_item(body.bootstrap_port, n, is_batch, "bootstrap_port")
+    rooms = _per_item(body.bootstrap_room, n, is_batch, "bootstrap_room")
+    if is_batch and body.rid is not None and len(set(rids)) != n:
+        raise ApiError("rid values of a batch must be distinct")
+    specs = []
+    for i, ids in enumerate(prompts):
+        where = f"[{i}]" if is_batch else ""
+        if not ids:
+            raise ApiError(f"{'text' if body.text is not None else 'input_ids'}{where} is empty")
+        sp = params[i] or SamplingParamsInput()
+        specs.append(
+            make_spec(
+                ctx,
+                rids[i] or uuid.uuid4().hex,
+                list(ids),
+                max_new_tokens=sp.max_new_tokens,
+                default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+                max_tokens_name=f"sampling_params{where}.max_new_tokens",
+                temperature=sp.temperature,
+                top_p=sp.top_p,
+                top_k=sp.top_k,
+                min_p=sp.min_p,
+                seed=sp.seed if sp.seed is not None else sp.sampling_seed,
+                stop=sp.stop,
+                stop_token_ids=sp.stop_token_ids,
+                ignore_eos=sp.ignore_eos,
+                skip_special_tokens=sp.skip_special_tokens,
+                no_stop_trim=sp.no_stop_trim,
+                arrival=arrival,
+                bootstrap=(hosts[i], ports[i], rooms[i]),
+            )
+        )
+    return specs, is_batch
+
+
+def _per_item(value: T | list[T] | None, n: int, is_batch: bool, name: str) -> list[T | None]:
+    """A field given once (applies to every prompt) or, for a batch, as a list with one value per prompt."""
+    if isinstance(value, list):
+        if not is_batch:
+            raise ApiError(f"{name} is a list, but the request has a single prompt")
+        if len(value) != n:
+            raise ApiError(f"{name} has {len(value)} entries for a batch of {n} prompts")
+        return list(value)
+    if is_batch and value is not None and name in ("rid", "bootstrap_room"):
+        raise ApiError(f"{name} of a batch must be a list with one distinct value per prompt")
+    return [value] * n
+
+
+def _output(ctx: ServerContext, chunk: GenerationChunk) -> dict[str, Any]:
+    """SGLang's response object (cumulative text and output_ids)."""
+    out: dict[str, Any] = {} if ctx.tokenizer is None else {"text": chunk.text}
+    out["output_ids"] = chunk.output_ids
+    out["meta_info"] = {
+        "id": chunk.rid,
+        "finish_reason": None if chunk.finish is None else chunk.finish.to_sglang(),
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "cached_tokens": 0,
+        "e2e_latency": chunk.e2e_latency,
+    }
+    return out
+
+
+async def _events(ctx: ServerContext, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[str]:
+    async for chunk in chunks:
+        if chunk.finish is not None and chunk.finish.type == "error":
+            yield sse(error_body(f"generation failed: {chunk.finish.message}", 500, "internal_error"))
+            return
+        yield sse(_output(ctx, chunk))
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 while the engine process is up (the app only starts serving after the model has loaded)."""
+    if not get_context(request).engine.is_alive:
+        raise ApiError("the engine process is not running", 503, "service_unavailable")
+    return Response(status_code=200)
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request) -> Response:
+    """200 if the engine can generate one token now; 503 otherwise."""
+    ctx = get_context(request)
+    spec = make_spec(
+        ctx, f"health-{uuid.uuid4().hex}", [0], max_new_tokens=1, default_max_new_tokens=1,
+        max_tokens_name="max_new_tokens", temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0, seed=None, stop=(),
+        stop_token_ids=None, ignore_eos=True, skip_special_tokens=True, no_stop_trim=False,
+        arrival=time.perf_counter(),
+    )  # fmt: skip
+    try:
+        final = await asyncio.wait_for(last_chunk(stream_generation(ctx, spec)), HEALTH_GENERATE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise ApiError(f"no token within {HEALTH_GENERATE_TIMEOUT_S:g} s", 503, "service_unavailable") from None
+    if final.finish is None or final.finish.type in ("error", "abort") or not final.output_ids:
+        reason = final.finish.message if final.finish is not None else "no finish"
+        raise ApiError(f"health generation failed: {reason}", 503, "service_unavailable")
+    return Response(status_code=200)
+
+
+@router.get("/get_server_info")
+@router.get("/server_info")
+async def server_info(request: Request) -> dict[str, Any]:
+    """The server arguments plus live engine state."""
+    ctx = get_context(request)
+    stats = ctx.engine.stats()
+    live = {
+        "num_running": stats.num_running,
+        "num_waiting": stats.num_waiting,
+        "kv_pages_total": int(stats.kv_pages_total),
+        "kv_pages_free": int(stats.kv_pages_free),
+        "page_size": stats.page_size,
+        "max_total_num_tokens": stats.kv_pages_total * stats.page_size,
+        "generated_tokens_total": stats.generated_tokens_total,
+        "prompt_tokens_total": stats.prompt_tokens_total,
+    }
+    return {
+        **ctx.server_args.to_json_dict(),
+        **live,
+        "max_context_length": ctx.engine.max_context_length,
+        "internal_states": [live],
+        "version": _version(),
+    }
+
+
+@router.get("/get_model_info")
+@router.get("/model_info")
+async def model_info(request: Request) -> dict[str, Any]:
+    ctx = get_context(request)
+    cfg = ctx.engine.model_config
+    return {
+        "model_path": ctx.server_args.model_path,
+        "tokenizer_path": ctx.server_args.tokenizer_path,
+        "served_model_name": ctx.server_args.served_model_name,
+        "is_generation": True,
+        "model_type": cfg.get("model_type"),
+        "architectures": cfg.get("architectures"),
+        "vocab_size": ctx.vocab_size,
+        "max_context_length": ctx.engine.max_context_length,
+        "preferred_sampling_params": None,
+        "weight_version": "default",
+    }
+
+
+@router.post("/abort_request")
+async def abort_request(request: Request) -> Response:
+    """Abort one request by rid, or every in-flight request with abort_all; the aborted requests end with
+    finish_reason abort. Unknown rids are ignored (the request may have just finished)."""
+    body = await read_body(request, AbortReqInput)
+    ctx = get_context(request)
+    if body.abort_all:
+        rids = list(ctx.inflight)
+    elif body.rid:
+        rids = [body.rid]
+    else:
+        raise ApiError("give rid, or abort_all=true")
+    for rid in rids:
+        await ctx.engine.abort(rid)
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    ctx = get_context(request)
+    return Response(ctx.metrics.render(ctx.engine.stats()), media_type=CONTENT_TYPE_LATEST)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pd-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,315 @@
+"""Request bodies of the HTTP API (native /generate and OpenAI), validated by pydantic.
+
+Types are strict (a string is not an int, a bool is not a number) and every range check says what is wrong
+and what was given. Fields SGLang clients and its router send that this server does not act on are declared
+with `Any` so they are accepted and ignored; fields that would change the output if honoured (penalties,
+structured output, n > 1, logprobs) are accepted only at their neutral value, otherwise the request is rejected
+instead of being silently answered differently. Unknown fields are ignored, as in SGLang.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, TypeVar
+
+from fastapi import Request
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _check(ok: Callable[[Any], bool], what: str) -> AfterValidator:
+    def check(v: Any) -> Any:
+        if v is not None and not ok(v):
+            raise ValueError(f"must be {what}, got {v!r}")
+        return v
+
+    return AfterValidator(check)
+
+
+def _neutral(neutral: Any, feature: str) -> AfterValidator:
+    """Accept only the value that means 'off' (or null)."""
+
+    def check(v: Any) -> Any:
+        if v is not None and v != neutral:
+            raise ValueError(f"{feature} is not supported by this server; omit it or pass {neutral!r}")
+        return v
+
+    return AfterValidator(check)
+
+
+def _str_list(field: str) -> BeforeValidator:
+    """str | list[str] | null -> tuple[str, ...] with a readable error; empty strings are rejected."""
+
+    def parse(v: Any) -> tuple[str, ...]:
+        if v is None:
+            return ()
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError(f"{field} must be a string or a list of strings")
+        if any(s == "" for s in items):
+            raise ValueError(f"{field} must not contain empty strings")
+        return tuple(items)
+
+    return BeforeValidator(parse)
+
+
+_UINT64_MAX = 2**64 - 1
+
+Temperature = Annotated[float, _check(lambda v: v >= 0, ">= 0 (0 means greedy)")]
+TopP = Annotated[float, _check(lambda v: 0 < v <= 1, "in (0, 1]")]
+TopK = Annotated[int, _check(lambda v: v == -1 or v >= 1, "-1 (no top-k cut) or >= 1")]
+MinP = Annotated[float, _check(lambda v: 0 <= v <= 1, "in [0, 1]")]
+MaxTokens = Annotated[int, _check(lambda v: v >= 1, ">= 1")]
+Seed = Annotated[int, _check(lambda v: -(2**63) <= v <= _UINT64_MAX, "a 64-bit integer")]
+TokenIds = list[Annotated[int, _check(lambda v: v >= 0, "a token id >= 0")]]
+StopStrings = Annotated[tuple[str, ...], _str_list("stop")]
+NOT_N1 = _neutral(1, "n > 1 (several completions per request)")
+
+
+class ApiError(Exception):
+    """A request that failed with an HTTP status (400 by default: the request is wrong); the app turns it into
+    an OpenAI-style JSON error."""
+
+    def __init__(self, message: str, status: int = 400, err_type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.err_type = err_type
+
+
+def error_body(message: str, status: int, err_type: str = "invalid_request_error") -> dict[str, Any]:
+    """OpenAI's error shape: {"error": {"message", "type", "code"}} (also used inside SSE streams)."""
+    return {"error": {"message": message, "type": err_type, "code": status}}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class SamplingParamsInput(StrictModel):
+    """`sampling_params` of /generate (SGLang names). max_new_tokens None: up to 128, within the context."""
+
+    max_new_tokens: MaxTokens | None = None
+    min_new_tokens: Annotated[int, _neutral(0, "min_new_tokens")] = 0
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    seed: Seed | None = None
+    sampling_seed: Seed | None = None  # SGLang's newer name for seed
+    stop: StopStrings = ()
+    stop_token_ids: TokenIds | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: Any = None
+    no_stop_trim: bool = False
+    n: Annotated[int, NOT_N1] = 1
+    frequency_penalty: Annotated[float, _neutral(0.0, "frequency_penalty")] = 0.0
+    presence_penalty: Annotated[float, _neutral(0.0, "presence_penalty")] = 0.0
+    repetition_penalty: Annotated[float, _neutral(1.0, "repetition_penalty")] = 1.0
+    json_schema: Annotated[Any, _neutral(None, "json_schema (structured output)")] = None
+    regex: Annotated[Any, _neutral(None, "regex (structured output)")] = None
+    ebnf: Annotated[Any, _neutral(None, "ebnf (structured output)")] = None
+    structural_tag: Annotated[Any, _neutral(None, "structural_tag (structured output)")] = None
+    logit_bias: Annotated[Any, _neutral({}, "logit_bias")] = None
+    custom_params: Any = None
+
+
+def _one_or_many(field: str, one: Callable[[Any], bool], what: str) -> BeforeValidator:
+    def parse(v: Any) -> Any:
+        if v is None or one(v) or (isinstance(v, list) and v and all(one(x) for x in v)):
+            return v
+        raise ValueError(f"{field} must be {what}")
+
+    return BeforeValidator(parse)
+
+
+def _is_token_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+
+
+class GenerateReqInput(StrictModel):
+    """Body of POST /generate. Exactly one of `text` / `input_ids`; a list of either is a batch."""
+
+    text: Annotated[Any, _one_or_many("text", lambda v: isinstance(v, str), "a string or a list of strings")] = None
+    input_ids: Annotated[
+        Any, _one_or_many("input_ids", _is_token_list, "a list of token ids >= 0 or a list of such lists")
+    ] = None
+    sampling_params: SamplingParamsInput | list[SamplingParamsInput] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
+    # PD mode: set by the load balancer and handed to the engine.
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int] | None = None
+    bootstrap_room: int | list[int] | None = None
+    # Known SGLang fields, accepted and ignored.
+    model: Any = None
+    return_logprob: Any = None
+    logprob_start_len: Any = None
+    top_logprobs_num: Any = None
+    token_ids_logprob: Any = None
+    return_text_in_logprobs: Any = None
+    log_metrics: Any = None
+    return_hidden_states: Any = None
+    background: Any = None
+    no_logs: Any = None
+    return_bytes: Any = None
+    return_entropy: Any = None
+    lora_path: Any = None
+    custom_logit_processor: Any = None
+    data_parallel_rank: Any = None
+    image_data: Annotated[Any, _neutral(None, "image_data (multimodal input)")] = None
+
+
+class AbortReqInput(StrictModel):
+    rid: str = ""
+    abort_all: bool = False
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class OpenAIRequestBase(StrictModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names plus SGLang's extensions)."""
+
+    model: str | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Annotated[int, NOT_N1] | None = None
+    stop: StopStrings = ()
+    seed: Seed | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: Annotated[float, _neutral(0.0, "frequency_penalty")] | None = None
+    presence_penalty: Annotated[float, _neutral(0.0, "presence_penalty")] | None = None
+    logit_bias: Annotated[Any, _neutral({}, "logit_bias")] = None
+    user: Any = None
+    # SGLang extensions.
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    stop_token_ids: TokenIds | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    repetition_penalty: Annotated[float, _neutral(1.0, "repetition_penalty")] | None = None
+    min_tokens: Annotated[int, _neutral(0, "min_tokens")] = 0
+    regex: Annotated[Any, _neutral(None, "regex (structured output)")] = None
+    ebnf: Annotated[Any, _neutral(None, "ebnf (structured output)")] = None
+    json_schema: Annotated[Any, _neutral(None, "json_schema (structured output)")] = None
+    rid: str | None = None
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+    # Accepted and ignored.
+    lora_path: Any = None
+    return_hidden_states: Any = None
+    spaces_between_special_tokens: Any = None
+
+
+class CompletionRequest(OpenAIRequestBase):
+    """Body of POST /v1/completions. One prompt (a string or a token list) per request."""
+
+    prompt: Annotated[
+        Any,
+        _one_or_many(
+            "prompt",
+            lambda v: isinstance(v, str) or (_is_token_list(v) and len(v) > 0),
+            "a string, a list of token ids >= 0, or a one-element list of either",
+        ),
+    ]
+    max_tokens: MaxTokens | None = 16
+    echo: Annotated[bool, _neutral(False, "echo")] | None = None
+    logprobs: Annotated[Any, _neutral(None, "logprobs")] = None
+    best_of: Annotated[int, _neutral(1, "best_of > 1")] | None = None
+    suffix: Annotated[Any, _neutral(None, "suffix")] = None
+
+
+class ChatMessage(BaseModel):
+    """One chat message. Extra keys (name, tool_calls, tool_call_id) pass through to the chat template."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Annotated[str | None, BeforeValidator(lambda v: _text_content(v))] = None
+
+
+def _text_content(v: Any) -> Any:
+    """OpenAI content parts -> one string (text parts joined by newlines); non-text parts are rejected."""
+    if v is None or isinstance(v, str):
+        return v
+    if not isinstance(v, list):
+        raise ValueError("content must be a string or a list of content parts")
+    texts = []
+    for part in v:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+class ChatCompletionRequest(OpenAIRequestBase):
+    """Body of POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: Annotated[bool, _neutral(False, "logprobs")] | None = None
+    top_logprobs: Annotated[Any, _neutral(None, "top_logprobs")] = None
+    tools: Annotated[Any, _neutral([], "tools (function calling)")] = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Annotated[Any, _check(lambda v: v == {"type": "text"}, "null or {'type': 'text'}")] = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False
+    # Accepted and ignored (SGLang router fields).
+    separate_reasoning: Any = None
+    stream_reasoning: Any = None
+    reasoning_effort: Any = None
+
+
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    """pydantic/FastAPI validation errors -> one readable sentence per problem, joined by '; '.
+
+    Locations are shown as `sampling_params.temperature` or `messages[0].role`; the leading "body" is dropped.
+    """
+    parts = []
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "JSON decode error")
+            where = f" at character {loc[0]}" if loc else ""
+            parts.append(f"the request body is not valid JSON: {detail}{where}")
+            continue
+        if err.get("type") == "missing" and not loc:
+            parts.append("the request body is missing; send a JSON object")
+            continue
+        path = ""
+        for p in loc:
+            path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "missing":
+            msg = "this field is required"
+        parts.append(f"{path or 'request body'}: {msg}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def read_body(request: Request, model: type[M]) -> M:
+    """Parse the request body as JSON into `model`, whatever the Content-Type (curl's default is a form type);
+    raises ApiError (400) saying what is wrong."""
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiError("the request body is missing; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(f"the request body is not valid JSON: {e}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(describe_validation_errors(e.errors())) from None

@@ -1,0 +1,119 @@
+"""Answering with a generation: server-sent events or one JSON body, both aborting on client disconnect.
+
+Both wait for the first engine message before any byte goes out, so a rejected request (full queue, engine
+error on the first message) still gets a proper HTTP status instead of a 200 stream that carries an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from pd.server.generation import GenerationChunk
+from pd.server.protocol import ApiError
+
+T = TypeVar("T")
+# How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.5
+SSE_DONE = "data: [DONE]\n\n"
+
+ChunkFormatter = Callable[[AsyncIterator[GenerationChunk]], AsyncIterator[str]]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready (its engine request has been aborted)."""
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying `payload` as JSON."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def run_unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
+    """Await `aw`, cancelling it (whose cleanup aborts the engine request) if the client disconnects first.
+
+    Raises ClientDisconnected in that case; exceptions of `aw` propagate.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({task})
+
+
+async def gather_all(aws: list[Awaitable[T]]) -> list[T]:
+    """asyncio.gather that, when one awaitable fails, cancels the rest and waits for their cleanup."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(pending)
+
+
+async def last_chunk(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
+    """Drain a generation; returns its final chunk (the one with `finish` set)."""
+    last = None
+    async for chunk in chunks:
+        last = chunk
+    assert last is not None and last.finish is not None, "stream_generation always ends with a finished chunk"
+    return last
+
+
+def raise_if_failed(chunk: GenerationChunk) -> None:
+    """An engine error answers 500 (only used where no byte of the response has been sent yet)."""
+    if chunk.finish is not None and chunk.finish.type == "error":
+        raise ApiError(f"generation failed: {chunk.finish.message}", status=500, err_type="internal_error")
+
+
+async def sse_response(
+    request: Request, chunks: AsyncIterator[GenerationChunk], formatter: ChunkFormatter
+) -> StreamingResponse:
+    """Stream a generation as SSE: `formatter` turns the chunks into `data:` events; `data: [DONE]` ends it.
+
+    `chunks` must come from `stream_generation`; it is closed (aborting the engine request if unfinished)
+    when the client disconnects or the response ends for any reason.
+    """
+    first = await run_unless_disconnected(request, anext(chunks))
+    raise_if_failed(first)
+
+    async def replay() -> AsyncIterator[GenerationChunk]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in formatter(replay()):
+                yield event
+            yield SSE_DONE
+        finally:
+            with anyio.CancelScope(shield=True):
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+    # The background task closes `chunks` even if the body generator is dropped without being finalized.
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(chunks.aclose),  # type: ignore[attr-defined]
+    )

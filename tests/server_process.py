@@ -1,0 +1,59 @@
+"""Starts `pd serve` (or any `pd` subcommand) as a real subprocess for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def pd_process(args: list[str], port: int, health_path: str = "/health", timeout: float = 180.0) -> Iterator[str]:
+    """Runs `python -m pd ARGS`, waits until GET health_path answers 200, yields the base URL, then stops it.
+    On a start-up failure the process log is part of the error."""
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pd", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(url + health_path, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"`pd {' '.join(args)}` did not become healthy:\n{log.read()[-4000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        os.unlink(log.name)
+
+
+@contextlib.contextmanager
+def pd_serve(model_path: str, *extra: str) -> Iterator[str]:
+    port = free_port()
+    args = ["serve", "--model-path", model_path, "--device", "cpu", "--dtype", "float32", "--port", str(port), *extra]
+    with pd_process(args, port) as url:
+        yield url
