@@ -228,3 +228,20 @@ def test_gguf_missing_tensor_is_a_clear_error(tmp_path: object) -> None:
     reader = open_gguf(path)
     with pytest.raises(GGUFFormatError, match="lacks .* tensor"):
         next(iter_llama_tensors(reader, read_llama_config(reader)))
+
+
+def test_our_engine_on_the_upcycled_model_matches_dense_transformers(
+    built: str, dense_oracle: tuple, tokenizer: object
+) -> None:
+    """The served path (our loader, MoE core, paged cache, chunked prefill) on the upcycled checkpoint gives the
+    dense SmolLM2's greedy tokens, as transformers computes them from the GGUF, one prompt at a time."""
+    from pd.engine.io import SamplingParams
+    from pd.engine.llm import LLM
+
+    llm = LLM(built, chunked_prefill_size=16)
+    prompts = [tokenizer(_chat_text(tokenizer, p)).input_ids for p in PROMPTS]
+    ours = llm.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0))
+    for ids, out in zip(prompts, ours):
+        with torch.no_grad():
+            ref = dense_oracle[0].generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert out == ref[0, len(ids) :].tolist()

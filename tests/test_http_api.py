@@ -388,6 +388,22 @@ def test_duplicate_in_flight_rid_answers_400(tokenizer: Any) -> None:
     assert second.status_code == 400 and "already in flight" in second.json()["error"]["message"]
 
 
+def test_token_ids_only_serving_without_tokenizer(tokenizer: Any) -> None:
+    fake = FakeEngineClient(len(tokenizer), tokenizer.eos_token_id)
+    args = ServerArgs(model_path="/m", device="cpu", skip_tokenizer_init=True)
+    client = TestClient(create_app(fake, None, args))
+    r = client.post("/generate", json={"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 4}})
+    assert r.status_code == 200 and r.json()["output_ids"] == [7, 8, 9, 7] and "text" not in r.json()
+    for path, body in [
+        ("/generate", {"text": "a"}),
+        ("/generate", {"input_ids": [7], "sampling_params": {"stop": "x"}}),
+        ("/v1/completions", {"prompt": "a"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+    ]:
+        r = client.post(path, json=body)
+        assert r.status_code == 400 and "tokenizer" in r.json()["error"]["message"], r.text
+
+
 def test_unknown_route_answers_404_json(app_fake: AppFake) -> None:
     client, _ = app_fake
     r = client.get("/nope")

@@ -25,3 +25,16 @@ def test_llama_prefill_logits_and_greedy_match_transformers(tmp_path):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
         assert out == ref
+
+
+def test_a_lone_long_prompt_is_prefilled_in_chunks_that_sample_nothing(tmp_path):
+    """Middle chunks of a prompt produce no token; their KV must still be written (one request alone, so no
+    other request's decode step forces the forward)."""
+    path = make_checkpoint("llama", str(tmp_path / "llama"), seed=3)
+    hf = load_hf(path)
+    ids = torch.randint(0, 256, (4 * 16 + 5,), generator=torch.Generator().manual_seed(4)).tolist()
+    for chunk in (16, 7):
+        out = LLM(path, chunked_prefill_size=chunk, page_size=16).generate([ids], SamplingParams(max_new_tokens=8, temperature=0.0))
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        assert out[0] == ref, chunk

@@ -56,6 +56,7 @@ class EngineClient:
         self._dead: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._proc: Any = None
+        self._closing = False
 
     @property
     def is_alive(self) -> bool:
@@ -110,7 +111,7 @@ class EngineClient:
     def _engine_died(self) -> None:
         code = self._proc.exitcode if self._proc is not None else None
         self._dead = f"the engine process exited (exit code {code})"
-        if self._proc is not None and not getattr(self, "_closing", False):
+        if self._proc is not None and not self._closing:
             logger.error("%s; failing %d requests in flight", self._dead, len(self._queues))
         for rid, queue in self._queues.items():
             queue.put_nowait(TokenOutput(rid, [], 0, 0, "error", error=self._dead))
@@ -124,6 +125,8 @@ class EngineClient:
         return len(self._queues)
 
     def _send(self, msg: GenerateRequest | AbortRequest) -> None:
+        if self._closing:
+            return  # late aborts from requests unwinding after close(); the engine is gone
         self._inbox.send_bytes(msgpack.packb(to_dict(msg), use_bin_type=True))
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:

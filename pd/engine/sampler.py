@@ -26,7 +26,7 @@ def sample(
     min_p = torch.tensor([p.min_p for p in params], device=device)
     drop = ranks >= top_k[:, None]
     drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keep the smallest prefix reaching top_p
-    drop |= probs < (min_p * probs[:, :1])
+    drop |= probs < (min_p[:, None] * probs[:, :1])
     drop[:, 0] = False  # the most likely token always survives
     probs = probs.masked_fill(drop, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)

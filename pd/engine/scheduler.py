@@ -111,7 +111,8 @@ class Scheduler:
         for req in batch_reqs:
             if req.first_scheduled is None:
                 req.first_scheduled = now
-        tokens = sample(self.runner.forward(batch), [batch_reqs[i].sampling for i in sampled],
+        logits = self.runner.forward(batch)  # always: a middle prompt chunk samples nothing but writes its KV
+        tokens = sample(logits, [batch_reqs[i].sampling for i in sampled],
                         [batch_reqs[i].generator for i in sampled]) if sampled else []
         for req, n in zip(batch_reqs, extend_lens):
             req.num_computed += n

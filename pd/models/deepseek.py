@@ -53,6 +53,8 @@ class DeepseekMoE(nn.Module):
 class DeepseekForCausalLM(CausalLM):
     """Shared body of V2 and V3; subclasses say how tokens are routed and how rope lays out its pairs."""
 
+    has_correction_bias = False  # V3's routers carry e_score_correction_bias
+
     def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
         super().__init__()
         if config.get("mlp_bias", False):
@@ -76,8 +78,6 @@ class DeepseekForCausalLM(CausalLM):
         self.model = DecoderModel(config, make_layer, rotary)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._biases_loaded: set[str] = set()
-
-    has_correction_bias = False
 
     @staticmethod
     def topk_config(config: ModelConfig) -> TopKConfig:

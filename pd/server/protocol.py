@@ -274,29 +274,55 @@ class ChatCompletionRequest(OpenAIRequestBase):
 def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
     """pydantic/FastAPI validation errors -> one readable sentence per problem, joined by '; '.
 
-    Locations are shown as `sampling_params.temperature` or `messages[0].role`; the leading "body" is dropped.
+    Locations are shown as `sampling_params.temperature` or `messages[0].role` (the leading "body" dropped).
+    For a union field (`rid: str | list[str]`), pydantic reports every alternative; if the value had the shape
+    of one alternative, only that one's errors are kept, otherwise they are merged into "must be A or B".
     """
-    parts = []
+    plain: list[tuple[tuple[Any, ...], Mapping[str, Any]]] = []
+    unions: dict[tuple[Any, ...], dict[str, list[tuple[tuple[Any, ...], Mapping[str, Any]]]]] = {}
     for err in errors:
-        loc = list(err.get("loc", ()))
+        loc = tuple(err.get("loc", ()))
         if loc and loc[0] == "body":
             loc = loc[1:]
-        if err.get("type") == "json_invalid":
-            detail = (err.get("ctx") or {}).get("error", "JSON decode error")
-            where = f" at character {loc[0]}" if loc else ""
-            parts.append(f"the request body is not valid JSON: {detail}{where}")
-            continue
-        if err.get("type") == "missing" and not loc:
-            parts.append("the request body is missing; send a JSON object")
-            continue
-        path = ""
-        for p in loc:
-            path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
-        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        if err.get("type") == "missing":
-            msg = "this field is required"
-        parts.append(f"{path or 'request body'}: {msg}")
+        tag_at = next((i for i, p in enumerate(loc) if _is_union_tag(p)), None)
+        if tag_at is None:
+            plain.append((loc, err))
+        else:
+            rest = tuple(p for p in loc[tag_at + 1 :] if not _is_union_tag(p))
+            unions.setdefault(loc[:tag_at], {}).setdefault(str(loc[tag_at]), []).append((loc[:tag_at] + rest, err))
+    parts = [_describe_one(loc, err) for loc, err in plain]
+    for site, alternatives in unions.items():
+        depth = {tag: max(len(loc) for loc, _ in errs) for tag, errs in alternatives.items()}
+        deepest = max(depth.values())
+        if deepest > len(site):  # the value matched this alternative's shape: its errors are the real ones
+            parts += [_describe_one(loc, err) for tag, errs in alternatives.items() if depth[tag] == deepest
+                      for loc, err in errs]  # fmt: skip
+        else:
+            wanted = [str(err.get("msg", "")).removeprefix("Input should be ") for errs in alternatives.values()
+                      for _, err in errs]  # fmt: skip
+            parts.append(f"{_path(site)}: must be {' or '.join(dict.fromkeys(wanted))}")
     return "; ".join(parts) or "invalid request"
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names union alternatives in error locations by their type ("str", "list[int]", a class)."""
+    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part in {"str", "int", "float", "bool"})
+
+
+def _path(loc: Sequence[Any]) -> str:
+    path = ""
+    for p in loc:
+        path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+    return path or "request body"
+
+
+def _describe_one(loc: Sequence[Any], err: Mapping[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "JSON decode error")
+        return f"the request body is not valid JSON: {detail}"
+    if err.get("type") == "missing":
+        return "the request body is missing; send a JSON object" if not loc else f"{_path(loc)}: this field is required"
+    return f"{_path(loc)}: {str(err.get('msg', 'invalid value')).removeprefix('Value error, ')}"
 
 
 async def read_body(request: Request, model: type[M]) -> M:
