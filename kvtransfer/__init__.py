@@ -1,0 +1,44 @@
+"""KV transfer layer: moves a prompt's KV pages from a prefill rank to a decode rank.
+
+Contracts in kvtransfer.base; backends are registered by name and imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvtransfer.base import KVArgs, KVManager, KVReceiver, KVSender
+
+# name -> module defining KVManager, KVSender, KVReceiver, start_prefill_manager, start_decode_manager
+_BACKENDS: dict[str, tuple[str, str, str, str]] = {
+    "mooncake": ("kvtransfer.mooncake", "MooncakeKVManager", "MooncakeKVSender", "MooncakeKVReceiver"),
+}
+
+
+@dataclass(frozen=True)
+class KVBackend:
+    """A backend's classes and the factories that build a rank's manager from the instance's settings
+    (an object with host, bootstrap_port, bootstrap_timeout and transfer_timeout, e.g. DisaggConfig)."""
+
+    name: str
+    KVManager: type[KVManager]
+    KVSender: type[KVSender]
+    KVReceiver: type[KVReceiver]
+    start_prefill_manager: Callable[[KVArgs, object], KVManager]
+    start_decode_manager: Callable[[KVArgs, object], KVManager]
+
+
+def kv_backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_kv_backend(name: str) -> KVBackend:
+    """The backend registered as `name`; ValueError naming the known ones otherwise."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown KV transfer backend {name!r}; known: {', '.join(kv_backend_names())}")
+    module_name, manager, sender, receiver = _BACKENDS[name]
+    module = importlib.import_module(module_name)
+    return KVBackend(name, getattr(module, manager), getattr(module, sender), getattr(module, receiver),
+                     module.start_prefill_manager, module.start_decode_manager)

@@ -11,6 +11,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from pd.bench.args import BenchArgs, BenchArgsError
+from pd.lb.args import LBArgs, LBArgsError
 from pd.server_args import ServerArgs, ServerArgsError
 
 LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
@@ -18,13 +20,6 @@ LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
 Handler = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
 # Subcommands that exist in the interface but not yet in this build.
-_NOT_YET = {
-    "up": "start a local prefill + decode + load-balancer cluster",
-    "lb": "run the prefill/decode load balancer",
-    "bench": "benchmark a running server",
-}
-
-
 def setup_logging(level: str) -> None:
     """Configure root logging once per process; `level` is a name such as "info" (case-insensitive)."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
@@ -38,8 +33,43 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     setup_logging(server_args.log_level)
     from pd.server.app import run_server
 
-    run_server(server_args)
+    make_scheduler = None
+    if server_args.disaggregation_mode == "prefill":
+        from prefill.scheduler import make_prefill_scheduler as make_scheduler
+    elif server_args.disaggregation_mode == "decode":
+        from decode.scheduler import make_decode_scheduler as make_scheduler
+
+    run_server(server_args, make_scheduler)
     return 0
+
+
+def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        bench_args = BenchArgs.from_namespace(ns)
+    except BenchArgsError as e:
+        parser.error(str(e))
+    from pd.bench.runner import main as run_bench
+
+    return run_bench(bench_args)
+
+
+def _lb(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        lb_args = LBArgs.from_namespace(ns)
+    except LBArgsError as e:
+        parser.error(str(e))  # exits with status 2, argparse-style
+    setup_logging(lb_args.log_level)
+    from pd.lb.app import run_lb
+
+    run_lb(lb_args)
+    return 0
+
+
+def _up(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    setup_logging("info")
+    from launch.up import run_up
+
+    return run_up(ns, ns.serve_argv)
 
 
 def _build_default_model(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -48,11 +78,6 @@ def _build_default_model(ns: argparse.Namespace, parser: argparse.ArgumentParser
 
     print(build_default_model(cache_dir=None, force=ns.force))
     return 0
-
-
-def _not_yet(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    print(f"pd {ns.command} is not implemented yet", file=sys.stderr)
-    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     # The serve flags are many; errors show a short usage line and `pd serve --help` lists them all.
     serve = add("serve", "run one server instance (unified, prefill or decode)", _serve, "%(prog)s [options]")
     ServerArgs.add_cli_args(serve)
-    for name, help in _NOT_YET.items():
-        add(name, help, _not_yet)
+    bench = add("bench", "benchmark a running server, load balancer or router", _bench, "%(prog)s --base-url URL ...")
+    BenchArgs.add_cli_args(bench)
+    lb_usage = "%(prog)s --prefill URL [BOOTSTRAP_PORT] ... --decode URL ... [options]"
+    lb = add("lb", "run the prefill/decode load balancer (sglang-router --pd-disaggregation flags)", _lb, lb_usage)
+    LBArgs.add_cli_args(lb)
+    up = add("up", "run prefill, decode and the load balancer on this machine (other flags go to each pd serve)",
+             _up, "%(prog)s [--num-prefill N] [--num-decode M] [--port P] [pd serve flags]")
+    from launch.up import add_cli_args as add_up_args
+
+    add_up_args(up)
     p = add("build-default-model", "build the built-in tiny MoE checkpoint and print its path", _build_default_model)
     p.add_argument("--force", action="store_true", help="rebuild even if a cached copy exists")
     return parser
@@ -78,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `pd`, `python -m pd` and `python -m launch`; returns the process exit status."""
     parser = build_parser()
-    # Placeholder subcommands take any arguments, so scripts written for their future flags get the clear
-    # "not implemented" answer rather than a usage error.
     ns, extra = parser.parse_known_args(argv)
-    if extra and ns.handler is not _not_yet:
+    if ns.handler is _up:
+        ns.serve_argv, extra = extra, []  # the instance flags, validated by pd up itself
+    if extra:
         ns.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     return ns.handler(ns, ns.subparser)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 A2A_BACKENDS = ("none", "torch", "deepep", "mooncake", "mori", "flashinfer", "ascend_fuseep")
-MOE_RUNNER_BACKENDS = ("auto", "torch", "triton", "deep_gemm", "flashinfer_cutlass", "cutlass")
+MOE_RUNNER_BACKENDS = ("auto", "torch", "cpu_packed", "triton", "deep_gemm", "flashinfer_cutlass", "cutlass")
 DEEPEP_MODES = ("auto", "normal", "low_latency")
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 TRANSFER_BACKENDS = ("mooncake", "fake")
@@ -37,7 +37,9 @@ DEFAULT_GPU_MEM_FRACTION = 0.85
 
 # Backends whose kernels exist for one device kind only.
 _A2A_DEVICE = {"deepep": "cuda", "mooncake": "cuda", "mori": "cuda", "flashinfer": "cuda", "ascend_fuseep": "npu"}
-_RUNNER_DEVICE = {"triton": "cuda", "deep_gemm": "cuda", "flashinfer_cutlass": "cuda", "cutlass": "cuda"}
+_RUNNER_DEVICE = {
+    "cpu_packed": "cpu", "triton": "cuda", "deep_gemm": "cuda", "flashinfer_cutlass": "cuda", "cutlass": "cuda"
+}
 # These dispatchers address every rank's experts directly, so the EP group must be the whole TP group.
 _A2A_NEEDS_EP_EQ_TP = ("deepep", "mooncake", "mori", "ascend_fuseep")
 
@@ -75,7 +77,7 @@ class ServerArgs:
     dist_init_addr: str | None = _opt(None, "host:port of node 0 for multi-node init", type=str)
     # MoE
     moe_a2a_backend: str = _opt("none", "token dispatcher ('torch': portable all-to-all)", choices=A2A_BACKENDS)
-    moe_runner_backend: str = _opt("auto", "grouped-GEMM runner (auto: torch)", choices=MOE_RUNNER_BACKENDS)
+    moe_runner_backend: str = _opt("auto", "grouped-GEMM runner (auto: cpu_packed on cpu)", choices=MOE_RUNNER_BACKENDS)
     deepep_mode: str = _opt("auto", "dispatch mode; auto: per batch, or by --disaggregation-mode", choices=DEEPEP_MODES)
     enable_two_batch_overlap: bool = _opt(False, "overlap two micro-batches' attention and dispatch")
     enable_single_batch_overlap: bool = _opt(False, "overlap shared experts with dispatch")
@@ -87,6 +89,12 @@ class ServerArgs:
     disaggregation_mode: str = _opt("null", "run as a prefill or decode instance", choices=DISAGGREGATION_MODES)
     disaggregation_transfer_backend: str = _opt("mooncake", "KV transfer backend", choices=TRANSFER_BACKENDS)
     disaggregation_bootstrap_port: int = _opt(8998, "prefill bootstrap server port", type=int)
+    disaggregation_bootstrap_timeout: float = _opt(
+        30.0, "prefill: seconds a request waits for its decode peer to register", type=float
+    )
+    disaggregation_transfer_timeout: float = _opt(
+        60.0, "decode: seconds a request waits for its KV from prefill", type=float
+    )
     # Memory and scheduling
     mem_fraction_static: float | None = _opt(None, "GPU memory fraction for weights + KV; auto 0.85", type=float)
     max_running_requests: int = _opt(64, "max requests in one running batch", type=int)
@@ -239,6 +247,14 @@ def _npu_available() -> bool:
     return bool(torch.npu.is_available())
 
 
+def resolve_moe_runner(name: str, device: str) -> str:
+    """The MoE runner that ``--moe-runner-backend name`` means on ``device`` ("auto" -> a concrete name)."""
+    if name != "auto":
+        return name
+    # On CPU, oneDNN-packed expert weights run decode-sized GEMMs several times faster than grouped_mm.
+    return "cpu_packed" if device == "cpu" else "torch"
+
+
 def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
     """Concrete values for every 'auto'/None field that has a parse-time answer."""
     device = a.device
@@ -265,7 +281,7 @@ def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
     return {
         "device": device,
         "dtype": ("float32" if on_cpu else "bfloat16") if a.dtype == "auto" else a.dtype,
-        "moe_runner_backend": "torch" if a.moe_runner_backend == "auto" else a.moe_runner_backend,
+        "moe_runner_backend": resolve_moe_runner(a.moe_runner_backend, device),
         "deepep_mode": deepep_mode,
         "served_model_name": name,
         "tokenizer_path": a.model_path if a.tokenizer_path is None else a.tokenizer_path,
@@ -285,6 +301,9 @@ def _validate(a: ServerArgs) -> None:
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ServerArgsError(msg)
+
+    for name in ("disaggregation_bootstrap_timeout", "disaggregation_transfer_timeout"):
+        need(getattr(a, name) > 0, f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(a, name)}")
 
     for n in (
         "tp_size",
@@ -381,12 +400,11 @@ _NOT_IMPLEMENTED: tuple[tuple[str, Callable[[ServerArgs], bool]], ...] = (
     ("--pp-size {a.pp_size}", lambda a: a.pp_size > 1),
     ("--nnodes {a.nnodes}", lambda a: a.nnodes > 1),
     ("--moe-a2a-backend {a.moe_a2a_backend}", lambda a: a.moe_a2a_backend != "none"),
-    ("--moe-runner-backend {a.moe_runner_backend}", lambda a: a.moe_runner_backend != "torch"),
+    ("--moe-runner-backend {a.moe_runner_backend}", lambda a: a.moe_runner_backend not in ("torch", "cpu_packed")),
     ("--enable-two-batch-overlap", lambda a: a.enable_two_batch_overlap),
     ("--enable-single-batch-overlap", lambda a: a.enable_single_batch_overlap),
     ("--enable-eplb", lambda a: a.enable_eplb),
     ("--speculative-moe-runner-backend", lambda a: a.speculative_moe_runner_backend is not None),
-    ("--disaggregation-mode {a.disaggregation_mode}", lambda a: a.disaggregation_mode != "null"),
     ("--device npu", lambda a: a.device == "npu"),
 )
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 
-from pd.engine.engine_process import run_engine
+from pd.engine.engine_process import SchedulerFactory, default_scheduler, run_engine
 from pd.engine.io import AbortRequest, EngineStats, GenerateRequest, TokenOutput, from_dict, to_dict
 from pd.engine.model_runner import RunnerConfig
 from pd.engine.scheduler import SchedulerConfig
@@ -38,6 +38,7 @@ def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
         max_total_tokens=args.max_total_tokens,
         mem_fraction_static=args.mem_fraction_static,
         random_seed=args.random_seed,
+        moe_runner=args.moe_runner_backend,
     )
 
 
@@ -46,8 +47,9 @@ def scheduler_config(args: ServerArgs) -> SchedulerConfig:
 
 
 class EngineClient:
-    def __init__(self, server_args: ServerArgs, model_path: str) -> None:
+    def __init__(self, server_args: ServerArgs, model_path: str, make_scheduler: SchedulerFactory = default_scheduler) -> None:
         self.args = server_args
+        self.make_scheduler = make_scheduler
         self.model_path = model_path
         self.model_config: dict[str, Any] = {}
         self.max_context_length = 0
@@ -70,8 +72,8 @@ class EngineClient:
         self._outbox, outbox_w = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(
             target=run_engine,
-            args=(runner_config(self.args, self.model_path), scheduler_config(self.args), inbox_r, outbox_w,
-                  self.args.log_level),
+            args=(runner_config(self.args, self.model_path), scheduler_config(self.args), self.args, inbox_r, outbox_w,
+                  self.make_scheduler),
             name="pd-engine",
             daemon=True,
         )

@@ -10,6 +10,7 @@ import logging
 import os
 import traceback
 from multiprocessing.connection import Connection
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -18,6 +19,7 @@ import torch
 from pd.engine.io import AbortRequest, GenerateRequest, TokenOutput, from_dict, to_dict
 from pd.engine.model_runner import ModelRunner, RunnerConfig
 from pd.engine.scheduler import Scheduler, SchedulerConfig
+from pd.server_args import ServerArgs
 
 logger = logging.getLogger("pd.engine")
 
@@ -26,15 +28,30 @@ def _send(conn: Connection, payload: dict[str, Any]) -> None:
     conn.send_bytes(msgpack.packb(payload, use_bin_type=True))
 
 
+# Builds the scheduler of an instance's role; prefill and decode instances pass their own (pd/ cannot import
+# them), called in the engine process with the loaded runner and the instance's server arguments.
+SchedulerFactory = Callable[[SchedulerConfig, ModelRunner, ServerArgs], Scheduler]
+
+
+def default_scheduler(cfg: SchedulerConfig, runner: ModelRunner, server_args: ServerArgs) -> Scheduler:
+    return Scheduler(cfg, runner)
+
+
 def run_engine(
-    runner_cfg: RunnerConfig, sched_cfg: SchedulerConfig, inbox: Connection, outbox: Connection, log_level: str
+    runner_cfg: RunnerConfig,
+    sched_cfg: SchedulerConfig,
+    server_args: ServerArgs,
+    inbox: Connection,
+    outbox: Connection,
+    make_scheduler: SchedulerFactory = default_scheduler,
 ) -> None:
     """Process entry point. Returns when the front closes its pipe."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(processName)s %(levelname)s %(message)s")
+    logging.basicConfig(level=server_args.log_level.upper(),
+                        format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         runner = ModelRunner(runner_cfg)
-        scheduler = Scheduler(sched_cfg, runner)
+        scheduler = make_scheduler(sched_cfg, runner, server_args)
     except Exception as e:  # report why loading failed instead of dying silently
         logger.error("engine failed to start: %s", traceback.format_exc())
         _send(outbox, {"fatal": f"{type(e).__name__}: {e}"})
@@ -50,8 +67,13 @@ class EngineLoop:
 
     def run(self) -> None:
         while True:
+            # Block while idle; while only waiting on peers (KV transfers), wake every 2 ms to poll them.
+            if not self.scheduler.has_work:
+                timeout: float | None = None
+            else:
+                timeout = 0.0 if self.scheduler.needs_compute else 0.002
             try:
-                outputs = self._drain_inbox(block=not self.scheduler.has_work)
+                outputs = self._drain_inbox(timeout)
             except EOFError:
                 logger.info("front closed the pipe; engine exiting")
                 return
@@ -59,10 +81,10 @@ class EngineLoop:
                 outputs += self._step()
             _send(self.outbox, {"outputs": [to_dict(o) for o in outputs], "stats": to_dict(self.scheduler.stats())})
 
-    def _drain_inbox(self, block: bool) -> list[TokenOutput]:
+    def _drain_inbox(self, timeout: float | None) -> list[TokenOutput]:
         outputs: list[TokenOutput] = []
-        if block:
-            self.inbox.poll(None)
+        if timeout != 0.0:
+            self.inbox.poll(timeout)
         while self.inbox.poll(0):
             msg = from_dict(msgpack.unpackb(self.inbox.recv_bytes(), raw=False))
             out = None
@@ -81,7 +103,7 @@ class EngineLoop:
             # A bug in a forward must not take the server down: fail the requests in flight, keep serving.
             logger.error("step failed; ending the running requests: %s", traceback.format_exc())
             outputs = []
-            for req in list(self.scheduler.running):
+            for req in self.scheduler.live_requests():
                 out = self.scheduler.abort(req.rid)
                 if out is not None:
                     outputs.append(TokenOutput(out.rid, out.new_token_ids, out.prompt_tokens, out.completion_tokens,

@@ -9,6 +9,7 @@ import torch
 from pd.engine.io import GenerateRequest, SamplingParams
 from pd.engine.model_runner import ModelRunner, RunnerConfig
 from pd.engine.scheduler import Scheduler, SchedulerConfig
+from pd.server_args import resolve_moe_runner
 
 
 class LLM:
@@ -22,8 +23,10 @@ class LLM:
         max_running_requests: int = 64,
         max_total_tokens: int | None = None,
         context_length: int | None = None,
+        moe_runner: str = "auto",
     ) -> None:
-        cfg = RunnerConfig(model_path, device, dtype, page_size, context_length, max_total_tokens, None)
+        cfg = RunnerConfig(model_path, device, dtype, page_size, context_length, max_total_tokens, None,
+                           moe_runner=resolve_moe_runner(moe_runner, torch.device(device).type))
         self.runner = ModelRunner(cfg)
         self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size), self.runner)
         self._ids = itertools.count()

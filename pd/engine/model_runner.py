@@ -9,9 +9,11 @@ import torch
 
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch
 from pd.engine.kv_cache import KVCache
+from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
 from pd.models.loader import load_model
 from pd.moe.context import MoeContext
+from pd.moe.layer import FusedMoE
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class RunnerConfig:
     max_total_tokens: int | None
     mem_fraction_static: float | None
     random_seed: int = 0
+    moe_runner: str = "torch"  # a --moe-runner-backend name (resolved)
 
 
 class ModelRunner:
@@ -44,8 +47,14 @@ class ModelRunner:
             logger.warning("--context-length %d exceeds the model's max_position_embeddings %d",
                            cfg.context_length, model_max)
         self.context_length = cfg.context_length or model_max
-        self.model = load_model(self.model_config, cfg.dtype, self.device, moe_ctx or MoeContext(),
+        self.model = load_model(self.model_config, cfg.dtype, self.device, moe_ctx or MoeContext(runner=cfg.moe_runner),
                                 max_position=max(self.context_length, model_max))
+        for module in self.model.modules():
+            if isinstance(module, FusedMoE):
+                module.finalize_weights()
+        if self.device.type == "cpu":
+            # oneDNN-packed weights run decode-sized (few-row) GEMMs ~2-3x faster than F.linear on CPU.
+            pack_linears_for_cpu(self.model)
         layout = self.model.kv_layout()
         self.num_pages = self._num_pages(layout)
         self.kv_cache = KVCache(self.model.num_layers, self.num_pages, cfg.page_size, layout, cfg.dtype, self.device)
@@ -61,8 +70,15 @@ class ModelRunner:
         else:
             per_token = KVCache.bytes_per_token(self.model.num_layers, layout, cfg.dtype)
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1.0 - (cfg.mem_fraction_static or 0.85))
-            tokens = max(int(budget // per_token), cfg.page_size)
+            fraction = cfg.mem_fraction_static or 0.85
+            budget = free - total * (1.0 - fraction)
+            tokens = int(budget // per_token)
+            if tokens < cfg.page_size:
+                raise RuntimeError(
+                    f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB "
+                    f"after loading the model, and --mem-fraction-static {fraction} keeps "
+                    f"{(1 - fraction) * total / 2**30:.1f} GiB back; raise --mem-fraction-static or free the GPU"
+                )
         return max(tokens // cfg.page_size, 1)
 
     def build_batch(

@@ -14,6 +14,7 @@ from pd.engine.io import SamplingParams
 class ReqState(Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    TRANSFERRING = "transferring"  # PD: KV pages moving between prefill and decode
     FINISHED = "finished"
 
 
@@ -23,6 +24,7 @@ class Req:
     prompt_ids: list[int]
     sampling: SamplingParams
     max_total_len: int  # prompt + new tokens may not exceed this (context length, or prompt + max_new_tokens)
+    kv_tokens: int = 0  # KV slots reserved on admission (a prefill instance keeps only the prompt's)
     output_ids: list[int] = field(default_factory=list)
     state: ReqState = ReqState.WAITING
     row: int = -1  # row in the slot table while running
@@ -34,6 +36,7 @@ class Req:
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     num_sent: int = 0  # output tokens already reported to the front
+    kv_sent: bool = False  # prefill: the KV pages have been handed to the transfer engine
 
     @property
     def fill_ids(self) -> list[int]:

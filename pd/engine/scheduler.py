@@ -50,24 +50,35 @@ class Scheduler:
     def add(self, msg: GenerateRequest) -> TokenOutput | None:
         """Queues a request; returns an error output right away if it can never run."""
         prompt_len = len(msg.input_ids)
-        max_total = min(self.context_length, prompt_len + msg.sampling.max_new_tokens)
+        kv_tokens = self._kv_tokens(msg)
         error = None
         if prompt_len == 0:
             error = "the prompt is empty"
         elif prompt_len >= self.context_length:
             error = f"the prompt has {prompt_len} tokens; the context length is {self.context_length}"
-        elif self._pages_for(max_total) > self.pool.num_pages:
-            error = f"the request needs {max_total} tokens of KV cache; the pool holds {self.pool.num_pages * self.page_size}"
+        elif self._pages_for(kv_tokens) > self.pool.num_pages:
+            error = f"the request needs {kv_tokens} tokens of KV cache; the pool holds {self.pool.num_pages * self.page_size}"
         if error:
             return TokenOutput(msg.rid, [], prompt_len, 0, finish_reason="error", error=error)
-        req = Req(msg.rid, list(msg.input_ids), msg.sampling, max_total)
+        req = Req(msg.rid, list(msg.input_ids), msg.sampling, min(self.context_length, prompt_len + msg.sampling.max_new_tokens))
         if msg.sampling.seed is not None:
             req.generator = torch.Generator(self.runner.device).manual_seed(msg.sampling.seed)
+        req.kv_tokens = kv_tokens
+        return self._enqueue(req, msg)
+
+    def _kv_tokens(self, msg: GenerateRequest) -> int:
+        """KV slots a request reserves on admission: its whole prompt and every token it may generate."""
+        return min(self.context_length, len(msg.input_ids) + msg.sampling.max_new_tokens)
+
+    def _enqueue(self, req: Req, msg: GenerateRequest) -> TokenOutput | None:
         self.waiting.append(req)
         return None
 
+    def live_requests(self) -> list[Req]:
+        return list(self.waiting) + self.running
+
     def abort(self, rid: str) -> TokenOutput | None:
-        for req in list(self.waiting) + self.running:
+        for req in self.live_requests():
             if req.rid == rid:
                 req.finish_reason = "abort"
                 out = self._output(req)
@@ -91,10 +102,23 @@ class Scheduler:
         )
 
     # ---- one step ----
+    @property
+    def needs_compute(self) -> bool:
+        """False when the only pending work is waiting on peers (transfers): the loop may sleep briefly."""
+        return bool(self.waiting or self.running)
+
     def step(self) -> list[TokenOutput]:
+        outputs = self.poll_transfers()
         self._admit()
-        if not self.running:
-            return []
+        if self.running:
+            outputs += self._forward_step()
+        return outputs
+
+    def poll_transfers(self) -> list[TokenOutput]:
+        """Hook for disaggregated schedulers: advance requests whose KV is moving between instances."""
+        return []
+
+    def _forward_step(self) -> list[TokenOutput]:
         batch_reqs, extend_lens = self._plan()
         prefix_lens = [r.num_computed for r in batch_reqs]
         input_ids: list[int] = []
@@ -118,23 +142,29 @@ class Scheduler:
             req.num_computed += n
         outputs = []
         for i, token in zip(sampled, tokens):
-            req = batch_reqs[i]
-            req.output_ids.append(token)
             self.generated_tokens_total += 1
-            self._check_finished(req, token)
-            outputs.append(self._output(req))
-            if req.finish_reason is not None:
-                self._release(req)
+            out = self._on_sampled(batch_reqs[i], token)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
+    def _on_sampled(self, req: Req, token: int) -> TokenOutput | None:
+        """Appends the request's new token; reports it, and releases the request if it finished."""
+        req.output_ids.append(token)
+        self._check_finished(req, token)
+        out = self._output(req)
+        if req.finish_reason is not None:
+            self._release(req)
+        return out
+
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.cfg.max_running_requests:
+        while self.waiting and self.slots.num_free_rows > 0:
             req = self.waiting[0]
-            pages = self.pool.alloc(self._pages_for(req.max_total_len))
+            pages = self.pool.alloc(self._pages_for(req.kv_tokens))
             if pages is None:
                 return  # wait for running requests to free pages
             row = self.slots.alloc_row()
-            assert row is not None, "slot rows are sized to max_running_requests"
+            assert row is not None
             self.waiting.popleft()
             req.pages, req.row, req.state = pages, row, ReqState.RUNNING
             self.slots.assign_pages(row, 0, pages)
@@ -178,13 +208,17 @@ class Scheduler:
                            req.matched_stop, queue_time=queue_time)
 
     def _release(self, req: Req) -> None:
+        """Ends a request wherever it is and returns its pages and slot row."""
         if req.state is ReqState.RUNNING:
             self.running.remove(req)
-            self.pool.free(req.pages)
-            self.slots.free_row(req.row)
-            req.pages, req.row = [], -1
         elif req.state is ReqState.WAITING:
             self.waiting.remove(req)
+        if req.pages:
+            self.pool.free(req.pages)
+            req.pages = []
+        if req.row >= 0:
+            self.slots.free_row(req.row)
+            req.row = -1
         req.state = ReqState.FINISHED
 
     def _pages_for(self, num_tokens: int) -> int:

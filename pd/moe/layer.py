@@ -79,6 +79,12 @@ class FusedMoE(nn.Module):
         return self.dispatcher.combine(combine_input)
 
     @torch.no_grad()
+    def finalize_weights(self) -> None:
+        """Let the runner prepare its view of the weights (e.g. packed copies). Call once the checkpoint is
+        loaded, and again after changing the expert weights in place."""
+        self.runner.prepare_weights(self.w13_weight, self.w2_weight)
+
+    @torch.no_grad()
     def load_expert_weight(self, name: str, expert_id: int, shard: str, tensor: torch.Tensor) -> bool:
         """Copy one expert's projection from a per-expert checkpoint tensor.
 

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pd.engine.engine_process import SchedulerFactory, default_scheduler
 from pd.engine.client import EngineDeadError, EngineFullError
 from pd.server import native_api, openai_api
 from pd.server.auth import ApiKeyMiddleware
@@ -139,7 +140,7 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def run_server(server_args: ServerArgs) -> None:
+def run_server(server_args: ServerArgs, make_scheduler: SchedulerFactory | None = None) -> None:
     """Serve until SIGINT/SIGTERM: build the default model if no --model-path, start the engine, run uvicorn
     on --host/--port; shutdown drains requests for up to GRACEFUL_SHUTDOWN_S and closes the engine."""
     if server_args.model_path is None:
@@ -150,17 +151,17 @@ def run_server(server_args: ServerArgs) -> None:
             server_args, model_path=path, tokenizer_path=server_args.tokenizer_path or path
         )
     try:
-        asyncio.run(_serve(server_args))
+        asyncio.run(_serve(server_args, make_scheduler or default_scheduler))
     except KeyboardInterrupt:
         pass
 
 
-async def _serve(args: ServerArgs) -> None:
+async def _serve(args: ServerArgs, make_scheduler: SchedulerFactory) -> None:
     from pd.engine.client import EngineClient
 
     assert args.model_path is not None
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
-    engine = EngineClient(args, args.model_path)
+    engine = EngineClient(args, args.model_path, make_scheduler)
     try:
         await engine.start()
     except BaseException:

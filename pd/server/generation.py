@@ -181,6 +181,13 @@ def make_spec(
         ignore_eos=ignore_eos,
     )
     host, port, room_id = bootstrap
+    mode = ctx.server_args.disaggregation_mode
+    if mode != "null" and (host is None or port is None or room_id is None):
+        raise ApiError(
+            f"this server is the {mode} half of a prefill/decode pair: send requests through a PD load balancer "
+            "(`pd lb`, or sglang-router --pd-disaggregation), which adds bootstrap_host, bootstrap_port and "
+            "bootstrap_room"
+        )
     return GenerationSpec(
         rid=rid,
         input_ids=input_ids,

@@ -153,8 +153,13 @@ async def health(request: Request) -> Response:
 
 @router.get("/health_generate")
 async def health_generate(request: Request) -> Response:
-    """200 if the engine can generate one token now; 503 otherwise."""
+    """200 if the engine can generate one token now; 503 otherwise. A prefill or decode instance cannot
+    generate alone (it needs its peer), so there it reports whether the engine is alive."""
     ctx = get_context(request)
+    if ctx.server_args.disaggregation_mode != "null":
+        if not ctx.engine.is_alive:
+            raise ApiError("the engine process is not running", 503, "service_unavailable")
+        return Response(status_code=200)
     spec = make_spec(
         ctx, f"health-{uuid.uuid4().hex}", [0], max_new_tokens=1, default_max_new_tokens=1,
         max_tokens_name="max_new_tokens", temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0, seed=None, stop=(),

@@ -21,10 +21,15 @@ class MoeRunner(Protocol):
         activation: str = "silu",
     ) -> CombineInput: ...
 
+    def prepare_weights(self, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor) -> None:
+        """Derive whatever the runner keeps from the loaded weights (e.g. packed copies); called after loading
+        and after any later in-place weight update, with the tensors ``run`` will receive."""
+
 
 # name -> (module, class); GPU runners join here and stay unimported on machines without their kernels.
 _RUNNERS: dict[str, tuple[str, str]] = {
     "torch": ("pd.moe.runner.torch_ref", "TorchMoeRunner"),
+    "cpu_packed": ("pd.moe.runner.cpu_packed", "CpuPackedMoeRunner"),
 }
 
 

@@ -10,6 +10,7 @@ The arithmetic follows transformers' eager experts loop: per-expert ``linear``, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,14 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _grouped_mm_available(x: torch.Tensor) -> bool:
     """Whether torch._grouped_mm can run this input (checked only on CPU; other devices use the loop)."""
     return hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and x.dtype in _GROUPED_MM_DTYPES
+
+
+def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gate activation called ``name`` ("silu" or "gelu"). Raises ValueError for any other name."""
+    act = _ACTIVATIONS.get(name)
+    if act is None:
+        raise ValueError(f"unknown MoE activation {name!r}; known: {', '.join(_ACTIVATIONS)}")
+    return act
 
 
 class TorchMoeRunner:
@@ -62,55 +71,106 @@ class TorchMoeRunner:
         Raises:
             ValueError: unknown activation, or an expert id >= E_local.
         """
-        act = _ACTIVATIONS.get(activation)
-        if act is None:
-            raise ValueError(f"unknown MoE activation {activation!r}; known: {', '.join(_ACTIVATIONS)}")
-        hidden_NH = dispatch_out.hidden_states
-        ids_NK = dispatch_out.topk_ids
-        num_tokens, top_k = ids_NK.shape
+        act = get_activation(activation)
         num_experts = w13_EXH.shape[0]
-        assert hidden_NH.shape[0] == num_tokens and hidden_NH.dtype == w13_EXH.dtype == w2_EHI.dtype
+        assert dispatch_out.hidden_states.dtype == w13_EXH.dtype == w2_EHI.dtype
+        perm = pre_permute(dispatch_out, num_experts)
+        if perm.num_rows == 0:
+            return post_permute(dispatch_out, perm, perm.x_MH)
 
-        # Pre-permute over slot-major (slot, token) pairs. Key = id + 1, so foreign slots (-1) form bucket 0
-        # ahead of every local expert, and the stable sort orders each expert's rows by (slot, token) like
-        # transformers' per-expert loop: a GEMM's rounding can depend on where a row sits, so same order,
-        # same bits.
-        keys = ids_NK.t().flatten() + 1
-        counts = torch.bincount(keys, minlength=num_experts + 1)
-        if counts.numel() != num_experts + 1:
-            raise ValueError(f"topk_ids hold a local expert id >= num_local_experts={num_experts}")
-        sizes = counts.tolist()  # the only host sync: the loop path and the slice below need plain ints
-        num_foreign = sizes[0]
-        out_NH = hidden_NH.new_zeros(num_tokens, hidden_NH.shape[1])
-        if num_foreign == num_tokens * top_k:
-            return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
-
-        order = torch.argsort(keys, stable=True)[num_foreign:]
-        token_idx = order % num_tokens
-        x_MH = hidden_NH.index_select(0, token_idx)
-
-        segments = _segments(sizes[1:])
+        segments = _segments(perm.sizes_E)
         if self.use_grouped_mm is None:
             # CPU grouped_mm walks every expert, empty or not; a Python loop costs more per expert but only
             # visits the hit ones, so it wins when few experts are hit (small decode batches, many experts).
-            use_gmm = _grouped_mm_available(x_MH) and 4 * len(segments) >= num_experts
+            use_gmm = _grouped_mm_available(perm.x_MH) and 4 * len(segments) >= num_experts
         else:
             use_gmm = self.use_grouped_mm
-        offs = torch.cumsum(counts[1:], 0, dtype=torch.int32) if use_gmm else None
+        offs = torch.cumsum(perm.counts_E, 0, dtype=torch.int32) if use_gmm else None
 
-        gate_up_MX = _grouped_linear(x_MH, w13_EXH, segments, offs)
+        gate_up_MX = _grouped_linear(perm.x_MH, w13_EXH, segments, offs)
         gate_MI, up_MI = gate_up_MX.chunk(2, dim=-1)
         inter_MI = act(gate_MI).mul_(up_MI)
         down_MH = _grouped_linear(inter_MI, w2_EHI, segments, offs)
+        return post_permute(dispatch_out, perm, down_MH)
 
-        # Post-permute: weight (float32, like HF, so bf16 rows are scaled in float32), cast, scatter-add.
-        weights_M1 = dispatch_out.topk_weights.t().flatten().index_select(0, order).unsqueeze(1)
-        if down_MH.dtype == weights_M1.dtype:
-            weighted_MH = down_MH.mul_(weights_M1)
-        else:
-            weighted_MH = (down_MH * weights_M1).to(out_NH.dtype)
-        out_NH.index_add_(0, token_idx, weighted_MH)
-        return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
+    def prepare_weights(self, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor) -> None:
+        """Nothing to prepare: this runner reads the weights as they are."""
+
+
+@dataclass
+class PermutedRows:
+    """A rank's local (token, slot) pairs, sorted by local expert: the rows every runner's GEMMs consume.
+
+    x_MH: [M, H] model dtype, one hidden row per local pair (M = number of local pairs), expert-major.
+    order_M: [M] int64, each row's index into the slot-major flattening ``topk_ids.t().flatten()`` ([K*N]).
+    token_idx_M: [M] int64, the dispatched token each row belongs to.
+    counts_E: [E_local] int64, rows per local expert.
+    sizes_E: counts_E on the host (the one host sync of the permute).
+    """
+
+    x_MH: torch.Tensor
+    order_M: torch.Tensor
+    token_idx_M: torch.Tensor
+    counts_E: torch.Tensor
+    sizes_E: list[int]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.x_MH.shape[0])
+
+
+def pre_permute(dispatch_out: DispatchOutput, num_experts: int) -> PermutedRows:
+    """Group the dispatched (token, slot) pairs by local expert.
+
+    Args:
+        dispatch_out: hidden_states [N, H], topk_ids [N, K] int64 local ids (-1 = not on this rank).
+        num_experts: E_local.
+
+    Returns:
+        PermutedRows; M == 0 when no slot is local.
+
+    Raises:
+        ValueError: an expert id >= num_experts.
+    """
+    hidden_NH = dispatch_out.hidden_states
+    ids_NK = dispatch_out.topk_ids
+    num_tokens = ids_NK.shape[0]
+    assert hidden_NH.shape[0] == num_tokens
+    # Slot-major (slot, token) pairs. Key = id + 1, so foreign slots (-1) form bucket 0 ahead of every local
+    # expert, and the stable sort orders each expert's rows by (slot, token) like transformers' per-expert
+    # loop: a GEMM's rounding can depend on where a row sits, so same order, same bits.
+    keys = ids_NK.t().flatten() + 1
+    counts = torch.bincount(keys, minlength=num_experts + 1)
+    if counts.numel() != num_experts + 1:
+        raise ValueError(f"topk_ids hold a local expert id >= num_local_experts={num_experts}")
+    sizes = counts.tolist()  # the only host sync: loops over experts and the slice below need plain ints
+    order = torch.argsort(keys, stable=True)[sizes[0] :]
+    token_idx = order % num_tokens
+    x_MH = hidden_NH.index_select(0, token_idx)
+    return PermutedRows(x_MH, order, token_idx, counts[1:], sizes[1:])
+
+
+def post_permute(dispatch_out: DispatchOutput, perm: PermutedRows, down_MH: torch.Tensor) -> CombineInput:
+    """Scale each expert output row by its routing weight and sum the rows back per token.
+
+    Args:
+        dispatch_out: the DispatchOutput ``perm`` was built from (topk_weights [N, K] float32, handle).
+        perm: from pre_permute.
+        down_MH: [M, H] model dtype, expert outputs in perm's row order (may be overwritten).
+
+    Returns:
+        CombineInput with hidden_states [N, H] (model dtype; zeros for tokens without a local slot).
+    """
+    hidden_NH = dispatch_out.hidden_states
+    out_NH = hidden_NH.new_zeros(hidden_NH.shape[0], hidden_NH.shape[1])
+    # Weight in float32, like HF, so bf16 rows are scaled in float32; cast; scatter-add in expert order.
+    weights_M1 = dispatch_out.topk_weights.t().flatten().index_select(0, perm.order_M).unsqueeze(1)
+    if down_MH.dtype == weights_M1.dtype:
+        weighted_MH = down_MH.mul_(weights_M1)
+    else:
+        weighted_MH = (down_MH * weights_M1).to(out_NH.dtype)
+    out_NH.index_add_(0, perm.token_idx_M, weighted_MH)
+    return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
 
 
 def _segments(sizes_E: list[int]) -> list[tuple[int, int, int]]:

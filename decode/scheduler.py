@@ -1,0 +1,113 @@
+"""Decode scheduler: requests arrive with their prompt already being prefilled elsewhere.
+
+Each request first takes KV pages for its prompt and every token it may generate (the preallocation queue
+waits while the pool is short), registers the prompt's pages with its prefill peer (KVReceiver.init), and
+waits in the transfer list. On Success its first token (sampled by prefill) is reported and the request joins
+the running batch as if it had prefilled here; on Failed or timeout it ends with the reason and its pages are
+freed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from kvtransfer import get_kv_backend
+from kvtransfer.base import KVPoll, KVReceiver
+from pd.engine.disagg import DisaggConfig, kv_args
+from pd.engine.io import GenerateRequest, TokenOutput
+from pd.engine.model_runner import ModelRunner
+from pd.engine.request import Req, ReqState
+from pd.engine.scheduler import Scheduler, SchedulerConfig
+from pd.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeScheduler(Scheduler):
+    def __init__(self, cfg: SchedulerConfig, runner: ModelRunner, disagg: DisaggConfig) -> None:
+        super().__init__(cfg, runner)
+        backend = get_kv_backend(disagg.backend)
+        self.kv_manager = backend.start_decode_manager(kv_args(runner), disagg)
+        self._receiver_cls = backend.KVReceiver
+        self.receivers: dict[str, KVReceiver] = {}
+        self.prealloc: deque[Req] = deque()
+        self.transferring: list[Req] = []
+
+    @property
+    def has_work(self) -> bool:
+        return super().has_work or bool(self.prealloc or self.transferring)
+
+    @property
+    def needs_compute(self) -> bool:
+        return bool(self.running)
+
+    def live_requests(self) -> list[Req]:
+        return super().live_requests() + list(self.prealloc) + self.transferring
+
+    def _enqueue(self, req: Req, msg: GenerateRequest) -> TokenOutput | None:
+        assert msg.bootstrap_host is not None and msg.bootstrap_port is not None and msg.bootstrap_room is not None
+        self.receivers[req.rid] = self._receiver_cls(
+            self.kv_manager, msg.bootstrap_host, msg.bootstrap_port, msg.bootstrap_room
+        )
+        req.state = ReqState.TRANSFERRING  # queued for pages; _release looks in prealloc first
+        self.prealloc.append(req)
+        return None
+
+    def poll_transfers(self) -> list[TokenOutput]:
+        self._preallocate()
+        outputs = []
+        for req in list(self.transferring):
+            receiver = self.receivers[req.rid]
+            state = receiver.poll()
+            if state == KVPoll.Success:
+                first = receiver.result()
+                self.transferring.remove(req)
+                self.receivers.pop(req.rid)
+                req.num_computed = len(req.prompt_ids)
+                req.state = ReqState.RUNNING
+                self.running.append(req)
+                self.prompt_tokens_total += len(req.prompt_ids)
+                self.generated_tokens_total += 1
+                out = super()._on_sampled(req, first.token_id)
+                if out is not None:
+                    outputs.append(out)
+            elif state == KVPoll.Failed:
+                logger.warning("request %s: KV transfer failed: %s", req.rid, receiver.failure_reason)
+                req.finish_reason = "error"
+                out = self._output(req)
+                self._release(req)
+                outputs.append(TokenOutput(out.rid, [], out.prompt_tokens, 0, "error",
+                                           error=f"KV transfer from prefill failed: {receiver.failure_reason}"))
+        return outputs
+
+    def _preallocate(self) -> None:
+        """Takes pages and a slot row for queued requests, oldest first, and registers them with prefill."""
+        while self.prealloc and self.slots.num_free_rows > 0:
+            req = self.prealloc[0]
+            pages = self.pool.alloc(self._pages_for(req.kv_tokens))
+            if pages is None:
+                return
+            row = self.slots.alloc_row()
+            assert row is not None
+            self.prealloc.popleft()
+            req.pages, req.row, req.state = pages, row, ReqState.TRANSFERRING
+            self.slots.assign_pages(row, 0, pages)
+            prompt_pages = req.pages[: self._pages_for(len(req.prompt_ids))]
+            self.receivers[req.rid].init(prompt_pages, len(req.prompt_ids))
+            self.transferring.append(req)
+
+    def _release(self, req: Req) -> None:
+        if req.state is ReqState.TRANSFERRING:
+            if req in self.prealloc:
+                self.prealloc.remove(req)
+            else:
+                self.transferring.remove(req)
+        receiver = self.receivers.pop(req.rid, None)
+        if receiver is not None:
+            receiver.abort()
+        super()._release(req)
+
+
+def make_decode_scheduler(cfg: SchedulerConfig, runner: ModelRunner, args: ServerArgs) -> Scheduler:
+    return DecodeScheduler(cfg, runner, DisaggConfig.from_server_args(args))

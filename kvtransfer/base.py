@@ -1,0 +1,114 @@
+"""Contracts of the KV transfer layer: what prefill and decode engines call, whatever moves the bytes.
+
+Flow for one request (room = the 63-bit `bootstrap_room` the load balancer put in the request):
+
+  decode rank                                   prefill rank
+  -----------                                   ------------
+  KVReceiver(mgr, host, port, room)             KVSender(mgr, room)
+    asks the prefill bootstrap server for the     poll() == Bootstrapping until decode's
+    prefill ranks' endpoints (cached per          registration for `room` arrives
+    prefill instance), checks compatibility
+  receiver.init(dst_pages, num_tokens)  ------>   poll() == WaitingForInput
+    (registers destination pages with room)     ... prefill runs the prompt ...
+                                                sender.send(src_pages, num_tokens, first_token)
+                                                  poll() == Transferring -> Success | Failed
+  poll() == Transferring / Success | Failed <---- pages written by the transfer engine, then a
+  receiver.result() -> first token + meta          status message (first token with it)
+
+Every poll is non-blocking; every wait has a deadline (a transfer failure is a state with a reason, never a
+hang). Control messages are msgpack dicts with a schema (kvtransfer.messages), never pickle.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class KVPoll(IntEnum):
+    Failed = 0
+    Bootstrapping = 1
+    WaitingForInput = 2
+    Transferring = 3
+    Success = 4
+
+
+class KVTransferError(RuntimeError):
+    """A handshake or transfer problem a user or a peer can cause (incompatible peers, dead peer, timeout)."""
+
+
+@dataclass(frozen=True)
+class KVArgs:
+    """What one engine rank exposes for transfers.
+
+    kv_data_ptrs:  base address of every KV buffer, layer-major: layer 0's buffers, then layer 1's, ...
+    kv_item_lens:  bytes of one token slot in each of those buffers (a page is item_len * page_size bytes,
+                   and page p of a buffer starts at ptr + p * item_len * page_size).
+    fingerprint:   what both sides must agree on (architecture, layers, KV layout per layer, dtype,
+                   page size); a mismatch is a clear KVTransferError at handshake.
+    kv_data_lens:  bytes of each of those buffers; backends that register memory with a NIC or transfer
+                   engine (mooncake) need it, and it bounds the page indices a peer may name.
+    """
+
+    engine_rank: int
+    kv_data_ptrs: list[int]
+    kv_item_lens: list[int]
+    page_size: int
+    fingerprint: dict[str, object] = field(default_factory=dict)
+    kv_data_lens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The token prefill sampled after the prompt, and what decode needs to continue from it."""
+
+    token_id: int
+    prompt_tokens: int
+
+
+class KVManager(ABC):
+    """One per engine rank: owns the transfer engine, the registered KV memory and the control listener."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class KVSender(ABC):
+    """Prefill side of one request."""
+
+    @abstractmethod
+    def poll(self) -> KVPoll: ...
+
+    @abstractmethod
+    def send(self, page_indices: list[int], num_tokens: int, first_token: FirstToken) -> None:
+        """Starts moving the prompt's pages (non-blocking); poll() reports Transferring then Success/Failed."""
+
+    @property
+    @abstractmethod
+    def failure_reason(self) -> str | None: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+class KVReceiver(ABC):
+    """Decode side of one request."""
+
+    @abstractmethod
+    def init(self, page_indices: list[int], num_tokens: int) -> None:
+        """Registers the preallocated destination pages for this room with the prefill rank (non-blocking)."""
+
+    @abstractmethod
+    def poll(self) -> KVPoll: ...
+
+    @abstractmethod
+    def result(self) -> FirstToken:
+        """The first token; valid once poll() == Success."""
+
+    @property
+    @abstractmethod
+    def failure_reason(self) -> str | None: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...

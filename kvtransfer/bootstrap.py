@@ -1,0 +1,214 @@
+"""The prefill instance's bootstrap server: where decode ranks find the prefill ranks' transfer endpoints.
+
+  PUT /route    body: a RankInfo (JSON)         a prefill rank announces itself (again after a restart)
+  GET /route    -> {"tp_size": n, "ranks": [RankInfo, ...]}   once all n ranks are in;
+                   503 {"error": ...} before that (says how many are missing)
+  GET /health   -> 200
+
+Rank 0 of a prefill instance serves it on --disaggregation-bootstrap-port; decode ranks read it through
+BootstrapClient, once per prefill instance (cached until a failure invalidates it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kvtransfer.base import KVTransferError
+from kvtransfer.messages import RankInfo, rank_info_from_json, rank_info_to_json
+
+logger = logging.getLogger(__name__)
+
+
+class _RouteTable:
+    def __init__(self) -> None:
+        self._ranks: dict[int, RankInfo] = {}
+        self._lock = threading.Lock()
+
+    def put(self, info: RankInfo) -> str | None:
+        """Stores info; returns why it was refused, or None."""
+        if not 0 <= info.engine_rank < info.tp_size:
+            return f"engine_rank {info.engine_rank} is outside tp_size {info.tp_size}"
+        with self._lock:
+            other = next((r for r in self._ranks.values() if r.engine_rank != info.engine_rank), None)
+            if other is not None and other.tp_size != info.tp_size:
+                return f"tp_size {info.tp_size} disagrees with rank {other.engine_rank}'s {other.tp_size}"
+            self._ranks[info.engine_rank] = info
+        return None
+
+    def get(self) -> tuple[int, dict[str, object]]:
+        """(HTTP status, JSON body) of GET /route."""
+        with self._lock:
+            ranks = dict(self._ranks)
+        if not ranks:
+            return 503, {"error": "no prefill rank has registered with this bootstrap server yet"}
+        tp_size = next(iter(ranks.values())).tp_size
+        if len(ranks) < tp_size:
+            missing = sorted(set(range(tp_size)) - set(ranks))
+            return 503, {"error": f"prefill ranks {missing} of tp_size {tp_size} have not registered yet"}
+        return 200, {"tp_size": tp_size, "ranks": [rank_info_to_json(ranks[r]) for r in sorted(ranks)]}
+
+
+class BootstrapServer:
+    """Threaded HTTP server holding the route table. port=0 picks a free port (see .port)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        table = _RouteTable()
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, status: int, body: dict[str, object]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path = self.path.split("?", 1)[0]
+                if path == "/route":
+                    self._reply(*table.get())
+                elif path == "/health":
+                    self._reply(200, {"status": "ok"})
+                else:
+                    self._reply(404, {"error": f"no such path {path}"})
+
+            def do_PUT(self) -> None:  # noqa: N802
+                if self.path.split("?", 1)[0] != "/route":
+                    self._reply(404, {"error": f"no such path {self.path}"})
+                    return
+                try:
+                    body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                    info = rank_info_from_json(json.loads(body))
+                except (ValueError, KVTransferError) as e:
+                    self._reply(400, {"error": f"bad rank info: {e}"})
+                    return
+                problem = table.put(info)
+                self._reply(409 if problem else 200, {"error": problem} if problem else {"status": "ok"})
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (base class signature)
+                logger.debug("bootstrap %s: " + format, self.address_string(), *args)
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.host = host
+        self.port: int = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="kv-bootstrap", daemon=True)
+
+    def start(self) -> BootstrapServer:
+        self._thread.start()
+        logger.info("KV bootstrap server listening on %s:%d", self.host, self.port)
+        return self
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def _request(method: str, url: str, body: dict[str, object] | None, timeout_s: float) -> tuple[int, dict]:
+    """(status, JSON body) of one HTTP call; raises OSError when the server cannot be reached."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"{}")
+        except ValueError:
+            return e.code, {"error": e.reason}
+    except urllib.error.URLError as e:
+        raise OSError(str(e.reason)) from e
+
+
+@dataclass(frozen=True)
+class PrefillRoute:
+    """What GET /route returned: the prefill instance's TP size and its ranks by engine rank."""
+
+    tp_size: int
+    ranks: dict[int, RankInfo]
+
+
+class BootstrapClient:
+    """Talks to prefill bootstrap servers; remembers each instance's route until invalidate()."""
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self.timeout_s = timeout_s
+        self._cache: dict[tuple[str, int], PrefillRoute] = {}
+        self._fetch_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def put_route(self, host: str, port: int, info: RankInfo) -> None:
+        """Announces a prefill rank. Retries while the server is not up yet (rank 0 may start it a moment
+        later than this rank gets here); raises KVTransferError after timeout_s or on a refusal."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                status, body = _request("PUT", f"http://{host}:{port}/route", rank_info_to_json(info), self.timeout_s)
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    raise KVTransferError(f"bootstrap server {host}:{port} unreachable: {e}") from e
+                time.sleep(0.05)
+                continue
+            if status != 200:
+                raise KVTransferError(f"bootstrap server {host}:{port} refused rank info: {body.get('error')}")
+            return
+
+    def get_route(self, host: str, port: int, timeout_s: float | None = None) -> PrefillRoute:
+        """The prefill instance's route, from the cache or the server.
+
+        Waits (polling) while the server says ranks are still registering; raises KVTransferError at once when
+        the server cannot be reached (the prefill instance is down), or after the timeout.
+        """
+        key = (host, port)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+            fetch_lock = self._fetch_locks.setdefault(key, threading.Lock())
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        with fetch_lock:  # one fetch per instance, however many rooms ask at once
+            with self._lock:
+                if key in self._cache:
+                    return self._cache[key]
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    status, body = _request("GET", f"http://{host}:{port}/route", None, max(remaining, 0.1))
+                except OSError as e:
+                    raise KVTransferError(f"bootstrap server {host}:{port} unreachable: {e}") from e
+                if status == 200:
+                    break
+                if status != 503 or remaining <= 0:
+                    raise KVTransferError(f"bootstrap server {host}:{port}: {body.get('error', status)}")
+                time.sleep(min(0.05, max(remaining, 0)))
+            route = _parse_route(body, host, port)
+            with self._lock:
+                self._cache[key] = route
+            return route
+
+    def invalidate(self, host: str, port: int) -> None:
+        with self._lock:
+            self._cache.pop((host, port), None)
+
+    def health(self, host: str, port: int) -> bool:
+        try:
+            return _request("GET", f"http://{host}:{port}/health", None, self.timeout_s)[0] == 200
+        except OSError:
+            return False
+
+
+def _parse_route(body: dict, host: str, port: int) -> PrefillRoute:
+    tp_size, ranks = body.get("tp_size"), body.get("ranks")
+    if not isinstance(tp_size, int) or not isinstance(ranks, list):
+        raise KVTransferError(f"bootstrap server {host}:{port} sent a malformed route: {body}")
+    infos = {info.engine_rank: info for info in map(rank_info_from_json, ranks)}
+    if sorted(infos) != list(range(tp_size)):
+        raise KVTransferError(f"bootstrap server {host}:{port} sent ranks {sorted(infos)} for tp_size {tp_size}")
+    return PrefillRoute(tp_size, infos)

@@ -1,0 +1,157 @@
+"""Schemas of what prefill and decode ranks tell each other, and their validated encodings.
+
+Control channel (msgpack, kvtransfer.control):
+  RegisterRoom    decode -> prefill   where to write a room's pages, and the decode's layout to check
+  TransferStatus  prefill -> decode   the room's pages have landed (ok) or why not; carries the first token
+  AbortRoom       either way          forget the room
+Bootstrap server (JSON over HTTP, kvtransfer.bootstrap):
+  RankInfo        one prefill rank's endpoints and KV layout
+
+Decoding checks every field's type: a peer that sends garbage gets a KVTransferError, never a half-built
+message. Unknown extra keys are ignored so a newer peer may add fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+from kvtransfer.base import KVTransferError
+
+
+@dataclass(frozen=True)
+class RegisterRoom:
+    TYPE: ClassVar[str] = "register"
+    room: int
+    engine_rank: int
+    control_addr: str  # host:port of the decode rank's control listener (status goes there)
+    session_id: str  # host:rpc_port of the decode rank's transfer engine (pages are written there)
+    dst_ptrs: list[int]  # per KV buffer, layer-major
+    item_lens: list[int]  # per KV buffer
+    page_size: int
+    dst_pages: list[int]  # destination page of each prompt page, in prompt order
+    num_tokens: int
+    fingerprint: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TransferStatus:
+    TYPE: ClassVar[str] = "status"
+    room: int
+    ok: bool
+    reason: str  # empty when ok
+    first_token: int  # -1 when not ok
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class AbortRoom:
+    TYPE: ClassVar[str] = "abort"
+    room: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    engine_rank: int
+    tp_size: int
+    control_addr: str  # host:port
+    session_id: str  # host:rpc_port
+    kv_data_ptrs: list[int]
+    kv_item_lens: list[int]
+    page_size: int
+    fingerprint: dict[str, Any]
+
+
+ControlMessage = RegisterRoom | TransferStatus | AbortRoom
+_CONTROL_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (RegisterRoom, TransferStatus, AbortRoom)}
+
+
+def _type_ok(value: object, tp: object) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item_tp) for v in value)
+    if typing.get_origin(tp) is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    raise AssertionError(f"schema uses an unsupported type {tp}")
+
+
+def _build(cls: type, data: object) -> Any:
+    """cls(**data) after checking that every field is present with the annotated type."""
+    if not isinstance(data, dict):
+        raise KVTransferError(f"{cls.__name__}: expected a map, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            raise KVTransferError(f"{cls.__name__}: missing field {f.name!r}")
+        if not _type_ok(data[f.name], hints[f.name]):
+            raise KVTransferError(
+                f"{cls.__name__}: field {f.name!r} should be {hints[f.name]}, got {type(data[f.name]).__name__}"
+            )
+        kwargs[f.name] = data[f.name]
+    return cls(**kwargs)
+
+
+def encode_message(msg: ControlMessage) -> bytes:
+    """msgpack bytes of a control message (a map with its fields and "type")."""
+    return msgpack.packb({"type": msg.TYPE, **dataclasses.asdict(msg)}, use_bin_type=True)
+
+
+def decode_message(data: bytes) -> ControlMessage:
+    """The control message in `data`. Raises KVTransferError on anything that is not a valid message."""
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types on corrupt input
+        raise KVTransferError(f"undecodable control message: {e}") from e
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    cls = _CONTROL_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise KVTransferError(f"unknown control message type {kind!r}")
+    return _build(cls, obj)
+
+
+def rank_info_to_json(info: RankInfo) -> dict[str, Any]:
+    return dataclasses.asdict(info)
+
+
+def rank_info_from_json(data: object) -> RankInfo:
+    """A RankInfo from its JSON object. Raises KVTransferError when a field is missing or mistyped."""
+    return _build(RankInfo, data)
+
+
+def layout_mismatch(
+    prefill: tuple[int, list[int], dict[str, Any]], decode: tuple[int, list[int], dict[str, Any]]
+) -> str | None:
+    """Why a prefill rank's KV pages cannot be copied into a decode rank's, naming both values; None if they can.
+
+    Each side is (page_size, kv_item_lens, fingerprint). Fingerprint keys come first: "num_layers prefill=4
+    decode=2" says more than the buffer counts that follow from it.
+    """
+    (p_page, p_lens, p_fp), (d_page, d_lens, d_fp) = prefill, decode
+    # One side's fingerprint may have come through JSON or msgpack (tuples become lists): compare it that way.
+    p_fp, d_fp, p_lens, d_lens = (json.loads(json.dumps(x)) for x in (p_fp, d_fp, p_lens, d_lens))
+    problems = [
+        f"{key} prefill={p_fp.get(key, '<missing>')!r} decode={d_fp.get(key, '<missing>')!r}"
+        for key in sorted(set(p_fp) | set(d_fp))
+        if p_fp.get(key) != d_fp.get(key)
+    ]
+    if p_page != d_page:
+        problems.append(f"page_size prefill={p_page} decode={d_page}")
+    if len(p_lens) != len(d_lens):
+        problems.append(f"number of KV buffers prefill={len(p_lens)} decode={len(d_lens)}")
+    elif p_lens != d_lens:
+        b = next(i for i, (p, d) in enumerate(zip(p_lens, d_lens, strict=True)) if p != d)
+        problems.append(f"bytes per token of KV buffer {b} prefill={p_lens[b]} decode={d_lens[b]}")
+    return "; ".join(problems) or None

@@ -1,0 +1,349 @@
+"""Mooncake KV transfer backend: prefill ranks write KV pages straight into decode ranks' buffers.
+
+Prefill rank                                          Decode rank
+  manager: control listener, Mooncake engine with       manager: control listener, Mooncake engine with
+  every KV buffer registered, PUT /route to bootstrap   every KV buffer registered, bootstrap client
+  KVSender(room)       Bootstrapping                    KVReceiver(room)   Bootstrapping: GET /route (cached),
+                                                                           compare KV layouts
+                       <---------- RegisterRoom ------- init(pages)        WaitingForInput -> Transferring
+                       WaitingForInput
+  send(pages)          Transferring: batched writes
+                       ----------- TransferStatus ----> Success (first token) | Failed (prefill's reason)
+                       Success | Failed
+
+A registration that arrives before its sender exists is kept for bootstrap_timeout_s. Every wait has a
+deadline; a dropped control connection to a prefill fails that prefill's rooms at once. All network I/O
+happens on background threads: poll() only reads state and compares clocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, Protocol
+
+from kvtransfer.base import KVArgs, KVManager, KVPoll, KVTransferError
+from kvtransfer.bootstrap import BootstrapClient, BootstrapServer
+from kvtransfer.control import ControlPool, ControlServer
+from kvtransfer.messages import AbortRoom, ControlMessage, RankInfo, RegisterRoom, TransferStatus, layout_mismatch
+from kvtransfer.mooncake_engine import MooncakeEngine
+from kvtransfer.mooncake_rooms import MooncakeKVReceiver, MooncakeKVSender, Room
+from kvtransfer.mooncake_transfer import TransferWorker
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MooncakeKVManager", "MooncakeKVReceiver", "MooncakeKVSender", "start_decode_manager",
+           "start_prefill_manager"]
+
+
+class MooncakeKVManager(KVManager):
+    """One per engine rank: the Mooncake engine, the control channel, and the rooms in flight.
+
+    args:        this rank's KV buffers; kv_data_lens is required (the engine registers the memory).
+    role:        "prefill" (sends pages) or "decode" (receives them).
+    host:        the address peers reach this rank on (control channel and transfer engine).
+    bootstrap:   prefill only: (host, port) of its instance's bootstrap server, which it announces itself to;
+                 serve_bootstrap starts that server here (rank 0 of the instance does).
+    bootstrap_timeout_s: prefill: how long a sender waits for decode's registration (and a registration for
+                 its sender); decode: how long a receiver waits for the bootstrap server.
+    transfer_timeout_s:  decode: from init() to the prefill's status; prefill: from send() to pages landed.
+    io_timeout_s: each connect, control send, HTTP call and non-transfer engine call.
+    Raises KVTransferError when the engine, the listener or the bootstrap announcement cannot be set up.
+    """
+
+    def __init__(
+        self,
+        args: KVArgs,
+        role: Literal["prefill", "decode"],
+        host: str,
+        bootstrap: tuple[str, int] | None = None,
+        *,
+        tp_size: int = 1,
+        control_port: int = 0,
+        serve_bootstrap: bool = False,
+        bootstrap_timeout_s: float = 30.0,
+        transfer_timeout_s: float = 60.0,
+        io_timeout_s: float = 5.0,
+        protocol: str = "tcp",
+        device_name: str = "",
+    ) -> None:
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        if role == "prefill" and bootstrap is None:
+            raise ValueError("a prefill KV manager needs its bootstrap server's (host, port)")
+        if len(args.kv_data_lens) != len(args.kv_data_ptrs) or len(args.kv_item_lens) != len(args.kv_data_ptrs):
+            raise ValueError("KVArgs needs one kv_item_lens and one kv_data_lens entry per kv_data_ptrs entry "
+                             "(the mooncake backend registers each buffer's bytes)")
+        self.args, self.role, self.host, self.tp_size = args, role, host, tp_size
+        self.bootstrap_timeout_s, self.transfer_timeout_s = bootstrap_timeout_s, transfer_timeout_s
+        self.io_timeout_s = io_timeout_s
+        self.num_pages = min(n // (i * args.page_size) for n, i in zip(args.kv_data_lens, args.kv_item_lens,
+                                                                      strict=True))
+        self.lock = threading.RLock()  # guards the room tables and every room's state
+        self._senders: dict[int, MooncakeKVSender] = {}
+        self._receivers: dict[int, MooncakeKVReceiver] = {}
+        self._pending: dict[int, tuple[RegisterRoom, float]] = {}  # room -> (registration, expiry)
+        self.io = ThreadPoolExecutor(4, thread_name_prefix=f"kv-io-{role}")
+        self.control = ControlPool(io_timeout_s, on_peer_lost=self._on_peer_lost)
+        self.bootstrap_client = BootstrapClient(io_timeout_s)
+        self._bootstrap_server: BootstrapServer | None = None
+        self._server: ControlServer | None = None
+        self.transfers: TransferWorker | None = None
+        self.bootstrap: tuple[str, int] | None = None  # prefill: where this rank announced itself
+        self.engine = MooncakeEngine(host, protocol, device_name, io_timeout_s)
+        try:
+            self.engine.register(args.kv_data_ptrs, args.kv_data_lens)
+            self._server = ControlServer(host, control_port, self._on_message)
+            if role == "prefill":
+                assert bootstrap is not None
+                self.transfers = TransferWorker(self)
+                if serve_bootstrap:
+                    self._bootstrap_server = BootstrapServer(*bootstrap).start()
+                    bootstrap = (bootstrap[0], self._bootstrap_server.port)  # port 0 asked for any free port
+                self.bootstrap_client.put_route(*bootstrap, self.rank_info())
+                self.bootstrap = bootstrap
+        except BaseException:
+            self.close()
+            raise
+        logger.info("mooncake KV %s manager rank %d: control %s, transfer session %s", role, args.engine_rank,
+                    self.control_addr, self.engine.session_id)
+
+    @property
+    def control_addr(self) -> str:
+        assert self._server is not None
+        return self._server.address
+
+    def rank_info(self) -> RankInfo:
+        a = self.args
+        return RankInfo(a.engine_rank, self.tp_size, self.control_addr, self.engine.session_id, list(a.kv_data_ptrs),
+                        list(a.kv_item_lens), a.page_size, dict(a.fingerprint))
+
+    def layout_problem(self, page_size: int, item_lens: list[int], fingerprint: dict[str, object]) -> str | None:
+        """Why a peer with this layout cannot exchange pages with us (names both values), or None."""
+        mine = (self.args.page_size, list(self.args.kv_item_lens), dict(self.args.fingerprint))
+        theirs = (page_size, item_lens, fingerprint)
+        return layout_mismatch(*((mine, theirs) if self.role == "prefill" else (theirs, mine)))
+
+    # ---- room bookkeeping (called by senders and receivers) -------------------------------------------------
+
+    def add_sender(self, sender: MooncakeKVSender) -> None:
+        with self.lock:
+            self._sweep_pending()
+            if sender.room in self._senders:
+                self.fail(sender, f"room {sender.room} already has a sender on this rank")
+                return
+            self._senders[sender.room] = sender
+            pending = self._pending.pop(sender.room, None)
+            if pending is not None:
+                self._attach(sender, pending[0])
+
+    def add_receiver(self, receiver: MooncakeKVReceiver) -> None:
+        with self.lock:
+            if receiver.room in self._receivers:
+                self.fail(receiver, f"room {receiver.room} already has a receiver on this rank")
+                return
+            self._receivers[receiver.room] = receiver
+
+    def fail(self, room: Room, reason: str, notify_peer: bool = True) -> None:
+        """Room -> Failed(reason) unless already finished; tells the peer when it knows about the room."""
+        with self.lock:
+            if room.state in (KVPoll.Success, KVPoll.Failed):
+                return
+            room.state, room.reason = KVPoll.Failed, reason
+            self._forget(room)
+        logger.info("KV transfer of room %d failed: %s", room.room, reason)
+        if notify_peer:
+            self._notify_peer(room, reason)
+
+    def succeed(self, sender: MooncakeKVSender) -> None:
+        with self.lock:
+            if sender.state == KVPoll.Transferring:
+                sender.state = KVPoll.Success
+                self._forget(sender)
+
+    def abort(self, room: Room) -> None:
+        with self.lock:
+            live = room.state not in (KVPoll.Success, KVPoll.Failed)
+            if live:
+                room.state, room.reason = KVPoll.Failed, "aborted"
+            self._forget(room)
+        logger.debug("room %d aborted (%s)", room.room, "live" if live else "finished")
+        if live:
+            self._notify_peer(room, f"{self.role} aborted room {room.room}")
+
+    def _forget(self, room: Room) -> None:
+        table: dict = self._senders if isinstance(room, MooncakeKVSender) else self._receivers
+        if table.get(room.room) is room:
+            del table[room.room]
+
+    def _notify_peer(self, room: Room, reason: str) -> None:
+        if isinstance(room, MooncakeKVSender):
+            if room.registration is not None:
+                status = TransferStatus(room.room, False, reason, -1, 0)
+                self.io.submit(self._send_quietly, room.registration.control_addr, status)
+        elif room.registered and room.prefill is not None:
+            self.io.submit(self._send_quietly, room.prefill.control_addr, AbortRoom(room.room, reason))
+
+    def _send_quietly(self, addr: str, msg: ControlMessage) -> None:
+        try:
+            self.control.send(addr, msg)
+        except KVTransferError as e:
+            logger.debug("could not tell %s about room %d: %s", addr, msg.room, e)
+
+    def _sweep_pending(self) -> None:
+        now = time.monotonic()
+        for room in [r for r, (_, expiry) in self._pending.items() if expiry < now]:
+            logger.debug("registration for room %d expired before its sender was created", room)
+            del self._pending[room]
+
+    # ---- control messages ----------------------------------------------------------------------------------
+
+    def _on_message(self, msg: ControlMessage) -> None:
+        if isinstance(msg, RegisterRoom) and self.role == "prefill":
+            self._on_register(msg)
+        elif isinstance(msg, TransferStatus) and self.role == "decode":
+            self._on_status(msg)
+        elif isinstance(msg, AbortRoom):
+            self._on_abort(msg)
+        else:
+            logger.warning("%s rank got a %s message; ignored", self.role, type(msg).__name__)
+
+    def _on_register(self, msg: RegisterRoom) -> None:
+        with self.lock:
+            self._sweep_pending()
+            sender = self._senders.get(msg.room)
+            if sender is None:
+                self._pending[msg.room] = (msg, time.monotonic() + self.bootstrap_timeout_s)
+            elif sender.state == KVPoll.Bootstrapping:
+                self._attach(sender, msg)
+            else:
+                logger.debug("duplicate registration for room %d ignored", msg.room)
+
+    def _attach(self, sender: MooncakeKVSender, msg: RegisterRoom) -> None:
+        sender.registration = msg
+        problem = self.layout_problem(msg.page_size, msg.item_lens, msg.fingerprint)
+        if problem is None and msg.engine_rank != self.args.engine_rank:
+            problem = f"decode engine_rank {msg.engine_rank} registered with prefill rank {self.args.engine_rank}"
+        if problem is None and len(msg.dst_ptrs) != len(msg.item_lens):
+            problem = f"registration has {len(msg.dst_ptrs)} buffer pointers for {len(msg.item_lens)} buffers"
+        if problem is not None:
+            self.fail(sender, f"incompatible decode for room {msg.room}: {problem}")
+        else:
+            sender.state = KVPoll.WaitingForInput
+            logger.debug("room %d registered by decode %s", msg.room, msg.control_addr)
+
+    def _on_status(self, msg: TransferStatus) -> None:
+        with self.lock:
+            receiver = self._receivers.get(msg.room)
+            if receiver is None:
+                logger.debug("status for unknown room %d ignored", msg.room)
+                return
+            if msg.ok and msg.prompt_tokens == receiver.num_tokens:
+                receiver.set_success(msg.first_token, msg.prompt_tokens)
+                self._forget(receiver)
+                logger.debug("room %d received", msg.room)
+                return
+        if msg.ok:
+            reason = f"prefill sent {msg.prompt_tokens} prompt tokens, decode expected {receiver.num_tokens}"
+        else:
+            reason = f"prefill reported: {msg.reason}"
+        self.fail(receiver, reason, notify_peer=False)
+
+    def _on_abort(self, msg: AbortRoom) -> None:
+        with self.lock:
+            self._pending.pop(msg.room, None)
+            room: Room | None = self._senders.get(msg.room) or self._receivers.get(msg.room)
+        if room is None:
+            logger.debug("abort for unknown room %d ignored", msg.room)
+        else:
+            self.fail(room, f"peer aborted: {msg.reason}", notify_peer=False)
+
+    def _on_peer_lost(self, addr: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for r in self._receivers.values():
+                if r.registered and r.prefill is not None and r.prefill.control_addr == addr:
+                    r.peer_lost_at = now
+                    self.bootstrap_client.invalidate(*r.bootstrap_addr)
+
+    # ---- decode: bootstrap and registration (io threads) ---------------------------------------------------
+
+    def bootstrap_receiver(self, r: MooncakeKVReceiver) -> None:
+        host, port = r.bootstrap_addr
+        try:
+            route = self.bootstrap_client.get_route(host, port, max(r.bootstrap_deadline - time.monotonic(), 0.1))
+        except KVTransferError as e:
+            self.fail(r, f"bootstrap with prefill {host}:{port} failed: {e}")
+            return
+        if route.tp_size != self.tp_size:
+            self.fail(r, f"prefill {host}:{port} has tp_size={route.tp_size}, this decode tp_size={self.tp_size}; "
+                         "different TP sizes are not supported yet")
+            return
+        info = route.ranks[self.args.engine_rank]
+        problem = self.layout_problem(info.page_size, info.kv_item_lens, info.fingerprint)
+        if problem is not None:
+            self.fail(r, f"prefill {host}:{port} and this decode have incompatible KV caches: {problem}")
+            return
+        with self.lock:
+            if r.state != KVPoll.Bootstrapping:
+                return
+            r.prefill, r.state = info, KVPoll.WaitingForInput
+            ready = r.pages is not None
+        if ready:
+            self.register_receiver(r)
+
+    def register_receiver(self, r: MooncakeKVReceiver) -> None:
+        assert r.prefill is not None and r.pages is not None
+        a = self.args
+        msg = RegisterRoom(r.room, a.engine_rank, self.control_addr, self.engine.session_id, list(a.kv_data_ptrs),
+                           list(a.kv_item_lens), a.page_size, r.pages, r.num_tokens, dict(a.fingerprint))
+        try:
+            self.control.send(r.prefill.control_addr, msg)
+        except KVTransferError as e:
+            self.bootstrap_client.invalidate(*r.bootstrap_addr)  # a restarted prefill has new endpoints
+            self.fail(r, f"cannot register room {r.room} with prefill {r.prefill.control_addr} "
+                         f"(is it down?): {e}", notify_peer=False)
+            return
+        with self.lock:
+            r.registered = True
+            if r.state == KVPoll.WaitingForInput:  # the status may already have come back
+                r.state = KVPoll.Transferring
+            aborted_meanwhile = r.state == KVPoll.Failed
+        if aborted_meanwhile:  # abort() did not know the prefill had the room yet
+            self._notify_peer(r, f"decode aborted room {r.room}")
+        logger.debug("room %d registered with prefill %s", r.room, r.prefill.control_addr)
+
+    def close(self) -> None:
+        """Stops the threads, the listener and the engine; rooms still in flight get no answer."""
+        if self.transfers is not None:
+            self.transfers.close()
+        if self._server is not None:
+            self._server.close()
+        self.io.shutdown(wait=False, cancel_futures=True)
+        self.control.close()
+        if self._bootstrap_server is not None:
+            self._bootstrap_server.close()
+        self.engine.close()
+
+
+class DisaggSettings(Protocol):
+    """What the factories read from the instance's disaggregation settings (pd.engine.disagg.DisaggConfig)."""
+
+    host: str
+    bootstrap_port: int
+    bootstrap_timeout: float
+    transfer_timeout: float
+
+
+def start_prefill_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -> MooncakeKVManager:
+    """A prefill rank's manager; rank 0 also serves the instance's bootstrap server on cfg.bootstrap_port."""
+    return MooncakeKVManager(args, "prefill", cfg.host, (cfg.host, cfg.bootstrap_port), tp_size=tp_size,
+                             serve_bootstrap=args.engine_rank == 0, bootstrap_timeout_s=cfg.bootstrap_timeout,
+                             transfer_timeout_s=cfg.transfer_timeout)
+
+
+def start_decode_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -> MooncakeKVManager:
+    return MooncakeKVManager(args, "decode", cfg.host, None, tp_size=tp_size,
+                             bootstrap_timeout_s=cfg.bootstrap_timeout, transfer_timeout_s=cfg.transfer_timeout)

@@ -1,0 +1,90 @@
+"""The Mooncake transfer engine behind calls that cannot hang.
+
+Mooncake's Python calls block and report errors as return codes. Each call here runs on a worker thread and is
+waited for with a deadline; a non-zero code or a missed deadline is a KVTransferError with what was called.
+Calls are serialised on one worker: Mooncake's TCP transport rejects a batch once about 2048 regions are
+queued (and then fails later batches for a while), so concurrent batches from several threads are unsafe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from kvtransfer.base import KVTransferError
+
+logger = logging.getLogger(__name__)
+
+# Regions per batch call. Mooncake's TCP lanes queue ~2048 entries; staying at half leaves room for a call
+# abandoned after a timeout that may still be draining.
+MAX_REGIONS_PER_BATCH = 1024
+
+
+class MooncakeEngine:
+    """One Mooncake TransferEngine (P2P handshake, no metadata server) on `host`.
+
+    session_id ("host:rpc_port") is what peers pass to write into this engine's registered memory.
+    """
+
+    def __init__(self, host: str, protocol: str = "tcp", device_name: str = "", call_timeout_s: float = 10.0) -> None:
+        try:
+            from mooncake.engine import TransferEngine
+        except ImportError as e:
+            raise KVTransferError(
+                "the mooncake KV transfer backend needs the Mooncake transfer engine: "
+                "pip install mooncake-transfer-engine (or mooncake-transfer-engine-non-cuda on CPU)"
+            ) from e
+        self._call_timeout_s = call_timeout_s
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mooncake")
+        self._te = TransferEngine()
+        self._registered: list[tuple[int, int]] = []
+        self._call("initialize", self._te.initialize, host, "P2PHANDSHAKE", protocol, device_name)
+        self.session_id = f"{host}:{self._te.get_rpc_port()}"
+
+    def register(self, ptrs: Sequence[int], lengths: Sequence[int]) -> None:
+        """Registers [ptr, ptr + length) regions so peers may write into them (and we may read from them)."""
+        self._call("batch_register_memory", self._te.batch_register_memory, list(ptrs), list(lengths))
+        self._registered.extend(zip(ptrs, lengths, strict=True))
+
+    def write(self, session_id: str, src: Sequence[int], dst: Sequence[int], lengths: Sequence[int],
+              timeout_s: float) -> None:
+        """Copies local src[i] .. +lengths[i] to dst[i] in the peer engine `session_id`; returns once landed.
+
+        At most MAX_REGIONS_PER_BATCH regions. Raises KVTransferError on failure or after timeout_s.
+        """
+        assert len(src) <= MAX_REGIONS_PER_BATCH, "split batches with pages.chunk_bounds"
+        self._call(f"write of {len(src)} regions to {session_id}", self._te.batch_transfer_sync_write,
+                   session_id, list(src), list(dst), list(lengths), timeout_s=timeout_s)
+
+    def close(self) -> None:
+        if self._registered:
+            ptrs = [p for p, _ in self._registered]
+            self._registered = []
+            try:
+                self._call("batch_unregister_memory", self._te.batch_unregister_memory, ptrs)
+            except KVTransferError as e:
+                logger.warning("%s", e)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _call(self, what: str, fn: Callable[..., int], *args: object, timeout_s: float | None = None) -> None:
+        timeout_s = self._call_timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            executor = self._executor
+        future = executor.submit(fn, *args)
+        try:
+            rc = future.result(timeout=max(timeout_s, 0.0))
+        except FutureTimeout:
+            future.cancel()
+            # The worker may be stuck inside Mooncake for good; later calls get a fresh one so that one wedged
+            # peer does not fail every other transfer.
+            with self._lock:
+                if self._executor is executor:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="mooncake")
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise KVTransferError(f"mooncake {what} did not finish within {timeout_s:.1f}s") from None
+        if rc != 0:
+            raise KVTransferError(f"mooncake {what} failed (return code {rc})")

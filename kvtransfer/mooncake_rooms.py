@@ -1,0 +1,172 @@
+"""The two ends of one request's transfer over the Mooncake backend: state, deadlines, and the calls the
+schedulers make. Messages and I/O belong to the manager (kvtransfer.mooncake); these objects only hold what
+their manager's threads fill in, so poll() is a few attribute reads and a clock comparison.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvtransfer.base import FirstToken, KVPoll, KVReceiver, KVSender
+from kvtransfer.messages import RankInfo, RegisterRoom, TransferStatus
+from kvtransfer.pages import check_pages, transfer_regions
+
+if TYPE_CHECKING:
+    from kvtransfer.mooncake import MooncakeKVManager
+
+_DONE = (KVPoll.Success, KVPoll.Failed)
+
+# How long rooms of a prefill whose control connection dropped wait for a status that may already be in
+# flight on the other connection (prefill -> decode) before failing.
+PEER_LOST_GRACE_S = 0.5
+
+
+class MooncakeKVSender(KVSender):
+    """Prefill side of room `room`. Bootstrapping until decode registers (at most bootstrap_timeout_s from
+    construction), WaitingForInput until send(), Transferring until the pages have landed and decode knows."""
+
+    def __init__(self, mgr: MooncakeKVManager, room: int) -> None:
+        assert mgr.role == "prefill", "senders live on prefill ranks"
+        self.mgr, self.room = mgr, room
+        self.state = KVPoll.Bootstrapping
+        self.reason: str | None = None
+        self.deadline = time.monotonic() + mgr.bootstrap_timeout_s
+        self.registration: RegisterRoom | None = None  # set by the manager when decode registers
+        mgr.add_sender(self)
+
+    def poll(self) -> KVPoll:
+        state = self.state
+        if state == KVPoll.Bootstrapping and time.monotonic() > self.deadline:
+            self.mgr.fail(self, f"decode never registered room {self.room} within {self.mgr.bootstrap_timeout_s:.1f}s")
+        elif state == KVPoll.Transferring and time.monotonic() > self.deadline + self.mgr.io_timeout_s * 3:
+            # The transfer thread enforces the deadline itself; this catches a job stuck behind it.
+            self.mgr.fail(self, f"room {self.room} did not finish within {self.mgr.transfer_timeout_s:.1f}s")
+        return self.state
+
+    def send(self, page_indices: Sequence[int], num_tokens: int, first_token: FirstToken) -> None:
+        """Queues the writes of the prompt's pages (page_indices: this rank's pages in prompt order, one per
+        page_size tokens) into the registered decode pages, then the status with first_token. Non-blocking;
+        a layout or length disagreement with the registration fails the room (and tells decode)."""
+        if self.state == KVPoll.Failed:
+            return  # decode aborted or failed between the caller's poll() and now; poll() will say so
+        assert self.state == KVPoll.WaitingForInput, f"send() on room {self.room} in state {self.state.name}"
+        mgr, reg = self.mgr, self.registration
+        assert reg is not None
+        problem = check_pages(page_indices, mgr.num_pages, "prefill pages")
+        if problem is None and len(page_indices) != len(reg.dst_pages):
+            problem = (f"prefill has {len(page_indices)} pages of room {self.room}, "
+                       f"decode registered {len(reg.dst_pages)}")
+        if problem is None and num_tokens != reg.num_tokens:
+            problem = f"prefill has {num_tokens} prompt tokens of room {self.room}, decode expects {reg.num_tokens}"
+        if problem is not None:
+            mgr.fail(self, problem)
+            return
+        a = mgr.args
+        regions = transfer_regions(a.kv_data_ptrs, reg.dst_ptrs, a.kv_item_lens, a.page_size, page_indices,
+                                   reg.dst_pages)
+        status = TransferStatus(self.room, True, "", first_token.token_id, first_token.prompt_tokens)
+        with mgr.lock:
+            if self.state != KVPoll.WaitingForInput:
+                return  # aborted while we computed the regions
+            self.state = KVPoll.Transferring
+            self.deadline = time.monotonic() + mgr.transfer_timeout_s
+        assert mgr.transfers is not None
+        mgr.transfers.submit(self, regions, status)
+
+    @property
+    def failure_reason(self) -> str | None:
+        return self.reason
+
+    def abort(self) -> None:
+        """Forgets the room; a registered decode is told. A write already in flight still completes."""
+        self.mgr.abort(self)
+
+
+class MooncakeKVReceiver(KVReceiver):
+    """Decode side of room `room`, whose prefill's bootstrap server is bootstrap_host:bootstrap_port.
+
+    Bootstrapping while the prefill's route is fetched and its KV layout compared with ours (at most
+    bootstrap_timeout_s); WaitingForInput until init() has been delivered to the prefill rank; Transferring
+    until the prefill's status (at most transfer_timeout_s after init()); then Success or Failed.
+    """
+
+    def __init__(self, mgr: MooncakeKVManager, bootstrap_host: str, bootstrap_port: int, room: int) -> None:
+        assert mgr.role == "decode", "receivers live on decode ranks"
+        self.mgr, self.room = mgr, room
+        self.bootstrap_addr = (bootstrap_host, int(bootstrap_port))
+        self.state = KVPoll.Bootstrapping
+        self.reason: str | None = None
+        self.bootstrap_deadline = time.monotonic() + mgr.bootstrap_timeout_s
+        self.transfer_deadline: float | None = None  # set by init()
+        self.prefill: RankInfo | None = None  # set by the manager once bootstrapped
+        self.pages: list[int] | None = None
+        self.num_tokens = 0
+        self.registered = False
+        self.peer_lost_at: float | None = None  # set by the manager when the prefill's connection drops
+        self._first: FirstToken | None = None
+        mgr.add_receiver(self)
+        if self.state == KVPoll.Bootstrapping:
+            mgr.io.submit(mgr.bootstrap_receiver, self)
+
+    def init(self, page_indices: Sequence[int], num_tokens: int) -> None:
+        """Registers the destination pages (this rank's, in prompt order: ceil(num_tokens / page_size) of
+        them) with the prefill rank, now or as soon as bootstrapping is done. Non-blocking.
+        Raises ValueError on a page list that cannot be right (wrong count, out of range, repeated)."""
+        mgr = self.mgr
+        need = -(-num_tokens // mgr.args.page_size)
+        if len(page_indices) != need:
+            raise ValueError(f"room {self.room}: {len(page_indices)} pages for {num_tokens} tokens at page size "
+                             f"{mgr.args.page_size}; expected {need}")
+        problem = check_pages(page_indices, mgr.num_pages, "decode pages")
+        if problem is not None:
+            raise ValueError(f"room {self.room}: {problem}")
+        with mgr.lock:
+            assert self.pages is None, f"init() called twice for room {self.room}"
+            self.pages, self.num_tokens = np.asarray(page_indices, dtype=np.int64).tolist(), num_tokens
+            self.transfer_deadline = time.monotonic() + mgr.transfer_timeout_s
+            ready = self.state == KVPoll.WaitingForInput
+        if ready:
+            mgr.io.submit(mgr.register_receiver, self)
+
+    def poll(self) -> KVPoll:
+        state = self.state
+        if state in _DONE:
+            return state
+        now = time.monotonic()
+        if state == KVPoll.Bootstrapping and now > self.bootstrap_deadline:
+            host, port = self.bootstrap_addr
+            self.mgr.fail(self, f"bootstrap server {host}:{port} gave no route within "
+                                f"{self.mgr.bootstrap_timeout_s:.1f}s")
+        elif self.transfer_deadline is not None and now > self.transfer_deadline:
+            self.mgr.fail(self, f"prefill did not send room {self.room} within {self.mgr.transfer_timeout_s:.1f}s")
+        elif self.peer_lost_at is not None and now > self.peer_lost_at + PEER_LOST_GRACE_S:
+            addr = self.prefill.control_addr if self.prefill else "?"
+            self.mgr.fail(self, f"lost the control connection to prefill {addr} (did the prefill process die?)",
+                          notify_peer=False)
+        return self.state
+
+    def set_success(self, token_id: int, prompt_tokens: int) -> None:
+        """Called by the manager, under its lock, when the prefill's ok status arrives."""
+        self._first = FirstToken(token_id, prompt_tokens)
+        self.state = KVPoll.Success
+
+    def result(self) -> FirstToken:
+        assert self.state == KVPoll.Success and self._first is not None, f"room {self.room} has no result yet"
+        return self._first
+
+    @property
+    def failure_reason(self) -> str | None:
+        return self.reason
+
+    def abort(self) -> None:
+        """Forgets the room and tells the prefill rank (best effort). A write the prefill rank has already
+        started still lands in the pages, so pages of a room aborted while Transferring are not safe to reuse
+        at once."""
+        self.mgr.abort(self)
+
+
+Room = MooncakeKVSender | MooncakeKVReceiver

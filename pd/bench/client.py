@@ -1,0 +1,221 @@
+"""The benchmark's HTTP client: one streamed request in, one timed `RequestOutput` out.
+
+Two backends:
+- `native`: SGLang's POST /generate with `input_ids` (or `text`), `sampling_params` {max_new_tokens,
+  temperature 0, ignore_eos true} and `stream: true`. Each SSE event carries the cumulative `output_ids` and
+  `meta_info.completion_tokens`, so the tokens new in an event are the growth of that count.
+- `openai`: POST /v1/completions with `stream: true` and `stream_options` {include_usage,
+  continuous_usage_stats}. Servers that send per-chunk usage give exact token counts per chunk; otherwise each
+  chunk with text counts as one token and the final usage chunk fixes the total.
+
+Timing (all time.perf_counter): TTFT is the time from sending to the first event that carries a token. An event
+carrying k > 1 new tokens after that (a server that batches its stream, or a decode step of several tokens)
+adds k inter-token latencies of gap / k each, where gap is the time since the previous token-carrying event;
+this is what SGLang's bench_serving does, and it keeps sum(itl) == last-token time - TTFT and len(itl) ==
+output_tokens - 1 when the first event carries one token. Tokens that arrive with the first event add none.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from pd.bench.args import BACKENDS
+from pd.bench.datasets import BenchRequest
+
+HEALTH_TIMEOUT_S = 10.0
+
+
+class BenchError(Exception):
+    """The benchmark cannot run (server unreachable or unhealthy, warm-up failed, bad configuration)."""
+
+
+@dataclass
+class RequestOutput:
+    """What one request measured; times in seconds.
+
+    ttft: time to the first token (0.0 if none arrived). itl: inter-token latencies (see the module doc).
+    latency: send to end of stream. start_time: perf_counter at send. prompt_len: the server's prompt token count
+    when it reports one, else the dataset's. error: "" on success, else why the request failed.
+    """
+
+    prompt_len: int
+    success: bool = False
+    ttft: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    latency: float = 0.0
+    output_tokens: int = 0
+    start_time: float = 0.0
+    error: str = ""
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def check_health(base_url: str, api_key: str | None = None) -> None:
+    """GET {base_url}/health; raises BenchError with what to fix if the server is unreachable or not healthy."""
+    url = base_url.rstrip("/") + "/health"
+    try:
+        async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S) as http:
+            resp = await http.get(url, headers=_auth_headers(api_key))
+    except httpx.HTTPError as e:
+        raise BenchError(f"cannot reach the server at {base_url} (GET /health: {type(e).__name__}: {e}); "
+                         "check --base-url and that the server is running") from None  # fmt: skip
+    if resp.status_code != 200:
+        raise BenchError(f"the server at {base_url} is not healthy: GET /health answered {resp.status_code} "
+                         f"{resp.text[:200]!r}")  # fmt: skip
+
+
+async def fetch_vocab_size(base_url: str, api_key: str | None = None) -> int | None:
+    """The model's vocab size from /model_info (or SGLang's /get_model_info), or None if neither reports it."""
+    async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S, base_url=base_url) as http:
+        for path in ("/model_info", "/get_model_info"):
+            try:
+                resp = await http.get(path, headers=_auth_headers(api_key))
+                value = resp.json().get("vocab_size") if resp.status_code == 200 else None
+            except (httpx.HTTPError, ValueError, AttributeError):
+                value = None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+class BenchClient:
+    """Sends streamed requests to one server; use as `async with BenchClient(...) as c: await c.send(req)`.
+
+    max_connections: the connection-pool size; None (no limit) so that an unlimited request rate really has
+    every request in flight at once (httpx's default pool would silently cap it at 100).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        backend: str = "native",
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout_s: float = 3600.0,
+        max_connections: int | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise BenchError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.model = model
+        self._path = "/generate" if backend == "native" else "/v1/completions"
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=_auth_headers(api_key),
+            timeout=httpx.Timeout(timeout_s, connect=HEALTH_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    async def __aenter__(self) -> BenchClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    def payload(self, req: BenchRequest) -> dict[str, Any]:
+        """The JSON body for `req`: greedy, ignore_eos, streamed."""
+        if self.backend == "native":
+            prompt_key = "text" if isinstance(req.prompt, str) else "input_ids"
+            params = {"max_new_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True}
+            return {prompt_key: req.prompt, "sampling_params": params, "stream": True}
+        body: dict[str, Any] = {
+            "prompt": req.prompt,
+            "max_tokens": req.output_len,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        if self.model is not None:
+            body["model"] = self.model
+        return body
+
+    async def send(self, req: BenchRequest) -> RequestOutput:
+        """Send `req` and time its stream. Never raises for a server or network failure: it is recorded in
+        `error` (HTTP status and body, an error event in the stream, a stream cut before `data: [DONE]`)."""
+        out = RequestOutput(prompt_len=req.prompt_len)
+        tracker = _TokenTimer(out)
+        out.start_time = time.perf_counter()
+        try:
+            async with self._http.stream("POST", self._path, json=self.payload(req)) as resp:
+                if resp.status_code != 200:
+                    body = (await resp.aread()).decode(errors="replace")
+                    out.error = f"HTTP {resp.status_code}: {body[:300]}"
+                    return out
+                done = False
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, SSE comments and other fields
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    event = json.loads(data)
+                    if "error" in event or event.get("object") == "error":
+                        err = event.get("error", event)
+                        out.error = f"error event: {err.get('message', err) if isinstance(err, dict) else err}"
+                        return out
+                    self._on_event(event, tracker, time.perf_counter())
+            out.latency = time.perf_counter() - out.start_time
+            if not done:
+                out.error = "the stream ended before data: [DONE]"
+            elif out.output_tokens == 0:
+                out.error = "the stream carried no tokens"
+            else:
+                out.success = True
+        # A malformed event (not JSON, not an object, wrong field types) fails the request, not the benchmark.
+        except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError) as e:
+            out.error = f"{type(e).__name__}: {e}"
+        return out
+
+    def _on_event(self, event: dict[str, Any], tracker: _TokenTimer, now: float) -> None:
+        if self.backend == "native":
+            meta = event.get("meta_info") or {}
+            total = meta.get("completion_tokens")
+            if total is None:
+                total = len(event.get("output_ids") or ())
+            tracker.tokens_at(int(total), now)
+            if "prompt_tokens" in meta:
+                tracker.out.prompt_len = int(meta["prompt_tokens"])
+            return
+        usage = event.get("usage") or {}
+        choices = event.get("choices") or []
+        if not choices:
+            # The final usage-only chunk: the true total, but no token arrived now.
+            if "completion_tokens" in usage:
+                tracker.out.output_tokens = max(tracker.out.output_tokens, int(usage["completion_tokens"]))
+        elif "completion_tokens" in usage:
+            tracker.tokens_at(int(usage["completion_tokens"]), now)
+        elif choices[0].get("text"):
+            tracker.tokens_at(tracker.count + 1, now)
+        if "prompt_tokens" in usage:
+            tracker.out.prompt_len = int(usage["prompt_tokens"])
+
+
+class _TokenTimer:
+    """Turns (cumulative token count, arrival time) pairs into TTFT and ITLs on a RequestOutput."""
+
+    def __init__(self, out: RequestOutput) -> None:
+        self.out = out
+        self.count = 0
+        self._last_time = 0.0
+
+    def tokens_at(self, total: int, now: float) -> None:
+        new = total - self.count
+        if new <= 0:
+            return
+        if self.count == 0:
+            self.out.ttft = now - self.out.start_time
+        else:
+            gap = now - self._last_time
+            self.out.itl.extend([gap / new] * new)
+        self.count = total
+        self.out.output_tokens = total
+        self._last_time = now

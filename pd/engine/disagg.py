@@ -1,0 +1,49 @@
+"""What prefill and decode schedulers share about their instance: transfer settings and the KV memory they
+expose (pd/ knows the KV cache layout; the roles themselves live in prefill/ and decode/)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from kvtransfer.base import KVArgs
+from pd.engine.model_runner import ModelRunner
+from pd.server_args import ServerArgs
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    backend: str
+    host: str  # address peers reach this instance's transfer endpoints on
+    bootstrap_port: int
+    bootstrap_timeout: float  # prefill: how long a request waits for its decode peer to register
+    transfer_timeout: float  # decode: how long a registered request waits for its KV
+
+    @classmethod
+    def from_server_args(cls, args: ServerArgs) -> DisaggConfig:
+        host = args.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostbyname(socket.gethostname())  # a wildcard bind is not an address peers can dial
+        return cls(args.disaggregation_transfer_backend, host, args.disaggregation_bootstrap_port,
+                   args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout)
+
+
+def kv_args(runner: ModelRunner, engine_rank: int = 0) -> KVArgs:
+    """What this rank exposes for transfers: every KV buffer's base address, per-token bytes and total bytes
+    (layer-major), and the fingerprint both sides of a transfer must share."""
+    cache = runner.kv_cache
+    ptrs, item_lens, data_lens, layout = [], [], [], []
+    for layer in cache.buffers:
+        for buf in layer:
+            ptrs.append(buf.data_ptr())
+            item_lens.append(buf[0].numel() * buf.element_size())
+            data_lens.append(buf.numel() * buf.element_size())
+        layout.append([list(buf.shape[1:]) for buf in layer])
+    fingerprint: dict[str, object] = {
+        "architecture": runner.model_config.architecture,
+        "num_layers": len(cache.buffers),
+        "kv_layout": layout,
+        "dtype": str(cache.dtype).removeprefix("torch."),
+        "page_size": cache.page_size,
+    }
+    return KVArgs(engine_rank, ptrs, item_lens, cache.page_size, fingerprint, data_lens)

@@ -1,0 +1,81 @@
+"""Worker-choice policies of the load balancer, registered by name.
+
+A policy sees only the outstanding-request counts of the candidate instances (healthy ones of one side, in
+registry order) and returns the index of its choice; it knows nothing about HTTP or health. The prefill and
+the decode side each have their own policy object, so round robin advances independently per side.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+
+class Policy(Protocol):
+    name: str
+
+    def select(self, loads: Sequence[int]) -> int:
+        """Index into `loads` (outstanding requests per candidate, len >= 1) of the chosen candidate."""
+        ...
+
+
+class RandomPolicy:
+    """Uniform choice."""
+
+    name = "random"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def select(self, loads: Sequence[int]) -> int:
+        assert loads, "select needs at least one candidate"
+        return self._rng.randrange(len(loads))
+
+
+class RoundRobinPolicy:
+    """Candidates in turn: the i-th call picks i mod n (n may change between calls as instances come and go)."""
+
+    name = "round_robin"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._next = 0
+
+    def select(self, loads: Sequence[int]) -> int:
+        assert loads, "select needs at least one candidate"
+        i = self._next % len(loads)
+        self._next += 1
+        return i
+
+
+class PowerOfTwoPolicy:
+    """Power of two choices: two distinct random candidates, the one with fewer outstanding requests wins
+    (a tie goes to either at random). Close to least-loaded, without herding every request onto the one instance
+    that looked idle a moment ago."""
+
+    name = "power_of_two"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def select(self, loads: Sequence[int]) -> int:
+        assert loads, "select needs at least one candidate"
+        if len(loads) == 1:
+            return 0
+        a, b = self._rng.sample(range(len(loads)), 2)
+        return a if loads[a] <= loads[b] else b
+
+
+POLICIES: dict[str, Callable[[random.Random | None], Policy]] = {
+    RandomPolicy.name: RandomPolicy,
+    RoundRobinPolicy.name: RoundRobinPolicy,
+    PowerOfTwoPolicy.name: PowerOfTwoPolicy,
+}
+POLICY_NAMES = frozenset(POLICIES)
+
+
+def make_policy(name: str, rng: random.Random | None = None) -> Policy:
+    """A fresh policy by name; `rng` seeds the random ones (tests). Raises KeyError for an unknown name."""
+    if name not in POLICIES:
+        raise KeyError(f"unknown load-balancing policy {name!r}; choose one of {sorted(POLICIES)}")
+    return POLICIES[name](rng)

@@ -1,0 +1,88 @@
+"""The request body as the balancer reads and extends it: one JSON parse, the few fields the balancer itself
+uses checked (everything else is the instances' to validate), `rid` and the bootstrap fields added.
+
+Field names and shapes follow SGLang's PD router: `bootstrap_host` (the prefill URL's host), `bootstrap_port`
+(the prefill's bootstrap server), `bootstrap_room` (random, 63 bits); a batched /generate gets one of each per
+prompt, as lists.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+from pd.lb.workers import Worker
+from pd.server.protocol import error_body
+
+
+class LBError(Exception):
+    """Ends a request with an OpenAI-shaped JSON error {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, message: str, status: int, err_type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.err_type = status, err_type
+
+    def response(self, rid: str | None = None) -> Response:
+        headers = {"x-request-id": rid} if rid else None
+        return JSONResponse(error_body(str(self), self.status, self.err_type), self.status, headers=headers)
+
+
+def parse_body(raw: bytes) -> tuple[dict[str, Any], bool]:
+    """The request body as a dict and its `stream` flag. Raises LBError (400) for what the balancer itself reads:
+    malformed JSON, a non-object, a non-bool `stream`. Everything else is left for the instances to validate."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LBError(f"request body is not valid JSON: {e}", 400) from None
+    if not isinstance(body, dict):
+        raise LBError(f"request body must be a JSON object, got {type(body).__name__}", 400)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise LBError(f"'stream' must be true or false, got {stream!r}", 400)
+    return body, bool(stream)
+
+
+def batch_size(body: dict[str, Any]) -> int | None:
+    """Number of prompts of a batched /generate (text list, or list of input_id lists); None for one prompt.
+    A batch gets one bootstrap room per prompt, as in SGLang's router."""
+    text, ids = body.get("text"), body.get("input_ids")
+    if isinstance(text, list) and text:
+        return len(text)
+    if text is None and isinstance(ids, list) and ids and isinstance(ids[0], list):
+        return len(ids)
+    return None
+
+
+def assign_rids(body: dict[str, Any], n: int | None) -> tuple[str, list[str]]:
+    """Take `rid` from the body or make one (uuid hex), write it back; returns (request id, rid per prompt).
+    A batch's rid is a list of n strings (made as '<id>-<i>'). Raises LBError (400) for a malformed rid."""
+    rid = body.get("rid")
+    if n is None:
+        if rid is None:
+            rid = body["rid"] = uuid.uuid4().hex
+        elif not isinstance(rid, str) or not rid:
+            raise LBError(f"'rid' must be a non-empty string, got {rid!r}", 400)
+        return rid, [rid]
+    if rid is None:
+        base = uuid.uuid4().hex
+        rids = body["rid"] = [f"{base}-{i}" for i in range(n)]
+        return base, rids
+    if not (isinstance(rid, list) and len(rid) == n and all(isinstance(r, str) and r for r in rid)):
+        raise LBError(f"'rid' of a batch of {n} prompts must be a list of {n} non-empty strings, got {rid!r}", 400)
+    return rid[0], rid
+
+
+def add_bootstrap(body: dict[str, Any], prefill: Worker, n: int | None) -> None:
+    """The fields that pair the two halves: where decode fetches the KV from, and the room that names it."""
+    if n is None:
+        body["bootstrap_host"] = prefill.bootstrap_host
+        body["bootstrap_port"] = prefill.bootstrap_port
+        body["bootstrap_room"] = random.getrandbits(63)
+    else:
+        body["bootstrap_host"] = [prefill.bootstrap_host] * n
+        body["bootstrap_port"] = [prefill.bootstrap_port] * n
+        body["bootstrap_room"] = [random.getrandbits(63) for _ in range(n)]

@@ -1,0 +1,90 @@
+"""Prefill scheduler: the base continuous-batching scheduler, except that a request ends after its prompt.
+
+A request keeps only its prompt's KV pages. When the prompt's last chunk has run and the first token is sampled,
+the request leaves the batch and waits for its KV sender: once the decode peer has registered its destination
+pages (WaitingForInput) the pages and the first token are sent; on Success or Failed the pages are freed and
+the request finishes (the load balancer consumes this answer; the client's comes from decode).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kvtransfer import get_kv_backend
+from kvtransfer.base import FirstToken, KVPoll, KVSender
+from pd.engine.disagg import DisaggConfig, kv_args
+from pd.engine.io import GenerateRequest, TokenOutput
+from pd.engine.model_runner import ModelRunner
+from pd.engine.request import Req, ReqState
+from pd.engine.scheduler import Scheduler, SchedulerConfig
+from pd.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillScheduler(Scheduler):
+    def __init__(self, cfg: SchedulerConfig, runner: ModelRunner, disagg: DisaggConfig) -> None:
+        super().__init__(cfg, runner)
+        backend = get_kv_backend(disagg.backend)
+        self.kv_manager = backend.start_prefill_manager(kv_args(runner), disagg)
+        self._sender_cls = backend.KVSender
+        self.senders: dict[str, KVSender] = {}
+        self.transferring: list[Req] = []
+
+    @property
+    def has_work(self) -> bool:
+        return super().has_work or bool(self.transferring)
+
+    def live_requests(self) -> list[Req]:
+        return super().live_requests() + self.transferring
+
+    def _kv_tokens(self, msg: GenerateRequest) -> int:
+        return len(msg.input_ids)  # the first token's KV is computed by decode, not here
+
+    def _enqueue(self, req: Req, msg: GenerateRequest) -> TokenOutput | None:
+        assert msg.bootstrap_room is not None, "the HTTP front refuses PD requests without bootstrap fields"
+        self.senders[req.rid] = self._sender_cls(self.kv_manager, msg.bootstrap_room)
+        return super()._enqueue(req, msg)
+
+    def _on_sampled(self, req: Req, token: int) -> TokenOutput | None:
+        req.output_ids.append(token)
+        self.running.remove(req)
+        req.state = ReqState.TRANSFERRING
+        self.transferring.append(req)
+        return None
+
+    def poll_transfers(self) -> list[TokenOutput]:
+        outputs = []
+        for req in list(self.transferring):
+            sender = self.senders[req.rid]
+            state = sender.poll()
+            if state == KVPoll.WaitingForInput and not req.kv_sent:
+                sender.send(req.pages, len(req.prompt_ids), FirstToken(req.output_ids[0], len(req.prompt_ids)))
+                req.kv_sent = True
+            elif state == KVPoll.Success:
+                req.finish_reason = "length"
+                outputs.append(self._finish(req))
+            elif state == KVPoll.Failed:
+                logger.warning("request %s: KV transfer failed: %s", req.rid, sender.failure_reason)
+                req.finish_reason = "error"
+                outputs.append(self._finish(req, error=f"KV transfer to decode failed: {sender.failure_reason}"))
+        return outputs
+
+    def _finish(self, req: Req, error: str | None = None) -> TokenOutput:
+        out = self._output(req)
+        if error is not None:
+            out = TokenOutput(out.rid, out.new_token_ids, out.prompt_tokens, out.completion_tokens, "error", error=error)
+        self._release(req)
+        return out
+
+    def _release(self, req: Req) -> None:
+        if req.state is ReqState.TRANSFERRING:
+            self.transferring.remove(req)
+        sender = self.senders.pop(req.rid, None)
+        if sender is not None and req.finish_reason in ("abort", "error"):
+            sender.abort()
+        super()._release(req)
+
+
+def make_prefill_scheduler(cfg: SchedulerConfig, runner: ModelRunner, args: ServerArgs) -> Scheduler:
+    return PrefillScheduler(cfg, runner, DisaggConfig.from_server_args(args))
