@@ -10,6 +10,7 @@ freed.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 from kvtransfer import get_kv_backend
@@ -23,6 +24,9 @@ from pd.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
+# Longer than any single transfer call on the prefill side may still run after decode gave up on it.
+QUARANTINE_S = 15.0
+
 
 class DecodeScheduler(Scheduler):
     def __init__(self, cfg: SchedulerConfig, runner: ModelRunner, disagg: DisaggConfig) -> None:
@@ -33,10 +37,13 @@ class DecodeScheduler(Scheduler):
         self.receivers: dict[str, KVReceiver] = {}
         self.prealloc: deque[Req] = deque()
         self.transferring: list[Req] = []
+        # Pages of requests that ended while prefill may still be writing into them: freed after a grace period
+        # (a transfer call already in flight on the prefill side cannot be recalled).
+        self.quarantine: deque[tuple[float, list[int]]] = deque()
 
     @property
     def has_work(self) -> bool:
-        return super().has_work or bool(self.prealloc or self.transferring)
+        return super().has_work or bool(self.prealloc or self.transferring or self.quarantine)
 
     @property
     def needs_compute(self) -> bool:
@@ -55,6 +62,9 @@ class DecodeScheduler(Scheduler):
         return None
 
     def poll_transfers(self) -> list[TokenOutput]:
+        now = time.monotonic()
+        while self.quarantine and self.quarantine[0][0] <= now:
+            self.pool.free(self.quarantine.popleft()[1])
         self._preallocate()
         outputs = []
         for req in list(self.transferring):
@@ -103,6 +113,9 @@ class DecodeScheduler(Scheduler):
                 self.prealloc.remove(req)
             else:
                 self.transferring.remove(req)
+                if req.pages:  # registered with prefill, not known complete: its writes may still land
+                    self.quarantine.append((time.monotonic() + QUARANTINE_S, req.pages))
+                    req.pages = []
         receiver = self.receivers.pop(req.rid, None)
         if receiver is not None:
             receiver.abort()

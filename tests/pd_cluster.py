@@ -1,0 +1,139 @@
+"""A PD deployment for end-to-end tests: prefill and decode `pd serve` instances plus a load balancer (ours or
+sglang-router), each a real subprocess on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from tests.server_process import free_port
+
+
+@dataclass
+class Proc:
+    name: str
+    url: str
+    popen: subprocess.Popen[bytes]
+    log_path: str
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait(10)
+
+
+@dataclass
+class Cluster:
+    url: str  # the load balancer
+    prefill: list[Proc] = field(default_factory=list)
+    decode: list[Proc] = field(default_factory=list)
+    lb: Proc | None = None
+    bootstrap_ports: list[int] = field(default_factory=list)
+
+    def procs(self) -> list[Proc]:
+        return self.prefill + self.decode + ([self.lb] if self.lb else [])
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {p.name} -----\n{p.log()[-3000:]}" for p in self.procs())
+
+
+def start_proc(name: str, argv: list[str], url: str, health: str = "/health") -> Proc:
+    log = tempfile.NamedTemporaryFile("w", suffix=f"-{name}.log", delete=False)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
+    return Proc(name, url, popen, log.name)
+
+
+def wait_healthy(procs: list[Proc], timeout: float = 180.0, path: str = "/health") -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(procs)
+    while pending:
+        for p in list(pending):
+            if p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{p.log()[-4000:]}")
+            try:
+                if httpx.get(p.url + path, timeout=2).status_code == 200:
+                    pending.remove(p)
+            except httpx.HTTPError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("not healthy: " + ", ".join(p.name for p in pending)
+                               + "\n" + "\n".join(p.log()[-3000:] for p in pending))
+        time.sleep(0.3)
+
+
+def serve_argv(model_path: str, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pd", "serve", "--model-path", model_path, "--device", "cpu", "--dtype", "float32",
+            "--port", str(port), *extra]
+
+
+@contextlib.contextmanager
+def pd_cluster(
+    model_path: str,
+    num_prefill: int = 1,
+    num_decode: int = 1,
+    router: str = "pd",  # "pd" (our load balancer) or "sglang" (sglang-router)
+    instance_args: tuple[str, ...] = (),
+    prefill_args: tuple[str, ...] = (),
+    decode_args: tuple[str, ...] = (),
+    lb_args: tuple[str, ...] = (),
+) -> Iterator[Cluster]:
+    cluster = Cluster(url="")
+    try:
+        for i in range(num_prefill):
+            port, bport = free_port(), free_port()
+            cluster.bootstrap_ports.append(bport)
+            cluster.prefill.append(start_proc(
+                f"prefill-{i}",
+                serve_argv(model_path, port, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                           str(bport), *instance_args, *prefill_args),
+                f"http://127.0.0.1:{port}",
+            ))
+        for j in range(num_decode):
+            port = free_port()
+            cluster.decode.append(start_proc(
+                f"decode-{j}",
+                serve_argv(model_path, port, "--disaggregation-mode", "decode", *instance_args, *decode_args),
+                f"http://127.0.0.1:{port}",
+            ))
+        wait_healthy(cluster.prefill + cluster.decode)
+        lb_port = free_port()
+        if router == "pd":
+            argv = [sys.executable, "-m", "pd", "lb", "--port", str(lb_port), "--health-check-interval", "1"]
+        else:
+            argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host",
+                    "127.0.0.1", "--port", str(lb_port), "--policy", "round_robin"]
+        for p, bport in zip(cluster.prefill, cluster.bootstrap_ports):
+            argv += ["--prefill", p.url, str(bport)]
+        for p in cluster.decode:
+            argv += ["--decode", p.url]
+        cluster.lb = start_proc("lb", [*argv, *lb_args], f"http://127.0.0.1:{lb_port}")
+        cluster.url = cluster.lb.url
+        wait_healthy([cluster.lb], timeout=60)
+        yield cluster
+    finally:
+        for p in cluster.procs():
+            if p.popen.poll() is None:
+                p.popen.terminate()
+        for p in cluster.procs():
+            try:
+                p.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+            os.unlink(p.log_path)
+
+
+def kv_pages_free(url: str) -> int:
+    return int(httpx.get(f"{url}/get_server_info", timeout=10).json()["kv_pages_free"])
