@@ -48,7 +48,7 @@ def run_engine(
     """Process entry point. Returns when the front closes its pipe."""
     logging.basicConfig(level=server_args.log_level.upper(),
                         format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
     try:
         runner = ModelRunner(runner_cfg)
         scheduler = make_scheduler(sched_cfg, runner, server_args)

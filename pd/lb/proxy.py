@@ -7,8 +7,9 @@ logged, unless it fails before decode has answered: then it is the client's answ
 transport failure as 502), because a decode instance never fed its KV would only wait for its own timeout.
 
 Failure rules: a refused connection to either instance takes that instance out of rotation and the request is
-retried on a fresh pair (new room; nothing has reached the client yet) while a healthy pair is left; decode
-failing mid-stream ends the stream with an SSE error event and `data: [DONE]`; no healthy pair is a 503.
+retried on a fresh pair (new room, rid suffixed `-retryN`; nothing has reached the client yet) while a healthy
+pair is left; decode failing mid-stream ends the stream with an SSE error event and `data: [DONE]`; no healthy
+pair is a 503.
 Whenever a request ends without decode's complete answer (client gone, failure, timeout), both upstream
 connections are closed, so the instances see the disconnect, and POST /abort_request {"rid"} goes to both as a
 best effort.
@@ -134,10 +135,14 @@ class Forwarder:
             for attempt in range(1 + len(self.registry.all())):
                 prefill, decode = self.pick_pair()
                 add_bootstrap(body, prefill, n)
+                # A retry is a new upstream request: the refused attempt's other half may still hold the old rid
+                # (and is being told to abort it), so reusing it would be refused as a duplicate or aborted.
+                attempt_rids = rids if attempt == 0 else [f"{r}-retry{attempt}" for r in rids]
+                body["rid"] = attempt_rids[0] if n is None else attempt_rids
                 data = json.dumps(body, separators=(",", ":")).encode()
                 logger.debug("rid=%s %s prefill=%s decode=%s%s", rid, route, prefill.url, decode.url,
                             f" (attempt {attempt + 1})" if attempt else "")  # fmt: skip
-                call = _Call(route, rid, rids, headers, start)
+                call = _Call(route, rid, attempt_rids, headers, start)
                 try:
                     answer = self._stream if stream else self._unary
                     resp = await answer(request, prefill, decode, data, call)

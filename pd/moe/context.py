@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -10,7 +14,9 @@ class MoeContext:
     """Per-rank MoE settings, built once from the server arguments and passed into every MoE layer.
 
     Experts are placed contiguously: rank ``r`` owns logical experts ``[r * L, (r + 1) * L)`` where
-    ``L = num_experts // ep_size``. Process groups will join as a field here; nothing reads them globally.
+    ``L = num_experts // ep_size``. ``group`` is the expert-parallel process group (rank ``ep_rank`` of
+    ``ep_size``) that multi-rank dispatchers communicate over; it is passed in, never looked up globally, and
+    left out of equality, hashing and repr (two contexts with the same placement are the same placement).
 
     Raises:
         ValueError: ``ep_size < 1`` or ``ep_rank`` outside ``[0, ep_size)``.
@@ -20,6 +26,7 @@ class MoeContext:
     ep_size: int = 1
     dispatcher: str = "single_rank"
     runner: str = "torch"
+    group: ProcessGroup | None = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.ep_size < 1:

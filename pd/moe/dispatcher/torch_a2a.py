@@ -1,0 +1,337 @@
+"""The ``torch`` backend: expert-parallel dispatch/combine on torch.distributed all-to-all (gloo, NCCL, HCCL).
+
+Two modes, picked at construction (``--deepep-mode``: prefill instances normal, decode instances low_latency):
+
+normal
+    Variable splits. Each rank first sends every peer its per-round token counts (one small all-to-all and the
+    only host synchronisation), then moves hidden states and routing metadata with ``all_to_all_single``. A
+    token routed to several experts of one rank is sent to that rank once, carrying all its local slots.
+    With long-sequence rounds (``LongSeqConfig``) each rank sends at most ``per_round_tokens`` of its tokens
+    per round, so every send and receive buffer of the exchange is sized per round (at most
+    ``per_round_tokens * min(K, R)`` rows sent and ``per_round_tokens * R`` rows received); combine runs in rounds
+    too when ``combine_enabled``, otherwise in one exchange. The DispatchOutput itself still holds every received
+    row, because the runner computes all of them at once.
+
+low_latency
+    Static shapes, no host synchronisation, CUDA-graph capturable. Capacity layout: each rank sends every peer a
+    fixed ``[C, H]`` block, ``C = max_tokens_per_rank``: row t holds token t if one of its experts lives on that
+    peer, else zeros, and its routing metadata marks foreign slots -1. The receive buffer is ``[R * C, H]``
+    (rows from source rank s at ``[s * C, (s + 1) * C)``); a row is valid iff one of its ids is >= 0.
+    Capacity bound: a rank may dispatch at most C tokens per batch (ValueError otherwise, checked on the shape,
+    so no sync); memory per direction is ``R * C * (H * itemsize + 8 * K)`` bytes.
+
+Routing metadata (local ids as int32 and the float32 weights' bits) travels packed in one int32 message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from pd.moe.context import MoeContext
+from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput
+from pd.moe.dispatcher.routing import expert_group, local_ids_for, owner_rank, token_rank_mask
+from pd.moe.long_seq import LongSeqConfig, check_tokens_per_rank
+from pd.moe.topk import TopKOutput
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+MODES = ("normal", "low_latency")
+
+
+def _all_to_all(
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    out_splits: list[int] | None,
+    in_splits: list[int] | None,
+    group: ProcessGroup | None,
+) -> None:
+    """Synchronous ``all_to_all_single`` along dim 0; a copy when there is no group (ep_size == 1)."""
+    if group is None:
+        out.copy_(inp)
+        return
+    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+
+
+def _pack_meta(local_ids_SK: torch.Tensor, weights_SK: torch.Tensor) -> torch.Tensor:
+    """[S, 2K] int32: local ids, then the float32 weights reinterpreted bit for bit (exact round trip)."""
+    assert weights_SK.dtype == torch.float32, "topk_weights must be float32"
+    return torch.cat([local_ids_SK.to(torch.int32), weights_SK.contiguous().view(torch.int32)], dim=-1)
+
+
+def _unpack_meta(meta_S2K: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of _pack_meta: ([S, K] int64 local ids, [S, K] float32 weights)."""
+    return meta_S2K[:, :top_k].long(), meta_S2K[:, top_k:].contiguous().view(torch.float32)
+
+
+def _segments_index(starts: list[int], lengths: list[int], device: torch.device) -> torch.Tensor:
+    """[sum(lengths)] int64 indices of the segments ``[start, start + length)`` concatenated in order."""
+    starts_t = torch.tensor(starts, dtype=torch.int64, device=device)
+    lengths_t = torch.tensor(lengths, dtype=torch.int64, device=device)
+    out_begin = torch.cumsum(lengths_t, 0) - lengths_t
+    total = int(sum(lengths))
+    return torch.arange(total, device=device) + torch.repeat_interleave(starts_t - out_begin, lengths_t)
+
+
+@dataclass(frozen=True)
+class RoundLayout:
+    """One normal-mode round. send_token_idx: [S] int64 token rows sent, grouped by destination rank in
+    rank order (S = sum(send_splits)); send_splits / recv_splits: rows sent to / received from each rank."""
+
+    send_token_idx: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+
+
+@dataclass(frozen=True)
+class NormalHandle:
+    """Normal-mode state for combine: T, the rounds in order (received rows are round-major, then by source
+    rank), and whether combine runs per round."""
+
+    num_tokens: int
+    rounds: tuple[RoundLayout, ...]
+    combine_in_rounds: bool
+
+
+@dataclass(frozen=True)
+class LowLatencyHandle:
+    """Low-latency state for combine. sent_RT: [R, T] bool, token t went to rank r; valid_N: [R * C] bool,
+    received rows that hold a token (padding rows are False); a masked runner may skip the others."""
+
+    num_tokens: int
+    sent_RT: torch.Tensor
+    valid_N: torch.Tensor
+
+
+class TorchA2ADispatcher(Dispatcher):
+    """Portable all-to-all dispatcher (see the module docstring for both modes' layouts).
+
+    Args:
+        ctx: placement and ``ctx.group`` (required when ep_size > 1; its size/rank must match ctx).
+        num_experts: E, the (physical) expert count the router's ids refer to; ep_size must divide it.
+        mode: "normal" or "low_latency".
+        max_tokens_per_rank: low_latency capacity C (the same on every rank); unused by normal mode.
+        long_seq: normal-mode rounds; None or a disabled config = one round of any size.
+
+    Raises:
+        ValueError: unknown mode, C < 1, ep_size not dividing num_experts, a missing or mismatched group.
+    """
+
+    def __init__(
+        self,
+        ctx: MoeContext,
+        *,
+        num_experts: int,
+        mode: str = "normal",
+        max_tokens_per_rank: int = 128,
+        long_seq: LongSeqConfig | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"torch dispatcher mode must be one of {MODES}, got {mode!r}")
+        if max_tokens_per_rank < 1:
+            raise ValueError(f"max_tokens_per_rank must be >= 1, got {max_tokens_per_rank}")
+        self.mode = mode
+        self.num_local_experts = ctx.num_local(num_experts)
+        self.ep_size = ctx.ep_size
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.long_seq = long_seq if long_seq is not None and long_seq.enabled else None
+        self.group = expert_group(ctx, "torch")
+
+    def dispatch(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+        """Send each token once to every rank that owns one of its experts. Synchronous.
+
+        Args:
+            hidden_TH: [T, H] this rank's tokens, model dtype (T may differ per rank, and be 0).
+            topk: topk_ids [T, K] int64 global ids in [-1, E), topk_weights [T, K] float32.
+
+        Returns:
+            normal: hidden_states [N, H] (N = rows received, round-major then by source rank), topk_ids [N, K]
+            int64 local ids or -1, topk_weights [N, K] float32, handle NormalHandle.
+            low_latency: the same with N = ep_size * max_tokens_per_rank (padding rows have all ids -1 and zero
+            hidden), handle LowLatencyHandle.
+
+        Raises:
+            ValueError: low_latency with T > max_tokens_per_rank (raised on that rank only, before any
+                collective: bound the decode batch at startup); normal with rounds when any rank's T exceeds
+                rounds x per_round_tokens (raised on every rank, after the count exchange).
+        """
+        if self.mode == "low_latency":
+            return self._dispatch_low_latency(hidden_TH, topk)
+        return self._dispatch_normal(hidden_TH, topk)
+
+    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+        """Return each rank's partial outputs to the tokens' home rank and sum them. Synchronous.
+
+        Args:
+            combine_input: hidden_states [N, H] model dtype, in the row order dispatch produced; the handle.
+
+        Returns:
+            [T, H] model dtype in this rank's original token order, summed over ranks.
+        """
+        handle = combine_input.handle
+        if isinstance(handle, LowLatencyHandle):
+            return self._combine_low_latency(combine_input.hidden_states, handle)
+        assert isinstance(handle, NormalHandle), f"not a torch dispatcher handle: {type(handle).__name__}"
+        return self._combine_normal(combine_input.hidden_states, handle)
+
+    # ---- normal mode -------------------------------------------------------------------------------------------
+
+    def _dispatch_normal(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+        num_tokens, hidden = hidden_TH.shape
+        ids_TK, weights_TK = topk.topk_ids, topk.topk_weights
+        top_k, ranks, device = ids_TK.shape[1], self.ep_size, hidden_TH.device
+        if self.long_seq is not None:
+            per_round, max_rounds = self.long_seq.per_round_tokens, self.long_seq.rounds
+        else:
+            per_round, max_rounds = None, 1
+        assert ids_TK.shape[0] == num_tokens and weights_TK.shape == ids_TK.shape
+
+        owner_TK = owner_rank(ids_TK, self.num_local_experts)
+        sent_RT = token_rank_mask(owner_TK, ranks).t()
+        # Clamped so an over-long batch still joins the count exchange; the capacity check follows it.
+        round_size = per_round or max(num_tokens, 1)
+        round_T = (
+            torch.arange(num_tokens, device=device).div(round_size, rounding_mode="floor").clamp(max=max_rounds - 1)
+        )
+        counts_RC = torch.zeros(ranks, max_rounds, dtype=torch.int64, device=device)
+        counts_RC.index_add_(1, round_T, sent_RT.long())
+        # Peers learn our per-round counts and our token count (the last column), which fixes the round count.
+        send_meta = torch.cat([counts_RC, torch.full((ranks, 1), num_tokens, device=device)], dim=1)
+        recv_meta = torch.empty_like(send_meta)
+        _all_to_all(recv_meta, send_meta, None, None, self.group)
+        send_counts, recv_counts = torch.stack([send_meta, recv_meta]).tolist()  # the one host sync
+        max_tokens = max(row[max_rounds] for row in recv_counts)
+        if self.long_seq is not None:
+            # Checked on the exchanged maximum, so every rank raises together instead of one rank leaving the
+            # others blocked in the next collective.
+            check_tokens_per_rank(self.long_seq, max_tokens)
+        num_rounds = 1 if per_round is None else max(1, math.ceil(max_tokens / per_round))
+
+        total_recv = sum(recv_counts[s][r] for s in range(ranks) for r in range(num_rounds))
+        recv_x = hidden_TH.new_empty(total_recv, hidden)
+        recv_meta_N = torch.empty(total_recv, 2 * top_k, dtype=torch.int32, device=device)
+        rounds, offset = [], 0
+        for r in range(num_rounds):
+            send_splits = [send_counts[d][r] for d in range(ranks)]
+            recv_splits = [recv_counts[s][r] for s in range(ranks)]
+            lo = min(r * per_round, num_tokens) if per_round else 0
+            hi = min(lo + per_round, num_tokens) if per_round else num_tokens
+            dest_S, token_S = self._round_pairs(sent_RT[:, lo:hi], sum(send_splits), lo)
+            send_meta_S = _pack_meta(
+                local_ids_for(ids_TK[token_S], owner_TK[token_S], dest_S.unsqueeze(1), self.num_local_experts),
+                weights_TK[token_S],
+            )
+            rows = slice(offset, offset + sum(recv_splits))
+            _all_to_all(recv_x[rows], hidden_TH.index_select(0, token_S), recv_splits, send_splits, self.group)
+            _all_to_all(recv_meta_N[rows], send_meta_S, recv_splits, send_splits, self.group)
+            rounds.append(RoundLayout(token_S, send_splits, recv_splits))
+            offset = rows.stop
+
+        local_NK, weights_NK = _unpack_meta(recv_meta_N, top_k)
+        combine_in_rounds = self.long_seq is not None and self.long_seq.combine_enabled
+        handle = NormalHandle(num_tokens, tuple(rounds), combine_in_rounds)
+        return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+
+    @staticmethod
+    def _round_pairs(sent_RC: torch.Tensor, num_pairs: int, first_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dest [S], token [S]) of the True entries of ``sent_RC`` ([R, chunk]) in rank-major order.
+
+        The count S is known from the host-side counts, so a stable sort replaces ``nonzero`` (which would
+        synchronise on GPU again).
+        """
+        chunk = sent_RC.shape[1]
+        if chunk == 0:
+            empty = torch.empty(0, dtype=torch.int64, device=sent_RC.device)
+            return empty, empty
+        flat = sent_RC.reshape(-1)
+        pos = torch.argsort((~flat).to(torch.uint8), stable=True)[:num_pairs]
+        return pos // chunk, first_token + pos % chunk
+
+    def _combine_normal(self, x_NH: torch.Tensor, handle: NormalHandle) -> torch.Tensor:
+        out_TH = x_NH.new_zeros(handle.num_tokens, x_NH.shape[1])
+        offsets = [0]
+        for layout in handle.rounds:
+            offsets.append(offsets[-1] + sum(layout.recv_splits))
+        assert offsets[-1] == x_NH.shape[0], "combine input rows differ from the rows dispatch delivered"
+        indices = list(range(len(handle.rounds)))
+        groups = [[r] for r in indices] if handle.combine_in_rounds else [indices]
+        for group in groups:
+            send_x, in_splits, out_splits, token_idx = self._combine_group(x_NH, handle, offsets, group)
+            back = x_NH.new_empty(sum(out_splits), x_NH.shape[1])
+            _all_to_all(back, send_x, out_splits, in_splits, self.group)
+            out_TH.index_add_(0, token_idx, back)
+        return out_TH
+
+    def _combine_group(
+        self, x_NH: torch.Tensor, handle: NormalHandle, offsets: list[int], group: list[int]
+    ) -> tuple[torch.Tensor, list[int], list[int], torch.Tensor]:
+        """Rows to send back for the rounds in ``group``, reordered from (round, rank) to (rank, round), with the
+        splits and, on the home side, the token each returning row belongs to (same order)."""
+        rounds, ranks = [handle.rounds[r] for r in group], self.ep_size
+        if len(group) == 1:
+            layout = rounds[0]
+            rows = x_NH[offsets[group[0]] : offsets[group[0] + 1]]
+            return rows, layout.recv_splits, layout.send_splits, layout.send_token_idx
+        in_splits = [sum(layout.recv_splits[s] for layout in rounds) for s in range(ranks)]
+        out_splits = [sum(layout.send_splits[d] for layout in rounds) for d in range(ranks)]
+        # Segments in (rank, round) order: on this (expert) side rows of x_NH, on the home side entries of the
+        # rounds' send_token_idx concatenated; both orders match what the peer's all-to-all delivers.
+        send_bases = list(itertools.accumulate((layout.send_token_idx.shape[0] for layout in rounds), initial=0))
+        x_starts, x_lens, t_starts, t_lens = [], [], [], []
+        for rank in range(ranks):
+            for i, (r, layout) in enumerate(zip(group, rounds, strict=True)):
+                x_starts.append(offsets[r] + sum(layout.recv_splits[:rank]))
+                x_lens.append(layout.recv_splits[rank])
+                t_starts.append(send_bases[i] + sum(layout.send_splits[:rank]))
+                t_lens.append(layout.send_splits[rank])
+        device = x_NH.device
+        send_x = x_NH.index_select(0, _segments_index(x_starts, x_lens, device))
+        all_tokens = torch.cat([layout.send_token_idx for layout in rounds])
+        token_idx = all_tokens.index_select(0, _segments_index(t_starts, t_lens, device))
+        return send_x, in_splits, out_splits, token_idx
+
+    # ---- low-latency mode --------------------------------------------------------------------------------------
+
+    def _dispatch_low_latency(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+        num_tokens, hidden = hidden_TH.shape
+        capacity, ranks, device = self.max_tokens_per_rank, self.ep_size, hidden_TH.device
+        if num_tokens > capacity:
+            raise ValueError(
+                f"low_latency dispatch got {num_tokens} tokens on one rank but max_tokens_per_rank={capacity}; "
+                "raise max_tokens_per_rank (every rank must use the same value) or cap the decode batch size"
+            )
+        ids_TK, top_k = topk.topk_ids, topk.topk_ids.shape[1]
+        owner_TK = owner_rank(ids_TK, self.num_local_experts)
+        sent_RT = token_rank_mask(owner_TK, ranks).t()
+        dest_R11 = torch.arange(ranks, device=device).view(ranks, 1, 1)
+        local_RTK = local_ids_for(ids_TK.unsqueeze(0), owner_TK.unsqueeze(0), dest_R11, self.num_local_experts)
+
+        send_x = hidden_TH.new_zeros(ranks, capacity, hidden)
+        send_x[:, :num_tokens] = torch.where(sent_RT.unsqueeze(-1), hidden_TH.unsqueeze(0), 0)
+        send_meta = torch.zeros(ranks, capacity, 2 * top_k, dtype=torch.int32, device=device)
+        send_meta[:, :, :top_k] = -1
+        weights_RTK = topk.topk_weights.unsqueeze(0).expand(ranks, -1, -1)
+        send_meta[:, :num_tokens] = _pack_meta(local_RTK, weights_RTK)
+
+        recv_x = torch.empty_like(send_x).view(ranks * capacity, hidden)
+        recv_meta = torch.empty_like(send_meta).view(ranks * capacity, 2 * top_k)
+        _all_to_all(recv_x, send_x.view(ranks * capacity, hidden), None, None, self.group)
+        _all_to_all(recv_meta, send_meta.view(ranks * capacity, 2 * top_k), None, None, self.group)
+        local_NK, weights_NK = _unpack_meta(recv_meta, top_k)
+        handle = LowLatencyHandle(num_tokens, sent_RT, (local_NK >= 0).any(dim=-1))
+        return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+
+    def _combine_low_latency(self, x_NH: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor:
+        ranks, capacity, hidden = self.ep_size, self.max_tokens_per_rank, x_NH.shape[1]
+        assert x_NH.shape[0] == ranks * capacity, "combine input rows differ from the low_latency buffer"
+        back = torch.empty_like(x_NH)
+        _all_to_all(back, x_NH.contiguous(), None, None, self.group)
+        partial_RTH = back.view(ranks, capacity, hidden)[:, : handle.num_tokens]
+        # Mask rows the token was never sent with: a masked GEMM may leave garbage in padding rows.
+        return torch.where(handle.sent_RT.unsqueeze(-1), partial_RTH, 0).sum(dim=0)
