@@ -32,9 +32,21 @@ def make_checkpoint(path: str) -> None:
 
     torch.manual_seed(0)
     config = Qwen3MoeConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4,
-        norm_topk_prob=True, max_position_embeddings=2048, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1024,
+        moe_intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        num_experts=32,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
     )
     Qwen3MoeForCausalLM(config).float().save_pretrained(path)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -59,8 +71,14 @@ def bench_transformers(path: str, prompts: list[list[int]], device: str) -> floa
     with torch.no_grad():
         model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
         elapsed = time.perf_counter() - start
     assert out.shape[1] - width == NEW_TOKENS
     return NUM_REQUESTS * NEW_TOKENS / elapsed
@@ -76,11 +94,13 @@ async def _send_all(url: str, prompts: list[list[int]]) -> tuple[float, int]:
     async with httpx.AsyncClient(timeout=600) as client:
         params = {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True}
         # Warm-up (first-call allocations), then the measured burst.
-        await client.post(f"{url}/generate", json={"input_ids": prompts[0], "sampling_params": {**params, "max_new_tokens": 4}})
+        await client.post(
+            f"{url}/generate", json={"input_ids": prompts[0], "sampling_params": {**params, "max_new_tokens": 4}}
+        )
         start = time.perf_counter()
-        results = await asyncio.gather(*[
-            client.post(f"{url}/generate", json={"input_ids": p, "sampling_params": params}) for p in prompts
-        ])
+        results = await asyncio.gather(
+            *[client.post(f"{url}/generate", json={"input_ids": p, "sampling_params": params}) for p in prompts]
+        )
         elapsed = time.perf_counter() - start
     tokens = 0
     for r in results:
@@ -91,8 +111,22 @@ async def _send_all(url: str, prompts: list[list[int]]) -> tuple[float, int]:
 
 def bench_pd_serve(path: str, prompts: list[list[int]], device: str) -> float:
     port = free_port()
-    cmd = [sys.executable, "-m", "pd", "serve", "--model-path", path, "--device", device, "--dtype", "float32",
-           "--port", str(port), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pd",
+        "serve",
+        "--model-path",
+        path,
+        "--device",
+        device,
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -128,9 +162,14 @@ def main() -> None:
     result = {
         "checkpoint": "Qwen3-MoE-like: hidden 512, 4 layers, 32 experts top-4, vocab 8192, fp32",
         "workload": f"{NUM_REQUESTS} concurrent requests x {NEW_TOKENS} new tokens, prompts 64-191 tokens",
-        "device": args.device, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "transformers_generate_tok_s": round(hf, 1), "pd_serve_tok_s": round(ours, 1), "ratio": round(ours / hf, 2),
+        "device": args.device,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "transformers_generate_tok_s": round(hf, 1),
+        "pd_serve_tok_s": round(ours, 1),
+        "ratio": round(ours / hf, 2),
     }
     print(json.dumps(result, indent=2))
     print(f"pd serve / transformers generate throughput: {ours / hf:.2f}x")

@@ -63,8 +63,9 @@ def _pipe_output(name: str, proc: subprocess.Popen[bytes]) -> None:
 
 def _spawn(name: str, args: list[str], url: str) -> Child:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pd", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pd", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
     threading.Thread(target=_pipe_output, args=(name, proc), daemon=True).start()
     return Child(name, url, proc)
 
@@ -136,16 +137,35 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        for i, (port, bport) in enumerate(zip(prefill_ports, bootstrap_ports)):
-            children.append(_spawn(f"prefill-{i}", ["serve", *serve_argv, "--disaggregation-mode", "prefill",
-                                                    "--host", host, "--port", str(port),
-                                                    "--disaggregation-bootstrap-port", str(bport)],
-                                   f"http://{host}:{port}"))
+        for i, (port, bport) in enumerate(zip(prefill_ports, bootstrap_ports, strict=True)):
+            children.append(
+                _spawn(
+                    f"prefill-{i}",
+                    [
+                        "serve",
+                        *serve_argv,
+                        "--disaggregation-mode",
+                        "prefill",
+                        "--host",
+                        host,
+                        "--port",
+                        str(port),
+                        "--disaggregation-bootstrap-port",
+                        str(bport),
+                    ],
+                    f"http://{host}:{port}",
+                )
+            )
         for j, port in enumerate(decode_ports):
-            children.append(_spawn(f"decode-{j}", ["serve", *serve_argv, "--disaggregation-mode", "decode",
-                                                   "--host", host, "--port", str(port)], f"http://{host}:{port}"))
+            children.append(
+                _spawn(
+                    f"decode-{j}",
+                    ["serve", *serve_argv, "--disaggregation-mode", "decode", "--host", host, "--port", str(port)],
+                    f"http://{host}:{port}",
+                )
+            )
         lb_args = ["lb", "--host", host, "--port", str(ns.port), "--policy", ns.policy]
-        for port, bport in zip(prefill_ports, bootstrap_ports):
+        for port, bport in zip(prefill_ports, bootstrap_ports, strict=True):
             lb_args += ["--prefill", f"http://{host}:{port}", str(bport)]
         for port in decode_ports:
             lb_args += ["--decode", f"http://{host}:{port}"]
@@ -159,16 +179,21 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
             print(f"pd up: {error}", file=sys.stderr)
             return 1
         url = f"http://{host}:{ns.port}"
-        print(f"\nPD cluster ready: {ns.num_prefill} prefill + {ns.num_decode} decode behind {url}\n"
-              f"Try:\n  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
-              "'{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], "
-              "\"max_tokens\": 32}'\n"
-              "Ctrl-C stops everything.\n", flush=True)
+        print(
+            f"\nPD cluster ready: {ns.num_prefill} prefill + {ns.num_decode} decode behind {url}\n"
+            f"Try:\n  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
+            '\'{"messages": [{"role": "user", "content": "What is the capital of France?"}], '
+            '"max_tokens": 32}\'\n'
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
         while not stopping.wait(1.0):
             dead = [c for c in children if c.proc.poll() is not None]
             if dead:
-                print(f"pd up: {dead[0].name} exited with code {dead[0].proc.returncode}; stopping the rest",
-                      file=sys.stderr)
+                print(
+                    f"pd up: {dead[0].name} exited with code {dead[0].proc.returncode}; stopping the rest",
+                    file=sys.stderr,
+                )
                 return 1
         print("pd up: stopping", flush=True)
         return 0

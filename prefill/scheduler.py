@@ -73,7 +73,9 @@ class PrefillScheduler(Scheduler):
     def _finish(self, req: Req, error: str | None = None) -> TokenOutput:
         out = self._output(req)
         if error is not None:
-            out = TokenOutput(out.rid, out.new_token_ids, out.prompt_tokens, out.completion_tokens, "error", error=error)
+            out = TokenOutput(
+                out.rid, out.new_token_ids, out.prompt_tokens, out.completion_tokens, "error", error=error
+            )
         self._release(req)
         return out
 

@@ -115,7 +115,7 @@ def pd_cluster(
         else:
             argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host",
                     "127.0.0.1", "--port", str(lb_port), "--policy", "round_robin"]
-        for p, bport in zip(cluster.prefill, cluster.bootstrap_ports):
+        for p, bport in zip(cluster.prefill, cluster.bootstrap_ports, strict=True):
             argv += ["--prefill", p.url, str(bport)]
         for p in cluster.decode:
             argv += ["--decode", p.url]

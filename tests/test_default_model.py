@@ -62,7 +62,7 @@ def dense_oracle(gguf_config: object) -> tuple[torch.nn.Module, dict[str, torch.
     config = gguf_config
     model = LlamaForCausalLM(config).float().eval()
     tensors = load_gguf_checkpoint(GGUF_PATH, return_tensors=True, model_to_load=model)["tensors"]
-    result = model.load_state_dict(tensors, strict=False)
+    result = model.load_state_dict(tensors, strict=True)
     assert not result.unexpected_keys
     assert set(result.missing_keys) <= {"lm_head.weight"} and config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -241,7 +241,7 @@ def test_our_engine_on_the_upcycled_model_matches_dense_transformers(
     llm = LLM(built, chunked_prefill_size=16)
     prompts = [tokenizer(_chat_text(tokenizer, p)).input_ids for p in PROMPTS]
     ours = llm.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0))
-    for ids, out in zip(prompts, ours):
+    for ids, out in zip(prompts, ours, strict=True):
         with torch.no_grad():
             ref = dense_oracle[0].generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
         assert out == ref[0, len(ids) :].tolist()

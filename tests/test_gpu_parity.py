@@ -60,7 +60,7 @@ def test_cuda_engine_matches_transformers(arch, dtype, tmp_path):
             assert ours_err <= max(2 * hf_err, 5e-2), f"seed {seed}: relative error {ours_err} vs {hf_err}"
 
     outs = llm.generate(prompts, SamplingParams(max_new_tokens=32, temperature=0.0))
-    for ids, out in zip(prompts, outs):
+    for ids, out in zip(prompts, outs, strict=True):
         if dtype == torch.float32:
             with torch.no_grad():
                 ref_ids = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=32, do_sample=False)
@@ -91,7 +91,7 @@ def test_pd_serve_on_cuda_matches_transformers(arch, tmp_path):
     with pd_process(args, port) as url:
         outs = asyncio.run(_generate_all(url, prompts, 32))
     hf = load_hf(path).to("cuda")
-    for ids, out in zip(prompts, outs):
+    for ids, out in zip(prompts, outs, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=32, do_sample=False)
         assert out["output_ids"] == ref[0, len(ids):].tolist(), f"seed {seed}"

@@ -21,9 +21,9 @@ def test_llama_prefill_logits_and_greedy_match_transformers(tmp_path):
             ref = hf(torch.tensor([ids])).logits[0].float()
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     outs = llm.generate(prompts, SamplingParams(max_new_tokens=32, temperature=0.0))
-    for ids, out in zip(prompts, outs):
+    for ids, out in zip(prompts, outs, strict=True):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
         assert out == ref
 
 
@@ -34,7 +34,9 @@ def test_a_lone_long_prompt_is_prefilled_in_chunks_that_sample_nothing(tmp_path)
     hf = load_hf(path)
     ids = torch.randint(0, 256, (4 * 16 + 5,), generator=torch.Generator().manual_seed(4)).tolist()
     for chunk in (16, 7):
-        out = LLM(path, chunked_prefill_size=chunk, page_size=16).generate([ids], SamplingParams(max_new_tokens=8, temperature=0.0))
+        out = LLM(path, chunked_prefill_size=chunk, page_size=16).generate(
+            [ids], SamplingParams(max_new_tokens=8, temperature=0.0)
+        )
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
         assert out[0] == ref, chunk

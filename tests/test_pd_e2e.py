@@ -41,7 +41,8 @@ async def _one(client: httpx.AsyncClient, url: str, ids: list[int], new_tokens: 
 def run_all(url: str, prompts: list[list[int]], new_tokens: int, streams: list[bool]) -> list[list[int]]:
     async def go() -> list[list[int]]:
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[_one(client, url, p, new_tokens, s) for p, s in zip(prompts, streams)])
+            pairs = zip(prompts, streams, strict=True)
+            return await asyncio.gather(*[_one(client, url, p, new_tokens, s) for p, s in pairs])
 
     return asyncio.run(go())
 

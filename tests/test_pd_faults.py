@@ -333,8 +333,9 @@ def test_client_disconnect_aborts_both_sides_frees_every_page_and_new_requests_s
         assert "Traceback" not in log, f"{inst.name}:\n{log[log.find('Traceback') - 300:][:6000]}"
     wait_log(cluster.decode, rf"finished rid={rid_mid} .*finish=abort")
     wait_log(cluster.prefill, rf"finished rid={rid_mid} ")
-    wait_log(cluster.prefill, rf"finished rid={rid_early} .*finish=abort")
-    wait_log(cluster.decode, rf"finished rid={rid_early} .*finish=abort")
+    # Whichever hears first (the balancer's abort, or its peer's through the KV layer) ends it unfinished.
+    wait_log(cluster.prefill, rf"finished rid={rid_early} .*finish=(abort|error)")
+    wait_log(cluster.decode, rf"finished rid={rid_early} .*finish=(abort|error)")
     wait_pages(start, PAGES_DEADLINE_S)
     answers = run_many(cluster.url, [body(short, 16), body(short, 16, stream=True)])
     check_answers(answers, [oracle(short, 16)] * 2, seed)
@@ -348,6 +349,9 @@ FAULT_WEIGHTS = {"ok": 72, "disconnect": 5, "disconnect_early": 4, "abort": 5, "
 def test_mixed_faults_under_load_leak_no_page_and_leave_correct_answers(
     cluster: Cluster, seed: int, oracle: Oracle
 ) -> None:
+    """224 requests, 32 at a time, about a quarter of them faulty (FAULT_WEIGHTS). Every plain request gets
+    transformers' tokens, every faulty one an answer in bounded time (never wrong tokens); afterwards every
+    instance's free KV pages are back at their start value and new requests are answered correctly."""
     rng = random.Random(seed)
     pool = prompts(torch.Generator().manual_seed(seed + 2), [5, 17, 31, 33, 47, 64, 80, 95])
     for ids in pool:
@@ -395,8 +399,8 @@ def test_mixed_faults_under_load_leak_no_page_and_leave_correct_answers(
             room = random.getrandbits(63)
             pair = [generate(client, url, direct(ids, n, pport, room, stream=stream))
                     for url in (p.url, d.url, rng.choice(decodes).url)]
-            for a in await asyncio.gather(*pair):
-                if a.ok and a.ids is not None and len(a.ids) > 1 and a.ids != oracle(ids, n):
+            for a in await asyncio.gather(*pair):  # prefill answers its first token; a decode fed KV, all n
+                if a.ok and a.ids != oracle(ids, n)[: len(a.ids or [])]:
                     failures.append(f"{i} reused_room: wrong tokens {a}")
         elif kind == "prefill_only":  # no decode ever registers
             a = await generate(client, p.url, direct(ids, n, pport, stream=stream))

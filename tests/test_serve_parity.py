@@ -37,7 +37,7 @@ def test_concurrent_greedy_requests_match_transformers(arch, tmp_path):
     with pd_serve(path, "--chunked-prefill-size", str(CHUNK), "--page-size", "4") as url:
         outs = asyncio.run(_generate_all(url, prompts, 32))
     hf = load_hf(path)
-    for ids, out in zip(prompts, outs):
+    for ids, out in zip(prompts, outs, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
         assert out["output_ids"] == ref, f"seed {seed}, prompt length {len(ids)}"

@@ -43,7 +43,7 @@ def test_defaults_parse_and_auto_resolves_to_cpu_float32() -> None:
     a = ServerArgs.from_cli([])
     assert (a.device, a.dtype, a.torch_dtype) == ("cpu", "float32", torch.float32)
     assert a.is_cpu and not a.is_cuda and a.dist_backend == "gloo"
-    assert a.moe_runner_backend == "torch"
+    assert a.moe_runner_backend == "cpu_packed"  # auto on cpu: oneDNN-packed expert weights
     assert a.served_model_name == "pd-default" and a.uses_default_model and a.tokenizer_path is None
     assert a.max_total_tokens == 65536 and a.mem_fraction_static is None
     assert (a.tp_size, a.ep_size, a.dp_size, a.pp_size, a.nnodes) == (1, 1, 1, 1, 1)
@@ -281,10 +281,18 @@ def test_setup_logging_format_has_time_process_and_level(restore_root_logging: N
 
 
 def test_serve_hands_parsed_args_to_run_server(monkeypatch: pytest.MonkeyPatch, restore_root_logging: None) -> None:
-    seen: list[ServerArgs] = []
-    monkeypatch.setitem(sys.modules, "pd.server.app", types.SimpleNamespace(run_server=seen.append))
+    seen: list[tuple[ServerArgs, object]] = []
+    fake_app = types.SimpleNamespace(run_server=lambda args, make_scheduler: seen.append((args, make_scheduler)))
+    monkeypatch.setitem(sys.modules, "pd.server.app", fake_app)
     assert main(["serve", "--device", "cpu", "--port", "31234", "--log-level", "warning"]) == 0
-    assert len(seen) == 1 and seen[0].port == 31234 and seen[0].device == "cpu"
+    assert len(seen) == 1 and seen[0][0].port == 31234 and seen[0][0].device == "cpu"
+    assert seen[0][1] is None  # unified mode: the engine's default scheduler
+    from decode.scheduler import make_decode_scheduler
+    from prefill.scheduler import make_prefill_scheduler
+
+    for mode, factory in (("prefill", make_prefill_scheduler), ("decode", make_decode_scheduler)):
+        assert main(["serve", "--device", "cpu", "--disaggregation-mode", mode, "--log-level", "warning"]) == 0
+        assert seen[-1][0].disaggregation_mode == mode and seen[-1][1] is factory
     assert logging.getLogger().level == logging.WARNING
 
 

@@ -47,7 +47,9 @@ def scheduler_config(args: ServerArgs) -> SchedulerConfig:
 
 
 class EngineClient:
-    def __init__(self, server_args: ServerArgs, model_path: str, make_scheduler: SchedulerFactory = default_scheduler) -> None:
+    def __init__(
+        self, server_args: ServerArgs, model_path: str, make_scheduler: SchedulerFactory = default_scheduler
+    ) -> None:
         self.args = server_args
         self.make_scheduler = make_scheduler
         self.model_path = model_path
@@ -72,8 +74,14 @@ class EngineClient:
         self._outbox, outbox_w = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(
             target=run_engine,
-            args=(runner_config(self.args, self.model_path), scheduler_config(self.args), self.args, inbox_r, outbox_w,
-                  self.make_scheduler),
+            args=(
+                runner_config(self.args, self.model_path),
+                scheduler_config(self.args),
+                self.args,
+                inbox_r,
+                outbox_w,
+                self.make_scheduler,
+            ),
             name="pd-engine",
             daemon=True,
         )

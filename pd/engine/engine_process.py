@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
-from multiprocessing.connection import Connection
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 import msgpack
@@ -46,8 +47,12 @@ def run_engine(
     make_scheduler: SchedulerFactory = default_scheduler,
 ) -> None:
     """Process entry point. Returns when the front closes its pipe."""
+    # The front stops this process by closing the pipe, after aborting its requests; a terminal's Ctrl-C reaches
+    # the whole process group and must not kill the engine under the front's graceful shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=server_args.log_level.upper(),
                         format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
+    # OMP_NUM_THREADS wins: instances sharing a host (pd up) that each take every core starve one another.
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
     try:
         runner = ModelRunner(runner_cfg)

@@ -25,8 +25,16 @@ class LLM:
         context_length: int | None = None,
         moe_runner: str = "auto",
     ) -> None:
-        cfg = RunnerConfig(model_path, device, dtype, page_size, context_length, max_total_tokens, None,
-                           moe_runner=resolve_moe_runner(moe_runner, torch.device(device).type))
+        cfg = RunnerConfig(
+            model_path,
+            device,
+            dtype,
+            page_size,
+            context_length,
+            max_total_tokens,
+            None,
+            moe_runner=resolve_moe_runner(moe_runner, torch.device(device).type),
+        )
         self.runner = ModelRunner(cfg)
         self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size), self.runner)
         self._ids = itertools.count()
@@ -36,7 +44,7 @@ class LLM:
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         rids = [f"offline-{next(self._ids)}" for _ in prompts]
         results: dict[str, list[int]] = {rid: [] for rid in rids}
-        for rid, ids, sp in zip(rids, prompts, params):
+        for rid, ids, sp in zip(rids, prompts, params, strict=True):
             error = self.scheduler.add(GenerateRequest(rid, list(ids), sp))
             if error is not None:
                 raise ValueError(error.error)
@@ -59,8 +67,9 @@ class LLM:
             logits = []
             for start in range(0, len(input_ids), chunk):
                 ids = input_ids[start : start + chunk]
-                batch = self.runner.build_batch(ids, [row], [start], [len(ids)], sched.slots.table,
-                                                logits_index=list(range(len(ids))))
+                batch = self.runner.build_batch(
+                    ids, [row], [start], [len(ids)], sched.slots.table, logits_index=list(range(len(ids)))
+                )
                 logits.append(self.runner.forward(batch))
             return torch.cat(logits)
         finally:

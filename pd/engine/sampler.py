@@ -7,16 +7,14 @@ import torch
 from pd.engine.io import SamplingParams
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """logits [S, V] float32 -> S token ids. Greedy rows take the argmax (deterministic); other rows sample
     from the filtered distribution, with the request's own generator when it asked for a seed."""
     greedy = [p.is_greedy for p in params]
     if all(greedy):
         return logits.argmax(dim=-1).tolist()
     device = logits.device
-    temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device)
+    temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device=device)
     sorted_logits, sorted_ids = (logits / temps[:, None]).sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     vocab = logits.shape[-1]

@@ -57,10 +57,16 @@ class Scheduler:
         elif prompt_len >= self.context_length:
             error = f"the prompt has {prompt_len} tokens; the context length is {self.context_length}"
         elif self._pages_for(kv_tokens) > self.pool.num_pages:
-            error = f"the request needs {kv_tokens} tokens of KV cache; the pool holds {self.pool.num_pages * self.page_size}"
+            capacity = self.pool.num_pages * self.page_size
+            error = f"the request needs {kv_tokens} tokens of KV cache; the pool holds {capacity}"
         if error:
             return TokenOutput(msg.rid, [], prompt_len, 0, finish_reason="error", error=error)
-        req = Req(msg.rid, list(msg.input_ids), msg.sampling, min(self.context_length, prompt_len + msg.sampling.max_new_tokens))
+        req = Req(
+            msg.rid,
+            list(msg.input_ids),
+            msg.sampling,
+            min(self.context_length, prompt_len + msg.sampling.max_new_tokens),
+        )
         if msg.sampling.seed is not None:
             req.generator = torch.Generator(self.runner.device).manual_seed(msg.sampling.seed)
         req.kv_tokens = kv_tokens
@@ -122,13 +128,21 @@ class Scheduler:
         batch_reqs, extend_lens = self._plan()
         prefix_lens = [r.num_computed for r in batch_reqs]
         input_ids: list[int] = []
-        for req, n in zip(batch_reqs, extend_lens):
+        for req, n in zip(batch_reqs, extend_lens, strict=True):
             input_ids.extend(req.next_input_ids(n))
         # Logits only where a request's known tokens are all in after this step (it needs its next token).
         ends = [end - 1 for end in itertools.accumulate(extend_lens)]
-        sampled = [i for i, (r, n) in enumerate(zip(batch_reqs, extend_lens)) if r.num_computed + n == r.num_tokens]
+        sampled = [
+            i
+            for i, (r, n) in enumerate(zip(batch_reqs, extend_lens, strict=True))
+            if r.num_computed + n == r.num_tokens
+        ]
         batch = self.runner.build_batch(
-            input_ids, [r.row for r in batch_reqs], prefix_lens, extend_lens, self.slots.table,
+            input_ids,
+            [r.row for r in batch_reqs],
+            prefix_lens,
+            extend_lens,
+            self.slots.table,
             logits_index=[ends[i] for i in sampled],
         )
         now = time.monotonic()
@@ -136,12 +150,15 @@ class Scheduler:
             if req.first_scheduled is None:
                 req.first_scheduled = now
         logits = self.runner.forward(batch)  # always: a middle prompt chunk samples nothing but writes its KV
-        tokens = sample(logits, [batch_reqs[i].sampling for i in sampled],
-                        [batch_reqs[i].generator for i in sampled]) if sampled else []
-        for req, n in zip(batch_reqs, extend_lens):
+        tokens = (
+            sample(logits, [batch_reqs[i].sampling for i in sampled], [batch_reqs[i].generator for i in sampled])
+            if sampled
+            else []
+        )
+        for req, n in zip(batch_reqs, extend_lens, strict=True):
             req.num_computed += n
         outputs = []
-        for i, token in zip(sampled, tokens):
+        for i, token in zip(sampled, tokens, strict=True):
             self.generated_tokens_total += 1
             out = self._on_sampled(batch_reqs[i], token)
             if out is not None:
@@ -204,8 +221,15 @@ class Scheduler:
         new = req.output_ids[req.num_sent :]
         req.num_sent = len(req.output_ids)
         queue_time = (req.first_scheduled or time.monotonic()) - req.arrival
-        return TokenOutput(req.rid, new, len(req.prompt_ids), len(req.output_ids), req.finish_reason,
-                           req.matched_stop, queue_time=queue_time)
+        return TokenOutput(
+            req.rid,
+            new,
+            len(req.prompt_ids),
+            len(req.output_ids),
+            req.finish_reason,
+            req.matched_stop,
+            queue_time=queue_time,
+        )
 
     def _release(self, req: Req) -> None:
         """Ends a request wherever it is and returns its pages and slot row."""

@@ -235,7 +235,9 @@ class Forwarder:
                 if pf in done and pf in waiting:
                     waiting.discard(pf)
                     early = _prefill_failure(pf, prefill)
-                    if early is not None and not dc.done():
+                    # A refused prefill never saw the request, so a decode answer that came in with the refusal
+                    # can only be the failure that follows from it: another pair gets the request either way.
+                    if early is not None and (isinstance(early, _ConnectFailed) or not dc.done()):
                         raise early
                 if dc in done:
                     exc = dc.exception()

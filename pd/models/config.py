@@ -28,7 +28,9 @@ class ModelConfig:
     def from_path(cls, model_path: str) -> ModelConfig:
         config_file = os.path.join(model_path, "config.json")
         if not os.path.isfile(config_file):
-            raise ModelConfigError(f"--model-path {model_path!r} has no config.json (expected a Hugging Face model directory)")
+            raise ModelConfigError(
+                f"--model-path {model_path!r} has no config.json (expected a Hugging Face model directory)"
+            )
         with open(config_file) as f:
             try:
                 raw = json.load(f)

@@ -23,11 +23,16 @@ from pd.moe.context import MoeContext
 class Attention(nn.Module):
     """GQA attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm before rope (Qwen3)."""
 
-    def __init__(self, config: ModelConfig, layer_id: int, qkv_bias: bool = False, o_bias: bool = False,
-                 qk_norm: bool = False) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False
+    ) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)

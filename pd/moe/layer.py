@@ -51,7 +51,7 @@ class FusedMoE(nn.Module):
         self.ctx = ctx
         self.activation = activation
         self.num_local_experts = ctx.num_local(num_experts)
-        self.dispatcher = get_dispatcher(ctx.dispatcher, ctx)
+        self.dispatcher = get_dispatcher(ctx.dispatcher, ctx, num_experts=num_experts)
         self.runner = get_runner(ctx.runner)
 
         n_local = self.num_local_experts

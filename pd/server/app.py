@@ -22,9 +22,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from pd.engine.engine_process import SchedulerFactory, default_scheduler
 from pd.engine.client import EngineDeadError, EngineFullError
+from pd.engine.engine_process import SchedulerFactory, default_scheduler
 from pd.server import native_api, openai_api
 from pd.server.auth import ApiKeyMiddleware
 from pd.server.generation import EngineClientLike, ServerContext
@@ -119,7 +120,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(f"the engine is not running: {exc}", 503, "service_unavailable")
 
     @app.exception_handler(ClientDisconnected)
-    async def on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
+    @app.exception_handler(ClientDisconnect)  # gone while its body was being read: not an internal error
+    async def on_disconnect(request: Request, exc: Exception) -> Response:
         return Response(status_code=CLIENT_CLOSED_STATUS)
 
     @app.exception_handler(StarletteHTTPException)

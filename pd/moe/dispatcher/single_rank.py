@@ -16,7 +16,7 @@ class SingleRankDispatcher(Dispatcher):
         ValueError: constructed with ep_size != 1.
     """
 
-    def __init__(self, ctx: MoeContext) -> None:
+    def __init__(self, ctx: MoeContext, *, num_experts: int | None = None) -> None:
         if ctx.ep_size != 1:
             raise ValueError(f"the single_rank dispatcher needs ep_size == 1, got ep_size={ctx.ep_size}")
 
