@@ -61,8 +61,11 @@ def _pipe_output(name: str, proc: subprocess.Popen[bytes]) -> None:
         sys.stdout.flush()
 
 
-def _spawn(name: str, args: list[str], url: str) -> Child:
+def _spawn(name: str, args: list[str], url: str, threads: int | None = None) -> Child:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        # Instances share the machine's cores; OpenMP pools that each take every core stall one another.
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pd", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
     )
@@ -130,6 +133,7 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
 
     children: list[Child] = []
     stopping = threading.Event()
+    threads = max(1, (os.cpu_count() or 1) // (ns.num_prefill + ns.num_decode))
 
     def on_signal(signum: int, frame: object) -> None:
         stopping.set()
@@ -154,6 +158,7 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
                         str(bport),
                     ],
                     f"http://{host}:{port}",
+                    threads,
                 )
             )
         for j, port in enumerate(decode_ports):
@@ -162,6 +167,7 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
                     f"decode-{j}",
                     ["serve", *serve_argv, "--disaggregation-mode", "decode", "--host", host, "--port", str(port)],
                     f"http://{host}:{port}",
+                    threads,
                 )
             )
         lb_args = ["lb", "--host", host, "--port", str(ns.port), "--policy", ns.policy]

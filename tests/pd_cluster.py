@@ -50,7 +50,9 @@ class Cluster:
 
 def start_proc(name: str, argv: list[str], url: str, health: str = "/health") -> Proc:
     log = tempfile.NamedTemporaryFile("w", suffix=f"-{name}.log", delete=False)
+    # Several instances share this machine's cores: one OpenMP thread each unless the caller chose otherwise.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")
     popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     return Proc(name, url, popen, log.name)
