@@ -132,46 +132,52 @@ ROUTING_CASES = [
 ]
 
 
-def _prepared(w13: torch.Tensor, w2: torch.Tensor) -> CpuPackedMoeRunner:
-    runner = CpuPackedMoeRunner()
+def _prepared(w13: torch.Tensor, w2: torch.Tensor, dense: bool | None = None) -> CpuPackedMoeRunner:
+    runner = CpuPackedMoeRunner(dense=dense)
     runner.prepare_weights(w13, w2)
     return runner
 
 
 @needs_mkldnn
+@pytest.mark.parametrize("dense", [None, True, False])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("case", ROUTING_CASES)
-def test_cpu_packed_runner_matches_torch_runner_fp32(case: tuple[int, int, int, int, float], activation: str) -> None:
+def test_cpu_packed_runner_matches_torch_runner_fp32(
+    case: tuple[int, int, int, int, float], activation: str, dense: bool | None
+) -> None:
     dispatched, w13, w2 = _routing_case(11, *case, dtype=torch.float32)
     with torch.inference_mode():
-        out = _prepared(w13, w2).run(dispatched, w13, w2, activation)
+        out = _prepared(w13, w2, dense).run(dispatched, w13, w2, activation)
         ref = TorchMoeRunner(use_grouped_mm=False).run(dispatched, w13, w2, activation)
     assert out.handle is dispatched.handle and out.hidden_states.dtype == torch.float32
     torch.testing.assert_close(out.hidden_states, ref.hidden_states, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not BF16_OK, reason="oneDNN cannot pack bfloat16 on this CPU")
+@pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("case", ROUTING_CASES)
-def test_cpu_packed_runner_matches_torch_runner_bf16(case: tuple[int, int, int, int, float]) -> None:
+def test_cpu_packed_runner_matches_torch_runner_bf16(case: tuple[int, int, int, int, float], dense: bool) -> None:
     dispatched, w13, w2 = _routing_case(12, *case, dtype=torch.bfloat16)
     with torch.inference_mode():
-        out = _prepared(w13, w2).run(dispatched, w13, w2)
+        out = _prepared(w13, w2, dense).run(dispatched, w13, w2)
         ref = TorchMoeRunner(use_grouped_mm=False).run(dispatched, w13, w2)
     assert out.hidden_states.dtype == torch.bfloat16
     torch.testing.assert_close(out.hidden_states.float(), ref.hidden_states.float(), rtol=3e-2, atol=3e-2)
 
 
 @needs_mkldnn
-def test_cpu_packed_runner_all_slots_foreign_gives_zeros() -> None:
+@pytest.mark.parametrize("dense", [True, False])
+def test_cpu_packed_runner_all_slots_foreign_gives_zeros(dense: bool) -> None:
     dispatched, w13, w2 = _routing_case(4, 9, 2, 4, 4, 1.0, dtype=torch.float32)
-    out = _prepared(w13, w2).run(dispatched, w13, w2).hidden_states
+    out = _prepared(w13, w2, dense).run(dispatched, w13, w2).hidden_states
     assert out.shape == dispatched.hidden_states.shape and torch.count_nonzero(out) == 0
 
 
 @needs_mkldnn
-def test_cpu_packed_runner_repacks_weights_changed_after_prepare() -> None:
-    dispatched, w13, w2 = _routing_case(5, 20, 2, 8, 8, 0.0, dtype=torch.float32)
-    runner = _prepared(w13, w2)
+@pytest.mark.parametrize("dense", [True, False])
+def test_cpu_packed_runner_repacks_weights_changed_after_prepare(dense: bool) -> None:
+    dispatched, w13, w2 = _routing_case(5, 12, 2, 8, 8, 0.0, dtype=torch.float32)
+    runner = _prepared(w13, w2, dense)
     w13.mul_(0.5)
     w2[3].neg_()
     out = runner.run(dispatched, w13, w2).hidden_states
@@ -187,9 +193,10 @@ def test_cpu_packed_runner_falls_back_to_torch_for_unpackable_dtype() -> None:
 
 
 @needs_mkldnn
-def test_cpu_packed_runner_rejects_bad_ids_and_activation() -> None:
+@pytest.mark.parametrize("dense", [True, False])
+def test_cpu_packed_runner_rejects_bad_ids_and_activation(dense: bool) -> None:
     dispatched, w13, w2 = _routing_case(7, 5, 2, 4, 4, 0.0, dtype=torch.float32)
-    runner = _prepared(w13, w2)
+    runner = _prepared(w13, w2, dense)
     with pytest.raises(ValueError, match="activation"):
         runner.run(dispatched, w13, w2, activation="relu6")
     dispatched.topk_ids[0, 0] = 4
@@ -247,3 +254,18 @@ def test_engine_batched_greedy_matches_transformers(qwen3_pair: tuple[Any, LLM])
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()
         assert out == ref
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("case, dense", [((16, 4, 32, 32, 0.0), True), ((3, 2, 32, 5, 0.0), False),
+                                         ((300, 8, 64, 64, 0.0), False)])
+def test_auto_takes_the_dense_path_only_for_small_batches_hitting_most_experts(
+    case: tuple[int, int, int, int, float], dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dispatched, w13, w2 = _routing_case(8, *case, dtype=torch.float32)
+    runner = _prepared(w13, w2)
+    calls: list[int] = []
+    original = runner._run_dense
+    monkeypatch.setattr(runner, "_run_dense", lambda *args: calls.append(1) or original(*args))
+    runner.run(dispatched, w13, w2)
+    assert bool(calls) == dense

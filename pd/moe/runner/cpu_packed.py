@@ -1,18 +1,28 @@
-"""CPU MoE runner on oneDNN-packed per-expert weights (``--moe-runner-backend cpu_packed``, auto on CPU).
+"""CPU MoE runner on oneDNN-packed expert weights (``--moe-runner-backend cpu_packed``, auto on CPU).
 
-Same stages and contract as the torch reference runner (pre-permute, gate_up GEMM, activation, down GEMM,
-post-permute; the permutes are the reference's own functions), but each expert's two projections are
-reordered once, after loading, into oneDNN's blocked layout. At decode sizes (a few rows per expert) that
-streams the weights at close to memory bandwidth, where ``torch._grouped_mm`` and ``F.linear`` on the
-plain [N, K] layout reach a fraction of it; results differ from the reference by float rounding only.
+Same contract as the torch reference runner, but the expert projections are reordered once, after loading,
+into oneDNN's blocked layout, which streams them at close to memory bandwidth at decode sizes (a few rows
+per expert), where ``torch._grouped_mm`` and ``F.linear`` on the plain [N, K] layout reach a fraction of it.
+Two ways to compute a batch, picked per call:
 
-Packing keeps a second copy of the local experts' weights (the originals stay for loading and for runners
-that read them). Dtypes or devices oneDNN cannot pack run the reference runner instead.
+- per expert (the general path): the reference's pre-permute, then two packed GEMMs for each expert that
+  received rows, then the reference's post-permute.
+- dense (small batches that hit nearly every expert): every token through every local expert in two GEMMs,
+  gate_up against all experts' rows stacked, and down against all experts side by side along K, with each
+  token's inputs for experts it did not pick scaled by a routing weight of exactly zero. That is E/K times
+  the routed FLOPs, but with T <= 16 rows a GEMM still does fewer than 8 FLOPs per weight byte and stays
+  bandwidth-bound, so the extra compute is hidden, and once T*K >= E the weights read are about the same;
+  what goes away is two oneDNN calls per expert (~13 us each) and the permutes.
+
+Results differ from the reference by float rounding only. Packing keeps two extra copies of the local
+experts (per expert and dense); the originals stay for loading and for repacking. Dtypes or devices oneDNN
+cannot pack run the reference runner instead.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -22,13 +32,25 @@ from pd.moe.runner.torch_ref import TorchMoeRunner, get_activation, post_permute
 
 logger = logging.getLogger(__name__)
 
+# Largest batch the dense path takes: a [T, K] x [K, N] GEMM does T/2 FLOPs per fp32 weight byte, which on a
+# few AVX-512 cores stays below the FLOP/byte balance up to about 16-20 rows (measured crossover: T ~ 20).
+_DENSE_MAX_TOKENS = 16
+
 
 class CpuPackedMoeRunner:
-    """Runner of one MoE layer; holds that layer's packed expert weights after ``prepare_weights``."""
+    """Runner of one MoE layer; holds that layer's packed expert weights after ``prepare_weights``.
 
-    def __init__(self) -> None:
+    Args:
+        dense: True forces the dense path, False the per-expert path, None picks dense when
+            T <= 16 and T * top_k >= E_local (nearly every expert is hit), per expert otherwise.
+    """
+
+    def __init__(self, dense: bool | None = None) -> None:
+        self.dense = dense
         self._w13_packed: list[torch.Tensor] = []  # per local expert: packed [2*I, H]
         self._w2_packed: list[torch.Tensor] = []  # per local expert: packed [H, I]
+        self._w13_dense: torch.Tensor | None = None  # packed [E*2*I, H]: all experts' gate/up rows stacked
+        self._w2_dense: torch.Tensor | None = None  # packed [H, E*I]: all experts' down side by side along K
         self._stamp: tuple[tuple[int, int], tuple[int, int]] | None = None
         self._fallback: TorchMoeRunner | None = None
 
@@ -40,14 +62,17 @@ class CpuPackedMoeRunner:
             w2_EHI: [E_local, H, I], model dtype.
         """
         self._stamp = (tensor_stamp(w13_EXH), tensor_stamp(w2_EHI))
+        self._w13_packed, self._w2_packed, self._w13_dense, self._w2_dense = [], [], None, None
         if not mkldnn_packable(w13_EXH.dtype, w13_EXH.device):
             logger.info("oneDNN cannot pack %s experts on %s; using the torch runner", w13_EXH.dtype, w13_EXH.device)
-            self._w13_packed, self._w2_packed = [], []
             self._fallback = TorchMoeRunner()
             return
         self._fallback = None
+        num_experts, two_inter, hidden = w13_EXH.shape
         self._w13_packed = [pack_weight(w) for w in w13_EXH]
         self._w2_packed = [pack_weight(w) for w in w2_EHI]
+        self._w13_dense = pack_weight(w13_EXH.reshape(num_experts * two_inter, hidden))
+        self._w2_dense = pack_weight(w2_EHI.permute(1, 0, 2).reshape(hidden, num_experts * (two_inter // 2)))
 
     def run(
         self,
@@ -79,7 +104,15 @@ class CpuPackedMoeRunner:
         if self._fallback is not None:
             return self._fallback.run(dispatch_out, w13_EXH, w2_EHI, activation)
         assert dispatch_out.hidden_states.dtype == w13_EXH.dtype == w2_EHI.dtype
-        perm = pre_permute(dispatch_out, w13_EXH.shape[0])
+        num_tokens, top_k = dispatch_out.topk_ids.shape
+        num_experts = w13_EXH.shape[0]
+        dense = self.dense
+        if dense is None:
+            dense = num_tokens <= _DENSE_MAX_TOKENS and num_tokens * top_k >= num_experts
+        if dense:
+            return self._run_dense(dispatch_out, num_experts, w13_EXH.shape[1], act)
+
+        perm = pre_permute(dispatch_out, num_experts)
         # A loop over the experts that received rows, because oneDNN has no grouped GEMM over packed
         # weights; experts without rows cost nothing. The activation runs once over all rows in between.
         hit = [e for e, n in enumerate(perm.sizes_E) if n]
@@ -89,5 +122,32 @@ class CpuPackedMoeRunner:
         gate_up_MX = torch.cat([packed_linear(x_rows[e], self._w13_packed[e]) for e in hit])
         gate_MI, up_MI = gate_up_MX.chunk(2, dim=-1)
         inter_rows = act(gate_MI).mul_(up_MI).split([perm.sizes_E[e] for e in hit])
-        down_MH = torch.cat([packed_linear(rows, self._w2_packed[e]) for e, rows in zip(hit, inter_rows, strict=True)])
+        down_MH = torch.cat(
+            [packed_linear(rows, self._w2_packed[e]) for e, rows in zip(hit, inter_rows, strict=True)]
+        )
         return post_permute(dispatch_out, perm, down_MH)
+
+    def _run_dense(
+        self,
+        dispatch_out: DispatchOutput,
+        num_experts: int,
+        two_inter: int,
+        act: Callable[[torch.Tensor], torch.Tensor],
+    ) -> CombineInput:
+        """Every token through every local expert; routing weights of unpicked experts are exactly zero."""
+        assert self._w13_dense is not None and self._w2_dense is not None
+        hidden_NH, ids_NK = dispatch_out.hidden_states, dispatch_out.topk_ids
+        num_tokens = hidden_NH.shape[0]
+        if num_tokens and int(ids_NK.max()) >= num_experts:
+            raise ValueError(f"topk_ids hold a local expert id >= num_local_experts={num_experts}")
+        gate_up_NEX = packed_linear(hidden_NH, self._w13_dense).view(num_tokens, num_experts, two_inter)
+        gate_NEI, up_NEI = gate_up_NEX.chunk(2, dim=-1)
+        inter_NEI = act(gate_NEI).mul_(up_NEI)
+        # [N, E] routing weights in float32 (like the reference's scaling); foreign slots (-1) land in an extra
+        # column that is dropped, and a repeated id adds up as the reference's per-slot sum does. Scaling
+        # before the down GEMM lets that GEMM sum a token's experts.
+        weights_NE = torch.zeros(num_tokens, num_experts + 1, dtype=torch.float32, device=hidden_NH.device)
+        weights_NE.scatter_add_(1, ids_NK.masked_fill(ids_NK < 0, num_experts), dispatch_out.topk_weights.float())
+        scaled_NEI = (inter_NEI * weights_NE[:, :num_experts, None]).to(hidden_NH.dtype)
+        out_NH = packed_linear(scaled_NEI.view(num_tokens, num_experts * (two_inter // 2)), self._w2_dense)
+        return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
