@@ -62,7 +62,7 @@ def dense_oracle(gguf_config: object) -> tuple[torch.nn.Module, dict[str, torch.
     config = gguf_config
     model = LlamaForCausalLM(config).float().eval()
     tensors = load_gguf_checkpoint(GGUF_PATH, return_tensors=True, model_to_load=model)["tensors"]
-    result = model.load_state_dict(tensors, strict=True)
+    result = model.load_state_dict(tensors, strict=False)
     assert not result.unexpected_keys
     assert set(result.missing_keys) <= {"lm_head.weight"} and config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -40,6 +40,9 @@ from pd.server.protocol import error_body
 
 logger = logging.getLogger(__name__)
 
+# How long a decode error waits for its prefill's outcome, to tell a dead prefill (retry) from a real error.
+PREFILL_GRACE_S = 1.0
+
 SSE_DONE = b"data: [DONE]\n\n"
 # Status nginx uses for "client closed the request"; nobody reads it, it only shows in metrics.
 CLIENT_CLOSED_STATUS = 499
@@ -247,6 +250,16 @@ class Forwarder:
                         reason = f"decode worker {decode.url} failed: {type(exc).__name__}: {exc}"
                         raise LBError(reason, 502, "upstream_error")
                     answer = dc.result()
+                    if answer.status_code >= 500 and not pf.done():
+                        # Decode fails fast when it cannot reach its prefill; if that prefill refuses us too, the
+                        # request never started anywhere and another pair should get it.
+                        await asyncio.wait({pf}, timeout=PREFILL_GRACE_S)
+                        early = _prefill_failure(pf, prefill) if pf.done() else None
+                        if isinstance(early, _ConnectFailed):
+                            if stream:
+                                await self._close(decode, answer)
+                            answer = None
+                            raise early
                     return answer
         finally:
             gone.cancel()

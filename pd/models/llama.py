@@ -105,7 +105,19 @@ def default_rotary(config: ModelConfig, max_position: int) -> RotaryEmbedding:
     return RotaryEmbedding(config.head_dim, config.rope_parameters, max_position)
 
 
-class LlamaForCausalLM(CausalLM):
+class GQACausalLM(CausalLM):
+    """A `DecoderModel` under `self.model` with grouped-query attention: K and V per layer, kv_heads x head_dim."""
+
+    config: ModelConfig
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(batch)
+
+    def kv_layout(self) -> list[tuple[int, int]]:
+        return [(self.config.num_kv_heads, self.config.head_dim)] * 2
+
+
+class LlamaForCausalLM(GQACausalLM):
     def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
         super().__init__()
         bias = bool(config.get("attention_bias", False))
@@ -118,8 +130,3 @@ class LlamaForCausalLM(CausalLM):
         self.model = DecoderModel(config, make_layer, default_rotary(config, max_position))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model(batch)
-
-    def kv_layout(self) -> list[tuple[int, int]]:
-        return [(self.config.num_kv_heads, self.config.head_dim)] * 2

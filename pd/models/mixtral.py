@@ -9,10 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pd.engine.forward_batch import ForwardBatch
-from pd.models.base import CausalLM
 from pd.models.config import ModelConfig, ModelConfigError
-from pd.models.llama import Attention, DecoderLayer, DecoderModel, default_rotary
+from pd.models.llama import Attention, DecoderLayer, DecoderModel, GQACausalLM, default_rotary
 from pd.moe.context import MoeContext
 from pd.moe.layer import FusedMoE
 from pd.moe.topk import TopKConfig
@@ -66,7 +64,7 @@ class SparseMoeBlock(nn.Module):
         return self.experts(x_TH, self.gate(x_TH))
 
 
-class MixtralForCausalLM(CausalLM):
+class MixtralForCausalLM(GQACausalLM):
     """Mixtral-8x7B/8x22B layout: every layer is attention + `block_sparse_moe` (no shared experts)."""
 
     def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
@@ -83,9 +81,3 @@ class MixtralForCausalLM(CausalLM):
         self.config = config
         self.model = DecoderModel(config, make_layer, default_rotary(config, max_position))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model(batch)
-
-    def kv_layout(self) -> list[tuple[int, int]]:
-        return [(self.config.num_kv_heads, self.config.head_dim)] * 2

@@ -5,19 +5,16 @@ Sparse and dense layers follow the same `decoder_sparse_step` / `mlp_only_layers
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from pd.engine.forward_batch import ForwardBatch
-from pd.models.base import CausalLM
 from pd.models.config import ModelConfig
-from pd.models.llama import Attention, DecoderLayer, DecoderModel, DenseMLP, default_rotary
+from pd.models.llama import Attention, DecoderLayer, DecoderModel, DenseMLP, GQACausalLM, default_rotary
 from pd.models.mixtral import SparseMoeBlock, check_supported, num_routed_experts
 from pd.models.qwen2_moe import is_sparse_layer, qwen_sliding_window, qwen_topk
 from pd.moe.context import MoeContext
 
 
-class Qwen3MoeForCausalLM(CausalLM):
+class Qwen3MoeForCausalLM(GQACausalLM):
     def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
         super().__init__()
         check_supported(config, max_position, qwen_sliding_window(config))
@@ -37,9 +34,3 @@ class Qwen3MoeForCausalLM(CausalLM):
         self.config = config
         self.model = DecoderModel(config, make_layer, default_rotary(config, max_position))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model(batch)
-
-    def kv_layout(self) -> list[tuple[int, int]]:
-        return [(self.config.num_kv_heads, self.config.head_dim)] * 2
