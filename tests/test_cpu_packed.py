@@ -19,6 +19,7 @@ from pd.moe.runner import get_runner
 from pd.moe.runner.cpu_packed import CpuPackedMoeRunner
 from pd.moe.runner.torch_ref import TorchMoeRunner
 from pd.server_args import resolve_moe_runner
+from tests.test_moe_runner import random_case
 from tests.tiny_checkpoints import load_hf, make_checkpoint
 
 needs_mkldnn = pytest.mark.skipif(not mkldnn_packable(torch.float32, "cpu"), reason="oneDNN is not available")
@@ -103,21 +104,9 @@ def test_pack_linears_swaps_packable_linears_and_keeps_parameters() -> None:
 # ---- cpu_packed MoE runner ----
 
 
-def _routing_case(
-    seed: int, num_tokens: int, top_k: int, num_experts: int, used_experts: int, foreign_frac: float,
-    dtype: torch.dtype, hidden: int = 64, inter: int = 40,
-) -> tuple[DispatchOutput, torch.Tensor, torch.Tensor]:
-    """Distinct expert ids per token from ``used_experts`` randomly chosen experts (the others get no token);
-    a ``foreign_frac`` share of slots is -1 (another rank's expert)."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.rand(num_tokens, used_experts, generator=gen).argsort(dim=-1)[:, :top_k]
-    ids = torch.randperm(num_experts, generator=gen)[:used_experts][perm]
-    ids = ids.masked_fill(torch.rand(num_tokens, top_k, generator=gen) < foreign_frac, -1)
-    weights = torch.rand(num_tokens, top_k, generator=gen)
-    hidden_NH = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype)
-    w2 = (torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
-    return DispatchOutput(hidden_NH, ids.to(torch.int64), weights, handle=object()), w13, w2
+def _routing_case(*args: Any, **kwargs: Any) -> tuple[DispatchOutput, torch.Tensor, torch.Tensor]:
+    """The runner tests' random routing (distinct ids per token, unused experts, -1 slots), at wider shapes."""
+    return random_case(*args, **{"hidden": 64, "inter": 40, **kwargs})
 
 
 ROUTING_CASES = [

@@ -30,7 +30,7 @@ def _naive_moe(
     return out
 
 
-def _random_case(
+def random_case(
     seed: int,
     num_tokens: int,
     top_k: int,
@@ -73,7 +73,7 @@ CASES = [
 def test_runner_matches_loop_reference_fp32(
     case: tuple[int, int, int, int, float], seed: int, use_grouped_mm: bool | None
 ) -> None:
-    dispatched, w13, w2 = _random_case(seed, *case, dtype=torch.float32)
+    dispatched, w13, w2 = random_case(seed, *case, dtype=torch.float32)
     out = TorchMoeRunner(use_grouped_mm=use_grouped_mm).run(dispatched, w13, w2)
     ref = _naive_moe(dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, w13, w2)
     assert out.hidden_states.dtype == torch.float32 and out.handle is dispatched.handle
@@ -85,7 +85,7 @@ def test_runner_matches_loop_reference_fp32(
 def test_runner_matches_loop_reference_bf16(
     case: tuple[int, int, int, int, float], use_grouped_mm: bool | None
 ) -> None:
-    dispatched, w13, w2 = _random_case(5, *case, dtype=torch.bfloat16)
+    dispatched, w13, w2 = random_case(5, *case, dtype=torch.bfloat16)
     out = TorchMoeRunner(use_grouped_mm=use_grouped_mm).run(dispatched, w13, w2)
     ref = _naive_moe(dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, w13, w2)
     assert out.hidden_states.dtype == torch.bfloat16
@@ -94,28 +94,28 @@ def test_runner_matches_loop_reference_bf16(
 
 
 def test_grouped_mm_and_expert_loop_agree_exactly() -> None:
-    dispatched, w13, w2 = _random_case(9, 64, 4, 32, 20, 0.2, dtype=torch.float32, hidden=128, inter=96)
+    dispatched, w13, w2 = random_case(9, 64, 4, 32, 20, 0.2, dtype=torch.float32, hidden=128, inter=96)
     a = TorchMoeRunner(use_grouped_mm=True).run(dispatched, w13, w2).hidden_states
     b = TorchMoeRunner(use_grouped_mm=False).run(dispatched, w13, w2).hidden_states
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_all_slots_foreign_gives_zeros() -> None:
-    dispatched, w13, w2 = _random_case(2, 9, 2, 4, 4, 1.0, dtype=torch.float32)
+    dispatched, w13, w2 = random_case(2, 9, 2, 4, 4, 1.0, dtype=torch.float32)
     out = TorchMoeRunner().run(dispatched, w13, w2).hidden_states
     assert out.shape == dispatched.hidden_states.shape
     assert torch.count_nonzero(out) == 0
 
 
 def test_out_of_range_local_id_rejected() -> None:
-    dispatched, w13, w2 = _random_case(3, 5, 2, 4, 4, 0.0, dtype=torch.float32)
+    dispatched, w13, w2 = random_case(3, 5, 2, 4, 4, 0.0, dtype=torch.float32)
     dispatched.topk_ids[0, 0] = 4
     with pytest.raises(ValueError, match="num_local_experts"):
         TorchMoeRunner().run(dispatched, w13, w2)
 
 
 def test_unknown_activation_rejected() -> None:
-    dispatched, w13, w2 = _random_case(3, 5, 2, 4, 4, 0.0, dtype=torch.float32)
+    dispatched, w13, w2 = random_case(3, 5, 2, 4, 4, 0.0, dtype=torch.float32)
     with pytest.raises(ValueError, match="activation"):
         TorchMoeRunner().run(dispatched, w13, w2, activation="relu6")
 
