@@ -1,17 +1,37 @@
 """The ``deepep`` backend: DeepEP's normal and low-latency buffers behind our Dispatcher contract.
 
-Written against DeepEP's documented Python API (deepseek-ai/DeepEP ``deep_ep/buffer.py``: ``Buffer``,
-``get_dispatch_layout``, ``dispatch``, ``combine``, ``low_latency_dispatch``, ``low_latency_combine`` and the
-buffer-size hints; DeepEP-Ascend in sgl-project/sgl-kernel-npu exposes the same names). NOT RUN in this
-repository's CI: ``deep_ep`` needs NVIDIA GPUs with NVSHMEM (or Ascend NPUs with HCCL). What is tested on CPU is
-the registry entry and the clear ImportError without the package; the adapters below follow the documented
-shapes and have not been executed against a real Buffer.
+Checked against the ``deep_ep`` the GPU machine runs (PyPI ``tokenspeed-deepep==1.2.1.post20251110``, the
+DeepEP legacy API: its ``deep_ep/buffer.py`` and the assertion strings of its ``deep_ep_cpp`` extension), and
+against deepseek-ai/DeepEP ``csrc/kernels/intranode.cu``:
+
+- ``Buffer(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=, num_qps_per_rank=, explicitly_destroy=)``;
+  ``get_dispatch_config`` / ``get_combine_config`` exist for 2, 4, 8, 16, ... ranks only (intranode kernels are
+  compiled for 2, 4 and 8), and their ``get_nvl_buffer_size_hint`` / ``get_rdma_buffer_size_hint``.
+- ``get_dispatch_layout(topk_idx, num_experts)`` -> (per rank, per RDMA rank or None, per expert, is_token_in_rank,
+  event); ``dispatch(x, topk_idx=, topk_weights=, num_tokens_per_rank=, ...)`` -> (recv_x, recv_topk_idx,
+  recv_topk_weights, per-local-expert counts as a Python list, handle, event); the kernel rewrites received ids to
+  LOCAL ids and -1 for other ranks' slots (weight 0 there). ``combine(x, handle)`` -> (x, weights, event): an
+  unweighted sum over ranks, accumulated in float32.
+- ``topk_idx`` must have dtype ``deep_ep.topk_idx_t`` (int64 in this build; older releases lack the name and take
+  int64), and the received ids come back in it: both are converted here.
+- dtypes: intranode dispatch copies rows as raw 16-byte words (with the SM90 kernels a row must be a multiple of
+  32 bytes and at most 16368 bytes, half of it staged per warp: hidden <= 8184 in bf16), but combine and both
+  low-latency kernels take bfloat16 only, so the model must run in bf16 on this backend.
+- ``low_latency_dispatch(x, topk_idx, C, E, use_fp8=False)`` -> (recv_x [E_local, R * C, H], recv_count [E_local]
+  int32, handle, event, hook), rows of expert e valid up to recv_count[e]; ``low_latency_combine(x, topk_idx,
+  topk_weights, handle)`` -> (combined [T, H], event, hook), weighted.
+
+Run: nothing here has run against a real Buffer yet. tests/test_deepep_gpu.py (normal mode, EP=2/4, against the
+single-rank reference) and benchmarks/bench_dispatch.py are written for the H200 machine. Low-latency mode cannot
+run there (DeepEP asserts in its IBGDA setup without InfiniBand NICs), so that path is checked only against the
+documented shapes and the one-rank fake buffer of tests/test_dispatchers.py. DeepEP-Ascend (sgl-kernel-npu)
+exposes the same names; it is not checked here.
 
 Mapping onto DispatchOutput:
 
-- normal: DeepEP already returns what our runners take: ``recv_x [N, H]``, ``recv_topk_idx [N, K]`` int64 with
-  LOCAL expert ids and -1 for slots of other ranks, ``recv_topk_weights [N, K]`` float32. ``combine`` sums the
-  per-rank partials without weights, as our contract (the runner applies the weights) requires.
+- normal: DeepEP already returns what our runners take: ``recv_x [N, H]``, ``recv_topk_idx [N, K]`` with LOCAL
+  expert ids and -1 for slots of other ranks, ``recv_topk_weights [N, K]`` float32. ``combine`` sums the per-rank
+  partials without weights, as our contract (the runner applies the weights) requires.
 - low_latency: DeepEP returns an expert-major ``[E_local, R * C, H]`` tensor plus per-expert counts, and its
   combine applies the routing weights itself. We expose each row as a token with one slot: ``topk_ids [E_local *
   R * C, 1]`` = the row's local expert, or -1 beyond that expert's count; ``topk_weights`` = 1. The runner's
@@ -57,6 +77,7 @@ def make_deepep_buffer(
     num_experts: int,
     max_tokens_per_rank: int,
     hidden_bytes_per_elem: int = 2,
+    explicitly_destroy: bool = False,
 ) -> Any:
     """Allocate one ``deep_ep.Buffer`` sized by DeepEP's own hints. Share it across all MoE layers of a process:
     it pins device memory and registers it with every peer, so allocate it once, not per layer.
@@ -67,18 +88,39 @@ def make_deepep_buffer(
             from ``get_low_latency_rdma_size_hint``, one QP per local expert, as DeepEP's README does).
         hidden_size: H. num_experts: E. max_tokens_per_rank: low-latency capacity C.
         hidden_bytes_per_elem: bytes per hidden element used for the normal-mode hint (2 for bf16).
+        explicitly_destroy: the caller will call ``buffer.destroy()`` (on every rank) instead of leaving the release
+            to the destructor, which DeepEP warns can hang Python's exception handling.
+
+    Raises:
+        ValueError: normal mode on a rank count DeepEP has no config for (it has 2, 4, 8, then multiples of 8).
     """
     deep_ep = import_deep_ep()
     num_ranks = group.size()
     if mode == "low_latency":
         rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(max_tokens_per_rank, hidden_size, num_ranks, num_experts)
-        return deep_ep.Buffer(group, 0, rdma, low_latency_mode=True, num_qps_per_rank=max(1, num_experts // num_ranks))
+        return deep_ep.Buffer(
+            group,
+            0,
+            rdma,
+            low_latency_mode=True,
+            num_qps_per_rank=max(1, num_experts // num_ranks),
+            explicitly_destroy=explicitly_destroy,
+        )
+    try:
+        # DeepEP's config tables assert on other rank counts (a KeyError under python -O); fail before any
+        # collective, on every rank alike, with what to change.
+        configs = (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks))
+    except (AssertionError, KeyError):
+        raise ValueError(
+            f"DeepEP normal mode has no config for {num_ranks} ranks (2, 4 and 8 within a node, then multiples of "
+            "8); choose another --ep or use --moe-a2a-backend torch"
+        ) from None
     hidden_bytes = hidden_size * hidden_bytes_per_elem
     nvl_bytes, rdma_bytes = 0, 0
-    for config in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)):
+    for config in configs:
         nvl_bytes = max(nvl_bytes, config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks))
         rdma_bytes = max(rdma_bytes, config.get_rdma_buffer_size_hint(hidden_bytes, num_ranks))
-    return deep_ep.Buffer(group, nvl_bytes, rdma_bytes)
+    return deep_ep.Buffer(group, nvl_bytes, rdma_bytes, explicitly_destroy=explicitly_destroy)
 
 
 @dataclass(frozen=True)
@@ -127,7 +169,10 @@ class DeepEPDispatcher(Dispatcher):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"deepep dispatcher mode must be one of {MODES}, got {mode!r}")
-        import_deep_ep()
+        deep_ep = import_deep_ep()
+        # The id dtype DeepEP's kernels are built for (an int64 in the builds seen); releases without the name
+        # take int64.
+        self.topk_idx_dtype = getattr(deep_ep, "topk_idx_t", torch.int64)
         self.mode = mode
         self.num_experts = num_experts
         self.num_local_experts = ctx.num_local(num_experts)
@@ -150,7 +195,8 @@ class DeepEPDispatcher(Dispatcher):
         received counts), low_latency does not.
 
         Args:
-            hidden_TH: [T, H] bfloat16 (DeepEP's supported dtype). topk: ids [T, K] int64, weights [T, K] float32.
+            hidden_TH: [T, H] bfloat16 (combine and low_latency take nothing else). topk: ids [T, K] int64 (cast to
+                ``deep_ep.topk_idx_t``), weights [T, K] float32.
 
         Returns:
             normal: hidden [N, H], local ids [N, K] (-1 = other rank), weights [N, K] float32.
@@ -160,7 +206,9 @@ class DeepEPDispatcher(Dispatcher):
         Raises:
             ValueError: low_latency with T > max_tokens_per_rank.
         """
-        ids_TK = topk.topk_ids.contiguous()
+        # DeepEP asserts contiguous inputs and an exact id dtype rather than converting.
+        hidden_TH = hidden_TH.contiguous()
+        ids_TK = topk.topk_ids.to(self.topk_idx_dtype).contiguous()
         weights_TK = topk.topk_weights.float().contiguous()
         if self.mode == "low_latency":
             return self._dispatch_low_latency(hidden_TH, ids_TK, weights_TK)
@@ -176,7 +224,8 @@ class DeepEPDispatcher(Dispatcher):
             is_token_in_rank=is_token_in_rank,
             num_tokens_per_expert=num_per_expert,
         )
-        return DispatchOutput(recv_x, recv_ids, recv_weights, DeepEPNormalHandle(handle, list(recv_per_expert)))
+        ours = DeepEPNormalHandle(handle, list(recv_per_expert))
+        return DispatchOutput(recv_x, recv_ids.long(), recv_weights, ours)
 
     def _dispatch_low_latency(
         self, hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
@@ -201,7 +250,7 @@ class DeepEPDispatcher(Dispatcher):
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
         """Combine through DeepEP. Synchronous. Returns [T, H] in this rank's token order, summed over ranks."""
         handle = combine_input.handle
-        x_NH = combine_input.hidden_states
+        x_NH = combine_input.hidden_states.contiguous()
         if isinstance(handle, DeepEPLowLatencyHandle):
             x_ERH = x_NH.view(handle.num_local_experts, handle.rows_per_expert, x_NH.shape[-1])
             combined, _, _ = self.buffer.low_latency_combine(

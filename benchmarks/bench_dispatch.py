@@ -1,0 +1,518 @@
+"""Expert-parallel dispatch + combine: our ``torch`` dispatcher (normal; low_latency eager and replayed in a CUDA
+graph) against DeepEP normal mode (through our ``deepep`` backend) and a raw ``all_to_all_single`` moving the same
+bytes, all measured in the same run.
+
+Per size, every rank holds T tokens of hidden H and routes each to K of E experts, uniformly without replacement,
+drawn fresh every iteration from a seeded generator (every backend sees the same sequence). EP = number of ranks,
+experts placed contiguously. Between dispatch and combine each rank runs a stand-in expert, untimed:
+y = x * sum over its local slots of w_k * s_e, with a fixed random scale s_e per expert. An iteration: synchronise,
+barrier, then CUDA events (perf_counter on CPU, where gloo is synchronous) around dispatch and around combine.
+An iteration's time is the slowest rank's; the tables show the median over iterations.
+
+raw_all_to_all: what a deduplicating dispatcher must move, and nothing else: each token once to every distinct
+rank owning one of its experts (itself included), H elements per row, then the same rows back. Counts are
+exchanged untimed. It is the floor for the collectives our torch dispatcher is built on.
+
+Correctness: the first (warm-up) iteration of every backend compares the combined output with the single-process
+reference x * sum_k w_k * s_{e_k}. All terms share the sign of x, so the bf16 error is a relative one: each rank's
+partial is rounded once and the home rank adds at most EP of them, so (EP + 2) * 2^-8 (bf16's unit roundoff) bounds
+it. A backend over the bound prints FAIL and fails the targets, so a fast but wrong dispatcher cannot pass.
+
+Usage (one process per GPU, NCCL):
+    python benchmarks/bench_dispatch.py [--ep N] [--tokens 128 1024 4096] [--out result.json]
+CPU smoke check (gloo; DeepEP and CUDA graphs are skipped with the reason printed):
+    python benchmarks/bench_dispatch.py --device cpu --ep 2 --tokens 16 --hidden 64 --experts 8 --topk 2 --iters 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import shlex
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pd.moe.context import MoeContext  # noqa: E402
+from pd.moe.dispatcher import get_dispatcher  # noqa: E402
+from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput  # noqa: E402
+from pd.moe.dispatcher.deepep import make_deepep_buffer  # noqa: E402 - imports deep_ep only when called
+from pd.moe.dispatcher.routing import owner_rank, token_rank_mask  # noqa: E402
+from pd.moe.topk import TopKOutput  # noqa: E402
+
+DTYPE = torch.bfloat16
+TARGET_NORMAL_VS_DEEPEP = 1.5
+TARGET_LL_TOKENS, TARGET_LL_US = 128, 150.0
+
+
+# ---- one backend = prepare (untimed) / dispatch (timed) / expert (untimed) / combine (timed) -------------------
+
+
+def expert_output(out: DispatchOutput, scales_E: torch.Tensor, first_expert: int) -> CombineInput:
+    """The stand-in expert: each received row times the sum of its local slots' weight * expert scale."""
+    ids_NK = out.topk_ids
+    scale_NK = torch.where(ids_NK >= 0, scales_E[ids_NK.clamp(min=0) + first_expert], 0.0) * out.topk_weights
+    y_NH = out.hidden_states.float() * scale_NK.sum(dim=-1, keepdim=True)
+    return CombineInput(y_NH.to(out.hidden_states.dtype), out.handle)
+
+
+class DispatcherCase:
+    """A pd Dispatcher run eagerly."""
+
+    def __init__(self, dispatcher: Dispatcher, expert: Callable[[DispatchOutput], CombineInput]) -> None:
+        self.dispatcher, self.expert = dispatcher, expert
+
+    def prepare(self, x_TH: torch.Tensor, topk: TopKOutput) -> None:
+        self.x_TH, self.topk = x_TH, topk
+
+    def dispatch(self) -> DispatchOutput:
+        return self.dispatcher.dispatch(self.x_TH, self.topk)
+
+    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+        return self.dispatcher.combine(combine_input)
+
+
+class GraphCase:
+    """A static-shape dispatcher captured as two CUDA graphs (dispatch; combine) and replayed. Routing is copied
+    into the captured input tensors before each replay, the expert's output into the captured combine input."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        expert: Callable[[DispatchOutput], CombineInput],
+        x_TH: torch.Tensor,
+        topk: TopKOutput,
+    ) -> None:
+        self.x_TH = x_TH
+        self.topk = TopKOutput(topk.topk_ids.clone(), topk.topk_weights.clone(), None)
+        self.expert_fn = expert
+        self.dispatch_graph, self.combine_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        # thread_local: ProcessGroupNCCL's watchdog thread queries CUDA events while we capture.
+        with torch.cuda.graph(self.dispatch_graph, capture_error_mode="thread_local"):
+            self.out = dispatcher.dispatch(self.x_TH, self.topk)
+        self.y = expert(self.out)
+        with torch.cuda.graph(self.combine_graph, capture_error_mode="thread_local"):
+            self.combined = dispatcher.combine(self.y)
+
+    def prepare(self, x_TH: torch.Tensor, topk: TopKOutput) -> None:
+        assert x_TH is self.x_TH, "the graph was captured on another hidden tensor"
+        self.topk.topk_ids.copy_(topk.topk_ids)
+        self.topk.topk_weights.copy_(topk.topk_weights)
+
+    def dispatch(self) -> DispatchOutput:
+        self.dispatch_graph.replay()
+        return self.out
+
+    def expert(self, out: DispatchOutput) -> CombineInput:
+        self.y.hidden_states.copy_(self.expert_fn(out).hidden_states)
+        return self.y
+
+    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+        self.combine_graph.replay()
+        return self.combined
+
+
+class RawCase:
+    """all_to_all_single of the rows a deduplicating dispatcher moves (see the module docstring); no check."""
+
+    def __init__(self, group: dist.ProcessGroup, num_local_experts: int) -> None:
+        self.group, self.num_local_experts = group, num_local_experts
+
+    def prepare(self, x_TH: torch.Tensor, topk: TopKOutput) -> None:
+        ranks = dist.get_world_size(self.group)
+        sent_TR = token_rank_mask(owner_rank(topk.topk_ids, self.num_local_experts), ranks)
+        send_R = sent_TR.sum(dim=0)
+        recv_R = torch.empty_like(send_R)
+        dist.all_to_all_single(recv_R, send_R, group=self.group)
+        self.send_splits, self.recv_splits = send_R.tolist(), recv_R.tolist()
+        self.send = x_TH.new_empty(sum(self.send_splits), x_TH.shape[1])
+        self.recv = x_TH.new_empty(sum(self.recv_splits), x_TH.shape[1])
+        self.back = torch.empty_like(self.send)
+
+    def dispatch(self) -> torch.Tensor:
+        dist.all_to_all_single(self.recv, self.send, self.recv_splits, self.send_splits, group=self.group)
+        return self.recv
+
+    def expert(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def combine(self, rows: torch.Tensor) -> torch.Tensor:
+        dist.all_to_all_single(self.back, rows, self.send_splits, self.recv_splits, group=self.group)
+        return self.back
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Timestamps on the device timeline: CUDA events on GPU; perf_counter on CPU, where every op is synchronous."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def stamp(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def us(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) * 1e3 if self.cuda else (end - start) * 1e6
+
+
+def make_draw(seed: int, tokens: int, experts: int, top_k: int, device: torch.device) -> Callable[[], TopKOutput]:
+    """Routing source: uniform top-k without replacement (top-k of uniform scores) and uniform weights in [0, 1)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw() -> TopKOutput:
+        ids = torch.rand(tokens, experts, generator=gen, device=device).topk(top_k, dim=-1).indices
+        weights = torch.rand(tokens, top_k, generator=gen, device=device)
+        return TopKOutput(ids, weights, None)
+
+    return draw
+
+
+def reference_error(combined: torch.Tensor, x_TH: torch.Tensor, topk: TopKOutput, scales_E: torch.Tensor) -> float:
+    """Largest relative error of ``combined`` against x * sum_k w_k * s_{e_k}, computed here in float32."""
+    ref_TH = x_TH.float() * (topk.topk_weights * scales_E[topk.topk_ids]).sum(dim=-1, keepdim=True)
+    return ((combined.float() - ref_TH).abs() / (ref_TH.abs() + 1e-30)).max().item()
+
+
+def time_case(
+    case: Any,
+    x_TH: torch.Tensor,
+    draw: Callable[[], TopKOutput],
+    clock: Clock,
+    warmup: int,
+    iters: int,
+    scales_E: torch.Tensor | None,
+) -> tuple[list[tuple[float, float]], float | None]:
+    """Run warmup + iters iterations; return this rank's (dispatch us, combine us) of the timed ones, and the
+    reference error of the first iteration (None without scales, i.e. no check)."""
+    times, error = [], None
+    for i in range(warmup + iters):
+        topk = draw()
+        case.prepare(x_TH, topk)
+        clock.sync()
+        dist.barrier()
+        t0 = clock.stamp()
+        out = case.dispatch()
+        t1 = clock.stamp()
+        combine_input = case.expert(out)
+        t2 = clock.stamp()
+        combined = case.combine(combine_input)
+        t3 = clock.stamp()
+        clock.sync()
+        if i == 0 and scales_E is not None:
+            error = reference_error(combined, x_TH, topk, scales_E)
+        if i >= warmup:
+            times.append((clock.us(t0, t1), clock.us(t2, t3)))
+    return times, error
+
+
+def summarize(per_rank: list[list[tuple[float, float]]]) -> dict[str, float]:
+    """Medians over iterations of the slowest rank's dispatch, combine and dispatch + combine."""
+    dispatch, combine, total = [], [], []
+    for samples in zip(*per_rank, strict=True):
+        dispatch.append(max(d for d, _ in samples))
+        combine.append(max(c for _, c in samples))
+        total.append(max(d + c for d, c in samples))
+    return {
+        "dispatch_us": statistics.median(dispatch),
+        "combine_us": statistics.median(combine),
+        "total_us": statistics.median(total),
+    }
+
+
+# ---- per-rank driver ---------------------------------------------------------------------------------------------
+
+
+def _deepep_buffer(args: argparse.Namespace, group: dist.ProcessGroup) -> tuple[Any, str | None]:
+    """(DeepEP normal-mode buffer, None), or (None, why DeepEP is skipped). The same answer on every rank."""
+    if args.device != "cuda":
+        return None, "deep_ep needs CUDA (--device cpu)"
+    try:
+        buffer = make_deepep_buffer(
+            group,
+            mode="normal",
+            hidden_size=args.hidden,
+            num_experts=args.experts,
+            max_tokens_per_rank=max(args.tokens),
+            explicitly_destroy=True,
+        )
+    except Exception as exc:  # noqa: BLE001 - report why and measure the rest (a failure on all ranks alike)
+        return None, f"deep_ep unusable here: {exc!r}"
+    return buffer, None
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int, command: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", rank=rank, world_size=args.ep, device_id=device if cuda else None
+    )
+    try:
+        _run(rank, args, device, command)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(rank: int, args: argparse.Namespace, device: torch.device, command: str) -> None:
+    group = dist.group.WORLD
+    assert group is not None
+    ep, clock = args.ep, Clock(device.type == "cuda")
+    ctx = MoeContext(ep_rank=rank, ep_size=ep, group=group)
+    num_local = ctx.num_local(args.experts)
+    first_expert = rank * num_local
+    # The same per-expert scales on every rank, in [0.5, 1.5): a slot credited to the wrong expert moves its token by
+    # w * |s - s'| (1/3 * w on average) against a sum of K such terms, far above the bf16 bound for some tokens.
+    scales_E = 0.5 + torch.rand(args.experts, generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    def expert(out: DispatchOutput) -> CombineInput:
+        return expert_output(out, scales_E, first_expert)
+
+    skipped: dict[str, str] = {}
+    buffer, reason = _deepep_buffer(args, group)
+    if reason:
+        skipped["deepep_normal"] = reason
+    if device.type != "cuda":
+        skipped["torch_low_latency_graph"] = "CUDA graphs need --device cuda"
+
+    results: list[dict[str, Any]] = []
+    for size_index, tokens in enumerate(args.tokens):
+        x_TH = torch.randn(
+            tokens, args.hidden, generator=torch.Generator(device=device).manual_seed(args.seed + rank), device=device
+        ).to(DTYPE)
+        seed = args.seed * 7919 + size_index * 1009 + rank  # one routing sequence per (size, rank), every backend
+
+        def draw_fn(seed: int = seed, tokens: int = tokens) -> Callable[[], TopKOutput]:
+            """A fresh routing source; the same default seed gives every backend the same routings."""
+            return make_draw(seed, tokens, args.experts, args.topk, device)
+
+        cases: list[tuple[str, Any, bool]] = [("raw_all_to_all", RawCase(group, num_local), False)]
+        if buffer is not None:
+            deepep = get_dispatcher("deepep", ctx, num_experts=args.experts, mode="normal", buffer=buffer)
+            cases.append(("deepep_normal", DispatcherCase(deepep, expert), True))
+        normal = get_dispatcher("torch", ctx, num_experts=args.experts, mode="normal")
+        low_latency = get_dispatcher(
+            "torch", ctx, num_experts=args.experts, mode="low_latency", max_tokens_per_rank=tokens
+        )
+        cases.append(("torch_normal", DispatcherCase(normal, expert), True))
+        cases.append(("torch_low_latency", DispatcherCase(low_latency, expert), True))
+
+        for name, case, checked in cases:
+            times, error = time_case(
+                case, x_TH, draw_fn(), clock, args.warmup, args.iters, scales_E if checked else None
+            )
+            results.append({"tokens_per_rank": tokens, "backend": name, "times": times, "error": error})
+
+        # After the eager low_latency runs, so NCCL and the allocator are warm, as capture requires.
+        if "torch_low_latency_graph" not in skipped:
+            graph, failure = None, ""
+            try:
+                graph = GraphCase(low_latency, expert, x_TH, draw_fn(seed + 1)())
+            except Exception as exc:  # noqa: BLE001 - any capture failure is reported, not fatal
+                failure = f"capture failed on rank {rank}: {exc!r}"
+            failures: list[str] = [""] * ep
+            dist.all_gather_object(failures, failure)
+            if any(failures):
+                skipped["torch_low_latency_graph"] = next(f for f in failures if f)
+            else:
+                times, error = time_case(graph, x_TH, draw_fn(), clock, args.warmup, args.iters, scales_E)
+                results.append(
+                    {"tokens_per_rank": tokens, "backend": "torch_low_latency_graph", "times": times, "error": error}
+                )
+            del graph
+        del x_TH
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    gathered: list[Any] = [None] * ep
+    dist.all_gather_object(gathered, results)
+    if buffer is not None:
+        buffer.destroy()
+    dist.barrier()
+    if rank == 0:
+        _report(args, gathered, skipped, device, command)
+
+
+# ---- report (rank 0) ---------------------------------------------------------------------------------------------
+
+
+def _versions(device: torch.device) -> dict[str, Any]:
+    nccl: Any = None
+    if device.type == "cuda":
+        version = torch.cuda.nccl.version()
+        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    deep_ep = None
+    for dist_name in ("tokenspeed-deepep", "deep_ep", "deep-ep"):
+        try:
+            deep_ep = f"{dist_name} {importlib.metadata.version(dist_name)}"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"torch": torch.__version__, "nccl": nccl, "deep_ep": deep_ep}
+
+
+def _rows(args: argparse.Namespace, gathered: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (size, backend): medians over the slowest rank, worst error over ranks, ratios."""
+    rows = []
+    bound = (args.ep + 2) * 2.0**-8
+    for i, first in enumerate(gathered[0]):
+        entries = [per_rank[i] for per_rank in gathered]
+        errors = [e["error"] for e in entries]
+        row: dict[str, Any] = {"tokens_per_rank": first["tokens_per_rank"], "backend": first["backend"]}
+        row.update(summarize([e["times"] for e in entries]))
+        row["max_rel_err"] = None if errors[0] is None else max(errors)
+        row["check"] = "n/a" if errors[0] is None else ("ok" if max(errors) <= bound else "FAIL")
+        rows.append(row)
+    for row in rows:
+        peers = {r["backend"]: r for r in rows if r["tokens_per_rank"] == row["tokens_per_rank"]}
+        for key, peer in (("vs_deepep", "deepep_normal"), ("vs_raw", "raw_all_to_all")):
+            row[key] = row["total_us"] / peers[peer]["total_us"] if peer in peers else None
+    return rows
+
+
+def _targets(args: argparse.Namespace, rows: list[dict[str, Any]], skipped: dict[str, str]) -> list[dict[str, Any]]:
+    def find(tokens: int, backend: str) -> dict[str, Any] | None:
+        return next((r for r in rows if r["tokens_per_rank"] == tokens and r["backend"] == backend), None)
+
+    targets = []
+    for tokens in args.tokens:
+        name = f"torch normal within {TARGET_NORMAL_VS_DEEPEP}x of DeepEP normal at {tokens} tokens/rank"
+        ours, ref = find(tokens, "torch_normal"), find(tokens, "deepep_normal")
+        if ours is None or ref is None:
+            passed, detail = None, f"not measured: {skipped.get('deepep_normal', 'no DeepEP row')}"
+        else:
+            ratio = ours["total_us"] / ref["total_us"]
+            wrong = [r["backend"] for r in (ours, ref) if r["check"] != "ok"]
+            passed = ratio <= TARGET_NORMAL_VS_DEEPEP and not wrong
+            detail = f"{ratio:.2f}x ({ours['total_us']:.1f} vs {ref['total_us']:.1f} us)"
+            detail += f"; wrong results: {', '.join(wrong)}" if wrong else ""
+        targets.append({"name": name, "passed": passed, "detail": detail})
+
+    name = f"low_latency dispatch+combine at {TARGET_LL_TOKENS} tokens/rank < {TARGET_LL_US:.0f} us"
+    eager, graph = find(TARGET_LL_TOKENS, "torch_low_latency"), find(TARGET_LL_TOKENS, "torch_low_latency_graph")
+    if eager is None:
+        passed, detail = None, f"not measured: {TARGET_LL_TOKENS} is not in --tokens"
+    else:
+        # Decode replays its forward in a CUDA graph, so the graph time is the one the target is about.
+        judged = graph if graph is not None else eager
+        passed = judged["total_us"] < TARGET_LL_US and judged["check"] == "ok"
+        parts = [f"eager {eager['total_us']:.1f} us ({eager['check']})"]
+        if graph is not None:
+            parts.insert(0, f"graph {graph['total_us']:.1f} us ({graph['check']})")
+        else:
+            parts.append(f"no graph: {skipped.get('torch_low_latency_graph', '?')}")
+        detail = "; ".join(parts)
+    targets.append({"name": name, "passed": passed, "detail": detail})
+    return targets
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _report(
+    args: argparse.Namespace,
+    gathered: list[list[dict[str, Any]]],
+    skipped: dict[str, str],
+    device: torch.device,
+    command: str,
+) -> None:
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    raw_name = f"raw_all_to_all ({'nccl' if device.type == 'cuda' else 'gloo'})"
+    rows = _rows(args, gathered)
+    for tokens in args.tokens:
+        print(
+            f"\n== {tokens} tokens/rank, hidden {args.hidden}, top-{args.topk} of {args.experts} experts, "
+            f"EP={args.ep}, bf16, {card}; median of {args.iters}, slowest rank per iteration =="
+        )
+        print(f"{'backend':<26}{'dispatch us':>12}{'combine us':>12}{'total us':>11}{'/DeepEP':>9}{'/raw':>7}  check")
+        for r in (r for r in rows if r["tokens_per_rank"] == tokens):
+            name = raw_name if r["backend"] == "raw_all_to_all" else r["backend"]
+            print(
+                f"{name:<26}{r['dispatch_us']:>12.1f}{r['combine_us']:>12.1f}{r['total_us']:>11.1f}"
+                f"{_fmt(r['vs_deepep'], '.2f'):>9}{_fmt(r['vs_raw'], '.2f'):>7}  {r['check']}"
+                + (f" (max rel err {r['max_rel_err']:.1e})" if r["max_rel_err"] is not None else "")
+            )
+    for backend, reason in skipped.items():
+        print(f"skipped {backend}: {reason}")
+    targets = _targets(args, rows, skipped)
+    print()
+    for t in targets:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["passed"]]
+        print(f"TARGET {t['name']}: {verdict} ({t['detail']})")
+    if args.out:
+        result = {
+            "card": card,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "versions": _versions(device),
+            "dist_backend": "nccl" if device.type == "cuda" else "gloo",
+            "config": {k: v for k, v in vars(args).items() if k != "out"} | {"dtype": "bfloat16"},
+            "rows": rows,
+            "skipped": skipped,
+            "targets": targets,
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--ep", type=int, default=None, help="ranks; default: every visible GPU (2 on CPU)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 1024, 4096], help="tokens per rank")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first (the first one is checked)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.ep is None:
+        args.ep = torch.cuda.device_count() if args.device == "cuda" else 2
+    if args.device == "cuda" and args.ep > torch.cuda.device_count():
+        parser.error(f"--ep {args.ep} needs {args.ep} GPUs, {torch.cuda.device_count()} visible")
+    if args.ep < 2:
+        parser.error("--ep must be >= 2 (dispatch between ranks is what is measured)")
+    if args.experts % args.ep or args.topk > args.experts:
+        parser.error("--ep must divide --experts, and --topk must not exceed it")
+    if args.warmup < 1 or args.iters < 1:
+        parser.error("--warmup and --iters must be >= 1 (the first warm-up iteration is the correctness check)")
+    command = shlex.join([os.path.basename(sys.executable), *sys.argv])
+    mp.spawn(_worker, args=(args, _free_port(), command), nprocs=args.ep, join=True)
+
+
+if __name__ == "__main__":
+    main()
