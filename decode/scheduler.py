@@ -72,6 +72,8 @@ class DecodeScheduler(Scheduler):
             state = receiver.poll()
             if state == KVPoll.Success:
                 first = receiver.result()
+                # The KV landed in this rank's cache; the other ranks of the attention group need it too.
+                self.runner.share_pages(req.pages[: self._pages_for(len(req.prompt_ids))])
                 self.transferring.remove(req)
                 self.receivers.pop(req.rid)
                 req.num_computed = len(req.prompt_ids)

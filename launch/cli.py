@@ -38,8 +38,25 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif server_args.disaggregation_mode == "decode":
         from decode.scheduler import make_decode_scheduler as make_scheduler
 
+    if server_args.node_rank > 0:
+        return _serve_worker_node(server_args, make_scheduler)
     run_server(server_args, make_scheduler)
     return 0
+
+
+def _serve_worker_node(server_args: ServerArgs, make_scheduler: object) -> int:
+    """A node other than node 0 of a multi-node instance: its ranks only; the HTTP front runs on node 0."""
+    import dataclasses
+
+    from pd.dist.launch import run_worker_node
+    from pd.engine.engine_process import default_scheduler
+
+    if server_args.model_path is None:
+        from pd.default_model import build_default_model
+
+        path = build_default_model()
+        server_args = dataclasses.replace(server_args, model_path=path, tokenizer_path=path)
+    return run_worker_node(server_args, make_scheduler or default_scheduler)  # type: ignore[arg-type]
 
 
 def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

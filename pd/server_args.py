@@ -368,6 +368,11 @@ def _validate(a: ServerArgs) -> None:
         f"--deepep-mode {a.deepep_mode} cannot be used with --disaggregation-mode {a.disaggregation_mode}; "
         "drop --deepep-mode (auto picks the right one)",
     )
+    need(
+        a.deepep_mode != "low_latency" or a.disaggregation_mode != "null" or a.moe_a2a_backend == "none",
+        "--deepep-mode low_latency cannot run prefill batches (its buffers hold a decode batch); "
+        "use --deepep-mode auto, which dispatches prefill batches in normal mode",
+    )
     # Memory and scheduling.
     need(
         a.chunked_prefill_size == -1 or a.chunked_prefill_size >= a.page_size,
@@ -394,12 +399,13 @@ def _validate(a: ServerArgs) -> None:
 # What this build cannot run yet: (message with {a.<field>} placeholders, predicate). Remove a row when the
 # feature lands; nothing else needs to change.
 _NOT_IMPLEMENTED: tuple[tuple[str, Callable[[ServerArgs], bool]], ...] = (
-    ("--tp-size {a.tp_size}", lambda a: a.tp_size > 1),
-    ("--ep-size {a.ep_size}", lambda a: a.ep_size > 1),
-    ("--dp-size {a.dp_size}", lambda a: a.dp_size > 1),
     ("--pp-size {a.pp_size}", lambda a: a.pp_size > 1),
-    ("--nnodes {a.nnodes}", lambda a: a.nnodes > 1),
-    ("--moe-a2a-backend {a.moe_a2a_backend}", lambda a: a.moe_a2a_backend != "none"),
+    ("--moe-a2a-backend {a.moe_a2a_backend}", lambda a: a.moe_a2a_backend not in ("none", "torch", "deepep")),
+    ("--enable-dp-attention with --dp-size ({a.dp_size}) < --tp-size ({a.tp_size})",
+     lambda a: a.enable_dp_attention and a.dp_size != a.tp_size),
+    ("--enable-dp-attention with --disaggregation-mode {a.disaggregation_mode}",
+     lambda a: a.enable_dp_attention and a.dp_size > 1 and a.disaggregation_mode != "null"),
+    ("--enable-dp-attention with --nnodes {a.nnodes}", lambda a: a.enable_dp_attention and a.nnodes > 1),
     ("--moe-runner-backend {a.moe_runner_backend}", lambda a: a.moe_runner_backend not in ("torch", "cpu_packed")),
     ("--enable-two-batch-overlap", lambda a: a.enable_two_batch_overlap),
     ("--enable-single-batch-overlap", lambda a: a.enable_single_batch_overlap),

@@ -90,3 +90,30 @@ def test_our_instances_behind_sglang_router_equal_behind_our_lb(tmp_path):
         with pd_cluster(path, 1, 1, router=router, instance_args=INSTANCE_ARGS) as cluster:
             outputs[router] = run_all(cluster.url, prompts, 16, streams)
     assert outputs["sglang"] == outputs["pd"], f"seed {seed}"
+
+
+# Prefill and decode with different tensor-parallel sizes: every rank caches all KV heads (and MLA's latent), so the
+# leader's pages travel as they are and the decode leader shares them with its followers.
+TP_SPLITS = [
+    ("qwen3_moe", ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch"), ()),  # prefill: normal mode
+    ("deepseek_v3", (), ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch")),  # decode: low_latency mode
+    ("qwen3_moe", (), ("--tp", "2")),
+]
+
+
+@pytest.mark.parametrize(("arch", "prefill_args", "decode_args"), TP_SPLITS,
+                         ids=["qwen3-prefill-tp2", "dsv3-decode-tp2", "qwen3-decode-tp2-none"])
+def test_pd_with_different_tp_on_each_side_equals_pd_serve(arch, prefill_args, decode_args, tmp_path):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    path = make_checkpoint(arch, str(tmp_path / arch), seed=seed)
+    prompts = _prompts(seed, 8)
+    streams = [i % 2 == 1 for i in range(len(prompts))]
+    with pd_serve(path, *INSTANCE_ARGS) as url:
+        expected = run_all(url, prompts, 16, [False] * len(prompts))
+    with pd_cluster(path, 1, 1, instance_args=INSTANCE_ARGS, prefill_args=prefill_args,
+                    decode_args=decode_args) as cluster:
+        instances = [p.url for p in cluster.prefill + cluster.decode]
+        start = {u: kv_pages_free(u) for u in instances}
+        got = run_all(cluster.url, prompts, 16, streams)
+        assert got == expected, f"seed {seed}"
+        _wait_pages(instances, start)

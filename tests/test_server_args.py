@@ -181,16 +181,38 @@ def test_deepep_mode_auto_follows_disaggregation_mode(mode: str, want: str) -> N
 
 
 NOT_YET = [
-    ("--tp 2", ["--tp-size 2"]),
-    ("--tp 2 --ep 2 --moe-a2a-backend torch", ["--tp-size 2", "--ep-size 2", "--moe-a2a-backend torch"]),
-    ("--tp 2 --dp-size 2 --enable-dp-attention", ["--dp-size 2"]),
+    ("--tp 4 --dp-size 2 --enable-dp-attention", ["--enable-dp-attention with --dp-size (2) < --tp-size (4)"]),
+    ("--tp 2 --dp-size 2 --enable-dp-attention --disaggregation-mode decode",
+     ["--enable-dp-attention with --disaggregation-mode decode"]),
+    ("--tp 2 --dp-size 2 --enable-dp-attention --nnodes 2 --dist-init-addr 127.0.0.1:5000",
+     ["--enable-dp-attention with --nnodes 2"]),
     ("--pp-size 2", ["--pp-size 2"]),
-    ("--tp 2 --nnodes 2 --dist-init-addr 127.0.0.1:5000", ["--nnodes 2"]),
     ("--tp 2 --ep 2 --moe-a2a-backend torch --enable-two-batch-overlap", ["--enable-two-batch-overlap"]),
     ("--tp 2 --ep 2 --moe-a2a-backend torch --enable-single-batch-overlap", ["--enable-single-batch-overlap"]),
     ("--tp 2 --ep 2 --enable-eplb", ["--enable-eplb"]),
     ("--speculative-moe-runner-backend torch", ["--speculative-moe-runner-backend"]),
 ]
+
+PARALLEL_NOW_ACCEPTED = [
+    "--tp 2",
+    "--tp 2 --ep 2 --moe-a2a-backend torch",
+    "--tp 4 --ep 2",
+    "--tp 2 --dp-size 2 --enable-dp-attention",
+    "--tp 2 --nnodes 2 --dist-init-addr 127.0.0.1:5000",
+]
+
+
+@pytest.mark.parametrize("argv", PARALLEL_NOW_ACCEPTED)
+def test_parallel_layouts_parse(argv: str) -> None:
+    args = parse(argv)
+    assert args.world_size == args.tp_size
+
+
+def test_low_latency_only_mode_is_refused_for_a_unified_instance_with_an_all_to_all_backend() -> None:
+    with pytest.raises(ServerArgsError, match="--deepep-mode low_latency cannot run prefill batches"):
+        parse("--tp 2 --ep 2 --moe-a2a-backend torch --deepep-mode low_latency")
+    assert parse("--tp 2 --ep 2 --moe-a2a-backend torch --deepep-mode low_latency "
+                 "--disaggregation-mode decode").deepep_mode == "low_latency"
 
 
 @pytest.mark.parametrize(("argv", "flags"), NOT_YET, ids=[n[0] for n in NOT_YET])
@@ -208,6 +230,8 @@ def test_gpu_only_runner_and_npu_device_are_refused_as_not_implemented(monkeypat
         parse("--device cuda --moe-runner-backend triton")
     with pytest.raises(ServerArgsError, match="--device npu is not implemented yet"):
         parse("--device npu")
+    with pytest.raises(ServerArgsError, match="--moe-a2a-backend mori is not implemented yet"):
+        parse("--device cuda --tp 2 --ep 2 --moe-a2a-backend mori")
 
 
 def test_deepep_mode_without_ep_is_accepted() -> None:

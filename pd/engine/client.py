@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import multiprocessing as mp
+import os
+import signal
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
 
-from pd.engine.engine_process import SchedulerFactory, default_scheduler, run_engine
+from pd.dist.launch import RankProcesses
+from pd.engine.engine_process import SchedulerFactory, default_scheduler
 from pd.engine.io import AbortRequest, EngineStats, GenerateRequest, TokenOutput, from_dict, to_dict
 from pd.engine.model_runner import RunnerConfig
 from pd.engine.scheduler import SchedulerConfig
@@ -47,6 +50,9 @@ def scheduler_config(args: ServerArgs) -> SchedulerConfig:
 
 
 class EngineClient:
+    """Starts the instance's local rank processes and talks to their leaders: one leader, or one per DP-attention
+    group (a request then goes to the leader with the fewest requests in flight, and stays there)."""
+
     def __init__(
         self, server_args: ServerArgs, model_path: str, make_scheduler: SchedulerFactory = default_scheduler
     ) -> None:
@@ -55,89 +61,110 @@ class EngineClient:
         self.model_path = model_path
         self.model_config: dict[str, Any] = {}
         self.max_context_length = 0
-        self._stats: EngineStats | None = None
+        self._stats: list[EngineStats] = []
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
+        self._owner: dict[str, int] = {}  # rid -> leader index
         self._dead: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._proc: Any = None
+        self._ranks: RankProcesses | None = None
         self._closing = False
 
     @property
     def is_alive(self) -> bool:
-        return self._dead is None and self._proc is not None and self._proc.is_alive()
+        return self._dead is None and self._ranks is not None and self._ranks.all_alive()
 
     async def start(self) -> None:
-        """Spawns the engine process and returns once its model is loaded (raises with its reason otherwise)."""
+        """Spawns the rank processes and returns once every leader's model is loaded (raises with the reason
+        otherwise)."""
         self._loop = asyncio.get_running_loop()
-        ctx = mp.get_context("spawn")
-        inbox_r, self._inbox = ctx.Pipe(duplex=False)
-        self._outbox, outbox_w = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(
-            target=run_engine,
-            args=(
-                runner_config(self.args, self.model_path),
-                scheduler_config(self.args),
-                self.args,
-                inbox_r,
-                outbox_w,
-                self.make_scheduler,
-            ),
-            name="pd-engine",
-            daemon=True,
+        self._ranks = RankProcesses.spawn(self.args, runner_config(self.args, self.model_path),
+                                          scheduler_config(self.args), self.make_scheduler)
+        firsts = await asyncio.gather(
+            *(self._loop.run_in_executor(None, self._recv, i) for i in range(len(self._ranks.leaders)))
         )
-        self._proc.start()
-        inbox_r.close()
-        outbox_w.close()
-        first = await self._loop.run_in_executor(None, self._recv)
-        if first is None or "fatal" in first:
-            reason = first["fatal"] if first else "the engine process exited during start-up"
-            raise RuntimeError(f"engine failed to start: {reason}")
-        ready = first["ready"]
+        for first in firsts:
+            if first is None or "fatal" in first:
+                reason = first["fatal"] if first else "an engine process exited during start-up"
+                self._ranks.kill()
+                raise RuntimeError(f"engine failed to start: {reason}")
+        ready = firsts[0]["ready"]
         self.max_context_length = int(ready["context_length"])
         self.model_config = ready["model_config"]
-        self._stats = from_dict(ready["stats"])
-        threading.Thread(target=self._reader, name="pd-engine-reader", daemon=True).start()
+        self._stats = [from_dict(f["ready"]["stats"]) for f in firsts]
+        for i in range(len(self._ranks.leaders)):
+            threading.Thread(target=self._reader, args=(i,), name=f"pd-engine-reader-{i}", daemon=True).start()
+        if len(self._ranks.procs) > 1:
+            threading.Thread(target=self._watch_ranks, name="pd-rank-watch", daemon=True).start()
 
-    def _recv(self) -> dict[str, Any] | None:
+    def _recv(self, leader: int) -> dict[str, Any] | None:
+        assert self._ranks is not None
         try:
-            return msgpack.unpackb(self._outbox.recv_bytes(), raw=False)
+            return msgpack.unpackb(self._ranks.leaders[leader].outbox.recv_bytes(), raw=False)
         except (EOFError, OSError):
             return None
 
-    def _reader(self) -> None:
+    def _reader(self, leader: int) -> None:
         assert self._loop is not None
-        while (msg := self._recv()) is not None:
-            self._loop.call_soon_threadsafe(self._deliver, msg)
-        self._loop.call_soon_threadsafe(self._engine_died)
+        while (msg := self._recv(leader)) is not None:
+            self._loop.call_soon_threadsafe(self._deliver, leader, msg)
+        self._loop.call_soon_threadsafe(self._engine_died, f"the engine process of leader {leader} exited")
 
-    def _deliver(self, msg: dict[str, Any]) -> None:
-        self._stats = from_dict(msg["stats"])
+    def _watch_ranks(self) -> None:
+        """A rank that exits takes the whole instance down (its peers would wait on it in the next collective)."""
+        assert self._ranks is not None and self._loop is not None
+        rank, code = self._ranks.wait_any_exit()
+        if self._closing:
+            return
+        logger.error("rank %d (pid %d) exited with code %s; stopping this instance's other ranks and the server",
+                     rank, self._ranks.procs[rank].pid, code)
+        self._ranks.kill()
+        self._loop.call_soon_threadsafe(self._engine_died, f"rank {rank} exited (exit code {code})")
+        # The front serves nothing without its ranks: stop it the way Ctrl-C would, so the process manager sees.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _deliver(self, leader: int, msg: dict[str, Any]) -> None:
+        self._stats[leader] = from_dict(msg["stats"])
         for raw in msg["outputs"]:
             out: TokenOutput = from_dict(raw)
             queue = self._queues.get(out.rid)
             if queue is not None:
                 queue.put_nowait(out)
 
-    def _engine_died(self) -> None:
-        code = self._proc.exitcode if self._proc is not None else None
-        self._dead = f"the engine process exited (exit code {code})"
-        if self._proc is not None and not self._closing:
+    def _engine_died(self, reason: str) -> None:
+        if self._dead is not None:
+            return
+        self._dead = reason
+        if not self._closing:
             logger.error("%s; failing %d requests in flight", self._dead, len(self._queues))
         for rid, queue in self._queues.items():
             queue.put_nowait(TokenOutput(rid, [], 0, 0, "error", error=self._dead))
 
     def stats(self) -> EngineStats:
-        assert self._stats is not None, "engine not started"
-        return self._stats
+        """The instance's state: summed over DP-attention leaders."""
+        assert self._stats, "engine not started"
+        if len(self._stats) == 1:
+            return self._stats[0]
+        total = {f.name: sum(getattr(s, f.name) for s in self._stats) for f in dataclasses.fields(EngineStats)}
+        total["page_size"] = self._stats[0].page_size
+        return EngineStats(**total)
 
     @property
     def num_in_flight(self) -> int:
         return len(self._queues)
 
-    def _send(self, msg: GenerateRequest | AbortRequest) -> None:
-        if self._closing:
+    def _send(self, leader: int, msg: GenerateRequest | AbortRequest) -> None:
+        if self._closing or self._ranks is None:
             return  # late aborts from requests unwinding after close(); the engine is gone
-        self._inbox.send_bytes(msgpack.packb(to_dict(msg), use_bin_type=True))
+        self._ranks.leaders[leader].inbox.send_bytes(msgpack.packb(to_dict(msg), use_bin_type=True))
+
+    def _pick_leader(self) -> int:
+        assert self._ranks is not None
+        if len(self._ranks.leaders) == 1:
+            return 0
+        load = [0] * len(self._ranks.leaders)
+        for leader in self._owner.values():
+            load[leader] += 1
+        return load.index(min(load))
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
         """Yields the request's outputs until one has finish_reason set. Closing the iterator early (client
@@ -150,9 +177,10 @@ class EngineClient:
             raise ValueError(f"request id {req.rid!r} is already in flight")
         queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
         self._queues[req.rid] = queue
+        leader = self._owner[req.rid] = self._pick_leader()
         finished = False
         try:
-            self._send(req)
+            self._send(leader, req)
             while True:
                 out = await queue.get()
                 finished = out.finish_reason is not None
@@ -161,18 +189,16 @@ class EngineClient:
                     return
         finally:
             self._queues.pop(req.rid, None)
+            self._owner.pop(req.rid, None)
             if not finished and self._dead is None:
-                self._send(AbortRequest(req.rid))
+                self._send(leader, AbortRequest(req.rid))
 
     async def abort(self, rid: str) -> None:
         if rid in self._queues and self._dead is None:
-            self._send(AbortRequest(rid))
+            self._send(self._owner[rid], AbortRequest(rid))
 
     async def close(self) -> None:
         self._closing = True
-        if self._proc is None:
+        if self._ranks is None:
             return
-        self._inbox.close()
-        await asyncio.get_running_loop().run_in_executor(None, self._proc.join, 10)
-        if self._proc.is_alive():
-            self._proc.kill()
+        await asyncio.get_running_loop().run_in_executor(None, self._ranks.stop, 10.0)

@@ -17,12 +17,19 @@ from typing import Any
 import msgpack
 import torch
 
+from pd.dist.rank import DPGate, start_rank
+from pd.dist.step_sync import follow
 from pd.engine.io import AbortRequest, GenerateRequest, TokenOutput, from_dict, to_dict
 from pd.engine.model_runner import ModelRunner, RunnerConfig
 from pd.engine.scheduler import Scheduler, SchedulerConfig
 from pd.server_args import ServerArgs
 
 logger = logging.getLogger("pd.engine")
+
+# How often an idle DP-attention leader checks whether another leader needs it for a forward.
+DP_IDLE_POLL_S = 0.002
+# How often an idle leader checks that its followers are still there.
+HEARTBEAT_S = 1.0
 
 
 def _send(conn: Connection, payload: dict[str, Any]) -> None:
@@ -42,49 +49,100 @@ def run_engine(
     runner_cfg: RunnerConfig,
     sched_cfg: SchedulerConfig,
     server_args: ServerArgs,
-    inbox: Connection,
-    outbox: Connection,
+    inbox: Connection | None,
+    outbox: Connection | None,
     make_scheduler: SchedulerFactory = default_scheduler,
+    rank: int = 0,
+    init_method: str | None = None,
 ) -> None:
-    """Process entry point. Returns when the front closes its pipe."""
+    """Process entry point of one rank. A leader (pipes given) runs the scheduler and returns when the front
+    closes its pipe; a follower (no pipes) runs what its leader broadcasts until told to stop."""
     # The front stops this process by closing the pipe, after aborting its requests; a terminal's Ctrl-C reaches
     # the whole process group and must not kill the engine under the front's graceful shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=server_args.log_level.upper(),
-                        format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
-    # OMP_NUM_THREADS wins: instances sharing a host (pd up) that each take every core starve one another.
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    # OMP_NUM_THREADS wins: instances sharing a host (pd up) that each take every core starve one another, and
+    # so do the ranks of one instance.
+    ranks_here = server_args.tp_size // server_args.nnodes
+    default_threads = max(1, (os.cpu_count() or 1) // ranks_here)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or default_threads)
     try:
-        runner = ModelRunner(runner_cfg)
-        scheduler = make_scheduler(sched_cfg, runner, server_args)
+        rt = start_rank(runner_cfg, server_args, rank, init_method)
+        if outbox is None:  # a follower
+            assert rt.sync is not None, "a rank without pipes follows its attention group's leader"
+            follow(rt.runner, rt.sync, sched_cfg.max_running_requests)
+            return
+        scheduler = make_scheduler(sched_cfg, rt.runner, server_args)
     except Exception as e:  # report why loading failed instead of dying silently
-        logger.error("engine failed to start: %s", traceback.format_exc())
-        _send(outbox, {"fatal": f"{type(e).__name__}: {e}"})
-        return
+        logger.error("rank %d failed: %s", rank, traceback.format_exc())
+        if outbox is not None:
+            _send(outbox, {"fatal": f"{type(e).__name__}: {e}"})
+        raise SystemExit(1) from None
+    runner = rt.runner
+    assert inbox is not None
     _send(outbox, {"ready": {"context_length": runner.context_length, "stats": to_dict(scheduler.stats()),
                              "model_config": runner.model_config.raw}})
-    EngineLoop(scheduler, inbox, outbox).run()
+    try:
+        EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=server_args.tp_size > 1).run()
+    except Exception:
+        # Peers are mid-collective with us: the instance cannot go on. Exit loudly; the front sees the pipe close.
+        logger.error("rank %d: step failed in a multi-rank instance; stopping: %s", rank, traceback.format_exc())
+        raise SystemExit(1) from None
+    runner.stop_followers()
 
 
 class EngineLoop:
-    def __init__(self, scheduler: Scheduler, inbox: Connection, outbox: Connection) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        inbox: Connection,
+        outbox: Connection,
+        dp_gate: DPGate | None = None,
+        multi_rank: bool = False,
+    ) -> None:
         self.scheduler, self.inbox, self.outbox = scheduler, inbox, outbox
+        self.dp_gate, self.multi_rank = dp_gate, multi_rank
 
     def run(self) -> None:
         while True:
-            # Block while idle; while only waiting on peers (KV transfers), wake every 2 ms to poll them.
-            if not self.scheduler.has_work:
-                timeout: float | None = None
+            sched = self.scheduler
+            # Block while idle; while only waiting on peers (KV transfers), wake every 2 ms to poll them. Under DP
+            # attention never block for long: the other leaders may have work that needs this rank's experts.
+            if self.dp_gate is not None:
+                timeout: float | None = 0.0 if sched.needs_compute else DP_IDLE_POLL_S
+            elif not sched.has_work:
+                timeout = HEARTBEAT_S if self.multi_rank else None
             else:
-                timeout = 0.0 if self.scheduler.needs_compute else 0.002
+                timeout = 0.0 if sched.needs_compute else 0.002
             try:
                 outputs = self._drain_inbox(timeout)
             except EOFError:
                 logger.info("front closed the pipe; engine exiting")
                 return
-            if self.scheduler.has_work:
+            if self.dp_gate is not None:
+                outputs += self._dp_step()
+                if not outputs and not sched.has_work and timeout != 0.0:
+                    continue  # idle turn: nothing to report
+            elif sched.has_work:
                 outputs += self._step()
-            _send(self.outbox, {"outputs": [to_dict(o) for o in outputs], "stats": to_dict(self.scheduler.stats())})
+            elif self.multi_rank and not outputs:
+                sched.runner.heartbeat()  # raises if a follower is gone, rather than finding out mid-request
+                continue
+            _send(self.outbox, {"outputs": [to_dict(o) for o in outputs], "stats": to_dict(sched.stats())})
+
+    def _dp_step(self) -> list[TokenOutput]:
+        assert self.dp_gate is not None
+        sched, runner = self.scheduler, self.scheduler.runner
+        go, prefill = self.dp_gate.agree(sched.needs_compute, sched.has_prefill_work)
+        if not go:
+            return self._step() if sched.has_work else []
+        runner.forced_mode = "normal" if prefill else "low_latency"
+        before = runner.num_forwards
+        outputs = self._step() if sched.has_work else []
+        if runner.num_forwards == before:
+            runner.idle_forward()
+        return outputs
 
     def _drain_inbox(self, timeout: float | None) -> list[TokenOutput]:
         outputs: list[TokenOutput] = []
@@ -105,6 +163,8 @@ class EngineLoop:
         try:
             return self.scheduler.step()
         except Exception as e:
+            if self.multi_rank:
+                raise
             # A bug in a forward must not take the server down: fail the requests in flight, keep serving.
             logger.error("step failed; ending the running requests: %s", traceback.format_exc())
             outputs = []

@@ -113,3 +113,17 @@ def build_forward_batch(
         kv_cache=kv_cache,
         logits_index=torch.tensor(logits_index, dtype=torch.int64).to(device, non_blocking=True),
     )
+
+
+def empty_forward_batch(kv_cache: KVCache) -> ForwardBatch:
+    """A batch of no requests and no tokens (an idle rank's share of a collective forward)."""
+    device, none = kv_cache.device, torch.zeros(0, dtype=torch.int64, device=kv_cache.device)
+    attn = AttentionMetadata(
+        out_loc=none,
+        kv_slots=torch.zeros(0, 1, dtype=torch.int64, device=device),
+        query_index=torch.zeros(0, 1, dtype=torch.int64, device=device),
+        mask=torch.zeros(0, 1, 1, 1, dtype=torch.bool, device=device),
+        token_index=none,
+        max_q=1,
+    )
+    return ForwardBatch(input_ids=none, positions=none, attn=attn, kv_cache=kv_cache, logits_index=none)

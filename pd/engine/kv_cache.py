@@ -45,6 +45,8 @@ class ReqToToken:
         self.table = torch.zeros(max_rows, max_context, dtype=torch.int64)
         self.page_size = page_size
         self._free_rows = list(range(max_rows - 1, -1, -1))
+        # When a list: every assign_pages call is also recorded here, for mirrors kept on other ranks.
+        self.journal: list[list[object]] | None = None
 
     @property
     def num_free_rows(self) -> int:
@@ -60,6 +62,8 @@ class ReqToToken:
         """Maps positions [first_page_index*page_size, ...) of `row` onto `pages`."""
         if not pages:
             return
+        if self.journal is not None:
+            self.journal.append([row, first_page_index, list(pages)])
         ps = self.page_size
         slots = (torch.tensor(pages, dtype=torch.int64)[:, None] * ps + torch.arange(ps)[None, :]).flatten()
         start = first_page_index * ps

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from pd.engine.forward_batch import ForwardBatch, build_forward_batch
-from pd.engine.kv_cache import KVCache
+from pd.dist.tp import SINGLE, TensorParallel
+from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
+from pd.engine.kv_cache import KVCache, ReqToToken
 from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
 from pd.models.loader import load_model
 from pd.moe.context import MoeContext
 from pd.moe.layer import FusedMoE
+
+if TYPE_CHECKING:
+    from pd.dist.step_sync import StepSync
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +43,39 @@ class RunnerConfig:
 
 
 class ModelRunner:
-    def __init__(self, cfg: RunnerConfig, moe_ctx: MoeContext | None = None) -> None:
+    """One rank's model shard, KV cache and forward.
+
+    Args:
+        cfg: resolved runner settings.
+        moe_ctx: this rank's expert placement and dispatcher (default: one rank).
+        tp: the attention group's tensor-parallel coordinates (default: one rank).
+        sync: the attention group's broadcast channel when it has several ranks (the leader sends each forward
+            to its followers through it); None for a one-rank group.
+        agree_pages: makes every rank of the instance use the same KV page count (the minimum); None on one rank.
+    """
+
+    def __init__(
+        self,
+        cfg: RunnerConfig,
+        moe_ctx: MoeContext | None = None,
+        tp: TensorParallel = SINGLE,
+        sync: StepSync | None = None,
+        agree_pages: Callable[[int], int] | None = None,
+    ) -> None:
         torch.manual_seed(cfg.random_seed)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
+        self.sync = sync
         self.model_config = ModelConfig.from_path(cfg.model_path)
         model_max = self.model_config.max_position_embeddings
         if cfg.context_length is not None and cfg.context_length > model_max:
             logger.warning("--context-length %d exceeds the model's max_position_embeddings %d",
                            cfg.context_length, model_max)
         self.context_length = cfg.context_length or model_max
-        self.model = load_model(self.model_config, cfg.dtype, self.device, moe_ctx or MoeContext(runner=cfg.moe_runner),
-                                max_position=max(self.context_length, model_max))
+        moe_ctx = moe_ctx or MoeContext(runner=cfg.moe_runner)
+        self.mode_switch = moe_ctx.mode_switch
+        self.model = load_model(self.model_config, cfg.dtype, self.device, moe_ctx,
+                                max_position=max(self.context_length, model_max), tp=tp)
         for module in self.model.modules():
             if isinstance(module, FusedMoE):
                 module.finalize_weights()
@@ -57,9 +84,21 @@ class ModelRunner:
             pack_linears_for_cpu(self.model)
         layout = self.model.kv_layout()
         self.num_pages = self._num_pages(layout)
+        if agree_pages is not None:
+            self.num_pages = agree_pages(self.num_pages)
         self.kv_cache = KVCache(self.model.num_layers, self.num_pages, cfg.page_size, layout, cfg.dtype, self.device)
+        self.slot_table: ReqToToken | None = None
+        self.forced_mode: str | None = None  # set by the DP-attention gate: the mode all leaders agreed on
+        self.num_forwards = 0
         logger.info("model %s loaded on %s (%s); KV cache: %d pages x %d tokens", self.model_config.architecture,
                     self.device, cfg.dtype, self.num_pages, cfg.page_size)
+
+    def make_slot_table(self, max_rows: int, max_context: int) -> ReqToToken:
+        """The request -> KV slot table the scheduler fills (followers keep a mirror fed by the leader's journal)."""
+        self.slot_table = ReqToToken(max_rows, max_context, self.cfg.page_size)
+        if self.sync is not None and self.sync.is_leader:
+            self.slot_table.journal = []
+        return self.slot_table
 
     def _num_pages(self, layout: list[tuple[int, int]]) -> int:
         cfg = self.cfg
@@ -90,10 +129,80 @@ class ModelRunner:
         req_to_token: torch.Tensor,
         logits_index: list[int] | None = None,
     ) -> ForwardBatch:
+        """The leader's (or a lone rank's) next forward. Its followers are told first and run it too, so
+        forward() must follow."""
+        mode = self.forced_mode or ("normal" if max(extend_lens) > 1 else "low_latency")
+        if self.sync is not None:
+            journal = self.slot_table.journal if self.slot_table is not None else None
+            slots = list(journal) if journal else []
+            if journal:
+                journal.clear()
+            self.sync.send({"op": "forward", "input_ids": input_ids, "rows": rows, "prefix_lens": prefix_lens,
+                            "extend_lens": extend_lens, "logits_index": logits_index, "slots": slots, "mode": mode})
+        self.set_mode(mode)
+        return self.build_local_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, logits_index)
+
+    def build_local_batch(
+        self,
+        input_ids: list[int],
+        rows: list[int],
+        prefix_lens: list[int],
+        extend_lens: list[int],
+        req_to_token: torch.Tensor,
+        logits_index: list[int] | None = None,
+    ) -> ForwardBatch:
         return build_forward_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, self.kv_cache, logits_index)
 
+    def set_mode(self, mode: str) -> None:
+        """Dispatch mode of the next forward under --deepep-mode auto ("normal" | "low_latency")."""
+        if self.mode_switch is not None:
+            self.mode_switch.mode = mode
+
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """-> logits [S, vocab] float32 for the batch's logits_index rows."""
+    def forward(self, batch: ForwardBatch, logits: bool = True) -> torch.Tensor:
+        """-> logits [S, vocab] float32 for the batch's logits_index rows (an empty tensor with logits=False:
+        followers only take part in the collectives; the leader samples)."""
+        self.num_forwards += 1
         hidden = self.model(batch)
+        if not logits:
+            return hidden[:0]
         return self.model.compute_logits(hidden[batch.logits_index])
+
+    @torch.inference_mode()
+    def idle_forward(self) -> None:
+        """A forward without tokens: an idle DP-attention rank still joins its peers' MoE collectives."""
+        self.set_mode(self.forced_mode or "normal")
+        self.num_forwards += 1
+        self.model(empty_forward_batch(self.kv_cache))
+
+    # ---- KV pages that arrived on the leader only (decode instances) ----
+    def share_pages(self, pages: list[int]) -> None:
+        """Copies the leader's KV of ``pages`` into every follower's cache (no-op without followers)."""
+        if self.sync is None or not pages:
+            return
+        self.sync.send({"op": "pages", "pages": pages})
+        for buf in self._page_views():
+            data = buf[torch.tensor(pages, dtype=torch.int64, device=self.device)]
+            self.sync.broadcast_tensor(data)
+
+    def receive_pages(self, pages: list[int]) -> None:
+        assert self.sync is not None
+        index = torch.tensor(pages, dtype=torch.int64, device=self.device)
+        for buf in self._page_views():
+            data = torch.empty((len(pages), *buf.shape[1:]), dtype=buf.dtype, device=self.device)
+            self.sync.broadcast_tensor(data)
+            buf.index_copy_(0, index, data)
+
+    def _page_views(self) -> list[torch.Tensor]:
+        """Every KV buffer viewed as [num_pages, page_size, heads, dim] (same storage)."""
+        ps = self.cfg.page_size
+        return [buf.view(self.num_pages, ps, *buf.shape[1:]) for layer in self.kv_cache.buffers for buf in layer]
+
+    def heartbeat(self) -> None:
+        """An empty broadcast to the followers: raises when one of them (on any node) has died."""
+        if self.sync is not None:
+            self.sync.send({"op": "ping"})
+
+    def stop_followers(self) -> None:
+        if self.sync is not None:
+            self.sync.send({"op": "stop"})

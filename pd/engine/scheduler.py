@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pd.engine.io import EngineStats, GenerateRequest, TokenOutput
-from pd.engine.kv_cache import PagePool, ReqToToken
+from pd.engine.kv_cache import PagePool
 from pd.engine.model_runner import ModelRunner
 from pd.engine.request import Req, ReqState
 from pd.engine.sampler import sample
@@ -39,7 +39,7 @@ class Scheduler:
         self.page_size = runner.cfg.page_size
         self.context_length = runner.context_length
         self.pool = PagePool(runner.num_pages)
-        self.slots = ReqToToken(cfg.max_running_requests, self.context_length, self.page_size)
+        self.slots = runner.make_slot_table(cfg.max_running_requests, self.context_length)
         self.eos_ids = set(runner.model_config.eos_token_ids)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
@@ -112,6 +112,11 @@ class Scheduler:
     def needs_compute(self) -> bool:
         """False when the only pending work is waiting on peers (transfers): the loop may sleep briefly."""
         return bool(self.waiting or self.running)
+
+    @property
+    def has_prefill_work(self) -> bool:
+        """Whether the next forward may carry prompt tokens (decides the dispatch mode under DP attention)."""
+        return bool(self.waiting) or any(r.is_prefilling for r in self.running)
 
     def step(self) -> list[TokenOutput]:
         outputs = self.poll_transfers()

@@ -31,9 +31,19 @@ def attend(
 
 
 def paged_attention(
-    layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, scale: float
+    layer_id: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+    kv_heads: slice | None = None,
 ) -> torch.Tensor:
-    """Multi-head / grouped-query attention. q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, Hq, Dv]."""
+    """Multi-head / grouped-query attention. q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, Hq, Dv].
+    All Hk heads are cached; the queries attend over ``kv_heads`` of them (default all), a tensor-parallel
+    rank's share."""
     batch.kv_cache.store(layer_id, batch.attn.out_loc, k, v)
     k_all, v_all = batch.kv_cache.gather(layer_id, batch.attn.kv_slots)
+    if kv_heads is not None and kv_heads != slice(0, k.shape[1]):
+        k_all, v_all = k_all[:, :, kv_heads], v_all[:, :, kv_heads]
     return attend(q, k_all, v_all, batch.attn, scale)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.forward_batch import ForwardBatch
 from pd.layers.rotary import RotaryEmbedding
 from pd.models.base import CausalLM
@@ -29,7 +30,8 @@ _CORRECTION_BIAS = re.compile(r"^(?P<layer>.+)\.mlp\.gate\.e_score_correction_bi
 
 class DeepseekMoE(nn.Module):
     """Router (`gate`, fp32 as in the reference), routed experts (`experts`), and `shared_experts` whose output is
-    added to the routed sum."""
+    added to the routed sum. Router and shared experts are replicated on every rank; they see the tokens this
+    rank holds, whatever layout the routed experts use across ranks."""
 
     def __init__(self, config: ModelConfig, topk: TopKConfig, moe_ctx: MoeContext, correction_bias: bool) -> None:
         super().__init__()
@@ -55,7 +57,9 @@ class DeepseekForCausalLM(CausalLM):
 
     has_correction_bias = False  # V3's routers carry e_score_correction_bias
 
-    def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
+    def __init__(
+        self, config: ModelConfig, moe_ctx: MoeContext, max_position: int, tp: TensorParallel = SINGLE
+    ) -> None:
         super().__init__()
         if config.get("mlp_bias", False):
             raise ModelConfigError(f"{config.path}: mlp_bias=true is not supported for DeepSeek models")
@@ -68,10 +72,10 @@ class DeepseekForCausalLM(CausalLM):
         def make_layer(i: int) -> nn.Module:
             mlp: nn.Module
             if i < first_dense:
-                mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+                mlp = DenseMLP(config.hidden_size, config.intermediate_size, tp)
             else:
                 mlp = DeepseekMoE(config, topk, moe_ctx, correction_bias=self.has_correction_bias)
-            return DecoderLayer(config, MLAttention(config, i), mlp)
+            return DecoderLayer(config, MLAttention(config, i, tp), mlp)
 
         rotary = RotaryEmbedding(config.qk_rope_head_dim, mla_rope_parameters(config), max_position,
                                  interleaved=self.rope_interleaved(config))

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.forward_batch import ForwardBatch
 from pd.layers.activation import silu_and_mul
 from pd.layers.attention import paged_attention
@@ -21,23 +22,38 @@ from pd.moe.context import MoeContext
 
 
 class Attention(nn.Module):
-    """GQA attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm before rope (Qwen3)."""
+    """GQA attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm before rope (Qwen3).
+
+    Under tensor parallelism each rank runs a contiguous block of query heads (q_proj column-, o_proj
+    row-parallel, all-reduced). K and V are computed and cached for every KV head on every rank, so any rank's
+    cache holds the whole prompt's KV (a transfer to an instance of another TP size needs no re-slicing); a
+    rank attends with the KV heads its query heads use.
+    """
 
     def __init__(
-        self, config: ModelConfig, layer_id: int, qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: bool = False,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
-        self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads,
-            config.num_kv_heads,
-            config.head_dim,
-        )
+        self.layer_id, self.tp = layer_id, tp
+        num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_kv_heads, config.head_dim
+        if tp.size > 1 and tp.size % self.num_kv_heads and self.num_kv_heads % tp.size:
+            raise ValueError(f"{config.architecture}: {self.num_kv_heads} KV heads cannot be split over "
+                             f"{tp.size} tensor-parallel ranks; use a --tp that divides or is a multiple of it")
+        self.num_heads = tp.split(num_heads, "the number of attention heads")
+        first_head = tp.rank * self.num_heads
+        group = num_heads // self.num_kv_heads  # query heads per KV head
+        self.kv_heads = slice(first_head // group, (first_head + self.num_heads - 1) // group + 1)
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.q_proj = tp.column_linear(hidden, num_heads, self.head_dim, qkv_bias, "the number of attention heads")
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        self.o_proj = tp.row_linear(num_heads, self.head_dim, hidden, o_bias, "the number of attention heads")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.scale = self.head_dim**-0.5
@@ -51,21 +67,23 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(batch.positions, q, k)
-        out = paged_attention(self.layer_id, q, k, v, batch, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        out = paged_attention(self.layer_id, q, k, v, batch, self.scale, self.kv_heads)
+        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)))
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); gate/up column- and down row-parallel under ``tp``."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.tp = tp
+        what = "the MLP intermediate size"
+        self.gate_proj = tp.column_linear(hidden_size, intermediate_size, 1, False, what)
+        self.up_proj = tp.column_linear(hidden_size, intermediate_size, 1, False, what)
+        self.down_proj = tp.row_linear(intermediate_size, 1, hidden_size, False, what)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)))
+        return self.tp.all_reduce(self.down_proj(silu_and_mul(torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1))))
 
 
 class DecoderLayer(nn.Module):
@@ -80,7 +98,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
+        if x.shape[0]:  # an idle DP-attention rank runs the MoE collectives with no tokens and no requests
+            x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
         return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
@@ -118,13 +137,15 @@ class GQACausalLM(CausalLM):
 
 
 class LlamaForCausalLM(GQACausalLM):
-    def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
+    def __init__(
+        self, config: ModelConfig, moe_ctx: MoeContext, max_position: int, tp: TensorParallel = SINGLE
+    ) -> None:
         super().__init__()
         bias = bool(config.get("attention_bias", False))
 
         def make_layer(i: int) -> nn.Module:
-            attn = Attention(config, i, qkv_bias=bias, o_bias=bias)
-            return DecoderLayer(config, attn, DenseMLP(config.hidden_size, config.intermediate_size))
+            attn = Attention(config, i, qkv_bias=bias, o_bias=bias, tp=tp)
+            return DecoderLayer(config, attn, DenseMLP(config.hidden_size, config.intermediate_size, tp))
 
         self.config = config
         self.model = DecoderModel(config, make_layer, default_rotary(config, max_position))

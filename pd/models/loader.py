@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from pd.dist.tp import SINGLE, TensorParallel, take_shard
 from pd.models.base import CausalLM
 from pd.models.config import ModelConfig
 from pd.models.registry import get_model_class
@@ -64,7 +65,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
     special: set[str] = set()
     for name, tensor in weights:
         if name in params:
-            copy_param(params[name], name, tensor)
+            copy_param(params[name], name, take_shard(params[name], tensor))
             loaded.add(name)
         elif model.load_special(name, tensor):  # type: ignore[operator]
             special.add(name)
@@ -80,15 +81,21 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
 
 
 def load_model(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, moe_ctx: MoeContext, max_position: int
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    moe_ctx: MoeContext,
+    max_position: int,
+    tp: TensorParallel = SINGLE,
 ) -> CausalLM:
-    """Builds the model of `config.architecture` on `device` in `dtype` and loads the checkpoint into it."""
+    """Builds the model of `config.architecture` on `device` in `dtype` and loads the checkpoint into it.
+    ``tp`` shards attention and dense MLPs (each rank loads only its slice); routed experts follow moe_ctx."""
     model_cls = get_model_class(config.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_cls(config, moe_ctx, max_position)
+            model = model_cls(config, moe_ctx, max_position, tp)
     finally:
         torch.set_default_dtype(previous)
     load_weights(model, iter_safetensors(config.path), tied_lm_head=bool(config.get("tie_word_embeddings", False)))

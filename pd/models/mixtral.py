@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pd.dist.tp import SINGLE, TensorParallel
 from pd.models.config import ModelConfig, ModelConfigError
 from pd.models.llama import Attention, DecoderLayer, DecoderModel, GQACausalLM, default_rotary
 from pd.moe.context import MoeContext
@@ -67,7 +68,9 @@ class SparseMoeBlock(nn.Module):
 class MixtralForCausalLM(GQACausalLM):
     """Mixtral-8x7B/8x22B layout: every layer is attention + `block_sparse_moe` (no shared experts)."""
 
-    def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
+    def __init__(
+        self, config: ModelConfig, moe_ctx: MoeContext, max_position: int, tp: TensorParallel = SINGLE
+    ) -> None:
         super().__init__()
         check_supported(config, max_position, config.get("sliding_window"))
         # HF's MixtralTopKRouter always renormalises the top-k softmax probabilities.
@@ -76,7 +79,7 @@ class MixtralForCausalLM(GQACausalLM):
 
         def make_layer(i: int) -> nn.Module:
             moe = SparseMoeBlock(config.hidden_size, num_experts, config.intermediate_size, topk, moe_ctx)
-            return DecoderLayer(config, Attention(config, i), moe, mlp_name="block_sparse_moe")
+            return DecoderLayer(config, Attention(config, i, tp=tp), moe, mlp_name="block_sparse_moe")
 
         self.config = config
         self.model = DecoderModel(config, make_layer, default_rotary(config, max_position))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.forward_batch import ForwardBatch
 from pd.layers.attention import attend
 from pd.layers.norm import RMSNorm
@@ -48,28 +49,30 @@ def mla_softmax_scale(config: ModelConfig) -> float:
 
 class MLAttention(nn.Module):
     """DeepSeek MLA. Parameter names mirror the checkpoint: q_proj (q_lora_rank None) or q_a_proj,
-    q_a_layernorm, q_b_proj; kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj."""
+    q_a_layernorm, q_b_proj; kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj. Under tensor parallelism
+    the per-head projections (q, kv_b, o) are split by heads and every rank caches the whole latent."""
 
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.layer_id = layer_id
+        self.layer_id, self.tp = layer_id, tp
         hidden, bias = config.hidden_size, bool(config.get("attention_bias", False))
-        self.num_heads = config.num_attention_heads
+        heads, what = config.num_attention_heads, "the number of attention heads"
+        self.num_heads = tp.split(heads, what)  # this rank's heads; the latent is the same for all of them
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
         self.q_lora_rank: int | None = config.get("q_lora_rank")
         qk_dim = self.nope_dim + self.rope_dim
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, self.num_heads * qk_dim, bias=False)
+            self.q_proj = tp.column_linear(hidden, heads, qk_dim, False, what)
         else:
             self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
             # transformers builds these two norms with its default eps (1e-6), not rms_norm_eps.
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+            self.q_b_proj = tp.column_linear(self.q_lora_rank, heads, qk_dim, False, what)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.kv_b_proj = tp.column_linear(self.kv_lora_rank, heads, self.nope_dim + self.v_dim, False, what)
+        self.o_proj = tp.row_linear(heads, self.v_dim, hidden, bias, what)
         self.scale = mla_softmax_scale(config)
 
     @property
@@ -105,4 +108,4 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_pe_BLHR), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         out = attend(q, k, v, batch.attn, self.scale)  # [T, H, v_dim]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
+        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pd.dist.tp import SINGLE, TensorParallel
 from pd.models.config import ModelConfig
 from pd.models.llama import Attention, DecoderLayer, DecoderModel, DenseMLP, GQACausalLM, default_rotary
 from pd.models.mixtral import SparseMoeBlock, check_supported, num_routed_experts
@@ -57,7 +58,9 @@ class Qwen2MoeBlock(SparseMoeBlock):
 
 
 class Qwen2MoeForCausalLM(GQACausalLM):
-    def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
+    def __init__(
+        self, config: ModelConfig, moe_ctx: MoeContext, max_position: int, tp: TensorParallel = SINGLE
+    ) -> None:
         super().__init__()
         check_supported(config, max_position, qwen_sliding_window(config))
         # Older configs (Qwen1.5-MoE) have no `qkv_bias` key; the reference then defaults to True.
@@ -68,8 +71,8 @@ class Qwen2MoeForCausalLM(GQACausalLM):
             if is_sparse_layer(config, i):
                 mlp = Qwen2MoeBlock(config, moe_ctx)
             else:
-                mlp = DenseMLP(config.hidden_size, config.intermediate_size)
-            return DecoderLayer(config, Attention(config, i, qkv_bias=qkv_bias), mlp)
+                mlp = DenseMLP(config.hidden_size, config.intermediate_size, tp)
+            return DecoderLayer(config, Attention(config, i, qkv_bias=qkv_bias, tp=tp), mlp)
 
         self.config = config
         self.model = DecoderModel(config, make_layer, default_rotary(config, max_position))

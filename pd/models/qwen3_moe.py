@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pd.dist.tp import SINGLE, TensorParallel
 from pd.models.config import ModelConfig
 from pd.models.llama import Attention, DecoderLayer, DecoderModel, DenseMLP, GQACausalLM, default_rotary
 from pd.models.mixtral import SparseMoeBlock, check_supported, num_routed_experts
@@ -15,7 +16,9 @@ from pd.moe.context import MoeContext
 
 
 class Qwen3MoeForCausalLM(GQACausalLM):
-    def __init__(self, config: ModelConfig, moe_ctx: MoeContext, max_position: int) -> None:
+    def __init__(
+        self, config: ModelConfig, moe_ctx: MoeContext, max_position: int, tp: TensorParallel = SINGLE
+    ) -> None:
         super().__init__()
         check_supported(config, max_position, qwen_sliding_window(config))
         # `attention_bias` covers q/k/v and o alike in the reference (off in every released checkpoint).
@@ -28,8 +31,8 @@ class Qwen3MoeForCausalLM(GQACausalLM):
                 num_experts = num_routed_experts(config)
                 mlp = SparseMoeBlock(config.hidden_size, num_experts, config.moe_intermediate_size, topk, moe_ctx)
             else:
-                mlp = DenseMLP(config.hidden_size, config.intermediate_size)
-            return DecoderLayer(config, Attention(config, i, qkv_bias=bias, o_bias=bias, qk_norm=True), mlp)
+                mlp = DenseMLP(config.hidden_size, config.intermediate_size, tp)
+            return DecoderLayer(config, Attention(config, i, qkv_bias=bias, o_bias=bias, qk_norm=True, tp=tp), mlp)
 
         self.config = config
         self.model = DecoderModel(config, make_layer, default_rotary(config, max_position))

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+    from pd.moe.long_seq import LongSeqConfig
+
+A2A_MODES = ("normal", "low_latency", "auto")
+
+
+class ModeSwitch:
+    """Which dispatch mode the current forward uses under ``--deepep-mode auto``: set by the model runner before
+    each forward (the same on every rank), read by every MoE layer. One object shared by an instance's layers."""
+
+    def __init__(self) -> None:
+        self.mode = "normal"
 
 
 @dataclass(frozen=True)
@@ -14,12 +26,19 @@ class MoeContext:
     """Per-rank MoE settings, built once from the server arguments and passed into every MoE layer.
 
     Experts are placed contiguously: rank ``r`` owns logical experts ``[r * L, (r + 1) * L)`` where
-    ``L = num_experts // ep_size``. ``group`` is the expert-parallel process group (rank ``ep_rank`` of
-    ``ep_size``) that multi-rank dispatchers communicate over; it is passed in, never looked up globally, and
-    left out of equality, hashing and repr (two contexts with the same placement are the same placement).
+    ``L = num_experts // ep_size``. With ``moe_tp_size > 1`` (the EP < TP hybrid) each expert's intermediate
+    dimension is further split over the ``moe_tp_size`` ranks of an expert block; this rank holds slice
+    ``moe_tp_rank``. ``group`` is the process group multi-rank dispatchers communicate over (``ep_size x
+    moe_tp_size`` ranks, this one being ``ep_rank * moe_tp_size + moe_tp_rank``); it is passed in, never looked
+    up globally, and left out of equality, hashing and repr (two contexts with the same placement are the same
+    placement), as is ``mode_switch``.
+
+    ``token_layout`` says how a forward's tokens reach the dispatcher across ranks (pd.moe.token_layout).
+    ``a2a_mode`` is the dispatch mode of the "torch" and "deepep" backends ("auto": per forward, from
+    ``mode_switch``); ``max_tokens_per_rank`` their low-latency capacity; ``long_seq`` the normal-mode rounds.
 
     Raises:
-        ValueError: ``ep_size < 1`` or ``ep_rank`` outside ``[0, ep_size)``.
+        ValueError: a size < 1, a rank outside its range, or an unknown mode.
     """
 
     ep_rank: int = 0
@@ -27,12 +46,38 @@ class MoeContext:
     dispatcher: str = "single_rank"
     runner: str = "torch"
     group: ProcessGroup | None = field(default=None, compare=False, hash=False, repr=False)
+    moe_tp_rank: int = 0
+    moe_tp_size: int = 1
+    a2a_mode: str = "normal"
+    max_tokens_per_rank: int = 128
+    long_seq: LongSeqConfig | None = None
+    token_layout: str = "as_is"
+    mode_switch: ModeSwitch | None = field(default=None, compare=False, hash=False, repr=False)
+    # Objects every MoE layer of an instance shares, made by the first layer that needs one (DeepEP's
+    # communication buffers pin and register device memory with every peer: one per process, not per layer).
+    shared: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.ep_size < 1:
-            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
-        if not 0 <= self.ep_rank < self.ep_size:
-            raise ValueError(f"ep_rank must be in [0, {self.ep_size}), got {self.ep_rank}")
+        for name, rank, size in (("ep", self.ep_rank, self.ep_size), ("moe_tp", self.moe_tp_rank, self.moe_tp_size)):
+            if size < 1:
+                raise ValueError(f"{name}_size must be >= 1, got {size}")
+            if not 0 <= rank < size:
+                raise ValueError(f"{name}_rank must be in [0, {size}), got {rank}")
+        if self.a2a_mode not in A2A_MODES:
+            raise ValueError(f"a2a_mode must be one of {A2A_MODES}, got {self.a2a_mode!r}")
+        if self.token_layout not in ("as_is", "scatter", "gather"):
+            raise ValueError(f"unknown token_layout {self.token_layout!r}")
+        if self.a2a_mode == "auto" and self.mode_switch is None:
+            raise ValueError("a2a_mode 'auto' needs a mode_switch shared with the model runner")
+
+    def local_intermediate(self, intermediate_size: int) -> int:
+        """This rank's share of an expert's intermediate size. Raises ValueError unless moe_tp_size divides it."""
+        if intermediate_size % self.moe_tp_size:
+            raise ValueError(
+                f"the experts' intermediate size {intermediate_size} is not divisible by tp/ep = {self.moe_tp_size}; "
+                "choose --tp and --ep so that it is"
+            )
+        return intermediate_size // self.moe_tp_size
 
     def num_local(self, num_experts: int) -> int:
         """Number of experts this rank holds. Raises ValueError unless ep_size divides num_experts."""

@@ -8,12 +8,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pd.moe import token_layout
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher import get_dispatcher
+from pd.moe.dispatcher.base import Dispatcher
 from pd.moe.runner import get_runner
 from pd.moe.topk import TopKConfig, select_experts
 
 _SHARDS = ("gate", "up", "down")
+
+
+# Backends with separate normal and low-latency paths; the others have one path for every batch.
+_MODED_BACKENDS = ("torch", "deepep")
+
+
+def _build_dispatchers(ctx: MoeContext, num_experts: int, hidden_size: int) -> dict[str, Dispatcher]:
+    """One dispatcher per mode this layer may run in: both under a2a_mode "auto", else the one asked for."""
+    if ctx.dispatcher not in _MODED_BACKENDS:
+        return {"any": get_dispatcher(ctx.dispatcher, ctx, num_experts=num_experts)}
+    modes = ("normal", "low_latency") if ctx.a2a_mode == "auto" else (ctx.a2a_mode,)
+    dispatchers = {}
+    for mode in modes:
+        options: dict[str, object] = {"num_experts": num_experts, "max_tokens_per_rank": ctx.max_tokens_per_rank}
+        if ctx.dispatcher == "torch":
+            options["long_seq"] = ctx.long_seq
+        else:
+            options["buffer"] = _deepep_buffer(ctx, mode, num_experts, hidden_size)
+        dispatchers[mode] = get_dispatcher(ctx.dispatcher, ctx, mode=mode, **options)
+    return dispatchers
+
+
+def _deepep_buffer(ctx: MoeContext, mode: str, num_experts: int, hidden_size: int) -> object:
+    """The instance's DeepEP buffer for ``mode``, allocated by the first MoE layer that asks."""
+    key = f"deepep-buffer-{mode}"
+    if key not in ctx.shared:
+        from pd.moe.dispatcher.deepep import make_deepep_buffer
+
+        assert ctx.group is not None, "the deepep dispatcher runs over the expert-parallel group"
+        ctx.shared[key] = make_deepep_buffer(ctx.group, mode=mode, hidden_size=hidden_size, num_experts=num_experts,
+                                             max_tokens_per_rank=ctx.max_tokens_per_rank)
+    return ctx.shared[key]
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -25,7 +59,8 @@ class FusedMoE(nn.Module):
     """Routed experts of one layer, holding only this rank's experts.
 
     Parameters (dtype and device follow the ambient torch defaults, like nn.Linear; filled by the loaders):
-        w13_weight: [E_local, 2*I, H] gate rows [0:I], up rows [I:2I].
+        w13_weight: [E_local, 2*I, H] gate rows [0:I], up rows [I:2I]; I = this rank's share of the
+            intermediate size (the whole of it unless ctx.moe_tp_size > 1).
         w2_weight: [E_local, H, I].
         e_score_correction_bias (buffer, only with has_correction_bias): [E] float32, used for selection only.
 
@@ -51,12 +86,15 @@ class FusedMoE(nn.Module):
         self.ctx = ctx
         self.activation = activation
         self.num_local_experts = ctx.num_local(num_experts)
-        self.dispatcher = get_dispatcher(ctx.dispatcher, ctx, num_experts=num_experts)
+        # The slice of each expert's intermediate rows this rank holds (all of them unless EP < TP).
+        self.local_intermediate = ctx.local_intermediate(intermediate_size)
+        self.inter_start = ctx.moe_tp_rank * self.local_intermediate
+        self.dispatchers = _build_dispatchers(ctx, num_experts, hidden_size)
         self.runner = get_runner(ctx.runner)
 
-        n_local = self.num_local_experts
-        self.w13_weight = nn.Parameter(torch.empty(n_local, 2 * intermediate_size, hidden_size), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(n_local, hidden_size, intermediate_size), requires_grad=False)
+        n_local, inter = self.num_local_experts, self.local_intermediate
+        self.w13_weight = nn.Parameter(torch.empty(n_local, 2 * inter, hidden_size), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(n_local, hidden_size, inter), requires_grad=False)
         self.e_score_correction_bias: torch.Tensor | None
         if has_correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -73,10 +111,21 @@ class FusedMoE(nn.Module):
         Returns:
             [T, H] model dtype, routed experts only (weights renormalised and scaled per the TopKConfig).
         """
-        topk = select_experts(router_logits_TE, self.topk_config, self.e_score_correction_bias)
-        dispatched = self.dispatcher.dispatch(hidden_TH, topk)
+        layout, group = self.ctx.token_layout, self.ctx.group
+        hidden_NH, router_logits_NE, state = token_layout.enter(layout, group, hidden_TH, router_logits_TE)
+        topk = select_experts(router_logits_NE, self.topk_config, self.e_score_correction_bias)
+        dispatcher = self.dispatcher
+        dispatched = dispatcher.dispatch(hidden_NH, topk)
         combine_input = self.runner.run(dispatched, self.w13_weight, self.w2_weight, self.activation)
-        return self.dispatcher.combine(combine_input)
+        return token_layout.leave(layout, group, dispatcher.combine(combine_input), state)
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The dispatcher of this forward's mode (the only one unless --deepep-mode auto)."""
+        if len(self.dispatchers) == 1:
+            return next(iter(self.dispatchers.values()))
+        assert self.ctx.mode_switch is not None
+        return self.dispatchers[self.ctx.mode_switch.mode]
 
     @torch.no_grad()
     def finalize_weights(self) -> None:
@@ -106,13 +155,15 @@ class FusedMoE(nn.Module):
         if local is None:
             return False
         inter, hidden = self.intermediate_size, self.hidden_size
+        part = slice(self.inter_start, self.inter_start + self.local_intermediate)
+        n = self.local_intermediate
         if shard == "down":
             _check_shape(name, tensor, (hidden, inter))
-            self.w2_weight[local].copy_(tensor)
+            self.w2_weight[local].copy_(tensor[:, part])
         else:
             _check_shape(name, tensor, (inter, hidden))
-            rows = slice(0, inter) if shard == "gate" else slice(inter, 2 * inter)
-            self.w13_weight[local, rows].copy_(tensor)
+            rows = slice(0, n) if shard == "gate" else slice(n, 2 * n)
+            self.w13_weight[local, rows].copy_(tensor[part])
         return True
 
     @torch.no_grad()
@@ -135,8 +186,10 @@ class FusedMoE(nn.Module):
         _check_shape(f"{prefix}.gate_up_proj", gate_up_EXH, (num, 2 * inter, hidden))
         _check_shape(f"{prefix}.down_proj", down_EHI, (num, hidden, inter))
         start, end = self.ctx.local_expert_range(num)
-        self.w13_weight.copy_(gate_up_EXH[start:end])
-        self.w2_weight.copy_(down_EHI[start:end])
+        part = slice(self.inter_start, self.inter_start + self.local_intermediate)
+        gate_up = gate_up_EXH[start:end]
+        self.w13_weight.copy_(torch.cat((gate_up[:, :inter][:, part], gate_up[:, inter:][:, part]), dim=1))
+        self.w2_weight.copy_(down_EHI[start:end][:, :, part])
 
     @torch.no_grad()
     def load_correction_bias(self, name: str, bias_E: torch.Tensor) -> None:

@@ -28,16 +28,18 @@ def expert_group(ctx: MoeContext, backend: str) -> ProcessGroup | None:
     """
     group = ctx.group
     if group is None:
-        if ctx.ep_size > 1:
+        if ctx.ep_size * ctx.moe_tp_size > 1:
             raise ValueError(
                 f"the {backend!r} dispatcher with ep_size={ctx.ep_size} needs MoeContext.group "
                 "(the expert-parallel process group)"
             )
         return None
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if (size, rank) != (ctx.ep_size, ctx.ep_rank):
+    expected = (ctx.ep_size * ctx.moe_tp_size, ctx.ep_rank * ctx.moe_tp_size + ctx.moe_tp_rank)
+    if (size, rank) != expected:
         raise ValueError(
-            f"MoeContext says ep_rank={ctx.ep_rank} of ep_size={ctx.ep_size}, but its group has rank {rank} of {size}"
+            f"MoeContext says ep_rank={ctx.ep_rank} of ep_size={ctx.ep_size} (x moe_tp {ctx.moe_tp_size}), "
+            f"but its group has rank {rank} of {size}"
         )
     return group
 

@@ -1,0 +1,1 @@
+"""Multi-rank instances: rank layout, process groups, tensor-parallel layers, and the rank processes."""

@@ -1,0 +1,98 @@
+"""One rank of an instance: join the groups, build this rank's model shard, and know its role.
+
+The rank with ``RankInfo.is_leader`` runs the scheduler (pd.engine.engine_process); the others follow their
+leader's broadcasts (pd.dist.step_sync.follow). With one rank, nothing here communicates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pd.dist.groups import Groups, init_groups
+from pd.dist.step_sync import StepSync
+from pd.dist.topology import RankInfo
+from pd.dist.tp import SINGLE, TensorParallel
+from pd.engine.model_runner import ModelRunner, RunnerConfig
+from pd.moe.context import ModeSwitch, MoeContext
+from pd.moe.long_seq import long_seq_config_from_env
+from pd.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+def rank_info(args: ServerArgs, rank: int) -> RankInfo:
+    return RankInfo(rank, args.tp_size, args.dp_size if args.enable_dp_attention else 1, args.ep_size, args.nnodes)
+
+
+def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:
+    """This rank's expert placement, dispatcher and token layout (see pd.moe.token_layout)."""
+    if info.tp == 1:
+        return MoeContext(runner=args.moe_runner_backend)
+    a2a = args.moe_a2a_backend != "none"
+    dp_attention = info.dp > 1
+    layout = ("as_is" if dp_attention else "scatter") if a2a else ("gather" if dp_attention else "as_is")
+    return MoeContext(
+        ep_rank=info.ep_rank,
+        ep_size=info.ep,
+        dispatcher=args.moe_a2a_backend,
+        runner=args.moe_runner_backend,
+        group=groups.world,
+        moe_tp_rank=info.moe_tp_rank,
+        moe_tp_size=info.moe_tp_size,
+        a2a_mode=args.deepep_mode,
+        # A decode-only batch holds at most max_running_requests tokens per rank (fewer after a scatter).
+        max_tokens_per_rank=args.max_running_requests,
+        long_seq=long_seq_config_from_env() if args.moe_a2a_backend == "torch" else None,
+        token_layout=layout,
+        mode_switch=ModeSwitch() if args.deepep_mode == "auto" else None,
+    )
+
+
+@dataclass
+class RankRuntime:
+    info: RankInfo
+    groups: Groups
+    runner: ModelRunner
+    sync: StepSync | None
+    dp_gate: DPGate | None
+
+
+class DPGate:
+    """Under DP attention every leader has its own scheduler, but MoE layers are collective: each loop turn the
+    leaders agree whether anyone computes (then all do, idle ones with no tokens) and in which dispatch mode."""
+
+    def __init__(self, control: dist.ProcessGroup) -> None:
+        self.control = control
+
+    def agree(self, wants_forward: bool, has_prefill: bool) -> tuple[bool, bool]:
+        flags = torch.tensor([int(wants_forward), int(has_prefill)], dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(flags[0]), bool(flags[1])
+
+
+def start_rank(runner_cfg: RunnerConfig, args: ServerArgs, rank: int, init_method: str | None) -> RankRuntime:
+    """Joins the instance (collective: every rank calls it) and loads this rank's shard."""
+    info = rank_info(args, rank)
+    if args.is_cuda:
+        torch.cuda.set_device(info.local_rank)
+        runner_cfg = dataclasses.replace(runner_cfg, device=f"cuda:{info.local_rank}")
+    groups = init_groups(info, args.dist_backend, init_method or "") if info.tp > 1 else Groups(None, None, None, None)
+    tp = TensorParallel(info.attn_tp_rank, info.attn_tp_size, groups.attn) if info.attn_tp_size > 1 else SINGLE
+    sync = None
+    if groups.attn is not None and groups.attn_control is not None:
+        sync = StepSync(groups.attn_control, groups.attn, info.leader, info.is_leader)
+
+    def agree_pages(num_pages: int) -> int:
+        pages = torch.tensor([num_pages], dtype=torch.int64)
+        dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=groups.control)
+        return int(pages.item())
+
+    runner = ModelRunner(runner_cfg, moe_context(args, info, groups), tp, sync,
+                         agree_pages if groups.control is not None else None)
+    gate = DPGate(groups.control) if info.dp > 1 and groups.control is not None else None
+    return RankRuntime(info, groups, runner, sync, gate)

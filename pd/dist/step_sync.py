@@ -1,0 +1,81 @@
+"""How an attention group's leader drives its followers: one broadcast message per forward.
+
+The leader runs the scheduler; the other ranks of its attention group hold the same model shards' peers and
+must run every forward with the same inputs, in the same order. Before each forward the leader broadcasts a
+msgpack message over the group's gloo side (never pickle); followers rebuild the batch from it and run the
+forward too. Slot-table changes travel as a journal, so each message carries only what changed.
+
+Messages (leader -> followers):
+    {"op": "forward", "input_ids", "rows", "prefix_lens", "extend_lens", "logits_index", "slots", "mode"}
+        "slots": [[row, first_page_index, pages], ...] slot-table assignments since the previous message.
+    {"op": "pages", "pages": [...]}: then one device broadcast per KV buffer carrying those pages' contents
+        (decode received them from prefill into the leader's cache only).
+    {"op": "ping"}: an idle leader's liveness check (a dead follower makes the broadcast fail).
+    {"op": "stop"}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from pd.engine.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class StepSync:
+    """The broadcast channel of one attention group. ``leader`` is a global rank."""
+
+    def __init__(self, control: ProcessGroup, device: ProcessGroup, leader: int, is_leader: bool) -> None:
+        self.control, self.device, self.leader, self.is_leader = control, device, leader, is_leader
+
+    def send(self, msg: dict[str, Any]) -> None:
+        assert self.is_leader
+        payload = torch.frombuffer(bytearray(msgpack.packb(msg, use_bin_type=True)), dtype=torch.uint8)
+        dist.broadcast(torch.tensor([payload.numel()], dtype=torch.int64), self.leader, group=self.control)
+        dist.broadcast(payload, self.leader, group=self.control)
+
+    def receive(self) -> dict[str, Any]:
+        assert not self.is_leader
+        size = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(size, self.leader, group=self.control)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(payload, self.leader, group=self.control)
+        msg: dict[str, Any] = msgpack.unpackb(payload.numpy().tobytes(), raw=False)
+        return msg
+
+    def broadcast_tensor(self, tensor: torch.Tensor) -> None:
+        """In place: the leader's tensor lands in every follower's (same shape, dtype, device kind)."""
+        dist.broadcast(tensor, self.leader, group=self.device)
+
+
+def follow(runner: ModelRunner, sync: StepSync, max_rows: int) -> None:
+    """A follower's life: run what the leader says until it says stop (or the group breaks, which raises).
+    ``max_rows`` is the leader scheduler's slot-table height (--max-running-requests)."""
+    slots = runner.make_slot_table(max_rows, runner.context_length)
+    while True:
+        msg = sync.receive()
+        op = msg["op"]
+        if op == "stop":
+            logger.info("leader said stop")
+            return
+        if op == "ping":
+            continue
+        if op == "pages":
+            runner.receive_pages(msg["pages"])
+            continue
+        assert op == "forward", op
+        for row, first, pages in msg["slots"]:
+            slots.assign_pages(row, first, pages)
+        runner.set_mode(msg["mode"])
+        batch = runner.build_local_batch(msg["input_ids"], msg["rows"], msg["prefix_lens"], msg["extend_lens"],
+                                         slots.table, msg["logits_index"])
+        runner.forward(batch, logits=False)

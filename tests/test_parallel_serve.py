@@ -1,0 +1,141 @@
+"""Multi-rank `pd serve` (gloo on CPU) against the one-process run on the same checkpoint: tensor, expert and
+data-parallel-attention layouts, two "nodes" on one machine, and a dying rank taking the instance down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from tests.server_process import free_port, pd_serve
+from tests.test_serve_parity import _generate_all
+from tests.tiny_checkpoints import make_checkpoint
+
+CHUNK = 16
+COMMON = ("--chunked-prefill-size", str(CHUNK), "--page-size", "4")
+NEW_TOKENS = 12
+
+LAYOUTS = [
+    "--tp 2 --ep 2",
+    "--tp 2 --ep 2 --moe-a2a-backend torch",  # --deepep-mode auto: prefill batches normal, decode low_latency
+    "--tp 4 --ep 4 --moe-a2a-backend torch",
+    "--tp 4 --ep 2 --moe-a2a-backend none",  # each expert also split in two (EP < TP)
+    "--tp 2 --dp-size 2 --enable-dp-attention",
+    "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
+]
+
+
+class Case:
+    """A fresh random checkpoint, fresh prompts (one longer than two chunks) and the one-process answers."""
+
+    def __init__(self, arch: str, root: str, *instance_args: str) -> None:
+        seed = int(torch.randint(0, 2**31, ()).item())
+        self.seed, self.instance_args = seed, (*COMMON, *instance_args)
+        self.path = make_checkpoint(arch, os.path.join(root, arch), seed=seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 17, 2 * CHUNK + 9, 11, 25)]
+        with pd_serve(self.path, *self.instance_args) as url:
+            self.expected = self.run(url)
+
+    def check(self, layout: str) -> None:
+        """Serves the checkpoint with ``layout`` and asserts the one-process greedy tokens."""
+        with pd_serve(self.path, *self.instance_args, *layout.split()) as url:
+            got = self.run(url)
+        assert got == self.expected, f"seed {self.seed}, {layout}"
+
+    def run(self, url: str) -> list[list[int]]:
+        return [out["output_ids"] for out in asyncio.run(_generate_all(url, self.prompts, NEW_TOKENS))]
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return Case(request.param, str(tmp_path_factory.mktemp("parallel")))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parallel_layout_gives_the_one_process_greedy_tokens(case: Case, layout: str) -> None:
+    case.check(layout)
+
+
+def _serve_cmd(path: str, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pd", "serve", "--model-path", path, "--device", "cpu", "--dtype", "float32",
+            "--port", str(port), *COMMON, *extra]
+
+
+def test_two_nodes_on_one_machine_serve_the_one_process_tokens(case: Case) -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    multi = ("--tp", "2", "--nnodes", "2", "--dist-init-addr", addr)
+    node1 = subprocess.Popen(_serve_cmd(case.path, free_port(), *multi, "--node-rank", "1"))
+    try:
+        with pd_serve(case.path, *COMMON, *multi) as url:
+            got = case.run(url)
+        assert got == case.expected, f"seed {case.seed}"
+        assert node1.wait(30) == 0, "node 1 should stop cleanly when node 0 stops"
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@contextlib.contextmanager
+def _logged_server(cmd: list[str], port: int) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
+            time.sleep(0.3)
+        yield proc, log.name
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        os.unlink(log.name)
+
+
+def _rank_pids(front_pid: int) -> dict[int, int]:
+    """rank -> pid: the front's spawned children (not its resource tracker), started in rank order."""
+    ranks = {}
+    for pid in sorted(_children(front_pid)):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                ranks[len(ranks)] = pid
+    return ranks
+
+
+@pytest.mark.parametrize("victim", ["follower", "leader"])
+def test_a_dead_rank_takes_the_instance_down_with_a_clear_log_line(tmp_path, victim: str) -> None:
+    path = make_checkpoint("qwen3_moe", str(tmp_path / "m"), seed=int(torch.randint(0, 2**31, ()).item()))
+    port = free_port()
+    with _logged_server(_serve_cmd(path, port, "--tp", "2", "--ep", "2"), port) as (proc, log):
+        ranks = _rank_pids(proc.pid)
+        assert len(ranks) == 2, ranks
+        pid = ranks[1] if victim == "follower" else ranks[0]
+        os.kill(pid, signal.SIGKILL)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not stop within 20 s of a {victim} rank dying:\n" + open(log).read()[-3000:])
+        text = open(log).read()
+        assert f"(pid {pid}) exited with code -9" in text, text[-3000:]
+        for other in ranks.values():
+            assert not os.path.exists(f"/proc/{other}") or open(f"/proc/{other}/stat").read().split()[2] == "Z"
