@@ -185,7 +185,7 @@ def _worker_long_seq(rank: int, world: int, tokens: list[int]) -> None:
     original = dist.all_to_all_single
 
     def spy(out: torch.Tensor, inp: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if inp.dtype == torch.float32:  # hidden rows (metadata travels as int32, counts as int64)
+        if inp.dtype in (torch.float32, torch.uint8):  # token rows (payload bytes out, hidden back); counts are int64
             calls.append((phase[0], inp.shape, out.shape))
         return original(out, inp, *args, **kwargs)
 

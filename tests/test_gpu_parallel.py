@@ -1,7 +1,9 @@
 """Multi-GPU `pd serve` (NCCL) against the one-GPU run on the same checkpoint (not run in CI).
 
 fp32 for the portable layouts (none / torch all-to-all, DP attention): identical greedy tokens. DeepEP's kernels
-take bf16 only, so its layouts run in bf16 against the one-GPU bf16 run.
+take bf16 only, so its layouts run in bf16 against the one-GPU bf16 run, where a near-tie may flip a later token
+(seen once for a tiny DeepSeek-V3: 6 equal tokens, then a different one); DeepEP's dispatch itself is checked
+bit for bit in tests/test_deepep_gpu.py.
 """
 
 from __future__ import annotations
@@ -51,4 +53,4 @@ def test_multi_gpu_layout_gives_the_one_gpu_tokens_fp32(fp32_case: Case, layout:
 def test_deepep_normal_layout_gives_the_one_gpu_tokens_bf16(bf16_case: Case, layout: tuple[int, str]) -> None:
     _needs(layout[0])
     pytest.importorskip("deep_ep", reason="deep_ep (DeepEP) is not installed")
-    bf16_case.check(layout[1])
+    bf16_case.check(layout[1], exact=False)

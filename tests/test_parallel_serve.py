@@ -46,11 +46,19 @@ class Case:
         with pd_serve(self.path, *self.instance_args) as url:
             self.expected = self.run(url)
 
-    def check(self, layout: str) -> None:
-        """Serves the checkpoint with ``layout`` and asserts the one-process greedy tokens."""
+    def check(self, layout: str, exact: bool = True) -> None:
+        """Serves the checkpoint with ``layout`` and compares with the one-process greedy tokens: equal, or (bf16,
+        ``exact=False``) every first token equal and at least 80% of all tokens (a different reduction order may
+        flip a near-tie in bf16, and the sequence then legitimately diverges)."""
         with pd_serve(self.path, *self.instance_args, *layout.split()) as url:
             got = self.run(url)
-        assert got == self.expected, f"seed {self.seed}, {layout}"
+        if exact:
+            assert got == self.expected, f"seed {self.seed}, {layout}"
+            return
+        assert [g[0] for g in got] == [e[0] for e in self.expected], f"seed {self.seed}, {layout}"
+        same = sum(a == b for g, e in zip(got, self.expected, strict=True) for a, b in zip(g, e, strict=True))
+        total = sum(len(e) for e in self.expected)
+        assert same >= 0.8 * total, f"seed {self.seed}, {layout}: {same}/{total} tokens equal\n{got}\n{self.expected}"
 
     def run(self, url: str) -> list[list[int]]:
         return [out["output_ids"] for out in asyncio.run(_generate_all(url, self.prompts, NEW_TOKENS))]

@@ -18,9 +18,10 @@ low_latency
     peer, else zeros, and its routing metadata marks foreign slots -1. The receive buffer is ``[R * C, H]``
     (rows from source rank s at ``[s * C, (s + 1) * C)``); a row is valid iff one of its ids is >= 0.
     Capacity bound: a rank may dispatch at most C tokens per batch (ValueError otherwise, checked on the shape,
-    so no sync); memory per direction is ``R * C * (H * itemsize + 8 * K)`` bytes.
+    so no sync); memory per direction is about ``R * C * (H * itemsize + 8 * K)`` bytes.
 
-Routing metadata (local ids as int32 and the float32 weights' bits) travels packed in one int32 message.
+Each token travels as one byte row holding its hidden state, global expert ids and weights (pd.moe.dispatcher.
+payload), so both modes dispatch with a single data all-to-all; the receiver derives its local ids.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import torch.distributed as dist
 
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput
-from pd.moe.dispatcher.routing import expert_group, local_ids_for, owner_rank, token_rank_mask
+from pd.moe.dispatcher.payload import blank_row, pack_rows, unpack_rows
+from pd.moe.dispatcher.routing import expert_group, owner_rank, token_rank_mask
 from pd.moe.long_seq import LongSeqConfig, check_tokens_per_rank
 from pd.moe.topk import TopKOutput
 
@@ -57,17 +59,6 @@ def _all_to_all(
         out.copy_(inp)
         return
     dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-
-
-def _pack_meta(local_ids_SK: torch.Tensor, weights_SK: torch.Tensor) -> torch.Tensor:
-    """[S, 2K] int32: local ids, then the float32 weights reinterpreted bit for bit (exact round trip)."""
-    assert weights_SK.dtype == torch.float32, "topk_weights must be float32"
-    return torch.cat([local_ids_SK.to(torch.int32), weights_SK.contiguous().view(torch.int32)], dim=-1)
-
-
-def _unpack_meta(meta_S2K: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of _pack_meta: ([S, K] int64 local ids, [S, K] float32 weights)."""
-    return meta_S2K[:, :top_k].long(), meta_S2K[:, top_k:].contiguous().view(torch.float32)
 
 
 def _segments_index(starts: list[int], lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -138,7 +129,7 @@ class TorchA2ADispatcher(Dispatcher):
             raise ValueError(f"max_tokens_per_rank must be >= 1, got {max_tokens_per_rank}")
         self.mode = mode
         self.num_local_experts = ctx.num_local(num_experts)
-        self.ep_size = ctx.ep_size
+        self.ep_size, self.ep_rank = ctx.ep_size, ctx.ep_rank
         self.max_tokens_per_rank = max_tokens_per_rank
         self.long_seq = long_seq if long_seq is not None and long_seq.enabled else None
         self.group = expert_group(ctx, "torch")
@@ -195,12 +186,14 @@ class TorchA2ADispatcher(Dispatcher):
         owner_TK = owner_rank(ids_TK, self.num_local_experts)
         sent_RT = token_rank_mask(owner_TK, ranks).t()
         # Clamped so an over-long batch still joins the count exchange; the capacity check follows it.
-        round_size = per_round or max(num_tokens, 1)
-        round_T = (
-            torch.arange(num_tokens, device=device).div(round_size, rounding_mode="floor").clamp(max=max_rounds - 1)
-        )
-        counts_RC = torch.zeros(ranks, max_rounds, dtype=torch.int64, device=device)
-        counts_RC.index_add_(1, round_T, sent_RT.long())
+        if per_round is None:
+            counts_RC = sent_RT.sum(dim=1, keepdim=True)
+        else:
+            round_T = (
+                torch.arange(num_tokens, device=device).div(per_round, rounding_mode="floor").clamp(max=max_rounds - 1)
+            )
+            counts_RC = torch.zeros(ranks, max_rounds, dtype=torch.int64, device=device)
+            counts_RC.index_add_(1, round_T, sent_RT.long())
         # Peers learn our per-round counts and our token count (the last column), which fixes the round count.
         send_meta = torch.cat([counts_RC, torch.full((ranks, 1), num_tokens, device=device)], dim=1)
         recv_meta = torch.empty_like(send_meta)
@@ -214,44 +207,35 @@ class TorchA2ADispatcher(Dispatcher):
         num_rounds = 1 if per_round is None else max(1, math.ceil(max_tokens / per_round))
 
         total_recv = sum(recv_counts[s][r] for s in range(ranks) for r in range(num_rounds))
-        recv_x = hidden_TH.new_empty(total_recv, hidden)
-        recv_meta_N = torch.empty(total_recv, 2 * top_k, dtype=torch.int32, device=device)
+        payload_TB = pack_rows(hidden_TH, ids_TK, weights_TK)  # one row per token, whatever rank it goes to
+        recv_NB = payload_TB.new_empty(total_recv, payload_TB.shape[1])
         rounds, offset = [], 0
         for r in range(num_rounds):
             send_splits = [send_counts[d][r] for d in range(ranks)]
             recv_splits = [recv_counts[s][r] for s in range(ranks)]
             lo = min(r * per_round, num_tokens) if per_round else 0
             hi = min(lo + per_round, num_tokens) if per_round else num_tokens
-            dest_S, token_S = self._round_pairs(sent_RT[:, lo:hi], sum(send_splits), lo)
-            send_meta_S = _pack_meta(
-                local_ids_for(ids_TK[token_S], owner_TK[token_S], dest_S.unsqueeze(1), self.num_local_experts),
-                weights_TK[token_S],
-            )
+            token_S = self._round_tokens(sent_RT[:, lo:hi], sum(send_splits), lo)
             rows = slice(offset, offset + sum(recv_splits))
-            _all_to_all(recv_x[rows], hidden_TH.index_select(0, token_S), recv_splits, send_splits, self.group)
-            _all_to_all(recv_meta_N[rows], send_meta_S, recv_splits, send_splits, self.group)
+            _all_to_all(recv_NB[rows], payload_TB.index_select(0, token_S), recv_splits, send_splits, self.group)
             rounds.append(RoundLayout(token_S, send_splits, recv_splits))
             offset = rows.stop
 
-        local_NK, weights_NK = _unpack_meta(recv_meta_N, top_k)
+        recv_x, local_NK, weights_NK = unpack_rows(recv_NB, hidden, hidden_TH.dtype, top_k, self.ep_rank,
+                                                   self.num_local_experts)
         combine_in_rounds = self.long_seq is not None and self.long_seq.combine_enabled
         handle = NormalHandle(num_tokens, tuple(rounds), combine_in_rounds)
         return DispatchOutput(recv_x, local_NK, weights_NK, handle)
 
     @staticmethod
-    def _round_pairs(sent_RC: torch.Tensor, num_pairs: int, first_token: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dest [S], token [S]) of the True entries of ``sent_RC`` ([R, chunk]) in rank-major order.
-
-        The count S is known from the host-side counts, so a stable sort replaces ``nonzero`` (which would
-        synchronise on GPU again).
-        """
+    def _round_tokens(sent_RC: torch.Tensor, num_pairs: int, first_token: int) -> torch.Tensor:
+        """[S] int64 token of each True entry of ``sent_RC`` ([R, chunk]), rank-major (grouped by destination).
+        S is known from the exchanged counts, so a stable sort replaces ``nonzero`` (another host sync on GPU)."""
         chunk = sent_RC.shape[1]
         if chunk == 0:
-            empty = torch.empty(0, dtype=torch.int64, device=sent_RC.device)
-            return empty, empty
-        flat = sent_RC.reshape(-1)
-        pos = torch.argsort((~flat).to(torch.uint8), stable=True)[:num_pairs]
-        return pos // chunk, first_token + pos % chunk
+            return torch.empty(0, dtype=torch.int64, device=sent_RC.device)
+        pos = torch.argsort(sent_RC.reshape(-1).logical_not(), stable=True)[:num_pairs]
+        return pos.remainder(chunk) + first_token
 
     def _combine_normal(self, x_NH: torch.Tensor, handle: NormalHandle) -> torch.Tensor:
         out_TH = x_NH.new_zeros(handle.num_tokens, x_NH.shape[1])
@@ -309,21 +293,16 @@ class TorchA2ADispatcher(Dispatcher):
         ids_TK, top_k = topk.topk_ids, topk.topk_ids.shape[1]
         owner_TK = owner_rank(ids_TK, self.num_local_experts)
         sent_RT = token_rank_mask(owner_TK, ranks).t()
-        dest_R11 = torch.arange(ranks, device=device).view(ranks, 1, 1)
-        local_RTK = local_ids_for(ids_TK.unsqueeze(0), owner_TK.unsqueeze(0), dest_R11, self.num_local_experts)
-
-        send_x = hidden_TH.new_zeros(ranks, capacity, hidden)
-        send_x[:, :num_tokens] = torch.where(sent_RT.unsqueeze(-1), hidden_TH.unsqueeze(0), 0)
-        send_meta = torch.zeros(ranks, capacity, 2 * top_k, dtype=torch.int32, device=device)
-        send_meta[:, :, :top_k] = -1
-        weights_RTK = topk.topk_weights.unsqueeze(0).expand(ranks, -1, -1)
-        send_meta[:, :num_tokens] = _pack_meta(local_RTK, weights_RTK)
-
-        recv_x = torch.empty_like(send_x).view(ranks * capacity, hidden)
-        recv_meta = torch.empty_like(send_meta).view(ranks * capacity, 2 * top_k)
-        _all_to_all(recv_x, send_x.view(ranks * capacity, hidden), None, None, self.group)
-        _all_to_all(recv_meta, send_meta.view(ranks * capacity, 2 * top_k), None, None, self.group)
-        local_NK, weights_NK = _unpack_meta(recv_meta, top_k)
+        # Every peer gets a [C, row] block: row t is token t's payload if it has an expert there, else a blank
+        # (ids -1), so the receiver needs no counts and the shapes never change (graph-capturable).
+        payload_TB = pack_rows(hidden_TH, ids_TK, topk.topk_weights)
+        blank_B = blank_row(hidden, hidden_TH.dtype, top_k, device)
+        send_RCB = blank_B.expand(ranks, capacity, -1).clone()
+        send_RCB[:, :num_tokens] = torch.where(sent_RT.unsqueeze(-1), payload_TB.unsqueeze(0), blank_B)
+        recv_NB = torch.empty_like(send_RCB).view(ranks * capacity, -1)
+        _all_to_all(recv_NB, send_RCB.view(ranks * capacity, -1), None, None, self.group)
+        recv_x, local_NK, weights_NK = unpack_rows(recv_NB, hidden, hidden_TH.dtype, top_k, self.ep_rank,
+                                                   self.num_local_experts)
         handle = LowLatencyHandle(num_tokens, sent_RT, (local_NK >= 0).any(dim=-1))
         return DispatchOutput(recv_x, local_NK, weights_NK, handle)
 
