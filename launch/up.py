@@ -133,7 +133,8 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
 
     children: list[Child] = []
     stopping = threading.Event()
-    threads = max(1, (os.cpu_count() or 1) // (ns.num_prefill + ns.num_decode))
+    # Every rank process of every instance shares this machine's cores.
+    threads = max(1, (os.cpu_count() or 1) // ((ns.num_prefill + ns.num_decode) * args.tp_size))
 
     def on_signal(signum: int, frame: object) -> None:
         stopping.set()

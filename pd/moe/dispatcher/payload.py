@@ -45,8 +45,8 @@ def unpack_rows(
     ids_at, _ = row_layout(hidden_size, dtype, top_k)
     hidden_bytes = hidden_size * torch.empty((), dtype=dtype).element_size()
     hidden = rows_NB[:, :hidden_bytes].contiguous().view(dtype)
-    ids = rows_NB[:, ids_at : ids_at + 4 * top_k].contiguous().view(torch.int32).long()
-    weights = rows_NB[:, ids_at + 4 * top_k : ids_at + 8 * top_k].contiguous().view(torch.float32)
-    first = rank * num_local_experts
-    mine = (ids >= first) & (ids < first + num_local_experts)
-    return hidden, torch.where(mine, ids - first, -1), weights
+    meta = rows_NB[:, ids_at : ids_at + 8 * top_k].contiguous()
+    ids = meta[:, : 4 * top_k].view(torch.int32).long()
+    weights = meta[:, 4 * top_k :].view(torch.float32)
+    mine = ids.div(num_local_experts, rounding_mode="floor") == rank  # -1 (no expert) floors to -1
+    return hidden, torch.where(mine, ids - rank * num_local_experts, -1), weights

@@ -198,6 +198,7 @@ class TorchA2ADispatcher(Dispatcher):
         send_meta = torch.cat([counts_RC, torch.full((ranks, 1), num_tokens, device=device)], dim=1)
         recv_meta = torch.empty_like(send_meta)
         _all_to_all(recv_meta, send_meta, None, None, self.group)
+        payload_TB = pack_rows(hidden_TH, ids_TK, weights_TK)  # queued before the host waits on the counts
         send_counts, recv_counts = torch.stack([send_meta, recv_meta]).tolist()  # the one host sync
         max_tokens = max(row[max_rounds] for row in recv_counts)
         if self.long_seq is not None:
@@ -207,7 +208,6 @@ class TorchA2ADispatcher(Dispatcher):
         num_rounds = 1 if per_round is None else max(1, math.ceil(max_tokens / per_round))
 
         total_recv = sum(recv_counts[s][r] for s in range(ranks) for r in range(num_rounds))
-        payload_TB = pack_rows(hidden_TH, ids_TK, weights_TK)  # one row per token, whatever rank it goes to
         recv_NB = payload_TB.new_empty(total_recv, payload_TB.shape[1])
         rounds, offset = [], 0
         for r in range(num_rounds):
