@@ -121,7 +121,8 @@ def start_stack(model: str) -> tuple[dict[str, str], int, list[Proc]]:
     lbs = [start_proc("pd-lb", [sys.executable, "-m", "pd", "lb", "--port", str(ports["pd-lb"]), "--policy",
                                 "round_robin", *pair], url["pd-lb"]),
            start_proc("sglang", [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-                                 "--host", HOST, "--port", str(ports["sglang"]), "--policy", "round_robin", *pair],
+                                 "--host", HOST, "--port", str(ports["sglang"]), "--policy", "round_robin",
+                                 "--prometheus-port", str(free_port()), *pair],
                       url["sglang"])]  # fmt: skip
     procs += lbs
     wait_healthy(lbs, timeout=60)

@@ -116,7 +116,9 @@ def pd_cluster(
             argv = [sys.executable, "-m", "pd", "lb", "--port", str(lb_port), "--health-check-interval", "1"]
         else:
             argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host",
-                    "127.0.0.1", "--port", str(lb_port), "--policy", "round_robin"]
+                    "127.0.0.1", "--port", str(lb_port), "--policy", "round_robin",
+                    # its Prometheus exporter binds 29000 by default: two routers on one machine would collide
+                    "--prometheus-port", str(free_port())]
         for p, bport in zip(cluster.prefill, cluster.bootstrap_ports, strict=True):
             argv += ["--prefill", p.url, str(bport)]
         for p in cluster.decode:
