@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -28,6 +29,8 @@ logger = logging.getLogger("pd.engine")
 
 # How often an idle DP-attention leader checks whether another leader needs it for a forward.
 DP_IDLE_POLL_S = 0.002
+# Steps that finish nothing report the engine's stats at most this often (each message wakes the front).
+STATS_INTERVAL_S = 0.05
 # How often an idle leader checks that its followers are still there.
 HEARTBEAT_S = 1.0
 
@@ -103,6 +106,7 @@ class EngineLoop:
     ) -> None:
         self.scheduler, self.inbox, self.outbox = scheduler, inbox, outbox
         self.dp_gate, self.multi_rank = dp_gate, multi_rank
+        self.last_report = 0.0
 
     def run(self) -> None:
         while True:
@@ -129,6 +133,10 @@ class EngineLoop:
             elif self.multi_rank and not outputs:
                 sched.runner.heartbeat()  # raises if a follower is gone, rather than finding out mid-request
                 continue
+            now = time.monotonic()
+            if not outputs and sched.has_work and now - self.last_report < STATS_INTERVAL_S:
+                continue  # nothing new for the front; fresh stats follow soon, and always when work ends
+            self.last_report = now
             _send(self.outbox, {"outputs": [to_dict(o) for o in outputs], "stats": to_dict(sched.stats())})
 
     def _dp_step(self) -> list[TokenOutput]:

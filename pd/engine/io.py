@@ -45,6 +45,9 @@ class GenerateRequest:
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+    # Report every token as it is sampled (streaming, or stop strings checked by the front); otherwise only the
+    # first token and the end, which spares the front a wake-up per token of every non-streaming request.
+    every_token: bool = True
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class Req:
     first_scheduled: float | None = None
     num_sent: int = 0  # output tokens already reported to the front
     kv_sent: bool = False  # prefill: the KV pages have been handed to the transfer engine
+    every_token: bool = True  # report each sampled token (else the first one and the end only)
 
     @property
     def fill_ids(self) -> list[int]:

@@ -70,6 +70,7 @@ class Scheduler:
         if msg.sampling.seed is not None:
             req.generator = torch.Generator(self.runner.device).manual_seed(msg.sampling.seed)
         req.kv_tokens = kv_tokens
+        req.every_token = msg.every_token
         return self._enqueue(req, msg)
 
     def _kv_tokens(self, msg: GenerateRequest) -> int:
@@ -174,6 +175,8 @@ class Scheduler:
         """Appends the request's new token; reports it, and releases the request if it finished."""
         req.output_ids.append(token)
         self._check_finished(req, token)
+        if req.finish_reason is None and not req.every_token and len(req.output_ids) > 1:
+            return None  # reported at the end, with every token since the first
         out = self._output(req)
         if req.finish_reason is not None:
             self._release(req)

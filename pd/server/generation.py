@@ -208,8 +208,12 @@ def _check_token_ids(ctx: ServerContext, ids: Sequence[int], name: str) -> None:
         raise ApiError(f"{name} contains token id {max(ids)}, but the vocabulary has {vocab} tokens")
 
 
-async def stream_generation(ctx: ServerContext, spec: GenerationSpec) -> AsyncIterator[GenerationChunk]:
+async def stream_generation(
+    ctx: ServerContext, spec: GenerationSpec, every_token: bool = True
+) -> AsyncIterator[GenerationChunk]:
     """Run `spec` on the engine; yields one chunk per engine message, the last one with `finish` set.
+    With every_token False (a consumer that only wants the end) the engine reports the first token and the
+    end only, unless stop strings need checking as tokens arrive.
 
     Raises ApiError (duplicate rid) and whatever the engine client raises on submission
     (EngineFullError when its queue is full) before the first chunk. If the consumer stops early (client
@@ -238,6 +242,7 @@ async def stream_generation(ctx: ServerContext, spec: GenerationSpec) -> AsyncIt
         bootstrap_host=spec.bootstrap_host,
         bootstrap_port=spec.bootstrap_port,
         bootstrap_room=spec.bootstrap_room,
+        every_token=every_token or bool(spec.stop),
     )
     output_ids: list[int] = []
     text = ""

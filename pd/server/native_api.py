@@ -49,7 +49,8 @@ async def generate(request: Request) -> Response:
         if is_batch:
             raise ApiError("stream=true is not supported for a batch; send one request per prompt")
         return await sse_response(request, stream_generation(ctx, specs[0]), lambda chunks: _events(ctx, chunks))
-    finals = await run_unless_disconnected(request, gather_all([last_chunk(stream_generation(ctx, s)) for s in specs]))
+    finals_each = [last_chunk(stream_generation(ctx, s, every_token=False)) for s in specs]
+    finals = await run_unless_disconnected(request, gather_all(finals_each))
     for final in finals:
         raise_if_failed(final)
     outputs = [_output(ctx, final) for final in finals]

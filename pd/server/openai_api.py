@@ -64,7 +64,7 @@ async def completions(request: Request) -> Response:
     created = int(time.time())
     if body.stream:
         return await sse_response(request, run(ctx, spec), lambda c: _completion_events(ctx, body, created, c))
-    final = await run_unless_disconnected(request, last_chunk(run(ctx, spec)))
+    final = await run_unless_disconnected(request, last_chunk(run(ctx, spec, every_token=False)))
     raise_if_failed(final)
     choice = {"index": 0, "text": final.text, "logprobs": None, **_finish_fields(final)}
     return JSONResponse(_envelope(ctx, final, "text_completion", created, [choice], usage=_usage(final)))
@@ -98,7 +98,7 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     if body.stream:
         return await sse_response(request, run(ctx, spec), lambda c: _chat_events(ctx, body, created, c))
-    final = await run_unless_disconnected(request, last_chunk(run(ctx, spec)))
+    final = await run_unless_disconnected(request, last_chunk(run(ctx, spec, every_token=False)))
     raise_if_failed(final)
     choice = {
         "index": 0,
