@@ -201,7 +201,8 @@ def test_ttft_itl_e2e_match_stub_delays(stub: tuple[str, StubState], backend: st
         # Several tokens per chunk are spread evenly: one ITL per token after the first, each ~ itl_s.
         assert len(out.itl) == req.output_len - 1
         assert state.ttft_s - 0.002 <= out.ttft <= state.ttft_s + SLACK_S
-        assert min(out.itl) >= state.itl_s - 0.002 and np.median(out.itl) <= state.itl_s + SLACK_S / 3
+        # Median, not min: on a loaded machine the client may read two chunks late and back to back.
+        assert state.itl_s - 0.002 <= np.median(out.itl) <= state.itl_s + SLACK_S / 3
         expected_e2e = state.ttft_s + (req.output_len - 1) * state.itl_s
         assert expected_e2e - 0.002 <= out.latency <= expected_e2e + SLACK_S * 2
         assert math.isclose(sum(out.itl), out.latency - out.ttft, abs_tol=0.01)
