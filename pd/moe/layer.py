@@ -45,8 +45,18 @@ def _deepep_buffer(ctx: MoeContext, mode: str, num_experts: int, hidden_size: in
         from pd.moe.dispatcher.deepep import make_deepep_buffer
 
         assert ctx.group is not None, "the deepep dispatcher runs over the expert-parallel group"
-        ctx.shared[key] = make_deepep_buffer(ctx.group, mode=mode, hidden_size=hidden_size, num_experts=num_experts,
-                                             max_tokens_per_rank=ctx.max_tokens_per_rank)
+        try:
+            ctx.shared[key] = make_deepep_buffer(ctx.group, mode=mode, hidden_size=hidden_size,
+                                                 num_experts=num_experts, max_tokens_per_rank=ctx.max_tokens_per_rank)
+        except (AssertionError, RuntimeError) as e:
+            if mode != "low_latency":
+                raise
+            # DeepEP's low-latency buffers need InfiniBand NICs (IBGDA) even inside one node; say what to do.
+            raise RuntimeError(
+                f"DeepEP could not set up its low_latency buffer ({type(e).__name__}: {e}); it needs InfiniBand "
+                "NICs with IBGDA. Use --deepep-mode normal, or --moe-a2a-backend torch (its low_latency mode runs "
+                "over NCCL)"
+            ) from e
     return ctx.shared[key]
 
 
