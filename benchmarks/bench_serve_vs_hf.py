@@ -3,23 +3,27 @@
 Checkpoint: Qwen3-MoE-like (hidden 512, 4 layers, 32 experts top-4, vocab 8192), random weights, fp32.
 Workload: 16 requests of random prompt lengths (64-191 tokens), 128 new tokens each, greedy, no EOS.
 transformers runs them as one left-padded batch through `generate`; pd serve gets them as 16 concurrent
-HTTP /generate requests. Prints both throughputs (output tokens per second) and their ratio.
+HTTP /generate requests. Prints both throughputs (output tokens per second) and their ratio, per round
+and the median over rounds.
 
-Usage: python benchmarks/bench_serve_vs_hf.py [--out results.json] [--device cpu]
+Usage: python benchmarks/bench_serve_vs_hf.py [--out results.json] [--device cpu] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import httpx
 import torch
@@ -61,10 +65,13 @@ def make_prompts() -> list[list[int]]:
     return [torch.randint(1, 8192, (int(n),), generator=gen).tolist() for n in lens]
 
 
-def bench_transformers(path: str, prompts: list[list[int]], device: str) -> float:
+def load_transformers(path: str, device: str):  # noqa: ANN201 (transformers is imported lazily)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+
+
+def bench_transformers(model, prompts: list[list[int]], device: str) -> float:  # noqa: ANN001
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -109,24 +116,11 @@ async def _send_all(url: str, prompts: list[list[int]]) -> tuple[float, int]:
     return elapsed, tokens
 
 
-def bench_pd_serve(path: str, prompts: list[list[int]], device: str) -> float:
+@contextlib.contextmanager
+def pd_serve(path: str, device: str) -> Iterator[str]:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "pd",
-        "serve",
-        "--model-path",
-        path,
-        "--device",
-        device,
-        "--dtype",
-        "float32",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
+    cmd = [sys.executable, "-m", "pd", "serve", "--model-path", path, "--device", device, "--dtype", "float32",
+           "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -140,25 +134,41 @@ def bench_pd_serve(path: str, prompts: list[list[int]], device: str) -> float:
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("pd serve did not become healthy")
             time.sleep(0.5)
-        elapsed, tokens = asyncio.run(_send_all(url, prompts))
-        assert tokens == NUM_REQUESTS * NEW_TOKENS, tokens
-        return tokens / elapsed
+        yield url
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def bench_pd_serve(url: str, prompts: list[list[int]]) -> float:
+    elapsed, tokens = asyncio.run(_send_all(url, prompts))
+    assert tokens == NUM_REQUESTS * NEW_TOKENS, tokens
+    return tokens / elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating transformers / pd serve measurements; the median ratio is reported")
     args = parser.parse_args()
+    hf_runs, our_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "qwen3-moe-bench")
         make_checkpoint(path)
         prompts = make_prompts()
-        hf = bench_transformers(path, prompts, args.device)
-        ours = bench_pd_serve(path, prompts, args.device)
+        model = load_transformers(path, args.device)
+        # The server idles (blocked on its pipe) while transformers runs, and the other way round; alternating
+        # rounds keep a passing load spike from landing on one side only.
+        with pd_serve(path, args.device) as url:
+            for r in range(args.rounds):
+                hf_runs.append(bench_transformers(model, prompts, args.device))
+                our_runs.append(bench_pd_serve(url, prompts))
+                print(f"round {r + 1}/{args.rounds}: transformers {hf_runs[-1]:.1f} tok/s, pd serve "
+                      f"{our_runs[-1]:.1f} tok/s, ratio {our_runs[-1] / hf_runs[-1]:.2f}", flush=True)
+    ratios = sorted(o / h for o, h in zip(our_runs, hf_runs, strict=True))
+    hf, ours = statistics.median(hf_runs), statistics.median(our_runs)
     result = {
         "checkpoint": "Qwen3-MoE-like: hidden 512, 4 layers, 32 experts top-4, vocab 8192, fp32",
         "workload": f"{NUM_REQUESTS} concurrent requests x {NEW_TOKENS} new tokens, prompts 64-191 tokens",
@@ -169,10 +179,12 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "transformers_generate_tok_s": round(hf, 1),
         "pd_serve_tok_s": round(ours, 1),
-        "ratio": round(ours / hf, 2),
+        "ratio": round(statistics.median(ratios), 2),
+        "rounds": [{"transformers_tok_s": round(h, 1), "pd_serve_tok_s": round(o, 1), "ratio": round(o / h, 2)}
+                   for h, o in zip(hf_runs, our_runs, strict=True)],
     }
     print(json.dumps(result, indent=2))
-    print(f"pd serve / transformers generate throughput: {ours / hf:.2f}x")
+    print(f"pd serve / transformers generate throughput (median of {args.rounds} rounds): {result['ratio']:.2f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
