@@ -583,6 +583,33 @@ def test_client_disconnect_closes_both_upstreams_and_aborts_both(stream: bool) -
         wait_until(lambda: httpx.get(c.url + "/get_server_info").json()["decode"][0]["outstanding"] == 0, 5, "leak")
 
 
+def test_clients_leaving_at_random_moments_leave_no_request_outstanding() -> None:
+    """Clients cut off at random points (before the pair is picked, while the balancer connects upstream,
+    mid-stream): the balancer's per-instance counts of requests in flight come back to zero."""
+    with cluster(1, 2, policy="round_robin") as c:
+        for s in c.decode:
+            s.state.n_tokens, s.state.interval, s.state.delay = 8, 0.01, 0.02
+
+        async def one(client: httpx.AsyncClient, i: int) -> None:
+            body = {"text": "x", "stream": i % 2 == 0}
+            with contextlib.suppress(asyncio.TimeoutError, httpx.HTTPError):
+                await asyncio.wait_for(client.post(c.url + "/generate", json=body), random.uniform(0.001, 0.3))
+
+        async def burst() -> None:
+            limits = httpx.Limits(max_keepalive_connections=0)  # a new connection per request, closed when cut
+            async with httpx.AsyncClient(timeout=10, limits=limits) as client:
+                await asyncio.gather(*(one(client, i) for i in range(120)))
+
+        asyncio.run(burst())
+
+        def outstanding() -> list[int]:
+            listing = httpx.get(c.url + "/list_workers").json()
+            return [w["outstanding"] for w in listing["prefill"] + listing["decode"]]
+
+        wait_until(lambda: outstanding() == [0, 0, 0], 10, "requests left outstanding")
+        assert httpx.post(c.url + "/generate", json={"text": "x"}, timeout=10).status_code == 200
+
+
 def test_prefill_error_before_decode_answers_is_the_client_answer() -> None:
     with cluster() as c:
         (p,), (d,) = c.prefill, c.decode

@@ -1,8 +1,8 @@
-"""The HTTP front of `pd lb`: the FastAPI app (`create_app`) and the process entry point (`run_lb`).
+"""The HTTP front of `pd lb`: the ASGI app (`create_app`) and the process entry point (`run_lb`).
 
-Generation routes are plain Starlette routes (no FastAPI parameter machinery on the hot path) handled by the
-`Forwarder`; the rest are small admin and probe routes. One httpx client, created when the app starts, carries
-every upstream call. Errors answer with OpenAI's error shape {"error": {"message", "type", "code"}}.
+POSTs to the generation routes go straight from the server to the `Forwarder`, a plain ASGI app; the admin and
+probe routes are a FastAPI app behind it. One upstream pool, created with the app, carries every call to the
+instances. Errors answer with OpenAI's error shape {"error": {"message", "type", "code"}}.
 """
 
 from __future__ import annotations
@@ -14,49 +14,51 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pd.lb.args import DEFAULT_BOOTSTRAP_PORT, LBArgs, LBArgsError, normalize_url, parse_bootstrap_port
 from pd.lb.metrics import LBMetrics
 from pd.lb.proxy import Forwarder, LBError
+from pd.lb.upstream import UpstreamError, UpstreamPool
 from pd.lb.workers import ROLES, HealthChecker, WorkerError, WorkerRegistry
 from pd.server.auth import ApiKeyMiddleware
 
 logger = logging.getLogger(__name__)
 
-GENERATE_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+GENERATE_ROUTES = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 # A refused or unroutable connection fails fast, so a dead instance costs a retry, not a long wait.
 CONNECT_TIMEOUT_S = 5.0
-# Two upstream connections per request in flight; the instances bound their own concurrency.
-MAX_CONNECTIONS = 8192
-MAX_KEEPALIVE = 1024
 
 
-def make_client(args: LBArgs) -> httpx.AsyncClient:
-    """The one upstream client: pooled keep-alive connections, identity encoding (streams pass through as
-    bytes), read timeout = --request-timeout, and no HTTP_PROXY from the environment (worker traffic is internal;
-    a proxy meant for the outside world must not capture it)."""
-    timeout = httpx.Timeout(args.request_timeout, connect=min(CONNECT_TIMEOUT_S, args.request_timeout))
-    limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_KEEPALIVE)
-    headers = {"accept-encoding": "identity"}
-    return httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers, trust_env=False)
+class LBApp:
+    """Generation POSTs to the forwarder, everything else (and the lifespan) to the admin app."""
+
+    def __init__(self, forwarder: Forwarder, admin: FastAPI) -> None:
+        self.forwarder, self.admin = forwarder, admin
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATE_ROUTES:
+            await self.forwarder(scope, receive, send)
+        else:
+            await self.admin(scope, receive, send)
 
 
-def create_app(args: LBArgs) -> FastAPI:
-    """The balancer app for `args`. The upstream client and the health checker start with the app (lifespan):
-    one health-check round runs before it serves, so instances already up are in rotation at once."""
+def create_app(args: LBArgs) -> ASGIApp:
+    """The balancer app for `args`. The health checker starts with the app (lifespan): one health-check round runs
+    before it serves, so instances already up are in rotation at once. The read timeout of upstream calls is
+    --request-timeout; connecting gives up after CONNECT_TIMEOUT_S."""
     registry = WorkerRegistry(args)
     metrics = LBMetrics()
-    lb_headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    pool = UpstreamPool(args.request_timeout, min(CONNECT_TIMEOUT_S, args.request_timeout))
+    forwarder = Forwarder(registry, pool, args, metrics)
+    lb_auth = f"authorization: Bearer {args.api_key}\r\n".encode() if args.api_key else b""
+    checker = HealthChecker(registry, pool, args, lb_auth)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = make_client(args)
-        app.state.forwarder = Forwarder(registry, client, args, metrics)
-        app.state.checker = checker = HealthChecker(registry, client, args, lb_headers)
         await checker.check_all()
         task = asyncio.create_task(checker.run())
         try:
@@ -65,13 +67,12 @@ def create_app(args: LBArgs) -> FastAPI:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await client.aclose()
+            await pool.close()
 
     app = FastAPI(title="pd lb", lifespan=lifespan)
     app.state.registry = registry
-
-    for route in GENERATE_ROUTES:
-        app.add_route(route, _generate_endpoint(route), methods=["POST"])
+    for route in sorted(GENERATE_ROUTES):  # reached only by other methods (405): LBApp takes the POSTs first
+        app.router.add_route(route, forwarder, methods=["POST"])
 
     @app.exception_handler(LBError)
     async def lb_error(request: Request, e: LBError) -> Response:
@@ -90,8 +91,7 @@ def create_app(args: LBArgs) -> FastAPI:
     async def health_generate(request: Request) -> Response:
         """GET /health_generate on every healthy instance; 200 if a prefill and a decode instance pass."""
         workers = registry.healthy("prefill") + registry.healthy("decode")
-        client = request.app.state.forwarder.client
-        results = await asyncio.gather(*(_get(client, w.url + "/health_generate", lb_headers) for w in workers))
+        results = await asyncio.gather(*(_get(pool, w.url, "/health_generate", lb_auth) for w in workers))
         passed = {w.role for w, r in zip(workers, results, strict=True) if r == 200}
         body = {"workers": {w.url: r for w, r in zip(workers, results, strict=True)}}
         return JSONResponse(body, status_code=200 if passed == set(ROLES) else 503)
@@ -101,15 +101,17 @@ def create_app(args: LBArgs) -> FastAPI:
     @app.get("/model_info")
     async def from_decode(request: Request) -> Response:
         """Asked of a healthy decode instance (the one whose answers clients get)."""
-        client = request.app.state.forwarder.client
-        auth = {"authorization": a} if (a := request.headers.get("authorization")) else lb_headers
+        a = request.headers.get("authorization")
+        auth = f"authorization: {a}\r\n".encode("latin-1") if a else lb_auth
         for worker in registry.healthy("decode"):
             try:
-                resp = await client.get(worker.url + request.url.path, headers=auth)
-            except httpx.HTTPError as e:
+                resp = await pool.request(worker.url, "GET", request.url.path, auth)
+                await resp.read()
+            except UpstreamError as e:
                 logger.warning("GET %s on %s failed: %s", request.url.path, worker.url, e)
                 continue
-            return Response(resp.content, resp.status_code, media_type=resp.headers.get("content-type"))
+            ct = resp.header(b"content-type")
+            return Response(resp.content, resp.status, media_type=ct.decode("latin-1") if ct is not None else None)
         raise LBError("no healthy decode instance to ask", 503, "service_unavailable")
 
     @app.get("/get_server_info")
@@ -153,7 +155,7 @@ def create_app(args: LBArgs) -> FastAPI:
             raise LBError(str(e), 400) from None
         except WorkerError as e:
             raise LBError(str(e), e.status) from None
-        await request.app.state.checker.check(worker)
+        await checker.check(worker)
         return worker.to_json()
 
     @app.post("/remove_worker")
@@ -169,26 +171,20 @@ def create_app(args: LBArgs) -> FastAPI:
         except WorkerError as e:
             raise LBError(str(e), e.status) from None
 
-    if args.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)
-    return app
-
-
-def _generate_endpoint(route: str) -> Any:
-    async def endpoint(request: Request) -> Response:
-        return await request.app.state.forwarder.handle(request, route)
-
-    return endpoint
+    lb = LBApp(forwarder, app)
+    return ApiKeyMiddleware(lb, api_key=args.api_key) if args.api_key else lb
 
 
 def _workers_json(registry: WorkerRegistry) -> dict[str, Any]:
     return {role: [w.to_json() for w in registry.workers(role)] for role in ROLES}
 
 
-async def _get(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> int | str:
+async def _get(pool: UpstreamPool, url: str, path: str, headers: bytes) -> int | str:
     try:
-        return (await client.get(url, headers=headers)).status_code
-    except httpx.HTTPError as e:
+        resp = await pool.request(url, "GET", path, headers)
+        await resp.read()
+        return resp.status
+    except UpstreamError as e:
         return f"{type(e).__name__}: {e}"
 
 
@@ -209,8 +205,6 @@ async def _params(request: Request) -> dict[str, Any]:
 
 def run_lb(args: LBArgs) -> None:
     """Serve the balancer until interrupted (logging is set up by the caller)."""
-    if args.log_level != "debug":  # httpx logs every upstream call at info: twice per request
-        logging.getLogger("httpx").setLevel(logging.WARNING)
     logger.info(
         "pd lb on %s: %d prefill, %d decode instances; policies prefill=%s decode=%s",
         args.url, len(args.prefill), len(args.decode), args.prefill_policy, args.decode_policy,
@@ -221,7 +215,8 @@ def run_lb(args: LBArgs) -> None:
         port=args.port,
         log_level=args.log_level,
         log_config=None,  # keep the process's logging setup
-        access_log=False,  # each request is logged once by the forwarder
+        access_log=False,  # a log line per request costs more CPU than forwarding it; --log-level debug logs each
+        proxy_headers=False,  # the balancer never looks at client addresses
         timeout_graceful_shutdown=5,
     )
     uvicorn.Server(config).run()

@@ -40,10 +40,15 @@ class LBMetrics:
             registry=r,
         )
         self.healthy = Gauge(f"{p}:worker_healthy", "1 if the instance is in rotation", ["role", "worker"], registry=r)
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        children = self._children.get((route, status))
+        if children is None:  # labels() takes a lock and builds a key: look each pair up once
+            children = self._children[route, status] = (self.requests.labels(route, str(status)),
+                                                        self.latency.labels(route))  # fmt: skip
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self, workers: WorkerRegistry) -> bytes:
         self.outstanding.clear()

@@ -1,10 +1,14 @@
 """Forwarding one generation request to a (prefill, decode) pair, the way SGLang's PD router does.
 
-The body is parsed once, gets `rid`, `bootstrap_host`, `bootstrap_port` and a random 63-bit `bootstrap_room`,
-is dumped once, and the same bytes are POSTed to both instances at once. The decode answer is the client's
-answer; streams are relayed chunk by chunk as raw bytes, never re-parsed. The prefill answer is read and only
-logged, unless it fails before decode has answered: then it is the client's answer (its error status as is, a
-transport failure as 502), because a decode instance never fed its KV would only wait for its own timeout.
+The body is parsed once (to check what the balancer reads), `rid`, `bootstrap_host`, `bootstrap_port` and a
+random 63-bit `bootstrap_room` are spliced onto the client's bytes, and the same bytes are POSTed to both
+instances at once. The decode answer is the client's answer; a stream is relayed as raw bytes, whatever has
+arrived per send, never parsed. The prefill answer is read and only logged, unless it fails before decode has
+answered: then it is the client's answer (its error status as is, a transport failure as 502), because a decode
+instance never fed its KV would only wait for its own timeout.
+
+The `Forwarder` is a plain ASGI app that the server calls directly: every framework layer between it and the
+server would cost CPU on each relayed chunk.
 
 Failure rules: a refused connection to either instance takes that instance out of rotation and the request is
 retried on a fresh pair (new room, rid suffixed `-retryN`; nothing has reached the client yet) while a healthy
@@ -21,20 +25,25 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-import httpx
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pd.lb.args import LBArgs
 from pd.lb.metrics import LBMetrics
 from pd.lb.policies import make_policy
-from pd.lb.request import LBError, add_bootstrap, assign_rids, batch_size, parse_body
+from pd.lb.request import (
+    LBError,
+    assign_rids,
+    batch_size,
+    bootstrap_fields,
+    encode_body,
+    parse_body,
+    request_id_header,
+    rid_headers,
+)
+from pd.lb.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
 from pd.lb.workers import Worker, WorkerRegistry
 from pd.server.protocol import error_body
 
@@ -47,7 +56,7 @@ SSE_DONE = b"data: [DONE]\n\n"
 # Status nginx uses for "client closed the request"; nobody reads it, it only shows in metrics.
 CLIENT_CLOSED_STATUS = 499
 ABORT_TIMEOUT_S = 2.0
-_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+JSON_HEADER = b"content-type: application/json\r\n"
 
 
 class _ConnectFailed(Exception):
@@ -58,53 +67,62 @@ class _ConnectFailed(Exception):
         self.worker = worker
 
 
-class _ClientGone(Exception):
-    pass
+class _ClientGone(UpstreamError):
+    """The client left; raised where the balancer waits, and used to break off decode's stream."""
 
 
 @dataclass(frozen=True)
 class _Call:
-    """One client request as forwarded: its route, ids, upstream headers and arrival time."""
+    """One client request as forwarded: its route, ids, upstream header lines and arrival time."""
 
     route: str
     rid: str
     rids: list[str]
-    headers: dict[str, str]
+    headers: bytes
+    auth: bytes  # the client's authorization header line, or b""
     start: float
 
 
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request body; None if the client left before sending all of it."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 async def _wait_disconnect(receive: Receive) -> None:
-    """Returns when the client has gone (the body was read before, so the next message is the disconnect)."""
+    """Returns when the client has gone, or the answer is complete (the body was read before, so the server
+    has nothing else to deliver)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
-class UpstreamStream(StreamingResponse):
-    """A streaming response whose `on_end()` runs however it ends (finished, client gone, error), shielded from
-    the cancellation that a client disconnect brings."""
-
-    def __init__(self, body: AsyncIterator[bytes], on_end: Callable[[], Awaitable[None]], **kw: Any) -> None:
-        super().__init__(body, **kw)
-        self._on_end = on_end
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._on_end()
+async def _send_whole(send: Send, status: int, body: bytes, content_type: bytes | None, rid: str) -> None:
+    headers = [(b"content-length", b"%d" % len(body))]
+    if content_type is not None:
+        headers.append((b"content-type", content_type))
+    if (rid_value := request_id_header(rid)) is not None:
+        headers.append((b"x-request-id", rid_value))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class Forwarder:
-    """Picks pairs by policy and forwards generation requests; one per app, sharing the app's HTTP client."""
+    """Picks pairs by policy and forwards generation requests (an ASGI app for those routes); one per balancer,
+    sharing its upstream pool."""
 
-    def __init__(self, registry: WorkerRegistry, client: httpx.AsyncClient, args: LBArgs, metrics: LBMetrics) -> None:
+    def __init__(self, registry: WorkerRegistry, pool: UpstreamPool, args: LBArgs, metrics: LBMetrics) -> None:
         assert args.prefill_policy is not None and args.decode_policy is not None
-        self.registry, self.client, self.metrics = registry, client, metrics
+        self.registry, self.pool, self.metrics = registry, pool, metrics
         self.prefill_policy = make_policy(args.prefill_policy)
         self.decode_policy = make_policy(args.decode_policy)
         self.request_timeout = args.request_timeout
-        self.lb_auth = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        self.lb_auth = f"authorization: Bearer {args.api_key}\r\n".encode() if args.api_key else b""
         self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget tasks, referenced until done
 
     def pick_pair(self) -> tuple[Worker, Worker]:
@@ -121,34 +139,42 @@ class Forwarder:
         d = decodes[self.decode_policy.select([w.outstanding for w in decodes])]
         return p, d
 
-    async def handle(self, request: Request, route: str) -> Response:
-        """Answer one POST to `route` (/generate, /v1/completions, /v1/chat/completions)."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one POST to a generation route (/generate, /v1/completions, /v1/chat/completions)."""
         start = time.perf_counter()
+        route = scope["path"]
+        raw = await _read_body(receive)
+        if raw is None:
+            self.metrics.observe(route, CLIENT_CLOSED_STATUS, time.perf_counter() - start)
+            return
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
         rid = None
         try:
-            body, stream = parse_body(await request.body())
+            body, stream = parse_body(raw)
             n = batch_size(body) if route == "/generate" else None
             rid, rids = assign_rids(body, n)
-            headers = {"content-type": "application/json", "x-request-id": rid}
-            if auth := request.headers.get("authorization"):
-                headers["authorization"] = auth
+            auth = next((b"authorization: " + v + b"\r\n" for k, v in scope["headers"] if k == b"authorization"), b"")
+            rid_value = request_id_header(rid)
+            headers = JSON_HEADER + (b"x-request-id: " + rid_value + b"\r\n" if rid_value else b"") + auth
             # A refused connection takes its instance out of rotation, so each retry draws from fewer instances
             # and the loop ends with an answer or a 503 (the bound only guards against health checks racing it).
             refused = ""
             for attempt in range(1 + len(self.registry.all())):
                 prefill, decode = self.pick_pair()
-                add_bootstrap(body, prefill, n)
                 # A retry is a new upstream request: the refused attempt's other half may still hold the old rid
                 # (and is being told to abort it), so reusing it would be refused as a duplicate or aborted.
                 attempt_rids = rids if attempt == 0 else [f"{r}-retry{attempt}" for r in rids]
-                body["rid"] = attempt_rids[0] if n is None else attempt_rids
-                data = json.dumps(body, separators=(",", ":")).encode()
-                logger.debug("rid=%s %s prefill=%s decode=%s%s", rid, route, prefill.url, decode.url,
-                            f" (attempt {attempt + 1})" if attempt else "")  # fmt: skip
-                call = _Call(route, rid, attempt_rids, headers, start)
+                added = bootstrap_fields(prefill, n)
+                if body.get("rid") != (sent_rid := attempt_rids[0] if n is None else attempt_rids):
+                    added["rid"] = sent_rid
+                data = encode_body(raw, body, added)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("rid=%s %s prefill=%s decode=%s%s", rid, route, prefill.url, decode.url,
+                                 f" (attempt {attempt + 1})" if attempt else "")  # fmt: skip
+                call = _Call(route, rid, attempt_rids, headers, auth, start)
                 try:
                     answer = self._stream if stream else self._unary
-                    resp = await answer(request, prefill, decode, data, call)
+                    status = await answer(send, gone, prefill, decode, data, call)
                     break
                 except _ConnectFailed as e:
                     self.registry.mark_down(e.worker, str(e))
@@ -157,52 +183,74 @@ class Forwarder:
             else:
                 raise LBError(refused, 502, "upstream_error")
         except LBError as e:
-            resp = e.response(rid)
+            status = e.status
+            await e.response(rid)(scope, receive, send)
         except _ClientGone:
-            resp = Response(status_code=CLIENT_CLOSED_STATUS)
-        if not isinstance(resp, UpstreamStream):  # a stream is counted when it ends
-            self.metrics.observe(route, resp.status_code, time.perf_counter() - start)
-        return resp
+            status = CLIENT_CLOSED_STATUS
+            await send({"type": "http.response.start", "status": status, "headers": []})  # to nobody, as a record
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            gone.cancel()
+        self.metrics.observe(route, status, time.perf_counter() - start)
 
-    # ---- the two answer shapes ----
-    async def _unary(self, request: Request, prefill: Worker, decode: Worker, data: bytes, call: _Call) -> Response:
-        pf = asyncio.create_task(self._send(prefill, call, data, stream=False))
-        dc = asyncio.create_task(self._send(decode, call, data, stream=False))
-        resp = await self._race(request, pf, dc, prefill, decode, call, stream=False)
-        if resp.status_code < 400:
+    # ---- the two answer shapes; each returns the status the client got ----
+    async def _unary(
+        self, send: Send, gone: asyncio.Future[None], prefill: Worker, decode: Worker, data: bytes, call: _Call
+    ) -> int:
+        pf = asyncio.create_task(self._send(prefill, call, data, read=True))
+        dc = asyncio.create_task(self._send(decode, call, data, read=True))
+        resp = await self._race(gone, pf, dc, prefill, decode, call, stream=False)
+        if resp.status < 400:
             self._keep_logging(pf, prefill, call.rid)
-        return Response(resp.content, resp.status_code, {"x-request-id": call.rid}, resp.headers.get("content-type"))
+        await _send_whole(send, resp.status, resp.content, resp.header(b"content-type"), call.rid)
+        return resp.status
 
-    async def _stream(self, request: Request, prefill: Worker, decode: Worker, data: bytes, call: _Call) -> Response:
-        pf = asyncio.create_task(self._send(prefill, call, data, stream=False))
-        dc = asyncio.create_task(self._send(decode, call, data, stream=True))
-        resp = await self._race(request, pf, dc, prefill, decode, call, stream=True)
-        if resp.status_code != 200:  # an error answer, not a stream: pass it back whole
+    async def _stream(
+        self, send: Send, gone: asyncio.Future[None], prefill: Worker, decode: Worker, data: bytes, call: _Call
+    ) -> int:
+        pf = asyncio.create_task(self._send(prefill, call, data, read=True))
+        dc = asyncio.create_task(self._send(decode, call, data, read=False))
+        resp = await self._race(gone, pf, dc, prefill, decode, call, stream=True)
+        if resp.status != 200:  # an error answer, not a stream: pass it back whole
             try:
-                content = await resp.aread()
+                content = await resp.read()
+            except UpstreamError as e:
+                reason = f"decode worker {decode.url} failed: {type(e).__name__}: {e}"
+                raise LBError(reason, 502, "upstream_error") from None
             finally:
-                await self._close(decode, resp)
-            return Response(content, resp.status_code, {"x-request-id": call.rid}, resp.headers.get("content-type"))
-        complete = False
+                self._close(decode, resp)
+            await _send_whole(send, resp.status, content, resp.header(b"content-type"), call.rid)
+            return resp.status
 
-        async def relay() -> AsyncIterator[bytes]:
-            nonlocal complete
+        def client_gone(_: object) -> None:
+            resp.abort(_ClientGone("client disconnected"))
+
+        headers = [(b"content-type", resp.header(b"content-type") or b"text/event-stream")]
+        if (rid_value := request_id_header(call.rid)) is not None:
+            headers.append((b"x-request-id", rid_value))
+        complete = False
+        gone.add_done_callback(client_gone)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             last = b"\n\n"
             try:
-                async for chunk in resp.aiter_raw():
+                while chunk := await resp.next_chunk():
                     last = chunk
-                    yield chunk
-            except httpx.HTTPError as e:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                complete = True
+                tail = b""
+            except _ClientGone:
+                tail = b""
+            except UpstreamError as e:
                 reason = f"decode worker {decode.url} failed mid-stream: {type(e).__name__}: {e}"
                 logger.warning("rid=%s %s", call.rid, reason)
                 sep = b"" if last.endswith(b"\n\n") else b"\n\n"  # never glue the error onto a half-sent event
                 event = json.dumps(error_body(reason, 502, "upstream_error")).encode()
-                yield sep + b"data: " + event + b"\n\n" + SSE_DONE
-                return
-            complete = True
-
-        async def on_end() -> None:
-            await self._close(decode, resp)
+                tail = sep + b"data: " + event + b"\n\n" + SSE_DONE
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        finally:
+            gone.remove_done_callback(client_gone)
+            self._close(decode, resp)
             if complete:
                 self._keep_logging(pf, prefill, call.rid)
             else:  # client gone or decode failed: stop prefill too
@@ -210,21 +258,17 @@ class Forwarder:
                     logger.info("rid=%s stream ended early; aborting on %s and %s", call.rid, prefill.url, decode.url)
                 pf.cancel()
                 self._abort(call, (prefill, decode))
-            self.metrics.observe(call.route, 200, time.perf_counter() - call.start)
-
-        media = resp.headers.get("content-type", "text/event-stream")
-        return UpstreamStream(relay(), on_end, status_code=200, headers={"x-request-id": call.rid}, media_type=media)
+        return 200
 
     async def _race(
-        self, request: Request, pf: asyncio.Task[httpx.Response], dc: asyncio.Task[httpx.Response],
+        self, gone: asyncio.Future[None], pf: asyncio.Task[UpstreamResponse], dc: asyncio.Task[UpstreamResponse],
         prefill: Worker, decode: Worker, call: _Call, stream: bool,
-    ) -> httpx.Response:  # fmt: skip
+    ) -> UpstreamResponse:  # fmt: skip
         """Wait for decode's answer (a stream's headers), watching for the client leaving and prefill failing
         first. Unless decode answers a success, both upstream requests are closed and aborted on the way out."""
-        gone = asyncio.create_task(_wait_disconnect(request.receive))
         waiting: set[asyncio.Future[Any]] = {pf, dc, gone}
         deadline = time.monotonic() + self.request_timeout
-        answer: httpx.Response | None = None
+        answer: UpstreamResponse | None = None
         try:
             while True:
                 done, _ = await asyncio.wait(
@@ -250,65 +294,76 @@ class Forwarder:
                         reason = f"decode worker {decode.url} failed: {type(exc).__name__}: {exc}"
                         raise LBError(reason, 502, "upstream_error")
                     answer = dc.result()
-                    if answer.status_code >= 500 and not pf.done():
+                    if answer.status >= 500 and not pf.done():
                         # Decode fails fast when it cannot reach its prefill; if that prefill refuses us too, the
                         # request never started anywhere and another pair should get it.
                         await asyncio.wait({pf}, timeout=PREFILL_GRACE_S)
                         early = _prefill_failure(pf, prefill) if pf.done() else None
                         if isinstance(early, _ConnectFailed):
-                            if stream:
-                                await self._close(decode, answer)
-                            answer = None
+                            answer = None  # its stream, if one opened, is closed on the way out
                             raise early
                     return answer
         finally:
-            gone.cancel()
-            if answer is None or answer.status_code >= 400:
+            if answer is None or answer.status >= 400:
                 # Decode rejected the request or never answered: prefill's work (and its KV) would be stranded.
                 pf.cancel()
                 dc.cancel()
-                if answer is None and stream and dc.done() and not dc.cancelled() and dc.exception() is None:
-                    await self._close(decode, dc.result())  # a stream opened just as we gave up on it
+                if answer is None and stream:
+                    self._close_when_opened(decode, dc)  # a stream opened just as we gave up on it
                 self._abort(call, (prefill, decode))
 
     # ---- upstream calls ----
-    async def _send(self, worker: Worker, call: _Call, data: bytes, stream: bool) -> httpx.Response:
-        """POST to one instance (stream: return at the headers; the caller closes). Refused -> _ConnectFailed."""
+    async def _send(self, worker: Worker, call: _Call, data: bytes, read: bool) -> UpstreamResponse:
+        """POST to one instance; read: the whole answer, else return at the headers (the caller closes).
+        Refused -> _ConnectFailed."""
         worker.outstanding += 1
-        req = self.client.build_request("POST", worker.url + call.route, content=data, headers=call.headers)
         try:
-            resp = await self.client.send(req, stream=stream)
-        except _CONNECT_ERRORS as e:
+            resp = await self.pool.request(worker.url, "POST", call.route, call.headers, data)
+            if read:
+                await resp.read()
+        except ConnectFailed as e:
             worker.outstanding -= 1
-            raise _ConnectFailed(worker, f"{type(e).__name__}: {e}") from None
+            raise _ConnectFailed(worker, str(e)) from None
         except BaseException:
             worker.outstanding -= 1
             raise
-        if not stream:
+        if read:
             worker.outstanding -= 1
         return resp
 
-    async def _close(self, worker: Worker, resp: httpx.Response) -> None:
+    def _close(self, worker: Worker, resp: UpstreamResponse) -> None:
         """End a streamed response; unread, its connection is dropped, which the instance sees as a disconnect."""
         worker.outstanding -= 1
-        await resp.aclose()
+        resp.release()
 
-    def _keep_logging(self, pf: asyncio.Task[httpx.Response], prefill: Worker, rid: str) -> None:
-        """Let prefill's answer finish in the background (it is consumed, not relayed) and log it."""
+    def _close_when_opened(self, decode: Worker, dc: asyncio.Task[UpstreamResponse]) -> None:
+        """Close decode's stream if its request succeeds after all (now, or later despite the cancellation)."""
 
-        def log(t: asyncio.Task[httpx.Response]) -> None:
+        def close(t: asyncio.Task[UpstreamResponse]) -> None:
+            if not t.cancelled() and t.exception() is None:
+                self._close(decode, t.result())
+
+        if dc.done():
+            close(dc)
+        else:
+            dc.add_done_callback(close)
+
+    def _keep_logging(self, pf: asyncio.Task[UpstreamResponse], prefill: Worker, rid: str) -> None:
+        """Let prefill's answer finish in the background (it is consumed, not relayed) and log a failure."""
+
+        def log(t: asyncio.Task[UpstreamResponse]) -> None:
             if t.cancelled():
                 return
             if isinstance(exc := t.exception(), _ConnectFailed):
                 self.registry.mark_down(prefill, str(exc))
             elif exc is not None:
                 logger.warning("rid=%s prefill %s failed: %s", rid, prefill.url, exc)
-            elif t.result().status_code >= 400:
-                logger.warning("rid=%s prefill %s answered %d: %.300s", rid, prefill.url, t.result().status_code,
-                               t.result().text)  # fmt: skip
-            else:
-                logger.debug("rid=%s prefill %s answered %d", rid, prefill.url, t.result().status_code)
+            elif (resp := t.result()).status >= 400:
+                logger.warning("rid=%s prefill %s answered %d: %.300s", rid, prefill.url, resp.status, resp.text)
 
+        if pf.done():
+            log(pf)
+            return
         self._background.add(pf)
         pf.add_done_callback(self._background.discard)
         pf.add_done_callback(log)
@@ -318,13 +373,15 @@ class Forwarder:
 
         async def one(worker: Worker, rid: str) -> None:
             try:
-                await self.client.post(
-                    worker.url + "/abort_request", json={"rid": rid}, headers=auth, timeout=ABORT_TIMEOUT_S
+                body = json.dumps({"rid": rid}).encode()
+                resp = await self.pool.request(
+                    worker.url, "POST", "/abort_request", headers, body, timeout=ABORT_TIMEOUT_S
                 )
-            except httpx.HTTPError as e:
+                await resp.read()
+            except UpstreamError as e:
                 logger.debug("abort of rid=%s on %s failed: %s", rid, worker.url, e)
 
-        auth = {k: v for k, v in call.headers.items() if k == "authorization"} or self.lb_auth
+        headers = JSON_HEADER + (call.auth or self.lb_auth)
         for worker in workers:
             for rid in call.rids:
                 task = asyncio.create_task(one(worker, rid))
@@ -332,7 +389,7 @@ class Forwarder:
                 task.add_done_callback(self._background.discard)
 
 
-def _prefill_failure(pf: asyncio.Task[httpx.Response], prefill: Worker) -> Exception | None:
+def _prefill_failure(pf: asyncio.Task[UpstreamResponse], prefill: Worker) -> Exception | None:
     """What ends the request when prefill finished before decode answered: a refused connection (retry), a
     transport failure (502), or an error status (passed back as is, as an LBError carrying prefill's body)."""
     exc = pf.exception()
@@ -341,7 +398,7 @@ def _prefill_failure(pf: asyncio.Task[httpx.Response], prefill: Worker) -> Excep
     if exc is not None:
         return LBError(f"prefill worker {prefill.url} failed: {type(exc).__name__}: {exc}", 502, "upstream_error")
     resp = pf.result()
-    if resp.status_code >= 400:
+    if resp.status >= 400:
         return _PrefillRejected(resp)
     return None
 
@@ -349,11 +406,13 @@ def _prefill_failure(pf: asyncio.Task[httpx.Response], prefill: Worker) -> Excep
 class _PrefillRejected(LBError):
     """Prefill answered an error before decode answered: the client gets prefill's answer unchanged."""
 
-    def __init__(self, resp: httpx.Response) -> None:
-        super().__init__(resp.text, resp.status_code)
+    def __init__(self, resp: UpstreamResponse) -> None:
+        super().__init__(resp.text, resp.status)
         self.upstream = resp
 
-    def response(self, rid: str | None = None) -> Response:
-        headers = {"x-request-id": rid} if rid else None
-        ct = self.upstream.headers.get("content-type")
-        return Response(self.upstream.content, self.upstream.status_code, headers, ct)
+    def response(self, rid: str | None = None) -> Any:
+        from starlette.responses import Response
+
+        ct = self.upstream.header(b"content-type")
+        media = ct.decode("latin-1") if ct is not None else None
+        return Response(self.upstream.content, self.upstream.status, rid_headers(rid), media)

@@ -1,5 +1,7 @@
 """The request body as the balancer reads and extends it: one JSON parse, the few fields the balancer itself
-uses checked (everything else is the instances' to validate), `rid` and the bootstrap fields added.
+uses checked (everything else is the instances' to validate), `rid` and the bootstrap fields added. The added
+fields are spliced onto the client's bytes rather than the whole body dumped again, so a long prompt costs one
+parse and no serialisation.
 
 Field names and shapes follow SGLang's PD router: `bootstrap_host` (the prefill URL's host), `bootstrap_port`
 (the prefill's bootstrap server), `bootstrap_room` (random, 63 bits); a batched /generate gets one of each per
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import uuid
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
@@ -27,8 +28,7 @@ class LBError(Exception):
         self.status, self.err_type = status, err_type
 
     def response(self, rid: str | None = None) -> Response:
-        headers = {"x-request-id": rid} if rid else None
-        return JSONResponse(error_body(str(self), self.status, self.err_type), self.status, headers=headers)
+        return JSONResponse(error_body(str(self), self.status, self.err_type), self.status, headers=rid_headers(rid))
 
 
 def parse_body(raw: bytes) -> tuple[dict[str, Any], bool]:
@@ -58,31 +58,55 @@ def batch_size(body: dict[str, Any]) -> int | None:
 
 
 def assign_rids(body: dict[str, Any], n: int | None) -> tuple[str, list[str]]:
-    """Take `rid` from the body or make one (uuid hex), write it back; returns (request id, rid per prompt).
-    A batch's rid is a list of n strings (made as '<id>-<i>'). Raises LBError (400) for a malformed rid."""
+    """Take `rid` from the body or make one (random, 32 hex digits); returns (request id, rid per prompt). The
+    body is not changed. A batch's rid is a list of n strings (made as '<id>-<i>'). Raises LBError (400) for a
+    malformed rid."""
     rid = body.get("rid")
     if n is None:
         if rid is None:
-            rid = body["rid"] = uuid.uuid4().hex
+            rid = _new_id()
         elif not isinstance(rid, str) or not rid:
             raise LBError(f"'rid' must be a non-empty string, got {rid!r}", 400)
         return rid, [rid]
     if rid is None:
-        base = uuid.uuid4().hex
-        rids = body["rid"] = [f"{base}-{i}" for i in range(n)]
-        return base, rids
+        base = _new_id()
+        return base, [f"{base}-{i}" for i in range(n)]
     if not (isinstance(rid, list) and len(rid) == n and all(isinstance(r, str) and r for r in rid)):
         raise LBError(f"'rid' of a batch of {n} prompts must be a list of {n} non-empty strings, got {rid!r}", 400)
     return rid[0], rid
 
 
-def add_bootstrap(body: dict[str, Any], prefill: Worker, n: int | None) -> None:
+def _new_id() -> str:
+    return f"{random.getrandbits(128):032x}"  # as unique as uuid4().hex, at a tenth of its cost
+
+
+def bootstrap_fields(prefill: Worker, n: int | None) -> dict[str, Any]:
     """The fields that pair the two halves: where decode fetches the KV from, and the room that names it."""
     if n is None:
-        body["bootstrap_host"] = prefill.bootstrap_host
-        body["bootstrap_port"] = prefill.bootstrap_port
-        body["bootstrap_room"] = random.getrandbits(63)
-    else:
-        body["bootstrap_host"] = [prefill.bootstrap_host] * n
-        body["bootstrap_port"] = [prefill.bootstrap_port] * n
-        body["bootstrap_room"] = [random.getrandbits(63) for _ in range(n)]
+        return {"bootstrap_host": prefill.bootstrap_host, "bootstrap_port": prefill.bootstrap_port,
+                "bootstrap_room": random.getrandbits(63)}  # fmt: skip
+    return {"bootstrap_host": [prefill.bootstrap_host] * n, "bootstrap_port": [prefill.bootstrap_port] * n,
+            "bootstrap_room": [random.getrandbits(63) for _ in range(n)]}  # fmt: skip
+
+
+def encode_body(raw: bytes, body: dict[str, Any], added: dict[str, Any]) -> bytes:
+    """The body to forward: `body` (parsed from the client's `raw` bytes) with the `added` fields. When the client
+    sent none of them and plain UTF-8, they are spliced in before the closing brace of `raw`; otherwise `body` is
+    updated and dumped (the added values win, as with a dict update)."""
+    text = raw.strip()
+    if text[:1] != b"{" or text[-1:] != b"}" or any(k in body for k in added):
+        body.update(added)
+        return json.dumps(body, separators=(",", ":")).encode()
+    extra = json.dumps(added, separators=(",", ":")).encode()
+    return text[:-1] + (b"," if body else b"") + extra[1:]
+
+
+def rid_headers(rid: str | None) -> dict[str, str] | None:
+    """{"x-request-id": rid} for a Starlette response, if `rid` can be a header value."""
+    return {"x-request-id": rid} if rid and request_id_header(rid) is not None else None
+
+
+def request_id_header(rid: str) -> bytes | None:
+    """`rid` as the value of an x-request-id header, or None where it cannot be one (control or non-ASCII
+    characters): the request still goes through, only without the header."""
+    return rid.encode() if rid.isascii() and rid.isprintable() else None

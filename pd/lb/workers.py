@@ -17,9 +17,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
-
 from pd.lb.args import LBArgs
+from pd.lb.upstream import UpstreamError, UpstreamPool
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +134,12 @@ class WorkerRegistry:
 
 
 class HealthChecker:
-    """Polls GET /health of every registered instance every `interval` seconds."""
+    """Polls GET /health of every registered instance every `interval` seconds (`headers`: header lines to send,
+    each ending in CRLF)."""
 
-    def __init__(
-        self, registry: WorkerRegistry, client: httpx.AsyncClient, args: LBArgs, headers: dict[str, str]
-    ) -> None:
+    def __init__(self, registry: WorkerRegistry, pool: UpstreamPool, args: LBArgs, headers: bytes) -> None:
         self.registry = registry
-        self.client = client
+        self.pool = pool
         self.interval = args.health_check_interval
         self.timeout = args.health_check_timeout
         self.headers = headers
@@ -150,9 +148,10 @@ class HealthChecker:
     async def check(self, worker: Worker) -> bool:
         """One check of one instance, applied to the registry; returns the instance's health after it."""
         try:
-            resp = await self.client.get(worker.url + "/health", headers=self.headers, timeout=self.timeout)
-            error = None if resp.status_code == 200 else f"GET /health answered {resp.status_code}"
-        except httpx.HTTPError as e:
+            resp = await self.pool.request(worker.url, "GET", "/health", self.headers, timeout=self.timeout)
+            await resp.read()
+            error = None if resp.status == 200 else f"GET /health answered {resp.status}"
+        except UpstreamError as e:
             error = f"GET /health failed: {type(e).__name__}: {e}".rstrip(": ")
         # A worker removed while its check was in flight stays removed.
         if self.registry.find(worker.url) is worker:
