@@ -218,7 +218,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "pd-lb": [sys.executable, "-m", "pd", "lb", "--port", str(ports["pd-lb"]), "--policy", "round_robin",
                   "--log-level", "warning", *pair, *args.lb_args],
         "sglang": [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host", HOST,
-                   "--port", str(ports["sglang"]), "--policy", "round_robin", "--log-level", "warn", *pair],
+                   "--port", str(ports["sglang"]), "--policy", "round_robin", "--log-level", "warn",
+                   "--prometheus-port", str(free_port()), *pair],
     }  # fmt: skip
     lbs = [m for m in ("pd-lb", "sglang") if m in args.modes]
     procs = {k: subprocess.Popen(argvs[k], env=env, stdout=subprocess.DEVNULL) for k in ("prefill", "decode", *lbs)}

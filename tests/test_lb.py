@@ -738,6 +738,8 @@ def test_sends_the_same_fields_as_sglang_router() -> None:
             port = free_port()
             argv = [*prog, "--pd-disaggregation", "--prefill", p.url, str(bport), "--decode", d.url,
                     "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin"]  # fmt: skip
+            if name == "sglang":  # its Prometheus exporter binds 29000 unless told otherwise
+                argv += ["--prometheus-port", str(free_port())]
             runs[name] = _collect(argv, port, ready, p, d)
     finally:
         p.server.stop()
