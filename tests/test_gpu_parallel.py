@@ -1,9 +1,8 @@
 """Multi-GPU `pd serve` (NCCL) against the one-GPU run on the same checkpoint (not run in CI).
 
 fp32 for the portable layouts (none / torch all-to-all, DP attention): identical greedy tokens. DeepEP's kernels
-take bf16 only, so its layouts run in bf16 against the one-GPU bf16 run, where a near-tie may flip a later token
-(seen once for a tiny DeepSeek-V3: 6 equal tokens, then a different one); DeepEP's dispatch itself is checked
-bit for bit in tests/test_deepep_gpu.py.
+take bf16 only (and its low_latency mode needs InfiniBand NICs), so its normal mode runs in bf16 beside the torch
+backend; DeepEP's dispatch itself is checked bit for bit in tests/test_deepep_gpu.py.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ FP32_LAYOUTS = {
     4: ["--tp 4 --ep 4 --moe-a2a-backend torch", "--tp 4 --ep 2 --moe-a2a-backend none",
         "--tp 4 --dp-size 4 --enable-dp-attention --ep 4 --moe-a2a-backend torch"],
 }
-# DeepEP low_latency needs InfiniBand NICs; normal mode runs over NVLink.
-DEEPEP_LAYOUTS = {n: [f"--tp {n} --ep {n} --moe-a2a-backend deepep --deepep-mode normal"] for n in (2, 4)}
 
 
 def _needs(gpus: int) -> None:
@@ -48,9 +45,17 @@ def test_multi_gpu_layout_gives_the_one_gpu_tokens_fp32(fp32_case: Case, layout:
     fp32_case.check(layout[1])
 
 
-@pytest.mark.parametrize("layout", [(n, lay) for n, lays in DEEPEP_LAYOUTS.items() for lay in lays],
-                         ids=lambda p: p[1])
-def test_deepep_normal_layout_gives_the_one_gpu_tokens_bf16(bf16_case: Case, layout: tuple[int, str]) -> None:
-    _needs(layout[0])
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_deepep_normal_is_as_close_to_one_gpu_as_the_torch_backend_bf16(bf16_case: Case, gpus: int) -> None:
+    """In bf16 every multi-rank layout sums in another order than one GPU, and a near-tie then sends a sequence
+    elsewhere (seen on 2x H200: 48-55 of 60 tokens equal for `none`, `torch` and `deepep` alike). So DeepEP is
+    held to the torch all-to-all backend (exact in fp32 above) on the same layout: every first token equal, and
+    at least as many tokens equal to the one-GPU run, give or take 10%."""
+    _needs(gpus)
     pytest.importorskip("deep_ep", reason="deep_ep (DeepEP) is not installed")
-    bf16_case.check(layout[1], exact=False)
+    layout = f"--tp {gpus} --ep {gpus} --deepep-mode normal --moe-a2a-backend"
+    deepep, torch_a2a = bf16_case.serve(f"{layout} deepep"), bf16_case.serve(f"{layout} torch")
+    assert [g[0] for g in deepep] == [e[0] for e in bf16_case.expected], f"seed {bf16_case.seed}"
+    total = sum(len(e) for e in bf16_case.expected)
+    ours, reference = bf16_case.agreement(deepep), bf16_case.agreement(torch_a2a)
+    assert ours >= reference - 0.1 * total, f"seed {bf16_case.seed}: deepep {ours}/{total}, torch {reference}/{total}"

@@ -46,17 +46,24 @@ class Case:
         with pd_serve(self.path, *self.instance_args) as url:
             self.expected = self.run(url)
 
+    def serve(self, layout: str) -> list[list[int]]:
+        with pd_serve(self.path, *self.instance_args, *layout.split()) as url:
+            return self.run(url)
+
+    def agreement(self, got: list[list[int]]) -> int:
+        """How many generated tokens equal the one-process run's, position by position."""
+        return sum(a == b for g, e in zip(got, self.expected, strict=True) for a, b in zip(g, e, strict=True))
+
     def check(self, layout: str, exact: bool = True) -> None:
         """Serves the checkpoint with ``layout`` and compares with the one-process greedy tokens: equal, or (bf16,
         ``exact=False``) every first token equal and at least 80% of all tokens (a different reduction order may
         flip a near-tie in bf16, and the sequence then legitimately diverges)."""
-        with pd_serve(self.path, *self.instance_args, *layout.split()) as url:
-            got = self.run(url)
+        got = self.serve(layout)
         if exact:
             assert got == self.expected, f"seed {self.seed}, {layout}"
             return
         assert [g[0] for g in got] == [e[0] for e in self.expected], f"seed {self.seed}, {layout}"
-        same = sum(a == b for g, e in zip(got, self.expected, strict=True) for a, b in zip(g, e, strict=True))
+        same = self.agreement(got)
         total = sum(len(e) for e in self.expected)
         assert same >= 0.8 * total, f"seed {self.seed}, {layout}: {same}/{total} tokens equal\n{got}\n{self.expected}"
 

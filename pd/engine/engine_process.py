@@ -75,7 +75,7 @@ def run_engine(
         if outbox is None:  # a follower
             assert rt.sync is not None, "a rank without pipes follows its attention group's leader"
             follow(rt.runner, rt.sync, sched_cfg.max_running_requests)
-            return
+            _exit_now()
         scheduler = make_scheduler(sched_cfg, rt.runner, server_args)
     except Exception as e:  # report why loading failed instead of dying silently
         logger.error("rank %d failed: %s", rank, traceback.format_exc())
@@ -93,6 +93,15 @@ def run_engine(
         logger.error("rank %d: step failed in a multi-rank instance; stopping: %s", rank, traceback.format_exc())
         raise SystemExit(1) from None
     runner.stop_followers()
+    if server_args.tp_size > 1:
+        _exit_now()
+
+
+def _exit_now() -> None:
+    """Leave without running the process groups' destructors: once the peers are gone (the leader exits right
+    after its stop message), gloo's teardown can abort the process, which would read as a crash."""
+    logging.shutdown()
+    os._exit(0)
 
 
 class EngineLoop:
