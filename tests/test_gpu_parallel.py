@@ -19,7 +19,8 @@ FP32_LAYOUTS = {
     2: ["--tp 2 --ep 2", "--tp 2 --ep 2 --moe-a2a-backend torch", "--tp 2 --dp-size 2 --enable-dp-attention",
         "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch"],
     4: ["--tp 4 --ep 4 --moe-a2a-backend torch", "--tp 4 --ep 2 --moe-a2a-backend none",
-        "--tp 4 --dp-size 4 --enable-dp-attention --ep 4 --moe-a2a-backend torch"],
+        "--tp 4 --dp-size 4 --enable-dp-attention --ep 4 --moe-a2a-backend torch",
+        "--tp 4 --dp-size 2 --enable-dp-attention --ep 4 --moe-a2a-backend torch"],
 }
 
 

@@ -31,6 +31,8 @@ LAYOUTS = [
     "--tp 4 --ep 2 --moe-a2a-backend none",  # each expert also split in two (EP < TP)
     "--tp 2 --dp-size 2 --enable-dp-attention",
     "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
+    "--tp 4 --dp-size 2 --enable-dp-attention",  # two attention groups of two ranks (TP inside each)
+    "--tp 4 --ep 4 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
 ]
 
 

@@ -181,7 +181,6 @@ def test_deepep_mode_auto_follows_disaggregation_mode(mode: str, want: str) -> N
 
 
 NOT_YET = [
-    ("--tp 4 --dp-size 2 --enable-dp-attention", ["--enable-dp-attention with --dp-size (2) < --tp-size (4)"]),
     ("--tp 2 --dp-size 2 --enable-dp-attention --disaggregation-mode decode",
      ["--enable-dp-attention with --disaggregation-mode decode"]),
     ("--tp 2 --dp-size 2 --enable-dp-attention --nnodes 2 --dist-init-addr 127.0.0.1:5000",
@@ -198,6 +197,7 @@ PARALLEL_NOW_ACCEPTED = [
     "--tp 2 --ep 2 --moe-a2a-backend torch",
     "--tp 4 --ep 2",
     "--tp 2 --dp-size 2 --enable-dp-attention",
+    "--tp 4 --dp-size 2 --enable-dp-attention",
     "--tp 2 --nnodes 2 --dist-init-addr 127.0.0.1:5000",
 ]
 

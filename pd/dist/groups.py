@@ -20,13 +20,14 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 @dataclass(frozen=True)
 class Groups:
     """world: every rank (device backend: MoE dispatch and the EP all-reduce). control: every rank on gloo
-    (host-side agreement between DP leaders). attn / attn_control: this rank's attention group on the device
+    (host-side agreement). attn / attn_control: this rank's attention group on the device
     backend (TP all-reduce) and on gloo (the leader's step broadcast). None where the group has one rank."""
 
     world: dist.ProcessGroup | None
     control: dist.ProcessGroup | None
     attn: dist.ProcessGroup | None
     attn_control: dist.ProcessGroup | None
+    leaders: dist.ProcessGroup | None = None  # gloo, the attention groups' leaders (DP attention)
 
 
 def init_groups(info: RankInfo, backend: str, init_method: str) -> Groups:
@@ -57,6 +58,11 @@ def init_groups(info: RankInfo, backend: str, init_method: str) -> Groups:
                 ranks, backend="gloo", timeout=COLLECTIVE_TIMEOUT)
         if info.rank in ranks:
             attn, attn_control = group, group_control
+    leaders = None
+    if info.dp > 1:
+        leader_ranks = [info.of(d * info.attn_tp_size).leader for d in range(info.dp)]
+        leaders = control if len(leader_ranks) == info.tp else dist.new_group(
+            leader_ranks, backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     logger.info("rank %d/%d joined (%s): attention group %s, expert block %d of %d", info.rank, info.tp, backend,
                 info.attn_group_ranks, info.ep_rank, info.ep)
-    return Groups(world, control, attn, attn_control)
+    return Groups(world, control, attn, attn_control, leaders)

@@ -34,8 +34,10 @@ def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:
     if info.tp == 1:
         return MoeContext(runner=args.moe_runner_backend)
     a2a = args.moe_a2a_backend != "none"
-    dp_attention = info.dp > 1
-    layout = ("as_is" if dp_attention else "scatter") if a2a else ("gather" if dp_attention else "as_is")
+    if a2a:  # each token dispatched once: split what an attention group holds in common
+        layout = "scatter" if info.attn_tp_size > 1 else "as_is"
+    else:  # every rank sees every token once
+        layout = "gather" if info.dp > 1 else "as_is"
     return MoeContext(
         ep_rank=info.ep_rank,
         ep_size=info.ep,
@@ -49,6 +51,7 @@ def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:
         max_tokens_per_rank=args.max_running_requests,
         long_seq=long_seq_config_from_env() if args.moe_a2a_backend == "torch" else None,
         token_layout=layout,
+        attn_group=groups.attn,
         mode_switch=ModeSwitch() if args.deepep_mode == "auto" else None,
     )
 
@@ -94,5 +97,5 @@ def start_rank(runner_cfg: RunnerConfig, args: ServerArgs, rank: int, init_metho
 
     runner = ModelRunner(runner_cfg, moe_context(args, info, groups), tp, sync,
                          agree_pages if groups.control is not None else None)
-    gate = DPGate(groups.control) if info.dp > 1 and groups.control is not None else None
+    gate = DPGate(groups.leaders) if info.dp > 1 and info.is_leader and groups.leaders is not None else None
     return RankRuntime(info, groups, runner, sync, gate)

@@ -10,6 +10,7 @@ Messages (leader -> followers):
         "slots": [[row, first_page_index, pages], ...] slot-table assignments since the previous message.
     {"op": "pages", "pages": [...]}: then one device broadcast per KV buffer carrying those pages' contents
         (decode received them from prefill into the leader's cache only).
+    {"op": "idle", "mode"}: a forward without tokens (DP attention: another group computes, experts are shared).
     {"op": "ping"}: an idle leader's liveness check (a dead follower makes the broadcast fail).
     {"op": "stop"}
 """
@@ -68,6 +69,10 @@ def follow(runner: ModelRunner, sync: StepSync, max_rows: int) -> None:
             logger.info("leader said stop")
             return
         if op == "ping":
+            continue
+        if op == "idle":
+            runner.forced_mode = msg["mode"]
+            runner.idle_forward()
             continue
         if op == "pages":
             runner.receive_pages(msg["pages"])

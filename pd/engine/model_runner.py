@@ -171,7 +171,10 @@ class ModelRunner:
     @torch.inference_mode()
     def idle_forward(self) -> None:
         """A forward without tokens: an idle DP-attention rank still joins its peers' MoE collectives."""
-        self.set_mode(self.forced_mode or "normal")
+        mode = self.forced_mode or "normal"
+        if self.sync is not None and self.sync.is_leader:
+            self.sync.send({"op": "idle", "mode": mode})
+        self.set_mode(mode)
         self.num_forwards += 1
         self.model(empty_forward_batch(self.kv_cache))
 

@@ -33,7 +33,8 @@ class MoeContext:
     up globally, and left out of equality, hashing and repr (two contexts with the same placement are the same
     placement), as is ``mode_switch``.
 
-    ``token_layout`` says how a forward's tokens reach the dispatcher across ranks (pd.moe.token_layout).
+    ``token_layout`` says how a forward's tokens reach the dispatcher across ranks (pd.moe.token_layout);
+    ``attn_group`` is the ranks holding the same tokens as this one (None when they are its own).
     ``a2a_mode`` is the dispatch mode of the "torch" and "deepep" backends ("auto": per forward, from
     ``mode_switch``); ``max_tokens_per_rank`` their low-latency capacity; ``long_seq`` the normal-mode rounds.
 
@@ -52,6 +53,7 @@ class MoeContext:
     max_tokens_per_rank: int = 128
     long_seq: LongSeqConfig | None = None
     token_layout: str = "as_is"
+    attn_group: ProcessGroup | None = field(default=None, compare=False, hash=False, repr=False)
     mode_switch: ModeSwitch | None = field(default=None, compare=False, hash=False, repr=False)
     # Objects every MoE layer of an instance shares, made by the first layer that needs one (DeepEP's
     # communication buffers pin and register device memory with every peer: one per process, not per layer).

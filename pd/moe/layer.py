@@ -121,13 +121,13 @@ class FusedMoE(nn.Module):
         Returns:
             [T, H] model dtype, routed experts only (weights renormalised and scaled per the TopKConfig).
         """
-        layout, group = self.ctx.token_layout, self.ctx.group
-        hidden_NH, router_logits_NE, state = token_layout.enter(layout, group, hidden_TH, router_logits_TE)
+        layout, group, attn_group = self.ctx.token_layout, self.ctx.group, self.ctx.attn_group
+        hidden_NH, router_logits_NE, state = token_layout.enter(layout, group, attn_group, hidden_TH, router_logits_TE)
         topk = select_experts(router_logits_NE, self.topk_config, self.e_score_correction_bias)
         dispatcher = self.dispatcher
         dispatched = dispatcher.dispatch(hidden_NH, topk)
         combine_input = self.runner.run(dispatched, self.w13_weight, self.w2_weight, self.activation)
-        return token_layout.leave(layout, group, dispatcher.combine(combine_input), state)
+        return token_layout.leave(layout, group, attn_group, dispatcher.combine(combine_input), state)
 
     @property
     def dispatcher(self) -> Dispatcher:
