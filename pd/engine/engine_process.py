@@ -1,7 +1,9 @@
-"""The engine process: owns the model, runs the scheduler loop, talks to the HTTP front over two pipes.
+"""A rank process: owns its model shard; a leader also runs the scheduler loop and talks to the HTTP front over
+two pipes, a follower runs the forwards its leader broadcasts (pd.dist.step_sync).
 
 Messages are msgpack dicts (pd.engine.io). Front -> engine: GenerateRequest, AbortRequest. Engine -> front:
-first {"ready": info} or {"fatal": reason}, then after every step {"outputs": [...], "stats": {...}}.
+first {"ready": info} or {"fatal": reason}, then {"outputs": [...], "stats": {...}} after each step that finished
+something (stats alone at most every STATS_INTERVAL_S, and always when the engine goes idle).
 """
 
 from __future__ import annotations
