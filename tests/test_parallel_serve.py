@@ -156,3 +156,48 @@ def test_a_dead_rank_takes_the_instance_down_with_a_clear_log_line(tmp_path, vic
         assert f"(pid {pid}) exited with code -9" in text, text[-3000:]
         for other in ranks.values():
             assert not os.path.exists(f"/proc/{other}") or open(f"/proc/{other}/stat").read().split()[2] == "Z"
+
+
+def test_a_dead_rank_on_node_0_stops_node_1_too(tmp_path) -> None:
+    path = make_checkpoint("qwen3_moe", str(tmp_path / "m"), seed=int(torch.randint(0, 2**31, ()).item()))
+    addr = f"127.0.0.1:{free_port()}"
+    multi = ("--tp", "2", "--nnodes", "2", "--dist-init-addr", addr)
+    log1 = tmp_path / "node1.log"
+    with open(log1, "w") as out:
+        node1 = subprocess.Popen(_serve_cmd(path, free_port(), *multi, "--node-rank", "1"), stdout=out,
+                                 stderr=subprocess.STDOUT)
+    port = free_port()
+    try:
+        with _logged_server(_serve_cmd(path, port, *multi), port) as (front, _):
+            (rank0,) = _rank_pids(front.pid).values()
+            os.kill(rank0, signal.SIGKILL)
+            try:
+                code = node1.wait(30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("node 1 kept running after rank 0 died:\n" + log1.read_text()[-3000:])
+            assert code != 0 and "rank 1 exited with code" in log1.read_text(), log1.read_text()[-3000:]
+            front.wait(20)  # node 0's front stops too
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+
+
+def test_a_dead_rank_on_node_1_stops_node_0_when_idle(tmp_path) -> None:
+    path = make_checkpoint("qwen3_moe", str(tmp_path / "m"), seed=int(torch.randint(0, 2**31, ()).item()))
+    addr = f"127.0.0.1:{free_port()}"
+    multi = ("--tp", "2", "--nnodes", "2", "--dist-init-addr", addr)
+    node1 = subprocess.Popen(_serve_cmd(path, free_port(), *multi, "--node-rank", "1"))
+    port = free_port()
+    try:
+        with _logged_server(_serve_cmd(path, port, *multi), port) as (front, log):
+            (rank1,) = _rank_pids(node1.pid).values()
+            os.kill(rank1, signal.SIGKILL)
+            try:  # no request in flight: the idle leader's heartbeat finds out
+                front.wait(30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("node 0 kept serving after rank 1 died:\n" + open(log).read()[-3000:])
+            assert "rank 0 (pid" in open(log).read(), open(log).read()[-3000:]
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+        node1.wait(10)

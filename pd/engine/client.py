@@ -93,7 +93,7 @@ class EngineClient:
         self._stats = [from_dict(f["ready"]["stats"]) for f in firsts]
         for i in range(len(self._ranks.leaders)):
             threading.Thread(target=self._reader, args=(i,), name=f"pd-engine-reader-{i}", daemon=True).start()
-        if len(self._ranks.procs) > 1:
+        if self.args.tp_size > 1:  # ranks elsewhere (other nodes) wait on these ones: one exiting ends the instance
             threading.Thread(target=self._watch_ranks, name="pd-rank-watch", daemon=True).start()
 
     def _recv(self, leader: int) -> dict[str, Any] | None:
