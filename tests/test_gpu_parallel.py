@@ -21,6 +21,9 @@ FP32_LAYOUTS = {
     4: ["--tp 4 --ep 4 --moe-a2a-backend torch", "--tp 4 --ep 2 --moe-a2a-backend none",
         "--tp 4 --dp-size 4 --enable-dp-attention --ep 4 --moe-a2a-backend torch",
         "--tp 4 --dp-size 2 --enable-dp-attention --ep 4 --moe-a2a-backend torch"],
+    # The tiny checkpoints have 4 attention heads: at 8 ranks attention runs in DP groups of at most 4.
+    8: ["--tp 8 --ep 8 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
+        "--tp 8 --ep 8 --dp-size 8 --enable-dp-attention --moe-a2a-backend torch"],
 }
 
 
