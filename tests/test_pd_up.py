@@ -70,11 +70,19 @@ def _answers(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _bindable(port: int) -> bool:
+    """Whether a listener could bind the port now: nothing listens there and no connection uses it as its local
+    end (an ephemeral port of some client connection passes a connect probe but not pd up's bind check)."""
+    from launch.up import _port_free
+
+    return _port_free("127.0.0.1", port)
+
+
 def _free_run(n: int) -> int:
     """A port P with P .. P + n - 1 all free (pd up puts the instances right after the balancer)."""
     for _ in range(100):
         base = free_port()
-        if base + n < 65536 and not any(_answers(base + i) for i in range(n)):
+        if base + n < 65536 and all(_bindable(base + i) for i in range(n)):
             return base
     raise RuntimeError(f"no {n} consecutive free ports")
 
