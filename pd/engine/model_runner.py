@@ -140,17 +140,6 @@ class ModelRunner:
             self.sync.send({"op": "forward", "input_ids": input_ids, "rows": rows, "prefix_lens": prefix_lens,
                             "extend_lens": extend_lens, "logits_index": logits_index, "slots": slots, "mode": mode})
         self.set_mode(mode)
-        return self.build_local_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, logits_index)
-
-    def build_local_batch(
-        self,
-        input_ids: list[int],
-        rows: list[int],
-        prefix_lens: list[int],
-        extend_lens: list[int],
-        req_to_token: torch.Tensor,
-        logits_index: list[int] | None = None,
-    ) -> ForwardBatch:
         return build_forward_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, self.kv_cache, logits_index)
 
     def set_mode(self, mode: str) -> None:
