@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pd.bench.args import BenchArgs, BenchArgsError
 from pd.lb.args import LBArgs, LBArgsError
 from pd.server_args import ServerArgs, ServerArgsError
+
+if TYPE_CHECKING:
+    from pd.engine.engine_process import SchedulerFactory
 
 LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
 
@@ -44,19 +48,13 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _serve_worker_node(server_args: ServerArgs, make_scheduler: object) -> int:
+def _serve_worker_node(server_args: ServerArgs, make_scheduler: SchedulerFactory | None) -> int:
     """A node other than node 0 of a multi-node instance: its ranks only; the HTTP front runs on node 0."""
-    import dataclasses
-
+    from pd.default_model import with_default_model
     from pd.dist.launch import run_worker_node
     from pd.engine.engine_process import default_scheduler
 
-    if server_args.model_path is None:
-        from pd.default_model import build_default_model
-
-        path = build_default_model()
-        server_args = dataclasses.replace(server_args, model_path=path, tokenizer_path=path)
-    return run_worker_node(server_args, make_scheduler or default_scheduler)  # type: ignore[arg-type]
+    return run_worker_node(with_default_model(server_args), make_scheduler or default_scheduler)
 
 
 def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -13,6 +13,7 @@ and float32 keeps the checkpoint an exact copy of what transformers reads from t
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import importlib.util
 import json
@@ -23,10 +24,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from pd.server_args import ServerArgs
 
 from pd.gguf_reader import LlamaGGUFConfig, iter_llama_tensors, open_gguf, read_llama_config
 
@@ -70,6 +75,15 @@ def default_model_source() -> str:
 def default_cache_dir() -> str:
     """$PD_CACHE_DIR, else ~/.cache/pd."""
     return os.environ.get("PD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pd")
+
+
+def with_default_model(args: ServerArgs) -> ServerArgs:
+    """``args`` with --model-path (and the tokenizer, unless given) set to the default model when no model was
+    named; building it first if it is not in the cache yet."""
+    if args.model_path is not None:
+        return args
+    path = build_default_model()
+    return dataclasses.replace(args, model_path=path, tokenizer_path=args.tokenizer_path or path)
 
 
 def build_default_model(cache_dir: str | None = None, force: bool = False) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from pd.dist.topology import RankInfo
+from pd.dist.rank import rank_info
 from pd.engine.engine_process import SchedulerFactory, run_engine
 from pd.engine.model_runner import RunnerConfig
 from pd.engine.scheduler import SchedulerConfig
@@ -58,7 +58,7 @@ class RankProcesses:
         with_front: bool = True,
     ) -> RankProcesses:
         ctx = mp.get_context("spawn")
-        layout = RankInfo(0, args.tp_size, args.dp_size if args.enable_dp_attention else 1, args.ep_size, args.nnodes)
+        layout = rank_info(args, 0)
         per_node = layout.ranks_per_node
         first = args.node_rank * per_node
         method = init_method(args) if args.tp_size > 1 else None

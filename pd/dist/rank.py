@@ -84,7 +84,7 @@ def start_rank(runner_cfg: RunnerConfig, args: ServerArgs, rank: int, init_metho
     if args.is_cuda:
         torch.cuda.set_device(info.local_rank)
         runner_cfg = dataclasses.replace(runner_cfg, device=f"cuda:{info.local_rank}")
-    groups = init_groups(info, args.dist_backend, init_method or "") if info.tp > 1 else Groups(None, None, None, None)
+    groups = init_groups(info, args.dist_backend, init_method or "")
     tp = TensorParallel(info.attn_tp_rank, info.attn_tp_size, groups.attn) if info.attn_tp_size > 1 else SINGLE
     sync = None
     if groups.attn is not None and groups.attn_control is not None:

@@ -73,8 +73,7 @@ def follow(runner: ModelRunner, sync: StepSync, max_rows: int) -> None:
         if op == "ping":
             continue
         if op == "idle":
-            runner.forced_mode = msg["mode"]
-            runner.idle_forward()
+            runner.idle_forward(msg["mode"])
             continue
         if op == "pages":
             runner.receive_pages(msg["pages"])

@@ -94,10 +94,4 @@ class TensorParallel:
         return linear
 
 
-def shard_rows(param: torch.Tensor, start: int, length: int, dim: int = 0) -> torch.Tensor:
-    """Marks ``param`` as holding ``length`` entries from ``start`` along ``dim`` of its checkpoint tensor."""
-    _mark(param, ShardSpec(dim, start, length))
-    return param
-
-
 SINGLE = TensorParallel()

@@ -48,6 +48,13 @@ class ReqToToken:
         # When a list: every assign_pages call is also recorded here, for mirrors kept on other ranks.
         self.journal: list[list[object]] | None = None
 
+    def take_journal(self) -> list[list[object]]:
+        """The assign_pages calls recorded since the last take (empty when not journaling)."""
+        if not self.journal:
+            return []
+        taken, self.journal = self.journal, []
+        return taken
+
     @property
     def num_free_rows(self) -> int:
         return len(self._free_rows)

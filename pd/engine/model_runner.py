@@ -133,10 +133,7 @@ class ModelRunner:
         forward() must follow."""
         mode = self.forced_mode or ("normal" if max(extend_lens) > 1 else "low_latency")
         if self.sync is not None:
-            journal = self.slot_table.journal if self.slot_table is not None else None
-            slots = list(journal) if journal else []
-            if journal:
-                journal.clear()
+            slots = self.slot_table.take_journal() if self.slot_table is not None else []
             self.sync.send({"op": "forward", "input_ids": input_ids, "rows": rows, "prefix_lens": prefix_lens,
                             "extend_lens": extend_lens, "logits_index": logits_index, "slots": slots, "mode": mode})
         self.set_mode(mode)
@@ -158,9 +155,10 @@ class ModelRunner:
         return self.model.compute_logits(hidden[batch.logits_index])
 
     @torch.inference_mode()
-    def idle_forward(self) -> None:
-        """A forward without tokens: an idle DP-attention rank still joins its peers' MoE collectives."""
-        mode = self.forced_mode or "normal"
+    def idle_forward(self, mode: str | None = None) -> None:
+        """A forward without tokens: an idle DP-attention rank still joins its peers' MoE collectives. ``mode``:
+        the dispatch mode its leader chose (followers); default the mode the leaders agreed on."""
+        mode = mode or self.forced_mode or "normal"
         if self.sync is not None and self.sync.is_leader:
             self.sync.send({"op": "idle", "mode": mode})
         self.set_mode(mode)
@@ -173,9 +171,9 @@ class ModelRunner:
         if self.sync is None or not pages:
             return
         self.sync.send({"op": "pages", "pages": pages})
+        index = torch.tensor(pages, dtype=torch.int64, device=self.device)
         for buf in self._page_views():
-            data = buf[torch.tensor(pages, dtype=torch.int64, device=self.device)]
-            self.sync.broadcast_tensor(data)
+            self.sync.broadcast_tensor(buf.index_select(0, index))
 
     def receive_pages(self, pages: list[int]) -> None:
         assert self.sync is not None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pd.moe.token_layout import TOKEN_LAYOUTS
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
@@ -67,7 +69,7 @@ class MoeContext:
                 raise ValueError(f"{name}_rank must be in [0, {size}), got {rank}")
         if self.a2a_mode not in A2A_MODES:
             raise ValueError(f"a2a_mode must be one of {A2A_MODES}, got {self.a2a_mode!r}")
-        if self.token_layout not in ("as_is", "scatter", "gather"):
+        if self.token_layout not in TOKEN_LAYOUTS:
             raise ValueError(f"unknown token_layout {self.token_layout!r}")
         if self.a2a_mode == "auto" and self.mode_switch is None:
             raise ValueError("a2a_mode 'auto' needs a mode_switch shared with the model runner")

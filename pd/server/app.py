@@ -9,7 +9,6 @@ key, 503 when the engine queue is full or the engine process is gone.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import time
@@ -146,12 +145,9 @@ def run_server(server_args: ServerArgs, make_scheduler: SchedulerFactory | None 
     """Serve until SIGINT/SIGTERM: build the default model if no --model-path, start the engine, run uvicorn
     on --host/--port; shutdown drains requests for up to GRACEFUL_SHUTDOWN_S and closes the engine."""
     if server_args.model_path is None:
-        from pd.default_model import build_default_model
+        from pd.default_model import with_default_model
 
-        path = build_default_model()
-        server_args = dataclasses.replace(
-            server_args, model_path=path, tokenizer_path=server_args.tokenizer_path or path
-        )
+        server_args = with_default_model(server_args)
     try:
         asyncio.run(_serve(server_args, make_scheduler or default_scheduler))
     except KeyboardInterrupt:
