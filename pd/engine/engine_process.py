@@ -3,7 +3,7 @@ two pipes, a follower runs the forwards its leader broadcasts (pd.dist.step_sync
 
 Messages are msgpack dicts (pd.engine.io). Front -> engine: GenerateRequest, AbortRequest. Engine -> front:
 first {"ready": info} or {"fatal": reason}, then {"outputs": [...], "stats": {...}} after each step that finished
-something (stats alone at most every STATS_INTERVAL_S, and always when the engine goes idle).
+something (stats alone when they changed: at most every STATS_INTERVAL_S while work goes on, at once when idle).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class EngineLoop:
         self.scheduler, self.inbox, self.outbox = scheduler, inbox, outbox
         self.dp_gate, self.multi_rank = dp_gate, multi_rank
         self.last_report = 0.0
+        self.last_stats = scheduler.stats()  # what the front already has (the ready message carried it)
 
     def run(self) -> None:
         while True:
@@ -137,18 +138,21 @@ class EngineLoop:
                 return
             if self.dp_gate is not None:
                 outputs += self._dp_step()
-                if not outputs and not sched.has_work and timeout != 0.0:
-                    continue  # idle turn: nothing to report
             elif sched.has_work:
                 outputs += self._step()
             elif self.multi_rank and not outputs:
                 sched.runner.heartbeat()  # raises if a follower is gone, rather than finding out mid-request
-                continue
-            now = time.monotonic()
-            if not outputs and sched.has_work and now - self.last_report < STATS_INTERVAL_S:
-                continue  # nothing new for the front; fresh stats follow soon, and always when work ends
-            self.last_report = now
-            _send(self.outbox, {"outputs": [to_dict(o) for o in outputs], "stats": to_dict(sched.stats())})
+            self._report(outputs)
+
+    def _report(self, outputs: list[TokenOutput]) -> None:
+        """Sends the outputs with the engine's stats; without outputs, only stats that changed, and while work
+        goes on at most every STATS_INTERVAL_S (each message wakes the front)."""
+        stats, now = self.scheduler.stats(), time.monotonic()
+        if not outputs and (stats == self.last_stats
+                            or (self.scheduler.has_work and now - self.last_report < STATS_INTERVAL_S)):
+            return
+        self.last_stats, self.last_report = stats, now
+        _send(self.outbox, {"outputs": [to_dict(o) for o in outputs], "stats": to_dict(stats)})
 
     def _dp_step(self) -> list[TokenOutput]:
         assert self.dp_gate is not None
