@@ -5,8 +5,11 @@ sglang-router give the same outputs as behind our load balancer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -61,23 +64,34 @@ def _wait_pages(urls: list[str], start: dict[str, int], timeout: float = 30.0) -
         time.sleep(0.5)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
-def test_pd_behind_our_lb_equals_pd_serve(arch, tmp_path):
+@contextlib.contextmanager
+def _pd_equals_pd_serve(
+    arch: str, tmp_path: Path, num_requests: int, new_tokens: int, num_prefill: int, num_decode: int,
+    **cluster_args: tuple[str, ...],
+) -> Iterator[list[str]]:
+    """Greedy outputs through our load balancer (odd requests streamed) equal one `pd serve` on a fresh checkpoint;
+    yields the instances' URLs inside the cluster, then checks that every page came back."""
     seed = int(torch.randint(0, 2**31, ()).item())
     path = make_checkpoint(arch, str(tmp_path / arch), seed=seed)
-    prompts = _prompts(seed, 18)
+    prompts = _prompts(seed, num_requests)
     streams = [i % 2 == 1 for i in range(len(prompts))]
     with pd_serve(path, *INSTANCE_ARGS) as url:
-        expected = run_all(url, prompts, 24, [False] * len(prompts))
-    with pd_cluster(path, 2, 2, instance_args=INSTANCE_ARGS) as cluster:
+        expected = run_all(url, prompts, new_tokens, [False] * len(prompts))
+    with pd_cluster(path, num_prefill, num_decode, instance_args=INSTANCE_ARGS, **cluster_args) as cluster:
         instances = [p.url for p in cluster.prefill + cluster.decode]
         start = {u: kv_pages_free(u) for u in instances}
-        got = run_all(cluster.url, prompts, 24, streams)
+        got = run_all(cluster.url, prompts, new_tokens, streams)
         assert got == expected, f"seed {seed}"
-        # Every instance served some of them, and no page leaked anywhere.
+        yield instances
+        _wait_pages(instances, start)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_pd_behind_our_lb_equals_pd_serve(arch, tmp_path):
+    with _pd_equals_pd_serve(arch, tmp_path, 18, 24, 2, 2) as instances:
+        # Every instance served some of them (and no page leaks anywhere, checked on the way out).
         for u in instances:
             assert httpx.get(f"{u}/get_server_info").json()["prompt_tokens_total"] > 0, u
-        _wait_pages(instances, start)
 
 
 def test_our_instances_behind_sglang_router_equal_behind_our_lb(tmp_path):
@@ -104,16 +118,5 @@ TP_SPLITS = [
 @pytest.mark.parametrize(("arch", "prefill_args", "decode_args"), TP_SPLITS,
                          ids=["qwen3-prefill-tp2", "dsv3-decode-tp2", "qwen3-decode-tp2-none"])
 def test_pd_with_different_tp_on_each_side_equals_pd_serve(arch, prefill_args, decode_args, tmp_path):
-    seed = int(torch.randint(0, 2**31, ()).item())
-    path = make_checkpoint(arch, str(tmp_path / arch), seed=seed)
-    prompts = _prompts(seed, 8)
-    streams = [i % 2 == 1 for i in range(len(prompts))]
-    with pd_serve(path, *INSTANCE_ARGS) as url:
-        expected = run_all(url, prompts, 16, [False] * len(prompts))
-    with pd_cluster(path, 1, 1, instance_args=INSTANCE_ARGS, prefill_args=prefill_args,
-                    decode_args=decode_args) as cluster:
-        instances = [p.url for p in cluster.prefill + cluster.decode]
-        start = {u: kv_pages_free(u) for u in instances}
-        got = run_all(cluster.url, prompts, 16, streams)
-        assert got == expected, f"seed {seed}"
-        _wait_pages(instances, start)
+    with _pd_equals_pd_serve(arch, tmp_path, 8, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
+        pass
