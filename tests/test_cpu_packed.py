@@ -12,6 +12,7 @@ from torch import nn
 
 from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
+from pd.layers import cpu_grouped_gemv
 from pd.layers.cpu_packed import PackedLinear, mkldnn_packable, pack_linears_for_cpu
 from pd.moe.dispatcher.base import DispatchOutput
 from pd.moe.layer import FusedMoE
@@ -101,6 +102,60 @@ def test_pack_linears_swaps_packable_linears_and_keeps_parameters() -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+# ---- grouped GEMV kernel ----
+
+needs_kernel = pytest.mark.skipif(not cpu_grouped_gemv.available(), reason="no C compiler to build the kernel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_features", [1, 33, 64, 512])  # odd K takes the kernel's tail step
+@pytest.mark.parametrize("rows_per_expert", [(0, 1, 2, 3), (4, 0, 9, 5), (1,), (0, 0, 0)])
+def test_grouped_gemv_matches_per_expert_linear(in_features: int, rows_per_expert: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(in_features + sum(rows_per_expert))
+    num_experts, out_features = len(rows_per_expert), 48
+    weight_ENK = torch.randn(num_experts, out_features, in_features, generator=gen)
+    counts = torch.tensor(rows_per_expert, dtype=torch.int64)
+    row_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    x_MK = torch.randn(int(counts.sum()), in_features, generator=gen)
+    out = cpu_grouped_gemv.grouped_gemv(x_MK, cpu_grouped_gemv.pack(weight_ENK), row_offsets)
+    ref = torch.cat([F.linear(rows, w) for rows, w in zip(x_MK.split(rows_per_expert), weight_ENK, strict=True)])
+    assert out.shape == (x_MK.shape[0], out_features)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * in_features**0.5)
+
+
+@needs_kernel
+def test_grouped_gemv_rejects_what_it_cannot_run() -> None:
+    packed = cpu_grouped_gemv.pack(torch.randn(2, 16, 8))
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_grouped_gemv.pack(torch.randn(2, 24, 8))
+    with pytest.raises(ValueError, match="float32"):
+        cpu_grouped_gemv.pack(torch.randn(2, 16, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="x must be float32"):
+        cpu_grouped_gemv.grouped_gemv(torch.randn(3, 9), packed, torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="rise from 0 to M=3"):
+        cpu_grouped_gemv.grouped_gemv(x, packed, torch.tensor([0, 4, 3]))  # the kernel would read row 3
+    with pytest.raises(ValueError, match="rise from 0 to M=3"):
+        cpu_grouped_gemv.grouped_gemv(x, packed, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="int64"):
+        cpu_grouped_gemv.grouped_gemv(x, packed, torch.tensor([0, 1, 3], dtype=torch.int32))
+
+
+def test_grouped_gemv_without_a_compiler_is_unavailable_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    cpu_grouped_gemv._library.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert not cpu_grouped_gemv.available()
+        assert "no C compiler" in caplog.text
+        with pytest.raises(RuntimeError, match="not available"):
+            cpu_grouped_gemv.grouped_gemv(torch.randn(1, 8), torch.zeros(1, 1, 8, 16), torch.tensor([0, 1]))
+    finally:
+        cpu_grouped_gemv._library.cache_clear()
+
+
 # ---- cpu_packed MoE runner ----
 
 
@@ -121,52 +176,61 @@ ROUTING_CASES = [
 ]
 
 
-def _prepared(w13: torch.Tensor, w2: torch.Tensor, dense: bool | None = None) -> CpuPackedMoeRunner:
-    runner = CpuPackedMoeRunner(dense=dense)
+def _prepared(w13: torch.Tensor, w2: torch.Tensor, path: str | None = None) -> CpuPackedMoeRunner:
+    runner = CpuPackedMoeRunner(path=path)
     runner.prepare_weights(w13, w2)
     return runner
 
 
+# The fp32 paths; "gemv" runs where the grouped GEMV kernel builds (any machine with a C compiler).
+FP32_PATHS = [
+    None,
+    pytest.param("gemv", marks=pytest.mark.skipif(not cpu_grouped_gemv.available(), reason="no C compiler")),
+    "per_expert",
+    "dense",
+]
+
+
 @needs_mkldnn
-@pytest.mark.parametrize("dense", [None, True, False])
+@pytest.mark.parametrize("path", FP32_PATHS)
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("case", ROUTING_CASES)
 def test_cpu_packed_runner_matches_torch_runner_fp32(
-    case: tuple[int, int, int, int, float], activation: str, dense: bool | None
+    case: tuple[int, int, int, int, float], activation: str, path: str | None
 ) -> None:
     dispatched, w13, w2 = _routing_case(11, *case, dtype=torch.float32)
     with torch.inference_mode():
-        out = _prepared(w13, w2, dense).run(dispatched, w13, w2, activation)
+        out = _prepared(w13, w2, path).run(dispatched, w13, w2, activation)
         ref = TorchMoeRunner(use_grouped_mm=False).run(dispatched, w13, w2, activation)
     assert out.handle is dispatched.handle and out.hidden_states.dtype == torch.float32
     torch.testing.assert_close(out.hidden_states, ref.hidden_states, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not BF16_OK, reason="oneDNN cannot pack bfloat16 on this CPU")
-@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("path", [None, "per_expert", "dense"])
 @pytest.mark.parametrize("case", ROUTING_CASES)
-def test_cpu_packed_runner_matches_torch_runner_bf16(case: tuple[int, int, int, int, float], dense: bool) -> None:
+def test_cpu_packed_runner_matches_torch_runner_bf16(case: tuple[int, int, int, int, float], path: str | None) -> None:
     dispatched, w13, w2 = _routing_case(12, *case, dtype=torch.bfloat16)
     with torch.inference_mode():
-        out = _prepared(w13, w2, dense).run(dispatched, w13, w2)
+        out = _prepared(w13, w2, path).run(dispatched, w13, w2)
         ref = TorchMoeRunner(use_grouped_mm=False).run(dispatched, w13, w2)
     assert out.hidden_states.dtype == torch.bfloat16
     torch.testing.assert_close(out.hidden_states.float(), ref.hidden_states.float(), rtol=3e-2, atol=3e-2)
 
 
 @needs_mkldnn
-@pytest.mark.parametrize("dense", [True, False])
-def test_cpu_packed_runner_all_slots_foreign_gives_zeros(dense: bool) -> None:
+@pytest.mark.parametrize("path", FP32_PATHS)
+def test_cpu_packed_runner_all_slots_foreign_gives_zeros(path: str | None) -> None:
     dispatched, w13, w2 = _routing_case(4, 9, 2, 4, 4, 1.0, dtype=torch.float32)
-    out = _prepared(w13, w2, dense).run(dispatched, w13, w2).hidden_states
+    out = _prepared(w13, w2, path).run(dispatched, w13, w2).hidden_states
     assert out.shape == dispatched.hidden_states.shape and torch.count_nonzero(out) == 0
 
 
 @needs_mkldnn
-@pytest.mark.parametrize("dense", [True, False])
-def test_cpu_packed_runner_repacks_weights_changed_after_prepare(dense: bool) -> None:
+@pytest.mark.parametrize("path", FP32_PATHS)
+def test_cpu_packed_runner_repacks_weights_changed_after_prepare(path: str | None) -> None:
     dispatched, w13, w2 = _routing_case(5, 12, 2, 8, 8, 0.0, dtype=torch.float32)
-    runner = _prepared(w13, w2, dense)
+    runner = _prepared(w13, w2, path)
     w13.mul_(0.5)
     w2[3].neg_()
     out = runner.run(dispatched, w13, w2).hidden_states
@@ -182,10 +246,10 @@ def test_cpu_packed_runner_falls_back_to_torch_for_unpackable_dtype() -> None:
 
 
 @needs_mkldnn
-@pytest.mark.parametrize("dense", [True, False])
-def test_cpu_packed_runner_rejects_bad_ids_and_activation(dense: bool) -> None:
+@pytest.mark.parametrize("path", FP32_PATHS)
+def test_cpu_packed_runner_rejects_bad_ids_and_activation(path: str | None) -> None:
     dispatched, w13, w2 = _routing_case(7, 5, 2, 4, 4, 0.0, dtype=torch.float32)
-    runner = _prepared(w13, w2, dense)
+    runner = _prepared(w13, w2, path)
     with pytest.raises(ValueError, match="activation"):
         runner.run(dispatched, w13, w2, activation="relu6")
     dispatched.topk_ids[0, 0] = 4
@@ -245,16 +309,43 @@ def test_engine_batched_greedy_matches_transformers(qwen3_pair: tuple[Any, LLM])
         assert out == ref
 
 
+def _path_taken(runner: CpuPackedMoeRunner, dispatched: DispatchOutput, w13: torch.Tensor, w2: torch.Tensor,
+                monkeypatch: pytest.MonkeyPatch) -> str:
+    taken: list[str] = []
+    for name, method in (("dense", "_run_dense"), ("gemv", "_run_gemv")):
+        original = getattr(runner, method)
+        monkeypatch.setattr(runner, method, lambda *args, n=name, f=original: taken.append(n) or f(*args))
+    runner.run(dispatched, w13, w2)
+    return taken[0] if taken else "per_expert"
+
+
 @needs_mkldnn
-@pytest.mark.parametrize("case, dense", [((16, 4, 32, 32, 0.0), True), ((3, 2, 32, 5, 0.0), False),
-                                         ((300, 8, 64, 64, 0.0), False)])
-def test_auto_takes_the_dense_path_only_for_small_batches_hitting_most_experts(
-    case: tuple[int, int, int, int, float], dense: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("case, path", [((16, 4, 32, 32, 0.0), "dense"), ((3, 2, 32, 5, 0.0), "per_expert"),
+                                        ((300, 8, 64, 64, 0.0), "per_expert")])
+def test_auto_without_the_kernel_takes_dense_only_for_small_batches_hitting_most_experts(
+    case: tuple[int, int, int, int, float], path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(cpu_grouped_gemv, "available", lambda: False)
     dispatched, w13, w2 = _routing_case(8, *case, dtype=torch.float32)
     runner = _prepared(w13, w2)
-    calls: list[int] = []
-    original = runner._run_dense
-    monkeypatch.setattr(runner, "_run_dense", lambda *args: calls.append(1) or original(*args))
-    runner.run(dispatched, w13, w2)
-    assert bool(calls) == dense
+    assert runner._w13_panels is None
+    assert _path_taken(runner, dispatched, w13, w2, monkeypatch) == path
+
+
+@needs_mkldnn
+@pytest.mark.skipif(not cpu_grouped_gemv.available(), reason="no C compiler")
+@pytest.mark.parametrize("case, path", [((16, 4, 32, 32, 0.0), "gemv"), ((3, 2, 32, 5, 0.0), "gemv"),
+                                        ((33, 4, 32, 32, 0.0), "per_expert"), ((300, 8, 64, 64, 0.0), "per_expert"),
+                                        ((40, 4, 32, 32, 0.5), "gemv")])  # half the slots foreign: 80 local rows
+def test_auto_with_the_kernel_takes_gemv_while_experts_get_few_rows(
+    case: tuple[int, int, int, int, float], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dispatched, w13, w2 = _routing_case(9, *case, dtype=torch.float32)
+    runner = _prepared(w13, w2)
+    assert runner._w13_dense is None  # the dense copy is not made when the kernel takes its batches
+    assert _path_taken(runner, dispatched, w13, w2, monkeypatch) == path
+
+
+def test_unknown_path_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown cpu_packed path"):
+        CpuPackedMoeRunner(path="fast")
