@@ -1,6 +1,6 @@
 """Expert-parallel dispatch + combine: our ``torch`` dispatcher (normal; low_latency eager and replayed in a CUDA
-graph) against DeepEP normal mode (through our ``deepep`` backend) and a raw ``all_to_all_single`` moving the same
-bytes, all measured in the same run.
+graph, over its automatic transport (symmetric memory on one CUDA host) and over NCCL) against DeepEP normal mode
+(through our ``deepep`` backend) and a raw ``all_to_all_single`` moving the same bytes, all measured in the same run.
 
 Per size, every rank holds T tokens of hidden H and routes each to K of E experts, uniformly without replacement,
 drawn fresh every iteration from a seeded generator (every backend sees the same sequence). EP = number of ranks,
@@ -315,11 +315,16 @@ def _run(rank: int, args: argparse.Namespace, device: torch.device, command: str
             deepep = get_dispatcher("deepep", ctx, num_experts=args.experts, mode="normal", buffer=buffer)
             cases.append(("deepep_normal", DispatcherCase(deepep, expert), True))
         normal = get_dispatcher("torch", ctx, num_experts=args.experts, mode="normal")
-        low_latency = get_dispatcher(
-            "torch", ctx, num_experts=args.experts, mode="low_latency", max_tokens_per_rank=tokens
-        )
+        # low_latency over its automatic transport (symmetric memory on one CUDA host) and over NCCL all-to-all
+        low_latency = {
+            name: get_dispatcher(
+                "torch", ctx, num_experts=args.experts, mode="low_latency", max_tokens_per_rank=tokens,
+                transport=transport,
+            )
+            for name, transport in (("torch_low_latency", "auto"), ("torch_low_latency_nccl", "nccl"))
+        }  # fmt: skip
         cases.append(("torch_normal", DispatcherCase(normal, expert), True))
-        cases.append(("torch_low_latency", DispatcherCase(low_latency, expert), True))
+        cases += [(name, DispatcherCase(d, expert), True) for name, d in low_latency.items()]
 
         for name, case, checked in cases:
             times, error = time_case(
@@ -327,22 +332,24 @@ def _run(rank: int, args: argparse.Namespace, device: torch.device, command: str
             )
             results.append({"tokens_per_rank": tokens, "backend": name, "times": times, "error": error})
 
-        # After the eager low_latency runs, so NCCL and the allocator are warm, as capture requires.
-        if "torch_low_latency_graph" not in skipped:
+        # After the eager low_latency runs, so NCCL and the allocator are warm (and the transport is set up), as
+        # capture requires.
+        for name, dispatcher in low_latency.items():
+            graph_name = f"{name}_graph"
+            if device.type != "cuda":
+                break
             graph, failure = None, ""
             try:
-                graph = GraphCase(low_latency, expert, x_TH, draw_fn(seed + 1)())
+                graph = GraphCase(dispatcher, expert, x_TH, draw_fn(seed + 1)())
             except Exception as exc:  # noqa: BLE001 - any capture failure is reported, not fatal
                 failure = f"capture failed on rank {rank}: {exc!r}"
             failures: list[str] = [""] * ep
             dist.all_gather_object(failures, failure)
             if any(failures):
-                skipped["torch_low_latency_graph"] = next(f for f in failures if f)
+                skipped[graph_name] = next(f for f in failures if f)
             else:
                 times, error = time_case(graph, x_TH, draw_fn(), clock, args.warmup, args.iters, scales_E)
-                results.append(
-                    {"tokens_per_rank": tokens, "backend": "torch_low_latency_graph", "times": times, "error": error}
-                )
+                results.append({"tokens_per_rank": tokens, "backend": graph_name, "times": times, "error": error})
             del graph
         del x_TH
         if device.type == "cuda":
@@ -449,11 +456,11 @@ def _report(
             f"\n== {tokens} tokens/rank, hidden {args.hidden}, top-{args.topk} of {args.experts} experts, "
             f"EP={args.ep}, bf16, {card}; median of {args.iters}, slowest rank per iteration =="
         )
-        print(f"{'backend':<26}{'dispatch us':>12}{'combine us':>12}{'total us':>11}{'/DeepEP':>9}{'/raw':>7}  check")
+        print(f"{'backend':<30}{'dispatch us':>12}{'combine us':>12}{'total us':>11}{'/DeepEP':>9}{'/raw':>7}  check")
         for r in (r for r in rows if r["tokens_per_rank"] == tokens):
             name = raw_name if r["backend"] == "raw_all_to_all" else r["backend"]
             print(
-                f"{name:<26}{r['dispatch_us']:>12.1f}{r['combine_us']:>12.1f}{r['total_us']:>11.1f}"
+                f"{name:<30}{r['dispatch_us']:>12.1f}{r['combine_us']:>12.1f}{r['total_us']:>11.1f}"
                 f"{_fmt(r['vs_deepep'], '.2f'):>9}{_fmt(r['vs_raw'], '.2f'):>7}  {r['check']}"
                 + (f" (max rel err {r['max_rel_err']:.1e})" if r["max_rel_err"] is not None else "")
             )

@@ -45,7 +45,7 @@ def test_cpu_smoke_run_writes_rows_with_sane_times_and_passing_checks(tmp_path: 
     assert "--device cpu" in result["command"] and result["date"]
 
     rows = {row["backend"]: row for row in result["rows"]}
-    assert set(rows) == {"raw_all_to_all", "torch_normal", "torch_low_latency"}
+    assert set(rows) == {"raw_all_to_all", "torch_normal", "torch_low_latency", "torch_low_latency_nccl"}
     for row in rows.values():
         assert row["tokens_per_rank"] == 16
         for key in ("dispatch_us", "combine_us", "total_us"):
@@ -53,7 +53,7 @@ def test_cpu_smoke_run_writes_rows_with_sane_times_and_passing_checks(tmp_path: 
         assert row["total_us"] >= max(row["dispatch_us"], row["combine_us"])
         assert row["vs_raw"] > 0 and row["vs_deepep"] is None
     assert rows["raw_all_to_all"]["check"] == "n/a"
-    for name in ("torch_normal", "torch_low_latency"):
+    for name in ("torch_normal", "torch_low_latency", "torch_low_latency_nccl"):
         assert rows[name]["check"] == "ok" and 0 <= rows[name]["max_rel_err"] < 2e-2, rows[name]
 
     assert "deep_ep needs CUDA" in result["skipped"]["deepep_normal"]

@@ -151,6 +151,11 @@ def _worker_dispatchers(rank: int, world: int, tokens: list[int]) -> None:
         get_dispatcher(
             "none", MoeContext(ep_rank=(rank + 1) % world, ep_size=world, group=dist.group.WORLD), num_experts=EXPERTS
         )
+    # symmetric memory needs CUDA ranks of one host; asking for it elsewhere fails at the first dispatch
+    required = get_dispatcher("torch", ctx, num_experts=EXPERTS, mode="low_latency", transport="symm_mem")
+    x = _make_inputs(1, tokens, 2, False)[rank]
+    with pytest.raises(ValueError, match="transport='symm_mem' needs"):
+        required.dispatch(x.hidden, x.topk)
     for case, (top_k, unrouted) in enumerate([(1, False), (3, False), (2, True)]):
         for name, options in BACKENDS:
             seed = 100 * case + len(name) + len(options)
@@ -310,6 +315,8 @@ def test_registry_and_single_process_errors() -> None:
         get_dispatcher("torch", MoeContext(ep_rank=0, ep_size=2), num_experts=EXPERTS)
     with pytest.raises(ValueError, match="mode"):
         get_dispatcher("torch", MoeContext(), num_experts=EXPERTS, mode="fast")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        get_dispatcher("torch", MoeContext(), num_experts=EXPERTS, mode="low_latency", transport="rdma")
     x = _make_inputs(5, [13], 2, unrouted=False)[0]
     low_latency = get_dispatcher("torch", MoeContext(), num_experts=EXPERTS, mode="low_latency", max_tokens_per_rank=12)
     with pytest.raises(ValueError, match="max_tokens_per_rank=12"):

@@ -366,6 +366,8 @@ def test_both_workers_get_body_plus_bootstrap_and_client_gets_decode_answer(rout
         # a client rid is kept, and every request gets its own room
         body["rid"] = "client-rid"
         httpx.post(c.url + route, json=body, timeout=10)
+        # the client gets decode's answer; the prefill request may still be on its way, as above
+        wait_until(lambda: len(p.state.bodies) == 2, 5, "prefill did not get the second request")
         assert p.state.bodies[1]["rid"] == d.state.bodies[1]["rid"] == "client-rid"
         assert p.state.bodies[1]["bootstrap_room"] == d.state.bodies[1]["bootstrap_room"] != room
 

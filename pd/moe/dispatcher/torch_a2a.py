@@ -19,6 +19,9 @@ low_latency
     (rows from source rank s at ``[s * C, (s + 1) * C)``); a row is valid iff one of its ids is >= 0.
     Capacity bound: a rank may dispatch at most C tokens per batch (ValueError otherwise, checked on the shape,
     so no sync); memory per direction is about ``R * C * (H * itemsize + 8 * K)`` bytes.
+    Transport: where every rank of the group is a CUDA device of one host, each rank writes its blocks straight
+    into the peers' receive buffers over symmetric memory (pd.moe.dispatcher.symm_exchange), which skips the
+    NCCL all-to-all's per-call rendezvous; elsewhere (gloo, HCCL, several hosts) it is ``all_to_all_single``.
 
 Each token travels as one byte row holding its hidden state, global expert ids and weights (pd.moe.dispatcher.
 payload), so both modes dispatch with a single data all-to-all; the receiver derives its local ids.
@@ -36,8 +39,9 @@ import torch.distributed as dist
 
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput
-from pd.moe.dispatcher.payload import blank_row, pack_rows, unpack_rows
+from pd.moe.dispatcher.payload import blank_row, pack_rows, row_layout, unpack_rows
 from pd.moe.dispatcher.routing import expert_group, owner_rank, token_rank_mask
+from pd.moe.dispatcher.symm_exchange import SymmetricExchange, symmetric_exchange_for, symmetric_memory_usable
 from pd.moe.long_seq import LongSeqConfig, check_tokens_per_rank
 from pd.moe.topk import TopKOutput
 
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 MODES = ("normal", "low_latency")
+TRANSPORTS = ("auto", "nccl", "symm_mem")  # low_latency only; "nccl" = all_to_all_single on any backend
 
 
 def _all_to_all(
@@ -109,9 +114,13 @@ class TorchA2ADispatcher(Dispatcher):
         mode: "normal" or "low_latency".
         max_tokens_per_rank: low_latency capacity C (the same on every rank); unused by normal mode.
         long_seq: normal-mode rounds; None or a disabled config = one round of any size.
+        transport: low_latency's transport: "auto" (symmetric memory where the group allows it, decided at the
+            first dispatch, which must then run eagerly on every rank), "nccl" (all_to_all_single on any
+            backend), or "symm_mem" (required; the first dispatch raises where it is not usable).
 
     Raises:
-        ValueError: unknown mode, C < 1, ep_size not dividing num_experts, a missing or mismatched group.
+        ValueError: unknown mode or transport, C < 1, ep_size not dividing num_experts, a missing or mismatched
+            group.
     """
 
     def __init__(
@@ -122,9 +131,12 @@ class TorchA2ADispatcher(Dispatcher):
         mode: str = "normal",
         max_tokens_per_rank: int = 128,
         long_seq: LongSeqConfig | None = None,
+        transport: str = "auto",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"torch dispatcher mode must be one of {MODES}, got {mode!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"torch dispatcher transport must be one of {TRANSPORTS}, got {transport!r}")
         if max_tokens_per_rank < 1:
             raise ValueError(f"max_tokens_per_rank must be >= 1, got {max_tokens_per_rank}")
         self.mode = mode
@@ -133,6 +145,10 @@ class TorchA2ADispatcher(Dispatcher):
         self.max_tokens_per_rank = max_tokens_per_rank
         self.long_seq = long_seq if long_seq is not None and long_seq.enabled else None
         self.group = expert_group(ctx, "torch")
+        self.transport = transport
+        self._exchange: SymmetricExchange | None = None  # the one the last low_latency dispatch used
+        self._symmetric = False
+        self._transport_decided = transport == "nccl" or self.group is None
 
     def dispatch(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
         """Send each token once to every rank that owns one of its experts. Synchronous.
@@ -295,6 +311,20 @@ class TorchA2ADispatcher(Dispatcher):
         sent_RT = token_rank_mask(owner_TK, ranks).t()
         # Every peer gets a [C, row] block: row t is token t's payload if it has an expert there, else a blank
         # (ids -1), so the receiver needs no counts and the shapes never change (graph-capturable).
+        ids_at, row_bytes = row_layout(hidden, hidden_TH.dtype, top_k)
+        exchange = self._low_latency_exchange(row_bytes, hidden, hidden_TH.dtype, device)
+        if exchange is not None:
+            from pd.moe.dispatcher import symm_kernels
+
+            # Every row, ours or blank, straight into each peer's receive buffer; then one barrier.
+            symm_kernels.send_rows(hidden_TH, ids_TK, topk.topk_weights, exchange.dispatch_peer_ptrs, capacity,
+                                   self.ep_rank, self.num_local_experts, ids_at, row_bytes)  # fmt: skip
+            exchange.barrier()
+            recv_x, local_NK, weights_NK, valid_N = symm_kernels.unpack_rows(
+                exchange.dispatch_buffer.view(ranks * capacity, row_bytes), hidden, hidden_TH.dtype, top_k,
+                self.ep_rank, self.num_local_experts, ids_at,
+            )  # fmt: skip
+            return DispatchOutput(recv_x, local_NK, weights_NK, LowLatencyHandle(num_tokens, sent_RT, valid_N))
         payload_TB = pack_rows(hidden_TH, ids_TK, topk.topk_weights)
         blank_B = blank_row(hidden, hidden_TH.dtype, top_k, device)
         send_RCB = blank_B.expand(ranks, capacity, -1).clone()
@@ -306,9 +336,49 @@ class TorchA2ADispatcher(Dispatcher):
         handle = LowLatencyHandle(num_tokens, sent_RT, (local_NK >= 0).any(dim=-1))
         return DispatchOutput(recv_x, local_NK, weights_NK, handle)
 
+    def _low_latency_exchange(
+        self, row_bytes: int, hidden: int, dtype: torch.dtype, device: torch.device
+    ) -> SymmetricExchange | None:
+        """The symmetric-memory exchange for these rows, or None for all_to_all_single. Whether the group can
+        use symmetric memory is decided (collectively) at the first call; a new row shape sets up (collectively,
+        on every rank alike) its own buffers."""
+        if not self._transport_decided:
+            assert self.group is not None
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the first low_latency dispatch sets up its transport and must run eagerly, "
+                                   "not under CUDA graph capture: run one eager forward before capturing")
+            self._symmetric = symmetric_memory_usable(self.group, device)
+            if self.transport == "symm_mem" and not self._symmetric:
+                raise ValueError("transport='symm_mem' needs every rank of the expert group on CUDA devices of one "
+                                 "host with NCCL and Triton")
+            self._transport_decided = True
+        if not self._symmetric or hidden * dtype.itemsize % 8:  # the kernels move 64-bit words
+            self._exchange = None
+        else:
+            assert self.group is not None
+            self._exchange = symmetric_exchange_for(
+                self.group, self.max_tokens_per_rank, row_bytes, hidden, dtype, device
+            )
+        return self._exchange
+
+    def _exchange_for_combine(self, x_NH: torch.Tensor) -> SymmetricExchange | None:
+        """The exchange the last dispatch used, if its combine rows have this shape."""
+        exchange = self._exchange
+        if exchange is None or exchange.combine_buffer.dtype != x_NH.dtype:
+            return None
+        return exchange if exchange.combine_buffer.shape[2] == x_NH.shape[1] else None
+
     def _combine_low_latency(self, x_NH: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor:
         ranks, capacity, hidden = self.ep_size, self.max_tokens_per_rank, x_NH.shape[1]
         assert x_NH.shape[0] == ranks * capacity, "combine input rows differ from the low_latency buffer"
+        exchange = self._exchange_for_combine(x_NH)
+        if exchange is not None:
+            from pd.moe.dispatcher import symm_kernels
+
+            # Each source rank's rows straight into that rank's combine buffer (our block); barrier; sum.
+            symm_kernels.send_partials(x_NH, exchange.combine_peer_ptrs, capacity, self.ep_rank)
+            exchange.barrier()
+            return symm_kernels.reduce_partials(exchange.combine_buffer, handle.sent_RT)
         back = torch.empty_like(x_NH)
         _all_to_all(back, x_NH.contiguous(), None, None, self.group)
         partial_RTH = back.view(ranks, capacity, hidden)[:, : handle.num_tokens]

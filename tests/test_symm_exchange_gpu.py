@@ -1,0 +1,122 @@
+"""CUDA: the torch backend's low_latency mode over symmetric memory against the same mode over NCCL all-to-all,
+eagerly and replayed in a CUDA graph, EP=2 and EP=4 (not run in CI; needs >= 2 GPUs of one host).
+
+Built from tests/test_dispatchers.py (inputs, delivery check, single-rank reference). Per case, on NCCL ranks:
+- delivery: each rank receives exactly the (token, local expert, weight) triples routed to it, rows bit for bit;
+- the symmetric-memory dispatch output equals the NCCL one bit for bit (same rows, same slots, same padding), and
+  combine matches it to float32 rounding (the same partials, summed by another kernel);
+- both equal the single-rank MoE reference within float32 tolerance;
+- a CUDA graph captured once and replayed on fresh routings (the same shapes) gives the eager NCCL results.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pd.moe.context import MoeContext
+from pd.moe.dispatcher import get_dispatcher
+from pd.moe.dispatcher.base import CombineInput, DispatchOutput
+from pd.moe.runner.torch_ref import TorchMoeRunner
+from pd.moe.topk import TopKOutput
+from tests.test_dispatchers import EXPERTS, _check_received, _make_inputs, _make_weights, _single_rank_reference
+
+pytestmark = pytest.mark.gpu
+
+CAPACITY = 48
+
+
+def _entry(rank: int, world: int, port: int, tokens: list[int], seed: int) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=120), device_id=torch.device("cuda", rank),
+    )  # fmt: skip
+    try:
+        _worker(rank, world, tokens, seed)
+    finally:
+        dist.destroy_process_group()
+
+
+def _on_gpu(x: Any) -> tuple[torch.Tensor, TopKOutput]:
+    return x.hidden.cuda(), TopKOutput(x.topk.topk_ids.cuda(), x.topk.topk_weights.cuda(), None)
+
+
+def _moe(out: DispatchOutput, w13: torch.Tensor, w2: torch.Tensor) -> CombineInput:
+    return TorchMoeRunner().run(out, w13, w2)
+
+
+def _worker(rank: int, world: int, tokens: list[int], seed: int) -> None:
+    ctx = MoeContext(ep_rank=rank, ep_size=world, group=dist.group.WORLD)
+    local = slice(rank * EXPERTS // world, (rank + 1) * EXPERTS // world)
+    options = {"num_experts": EXPERTS, "mode": "low_latency", "max_tokens_per_rank": CAPACITY}
+    symm = get_dispatcher("torch", ctx, transport="symm_mem", **options)
+    nccl = get_dispatcher("torch", ctx, transport="nccl", **options)
+    for case, (top_k, unrouted) in enumerate([(1, False), (3, False), (2, True)]):
+        what = f"seed {seed} K={top_k} unrouted={unrouted} rank {rank} tokens {tokens}"
+        inputs = _make_inputs(seed + case, tokens, top_k, unrouted)
+        w13, w2 = (w[local].cuda() for w in _make_weights(seed + case))
+        hidden, topk = _on_gpu(inputs[rank])
+        results = []
+        for dispatcher in (symm, nccl):
+            out = dispatcher.dispatch(hidden, topk)
+            results.append((out, dispatcher.combine(_moe(out, w13, w2))))
+        (out_s, comb_s), (out_n, comb_n) = results
+        assert symm._exchange is not None, "symmetric memory was not used"
+        pairs = [(out_s.hidden_states, out_n.hidden_states), (out_s.topk_ids, out_n.topk_ids),
+                 (out_s.topk_weights, out_n.topk_weights), (out_s.handle.valid_N, out_n.handle.valid_N)]  # fmt: skip
+        for a, b in pairs:
+            assert torch.equal(a, b), what
+        torch.testing.assert_close(comb_s, comb_n, rtol=1e-6, atol=1e-6, msg=what)
+        _check_received(DispatchOutput(out_s.hidden_states.cpu(), out_s.topk_ids.cpu(), out_s.topk_weights.cpu(),
+                                       None), inputs, rank, world)  # fmt: skip
+        reference = _single_rank_reference(inputs, *_make_weights(seed + case))[rank]
+        torch.testing.assert_close(comb_s.cpu(), reference, atol=1e-5, rtol=1e-5, msg=what)
+
+    # One graph per direction, captured on static inputs and replayed on fresh routings of the same shapes.
+    inputs = _make_inputs(seed + 10, tokens, 2, True)
+    w13, w2 = (w[local].cuda() for w in _make_weights(seed + 10))
+    hidden, topk = _on_gpu(inputs[rank])
+    static_x, static_topk = hidden.clone(), TopKOutput(topk.topk_ids.clone(), topk.topk_weights.clone(), None)
+    dispatch_graph, combine_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(dispatch_graph, capture_error_mode="thread_local"):
+        static_out = symm.dispatch(static_x, static_topk)
+    static_in = _moe(static_out, w13, w2)
+    with torch.cuda.graph(combine_graph, capture_error_mode="thread_local"):
+        static_combined = symm.combine(static_in)
+    for replay in range(3):
+        fresh = _make_inputs(seed + 20 + replay, tokens, 2, True)
+        hidden, topk = _on_gpu(fresh[rank])
+        static_x.copy_(hidden)
+        static_topk.topk_ids.copy_(topk.topk_ids)
+        static_topk.topk_weights.copy_(topk.topk_weights)
+        dispatch_graph.replay()
+        static_in.hidden_states.copy_(_moe(static_out, w13, w2).hidden_states)
+        combine_graph.replay()
+        out_n = nccl.dispatch(hidden, topk)
+        comb_n = nccl.combine(_moe(out_n, w13, w2))
+        what = f"graph replay {replay} rank {rank}"
+        assert torch.equal(static_out.hidden_states, out_n.hidden_states), what
+        assert torch.equal(static_out.topk_ids, out_n.topk_ids), what
+        torch.testing.assert_close(static_combined, comb_n, rtol=1e-6, atol=1e-6, msg=what)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+@pytest.mark.parametrize("tokens", [[45, 23], [30, 0], [40, 0, 48, 17]], ids=["ep2", "ep2-idle-rank", "ep4"])
+def test_low_latency_over_symmetric_memory_equals_nccl_eager_and_in_a_graph(tokens: list[int]) -> None:
+    world = len(tokens)
+    visible = torch.cuda.device_count()
+    if visible < world:
+        pytest.skip(f"needs {world} GPUs, {visible} visible")
+    seed = int(torch.randint(0, 2**31 - 1000, ()).item())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    mp.spawn(_entry, args=(world, port, tokens, seed), nprocs=world, join=True)
