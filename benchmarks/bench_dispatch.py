@@ -6,8 +6,10 @@ Per size, every rank holds T tokens of hidden H and routes each to K of E expert
 drawn fresh every iteration from a seeded generator (every backend sees the same sequence). EP = number of ranks,
 experts placed contiguously. Between dispatch and combine each rank runs a stand-in expert, untimed:
 y = x * sum over its local slots of w_k * s_e, with a fixed random scale s_e per expert. An iteration: synchronise,
-barrier, then CUDA events (perf_counter on CPU, where gloo is synchronous) around dispatch and around combine.
-An iteration's time is the slowest rank's; the tables show the median over iterations.
+barrier, then CUDA events (perf_counter on CPU, where gloo is synchronous) around dispatch; the expert; synchronise,
+barrier again (the expert ends at different times on different ranks), then events around combine.
+An iteration's time is the slowest rank's; the tables show the median over iterations. Timed iterations run
+round-robin over the backends (one of each in turn), so drift during the run reaches all of them alike.
 
 raw_all_to_all: what a deduplicating dispatcher must move, and nothing else: each token once to every distinct
 rank owning one of its experts (itself included), H elements per row, then the same rows back. Counts are
@@ -194,36 +196,36 @@ def reference_error(combined: torch.Tensor, x_TH: torch.Tensor, topk: TopKOutput
     return ((combined.float() - ref_TH).abs() / (ref_TH.abs() + 1e-30)).max().item()
 
 
-def time_case(
-    case: Any,
-    x_TH: torch.Tensor,
-    draw: Callable[[], TopKOutput],
-    clock: Clock,
-    warmup: int,
-    iters: int,
+def run_iteration(case: Any, x_TH: torch.Tensor, topk: TopKOutput, clock: Clock) -> tuple[float, float, Any]:
+    """One timed iteration: (dispatch us, combine us, combined output) on this rank."""
+    case.prepare(x_TH, topk)
+    clock.sync()
+    dist.barrier()
+    t0 = clock.stamp()
+    out = case.dispatch()
+    t1 = clock.stamp()
+    combine_input = case.expert(out)
+    clock.sync()  # the untimed expert step ends at different times on different ranks: align again, as for
+    dist.barrier()  # dispatch, so that skew is not charged to combine
+    t2 = clock.stamp()
+    combined = case.combine(combine_input)
+    t3 = clock.stamp()
+    clock.sync()
+    return clock.us(t0, t1), clock.us(t2, t3), combined
+
+
+def warm_up(
+    case: Any, x_TH: torch.Tensor, draw: Callable[[], TopKOutput], clock: Clock, warmup: int,
     scales_E: torch.Tensor | None,
-) -> tuple[list[tuple[float, float]], float | None]:
-    """Run warmup + iters iterations; return this rank's (dispatch us, combine us) of the timed ones, and the
-    reference error of the first iteration (None without scales, i.e. no check)."""
-    times, error = [], None
-    for i in range(warmup + iters):
+) -> float | None:  # fmt: skip
+    """``warmup`` untimed iterations; the reference error of the first (None without scales, i.e. no check)."""
+    error = None
+    for i in range(warmup):
         topk = draw()
-        case.prepare(x_TH, topk)
-        clock.sync()
-        dist.barrier()
-        t0 = clock.stamp()
-        out = case.dispatch()
-        t1 = clock.stamp()
-        combine_input = case.expert(out)
-        t2 = clock.stamp()
-        combined = case.combine(combine_input)
-        t3 = clock.stamp()
-        clock.sync()
+        *_, combined = run_iteration(case, x_TH, topk, clock)
         if i == 0 and scales_E is not None:
             error = reference_error(combined, x_TH, topk, scales_E)
-        if i >= warmup:
-            times.append((clock.us(t0, t1), clock.us(t2, t3)))
-    return times, error
+    return error
 
 
 def summarize(per_rank: list[list[tuple[float, float]]]) -> dict[str, float]:
@@ -326,11 +328,11 @@ def _run(rank: int, args: argparse.Namespace, device: torch.device, command: str
         cases.append(("torch_normal", DispatcherCase(normal, expert), True))
         cases += [(name, DispatcherCase(d, expert), True) for name, d in low_latency.items()]
 
-        for name, case, checked in cases:
-            times, error = time_case(
-                case, x_TH, draw_fn(), clock, args.warmup, args.iters, scales_E if checked else None
-            )
-            results.append({"tokens_per_rank": tokens, "backend": name, "times": times, "error": error})
+        draws = {name: draw_fn() for name, _, _ in cases}  # the same routing sequence for every backend
+        errors = {
+            name: warm_up(case, x_TH, draws[name], clock, args.warmup, scales_E if checked else None)
+            for name, case, checked in cases
+        }
 
         # After the eager low_latency runs, so NCCL and the allocator are warm (and the transport is set up), as
         # capture requires.
@@ -347,10 +349,21 @@ def _run(rank: int, args: argparse.Namespace, device: torch.device, command: str
             dist.all_gather_object(failures, failure)
             if any(failures):
                 skipped[graph_name] = next(f for f in failures if f)
-            else:
-                times, error = time_case(graph, x_TH, draw_fn(), clock, args.warmup, args.iters, scales_E)
-                results.append({"tokens_per_rank": tokens, "backend": graph_name, "times": times, "error": error})
-            del graph
+                continue
+            cases.append((graph_name, graph, True))
+            draws[graph_name] = draw_fn()
+            errors[graph_name] = warm_up(graph, x_TH, draws[graph_name], clock, args.warmup, scales_E)
+
+        # Timed iterations round-robin over the backends, so drift in clocks or load during the run reaches every
+        # backend alike instead of whichever ran last.
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in cases}
+        for _ in range(args.iters):
+            for name, case, _ in cases:
+                dispatch_us, combine_us, _ = run_iteration(case, x_TH, draws[name](), clock)
+                times[name].append((dispatch_us, combine_us))
+        for name, _, _ in cases:
+            results.append({"tokens_per_rank": tokens, "backend": name, "times": times[name], "error": errors[name]})
+        del cases, draws
         del x_TH
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,12 +1,13 @@
-"""CUDA: the torch backend's low_latency mode over symmetric memory against the same mode over NCCL all-to-all,
-eagerly and replayed in a CUDA graph, EP=2 and EP=4 (not run in CI; needs >= 2 GPUs of one host).
+"""CUDA: the torch backend over symmetric memory against the same backend over NCCL all-to-all, both modes, EP=2
+and EP=4 (not run in CI; needs >= 2 GPUs of one host).
 
 Built from tests/test_dispatchers.py (inputs, delivery check, single-rank reference). Per case, on NCCL ranks:
 - delivery: each rank receives exactly the (token, local expert, weight) triples routed to it, rows bit for bit;
-- the symmetric-memory dispatch output equals the NCCL one bit for bit (same rows, same slots, same padding), and
-  combine matches it to float32 rounding (the same partials, summed by another kernel);
+- the symmetric-memory dispatch output equals the NCCL one bit for bit (same rows in the same order, same slots,
+  same padding), and combine matches it to float32 rounding (the same partials, summed by another kernel);
 - both equal the single-rank MoE reference within float32 tolerance;
-- a CUDA graph captured once and replayed on fresh routings (the same shapes) gives the eager NCCL results.
+- normal mode: a batch larger than the first one grows the buffers (every rank alike) and stays exact;
+- low_latency: a CUDA graph captured once and replayed on fresh routings gives the eager NCCL results.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.multiprocessing as mp
 
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher import get_dispatcher
-from pd.moe.dispatcher.base import CombineInput, DispatchOutput
+from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput
+from pd.moe.dispatcher.torch_a2a import SymmetricHandle
 from pd.moe.runner.torch_ref import TorchMoeRunner
 from pd.moe.topk import TopKOutput
 from tests.test_dispatchers import EXPERTS, _check_received, _make_inputs, _make_weights, _single_rank_reference
@@ -52,37 +54,55 @@ def _moe(out: DispatchOutput, w13: torch.Tensor, w2: torch.Tensor) -> CombineInp
     return TorchMoeRunner().run(out, w13, w2)
 
 
+def _compare(symm: Dispatcher, nccl: Dispatcher, tokens: list[int], seed: int, top_k: int, unrouted: bool,
+             rank: int, world: int) -> None:  # fmt: skip
+    what = f"seed {seed} K={top_k} unrouted={unrouted} rank {rank} tokens {tokens} mode {symm.mode}"
+    local = slice(rank * EXPERTS // world, (rank + 1) * EXPERTS // world)
+    inputs = _make_inputs(seed, tokens, top_k, unrouted)
+    w13, w2 = (w[local].cuda() for w in _make_weights(seed))
+    hidden, topk = _on_gpu(inputs[rank])
+    (out_s, comb_s), (out_n, comb_n) = [
+        (out, d.combine(_moe(out, w13, w2))) for d in (symm, nccl) for out in [d.dispatch(hidden, topk)]
+    ]
+    assert isinstance(out_s.handle, SymmetricHandle), f"{what}: symmetric memory was not used"
+    pairs = [(out_s.hidden_states, out_n.hidden_states), (out_s.topk_ids, out_n.topk_ids),
+             (out_s.topk_weights, out_n.topk_weights)]  # fmt: skip
+    if symm.mode == "low_latency":
+        pairs.append((out_s.handle.valid_N, out_n.handle.valid_N))
+    for a, b in pairs:
+        assert a.shape == b.shape and torch.equal(a, b), what
+    torch.testing.assert_close(comb_s, comb_n, rtol=1e-6, atol=1e-6, msg=what)
+    _check_received(DispatchOutput(out_s.hidden_states.cpu(), out_s.topk_ids.cpu(), out_s.topk_weights.cpu(), None),
+                    inputs, rank, world)  # fmt: skip
+    reference = _single_rank_reference(inputs, *_make_weights(seed))[rank]
+    torch.testing.assert_close(comb_s.cpu(), reference, atol=1e-5, rtol=1e-5, msg=what)
+
+
 def _worker(rank: int, world: int, tokens: list[int], seed: int) -> None:
     ctx = MoeContext(ep_rank=rank, ep_size=world, group=dist.group.WORLD)
-    local = slice(rank * EXPERTS // world, (rank + 1) * EXPERTS // world)
+    for mode in ("normal", "low_latency"):
+        options = {"num_experts": EXPERTS, "mode": mode, "max_tokens_per_rank": CAPACITY}
+        symm = get_dispatcher("torch", ctx, transport="symm_mem", **options)
+        nccl = get_dispatcher("torch", ctx, transport="nccl", **options)
+        for case, (top_k, unrouted) in enumerate([(1, False), (3, False), (2, True)]):
+            _compare(symm, nccl, tokens, seed + case, top_k, unrouted, rank, world)
+        if mode == "normal":  # more tokens than the first buffers hold: they grow, on every rank alike
+            _compare(symm, nccl, [t * 7 for t in tokens], seed + 5, 2, True, rank, world)
+    _graph_replays(ctx, rank, world, tokens, seed)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _graph_replays(ctx: MoeContext, rank: int, world: int, tokens: list[int], seed: int) -> None:
+    """low_latency dispatch and combine captured once each, replayed on fresh routings of the same shapes."""
     options = {"num_experts": EXPERTS, "mode": "low_latency", "max_tokens_per_rank": CAPACITY}
     symm = get_dispatcher("torch", ctx, transport="symm_mem", **options)
     nccl = get_dispatcher("torch", ctx, transport="nccl", **options)
-    for case, (top_k, unrouted) in enumerate([(1, False), (3, False), (2, True)]):
-        what = f"seed {seed} K={top_k} unrouted={unrouted} rank {rank} tokens {tokens}"
-        inputs = _make_inputs(seed + case, tokens, top_k, unrouted)
-        w13, w2 = (w[local].cuda() for w in _make_weights(seed + case))
-        hidden, topk = _on_gpu(inputs[rank])
-        results = []
-        for dispatcher in (symm, nccl):
-            out = dispatcher.dispatch(hidden, topk)
-            results.append((out, dispatcher.combine(_moe(out, w13, w2))))
-        (out_s, comb_s), (out_n, comb_n) = results
-        assert symm._exchange is not None, "symmetric memory was not used"
-        pairs = [(out_s.hidden_states, out_n.hidden_states), (out_s.topk_ids, out_n.topk_ids),
-                 (out_s.topk_weights, out_n.topk_weights), (out_s.handle.valid_N, out_n.handle.valid_N)]  # fmt: skip
-        for a, b in pairs:
-            assert torch.equal(a, b), what
-        torch.testing.assert_close(comb_s, comb_n, rtol=1e-6, atol=1e-6, msg=what)
-        _check_received(DispatchOutput(out_s.hidden_states.cpu(), out_s.topk_ids.cpu(), out_s.topk_weights.cpu(),
-                                       None), inputs, rank, world)  # fmt: skip
-        reference = _single_rank_reference(inputs, *_make_weights(seed + case))[rank]
-        torch.testing.assert_close(comb_s.cpu(), reference, atol=1e-5, rtol=1e-5, msg=what)
-
-    # One graph per direction, captured on static inputs and replayed on fresh routings of the same shapes.
+    local = slice(rank * EXPERTS // world, (rank + 1) * EXPERTS // world)
     inputs = _make_inputs(seed + 10, tokens, 2, True)
     w13, w2 = (w[local].cuda() for w in _make_weights(seed + 10))
     hidden, topk = _on_gpu(inputs[rank])
+    symm.dispatch(hidden, topk)  # the first dispatch sets up the transport, eagerly
     static_x, static_topk = hidden.clone(), TopKOutput(topk.topk_ids.clone(), topk.topk_weights.clone(), None)
     dispatch_graph, combine_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     with torch.cuda.graph(dispatch_graph, capture_error_mode="thread_local"):
@@ -105,12 +125,10 @@ def _worker(rank: int, world: int, tokens: list[int], seed: int) -> None:
         assert torch.equal(static_out.hidden_states, out_n.hidden_states), what
         assert torch.equal(static_out.topk_ids, out_n.topk_ids), what
         torch.testing.assert_close(static_combined, comb_n, rtol=1e-6, atol=1e-6, msg=what)
-    torch.cuda.synchronize()
-    dist.barrier()
 
 
 @pytest.mark.parametrize("tokens", [[45, 23], [30, 0], [40, 0, 48, 17]], ids=["ep2", "ep2-idle-rank", "ep4"])
-def test_low_latency_over_symmetric_memory_equals_nccl_eager_and_in_a_graph(tokens: list[int]) -> None:
+def test_symmetric_memory_transport_equals_nccl_in_both_modes_and_in_a_graph(tokens: list[int]) -> None:
     world = len(tokens)
     visible = torch.cuda.device_count()
     if visible < world:

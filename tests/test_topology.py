@@ -37,3 +37,20 @@ def test_every_rank_lands_in_exactly_one_group_of_each_kind(tp: int, dp: int, ep
 def test_sizes_that_do_not_divide_tp_are_refused(rank: int, tp: int, dp: int, ep: int, nnodes: int) -> None:
     with pytest.raises(ValueError):
         RankInfo(rank, tp, dp, ep, nnodes)
+
+
+@pytest.mark.parametrize(("flags", "layout", "transport"), [
+    ("--tp 2 --ep 2 --moe-a2a-backend torch", "scatter", "auto"),
+    ("--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch", "as_is", "nccl"),
+    ("--tp 4 --ep 4 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch", "scatter", "nccl"),
+])  # fmt: skip
+def test_moe_context_layout_and_transport(flags: str, layout: str, transport: str) -> None:
+    """DP attention keeps the torch backend on NCCL (its symmetric-memory transport is not verified there)."""
+    from pd.dist.groups import Groups
+    from pd.dist.rank import moe_context, rank_info
+    from tests.test_server_args import parse
+
+    args = parse(flags)
+    for rank in range(args.tp_size):
+        ctx = moe_context(args, rank_info(args, rank), Groups(None, None, None, None))
+        assert (ctx.token_layout, ctx.a2a_transport, ctx.dispatcher) == (layout, transport, "torch")

@@ -1,20 +1,21 @@
-"""Low-latency dispatch/combine transport over CUDA symmetric memory: ranks write rows into peers' buffers.
+"""The torch backend's transport over CUDA symmetric memory: ranks write rows straight into peers' buffers.
 
-The torch backend's low_latency mode moves a fixed [C, row] block between every pair of ranks. Over NCCL that
-is an ``all_to_all_single`` per direction, whose rendezvous and proxy cost ~100 us even for a few MB. When
-every rank of the expert group is a CUDA device of one host (NVLink or PCIe peer access), each rank can
-instead write its block for peer p straight into p's receive buffer (one kernel per peer, peer memory mapped
-into this process by ``torch.distributed._symmetric_memory``), and a barrier on the allocation's signal pads
-tells everyone the data is in. All of it is stream-ordered device work: no host sync, capturable in a CUDA
-graph.
+Over NCCL, dispatch and combine are ``all_to_all_single`` calls whose per-call rendezvous and proxy cost ~100 us
+even for a few MB, and normal mode adds a count all-to-all and a host sync before the data moves. When every
+rank of the expert group is a CUDA device of one host (NVLink or PCIe peer access), ``torch.distributed.
+_symmetric_memory`` maps every rank's buffers into every process, so a rank writes its rows straight into the
+peers' receive buffers (one Triton kernel, pd.moe.dispatcher.symm_kernels) and a barrier on the signal pads
+tells everyone the data is in. Low-latency mode is then device work only (no host sync, graph-capturable);
+normal mode syncs the host once, after the row counts arrived.
 
-Buffers, one set per expert group and shape, shared by every MoE layer of the instance:
-  dispatch: [R, C, row_bytes] uint8 on each rank; block s holds what rank s sent to this rank.
-  combine:  [R, C, H] model dtype; block s holds rank s's partial outputs for this rank's tokens.
-Why one set is enough when layers run one after another: a rank writes into a peer's dispatch buffer only
-after the previous combine barrier, which the peer reaches only after it unpacked that buffer (its stream
-runs unpack before it); the same holds for the combine buffer with the dispatch barrier. Two micro-batches
-in flight at once (two-batch overlap) would need a second set.
+Buffers, shared by every MoE layer of the instance:
+  SymmetricExchange (per group, capacity C and row shape):
+    dispatch [R, C, row_bytes] uint8: block s holds the rows rank s sent to this rank;
+    combine  [R, C, H] model dtype:   block s holds rank s's partial outputs for this rank's tokens.
+  SymmetricMeta (per group): [R, 2] int64, row s = (rows rank s sends here, rank s's token count).
+Why one set is enough when layers run one after another: a rank writes into a peer's buffer only after a
+barrier that the peer reaches only after it consumed that buffer's previous contents (its stream runs the
+consumer first). Two micro-batches in flight at once (two-batch overlap) would need a second set.
 """
 
 from __future__ import annotations
@@ -32,25 +33,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Set to 0 to keep low_latency mode on NCCL all-to-all even where symmetric memory works (to compare them).
+# Set to 0 to keep the torch backend on NCCL all-to-all even where symmetric memory works (to compare them).
 ENV_ENABLE = "PD_TORCH_A2A_SYMM_MEM"
 BARRIER_TIMEOUT_MS = 60_000  # a peer that never arrives fails the barrier instead of hanging the instance
 
-_exchanges: dict[tuple, SymmetricExchange] = {}
+_cache: dict[tuple, object] = {}
 
 
 def symmetric_memory_usable(group: ProcessGroup | None, device: torch.device) -> bool:
-    """Whether this group can use SymmetricExchange: CUDA, NCCL, Triton, every rank on this host, not switched off.
-
-    A collective over ``group`` (the hostname check) when the cheap checks pass, so call it on every rank.
-    """
+    """Whether this group can use the symmetric transport: CUDA, NCCL, Triton, every rank on this host, and
+    not switched off. A collective over ``group`` (the hostname check) once the cheap checks pass, so call it
+    on every rank."""
     if group is None or device.type != "cuda" or os.environ.get(ENV_ENABLE, "1") == "0":
         return False
     if dist.get_backend(group) != "nccl":
         return False
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
-        import triton  # noqa: F401 - the exchange's kernels
+        import triton  # noqa: F401 - the transport's kernels
     except ImportError:
         return False
     hosts: list[str | None] = [None] * dist.get_world_size(group)
@@ -58,55 +58,69 @@ def symmetric_memory_usable(group: ProcessGroup | None, device: torch.device) ->
     return len(set(hosts)) == 1
 
 
+def _symmetric(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, group: ProcessGroup
+               ) -> tuple[torch.Tensor, object, torch.Tensor]:  # fmt: skip
+    """(local tensor, handle, [R] int64 device tensor of every rank's copy's address here). Collective."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 8):
+        if not symm_mem.is_symm_mem_enabled_for_group(group.group_name):
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+    local = symm_mem.empty(*shape, dtype=dtype, device=device)
+    handle = symm_mem.rendezvous(local, group)
+    ptrs = [handle.get_buffer(p, shape, dtype).data_ptr() for p in range(dist.get_world_size(group))]
+    return local, handle, torch.tensor(ptrs, dtype=torch.int64, device=device)
+
+
 class SymmetricExchange:
-    """The dispatch and combine buffers of one expert group, with each peer's block mapped here.
+    """Dispatch and combine buffers of one expert group for rows of one shape, ``capacity`` rows per block."""
 
-    Args:
-        group: the expert-parallel group (NCCL, one host); rendezvous is collective over it.
-        capacity: C, rows per (source, destination) block.
-        row_bytes: bytes per dispatched row (pd.moe.dispatcher.payload).
-        hidden: H of the combine rows; dtype: their dtype.
-        device: this rank's CUDA device.
-    """
-
-    def __init__(
-        self, group: ProcessGroup, capacity: int, row_bytes: int, hidden: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
+    def __init__(self, group: ProcessGroup, capacity: int, row_bytes: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device) -> None:  # fmt: skip
         ranks = dist.get_world_size(group)
-        before_2_8 = torch.torch_version.TorchVersion(torch.__version__) < (2, 8)
-        if before_2_8 and not symm_mem.is_symm_mem_enabled_for_group(group.group_name):
-            symm_mem.enable_symm_mem_for_group(group.group_name)  # needed before torch 2.8
-        self.dispatch_buffer = symm_mem.empty(ranks, capacity, row_bytes, dtype=torch.uint8, device=device)
-        self.combine_buffer = symm_mem.empty(ranks, capacity, hidden, dtype=dtype, device=device)
-        self._dispatch_handle = symm_mem.rendezvous(self.dispatch_buffer, group)
-        combine_handle = symm_mem.rendezvous(self.combine_buffer, group)
-        # Where each rank's buffers are mapped in this process, for the kernels (pd.moe.dispatcher.symm_kernels).
-        self.dispatch_peer_ptrs = torch.tensor(
-            [self._dispatch_handle.get_buffer(p, tuple(self.dispatch_buffer.shape), torch.uint8).data_ptr()
-             for p in range(ranks)], dtype=torch.int64, device=device,
-        )  # fmt: skip
-        self.combine_peer_ptrs = torch.tensor(
-            [combine_handle.get_buffer(p, tuple(self.combine_buffer.shape), dtype).data_ptr() for p in range(ranks)],
-            dtype=torch.int64, device=device,
-        )  # fmt: skip
-        self._combine_handle = combine_handle
-        logger.info(
-            "low_latency dispatch over symmetric memory: %d ranks, %d rows per block, %.1f MiB per rank",
-            ranks, capacity, (self.dispatch_buffer.nbytes + self.combine_buffer.nbytes) / 2**20,
+        self.capacity = capacity
+        self.dispatch_buffer, self._handle, self.dispatch_peer_ptrs = _symmetric(
+            (ranks, capacity, row_bytes), torch.uint8, device, group
+        )
+        self.combine_buffer, _, self.combine_peer_ptrs = _symmetric((ranks, capacity, hidden), dtype, device, group)
+        # low_latency's received layout: every block full
+        self.full_counts = torch.full((ranks,), capacity, dtype=torch.int64, device=device)
+        logger.info("symmetric-memory exchange: %d ranks, %d rows per block, %.1f MiB per rank", ranks, capacity,
+                    (self.dispatch_buffer.nbytes + self.combine_buffer.nbytes) / 2**20)  # fmt: skip
+
+    def barrier(self) -> None:
+        """Every rank's writes issued before this (on its current stream) are visible to all ranks after it."""
+        self._handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+
+
+class SymmetricMeta:
+    """Per group: what each rank sends each peer in normal mode (rows, token count), and normal mode's barrier."""
+
+    def __init__(self, group: ProcessGroup, device: torch.device) -> None:
+        self.buffer, self._handle, self.peer_ptrs = _symmetric(
+            (dist.get_world_size(group), 2), torch.int64, device, group
         )
 
     def barrier(self) -> None:
-        """Every rank's writes issued before this (on its current stream) are visible to every rank after it."""
-        self._dispatch_handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+        self._handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
 
 
-def symmetric_exchange_for(
-    group: ProcessGroup, capacity: int, row_bytes: int, hidden: int, dtype: torch.dtype, device: torch.device
-) -> SymmetricExchange:
+def exchange_for(group: ProcessGroup, capacity: int, row_bytes: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device) -> SymmetricExchange:  # fmt: skip
     """The instance's exchange for this group and shape, created (collectively) on first use."""
-    key = (group.group_name, capacity, row_bytes, hidden, dtype, device)
-    if key not in _exchanges:
-        _exchanges[key] = SymmetricExchange(group, capacity, row_bytes, hidden, dtype, device)
-    return _exchanges[key]
+    key = ("exchange", group.group_name, capacity, row_bytes, hidden, dtype, device)
+    if key not in _cache:
+        _cache[key] = SymmetricExchange(group, capacity, row_bytes, hidden, dtype, device)
+    exchange = _cache[key]
+    assert isinstance(exchange, SymmetricExchange)
+    return exchange
+
+
+def meta_for(group: ProcessGroup, device: torch.device) -> SymmetricMeta:
+    """The instance's meta buffer for this group, created (collectively) on first use."""
+    key = ("meta", group.group_name, device)
+    if key not in _cache:
+        _cache[key] = SymmetricMeta(group, device)
+    meta = _cache[key]
+    assert isinstance(meta, SymmetricMeta)
+    return meta

@@ -9,7 +9,7 @@ rows from source s). A dispatch or combine is a few launches:
 - ``send_rows``: each token's payload row (pd.moe.dispatcher.payload layout) straight into the peers' receive
   buffers. Low-latency mode writes every row 0..C-1 of every block (blank rows: zero hidden, ids -1), so shapes
   never change; normal mode writes only routed tokens, at the slots ``route`` gave them.
-- ``unpack_rows``: the received rows, block after block (``offsets`` says how many rows each source sent), split
+- ``unpack_rows``: the received rows, block after block (``counts`` says how many rows each source sent), split
   into hidden [N, H], local ids [N, K] int64 (-1 for other ranks' experts and for none), weights [N, K] float32
   and the valid-row mask.
 - ``send_back``: each received row's expert output into its source rank's combine buffer, at the same slot.
@@ -27,16 +27,21 @@ import triton
 import triton.language as tl
 
 WORDS_PER_BLOCK = 1024
-TOKENS_PER_BLOCK = 1024
+TOKENS_PER_BLOCK = 128  # route's tile is [128, K] ids: a larger one spills registers
 
 
 @triton.jit
-def _source_of(offsets_ptr, row, RANKS: tl.constexpr):
-    """(source rank, index within its block) of received row ``row``; offsets [R + 1] are row prefix sums."""
+def _source_of(counts_ptr, row, RANKS: tl.constexpr):
+    """(source rank, index within its block) of received row ``row``; counts [R]: rows received per source."""
     source = tl.full([], 0, tl.int32)
-    for s in tl.static_range(1, RANKS):
-        source += (tl.load(offsets_ptr + s) <= row).to(tl.int32)
-    return source, row - tl.load(offsets_ptr + source)
+    start = tl.full([], 0, tl.int64)
+    end = tl.full([], 0, tl.int64)
+    for s in tl.static_range(RANKS):
+        end += tl.load(counts_ptr + s)
+        later = row >= end  # the row lies past source s's rows
+        source += later.to(tl.int32)
+        start = tl.where(later, end, start)
+    return source, row - start
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -52,7 +57,8 @@ def _route_kernel(
         inside = tokens < num_tokens
         ids = tl.load(ids_ptr + tokens[:, None] * TOP_K + slots[None, :],
                       mask=inside[:, None] & (slots[None, :] < TOP_K), other=-1)  # fmt: skip
-        owner = tl.where(ids >= 0, ids // num_local_experts, -1)
+        ids32 = ids.to(tl.int32)  # 32-bit division: 64-bit is emulated
+        owner = tl.where(ids32 >= 0, ids32 // num_local_experts, -1)
         sent = (tl.sum((owner == peer).to(tl.int32), axis=1) > 0).to(tl.int32)
         pos = tl.where(sent > 0, running + tl.cumsum(sent, axis=0) - 1, -1)
         tl.store(pos_ptr + peer * num_tokens + tokens, pos, mask=inside)
@@ -108,12 +114,12 @@ def _send_rows_kernel(
 
 @triton.jit
 def _unpack_rows_kernel(
-    buffer_ptr, offsets_ptr, hidden_ptr, ids_ptr, weights_ptr, valid_ptr, capacity, my_rank, num_local_experts,
+    buffer_ptr, counts_ptr, hidden_ptr, ids_ptr, weights_ptr, valid_ptr, capacity, my_rank, num_local_experts,
     hidden_words, ids_at, row_bytes, RANKS: tl.constexpr, TOP_K: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     out_row = tl.program_id(0).to(tl.int64)
-    source, index = _source_of(offsets_ptr, out_row, RANKS)
+    source, index = _source_of(counts_ptr, out_row, RANKS)
     row = source * capacity + index
     src = buffer_ptr + row * (row_bytes // 8)
     dst = hidden_ptr + out_row * hidden_words
@@ -134,10 +140,10 @@ def _unpack_rows_kernel(
 
 
 @triton.jit
-def _send_back_kernel(x_ptr, offsets_ptr, peer_ptrs, capacity, my_rank, row_words, RANKS: tl.constexpr,
+def _send_back_kernel(x_ptr, counts_ptr, peer_ptrs, capacity, my_rank, row_words, RANKS: tl.constexpr,
                       BLOCK: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    source, index = _source_of(offsets_ptr, row, RANKS)
+    source, index = _source_of(counts_ptr, row, RANKS)
     dst = tl.load(peer_ptrs + source).to(tl.pointer_type(tl.int64))
     dst += (my_rank * capacity + index).to(tl.int64) * row_words
     src = x_ptr + row * row_words
@@ -205,10 +211,10 @@ def send_rows(
 
 
 def unpack_rows(
-    buffer_RCB: torch.Tensor, offsets_R1: torch.Tensor, num_rows: int, hidden: int, dtype: torch.dtype,
+    buffer_RCB: torch.Tensor, counts_R: torch.Tensor, num_rows: int, hidden: int, dtype: torch.dtype,
     top_k: int, my_rank: int, num_local_experts: int, ids_at: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The first offsets[s+1]-offsets[s] rows of each source block s, in source order.
+    """The first counts_R[s] rows (int64 [R] on the device) of each source block s, in source order.
 
     Returns hidden [N, H] dtype, local ids [N, K] int64, weights [N, K] float32, valid [N] bool (N = num_rows)."""
     ranks, capacity, row_bytes = buffer_RCB.shape
@@ -219,14 +225,14 @@ def unpack_rows(
     valid_N = torch.empty(num_rows, dtype=torch.bool, device=device)
     if num_rows:
         _unpack_rows_kernel[(num_rows,)](
-            buffer_RCB.view(torch.int64), offsets_R1, hidden_NH.view(torch.int64), ids_NK, weights_NK, valid_N,
+            buffer_RCB.view(torch.int64), counts_R, hidden_NH.view(torch.int64), ids_NK, weights_NK, valid_N,
             capacity, my_rank, num_local_experts, hidden * hidden_NH.element_size() // 8, ids_at, row_bytes,
             RANKS=ranks, TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK=WORDS_PER_BLOCK,
         )  # fmt: skip
     return hidden_NH, ids_NK, weights_NK, valid_N
 
 
-def send_back(x_NH: torch.Tensor, offsets_R1: torch.Tensor, peer_ptrs: torch.Tensor, capacity: int,
+def send_back(x_NH: torch.Tensor, counts_R: torch.Tensor, peer_ptrs: torch.Tensor, capacity: int,
               my_rank: int) -> None:  # fmt: skip
     """Received row n's expert output (row n of ``x_NH``, rows in unpack_rows' order) into its source's
     combine buffer, block [my_rank], at the slot it arrived in."""
@@ -234,7 +240,7 @@ def send_back(x_NH: torch.Tensor, offsets_R1: torch.Tensor, peer_ptrs: torch.Ten
         return
     words = _words(x_NH)
     _send_back_kernel[(x_NH.shape[0],)](
-        words, offsets_R1, peer_ptrs, capacity, my_rank, words.shape[1], RANKS=peer_ptrs.numel(),
+        words, counts_R, peer_ptrs, capacity, my_rank, words.shape[1], RANKS=peer_ptrs.numel(),
         BLOCK=WORDS_PER_BLOCK,
     )  # fmt: skip
 

@@ -19,18 +19,22 @@ low_latency
     (rows from source rank s at ``[s * C, (s + 1) * C)``); a row is valid iff one of its ids is >= 0.
     Capacity bound: a rank may dispatch at most C tokens per batch (ValueError otherwise, checked on the shape,
     so no sync); memory per direction is about ``R * C * (H * itemsize + 8 * K)`` bytes.
-    Transport: where every rank of the group is a CUDA device of one host, each rank writes its blocks straight
-    into the peers' receive buffers over symmetric memory (pd.moe.dispatcher.symm_exchange), which skips the
-    NCCL all-to-all's per-call rendezvous; elsewhere (gloo, HCCL, several hosts) it is ``all_to_all_single``.
 
 Each token travels as one byte row holding its hidden state, global expert ids and weights (pd.moe.dispatcher.
 payload), so both modes dispatch with a single data all-to-all; the receiver derives its local ids.
+
+Transport: where every rank of the group is a CUDA device of one host, both modes move the same rows without
+NCCL: each rank writes them straight into the peers' buffers over symmetric memory (pd.moe.dispatcher.
+symm_exchange; normal mode learns its row counts through a meta buffer and syncs the host once, low_latency
+never does). Elsewhere (gloo, HCCL, several hosts), and for normal mode with long-sequence rounds, the
+collectives are ``all_to_all_single``. Either way the DispatchOutput rows come in the same order.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,7 +45,12 @@ from pd.moe.context import MoeContext
 from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput
 from pd.moe.dispatcher.payload import blank_row, pack_rows, row_layout, unpack_rows
 from pd.moe.dispatcher.routing import expert_group, owner_rank, token_rank_mask
-from pd.moe.dispatcher.symm_exchange import SymmetricExchange, symmetric_exchange_for, symmetric_memory_usable
+from pd.moe.dispatcher.symm_exchange import (
+    SymmetricExchange,
+    exchange_for,
+    meta_for,
+    symmetric_memory_usable,
+)
 from pd.moe.long_seq import LongSeqConfig, check_tokens_per_rank
 from pd.moe.topk import TopKOutput
 
@@ -49,7 +58,8 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 MODES = ("normal", "low_latency")
-TRANSPORTS = ("auto", "nccl", "symm_mem")  # low_latency only; "nccl" = all_to_all_single on any backend
+TRANSPORTS = ("auto", "nccl", "symm_mem")  # "nccl" = all_to_all_single on any backend
+MIN_NORMAL_CAPACITY = 256  # normal mode's symmetric blocks start with this many rows and grow by powers of two
 
 
 def _all_to_all(
@@ -96,6 +106,20 @@ class NormalHandle:
 
 
 @dataclass(frozen=True)
+class SymmetricHandle:
+    """State for combine over symmetric memory (both modes). pos_RT: [R, T] int32, the slot token t took in
+    rank r's block (-1: not sent there); counts_R: [R] int64 on the device, rows received from each source;
+    valid_N: [N] bool, received rows that hold a token; exchange and barrier: where the rows went."""
+
+    num_tokens: int
+    pos_RT: torch.Tensor
+    counts_R: torch.Tensor
+    valid_N: torch.Tensor
+    exchange: SymmetricExchange
+    barrier: Callable[[], None]
+
+
+@dataclass(frozen=True)
 class LowLatencyHandle:
     """Low-latency state for combine. sent_RT: [R, T] bool, token t went to rank r; valid_N: [R * C] bool,
     received rows that hold a token (padding rows are False); a masked runner may skip the others."""
@@ -114,9 +138,9 @@ class TorchA2ADispatcher(Dispatcher):
         mode: "normal" or "low_latency".
         max_tokens_per_rank: low_latency capacity C (the same on every rank); unused by normal mode.
         long_seq: normal-mode rounds; None or a disabled config = one round of any size.
-        transport: low_latency's transport: "auto" (symmetric memory where the group allows it, decided at the
-            first dispatch, which must then run eagerly on every rank), "nccl" (all_to_all_single on any
-            backend), or "symm_mem" (required; the first dispatch raises where it is not usable).
+        transport: "auto" (symmetric memory where the group allows it, decided at the first dispatch, which must
+            then run eagerly on every rank), "nccl" (all_to_all_single on any backend), or "symm_mem" (required;
+            the first dispatch raises where it is not usable). Normal mode with rounds always uses NCCL.
 
     Raises:
         ValueError: unknown mode or transport, C < 1, ep_size not dividing num_experts, a missing or mismatched
@@ -137,6 +161,9 @@ class TorchA2ADispatcher(Dispatcher):
             raise ValueError(f"torch dispatcher mode must be one of {MODES}, got {mode!r}")
         if transport not in TRANSPORTS:
             raise ValueError(f"torch dispatcher transport must be one of {TRANSPORTS}, got {transport!r}")
+        if transport == "symm_mem" and mode == "normal" and long_seq is not None and long_seq.enabled:
+            raise ValueError("normal mode with long-sequence rounds runs on all_to_all_single; transport='symm_mem' "
+                             "cannot be combined with DEEPEP_NORMAL_LONG_SEQ_* rounds")
         if max_tokens_per_rank < 1:
             raise ValueError(f"max_tokens_per_rank must be >= 1, got {max_tokens_per_rank}")
         self.mode = mode
@@ -146,7 +173,6 @@ class TorchA2ADispatcher(Dispatcher):
         self.long_seq = long_seq if long_seq is not None and long_seq.enabled else None
         self.group = expert_group(ctx, "torch")
         self.transport = transport
-        self._exchange: SymmetricExchange | None = None  # the one the last low_latency dispatch used
         self._symmetric = False
         self._transport_decided = transport == "nccl" or self.group is None
 
@@ -182,6 +208,8 @@ class TorchA2ADispatcher(Dispatcher):
             [T, H] model dtype in this rank's original token order, summed over ranks.
         """
         handle = combine_input.handle
+        if isinstance(handle, SymmetricHandle):
+            return self._combine_symmetric(combine_input.hidden_states, handle)
         if isinstance(handle, LowLatencyHandle):
             return self._combine_low_latency(combine_input.hidden_states, handle)
         assert isinstance(handle, NormalHandle), f"not a torch dispatcher handle: {type(handle).__name__}"
@@ -190,6 +218,8 @@ class TorchA2ADispatcher(Dispatcher):
     # ---- normal mode -------------------------------------------------------------------------------------------
 
     def _dispatch_normal(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+        if self.long_seq is None and self._use_symmetric(hidden_TH):
+            return self._dispatch_normal_symmetric(hidden_TH, topk)
         num_tokens, hidden = hidden_TH.shape
         ids_TK, weights_TK = topk.topk_ids, topk.topk_weights
         top_k, ranks, device = ids_TK.shape[1], self.ep_size, hidden_TH.device
@@ -306,25 +336,13 @@ class TorchA2ADispatcher(Dispatcher):
                 f"low_latency dispatch got {num_tokens} tokens on one rank but max_tokens_per_rank={capacity}; "
                 "raise max_tokens_per_rank (every rank must use the same value) or cap the decode batch size"
             )
+        # Every peer gets a [C, row] block: row t is token t's payload if it has an expert there, else a blank
+        # (ids -1), so the receiver needs no counts and the shapes never change (graph-capturable).
+        if self._use_symmetric(hidden_TH):
+            return self._dispatch_low_latency_symmetric(hidden_TH, topk)
         ids_TK, top_k = topk.topk_ids, topk.topk_ids.shape[1]
         owner_TK = owner_rank(ids_TK, self.num_local_experts)
         sent_RT = token_rank_mask(owner_TK, ranks).t()
-        # Every peer gets a [C, row] block: row t is token t's payload if it has an expert there, else a blank
-        # (ids -1), so the receiver needs no counts and the shapes never change (graph-capturable).
-        ids_at, row_bytes = row_layout(hidden, hidden_TH.dtype, top_k)
-        exchange = self._low_latency_exchange(row_bytes, hidden, hidden_TH.dtype, device)
-        if exchange is not None:
-            from pd.moe.dispatcher import symm_kernels
-
-            # Every row, ours or blank, straight into each peer's receive buffer; then one barrier.
-            symm_kernels.send_rows(hidden_TH, ids_TK, topk.topk_weights, exchange.dispatch_peer_ptrs, capacity,
-                                   self.ep_rank, self.num_local_experts, ids_at, row_bytes)  # fmt: skip
-            exchange.barrier()
-            recv_x, local_NK, weights_NK, valid_N = symm_kernels.unpack_rows(
-                exchange.dispatch_buffer.view(ranks * capacity, row_bytes), hidden, hidden_TH.dtype, top_k,
-                self.ep_rank, self.num_local_experts, ids_at,
-            )  # fmt: skip
-            return DispatchOutput(recv_x, local_NK, weights_NK, LowLatencyHandle(num_tokens, sent_RT, valid_N))
         payload_TB = pack_rows(hidden_TH, ids_TK, topk.topk_weights)
         blank_B = blank_row(hidden, hidden_TH.dtype, top_k, device)
         send_RCB = blank_B.expand(ranks, capacity, -1).clone()
@@ -336,49 +354,92 @@ class TorchA2ADispatcher(Dispatcher):
         handle = LowLatencyHandle(num_tokens, sent_RT, (local_NK >= 0).any(dim=-1))
         return DispatchOutput(recv_x, local_NK, weights_NK, handle)
 
-    def _low_latency_exchange(
-        self, row_bytes: int, hidden: int, dtype: torch.dtype, device: torch.device
-    ) -> SymmetricExchange | None:
-        """The symmetric-memory exchange for these rows, or None for all_to_all_single. Whether the group can
-        use symmetric memory is decided (collectively) at the first call; a new row shape sets up (collectively,
-        on every rank alike) its own buffers."""
+    # ---- symmetric-memory transport (both modes) ---------------------------------------------------------------
+
+    def _use_symmetric(self, hidden_TH: torch.Tensor) -> bool:
+        """Whether this batch goes over symmetric memory. The group's answer is decided (collectively) at the first
+        call; after that it depends only on the row width, which every rank shares."""
         if not self._transport_decided:
             assert self.group is not None
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("the first low_latency dispatch sets up its transport and must run eagerly, "
-                                   "not under CUDA graph capture: run one eager forward before capturing")
-            self._symmetric = symmetric_memory_usable(self.group, device)
+                raise RuntimeError("the first dispatch sets up its transport and must run eagerly, not under CUDA "
+                                   "graph capture: run one eager forward before capturing")
+            self._symmetric = symmetric_memory_usable(self.group, hidden_TH.device)
             if self.transport == "symm_mem" and not self._symmetric:
                 raise ValueError("transport='symm_mem' needs every rank of the expert group on CUDA devices of one "
                                  "host with NCCL and Triton")
             self._transport_decided = True
-        if not self._symmetric or hidden * dtype.itemsize % 8:  # the kernels move 64-bit words
-            self._exchange = None
-        else:
-            assert self.group is not None
-            self._exchange = symmetric_exchange_for(
-                self.group, self.max_tokens_per_rank, row_bytes, hidden, dtype, device
-            )
-        return self._exchange
+        # the kernels move 64-bit words
+        return self._symmetric and hidden_TH.shape[1] * hidden_TH.element_size() % 8 == 0
 
-    def _exchange_for_combine(self, x_NH: torch.Tensor) -> SymmetricExchange | None:
-        """The exchange the last dispatch used, if its combine rows have this shape."""
-        exchange = self._exchange
-        if exchange is None or exchange.combine_buffer.dtype != x_NH.dtype:
-            return None
-        return exchange if exchange.combine_buffer.shape[2] == x_NH.shape[1] else None
+    def _exchange(self, capacity: int, hidden_TH: torch.Tensor, top_k: int) -> tuple[SymmetricExchange, int, int]:
+        """(exchange, ids offset, row bytes) for rows of this batch's shape."""
+        assert self.group is not None
+        ids_at, row_bytes = row_layout(hidden_TH.shape[1], hidden_TH.dtype, top_k)
+        exchange = exchange_for(self.group, capacity, row_bytes, hidden_TH.shape[1], hidden_TH.dtype,
+                                hidden_TH.device)  # fmt: skip
+        return exchange, ids_at, row_bytes
+
+    def _dispatch_low_latency_symmetric(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+        from pd.moe.dispatcher import symm_kernels
+
+        num_tokens, hidden = hidden_TH.shape
+        ids_TK, top_k, ranks = topk.topk_ids, topk.topk_ids.shape[1], self.ep_size
+        exchange, ids_at, row_bytes = self._exchange(self.max_tokens_per_rank, hidden_TH, top_k)
+        # Every row 0..C-1 of every peer's block (blank where not routed); one barrier; unpack all R * C rows.
+        pos_RT = torch.empty(ranks, num_tokens, dtype=torch.int32, device=hidden_TH.device)
+        symm_kernels.send_rows(hidden_TH, ids_TK, topk.topk_weights, pos_RT, exchange.dispatch_peer_ptrs,
+                               exchange.capacity, self.ep_rank, self.num_local_experts, ids_at, row_bytes,
+                               all_rows=True)  # fmt: skip
+        exchange.barrier()
+        recv_x, local_NK, weights_NK, valid_N = symm_kernels.unpack_rows(
+            exchange.dispatch_buffer, exchange.full_counts, ranks * exchange.capacity, hidden, hidden_TH.dtype,
+            top_k, self.ep_rank, self.num_local_experts, ids_at,
+        )  # fmt: skip
+        handle = SymmetricHandle(num_tokens, pos_RT, exchange.full_counts, valid_N, exchange, exchange.barrier)
+        return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+
+    def _dispatch_normal_symmetric(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+        from pd.moe.dispatcher import symm_kernels
+
+        assert self.group is not None
+        num_tokens, hidden = hidden_TH.shape
+        ids_TK, top_k, device = topk.topk_ids, topk.topk_ids.shape[1], hidden_TH.device
+        meta = meta_for(self.group, device)
+        # Slots per destination, and (rows, tokens) into every peer's meta; one barrier; the one host sync.
+        pos_RT, _ = symm_kernels.route(ids_TK, meta.peer_ptrs, self.ep_rank, self.num_local_experts)
+        meta.barrier()
+        received = meta.buffer.tolist()  # [[rows from source s, tokens on source s], ...]
+        recv_counts = [rows for rows, _ in received]
+        # Every rank read every rank's token count, so all pick the same capacity (a new one is collective).
+        most_tokens = max(tokens for _, tokens in received)
+        capacity = max(MIN_NORMAL_CAPACITY, 1 << max(0, most_tokens - 1).bit_length())
+        exchange, ids_at, row_bytes = self._exchange(capacity, hidden_TH, top_k)
+        symm_kernels.send_rows(hidden_TH, ids_TK, topk.topk_weights, pos_RT, exchange.dispatch_peer_ptrs, capacity,
+                               self.ep_rank, self.num_local_experts, ids_at, row_bytes, all_rows=False)  # fmt: skip
+        # the counts stay for combine; peers rewrite this meta buffer at the next dispatch
+        counts_R = meta.buffer[:, 0].clone()
+        meta.barrier()
+        recv_x, local_NK, weights_NK, valid_N = symm_kernels.unpack_rows(
+            exchange.dispatch_buffer, counts_R, sum(recv_counts), hidden, hidden_TH.dtype, top_k, self.ep_rank,
+            self.num_local_experts, ids_at,
+        )  # fmt: skip
+        handle = SymmetricHandle(num_tokens, pos_RT, counts_R, valid_N, exchange, meta.barrier)
+        return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+
+    def _combine_symmetric(self, x_NH: torch.Tensor, handle: SymmetricHandle) -> torch.Tensor:
+        from pd.moe.dispatcher import symm_kernels
+
+        exchange = handle.exchange
+        assert x_NH.shape[0] == handle.valid_N.shape[0], "combine input rows differ from the rows dispatch delivered"
+        # Each row back into its source's combine buffer at the slot it came from; barrier; sum per token.
+        symm_kernels.send_back(x_NH, handle.counts_R, exchange.combine_peer_ptrs, exchange.capacity, self.ep_rank)
+        handle.barrier()
+        return symm_kernels.reduce_partials(exchange.combine_buffer, handle.pos_RT)
 
     def _combine_low_latency(self, x_NH: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor:
         ranks, capacity, hidden = self.ep_size, self.max_tokens_per_rank, x_NH.shape[1]
         assert x_NH.shape[0] == ranks * capacity, "combine input rows differ from the low_latency buffer"
-        exchange = self._exchange_for_combine(x_NH)
-        if exchange is not None:
-            from pd.moe.dispatcher import symm_kernels
-
-            # Each source rank's rows straight into that rank's combine buffer (our block); barrier; sum.
-            symm_kernels.send_partials(x_NH, exchange.combine_peer_ptrs, capacity, self.ep_rank)
-            exchange.barrier()
-            return symm_kernels.reduce_partials(exchange.combine_buffer, handle.sent_RT)
         back = torch.empty_like(x_NH)
         _all_to_all(back, x_NH.contiguous(), None, None, self.group)
         partial_RTH = back.view(ranks, capacity, hidden)[:, : handle.num_tokens]
