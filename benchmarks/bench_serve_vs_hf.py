@@ -177,6 +177,8 @@ def main() -> None:
         "machine": platform.machine(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        # whether pd serve's CPU MoE decode had its grouped GEMV kernel (it needs a C compiler on this machine)
+        "cpu_grouped_gemv_kernel": args.device == "cpu" and _grouped_gemv_available(),
         "transformers_generate_tok_s": round(hf, 1),
         "pd_serve_tok_s": round(ours, 1),
         "ratio": round(statistics.median(ratios), 2),
@@ -188,6 +190,13 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def _grouped_gemv_available() -> bool:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from pd.layers import cpu_grouped_gemv
+
+    return cpu_grouped_gemv.available()
 
 
 if __name__ == "__main__":
