@@ -17,7 +17,8 @@ rows from source s). A dispatch or combine is a few launches:
 
 Rows move as 64-bit words (a store over NVLink is as wide as its element: 2-byte bf16 stores would be several
 times slower), so hidden rows must span a multiple of 8 bytes. Peer buffers are reached through their
-addresses in this process (``peer_ptrs``, int64 on the device).
+addresses in this process (``peer_ptrs``, int64 on the device). Tested on GPUs across processes
+(tests/test_symm_exchange_gpu.py) and on CPU in Triton's interpreter with simulated ranks (tests/test_symm_kernels.py).
 """
 
 from __future__ import annotations

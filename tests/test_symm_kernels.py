@@ -1,0 +1,182 @@
+"""The symmetric-memory transport's Triton kernels (pd.moe.dispatcher.symm_kernels) on CPU, in Triton's interpreter.
+
+R ranks are simulated in one process: each rank's dispatch, combine and meta buffers are plain CPU tensors, the
+kernels reach a peer's through its address (as on GPUs, where symmetric memory maps peer buffers into the
+process), and a barrier is every rank finishing one step before any rank starts the next. Oracles, as in
+tests/test_dispatchers.py: each rank receives exactly the (token, local expert, weight) triples routed to it, rows
+bit for bit and in the order the NCCL transport delivers them; combine after the reference runner equals the
+single-rank MoE. The GPU run of the same kernels across processes is tests/test_symm_exchange_gpu.py.
+
+Each test runs its checks in a child Python with TRITON_INTERPRET=1 set before Triton is imported (Triton reads it
+when its functions are defined, its own library included, and cannot be imported twice in one process).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from pd.moe.dispatcher.base import DispatchOutput
+from pd.moe.dispatcher.payload import row_layout
+from pd.moe.runner.torch_ref import TorchMoeRunner
+from tests.test_dispatchers import (
+    EXPERTS,
+    HIDDEN,
+    RankInputs,
+    _check_received,
+    _make_inputs,
+    _make_weights,
+    _single_rank_reference,
+)
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                 reason="triton is not installed (the test extra installs it)")
+
+
+def _interpreted_kernels() -> ModuleType:
+    """symm_kernels in this (child) process, built for Triton's interpreter."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run in a child with TRITON_INTERPRET=1"
+    import numpy as np
+    from triton.runtime import interpreter
+
+    import pd.moe.dispatcher.symm_kernels as module
+
+    # The interpreter keeps a scalar comparison against a plain int argument (``row < num_tokens``) as int32
+    # data, and its masked load/store then reject a mask combined from it; compiled Triton has no such case.
+    builder = interpreter.InterpreterBuilder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def as_bool(mask: Any) -> Any:
+        return interpreter.TensorHandle(np.asarray(mask.data).astype(np.bool_), mask.dtype)
+
+    builder.create_masked_load = lambda self, p, m, *a: load(self, p, as_bool(m), *a)
+    builder.create_masked_store = lambda self, p, v, m, *a: store(self, p, v, as_bool(m), *a)
+    return module
+
+
+def _in_child(check: str, case: int) -> None:
+    """Run ``check(kernels, *CASES[case])`` of this module in a child Python with the interpreter on."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = f"import tests.test_symm_kernels as t; t.{check}(t._interpreted_kernels(), *t.CASES[{case}])"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+class World:
+    """Every simulated rank's symmetric buffers, and the address tables the kernels take."""
+
+    def __init__(self, ranks: int, capacity: int, top_k: int) -> None:
+        self.ranks, self.capacity = ranks, capacity
+        self.ids_at, self.row_bytes = row_layout(HIDDEN, torch.float32, top_k)
+        # Garbage, not zeros, so a row the kernels forget to write cannot pass for a blank one.
+        self.dispatch = [torch.randint(0, 256, (ranks, capacity, self.row_bytes), dtype=torch.uint8)
+                         for _ in range(ranks)]  # fmt: skip
+        self.combine = [torch.randn(ranks, capacity, HIDDEN) for _ in range(ranks)]
+        self.meta = [torch.full((ranks, 2), -7, dtype=torch.int64) for _ in range(ranks)]
+
+    @staticmethod
+    def ptrs(buffers: list[torch.Tensor]) -> torch.Tensor:
+        return torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+
+
+def _finish(kernels: ModuleType, world: World, inputs: list[RankInputs], received: list[DispatchOutput],
+            counts: list[torch.Tensor], pos: list[torch.Tensor], seed: int) -> None:  # fmt: skip
+    """Reference runner on each rank's rows, send_back, (barrier), reduce; against the single-rank MoE."""
+    ranks, local = world.ranks, EXPERTS // world.ranks
+    w13, w2 = _make_weights(seed)
+    for rank, out in enumerate(received):
+        _check_received(out, inputs, rank, ranks)
+        y = TorchMoeRunner().run(out, w13[rank * local : (rank + 1) * local], w2[rank * local : (rank + 1) * local])
+        kernels.send_back(y.hidden_states, counts[rank], World.ptrs(world.combine), world.capacity, rank)
+    reference = _single_rank_reference(inputs, w13, w2)
+    for rank in range(ranks):
+        combined = kernels.reduce_partials(world.combine[rank], pos[rank])
+        torch.testing.assert_close(combined, reference[rank], atol=1e-5, rtol=1e-5)
+
+
+CASES = [  # tokens per rank, top_k, unrouted slots
+    ([7, 5], 2, False),
+    ([6, 0, 9, 3], 3, True),  # an idle rank, K not a power of two, slots that select no expert
+    ([12, 12], 1, False),  # every row of the block in use (low latency: T == C)
+]
+
+
+def check_low_latency(kernels: ModuleType, tokens: list[int], top_k: int, unrouted: bool) -> None:
+    seed, ranks, capacity = sum(tokens) + top_k, len(tokens), max(tokens)
+    world, inputs = World(ranks, capacity, top_k), _make_inputs(sum(tokens) + top_k, tokens, top_k, unrouted)
+    local = EXPERTS // ranks
+    pos = [torch.empty(ranks, t, dtype=torch.int32) for t in tokens]
+    for rank, x in enumerate(inputs):  # every rank writes rows 0..C-1 of its block on every peer
+        kernels.send_rows(x.hidden, x.topk.topk_ids, x.topk.topk_weights, pos[rank], World.ptrs(world.dispatch),
+                          capacity, rank, local, world.ids_at, world.row_bytes, all_rows=True)  # fmt: skip
+    full = torch.full((ranks,), capacity, dtype=torch.int64)
+    received = []
+    for rank in range(ranks):
+        hidden, ids, weights, valid = kernels.unpack_rows(world.dispatch[rank], full, ranks * capacity, HIDDEN,
+                                                          torch.float32, top_k, rank, local, world.ids_at)  # fmt: skip
+        assert torch.equal(valid, (ids >= 0).any(dim=-1))
+        assert not hidden[~valid].any() and (ids[~valid] == -1).all()  # blank rows, also beyond T
+        received.append(DispatchOutput(hidden, ids, weights, None))
+        # row t of block s is token t of rank s: pos says which tokens went where
+        for source in range(ranks):
+            sent = pos[source][rank] >= 0
+            block = valid[source * capacity : (source + 1) * capacity]
+            assert torch.equal(block[: tokens[source]], sent) and not block[tokens[source] :].any()
+    _finish(kernels, world, inputs, received, [full] * ranks, pos, seed)
+
+
+def check_normal(kernels: ModuleType, tokens: list[int], top_k: int, unrouted: bool) -> None:
+    seed, ranks = sum(tokens) + top_k + 1, len(tokens)
+    capacity = max(tokens) + 3  # the blocks need not be full
+    world, inputs = World(ranks, capacity, top_k), _make_inputs(seed, tokens, top_k, unrouted)
+    local = EXPERTS // ranks
+    pos, counts_sent = [], []
+    for rank, x in enumerate(inputs):
+        p, c = kernels.route(x.topk.topk_ids, World.ptrs(world.meta), rank, local)
+        pos.append(p)
+        counts_sent.append(c)
+    for rank, x in enumerate(inputs):
+        # route's slots: the routed tokens of each destination numbered 0.. in token order, -1 elsewhere
+        owner = torch.where(x.topk.topk_ids >= 0, x.topk.topk_ids // local, -1)
+        for dest in range(ranks):
+            routed = (owner == dest).any(dim=-1)
+            want = torch.where(routed, routed.long().cumsum(0) - 1, -1).to(torch.int32)
+            assert torch.equal(pos[rank][dest], want)
+            assert int(counts_sent[rank][dest]) == int(routed.sum())
+            assert world.meta[dest][rank].tolist() == [int(routed.sum()), tokens[rank]]  # what dest learns
+    for rank, x in enumerate(inputs):
+        kernels.send_rows(x.hidden, x.topk.topk_ids, x.topk.topk_weights, pos[rank], World.ptrs(world.dispatch),
+                          capacity, rank, local, world.ids_at, world.row_bytes, all_rows=False)  # fmt: skip
+    received, counts = [], []
+    for rank in range(ranks):
+        counts.append(world.meta[rank][:, 0].clone())
+        hidden, ids, weights, valid = kernels.unpack_rows(
+            world.dispatch[rank], counts[rank], int(counts[rank].sum()), HIDDEN, torch.float32, top_k, rank, local,
+            world.ids_at,
+        )  # fmt: skip
+        assert valid.all()  # only routed rows arrive
+        # source-major, token order within a source: the order all_to_all_single delivers
+        tags = (hidden[:, 0] * 4096.0).round().long()
+        assert tags.tolist() == sorted(tags.tolist())
+        received.append(DispatchOutput(hidden, ids, weights, None))
+    _finish(kernels, world, inputs, received, counts, pos, seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_low_latency_kernels_deliver_every_block_and_combine_to_the_reference(case: int) -> None:
+    _in_child("check_low_latency", case)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_normal_kernels_route_send_only_routed_rows_and_combine_to_the_reference(case: int) -> None:
+    _in_child("check_normal", case)
