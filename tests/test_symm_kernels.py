@@ -138,11 +138,7 @@ def check_normal(kernels: ModuleType, tokens: list[int], top_k: int, unrouted: b
     capacity = max(tokens) + 3  # the blocks need not be full
     world, inputs = World(ranks, capacity, top_k), _make_inputs(seed, tokens, top_k, unrouted)
     local = EXPERTS // ranks
-    pos, counts_sent = [], []
-    for rank, x in enumerate(inputs):
-        p, c = kernels.route(x.topk.topk_ids, World.ptrs(world.meta), rank, local)
-        pos.append(p)
-        counts_sent.append(c)
+    pos = [kernels.route(x.topk.topk_ids, World.ptrs(world.meta), rank, local) for rank, x in enumerate(inputs)]
     for rank, x in enumerate(inputs):
         # route's slots: the routed tokens of each destination numbered 0.. in token order, -1 elsewhere
         owner = torch.where(x.topk.topk_ids >= 0, x.topk.topk_ids // local, -1)
@@ -150,7 +146,6 @@ def check_normal(kernels: ModuleType, tokens: list[int], top_k: int, unrouted: b
             routed = (owner == dest).any(dim=-1)
             want = torch.where(routed, routed.long().cumsum(0) - 1, -1).to(torch.int32)
             assert torch.equal(pos[rank][dest], want)
-            assert int(counts_sent[rank][dest]) == int(routed.sum())
             assert world.meta[dest][rank].tolist() == [int(routed.sum()), tokens[rank]]  # what dest learns
     for rank, x in enumerate(inputs):
         kernels.send_rows(x.hidden, x.topk.topk_ids, x.topk.topk_weights, pos[rank], World.ptrs(world.dispatch),

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ ENV_ENABLE = "PD_TORCH_A2A_SYMM_MEM"
 BARRIER_TIMEOUT_MS = 60_000  # a peer that never arrives fails the barrier instead of hanging the instance
 
 _cache: dict[tuple, object] = {}
+T = TypeVar("T")
 
 
 def symmetric_memory_usable(group: ProcessGroup | None, device: torch.device) -> bool:
@@ -105,22 +107,20 @@ class SymmetricMeta:
         self._handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
 
 
+def _cached(key: tuple, make: Callable[[], T]) -> T:
+    """The instance's object for ``key``, made (collectively: every rank asks in the same order) on first use."""
+    if key not in _cache:
+        _cache[key] = make()
+    return _cache[key]  # type: ignore[return-value]
+
+
 def exchange_for(group: ProcessGroup, capacity: int, row_bytes: int, hidden: int, dtype: torch.dtype,
                  device: torch.device) -> SymmetricExchange:  # fmt: skip
-    """The instance's exchange for this group and shape, created (collectively) on first use."""
-    key = ("exchange", group.group_name, capacity, row_bytes, hidden, dtype, device)
-    if key not in _cache:
-        _cache[key] = SymmetricExchange(group, capacity, row_bytes, hidden, dtype, device)
-    exchange = _cache[key]
-    assert isinstance(exchange, SymmetricExchange)
-    return exchange
+    """The instance's exchange for this group and shape."""
+    return _cached(("exchange", group.group_name, capacity, row_bytes, hidden, dtype, device),
+                   lambda: SymmetricExchange(group, capacity, row_bytes, hidden, dtype, device))  # fmt: skip
 
 
 def meta_for(group: ProcessGroup, device: torch.device) -> SymmetricMeta:
-    """The instance's meta buffer for this group, created (collectively) on first use."""
-    key = ("meta", group.group_name, device)
-    if key not in _cache:
-        _cache[key] = SymmetricMeta(group, device)
-    meta = _cache[key]
-    assert isinstance(meta, SymmetricMeta)
-    return meta
+    """The instance's meta buffer for this group."""
+    return _cached(("meta", group.group_name, device), lambda: SymmetricMeta(group, device))

@@ -47,7 +47,7 @@ def _source_of(counts_ptr, row, RANKS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def _route_kernel(
-    ids_ptr, pos_ptr, counts_ptr, meta_peer_ptrs, num_tokens, my_rank, num_local_experts,
+    ids_ptr, pos_ptr, meta_peer_ptrs, num_tokens, my_rank, num_local_experts,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     peer = tl.program_id(0)
@@ -64,7 +64,6 @@ def _route_kernel(
         pos = tl.where(sent > 0, running + tl.cumsum(sent, axis=0) - 1, -1)
         tl.store(pos_ptr + peer * num_tokens + tokens, pos, mask=inside)
         running += tl.sum(sent, axis=0)
-    tl.store(counts_ptr + peer, running)
     meta = tl.load(meta_peer_ptrs + peer).to(tl.pointer_type(tl.int64)) + my_rank * 2
     tl.store(meta, running.to(tl.int64))
     tl.store(meta + 1, tl.full([], num_tokens, tl.int64))
@@ -175,19 +174,17 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int64)
 
 
-def route(ids_TK: torch.Tensor, meta_peer_ptrs: torch.Tensor, my_rank: int, num_local_experts: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """-> (pos [R, T] int32: token t's slot in rank r's block, -1 if not sent; counts [R] int32). Also writes
-    (count, T) into every peer's meta buffer at [my_rank]."""
+def route(ids_TK: torch.Tensor, meta_peer_ptrs: torch.Tensor, my_rank: int, num_local_experts: int) -> torch.Tensor:
+    """-> pos [R, T] int32: token t's slot in rank r's block, -1 if not sent. Also writes (rows sent to r, T)
+    into every peer r's meta buffer at [my_rank]."""
     num_tokens, top_k = ids_TK.shape
     ranks = meta_peer_ptrs.numel()
     pos_RT = torch.empty(ranks, num_tokens, dtype=torch.int32, device=ids_TK.device)
-    counts_R = torch.empty(ranks, dtype=torch.int32, device=ids_TK.device)
     _route_kernel[(ranks,)](
-        ids_TK.contiguous(), pos_RT, counts_R, meta_peer_ptrs, num_tokens, my_rank, num_local_experts, TOP_K=top_k,
+        ids_TK.contiguous(), pos_RT, meta_peer_ptrs, num_tokens, my_rank, num_local_experts, TOP_K=top_k,
         SLOTS=triton.next_power_of_2(top_k), BLOCK_T=TOKENS_PER_BLOCK,
     )  # fmt: skip
-    return pos_RT, counts_R
+    return pos_RT
 
 
 def send_rows(

@@ -407,7 +407,7 @@ class TorchA2ADispatcher(Dispatcher):
         ids_TK, top_k, device = topk.topk_ids, topk.topk_ids.shape[1], hidden_TH.device
         meta = meta_for(self.group, device)
         # Slots per destination, and (rows, tokens) into every peer's meta; one barrier; the one host sync.
-        pos_RT, _ = symm_kernels.route(ids_TK, meta.peer_ptrs, self.ep_rank, self.num_local_experts)
+        pos_RT = symm_kernels.route(ids_TK, meta.peer_ptrs, self.ep_rank, self.num_local_experts)
         meta.barrier()
         received = meta.buffer.tolist()  # [[rows from source s, tokens on source s], ...]
         recv_counts = [rows for rows, _ in received]
