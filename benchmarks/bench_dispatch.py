@@ -335,11 +335,9 @@ def _run(rank: int, args: argparse.Namespace, device: torch.device, command: str
         }
 
         # After the eager low_latency runs, so NCCL and the allocator are warm (and the transport is set up), as
-        # capture requires.
-        for name, dispatcher in low_latency.items():
+        # capture requires (CUDA only; the CPU reason is in ``skipped`` already).
+        for name, dispatcher in (low_latency if device.type == "cuda" else {}).items():
             graph_name = f"{name}_graph"
-            if device.type != "cuda":
-                break
             graph, failure = None, ""
             try:
                 graph = GraphCase(dispatcher, expert, x_TH, draw_fn(seed + 1)())
