@@ -150,6 +150,7 @@ def check_normal(kernels: ModuleType, tokens: list[int], top_k: int, unrouted: b
     for rank, x in enumerate(inputs):
         kernels.send_rows(x.hidden, x.topk.topk_ids, x.topk.topk_weights, pos[rank], World.ptrs(world.dispatch),
                           capacity, rank, local, world.ids_at, world.row_bytes, all_rows=False)  # fmt: skip
+    _check_blocks_too_small(kernels, world, inputs, pos, tokens)
     received, counts = [], []
     for rank in range(ranks):
         counts.append(world.meta[rank][:, 0].clone())
@@ -163,6 +164,35 @@ def check_normal(kernels: ModuleType, tokens: list[int], top_k: int, unrouted: b
         assert tags.tolist() == sorted(tags.tolist())
         received.append(DispatchOutput(hidden, ids, weights, None))
     _finish(kernels, world, inputs, received, counts, pos, seed)
+
+
+def _check_blocks_too_small(kernels: ModuleType, world: World, inputs: list[RankInputs], pos: list[torch.Tensor],
+                            tokens: list[int]) -> None:  # fmt: skip
+    """Normal mode sends before it knows whether the blocks are large enough: into blocks of fewer rows than some
+    source sends, send_rows writes the slots that fit (the bytes of full-size blocks) and not one byte more.
+    Called after the full-size send into ``world.dispatch``."""
+    ranks, row_bytes, local = world.ranks, world.row_bytes, EXPERTS // world.ranks
+    payload = world.ids_at + 8 * inputs[0].topk.topk_ids.shape[1]
+    small = max(1, max(tokens) // 2)
+    size = ranks * small * row_bytes
+    arenas = [torch.randint(0, 256, (size + 4096,), dtype=torch.uint8) for _ in range(ranks)]  # tail = guard
+    before = [a.clone() for a in arenas]
+    blocks = [a[:size].view(ranks, small, row_bytes) for a in arenas]
+    for rank, x in enumerate(inputs):
+        kernels.send_rows(x.hidden, x.topk.topk_ids, x.topk.topk_weights, pos[rank], World.ptrs(blocks), small, rank,
+                          local, world.ids_at, row_bytes, all_rows=False)  # fmt: skip
+    overflowed = 0
+    for dest in range(ranks):
+        old = before[dest][:size].view(ranks, small, row_bytes)
+        for source in range(ranks):
+            sent = int(world.meta[dest][source, 0])
+            fit = min(sent, small)
+            overflowed += sent > small
+            # a row's bytes past its ids and weights are padding nobody writes
+            assert torch.equal(blocks[dest][source, :fit, :payload], world.dispatch[dest][source, :fit, :payload])
+            assert torch.equal(blocks[dest][source, fit:], old[source, fit:])
+        assert torch.equal(arenas[dest][size:], before[dest][size:])
+    assert overflowed, "the case never overflows a block: it checks nothing"
 
 
 @needs_triton

@@ -13,7 +13,7 @@ import torch
 
 def row_layout(hidden_size: int, dtype: torch.dtype, top_k: int) -> tuple[int, int]:
     """(byte offset of the ids, bytes per row)."""
-    hidden_bytes = hidden_size * torch.empty((), dtype=dtype).element_size()
+    hidden_bytes = hidden_size * dtype.itemsize
     ids_at = -(-hidden_bytes // 4) * 4
     return ids_at, -(-(ids_at + 8 * top_k) // 16) * 16
 
@@ -43,7 +43,7 @@ def unpack_rows(
     """Received rows -> (hidden [N, H] dtype (contiguous copy), local ids [N, K] int64 as seen by ``rank`` (-1 for
     other ranks' experts and for none), weights [N, K] float32)."""
     ids_at, _ = row_layout(hidden_size, dtype, top_k)
-    hidden_bytes = hidden_size * torch.empty((), dtype=dtype).element_size()
+    hidden_bytes = hidden_size * dtype.itemsize
     hidden = rows_NB[:, :hidden_bytes].contiguous().view(dtype)
     meta = rows_NB[:, ids_at : ids_at + 8 * top_k].contiguous()
     ids = meta[:, : 4 * top_k].view(torch.int32).long()

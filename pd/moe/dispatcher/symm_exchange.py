@@ -5,8 +5,10 @@ even for a few MB, and normal mode adds a count all-to-all and a host sync befor
 rank of the expert group is a CUDA device of one host (NVLink or PCIe peer access), ``torch.distributed.
 _symmetric_memory`` maps every rank's buffers into every process, so a rank writes its rows straight into the
 peers' receive buffers (one Triton kernel, pd.moe.dispatcher.symm_kernels) and a barrier on the signal pads
-tells everyone the data is in. Low-latency mode is then device work only (no host sync, graph-capturable);
-normal mode syncs the host once, after the row counts arrived.
+tells everyone the data is in. Low-latency mode is then device work only (no host sync, graph-capturable).
+Normal mode sends its rows at once into blocks of the capacity all ranks agreed on, with its row and token counts
+into the peers' meta buffers; after the barrier the host reads the counts (its one sync). A batch larger than the
+blocks grows them on every rank alike and is sent again (a second barrier), so only growth costs extra.
 
 Buffers, shared by every MoE layer of the instance:
   SymmetricExchange (per group, capacity C and row shape):
@@ -96,12 +98,16 @@ class SymmetricExchange:
 
 
 class SymmetricMeta:
-    """Per group: what each rank sends each peer in normal mode (rows, token count), and normal mode's barrier."""
+    """Per group: what each rank sends each peer in normal mode (rows, token count), normal mode's barrier, and
+    its current block capacity."""
 
     def __init__(self, group: ProcessGroup, device: torch.device) -> None:
         self.buffer, self._handle, self.peer_ptrs = _symmetric(
             (dist.get_world_size(group), 2), torch.int64, device, group
         )
+        # Normal mode's rows per block, the same on every rank: 0 until the first dispatch, then grown (by every
+        # rank alike, from the token counts all of them read here) when a batch does not fit.
+        self.normal_capacity = 0
 
     def barrier(self) -> None:
         self._handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)

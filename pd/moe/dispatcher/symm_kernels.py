@@ -8,7 +8,8 @@ rows from source s). A dispatch or combine is a few launches:
   meta buffer (so the receiver learns its counts after one barrier, without an all-to-all).
 - ``send_rows``: each token's payload row (pd.moe.dispatcher.payload layout) straight into the peers' receive
   buffers. Low-latency mode writes every row 0..C-1 of every block (blank rows: zero hidden, ids -1), so shapes
-  never change; normal mode writes only routed tokens, at the slots ``route`` gave them.
+  never change; normal mode writes only routed tokens, at the slots ``route`` gave them, and skips slots past
+  the block's capacity (it sends before the counts arrive; a batch that did not fit is sent again after growth).
 - ``unpack_rows``: the received rows, block after block (``counts`` says how many rows each source sent), split
   into hidden [N, H], local ids [N, K] int64 (-1 for other ranks' experts and for none), weights [N, K] float32
   and the valid-row mask.
@@ -105,9 +106,9 @@ def _send_rows_kernel(
         tl.store(pos_ptr + peer * num_tokens + row, tl.where(sent, row, -1), mask=is_token)
         _write_row(hidden_ptr, weights_ptr, peer_ptrs, peer, row, row, ids, sent, is_token, capacity, my_rank,
                    hidden_words, ids_at, row_bytes, TOP_K, SLOTS, BLOCK)  # fmt: skip
-    else:  # normal: routed tokens only, at the slot route() gave them
+    else:  # normal: routed tokens only, at the slot route() gave them, if the block has room (else resent later)
         slot = tl.load(pos_ptr + peer * num_tokens + row)
-        if slot >= 0:
+        if (slot >= 0) & (slot < capacity):
             _write_row(hidden_ptr, weights_ptr, peer_ptrs, peer, row, slot, ids, slot >= 0, is_token, capacity,
                        my_rank, hidden_words, ids_at, row_bytes, TOP_K, SLOTS, BLOCK)  # fmt: skip
 

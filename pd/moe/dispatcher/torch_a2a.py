@@ -25,8 +25,8 @@ payload), so both modes dispatch with a single data all-to-all; the receiver der
 
 Transport: where every rank of the group is a CUDA device of one host, both modes move the same rows without
 NCCL: each rank writes them straight into the peers' buffers over symmetric memory (pd.moe.dispatcher.
-symm_exchange; normal mode learns its row counts through a meta buffer and syncs the host once, low_latency
-never does). Elsewhere (gloo, HCCL, several hosts), and for normal mode with long-sequence rounds, the
+symm_exchange; normal mode sends before it learns the row counts, through a meta buffer, and then syncs the host
+once; low_latency never does). Elsewhere (gloo, HCCL, several hosts), and for normal mode with long-sequence rounds, the
 collectives are ``all_to_all_single``. Either way the DispatchOutput rows come in the same order.
 """
 
@@ -406,26 +406,40 @@ class TorchA2ADispatcher(Dispatcher):
         num_tokens, hidden = hidden_TH.shape
         ids_TK, top_k, device = topk.topk_ids, topk.topk_ids.shape[1], hidden_TH.device
         meta = meta_for(self.group, device)
-        # Slots per destination, and (rows, tokens) into every peer's meta; one barrier; the one host sync.
+        # Slots per destination, and (rows, tokens) into every peer's meta. The rows go out at once into the
+        # buffers of the agreed capacity; rows past it are dropped and sent again below, once the buffers grew.
         pos_RT = symm_kernels.route(ids_TK, meta.peer_ptrs, self.ep_rank, self.num_local_experts)
+        capacity = meta.normal_capacity
+        if capacity:
+            self._send_normal(hidden_TH, topk, pos_RT, capacity)
         meta.barrier()
-        received = meta.buffer.tolist()  # [[rows from source s, tokens on source s], ...]
-        recv_counts = [rows for rows, _ in received]
-        # Every rank read every rank's token count, so all pick the same capacity (a new one is collective).
-        most_tokens = max(tokens for _, tokens in received)
-        capacity = max(MIN_NORMAL_CAPACITY, 1 << max(0, most_tokens - 1).bit_length())
-        exchange, ids_at, row_bytes = self._exchange(capacity, hidden_TH, top_k)
-        symm_kernels.send_rows(hidden_TH, ids_TK, topk.topk_weights, pos_RT, exchange.dispatch_peer_ptrs, capacity,
-                               self.ep_rank, self.num_local_experts, ids_at, row_bytes, all_rows=False)  # fmt: skip
-        # the counts stay for combine; peers rewrite this meta buffer at the next dispatch
+        # the counts stay for combine (peers rewrite this meta buffer at the next dispatch)
         counts_R = meta.buffer[:, 0].clone()
-        meta.barrier()
+        received = meta.buffer.tolist()  # [[rows from source s, tokens on source s], ...]: the one host sync
+        # Every rank read every rank's token count, so all grow alike (growing is collective).
+        most_tokens = max(tokens for _, tokens in received)
+        if capacity == 0 or most_tokens > capacity:
+            capacity = max(MIN_NORMAL_CAPACITY, 1 << max(0, most_tokens - 1).bit_length())
+            meta.normal_capacity = capacity
+            self._send_normal(hidden_TH, topk, pos_RT, capacity)
+            meta.barrier()
+        exchange, ids_at, _ = self._exchange(capacity, hidden_TH, top_k)
         recv_x, local_NK, weights_NK, valid_N = symm_kernels.unpack_rows(
-            exchange.dispatch_buffer, counts_R, sum(recv_counts), hidden, hidden_TH.dtype, top_k, self.ep_rank,
-            self.num_local_experts, ids_at,
+            exchange.dispatch_buffer, counts_R, sum(rows for rows, _ in received), hidden, hidden_TH.dtype, top_k,
+            self.ep_rank, self.num_local_experts, ids_at,
         )  # fmt: skip
         handle = SymmetricHandle(num_tokens, pos_RT, counts_R, valid_N, exchange, meta.barrier)
         return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+
+    def _send_normal(self, hidden_TH: torch.Tensor, topk: TopKOutput, pos_RT: torch.Tensor, capacity: int) -> None:
+        """Routed rows into the peers' blocks of the exchange with ``capacity`` rows per block (slots past it are
+        skipped)."""
+        from pd.moe.dispatcher import symm_kernels
+
+        exchange, ids_at, row_bytes = self._exchange(capacity, hidden_TH, topk.topk_ids.shape[1])
+        symm_kernels.send_rows(hidden_TH, topk.topk_ids, topk.topk_weights, pos_RT, exchange.dispatch_peer_ptrs,
+                               capacity, self.ep_rank, self.num_local_experts, ids_at, row_bytes,
+                               all_rows=False)  # fmt: skip
 
     def _combine_symmetric(self, x_NH: torch.Tensor, handle: SymmetricHandle) -> torch.Tensor:
         from pd.moe.dispatcher import symm_kernels
