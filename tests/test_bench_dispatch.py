@@ -34,7 +34,7 @@ def test_cpu_smoke_run_writes_rows_with_sane_times_and_passing_checks(tmp_path: 
     out = tmp_path / "dispatch.json"
     args = ["--device", "cpu", "--ep", "2", "--tokens", "16", "--hidden", "64", "--experts", "8", "--topk", "2"]
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--iters", "2", "--out", str(out)],
+        [sys.executable, str(SCRIPT), *args, "--iters", "2", "--layers", "3", "--layer-reps", "2", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -48,17 +48,18 @@ def test_cpu_smoke_run_writes_rows_with_sane_times_and_passing_checks(tmp_path: 
     assert set(rows) == {"raw_all_to_all", "torch_normal", "torch_low_latency", "torch_low_latency_nccl"}
     for row in rows.values():
         assert row["tokens_per_rank"] == 16
-        for key in ("dispatch_us", "combine_us", "total_us"):
+        for key in ("dispatch_us", "combine_us", "total_us", "layer_us"):
             assert math.isfinite(row[key]) and 0 < row[key] < 10e6, (row["backend"], key, row[key])
         assert row["total_us"] >= max(row["dispatch_us"], row["combine_us"])
-        assert row["vs_raw"] > 0 and row["vs_deepep"] is None
+        assert row["vs_raw"] > 0 and row["vs_deepep"] is None and row["layer_vs_raw"] > 0
     assert rows["raw_all_to_all"]["check"] == "n/a"
     for name in ("torch_normal", "torch_low_latency", "torch_low_latency_nccl"):
         assert rows[name]["check"] == "ok" and 0 <= rows[name]["max_rel_err"] < 2e-2, rows[name]
 
     assert "deep_ep needs CUDA" in result["skipped"]["deepep_normal"]
     assert "CUDA graphs" in result["skipped"]["torch_low_latency_graph"]
-    assert [t["passed"] for t in result["targets"]] == [None, None]  # no DeepEP, and 128 tokens/rank not run
+    # no DeepEP, and 128 tokens/rank not run: both targets unjudged, on both measures
+    assert [t["passed"] for t in result["targets"]] == [None] * 4
     assert "skipped deepep_normal: deep_ep needs CUDA" in proc.stdout and "TARGET low_latency" in proc.stdout
 
 
