@@ -50,10 +50,6 @@ def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:
         # A decode-only batch holds at most max_running_requests tokens per rank (fewer after a scatter).
         max_tokens_per_rank=args.max_running_requests,
         long_seq=long_seq_config_from_env() if args.moe_a2a_backend == "torch" else None,
-        # Under DP attention the torch backend stays on NCCL: its symmetric-memory transport passes the
-        # dispatcher tests and plain-TP serving on GPUs, but one DP-attention serving run with it failed and
-        # is not understood yet (benchmarks/results/gpu_parallel.md).
-        a2a_transport="nccl" if info.dp > 1 else "auto",
         token_layout=layout,
         attn_group=groups.attn,
         mode_switch=ModeSwitch() if args.deepep_mode == "auto" else None,

@@ -38,8 +38,7 @@ class MoeContext:
     ``token_layout`` says how a forward's tokens reach the dispatcher across ranks (pd.moe.token_layout);
     ``attn_group`` is the ranks holding the same tokens as this one (None when they are its own).
     ``a2a_mode`` is the dispatch mode of the "torch" and "deepep" backends ("auto": per forward, from
-    ``mode_switch``); ``max_tokens_per_rank`` their low-latency capacity; ``long_seq`` the normal-mode rounds;
-    ``a2a_transport`` the "torch" backend's transport (pd.moe.dispatcher.torch_a2a.TRANSPORTS).
+    ``mode_switch``); ``max_tokens_per_rank`` their low-latency capacity; ``long_seq`` the normal-mode rounds.
 
     Raises:
         ValueError: a size < 1, a rank outside its range, or an unknown mode.
@@ -55,7 +54,6 @@ class MoeContext:
     a2a_mode: str = "normal"
     max_tokens_per_rank: int = 128
     long_seq: LongSeqConfig | None = None
-    a2a_transport: str = "auto"
     token_layout: str = "as_is"
     attn_group: ProcessGroup | None = field(default=None, compare=False, hash=False, repr=False)
     mode_switch: ModeSwitch | None = field(default=None, compare=False, hash=False, repr=False)

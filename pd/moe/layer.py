@@ -32,7 +32,6 @@ def _build_dispatchers(ctx: MoeContext, num_experts: int, hidden_size: int) -> d
         options: dict[str, object] = {"num_experts": num_experts, "max_tokens_per_rank": ctx.max_tokens_per_rank}
         if ctx.dispatcher == "torch":
             options["long_seq"] = ctx.long_seq
-            options["transport"] = ctx.a2a_transport
         else:
             options["buffer"] = _deepep_buffer(ctx, mode, num_experts, hidden_size)
         dispatchers[mode] = get_dispatcher(ctx.dispatcher, ctx, mode=mode, **options)
