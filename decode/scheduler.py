@@ -124,5 +124,5 @@ class DecodeScheduler(Scheduler):
         super()._release(req)
 
 
-def make_decode_scheduler(cfg: SchedulerConfig, runner: ModelRunner, args: ServerArgs) -> Scheduler:
-    return DecodeScheduler(cfg, runner, DisaggConfig.from_server_args(args))
+def make_decode_scheduler(cfg: SchedulerConfig, runner: ModelRunner, args: ServerArgs, dp_rank: int = 0) -> Scheduler:
+    return DecodeScheduler(cfg, runner, DisaggConfig.from_server_args(args, dp_rank))

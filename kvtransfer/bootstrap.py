@@ -1,8 +1,9 @@
 """The prefill instance's bootstrap server: where decode ranks find the prefill ranks' transfer endpoints.
 
   PUT /route    body: a RankInfo (JSON)         a prefill rank announces itself (again after a restart)
-  GET /route    -> {"tp_size": n, "ranks": [RankInfo, ...]}   once all n ranks are in;
-                   503 {"error": ...} before that (says how many are missing)
+  GET /route    -> {"tp_size": n, "dp_size": d, "ranks": [RankInfo, ...]}   once all d x n ranks are in
+                   (n ranks per DP-attention group, d groups; d = 1 without DP attention);
+                   503 {"error": ...} before that (says which are missing)
   GET /health   -> 200
 
 Rank 0 of a prefill instance serves it on --disaggregation-bootstrap-port; decode ranks read it through
@@ -11,6 +12,7 @@ BootstrapClient, once per prefill instance (cached until a failure invalidates i
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -28,18 +30,22 @@ logger = logging.getLogger(__name__)
 
 class _RouteTable:
     def __init__(self) -> None:
-        self._ranks: dict[int, RankInfo] = {}
+        self._ranks: dict[tuple[int, int], RankInfo] = {}  # (dp_rank, engine_rank) -> info
         self._lock = threading.Lock()
 
     def put(self, info: RankInfo) -> str | None:
         """Stores info; returns why it was refused, or None."""
         if not 0 <= info.engine_rank < info.tp_size:
             return f"engine_rank {info.engine_rank} is outside tp_size {info.tp_size}"
+        if not 0 <= info.dp_rank < info.dp_size:
+            return f"dp_rank {info.dp_rank} is outside dp_size {info.dp_size}"
+        key = (info.dp_rank, info.engine_rank)
         with self._lock:
-            other = next((r for r in self._ranks.values() if r.engine_rank != info.engine_rank), None)
-            if other is not None and other.tp_size != info.tp_size:
-                return f"tp_size {info.tp_size} disagrees with rank {other.engine_rank}'s {other.tp_size}"
-            self._ranks[info.engine_rank] = info
+            other = next((r for k, r in self._ranks.items() if k != key), None)
+            if other is not None and (other.tp_size, other.dp_size) != (info.tp_size, info.dp_size):
+                return (f"tp_size {info.tp_size}, dp_size {info.dp_size} disagree with DP group {other.dp_rank} rank "
+                        f"{other.engine_rank}'s {other.tp_size}, {other.dp_size}")  # fmt: skip
+            self._ranks[key] = info
         return None
 
     def get(self) -> tuple[int, dict[str, object]]:
@@ -48,11 +54,14 @@ class _RouteTable:
             ranks = dict(self._ranks)
         if not ranks:
             return 503, {"error": "no prefill rank has registered with this bootstrap server yet"}
-        tp_size = next(iter(ranks.values())).tp_size
-        if len(ranks) < tp_size:
-            missing = sorted(set(range(tp_size)) - set(ranks))
-            return 503, {"error": f"prefill ranks {missing} of tp_size {tp_size} have not registered yet"}
-        return 200, {"tp_size": tp_size, "ranks": [rank_info_to_json(ranks[r]) for r in sorted(ranks)]}
+        first = next(iter(ranks.values()))
+        tp_size, dp_size = first.tp_size, first.dp_size
+        if len(ranks) < tp_size * dp_size:
+            missing = sorted(set(itertools.product(range(dp_size), range(tp_size))) - set(ranks))
+            return 503, {"error": f"prefill ranks {missing} (DP group, rank) of dp_size {dp_size} x tp_size "
+                                  f"{tp_size} have not registered yet"}  # fmt: skip
+        return 200, {"tp_size": tp_size, "dp_size": dp_size,
+                     "ranks": [rank_info_to_json(ranks[k]) for k in sorted(ranks)]}  # fmt: skip
 
 
 class BootstrapServer:
@@ -129,10 +138,16 @@ def _request(method: str, url: str, body: dict[str, object] | None, timeout_s: f
 
 @dataclass(frozen=True)
 class PrefillRoute:
-    """What GET /route returned: the prefill instance's TP size and its ranks by engine rank."""
+    """What GET /route returned: the prefill instance's TP size (per DP-attention group), its number of DP groups,
+    and its ranks by (DP group, engine rank)."""
 
     tp_size: int
-    ranks: dict[int, RankInfo]
+    dp_size: int
+    ranks: dict[tuple[int, int], RankInfo]
+
+    def rank_for(self, room: int, engine_rank: int) -> RankInfo:
+        """The rank holding ``room``'s KV: room r is prefilled by DP group r % dp_size (the prefill front's rule)."""
+        return self.ranks[(room % self.dp_size, engine_rank)]
 
 
 class BootstrapClient:
@@ -144,10 +159,11 @@ class BootstrapClient:
         self._fetch_locks: dict[tuple[str, int], threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def put_route(self, host: str, port: int, info: RankInfo) -> None:
+    def put_route(self, host: str, port: int, info: RankInfo, timeout_s: float | None = None) -> None:
         """Announces a prefill rank. Retries while the server is not up yet (rank 0 may start it a moment
-        later than this rank gets here); raises KVTransferError after timeout_s or on a refusal."""
-        deadline = time.monotonic() + self.timeout_s
+        later than this rank gets here); raises KVTransferError after timeout_s (default: the client's) or on
+        a refusal."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while True:
             try:
                 status, body = _request("PUT", f"http://{host}:{port}/route", rank_info_to_json(info), self.timeout_s)
@@ -205,10 +221,11 @@ class BootstrapClient:
 
 
 def _parse_route(body: dict, host: str, port: int) -> PrefillRoute:
-    tp_size, ranks = body.get("tp_size"), body.get("ranks")
-    if not isinstance(tp_size, int) or not isinstance(ranks, list):
+    tp_size, dp_size, ranks = body.get("tp_size"), body.get("dp_size", 1), body.get("ranks")
+    if not isinstance(tp_size, int) or not isinstance(dp_size, int) or dp_size < 1 or not isinstance(ranks, list):
         raise KVTransferError(f"bootstrap server {host}:{port} sent a malformed route: {body}")
-    infos = {info.engine_rank: info for info in map(rank_info_from_json, ranks)}
-    if sorted(infos) != list(range(tp_size)):
-        raise KVTransferError(f"bootstrap server {host}:{port} sent ranks {sorted(infos)} for tp_size {tp_size}")
-    return PrefillRoute(tp_size, infos)
+    infos = {(info.dp_rank, info.engine_rank): info for info in map(rank_info_from_json, ranks)}
+    if sorted(infos) != list(itertools.product(range(dp_size), range(tp_size))):
+        raise KVTransferError(f"bootstrap server {host}:{port} sent ranks {sorted(infos)} (DP group, rank) for "
+                              f"dp_size {dp_size} x tp_size {tp_size}")
+    return PrefillRoute(tp_size, dp_size, infos)

@@ -5,7 +5,7 @@ Control channel (msgpack, kvtransfer.control):
   TransferStatus  prefill -> decode   the room's pages have landed (ok) or why not; carries the first token
   AbortRoom       either way          forget the room
 Bootstrap server (JSON over HTTP, kvtransfer.bootstrap):
-  RankInfo        one prefill rank's endpoints and KV layout
+  RankInfo        one prefill rank's endpoints and KV layout (and its DP-attention group)
 
 Decoding checks every field's type: a peer that sends garbage gets a KVTransferError, never a half-built
 message. Unknown extra keys are ignored so a newer peer may add fields.
@@ -66,6 +66,10 @@ class RankInfo:
     kv_item_lens: list[int]
     page_size: int
     fingerprint: dict[str, Any]
+    # Under DP attention each attention group of the prefill instance has its own KV pool and endpoints: room r
+    # lives in group r % dp_size (its front sends the request there), so decode asks that group's ranks.
+    dp_rank: int = 0
+    dp_size: int = 1
 
 
 ControlMessage = RegisterRoom | TransferStatus | AbortRoom
@@ -88,13 +92,16 @@ def _type_ok(value: object, tp: object) -> bool:
 
 
 def _build(cls: type, data: object) -> Any:
-    """cls(**data) after checking that every field is present with the annotated type."""
+    """cls(**data) after checking that every field without a default is present, and every field given has the
+    annotated type."""
     if not isinstance(data, dict):
         raise KVTransferError(f"{cls.__name__}: expected a map, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
+            if f.default is not dataclasses.MISSING:
+                continue
             raise KVTransferError(f"{cls.__name__}: missing field {f.name!r}")
         if not _type_ok(data[f.name], hints[f.name]):
             raise KVTransferError(

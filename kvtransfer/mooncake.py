@@ -46,6 +46,8 @@ class MooncakeKVManager(KVManager):
     host:        the address peers reach this rank on (control channel and transfer engine).
     bootstrap:   prefill only: (host, port) of its instance's bootstrap server, which it announces itself to;
                  serve_bootstrap starts that server here (rank 0 of the instance does).
+    dp_rank, dp_size: prefill only: this rank's DP-attention group and the instance's number of groups (each
+                 group has its own KV pool and managers; room r is prefilled by group r % dp_size).
     bootstrap_timeout_s: prefill: how long a sender waits for decode's registration (and a registration for
                  its sender); decode: how long a receiver waits for the bootstrap server.
     transfer_timeout_s:  decode: from init() to the prefill's status; prefill: from send() to pages landed.
@@ -61,6 +63,8 @@ class MooncakeKVManager(KVManager):
         bootstrap: tuple[str, int] | None = None,
         *,
         tp_size: int = 1,
+        dp_rank: int = 0,
+        dp_size: int = 1,
         control_port: int = 0,
         serve_bootstrap: bool = False,
         bootstrap_timeout_s: float = 30.0,
@@ -77,6 +81,7 @@ class MooncakeKVManager(KVManager):
             raise ValueError("KVArgs needs one kv_item_lens and one kv_data_lens entry per kv_data_ptrs entry "
                              "(the mooncake backend registers each buffer's bytes)")
         self.args, self.role, self.host, self.tp_size = args, role, host, tp_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.bootstrap_timeout_s, self.transfer_timeout_s = bootstrap_timeout_s, transfer_timeout_s
         self.io_timeout_s = io_timeout_s
         self.num_pages = min(n // (i * args.page_size) for n, i in zip(args.kv_data_lens, args.kv_item_lens,
@@ -102,7 +107,8 @@ class MooncakeKVManager(KVManager):
                 if serve_bootstrap:
                     self._bootstrap_server = BootstrapServer(*bootstrap).start()
                     bootstrap = (bootstrap[0], self._bootstrap_server.port)  # port 0 asked for any free port
-                self.bootstrap_client.put_route(*bootstrap, self.rank_info())
+                # the DP groups' leaders start together, but only the first serves: the others may wait for it
+                self.bootstrap_client.put_route(*bootstrap, self.rank_info(), timeout_s=bootstrap_timeout_s)
                 self.bootstrap = bootstrap
         except BaseException:
             self.close()
@@ -118,7 +124,7 @@ class MooncakeKVManager(KVManager):
     def rank_info(self) -> RankInfo:
         a = self.args
         return RankInfo(a.engine_rank, self.tp_size, self.control_addr, self.engine.session_id, list(a.kv_data_ptrs),
-                        list(a.kv_item_lens), a.page_size, dict(a.fingerprint))
+                        list(a.kv_item_lens), a.page_size, dict(a.fingerprint), self.dp_rank, self.dp_size)
 
     def layout_problem(self, page_size: int, item_lens: list[int], fingerprint: dict[str, object]) -> str | None:
         """Why a peer with this layout cannot exchange pages with us (names both values), or None."""
@@ -281,7 +287,7 @@ class MooncakeKVManager(KVManager):
             self.fail(r, f"prefill {host}:{port} has tp_size={route.tp_size}, this decode tp_size={self.tp_size}; "
                          "different TP sizes are not supported yet")
             return
-        info = route.ranks[self.args.engine_rank]
+        info = route.rank_for(r.room, self.args.engine_rank)
         problem = self.layout_problem(info.page_size, info.kv_item_lens, info.fingerprint)
         if problem is not None:
             self.fail(r, f"prefill {host}:{port} and this decode have incompatible KV caches: {problem}")
@@ -335,13 +341,17 @@ class DisaggSettings(Protocol):
     bootstrap_port: int
     bootstrap_timeout: float
     transfer_timeout: float
+    dp_rank: int
+    dp_size: int
 
 
 def start_prefill_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -> MooncakeKVManager:
-    """A prefill rank's manager; rank 0 also serves the instance's bootstrap server on cfg.bootstrap_port."""
+    """A prefill rank's manager; rank 0 of DP group 0 also serves the instance's bootstrap server on
+    cfg.bootstrap_port."""
     return MooncakeKVManager(args, "prefill", cfg.host, (cfg.host, cfg.bootstrap_port), tp_size=tp_size,
-                             serve_bootstrap=args.engine_rank == 0, bootstrap_timeout_s=cfg.bootstrap_timeout,
-                             transfer_timeout_s=cfg.transfer_timeout)
+                             dp_rank=cfg.dp_rank, dp_size=cfg.dp_size,
+                             serve_bootstrap=args.engine_rank == 0 and cfg.dp_rank == 0,
+                             bootstrap_timeout_s=cfg.bootstrap_timeout, transfer_timeout_s=cfg.transfer_timeout)
 
 
 def start_decode_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -> MooncakeKVManager:

@@ -88,5 +88,5 @@ class PrefillScheduler(Scheduler):
         super()._release(req)
 
 
-def make_prefill_scheduler(cfg: SchedulerConfig, runner: ModelRunner, args: ServerArgs) -> Scheduler:
-    return PrefillScheduler(cfg, runner, DisaggConfig.from_server_args(args))
+def make_prefill_scheduler(cfg: SchedulerConfig, runner: ModelRunner, args: ServerArgs, dp_rank: int = 0) -> Scheduler:
+    return PrefillScheduler(cfg, runner, DisaggConfig.from_server_args(args, dp_rank))

@@ -32,6 +32,7 @@ from kvtransfer.messages import (
     decode_message,
     encode_message,
     layout_mismatch,
+    rank_info_from_json,
     rank_info_to_json,
 )
 from kvtransfer.pages import page_runs, transfer_regions
@@ -238,9 +239,10 @@ def test_layout_mismatch_names_both_values_and_ignores_tuple_vs_list() -> None:
 # ---- bootstrap.py ---------------------------------------------------------------------------------------------
 
 
-def _info(rank: int, tp: int) -> RankInfo:
-    return RankInfo(rank, tp, f"{HOST}:{1000 + rank}", f"{HOST}:{2000 + rank}", [4096 * rank], [64], 16,
-                    {"num_layers": 2})
+def _info(rank: int, tp: int, dp_rank: int = 0, dp_size: int = 1) -> RankInfo:
+    port = 1000 + 10 * dp_rank + rank
+    return RankInfo(rank, tp, f"{HOST}:{port}", f"{HOST}:{port + 1000}", [4096 * rank], [64], 16, {"num_layers": 2},
+                    dp_rank, dp_size)
 
 
 def test_bootstrap_get_before_any_put_is_a_clear_error() -> None:
@@ -259,13 +261,13 @@ def test_bootstrap_get_before_any_put_is_a_clear_error() -> None:
         BootstrapClient(timeout_s=1).get_route(HOST, server.port)
 
 
-def test_bootstrap_concurrent_puts_and_gets_see_every_rank() -> None:
-    tp = 4
+@pytest.mark.parametrize(("tp", "dp"), [(4, 1), (2, 3)])
+def test_bootstrap_concurrent_puts_and_gets_see_every_rank(tp: int, dp: int) -> None:
     server = BootstrapServer(HOST, 0).start()
     results: list[object] = []
     try:
-        def put(rank: int) -> None:
-            BootstrapClient(timeout_s=5).put_route(HOST, server.port, _info(rank, tp))
+        def put(rank: int, dp_rank: int) -> None:
+            BootstrapClient(timeout_s=5).put_route(HOST, server.port, _info(rank, tp, dp_rank, dp))
 
         def get() -> None:
             try:  # each thread its own client: no cache shared between them
@@ -274,7 +276,7 @@ def test_bootstrap_concurrent_puts_and_gets_see_every_rank() -> None:
                 results.append(e)
 
         threads = [threading.Thread(target=get) for _ in range(8)] + [
-            threading.Thread(target=put, args=(r,)) for r in range(tp)]
+            threading.Thread(target=put, args=(r, d)) for d in range(dp) for r in range(tp)]
         for t in threads:
             t.start()
         for t in threads:
@@ -282,13 +284,35 @@ def test_bootstrap_concurrent_puts_and_gets_see_every_rank() -> None:
         assert len(results) == 8
         for route in results:
             assert not isinstance(route, Exception), route
-            assert route.tp_size == tp and route.ranks == {r: _info(r, tp) for r in range(tp)}
-        with pytest.raises(KVTransferError, match="tp_size 2 disagrees"):
-            BootstrapClient(timeout_s=5).put_route(HOST, server.port, _info(1, 2))
+            assert (route.tp_size, route.dp_size) == (tp, dp)
+            assert route.ranks == {(d, r): _info(r, tp, d, dp) for d in range(dp) for r in range(tp)}
+            for room in (0, 7, 2**63 - 1):  # the DP group the prefill front sends room to: room % dp
+                assert route.rank_for(room, tp - 1) == _info(tp - 1, tp, room % dp, dp)
+        with pytest.raises(KVTransferError, match=f"tp_size {tp + 1}, dp_size {dp} disagree"):
+            BootstrapClient(timeout_s=5).put_route(HOST, server.port, _info(1, tp + 1, 0, dp))
+        with pytest.raises(KVTransferError, match=f"tp_size {tp}, dp_size {dp + 1} disagree"):
+            BootstrapClient(timeout_s=5).put_route(HOST, server.port, _info(0, tp, 0, dp + 1))
+        with pytest.raises(KVTransferError, match=f"dp_rank {dp} is outside dp_size {dp}"):
+            BootstrapClient(timeout_s=5).put_route(HOST, server.port, _info(0, tp, dp, dp))
         req = urllib.request.Request(f"http://{HOST}:{server.port}/route", data=b'{"engine_rank": 0}', method="PUT")
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=5)
         assert e.value.code == 400 and "missing field" in json.loads(e.value.read())["error"]
+    finally:
+        server.close()
+
+
+def test_bootstrap_waits_for_every_dp_group_and_names_the_missing_ranks() -> None:
+    server = BootstrapServer(HOST, 0).start()
+    try:
+        client = BootstrapClient(timeout_s=5)
+        for rank in range(2):
+            client.put_route(HOST, server.port, _info(rank, 2, 1, 2))  # DP group 1 only
+        with pytest.raises(KVTransferError, match=r"prefill ranks \[\(0, 0\), \(0, 1\)\] \(DP group, rank\)"):
+            client.get_route(HOST, server.port, timeout_s=0.3)
+        # an announcement without the DP fields (a peer without DP attention) is group 0 of 1
+        legacy = {k: v for k, v in rank_info_to_json(_info(0, 2)).items() if k not in ("dp_rank", "dp_size")}
+        assert rank_info_from_json(legacy) == _info(0, 2)
     finally:
         server.close()
 

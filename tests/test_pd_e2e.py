@@ -120,3 +120,21 @@ TP_SPLITS = [
 def test_pd_with_different_tp_on_each_side_equals_pd_serve(arch, prefill_args, decode_args, tmp_path):
     with _pd_equals_pd_serve(arch, tmp_path, 8, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
         pass
+
+
+# DP attention on either side: each attention group has its own KV pool and transfer endpoints, and a PD request goes
+# to group room % dp on both sides (the decode's group registers with the prefill group that holds the room).
+DP = ("--enable-dp-attention", "--dp-size", "2")
+DP_SPLITS = [
+    ("deepseek_v3", ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *DP),
+     ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *DP)),
+    ("qwen3_moe", ("--tp", "2", *DP), ()),
+    ("qwen3_moe", (), ("--tp", "4", *DP)),  # two groups of two ranks: the leader shares the pages in its group
+]
+
+
+@pytest.mark.parametrize(("arch", "prefill_args", "decode_args"), DP_SPLITS,
+                         ids=["dsv3-dp2-both-torch-a2a", "qwen3-prefill-dp2", "qwen3-decode-tp4-dp2"])
+def test_pd_with_dp_attention_equals_pd_serve(arch, prefill_args, decode_args, tmp_path):
+    with _pd_equals_pd_serve(arch, tmp_path, 10, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
+        pass

@@ -181,8 +181,6 @@ def test_deepep_mode_auto_follows_disaggregation_mode(mode: str, want: str) -> N
 
 
 NOT_YET = [
-    ("--tp 2 --dp-size 2 --enable-dp-attention --disaggregation-mode decode",
-     ["--enable-dp-attention with --disaggregation-mode decode"]),
     ("--tp 2 --dp-size 2 --enable-dp-attention --nnodes 2 --dist-init-addr 127.0.0.1:5000",
      ["--enable-dp-attention with --nnodes 2"]),
     ("--pp-size 2", ["--pp-size 2"]),
@@ -199,6 +197,8 @@ PARALLEL_NOW_ACCEPTED = [
     "--tp 2 --dp-size 2 --enable-dp-attention",
     "--tp 4 --dp-size 2 --enable-dp-attention",
     "--tp 2 --nnodes 2 --dist-init-addr 127.0.0.1:5000",
+    "--tp 2 --dp-size 2 --enable-dp-attention --disaggregation-mode prefill",
+    "--tp 4 --dp-size 2 --enable-dp-attention --disaggregation-mode decode",
 ]
 
 

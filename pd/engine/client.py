@@ -51,7 +51,8 @@ def scheduler_config(args: ServerArgs) -> SchedulerConfig:
 
 class EngineClient:
     """Starts the instance's local rank processes and talks to their leaders: one leader, or one per DP-attention
-    group (a request then goes to the leader with the fewest requests in flight, and stays there)."""
+    group. A request then goes to the leader with the fewest requests in flight, and stays there; a PD request
+    (with a bootstrap room) goes to leader room % groups, the group both its prefill and decode peers expect."""
 
     def __init__(
         self, server_args: ServerArgs, model_path: str, make_scheduler: SchedulerFactory = default_scheduler
@@ -157,10 +158,12 @@ class EngineClient:
             return  # late aborts from requests unwinding after close(); the engine is gone
         self._ranks.leaders[leader].inbox.send_bytes(msgpack.packb(to_dict(msg), use_bin_type=True))
 
-    def _pick_leader(self) -> int:
+    def _pick_leader(self, req: GenerateRequest) -> int:
         assert self._ranks is not None
         if len(self._ranks.leaders) == 1:
             return 0
+        if self.args.disaggregation_mode != "null" and req.bootstrap_room is not None:
+            return req.bootstrap_room % len(self._ranks.leaders)
         load = [0] * len(self._ranks.leaders)
         for leader in self._owner.values():
             load[leader] += 1
@@ -177,7 +180,7 @@ class EngineClient:
             raise ValueError(f"request id {req.rid!r} is already in flight")
         queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
         self._queues[req.rid] = queue
-        leader = self._owner[req.rid] = self._pick_leader()
+        leader = self._owner[req.rid] = self._pick_leader(req)
         finished = False
         try:
             self._send(leader, req)

@@ -18,14 +18,17 @@ class DisaggConfig:
     bootstrap_port: int
     bootstrap_timeout: float  # prefill: how long a request waits for its decode peer to register
     transfer_timeout: float  # decode: how long a registered request waits for its KV
+    dp_rank: int = 0  # this leader's DP-attention group (each group has its own KV pool and transfer endpoints)
+    dp_size: int = 1
 
     @classmethod
-    def from_server_args(cls, args: ServerArgs) -> DisaggConfig:
+    def from_server_args(cls, args: ServerArgs, dp_rank: int = 0) -> DisaggConfig:
         host = args.host
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostbyname(socket.gethostname())  # a wildcard bind is not an address peers can dial
+        dp_size = args.dp_size if args.enable_dp_attention else 1
         return cls(args.disaggregation_transfer_backend, host, args.disaggregation_bootstrap_port,
-                   args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout)
+                   args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout, dp_rank, dp_size)
 
 
 def kv_args(runner: ModelRunner, engine_rank: int = 0) -> KVArgs:

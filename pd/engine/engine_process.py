@@ -42,11 +42,13 @@ def _send(conn: Connection, payload: dict[str, Any]) -> None:
 
 
 # Builds the scheduler of an instance's role; prefill and decode instances pass their own (pd/ cannot import
-# them), called in the engine process with the loaded runner and the instance's server arguments.
-SchedulerFactory = Callable[[SchedulerConfig, ModelRunner, ServerArgs], Scheduler]
+# them), called in a leader's engine process with the loaded runner, the instance's server arguments and the
+# leader's DP-attention group (0 without DP attention).
+SchedulerFactory = Callable[[SchedulerConfig, ModelRunner, ServerArgs, int], Scheduler]
 
 
-def default_scheduler(cfg: SchedulerConfig, runner: ModelRunner, server_args: ServerArgs) -> Scheduler:
+def default_scheduler(cfg: SchedulerConfig, runner: ModelRunner, server_args: ServerArgs, dp_rank: int = 0
+                      ) -> Scheduler:  # fmt: skip
     return Scheduler(cfg, runner)
 
 
@@ -78,7 +80,7 @@ def run_engine(
             assert rt.sync is not None, "a rank without pipes follows its attention group's leader"
             follow(rt.runner, rt.sync, sched_cfg.max_running_requests)
             _exit_now()
-        scheduler = make_scheduler(sched_cfg, rt.runner, server_args)
+        scheduler = make_scheduler(sched_cfg, rt.runner, server_args, rt.info.dp_rank)
     except Exception as e:  # report why loading failed instead of dying silently
         logger.error("rank %d failed: %s", rank, traceback.format_exc())
         if outbox is not None:
@@ -157,12 +159,15 @@ class EngineLoop:
     def _dp_step(self) -> list[TokenOutput]:
         assert self.dp_gate is not None
         sched, runner = self.scheduler, self.scheduler.runner
+        # Transfers first: one that lands (decode) puts a request into the batch, which must be known before the
+        # leaders agree, or this leader would run a forward the others do not join.
+        outputs = sched.poll_transfers()
         go, prefill = self.dp_gate.agree(sched.needs_compute, sched.has_prefill_work)
         if not go:
-            return self._step() if sched.has_work else []
+            return outputs
         runner.forced_mode = "normal" if prefill else "low_latency"
         before = runner.num_forwards
-        outputs = self._step() if sched.has_work else []
+        outputs += sched.compute()
         if runner.num_forwards == before:
             runner.idle_forward()
         return outputs

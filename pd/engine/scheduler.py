@@ -121,10 +121,13 @@ class Scheduler:
 
     def step(self) -> list[TokenOutput]:
         outputs = self.poll_transfers()
+        return outputs + self.compute()
+
+    def compute(self) -> list[TokenOutput]:
+        """Admits waiting requests and runs one forward if the batch is not empty (the part of a step that may
+        join collectives: under DP attention the leaders agree on it between poll_transfers and this)."""
         self._admit()
-        if self.running:
-            outputs += self._forward_step()
-        return outputs
+        return self._forward_step() if self.running else []
 
     def poll_transfers(self) -> list[TokenOutput]:
         """Hook for disaggregated schedulers: advance requests whose KV is moving between instances."""
