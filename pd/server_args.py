@@ -401,7 +401,6 @@ def _validate(a: ServerArgs) -> None:
 _NOT_IMPLEMENTED: tuple[tuple[str, Callable[[ServerArgs], bool]], ...] = (
     ("--pp-size {a.pp_size}", lambda a: a.pp_size > 1),
     ("--moe-a2a-backend {a.moe_a2a_backend}", lambda a: a.moe_a2a_backend not in ("none", "torch", "deepep")),
-    ("--enable-dp-attention with --nnodes {a.nnodes}", lambda a: a.enable_dp_attention and a.nnodes > 1),
     ("--moe-runner-backend {a.moe_runner_backend}", lambda a: a.moe_runner_backend not in ("torch", "cpu_packed")),
     ("--enable-two-batch-overlap", lambda a: a.enable_two_batch_overlap),
     ("--enable-single-batch-overlap", lambda a: a.enable_single_batch_overlap),

@@ -88,9 +88,14 @@ def _serve_cmd(path: str, port: int, *extra: str) -> list[str]:
             "--port", str(port), *COMMON, *extra]
 
 
-def test_two_nodes_on_one_machine_serve_the_one_process_tokens(case: Case) -> None:
+@pytest.mark.parametrize("layout", [
+    "--tp 2",
+    # DP attention across the nodes: group 1's leader is node 1's rank and reaches the front over TCP
+    "--tp 2 --ep 2 --moe-a2a-backend torch --dp-size 2 --enable-dp-attention",
+])  # fmt: skip
+def test_two_nodes_on_one_machine_serve_the_one_process_tokens(case: Case, layout: str) -> None:
     addr = f"127.0.0.1:{free_port()}"
-    multi = ("--tp", "2", "--nnodes", "2", "--dist-init-addr", addr)
+    multi = (*layout.split(), "--nnodes", "2", "--dist-init-addr", addr)
     node1 = subprocess.Popen(_serve_cmd(case.path, free_port(), *multi, "--node-rank", "1"))
     try:
         with pd_serve(case.path, *COMMON, *multi) as url:

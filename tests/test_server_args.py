@@ -181,8 +181,6 @@ def test_deepep_mode_auto_follows_disaggregation_mode(mode: str, want: str) -> N
 
 
 NOT_YET = [
-    ("--tp 2 --dp-size 2 --enable-dp-attention --nnodes 2 --dist-init-addr 127.0.0.1:5000",
-     ["--enable-dp-attention with --nnodes 2"]),
     ("--pp-size 2", ["--pp-size 2"]),
     ("--tp 2 --ep 2 --moe-a2a-backend torch --enable-two-batch-overlap", ["--enable-two-batch-overlap"]),
     ("--tp 2 --ep 2 --moe-a2a-backend torch --enable-single-batch-overlap", ["--enable-single-batch-overlap"]),
@@ -199,6 +197,7 @@ PARALLEL_NOW_ACCEPTED = [
     "--tp 2 --nnodes 2 --dist-init-addr 127.0.0.1:5000",
     "--tp 2 --dp-size 2 --enable-dp-attention --disaggregation-mode prefill",
     "--tp 4 --dp-size 2 --enable-dp-attention --disaggregation-mode decode",
+    "--tp 2 --dp-size 2 --enable-dp-attention --nnodes 2 --dist-init-addr 127.0.0.1:5000",
 ]
 
 

@@ -1,8 +1,9 @@
 """Spawning the rank processes of an instance on this node, and noticing when one of them dies.
 
 Node 0 runs the HTTP front, which spawns its local ranks and holds a pipe pair to each leader (one, or one per
-DP-attention group). Other nodes (``--node-rank > 0``) run no front: they spawn their ranks, which are all
-followers, and exit when any of them exits.
+DP-attention group). Other nodes (``--node-rank > 0``) run no front: they spawn their ranks and exit when any of
+them exits. Their ranks follow a leader, except under DP attention, where a group that lives on another node has
+its leader there; it reaches the front over TCP (pd.dist.leader_link).
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ class RankProcesses:
             procs.append(proc)
         return cls(procs, first, leaders)
 
+    def add_remote_leaders(self, conns: dict[int, Connection]) -> None:
+        """The other nodes' DP leaders (global rank -> connection), after this node's: leaders[i] is DP group i."""
+        self.leaders += [LeaderLink(conns[rank], conns[rank]) for rank in sorted(conns)]
+
     def all_alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
 
@@ -108,6 +113,12 @@ class RankProcesses:
                 p.kill()
         for p in self.procs:
             p.join(5)
+
+
+def remote_leader_ranks(args: ServerArgs) -> list[int]:
+    """Global ranks of the DP-attention leaders on nodes other than 0 (they connect to the front over TCP)."""
+    layout = rank_info(args, 0)
+    return [r for r in range(args.tp_size) if layout.of(r).is_leader and layout.of(r).node_rank != 0]
 
 
 def run_worker_node(args: ServerArgs, make_scheduler: SchedulerFactory) -> int:

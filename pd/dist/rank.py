@@ -72,10 +72,12 @@ class DPGate:
     def __init__(self, control: dist.ProcessGroup) -> None:
         self.control = control
 
-    def agree(self, wants_forward: bool, has_prefill: bool) -> tuple[bool, bool]:
-        flags = torch.tensor([int(wants_forward), int(has_prefill)], dtype=torch.int64)
+    def agree(self, wants_forward: bool, has_prefill: bool, stopping: bool = False) -> tuple[bool, bool, bool]:
+        """(anyone computes, any prompt tokens, anyone stops). A leader whose front is gone says so here, so
+        that every leader leaves the loop at the same turn instead of one blocking in the next collective."""
+        flags = torch.tensor([int(wants_forward), int(has_prefill), int(stopping)], dtype=torch.int64)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(flags[0]), bool(flags[1])
+        return bool(flags[0]), bool(flags[1]), bool(flags[2])
 
 
 def start_rank(runner_cfg: RunnerConfig, args: ServerArgs, rank: int, init_method: str | None) -> RankRuntime:

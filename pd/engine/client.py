@@ -13,7 +13,8 @@ from typing import Any
 
 import msgpack
 
-from pd.dist.launch import RankProcesses
+from pd.dist.launch import RankProcesses, remote_leader_ranks
+from pd.dist.leader_link import RemoteLeaderListener
 from pd.engine.engine_process import SchedulerFactory, default_scheduler
 from pd.engine.io import AbortRequest, EngineStats, GenerateRequest, TokenOutput, from_dict, to_dict
 from pd.engine.model_runner import RunnerConfig
@@ -21,6 +22,10 @@ from pd.engine.scheduler import SchedulerConfig
 from pd.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+
+
+# How long the front waits for the DP leaders of other nodes (they connect once their model is loaded).
+REMOTE_LEADERS_TIMEOUT_S = 900.0
 
 
 class EngineFullError(RuntimeError):
@@ -78,8 +83,18 @@ class EngineClient:
         """Spawns the rank processes and returns once every leader's model is loaded (raises with the reason
         otherwise)."""
         self._loop = asyncio.get_running_loop()
+        remote = remote_leader_ranks(self.args)
+        listener = RemoteLeaderListener(self.args, remote) if remote else None  # listening before any rank starts
         self._ranks = RankProcesses.spawn(self.args, runner_config(self.args, self.model_path),
                                           scheduler_config(self.args), self.make_scheduler)
+        if listener is not None:
+            try:
+                conns = await self._loop.run_in_executor(None, listener.accept_all, REMOTE_LEADERS_TIMEOUT_S,
+                                                         self._ranks.all_alive)  # fmt: skip
+            except (TimeoutError, RuntimeError) as e:
+                self._ranks.kill()
+                raise RuntimeError(f"engine failed to start: {e}") from None
+            self._ranks.add_remote_leaders(conns)
         firsts = await asyncio.gather(
             *(self._loop.run_in_executor(None, self._recv, i) for i in range(len(self._ranks.leaders)))
         )

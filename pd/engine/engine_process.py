@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import torch
 
+from pd.dist.leader_link import connect_to_front
 from pd.dist.rank import DPGate, start_rank
 from pd.dist.step_sync import follow
 from pd.engine.io import AbortRequest, GenerateRequest, TokenOutput, from_dict, to_dict
@@ -76,6 +77,8 @@ def run_engine(
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or default_threads)
     try:
         rt = start_rank(runner_cfg, server_args, rank, init_method)
+        if outbox is None and rt.info.is_leader:  # a DP group's leader on another node than the front's
+            inbox = outbox = connect_to_front(server_args, rank)
         if outbox is None:  # a follower
             assert rt.sync is not None, "a rank without pipes follows its attention group's leader"
             follow(rt.runner, rt.sync, sched_cfg.max_running_requests)
@@ -137,9 +140,15 @@ class EngineLoop:
                 outputs = self._drain_inbox(timeout)
             except EOFError:
                 logger.info("front closed the pipe; engine exiting")
+                if self.dp_gate is not None:
+                    self.dp_gate.agree(False, False, stopping=True)  # the other leaders leave with this one
                 return
             if self.dp_gate is not None:
-                outputs += self._dp_step()
+                step = self._dp_step()
+                if step is None:
+                    logger.info("another DP leader is stopping; engine exiting")
+                    return
+                outputs += step
             elif sched.has_work:
                 outputs += self._step()
             elif self.multi_rank and not outputs:
@@ -156,13 +165,16 @@ class EngineLoop:
         self.last_stats, self.last_report = stats, now
         _send(self.outbox, {"outputs": [to_dict(o) for o in outputs], "stats": to_dict(stats)})
 
-    def _dp_step(self) -> list[TokenOutput]:
+    def _dp_step(self) -> list[TokenOutput] | None:
+        """One turn under DP attention; None when a leader stops (the instance is shutting down)."""
         assert self.dp_gate is not None
         sched, runner = self.scheduler, self.scheduler.runner
         # Transfers first: one that lands (decode) puts a request into the batch, which must be known before the
         # leaders agree, or this leader would run a forward the others do not join.
         outputs = sched.poll_transfers()
-        go, prefill = self.dp_gate.agree(sched.needs_compute, sched.has_prefill_work)
+        go, prefill, stop = self.dp_gate.agree(sched.needs_compute, sched.has_prefill_work)
+        if stop:
+            return None
         if not go:
             return outputs
         runner.forced_mode = "normal" if prefill else "low_latency"
