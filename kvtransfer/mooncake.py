@@ -343,12 +343,14 @@ class DisaggSettings(Protocol):
     transfer_timeout: float
     dp_rank: int
     dp_size: int
+    bootstrap_host: str  # "" = host
 
 
 def start_prefill_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -> MooncakeKVManager:
     """A prefill rank's manager; rank 0 of DP group 0 also serves the instance's bootstrap server on
     cfg.bootstrap_port."""
-    return MooncakeKVManager(args, "prefill", cfg.host, (cfg.host, cfg.bootstrap_port), tp_size=tp_size,
+    bootstrap = (cfg.bootstrap_host or cfg.host, cfg.bootstrap_port)
+    return MooncakeKVManager(args, "prefill", cfg.host, bootstrap, tp_size=tp_size,
                              dp_rank=cfg.dp_rank, dp_size=cfg.dp_size,
                              serve_bootstrap=args.engine_rank == 0 and cfg.dp_rank == 0,
                              bootstrap_timeout_s=cfg.bootstrap_timeout, transfer_timeout_s=cfg.transfer_timeout)

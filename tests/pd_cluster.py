@@ -40,9 +40,10 @@ class Cluster:
     decode: list[Proc] = field(default_factory=list)
     lb: Proc | None = None
     bootstrap_ports: list[int] = field(default_factory=list)
+    workers: list[Proc] = field(default_factory=list)  # nodes > 0 of multi-node instances (no HTTP front)
 
     def procs(self) -> list[Proc]:
-        return self.prefill + self.decode + ([self.lb] if self.lb else [])
+        return self.prefill + self.decode + self.workers + ([self.lb] if self.lb else [])
 
     def logs(self) -> str:
         return "\n".join(f"----- {p.name} -----\n{p.log()[-3000:]}" for p in self.procs())
@@ -91,18 +92,22 @@ def pd_cluster(
     prefill_args: tuple[str, ...] = (),
     decode_args: tuple[str, ...] = (),
     lb_args: tuple[str, ...] = (),
+    prefill_nodes: int = 1,  # > 1: each prefill instance spans this many "nodes" (processes) on this machine
 ) -> Iterator[Cluster]:
     cluster = Cluster(url="")
     try:
         for i in range(num_prefill):
             port, bport = free_port(), free_port()
             cluster.bootstrap_ports.append(bport)
-            cluster.prefill.append(start_proc(
-                f"prefill-{i}",
-                serve_argv(model_path, port, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-                           str(bport), *instance_args, *prefill_args),
-                f"http://127.0.0.1:{port}",
-            ))
+            args = ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bport), *instance_args,
+                    *prefill_args)  # fmt: skip
+            if prefill_nodes > 1:
+                args += ("--nnodes", str(prefill_nodes), "--dist-init-addr", f"127.0.0.1:{free_port()}")
+            url = f"http://127.0.0.1:{port}"
+            cluster.prefill.append(start_proc(f"prefill-{i}", serve_argv(model_path, port, *args), url))
+            for node in range(1, prefill_nodes):
+                cluster.workers.append(start_proc(f"prefill-{i}-node{node}", serve_argv(
+                    model_path, free_port(), *args, "--node-rank", str(node)), url))  # fmt: skip
         for j in range(num_decode):
             port = free_port()
             cluster.decode.append(start_proc(

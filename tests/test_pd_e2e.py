@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -67,7 +68,7 @@ def _wait_pages(urls: list[str], start: dict[str, int], timeout: float = 30.0) -
 @contextlib.contextmanager
 def _pd_equals_pd_serve(
     arch: str, tmp_path: Path, num_requests: int, new_tokens: int, num_prefill: int, num_decode: int,
-    **cluster_args: tuple[str, ...],
+    **cluster_args: Any,
 ) -> Iterator[list[str]]:
     """Greedy outputs through our load balancer (odd requests streamed) equal one `pd serve` on a fresh checkpoint;
     yields the instances' URLs inside the cluster, then checks that every page came back."""
@@ -137,4 +138,12 @@ DP_SPLITS = [
                          ids=["dsv3-dp2-both-torch-a2a", "qwen3-prefill-dp2", "qwen3-decode-tp4-dp2"])
 def test_pd_with_dp_attention_equals_pd_serve(arch, prefill_args, decode_args, tmp_path):
     with _pd_equals_pd_serve(arch, tmp_path, 10, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
+        pass
+
+
+def test_pd_with_a_two_node_dp_attention_prefill_equals_pd_serve(tmp_path):
+    """Node 1's DP group announces its transfer endpoints to the bootstrap server on node 0 and sends its rooms'
+    pages from there."""
+    args = ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *DP)
+    with _pd_equals_pd_serve("qwen3_moe", tmp_path, 10, 16, 1, 1, prefill_args=args, prefill_nodes=2):
         pass

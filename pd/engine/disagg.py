@@ -20,6 +20,7 @@ class DisaggConfig:
     transfer_timeout: float  # decode: how long a registered request waits for its KV
     dp_rank: int = 0  # this leader's DP-attention group (each group has its own KV pool and transfer endpoints)
     dp_size: int = 1
+    bootstrap_host: str = ""  # prefill: where the instance's bootstrap server runs (node 0); "" = host
 
     @classmethod
     def from_server_args(cls, args: ServerArgs, dp_rank: int = 0) -> DisaggConfig:
@@ -27,8 +28,12 @@ class DisaggConfig:
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostbyname(socket.gethostname())  # a wildcard bind is not an address peers can dial
         dp_size = args.dp_size if args.enable_dp_attention else 1
+        # The bootstrap server runs beside the HTTP front on node 0; a DP leader on another node announces
+        # itself there (node 0 is --dist-init-addr's host).
+        bootstrap_host = host if args.node_rank == 0 else args.dist_init_addr.rsplit(":", 1)[0].strip("[]")
         return cls(args.disaggregation_transfer_backend, host, args.disaggregation_bootstrap_port,
-                   args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout, dp_rank, dp_size)
+                   args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout, dp_rank, dp_size,
+                   bootstrap_host)
 
 
 def kv_args(runner: ModelRunner, engine_rank: int = 0) -> KVArgs:
