@@ -26,9 +26,13 @@ LINK_PORT_OFFSET = 1  # the front listens on --dist-init-addr's port + 1
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
+def node0_host(args: ServerArgs) -> str:
+    """Node 0's address (--dist-init-addr's host): the HTTP front and the PD bootstrap server run there."""
+    return args.dist_init_addr.rsplit(":", 1)[0].strip("[]")
+
+
 def link_address(args: ServerArgs) -> tuple[str, int]:
-    host, port = args.dist_init_addr.rsplit(":", 1)
-    return host.strip("[]"), int(port) + LINK_PORT_OFFSET
+    return node0_host(args), int(args.dist_init_addr.rsplit(":", 1)[1]) + LINK_PORT_OFFSET
 
 
 def _authkey(args: ServerArgs) -> bytes:

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from kvtransfer.base import KVArgs
+from pd.dist.leader_link import node0_host
 from pd.engine.model_runner import ModelRunner
 from pd.server_args import ServerArgs
 
@@ -30,7 +31,7 @@ class DisaggConfig:
         dp_size = args.dp_size if args.enable_dp_attention else 1
         # The bootstrap server runs beside the HTTP front on node 0; a DP leader on another node announces
         # itself there (node 0 is --dist-init-addr's host).
-        bootstrap_host = host if args.node_rank == 0 else args.dist_init_addr.rsplit(":", 1)[0].strip("[]")
+        bootstrap_host = host if args.node_rank == 0 else node0_host(args)
         return cls(args.disaggregation_transfer_backend, host, args.disaggregation_bootstrap_port,
                    args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout, dp_rank, dp_size,
                    bootstrap_host)
