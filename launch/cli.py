@@ -22,7 +22,7 @@ LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
 
 Handler = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
-# Subcommands that exist in the interface but not yet in this build.
+
 def setup_logging(level: str) -> None:
     """Configure root logging once per process; `level` is a name such as "info" (case-insensitive)."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
@@ -86,6 +86,41 @@ def _up(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run_up(ns, ns.serve_argv)
 
 
+def _hccl_buffsize(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Prints the HCCL_BUFFSIZE that normal-mode dispatch needs under the current DEEPEP_NORMAL_LONG_SEQ_*
+    variables; exit status 1 when the configured value (or HCCL's default) is too small or the batch does not fit
+    the rounds, so deployment scripts can check before they start an instance."""
+    from pd.models.config import ModelConfig, ModelConfigError
+    from pd.moe.long_seq import (
+        check_hccl_buffsize,
+        check_tokens_per_rank,
+        hccl_buffsize_report,
+        long_seq_config_from_env,
+    )
+
+    try:
+        config = long_seq_config_from_env()
+    except ValueError as e:
+        parser.error(str(e))
+    hidden_size, top_k = ns.hidden_size, ns.top_k
+    if ns.model_path is not None:
+        try:
+            model = ModelConfig.from_path(ns.model_path)
+        except ModelConfigError as e:
+            parser.error(str(e))
+        hidden_size = hidden_size or model.get("hidden_size")
+        top_k = top_k or model.get("num_experts_per_tok")
+    if not hidden_size or not top_k:
+        parser.error("give --model-path (an MoE checkpoint), or --hidden-size and --top-k")
+    print(hccl_buffsize_report(config, hidden_size, top_k, ns.max_tokens_per_rank))
+    try:
+        check_tokens_per_rank(config, ns.max_tokens_per_rank)
+        check_hccl_buffsize(config, hidden_size, top_k, ns.max_tokens_per_rank)
+    except ValueError:
+        return 1
+    return 0
+
+
 def _build_default_model(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     setup_logging("info")
     from pd.default_model import build_default_model
@@ -117,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     from launch.up import add_cli_args as add_up_args
 
     add_up_args(up)
+    p = add("hccl-buffsize", "the HCCL_BUFFSIZE normal-mode dispatch needs (Ascend), for the DEEPEP_NORMAL_LONG_SEQ_* "
+            "variables set now", _hccl_buffsize)
+    p.add_argument("--model-path", default=None, help="read hidden_size and num_experts_per_tok from its config.json")
+    p.add_argument("--hidden-size", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="experts per token")
+    p.add_argument("--max-tokens-per-rank", type=int, default=ServerArgs.chunked_prefill_size,
+                   help="the most tokens one rank dispatches at once (default: --chunked-prefill-size's default)")
     p = add("build-default-model", "build the built-in tiny MoE checkpoint and print its path", _build_default_model)
     p.add_argument("--force", action="store_true", help="rebuild even if a cached copy exists")
     return parser

@@ -390,3 +390,35 @@ def test_hccl_buffsize_formulas_against_hand_computed_values() -> None:
     assert "unset" in report and "TOO SMALL: export HCCL_BUFFSIZE=2024" in report
     over = hccl_buffsize_report(rounds, hidden_size=4096, top_k=8, max_tokens_per_rank=4001)
     assert "ERROR: 4001 tokens per rank exceed rounds x tokens = 4000" in over
+
+
+def test_hccl_buffsize_cli_reads_the_checkpoint_and_the_environment(tmp_path: Any, capsys: Any,
+                                                                    monkeypatch: Any) -> None:  # fmt: skip
+    """`pd hccl-buffsize`: the requirement from the seed's formula (computed here by hand), exit status 1 while the
+    configured HCCL_BUFFSIZE is short of it, 0 once it is not, 2 for missing sizes or bad variables."""
+    import json
+    import random
+
+    from launch.cli import main
+
+    rng = random.Random()
+    hidden, top_k, per_round = rng.choice([2048, 4096, 7168]), rng.choice([2, 6, 8]), rng.randrange(32, 8192)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": hidden, "num_experts_per_tok": top_k}))
+    needed = 2 * (102 + 4 + -(-per_round * 3 * hidden * top_k // 2**20)) + 20
+    monkeypatch.setenv("DEEPEP_NORMAL_LONG_SEQ_ROUND", "4")
+    monkeypatch.setenv("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS", str(per_round))
+    argv = ["hccl-buffsize", "--model-path", str(tmp_path), "--max-tokens-per-rank", str(4 * per_round)]
+    for configured, status in ((needed - 1, 1), (needed, 0)):
+        monkeypatch.setenv("HCCL_BUFFSIZE", str(configured))
+        assert main(argv) == status
+        out = capsys.readouterr().out
+        assert f"hidden_size={hidden} top_k={top_k}" in out and f">= {needed} MB" in out
+    assert main([*argv[:-1], str(4 * per_round + 1)]) == 1  # more tokens than 4 rounds move
+    assert "ERROR" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["hccl-buffsize", "--hidden-size", "7168"])
+    assert e.value.code == 2
+    monkeypatch.delenv("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS")
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "set both" in capsys.readouterr().err
