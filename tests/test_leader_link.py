@@ -84,4 +84,4 @@ def test_a_busy_link_port_is_a_clear_error() -> None:
         with pytest.raises(OSError, match=r"--dist-init-addr's port \+ 1"):
             RemoteLeaderListener(args, [2])
     finally:
-        first.sock.close()
+        first.close()

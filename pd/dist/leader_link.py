@@ -83,8 +83,11 @@ class RemoteLeaderListener:
                 conn.close()
             raise
         finally:
-            self.sock.close()
+            self.close()
         return conns
+
+    def close(self) -> None:
+        self.sock.close()
 
     def _handshake(self, sock: socket.socket, peer: tuple) -> tuple[int, Connection] | None:
         """(rank, connection) of a leader that passed the challenge, or None (the connection is closed)."""

@@ -85,8 +85,13 @@ class EngineClient:
         self._loop = asyncio.get_running_loop()
         remote = remote_leader_ranks(self.args)
         listener = RemoteLeaderListener(self.args, remote) if remote else None  # listening before any rank starts
-        self._ranks = RankProcesses.spawn(self.args, runner_config(self.args, self.model_path),
-                                          scheduler_config(self.args), self.make_scheduler)
+        try:
+            self._ranks = RankProcesses.spawn(self.args, runner_config(self.args, self.model_path),
+                                              scheduler_config(self.args), self.make_scheduler)
+        except BaseException:
+            if listener is not None:
+                listener.close()
+            raise
         if listener is not None:
             try:
                 conns = await self._loop.run_in_executor(None, listener.accept_all, REMOTE_LEADERS_TIMEOUT_S,
