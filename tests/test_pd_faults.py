@@ -352,6 +352,18 @@ def test_mixed_faults_under_load_leak_no_page_and_leave_correct_answers(
     """224 requests, 32 at a time, about a quarter of them faulty (FAULT_WEIGHTS). Every plain request gets
     transformers' tokens, every faulty one an answer in bounded time (never wrong tokens); afterwards every
     instance's free KV pages are back at their start value and new requests are answered correctly."""
+    _mixed_faults(cluster, seed, oracle, 224)
+
+
+def test_mixed_faults_with_dp_attention_on_both_sides_leak_no_page(model: str, seed: int, oracle: Oracle) -> None:
+    """The same with two DP-attention groups per instance: each group has its own pool, scheduler and transfer
+    endpoints, and a fault in one group's room must free that group's pages (the counts are summed per instance)."""
+    dp = ("--tp", "2", "--dp-size", "2", "--enable-dp-attention")
+    with pd_cluster(model, 2, 2, instance_args=INSTANCE_ARGS, prefill_args=dp, decode_args=dp) as dp_cluster:
+        _mixed_faults(dp_cluster, seed + 7, oracle, 96)
+
+
+def _mixed_faults(cluster: Cluster, seed: int, oracle: Oracle, num_requests: int) -> None:
     rng = random.Random(seed)
     pool = prompts(torch.Generator().manual_seed(seed + 2), [5, 17, 31, 33, 47, 64, 80, 95])
     for ids in pool:
@@ -360,7 +372,7 @@ def test_mixed_faults_under_load_leak_no_page_and_leave_correct_answers(
     start = pages(prefills + decodes)
     closed_port = free_port()
     jobs = [(kind, rng.choice(pool), rng.choice([1, 2, 8, 16]), rng.random() < 0.5, rng.uniform(0.0, 0.5))
-            for kind in rng.choices(list(FAULT_WEIGHTS), list(FAULT_WEIGHTS.values()), k=224)]
+            for kind in rng.choices(list(FAULT_WEIGHTS), list(FAULT_WEIGHTS.values()), k=num_requests)]
     assert sum(kind != "ok" for kind, *_ in jobs) >= len(jobs) // 10
     failures: list[str] = []
 
