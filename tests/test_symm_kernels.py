@@ -88,17 +88,30 @@ class World:
 
 
 def _finish(kernels: ModuleType, world: World, inputs: list[RankInputs], received: list[DispatchOutput],
-            counts: list[torch.Tensor], pos: list[torch.Tensor], seed: int) -> None:  # fmt: skip
-    """Reference runner on each rank's rows, send_back, (barrier), reduce; against the single-rank MoE."""
+            counts: list[torch.Tensor], pos: list[torch.Tensor], seed: int,
+            full_grid: bool = False) -> None:  # fmt: skip
+    """Reference runner on each rank's rows, send_back, (barrier), reduce; against the single-rank MoE. full_grid:
+    send_back gets the rows padded with garbage to every row of every block (as a CUDA graph does), reduce a
+    given output buffer with a padding token that no rank holds."""
     ranks, local = world.ranks, EXPERTS // world.ranks
     w13, w2 = _make_weights(seed)
     for rank, out in enumerate(received):
         _check_received(out, inputs, rank, ranks)
         y = TorchMoeRunner().run(out, w13[rank * local : (rank + 1) * local], w2[rank * local : (rank + 1) * local])
-        kernels.send_back(y.hidden_states, counts[rank], World.ptrs(world.combine), world.capacity, rank)
+        rows = y.hidden_states
+        if full_grid:
+            rows = torch.cat([rows, torch.randn(ranks * world.capacity - rows.shape[0], rows.shape[1])])
+        kernels.send_back(rows, counts[rank], World.ptrs(world.combine), world.capacity, rank)
     reference = _single_rank_reference(inputs, w13, w2)
     for rank in range(ranks):
-        combined = kernels.reduce_partials(world.combine[rank], pos[rank])
+        if not full_grid:
+            combined = kernels.reduce_partials(world.combine[rank], pos[rank])
+        else:
+            padded_pos = torch.cat([pos[rank], torch.full((ranks, 1), -1, dtype=torch.int32)], dim=1)
+            out = torch.randn(padded_pos.shape[1], HIDDEN)
+            assert kernels.reduce_partials(world.combine[rank], padded_pos, out=out) is out
+            assert not out[-1].any()  # the padding token: sent nowhere, zero
+            combined = out[:-1]
         torch.testing.assert_close(combined, reference[rank], atol=1e-5, rtol=1e-5)
 
 
@@ -163,7 +176,25 @@ def check_normal(kernels: ModuleType, tokens: list[int], top_k: int, unrouted: b
         tags = (hidden[:, 0] * 4096.0).round().long()
         assert tags.tolist() == sorted(tags.tolist())
         received.append(DispatchOutput(hidden, ids, weights, None))
-    _finish(kernels, world, inputs, received, counts, pos, seed)
+        _check_full_grid_unpack(kernels, world, rank, counts[rank], received[-1], valid, top_k)
+    _finish(kernels, world, inputs, received, counts, pos, seed, full_grid=True)
+
+
+def _check_full_grid_unpack(kernels: ModuleType, world: World, rank: int, counts: torch.Tensor, exact: DispatchOutput,
+                            valid: torch.Tensor, top_k: int) -> None:  # fmt: skip
+    """A grid for every row of every block (what a CUDA graph captures, whatever arrives): the received rows come
+    out as with the exact grid, into the given buffers, and the rows past them stay as they were."""
+    rows, n = world.ranks * world.capacity, exact.hidden_states.shape[0]
+    out = (torch.randn(rows, HIDDEN), torch.randint(-5, 5, (rows, top_k)), torch.randn(rows, top_k),
+           torch.randint(0, 2, (rows,)).bool())  # fmt: skip
+    before = [t.clone() for t in out]
+    got = kernels.unpack_rows(world.dispatch[rank], counts, rows, HIDDEN, torch.float32, top_k, rank,
+                              EXPERTS // world.ranks, world.ids_at, out=out)  # fmt: skip
+    assert all(g is o for g, o in zip(got, out, strict=True))
+    for g, want in zip(got, (exact.hidden_states, exact.topk_ids, exact.topk_weights, valid), strict=True):
+        assert torch.equal(g[:n], want)
+    for g, b in zip(got, before, strict=True):
+        assert torch.equal(g[n:], b[n:])
 
 
 def _check_blocks_too_small(kernels: ModuleType, world: World, inputs: list[RankInputs], pos: list[torch.Tensor],

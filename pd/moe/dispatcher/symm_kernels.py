@@ -34,7 +34,8 @@ TOKENS_PER_BLOCK = 128  # route's tile is [128, K] ids: a larger one spills regi
 
 @triton.jit
 def _source_of(counts_ptr, row, RANKS: tl.constexpr):
-    """(source rank, index within its block) of received row ``row``; counts [R]: rows received per source."""
+    """(source rank, index within its block) of received row ``row``; counts [R]: rows received per source. A row
+    past all of them has source RANKS (a grid sized for full blocks, as CUDA graphs need, skips it)."""
     source = tl.full([], 0, tl.int32)
     start = tl.full([], 0, tl.int64)
     end = tl.full([], 0, tl.int64)
@@ -121,7 +122,15 @@ def _unpack_rows_kernel(
 ):  # fmt: skip
     out_row = tl.program_id(0).to(tl.int64)
     source, index = _source_of(counts_ptr, out_row, RANKS)
-    row = source * capacity + index
+    if source < RANKS:
+        _unpack_one(buffer_ptr, hidden_ptr, ids_ptr, weights_ptr, valid_ptr, out_row, source * capacity + index,
+                    my_rank, num_local_experts, hidden_words, ids_at, row_bytes, TOP_K, SLOTS, BLOCK)
+
+
+@triton.jit
+def _unpack_one(buffer_ptr, hidden_ptr, ids_ptr, weights_ptr, valid_ptr, out_row, row, my_rank, num_local_experts,
+                hidden_words, ids_at, row_bytes, TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Received row ``row`` (source-major index into the buffer) into output row ``out_row``."""
     src = buffer_ptr + row * (row_bytes // 8)
     dst = hidden_ptr + out_row * hidden_words
     for start in range(0, hidden_words, BLOCK):
@@ -145,13 +154,14 @@ def _send_back_kernel(x_ptr, counts_ptr, peer_ptrs, capacity, my_rank, row_words
                       BLOCK: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     source, index = _source_of(counts_ptr, row, RANKS)
-    dst = tl.load(peer_ptrs + source).to(tl.pointer_type(tl.int64))
-    dst += (my_rank * capacity + index).to(tl.int64) * row_words
-    src = x_ptr + row * row_words
-    for start in range(0, row_words, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < row_words
-        tl.store(dst + offs, tl.load(src + offs, mask=inside), mask=inside)
+    if source < RANKS:
+        dst = tl.load(peer_ptrs + source).to(tl.pointer_type(tl.int64))
+        dst += (my_rank * capacity + index).to(tl.int64) * row_words
+        src = x_ptr + row * row_words
+        for start in range(0, row_words, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inside = offs < row_words
+            tl.store(dst + offs, tl.load(src + offs, mask=inside), mask=inside)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -212,16 +222,21 @@ def send_rows(
 def unpack_rows(
     buffer_RCB: torch.Tensor, counts_R: torch.Tensor, num_rows: int, hidden: int, dtype: torch.dtype,
     top_k: int, my_rank: int, num_local_experts: int, ids_at: int,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The first counts_R[s] rows (int64 [R] on the device) of each source block s, in source order.
 
-    Returns hidden [N, H] dtype, local ids [N, K] int64, weights [N, K] float32, valid [N] bool (N = num_rows)."""
+    Returns hidden [N, H] dtype, local ids [N, K] int64, weights [N, K] float32, valid [N] bool (N = num_rows),
+    into ``out`` when given. N may exceed the rows received (a grid fixed for CUDA graphs): rows past them are
+    left as they were."""
     ranks, capacity, row_bytes = buffer_RCB.shape
     device = buffer_RCB.device
-    hidden_NH = torch.empty(num_rows, hidden, dtype=dtype, device=device)
-    ids_NK = torch.empty(num_rows, top_k, dtype=torch.int64, device=device)
-    weights_NK = torch.empty(num_rows, top_k, dtype=torch.float32, device=device)
-    valid_N = torch.empty(num_rows, dtype=torch.bool, device=device)
+    if out is None:
+        out = (torch.empty(num_rows, hidden, dtype=dtype, device=device),
+               torch.empty(num_rows, top_k, dtype=torch.int64, device=device),
+               torch.empty(num_rows, top_k, dtype=torch.float32, device=device),
+               torch.empty(num_rows, dtype=torch.bool, device=device))  # fmt: skip
+    hidden_NH, ids_NK, weights_NK, valid_N = out
     if num_rows:
         _unpack_rows_kernel[(num_rows,)](
             buffer_RCB.view(torch.int64), counts_R, hidden_NH.view(torch.int64), ids_NK, weights_NK, valid_N,
@@ -234,7 +249,8 @@ def unpack_rows(
 def send_back(x_NH: torch.Tensor, counts_R: torch.Tensor, peer_ptrs: torch.Tensor, capacity: int,
               my_rank: int) -> None:  # fmt: skip
     """Received row n's expert output (row n of ``x_NH``, rows in unpack_rows' order) into its source's
-    combine buffer, block [my_rank], at the slot it arrived in."""
+    combine buffer, block [my_rank], at the slot it arrived in. Rows of ``x_NH`` past the rows received are
+    skipped."""
     if x_NH.shape[0] == 0:
         return
     words = _words(x_NH)
@@ -244,11 +260,12 @@ def send_back(x_NH: torch.Tensor, counts_R: torch.Tensor, peer_ptrs: torch.Tenso
     )  # fmt: skip
 
 
-def reduce_partials(buffer_RCH: torch.Tensor, pos_RT: torch.Tensor) -> torch.Tensor:
-    """[T, H]: per token t, the sum over ranks r with pos_RT[r, t] >= 0 of buffer_RCH[r, pos_RT[r, t]]."""
+def reduce_partials(buffer_RCH: torch.Tensor, pos_RT: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, H] (``out`` when given): per token t, the sum over ranks r with pos_RT[r, t] >= 0 of
+    buffer_RCH[r, pos_RT[r, t]] (zeros for a token sent nowhere)."""
     ranks, capacity, hidden = buffer_RCH.shape
     num_tokens = pos_RT.shape[1]
-    out_TH = torch.empty(num_tokens, hidden, dtype=buffer_RCH.dtype, device=buffer_RCH.device)
+    out_TH = torch.empty(num_tokens, hidden, dtype=buffer_RCH.dtype, device=buffer_RCH.device) if out is None else out
     if num_tokens:
         _reduce_partials_kernel[(num_tokens,)](
             buffer_RCH, pos_RT, out_TH, num_tokens, capacity, hidden, RANKS=ranks, BLOCK=WORDS_PER_BLOCK
