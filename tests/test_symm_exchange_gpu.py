@@ -6,7 +6,8 @@ Built from tests/test_dispatchers.py (inputs, delivery check, single-rank refere
 - the symmetric-memory dispatch output equals the NCCL one bit for bit (same rows in the same order, same slots,
   same padding), and combine matches it to float32 rounding (the same partials, summed by another kernel);
 - both equal the single-rank MoE reference within float32 tolerance;
-- normal mode: a batch larger than the first one grows the buffers (every rank alike) and stays exact;
+- normal mode: small batches after the first replay CUDA graphs (pd.moe.dispatcher.symm_graphs) and stay exact; a
+  batch larger than the blocks grows them (every rank alike, graphed ranks resending eagerly) and stays exact;
 - low_latency: a CUDA graph captured once and replayed on fresh routings gives the eager NCCL results.
 """
 
@@ -24,7 +25,7 @@ import torch.multiprocessing as mp
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher import get_dispatcher
 from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput
-from pd.moe.dispatcher.torch_a2a import SymmetricHandle
+from pd.moe.dispatcher.torch_a2a import GraphedHandle, SymmetricHandle
 from pd.moe.runner.torch_ref import TorchMoeRunner
 from pd.moe.topk import TopKOutput
 from tests.test_dispatchers import EXPERTS, _check_received, _make_inputs, _make_weights, _single_rank_reference
@@ -55,7 +56,8 @@ def _moe(out: DispatchOutput, w13: torch.Tensor, w2: torch.Tensor) -> CombineInp
 
 
 def _compare(symm: Dispatcher, nccl: Dispatcher, tokens: list[int], seed: int, top_k: int, unrouted: bool,
-             rank: int, world: int) -> None:  # fmt: skip
+             rank: int, world: int) -> type:  # fmt: skip
+    """One dispatch + combine on each transport, compared; returns the symmetric dispatch's handle type."""
     what = f"seed {seed} K={top_k} unrouted={unrouted} rank {rank} tokens {tokens} mode {symm.mode}"
     local = slice(rank * EXPERTS // world, (rank + 1) * EXPERTS // world)
     inputs = _make_inputs(seed, tokens, top_k, unrouted)
@@ -64,7 +66,7 @@ def _compare(symm: Dispatcher, nccl: Dispatcher, tokens: list[int], seed: int, t
     (out_s, comb_s), (out_n, comb_n) = [
         (out, d.combine(_moe(out, w13, w2))) for d in (symm, nccl) for out in [d.dispatch(hidden, topk)]
     ]
-    assert isinstance(out_s.handle, SymmetricHandle), f"{what}: symmetric memory was not used"
+    assert isinstance(out_s.handle, (SymmetricHandle, GraphedHandle)), f"{what}: symmetric memory was not used"
     pairs = [(out_s.hidden_states, out_n.hidden_states), (out_s.topk_ids, out_n.topk_ids),
              (out_s.topk_weights, out_n.topk_weights)]  # fmt: skip
     if symm.mode == "low_latency":
@@ -76,6 +78,7 @@ def _compare(symm: Dispatcher, nccl: Dispatcher, tokens: list[int], seed: int, t
                     inputs, rank, world)  # fmt: skip
     reference = _single_rank_reference(inputs, *_make_weights(seed))[rank]
     torch.testing.assert_close(comb_s.cpu(), reference, atol=1e-5, rtol=1e-5, msg=what)
+    return type(out_s.handle)
 
 
 def _worker(rank: int, world: int, tokens: list[int], seed: int) -> None:
@@ -84,10 +87,16 @@ def _worker(rank: int, world: int, tokens: list[int], seed: int) -> None:
         options = {"num_experts": EXPERTS, "mode": mode, "max_tokens_per_rank": CAPACITY}
         symm = get_dispatcher("torch", ctx, transport="symm_mem", **options)
         nccl = get_dispatcher("torch", ctx, transport="nccl", **options)
-        for case, (top_k, unrouted) in enumerate([(1, False), (3, False), (2, True)]):
-            _compare(symm, nccl, tokens, seed + case, top_k, unrouted, rank, world)
-        if mode == "normal":  # more tokens than the first buffers hold: they grow, on every rank alike
-            _compare(symm, nccl, [t * 7 for t in tokens], seed + 5, 2, True, rank, world)
+        handles = [_compare(symm, nccl, tokens, seed + case, top_k, unrouted, rank, world)
+                   for case, (top_k, unrouted) in enumerate([(1, False), (3, False), (2, True), (2, False)])]
+        if mode == "normal":
+            # The first dispatch sizes the blocks eagerly; later small batches replay CUDA graphs (K=3 included).
+            assert handles[0] is SymmetricHandle and set(handles[1:]) == {GraphedHandle}, handles
+            # More tokens than the blocks hold (some ranks over GRAPH_MAX_TOKENS, others under it): the blocks
+            # grow on every rank alike, graphed ranks resend eagerly; then small batches replay new graphs.
+            grown = [t * 7 + 60 for t in tokens]  # the largest over 256 rows, others under
+            assert _compare(symm, nccl, grown, seed + 5, 2, True, rank, world) is SymmetricHandle
+            assert _compare(symm, nccl, tokens, seed + 6, 2, True, rank, world) is GraphedHandle
     _graph_replays(ctx, rank, world, tokens, seed)
     torch.cuda.synchronize()
     dist.barrier()

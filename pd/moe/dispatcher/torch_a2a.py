@@ -47,10 +47,12 @@ from pd.moe.dispatcher.payload import blank_row, pack_rows, row_layout, unpack_r
 from pd.moe.dispatcher.routing import expert_group, owner_rank, token_rank_mask
 from pd.moe.dispatcher.symm_exchange import (
     SymmetricExchange,
+    SymmetricMeta,
     exchange_for,
     meta_for,
     symmetric_memory_usable,
 )
+from pd.moe.dispatcher.symm_graphs import GRAPH_MAX_TOKENS, Bucket, SmallBatchGraphs, graphs_enabled, graphs_for
 from pd.moe.long_seq import LongSeqConfig, check_tokens_per_rank
 from pd.moe.topk import TopKOutput
 
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
 MODES = ("normal", "low_latency")
 TRANSPORTS = ("auto", "nccl", "symm_mem")  # "nccl" = all_to_all_single on any backend
 MIN_NORMAL_CAPACITY = 256  # normal mode's symmetric blocks start with this many rows and grow by powers of two
+assert MIN_NORMAL_CAPACITY >= GRAPH_MAX_TOKENS, "a graphed small batch must fit the blocks without growing them"
 
 
 def _all_to_all(
@@ -117,6 +120,17 @@ class SymmetricHandle:
     valid_N: torch.Tensor
     exchange: SymmetricExchange
     barrier: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class GraphedHandle:
+    """State for combine of a normal-mode batch that went through the small-batch graphs: T, the rows received,
+    and the graphs and bucket that hold the slots."""
+
+    num_tokens: int
+    num_rows: int
+    graphs: SmallBatchGraphs
+    bucket: Bucket
 
 
 @dataclass(frozen=True)
@@ -208,6 +222,10 @@ class TorchA2ADispatcher(Dispatcher):
             [T, H] model dtype in this rank's original token order, summed over ranks.
         """
         handle = combine_input.handle
+        if isinstance(handle, GraphedHandle):
+            x_NH = combine_input.hidden_states
+            assert x_NH.shape[0] == handle.num_rows, "combine input rows differ from the rows dispatch delivered"
+            return handle.graphs.combine(x_NH, handle.bucket, handle.num_tokens)
         if isinstance(handle, SymmetricHandle):
             return self._combine_symmetric(combine_input.hidden_states, handle)
         if isinstance(handle, LowLatencyHandle):
@@ -406,30 +424,55 @@ class TorchA2ADispatcher(Dispatcher):
         num_tokens, hidden = hidden_TH.shape
         ids_TK, top_k, device = topk.topk_ids, topk.topk_ids.shape[1], hidden_TH.device
         meta = meta_for(self.group, device)
-        # Slots per destination, and (rows, tokens) into every peer's meta. The rows go out at once into the
-        # buffers of the agreed capacity; rows past it are dropped and sent again below, once the buffers grew.
-        pos_RT = symm_kernels.route(ids_TK, meta.peer_ptrs, self.ep_rank, self.num_local_experts)
         capacity = meta.normal_capacity
-        if capacity:
-            self._send_normal(hidden_TH, topk, pos_RT, capacity)
-        meta.barrier()
-        # the counts stay for combine (peers rewrite this meta buffer at the next dispatch)
-        counts_R = meta.buffer[:, 0].clone()
-        received = meta.buffer.tolist()  # [[rows from source s, tokens on source s], ...]: the one host sync
+        graphs = bucket = None
+        if capacity and num_tokens <= GRAPH_MAX_TOKENS:
+            graphs = self._small_batch_graphs(meta, capacity, hidden_TH, top_k)
+        if graphs is not None:  # the steps below, replayed from CUDA graphs (pd.moe.dispatcher.symm_graphs)
+            received, bucket = graphs.send(hidden_TH, topk)
+            pos_RT, counts_R = bucket.pos, graphs.counts
+        else:
+            # Slots per destination, and (rows, tokens) into every peer's meta. The rows go out at once into the
+            # buffers of the agreed capacity; rows past it are dropped and sent again below, once they grew.
+            pos_RT = symm_kernels.route(ids_TK, meta.peer_ptrs, self.ep_rank, self.num_local_experts)
+            if capacity:
+                self._send_normal(hidden_TH, topk, pos_RT, capacity)
+            meta.barrier()
+            # the counts stay for combine (peers rewrite this meta buffer at the next dispatch)
+            counts_R = meta.buffer[:, 0].clone()
+            received = meta.buffer.tolist()  # [[rows from source s, tokens on source s], ...]: the one host sync
         # Every rank read every rank's token count, so all grow alike (growing is collective).
         most_tokens = max(tokens for _, tokens in received)
         if capacity == 0 or most_tokens > capacity:
             capacity = max(MIN_NORMAL_CAPACITY, 1 << max(0, most_tokens - 1).bit_length())
             meta.normal_capacity = capacity
-            self._send_normal(hidden_TH, topk, pos_RT, capacity)
+            if graphs is not None and bucket is not None:  # this batch goes on eagerly, in the grown buffers
+                graphs.resend(bucket, self._exchange(capacity, hidden_TH, top_k)[0])
+                assert bucket.pos is not None
+                pos_RT, counts_R, graphs = bucket.pos[:, :num_tokens].contiguous(), counts_R.clone(), None
+            else:
+                self._send_normal(hidden_TH, topk, pos_RT, capacity)
             meta.barrier()
+        num_rows = sum(rows for rows, _ in received)
+        if graphs is not None and bucket is not None:
+            recv_x, local_NK, weights_NK, _ = graphs.unpack(num_rows)
+            return DispatchOutput(recv_x, local_NK, weights_NK, GraphedHandle(num_tokens, num_rows, graphs, bucket))
         exchange, ids_at, _ = self._exchange(capacity, hidden_TH, top_k)
         recv_x, local_NK, weights_NK, valid_N = symm_kernels.unpack_rows(
-            exchange.dispatch_buffer, counts_R, sum(rows for rows, _ in received), hidden, hidden_TH.dtype, top_k,
-            self.ep_rank, self.num_local_experts, ids_at,
+            exchange.dispatch_buffer, counts_R, num_rows, hidden, hidden_TH.dtype, top_k, self.ep_rank,
+            self.num_local_experts, ids_at,
         )  # fmt: skip
         handle = SymmetricHandle(num_tokens, pos_RT, counts_R, valid_N, exchange, meta.barrier)
         return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+
+    def _small_batch_graphs(self, meta: SymmetricMeta, capacity: int, hidden_TH: torch.Tensor, top_k: int
+                            ) -> SmallBatchGraphs | None:  # fmt: skip
+        """The instance's graphs for this batch's shape, unless they are switched off or this call is itself
+        being captured."""
+        if not graphs_enabled() or torch.cuda.is_current_stream_capturing():
+            return None
+        exchange, ids_at, row_bytes = self._exchange(capacity, hidden_TH, top_k)
+        return graphs_for(exchange, meta, self.ep_rank, self.num_local_experts, top_k, ids_at, row_bytes)
 
     def _send_normal(self, hidden_TH: torch.Tensor, topk: TopKOutput, pos_RT: torch.Tensor, capacity: int) -> None:
         """Routed rows into the peers' blocks of the exchange with ``capacity`` rows per block (slots past it are
