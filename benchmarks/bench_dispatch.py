@@ -22,10 +22,11 @@ raw_all_to_all: what a deduplicating dispatcher must move, and nothing else: eac
 rank owning one of its experts (itself included), H elements per row, then the same rows back. Counts are
 exchanged untimed. It is the floor for the collectives our torch dispatcher is built on.
 
-Correctness: the first and the last warm-up iteration of every backend compare the combined output with the single-
-process reference x * sum_k w_k * s_{e_k}. All terms share the sign of x, so the bf16 error is a relative one: each
-rank's partial is rounded once and the home rank adds at most EP of them, so (EP + 2) * 2^-8 (bf16's unit roundoff)
-bounds it. A backend over the bound prints FAIL and fails the targets, so a fast but wrong dispatcher cannot pass.
+Correctness: the first and the last warm-up iteration of every backend compare the combined output with the
+single-process reference x * sum_k w_k * s_{e_k}. All terms share the sign of x, so the bf16 error is a relative
+one: each rank's partial is rounded once and the home rank adds at most EP of them, so (EP + 2) * 2^-8 (bf16's unit
+roundoff) bounds it. A backend over the bound prints FAIL and fails the targets, so a fast but wrong dispatcher
+cannot pass.
 
 Usage (one process per GPU, NCCL):
     python benchmarks/bench_dispatch.py [--ep N] [--tokens 128 1024 4096] [--out result.json]
