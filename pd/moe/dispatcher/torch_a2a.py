@@ -26,7 +26,8 @@ payload), so both modes dispatch with a single data all-to-all; the receiver der
 Transport: where every rank of the group is a CUDA device of one host, both modes move the same rows without
 NCCL: each rank writes them straight into the peers' buffers over symmetric memory (pd.moe.dispatcher.
 symm_exchange; normal mode sends before it learns the row counts, through a meta buffer, and then syncs the host
-once; low_latency never does). Elsewhere (gloo, HCCL, several hosts), and for normal mode with long-sequence rounds, the
+once, replaying CUDA graphs for batches of at most GRAPH_MAX_TOKENS tokens per rank (symm_graphs); low_latency
+never syncs). Elsewhere (gloo, HCCL, several hosts), and for normal mode with long-sequence rounds, the
 collectives are ``all_to_all_single``. Either way the DispatchOutput rows come in the same order.
 """
 
