@@ -19,7 +19,9 @@ buffers), so they may meet in one dispatch. A bucket reports its size as its tok
 growth, and blocks never hold fewer than GRAPH_MAX_TOKENS rows.
 
 One set of graphs serves every MoE layer of the instance (per group, block capacity and row shape): a dispatch's
-outputs are views of its buffers, valid until the next dispatch, as MoE layers run one after another.
+outputs are views of its buffers, valid until the next dispatch, as MoE layers run one after another. Their
+receive and combine-input buffers hold every row slot of the blocks (a peer on the eager path may send more than
+GRAPH_MAX_TOKENS rows), so they cost 2 x R x capacity rows per rank once large batches grew the blocks.
 """
 
 from __future__ import annotations
