@@ -193,9 +193,14 @@ class ServerArgs:
         return self.tp_size * self.pp_size
 
     @property
+    def attn_dp_size(self) -> int:
+        """Attention groups: dp_size under DP attention, else one."""
+        return self.dp_size if self.enable_dp_attention else 1
+
+    @property
     def attn_tp_size(self) -> int:
         """TP size of attention: the TP group is split into dp_size attention groups under DP attention."""
-        return self.tp_size // self.dp_size if self.enable_dp_attention else self.tp_size
+        return self.tp_size // self.attn_dp_size
 
     @property
     def moe_tp_size(self) -> int:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def rank_info(args: ServerArgs, rank: int) -> RankInfo:
-    return RankInfo(rank, args.tp_size, args.dp_size if args.enable_dp_attention else 1, args.ep_size, args.nnodes)
+    return RankInfo(rank, args.tp_size, args.attn_dp_size, args.ep_size, args.nnodes)
 
 
 def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:

@@ -28,13 +28,12 @@ class DisaggConfig:
         host = args.host
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostbyname(socket.gethostname())  # a wildcard bind is not an address peers can dial
-        dp_size = args.dp_size if args.enable_dp_attention else 1
         # The bootstrap server runs beside the HTTP front on node 0; a DP leader on another node announces
         # itself there (node 0 is --dist-init-addr's host).
         bootstrap_host = host if args.node_rank == 0 else node0_host(args)
         return cls(args.disaggregation_transfer_backend, host, args.disaggregation_bootstrap_port,
-                   args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout, dp_rank, dp_size,
-                   bootstrap_host)
+                   args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout, dp_rank,
+                   args.attn_dp_size, bootstrap_host)
 
 
 def kv_args(runner: ModelRunner, engine_rank: int = 0) -> KVArgs:
