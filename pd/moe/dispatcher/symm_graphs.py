@@ -117,15 +117,6 @@ class SmallBatchGraphs:
         torch.cuda.current_stream().synchronize()  # normal mode's one host sync: the counts
         return self.meta_host.tolist(), bucket
 
-    def resend(self, bucket: Bucket, exchange: SymmetricExchange) -> None:
-        """The bucket's rows again, eagerly, into another (grown) exchange."""
-        from pd.moe.dispatcher import symm_kernels
-
-        assert bucket.pos is not None
-        symm_kernels.send_rows(bucket.x, bucket.ids, bucket.weights, bucket.pos, exchange.dispatch_peer_ptrs,
-                               exchange.capacity, self.my_rank, self.num_local_experts, self.ids_at, self.row_bytes,
-                               all_rows=False)  # fmt: skip
-
     def unpack(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The ``num_rows`` rows received, as views of static buffers (hidden, local ids, weights, valid)."""
         from pd.moe.dispatcher import symm_kernels

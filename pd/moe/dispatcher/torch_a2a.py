@@ -448,8 +448,8 @@ class TorchA2ADispatcher(Dispatcher):
             capacity = max(MIN_NORMAL_CAPACITY, 1 << max(0, most_tokens - 1).bit_length())
             meta.normal_capacity = capacity
             if graphs is not None and bucket is not None:  # this batch goes on eagerly, in the grown buffers
-                graphs.resend(bucket, self._exchange(capacity, hidden_TH, top_k)[0])
                 assert bucket.pos is not None
+                self._send_normal(bucket.x, TopKOutput(bucket.ids, bucket.weights, None), bucket.pos, capacity)
                 pos_RT, counts_R, graphs = bucket.pos[:, :num_tokens].contiguous(), counts_R.clone(), None
             else:
                 self._send_normal(hidden_TH, topk, pos_RT, capacity)
