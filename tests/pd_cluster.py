@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from tests.server_process import free_port
+from tests.server_process import free_dist_init_addr, free_port
 
 
 @dataclass
@@ -102,7 +102,7 @@ def pd_cluster(
             args = ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bport), *instance_args,
                     *prefill_args)  # fmt: skip
             if prefill_nodes > 1:
-                args += ("--nnodes", str(prefill_nodes), "--dist-init-addr", f"127.0.0.1:{free_port()}")
+                args += ("--nnodes", str(prefill_nodes), "--dist-init-addr", free_dist_init_addr())
             url = f"http://127.0.0.1:{port}"
             cluster.prefill.append(start_proc(f"prefill-{i}", serve_argv(model_path, port, *args), url))
             for node in range(1, prefill_nodes):

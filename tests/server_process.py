@@ -20,6 +20,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_dist_init_addr() -> str:
+    """A loopback --dist-init-addr whose port and port + 1 are both free: a multi-node instance listens on both
+    (the rendezvous, and the HTTP front's link to other nodes' DP leaders)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return f"127.0.0.1:{port}"
+
+
 @contextlib.contextmanager
 def pd_process(args: list[str], port: int, health_path: str = "/health", timeout: float = 180.0) -> Iterator[str]:
     """Runs `python -m pd ARGS`, waits until GET health_path answers 200, yields the base URL, then stops it.

@@ -10,13 +10,13 @@ import pytest
 
 from pd.dist.leader_link import RemoteLeaderListener, connect_to_front, link_address
 from pd.server_args import ServerArgs
-from tests.server_process import free_port
+from tests.server_process import free_dist_init_addr
 from tests.test_server_args import parse
 
 
 def _args(tp: int = 4, dp: int = 4) -> ServerArgs:
     return parse(f"--tp {tp} --dp-size {dp} --enable-dp-attention --nnodes 2 "
-                 f"--dist-init-addr 127.0.0.1:{free_port()}")  # fmt: skip
+                 f"--dist-init-addr {free_dist_init_addr()}")  # fmt: skip
 
 
 def test_expected_leaders_connect_and_messages_flow_both_ways() -> None:

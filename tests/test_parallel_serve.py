@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.server_process import free_port, pd_serve
+from tests.server_process import free_dist_init_addr, free_port, pd_serve
 from tests.test_serve_parity import _generate_all
 from tests.tiny_checkpoints import make_checkpoint
 
@@ -94,7 +94,7 @@ def _serve_cmd(path: str, port: int, *extra: str) -> list[str]:
     "--tp 2 --ep 2 --moe-a2a-backend torch --dp-size 2 --enable-dp-attention",
 ])  # fmt: skip
 def test_two_nodes_on_one_machine_serve_the_one_process_tokens(case: Case, layout: str) -> None:
-    addr = f"127.0.0.1:{free_port()}"
+    addr = free_dist_init_addr()
     multi = (*layout.split(), "--nnodes", "2", "--dist-init-addr", addr)
     node1 = subprocess.Popen(_serve_cmd(case.path, free_port(), *multi, "--node-rank", "1"))
     try:
