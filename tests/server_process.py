@@ -64,9 +64,22 @@ def pd_process(args: list[str], port: int, health_path: str = "/health", timeout
         os.unlink(log.name)
 
 
+PORT_ATTEMPTS = 3  # a port free when picked can be taken by another process before the server binds it
+
+
 @contextlib.contextmanager
 def pd_serve(model_path: str, *extra: str) -> Iterator[str]:
-    port = free_port()
-    args = ["serve", "--model-path", model_path, "--device", "cpu", "--dtype", "float32", "--port", str(port), *extra]
-    with pd_process(args, port) as url:
-        yield url
+    """`pd serve` on a free port; started again on another port if the picked one was taken meanwhile."""
+    for attempt in range(PORT_ATTEMPTS):
+        port = free_port()
+        args = ["serve", "--model-path", model_path, "--device", "cpu", "--dtype", "float32", "--port", str(port),
+                *extra]  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            try:
+                url = stack.enter_context(pd_process(args, port))
+            except RuntimeError as e:
+                if "address already in use" in str(e) and attempt + 1 < PORT_ATTEMPTS:
+                    continue
+                raise
+            yield url
+            return
