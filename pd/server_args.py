@@ -409,7 +409,6 @@ _NOT_IMPLEMENTED: tuple[tuple[str, Callable[[ServerArgs], bool]], ...] = (
     ("--moe-runner-backend {a.moe_runner_backend}", lambda a: a.moe_runner_backend not in ("torch", "cpu_packed")),
     ("--enable-two-batch-overlap", lambda a: a.enable_two_batch_overlap),
     ("--enable-single-batch-overlap", lambda a: a.enable_single_batch_overlap),
-    ("--enable-eplb", lambda a: a.enable_eplb),
     ("--speculative-moe-runner-backend", lambda a: a.speculative_moe_runner_backend is not None),
     ("--device npu", lambda a: a.device == "npu"),
 )

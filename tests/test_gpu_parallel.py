@@ -17,10 +17,15 @@ pytestmark = pytest.mark.gpu
 GPU_ARGS = ("--device", "cuda", "--max-total-tokens", "16384")
 FP32_LAYOUTS = {
     2: ["--tp 2 --ep 2", "--tp 2 --ep 2 --moe-a2a-backend torch", "--tp 2 --dp-size 2 --enable-dp-attention",
-        "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch"],
+        "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
+        # EPLB: expert weights move between GPUs (NCCL point-to-point) every 3 forwards, mid-request
+        "--tp 2 --ep 2 --moe-a2a-backend torch --enable-eplb --ep-num-redundant-experts 2 "
+        "--eplb-rebalance-num-iterations 3"],
     4: ["--tp 4 --ep 4 --moe-a2a-backend torch", "--tp 4 --ep 2 --moe-a2a-backend none",
         "--tp 4 --dp-size 4 --enable-dp-attention --ep 4 --moe-a2a-backend torch",
-        "--tp 4 --dp-size 2 --enable-dp-attention --ep 4 --moe-a2a-backend torch"],
+        "--tp 4 --dp-size 2 --enable-dp-attention --ep 4 --moe-a2a-backend torch",
+        "--tp 4 --ep 4 --moe-a2a-backend torch --enable-eplb --ep-num-redundant-experts 4 "
+        "--eplb-rebalance-num-iterations 3"],
     # The tiny checkpoints have 4 attention heads: at 8 ranks attention runs in DP groups of at most 4.
     8: ["--tp 8 --ep 8 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
         "--tp 8 --ep 8 --dp-size 8 --enable-dp-attention --moe-a2a-backend torch"],

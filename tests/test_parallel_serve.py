@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,6 +106,23 @@ def test_two_nodes_on_one_machine_serve_the_one_process_tokens(case: Case, layou
     finally:
         if node1.poll() is None:
             node1.kill()
+
+
+@pytest.mark.parametrize("layout", [
+    "--tp 2 --ep 2 --moe-a2a-backend torch --ep-num-redundant-experts 2",
+    "--tp 4 --ep 2 --moe-a2a-backend none --ep-num-redundant-experts 2",  # replicas chosen per token, EP < TP
+    "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch --ep-num-redundant-experts 2",
+])  # fmt: skip
+def test_eplb_rebalancing_while_serving_keeps_the_one_process_tokens(case: Case, layout: str) -> None:
+    """Rebalances every 3 forwards, so expert weights move between ranks in the middle of the requests."""
+    port = free_port()
+    cmd = _serve_cmd(case.path, port, *layout.split(), "--enable-eplb", "--eplb-rebalance-num-iterations", "3")
+    with _logged_server(cmd, port) as (_, log):
+        got = case.run(f"http://127.0.0.1:{port}")
+        text = open(log).read()
+    assert got == case.expected, f"seed {case.seed}, {layout}"
+    moved = [int(m) for m in re.findall(r"EPLB: rebalanced .*; (\d+) expert slots moved", text)]
+    assert len(moved) >= 3 and max(moved) > 0, text[-3000:]
 
 
 def _children(pid: int) -> list[int]:

@@ -184,13 +184,13 @@ NOT_YET = [
     ("--pp-size 2", ["--pp-size 2"]),
     ("--tp 2 --ep 2 --moe-a2a-backend torch --enable-two-batch-overlap", ["--enable-two-batch-overlap"]),
     ("--tp 2 --ep 2 --moe-a2a-backend torch --enable-single-batch-overlap", ["--enable-single-batch-overlap"]),
-    ("--tp 2 --ep 2 --enable-eplb", ["--enable-eplb"]),
     ("--speculative-moe-runner-backend torch", ["--speculative-moe-runner-backend"]),
 ]
 
 PARALLEL_NOW_ACCEPTED = [
     "--tp 2",
     "--tp 2 --ep 2 --moe-a2a-backend torch",
+    "--tp 2 --ep 2 --enable-eplb --ep-num-redundant-experts 2",
     "--tp 4 --ep 2",
     "--tp 2 --dp-size 2 --enable-dp-attention",
     "--tp 4 --dp-size 2 --enable-dp-attention",

@@ -18,7 +18,7 @@ from pd.dist.step_sync import StepSync
 from pd.dist.topology import RankInfo
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.model_runner import ModelRunner, RunnerConfig
-from pd.moe.context import ModeSwitch, MoeContext
+from pd.moe.context import EplbConfig, ModeSwitch, MoeContext
 from pd.moe.long_seq import long_seq_config_from_env
 from pd.server_args import ServerArgs
 
@@ -53,7 +53,19 @@ def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:
         token_layout=layout,
         attn_group=groups.attn,
         mode_switch=ModeSwitch() if args.deepep_mode == "auto" else None,
+        eplb=eplb_config(args),
     )
+
+
+def eplb_config(args: ServerArgs) -> EplbConfig | None:
+    """Physical expert placement (pd.moe.eplb) when EPLB or redundant experts are asked for, else None."""
+    if not args.enable_eplb and args.ep_num_redundant_experts == 0:
+        return None
+    # EP ranks are laid out node after node, so they span every node when their count splits over the nodes.
+    nodes = args.nnodes if args.ep_size % args.nnodes == 0 else 1
+    return EplbConfig(redundant_experts=args.ep_num_redundant_experts,
+                      rebalance_every=args.eplb_rebalance_num_iterations if args.enable_eplb else 0,
+                      num_nodes=nodes)  # fmt: skip
 
 
 @dataclass

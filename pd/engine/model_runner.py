@@ -16,6 +16,7 @@ from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
 from pd.models.loader import load_model
 from pd.moe.context import MoeContext
+from pd.moe.eplb.manager import EplbManager
 from pd.moe.layer import FusedMoE
 
 if TYPE_CHECKING:
@@ -76,9 +77,12 @@ class ModelRunner:
         self.mode_switch = moe_ctx.mode_switch
         self.model = load_model(self.model_config, cfg.dtype, self.device, moe_ctx,
                                 max_position=max(self.context_length, model_max), tp=tp)
-        for module in self.model.modules():
-            if isinstance(module, FusedMoE):
-                module.finalize_weights()
+        moe_layers = [m for m in self.model.modules() if isinstance(m, FusedMoE)]
+        for module in moe_layers:
+            module.finalize_weights()
+        self.eplb: EplbManager | None = None
+        if moe_ctx.eplb is not None and moe_ctx.eplb.rebalance_every > 0 and moe_layers:
+            self.eplb = EplbManager(moe_layers, moe_ctx, moe_ctx.eplb)
         if self.device.type == "cpu":
             # oneDNN-packed weights run decode-sized (few-row) GEMMs ~2-3x faster than F.linear on CPU.
             pack_linears_for_cpu(self.model)
@@ -150,6 +154,8 @@ class ModelRunner:
         followers only take part in the collectives; the leader samples)."""
         self.num_forwards += 1
         hidden = self.model(batch)
+        if self.eplb is not None:
+            self.eplb.after_forward()  # collective every N forwards: every rank runs the same forwards
         if not logits:
             return hidden[:0]
         return self.model.compute_logits(hidden[batch.logits_index])
@@ -164,6 +170,8 @@ class ModelRunner:
         self.set_mode(mode)
         self.num_forwards += 1
         self.model(empty_forward_batch(self.kv_cache))
+        if self.eplb is not None:
+            self.eplb.after_forward()
 
     # ---- KV pages that arrived on the leader only (decode instances) ----
     def share_pages(self, pages: list[int]) -> None:

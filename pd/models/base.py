@@ -88,4 +88,4 @@ class CausalLM(nn.Module):
             return False
         progress = self._expert_progress(module)
         shards = sum(1 for key in progress if isinstance(key, tuple))
-        return "fused" in progress or shards == 3 * module.num_local_experts
+        return "fused" in progress or shards == 3 * module.num_local_logical_experts

@@ -15,6 +15,25 @@ if TYPE_CHECKING:
 A2A_MODES = ("normal", "low_latency", "auto")
 
 
+@dataclass(frozen=True)
+class EplbConfig:
+    """Expert placement with redundant experts (pd.moe.eplb).
+
+    Attributes:
+        redundant_experts: N extra physical expert slots per MoE layer (P = E + N, P / ep per rank).
+        rebalance_every: forwards between rebalances from the recorded load; 0 = keep the start-up placement.
+        num_nodes: nodes the EP ranks span (the hierarchical policy keeps an expert group on one node).
+    """
+
+    redundant_experts: int = 0
+    rebalance_every: int = 0
+    num_nodes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.redundant_experts < 0 or self.rebalance_every < 0 or self.num_nodes < 1:
+            raise ValueError(f"invalid {self}")
+
+
 class ModeSwitch:
     """Which dispatch mode the current forward uses under ``--deepep-mode auto``: set by the model runner before
     each forward (the same on every rank), read by every MoE layer. One object shared by an instance's layers."""
@@ -37,6 +56,8 @@ class MoeContext:
 
     ``token_layout`` says how a forward's tokens reach the dispatcher across ranks (pd.moe.token_layout);
     ``attn_group`` is the ranks holding the same tokens as this one (None when they are its own).
+    With ``eplb`` set, each layer holds E + redundant_experts physical slots placed by pd.moe.eplb instead
+    (the contiguous helpers below then describe slots, not logical experts).
     ``a2a_mode`` is the dispatch mode of the "torch" and "deepep" backends ("auto": per forward, from
     ``mode_switch``); ``max_tokens_per_rank`` their low-latency capacity; ``long_seq`` the normal-mode rounds.
 
@@ -57,6 +78,7 @@ class MoeContext:
     token_layout: str = "as_is"
     attn_group: ProcessGroup | None = field(default=None, compare=False, hash=False, repr=False)
     mode_switch: ModeSwitch | None = field(default=None, compare=False, hash=False, repr=False)
+    eplb: EplbConfig | None = None  # None: expert e on rank e // (E / ep), no load recorded
     # Objects every MoE layer of an instance shares, made by the first layer that needs one (DeepEP's
     # communication buffers pin and register device memory with every peer: one per process, not per layer).
     shared: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)

@@ -12,6 +12,7 @@ from pd.moe import token_layout
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher import get_dispatcher
 from pd.moe.dispatcher.base import Dispatcher
+from pd.moe.eplb.placement import LayerPlacement, trivial_phy2log
 from pd.moe.runner import get_runner
 from pd.moe.topk import TopKConfig, select_experts
 
@@ -68,6 +69,9 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> 
 class FusedMoE(nn.Module):
     """Routed experts of one layer, holding only this rank's experts.
 
+    With ``ctx.eplb`` the layer has P = E + redundant physical expert slots, P / ep per rank, filled and routed
+    by ``placement`` (pd.moe.eplb.placement); E_local below is then this rank's slot count.
+
     Parameters (dtype and device follow the ambient torch defaults, like nn.Linear; filled by the loaders):
         w13_weight: [E_local, 2*I, H] gate rows [0:I], up rows [I:2I]; I = this rank's share of the
             intermediate size (the whole of it unless ctx.moe_tp_size > 1).
@@ -75,7 +79,7 @@ class FusedMoE(nn.Module):
         e_score_correction_bias (buffer, only with has_correction_bias): [E] float32, used for selection only.
 
     Raises:
-        ValueError: ctx.ep_size does not divide num_experts, or an unknown dispatcher/runner name.
+        ValueError: ctx.ep_size does not divide the physical expert count, or an unknown dispatcher/runner name.
     """
 
     def __init__(
@@ -95,11 +99,18 @@ class FusedMoE(nn.Module):
         self.topk_config = topk
         self.ctx = ctx
         self.activation = activation
-        self.num_local_experts = ctx.num_local(num_experts)
+        redundant = ctx.eplb.redundant_experts if ctx.eplb is not None else 0
+        self.num_physical_experts = num_experts + redundant
+        if redundant and self.num_physical_experts % ctx.ep_size:
+            raise ValueError(
+                f"{num_experts} experts + {redundant} redundant = {self.num_physical_experts} physical experts, not a "
+                f"multiple of --ep-size {ctx.ep_size}; choose --ep-num-redundant-experts so that it is"
+            )
+        self.num_local_experts = ctx.num_local(self.num_physical_experts)
         # The slice of each expert's intermediate rows this rank holds (all of them unless EP < TP).
         self.local_intermediate = ctx.local_intermediate(intermediate_size)
         self.inter_start = ctx.moe_tp_rank * self.local_intermediate
-        self.dispatchers = _build_dispatchers(ctx, num_experts, hidden_size)
+        self.dispatchers = _build_dispatchers(ctx, self.num_physical_experts, hidden_size)
         self.runner = get_runner(ctx.runner)
 
         n_local, inter = self.num_local_experts, self.local_intermediate
@@ -110,6 +121,12 @@ class FusedMoE(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self.placement: LayerPlacement | None = None
+        if ctx.eplb is not None:
+            device = self.w13_weight.device
+            self.placement = LayerPlacement(trivial_phy2log(num_experts, self.num_physical_experts), num_experts,
+                                            ctx.ep_rank, ctx.ep_size, device,
+                                            tokens_on_every_rank=ctx.dispatcher == "none")  # fmt: skip
 
     def forward(self, hidden_TH: torch.Tensor, router_logits_TE: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the routed experts' outputs.
@@ -124,6 +141,8 @@ class FusedMoE(nn.Module):
         layout, group, attn_group = self.ctx.token_layout, self.ctx.group, self.ctx.attn_group
         hidden_NH, router_logits_NE, state = token_layout.enter(layout, group, attn_group, hidden_TH, router_logits_TE)
         topk = select_experts(router_logits_NE, self.topk_config, self.e_score_correction_bias)
+        if self.placement is not None:
+            topk = self.placement.route(topk)
         dispatcher = self.dispatcher
         dispatched = dispatcher.dispatch(hidden_NH, topk)
         combine_input = self.runner.run(dispatched, self.w13_weight, self.w2_weight, self.activation)
@@ -161,20 +180,37 @@ class FusedMoE(nn.Module):
         """
         if shard not in _SHARDS:
             raise ValueError(f"{name}: shard must be one of {_SHARDS}, got {shard!r}")
-        local = self.ctx.local_expert_index(expert_id, self.num_experts)
-        if local is None:
+        slots = self._local_slots_of(expert_id)
+        if not slots:
             return False
         inter, hidden = self.intermediate_size, self.hidden_size
         part = slice(self.inter_start, self.inter_start + self.local_intermediate)
         n = self.local_intermediate
-        if shard == "down":
-            _check_shape(name, tensor, (hidden, inter))
-            self.w2_weight[local].copy_(tensor[:, part])
-        else:
-            _check_shape(name, tensor, (inter, hidden))
-            rows = slice(0, n) if shard == "gate" else slice(n, 2 * n)
-            self.w13_weight[local, rows].copy_(tensor[part])
+        for local in slots:
+            if shard == "down":
+                _check_shape(name, tensor, (hidden, inter))
+                self.w2_weight[local].copy_(tensor[:, part])
+            else:
+                _check_shape(name, tensor, (inter, hidden))
+                rows = slice(0, n) if shard == "gate" else slice(n, 2 * n)
+                self.w13_weight[local, rows].copy_(tensor[part])
         return True
+
+    def _local_slots_of(self, expert_id: int) -> list[int]:
+        """This rank's slots holding logical ``expert_id`` (several with replicas on one rank; none elsewhere)."""
+        if self.placement is None:
+            local = self.ctx.local_expert_index(expert_id, self.num_experts)
+            return [] if local is None else [local]
+        if not 0 <= expert_id < self.num_experts:
+            raise ValueError(f"expert id {expert_id} outside [0, {self.num_experts})")
+        return torch.nonzero(self.placement.local_slots() == expert_id).flatten().tolist()
+
+    @property
+    def num_local_logical_experts(self) -> int:
+        """Distinct logical experts this rank holds (fewer than its slots when it holds two replicas of one)."""
+        if self.placement is None:
+            return self.num_local_experts
+        return int(self.placement.local_slots().unique().numel())
 
     @torch.no_grad()
     def load_fused(self, gate_up_EXH: torch.Tensor, down_EHI: torch.Tensor, prefix: str = "experts") -> None:
@@ -195,11 +231,15 @@ class FusedMoE(nn.Module):
         num, inter, hidden = self.num_experts, self.intermediate_size, self.hidden_size
         _check_shape(f"{prefix}.gate_up_proj", gate_up_EXH, (num, 2 * inter, hidden))
         _check_shape(f"{prefix}.down_proj", down_EHI, (num, hidden, inter))
-        start, end = self.ctx.local_expert_range(num)
+        if self.placement is None:
+            start, end = self.ctx.local_expert_range(num)
+            local = torch.arange(start, end)
+        else:
+            local = self.placement.local_slots()
         part = slice(self.inter_start, self.inter_start + self.local_intermediate)
-        gate_up = gate_up_EXH[start:end]
+        gate_up = gate_up_EXH[local.to(gate_up_EXH.device)]
         self.w13_weight.copy_(torch.cat((gate_up[:, :inter][:, part], gate_up[:, inter:][:, part]), dim=1))
-        self.w2_weight.copy_(down_EHI[start:end][:, :, part])
+        self.w2_weight.copy_(down_EHI[local.to(down_EHI.device)][:, :, part])
 
     @torch.no_grad()
     def load_correction_bias(self, name: str, bias_E: torch.Tensor) -> None:

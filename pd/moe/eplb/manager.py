@@ -1,0 +1,112 @@
+"""The expert-parallel load balancer of one rank: every N forwards, rebalance every MoE layer's placement.
+
+Every rank of the EP group runs the same forwards (DP-attention groups without work run empty ones), so every
+rank reaches the N-th forward together and rebalances between two forwards, with no request dropped: the
+running batch simply waits. A rebalance sums the load every rank recorded (one all-reduce), computes the new
+placement on every rank from that same sum (pd.moe.eplb.algorithm, deterministic), moves the weights
+(pd.moe.eplb.migrate) and switches routing. It logs the balancedness (mean / max GPU load, 1.0 = even):
+measured under the old placement, and expected under the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pd.moe.context import EplbConfig, MoeContext
+from pd.moe.eplb.algorithm import rebalance_experts
+from pd.moe.eplb.migrate import migrate, plan_moves
+from pd.moe.layer import FusedMoE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RebalanceReport:
+    forwards: int  # forwards whose load this rebalance used
+    balancedness_before: float  # measured: mean / max GPU load under the old placement, averaged over layers
+    balancedness_after: float  # expected under the new placement (an expert's load split evenly over replicas)
+    moved: int  # expert slots filled from another rank, all layers
+    seconds: float
+
+
+def balancedness(gpu_load_LG: torch.Tensor) -> float:
+    """Mean over layers of (mean GPU load / max GPU load); 1.0 for layers without load."""
+    load = gpu_load_LG.double()
+    peak = load.max(dim=-1).values
+    ratio = torch.where(peak > 0, load.mean(dim=-1) / peak.clamp(min=1e-30), torch.ones_like(peak))
+    return float(ratio.mean())
+
+
+class EplbManager:
+    """Counts forwards and rebalances ``layers`` (this rank's MoE layers, model order) every ``rebalance_every``."""
+
+    def __init__(self, layers: list[FusedMoE], ctx: MoeContext, config: EplbConfig) -> None:
+        assert layers and all(layer.placement is not None for layer in layers)
+        self.layers, self.ctx, self.config = layers, ctx, config
+        self.num_groups = layers[0].topk_config.num_expert_group or 1
+        self.forwards = 0
+        self.last_rebalance = 0  # self.forwards at the last rebalance
+
+    def after_forward(self) -> RebalanceReport | None:
+        self.forwards += 1
+        every = self.config.rebalance_every
+        if every > 0 and self.forwards % every == 0:
+            return self.rebalance()
+        return None
+
+    @torch.no_grad()
+    def rebalance(self, logical_load_LE: torch.Tensor | None = None) -> RebalanceReport | None:
+        """Collective over the EP group. ``logical_load_LE``: use this load instead of the recorded one (the same
+        on every rank; tests and offline placement). Returns None when no load was recorded."""
+        start = time.perf_counter()
+        ctx, layers = self.ctx, self.layers
+        recorded = [layer.placement.take_load() for layer in layers]  # type: ignore[union-attr]
+        logical_LE = torch.stack([r[0] for r in recorded])
+        physical_LP = torch.stack([r[1] for r in recorded])
+        if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
+            both = torch.cat([logical_LE, physical_LP], dim=1)
+            dist.all_reduce(both, group=ctx.group)
+            logical_LE, physical_LP = both.split([logical_LE.shape[1], physical_LP.shape[1]], dim=1)
+        if logical_load_LE is not None:
+            logical_LE = logical_load_LE
+        elif int(logical_LE.sum()) == 0:
+            logger.debug("EPLB: no expert load recorded in the last %d forwards; placement kept",
+                        self.forwards - self.last_rebalance)
+            self.last_rebalance = self.forwards
+            return None
+        num_physical = layers[0].placement.num_physical  # type: ignore[union-attr]
+        ep = ctx.ep_size
+        phy2log_LP, _, count_LE = rebalance_experts(logical_LE, num_physical, self.num_groups,
+                                                    self.config.num_nodes, ep)  # fmt: skip
+        moved = 0
+        for layer, new_P in zip(layers, phy2log_LP, strict=True):
+            placement = layer.placement
+            assert placement is not None
+            plan = plan_moves(placement.phy2log, new_P, ep)
+            moved += plan.num_moved
+            if plan.num_moved or not torch.equal(placement.phy2log, new_P):
+                w13, w2 = migrate([layer.w13_weight.data, layer.w2_weight.data], plan, ctx.ep_rank, ctx.moe_tp_rank,
+                                  ctx.moe_tp_size, ctx.group)  # fmt: skip
+                layer.w13_weight.data.copy_(w13)
+                layer.w2_weight.data.copy_(w2)
+                placement.set(new_P)
+                layer.finalize_weights()
+        share_LP = (logical_LE.double().cpu() / count_LE).gather(1, phy2log_LP)
+        report = RebalanceReport(
+            forwards=self.forwards - self.last_rebalance,
+            balancedness_before=balancedness(physical_LP.cpu().view(len(layers), ep, -1).sum(-1)),
+            balancedness_after=balancedness(share_LP.view(len(layers), ep, -1).sum(-1)),
+            moved=moved,
+            seconds=time.perf_counter() - start,
+        )
+        self.last_rebalance = self.forwards
+        log = logger.info if ctx.ep_rank == 0 and ctx.moe_tp_rank == 0 else logger.debug  # one line per instance
+        log("EPLB: rebalanced %d MoE layers after %d forwards in %.2f s: balancedness (mean/max GPU load) %.3f "
+            "measured before, %.3f expected after; %d expert slots moved between ranks", len(layers), report.forwards,
+            report.seconds, report.balancedness_before, report.balancedness_after, moved)  # fmt: skip
+        return report

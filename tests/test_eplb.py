@@ -1,0 +1,140 @@
+"""EPLB: the placement policy against DeepSeek's published example and brute force, and MoE layers on several
+gloo ranks whose experts are rebalanced (weights moved between ranks) still matching the one-rank layer."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pd.moe.context import EplbConfig, MoeContext
+from pd.moe.eplb.algorithm import rebalance_experts, replicate_experts
+from pd.moe.eplb.manager import EplbManager, balancedness
+from pd.moe.eplb.placement import dispatch_map, trivial_phy2log
+from pd.moe.layer import FusedMoE
+from pd.moe.topk import TopKConfig
+from tests.test_dispatchers import _spawn
+
+
+def test_hierarchical_policy_reproduces_deepseeks_published_example() -> None:
+    # deepseek-ai/EPLB README: two layers of 12 experts, 16 slots, 4 groups, 2 nodes of 4 GPUs.
+    weight = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                           [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])  # fmt: skip
+    phy2log, log2phy, count = rebalance_experts(weight, 16, 4, 2, 8)
+    published = torch.tensor([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                              [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])  # fmt: skip
+    assert torch.equal(phy2log, published)
+    for layer in range(2):
+        for expert in range(12):
+            slots = [s for s in log2phy[layer, expert].tolist() if s >= 0]
+            assert slots == [s for s in range(16) if phy2log[layer, s] == expert]
+            assert len(slots) == count[layer, expert]
+
+
+def test_replication_minimises_the_largest_load_per_replica_like_brute_force() -> None:
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    for experts, slots in ((3, 5), (4, 7), (5, 9)):
+        weight = torch.randint(1, 1000, (6, experts), generator=gen).double()
+        _, _, count = replicate_experts(weight, slots)
+        for row in range(weight.shape[0]):
+            best = min(
+                max(w / c for w, c in zip(weight[row].tolist(), counts, strict=True))
+                for counts in itertools.product(range(1, slots - experts + 2), repeat=experts)
+                if sum(counts) == slots
+            )
+            assert float((weight[row] / count[row]).max()) == pytest.approx(best)
+
+
+@pytest.mark.parametrize(("experts", "slots", "groups", "nodes", "gpus"),
+                         [(16, 20, 4, 2, 4), (16, 24, 8, 2, 8), (8, 10, 1, 1, 2), (12, 18, 3, 2, 6)])  # fmt: skip
+def test_placement_is_complete_balanced_and_keeps_groups_on_their_node(
+    experts: int, slots: int, groups: int, nodes: int, gpus: int
+) -> None:
+    load = (torch.rand(3, experts) ** 4 * 1000).round() + 1  # skewed: a few hot experts
+    phy2log, _, count = rebalance_experts(load, slots, groups, nodes, gpus)
+    assert phy2log.shape == (3, slots)
+    for layer in range(3):
+        assert torch.equal(torch.bincount(phy2log[layer], minlength=experts), count[layer])
+        assert int(count[layer].min()) >= 1
+        share = (load[layer] / count[layer])[phy2log[layer]]
+        trivial = load[layer][trivial_phy2log(experts, slots)]
+        before = balancedness(trivial.view(1, gpus, -1).sum(-1))
+        after = balancedness(share.view(1, gpus, -1).sum(-1))
+        assert after >= before - 1e-9, (after, before)
+        if groups % nodes == 0:  # hierarchical: every slot of a group's experts on the group's node
+            node_of_slot = torch.arange(slots) // (slots // nodes)
+            group_of_slot = phy2log[layer] // (experts // groups)
+            for group in range(groups):
+                assert len(set(node_of_slot[group_of_slot == group].tolist())) == 1
+
+
+def test_dispatch_map_prefers_a_local_replica_and_spreads_the_rest() -> None:
+    phy2log = torch.tensor([0, 1, 2, 0, 3, 4, 0, 5])  # 4 ranks x 2 slots; expert 0 on ranks 0, 1, 3
+    maps = [dispatch_map(phy2log, 6, rank, 4) for rank in range(4)]
+    # ranks 0, 1, 3 use their own; rank 2 takes replica number (2 + 0) % 3 of slots [0, 3, 6]
+    assert [int(m[0]) for m in maps] == [0, 3, 6, 6]
+    for rank, m in enumerate(maps):
+        assert torch.equal(phy2log[m], torch.arange(6)), rank
+
+
+# ---- layers on several ranks ----------------------------------------------------------------------------------
+
+HIDDEN, INTER, EXPERTS, TOP_K = 16, 16, 8, 3
+
+
+def _full_weights(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) / 4,
+            torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) / 4)  # fmt: skip
+
+
+def _layer(ctx: MoeContext, weights: tuple[torch.Tensor, torch.Tensor]) -> FusedMoE:
+    layer = FusedMoE(EXPERTS, HIDDEN, INTER, TopKConfig(top_k=TOP_K), ctx)
+    layer.load_fused(*weights)
+    layer.finalize_weights()
+    return layer
+
+
+def _worker_rebalance(rank: int, world: int, ep: int, backend: str, seed: int) -> None:
+    moe_tp = world // ep
+    ctx = MoeContext(ep_rank=rank // moe_tp, ep_size=ep, dispatcher=backend, group=dist.group.WORLD,
+                     moe_tp_rank=rank % moe_tp, moe_tp_size=moe_tp, eplb=EplbConfig(redundant_experts=ep))  # fmt: skip
+    weights = _full_weights(seed)
+    layer, reference = _layer(ctx, weights), _layer(MoeContext(), weights)
+    manager = EplbManager([layer], ctx, ctx.eplb)  # type: ignore[arg-type]
+    # The "none" backend needs the same tokens on every rank; the all-to-all takes each rank's own.
+    gen = torch.Generator().manual_seed(seed + (rank if backend == "torch" else 0))
+
+    def check(tokens: int) -> None:
+        hidden = torch.randn(tokens, HIDDEN, generator=gen)
+        logits = torch.randn(tokens, EXPERTS, generator=gen) * 3
+        torch.testing.assert_close(layer(hidden, logits), reference(hidden, logits), rtol=1e-5, atol=1e-5)
+
+    check(20)
+    before = layer.placement.phy2log.clone()  # type: ignore[union-attr]
+    hot = torch.zeros(1, EXPERTS, dtype=torch.int64)
+    # Two hot experts among those without a start-up replica (the first ep experts have one), so slots must move.
+    hot[0, ep + torch.randperm(EXPERTS - ep, generator=torch.Generator().manual_seed(seed))[:2]] = 1000
+    report = manager.rebalance(hot + 1)
+    assert report is not None and report.moved > 0
+    after = layer.placement.phy2log  # type: ignore[union-attr]
+    assert not torch.equal(before, after)
+    assert int((hot[0] > 0)[after].sum()) == 2 + ep  # every redundant slot went to the hot experts
+    check(33)
+    check(1)
+    report = manager.rebalance()  # from the load recorded by the three checks
+    assert report is not None and 0 < report.balancedness_before <= 1
+    check(17)
+
+
+@pytest.mark.parametrize(("world", "ep", "backend"), [(2, 2, "torch"), (4, 2, "none"), (4, 4, "torch")])
+def test_layers_rebalanced_across_ranks_match_the_one_rank_layer(world: int, ep: int, backend: str) -> None:
+    _spawn(world, _worker_rebalance, ep, backend, int(torch.randint(0, 2**31, ()).item()))
+
+
+def test_redundant_experts_must_fill_every_rank_equally() -> None:
+    ctx = MoeContext(ep_rank=0, ep_size=4, dispatcher="single_rank", eplb=EplbConfig(redundant_experts=2))
+    with pytest.raises(ValueError, match="--ep-num-redundant-experts"):
+        FusedMoE(EXPERTS, HIDDEN, INTER, TopKConfig(top_k=TOP_K), ctx)
