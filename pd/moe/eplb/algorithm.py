@@ -146,15 +146,23 @@ def rebalance_experts(
     if num_nodes < 1 or num_gpus % num_nodes:
         raise ValueError(f"{num_gpus} GPUs do not split evenly over {num_nodes} nodes")
     weight_LE = weight_LE.detach().double().cpu()
-    if num_groups > 0 and experts % num_groups == 0 and num_groups % num_nodes == 0:
-        phy2log_LP, count_LE = _hierarchical(weight_LE, num_physical, num_groups, num_nodes, num_gpus)
-    else:  # one group on one "node": a global policy
-        phy2log_LP, count_LE = _hierarchical(weight_LE, num_physical, 1, 1, num_gpus)
+    hierarchical = num_groups > 0 and experts % num_groups == 0 and num_groups % num_nodes == 0
+    with torch.device("cpu"):  # host-side arithmetic whatever the ambient device
+        if hierarchical:
+            phy2log_LP, count_LE = _hierarchical(weight_LE, num_physical, num_groups, num_nodes, num_gpus)
+        else:  # one group on one "node": a global policy
+            phy2log_LP, count_LE = _hierarchical(weight_LE, num_physical, 1, 1, num_gpus)
     return phy2log_LP, log2phy_of(phy2log_LP, experts), count_LE
 
 
 def log2phy_of(phy2log_LP: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[L, E, R] int64: each logical expert's slots in increasing order, padded with -1 (R = most replicas)."""
+    phy2log_LP = phy2log_LP.cpu()
+    with torch.device("cpu"):  # host-side arithmetic, also when called while a model is built on a GPU
+        return _log2phy(phy2log_LP, num_experts)
+
+
+def _log2phy(phy2log_LP: torch.Tensor, num_experts: int) -> torch.Tensor:
     layers, slots = phy2log_LP.shape
     holds_LEP = phy2log_LP.unsqueeze(1) == torch.arange(num_experts).view(1, -1, 1)
     width = max(int(holds_LEP.sum(dim=-1).max()), 1)

@@ -20,7 +20,7 @@ from pd.moe.topk import TopKOutput
 
 def trivial_phy2log(num_experts: int, num_physical: int) -> torch.Tensor:
     """[P] int64: slot s holds expert s mod E (the start-up placement: replicas of the first N experts)."""
-    return torch.arange(num_physical, dtype=torch.int64) % num_experts
+    return torch.arange(num_physical, dtype=torch.int64, device="cpu") % num_experts
 
 
 def dispatch_map(phy2log_P: torch.Tensor, num_experts: int, ep_rank: int, ep_size: int) -> torch.Tensor:
@@ -29,14 +29,16 @@ def dispatch_map(phy2log_P: torch.Tensor, num_experts: int, ep_rank: int, ep_siz
     A replica on this rank if there is one (no transfer), else replica number (ep_rank + e) mod count among the
     expert's slots in increasing order, which spreads the ranks over the replicas.
     """
+    # Host-side placement arithmetic: explicit CPU tensors, whatever device the model is being built under.
+    phy2log_P = phy2log_P.cpu()
     slots = phy2log_P.shape[0]
-    holds_EP = phy2log_P.cpu().unsqueeze(0) == torch.arange(num_experts).unsqueeze(1)
+    holds_EP = phy2log_P.unsqueeze(0) == torch.arange(num_experts, device="cpu").unsqueeze(1)
     count_E = holds_EP.sum(dim=1)
     if bool((count_E == 0).any()):
         raise ValueError(f"placement leaves experts {torch.nonzero(count_E == 0).flatten().tolist()} without a slot")
-    slot_rank_P = torch.arange(slots) // (slots // ep_size)
+    slot_rank_P = torch.arange(slots, device="cpu") // (slots // ep_size)
     local_EP = holds_EP & (slot_rank_P == ep_rank)
-    turn_E = (ep_rank + torch.arange(num_experts)) % count_E
+    turn_E = (ep_rank + torch.arange(num_experts, device="cpu")) % count_E
     chosen_EP = holds_EP & (holds_EP.long().cumsum(dim=1) - 1 == turn_E.unsqueeze(1))
     chosen_EP = torch.where(local_EP.any(dim=1, keepdim=True), local_EP, chosen_EP)
     return chosen_EP.long().argmax(dim=1)  # the first chosen slot
