@@ -84,6 +84,9 @@ class ServerArgs:
     enable_eplb: bool = _opt(False, "rebalance expert placement from recorded load")
     ep_num_redundant_experts: int = _opt(0, "extra expert replicas for EPLB", type=int)
     eplb_rebalance_num_iterations: int = _opt(1000, "forward passes between EPLB rebalances", type=int)
+    eplb_rebalance_layers_per_chunk: int | None = _opt(
+        None, "move the experts of this many MoE layers per forward (default: all at once)", type=int
+    )
     speculative_moe_runner_backend: str | None = _opt(None, "runner for draft models", choices=MOE_RUNNER_BACKENDS)
     # Disaggregation
     disaggregation_mode: str = _opt("null", "run as a prefill or decode instance", choices=DISAGGREGATION_MODES)
@@ -323,6 +326,10 @@ def _validate(a: ServerArgs) -> None:
     ):
         need(getattr(a, n) >= 1, f"{_flag(n)} must be >= 1, got {getattr(a, n)}")
     need(a.ep_num_redundant_experts >= 0, f"--ep-num-redundant-experts must be >= 0, got {a.ep_num_redundant_experts}")
+    need(
+        a.eplb_rebalance_layers_per_chunk is None or a.eplb_rebalance_layers_per_chunk >= 1,
+        f"--eplb-rebalance-layers-per-chunk must be >= 1, got {a.eplb_rebalance_layers_per_chunk}",
+    )
     need(a.context_length is None or a.context_length >= 1, f"--context-length must be >= 1, got {a.context_length}")
     need(
         a.max_total_tokens is None or a.max_total_tokens >= a.page_size,

@@ -142,6 +142,32 @@ def _worker_rebalance(rank: int, world: int, ep: int, backend: str, seed: int) -
     check(17)
 
 
+def _worker_chunks(rank: int, world: int, seed: int) -> None:
+    """Three layers, one moved per forward: until the last one moves, the layers serve on different placements."""
+    config = EplbConfig(redundant_experts=2, layers_per_chunk=1)
+    ctx = MoeContext(ep_rank=rank, ep_size=world, dispatcher="torch", group=dist.group.WORLD, eplb=config)
+    pairs = [(_layer(ctx, w), _layer(MoeContext(), w)) for w in (_full_weights(seed + i) for i in range(3))]
+    manager = EplbManager([layer for layer, _ in pairs], ctx, config)
+    gen = torch.Generator().manual_seed(seed + rank)
+    start = [layer.placement.phy2log.clone() for layer, _ in pairs]  # type: ignore[union-attr]
+    hot = torch.ones(3, EXPERTS, dtype=torch.int64)
+    hot[:, 2 + torch.randperm(EXPERTS - 2, generator=torch.Generator().manual_seed(seed))[:2]] = 1000
+    manager.rebalance(hot)
+    for step in range(3):
+        now = [layer.placement.phy2log for layer, _ in pairs]  # type: ignore[union-attr]
+        switched = [not torch.equal(a, b) for a, b in zip(start, now, strict=True)]
+        assert switched == [i <= step for i in range(3)], (step, switched)
+        for layer, reference in pairs:
+            hidden, logits = torch.randn(9, HIDDEN, generator=gen), torch.randn(9, EXPERTS, generator=gen) * 3
+            torch.testing.assert_close(layer(hidden, logits), reference(hidden, logits), rtol=1e-5, atol=1e-5)
+        manager.after_forward()
+    assert not manager.pending
+
+
+def test_layers_per_chunk_moves_one_layer_per_forward_and_every_step_matches_the_one_rank_layers() -> None:
+    _spawn(2, _worker_chunks, int(torch.randint(0, 2**31, ()).item()))
+
+
 @pytest.mark.parametrize(("world", "ep", "backend"), [(2, 2, "torch"), (4, 2, "none"), (4, 4, "torch")])
 def test_layers_rebalanced_across_ranks_match_the_one_rank_layer(world: int, ep: int, backend: str) -> None:
     _spawn(world, _worker_rebalance, ep, backend, int(torch.randint(0, 2**31, ()).item()))

@@ -110,6 +110,7 @@ def test_two_nodes_on_one_machine_serve_the_one_process_tokens(case: Case, layou
 
 @pytest.mark.parametrize("layout", [
     "--tp 2 --ep 2 --moe-a2a-backend torch --ep-num-redundant-experts 2",
+    "--tp 2 --ep 2 --moe-a2a-backend torch --eplb-rebalance-layers-per-chunk 1",  # no spare slots: permutes only
     "--tp 4 --ep 2 --moe-a2a-backend none --ep-num-redundant-experts 2",  # replicas chosen per token, EP < TP
     "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch --ep-num-redundant-experts 2",
 ])  # fmt: skip

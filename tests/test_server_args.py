@@ -127,6 +127,7 @@ BAD = [
     ("--ep-num-redundant-experts 4", "--ep-num-redundant-experts > 0 requires --ep-size > 1"),
     ("--ep-num-redundant-experts -1", "--ep-num-redundant-experts must be >= 0"),
     ("--eplb-rebalance-num-iterations 0", "--eplb-rebalance-num-iterations must be >= 1"),
+    ("--eplb-rebalance-layers-per-chunk 0", "--eplb-rebalance-layers-per-chunk must be >= 1"),
     ("--enable-two-batch-overlap", "--enable-two-batch-overlap overlaps dispatch"),
     ("--enable-single-batch-overlap", "--enable-single-batch-overlap overlaps dispatch"),
     ("--disaggregation-mode prefill --deepep-mode low_latency", "--deepep-mode low_latency cannot be used"),

@@ -65,7 +65,7 @@ def eplb_config(args: ServerArgs) -> EplbConfig | None:
     nodes = args.nnodes if args.ep_size % args.nnodes == 0 else 1
     return EplbConfig(redundant_experts=args.ep_num_redundant_experts,
                       rebalance_every=args.eplb_rebalance_num_iterations if args.enable_eplb else 0,
-                      num_nodes=nodes)  # fmt: skip
+                      num_nodes=nodes, layers_per_chunk=args.eplb_rebalance_layers_per_chunk or 0)  # fmt: skip
 
 
 @dataclass

@@ -23,14 +23,17 @@ class EplbConfig:
         redundant_experts: N extra physical expert slots per MoE layer (P = E + N, P / ep per rank).
         rebalance_every: forwards between rebalances from the recorded load; 0 = keep the start-up placement.
         num_nodes: nodes the EP ranks span (the hierarchical policy keeps an expert group on one node).
+        layers_per_chunk: MoE layers whose experts move per forward once a new placement is computed (0 = all
+            at once); spreads a large model's weight moves over several forwards instead of one long stall.
     """
 
     redundant_experts: int = 0
     rebalance_every: int = 0
     num_nodes: int = 1
+    layers_per_chunk: int = 0
 
     def __post_init__(self) -> None:
-        if self.redundant_experts < 0 or self.rebalance_every < 0 or self.num_nodes < 1:
+        if min(self.redundant_experts, self.rebalance_every, self.layers_per_chunk) < 0 or self.num_nodes < 1:
             raise ValueError(f"invalid {self}")
 
 

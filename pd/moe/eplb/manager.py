@@ -51,9 +51,12 @@ class EplbManager:
         self.num_groups = layers[0].topk_config.num_expert_group or 1
         self.forwards = 0
         self.last_rebalance = 0  # self.forwards at the last rebalance
+        self.pending: list[tuple[FusedMoE, torch.Tensor]] = []  # (layer, its new placement) not applied yet
 
     def after_forward(self) -> RebalanceReport | None:
         self.forwards += 1
+        if self.pending:
+            self._apply(self.config.layers_per_chunk)
         every = self.config.rebalance_every
         if every > 0 and self.forwards % every == 0:
             return self.rebalance()
@@ -61,10 +64,13 @@ class EplbManager:
 
     @torch.no_grad()
     def rebalance(self, logical_load_LE: torch.Tensor | None = None) -> RebalanceReport | None:
-        """Collective over the EP group. ``logical_load_LE``: use this load instead of the recorded one (the same
-        on every rank; tests and offline placement). Returns None when no load was recorded."""
+        """Collective over the EP group. Computes a placement from the load recorded since the last rebalance (or
+        from ``logical_load_LE``, the same on every rank: tests and offline placement) and applies it: every layer
+        now, or ``layers_per_chunk`` layers now and as many after each following forward. Returns None when no
+        load was recorded."""
         start = time.perf_counter()
         ctx, layers = self.ctx, self.layers
+        self._apply(0)  # the rest of an earlier placement first: plans start from what the layers hold
         recorded = [layer.placement.take_load() for layer in layers]  # type: ignore[union-attr]
         logical_LE = torch.stack([r[0] for r in recorded])
         physical_LP = torch.stack([r[1] for r in recorded])
@@ -76,7 +82,7 @@ class EplbManager:
             logical_LE = logical_load_LE
         elif int(logical_LE.sum()) == 0:
             logger.debug("EPLB: no expert load recorded in the last %d forwards; placement kept",
-                        self.forwards - self.last_rebalance)
+                         self.forwards - self.last_rebalance)
             self.last_rebalance = self.forwards
             return None
         num_physical = layers[0].placement.num_physical  # type: ignore[union-attr]
@@ -85,17 +91,11 @@ class EplbManager:
                                                     self.config.num_nodes, ep)  # fmt: skip
         moved = 0
         for layer, new_P in zip(layers, phy2log_LP, strict=True):
-            placement = layer.placement
-            assert placement is not None
-            plan = plan_moves(placement.phy2log, new_P, ep)
-            moved += plan.num_moved
-            if plan.num_moved or not torch.equal(placement.phy2log, new_P):
-                w13, w2 = migrate([layer.w13_weight.data, layer.w2_weight.data], plan, ctx.ep_rank, ctx.moe_tp_rank,
-                                  ctx.moe_tp_size, ctx.group)  # fmt: skip
-                layer.w13_weight.data.copy_(w13)
-                layer.w2_weight.data.copy_(w2)
-                placement.set(new_P)
-                layer.finalize_weights()
+            current = layer.placement.phy2log  # type: ignore[union-attr]
+            if not torch.equal(current, new_P):
+                moved += plan_moves(current, new_P, ep).num_moved
+                self.pending.append((layer, new_P))
+        self._apply(self.config.layers_per_chunk)
         share_LP = (logical_LE.double().cpu() / count_LE).gather(1, phy2log_LP)
         report = RebalanceReport(
             forwards=self.forwards - self.last_rebalance,
@@ -106,7 +106,23 @@ class EplbManager:
         )
         self.last_rebalance = self.forwards
         log = logger.info if ctx.ep_rank == 0 and ctx.moe_tp_rank == 0 else logger.debug  # one line per instance
+        later = f"; {len(self.pending)} more layers over the next forwards" if self.pending else ""
         log("EPLB: rebalanced %d MoE layers after %d forwards in %.2f s: balancedness (mean/max GPU load) %.3f "
-            "measured before, %.3f expected after; %d expert slots moved between ranks", len(layers), report.forwards,
-            report.seconds, report.balancedness_before, report.balancedness_after, moved)  # fmt: skip
+            "measured before, %.3f expected after; %d expert slots moved between ranks%s", len(layers),
+            report.forwards, report.seconds, report.balancedness_before, report.balancedness_after, moved, later)
         return report
+
+    def _apply(self, max_layers: int) -> None:
+        """Moves the weights of the next ``max_layers`` pending layers (0: all) and switches their routing."""
+        ctx, count = self.ctx, len(self.pending) if max_layers == 0 else min(max_layers, len(self.pending))
+        for layer, new_P in self.pending[:count]:
+            placement = layer.placement
+            assert placement is not None
+            plan = plan_moves(placement.phy2log, new_P, ctx.ep_size)
+            w13, w2 = migrate([layer.w13_weight.data, layer.w2_weight.data], plan, ctx.ep_rank, ctx.moe_tp_rank,
+                              ctx.moe_tp_size, ctx.group)  # fmt: skip
+            layer.w13_weight.data.copy_(w13)
+            layer.w2_weight.data.copy_(w2)
+            placement.set(new_P)
+            layer.finalize_weights()
+        del self.pending[:count]
