@@ -366,11 +366,10 @@ def _validate(a: ServerArgs) -> None:
     ):
         want = table.get(backend or "")
         need(want is None or a.device == want, f"{flag} {backend} requires --device {want}, got {a.device}")
-    for n in ("enable_two_batch_overlap", "enable_single_batch_overlap"):
-        need(
-            not getattr(a, n) or a.moe_a2a_backend != "none",
-            f"{_flag(n)} overlaps dispatch with compute, so it needs --moe-a2a-backend other than none",
-        )
+    need(
+        not a.enable_two_batch_overlap or a.moe_a2a_backend != "none",
+        "--enable-two-batch-overlap overlaps dispatch with compute, so it needs --moe-a2a-backend other than none",
+    )
     need(not a.enable_eplb or a.ep_size > 1, "--enable-eplb requires --ep-size > 1")
     need(a.ep_num_redundant_experts == 0 or a.ep_size > 1, "--ep-num-redundant-experts > 0 requires --ep-size > 1")
     # Disaggregation: prefill batches always dispatch in normal mode, decode batches in low_latency mode.
@@ -415,7 +414,6 @@ _NOT_IMPLEMENTED: tuple[tuple[str, Callable[[ServerArgs], bool]], ...] = (
     ("--moe-a2a-backend {a.moe_a2a_backend}", lambda a: a.moe_a2a_backend not in ("none", "torch", "deepep")),
     ("--moe-runner-backend {a.moe_runner_backend}", lambda a: a.moe_runner_backend not in ("torch", "cpu_packed")),
     ("--enable-two-batch-overlap", lambda a: a.enable_two_batch_overlap),
-    ("--enable-single-batch-overlap", lambda a: a.enable_single_batch_overlap),
     ("--speculative-moe-runner-backend", lambda a: a.speculative_moe_runner_backend is not None),
     ("--device npu", lambda a: a.device == "npu"),
 )

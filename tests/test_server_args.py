@@ -129,7 +129,6 @@ BAD = [
     ("--eplb-rebalance-num-iterations 0", "--eplb-rebalance-num-iterations must be >= 1"),
     ("--eplb-rebalance-layers-per-chunk 0", "--eplb-rebalance-layers-per-chunk must be >= 1"),
     ("--enable-two-batch-overlap", "--enable-two-batch-overlap overlaps dispatch"),
-    ("--enable-single-batch-overlap", "--enable-single-batch-overlap overlaps dispatch"),
     ("--disaggregation-mode prefill --deepep-mode low_latency", "--deepep-mode low_latency cannot be used"),
     ("--disaggregation-mode decode --deepep-mode normal", "--deepep-mode normal cannot be used"),
     ("--disaggregation-mode prefill --port 8998", "--disaggregation-bootstrap-port (8998) must differ from --port"),
@@ -184,7 +183,6 @@ def test_deepep_mode_auto_follows_disaggregation_mode(mode: str, want: str) -> N
 NOT_YET = [
     ("--pp-size 2", ["--pp-size 2"]),
     ("--tp 2 --ep 2 --moe-a2a-backend torch --enable-two-batch-overlap", ["--enable-two-batch-overlap"]),
-    ("--tp 2 --ep 2 --moe-a2a-backend torch --enable-single-batch-overlap", ["--enable-single-batch-overlap"]),
     ("--speculative-moe-runner-backend torch", ["--speculative-moe-runner-backend"]),
 ]
 
@@ -192,6 +190,8 @@ PARALLEL_NOW_ACCEPTED = [
     "--tp 2",
     "--tp 2 --ep 2 --moe-a2a-backend torch",
     "--tp 2 --ep 2 --enable-eplb --ep-num-redundant-experts 2",
+    "--tp 2 --ep 2 --moe-a2a-backend torch --enable-single-batch-overlap",
+    "--enable-single-batch-overlap",
     "--tp 4 --ep 2",
     "--tp 2 --dp-size 2 --enable-dp-attention",
     "--tp 4 --dp-size 2 --enable-dp-attention",

@@ -32,7 +32,7 @@ def rank_info(args: ServerArgs, rank: int) -> RankInfo:
 def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:
     """This rank's expert placement, dispatcher and token layout (see pd.moe.token_layout)."""
     if info.tp == 1:
-        return MoeContext(runner=args.moe_runner_backend)
+        return MoeContext(runner=args.moe_runner_backend, single_batch_overlap=args.enable_single_batch_overlap)
     a2a = args.moe_a2a_backend != "none"
     if a2a:  # each token dispatched once: split what an attention group holds in common
         layout = "scatter" if info.attn_tp_size > 1 else "as_is"
@@ -54,6 +54,7 @@ def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:
         attn_group=groups.attn,
         mode_switch=ModeSwitch() if args.deepep_mode == "auto" else None,
         eplb=eplb_config(args),
+        single_batch_overlap=args.enable_single_batch_overlap,
     )
 
 

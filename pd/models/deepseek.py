@@ -46,10 +46,10 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden], x's dtype."""
         router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] float32
-        out = self.experts(x, router_logits)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        shared_experts = self.shared_experts
+        if shared_experts is None:
+            return self.experts(x, router_logits)
+        return self.experts(x, router_logits, shared=lambda: shared_experts(x))
 
 
 class DeepseekForCausalLM(CausalLM):

@@ -53,8 +53,10 @@ class Qwen2MoeBlock(SparseMoeBlock):
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """x_TH [T, H] model dtype -> [T, H] model dtype."""
-        shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
-        return super().forward(x_TH) + shared_TH
+        def shared() -> torch.Tensor:
+            return torch.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
+
+        return self.experts(x_TH, self.gate(x_TH), shared=shared)
 
 
 class Qwen2MoeForCausalLM(GQACausalLM):

@@ -82,6 +82,8 @@ class MoeContext:
     attn_group: ProcessGroup | None = field(default=None, compare=False, hash=False, repr=False)
     mode_switch: ModeSwitch | None = field(default=None, compare=False, hash=False, repr=False)
     eplb: EplbConfig | None = None  # None: expert e on rank e // (E / ep), no load recorded
+    # Shared experts on a second CUDA stream while the routed experts dispatch, compute and combine (SBO).
+    single_batch_overlap: bool = False
     # Objects every MoE layer of an instance shares, made by the first layer that needs one (DeepEP's
     # communication buffers pin and register device memory with every peer: one per process, not per layer).
     shared: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)

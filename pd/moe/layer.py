@@ -5,6 +5,8 @@ Shared experts, the router linear and any shared-expert gate stay in model code,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -59,6 +61,14 @@ def _deepep_buffer(ctx: MoeContext, mode: str, num_experts: int, hidden_size: in
                 "over NCCL)"
             ) from e
     return ctx.shared[key]
+
+
+def _overlap_stream(ctx: MoeContext, device: torch.device) -> torch.cuda.Stream:
+    """The instance's second CUDA stream for single-batch overlap (one per process, shared by the layers)."""
+    key = f"sbo-stream-{device}"
+    if key not in ctx.shared:
+        ctx.shared[key] = torch.cuda.Stream(device=device)
+    return ctx.shared[key]  # type: ignore[no-any-return]
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -128,16 +138,39 @@ class FusedMoE(nn.Module):
                                             ctx.ep_rank, ctx.ep_size, device,
                                             tokens_on_every_rank=ctx.dispatcher == "none")  # fmt: skip
 
-    def forward(self, hidden_TH: torch.Tensor, router_logits_TE: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of the routed experts' outputs.
+    def forward(
+        self,
+        hidden_TH: torch.Tensor,
+        router_logits_TE: torch.Tensor,
+        shared: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Weighted sum of the routed experts' outputs, plus the shared experts' when given.
 
         Args:
             hidden_TH: [T, H] model dtype.
             router_logits_TE: [T, E] router logits (routing runs in float32 whatever their dtype).
+            shared: computes the shared experts' [T, H] output from this rank's tokens, without collectives.
+                With ctx.single_batch_overlap on CUDA it runs on a second stream while the routed experts
+                dispatch, compute and combine; otherwise after them. Either way the result is routed + shared.
 
         Returns:
-            [T, H] model dtype, routed experts only (weights renormalised and scaled per the TopKConfig).
+            [T, H] model dtype (routed weights renormalised and scaled per the TopKConfig).
         """
+        if shared is None:
+            return self._routed(hidden_TH, router_logits_TE)
+        if not (self.ctx.single_batch_overlap and hidden_TH.is_cuda):
+            return self._routed(hidden_TH, router_logits_TE) + shared()
+        main = torch.cuda.current_stream()
+        side = _overlap_stream(self.ctx, hidden_TH.device)
+        side.wait_stream(main)  # the shared experts read what the main stream produced
+        with torch.cuda.stream(side):
+            shared_TH = shared()
+        routed_TH = self._routed(hidden_TH, router_logits_TE)
+        main.wait_stream(side)
+        shared_TH.record_stream(main)  # freed later on the main stream: keep the allocator from reusing it early
+        return routed_TH + shared_TH
+
+    def _routed(self, hidden_TH: torch.Tensor, router_logits_TE: torch.Tensor) -> torch.Tensor:
         layout, group, attn_group = self.ctx.token_layout, self.ctx.group, self.ctx.attn_group
         hidden_NH, router_logits_NE, state = token_layout.enter(layout, group, attn_group, hidden_TH, router_logits_TE)
         topk = select_experts(router_logits_NE, self.topk_config, self.e_score_correction_bias)
