@@ -109,15 +109,19 @@ def test_our_instances_behind_sglang_router_equal_behind_our_lb(tmp_path):
 
 # Prefill and decode with different tensor-parallel sizes: every rank caches all KV heads (and MLA's latent), so the
 # leader's pages travel as they are and the decode leader shares them with its followers.
+EPLB = ("--enable-eplb", "--ep-num-redundant-experts", "2", "--eplb-rebalance-num-iterations", "4")
 TP_SPLITS = [
     ("qwen3_moe", ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch"), ()),  # prefill: normal mode
     ("deepseek_v3", (), ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch")),  # decode: low_latency mode
     ("qwen3_moe", (), ("--tp", "2")),
+    # EPLB on both sides: expert weights move between ranks every 4 forwards while prompts transfer
+    ("deepseek_v3", ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *EPLB),
+     ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *EPLB)),
 ]
 
 
 @pytest.mark.parametrize(("arch", "prefill_args", "decode_args"), TP_SPLITS,
-                         ids=["qwen3-prefill-tp2", "dsv3-decode-tp2", "qwen3-decode-tp2-none"])
+                         ids=["qwen3-prefill-tp2", "dsv3-decode-tp2", "qwen3-decode-tp2-none", "dsv3-eplb-both"])
 def test_pd_with_different_tp_on_each_side_equals_pd_serve(arch, prefill_args, decode_args, tmp_path):
     with _pd_equals_pd_serve(arch, tmp_path, 8, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
         pass
