@@ -87,6 +87,10 @@ class ServerArgs:
     eplb_rebalance_layers_per_chunk: int | None = _opt(
         None, "move the experts of this many MoE layers per forward (default: all at once)", type=int
     )
+    init_expert_location: str | None = _opt(
+        None, "start-up expert placement: a JSON/.pt file with logical_count or physical_to_logical_map"
+    )
+    expert_distribution_dir: str | None = _opt(None, "with --enable-eplb: write each rebalance's expert load here")
     speculative_moe_runner_backend: str | None = _opt(None, "runner for draft models", choices=MOE_RUNNER_BACKENDS)
     # Disaggregation
     disaggregation_mode: str = _opt("null", "run as a prefill or decode instance", choices=DISAGGREGATION_MODES)
@@ -371,6 +375,13 @@ def _validate(a: ServerArgs) -> None:
         "--enable-two-batch-overlap overlaps dispatch with compute, so it needs --moe-a2a-backend other than none",
     )
     need(not a.enable_eplb or a.ep_size > 1, "--enable-eplb requires --ep-size > 1")
+    need(a.init_expert_location is None or a.ep_size > 1, "--init-expert-location requires --ep-size > 1")
+    need(
+        a.init_expert_location is None or os.path.isfile(a.init_expert_location),
+        f"--init-expert-location {a.init_expert_location}: no such file",
+    )
+    need(a.expert_distribution_dir is None or a.enable_eplb,
+         "--expert-distribution-dir records the load EPLB rebalances use, so it needs --enable-eplb")
     need(a.ep_num_redundant_experts == 0 or a.ep_size > 1, "--ep-num-redundant-experts > 0 requires --ep-size > 1")
     # Disaggregation: prefill batches always dispatch in normal mode, decode batches in low_latency mode.
     bad_mode = {"prefill": "low_latency", "decode": "normal"}.get(a.disaggregation_mode)

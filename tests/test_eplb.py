@@ -3,7 +3,10 @@ gloo ranks whose experts are rebalanced (weights moved between ranks) still matc
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
+import os
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ import torch.distributed as dist
 
 from pd.moe.context import EplbConfig, MoeContext
 from pd.moe.eplb.algorithm import rebalance_experts, replicate_experts
-from pd.moe.eplb.manager import EplbManager, balancedness
+from pd.moe.eplb.location import ExpertLocationError, read_location
+from pd.moe.eplb.manager import EplbManager, balancedness, place_from_file
 from pd.moe.eplb.placement import LayerPlacement, dispatch_map, trivial_phy2log
 from pd.moe.layer import FusedMoE
 from pd.moe.topk import TopKConfig
@@ -166,6 +170,57 @@ def _worker_chunks(rank: int, world: int, seed: int) -> None:
 
 def test_layers_per_chunk_moves_one_layer_per_forward_and_every_step_matches_the_one_rank_layers() -> None:
     _spawn(2, _worker_chunks, int(torch.randint(0, 2**31, ()).item()))
+
+
+def _worker_location_file(rank: int, world: int, seed: int, directory: str) -> None:
+    """A rebalance writes its load; layers started from that file get the same placement and serve exactly."""
+    recorder = EplbConfig(redundant_experts=2, dump_dir=directory)
+    ctx = MoeContext(ep_rank=rank, ep_size=world, dispatcher="torch", group=dist.group.WORLD, eplb=recorder)
+    weights = _full_weights(seed)
+    layer, reference = _layer(ctx, weights), _layer(MoeContext(), weights)
+    load = torch.randint(1, 50, (1, EXPERTS), generator=torch.Generator().manual_seed(seed)) ** 2
+    EplbManager([layer], ctx, recorder).rebalance(load)
+    dist.barrier()
+    (path,) = [os.path.join(directory, name) for name in os.listdir(directory)]  # written once, by rank 0
+    starter = EplbConfig(redundant_experts=2, init_location=path)
+    started = _layer(dataclasses.replace(ctx, eplb=starter), weights)
+    place_from_file([started], ctx, starter)
+    assert torch.equal(started.placement.phy2log, layer.placement.phy2log)  # type: ignore[union-attr]
+    gen = torch.Generator().manual_seed(seed + rank)
+    hidden, logits = torch.randn(21, HIDDEN, generator=gen), torch.randn(21, EXPERTS, generator=gen) * 3
+    torch.testing.assert_close(started(hidden, logits), reference(hidden, logits), rtol=1e-5, atol=1e-5)
+
+
+def test_a_rebalance_writes_its_load_and_a_start_from_that_file_places_the_same(tmp_path) -> None:
+    _spawn(2, _worker_location_file, int(torch.randint(0, 2**31, ()).item()), str(tmp_path / "dist"))
+
+
+def test_expert_location_files_are_read_in_both_forms_and_bad_ones_say_why(tmp_path) -> None:
+    def write(name: str, data: object) -> str:
+        path = str(tmp_path / name)
+        with open(path, "w") as f:
+            json.dump(data, f)
+        return path
+
+    count = torch.randint(0, 9, (3, 2, 8))  # per step, per layer, per expert: the steps are summed
+    got = read_location(write("c.json", {"logical_count": count.tolist()}), 2, 8, 10)
+    assert torch.equal(got["logical_count"], count.sum(0).double())
+    torch.save({"logical_count": count[0]}, tmp_path / "c.pt")
+    assert torch.equal(read_location(str(tmp_path / "c.pt"), 2, 8, 10)["logical_count"], count[0].double())
+    phy2log = torch.stack([torch.randperm(10) % 8 for _ in range(2)])
+    got = read_location(write("m.json", {"physical_to_logical_map": phy2log.tolist()}), 2, 8, 10)
+    assert torch.equal(got["physical_to_logical_map"], phy2log)
+    bad = [
+        ({"logical_count": count.tolist()}, 3, "3 MoE layers"),
+        ({"physical_to_logical_map": phy2log[:, :9].tolist()}, 2, "10 expert slots"),
+        ({"physical_to_logical_map": [[0] * 10, list(range(8)) + [0, 0]]}, 2, "layer 0 gives no slot to experts"),
+        ({"something": 1}, 2, "neither physical_to_logical_map nor logical_count"),
+    ]
+    for i, (data, layers, message) in enumerate(bad):
+        with pytest.raises(ExpertLocationError, match=message):
+            read_location(write(f"bad{i}.json", data), layers, 8, 10)
+    with pytest.raises(ExpertLocationError, match="cannot read"):
+        read_location(str(tmp_path / "missing.json"), 2, 8, 10)
 
 
 @pytest.mark.parametrize(("world", "ep", "backend"), [(2, 2, "torch"), (4, 2, "none"), (4, 4, "torch")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -124,6 +125,26 @@ def test_eplb_rebalancing_while_serving_keeps_the_one_process_tokens(case: Case,
     assert got == case.expected, f"seed {case.seed}, {layout}"
     moved = [int(m) for m in re.findall(r"EPLB: rebalanced .*; (\d+) expert slots moved", text)]
     assert len(moved) >= 3 and max(moved) > 0, text[-3000:]
+
+
+def test_a_start_up_placement_from_a_load_file_keeps_the_one_process_tokens(case: Case, tmp_path) -> None:
+    """--init-expert-location with a recorded-load file (random, skewed): the experts move at start-up."""
+    with open(os.path.join(case.path, "config.json")) as f:
+        config = json.load(f)
+    experts = config.get("n_routed_experts") or config.get("num_experts") or config["num_local_experts"]
+    moe_layers = config["num_hidden_layers"] - config.get("first_k_dense_replace", 0)
+    load = (torch.rand(moe_layers, experts) ** 3 * 1000).round().long()
+    path = str(tmp_path / f"{case.seed}.json")
+    with open(path, "w") as f:
+        json.dump({"logical_count": load.tolist()}, f)
+    port = free_port()
+    layout = "--tp 2 --ep 2 --moe-a2a-backend torch --ep-num-redundant-experts 2"
+    with _logged_server(_serve_cmd(case.path, port, *layout.split(), "--init-expert-location", path), port) as (_, log):
+        got = case.run(f"http://127.0.0.1:{port}")
+        text = open(log).read()
+    assert got == case.expected, f"seed {case.seed}"
+    started = r"EPLB: start-up placement of \d+ MoE layers from .* \(logical_count\); [1-9]\d* expert slots moved"
+    assert re.search(started, text), text[-3000:]
 
 
 def _children(pid: int) -> list[int]:

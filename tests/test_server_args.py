@@ -128,6 +128,8 @@ BAD = [
     ("--ep-num-redundant-experts -1", "--ep-num-redundant-experts must be >= 0"),
     ("--eplb-rebalance-num-iterations 0", "--eplb-rebalance-num-iterations must be >= 1"),
     ("--eplb-rebalance-layers-per-chunk 0", "--eplb-rebalance-layers-per-chunk must be >= 1"),
+    ("--tp 2 --ep 2 --init-expert-location /nonexistent.json", "--init-expert-location /nonexistent.json: no such"),
+    ("--tp 2 --ep 2 --expert-distribution-dir /tmp/x", "--expert-distribution-dir records the load EPLB"),
     ("--enable-two-batch-overlap", "--enable-two-batch-overlap overlaps dispatch"),
     ("--disaggregation-mode prefill --deepep-mode low_latency", "--deepep-mode low_latency cannot be used"),
     ("--disaggregation-mode decode --deepep-mode normal", "--deepep-mode normal cannot be used"),

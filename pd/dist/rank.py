@@ -60,13 +60,14 @@ def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:
 
 def eplb_config(args: ServerArgs) -> EplbConfig | None:
     """Physical expert placement (pd.moe.eplb) when EPLB or redundant experts are asked for, else None."""
-    if not args.enable_eplb and args.ep_num_redundant_experts == 0:
+    if not args.enable_eplb and args.ep_num_redundant_experts == 0 and args.init_expert_location is None:
         return None
     # EP ranks are laid out node after node, so they span every node when their count splits over the nodes.
     nodes = args.nnodes if args.ep_size % args.nnodes == 0 else 1
     return EplbConfig(redundant_experts=args.ep_num_redundant_experts,
                       rebalance_every=args.eplb_rebalance_num_iterations if args.enable_eplb else 0,
-                      num_nodes=nodes, layers_per_chunk=args.eplb_rebalance_layers_per_chunk or 0)  # fmt: skip
+                      num_nodes=nodes, layers_per_chunk=args.eplb_rebalance_layers_per_chunk or 0,
+                      init_location=args.init_expert_location, dump_dir=args.expert_distribution_dir)  # fmt: skip
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
 from pd.models.loader import load_model
 from pd.moe.context import MoeContext
-from pd.moe.eplb.manager import EplbManager
+from pd.moe.eplb.manager import EplbManager, place_from_file
 from pd.moe.layer import FusedMoE
 
 if TYPE_CHECKING:
@@ -80,6 +80,8 @@ class ModelRunner:
         moe_layers = [m for m in self.model.modules() if isinstance(m, FusedMoE)]
         for module in moe_layers:
             module.finalize_weights()
+        if moe_ctx.eplb is not None and moe_ctx.eplb.init_location is not None and moe_layers:
+            place_from_file(moe_layers, moe_ctx, moe_ctx.eplb)
         self.eplb: EplbManager | None = None
         if moe_ctx.eplb is not None and moe_ctx.eplb.rebalance_every > 0 and moe_layers:
             self.eplb = EplbManager(moe_layers, moe_ctx, moe_ctx.eplb)

@@ -31,6 +31,8 @@ class EplbConfig:
     rebalance_every: int = 0
     num_nodes: int = 1
     layers_per_chunk: int = 0
+    init_location: str | None = None  # --init-expert-location: a start-up placement (pd.moe.eplb.location)
+    dump_dir: str | None = None  # --expert-distribution-dir: each rebalance writes the load it used there
 
     def __post_init__(self) -> None:
         if min(self.redundant_experts, self.rebalance_every, self.layers_per_chunk) < 0 or self.num_nodes < 1:
@@ -100,6 +102,11 @@ class MoeContext:
             raise ValueError(f"unknown token_layout {self.token_layout!r}")
         if self.a2a_mode == "auto" and self.mode_switch is None:
             raise ValueError("a2a_mode 'auto' needs a mode_switch shared with the model runner")
+
+    @property
+    def group_rank_is_first(self) -> bool:
+        """Whether this is the EP group's first rank (the one that logs and writes for the whole instance)."""
+        return self.ep_rank == 0 and self.moe_tp_rank == 0
 
     def local_intermediate(self, intermediate_size: int) -> int:
         """This rank's share of an expert's intermediate size. Raises ValueError unless moe_tp_size divides it."""

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pd.moe.context import EplbConfig, MoeContext
 from pd.moe.eplb.algorithm import rebalance_experts
+from pd.moe.eplb.location import read_location, write_load
 from pd.moe.eplb.migrate import migrate, plan_moves
 from pd.moe.layer import FusedMoE
 
@@ -85,6 +86,9 @@ class EplbManager:
                          self.forwards - self.last_rebalance)
             self.last_rebalance = self.forwards
             return None
+        if self.config.dump_dir is not None and ctx.group_rank_is_first:
+            path = write_load(self.config.dump_dir, logical_LE, self.forwards - self.last_rebalance)
+            logger.info("EPLB: recorded expert load written to %s (--init-expert-location reads it)", path)
         num_physical = layers[0].placement.num_physical  # type: ignore[union-attr]
         ep = ctx.ep_size
         phy2log_LP, _, count_LE = rebalance_experts(logical_LE, num_physical, self.num_groups,
@@ -105,7 +109,7 @@ class EplbManager:
             seconds=time.perf_counter() - start,
         )
         self.last_rebalance = self.forwards
-        log = logger.info if ctx.ep_rank == 0 and ctx.moe_tp_rank == 0 else logger.debug  # one line per instance
+        log = logger.info if ctx.group_rank_is_first else logger.debug  # one line per instance
         later = f"; {len(self.pending)} more layers over the next forwards" if self.pending else ""
         log("EPLB: rebalanced %d MoE layers after %d forwards in %.2f s: balancedness (mean/max GPU load) %.3f "
             "measured before, %.3f expected after; %d expert slots moved between ranks%s", len(layers),
@@ -114,15 +118,40 @@ class EplbManager:
 
     def _apply(self, max_layers: int) -> None:
         """Moves the weights of the next ``max_layers`` pending layers (0: all) and switches their routing."""
-        ctx, count = self.ctx, len(self.pending) if max_layers == 0 else min(max_layers, len(self.pending))
+        count = len(self.pending) if max_layers == 0 else min(max_layers, len(self.pending))
         for layer, new_P in self.pending[:count]:
-            placement = layer.placement
-            assert placement is not None
-            plan = plan_moves(placement.phy2log, new_P, ctx.ep_size)
-            w13, w2 = migrate([layer.w13_weight.data, layer.w2_weight.data], plan, ctx.ep_rank, ctx.moe_tp_rank,
-                              ctx.moe_tp_size, ctx.group)  # fmt: skip
-            layer.w13_weight.data.copy_(w13)
-            layer.w2_weight.data.copy_(w2)
-            placement.set(new_P)
-            layer.finalize_weights()
+            move_layer(layer, self.ctx, new_P)
         del self.pending[:count]
+
+
+def move_layer(layer: FusedMoE, ctx: MoeContext, new_P: torch.Tensor) -> int:
+    """Collective over the EP group: gives ``layer`` the placement ``new_P`` ([P] logical expert per slot), moving
+    its expert weights between ranks, and returns how many slots were filled from another rank."""
+    placement = layer.placement
+    assert placement is not None
+    plan = plan_moves(placement.phy2log, new_P, ctx.ep_size)
+    w13, w2 = migrate([layer.w13_weight.data, layer.w2_weight.data], plan, ctx.ep_rank, ctx.moe_tp_rank,
+                      ctx.moe_tp_size, ctx.group)  # fmt: skip
+    layer.w13_weight.data.copy_(w13)
+    layer.w2_weight.data.copy_(w2)
+    placement.set(new_P)
+    layer.finalize_weights()
+    return plan.num_moved
+
+
+def place_from_file(layers: list[FusedMoE], ctx: MoeContext, config: EplbConfig) -> None:
+    """Collective: the start-up placement from ``config.init_location`` (see pd.moe.eplb.location), applied to
+    every MoE layer (the checkpoint loaded them in the trivial placement; the weights move from there)."""
+    assert config.init_location is not None and layers[0].placement is not None
+    num_experts, num_physical = layers[0].num_experts, layers[0].placement.num_physical
+    location = read_location(config.init_location, len(layers), num_experts, num_physical)
+    if "physical_to_logical_map" in location:
+        phy2log_LP = location["physical_to_logical_map"]
+    else:
+        groups = layers[0].topk_config.num_expert_group or 1
+        phy2log_LP = rebalance_experts(location["logical_count"], num_physical, groups, config.num_nodes,
+                                       ctx.ep_size)[0]  # fmt: skip
+    moved = sum(move_layer(layer, ctx, new_P) for layer, new_P in zip(layers, phy2log_LP, strict=True))
+    if ctx.group_rank_is_first:
+        logger.info("EPLB: start-up placement of %d MoE layers from %s (%s); %d expert slots moved between ranks",
+                    len(layers), config.init_location, next(iter(location)), moved)  # fmt: skip

@@ -1,0 +1,81 @@
+"""Expert-location files: recorded expert load written by a running instance, read back as a start-up placement.
+
+``--init-expert-location FILE`` takes JSON (or a torch-saved dict, ``.pt``) with one of
+  ``physical_to_logical_map``: [L, P] the logical expert of every slot of every MoE layer (used as it is), or
+  ``logical_count``: [..., L, E] recorded load per MoE layer and expert (leading dims, e.g. per step, are summed),
+    from which the placement policy computes the placement, as a rebalance would.
+L counts MoE layers in model order; P = E + --ep-num-redundant-experts. ``--expert-distribution-dir DIR`` makes
+every EPLB rebalance write the load it used there, in the second form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+
+class ExpertLocationError(ValueError):
+    """An expert-location file that cannot give this model's placement (the message says why)."""
+
+
+def read_location(path: str, num_layers: int, num_experts: int, num_physical: int) -> dict[str, torch.Tensor]:
+    """{"physical_to_logical_map": [L, P]} or {"logical_count": [L, E]} (int64 / float64, CPU) from ``path``.
+
+    Raises:
+        ExpertLocationError: unreadable file, neither key, or shapes that do not fit the model.
+    """
+    try:
+        if path.endswith(".pt"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with open(path) as f:
+                data = json.load(f)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ExpertLocationError(f"--init-expert-location {path}: cannot read it ({e})") from e
+    if not isinstance(data, dict):
+        raise ExpertLocationError(f"--init-expert-location {path}: expected an object with physical_to_logical_map "
+                                  "or logical_count")  # fmt: skip
+    if "physical_to_logical_map" in data:
+        phy2log = torch.as_tensor(data["physical_to_logical_map"], dtype=torch.int64)
+        if tuple(phy2log.shape) != (num_layers, num_physical):
+            raise ExpertLocationError(
+                f"--init-expert-location {path}: physical_to_logical_map has shape {tuple(phy2log.shape)}, this "
+                f"model needs [{num_layers} MoE layers, {num_physical} expert slots]"
+            )
+        if int(phy2log.min()) < 0 or int(phy2log.max()) >= num_experts:
+            raise ExpertLocationError(f"--init-expert-location {path}: expert ids outside [0, {num_experts})")
+        for layer in range(num_layers):
+            held = set(phy2log[layer].tolist())
+            if len(held) != num_experts:
+                missing = sorted(set(range(num_experts)) - held)
+                raise ExpertLocationError(f"--init-expert-location {path}: MoE layer {layer} gives no slot to "
+                                          f"experts {missing[:8]}")  # fmt: skip
+        return {"physical_to_logical_map": phy2log}
+    if "logical_count" in data:
+        count = torch.as_tensor(data["logical_count"], dtype=torch.float64)
+        if count.dim() < 2 or tuple(count.shape[-2:]) != (num_layers, num_experts):
+            raise ExpertLocationError(
+                f"--init-expert-location {path}: logical_count has shape {tuple(count.shape)}, this model needs "
+                f"[..., {num_layers} MoE layers, {num_experts} experts]"
+            )
+        count = count.reshape(-1, num_layers, num_experts).sum(dim=0)
+        if bool((count < 0).any()):
+            raise ExpertLocationError(f"--init-expert-location {path}: negative counts in logical_count")
+        return {"logical_count": count}
+    raise ExpertLocationError(f"--init-expert-location {path}: has neither physical_to_logical_map nor "
+                              f"logical_count (keys: {sorted(data)[:8]})")  # fmt: skip
+
+
+def write_load(directory: str, logical_count_LE: torch.Tensor, forwards: int) -> str:
+    """Writes a load record --init-expert-location reads; returns its path (written atomically)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"expert_distribution_{time.strftime('%Y%m%d-%H%M%S')}_{forwards}.json")
+    record = {"logical_count": logical_count_LE.cpu().tolist(), "forwards": forwards}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+    return path
