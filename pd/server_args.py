@@ -424,7 +424,6 @@ _NOT_IMPLEMENTED: tuple[tuple[str, Callable[[ServerArgs], bool]], ...] = (
     ("--pp-size {a.pp_size}", lambda a: a.pp_size > 1),
     ("--moe-a2a-backend {a.moe_a2a_backend}", lambda a: a.moe_a2a_backend not in ("none", "torch", "deepep")),
     ("--moe-runner-backend {a.moe_runner_backend}", lambda a: a.moe_runner_backend not in ("torch", "cpu_packed")),
-    ("--enable-two-batch-overlap", lambda a: a.enable_two_batch_overlap),
     ("--speculative-moe-runner-backend", lambda a: a.speculative_moe_runner_backend is not None),
     ("--device npu", lambda a: a.device == "npu"),
 )

@@ -179,6 +179,27 @@ def _worker_dispatchers(rank: int, world: int, tokens: list[int]) -> None:
             torch.testing.assert_close(combined, reference, atol=1e-5, rtol=1e-5, msg=what)
 
 
+def _worker_two_batches_in_flight(rank: int, world: int, tokens: list[int]) -> None:
+    """Two micro-batches with their transfers in flight together (as two-batch overlap runs them): start A, start
+    B, finish A, ... Each still delivers exactly its pairs and combines to the single-rank reference."""
+    ctx = MoeContext(ep_rank=rank, ep_size=world, group=dist.group.WORLD)
+    local = slice(rank * EXPERTS // world, (rank + 1) * EXPERTS // world)
+    for name, options in BACKENDS:
+        batches = [_make_inputs(seed, [tokens[0]] if name == "none" else tokens, 2, True) for seed in (5, 6)]
+        w13, w2 = _make_weights(5)
+        dispatcher = get_dispatcher(name, ctx, num_experts=EXPERTS, **options)
+        mine = [inputs[0] if name == "none" else inputs[rank] for inputs in batches]
+        finish = [dispatcher.dispatch_start(x.hidden, x.topk) for x in mine]
+        dispatched = [f() for f in finish]
+        finish_back = [dispatcher.combine_start(TorchMoeRunner().run(d, w13[local], w2[local])) for d in dispatched]
+        combined = [f() for f in finish_back]
+        for inputs, d, c, x in zip(batches, dispatched, combined, mine, strict=True):
+            _check_received(d, inputs, rank, world)
+            reference = _single_rank_reference(inputs, w13, w2)[0 if name == "none" else rank]
+            torch.testing.assert_close(c, reference, atol=1e-5, rtol=1e-5, msg=f"{name} {options}")
+            assert c.shape == x.hidden.shape
+
+
 def _worker_long_seq(rank: int, world: int, tokens: list[int]) -> None:
     ctx = MoeContext(ep_rank=rank, ep_size=world, group=dist.group.WORLD)
     top_k, per_round = 2, 32
@@ -300,6 +321,11 @@ def test_deepep_adapter_against_one_rank_fake_buffer(mode: str, monkeypatch: pyt
 @pytest.mark.parametrize("tokens", [[7, 0], [5, 0, 9, 3]], ids=["ep2", "ep4"])
 def test_dispatchers_deliver_routed_pairs_and_match_single_rank_moe(tokens: list[int]) -> None:
     _spawn(len(tokens), _worker_dispatchers, tokens)
+
+
+@pytest.mark.parametrize("tokens", [[5, 0], [9, 4, 7, 3]])
+def test_two_micro_batches_in_flight_together_each_match_single_rank_moe(tokens: list[int]) -> None:
+    _spawn(len(tokens), _worker_two_batches_in_flight, tokens)
 
 
 @pytest.mark.parametrize("tokens", [[100, 45], [70, 0, 100, 33]], ids=["ep2", "ep4"])

@@ -18,6 +18,7 @@ GPU_ARGS = ("--device", "cuda", "--max-total-tokens", "16384")
 FP32_LAYOUTS = {
     1: ["--enable-single-batch-overlap"],  # shared experts on a second stream (DeepSeek; Qwen3-MoE has none)
     2: ["--tp 2 --ep 2 --moe-a2a-backend torch --enable-single-batch-overlap",
+        "--tp 2 --ep 2 --moe-a2a-backend torch --enable-two-batch-overlap",
         "--tp 2 --ep 2", "--tp 2 --ep 2 --moe-a2a-backend torch", "--tp 2 --dp-size 2 --enable-dp-attention",
         "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
         # EPLB: expert weights move between GPUs (NCCL point-to-point) every 3 forwards, mid-request

@@ -184,7 +184,6 @@ def test_deepep_mode_auto_follows_disaggregation_mode(mode: str, want: str) -> N
 
 NOT_YET = [
     ("--pp-size 2", ["--pp-size 2"]),
-    ("--tp 2 --ep 2 --moe-a2a-backend torch --enable-two-batch-overlap", ["--enable-two-batch-overlap"]),
     ("--speculative-moe-runner-backend torch", ["--speculative-moe-runner-backend"]),
 ]
 
@@ -193,6 +192,7 @@ PARALLEL_NOW_ACCEPTED = [
     "--tp 2 --ep 2 --moe-a2a-backend torch",
     "--tp 2 --ep 2 --enable-eplb --ep-num-redundant-experts 2",
     "--tp 2 --ep 2 --moe-a2a-backend torch --enable-single-batch-overlap",
+    "--tp 2 --ep 2 --moe-a2a-backend torch --enable-two-batch-overlap",
     "--enable-single-batch-overlap",
     "--tp 4 --ep 2",
     "--tp 2 --dp-size 2 --enable-dp-attention",

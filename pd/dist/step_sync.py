@@ -24,7 +24,6 @@ import msgpack
 import torch
 import torch.distributed as dist
 
-from pd.engine.forward_batch import build_forward_batch
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -82,6 +81,6 @@ def follow(runner: ModelRunner, sync: StepSync, max_rows: int) -> None:
         for row, first, pages in msg["slots"]:
             slots.assign_pages(row, first, pages)
         runner.set_mode(msg["mode"])
-        batch = build_forward_batch(msg["input_ids"], msg["rows"], msg["prefix_lens"], msg["extend_lens"],
-                                    slots.table, runner.kv_cache, msg["logits_index"])
+        batch = runner.make_batch(msg["input_ids"], msg["rows"], msg["prefix_lens"], msg["extend_lens"], slots.table,
+                                  msg["logits_index"])
         runner.forward(batch, logits=False)

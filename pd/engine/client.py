@@ -47,6 +47,7 @@ def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
         mem_fraction_static=args.mem_fraction_static,
         random_seed=args.random_seed,
         moe_runner=args.moe_runner_backend,
+        two_batch_overlap=args.enable_two_batch_overlap,
     )
 
 

@@ -12,6 +12,7 @@ import torch
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
 from pd.engine.kv_cache import KVCache, ReqToToken
+from pd.engine.micro_batch import split_in_two
 from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
 from pd.models.loader import load_model
@@ -41,6 +42,7 @@ class RunnerConfig:
     mem_fraction_static: float | None
     random_seed: int = 0
     moe_runner: str = "torch"  # a --moe-runner-backend name (resolved)
+    two_batch_overlap: bool = False  # every forward as two micro-batches interleaved layer by layer
 
 
 class ModelRunner:
@@ -143,7 +145,30 @@ class ModelRunner:
             self.sync.send({"op": "forward", "input_ids": input_ids, "rows": rows, "prefix_lens": prefix_lens,
                             "extend_lens": extend_lens, "logits_index": logits_index, "slots": slots, "mode": mode})
         self.set_mode(mode)
-        return build_forward_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, self.kv_cache, logits_index)
+        return self.make_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, logits_index)
+
+    def make_batch(
+        self,
+        input_ids: list[int],
+        rows: list[int],
+        prefix_lens: list[int],
+        extend_lens: list[int],
+        req_to_token: torch.Tensor,
+        logits_index: list[int] | None,
+    ) -> ForwardBatch:
+        """The ForwardBatch of these lists (leader and followers alike), with its two micro-batches under
+        two-batch overlap."""
+        batch = build_forward_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, self.kv_cache,
+                                    logits_index)  # fmt: skip
+        if self.cfg.two_batch_overlap:
+            first, second = (
+                build_forward_batch(part.input_ids, part.rows, part.prefix_lens, part.extend_lens, req_to_token,
+                                    self.kv_cache, part.logits_index)
+                if part.rows else empty_forward_batch(self.kv_cache)
+                for part in split_in_two(input_ids, rows, prefix_lens, extend_lens, logits_index)
+            )  # fmt: skip
+            batch.micro_batches = (first, second)
+        return batch
 
     def set_mode(self, mode: str) -> None:
         """Dispatch mode of the next forward under --deepep-mode auto ("normal" | "low_latency")."""
@@ -155,7 +180,10 @@ class ModelRunner:
         """-> logits [S, vocab] float32 for the batch's logits_index rows (an empty tensor with logits=False:
         followers only take part in the collectives; the leader samples)."""
         self.num_forwards += 1
-        hidden = self.model(batch)
+        if batch.micro_batches is not None:
+            hidden = self.model.forward_two(*batch.micro_batches)
+        else:
+            hidden = self.model(batch)
         if self.eplb is not None:
             self.eplb.after_forward()  # collective every N forwards: every rank runs the same forwards
         if not logits:
@@ -171,7 +199,11 @@ class ModelRunner:
             self.sync.send({"op": "idle", "mode": mode})
         self.set_mode(mode)
         self.num_forwards += 1
-        self.model(empty_forward_batch(self.kv_cache))
+        empty = empty_forward_batch(self.kv_cache)
+        if self.cfg.two_batch_overlap:  # the same collectives as a busy peer's two micro-batches
+            self.model.forward_two(empty, empty_forward_batch(self.kv_cache))
+        else:
+            self.model(empty)
         if self.eplb is not None:
             self.eplb.after_forward()
 

@@ -32,6 +32,11 @@ class CausalLM(nn.Module):
         """Runs the decoder on the batch's new tokens: -> final hidden states [T, hidden]."""
         raise NotImplementedError
 
+    def forward_two(self, first: ForwardBatch, second: ForwardBatch) -> torch.Tensor:
+        """Two-batch overlap: forward of two micro-batches interleaved layer by layer (DecoderModel.forward_two)
+        -> hidden states [T1 + T2, hidden], the same as forward of the whole batch."""
+        return self.model.forward_two(first, second)  # type: ignore[operator]
+
     def kv_layout(self) -> list[tuple[int, int]]:
         """(heads, dim) of each per-token KV buffer of one layer."""
         raise NotImplementedError

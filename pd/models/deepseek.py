@@ -8,6 +8,7 @@ optional renormalisation), in V3's optional q LoRA being the norm, and in V3's r
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Generator
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +47,16 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden], x's dtype."""
         router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] float32
+        return self.experts(x, router_logits, shared=self._shared(x))
+
+    def stages(self, x: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """forward for two-batch overlap (see FusedMoE.stages)."""
+        router_logits = F.linear(x.float(), self.gate.weight.float())
+        return (yield from self.experts.stages(x, router_logits, shared=self._shared(x)))
+
+    def _shared(self, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
         shared_experts = self.shared_experts
-        if shared_experts is None:
-            return self.experts(x, router_logits)
-        return self.experts(x, router_logits, shared=lambda: shared_experts(x))
+        return None if shared_experts is None else lambda: shared_experts(x)
 
 
 class DeepseekForCausalLM(CausalLM):

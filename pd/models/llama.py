@@ -5,7 +5,7 @@ Parameter names mirror the Hugging Face checkpoint names, so the loader copies t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import torch
 from torch import nn
@@ -102,6 +102,17 @@ class DecoderLayer(nn.Module):
             x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
         return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
+    def stages(
+        self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding
+    ) -> Generator[None, None, torch.Tensor]:
+        """forward for two-batch overlap: yields where the MoE block lets tokens travel (never for a dense MLP)."""
+        if x.shape[0]:
+            x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
+        mlp = getattr(self, self.mlp_name)
+        h = self.post_attention_layernorm(x)
+        out = (yield from mlp.stages(h)) if hasattr(mlp, "stages") else mlp(h)
+        return x + out
+
 
 class DecoderModel(nn.Module):
     """Embedding, decoder layers built by `make_layer(layer_id)`, final norm, one shared rotary table."""
@@ -118,6 +129,30 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             x = layer(x, batch, self.rotary_emb)
         return self.norm(x)
+
+    def forward_two(self, first: ForwardBatch, second: ForwardBatch) -> torch.Tensor:
+        """Two-batch overlap: the micro-batches go through each layer in turn, one's attention and experts running
+        while the other's tokens travel. -> hidden states [T1 + T2, hidden], first's tokens then second's."""
+        xs = [self.embed_tokens(first.input_ids), self.embed_tokens(second.input_ids)]
+        for layer in self.layers:
+            xs = interleave([layer.stages(xs[0], first, self.rotary_emb), layer.stages(xs[1], second, self.rotary_emb)])
+        return self.norm(torch.cat(xs))
+
+
+def interleave(steps: list[Generator[None, None, torch.Tensor]]) -> list[torch.Tensor]:
+    """Runs the generators a step each in turn until all are done; -> their return values, in order. Every rank
+    runs the same steps in the same order, so their collectives line up."""
+    results: list[torch.Tensor | None] = [None] * len(steps)
+    active = list(range(len(steps)))
+    while active:
+        for i in list(active):
+            try:
+                next(steps[i])
+            except StopIteration as done:
+                results[i] = done.value
+                active.remove(i)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
 
 
 def default_rotary(config: ModelConfig, max_position: int) -> RotaryEmbedding:

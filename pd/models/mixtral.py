@@ -6,6 +6,8 @@ shared expert on top of it or use it as is.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 from torch import nn
 
@@ -63,6 +65,10 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """x_TH [T, H] model dtype -> [T, H] model dtype: the weighted sum of each token's top-k experts."""
         return self.experts(x_TH, self.gate(x_TH))
+
+    def stages(self, x_TH: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """forward for two-batch overlap (see FusedMoE.stages)."""
+        return (yield from self.experts.stages(x_TH, self.gate(x_TH)))
 
 
 class MixtralForCausalLM(GQACausalLM):

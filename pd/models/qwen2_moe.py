@@ -6,6 +6,8 @@ Which layers are sparse follows the reference exactly: a layer is MoE unless it 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
+
 import torch
 from torch import nn
 
@@ -53,10 +55,17 @@ class Qwen2MoeBlock(SparseMoeBlock):
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """x_TH [T, H] model dtype -> [T, H] model dtype."""
+        return self.experts(x_TH, self.gate(x_TH), shared=self._shared(x_TH))
+
+    def stages(self, x_TH: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """forward for two-batch overlap (see FusedMoE.stages)."""
+        return (yield from self.experts.stages(x_TH, self.gate(x_TH), shared=self._shared(x_TH)))
+
+    def _shared(self, x_TH: torch.Tensor) -> Callable[[], torch.Tensor]:
         def shared() -> torch.Tensor:
             return torch.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
 
-        return self.experts(x_TH, self.gate(x_TH), shared=shared)
+        return shared
 
 
 class Qwen2MoeForCausalLM(GQACausalLM):

@@ -5,7 +5,7 @@ Shared experts, the router linear and any shared-expert gate stay in model code,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import torch
 from torch import nn
@@ -180,6 +180,29 @@ class FusedMoE(nn.Module):
         dispatched = dispatcher.dispatch(hidden_NH, topk)
         combine_input = self.runner.run(dispatched, self.w13_weight, self.w2_weight, self.activation)
         return token_layout.leave(layout, group, attn_group, dispatcher.combine(combine_input), state)
+
+    def stages(
+        self,
+        hidden_TH: torch.Tensor,
+        router_logits_TE: torch.Tensor,
+        shared: Callable[[], torch.Tensor] | None = None,
+    ) -> Generator[None, None, torch.Tensor]:
+        """forward in three steps for two-batch overlap: it yields once dispatch has started and once combine has
+        started, so another micro-batch's work runs while the tokens travel; returns what forward returns (the
+        shared experts run in order here). The collectives are forward's, in the same order."""
+        layout, group, attn_group = self.ctx.token_layout, self.ctx.group, self.ctx.attn_group
+        hidden_NH, router_logits_NE, state = token_layout.enter(layout, group, attn_group, hidden_TH, router_logits_TE)
+        topk = select_experts(router_logits_NE, self.topk_config, self.e_score_correction_bias)
+        if self.placement is not None:
+            topk = self.placement.route(topk)
+        dispatcher = self.dispatcher
+        finish_dispatch = dispatcher.dispatch_start(hidden_NH, topk)
+        yield
+        combine_input = self.runner.run(finish_dispatch(), self.w13_weight, self.w2_weight, self.activation)
+        finish_combine = dispatcher.combine_start(combine_input)
+        yield
+        routed_TH = token_layout.leave(layout, group, attn_group, finish_combine(), state)
+        return routed_TH if shared is None else routed_TH + shared()
 
     @property
     def dispatcher(self) -> Dispatcher:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,3 +61,15 @@ class Dispatcher(ABC):
     @abstractmethod
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
         """Return [T, H] in the original token order of this rank: the sum over ranks of the partial outputs."""
+
+    def dispatch_start(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> Callable[[], DispatchOutput]:
+        """Starts dispatch and returns the call that finishes it. Work between the two (another micro-batch's
+        attention) overlaps the transfer where the backend supports it; by default it all happens here. The
+        same collectives in the same order as dispatch, so ranks may mix the two."""
+        out = self.dispatch(hidden_TH, topk)
+        return lambda: out
+
+    def combine_start(self, combine_input: CombineInput) -> Callable[[], torch.Tensor]:
+        """Starts combine and returns the call that finishes it (see dispatch_start)."""
+        out = self.combine(combine_input)
+        return lambda: out

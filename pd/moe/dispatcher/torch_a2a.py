@@ -37,7 +37,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,7 @@ from pd.moe.topk import TopKOutput
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+T = TypeVar("T")
 MODES = ("normal", "low_latency")
 TRANSPORTS = ("auto", "nccl", "symm_mem")  # "nccl" = all_to_all_single on any backend
 MIN_NORMAL_CAPACITY = 256  # normal mode's symmetric blocks start with this many rows and grow by powers of two
@@ -72,12 +73,27 @@ def _all_to_all(
     out_splits: list[int] | None,
     in_splits: list[int] | None,
     group: ProcessGroup | None,
-) -> None:
-    """Synchronous ``all_to_all_single`` along dim 0; a copy when there is no group (ep_size == 1)."""
+    async_op: bool = False,
+) -> dist.Work | None:
+    """``all_to_all_single`` along dim 0 (a copy when there is no group, ep_size == 1): synchronous, or started
+    with ``async_op`` (wait on the returned work, if any, before reading ``out``)."""
     if group is None:
         out.copy_(inp)
-        return
-    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+        return None
+    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
+
+
+def _finished(works: list[dist.Work | None], sent: list[torch.Tensor], then: Callable[[], T]) -> Callable[[], T]:
+    """The call that waits for ``works`` and returns ``then()``; it holds the ``sent`` tensors until then."""
+
+    def finish() -> T:
+        for work in works:
+            if work is not None:
+                work.wait()
+        sent.clear()  # the transfers read these until they finished
+        return then()
+
+    return finish
 
 
 def _segments_index(starts: list[int], lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -234,11 +250,34 @@ class TorchA2ADispatcher(Dispatcher):
         assert isinstance(handle, NormalHandle), f"not a torch dispatcher handle: {type(handle).__name__}"
         return self._combine_normal(combine_input.hidden_states, handle)
 
+    def dispatch_start(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> Callable[[], DispatchOutput]:
+        """dispatch, with the payload's all-to-all left in flight until the returned call (over all_to_all_single;
+        the symmetric-memory transport finishes here). Same collectives, same order, as dispatch."""
+        if self.mode == "low_latency":
+            return super().dispatch_start(hidden_TH, topk)
+        if self.long_seq is None and self._use_symmetric(hidden_TH):
+            # The graphed small-batch path keeps one batch in flight (its outputs and counts live in static
+            # buffers the next dispatch rewrites), so micro-batches take the eager path (same protocol).
+            out = self._dispatch_normal_symmetric(hidden_TH, topk, use_graphs=False)
+            return lambda: out
+        return self._dispatch_normal_start(hidden_TH, topk)
+
+    def combine_start(self, combine_input: CombineInput) -> Callable[[], torch.Tensor]:
+        """combine, with the all-to-all back left in flight until the returned call (normal mode over
+        all_to_all_single; otherwise it finishes here)."""
+        handle = combine_input.handle
+        if not isinstance(handle, NormalHandle):
+            return super().combine_start(combine_input)
+        return self._combine_normal_start(combine_input.hidden_states, handle)
+
     # ---- normal mode -------------------------------------------------------------------------------------------
 
     def _dispatch_normal(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
         if self.long_seq is None and self._use_symmetric(hidden_TH):
             return self._dispatch_normal_symmetric(hidden_TH, topk)
+        return self._dispatch_normal_start(hidden_TH, topk)()
+
+    def _dispatch_normal_start(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> Callable[[], DispatchOutput]:
         num_tokens, hidden = hidden_TH.shape
         ids_TK, weights_TK = topk.topk_ids, topk.topk_weights
         top_k, ranks, device = ids_TK.shape[1], self.ep_size, hidden_TH.device
@@ -274,7 +313,7 @@ class TorchA2ADispatcher(Dispatcher):
 
         total_recv = sum(recv_counts[s][r] for s in range(ranks) for r in range(num_rounds))
         recv_NB = payload_TB.new_empty(total_recv, payload_TB.shape[1])
-        rounds, offset = [], 0
+        rounds, offset, works, sent = [], 0, [], []
         for r in range(num_rounds):
             send_splits = [send_counts[d][r] for d in range(ranks)]
             recv_splits = [recv_counts[s][r] for s in range(ranks)]
@@ -282,15 +321,19 @@ class TorchA2ADispatcher(Dispatcher):
             hi = min(lo + per_round, num_tokens) if per_round else num_tokens
             token_S = self._round_tokens(sent_RT[:, lo:hi], sum(send_splits), lo)
             rows = slice(offset, offset + sum(recv_splits))
-            _all_to_all(recv_NB[rows], payload_TB.index_select(0, token_S), recv_splits, send_splits, self.group)
+            sent.append(payload_TB.index_select(0, token_S))
+            works.append(_all_to_all(recv_NB[rows], sent[-1], recv_splits, send_splits, self.group, async_op=True))
             rounds.append(RoundLayout(token_S, send_splits, recv_splits))
             offset = rows.stop
-
-        recv_x, local_NK, weights_NK = unpack_rows(recv_NB, hidden, hidden_TH.dtype, top_k, self.ep_rank,
-                                                   self.num_local_experts)
         combine_in_rounds = self.long_seq is not None and self.long_seq.combine_enabled
         handle = NormalHandle(num_tokens, tuple(rounds), combine_in_rounds)
-        return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+
+        def unpack() -> DispatchOutput:
+            recv_x, local_NK, weights_NK = unpack_rows(recv_NB, hidden, hidden_TH.dtype, top_k, self.ep_rank,
+                                                       self.num_local_experts)  # fmt: skip
+            return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+
+        return _finished(works, sent, unpack)
 
     @staticmethod
     def _round_tokens(sent_RC: torch.Tensor, num_pairs: int, first_token: int) -> torch.Tensor:
@@ -303,6 +346,9 @@ class TorchA2ADispatcher(Dispatcher):
         return pos.remainder(chunk) + first_token
 
     def _combine_normal(self, x_NH: torch.Tensor, handle: NormalHandle) -> torch.Tensor:
+        return self._combine_normal_start(x_NH, handle)()
+
+    def _combine_normal_start(self, x_NH: torch.Tensor, handle: NormalHandle) -> Callable[[], torch.Tensor]:
         out_TH = x_NH.new_zeros(handle.num_tokens, x_NH.shape[1])
         offsets = [0]
         for layout in handle.rounds:
@@ -310,12 +356,20 @@ class TorchA2ADispatcher(Dispatcher):
         assert offsets[-1] == x_NH.shape[0], "combine input rows differ from the rows dispatch delivered"
         indices = list(range(len(handle.rounds)))
         groups = [[r] for r in indices] if handle.combine_in_rounds else [indices]
+        works, arrivals, sent = [], [], []
         for group in groups:
             send_x, in_splits, out_splits, token_idx = self._combine_group(x_NH, handle, offsets, group)
             back = x_NH.new_empty(sum(out_splits), x_NH.shape[1])
-            _all_to_all(back, send_x, out_splits, in_splits, self.group)
-            out_TH.index_add_(0, token_idx, back)
-        return out_TH
+            sent.append(send_x)
+            works.append(_all_to_all(back, send_x, out_splits, in_splits, self.group, async_op=True))
+            arrivals.append((token_idx, back))
+
+        def reduce() -> torch.Tensor:  # in round order, as the synchronous path summed
+            for token_idx, back in arrivals:
+                out_TH.index_add_(0, token_idx, back)
+            return out_TH
+
+        return _finished(works, sent, reduce)
 
     def _combine_group(
         self, x_NH: torch.Tensor, handle: NormalHandle, offsets: list[int], group: list[int]
@@ -418,7 +472,8 @@ class TorchA2ADispatcher(Dispatcher):
         handle = SymmetricHandle(num_tokens, pos_RT, exchange.full_counts, valid_N, exchange, exchange.barrier)
         return DispatchOutput(recv_x, local_NK, weights_NK, handle)
 
-    def _dispatch_normal_symmetric(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+    def _dispatch_normal_symmetric(self, hidden_TH: torch.Tensor, topk: TopKOutput,
+                                   use_graphs: bool = True) -> DispatchOutput:  # fmt: skip
         from pd.moe.dispatcher import symm_kernels
 
         assert self.group is not None
@@ -427,7 +482,7 @@ class TorchA2ADispatcher(Dispatcher):
         meta = meta_for(self.group, device)
         capacity = meta.normal_capacity
         graphs = bucket = None
-        if capacity and num_tokens <= GRAPH_MAX_TOKENS:
+        if use_graphs and capacity and num_tokens <= GRAPH_MAX_TOKENS:
             graphs = self._small_batch_graphs(meta, capacity, hidden_TH, top_k)
         if graphs is not None:  # the steps below, replayed from CUDA graphs (pd.moe.dispatcher.symm_graphs)
             received, bucket = graphs.send(hidden_TH, topk)
