@@ -16,7 +16,8 @@ from pd.moe.dispatcher import get_dispatcher
 from pd.moe.dispatcher.base import Dispatcher
 from pd.moe.eplb.placement import LayerPlacement, trivial_phy2log
 from pd.moe.runner import get_runner
-from pd.moe.topk import TopKConfig, select_experts
+from pd.moe.token_layout import LayoutState
+from pd.moe.topk import TopKConfig, TopKOutput, select_experts
 
 _SHARDS = ("gate", "up", "down")
 
@@ -171,15 +172,26 @@ class FusedMoE(nn.Module):
         return routed_TH + shared_TH
 
     def _routed(self, hidden_TH: torch.Tensor, router_logits_TE: torch.Tensor) -> torch.Tensor:
-        layout, group, attn_group = self.ctx.token_layout, self.ctx.group, self.ctx.attn_group
-        hidden_NH, router_logits_NE, state = token_layout.enter(layout, group, attn_group, hidden_TH, router_logits_TE)
-        topk = select_experts(router_logits_NE, self.topk_config, self.e_score_correction_bias)
-        if self.placement is not None:
-            topk = self.placement.route(topk)
+        hidden_NH, topk, state = self._enter(hidden_TH, router_logits_TE)
         dispatcher = self.dispatcher
         dispatched = dispatcher.dispatch(hidden_NH, topk)
         combine_input = self.runner.run(dispatched, self.w13_weight, self.w2_weight, self.activation)
-        return token_layout.leave(layout, group, attn_group, dispatcher.combine(combine_input), state)
+        return self._leave(dispatcher.combine(combine_input), state)
+
+    def _enter(
+        self, hidden_TH: torch.Tensor, router_logits_TE: torch.Tensor
+    ) -> tuple[torch.Tensor, TopKOutput, LayoutState]:
+        """This rank's tokens in the dispatcher's layout, and their routing (physical slots under EPLB)."""
+        ctx = self.ctx
+        hidden_NH, router_logits_NE, state = token_layout.enter(ctx.token_layout, ctx.group, ctx.attn_group,
+                                                                hidden_TH, router_logits_TE)  # fmt: skip
+        topk = select_experts(router_logits_NE, self.topk_config, self.e_score_correction_bias)
+        if self.placement is not None:
+            topk = self.placement.route(topk)
+        return hidden_NH, topk, state
+
+    def _leave(self, combined_NH: torch.Tensor, state: LayoutState) -> torch.Tensor:
+        return token_layout.leave(self.ctx.token_layout, self.ctx.group, self.ctx.attn_group, combined_NH, state)
 
     def stages(
         self,
@@ -190,18 +202,14 @@ class FusedMoE(nn.Module):
         """forward in three steps for two-batch overlap: it yields once dispatch has started and once combine has
         started, so another micro-batch's work runs while the tokens travel; returns what forward returns (the
         shared experts run in order here). The collectives are forward's, in the same order."""
-        layout, group, attn_group = self.ctx.token_layout, self.ctx.group, self.ctx.attn_group
-        hidden_NH, router_logits_NE, state = token_layout.enter(layout, group, attn_group, hidden_TH, router_logits_TE)
-        topk = select_experts(router_logits_NE, self.topk_config, self.e_score_correction_bias)
-        if self.placement is not None:
-            topk = self.placement.route(topk)
+        hidden_NH, topk, state = self._enter(hidden_TH, router_logits_TE)
         dispatcher = self.dispatcher
         finish_dispatch = dispatcher.dispatch_start(hidden_NH, topk)
         yield
         combine_input = self.runner.run(finish_dispatch(), self.w13_weight, self.w2_weight, self.activation)
         finish_combine = dispatcher.combine_start(combine_input)
         yield
-        routed_TH = token_layout.leave(layout, group, attn_group, finish_combine(), state)
+        routed_TH = self._leave(finish_combine(), state)
         return routed_TH if shared is None else routed_TH + shared()
 
     @property
