@@ -117,11 +117,15 @@ TP_SPLITS = [
     # EPLB on both sides: expert weights move between ranks every 4 forwards while prompts transfer
     ("deepseek_v3", ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *EPLB),
      ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *EPLB)),
+    # two-batch overlap on both sides: prompts (and chunks) cut between two micro-batches
+    ("qwen3_moe", ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", "--enable-two-batch-overlap"),
+     ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", "--enable-two-batch-overlap")),
 ]
 
 
 @pytest.mark.parametrize(("arch", "prefill_args", "decode_args"), TP_SPLITS,
-                         ids=["qwen3-prefill-tp2", "dsv3-decode-tp2", "qwen3-decode-tp2-none", "dsv3-eplb-both"])
+                         ids=["qwen3-prefill-tp2", "dsv3-decode-tp2", "qwen3-decode-tp2-none", "dsv3-eplb-both",
+                              "qwen3-tbo-both"])
 def test_pd_with_different_tp_on_each_side_equals_pd_serve(arch, prefill_args, decode_args, tmp_path):
     with _pd_equals_pd_serve(arch, tmp_path, 8, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
         pass
