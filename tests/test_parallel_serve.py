@@ -148,6 +148,8 @@ def test_a_start_up_placement_from_a_load_file_keeps_the_one_process_tokens(case
     assert got == case.expected, f"seed {case.seed}"
     started = r"EPLB: start-up placement of \d+ MoE layers from .* \(logical_count\); [1-9]\d* expert slots moved"
     assert re.search(started, text), text[-3000:]
+    assert f"{experts} experts, ep 2, dispatcher torch" in text  # the start-up summary an operator reads first
+    assert f"{experts + 2} expert slots (2 redundant, static)" in text
 
 
 def _children(pid: int) -> list[int]:

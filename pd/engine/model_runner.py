@@ -100,6 +100,8 @@ class ModelRunner:
         self.num_forwards = 0
         logger.info("model %s loaded on %s (%s); KV cache: %d pages x %d tokens", self.model_config.architecture,
                     self.device, cfg.dtype, self.num_pages, cfg.page_size)
+        if moe_layers and moe_ctx.group_rank_is_first:
+            logger.info("MoE: %d layers, %s", len(moe_layers), _moe_summary(moe_layers[0], moe_ctx, cfg))
 
     def make_slot_table(self, max_rows: int, max_context: int) -> ReqToToken:
         """The request -> KV slot table the scheduler fills (followers keep a mirror fed by the leader's journal)."""
@@ -238,3 +240,20 @@ class ModelRunner:
     def stop_followers(self) -> None:
         if self.sync is not None:
             self.sync.send({"op": "stop"})
+
+
+def _moe_summary(layer: FusedMoE, ctx: MoeContext, cfg: RunnerConfig) -> str:
+    """One line on how the routed experts run: what an operator checks first when MoE throughput looks wrong."""
+    parts = [f"{layer.num_experts} experts", f"ep {ctx.ep_size}", f"dispatcher {ctx.dispatcher} ({ctx.a2a_mode})",
+             f"runner {ctx.runner}"]  # fmt: skip
+    if ctx.moe_tp_size > 1:
+        parts.append(f"each expert split over {ctx.moe_tp_size} ranks")
+    if ctx.eplb is not None:
+        slots = layer.num_physical_experts
+        every = f"rebalanced every {ctx.eplb.rebalance_every} forwards" if ctx.eplb.rebalance_every else "static"
+        parts.append(f"{slots} expert slots ({slots - layer.num_experts} redundant, {every})")
+    if ctx.single_batch_overlap:
+        parts.append("single-batch overlap")
+    if cfg.two_batch_overlap:
+        parts.append("two-batch overlap")
+    return ", ".join(parts)
