@@ -16,6 +16,7 @@ from pd.moe.context import EplbConfig, MoeContext
 from pd.moe.eplb.algorithm import rebalance_experts, replicate_experts
 from pd.moe.eplb.location import ExpertLocationError, read_location
 from pd.moe.eplb.manager import EplbManager, balancedness, place_from_file
+from pd.moe.eplb.migrate import plan_moves
 from pd.moe.eplb.placement import LayerPlacement, dispatch_map, trivial_phy2log
 from pd.moe.layer import FusedMoE
 from pd.moe.topk import TopKConfig
@@ -94,6 +95,28 @@ def test_dispatch_map_prefers_a_local_replica_and_spreads_the_rest() -> None:
     assert [int(m[0]) for m in maps] == [0, 3, 6, 6]
     for rank, m in enumerate(maps):
         assert torch.equal(phy2log[m], torch.arange(6)), rank
+
+
+def test_move_plan_fills_every_new_slot_with_its_expert_and_keeps_what_a_rank_already_holds() -> None:
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    for _ in range(50):
+        ep, experts = int(torch.randint(1, 5, (), generator=gen)), 8
+        slots = experts + ep * int(torch.randint(0, 3, (), generator=gen))
+        slots += (-slots) % ep
+        old = torch.cat([torch.arange(experts), torch.randint(0, experts, (slots - experts,), generator=gen)])
+        new = torch.cat([torch.arange(experts), torch.randint(0, experts, (slots - experts,), generator=gen)])
+        old, new = old[torch.randperm(slots, generator=gen)], new[torch.randperm(slots, generator=gen)]
+        plan = plan_moves(old, new, ep)
+        per_rank = slots // ep
+        held = old.view(ep, per_rank).tolist()  # the "weights": each slot holds its expert's id
+        moved = 0
+        for rank, row in enumerate(plan.sources):
+            got = [held[src][src_slot] for src, src_slot in row]
+            assert got == new.view(ep, per_rank)[rank].tolist()
+            for (src, _), expert in zip(row, got, strict=True):
+                assert (src == rank) == (expert in held[rank])  # local when it can be, remote only when it must
+                moved += src != rank
+        assert moved == plan.num_moved
 
 
 # ---- layers on several ranks ----------------------------------------------------------------------------------
