@@ -121,6 +121,47 @@ def _hccl_buffsize(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+def _eplb_plan(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Plans an expert placement offline from a recorded load (an --expert-distribution-dir file): prints each MoE
+    layer's balancedness (mean / max GPU load) with experts placed contiguously and no replicas, and with the plan;
+    --out writes the plan for --init-expert-location."""
+    from pd.models.config import ModelConfig, ModelConfigError
+    from pd.moe.eplb.algorithm import rebalance_experts
+    from pd.moe.eplb.location import ExpertLocationError, read_load, write_map
+    from pd.moe.eplb.manager import balancedness
+
+    try:
+        load_LE = read_load(ns.load)
+    except ExpertLocationError as e:
+        parser.error(str(e))
+    layers, experts = load_LE.shape
+    groups = ns.num_groups
+    if groups is None and ns.model_path is not None:
+        try:
+            groups = ModelConfig.from_path(ns.model_path).get("n_group")
+        except ModelConfigError as e:
+            parser.error(str(e))
+    slots = experts + ns.redundant
+    if ns.ep < 1 or experts % ns.ep or slots % ns.ep or ns.ep % ns.nnodes:
+        parser.error(f"{experts} experts and {slots} slots must split evenly over --ep {ns.ep}, and --ep over "
+                     f"--nnodes {ns.nnodes}")  # fmt: skip
+    phy2log_LP, _, count_LE = rebalance_experts(load_LE, slots, groups or 1, ns.nnodes, ns.ep)
+    before_LG = load_LE.view(layers, ns.ep, -1).sum(-1)
+    after_LG = (load_LE / count_LE).gather(1, phy2log_LP).view(layers, ns.ep, -1).sum(-1)
+    print(f"{layers} MoE layers, {experts} experts, {slots} slots on {ns.ep} GPUs ({ns.nnodes} nodes), "
+          f"{groups or 1} expert groups; balancedness = mean / max GPU load")  # fmt: skip
+    print(f"{'layer':>6} {'contiguous':>11} {'planned':>8}")
+    for layer in range(layers):
+        one = slice(layer, layer + 1)
+        print(f"{layer:>6} {balancedness(before_LG[one]):>11.3f} {balancedness(after_LG[one]):>8.3f}")
+    print(f"{'mean':>6} {balancedness(before_LG):>11.3f} {balancedness(after_LG):>8.3f}")
+    if ns.out:
+        write_map(ns.out, phy2log_LP)
+        print(f"plan written to {ns.out} (pd serve --init-expert-location {ns.out} --ep-num-redundant-experts "
+              f"{ns.redundant})")  # fmt: skip
+    return 0
+
+
 def _build_default_model(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     setup_logging("info")
     from pd.default_model import build_default_model
@@ -159,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="experts per token")
     p.add_argument("--max-tokens-per-rank", type=int, default=ServerArgs.chunked_prefill_size,
                    help="the most tokens one rank dispatches at once (default: --chunked-prefill-size's default)")
+    p = add("eplb-plan", "plan an expert placement from a recorded load file and show what it balances", _eplb_plan)
+    p.add_argument("--load", required=True, help="a JSON/.pt file with logical_count [..., MoE layers, experts]")
+    p.add_argument("--ep", type=int, required=True, help="expert-parallel ranks (GPUs)")
+    p.add_argument("--redundant", type=int, default=0, help="redundant expert slots per layer")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes the GPUs span")
+    p.add_argument("--num-groups", type=int, default=None, help="router expert groups (default: n_group of "
+                   "--model-path, else 1)")  # fmt: skip
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--out", default=None, help="write the plan here (physical_to_logical_map)")
     p = add("build-default-model", "build the built-in tiny MoE checkpoint and print its path", _build_default_model)
     p.add_argument("--force", action="store_true", help="rebuild even if a cached copy exists")
     return parser

@@ -263,3 +263,27 @@ def test_placement_is_host_side_while_a_model_is_built_under_another_default_dev
         placement = LayerPlacement(trivial_phy2log(8, 10), 8, ep_rank=1, ep_size=2, device=torch.device("meta"))
     assert placement.slot_of.device.type == "meta" and placement.replicas_ER.device.type == "meta"
     assert placement.local_slots().tolist() == [5, 6, 7, 0, 1]
+
+
+def test_eplb_plan_cli_writes_the_policys_placement_and_reports_its_balance(tmp_path, capsys) -> None:
+    from launch.cli import main
+
+    load = (torch.rand(3, 16) ** 4 * 1000).round() + 1
+    with open(tmp_path / "load.json", "w") as f:
+        json.dump({"logical_count": load.tolist()}, f)
+    out = str(tmp_path / "plan.json")
+    assert main(["eplb-plan", "--load", str(tmp_path / "load.json"), "--ep", "4", "--redundant", "4",
+                 "--num-groups", "4", "--nnodes", "2", "--out", out]) == 0  # fmt: skip
+    expected, _, count = rebalance_experts(load, 20, 4, 2, 4)
+    plan = read_location(out, 3, 16, 20)["physical_to_logical_map"]
+    assert torch.equal(plan, expected)
+    # The planned balancedness, slot by slot: each replica carries its expert's load / its replica count.
+    gpu = torch.zeros(3, 4, dtype=torch.float64)
+    for layer in range(3):
+        for slot, expert in enumerate(plan[layer].tolist()):
+            gpu[layer, slot // 5] += float(load[layer, expert]) / int(count[layer, expert])
+    ratio = (gpu.mean(dim=1) / gpu.max(dim=1).values).mean()
+    mean_line = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("mean")][0]
+    assert float(mean_line.split()[-1]) == pytest.approx(float(ratio), abs=1e-3)
+    with pytest.raises(SystemExit):
+        main(["eplb-plan", "--load", str(tmp_path / "load.json"), "--ep", "3"])

@@ -21,6 +21,37 @@ class ExpertLocationError(ValueError):
     """An expert-location file that cannot give this model's placement (the message says why)."""
 
 
+def _load_file(path: str) -> object:
+    try:
+        if path.endswith(".pt"):
+            return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ExpertLocationError(f"{path}: cannot read it ({e})") from e
+
+
+def read_load(path: str) -> torch.Tensor:
+    """[L, E] float64: the ``logical_count`` of a load file (leading dims summed), whatever the model.
+
+    Raises:
+        ExpertLocationError: unreadable, no logical_count, or fewer than two dimensions.
+    """
+    data = _load_file(path)
+    if not isinstance(data, dict) or "logical_count" not in data:
+        raise ExpertLocationError(f"{path}: expected an object with logical_count [..., MoE layers, experts]")
+    count = torch.as_tensor(data["logical_count"], dtype=torch.float64)
+    if count.dim() < 2 or bool((count < 0).any()):
+        raise ExpertLocationError(f"{path}: logical_count must be [..., MoE layers, experts] of counts >= 0")
+    return count.reshape(-1, *count.shape[-2:]).sum(dim=0)
+
+
+def write_map(path: str, phy2log_LP: torch.Tensor) -> None:
+    """Writes a placement --init-expert-location reads (physical_to_logical_map)."""
+    with open(path, "w") as f:
+        json.dump({"physical_to_logical_map": phy2log_LP.tolist()}, f)
+
+
 def read_location(path: str, num_layers: int, num_experts: int, num_physical: int) -> dict[str, torch.Tensor]:
     """{"physical_to_logical_map": [L, P]} or {"logical_count": [L, E]} (int64 / float64, CPU) from ``path``.
 
@@ -28,13 +59,9 @@ def read_location(path: str, num_layers: int, num_experts: int, num_physical: in
         ExpertLocationError: unreadable file, neither key, or shapes that do not fit the model.
     """
     try:
-        if path.endswith(".pt"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            with open(path) as f:
-                data = json.load(f)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ExpertLocationError(f"--init-expert-location {path}: cannot read it ({e})") from e
+        data = _load_file(path)
+    except ExpertLocationError as e:
+        raise ExpertLocationError(f"--init-expert-location {e}") from e
     if not isinstance(data, dict):
         raise ExpertLocationError(f"--init-expert-location {path}: expected an object with physical_to_logical_map "
                                   "or logical_count")  # fmt: skip
