@@ -104,21 +104,23 @@ def _worker(rank: int, world: int, tokens: list[int], seed: int) -> None:
 
 
 def _two_in_flight(ctx: MoeContext, rank: int, world: int, tokens: list[int], seed: int) -> None:
-    """Two micro-batches (two-batch overlap): A's and B's dispatch started before either's experts run, then
-    both combines; each must still match the single-rank reference (the graphed path keeps only one batch in
-    flight, so dispatch_start must not take it)."""
+    """Two micro-batches (two-batch overlap): A's and B's dispatch started before either's experts run, then both
+    combines. They go over NCCL's all_to_all_single even where single dispatches use symmetric memory (whose blocks
+    the second dispatch would overwrite), interleaved with symmetric-memory dispatches of the same dispatcher."""
     local = slice(rank * EXPERTS // world, (rank + 1) * EXPERTS // world)
     for mode in ("normal", "low_latency"):
-        dispatcher = get_dispatcher("torch", ctx, num_experts=EXPERTS, mode=mode, max_tokens_per_rank=CAPACITY,
-                                    transport="symm_mem")  # fmt: skip
-        batches = [_make_inputs(seed + 40 + i, tokens, 2, True) for i in range(2)]
+        dispatcher = get_dispatcher("torch", ctx, num_experts=EXPERTS, mode=mode, max_tokens_per_rank=CAPACITY)
+        batches = [_make_inputs(seed + 40 + i, tokens, 2, True) for i in range(3)]
         w13, w2 = (w[local].cuda() for w in _make_weights(seed + 40))
-        finish = [dispatcher.dispatch_start(*_on_gpu(inputs[rank])) for inputs in batches]
+        single = dispatcher.dispatch(*_on_gpu(batches[2][rank]))  # symmetric memory, between the in-flight pair
+        assert isinstance(single.handle, (SymmetricHandle, GraphedHandle))
+        finish = [dispatcher.dispatch_start(*_on_gpu(inputs[rank])) for inputs in batches[:2]]
         dispatched = [f() for f in finish]
         finish_back = [dispatcher.combine_start(_moe(d, w13, w2)) for d in dispatched]
-        for inputs, f in zip(batches, finish_back, strict=True):
+        single_out = dispatcher.combine(_moe(single, w13, w2))
+        for inputs, got in zip(batches, [f() for f in finish_back] + [single_out], strict=True):
             reference = _single_rank_reference(inputs, *_make_weights(seed + 40))[rank]
-            torch.testing.assert_close(f().cpu(), reference, atol=1e-5, rtol=1e-5, msg=f"two in flight, {mode}")
+            torch.testing.assert_close(got.cpu(), reference, atol=1e-5, rtol=1e-5, msg=f"two in flight, {mode}")
 
 
 def _graph_replays(ctx: MoeContext, rank: int, world: int, tokens: list[int], seed: int) -> None:

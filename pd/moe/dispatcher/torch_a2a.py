@@ -251,24 +251,23 @@ class TorchA2ADispatcher(Dispatcher):
         return self._combine_normal(combine_input.hidden_states, handle)
 
     def dispatch_start(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> Callable[[], DispatchOutput]:
-        """dispatch, with the payload's all-to-all left in flight until the returned call (over all_to_all_single;
-        the symmetric-memory transport finishes here). Same collectives, same order, as dispatch."""
+        """dispatch over all_to_all_single, its payload left in flight until the returned call.
+
+        Two micro-batches in flight (two-batch overlap) never use symmetric memory: its blocks are rewritten by
+        the next dispatch, and a peer past the barrier may start writing the other micro-batch's rows before this
+        rank has read the first's. all_to_all_single gives every transfer its own buffers (and on CUDA runs on
+        NCCL's stream, beside the other micro-batch's compute)."""
         if self.mode == "low_latency":
-            return super().dispatch_start(hidden_TH, topk)
-        if self.long_seq is None and self._use_symmetric(hidden_TH):
-            # The graphed small-batch path keeps one batch in flight (its outputs and counts live in static
-            # buffers the next dispatch rewrites), so micro-batches take the eager path (same protocol).
-            out = self._dispatch_normal_symmetric(hidden_TH, topk, use_graphs=False)
-            return lambda: out
+            return self._dispatch_low_latency_start(hidden_TH, topk)
         return self._dispatch_normal_start(hidden_TH, topk)
 
     def combine_start(self, combine_input: CombineInput) -> Callable[[], torch.Tensor]:
-        """combine, with the all-to-all back left in flight until the returned call (normal mode over
-        all_to_all_single; otherwise it finishes here)."""
-        handle = combine_input.handle
-        if not isinstance(handle, NormalHandle):
-            return super().combine_start(combine_input)
-        return self._combine_normal_start(combine_input.hidden_states, handle)
+        """combine of a dispatch_start's output, the all-to-all back left in flight until the returned call."""
+        handle, x_NH = combine_input.handle, combine_input.hidden_states
+        if isinstance(handle, LowLatencyHandle):
+            return self._combine_low_latency_start(x_NH, handle)
+        assert isinstance(handle, NormalHandle), f"not a dispatch_start handle: {type(handle).__name__}"
+        return self._combine_normal_start(x_NH, handle)
 
     # ---- normal mode -------------------------------------------------------------------------------------------
 
@@ -402,17 +401,25 @@ class TorchA2ADispatcher(Dispatcher):
     # ---- low-latency mode --------------------------------------------------------------------------------------
 
     def _dispatch_low_latency(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
-        num_tokens, hidden = hidden_TH.shape
-        capacity, ranks, device = self.max_tokens_per_rank, self.ep_size, hidden_TH.device
+        # Every peer gets a [C, row] block: row t is token t's payload if it has an expert there, else a blank
+        # (ids -1), so the receiver needs no counts and the shapes never change (graph-capturable).
+        self._check_low_latency_capacity(hidden_TH.shape[0])
+        if self._use_symmetric(hidden_TH):
+            return self._dispatch_low_latency_symmetric(hidden_TH, topk)
+        return self._dispatch_low_latency_start(hidden_TH, topk)()
+
+    def _check_low_latency_capacity(self, num_tokens: int) -> None:
+        capacity = self.max_tokens_per_rank
         if num_tokens > capacity:
             raise ValueError(
                 f"low_latency dispatch got {num_tokens} tokens on one rank but max_tokens_per_rank={capacity}; "
                 "raise max_tokens_per_rank (every rank must use the same value) or cap the decode batch size"
             )
-        # Every peer gets a [C, row] block: row t is token t's payload if it has an expert there, else a blank
-        # (ids -1), so the receiver needs no counts and the shapes never change (graph-capturable).
-        if self._use_symmetric(hidden_TH):
-            return self._dispatch_low_latency_symmetric(hidden_TH, topk)
+
+    def _dispatch_low_latency_start(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> Callable[[], DispatchOutput]:
+        num_tokens, hidden = hidden_TH.shape
+        capacity, ranks, device = self.max_tokens_per_rank, self.ep_size, hidden_TH.device
+        self._check_low_latency_capacity(num_tokens)
         ids_TK, top_k = topk.topk_ids, topk.topk_ids.shape[1]
         owner_TK = owner_rank(ids_TK, self.num_local_experts)
         sent_RT = token_rank_mask(owner_TK, ranks).t()
@@ -421,11 +428,16 @@ class TorchA2ADispatcher(Dispatcher):
         send_RCB = blank_B.expand(ranks, capacity, -1).clone()
         send_RCB[:, :num_tokens] = torch.where(sent_RT.unsqueeze(-1), payload_TB.unsqueeze(0), blank_B)
         recv_NB = torch.empty_like(send_RCB).view(ranks * capacity, -1)
-        _all_to_all(recv_NB, send_RCB.view(ranks * capacity, -1), None, None, self.group)
-        recv_x, local_NK, weights_NK = unpack_rows(recv_NB, hidden, hidden_TH.dtype, top_k, self.ep_rank,
-                                                   self.num_local_experts)
-        handle = LowLatencyHandle(num_tokens, sent_RT, (local_NK >= 0).any(dim=-1))
-        return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+        sent = [send_RCB.view(ranks * capacity, -1)]
+        work = _all_to_all(recv_NB, sent[0], None, None, self.group, async_op=True)
+
+        def unpack() -> DispatchOutput:
+            recv_x, local_NK, weights_NK = unpack_rows(recv_NB, hidden, hidden_TH.dtype, top_k, self.ep_rank,
+                                                       self.num_local_experts)  # fmt: skip
+            handle = LowLatencyHandle(num_tokens, sent_RT, (local_NK >= 0).any(dim=-1))
+            return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+
+        return _finished([work], sent, unpack)
 
     # ---- symmetric-memory transport (both modes) ---------------------------------------------------------------
 
@@ -472,8 +484,7 @@ class TorchA2ADispatcher(Dispatcher):
         handle = SymmetricHandle(num_tokens, pos_RT, exchange.full_counts, valid_N, exchange, exchange.barrier)
         return DispatchOutput(recv_x, local_NK, weights_NK, handle)
 
-    def _dispatch_normal_symmetric(self, hidden_TH: torch.Tensor, topk: TopKOutput,
-                                   use_graphs: bool = True) -> DispatchOutput:  # fmt: skip
+    def _dispatch_normal_symmetric(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
         from pd.moe.dispatcher import symm_kernels
 
         assert self.group is not None
@@ -482,7 +493,7 @@ class TorchA2ADispatcher(Dispatcher):
         meta = meta_for(self.group, device)
         capacity = meta.normal_capacity
         graphs = bucket = None
-        if use_graphs and capacity and num_tokens <= GRAPH_MAX_TOKENS:
+        if capacity and num_tokens <= GRAPH_MAX_TOKENS:
             graphs = self._small_batch_graphs(meta, capacity, hidden_TH, top_k)
         if graphs is not None:  # the steps below, replayed from CUDA graphs (pd.moe.dispatcher.symm_graphs)
             received, bucket = graphs.send(hidden_TH, topk)
@@ -551,10 +562,18 @@ class TorchA2ADispatcher(Dispatcher):
         return symm_kernels.reduce_partials(exchange.combine_buffer, handle.pos_RT)
 
     def _combine_low_latency(self, x_NH: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor:
+        return self._combine_low_latency_start(x_NH, handle)()
+
+    def _combine_low_latency_start(self, x_NH: torch.Tensor, handle: LowLatencyHandle) -> Callable[[], torch.Tensor]:
         ranks, capacity, hidden = self.ep_size, self.max_tokens_per_rank, x_NH.shape[1]
         assert x_NH.shape[0] == ranks * capacity, "combine input rows differ from the low_latency buffer"
         back = torch.empty_like(x_NH)
-        _all_to_all(back, x_NH.contiguous(), None, None, self.group)
-        partial_RTH = back.view(ranks, capacity, hidden)[:, : handle.num_tokens]
-        # Mask rows the token was never sent with: a masked GEMM may leave garbage in padding rows.
-        return torch.where(handle.sent_RT.unsqueeze(-1), partial_RTH, 0).sum(dim=0)
+        sent = [x_NH.contiguous()]
+        work = _all_to_all(back, sent[0], None, None, self.group, async_op=True)
+
+        def reduce() -> torch.Tensor:
+            partial_RTH = back.view(ranks, capacity, hidden)[:, : handle.num_tokens]
+            # Mask rows the token was never sent with: a masked GEMM may leave garbage in padding rows.
+            return torch.where(handle.sent_RT.unsqueeze(-1), partial_RTH, 0).sum(dim=0)
+
+        return _finished([work], sent, reduce)
