@@ -36,6 +36,7 @@ LAYOUTS = [
     "--tp 4 --dp-size 2 --enable-dp-attention",  # two attention groups of two ranks (TP inside each)
     "--tp 4 --ep 4 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
     # two micro-batches interleaved per layer (a request may be cut between them); with DP, idle groups join too
+    "--moe-a2a-backend torch --enable-two-batch-overlap",  # one rank: the micro-batches alone
     "--tp 2 --ep 2 --moe-a2a-backend torch --enable-two-batch-overlap",
     "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch --enable-two-batch-overlap",
 ]
