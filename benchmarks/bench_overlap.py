@@ -37,8 +37,8 @@ class Layer(torch.nn.Module):
     def __init__(self, args: argparse.Namespace, ctx: MoeContext, gen: torch.Generator) -> None:
         super().__init__()
         h, e = args.hidden, args.experts
-        self.attn = torch.randn(h, h, generator=gen) * h**-0.5
-        self.router = torch.randn(e, h, generator=gen) * h**-0.5
+        self.register_buffer("attn", torch.randn(h, h, generator=gen) * h**-0.5)
+        self.register_buffer("router", torch.randn(e, h, generator=gen) * h**-0.5)
         self.moe = FusedMoE(e, h, args.inter, TopKConfig(top_k=args.topk), ctx)
         self.moe.load_fused(torch.randn(e, 2 * args.inter, h, generator=gen) * h**-0.5,
                             torch.randn(e, h, args.inter, generator=gen) * args.inter**-0.5)  # fmt: skip
@@ -62,8 +62,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=args.ep, timeout=timedelta(seconds=120))  # fmt: skip
     ctx = MoeContext(ep_rank=rank, ep_size=args.ep, dispatcher="torch", group=dist.group.WORLD)
-    with torch.device(device), torch.inference_mode():
-        gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        gen = torch.Generator().manual_seed(0)  # built on the host, then moved: the same weights on any device
         layers = [Layer(args, ctx, gen).to(device) for _ in range(args.layers)]
         rows = []
         for tokens in args.tokens:
