@@ -29,6 +29,8 @@ symm_exchange; normal mode sends before it learns the row counts, through a meta
 once, replaying CUDA graphs for batches of at most GRAPH_MAX_TOKENS tokens per rank (symm_graphs); low_latency
 never syncs). Elsewhere (gloo, HCCL, several hosts), and for normal mode with long-sequence rounds, the
 collectives are ``all_to_all_single``. Either way the DispatchOutput rows come in the same order.
+dispatch_start / combine_start (two micro-batches in flight, two-batch overlap) always take ``all_to_all_single``,
+started asynchronously: symmetric memory's blocks hold one batch at a time.
 """
 
 from __future__ import annotations
