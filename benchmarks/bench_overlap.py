@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
 from collections.abc import Generator
 from datetime import timedelta
@@ -27,10 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pd.models.llama import interleave
-from pd.moe.context import MoeContext
-from pd.moe.layer import FusedMoE
-from pd.moe.topk import TopKConfig
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+from pd.models.llama import interleave  # noqa: E402
+from pd.moe.context import MoeContext  # noqa: E402
+from pd.moe.layer import FusedMoE  # noqa: E402
+from pd.moe.topk import TopKConfig  # noqa: E402
 
 
 class Layer(torch.nn.Module):

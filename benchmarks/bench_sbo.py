@@ -16,14 +16,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
+import sys
 
 import torch
 
-from pd.models.llama import DenseMLP
-from pd.moe.context import MoeContext
-from pd.moe.layer import FusedMoE
-from pd.moe.topk import TopKConfig
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+from pd.models.llama import DenseMLP  # noqa: E402
+from pd.moe.context import MoeContext  # noqa: E402
+from pd.moe.layer import FusedMoE  # noqa: E402
+from pd.moe.topk import TopKConfig  # noqa: E402
 
 
 def main() -> None:
