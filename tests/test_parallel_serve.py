@@ -125,10 +125,18 @@ def test_eplb_rebalancing_while_serving_keeps_the_one_process_tokens(case: Case,
     cmd = _serve_cmd(case.path, port, *layout.split(), "--enable-eplb", "--eplb-rebalance-num-iterations", "3")
     with _logged_server(cmd, port) as (_, log):
         got = case.run(f"http://127.0.0.1:{port}")
+        import httpx
+
+        info = httpx.get(f"http://127.0.0.1:{port}/get_server_info", timeout=10).json()
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         text = open(log).read()
     assert got == case.expected, f"seed {case.seed}, {layout}"
     moved = [int(m) for m in re.findall(r"EPLB: rebalanced .*; (\d+) expert slots moved", text)]
     assert len(moved) >= 3 and max(moved) > 0, text[-3000:]
+    # what an operator sees: the rebalance count and the last measured balance, in server info and metrics
+    before = [float(b) for b in re.findall(r"balancedness \(mean/max GPU load\) ([\d.]+) measured", text)]
+    assert info["eplb_rebalances"] == len(before) and info["eplb_balancedness"] == pytest.approx(before[-1], abs=1e-3)
+    assert f"eplb_rebalances {float(len(before))}" in metrics
 
 
 def test_a_start_up_placement_from_a_load_file_keeps_the_one_process_tokens(case: Case, tmp_path) -> None:

@@ -167,7 +167,8 @@ class EngineClient:
         if len(self._stats) == 1:
             return self._stats[0]
         total = {f.name: sum(getattr(s, f.name) for s in self._stats) for f in dataclasses.fields(EngineStats)}
-        total["page_size"] = self._stats[0].page_size
+        for same in ("page_size", "eplb_rebalances", "eplb_balancedness"):  # one value for the whole instance
+            total[same] = getattr(self._stats[0], same)
         return EngineStats(**total)
 
     @property

@@ -85,6 +85,10 @@ class EngineStats:
     page_size: int
     generated_tokens_total: int
     prompt_tokens_total: int
+    # EPLB (the same on every rank of the expert group): rebalances so far, and the balancedness (mean / max GPU
+    # load) measured over the window before the last one (1.0 before the first).
+    eplb_rebalances: int = 0
+    eplb_balancedness: float = 1.0
 
 
 def to_dict(msg: Any) -> dict[str, Any]:

@@ -106,7 +106,14 @@ class Scheduler:
             page_size=self.page_size,
             generated_tokens_total=self.generated_tokens_total,
             prompt_tokens_total=self.prompt_tokens_total,
+            **self._eplb_stats(),
         )
+
+    def _eplb_stats(self) -> dict[str, int | float]:
+        eplb = self.runner.eplb
+        if eplb is None or eplb.last_report is None:
+            return {}
+        return {"eplb_rebalances": eplb.rebalances, "eplb_balancedness": eplb.last_report.balancedness_before}
 
     # ---- one step ----
     @property

@@ -56,6 +56,12 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.eplb_rebalances = Gauge(f"{p}:eplb_rebalances", "EPLB rebalances since start", registry=r)
+        self.eplb_balancedness = Gauge(
+            f"{p}:eplb_balancedness",
+            "Mean / max GPU expert load measured before the last EPLB rebalance (1.0 = even)",
+            registry=r,
+        )
         # (time, tokens) of recent outputs, for the throughput gauge.
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -72,6 +78,8 @@ class ServerMetrics:
         self.kv_pages_used.set(used)
         self.kv_pages_free.set(stats.kv_pages_free)
         self.token_usage.set(used / stats.kv_pages_total if stats.kv_pages_total else 0.0)
+        self.eplb_rebalances.set(stats.eplb_rebalances)
+        self.eplb_balancedness.set(stats.eplb_balancedness)
         now = time.perf_counter()
         self._drop_old(now)
         self.gen_throughput.set(sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S)

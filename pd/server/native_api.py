@@ -192,6 +192,8 @@ async def server_info(request: Request) -> dict[str, Any]:
         "max_total_num_tokens": stats.kv_pages_total * stats.page_size,
         "generated_tokens_total": stats.generated_tokens_total,
         "prompt_tokens_total": stats.prompt_tokens_total,
+        "eplb_rebalances": stats.eplb_rebalances,
+        "eplb_balancedness": stats.eplb_balancedness,
     }
     return {
         **ctx.server_args.to_json_dict(),

@@ -53,6 +53,8 @@ class EplbManager:
         self.forwards = 0
         self.last_rebalance = 0  # self.forwards at the last rebalance
         self.pending: list[tuple[FusedMoE, torch.Tensor]] = []  # (layer, its new placement) not applied yet
+        self.rebalances = 0
+        self.last_report: RebalanceReport | None = None
 
     def after_forward(self) -> RebalanceReport | None:
         self.forwards += 1
@@ -109,6 +111,8 @@ class EplbManager:
             seconds=time.perf_counter() - start,
         )
         self.last_rebalance = self.forwards
+        self.rebalances += 1
+        self.last_report = report
         log = logger.info if ctx.group_rank_is_first else logger.debug  # one line per instance
         later = f"; {len(self.pending)} more layers over the next forwards" if self.pending else ""
         log("EPLB: rebalanced %d MoE layers after %d forwards in %.2f s: balancedness (mean/max GPU load) %.3f "
