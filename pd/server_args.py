@@ -87,6 +87,9 @@ class ServerArgs:
     eplb_rebalance_layers_per_chunk: int | None = _opt(
         None, "move the experts of this many MoE layers per forward (default: all at once)", type=int
     )
+    eplb_min_rebalancing_utilization_threshold: float = _opt(
+        1.0, "rebalance only when the measured balancedness (mean/max GPU load) is at most this", type=float
+    )
     init_expert_location: str | None = _opt(
         None, "start-up expert placement: a JSON/.pt file with logical_count or physical_to_logical_map"
     )
@@ -304,6 +307,8 @@ def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
         "max_total_tokens": DEFAULT_CPU_MAX_TOTAL_TOKENS
         if a.max_total_tokens is None and on_cpu
         else a.max_total_tokens,
+        # SGLang's name for the start-up placement without a file
+        "init_expert_location": None if a.init_expert_location == "trivial" else a.init_expert_location,
     }
 
 
@@ -379,6 +384,11 @@ def _validate(a: ServerArgs) -> None:
     need(
         a.init_expert_location is None or os.path.isfile(a.init_expert_location),
         f"--init-expert-location {a.init_expert_location}: no such file",
+    )
+    need(
+        0.0 <= a.eplb_min_rebalancing_utilization_threshold <= 1.0,
+        "--eplb-min-rebalancing-utilization-threshold must be in [0, 1], got "
+        f"{a.eplb_min_rebalancing_utilization_threshold}",
     )
     need(a.expert_distribution_dir is None or a.enable_eplb,
          "--expert-distribution-dir records the load EPLB rebalances use, so it needs --enable-eplb")

@@ -191,6 +191,26 @@ def _worker_chunks(rank: int, world: int, seed: int) -> None:
     assert not manager.pending
 
 
+def _worker_threshold(rank: int, world: int, seed: int) -> None:
+    """Above --eplb-min-rebalancing-utilization-threshold the recorded window is dropped and nothing moves."""
+    for threshold, rebalances in ((0.0, False), (1.0, True)):
+        config = EplbConfig(redundant_experts=2, min_balancedness=threshold)
+        ctx = MoeContext(ep_rank=rank, ep_size=world, dispatcher="torch", group=dist.group.WORLD, eplb=config)
+        layer = _layer(ctx, _full_weights(seed))
+        gen = torch.Generator().manual_seed(seed + rank)
+        layer(torch.randn(40, HIDDEN, generator=gen), torch.randn(40, EXPERTS, generator=gen) * 3)
+        before = layer.placement.phy2log.clone()  # type: ignore[union-attr]
+        report = EplbManager([layer], ctx, config).rebalance()
+        assert (report is not None) == rebalances, (threshold, report)
+        if not rebalances:
+            assert torch.equal(before, layer.placement.phy2log)  # type: ignore[union-attr]
+            assert int(layer.placement.logical_load.sum()) == 0  # the window was consumed  # type: ignore[union-attr]
+
+
+def test_no_rebalance_while_the_measured_balance_is_above_the_threshold() -> None:
+    _spawn(2, _worker_threshold, int(torch.randint(0, 2**31, ()).item()))
+
+
 def test_layers_per_chunk_moves_one_layer_per_forward_and_every_step_matches_the_one_rank_layers() -> None:
     _spawn(2, _worker_chunks, int(torch.randint(0, 2**31, ()).item()))
 

@@ -128,6 +128,7 @@ BAD = [
     ("--ep-num-redundant-experts -1", "--ep-num-redundant-experts must be >= 0"),
     ("--eplb-rebalance-num-iterations 0", "--eplb-rebalance-num-iterations must be >= 1"),
     ("--eplb-rebalance-layers-per-chunk 0", "--eplb-rebalance-layers-per-chunk must be >= 1"),
+    ("--eplb-min-rebalancing-utilization-threshold 1.5", "--eplb-min-rebalancing-utilization-threshold must be in"),
     ("--tp 2 --ep 2 --init-expert-location /nonexistent.json", "--init-expert-location /nonexistent.json: no such"),
     ("--tp 2 --ep 2 --expert-distribution-dir /tmp/x", "--expert-distribution-dir records the load EPLB"),
     ("--enable-two-batch-overlap", "--enable-two-batch-overlap overlaps dispatch"),
@@ -194,6 +195,7 @@ PARALLEL_NOW_ACCEPTED = [
     "--tp 2 --ep 2 --moe-a2a-backend torch --enable-single-batch-overlap",
     "--tp 2 --ep 2 --moe-a2a-backend torch --enable-two-batch-overlap",
     "--enable-single-batch-overlap",
+    "--init-expert-location trivial",  # SGLang's default, accepted by name
     "--tp 4 --ep 2",
     "--tp 2 --dp-size 2 --enable-dp-attention",
     "--tp 4 --dp-size 2 --enable-dp-attention",

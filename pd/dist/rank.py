@@ -67,7 +67,8 @@ def eplb_config(args: ServerArgs) -> EplbConfig | None:
     return EplbConfig(redundant_experts=args.ep_num_redundant_experts,
                       rebalance_every=args.eplb_rebalance_num_iterations if args.enable_eplb else 0,
                       num_nodes=nodes, layers_per_chunk=args.eplb_rebalance_layers_per_chunk or 0,
-                      init_location=args.init_expert_location, dump_dir=args.expert_distribution_dir)  # fmt: skip
+                      init_location=args.init_expert_location, dump_dir=args.expert_distribution_dir,
+                      min_balancedness=args.eplb_min_rebalancing_utilization_threshold)  # fmt: skip
 
 
 @dataclass

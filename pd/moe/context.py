@@ -33,6 +33,8 @@ class EplbConfig:
     layers_per_chunk: int = 0
     init_location: str | None = None  # --init-expert-location: a start-up placement (pd.moe.eplb.location)
     dump_dir: str | None = None  # --expert-distribution-dir: each rebalance writes the load it used there
+    # --eplb-min-rebalancing-utilization-threshold: skip a rebalance while the measured balancedness is above it
+    min_balancedness: float = 1.0
 
     def __post_init__(self) -> None:
         if min(self.redundant_experts, self.rebalance_every, self.layers_per_chunk) < 0 or self.num_nodes < 1:

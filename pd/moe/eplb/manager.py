@@ -88,6 +88,14 @@ class EplbManager:
                          self.forwards - self.last_rebalance)
             self.last_rebalance = self.forwards
             return None
+        measured = balancedness(physical_LP.cpu().view(len(layers), ctx.ep_size, -1).sum(-1))
+        if logical_load_LE is None and measured > self.config.min_balancedness:
+            if ctx.group_rank_is_first:
+                logger.info("EPLB: balancedness %.3f over the last %d forwards is above the rebalancing threshold "
+                            "%.3f; placement kept", measured, self.forwards - self.last_rebalance,
+                            self.config.min_balancedness)  # fmt: skip
+            self.last_rebalance = self.forwards
+            return None
         if self.config.dump_dir is not None and ctx.group_rank_is_first:
             path = write_load(self.config.dump_dir, logical_LE, self.forwards - self.last_rebalance)
             logger.info("EPLB: recorded expert load written to %s (--init-expert-location reads it)", path)
@@ -105,7 +113,7 @@ class EplbManager:
         share_LP = (logical_LE.double().cpu() / count_LE).gather(1, phy2log_LP)
         report = RebalanceReport(
             forwards=self.forwards - self.last_rebalance,
-            balancedness_before=balancedness(physical_LP.cpu().view(len(layers), ep, -1).sum(-1)),
+            balancedness_before=measured,
             balancedness_after=balancedness(share_LP.view(len(layers), ep, -1).sum(-1)),
             moved=moved,
             seconds=time.perf_counter() - start,
