@@ -49,8 +49,6 @@ class ForwardBatch:
     attn: AttentionMetadata
     kv_cache: KVCache
     logits_index: torch.Tensor
-    # Two-batch overlap: the same tokens as two micro-batches (first half, second half), or None.
-    micro_batches: tuple[ForwardBatch, ForwardBatch] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from pd.engine.forward_batch import ForwardBatch
+
 
 @dataclass(frozen=True)
 class BatchLists:
@@ -48,3 +52,17 @@ def split_in_two(input_ids: list[int], rows: list[int], prefix_lens: list[int], 
             second.extend_lens.append(extend - before)
         start += extend
     return first, second
+
+
+@dataclass(frozen=True)
+class MicroBatches:
+    """One forward under two-batch overlap: its two micro-batches (the model returns first's tokens, then
+    second's: the batch's own order)."""
+
+    first: ForwardBatch
+    second: ForwardBatch
+
+    @property
+    def logits_index(self) -> torch.Tensor:
+        """[S] int64: the rows of the whole batch whose logits are wanted."""
+        return torch.cat([self.first.logits_index, self.second.logits_index + self.first.num_tokens])

@@ -12,7 +12,7 @@ import torch
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
 from pd.engine.kv_cache import KVCache, ReqToToken
-from pd.engine.micro_batch import split_in_two
+from pd.engine.micro_batch import MicroBatches, split_in_two
 from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
 from pd.models.loader import load_model
@@ -138,7 +138,7 @@ class ModelRunner:
         extend_lens: list[int],
         req_to_token: torch.Tensor,
         logits_index: list[int] | None = None,
-    ) -> ForwardBatch:
+    ) -> ForwardBatch | MicroBatches:
         """The leader's (or a lone rank's) next forward. Its followers are told first and run it too, so
         forward() must follow."""
         mode = self.forced_mode or ("normal" if max(extend_lens) > 1 else "low_latency")
@@ -157,20 +157,19 @@ class ModelRunner:
         extend_lens: list[int],
         req_to_token: torch.Tensor,
         logits_index: list[int] | None,
-    ) -> ForwardBatch:
-        """The ForwardBatch of these lists (leader and followers alike), with its two micro-batches under
-        two-batch overlap."""
-        batch = build_forward_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, self.kv_cache,
-                                    logits_index)  # fmt: skip
-        if self.cfg.two_batch_overlap:
-            first, second = (
-                build_forward_batch(part.input_ids, part.rows, part.prefix_lens, part.extend_lens, req_to_token,
-                                    self.kv_cache, part.logits_index)
-                if part.rows else empty_forward_batch(self.kv_cache)
-                for part in split_in_two(input_ids, rows, prefix_lens, extend_lens, logits_index)
-            )  # fmt: skip
-            batch.micro_batches = (first, second)
-        return batch
+    ) -> ForwardBatch | MicroBatches:
+        """The forward of these lists (leader and followers alike): one ForwardBatch, or under two-batch overlap
+        its two micro-batches (the whole batch is then never built)."""
+        if not self.cfg.two_batch_overlap:
+            return build_forward_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, self.kv_cache,
+                                       logits_index)  # fmt: skip
+        first, second = (
+            build_forward_batch(part.input_ids, part.rows, part.prefix_lens, part.extend_lens, req_to_token,
+                                self.kv_cache, part.logits_index)
+            if part.rows else empty_forward_batch(self.kv_cache)
+            for part in split_in_two(input_ids, rows, prefix_lens, extend_lens, logits_index)
+        )  # fmt: skip
+        return MicroBatches(first, second)
 
     def set_mode(self, mode: str) -> None:
         """Dispatch mode of the next forward under --deepep-mode auto ("normal" | "low_latency")."""
@@ -178,12 +177,12 @@ class ModelRunner:
             self.mode_switch.mode = mode
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, logits: bool = True) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch | MicroBatches, logits: bool = True) -> torch.Tensor:
         """-> logits [S, vocab] float32 for the batch's logits_index rows (an empty tensor with logits=False:
         followers only take part in the collectives; the leader samples)."""
         self.num_forwards += 1
-        if batch.micro_batches is not None:
-            hidden = self.model.forward_two(*batch.micro_batches)
+        if isinstance(batch, MicroBatches):
+            hidden = self.model.forward_two(batch.first, batch.second)
         else:
             hidden = self.model(batch)
         if self.eplb is not None:
