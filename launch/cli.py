@@ -128,7 +128,7 @@ def _eplb_plan(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pd.models.config import ModelConfig, ModelConfigError
     from pd.moe.eplb.algorithm import rebalance_experts
     from pd.moe.eplb.location import ExpertLocationError, read_load, write_map
-    from pd.moe.eplb.manager import balancedness
+    from pd.moe.eplb.manager import balancedness, expected_gpu_load
 
     try:
         load_LE = read_load(ns.load)
@@ -147,7 +147,7 @@ def _eplb_plan(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                      f"--nnodes {ns.nnodes}")  # fmt: skip
     phy2log_LP, _, count_LE = rebalance_experts(load_LE, slots, groups or 1, ns.nnodes, ns.ep)
     before_LG = load_LE.view(layers, ns.ep, -1).sum(-1)
-    after_LG = (load_LE / count_LE).gather(1, phy2log_LP).view(layers, ns.ep, -1).sum(-1)
+    after_LG = expected_gpu_load(load_LE, phy2log_LP, count_LE, ns.ep)
     print(f"{layers} MoE layers, {experts} experts, {slots} slots on {ns.ep} GPUs ({ns.nnodes} nodes), "
           f"{groups or 1} expert groups; balancedness = mean / max GPU load")  # fmt: skip
     print(f"{'layer':>6} {'contiguous':>11} {'planned':>8}")

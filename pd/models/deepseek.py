@@ -46,13 +46,15 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden], x's dtype."""
-        router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] float32
-        return self.experts(x, router_logits, shared=self._shared(x))
+        return self.experts(x, self._router_logits(x), shared=self._shared(x))
 
     def stages(self, x: torch.Tensor) -> Generator[None, None, torch.Tensor]:
         """forward for two-batch overlap (see FusedMoE.stages)."""
-        router_logits = F.linear(x.float(), self.gate.weight.float())
-        return (yield from self.experts.stages(x, router_logits, shared=self._shared(x)))
+        return (yield from self.experts.stages(x, self._router_logits(x), shared=self._shared(x)))
+
+    def _router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] float32, from float32 inputs and weight as the reference computes them."""
+        return F.linear(x.float(), self.gate.weight.float())
 
     def _shared(self, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
         shared_experts = self.shared_experts

@@ -250,12 +250,11 @@ class FusedMoE(nn.Module):
         inter, hidden = self.intermediate_size, self.hidden_size
         part = slice(self.inter_start, self.inter_start + self.local_intermediate)
         n = self.local_intermediate
-        for local in slots:
+        _check_shape(name, tensor, (hidden, inter) if shard == "down" else (inter, hidden))
+        for local in slots:  # several when this rank holds replicas of the expert
             if shard == "down":
-                _check_shape(name, tensor, (hidden, inter))
                 self.w2_weight[local].copy_(tensor[:, part])
             else:
-                _check_shape(name, tensor, (inter, hidden))
                 rows = slice(0, n) if shard == "gate" else slice(n, 2 * n)
                 self.w13_weight[local, rows].copy_(tensor[part])
         return True
@@ -295,15 +294,13 @@ class FusedMoE(nn.Module):
         num, inter, hidden = self.num_experts, self.intermediate_size, self.hidden_size
         _check_shape(f"{prefix}.gate_up_proj", gate_up_EXH, (num, 2 * inter, hidden))
         _check_shape(f"{prefix}.down_proj", down_EHI, (num, hidden, inter))
-        if self.placement is None:
-            start, end = self.ctx.local_expert_range(num)
-            local = torch.arange(start, end)
-        else:
-            local = self.placement.local_slots()
+        # Contiguous experts are a slice (a view, no copy); a placement's slots are gathered.
+        local: slice | torch.Tensor = (slice(*self.ctx.local_expert_range(num)) if self.placement is None
+                                       else self.placement.local_slots().to(gate_up_EXH.device))  # fmt: skip
         part = slice(self.inter_start, self.inter_start + self.local_intermediate)
-        gate_up = gate_up_EXH[local.to(gate_up_EXH.device)]
+        gate_up = gate_up_EXH[local]
         self.w13_weight.copy_(torch.cat((gate_up[:, :inter][:, part], gate_up[:, inter:][:, part]), dim=1))
-        self.w2_weight.copy_(down_EHI[local.to(down_EHI.device)][:, :, part])
+        self.w2_weight.copy_(down_EHI[local][:, :, part])
 
     @torch.no_grad()
     def load_correction_bias(self, name: str, bias_E: torch.Tensor) -> None:

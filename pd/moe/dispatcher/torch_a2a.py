@@ -260,6 +260,7 @@ class TorchA2ADispatcher(Dispatcher):
         rank has read the first's. all_to_all_single gives every transfer its own buffers (and on CUDA runs on
         NCCL's stream, beside the other micro-batch's compute)."""
         if self.mode == "low_latency":
+            self._check_low_latency_capacity(hidden_TH.shape[0])
             return self._dispatch_low_latency_start(hidden_TH, topk)
         return self._dispatch_normal_start(hidden_TH, topk)
 
@@ -419,9 +420,9 @@ class TorchA2ADispatcher(Dispatcher):
             )
 
     def _dispatch_low_latency_start(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> Callable[[], DispatchOutput]:
+        """The all_to_all_single path, started (the caller checked the capacity)."""
         num_tokens, hidden = hidden_TH.shape
         capacity, ranks, device = self.max_tokens_per_rank, self.ep_size, hidden_TH.device
-        self._check_low_latency_capacity(num_tokens)
         ids_TK, top_k = topk.topk_ids, topk.topk_ids.shape[1]
         owner_TK = owner_rank(ids_TK, self.num_local_experts)
         sent_RT = token_rank_mask(owner_TK, ranks).t()

@@ -31,6 +31,15 @@ def _load_file(path: str) -> object:
         raise ExpertLocationError(f"{path}: cannot read it ({e})") from e
 
 
+def _logical_count(value: object, where: str) -> torch.Tensor:
+    """[L, E] float64 from a ``logical_count`` value [..., L, E] (leading dims, e.g. per step, summed)."""
+    count = torch.as_tensor(value, dtype=torch.float64)
+    if count.dim() < 2 or bool((count < 0).any()):
+        raise ExpertLocationError(f"{where}: logical_count must be [..., MoE layers, experts] of counts >= 0, "
+                                  f"got shape {tuple(count.shape)}")  # fmt: skip
+    return count.reshape(-1, *count.shape[-2:]).sum(dim=0)
+
+
 def read_load(path: str) -> torch.Tensor:
     """[L, E] float64: the ``logical_count`` of a load file (leading dims summed), whatever the model.
 
@@ -40,10 +49,7 @@ def read_load(path: str) -> torch.Tensor:
     data = _load_file(path)
     if not isinstance(data, dict) or "logical_count" not in data:
         raise ExpertLocationError(f"{path}: expected an object with logical_count [..., MoE layers, experts]")
-    count = torch.as_tensor(data["logical_count"], dtype=torch.float64)
-    if count.dim() < 2 or bool((count < 0).any()):
-        raise ExpertLocationError(f"{path}: logical_count must be [..., MoE layers, experts] of counts >= 0")
-    return count.reshape(-1, *count.shape[-2:]).sum(dim=0)
+    return _logical_count(data["logical_count"], path)
 
 
 def write_map(path: str, phy2log_LP: torch.Tensor) -> None:
@@ -82,15 +88,12 @@ def read_location(path: str, num_layers: int, num_experts: int, num_physical: in
                                           f"experts {missing[:8]}")  # fmt: skip
         return {"physical_to_logical_map": phy2log}
     if "logical_count" in data:
-        count = torch.as_tensor(data["logical_count"], dtype=torch.float64)
-        if count.dim() < 2 or tuple(count.shape[-2:]) != (num_layers, num_experts):
+        count = _logical_count(data["logical_count"], f"--init-expert-location {path}")
+        if tuple(count.shape) != (num_layers, num_experts):
             raise ExpertLocationError(
-                f"--init-expert-location {path}: logical_count has shape {tuple(count.shape)}, this model needs "
-                f"[..., {num_layers} MoE layers, {num_experts} experts]"
+                f"--init-expert-location {path}: logical_count is for {count.shape[0]} MoE layers of "
+                f"{count.shape[1]} experts, this model needs [..., {num_layers} MoE layers, {num_experts} experts]"
             )
-        count = count.reshape(-1, num_layers, num_experts).sum(dim=0)
-        if bool((count < 0).any()):
-            raise ExpertLocationError(f"--init-expert-location {path}: negative counts in logical_count")
         return {"logical_count": count}
     raise ExpertLocationError(f"--init-expert-location {path}: has neither physical_to_logical_map nor "
                               f"logical_count (keys: {sorted(data)[:8]})")  # fmt: skip

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pd.moe.context import EplbConfig, MoeContext
 from pd.moe.eplb.algorithm import rebalance_experts
 from pd.moe.eplb.location import read_location, write_load
-from pd.moe.eplb.migrate import migrate, plan_moves
+from pd.moe.eplb.migrate import MovePlan, migrate, plan_moves
 from pd.moe.layer import FusedMoE
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,18 @@ class RebalanceReport:
     balancedness_after: float  # expected under the new placement (an expert's load split evenly over replicas)
     moved: int  # expert slots filled from another rank, all layers
     seconds: float
+
+
+def expected_gpu_load(logical_LE: torch.Tensor, phy2log_LP: torch.Tensor, count_LE: torch.Tensor,
+                      num_gpus: int) -> torch.Tensor:  # fmt: skip
+    """[L, G] float64: each GPU's load under a placement, an expert's load split evenly over its replicas."""
+    share_LP = (logical_LE.double().cpu() / count_LE).gather(1, phy2log_LP)
+    return share_LP.view(share_LP.shape[0], num_gpus, -1).sum(-1)
+
+
+def _num_groups(layers: list[FusedMoE]) -> int:
+    """The router's expert groups, which the hierarchical policy keeps on one node (1 without groups)."""
+    return layers[0].topk_config.num_expert_group or 1
 
 
 def balancedness(gpu_load_LG: torch.Tensor) -> float:
@@ -49,10 +61,11 @@ class EplbManager:
     def __init__(self, layers: list[FusedMoE], ctx: MoeContext, config: EplbConfig) -> None:
         assert layers and all(layer.placement is not None for layer in layers)
         self.layers, self.ctx, self.config = layers, ctx, config
-        self.num_groups = layers[0].topk_config.num_expert_group or 1
+        self.num_groups = _num_groups(layers)
         self.forwards = 0
         self.last_rebalance = 0  # self.forwards at the last rebalance
-        self.pending: list[tuple[FusedMoE, torch.Tensor]] = []  # (layer, its new placement) not applied yet
+        # (layer, its new placement, the plan from what it holds now) not applied yet
+        self.pending: list[tuple[FusedMoE, torch.Tensor, MovePlan]] = []
         self.rebalances = 0
         self.last_report: RebalanceReport | None = None
 
@@ -107,14 +120,14 @@ class EplbManager:
         for layer, new_P in zip(layers, phy2log_LP, strict=True):
             current = layer.placement.phy2log  # type: ignore[union-attr]
             if not torch.equal(current, new_P):
-                moved += plan_moves(current, new_P, ep).num_moved
-                self.pending.append((layer, new_P))
+                plan = plan_moves(current, new_P, ep)  # still valid when applied: earlier plans went first above
+                moved += plan.num_moved
+                self.pending.append((layer, new_P, plan))
         self._apply(self.config.layers_per_chunk)
-        share_LP = (logical_LE.double().cpu() / count_LE).gather(1, phy2log_LP)
         report = RebalanceReport(
             forwards=self.forwards - self.last_rebalance,
             balancedness_before=measured,
-            balancedness_after=balancedness(share_LP.view(len(layers), ep, -1).sum(-1)),
+            balancedness_after=balancedness(expected_gpu_load(logical_LE, phy2log_LP, count_LE, ep)),
             moved=moved,
             seconds=time.perf_counter() - start,
         )
@@ -131,17 +144,18 @@ class EplbManager:
     def _apply(self, max_layers: int) -> None:
         """Moves the weights of the next ``max_layers`` pending layers (0: all) and switches their routing."""
         count = len(self.pending) if max_layers == 0 else min(max_layers, len(self.pending))
-        for layer, new_P in self.pending[:count]:
-            move_layer(layer, self.ctx, new_P)
+        for layer, new_P, plan in self.pending[:count]:
+            move_layer(layer, self.ctx, new_P, plan)
         del self.pending[:count]
 
 
-def move_layer(layer: FusedMoE, ctx: MoeContext, new_P: torch.Tensor) -> int:
+def move_layer(layer: FusedMoE, ctx: MoeContext, new_P: torch.Tensor, plan: MovePlan | None = None) -> int:
     """Collective over the EP group: gives ``layer`` the placement ``new_P`` ([P] logical expert per slot), moving
-    its expert weights between ranks, and returns how many slots were filled from another rank."""
+    its expert weights between ranks (by ``plan`` when already made from what the layer holds), and returns how
+    many slots were filled from another rank."""
     placement = layer.placement
     assert placement is not None
-    plan = plan_moves(placement.phy2log, new_P, ctx.ep_size)
+    plan = plan or plan_moves(placement.phy2log, new_P, ctx.ep_size)
     w13, w2 = migrate([layer.w13_weight.data, layer.w2_weight.data], plan, ctx.ep_rank, ctx.moe_tp_rank,
                       ctx.moe_tp_size, ctx.group)  # fmt: skip
     layer.w13_weight.data.copy_(w13)
@@ -160,8 +174,7 @@ def place_from_file(layers: list[FusedMoE], ctx: MoeContext, config: EplbConfig)
     if "physical_to_logical_map" in location:
         phy2log_LP = location["physical_to_logical_map"]
     else:
-        groups = layers[0].topk_config.num_expert_group or 1
-        phy2log_LP = rebalance_experts(location["logical_count"], num_physical, groups, config.num_nodes,
+        phy2log_LP = rebalance_experts(location["logical_count"], num_physical, _num_groups(layers), config.num_nodes,
                                        ctx.ep_size)[0]  # fmt: skip
     moved = sum(move_layer(layer, ctx, new_P) for layer, new_P in zip(layers, phy2log_LP, strict=True))
     if ctx.group_rank_is_first:
