@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from pd.moe.eplb.location import read_location
 from tests.server_process import free_dist_init_addr, free_port, pd_serve
 from tests.test_serve_parity import _generate_all
 from tests.tiny_checkpoints import make_checkpoint
@@ -119,10 +120,12 @@ def test_two_nodes_on_one_machine_serve_the_one_process_tokens(case: Case, layou
     "--tp 4 --ep 2 --moe-a2a-backend none --ep-num-redundant-experts 2",  # replicas chosen per token, EP < TP
     "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch --ep-num-redundant-experts 2",
 ])  # fmt: skip
-def test_eplb_rebalancing_while_serving_keeps_the_one_process_tokens(case: Case, layout: str) -> None:
+def test_eplb_rebalancing_while_serving_keeps_the_one_process_tokens(case: Case, layout: str, tmp_path) -> None:
     """Rebalances every 3 forwards, so expert weights move between ranks in the middle of the requests."""
     port = free_port()
-    cmd = _serve_cmd(case.path, port, *layout.split(), "--enable-eplb", "--eplb-rebalance-num-iterations", "3")
+    loads = tmp_path / "loads"
+    cmd = _serve_cmd(case.path, port, *layout.split(), "--enable-eplb", "--eplb-rebalance-num-iterations", "3",
+                     "--expert-distribution-dir", str(loads))  # fmt: skip
     with _logged_server(cmd, port) as (_, log):
         got = case.run(f"http://127.0.0.1:{port}")
         import httpx
@@ -137,6 +140,16 @@ def test_eplb_rebalancing_while_serving_keeps_the_one_process_tokens(case: Case,
     before = [float(b) for b in re.findall(r"balancedness \(mean/max GPU load\) ([\d.]+) measured", text)]
     assert info["eplb_rebalances"] == len(before) and info["eplb_balancedness"] == pytest.approx(before[-1], abs=1e-3)
     assert f"eplb_rebalances {float(len(before))}" in metrics
+    # --expert-distribution-dir: one load file per rebalance, each a start-up placement for this model
+    files = sorted(loads.iterdir())
+    assert len(files) == len(before)
+    with open(os.path.join(case.path, "config.json")) as f:
+        config = json.load(f)
+    experts = config.get("n_routed_experts") or config.get("num_experts") or config["num_local_experts"]
+    moe_layers = config["num_hidden_layers"] - config.get("first_k_dense_replace", 0)
+    for path in files:
+        count = read_location(str(path), moe_layers, experts, experts + 2)["logical_count"]
+        assert float(count.sum()) > 0
 
 
 def test_a_start_up_placement_from_a_load_file_keeps_the_one_process_tokens(case: Case, tmp_path) -> None:

@@ -99,10 +99,12 @@ def read_location(path: str, num_layers: int, num_experts: int, num_physical: in
                               f"logical_count (keys: {sorted(data)[:8]})")  # fmt: skip
 
 
-def write_load(directory: str, logical_count_LE: torch.Tensor, forwards: int) -> str:
-    """Writes a load record --init-expert-location reads; returns its path (written atomically)."""
+def write_load(directory: str, logical_count_LE: torch.Tensor, forwards: int, at_forward: int) -> str:
+    """Writes a load record --init-expert-location reads: the load of the ``forwards`` forwards up to forward number
+    ``at_forward`` (which names the file: one per rebalance, in order); returns its path (written atomically)."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"expert_distribution_{time.strftime('%Y%m%d-%H%M%S')}_{forwards}.json")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(directory, f"expert_distribution_{stamp}_forward{at_forward:010d}.json")
     record = {"logical_count": logical_count_LE.cpu().tolist(), "forwards": forwards}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -110,7 +110,7 @@ class EplbManager:
             self.last_rebalance = self.forwards
             return None
         if self.config.dump_dir is not None and ctx.group_rank_is_first:
-            path = write_load(self.config.dump_dir, logical_LE, self.forwards - self.last_rebalance)
+            path = write_load(self.config.dump_dir, logical_LE, self.forwards - self.last_rebalance, self.forwards)
             logger.info("EPLB: recorded expert load written to %s (--init-expert-location reads it)", path)
         num_physical = layers[0].placement.num_physical  # type: ignore[union-attr]
         ep = ctx.ep_size
