@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 A2A_BACKENDS = ("none", "torch", "deepep", "mooncake", "mori", "flashinfer", "ascend_fuseep")
 MOE_RUNNER_BACKENDS = ("auto", "torch", "cpu_packed", "triton", "deep_gemm", "flashinfer_cutlass", "cutlass")
 DEEPEP_MODES = ("auto", "normal", "low_latency")
+# Ours, then SGLang's other names: accepted by the parser so a copied command line gets a clear start-up message.
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "fa3", "fa4", "flashinfer", "flashmla", "cutlass_mla", "trtllm_mla",
+                      "trtllm_mha", "aiter", "wave", "ascend", "torch_native", "flex_attention",
+                      "dual_chunk_flash_attn", "intel_amx")  # fmt: skip
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 TRANSFER_BACKENDS = ("mooncake", "fake")
 DEVICES = ("auto", "cpu", "cuda", "npu")
@@ -75,9 +79,12 @@ class ServerArgs:
     nnodes: int = _opt(1, "number of nodes of this instance", type=int)
     node_rank: int = _opt(0, "rank of this node, 0..nnodes-1", type=int)
     dist_init_addr: str | None = _opt(None, "host:port of node 0 for multi-node init", type=str)
+    attention_backend: str = _opt("auto", "attention kernels (auto: triton on cuda, torch elsewhere)",
+                                  choices=ATTENTION_BACKENDS)  # fmt: skip
     # MoE
     moe_a2a_backend: str = _opt("none", "token dispatcher ('torch': portable all-to-all)", choices=A2A_BACKENDS)
-    moe_runner_backend: str = _opt("auto", "grouped-GEMM runner (auto: cpu_packed on cpu)", choices=MOE_RUNNER_BACKENDS)
+    moe_runner_backend: str = _opt("auto", "grouped-GEMM runner (auto: triton on cuda, cpu_packed on cpu)",
+                                   choices=MOE_RUNNER_BACKENDS)  # fmt: skip
     deepep_mode: str = _opt("auto", "dispatch mode; auto: per batch, or by --disaggregation-mode", choices=DEEPEP_MODES)
     enable_two_batch_overlap: bool = _opt(False, "overlap two micro-batches' attention and dispatch")
     enable_single_batch_overlap: bool = _opt(False, "overlap shared experts with dispatch")
@@ -266,8 +273,16 @@ def resolve_moe_runner(name: str, device: str) -> str:
     """The MoE runner that ``--moe-runner-backend name`` means on ``device`` ("auto" -> a concrete name)."""
     if name != "auto":
         return name
-    # On CPU, oneDNN-packed expert weights run decode-sized GEMMs several times faster than grouped_mm.
-    return "cpu_packed" if device == "cpu" else "torch"
+    # On CPU, oneDNN-packed expert weights run decode-sized GEMMs several times faster than grouped_mm; on CUDA
+    # the Triton fused-MoE kernels run without a host sync (CUDA graphs) and read each hit expert once.
+    return {"cpu": "cpu_packed", "cuda": "triton"}.get(device, "torch")
+
+
+def resolve_attention_backend(name: str, device: str) -> str:
+    """The attention backend that ``--attention-backend name`` means on ``device`` ("auto" -> a concrete name)."""
+    if name != "auto":
+        return name
+    return "triton" if device == "cuda" else "torch"
 
 
 def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
@@ -297,6 +312,7 @@ def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
         "device": device,
         "dtype": ("float32" if on_cpu else "bfloat16") if a.dtype == "auto" else a.dtype,
         "moe_runner_backend": resolve_moe_runner(a.moe_runner_backend, device),
+        "attention_backend": resolve_attention_backend(a.attention_backend, device),
         "deepep_mode": deepep_mode,
         "served_model_name": name,
         "tokenizer_path": a.model_path if a.tokenizer_path is None else a.tokenizer_path,
@@ -376,6 +392,11 @@ def _validate(a: ServerArgs) -> None:
         want = table.get(backend or "")
         need(want is None or a.device == want, f"{flag} {backend} requires --device {want}, got {a.device}")
     need(
+        a.attention_backend != "triton" or a.device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
+        f"--attention-backend triton requires --device cuda, got {a.device} (on a CPU its kernels run only in "
+        "Triton's interpreter, for tests: set TRITON_INTERPRET=1)",
+    )
+    need(
         not a.enable_two_batch_overlap or a.moe_a2a_backend != "none",
         "--enable-two-batch-overlap overlaps dispatch with compute, so it needs --moe-a2a-backend other than none",
     )
@@ -432,8 +453,11 @@ def _validate(a: ServerArgs) -> None:
 # feature lands; nothing else needs to change.
 _NOT_IMPLEMENTED: tuple[tuple[str, Callable[[ServerArgs], bool]], ...] = (
     ("--pp-size {a.pp_size}", lambda a: a.pp_size > 1),
+    ("--attention-backend {a.attention_backend} (available: torch, triton)",
+     lambda a: a.attention_backend not in ("torch", "triton")),
     ("--moe-a2a-backend {a.moe_a2a_backend}", lambda a: a.moe_a2a_backend not in ("none", "torch", "deepep")),
-    ("--moe-runner-backend {a.moe_runner_backend}", lambda a: a.moe_runner_backend not in ("torch", "cpu_packed")),
+    ("--moe-runner-backend {a.moe_runner_backend}",
+     lambda a: a.moe_runner_backend not in ("torch", "cpu_packed", "triton")),
     ("--speculative-moe-runner-backend", lambda a: a.speculative_moe_runner_backend is not None),
     ("--device npu", lambda a: a.device == "npu"),
 )

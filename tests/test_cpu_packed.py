@@ -260,7 +260,7 @@ def test_cpu_packed_runner_rejects_bad_ids_and_activation(path: str | None) -> N
 def test_registry_and_auto_resolution() -> None:
     assert isinstance(get_runner("cpu_packed"), CpuPackedMoeRunner)
     assert resolve_moe_runner("auto", "cpu") == "cpu_packed"
-    assert resolve_moe_runner("auto", "cuda") == "torch"
+    assert resolve_moe_runner("auto", "cuda") == "triton"
     assert resolve_moe_runner("torch", "cpu") == "torch"
 
 

@@ -81,6 +81,6 @@ def follow(runner: ModelRunner, sync: StepSync, max_rows: int) -> None:
         for row, first, pages in msg["slots"]:
             slots.assign_pages(row, first, pages)
         runner.set_mode(msg["mode"])
-        batch = runner.make_batch(msg["input_ids"], msg["rows"], msg["prefix_lens"], msg["extend_lens"], slots.table,
+        batch = runner.make_batch(msg["input_ids"], msg["rows"], msg["prefix_lens"], msg["extend_lens"], slots,
                                   msg["logits_index"])
         runner.forward(batch, logits=False)

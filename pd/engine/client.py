@@ -48,6 +48,7 @@ def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
         random_seed=args.random_seed,
         moe_runner=args.moe_runner_backend,
         two_batch_overlap=args.enable_two_batch_overlap,
+        attention_backend=args.attention_backend,
     )
 
 

@@ -1,38 +1,64 @@
 """What one model forward sees: the new tokens of a batch of requests and where their KV lives.
 
 A batch mixes requests at different stages: a prefill chunk is `extend_len` new tokens after `prefix_len`
-tokens already in the KV cache, a decode step is one new token. The attention metadata is built once per
-step (here, with tensor ops only) and shared by every layer.
+tokens already in the KV cache, a decode step is one new token. The scheduler's facts about the batch (page-table
+rows, prefix and new lengths, the slots the new tokens write) are gathered once per step in a `BatchLayout`;
+the attention backend builds its own metadata from them, and every layer shares both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from pd.engine.kv_cache import KVCache
+from pd.engine.kv_cache import KVCache, ReqToToken
+
+if TYPE_CHECKING:
+    from pd.attention import AttentionBackend
 
 
 @dataclass
-class AttentionMetadata:
-    """Layout of a ragged batch for paged attention. B requests, T new tokens, Q = max new tokens of a request,
-    L = max context (prefix + new) of a request.
+class BatchLayout:
+    """The backend-neutral facts of a ragged batch of B requests and T new tokens (device tensors on the KV
+    cache's device, plus the host values a backend may plan with).
 
+    rows:         [B] int32, each request's row of the page table.
+    prefix_lens:  [B] int32, tokens of each request already in the cache.
+    extend_lens:  [B] int32, new tokens of each request (>= 1).
+    q_starts:     [B] int32, first of each request's rows among the T new tokens.
     out_loc:      [T] int64, KV slot each new token writes.
-    kv_slots:     [B, L] int64, KV slot of every context position (padding points at a valid slot, masked).
-    query_index:  [B, Q] int64, index into the T new tokens (padding repeats a valid index).
-    mask:         [B, 1, Q, L] bool, True where a query may attend a key (causal within the request).
-    token_index:  [T] int64, where each new token sits in the flattened [B*Q] padded layout.
-    max_q:        Q (1 for a decode-only batch).
+    page_table:   the [R, P] int32 page table the rows index (kernels read pages through it, in place); None
+                  for an empty batch.
+    host_prefix_lens, host_extend_lens: the same lengths as Python lists.
     """
 
+    rows: torch.Tensor
+    prefix_lens: torch.Tensor
+    extend_lens: torch.Tensor
+    q_starts: torch.Tensor
     out_loc: torch.Tensor
-    kv_slots: torch.Tensor
-    query_index: torch.Tensor
-    mask: torch.Tensor
-    token_index: torch.Tensor
-    max_q: int
+    page_table: ReqToToken | None
+    host_prefix_lens: list[int]
+    host_extend_lens: list[int]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.host_extend_lens)
+
+    @property
+    def max_extend_len(self) -> int:
+        return max(self.host_extend_lens, default=0)
+
+    @property
+    def max_context_len(self) -> int:
+        return max((p + e for p, e in zip(self.host_prefix_lens, self.host_extend_lens, strict=True)), default=0)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every request adds exactly one token (a decode step)."""
+        return self.max_extend_len == 1
 
 
 @dataclass
@@ -42,13 +68,17 @@ class ForwardBatch:
     input_ids:    [T] int64 new tokens, request after request.
     positions:    [T] int64 position of each new token in its sequence.
     logits_index: [S] int64 rows of the T tokens whose next-token logits are wanted.
+    layout:       the batch's neutral facts.
+    attn_backend: the attention backend every layer calls; attn_meta: what it built from ``layout``.
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
-    attn: AttentionMetadata
+    layout: BatchLayout
     kv_cache: KVCache
     logits_index: torch.Tensor
+    attn_backend: AttentionBackend
+    attn_meta: object
 
     @property
     def num_tokens(self) -> int:
@@ -60,70 +90,61 @@ def build_forward_batch(
     rows: list[int],
     prefix_lens: list[int],
     extend_lens: list[int],
-    req_to_token: torch.Tensor,
+    page_table: ReqToToken,
     kv_cache: KVCache,
+    attn_backend: AttentionBackend,
     logits_index: list[int] | None = None,
 ) -> ForwardBatch:
-    """Builds the batch tensors on the KV cache's device.
+    """Builds the batch tensors on the KV cache's device (two host-to-device copies: the small int32 facts and
+    the int64 token arrays).
 
     input_ids:    the T new tokens, request after request (T == sum(extend_lens)).
-    rows:         each request's row in `req_to_token` ([R, max_context] int64 slot table).
+    rows:         each request's row in ``page_table``.
     prefix_lens:  tokens of each request already in the cache.
     extend_lens:  new tokens of each request (>= 1).
     logits_index: token rows whose logits are wanted; default: the last new token of each request.
     """
     device = kv_cache.device
-    num_reqs = len(rows)
+    num_tokens = len(input_ids)
     q_lens = torch.tensor(extend_lens, dtype=torch.int64)
     prefix = torch.tensor(prefix_lens, dtype=torch.int64)
-    kv_lens = prefix + q_lens
-    max_q, max_kv = int(q_lens.max()), int(kv_lens.max())
     starts = torch.cumsum(q_lens, 0) - q_lens
     if logits_index is None:
         logits_index = (starts + q_lens - 1).tolist()
-
-    # Per-request query offsets [B, Q]; invalid (padding) entries are clamped into the request.
-    offs = torch.arange(max_q, dtype=torch.int64)[None, :]
-    valid_q = offs < q_lens[:, None]
-    query_index = starts[:, None] + torch.minimum(offs, q_lens[:, None] - 1)
-    q_pos = torch.where(valid_q, prefix[:, None] + offs, torch.zeros_like(offs))
-    key_pos = torch.arange(max_kv, dtype=torch.int64)
-    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]; padding queries see key 0 only
-    token_index = (torch.arange(num_reqs)[:, None] * max_q + offs)[valid_q]
-
-    token_req = torch.repeat_interleave(torch.arange(num_reqs), q_lens)
-    positions = torch.repeat_interleave(prefix, q_lens) + (torch.arange(int(q_lens.sum())) - starts[token_req])
+    token_req = torch.repeat_interleave(torch.arange(len(rows)), q_lens)
+    positions = torch.repeat_interleave(prefix, q_lens) + (torch.arange(num_tokens) - starts[token_req])
     rows_t = torch.tensor(rows, dtype=torch.int64)
-    table = req_to_token.to("cpu") if req_to_token.device.type != "cpu" else req_to_token
-    out_loc = table[rows_t[token_req], positions]
-    kv_slots = table[rows_t, :max_kv]
 
-    attn = AttentionMetadata(
-        out_loc=out_loc.to(device, non_blocking=True),
-        kv_slots=kv_slots.to(device, non_blocking=True),
-        query_index=query_index.to(device, non_blocking=True),
-        mask=mask[:, None].to(device, non_blocking=True),
-        token_index=token_index.to(device, non_blocking=True),
-        max_q=max_q,
+    facts = torch.stack((rows_t, prefix, q_lens, starts)).to(torch.int32).to(device, non_blocking=True)
+    tokens = torch.cat((torch.tensor(input_ids, dtype=torch.int64), positions, rows_t[token_req],
+                        torch.tensor(logits_index, dtype=torch.int64))).to(device, non_blocking=True)  # fmt: skip
+    ids_d, positions_d, token_rows_d, logits_d = tokens.split([num_tokens, num_tokens, num_tokens, len(logits_index)])
+    layout = BatchLayout(
+        rows=facts[0],
+        prefix_lens=facts[1],
+        extend_lens=facts[2],
+        q_starts=facts[3],
+        out_loc=page_table.slots(token_rows_d, positions_d),
+        page_table=page_table,
+        host_prefix_lens=list(prefix_lens),
+        host_extend_lens=list(extend_lens),
     )
     return ForwardBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
-        positions=positions.to(device, non_blocking=True),
-        attn=attn,
+        input_ids=ids_d,
+        positions=positions_d,
+        layout=layout,
         kv_cache=kv_cache,
-        logits_index=torch.tensor(logits_index, dtype=torch.int64).to(device, non_blocking=True),
+        logits_index=logits_d,
+        attn_backend=attn_backend,
+        attn_meta=attn_backend.prepare(layout, kv_cache),
     )
 
 
-def empty_forward_batch(kv_cache: KVCache) -> ForwardBatch:
+def empty_forward_batch(kv_cache: KVCache, attn_backend: AttentionBackend) -> ForwardBatch:
     """A batch of no requests and no tokens (an idle rank's share of a collective forward)."""
-    device, none = kv_cache.device, torch.zeros(0, dtype=torch.int64, device=kv_cache.device)
-    attn = AttentionMetadata(
-        out_loc=none,
-        kv_slots=torch.zeros(0, 1, dtype=torch.int64, device=device),
-        query_index=torch.zeros(0, 1, dtype=torch.int64, device=device),
-        mask=torch.zeros(0, 1, 1, 1, dtype=torch.bool, device=device),
-        token_index=none,
-        max_q=1,
-    )
-    return ForwardBatch(input_ids=none, positions=none, attn=attn, kv_cache=kv_cache, logits_index=none)
+    device = kv_cache.device
+    none64, none32 = (torch.zeros(0, dtype=dtype, device=device) for dtype in (torch.int64, torch.int32))
+    layout = BatchLayout(rows=none32, prefix_lens=none32, extend_lens=none32, q_starts=none32, out_loc=none64,
+                         page_table=None, host_prefix_lens=[], host_extend_lens=[])  # fmt: skip
+    return ForwardBatch(input_ids=none64, positions=none64, layout=layout, kv_cache=kv_cache, logits_index=none64,
+                        attn_backend=attn_backend, attn_meta=attn_backend.prepare(layout, kv_cache))  # fmt: skip

@@ -1,8 +1,9 @@
 """Paged KV cache: page allocator, per-request slot table, and the per-layer KV buffers.
 
 A slot is one token's KV entry; page p holds slots [p*page_size, (p+1)*page_size). The allocator hands out
-whole pages; `req_to_token[row, pos]` is the slot of position `pos` of the request in `row`, so attention
-gathers a request's context with one indexing op.
+whole pages; the page table on the KV cache's device maps (row, pos // page_size) to a page, so position `pos` of
+the request in `row` lives in slot `pages[row, pos // page_size] * page_size + pos % page_size`. Attention
+kernels read that table and the pages in place.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ class PagePool:
 
 
 class ReqToToken:
-    """Slot table [max_rows, max_context] int64 plus a free list of rows (one row per live request)."""
+    """The page table: [max_rows, max_pages] int32 on the KV cache's device, plus a free list of rows (one row
+    per live request). Only the entries a call assigns are copied to the device, never the whole table."""
 
-    def __init__(self, max_rows: int, max_context: int, page_size: int) -> None:
-        self.table = torch.zeros(max_rows, max_context, dtype=torch.int64)
+    def __init__(self, max_rows: int, max_context: int, page_size: int, device: torch.device | str = "cpu") -> None:
         self.page_size = page_size
+        self.max_pages = -(-max_context // page_size)
+        self.pages = torch.zeros(max_rows, self.max_pages, dtype=torch.int32, device=device)
         self._free_rows = list(range(max_rows - 1, -1, -1))
         # When a list: every assign_pages call is also recorded here, for mirrors kept on other ranks.
         self.journal: list[list[object]] | None = None
@@ -66,16 +69,23 @@ class ReqToToken:
         self._free_rows.append(row)
 
     def assign_pages(self, row: int, first_page_index: int, pages: list[int]) -> None:
-        """Maps positions [first_page_index*page_size, ...) of `row` onto `pages`."""
+        """Maps pages [first_page_index, first_page_index + len(pages)) of `row` onto `pages` (pages past the
+        table's width, which no position reaches, are dropped)."""
         if not pages:
             return
         if self.journal is not None:
             self.journal.append([row, first_page_index, list(pages)])
+        end = min(first_page_index + len(pages), self.max_pages)
+        if end <= first_page_index:
+            return
+        values = torch.tensor(pages[: end - first_page_index], dtype=torch.int32)
+        self.pages[row, first_page_index:end].copy_(values, non_blocking=True)
+
+    def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """KV slots (int64) of positions ``positions`` of rows ``rows`` (same-shaped or broadcastable int64
+        tensors on the table's device)."""
         ps = self.page_size
-        slots = (torch.tensor(pages, dtype=torch.int64)[:, None] * ps + torch.arange(ps)[None, :]).flatten()
-        start = first_page_index * ps
-        end = min(start + slots.numel(), self.table.shape[1])
-        self.table[row, start:end] = slots[: end - start]
+        return self.pages[rows, torch.div(positions, ps, rounding_mode="floor")].long() * ps + positions % ps
 
 
 class KVCache:

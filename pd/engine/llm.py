@@ -9,7 +9,7 @@ import torch
 from pd.engine.io import GenerateRequest, SamplingParams
 from pd.engine.model_runner import ModelRunner, RunnerConfig
 from pd.engine.scheduler import Scheduler, SchedulerConfig
-from pd.server_args import resolve_moe_runner
+from pd.server_args import resolve_attention_backend, resolve_moe_runner
 
 
 class LLM:
@@ -24,6 +24,7 @@ class LLM:
         max_total_tokens: int | None = None,
         context_length: int | None = None,
         moe_runner: str = "auto",
+        attention_backend: str = "auto",
     ) -> None:
         cfg = RunnerConfig(
             model_path,
@@ -34,6 +35,7 @@ class LLM:
             max_total_tokens,
             None,
             moe_runner=resolve_moe_runner(moe_runner, torch.device(device).type),
+            attention_backend=resolve_attention_backend(attention_backend, torch.device(device).type),
         )
         self.runner = ModelRunner(cfg)
         self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size), self.runner)
@@ -68,7 +70,7 @@ class LLM:
             for start in range(0, len(input_ids), chunk):
                 ids = input_ids[start : start + chunk]
                 batch = self.runner.build_batch(
-                    ids, [row], [start], [len(ids)], sched.slots.table, logits_index=list(range(len(ids)))
+                    ids, [row], [start], [len(ids)], sched.slots, logits_index=list(range(len(ids)))
                 )
                 logits.append(self.runner.forward(batch))
             return torch.cat(logits)

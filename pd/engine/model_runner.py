@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pd.attention import get_backend
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
 from pd.engine.kv_cache import KVCache, ReqToToken
@@ -43,6 +44,7 @@ class RunnerConfig:
     random_seed: int = 0
     moe_runner: str = "torch"  # a --moe-runner-backend name (resolved)
     two_batch_overlap: bool = False  # every forward as two micro-batches interleaved layer by layer
+    attention_backend: str = "torch"  # an --attention-backend name (resolved)
 
 
 class ModelRunner:
@@ -95,17 +97,20 @@ class ModelRunner:
         if agree_pages is not None:
             self.num_pages = agree_pages(self.num_pages)
         self.kv_cache = KVCache(self.model.num_layers, self.num_pages, cfg.page_size, layout, cfg.dtype, self.device)
+        self.attn_backend = get_backend(cfg.attention_backend)
         self.slot_table: ReqToToken | None = None
         self.forced_mode: str | None = None  # set by the DP-attention gate: the mode all leaders agreed on
         self.num_forwards = 0
-        logger.info("model %s loaded on %s (%s); KV cache: %d pages x %d tokens", self.model_config.architecture,
-                    self.device, cfg.dtype, self.num_pages, cfg.page_size)
+        logger.info("model %s loaded on %s (%s); KV cache: %d pages x %d tokens; attention backend %s",
+                    self.model_config.architecture, self.device, cfg.dtype, self.num_pages, cfg.page_size,
+                    cfg.attention_backend)  # fmt: skip
         if moe_layers and moe_ctx.group_rank_is_first:
             logger.info("MoE: %d layers, %s", len(moe_layers), _moe_summary(moe_layers[0], moe_ctx, cfg))
 
     def make_slot_table(self, max_rows: int, max_context: int) -> ReqToToken:
-        """The request -> KV slot table the scheduler fills (followers keep a mirror fed by the leader's journal)."""
-        self.slot_table = ReqToToken(max_rows, max_context, self.cfg.page_size)
+        """The request -> KV page table the scheduler fills, on this rank's device (followers keep a mirror fed by
+        the leader's journal)."""
+        self.slot_table = ReqToToken(max_rows, max_context, self.cfg.page_size, self.device)
         if self.sync is not None and self.sync.is_leader:
             self.slot_table.journal = []
         return self.slot_table
@@ -136,18 +141,18 @@ class ModelRunner:
         rows: list[int],
         prefix_lens: list[int],
         extend_lens: list[int],
-        req_to_token: torch.Tensor,
+        slots: ReqToToken,
         logits_index: list[int] | None = None,
     ) -> ForwardBatch | MicroBatches:
         """The leader's (or a lone rank's) next forward. Its followers are told first and run it too, so
         forward() must follow."""
         mode = self.forced_mode or ("normal" if max(extend_lens) > 1 else "low_latency")
         if self.sync is not None:
-            slots = self.slot_table.take_journal() if self.slot_table is not None else []
+            journal = self.slot_table.take_journal() if self.slot_table is not None else []
             self.sync.send({"op": "forward", "input_ids": input_ids, "rows": rows, "prefix_lens": prefix_lens,
-                            "extend_lens": extend_lens, "logits_index": logits_index, "slots": slots, "mode": mode})
+                            "extend_lens": extend_lens, "logits_index": logits_index, "slots": journal, "mode": mode})
         self.set_mode(mode)
-        return self.make_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, logits_index)
+        return self.make_batch(input_ids, rows, prefix_lens, extend_lens, slots, logits_index)
 
     def make_batch(
         self,
@@ -155,18 +160,18 @@ class ModelRunner:
         rows: list[int],
         prefix_lens: list[int],
         extend_lens: list[int],
-        req_to_token: torch.Tensor,
+        slots: ReqToToken,
         logits_index: list[int] | None,
     ) -> ForwardBatch | MicroBatches:
         """The forward of these lists (leader and followers alike): one ForwardBatch, or under two-batch overlap
         its two micro-batches (the whole batch is then never built)."""
         if not self.cfg.two_batch_overlap:
-            return build_forward_batch(input_ids, rows, prefix_lens, extend_lens, req_to_token, self.kv_cache,
-                                       logits_index)  # fmt: skip
+            return build_forward_batch(input_ids, rows, prefix_lens, extend_lens, slots, self.kv_cache,
+                                       self.attn_backend, logits_index)  # fmt: skip
         first, second = (
-            build_forward_batch(part.input_ids, part.rows, part.prefix_lens, part.extend_lens, req_to_token,
-                                self.kv_cache, part.logits_index)
-            if part.rows else empty_forward_batch(self.kv_cache)
+            build_forward_batch(part.input_ids, part.rows, part.prefix_lens, part.extend_lens, slots,
+                                self.kv_cache, self.attn_backend, part.logits_index)
+            if part.rows else empty_forward_batch(self.kv_cache, self.attn_backend)
             for part in split_in_two(input_ids, rows, prefix_lens, extend_lens, logits_index)
         )  # fmt: skip
         return MicroBatches(first, second)
@@ -200,9 +205,9 @@ class ModelRunner:
             self.sync.send({"op": "idle", "mode": mode})
         self.set_mode(mode)
         self.num_forwards += 1
-        empty = empty_forward_batch(self.kv_cache)
+        empty = empty_forward_batch(self.kv_cache, self.attn_backend)
         if self.cfg.two_batch_overlap:  # the same collectives as a busy peer's two micro-batches
-            self.model.forward_two(empty, empty_forward_batch(self.kv_cache))
+            self.model.forward_two(empty, empty_forward_batch(self.kv_cache, self.attn_backend))
         else:
             self.model(empty)
         if self.eplb is not None:

@@ -158,7 +158,7 @@ class Scheduler:
             [r.row for r in batch_reqs],
             prefix_lens,
             extend_lens,
-            self.slots.table,
+            self.slots,
             logits_index=[ends[i] for i in sampled],
         )
         now = time.monotonic()

@@ -1,33 +1,10 @@
-"""Paged attention over a ragged batch (pure torch; the reference every faster backend is tested against).
-
-New K/V are written into the paged cache first, then each request's whole context is gathered into a padded
-[B, L] block and attended with one scaled_dot_product_attention call under the batch's causal mask.
-"""
+"""The attention call every model layer makes: the batch's backend stores the new KV and attends (pd.attention)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from pd.engine.forward_batch import AttentionMetadata, ForwardBatch
-
-
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
-    """q [T, Hq, D]; k [B, L, Hk, D]; v [B, L, Hk, Dv] (Hq a multiple of Hk) -> [T, Hq, Dv] in q's dtype."""
-    num_heads = q.shape[1]
-    q_b = q[meta.query_index].transpose(1, 2)  # [B, Hq, Q, D]
-    out = F.scaled_dot_product_attention(
-        q_b,
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=meta.mask,
-        scale=scale,
-        enable_gqa=num_heads != k.shape[2],
-    )  # [B, Hq, Q, Dv]
-    out = out.transpose(1, 2).reshape(-1, num_heads, v.shape[-1])
-    return out[meta.token_index]
+from pd.engine.forward_batch import ForwardBatch
 
 
 def paged_attention(
@@ -42,8 +19,16 @@ def paged_attention(
     """Multi-head / grouped-query attention. q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, Hq, Dv].
     All Hk heads are cached; the queries attend over ``kv_heads`` of them (default all), a tensor-parallel
     rank's share."""
-    batch.kv_cache.store(layer_id, batch.attn.out_loc, k, v)
-    k_all, v_all = batch.kv_cache.gather(layer_id, batch.attn.kv_slots)
-    if kv_heads is not None and kv_heads != slice(0, k.shape[1]):
-        k_all, v_all = k_all[:, :, kv_heads], v_all[:, :, kv_heads]
-    return attend(q, k_all, v_all, batch.attn, scale)
+    if batch.num_tokens == 0:
+        return q.new_zeros(0, q.shape[1], v.shape[-1])
+    return batch.attn_backend.forward(layer_id, q, k, v, batch, scale, kv_heads=kv_heads)
+
+
+def latent_attention(
+    layer_id: int, q: torch.Tensor, latent: torch.Tensor, v_dim: int, batch: ForwardBatch, scale: float
+) -> torch.Tensor:
+    """MLA in the latent space: q [T, H, C + R] (nope part absorbed into the key projection), latent [T, 1, C + R]
+    (the cached row) -> [T, H, v_dim], the attention-weighted first ``v_dim`` (= C) latent columns."""
+    if batch.num_tokens == 0:
+        return q.new_zeros(0, q.shape[1], v_dim)
+    return batch.attn_backend.forward(layer_id, q, latent, None, batch, scale, v_dim=v_dim)

@@ -1,8 +1,11 @@
 """Multi-head latent attention (MLA) of DeepSeek-V2/V3, caching the compressed latent.
 
 Per token the cache holds one row of kv_lora_rank + qk_rope_head_dim values: the normalised compressed KV
-latent followed by the roped, head-shared k_pe. Attention up-projects the gathered latent with kv_b_proj into
-per-head k_nope and v (the "naive" form; absorbing kv_b_proj into q and o is a later optimisation).
+latent followed by the roped, head-shared k_pe. Attention runs in the latent space (the "absorbed" form of
+DeepSeek's and SGLang's decode): kv_b_proj's key half W_UK is folded into the query (q_nope @ W_UK per head), so
+every head attends the cached latent rows directly as one shared key/value head (values: the latent's first
+kv_lora_rank columns), and the value half W_UV maps the attended latent to each head's v. No per-head K or V is
+ever materialised, and the cache is read once per head group.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.forward_batch import ForwardBatch
-from pd.layers.attention import attend
+from pd.layers.attention import latent_attention
 from pd.layers.norm import RMSNorm
 from pd.layers.rotary import RotaryEmbedding
 from pd.models.config import ModelConfig
@@ -89,23 +92,20 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]. Writes the new tokens' latents [T, 1, latent_dim] into the layer's
-        single KV buffer, then attends over each request's whole cached context."""
+        single KV buffer, then attends over each request's whole cached context in the latent space."""
         num_tokens = x.shape[0]
         q_nope, q_pe = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
         kv_c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_c = self.kv_a_layernorm(kv_c)
         q_pe, k_pe = rotary(batch.positions, q_pe, k_pe.unsqueeze(1))  # k_pe: [T, 1, rope_dim], one shared head
-        batch.kv_cache.store(self.layer_id, batch.attn.out_loc, torch.cat((kv_c.unsqueeze(1), k_pe), dim=-1))
+        latent_T1L = torch.cat((kv_c.unsqueeze(1), k_pe), dim=-1)
 
-        (latent_BL1C,) = batch.kv_cache.gather(self.layer_id, batch.attn.kv_slots)
-        latent_BLC = latent_BL1C[:, :, 0].to(x.dtype)
-        num_reqs, ctx_len = latent_BLC.shape[:2]
-        kv_BLHD = self.kv_b_proj(latent_BLC[..., : self.kv_lora_rank]).view(
-            num_reqs, ctx_len, self.num_heads, self.nope_dim + self.v_dim
-        )
-        k_nope, v = kv_BLHD.split([self.nope_dim, self.v_dim], dim=-1)
-        k_pe_BLHR = latent_BLC[:, :, None, self.kv_lora_rank :].expand(-1, -1, self.num_heads, -1)
-        k = torch.cat((k_nope, k_pe_BLHR), dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1)
-        out = attend(q, k, v, batch.attn, self.scale)  # [T, H, v_dim]
-        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim)))
+        # kv_b_proj.weight [H * (nope + v), C] holds per head W_UK [nope, C] then W_UV [v, C] (views, no copies).
+        w_HXC = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope_dim, self.v_dim], dim=1)
+        q_lat_HTC = torch.bmm(q_nope.transpose(0, 1), w_uk_HNC)  # [H, T, C]
+        q_THL = torch.cat((q_lat_HTC.transpose(0, 1), q_pe), dim=-1)  # [T, H, C + R]
+        out_THC = latent_attention(self.layer_id, q_THL, latent_T1L, self.kv_lora_rank, batch, self.scale)
+        out_HTV = torch.bmm(out_THC.transpose(0, 1), w_uv_HVC.transpose(1, 2))  # [H, T, v]
+        out = out_HTV.transpose(0, 1).reshape(num_tokens, self.num_heads * self.v_dim)
+        return self.tp.all_reduce(self.o_proj(out))

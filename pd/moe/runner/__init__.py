@@ -30,6 +30,7 @@ class MoeRunner(Protocol):
 _RUNNERS: dict[str, tuple[str, str]] = {
     "torch": ("pd.moe.runner.torch_ref", "TorchMoeRunner"),
     "cpu_packed": ("pd.moe.runner.cpu_packed", "CpuPackedMoeRunner"),
+    "triton": ("pd.moe.runner.triton_runner", "TritonMoeRunner"),
 }
 
 

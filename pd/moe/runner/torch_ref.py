@@ -3,8 +3,10 @@
 Stages: pre-permute (sort (token, slot) pairs by local expert, gather their rows), grouped GEMM gate_up,
 activation, grouped GEMM down, scale by the routing weight, post-permute (scatter-add back per token).
 The arithmetic follows transformers' eager experts loop: per-expert ``linear``, ``act(gate) * up``,
-``linear``, ``* weight`` (float32 weight, so the product is float32), cast to the hidden dtype, then
-``index_add_`` in the hidden dtype with experts in ascending order.
+``linear``, ``* weight`` (float32 weight, so the product is float32), cast to the hidden dtype. The sum back per
+token differs from transformers (``index_add_`` in the hidden dtype, experts in ascending order, whose order on
+CUDA varies run to run): each token's slot rows are added in ascending slot order in float32 and cast once, an
+order every runner can reproduce exactly and without atomics.
 """
 
 from __future__ import annotations
@@ -153,6 +155,9 @@ def pre_permute(dispatch_out: DispatchOutput, num_experts: int) -> PermutedRows:
 def post_permute(dispatch_out: DispatchOutput, perm: PermutedRows, down_MH: torch.Tensor) -> CombineInput:
     """Scale each expert output row by its routing weight and sum the rows back per token.
 
+    The sum is deterministic: per token, its K slot rows in ascending slot order (k = 0, 1, ...), accumulated in
+    float32, cast to the model dtype once; slots without a local expert add nothing.
+
     Args:
         dispatch_out: the DispatchOutput ``perm`` was built from (topk_weights [N, K] float32, handle).
         perm: from pre_permute.
@@ -162,15 +167,27 @@ def post_permute(dispatch_out: DispatchOutput, perm: PermutedRows, down_MH: torc
         CombineInput with hidden_states [N, H] (model dtype; zeros for tokens without a local slot).
     """
     hidden_NH = dispatch_out.hidden_states
-    out_NH = hidden_NH.new_zeros(hidden_NH.shape[0], hidden_NH.shape[1])
-    # Weight in float32, like HF, so bf16 rows are scaled in float32; cast; scatter-add in expert order.
+    num_tokens, top_k = dispatch_out.topk_ids.shape
+    dtype = hidden_NH.dtype
+    if perm.num_rows == 0:
+        return CombineInput(hidden_states=hidden_NH.new_zeros(num_tokens, hidden_NH.shape[1]),
+                            handle=dispatch_out.handle)  # fmt: skip
+    # Weight in float32, like HF, so bf16 rows are scaled in float32; cast.
     weights_M1 = dispatch_out.topk_weights.t().flatten().index_select(0, perm.order_M).unsqueeze(1)
     if down_MH.dtype == weights_M1.dtype:
         weighted_MH = down_MH.mul_(weights_M1)
     else:
-        weighted_MH = (down_MH * weights_M1).to(out_NH.dtype)
-    out_NH.index_add_(0, perm.token_idx_M, weighted_MH)
-    return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
+        weighted_MH = (down_MH * weights_M1).to(dtype)
+    # Slot by slot (k = 0, 1, ...), each slot's rows added to their tokens: a token meets at most one row per
+    # slot, so no two additions of one index_add_ touch the same element and the result does not depend on how
+    # the device orders them (index_add_ with repeated indices is nondeterministic on CUDA).
+    slot_M = perm.order_M // num_tokens  # order_M is slot-major: k * N + t
+    by_slot = torch.argsort(slot_M, stable=True)
+    sizes = torch.bincount(slot_M, minlength=top_k).tolist()  # a host sync, like pre_permute's
+    out_NH = hidden_NH.new_zeros(num_tokens, hidden_NH.shape[1], dtype=torch.float32)
+    for rows in by_slot.split(sizes):
+        out_NH.index_add_(0, perm.token_idx_M.index_select(0, rows), weighted_MH.index_select(0, rows).float())
+    return CombineInput(hidden_states=out_NH.to(dtype), handle=dispatch_out.handle)
 
 
 def _segments(sizes_E: list[int]) -> list[tuple[int, int, int]]:

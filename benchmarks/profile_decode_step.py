@@ -1,0 +1,146 @@
+"""One in-process decode step on a GPU, per attention backend: time, and a torch-profiler table of its kernels.
+
+Model: Qwen3-MoE at Qwen3-30B-A3B widths (hidden 2048, 32 query / 4 KV heads of dim 128, 128 experts top-8 of
+moe_intermediate 768, vocab 151936) with --layers decoder layers (default 8), random bf16 weights. Workload:
+--batch requests (default 64) of --prompt tokens (default 128) prefilled, then decode steps of one token each.
+For each backend: the median wall time of --steps decode steps (host included, as the engine runs them), and
+one profiled step whose per-kernel table is written to OUT/profile_<backend>.txt. The run fails if a triton
+decode step calls SDPA, launches a cuDNN/flash/SDPA kernel, or gathers KV.
+
+Usage: python benchmarks/profile_decode_step.py [--out DIR] [--layers 8] [--batch 64] [--prompt 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+FORBIDDEN = ("scaled_dot_product", "cudnn", "flash_attention", "efficient_attention")
+
+
+def make_checkpoint(path: str, layers: int) -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from tests.tiny_checkpoints import write_tokenizer
+
+    config = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                            num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
+                            decoder_sparse_step=1, mlp_only_layers=[], bos_token_id=None, eos_token_id=None,
+                            pad_token_id=0, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    write_tokenizer(path)
+
+
+def run_backend(path: str, backend: str, args: argparse.Namespace) -> dict[str, object]:
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from pd.engine.kv_cache import KVCache
+    from pd.engine.llm import LLM
+
+    llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=args.batch,
+              max_total_tokens=args.batch * (args.prompt + args.steps + 32), chunked_prefill_size=8192,
+              attention_backend=backend)  # fmt: skip
+    runner, sched = llm.runner, llm.scheduler
+    gen = torch.Generator().manual_seed(0)
+    rows, pages_all = [], []
+    for _ in range(args.batch):
+        pages = sched.pool.alloc(sched._pages_for(args.prompt + args.steps + 8))
+        row = sched.slots.alloc_row()
+        assert pages is not None and row is not None
+        sched.slots.assign_pages(row, 0, pages)
+        rows.append(row)
+        pages_all.append(pages)
+    prompts = [torch.randint(1, 150000, (args.prompt,), generator=gen).tolist() for _ in rows]
+    for i in range(0, args.batch, 16):  # prefill 16 requests per forward
+        ids = [t for p in prompts[i : i + 16] for t in p]
+        runner.forward(runner.build_batch(ids, rows[i : i + 16], [0] * len(rows[i : i + 16]),
+                                          [args.prompt] * len(rows[i : i + 16]), sched.slots))  # fmt: skip
+    context = args.prompt
+    times = []
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        batch = runner.build_batch([1] * args.batch, rows, [context] * args.batch, [1] * args.batch, sched.slots)
+        logits = runner.forward(batch)
+        logits.argmax(-1).tolist()  # the engine's one copy of sampled ids
+        times.append(time.perf_counter() - start)
+        context += 1
+
+    gathered: list[str] = []
+    real_gather, real_sdpa = KVCache.gather, F.scaled_dot_product_attention
+
+    def spy_gather(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        gathered.append("KVCache.gather")
+        return real_gather(self, *a, **k)
+
+    def spy_sdpa(*a, **k):  # noqa: ANN002, ANN003
+        gathered.append("scaled_dot_product_attention")
+        return real_sdpa(*a, **k)
+
+    KVCache.gather, F.scaled_dot_product_attention = spy_gather, spy_sdpa
+    try:
+        batch = runner.build_batch([1] * args.batch, rows, [context] * args.batch, [1] * args.batch, sched.slots)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            runner.forward(batch).argmax(-1).tolist()
+            torch.cuda.synchronize()
+    finally:
+        KVCache.gather, F.scaled_dot_product_attention = real_gather, real_sdpa
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    with open(os.path.join(args.out, f"profile_{backend}.txt"), "w") as f:
+        f.write(f"{torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        f.write(f"decode step, batch {args.batch}, context {context}, {args.layers} layers, backend {backend}\n")
+        f.write(table)
+    names = sorted({e.key for e in prof.key_averages()})
+    bad = sorted(n for n in names if any(w in n.lower() for w in FORBIDDEN))
+    gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+    for row, pages in zip(rows, pages_all, strict=True):
+        sched.pool.free(pages)
+        sched.slots.free_row(row)
+    return {"backend": backend, "step_ms_median": 1e3 * statistics.median(times[2:] or times),
+            "profiled_gpu_ms": gpu_us / 1e3, "forbidden_kernels": bad, "python_calls": sorted(set(gathered)),
+            "out_tok_per_s": args.batch / statistics.median(times[2:] or times)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--backends", default="triton,torch")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        make_checkpoint(tmp, args.layers)
+        for backend in args.backends.split(","):
+            results.append(run_backend(tmp, backend, args))
+            print(json.dumps(results[-1]), flush=True)
+            torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "decode_step.json"), "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "args": vars(args), "results": results}, f, indent=1)  # fmt: skip
+    triton = next((r for r in results if r["backend"] == "triton"), None)
+    if triton is not None and (triton["forbidden_kernels"] or triton["python_calls"]):
+        raise SystemExit(f"triton decode step still runs {triton['forbidden_kernels']} {triton['python_calls']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Paged attention on Triton kernels (the CUDA default): KV pages are read in place through the device page table.
+
+A decode step (one new token per request) runs the split-KV decode kernel; any other batch (prefill chunks,
+mixed with decode tokens or not) runs the extend kernel, which takes each request's cached prefix and new tokens
+with the causal mask inside. MLA runs on the same kernels as one shared KV head of width C + R whose values are
+the first C columns of the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pd.attention.triton_decode import decode_attention, default_num_kv_splits
+from pd.attention.triton_extend import extend_attention
+from pd.engine.forward_batch import BatchLayout, ForwardBatch
+from pd.engine.kv_cache import KVCache
+
+
+@dataclass
+class TritonAttentionMeta:
+    """What the kernels take, all on the device. B requests.
+
+    rows, prefix_lens, extend_lens, q_starts: [B] int32 (the layout's); kv_lens: [B] int32 = prefix + extend.
+    max_extend_len: host int, sizes the extend grid. decode: the batch is one token per request.
+    max_context_len: host int, the longest context (a CUDA graph's: the server's context limit).
+    num_kv_splits: the decode kernel's KV split count per attention shape (Hq, Hk, Dk, Dv), chosen at the first
+        layer of that shape and kept for the forward (and, under a CUDA graph, baked into the capture).
+    """
+
+    rows: torch.Tensor
+    prefix_lens: torch.Tensor
+    extend_lens: torch.Tensor
+    q_starts: torch.Tensor
+    kv_lens: torch.Tensor
+    max_extend_len: int
+    decode: bool
+    max_context_len: int
+    num_kv_splits: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
+
+
+@dataclass
+class _GraphState:
+    """Static buffers a captured decode graph reads: request rows and context lengths of up to max_bs requests."""
+
+    rows: torch.Tensor
+    prefix_lens: torch.Tensor
+    kv_lens: torch.Tensor
+    ones: torch.Tensor
+    q_starts: torch.Tensor
+    max_context_len: int
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.graph: _GraphState | None = None
+
+    def prepare(self, layout: BatchLayout, kv_cache: KVCache) -> TritonAttentionMeta:
+        return TritonAttentionMeta(
+            rows=layout.rows,
+            prefix_lens=layout.prefix_lens,
+            extend_lens=layout.extend_lens,
+            q_starts=layout.q_starts,
+            kv_lens=layout.prefix_lens + layout.extend_lens,
+            max_extend_len=layout.max_extend_len,
+            decode=layout.is_decode,
+            max_context_len=layout.max_context_len,
+        )
+
+    def forward(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor | None,
+        batch: ForwardBatch,
+        scale: float,
+        kv_heads: slice | None = None,
+        v_dim: int | None = None,
+    ) -> torch.Tensor:
+        meta: TritonAttentionMeta = batch.attn_meta  # type: ignore[assignment]
+        cache = batch.kv_cache
+        if v is None:  # MLA: one latent buffer; values are its first v_dim columns (a strided view)
+            assert v_dim is not None
+            cache.store(layer_id, batch.layout.out_loc, k)
+            (k_buf,) = cache.buffers[layer_id]
+            v_buf = k_buf[..., :v_dim]
+        else:
+            cache.store(layer_id, batch.layout.out_loc, k, v)
+            k_buf, v_buf = cache.buffers[layer_id]
+            if kv_heads is not None and kv_heads != slice(0, k.shape[1]):
+                k_buf, v_buf = k_buf[:, kv_heads], v_buf[:, kv_heads]
+        out = q.new_empty(q.shape[0], q.shape[1], v_buf.shape[-1])
+        assert batch.layout.page_table is not None
+        pages, page_size = batch.layout.page_table.pages, cache.page_size
+        if meta.decode:
+            shape = (q.shape[1], k_buf.shape[1], k_buf.shape[2], v_buf.shape[2])
+            splits = meta.num_kv_splits.get(shape)
+            if splits is None:
+                splits = meta.num_kv_splits[shape] = default_num_kv_splits(
+                    q.shape[0], meta.max_context_len, q.device, num_q_heads=shape[0], num_kv_heads=shape[1],
+                    head_dim_k=shape[2], head_dim_v=shape[3])  # fmt: skip
+            decode_attention(q, k_buf, v_buf, out, pages, meta.rows, meta.kv_lens, scale, page_size, splits)
+        else:
+            extend_attention(q, k_buf, v_buf, out, pages, meta.rows, meta.q_starts, meta.extend_lens,
+                             meta.prefix_lens, meta.max_extend_len, scale, page_size)  # fmt: skip
+        return out
+
+    # ---- CUDA graphs (decode batches) ----
+    def init_graph_state(self, max_bs: int, kv_cache: KVCache, max_context_len: int) -> None:
+        """Static buffers for up to ``max_bs`` requests; decode split counts are sized for ``max_context_len``."""
+        device = kv_cache.device
+        self.graph = _GraphState(
+            rows=torch.zeros(max_bs, dtype=torch.int32, device=device),
+            prefix_lens=torch.zeros(max_bs, dtype=torch.int32, device=device),
+            kv_lens=torch.ones(max_bs, dtype=torch.int32, device=device),
+            ones=torch.ones(max_bs, dtype=torch.int32, device=device),
+            q_starts=torch.arange(max_bs, dtype=torch.int32, device=device),
+            max_context_len=max_context_len,
+        )
+
+    def capture_meta(self, bs: int, layout: BatchLayout) -> TritonAttentionMeta:
+        g = self.graph
+        assert g is not None, "init_graph_state first"
+        return TritonAttentionMeta(rows=g.rows[:bs], prefix_lens=g.prefix_lens[:bs], extend_lens=g.ones[:bs],
+                                   q_starts=g.q_starts[:bs], kv_lens=g.kv_lens[:bs], max_extend_len=1,
+                                   decode=True, max_context_len=g.max_context_len)  # fmt: skip
+
+    def replay_prepare(self, bs: int, layout: BatchLayout) -> None:
+        """Real requests first; padding requests (up to bs) read one slot of row 0 and are discarded."""
+        g = self.graph
+        assert g is not None, "init_graph_state first"
+        n = layout.num_reqs
+        g.rows[:n].copy_(layout.rows)
+        g.prefix_lens[:n].copy_(layout.prefix_lens)
+        torch.add(layout.prefix_lens, layout.extend_lens, out=g.kv_lens[:n])
+        g.rows[n:bs].zero_()
+        g.prefix_lens[n:bs].zero_()
+        g.kv_lens[n:bs].fill_(1)

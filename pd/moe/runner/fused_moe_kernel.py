@@ -1,0 +1,209 @@
+"""The fused-MoE grouped GEMM (Triton) and its block-size tables.
+
+One kernel serves both expert GEMMs. Its rows are the blocks of pd.moe.runner.moe_align: each program takes one
+block of BLOCK_M rows (one expert) and one block of BLOCK_N output columns, gathers the A rows of the block's
+pairs, multiplies by that expert's weight read transposed from its stored [E, N, K] layout, and writes each row
+at its pair index of a per-pair [N_tokens * top_k, N] output. Blocks past the used rows exit at once and write
+nothing, so the grid can be sized for the worst case (static shapes, CUDA-graph safe).
+
+- gate_up: A = hidden [N_tokens, H] (row = pair // top_k), B = w13 [E, 2I, H] -> [pairs, 2I].
+- down: A = act(gate) * up [pairs, I] (row = pair), B = w2 [E, H, I], times the routing weight -> [pairs, H].
+
+Block sizes come from JSON tables in ``configs/`` (one per GEMM shape, dtype and GPU, mapping a token count to
+a config, as SGLang and vLLM store them), written by benchmarks/tune_fused_moe.py; ``default_config`` covers
+shapes nobody tuned.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _fused_moe_kernel(
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_of_block_ptr, num_rows_post_pad_ptr,
+    num_pairs, N, K,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    A_ROW_DIVISOR: tl.constexpr, MUL_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Programs in groups of GROUP_M row blocks that walk the column blocks together, so the A rows of a group
+    # stay in L2 while the group sweeps N (the Triton matmul tutorial's ordering).
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.num_programs(0) // num_pid_n
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+
+    if pid_m * BLOCK_M >= tl.load(num_rows_post_pad_ptr):
+        return
+    expert = tl.load(expert_of_block_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs  # padding rows hold the sentinel num_pairs
+    a_rows = (pairs // A_ROW_DIVISOR).to(tl.int64)
+    # Columns wrap around N so B loads need no mask; the store masks the wrapped ones.
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if MUL_WEIGHT:
+        # The expert output in the model dtype, times the float32 routing weight, cast: the reference's order.
+        w = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+        out = (acc.to(OUT_DTYPE).to(tl.float32) * w[:, None]).to(OUT_DTYPE)
+    else:
+        out = acc.to(OUT_DTYPE)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + pairs[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, out, mask=valid[:, None] & (cols[None, :] < N))
+
+
+def invoke_fused_moe_gemm(
+    a_XK: torch.Tensor,
+    b_ENK: torch.Tensor,
+    c_PN: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    expert_of_block: torch.Tensor,
+    num_rows_post_pad: torch.Tensor,
+    top_k: int,
+    a_per_pair: bool,
+    config: dict[str, int],
+    topk_weights_P: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """c[p] = a[row(p)] @ b[expert(p)].T (times weight[p]) for every pair p in ``sorted_ids``. Asynchronous.
+
+    Args:
+        a_XK: [X, K] model dtype, unit stride along K. X = N_tokens (row(p) = p // top_k) or, with
+            ``a_per_pair``, X = N_tokens * top_k (row(p) = p).
+        b_ENK: [E, N, K] model dtype: weights as stored (nn.Linear layout per expert), read transposed.
+        c_PN: [N_tokens * top_k, N] model dtype output, written only at the pairs in sorted_ids (the other rows
+            keep whatever they held).
+        sorted_ids, expert_of_block, num_rows_post_pad: from moe_align.align_pairs_to_blocks with
+            block_m == config["BLOCK_SIZE_M"] (int32: [max_rows], [max_rows // BLOCK_M], [1]).
+        top_k: K slots per token.
+        a_per_pair: whether a_XK holds one row per pair.
+        config: CONFIG_KEYS -> int.
+        topk_weights_P: [N_tokens * top_k] float32, multiplied into each output row (in float32, after
+            rounding the GEMM result to the model dtype), or None.
+
+    Returns:
+        c_PN.
+    """
+    block_m, block_n, block_k = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    num_pairs, n = c_PN.shape
+    e, n_b, k = b_ENK.shape
+    assert a_XK.dim() == 2 and a_XK.shape[1] == k and a_XK.stride(1) == 1, (a_XK.shape, b_ENK.shape)
+    assert a_XK.shape[0] * (1 if a_per_pair else top_k) == num_pairs and n_b == n, (a_XK.shape, c_PN.shape)
+    assert a_XK.dtype == b_ENK.dtype == c_PN.dtype and a_XK.dtype in _TL_DTYPES, (a_XK.dtype, b_ENK.dtype)
+    assert sorted_ids.dtype == expert_of_block.dtype == num_rows_post_pad.dtype == torch.int32
+    assert sorted_ids.numel() == expert_of_block.numel() * block_m, (sorted_ids.shape, expert_of_block.shape)
+    assert topk_weights_P is None or (topk_weights_P.dtype == torch.float32 and topk_weights_P.shape == (num_pairs,))
+    assert len({t.device for t in (a_XK, b_ENK, c_PN, sorted_ids, expert_of_block)}) == 1
+    weights = topk_weights_P if topk_weights_P is not None else c_PN  # a pointer the kernel never reads
+    grid = (expert_of_block.numel() * triton.cdiv(n, block_n),)
+    _fused_moe_kernel[grid](
+        a_XK, b_ENK, c_PN, weights, sorted_ids, expert_of_block, num_rows_post_pad,
+        num_pairs, n, k,
+        a_XK.stride(0), a_XK.stride(1), b_ENK.stride(0), b_ENK.stride(1), b_ENK.stride(2),
+        c_PN.stride(0), c_PN.stride(1),
+        A_ROW_DIVISOR=1 if a_per_pair else top_k, MUL_WEIGHT=topk_weights_P is not None,
+        EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_XK.dtype == torch.float32 else "tf32",
+        OUT_DTYPE=_TL_DTYPES[c_PN.dtype],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+    return c_PN
+
+
+def config_file_name(num_experts: int, n: int, k: int, dtype: torch.dtype, device_name: str) -> str:
+    """``E=128,N=1536,K=2048,dtype=bfloat16,device=NVIDIA_H200.json``: the table of one GEMM shape on one GPU."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"E={num_experts},N={n},K={k},dtype={dtype_name},device={device_name.replace(' ', '_')}.json"
+
+
+@functools.cache
+def load_config_table(path: str) -> dict[int, dict[str, int]] | None:
+    """A tuned table (token count -> config), or None when the file does not exist.
+
+    Raises:
+        ValueError: the file is not a table of complete configs.
+    """
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        raw = json.load(f)
+    try:
+        table = {int(m): {key: int(cfg[key]) for key in CONFIG_KEYS} for m, cfg in raw.items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: expected {{token count: {{{', '.join(CONFIG_KEYS)}}}}}: {e!r}") from e
+    if not table:
+        raise ValueError(f"{path}: empty table")
+    return table
+
+
+def default_config(num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtype) -> dict[str, int]:
+    """Block sizes for a shape nobody tuned, from the mean rows per expert.
+
+    Few rows per expert (decode): 16-row blocks and narrow column blocks, so the weights (the whole cost) are
+    streamed by many programs at once. Many rows (prefill): large tiles that reuse each weight tile over
+    64-128 rows.
+    """
+    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+    wide = 2 if dtype == torch.float32 else 1  # float32 tiles take twice the shared memory
+    if rows_per_expert <= 16:
+        cfg = (16, 64, 128 // wide, 1, 4, 4)
+    elif rows_per_expert <= 64:
+        cfg = (32, 64, 128 // wide, 8, 4, 4)
+    elif rows_per_expert <= 256:
+        cfg = (64, 128, 64 // wide, 8, 4, 3)
+    else:
+        cfg = (128, 128, 64 // wide, 8, 8, 3)
+    return dict(zip(CONFIG_KEYS, cfg, strict=True))
+
+
+def get_config(num_experts: int, n: int, k: int, dtype: torch.dtype, num_tokens: int, top_k: int,
+               device_name: str, config_dir: str = CONFIG_DIR) -> dict[str, int]:  # fmt: skip
+    """Block sizes for one GEMM (B = [E, n, k]) at ``num_tokens`` tokens: the tuned entry of the nearest token
+    count when a table exists for this shape, dtype and GPU, else ``default_config``."""
+    table = load_config_table(os.path.join(config_dir, config_file_name(num_experts, n, k, dtype, device_name)))
+    if table is None:
+        return default_config(num_tokens, top_k, num_experts, dtype)
+    nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
+    return dict(table[nearest])
+
+
+def describe(config: dict[str, Any]) -> str:
+    """A config on one line, for logs and benchmark tables."""
+    return "M{BLOCK_SIZE_M} N{BLOCK_SIZE_N} K{BLOCK_SIZE_K} G{GROUP_SIZE_M} w{num_warps} s{num_stages}".format(**config)

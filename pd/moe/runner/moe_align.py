@@ -1,0 +1,150 @@
+"""(token, slot) pairs sorted into per-expert blocks of BLOCK_M rows, on the device, for the fused-MoE GEMMs.
+
+A pair is ``p = t * K + k`` (token-major). Each local expert gets a run of rows holding its pairs in ascending
+``p``, padded with the sentinel ``N * K`` to a multiple of BLOCK_M; runs follow each other in expert order, so
+every block of BLOCK_M rows belongs to one expert. Slots whose id is -1 (another rank's expert) are left out.
+
+Three Triton launches and one ``torch.cumsum``, no host sync, and every shape a function of (N, K, E, BLOCK_M)
+only, so the whole thing is captured in a CUDA graph as it is:
+
+1. ``_count_kernel`` (one program per tile of BLOCK_T pairs): a histogram of the tile's experts, and the
+   sentinel written over this program's share of ``sorted_ids``.
+2. ``torch.cumsum`` over tiles: pairs of each expert in tiles up to and including each tile.
+3. ``_offsets_kernel`` (one program): each expert's first row (runs padded to BLOCK_M), the padded row count,
+   and the expert of every block (-1 past the last run).
+4. ``_scatter_kernel`` (one program per tile): each local pair's row = its expert's first row + pairs of that
+   expert in earlier tiles + pairs of that expert earlier in this tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_T = 128  # pairs per tile; the scatter compares the tile's pairs pairwise, [BLOCK_T, BLOCK_T]
+BLOCK_B = 64  # blocks per step when the offsets kernel writes expert_of_block
+
+
+@dataclass(frozen=True)
+class AlignedPairs:
+    """Pairs sorted by local expert in blocks of ``block_m`` rows (all tensors on the ids' device).
+
+    sorted_ids: [max_rows] int32 pair index ``t * K + k`` per row; padding rows hold ``num_pairs`` (N * K).
+    expert_of_block: [max_blocks] int32 local expert of each block of ``block_m`` rows; -1 past the used rows.
+    num_rows_post_pad: [1] int32 rows in use (a multiple of block_m; the rows past it are padding too).
+    num_pairs: N * K (the sentinel).
+    block_m: rows per block.
+    """
+
+    sorted_ids: torch.Tensor
+    expert_of_block: torch.Tensor
+    num_rows_post_pad: torch.Tensor
+    num_pairs: int
+    block_m: int
+
+
+def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Static bound on the rows of the padded layout: at most min(E, pairs) experts are hit, each wasting
+    at most block_m - 1 rows to padding; rounded up to whole blocks."""
+    rows = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    return triton.cdiv(rows, block_m) * block_m
+
+
+@triton.jit(do_not_specialize=["num_pairs", "fill_per_program", "max_rows"])
+def _count_kernel(ids_ptr, tile_counts_ptr, sorted_ids_ptr, num_pairs, num_experts, fill_per_program, max_rows,
+                  E_PAD: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    tile = tl.program_id(0)
+    offs = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    # Foreign slots (-1), ids out of range and lanes past the end all land in bin num_experts, which nobody reads.
+    local = (ids >= 0) & (ids < num_experts)
+    experts = tl.where(local, ids, num_experts).to(tl.int32)
+    tl.store(tile_counts_ptr + tile * E_PAD + tl.arange(0, E_PAD), tl.histogram(experts, E_PAD))
+    # The sentinel over every row (the scatter overwrites the rows in use), each program a share of them.
+    start = tile * fill_per_program
+    for row0 in range(start, start + fill_per_program, BLOCK_T):
+        rows = row0 + tl.arange(0, BLOCK_T)
+        tl.store(sorted_ids_ptr + rows, tl.full([BLOCK_T], 0, tl.int32) + num_pairs, mask=rows < max_rows)
+
+
+@triton.jit(do_not_specialize=["max_blocks"])
+def _offsets_kernel(totals_ptr, expert_start_ptr, expert_of_block_ptr, num_rows_post_pad_ptr, num_experts,
+                    max_blocks, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+    experts = tl.arange(0, E_PAD)
+    is_expert = experts < num_experts
+    counts = tl.load(totals_ptr + experts, mask=is_expert, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)
+    tl.store(expert_start_ptr + experts, end - padded, mask=is_expert)
+    tl.store(num_rows_post_pad_ptr, tl.sum(padded, axis=0))
+    # Block b belongs to the first expert whose run ends past it: the number of runs ending at or before b.
+    end_block = tl.where(is_expert, end // BLOCK_M, 0x7FFFFFFF)
+    for b0 in range(0, max_blocks, BLOCK_B):
+        blocks = b0 + tl.arange(0, BLOCK_B)
+        owner = tl.sum((blocks[:, None] >= end_block[None, :]).to(tl.int32), axis=1)
+        owner = tl.where(owner < num_experts, owner, -1)
+        tl.store(expert_of_block_ptr + blocks, owner, mask=blocks < max_blocks)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _scatter_kernel(ids_ptr, tile_counts_ptr, tile_cumsum_ptr, expert_start_ptr, sorted_ids_ptr, num_pairs,
+                    num_experts, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    tile = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK_T)
+    pairs = tile * BLOCK_T + lanes
+    ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+    local = (ids >= 0) & (ids < num_experts)
+    experts = tl.where(local, ids, num_experts).to(tl.int32)
+    # Rank among this tile's pairs of the same expert: the same-expert pairs at earlier lanes.
+    earlier = (experts[None, :] == experts[:, None]) & (lanes[None, :] < lanes[:, None])
+    rank = tl.sum(earlier.to(tl.int32), axis=1)
+    # Pairs of the expert in earlier tiles: inclusive cumsum up to this tile minus this tile's own count.
+    at = tile * E_PAD + experts
+    before = tl.load(tile_cumsum_ptr + at, mask=local, other=0) - tl.load(tile_counts_ptr + at, mask=local, other=0)
+    row = tl.load(expert_start_ptr + experts, mask=local, other=0) + before + rank
+    tl.store(sorted_ids_ptr + row, pairs, mask=local)
+
+
+def align_pairs_to_blocks(topk_ids_NK: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
+    """Sort this rank's (token, slot) pairs by local expert into blocks of ``block_m`` rows. Asynchronous.
+
+    Args:
+        topk_ids_NK: [N, K] int64 (or int32) local expert ids; -1 (and, unchecked, any id >= num_experts: checking
+            would need a host sync) marks a slot this rank does not compute.
+        num_experts: E_local.
+        block_m: rows per block (the GEMMs' BLOCK_M), a power of two >= 16.
+
+    Returns:
+        AlignedPairs with ``max_rows = max_padded_rows(N * K, E, block_m)`` rows and ``max_rows // block_m``
+        blocks: static shapes given N, so a CUDA graph can capture it. Within an expert, rows are in ascending
+        pair index; the result is deterministic.
+    """
+    assert topk_ids_NK.dim() == 2 and topk_ids_NK.dtype in (torch.int64, torch.int32), topk_ids_NK.dtype
+    assert block_m >= 16 and block_m & (block_m - 1) == 0, block_m
+    device = topk_ids_NK.device
+    ids = topk_ids_NK.contiguous().view(-1)
+    num_pairs = ids.numel()
+    assert num_pairs > 0, "nothing to align: the caller skips empty batches"
+    max_rows = max_padded_rows(num_pairs, num_experts, block_m)
+    max_blocks = max_rows // block_m
+    e_pad = triton.next_power_of_2(num_experts + 1)  # one bin more than experts: the skipped slots
+    tiles = triton.cdiv(num_pairs, BLOCK_T)
+
+    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
+    expert_of_block = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    num_rows_post_pad = torch.empty(1, dtype=torch.int32, device=device)
+    tile_counts = torch.empty(tiles, e_pad, dtype=torch.int32, device=device)
+    expert_start = torch.empty(e_pad, dtype=torch.int32, device=device)
+
+    fill = triton.cdiv(triton.cdiv(max_rows, tiles), BLOCK_T) * BLOCK_T
+    _count_kernel[(tiles,)](ids, tile_counts, sorted_ids, num_pairs, num_experts, fill, max_rows,
+                            E_PAD=e_pad, BLOCK_T=BLOCK_T)  # fmt: skip
+    tile_cumsum = torch.cumsum(tile_counts, dim=0, dtype=torch.int32)
+    _offsets_kernel[(1,)](tile_cumsum[-1], expert_start, expert_of_block, num_rows_post_pad, num_experts, max_blocks,
+                          E_PAD=e_pad, BLOCK_M=block_m, BLOCK_B=BLOCK_B)  # fmt: skip
+    _scatter_kernel[(tiles,)](ids, tile_counts, tile_cumsum, expert_start, sorted_ids, num_pairs, num_experts,
+                              E_PAD=e_pad, BLOCK_T=BLOCK_T)  # fmt: skip
+    return AlignedPairs(sorted_ids, expert_of_block, num_rows_post_pad, num_pairs, block_m)

@@ -1,0 +1,151 @@
+"""Triton MoE runner (``--moe-runner-backend triton``, the CUDA default): the experts without a host sync.
+
+run() is eight launches whose shapes depend only on the token count, so a decode step captures into a CUDA graph:
+
+1. align (pd.moe.runner.moe_align, four launches): the local (token, slot) pairs sorted by expert into blocks
+   of BLOCK_M rows.
+2. gate_up grouped GEMM (pd.moe.runner.fused_moe_kernel): [N*K, 2I], one row per local pair.
+3. ``_act_and_mul_kernel``: act(gate) * up -> [N*K, I] in the model dtype, the reference's arithmetic.
+4. down grouped GEMM with the routing weight multiplied in: [N*K, H].
+5. ``_sum_slots_kernel``: per token, 0.0 plus its slots' rows in ascending slot order, float32 accumulation, one
+   cast (the reference's post_permute order, so equal rows give equal bits); skipped slots add nothing.
+
+The arithmetic follows pd.moe.runner.torch_ref stage by stage; only the GEMMs' accumulation order differs (float32
+in both). Every stage is deterministic: same inputs, same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pd.moe.dispatcher.base import CombineInput, DispatchOutput
+from pd.moe.runner.fused_moe_kernel import get_config, invoke_fused_moe_gemm
+from pd.moe.runner.moe_align import align_pairs_to_blocks
+from pd.moe.runner.torch_ref import get_activation
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_BLOCK_COLS = 1024  # columns per program of the two elementwise kernels
+
+
+@triton.jit
+def _act_and_mul_kernel(gate_up_ptr, out_ptr, ids_ptr, num_experts, inter, stride_g, stride_o,
+                        ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    pair = tl.program_id(0)
+    expert = tl.load(ids_ptr + pair)
+    if (expert < 0) | (expert >= num_experts):  # a skipped slot: its gate_up row was never written
+        return
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < inter
+    row = gate_up_ptr + pair.to(tl.int64) * stride_g
+    gate = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(row + inter + cols, mask=inside, other=0.0).to(tl.float32)
+    if ACTIVATION == "silu":
+        act = gate / (1.0 + tl.exp(-gate))
+    else:  # exact (erf) GELU, F.gelu's default
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
+    out = act.to(OUT_DTYPE).to(tl.float32) * up
+    tl.store(out_ptr + pair.to(tl.int64) * stride_o + cols, out.to(OUT_DTYPE), mask=inside)
+
+
+@triton.jit
+def _sum_slots_kernel(rows_ptr, ids_ptr, out_ptr, num_experts, hidden, stride_r, stride_o,
+                      TOP_K: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        pair = token * TOP_K + k
+        expert = tl.load(ids_ptr + pair)
+        use = (expert >= 0) & (expert < num_experts)  # a skipped slot's row was never written: add nothing
+        row = tl.load(rows_ptr + pair.to(tl.int64) * stride_r + cols, mask=inside & use, other=0.0).to(tl.float32)
+        acc += row
+    tl.store(out_ptr + token.to(tl.int64) * stride_o + cols, acc.to(OUT_DTYPE), mask=inside)
+
+
+class TritonMoeRunner:
+    """Fused-MoE runner on Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1 (tests).
+
+    Args:
+        config: block sizes (fused_moe_kernel.CONFIG_KEYS) for both GEMMs, overriding the tuned tables and the
+            default (tests use small blocks to keep the interpreter fast).
+    """
+
+    def __init__(self, config: dict[str, int] | None = None) -> None:
+        self.config = config
+        self._device_names: dict[torch.device, str] = {}
+
+    def run(
+        self,
+        dispatch_out: DispatchOutput,
+        w13_EXH: torch.Tensor,
+        w2_EHI: torch.Tensor,
+        activation: str = "silu",
+    ) -> CombineInput:
+        """Compute this rank's experts for the dispatched tokens. Asynchronous: no host sync.
+
+        Args:
+            dispatch_out: hidden_states [N, H] (model dtype: float32, bfloat16 or float16), topk_ids [N, K]
+                int64 local ids (-1 = not on this rank), topk_weights [N, K] float32.
+            w13_EXH: [E_local, 2*I, H] gate rows [0:I], up rows [I:2I], model dtype.
+            w2_EHI: [E_local, H, I], model dtype.
+            activation: "silu" or "gelu" (exact), applied to the gate half.
+
+        Returns:
+            CombineInput with hidden_states [N, H] (model dtype): per token, the sum over its local slots of
+            weight * down(act(gate(x)) * up(x)); zeros for tokens without a local slot. The handle is passed on.
+
+        Raises:
+            ValueError: unknown activation. Ids >= E_local are NOT detected (that needs a host sync): such
+                slots are skipped like -1.
+        """
+        get_activation(activation)  # validates the name
+        hidden_NH, ids_NK = dispatch_out.hidden_states, dispatch_out.topk_ids
+        num_tokens, top_k = ids_NK.shape
+        num_experts, two_inter, hidden = w13_EXH.shape
+        inter = two_inter // 2
+        dtype = hidden_NH.dtype
+        assert hidden_NH.shape == (num_tokens, hidden) and w2_EHI.shape == (num_experts, hidden, inter)
+        assert dtype == w13_EXH.dtype == w2_EHI.dtype and dtype in _TL_DTYPES, (dtype, w13_EXH.dtype)
+        out_NH = hidden_NH.new_empty(num_tokens, hidden)
+        if num_tokens == 0 or top_k == 0:
+            return CombineInput(hidden_states=out_NH.zero_(), handle=dispatch_out.handle)
+
+        cfg_up = self._config(num_experts, two_inter, hidden, dtype, num_tokens, top_k, hidden_NH.device)
+        cfg_down = self._config(num_experts, hidden, inter, dtype, num_tokens, top_k, hidden_NH.device)
+        # One alignment serves both GEMMs, so they share BLOCK_M (the tuner picks tables that agree).
+        cfg_down["BLOCK_SIZE_M"] = cfg_up["BLOCK_SIZE_M"]
+        ids_NK = ids_NK.contiguous()
+        aligned = align_pairs_to_blocks(ids_NK, num_experts, cfg_up["BLOCK_SIZE_M"])
+        blocks = (aligned.sorted_ids, aligned.expert_of_block, aligned.num_rows_post_pad)
+        num_pairs = num_tokens * top_k
+
+        gate_up_PX = hidden_NH.new_empty(num_pairs, two_inter)
+        invoke_fused_moe_gemm(hidden_NH.contiguous(), w13_EXH, gate_up_PX, *blocks, top_k, False, cfg_up)
+        inter_PI = hidden_NH.new_empty(num_pairs, inter)
+        _act_and_mul_kernel[(num_pairs, triton.cdiv(inter, _BLOCK_COLS))](
+            gate_up_PX, inter_PI, ids_NK, num_experts, inter, gate_up_PX.stride(0), inter_PI.stride(0),
+            ACTIVATION=activation, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(inter)),
+        )  # fmt: skip
+        weights_P = dispatch_out.topk_weights.to(torch.float32).contiguous().view(-1)
+        down_PH = hidden_NH.new_empty(num_pairs, hidden)
+        invoke_fused_moe_gemm(inter_PI, w2_EHI, down_PH, *blocks, top_k, True, cfg_down, weights_P)
+        _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, _BLOCK_COLS))](
+            down_PH, ids_NK, out_NH, num_experts, hidden, down_PH.stride(0), out_NH.stride(0),
+            TOP_K=top_k, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(hidden)),
+        )  # fmt: skip
+        return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
+
+    def prepare_weights(self, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor) -> None:
+        """Nothing to prepare: the kernels read the weights as stored ([E, N, K], any strides)."""
+
+    def _config(self, num_experts: int, n: int, k: int, dtype: torch.dtype, num_tokens: int, top_k: int,
+                device: torch.device) -> dict[str, int]:  # fmt: skip
+        if self.config is not None:
+            return dict(self.config)
+        if device not in self._device_names:
+            self._device_names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        return get_config(num_experts, n, k, dtype, num_tokens, top_k, self._device_names[device])

@@ -1,0 +1,386 @@
+"""The Triton paged-attention kernels (pd.attention.triton_decode, pd.attention.triton_extend) against an oracle.
+
+The oracle is written here, independently of the kernels and of the torch backend: each request's context slots
+gathered through the page table, scores in fp32 with an explicit causal mask, softmax, weighted sum of values.
+Batches are ragged (cached prefixes, multi-token extends and one-token decode requests mixed), pages are handed
+out shuffled, request rows are out of order, and every cache slot and page-table entry no request owns holds
+random values, so a kernel reading a wrong slot or a stale entry fails. Tolerances: fp32 1e-4; fp16 2e-3 and bf16
+2e-2 (absolute and relative, against the oracle's fp32 result): the kernels round the softmax weights to the model
+dtype before the value product, as flash attention does, and round the output.
+
+CPU: small shapes in Triton's interpreter, each case in a child Python with TRITON_INTERPRET=1 set before Triton
+is imported (see tests/test_symm_kernels.py). GPU (marked ``gpu``): long prefixes, real head shapes, and a CUDA
+graph of decode attention replayed with new lengths.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                 reason="triton is not installed (the test extra installs it)")  # fmt: skip
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _interpreted_kernels() -> tuple[ModuleType, ModuleType]:
+    """(triton_decode, triton_extend) in this (child) process, built for Triton's interpreter."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run in a child with TRITON_INTERPRET=1"
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    import pd.attention.triton_decode as decode
+    import pd.attention.triton_extend as extend
+
+    # The interpreter keeps a comparison against a scalar it loaded or was given as int32 data, and its masked
+    # load/store then reject a mask combined from it; compiled Triton has no such case.
+    builder = interpreter.InterpreterBuilder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def as_bool(mask: Any) -> Any:
+        return interpreter.TensorHandle(np.asarray(mask.data).astype(np.bool_), mask.dtype)
+
+    builder.create_masked_load = lambda self, p, m, *a: load(self, p, as_bool(m), *a)
+    builder.create_masked_store = lambda self, p, v, m, *a: store(self, p, v, as_bool(m), *a)
+
+    # Its tl.dot multiplies bf16 operands as their raw uint16 storage; a GPU multiplies the values in fp32.
+    dot = builder.create_dot
+
+    def as_fp32(x: Any) -> Any:
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((np.asarray(x.data).astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    builder.create_dot = lambda self, a, b, *rest: dot(self, as_fp32(a), as_fp32(b), *rest)
+    return decode, extend
+
+
+def _in_child(check: str, case: int) -> None:
+    """Run ``check(decode, extend, *CPU_CASES[case])`` of this module in a child Python with the interpreter on."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = f"import tests.test_attention_kernels as t; t.{check}(*t._interpreted_kernels(), *t.CPU_CASES[{case}])"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@dataclass
+class Heads:
+    """Attention shape: query/KV heads, head dims, and whether V is the first Dv columns of K's rows (MLA)."""
+
+    q: int
+    kv: int
+    dk: int
+    dv: int
+    mla: bool = False
+
+
+@dataclass
+class PagedBatch:
+    """A ragged batch over a paged cache. Per request b: row rows[b] of page_table, prefix_lens[b] cached tokens,
+    extend_lens[b] new ones (queries q[q_starts[b] : q_starts[b] + extend_lens[b]]), all of whose keys are in
+    the cache."""
+
+    q: torch.Tensor
+    k_buffer: torch.Tensor
+    v_buffer: torch.Tensor
+    page_table: torch.Tensor
+    rows: torch.Tensor
+    prefix_lens: torch.Tensor
+    extend_lens: torch.Tensor
+    q_starts: torch.Tensor
+    page_size: int
+    scale: float
+
+
+def make_batch(seed: int, prefix_lens: list[int], extend_lens: list[int], heads: Heads, page_size: int,
+               dtype: torch.dtype, device: str = "cpu", spare_pages: int = 5) -> PagedBatch:  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(prefix_lens)
+    pages_per_req = [math.ceil((p + e) / page_size) for p, e in zip(prefix_lens, extend_lens, strict=True)]
+    num_pages = sum(pages_per_req) + spare_pages
+    num_rows, width = batch + 3, max(pages_per_req) + 2
+    # Unused entries point at real (garbage-filled) pages: reading one gives wrong values, not a crash.
+    page_table = torch.randint(0, num_pages, (num_rows, width), generator=gen, dtype=torch.int32)
+    rows = torch.randperm(num_rows, generator=gen)[:batch].to(torch.int32)
+    shuffled = torch.randperm(num_pages, generator=gen).to(torch.int32)
+    taken = 0
+    for row, n in zip(rows.tolist(), pages_per_req, strict=True):
+        page_table[row, :n] = shuffled[taken : taken + n]
+        taken += n
+    slots = num_pages * page_size
+    k_buffer = torch.randn(slots, heads.kv, heads.dk, generator=gen).to(dtype)
+    if heads.mla:
+        assert heads.kv == 1
+        v_buffer = k_buffer[..., : heads.dv]
+    else:
+        v_buffer = torch.randn(slots, heads.kv, heads.dv, generator=gen).to(dtype)
+    q = torch.randn(sum(extend_lens), heads.q, heads.dk, generator=gen).to(dtype)
+    starts = [0] + list(torch.tensor(extend_lens).cumsum(0)[:-1].tolist())
+    i32 = {"dtype": torch.int32, "device": device}
+    return PagedBatch(
+        q=q.to(device), k_buffer=k_buffer.to(device),
+        v_buffer=k_buffer.to(device)[..., : heads.dv] if heads.mla else v_buffer.to(device),
+        page_table=page_table.to(device), rows=rows.to(device), prefix_lens=torch.tensor(prefix_lens, **i32),
+        extend_lens=torch.tensor(extend_lens, **i32), q_starts=torch.tensor(starts, **i32), page_size=page_size,
+        scale=heads.dk**-0.5,
+    )  # fmt: skip
+
+
+def reference_attention(b: PagedBatch) -> torch.Tensor:
+    """The oracle: [T, Hq, Dv] fp32, one request at a time over its gathered context."""
+    num_q_heads, num_kv_heads = b.q.shape[1], b.k_buffer.shape[1]
+    group = num_q_heads // num_kv_heads  # query head h reads KV head h // group
+    out = torch.empty(b.q.shape[0], num_q_heads, b.v_buffer.shape[-1], dtype=torch.float32, device=b.q.device)
+    table = b.page_table.long()
+    for i in range(b.rows.numel()):
+        row, prefix, new, start = (int(t[i]) for t in (b.rows, b.prefix_lens, b.extend_lens, b.q_starts))
+        pos = torch.arange(prefix + new, device=b.q.device)
+        slots = table[row, pos // b.page_size] * b.page_size + pos % b.page_size
+        k, v = b.k_buffer[slots].float(), b.v_buffer[slots].float()  # [L, Hk, D]
+        q = b.q[start : start + new].float().view(new, num_kv_heads, group, -1)  # [E, Hk, G, Dk]
+        scores = torch.einsum("ekgd,lkd->kgel", q, k) * b.scale
+        visible = pos[None, :] <= (prefix + torch.arange(new, device=b.q.device))[:, None]  # [E, L]
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        out[start : start + new] = torch.einsum("kgel,lkd->ekgd", probs, v).reshape(new, num_q_heads, -1)
+    return out
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    tol = TOLERANCE[actual.dtype]
+    torch.testing.assert_close(actual.float(), expected, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def run_extend(extend: ModuleType, b: PagedBatch, config: dict[str, int] | None = None) -> torch.Tensor:
+    # garbage in out: rows the kernel forgets to write cannot pass for zeros
+    out = torch.randn(b.q.shape[0], b.q.shape[1], b.v_buffer.shape[-1], device=b.q.device).to(b.q.dtype)
+    return extend.extend_attention(b.q, b.k_buffer, b.v_buffer, out, b.page_table, b.rows, b.q_starts,
+                                   b.extend_lens, b.prefix_lens, int(b.extend_lens.max()), b.scale, b.page_size,
+                                   config=config)  # fmt: skip
+
+
+def run_decode(decode: ModuleType, b: PagedBatch, splits: int, config: dict[str, int] | None = None,
+               nan_workspace: bool = False) -> torch.Tensor:  # fmt: skip
+    """Decode over a batch whose requests each extend by exactly one token."""
+    assert bool((b.extend_lens == 1).all())
+    batch, num_q_heads, dv = b.q.shape[0], b.q.shape[1], b.v_buffer.shape[-1]
+    out = torch.randn(batch, num_q_heads, dv, device=b.q.device).to(b.q.dtype)
+    workspace = decode.decode_workspace(batch, num_q_heads, dv, splits, b.q.device)
+    if nan_workspace:  # a reused workspace holds anything: parts left empty must not leak into the merge
+        for t in workspace:
+            t.fill_(float("nan"))
+    kv_lens = b.prefix_lens + b.extend_lens
+    return decode.decode_attention(b.q, b.k_buffer, b.v_buffer, out, b.page_table, b.rows, kv_lens, b.scale,
+                                   b.page_size, splits, workspace, config=config)  # fmt: skip
+
+
+# ---- CPU, in Triton's interpreter ----
+
+CPU_CASES = [  # heads, page size, dtype
+    (Heads(4, 4, 16, 16), 1, torch.float32),  # MHA, one token per page
+    (Heads(4, 2, 32, 32), 4, torch.float32),  # GQA 2
+    (Heads(8, 2, 24, 24), 16, torch.float32),  # GQA 4, odd head dim (padded to 32)
+    (Heads(4, 2, 48, 32), 4, torch.float32),  # Dk = 32 + 16 in two pieces, Dv != Dk (DeepSeek MHA-like)
+    (Heads(8, 1, 48, 32, mla=True), 4, torch.float32),  # MLA-like: V = the first 32 columns of K's rows
+    (Heads(8, 2, 32, 32), 16, torch.bfloat16),
+    (Heads(4, 4, 24, 24), 4, torch.float16),
+    (Heads(16, 1, 48, 32, mla=True), 16, torch.bfloat16),
+]
+SMALL_DECODE = {"BLOCK_H": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+SMALL_EXTEND = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+
+
+def _ragged(seed: int, batch: int, max_prefix: int, max_extend: int) -> tuple[list[int], list[int]]:
+    """Random prefix and extend lengths; about a third of the requests are one-token (decode-like) extends."""
+    gen = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, max_prefix + 1, (batch,), generator=gen)
+    extend = torch.randint(1, max_extend + 1, (batch,), generator=gen)
+    extend[torch.rand(batch, generator=gen) < 0.35] = 1
+    prefix[0], extend[0] = 0, max_extend  # a whole prompt with no cached prefix
+    return prefix.tolist(), extend.tolist()
+
+
+def check_extend_matches_oracle(decode: ModuleType, extend: ModuleType, heads: Heads, page_size: int,
+                                dtype: torch.dtype) -> None:  # fmt: skip
+    for seed in range(2):
+        prefix, new = _ragged(seed, 5, 40, 20)
+        b = make_batch(seed, prefix, new, heads, page_size, dtype)
+        expected = reference_attention(b)
+        _assert_close(run_extend(extend, b, SMALL_EXTEND), expected, f"extend seed {seed} 16x16 tiles")
+        _assert_close(run_extend(extend, b), expected, f"extend seed {seed} default tiles")
+
+
+def check_decode_matches_oracle(decode: ModuleType, extend: ModuleType, heads: Heads, page_size: int,
+                                dtype: torch.dtype) -> None:  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    kv_lens = torch.randint(1, 60, (6,), generator=gen).tolist()
+    kv_lens[0] = 1  # a request's very first token
+    b = make_batch(7, [n - 1 for n in kv_lens], [1] * len(kv_lens), heads, page_size, dtype)
+    expected = reference_attention(b)
+    for splits in (1, 3, 8):  # 8: short contexts leave parts empty
+        _assert_close(run_decode(decode, b, splits, SMALL_DECODE, nan_workspace=True), expected,
+                      f"decode, {splits} splits")  # fmt: skip
+    _assert_close(run_decode(decode, b, 2), expected, "decode, default tiles")
+    # one-token extends are decode: the extend kernel agrees on the same batch
+    _assert_close(run_extend(extend, b, SMALL_EXTEND), expected, "extend of decode tokens")
+
+
+def check_strided_inputs_and_empty_requests(decode: ModuleType, extend: ModuleType, heads: Heads, page_size: int,
+                                            dtype: torch.dtype) -> None:  # fmt: skip
+    """q and out as strided views (a fused qkv projection's output), a decode workspace with more rows than the
+    batch (a CUDA graph's, sized for its largest bucket), a zero-length decode request (a graph's padding row:
+    zeros, not NaN) and a zero-length extend request (its rows left untouched)."""
+    b = make_batch(3, [5, 17, 0], [1, 1, 1], heads, page_size, dtype)
+    wide = torch.randn(3, heads.q, heads.dk + 8).to(dtype)
+    wide[..., : heads.dk] = b.q
+    b.q = wide[..., : heads.dk]
+    expected = reference_attention(b)
+    out_wide = torch.randn(3, heads.q, heads.dv + 4).to(dtype)
+    kv_lens = (b.prefix_lens + 1).clone()
+    kv_lens[2] = 0
+    workspace = decode.decode_workspace(5, heads.q, heads.dv, 4, "cpu")
+    decode.decode_attention(b.q, b.k_buffer, b.v_buffer, out_wide[..., : heads.dv], b.page_table, b.rows, kv_lens,
+                            b.scale, page_size, 4, workspace, config=SMALL_DECODE)  # fmt: skip
+    _assert_close(out_wide[:2, :, : heads.dv], expected[:2], "decode into a strided out")
+    assert not out_wide[2, :, : heads.dv].any(), "a zero-length request decodes to zeros"
+    out = torch.randn(3, heads.q, heads.dv).to(dtype)
+    before = out.clone()
+    lens = torch.tensor([1, 0, 1], dtype=torch.int32)
+    extend.extend_attention(b.q, b.k_buffer, b.v_buffer, out, b.page_table, b.rows, b.q_starts, lens, b.prefix_lens,
+                            1, b.scale, page_size, config=SMALL_EXTEND)  # fmt: skip
+    _assert_close(out[[0, 2]], expected[[0, 2]], "extend with a strided q")
+    assert torch.equal(out[1], before[1]), "a zero-length extend request writes nothing"
+
+
+def check_both_match_oracle(decode: ModuleType, extend: ModuleType, heads: Heads, page_size: int,
+                            dtype: torch.dtype) -> None:  # fmt: skip
+    check_decode_matches_oracle(decode, extend, heads, page_size, dtype)
+    check_extend_matches_oracle(decode, extend, heads, page_size, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(len(CPU_CASES)))
+def test_decode_and_extend_match_oracle_interpreted(case: int) -> None:
+    """One child per case (starting Python with torch and Triton costs more than either check)."""
+    _in_child("check_both_match_oracle", case)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [2, 4])
+def test_strided_inputs_and_empty_requests_interpreted(case: int) -> None:
+    _in_child("check_strided_inputs_and_empty_requests", case)
+
+
+def test_head_dim_blocks() -> None:
+    pytest.importorskip("triton")
+    from pd.attention.triton_decode import head_dim_blocks
+
+    assert head_dim_blocks(576) == (512, 64)  # MLA: latent + rope
+    assert head_dim_blocks(192) == (128, 64)
+    assert head_dim_blocks(128) == (128, 0)
+    assert head_dim_blocks(48) == (32, 16)
+    assert head_dim_blocks(24) == (32, 0)  # 16 + 8: 8 is too narrow for a dot, padded instead
+    assert head_dim_blocks(8) == (16, 0)
+
+
+# ---- GPU ----
+
+GPU_HEADS = {
+    "mha": Heads(8, 8, 128, 128),
+    "gqa4": Heads(32, 8, 128, 128),
+    "gqa8": Heads(32, 4, 128, 128),
+    "d64": Heads(16, 2, 64, 64),
+    "d192": Heads(16, 16, 192, 128),
+    "odd": Heads(6, 2, 80, 80),
+    "mla": Heads(128, 1, 576, 512, mla=True),
+}
+# every (GQA ratio, page size) pair, the dtypes alternating (each compile costs seconds)
+GPU_CASES = [(h, ps, ("bf16", "fp16")[(i + j) % 2]) for i, h in enumerate(("mha", "gqa4", "gqa8"))
+             for j, ps in enumerate((1, 16, 64))] + [
+    ("d64", 16, "bf16"), ("d192", 64, "bf16"), ("odd", 16, "fp16"), ("gqa8", 16, "fp32"),
+    ("mla", 1, "bf16"), ("mla", 64, "bf16"), ("mla", 16, "fp16"),
+]  # fmt: skip
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("heads", "page_size", "dtype"), GPU_CASES)
+def test_decode_matches_oracle_gpu(heads: str, page_size: int, dtype: str) -> None:
+    import pd.attention.triton_decode as decode
+
+    h = GPU_HEADS[heads]
+    gen = torch.Generator().manual_seed(11)
+    kv_lens = torch.randint(1, 4097, (12,), generator=gen).tolist()
+    kv_lens[:3] = [1, 4096, 17]
+    b = make_batch(11, [n - 1 for n in kv_lens], [1] * len(kv_lens), h, page_size, DTYPES[dtype], "cuda")
+    expected = reference_attention(b)
+    default = decode.default_num_kv_splits(len(kv_lens), 4096, "cuda", num_q_heads=h.q, num_kv_heads=h.kv,
+                                           head_dim_k=h.dk, head_dim_v=h.dv)  # fmt: skip
+    for splits in sorted({1, 7, default}):
+        _assert_close(run_decode(decode, b, splits, nan_workspace=True), expected, f"{splits} splits")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("heads", "page_size", "dtype"), GPU_CASES)
+def test_extend_matches_oracle_gpu(heads: str, page_size: int, dtype: str) -> None:
+    import pd.attention.triton_extend as extend
+
+    h = GPU_HEADS[heads]
+    prefix, new = _ragged(5, 8, 4096, 300 if h.mla else 700)
+    prefix[1], new[1] = 4096, 1  # a long decode-like request
+    b = make_batch(5, prefix, new, h, page_size, DTYPES[dtype], "cuda")
+    _assert_close(run_extend(extend, b), reference_attention(b), "extend")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", ["gqa8", "mla"])
+def test_decode_cuda_graph_replays_new_lengths(heads: str) -> None:
+    """Capture decode_attention once over static inputs (queries, rows, lengths, page table, workspace), copy a new
+    batch into them on the device, replay: bitwise the eager result for the new batch (and the oracle's)."""
+    import pd.attention.triton_decode as decode
+
+    h, page_size, bs = GPU_HEADS[heads], 16, 16
+    gen = torch.Generator().manual_seed(2)
+    kv_lens_new = torch.randint(1, 4097, (bs,), generator=gen).tolist()
+    kv_lens_new[0] = 1
+    new = make_batch(2, [n - 1 for n in kv_lens_new], [1] * bs, h, page_size, torch.bfloat16, "cuda")
+    num_pages = new.k_buffer.shape[0] // page_size
+    # static inputs, first holding another (short) batch: the warm-up launch runs on them
+    q = torch.randn_like(new.q)
+    rows = torch.arange(bs, dtype=torch.int32, device="cuda")
+    kv_lens = torch.full((bs,), 5, dtype=torch.int32, device="cuda")
+    table = torch.randint(0, num_pages, new.page_table.shape, dtype=torch.int32, device="cuda")
+    splits = decode.default_num_kv_splits(bs, 4096, "cuda", num_q_heads=h.q, num_kv_heads=h.kv, head_dim_k=h.dk,
+                                          head_dim_v=h.dv)  # fmt: skip
+    workspace = decode.decode_workspace(bs, h.q, h.dv, splits, "cuda")
+    out = torch.empty(bs, h.q, h.dv, dtype=torch.bfloat16, device="cuda")
+
+    def step() -> None:
+        decode.decode_attention(q, new.k_buffer, new.v_buffer, out, table, rows, kv_lens, new.scale, page_size,
+                                splits, workspace)  # fmt: skip
+
+    step()  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    eager = run_decode(decode, new, splits)
+    q.copy_(new.q)
+    rows.copy_(new.rows)
+    kv_lens.copy_(new.prefix_lens + 1)
+    table.copy_(new.page_table)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager), "replay with new lengths equals the eager launch"
+    _assert_close(out, reference_attention(new), "replay vs oracle")
