@@ -3,9 +3,11 @@
 Model: Qwen3-MoE at Qwen3-30B-A3B widths (hidden 2048, 32 query / 4 KV heads of dim 128, 128 experts top-8 of
 moe_intermediate 768, vocab 151936) with --layers decoder layers (default 8), random bf16 weights. Workload:
 --batch requests (default 64) of --prompt tokens (default 128) prefilled, then decode steps of one token each.
-For each backend: the median wall time of --steps decode steps (host included, as the engine runs them), and
-one profiled step whose per-kernel table is written to OUT/profile_<backend>.txt. The run fails if a triton
-decode step calls SDPA, launches a cuDNN/flash/SDPA kernel, or gathers KV.
+For each variant (`triton`: the Triton attention backend with decode batches replayed from CUDA graphs, the CUDA
+default; `triton-eager`: the same without graphs; `torch`: the SDPA reference backend, eager): the median wall
+time of --steps decode steps (host included, as the engine runs them), and one profiled step whose per-kernel
+table is written to OUT/profile_<variant>.txt. The run fails if a triton decode step calls SDPA, launches a
+cuDNN/flash/SDPA kernel, or gathers KV.
 
 Usage: python benchmarks/profile_decode_step.py [--out DIR] [--layers 8] [--batch 64] [--prompt 128]
 """
@@ -45,16 +47,17 @@ def make_checkpoint(path: str, layers: int) -> None:
     write_tokenizer(path)
 
 
-def run_backend(path: str, backend: str, args: argparse.Namespace) -> dict[str, object]:
+def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, object]:
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
     from pd.engine.kv_cache import KVCache
     from pd.engine.llm import LLM
 
+    backend = variant.removesuffix("-eager")
     llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=args.batch,
               max_total_tokens=args.batch * (args.prompt + args.steps + 32), chunked_prefill_size=8192,
-              attention_backend=backend)  # fmt: skip
+              attention_backend=backend, cuda_graph_bs=None if variant == "triton" else ())  # fmt: skip
     runner, sched = llm.runner, llm.scheduler
     gen = torch.Generator().manual_seed(0)
     rows, pages_all = [], []
@@ -102,9 +105,9 @@ def run_backend(path: str, backend: str, args: argparse.Namespace) -> dict[str, 
     finally:
         KVCache.gather, F.scaled_dot_product_attention = real_gather, real_sdpa
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-    with open(os.path.join(args.out, f"profile_{backend}.txt"), "w") as f:
+    with open(os.path.join(args.out, f"profile_{variant}.txt"), "w") as f:
         f.write(f"{torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-        f.write(f"decode step, batch {args.batch}, context {context}, {args.layers} layers, backend {backend}\n")
+        f.write(f"decode step, batch {args.batch}, context {context}, {args.layers} layers, {variant}\n")
         f.write(table)
     names = sorted({e.key for e in prof.key_averages()})
     bad = sorted(n for n in names if any(w in n.lower() for w in FORBIDDEN))
@@ -112,7 +115,7 @@ def run_backend(path: str, backend: str, args: argparse.Namespace) -> dict[str, 
     for row, pages in zip(rows, pages_all, strict=True):
         sched.pool.free(pages)
         sched.slots.free_row(row)
-    return {"backend": backend, "step_ms_median": 1e3 * statistics.median(times[2:] or times),
+    return {"variant": variant, "step_ms_median": 1e3 * statistics.median(times[2:] or times),
             "profiled_gpu_ms": gpu_us / 1e3, "forbidden_kernels": bad, "python_calls": sorted(set(gathered)),
             "out_tok_per_s": args.batch / statistics.median(times[2:] or times)}  # fmt: skip
 
@@ -124,22 +127,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--backends", default="triton,torch")
+    parser.add_argument("--variants", default="triton,triton-eager,torch")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(tmp, args.layers)
-        for backend in args.backends.split(","):
-            results.append(run_backend(tmp, backend, args))
+        for variant in args.variants.split(","):
+            results.append(run_backend(tmp, variant, args))
             print(json.dumps(results[-1]), flush=True)
             torch.cuda.empty_cache()
     with open(os.path.join(args.out, "decode_step.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "args": vars(args), "results": results}, f, indent=1)  # fmt: skip
-    triton = next((r for r in results if r["backend"] == "triton"), None)
-    if triton is not None and (triton["forbidden_kernels"] or triton["python_calls"]):
-        raise SystemExit(f"triton decode step still runs {triton['forbidden_kernels']} {triton['python_calls']}")
+    for r in results:
+        if r["variant"].startswith("triton") and (r["forbidden_kernels"] or r["python_calls"]):
+            raise SystemExit(f"{r['variant']} decode step still runs {r['forbidden_kernels']} {r['python_calls']}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_SERVED_MODEL_NAME = "pd-default"
 DEFAULT_CPU_MAX_TOTAL_TOKENS = 65536
 DEFAULT_GPU_MEM_FRACTION = 0.85
+DEFAULT_CUDA_GRAPH_MAX_BS = 256
 
 # Backends whose kernels exist for one device kind only.
 _A2A_DEVICE = {"deepep": "cuda", "mooncake": "cuda", "mori": "cuda", "flashinfer": "cuda", "ascend_fuseep": "npu"}
@@ -52,9 +53,11 @@ class ServerArgsError(ValueError):
     """A bad flag or flag combination; the message names the flag and says what to change."""
 
 
-def _opt(default: Any, help: str, *flags: str, choices: Sequence[str] | None = None, type: Any = None) -> Any:
+def _opt(default: Any, help: str, *flags: str, choices: Sequence[str] | None = None, type: Any = None,
+         nargs: str | None = None) -> Any:  # fmt: skip
     """A dataclass field that also describes its command-line flag (bool defaults become store_true)."""
-    return field(default=default, metadata={"flags": flags, "help": help, "choices": choices, "type": type})
+    meta = {"flags": flags, "help": help, "choices": choices, "type": type, "nargs": nargs}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,13 @@ class ServerArgs:
     max_queued_requests: int = _opt(1024, "requests waiting beyond this are rejected", type=int)
     chunked_prefill_size: int = _opt(2048, "max prompt tokens per prefill step; -1 disables chunking", type=int)
     page_size: int = _opt(16, "tokens per KV page", type=int)
+    cuda_graph_max_bs: int | None = _opt(
+        None, f"largest decode batch replayed from a CUDA graph; default: --max-running-requests, at most "
+        f"{DEFAULT_CUDA_GRAPH_MAX_BS}", type=int)  # fmt: skip
+    cuda_graph_bs: tuple[int, ...] | None = _opt(
+        None, "decode batch sizes captured as CUDA graphs; default: 1 2 4 8, then every 8 up to --cuda-graph-max-bs",
+        type=int, nargs="+")  # fmt: skip
+    disable_cuda_graph: bool = _opt(False, "run decode batches eagerly (no CUDA graphs)")
     # Runtime
     device: str = _opt("auto", "auto: cuda if available, else npu if torch_npu imports, else cpu", choices=DEVICES)
     dtype: str = _opt("auto", "auto: float32 on cpu, bfloat16 on cuda/npu", choices=DTYPES)
@@ -153,6 +163,7 @@ class ServerArgs:
                     default=f.default,
                     type=meta["type"],
                     choices=meta["choices"],
+                    nargs=meta["nargs"],
                     help=meta["help"] if f.default is None else f"{meta['help']} (default: {f.default})",
                 )
 
@@ -285,6 +296,22 @@ def resolve_attention_backend(name: str, device: str) -> str:
     return "triton" if device == "cuda" else "torch"
 
 
+def default_cuda_graph_bs(max_bs: int) -> tuple[int, ...]:
+    """SGLang's bucket spacing: 1, 2, 4, 8, then every 8 up to max_bs (max_bs itself always included)."""
+    sizes = {b for b in (1, 2, 4, 8) if b <= max_bs} | set(range(16, max_bs + 1, 8)) | {max_bs}
+    return tuple(sorted(sizes))
+
+
+def resolve_cuda_graph_bs(a: ServerArgs, device: str) -> tuple[int, ...]:
+    """The decode batch sizes to capture: () when graphs are off (--disable-cuda-graph, or not on CUDA)."""
+    if a.disable_cuda_graph or device != "cuda":
+        return ()
+    if a.cuda_graph_bs is not None:
+        return tuple(sorted(set(a.cuda_graph_bs)))
+    max_bs = a.cuda_graph_max_bs or min(a.max_running_requests, DEFAULT_CUDA_GRAPH_MAX_BS)
+    return default_cuda_graph_bs(max_bs)
+
+
 def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
     """Concrete values for every 'auto'/None field that has a parse-time answer."""
     device = a.device
@@ -313,6 +340,7 @@ def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
         "dtype": ("float32" if on_cpu else "bfloat16") if a.dtype == "auto" else a.dtype,
         "moe_runner_backend": resolve_moe_runner(a.moe_runner_backend, device),
         "attention_backend": resolve_attention_backend(a.attention_backend, device),
+        "cuda_graph_bs": resolve_cuda_graph_bs(a, device),
         "deepep_mode": deepep_mode,
         "served_model_name": name,
         "tokenizer_path": a.model_path if a.tokenizer_path is None else a.tokenizer_path,
@@ -427,6 +455,9 @@ def _validate(a: ServerArgs) -> None:
         "use --deepep-mode auto, which dispatches prefill batches in normal mode",
     )
     # Memory and scheduling.
+    need(a.cuda_graph_max_bs is None or a.cuda_graph_max_bs >= 1,
+         f"--cuda-graph-max-bs must be >= 1, got {a.cuda_graph_max_bs}")
+    need(not a.cuda_graph_bs or min(a.cuda_graph_bs) >= 1, f"--cuda-graph-bs sizes must be >= 1, got {a.cuda_graph_bs}")
     need(
         a.chunked_prefill_size == -1 or a.chunked_prefill_size >= a.page_size,
         f"--chunked-prefill-size ({a.chunked_prefill_size}) must be -1 (off) or >= --page-size ({a.page_size})",

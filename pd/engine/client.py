@@ -49,6 +49,7 @@ def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
         moe_runner=args.moe_runner_backend,
         two_batch_overlap=args.enable_two_batch_overlap,
         attention_backend=args.attention_backend,
+        cuda_graph_bs=args.cuda_graph_bs or (),
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from pd.engine.io import GenerateRequest, SamplingParams
 from pd.engine.model_runner import ModelRunner, RunnerConfig
 from pd.engine.scheduler import Scheduler, SchedulerConfig
-from pd.server_args import resolve_attention_backend, resolve_moe_runner
+from pd.server_args import default_cuda_graph_bs, resolve_attention_backend, resolve_moe_runner
 
 
 class LLM:
@@ -25,7 +25,13 @@ class LLM:
         context_length: int | None = None,
         moe_runner: str = "auto",
         attention_backend: str = "auto",
+        cuda_graph_bs: tuple[int, ...] | None = None,
     ) -> None:
+        """cuda_graph_bs: decode batch sizes to capture (default on CUDA: SGLang's buckets up to
+        max_running_requests; () runs eagerly)."""
+        if cuda_graph_bs is None:
+            on_cuda = torch.device(device).type == "cuda"
+            cuda_graph_bs = default_cuda_graph_bs(max_running_requests) if on_cuda else ()
         cfg = RunnerConfig(
             model_path,
             device,
@@ -36,6 +42,7 @@ class LLM:
             None,
             moe_runner=resolve_moe_runner(moe_runner, torch.device(device).type),
             attention_backend=resolve_attention_backend(attention_backend, torch.device(device).type),
+            cuda_graph_bs=cuda_graph_bs,
         )
         self.runner = ModelRunner(cfg)
         self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size), self.runner)

@@ -11,6 +11,7 @@ import torch
 
 from pd.attention import get_backend
 from pd.dist.tp import SINGLE, TensorParallel
+from pd.engine.cuda_graph_runner import CudaGraphRunner
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
 from pd.engine.kv_cache import KVCache, ReqToToken
 from pd.engine.micro_batch import MicroBatches, split_in_two
@@ -45,6 +46,7 @@ class RunnerConfig:
     moe_runner: str = "torch"  # a --moe-runner-backend name (resolved)
     two_batch_overlap: bool = False  # every forward as two micro-batches interleaved layer by layer
     attention_backend: str = "torch"  # an --attention-backend name (resolved)
+    cuda_graph_bs: tuple[int, ...] = ()  # decode batch sizes to capture as CUDA graphs (empty: eager)
 
 
 class ModelRunner:
@@ -96,8 +98,12 @@ class ModelRunner:
         self.num_pages = self._num_pages(layout)
         if agree_pages is not None:
             self.num_pages = agree_pages(self.num_pages)
-        self.kv_cache = KVCache(self.model.num_layers, self.num_pages, cfg.page_size, layout, cfg.dtype, self.device)
+        self.graph_bs = self._graph_batch_sizes(moe_ctx)
+        # Under CUDA graphs one page past the pool's is the sink padding requests write their KV to.
+        self.kv_cache = KVCache(self.model.num_layers, self.num_pages + bool(self.graph_bs), cfg.page_size, layout,
+                                cfg.dtype, self.device)  # fmt: skip
         self.attn_backend = get_backend(cfg.attention_backend)
+        self.graphs: CudaGraphRunner | None = None  # captured once the scheduler's page table exists
         self.slot_table: ReqToToken | None = None
         self.forced_mode: str | None = None  # set by the DP-attention gate: the mode all leaders agreed on
         self.num_forwards = 0
@@ -113,7 +119,29 @@ class ModelRunner:
         self.slot_table = ReqToToken(max_rows, max_context, self.cfg.page_size, self.device)
         if self.sync is not None and self.sync.is_leader:
             self.slot_table.journal = []
+        if self.graph_bs:
+            sizes = tuple(b for b in self.graph_bs if b <= max_rows) or (max_rows,)
+            self.graphs = CudaGraphRunner(self, self.slot_table, sizes, pad_slot=self.num_pages * self.cfg.page_size)
         return self.slot_table
+
+    def _graph_batch_sizes(self, moe_ctx: MoeContext) -> tuple[int, ...]:
+        """cfg.cuda_graph_bs where this rank can replay graphs alone, else () with the reason logged."""
+        cfg = self.cfg
+        if not cfg.cuda_graph_bs or self.device.type != "cuda":
+            return ()
+        reason = None
+        if cfg.attention_backend != "triton":
+            reason = f"--attention-backend {cfg.attention_backend} cannot be captured (use triton)"
+        elif self.sync is not None or moe_ctx.ep_size > 1 or moe_ctx.group is not None:
+            reason = "multi-rank instances replay graphs in a later version"
+        elif cfg.two_batch_overlap:
+            reason = "two-batch overlap runs eagerly"
+        elif self.eplb is not None:
+            reason = "EPLB runs eagerly"
+        if reason is not None:
+            logger.warning("CUDA graphs off: %s", reason)
+            return ()
+        return cfg.cuda_graph_bs
 
     def _num_pages(self, layout: list[tuple[int, int]]) -> int:
         cfg = self.cfg
@@ -186,6 +214,8 @@ class ModelRunner:
         """-> logits [S, vocab] float32 for the batch's logits_index rows (an empty tensor with logits=False:
         followers only take part in the collectives; the leader samples)."""
         self.num_forwards += 1
+        if logits and self.graphs is not None and isinstance(batch, ForwardBatch) and self.graphs.can_run(batch):
+            return self.graphs.replay(batch)
         if isinstance(batch, MicroBatches):
             hidden = self.model.forward_two(batch.first, batch.second)
         else:
@@ -234,7 +264,7 @@ class ModelRunner:
     def _page_views(self) -> list[torch.Tensor]:
         """Every KV buffer viewed as [num_pages, page_size, heads, dim] (same storage)."""
         ps = self.cfg.page_size
-        return [buf.view(self.num_pages, ps, *buf.shape[1:]) for layer in self.kv_cache.buffers for buf in layer]
+        return [buf.view(-1, ps, *buf.shape[1:]) for layer in self.kv_cache.buffers for buf in layer]
 
     def heartbeat(self) -> None:
         """An empty broadcast to the followers: raises when one of them (on any node) has died."""
