@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher import dispatcher_names, get_dispatcher
-from pd.moe.dispatcher.base import Dispatcher, DispatchOutput
+from pd.moe.dispatcher.base import Dispatcher, DispatchFormat, DispatchOutput
 from pd.moe.dispatcher.torch_a2a import LowLatencyHandle
 from pd.moe.long_seq import (
     LongSeqConfig,
@@ -116,17 +116,46 @@ def _expected_pairs(inputs: list[RankInputs], rank: int, world: int) -> list[tup
     return sorted(pairs)
 
 
+def _sender(row: torch.Tensor, inputs: list[RankInputs]) -> tuple[int, int]:
+    """(source rank, token) a received row came from, by its tag; the row must be the sender's, bit for bit."""
+    src, token = divmod(int(round(row[0].item() * TAG_SCALE)), 1000)
+    assert torch.equal(row, inputs[src].hidden[token])
+    return src, token
+
+
 def _check_received(out: DispatchOutput, inputs: list[RankInputs], rank: int, world: int) -> None:
-    """The rank got exactly its (token, expert) pairs, each token once, with the sender's hidden row."""
+    """The rank got exactly its (token, expert) pairs with the sender's hidden rows: in the standard format each
+    token once; in the batched format each (token, expert) once, in rows below the expert's count, every such row
+    a slot's (the weights are in the handle's ExpertRows)."""
     got, seen = [], set()
+    if out.format == DispatchFormat.BATCHED:
+        rows = out.handle.expert_rows
+        counts = out.expert_counts.tolist()
+        x_EMH = out.hidden_states
+        assert x_EMH.shape[1] == rows.max_rows and rows.slot_NK.shape == rows.weights_NK.shape
+        used = set()
+        for slots, weights in zip(rows.slot_NK.tolist(), rows.weights_NK.tolist(), strict=True):
+            for slot, weight in zip(slots, weights, strict=True):
+                if slot < 0:
+                    continue
+                expert, j = divmod(slot, rows.max_rows)
+                assert j < counts[expert], f"slot {slot} past expert {expert}'s {counts[expert]} rows on rank {rank}"
+                used.add((expert, j))
+                got.append((*_sender(x_EMH[expert, j], inputs), expert, weight))
+        assert used == {(e, j) for e, n in enumerate(counts) for j in range(n)}, "rows no slot points at"
+        for expert, n in enumerate(counts):
+            for j in range(n):
+                key = (*_sender(x_EMH[expert, j], inputs), expert)
+                assert key not in seen, f"{key} arrived twice on rank {rank}"
+                seen.add(key)
+        assert sorted(got) == _expected_pairs(inputs, rank, world)
+        return
     for row, ids, weights in zip(out.hidden_states, out.topk_ids.tolist(), out.topk_weights.tolist(), strict=True):
         if all(e < 0 for e in ids):
             continue
-        tag = int(round(row[0].item() * TAG_SCALE))
-        src, token = divmod(tag, 1000)
+        src, token = _sender(row, inputs)
         assert (src, token) not in seen, f"token {token} of rank {src} arrived twice on rank {rank}"
         seen.add((src, token))
-        assert torch.equal(row, inputs[src].hidden[token])
         got += [(src, token, e, w) for e, w in zip(ids, weights, strict=True) if e >= 0]
     assert sorted(got) == _expected_pairs(inputs, rank, world)
 
@@ -169,11 +198,14 @@ def _worker_dispatchers(rank: int, world: int, tokens: list[int]) -> None:
             _check_received(dispatched, inputs, rank, world)
             if name == "none":  # every token stays, masked to this rank's experts
                 assert dispatched.hidden_states.shape[0] == tokens[0], what
-            if isinstance(dispatched.handle, LowLatencyHandle):
-                assert dispatched.hidden_states.shape == (world * 12, HIDDEN), what
-                padding = ~dispatched.handle.valid_N
-                assert torch.equal(padding, (dispatched.topk_ids < 0).all(dim=-1)), what
-                assert not dispatched.hidden_states[padding].any(), what
+            assert dispatched.format == dispatcher.output_format, what
+            if options.get("mode") == "low_latency":  # per local expert, padding never reaches the runner
+                assert isinstance(dispatched.handle, LowLatencyHandle), what
+                assert dispatched.format == DispatchFormat.BATCHED, what
+                assert dispatched.hidden_states.shape == (EXPERTS // world, world * 12, HIDDEN), what
+                want = torch.bincount(torch.tensor([e for _, _, e, _ in _expected_pairs(inputs, rank, world)],
+                                                   dtype=torch.int64), minlength=EXPERTS // world)  # fmt: skip
+                assert dispatched.expert_counts.tolist() == want.tolist(), what
             reference = _single_rank_reference(inputs, w13, w2)[0 if name == "none" else rank]
             assert combined.shape == mine.hidden.shape, what
             torch.testing.assert_close(combined, reference, atol=1e-5, rtol=1e-5, msg=what)
@@ -311,7 +343,12 @@ def test_deepep_adapter_against_one_rank_fake_buffer(mode: str, monkeypatch: pyt
     dispatcher = get_dispatcher(
         "deepep", MoeContext(), num_experts=EXPERTS, mode=mode, max_tokens_per_rank=9, buffer=_FakeDeepEPBuffer()
     )
-    _, combined = _run_moe(dispatcher, x, w13, w2, rank=0, world=1)
+    dispatched, combined = _run_moe(dispatcher, x, w13, w2, rank=0, world=1)
+    assert dispatched.format == dispatcher.output_format
+    if mode == "low_latency":  # DeepEP's [E_local, R * C, H] buffer and counts, handed on as they are
+        ids = x.topk.topk_ids
+        assert dispatched.format == DispatchFormat.BATCHED and dispatched.hidden_states.shape == (EXPERTS, 9, HIDDEN)
+        assert dispatched.expert_counts.tolist() == torch.bincount(ids[ids >= 0], minlength=EXPERTS).tolist()
     torch.testing.assert_close(combined, _single_rank_reference([x], w13, w2)[0], atol=1e-5, rtol=1e-5)
 
 

@@ -38,9 +38,12 @@ class CudaGraphRunner:
         page_table: the scheduler's page table (the graphs read its device tensor in place).
         batch_sizes: the buckets (sorted ascending).
         pad_slot: a KV slot no request owns (padding requests write there).
+        capture: False runs each bucket's static forward eagerly instead of replaying a graph (the same static
+            inputs, padding and metadata: how the runner's bookkeeping is tested without a GPU).
     """
 
-    def __init__(self, runner: ModelRunner, page_table: ReqToToken, batch_sizes: tuple[int, ...], pad_slot: int):
+    def __init__(self, runner: ModelRunner, page_table: ReqToToken, batch_sizes: tuple[int, ...], pad_slot: int,
+                 capture: bool = True) -> None:  # fmt: skip
         self.runner, self.batch_sizes = runner, tuple(sorted(batch_sizes))
         self.max_bs = self.batch_sizes[-1]
         device, bs = runner.device, self.max_bs
@@ -51,8 +54,12 @@ class CudaGraphRunner:
         self.page_table = page_table
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.static: dict[int, ForwardBatch] = {}
         runner.attn_backend.init_graph_state(bs, runner.kv_cache, runner.context_length)
-        self._capture()
+        if capture:
+            self._capture()
+        else:
+            self.static = {b: self._static_batch(b) for b in self.batch_sizes}
 
     def _static_batch(self, bs: int) -> ForwardBatch:
         """The forward a bucket captures: views of the static inputs, metadata over the backend's static state."""
@@ -87,6 +94,7 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self.logits[bs] = model.compute_logits(model(batch)[batch.logits_index])
             self.graphs[bs] = graph
+            self.static[bs] = batch  # the graph reads its tensors (logits_index, metadata) at every replay
         torch.cuda.synchronize(device)
         used = (free_before - torch.cuda.mem_get_info(device)[0]) / 2**20
         logger.info("captured %d CUDA graphs (decode batch sizes %s) in %.1f s, %.0f MiB", len(self.graphs),
@@ -114,8 +122,13 @@ class CudaGraphRunner:
         if n < bs:
             self._pad(n, bs)
         self.runner.attn_backend.replay_prepare(bs, batch.layout)
-        self.graphs[bs].replay()
-        return self.logits[bs][:n][batch.logits_index]
+        if bs in self.graphs:
+            self.graphs[bs].replay()
+            logits = self.logits[bs]
+        else:  # not captured (capture=False): the same static forward, run eagerly
+            static, model = self.static[bs], self.runner.model
+            logits = model.compute_logits(model(static)[static.logits_index])
+        return logits[:n][batch.logits_index]
 
 
 def _no_requests(page_table: ReqToToken, device: torch.device) -> BatchLayout:

@@ -121,13 +121,14 @@ class ModelRunner:
             self.slot_table.journal = []
         if self.graph_bs:
             sizes = tuple(b for b in self.graph_bs if b <= max_rows) or (max_rows,)
-            self.graphs = CudaGraphRunner(self, self.slot_table, sizes, pad_slot=self.num_pages * self.cfg.page_size)
+            self.graphs = CudaGraphRunner(self, self.slot_table, sizes, pad_slot=self.num_pages * self.cfg.page_size,
+                                          capture=self.device.type == "cuda")  # fmt: skip
         return self.slot_table
 
     def _graph_batch_sizes(self, moe_ctx: MoeContext) -> tuple[int, ...]:
         """cfg.cuda_graph_bs where this rank can replay graphs alone, else () with the reason logged."""
         cfg = self.cfg
-        if not cfg.cuda_graph_bs or self.device.type != "cuda":
+        if not cfg.cuda_graph_bs:
             return ()
         reason = None
         if cfg.attention_backend != "triton":

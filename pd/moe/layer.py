@@ -90,7 +90,8 @@ class FusedMoE(nn.Module):
         e_score_correction_bias (buffer, only with has_correction_bias): [E] float32, used for selection only.
 
     Raises:
-        ValueError: ctx.ep_size does not divide the physical expert count, or an unknown dispatcher/runner name.
+        ValueError: ctx.ep_size does not divide the physical expert count, an unknown dispatcher/runner name, or a
+            runner that does not take the dispatcher's output format (pd.moe.dispatcher.base.DispatchFormat).
     """
 
     def __init__(
@@ -123,6 +124,13 @@ class FusedMoE(nn.Module):
         self.inter_start = ctx.moe_tp_rank * self.local_intermediate
         self.dispatchers = _build_dispatchers(ctx, self.num_physical_experts, hidden_size)
         self.runner = get_runner(ctx.runner)
+        for mode, dispatcher in self.dispatchers.items():
+            if dispatcher.output_format not in self.runner.formats:
+                raise ValueError(
+                    f"--moe-runner-backend {ctx.runner} takes {', '.join(f.value for f in self.runner.formats)} "
+                    f"dispatch outputs, but --moe-a2a-backend {ctx.dispatcher} ({mode} mode) produces "
+                    f"{dispatcher.output_format.value} ones; choose a runner that takes them"
+                )
 
         n_local, inter = self.num_local_experts, self.local_intermediate
         self.w13_weight = nn.Parameter(torch.empty(n_local, 2 * inter, hidden_size), requires_grad=False)

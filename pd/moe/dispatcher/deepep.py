@@ -32,11 +32,11 @@ Mapping onto DispatchOutput:
 - normal: DeepEP already returns what our runners take: ``recv_x [N, H]``, ``recv_topk_idx [N, K]`` with LOCAL
   expert ids and -1 for slots of other ranks, ``recv_topk_weights [N, K]`` float32. ``combine`` sums the per-rank
   partials without weights, as our contract (the runner applies the weights) requires.
-- low_latency: DeepEP returns an expert-major ``[E_local, R * C, H]`` tensor plus per-expert counts, and its
-  combine applies the routing weights itself. We expose each row as a token with one slot: ``topk_ids [E_local *
-  R * C, 1]`` = the row's local expert, or -1 beyond that expert's count; ``topk_weights`` = 1. The runner's
-  output rows are reshaped back and handed to ``low_latency_combine`` with the original ids and weights.
-  (Graph capture of this path needs a masked runner: the reference runner reads its counts on the host.)
+- low_latency: DeepEP returns an expert-major ``[E_local, R * C, H]`` tensor plus per-expert counts, which is our
+  batched format as it is (pd.moe.dispatcher.base), and its combine applies the routing weights itself, as the
+  batched contract expects (the runner returns unweighted rows). The runner's ``[E_local, R * C, H]`` output goes
+  to ``low_latency_combine`` with the original ids and weights. (Graph capture of this path needs a runner that
+  keeps the counts on the device, such as triton: the reference runner reads them on the host.)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pd.moe.context import MoeContext
-from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput
+from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchFormat, DispatchOutput
 from pd.moe.dispatcher.routing import expert_group
 from pd.moe.topk import TopKOutput
 
@@ -134,13 +134,13 @@ class DeepEPNormalHandle:
 @dataclass(frozen=True)
 class DeepEPLowLatencyHandle:
     """DeepEP's low-latency handle plus what ``low_latency_combine`` needs again: the original
-    topk_ids [T, K] int64 / topk_weights [T, K] float32 and the received layout [E_local, R * C]."""
+    topk_ids [T, K] (``deep_ep.topk_idx_t``) / topk_weights [T, K] float32, and the received layout's shape
+    [E_local, R * C, H]."""
 
     deep_ep_handle: object
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
-    num_local_experts: int
-    rows_per_expert: int
+    layout: tuple[int, int, int]
 
 
 class DeepEPDispatcher(Dispatcher):
@@ -190,6 +190,11 @@ class DeepEPDispatcher(Dispatcher):
             )
         self.buffer = buffer
 
+    @property
+    def output_format(self) -> DispatchFormat:
+        """normal: standard rows; low_latency: batched per local expert (DeepEP's own layout)."""
+        return DispatchFormat.BATCHED if self.mode == "low_latency" else DispatchFormat.STANDARD
+
     def dispatch(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
         """Dispatch through DeepEP. Synchronous (async_finish off); normal mode syncs the host once (DeepEP's
         received counts), low_latency does not.
@@ -199,9 +204,9 @@ class DeepEPDispatcher(Dispatcher):
                 ``deep_ep.topk_idx_t``), weights [T, K] float32.
 
         Returns:
-            normal: hidden [N, H], local ids [N, K] (-1 = other rank), weights [N, K] float32.
-            low_latency: hidden [E_local * R * C, H], ids [E_local * R * C, 1] (row's local expert, -1 = empty
-            row), weights all 1.0 float32 (low_latency_combine weights the outputs).
+            normal: standard format, hidden [N, H], local ids [N, K] (-1 = other rank), weights [N, K] float32.
+            low_latency: batched format, hidden [E_local, R * C, H] (rows of expert e valid up to its count),
+            expert_counts [E_local] int32 (low_latency_combine weights the outputs).
 
         Raises:
             ValueError: low_latency with T > max_tokens_per_rank.
@@ -238,25 +243,24 @@ class DeepEPDispatcher(Dispatcher):
         recv_x, recv_count, handle, _, _ = self.buffer.low_latency_dispatch(
             hidden_TH, ids_TK, self.max_tokens_per_rank, self.num_experts, use_fp8=False
         )
-        num_local, rows, hidden = recv_x.shape
-        row_E1 = torch.arange(rows, device=recv_x.device).unsqueeze(0)
-        expert_E1 = torch.arange(num_local, device=recv_x.device).unsqueeze(1)
-        ids_ER = torch.where(row_E1 < recv_count.unsqueeze(1), expert_E1, -1)
-        ids_N1 = ids_ER.reshape(num_local * rows, 1).long()
-        weights_N1 = torch.ones(num_local * rows, 1, dtype=torch.float32, device=recv_x.device)
-        ll_handle = DeepEPLowLatencyHandle(handle, ids_TK, weights_TK, num_local, rows)
-        return DispatchOutput(recv_x.view(num_local * rows, hidden), ids_N1, weights_N1, ll_handle)
+        ll_handle = DeepEPLowLatencyHandle(handle, ids_TK, weights_TK, tuple(recv_x.shape))
+        return DispatchOutput.batched(recv_x, recv_count.to(torch.int32), ll_handle)  # int32 already: no copy
 
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
-        """Combine through DeepEP. Synchronous. Returns [T, H] in this rank's token order, summed over ranks."""
+        """Combine through DeepEP. Synchronous. Returns [T, H] in this rank's token order, summed over ranks.
+
+        Args:
+            combine_input: normal: hidden_states [N, H] bfloat16 in dispatch's row order. low_latency:
+                [E_local, R * C, H] bfloat16, each expert's unweighted outputs for its rows (DeepEP reads only
+                the rows within its counts and applies the routing weights).
+        """
         handle = combine_input.handle
-        x_NH = combine_input.hidden_states.contiguous()
+        x = combine_input.hidden_states.contiguous()
         if isinstance(handle, DeepEPLowLatencyHandle):
-            x_ERH = x_NH.view(handle.num_local_experts, handle.rows_per_expert, x_NH.shape[-1])
-            combined, _, _ = self.buffer.low_latency_combine(
-                x_ERH, handle.topk_ids, handle.topk_weights, handle.deep_ep_handle
-            )
+            assert tuple(x.shape) == handle.layout, f"combine input {tuple(x.shape)}, dispatched {handle.layout}"
+            combined, _, _ = self.buffer.low_latency_combine(x, handle.topk_ids, handle.topk_weights,
+                                                             handle.deep_ep_handle)  # fmt: skip
             return combined
         assert isinstance(handle, DeepEPNormalHandle), f"not a deepep handle: {type(handle).__name__}"
-        combined, _, _ = self.buffer.combine(x_NH, handle.deep_ep_handle)
+        combined, _, _ = self.buffer.combine(x, handle.deep_ep_handle)
         return combined

@@ -17,8 +17,12 @@ low_latency
     fixed ``[C, H]`` block, ``C = max_tokens_per_rank``: row t holds token t if one of its experts lives on that
     peer, else zeros, and its routing metadata marks foreign slots -1. The receive buffer is ``[R * C, H]``
     (rows from source rank s at ``[s * C, (s + 1) * C)``); a row is valid iff one of its ids is >= 0.
+    The receiver hands the runner the batched format (pd.moe.dispatcher.base): the valid rows grouped per local
+    expert into ``[E_local, R * C, H]`` with a count per expert (no sort, no sync), so padding rows are never
+    computed; combine weights the experts' outputs back into the ``[R * C, H]`` rows and returns them.
     Capacity bound: a rank may dispatch at most C tokens per batch (ValueError otherwise, checked on the shape,
-    so no sync); memory per direction is about ``R * C * (H * itemsize + 8 * K)`` bytes.
+    so no sync); memory per direction is about ``R * C * (H * itemsize + 8 * K)`` bytes, plus ``E_local * R * C
+    * H * itemsize`` for the batched layout (and as much again for the runner's output).
 
 Each token travels as one byte row holding its hidden state, global expert ids and weights (pd.moe.dispatcher.
 payload), so both modes dispatch with a single data all-to-all; the receiver derives its local ids.
@@ -45,7 +49,15 @@ import torch
 import torch.distributed as dist
 
 from pd.moe.context import MoeContext
-from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput
+from pd.moe.dispatcher.base import (
+    CombineInput,
+    Dispatcher,
+    DispatchFormat,
+    DispatchOutput,
+    ExpertRows,
+    batch_by_expert,
+    sum_expert_rows,
+)
 from pd.moe.dispatcher.payload import blank_row, pack_rows, row_layout, unpack_rows
 from pd.moe.dispatcher.routing import expert_group, owner_rank, token_rank_mask
 from pd.moe.dispatcher.symm_exchange import (
@@ -131,7 +143,8 @@ class NormalHandle:
 class SymmetricHandle:
     """State for combine over symmetric memory (both modes). pos_RT: [R, T] int32, the slot token t took in
     rank r's block (-1: not sent there); counts_R: [R] int64 on the device, rows received from each source;
-    valid_N: [N] bool, received rows that hold a token; exchange and barrier: where the rows went."""
+    valid_N: [N] bool, received rows that hold a token; exchange and barrier: where the rows went; expert_rows
+    (low_latency only): where the N received rows' slots sit in the batched layout the runner got."""
 
     num_tokens: int
     pos_RT: torch.Tensor
@@ -139,6 +152,7 @@ class SymmetricHandle:
     valid_N: torch.Tensor
     exchange: SymmetricExchange
     barrier: Callable[[], None]
+    expert_rows: ExpertRows | None = None
 
 
 @dataclass(frozen=True)
@@ -154,12 +168,12 @@ class GraphedHandle:
 
 @dataclass(frozen=True)
 class LowLatencyHandle:
-    """Low-latency state for combine. sent_RT: [R, T] bool, token t went to rank r; valid_N: [R * C] bool,
-    received rows that hold a token (padding rows are False); a masked runner may skip the others."""
+    """Low-latency state for combine. sent_RT: [R, T] bool, token t went to rank r; expert_rows: where the slots of
+    the R * C received rows sit in the batched layout (padding rows have none)."""
 
     num_tokens: int
     sent_RT: torch.Tensor
-    valid_N: torch.Tensor
+    expert_rows: ExpertRows
 
 
 class TorchA2ADispatcher(Dispatcher):
@@ -209,6 +223,11 @@ class TorchA2ADispatcher(Dispatcher):
         self._symmetric = False
         self._transport_decided = transport == "nccl" or self.group is None
 
+    @property
+    def output_format(self) -> DispatchFormat:
+        """normal: standard rows; low_latency: batched per local expert."""
+        return DispatchFormat.BATCHED if self.mode == "low_latency" else DispatchFormat.STANDARD
+
     def dispatch(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
         """Send each token once to every rank that owns one of its experts. Synchronous.
 
@@ -217,10 +236,12 @@ class TorchA2ADispatcher(Dispatcher):
             topk: topk_ids [T, K] int64 global ids in [-1, E), topk_weights [T, K] float32.
 
         Returns:
-            normal: hidden_states [N, H] (N = rows received, round-major then by source rank), topk_ids [N, K]
-            int64 local ids or -1, topk_weights [N, K] float32, handle NormalHandle.
-            low_latency: the same with N = ep_size * max_tokens_per_rank (padding rows have all ids -1 and zero
-            hidden), handle LowLatencyHandle.
+            normal: standard format, hidden_states [N, H] (N = rows received, round-major then by source rank),
+            topk_ids [N, K] int64 local ids or -1, topk_weights [N, K] float32, handle NormalHandle.
+            low_latency: batched format, hidden_states [E_local, R * C, H] (R = ep_size, C = max_tokens_per_rank):
+            expert e's rows are the received tokens with a slot on e, by source rank then token, the rest
+            unwritten; expert_counts [E_local] int32; handle LowLatencyHandle (or SymmetricHandle), which keeps
+            the weights for combine.
 
         Raises:
             ValueError: low_latency with T > max_tokens_per_rank (raised on that rank only, before any
@@ -235,7 +256,9 @@ class TorchA2ADispatcher(Dispatcher):
         """Return each rank's partial outputs to the tokens' home rank and sum them. Synchronous.
 
         Args:
-            combine_input: hidden_states [N, H] model dtype, in the row order dispatch produced; the handle.
+            combine_input: normal: hidden_states [N, H] model dtype, in the row order dispatch produced.
+                low_latency: [E_local, R * C, H] model dtype, each expert's unweighted outputs for its rows
+                (rows past the counts are not read). The handle.
 
         Returns:
             [T, H] model dtype in this rank's original token order, summed over ranks.
@@ -248,7 +271,7 @@ class TorchA2ADispatcher(Dispatcher):
         if isinstance(handle, SymmetricHandle):
             return self._combine_symmetric(combine_input.hidden_states, handle)
         if isinstance(handle, LowLatencyHandle):
-            return self._combine_low_latency(combine_input.hidden_states, handle)
+            return self._combine_low_latency_start(combine_input.hidden_states, handle)()
         assert isinstance(handle, NormalHandle), f"not a torch dispatcher handle: {type(handle).__name__}"
         return self._combine_normal(combine_input.hidden_states, handle)
 
@@ -266,11 +289,11 @@ class TorchA2ADispatcher(Dispatcher):
 
     def combine_start(self, combine_input: CombineInput) -> Callable[[], torch.Tensor]:
         """combine of a dispatch_start's output, the all-to-all back left in flight until the returned call."""
-        handle, x_NH = combine_input.handle, combine_input.hidden_states
+        handle, x = combine_input.handle, combine_input.hidden_states
         if isinstance(handle, LowLatencyHandle):
-            return self._combine_low_latency_start(x_NH, handle)
+            return self._combine_low_latency_start(x, handle)
         assert isinstance(handle, NormalHandle), f"not a dispatch_start handle: {type(handle).__name__}"
-        return self._combine_normal_start(x_NH, handle)
+        return self._combine_normal_start(x, handle)
 
     # ---- normal mode -------------------------------------------------------------------------------------------
 
@@ -437,8 +460,8 @@ class TorchA2ADispatcher(Dispatcher):
         def unpack() -> DispatchOutput:
             recv_x, local_NK, weights_NK = unpack_rows(recv_NB, hidden, hidden_TH.dtype, top_k, self.ep_rank,
                                                        self.num_local_experts)  # fmt: skip
-            handle = LowLatencyHandle(num_tokens, sent_RT, (local_NK >= 0).any(dim=-1))
-            return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+            x_EMH, counts_E, rows = batch_by_expert(recv_x, local_NK, weights_NK, self.num_local_experts)
+            return DispatchOutput.batched(x_EMH, counts_E, LowLatencyHandle(num_tokens, sent_RT, rows))
 
         return _finished([work], sent, unpack)
 
@@ -484,8 +507,10 @@ class TorchA2ADispatcher(Dispatcher):
             exchange.dispatch_buffer, exchange.full_counts, ranks * exchange.capacity, hidden, hidden_TH.dtype,
             top_k, self.ep_rank, self.num_local_experts, ids_at,
         )  # fmt: skip
-        handle = SymmetricHandle(num_tokens, pos_RT, exchange.full_counts, valid_N, exchange, exchange.barrier)
-        return DispatchOutput(recv_x, local_NK, weights_NK, handle)
+        x_EMH, counts_E, rows = batch_by_expert(recv_x, local_NK, weights_NK, self.num_local_experts)
+        handle = SymmetricHandle(num_tokens, pos_RT, exchange.full_counts, valid_N, exchange, exchange.barrier,
+                                 rows)  # fmt: skip
+        return DispatchOutput.batched(x_EMH, counts_E, handle)
 
     def _dispatch_normal_symmetric(self, hidden_TH: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
         from pd.moe.dispatcher import symm_kernels
@@ -554,29 +579,29 @@ class TorchA2ADispatcher(Dispatcher):
                                capacity, self.ep_rank, self.num_local_experts, ids_at, row_bytes,
                                all_rows=False)  # fmt: skip
 
-    def _combine_symmetric(self, x_NH: torch.Tensor, handle: SymmetricHandle) -> torch.Tensor:
+    def _combine_symmetric(self, x: torch.Tensor, handle: SymmetricHandle) -> torch.Tensor:
         from pd.moe.dispatcher import symm_kernels
 
         exchange = handle.exchange
+        # low_latency: the experts' batched outputs, weighted back into the received rows
+        x_NH = x if handle.expert_rows is None else sum_expert_rows(x, handle.expert_rows)
         assert x_NH.shape[0] == handle.valid_N.shape[0], "combine input rows differ from the rows dispatch delivered"
         # Each row back into its source's combine buffer at the slot it came from; barrier; sum per token.
         symm_kernels.send_back(x_NH, handle.counts_R, exchange.combine_peer_ptrs, exchange.capacity, self.ep_rank)
         handle.barrier()
         return symm_kernels.reduce_partials(exchange.combine_buffer, handle.pos_RT)
 
-    def _combine_low_latency(self, x_NH: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor:
-        return self._combine_low_latency_start(x_NH, handle)()
-
-    def _combine_low_latency_start(self, x_NH: torch.Tensor, handle: LowLatencyHandle) -> Callable[[], torch.Tensor]:
-        ranks, capacity, hidden = self.ep_size, self.max_tokens_per_rank, x_NH.shape[1]
-        assert x_NH.shape[0] == ranks * capacity, "combine input rows differ from the low_latency buffer"
+    def _combine_low_latency_start(self, x_EMH: torch.Tensor, handle: LowLatencyHandle) -> Callable[[], torch.Tensor]:
+        ranks, capacity, hidden = self.ep_size, self.max_tokens_per_rank, x_EMH.shape[-1]
+        assert x_EMH.shape == (self.num_local_experts, ranks * capacity, hidden), "not this batch's batched layout"
+        x_NH = sum_expert_rows(x_EMH, handle.expert_rows)
         back = torch.empty_like(x_NH)
-        sent = [x_NH.contiguous()]
+        sent = [x_NH]
         work = _all_to_all(back, sent[0], None, None, self.group, async_op=True)
 
         def reduce() -> torch.Tensor:
             partial_RTH = back.view(ranks, capacity, hidden)[:, : handle.num_tokens]
-            # Mask rows the token was never sent with: a masked GEMM may leave garbage in padding rows.
+            # Rows a token was never sent with come back as zeros; masked all the same, so the sum does not rely on it.
             return torch.where(handle.sent_RT.unsqueeze(-1), partial_RTH, 0).sum(dim=0)
 
         return _finished([work], sent, reduce)

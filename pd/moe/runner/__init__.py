@@ -7,11 +7,17 @@ from typing import Protocol
 
 import torch
 
-from pd.moe.dispatcher.base import CombineInput, DispatchOutput
+from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
 
 
 class MoeRunner(Protocol):
-    """Computes the local experts on dispatched tokens (pre-permute, grouped GEMMs, post-permute)."""
+    """Computes the local experts on dispatched tokens (pre-permute, grouped GEMMs, post-permute).
+
+    ``formats``: the dispatch formats ``run`` takes (pd.moe.dispatcher.base.DispatchFormat); FusedMoE refuses,
+    at construction, a dispatcher whose output format is not among them.
+    """
+
+    formats: tuple[DispatchFormat, ...]
 
     def run(
         self,

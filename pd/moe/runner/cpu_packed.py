@@ -17,7 +17,8 @@ layouts that stream at close to memory bandwidth. Three ways to compute a batch,
 
 Results differ from the reference by float rounding only. Packing keeps extra copies of the local experts
 (per expert, plus the grouped-GEMV panels or the dense layout); the originals stay for loading and for
-repacking. Dtypes or devices oneDNN cannot pack run the reference runner instead.
+repacking. Dtypes or devices oneDNN cannot pack run the reference runner instead, and so does the batched
+dispatch format (low-latency dispatch, rows already grouped per expert: the reference's masked expert loop).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from pd.layers import cpu_grouped_gemv
 from pd.layers.cpu_packed import mkldnn_packable, pack_weight, packed_linear, tensor_stamp
-from pd.moe.dispatcher.base import CombineInput, DispatchOutput
+from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
 from pd.moe.runner.torch_ref import PermutedRows, TorchMoeRunner, get_activation, post_permute, pre_permute
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class CpuPackedMoeRunner:
             without it: dense when T <= 16 and T * top_k >= E_local (nearly every expert is hit), else per
             expert.
     """
+
+    formats = (DispatchFormat.STANDARD, DispatchFormat.BATCHED)
 
     def __init__(self, path: str | None = None) -> None:
         if path not in (None, *PATHS):
@@ -112,7 +115,7 @@ class CpuPackedMoeRunner:
 
         Args:
             dispatch_out: hidden_states [N, H] (model dtype), topk_ids [N, K] int64 local ids (-1 = not on this
-                rank), topk_weights [N, K] float32.
+                rank), topk_weights [N, K] float32; or the batched format, which the reference runner computes.
             w13_EXH: [E_local, 2*I, H] the weights ``prepare_weights`` packed; if they were modified or replaced
                 since, they are packed again here.
             w2_EHI: [E_local, H, I], likewise.
@@ -121,16 +124,20 @@ class CpuPackedMoeRunner:
         Returns:
             CombineInput with hidden_states [N, H] (model dtype): per token, the sum over its local slots of
             weight * down(act(gate(x)) * up(x)); zeros for tokens with no local slot. The handle is passed on.
+            Batched: as TorchMoeRunner.run.
 
         Raises:
             ValueError: unknown activation, or an expert id >= E_local.
         """
         act = get_activation(activation)
+        if dispatch_out.format == DispatchFormat.BATCHED:
+            return TorchMoeRunner().run(dispatch_out, w13_EXH, w2_EHI, activation)
         if self._stamp != (tensor_stamp(w13_EXH), tensor_stamp(w2_EHI)):
             self.prepare_weights(w13_EXH, w2_EHI)
         if self._fallback is not None:
             return self._fallback.run(dispatch_out, w13_EXH, w2_EHI, activation)
         assert dispatch_out.hidden_states.dtype == w13_EXH.dtype == w2_EHI.dtype
+        assert dispatch_out.topk_ids is not None
         num_tokens, top_k = dispatch_out.topk_ids.shape
         num_experts = w13_EXH.shape[0]
         path = self.path
@@ -184,7 +191,8 @@ class CpuPackedMoeRunner:
     ) -> CombineInput:
         """Every token through every local expert; routing weights of unpicked experts are exactly zero."""
         assert self._w13_dense is not None and self._w2_dense is not None
-        hidden_NH, ids_NK = dispatch_out.hidden_states, dispatch_out.topk_ids
+        hidden_NH, ids_NK, weights_NK = dispatch_out.hidden_states, dispatch_out.topk_ids, dispatch_out.topk_weights
+        assert ids_NK is not None and weights_NK is not None
         num_tokens = hidden_NH.shape[0]
         if num_tokens and int(ids_NK.max()) >= num_experts:
             raise ValueError(f"topk_ids hold a local expert id >= num_local_experts={num_experts}")
@@ -195,7 +203,7 @@ class CpuPackedMoeRunner:
         # column that is dropped, and a repeated id adds up as the reference's per-slot sum does. Scaling
         # before the down GEMM lets that GEMM sum a token's experts.
         weights_NE = torch.zeros(num_tokens, num_experts + 1, dtype=torch.float32, device=hidden_NH.device)
-        weights_NE.scatter_add_(1, ids_NK.masked_fill(ids_NK < 0, num_experts), dispatch_out.topk_weights.float())
+        weights_NE.scatter_add_(1, ids_NK.masked_fill(ids_NK < 0, num_experts), weights_NK.float())
         scaled_NEI = (inter_NEI * weights_NE[:, :num_experts, None]).to(hidden_NH.dtype)
         out_NH = packed_linear(scaled_NEI.view(num_tokens, num_experts * (two_inter // 2)), self._w2_dense)
         return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)

@@ -9,6 +9,12 @@ nothing, so the grid can be sized for the worst case (static shapes, CUDA-graph 
 - gate_up: A = hidden [N_tokens, H] (row = pair // top_k), B = w13 [E, 2I, H] -> [pairs, 2I].
 - down: A = act(gate) * up [pairs, I] (row = pair), B = w2 [E, H, I], times the routing weight -> [pairs, H].
 
+Its batched variant (``invoke_batched_moe_gemm``) takes rows already grouped per expert, A = [E, max_rows, K] with a
+row count per expert (the batched dispatch format): program (row block, column block, expert) multiplies rows
+[0, count_e) of expert e by its weight and writes them unweighted at the same place of C = [E, max_rows, N];
+programs whose row block starts past the count (read on the device) exit at once. No alignment, no sort, and a
+grid fixed by max_rows (static shapes, CUDA-graph safe).
+
 Block sizes come from JSON tables in ``configs/`` (one per GEMM shape, dtype and GPU, mapping a token count to
 a config, as SGLang and vLLM store them), written by benchmarks/tune_fused_moe.py; ``default_config`` covers
 shapes nobody tuned.
@@ -29,6 +35,28 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _accumulate(a_ptrs, b_ptrs, a_rows_valid, K, stride_ak, stride_bk, EVEN_K: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):  # fmt: skip
+    """[BLOCK_M, BLOCK_N] float32: the A rows (``a_ptrs`` at k = 0, rows outside ``a_rows_valid`` read as zeros)
+    times the B tile (``b_ptrs``, read transposed), over all of K."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=a_rows_valid[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=a_rows_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -65,19 +93,8 @@ def _fused_moe_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                      BLOCK_K)  # fmt: skip
 
     if MUL_WEIGHT:
         # The expert output in the model dtype, times the float32 routing weight, cast: the reference's order.
@@ -145,6 +162,77 @@ def invoke_fused_moe_gemm(
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return c_PN
+
+
+@triton.jit
+def _batched_moe_kernel(
+    a_ptr, b_ptr, c_ptr, counts_ptr, max_rows, N, K,
+    stride_ae, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_ce, stride_cm, stride_cn,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Column blocks of one row block are neighbours, so they read the block's A rows while those are in L2.
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_pid_n
+    pid_n = tl.program_id(0) % num_pid_n
+    expert = tl.program_id(1)
+    rows_used = tl.minimum(tl.load(counts_ptr + expert), max_rows)  # a count past the rows must not write past them
+    if pid_m * BLOCK_M >= rows_used:
+        return
+    expert = expert.to(tl.int64)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = rows < rows_used
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # wrapped, as in _fused_moe_kernel
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + expert * stride_ae + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+    acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                      BLOCK_K)  # fmt: skip
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + expert * stride_ce + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(OUT_DTYPE), mask=valid[:, None] & (cols[None, :] < N))
+
+
+def invoke_batched_moe_gemm(
+    a_EMK: torch.Tensor,
+    b_ENK: torch.Tensor,
+    c_EMN: torch.Tensor,
+    counts_E: torch.Tensor,
+    config: dict[str, int],
+) -> torch.Tensor:
+    """c[e, j] = a[e, j] @ b[e].T for every expert e and row j < counts_E[e]. Asynchronous, no host sync.
+
+    Args:
+        a_EMK: [E, max_rows, K] model dtype, any strides (rows past a count are not read).
+        b_ENK: [E, N, K] model dtype: weights as stored (nn.Linear layout per expert), read transposed.
+        c_EMN: [E, max_rows, N] model dtype output; rows past a count keep whatever they held.
+        counts_E: [E] int32 rows used per expert (on the device; values past max_rows are clamped to it).
+        config: CONFIG_KEYS -> int (GROUP_SIZE_M unused: one expert's row blocks are few).
+
+    Returns:
+        c_EMN.
+    """
+    block_m, block_n, block_k = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    e, max_rows, k = a_EMK.shape
+    e_b, n, k_b = b_ENK.shape
+    assert (e_b, k_b) == (e, k) and c_EMN.shape == (e, max_rows, n), (a_EMK.shape, b_ENK.shape, c_EMN.shape)
+    assert a_EMK.dtype == b_ENK.dtype == c_EMN.dtype and a_EMK.dtype in _TL_DTYPES, (a_EMK.dtype, b_ENK.dtype)
+    assert counts_E.shape == (e,) and counts_E.dtype == torch.int32, (counts_E.shape, counts_E.dtype)
+    assert len({t.device for t in (a_EMK, b_ENK, c_EMN, counts_E)}) == 1
+    if e == 0 or max_rows == 0 or n == 0:
+        return c_EMN
+    grid = (triton.cdiv(max_rows, block_m) * triton.cdiv(n, block_n), e)
+    _batched_moe_kernel[grid](
+        a_EMK, b_ENK, c_EMN, counts_E, max_rows, n, k,
+        a_EMK.stride(0), a_EMK.stride(1), a_EMK.stride(2), b_ENK.stride(0), b_ENK.stride(1), b_ENK.stride(2),
+        c_EMN.stride(0), c_EMN.stride(1), c_EMN.stride(2),
+        EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_EMK.dtype == torch.float32 else "tf32",
+        OUT_DTYPE=_TL_DTYPES[c_EMN.dtype], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+    return c_EMN
 
 
 def config_file_name(num_experts: int, n: int, k: int, dtype: torch.dtype, device_name: str) -> str:

@@ -7,6 +7,10 @@ The arithmetic follows transformers' eager experts loop: per-expert ``linear``, 
 token differs from transformers (``index_add_`` in the hidden dtype, experts in ascending order, whose order on
 CUDA varies run to run): each token's slot rows are added in ascending slot order in float32 and cast once, an
 order every runner can reproduce exactly and without atomics.
+
+The batched dispatch format (rows already grouped per expert, with counts) skips both permutes: a loop over the
+experts runs rows [0, count_e) of each through the same per-expert arithmetic and returns them unweighted (the
+dispatcher's combine weights and sums them, pd.moe.dispatcher.base.sum_expert_rows).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pd.moe.dispatcher.base import CombineInput, DispatchOutput
+from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu}
 
@@ -39,13 +43,15 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class TorchMoeRunner:
-    """Reference runner over the dispatched tokens of one rank.
+    """Reference runner over the dispatched tokens of one rank, in either dispatch format.
 
     Args:
         use_grouped_mm: True forces ``torch._grouped_mm``, False forces the loop over hit experts, None picks
             grouped_mm where it is known to work (CPU, float32/bfloat16/float16) and at least a quarter of the
             local experts received rows.
     """
+
+    formats = (DispatchFormat.STANDARD, DispatchFormat.BATCHED)
 
     def __init__(self, use_grouped_mm: bool | None = None) -> None:
         self.use_grouped_mm = use_grouped_mm
@@ -60,22 +66,27 @@ class TorchMoeRunner:
         """Compute this rank's experts for the dispatched tokens.
 
         Args:
-            dispatch_out: hidden_states [N, H] (model dtype), topk_ids [N, K] int64 local ids (-1 = not on this
-                rank), topk_weights [N, K] float32.
+            dispatch_out: standard: hidden_states [N, H] (model dtype), topk_ids [N, K] int64 local ids (-1 = not
+                on this rank), topk_weights [N, K] float32. Batched: hidden_states [E_local, max_rows, H],
+                expert_counts [E_local] int32 (read on the host here).
             w13_EXH: [E_local, 2*I, H] fused gate (rows [0:I]) and up (rows [I:2I]) projections, model dtype.
             w2_EHI: [E_local, H, I] down projections, model dtype.
             activation: "silu" or "gelu", applied to the gate half.
 
         Returns:
-            CombineInput whose hidden_states [N, H] (model dtype) is, per token, the sum over its local slots of
-            weight * down(act(gate(x)) * up(x)); tokens with no local slot get zeros. The handle is passed on.
+            Standard: CombineInput whose hidden_states [N, H] (model dtype) is, per token, the sum over its local
+            slots of weight * down(act(gate(x)) * up(x)); tokens with no local slot get zeros. Batched:
+            hidden_states [E_local, max_rows, H], row j < count_e of expert e is down(act(gate(x)) * up(x)),
+            unweighted, and the rows past the counts are zeros. The handle is passed on.
 
         Raises:
-            ValueError: unknown activation, or an expert id >= E_local.
+            ValueError: unknown activation, an expert id >= E_local, or a count outside [0, max_rows].
         """
         act = get_activation(activation)
         num_experts = w13_EXH.shape[0]
         assert dispatch_out.hidden_states.dtype == w13_EXH.dtype == w2_EHI.dtype
+        if dispatch_out.format == DispatchFormat.BATCHED:
+            return _run_batched(dispatch_out, w13_EXH, w2_EHI, act)
         perm = pre_permute(dispatch_out, num_experts)
         if perm.num_rows == 0:
             return post_permute(dispatch_out, perm, perm.x_MH)
@@ -97,6 +108,26 @@ class TorchMoeRunner:
 
     def prepare_weights(self, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor) -> None:
         """Nothing to prepare: this runner reads the weights as they are."""
+
+
+def _run_batched(dispatch_out: DispatchOutput, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor,
+                 act: Callable[[torch.Tensor], torch.Tensor]) -> CombineInput:  # fmt: skip
+    """The batched format as a masked loop over the experts: rows [0, count_e) of expert e through its MLP."""
+    x_EMH = dispatch_out.hidden_states
+    assert dispatch_out.expert_counts is not None
+    num_experts, max_rows, _ = x_EMH.shape
+    if num_experts != w13_EXH.shape[0]:
+        raise ValueError(f"batched hidden states hold {num_experts} experts, the weights {w13_EXH.shape[0]}")
+    counts = dispatch_out.expert_counts.tolist()  # the reference's host sync
+    if any(not 0 <= n <= max_rows for n in counts):
+        raise ValueError(f"expert_counts {counts} outside [0, max_rows={max_rows}]")
+    out_EMH = torch.zeros_like(x_EMH)
+    for expert, rows in enumerate(counts):
+        if rows == 0:
+            continue
+        gate_MI, up_MI = torch.mm(x_EMH[expert, :rows], w13_EXH[expert].t()).chunk(2, dim=-1)
+        torch.mm(act(gate_MI).mul_(up_MI), w2_EHI[expert].t(), out=out_EMH[expert, :rows])
+    return CombineInput(hidden_states=out_EMH, handle=dispatch_out.handle)
 
 
 @dataclass
@@ -136,6 +167,7 @@ def pre_permute(dispatch_out: DispatchOutput, num_experts: int) -> PermutedRows:
     """
     hidden_NH = dispatch_out.hidden_states
     ids_NK = dispatch_out.topk_ids
+    assert ids_NK is not None, "pre_permute takes the standard format"
     num_tokens = ids_NK.shape[0]
     assert hidden_NH.shape[0] == num_tokens
     # Slot-major (slot, token) pairs. Key = id + 1, so foreign slots (-1) form bucket 0 ahead of every local
@@ -167,6 +199,7 @@ def post_permute(dispatch_out: DispatchOutput, perm: PermutedRows, down_MH: torc
         CombineInput with hidden_states [N, H] (model dtype; zeros for tokens without a local slot).
     """
     hidden_NH = dispatch_out.hidden_states
+    assert dispatch_out.topk_ids is not None and dispatch_out.topk_weights is not None, "standard format only"
     num_tokens, top_k = dispatch_out.topk_ids.shape
     dtype = hidden_NH.dtype
     if perm.num_rows == 0:

@@ -10,6 +10,11 @@ run() is eight launches whose shapes depend only on the token count, so a decode
 5. ``_sum_slots_kernel``: per token, 0.0 plus its slots' rows in ascending slot order, float32 accumulation, one
    cast (the reference's post_permute order, so equal rows give equal bits); skipped slots add nothing.
 
+The batched dispatch format (low-latency dispatch: [E_local, max_rows, H] rows already grouped per expert, with
+counts on the device) skips the alignment and the sum: the batched grouped GEMM for gate_up, ``_batched_act_and_mul
+_kernel``, the batched grouped GEMM for down, three launches over a grid fixed by max_rows whose programs past an
+expert's count exit at once; the output [E_local, max_rows, H] is unweighted (combine weights it).
+
 The arithmetic follows pd.moe.runner.torch_ref stage by stage; only the GEMMs' accumulation order differs (float32
 in both). Every stage is deterministic: same inputs, same bits.
 """
@@ -20,13 +25,25 @@ import torch
 import triton
 import triton.language as tl
 
-from pd.moe.dispatcher.base import CombineInput, DispatchOutput
-from pd.moe.runner.fused_moe_kernel import get_config, invoke_fused_moe_gemm
+from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
+from pd.moe.runner.fused_moe_kernel import get_config, invoke_batched_moe_gemm, invoke_fused_moe_gemm
 from pd.moe.runner.moe_align import align_pairs_to_blocks
 from pd.moe.runner.torch_ref import get_activation
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _BLOCK_COLS = 1024  # columns per program of the two elementwise kernels
+_BATCHED_ROWS, _BATCHED_COLS = 16, 256  # the batched act kernel's tile
+
+
+@triton.jit
+def _act_mul(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """act(gate) * up from float32 gate and up, in the model dtype."""
+    if ACTIVATION == "silu":
+        act = gate / (1.0 + tl.exp(-gate))
+    else:  # exact (erf) GELU, F.gelu's default
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
+    return (act.to(OUT_DTYPE).to(tl.float32) * up).to(OUT_DTYPE)
 
 
 @triton.jit
@@ -41,13 +58,25 @@ def _act_and_mul_kernel(gate_up_ptr, out_ptr, ids_ptr, num_experts, inter, strid
     row = gate_up_ptr + pair.to(tl.int64) * stride_g
     gate = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(row + inter + cols, mask=inside, other=0.0).to(tl.float32)
-    if ACTIVATION == "silu":
-        act = gate / (1.0 + tl.exp(-gate))
-    else:  # exact (erf) GELU, F.gelu's default
-        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
-    out = act.to(OUT_DTYPE).to(tl.float32) * up
-    tl.store(out_ptr + pair.to(tl.int64) * stride_o + cols, out.to(OUT_DTYPE), mask=inside)
+    tl.store(out_ptr + pair.to(tl.int64) * stride_o + cols, _act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
+
+
+@triton.jit
+def _batched_act_and_mul_kernel(gate_up_ptr, out_ptr, counts_ptr, max_rows, inter, stride_ge, stride_gm,
+                                stride_oe, stride_om, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    expert = tl.program_id(2)
+    rows_used = tl.minimum(tl.load(counts_ptr + expert), max_rows)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(0) * BLOCK_R >= rows_used:  # past the expert's rows: its gate_up rows were never written
+        return
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (rows[:, None] < rows_used) & (cols[None, :] < inter)
+    src = gate_up_ptr + expert.to(tl.int64) * stride_ge + rows[:, None].to(tl.int64) * stride_gm + cols[None, :]
+    gate = tl.load(src, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(src + inter, mask=inside, other=0.0).to(tl.float32)
+    dst = out_ptr + expert.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(dst, _act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
 
 
 @triton.jit
@@ -74,6 +103,8 @@ class TritonMoeRunner:
             default (tests use small blocks to keep the interpreter fast).
     """
 
+    formats = (DispatchFormat.STANDARD, DispatchFormat.BATCHED)
+
     def __init__(self, config: dict[str, int] | None = None) -> None:
         self.config = config
         self._device_names: dict[torch.device, str] = {}
@@ -88,22 +119,28 @@ class TritonMoeRunner:
         """Compute this rank's experts for the dispatched tokens. Asynchronous: no host sync.
 
         Args:
-            dispatch_out: hidden_states [N, H] (model dtype: float32, bfloat16 or float16), topk_ids [N, K]
-                int64 local ids (-1 = not on this rank), topk_weights [N, K] float32.
+            dispatch_out: standard: hidden_states [N, H] (model dtype: float32, bfloat16 or float16), topk_ids
+                [N, K] int64 local ids (-1 = not on this rank), topk_weights [N, K] float32. Batched:
+                hidden_states [E_local, max_rows, H] (any strides), expert_counts [E_local] int32 on the device.
             w13_EXH: [E_local, 2*I, H] gate rows [0:I], up rows [I:2I], model dtype.
             w2_EHI: [E_local, H, I], model dtype.
             activation: "silu" or "gelu" (exact), applied to the gate half.
 
         Returns:
-            CombineInput with hidden_states [N, H] (model dtype): per token, the sum over its local slots of
-            weight * down(act(gate(x)) * up(x)); zeros for tokens without a local slot. The handle is passed on.
+            Standard: CombineInput with hidden_states [N, H] (model dtype): per token, the sum over its local slots
+            of weight * down(act(gate(x)) * up(x)); zeros for tokens without a local slot. Batched: hidden_states
+            [E_local, max_rows, H], row j < count_e of expert e is down(act(gate(x)) * up(x)), unweighted; the
+            rows past the counts are left unwritten. The handle is passed on.
 
         Raises:
             ValueError: unknown activation. Ids >= E_local are NOT detected (that needs a host sync): such
-                slots are skipped like -1.
+                slots are skipped like -1; nor are counts > max_rows (clamped to max_rows).
         """
         get_activation(activation)  # validates the name
+        if dispatch_out.format == DispatchFormat.BATCHED:
+            return self._run_batched(dispatch_out, w13_EXH, w2_EHI, activation)
         hidden_NH, ids_NK = dispatch_out.hidden_states, dispatch_out.topk_ids
+        assert ids_NK is not None and dispatch_out.topk_weights is not None
         num_tokens, top_k = ids_NK.shape
         num_experts, two_inter, hidden = w13_EXH.shape
         inter = two_inter // 2
@@ -138,6 +175,37 @@ class TritonMoeRunner:
             TOP_K=top_k, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(hidden)),
         )  # fmt: skip
         return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
+
+    def _run_batched(self, dispatch_out: DispatchOutput, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor,
+                     activation: str) -> CombineInput:  # fmt: skip
+        """The batched format: gate_up GEMM, act_and_mul, down GEMM over [E_local, max_rows, ...], no sort."""
+        x_EMH, counts_E = dispatch_out.hidden_states, dispatch_out.expert_counts
+        assert counts_E is not None
+        num_experts, max_rows, hidden = x_EMH.shape
+        two_inter = w13_EXH.shape[1]
+        inter = two_inter // 2
+        dtype = x_EMH.dtype
+        assert w13_EXH.shape == (num_experts, two_inter, hidden) and w2_EHI.shape == (num_experts, hidden, inter)
+        assert dtype == w13_EXH.dtype == w2_EHI.dtype and dtype in _TL_DTYPES, (dtype, w13_EXH.dtype)
+        out_EMH = x_EMH.new_empty(num_experts, max_rows, hidden)
+        if num_experts * max_rows == 0:
+            return CombineInput(hidden_states=out_EMH, handle=dispatch_out.handle)
+
+        # The tables are looked up at max_rows tokens of one slot each: max_rows / E_local rows per expert, what a
+        # full batch gives when every row of it has one slot here on average.
+        cfg_up = self._config(num_experts, two_inter, hidden, dtype, max_rows, 1, x_EMH.device)
+        cfg_down = self._config(num_experts, hidden, inter, dtype, max_rows, 1, x_EMH.device)
+        gate_up_EMX = x_EMH.new_empty(num_experts, max_rows, two_inter)
+        invoke_batched_moe_gemm(x_EMH, w13_EXH, gate_up_EMX, counts_E, cfg_up)
+        inter_EMI = x_EMH.new_empty(num_experts, max_rows, inter)
+        block_c = min(_BATCHED_COLS, triton.next_power_of_2(inter))
+        _batched_act_and_mul_kernel[(triton.cdiv(max_rows, _BATCHED_ROWS), triton.cdiv(inter, block_c), num_experts)](
+            gate_up_EMX, inter_EMI, counts_E, max_rows, inter, gate_up_EMX.stride(0), gate_up_EMX.stride(1),
+            inter_EMI.stride(0), inter_EMI.stride(1), ACTIVATION=activation, OUT_DTYPE=_TL_DTYPES[dtype],
+            BLOCK_R=_BATCHED_ROWS, BLOCK_C=block_c,
+        )  # fmt: skip
+        invoke_batched_moe_gemm(inter_EMI, w2_EHI, out_EMH, counts_E, cfg_down)
+        return CombineInput(hidden_states=out_EMH, handle=dispatch_out.handle)
 
     def prepare_weights(self, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor) -> None:
         """Nothing to prepare: the kernels read the weights as stored ([E, N, K], any strides)."""
