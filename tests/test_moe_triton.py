@@ -3,9 +3,12 @@ against a Python oracle.
 
 CPU (CI): tiny shapes in Triton's interpreter, in a child Python with TRITON_INTERPRET=1 set before Triton is
 imported (as in tests/test_symm_kernels.py). Hidden and intermediate sizes are not multiples of the blocks, some
-experts get no token, some slots (and some whole tokens) belong to other ranks (-1).
-GPU (``pytest.mark.gpu``): large shapes against the reference, no host sync in a whole FusedMoE forward,
-bit-identical reruns, and CUDA-graph replay equal to eager.
+experts get no token, some slots (and some whole tokens) belong to other ranks (-1). The batched format (rows
+grouped per expert, low-latency dispatch) against the reference's masked expert loop: random counts including 0
+and max_rows, max_rows off the row block, garbage past the counts; and a FusedMoE forward through the torch
+dispatcher's low_latency mode equal to the single-rank layer.
+GPU (``pytest.mark.gpu``): large shapes against the reference in both formats, no host sync in a whole FusedMoE
+forward (normal and low_latency), bit-identical reruns, and CUDA-graph replay equal to eager.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from pd.moe.dispatcher.base import DispatchOutput
+from pd.moe.dispatcher.base import DispatchFormat, DispatchOutput
 from pd.moe.runner import runner_names
 from pd.moe.runner.torch_ref import TorchMoeRunner
 
@@ -172,6 +175,78 @@ def check_runner_edges() -> None:
         TritonMoeRunner().run(dispatched, w13, w2, activation="relu6")
 
 
+def make_batched_case(seed: int, num_experts: int, max_rows: int, dtype: torch.dtype, hidden: int = HIDDEN,
+                      inter: int = INTER, device: str = "cpu",
+                      ) -> tuple[DispatchOutput, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A batched-format input: random counts in [0, max_rows] with at least one 0 and one max_rows (when there are
+    two experts or more), NaN in every row past a count (nothing may read them)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    counts = torch.randint(0, max_rows + 1, (num_experts,), generator=gen, device=device)
+    counts[seed % num_experts] = max_rows
+    if num_experts > 1:
+        counts[(seed + 1) % num_experts] = 0
+    x = torch.randn(num_experts, max_rows, hidden, generator=gen, device=device).to(dtype)
+    x[torch.arange(max_rows, device=device)[None, :] >= counts[:, None]] = float("nan")
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=gen, device=device) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, generator=gen, device=device) / inter**0.5).to(dtype)
+    return DispatchOutput.batched(x, counts.to(torch.int32), handle=object()), w13, w2
+
+
+def assert_rows_close(out: torch.Tensor, ref: torch.Tensor, counts: torch.Tensor, tol: float, where: str) -> None:
+    """The rows below each expert's count equal (rows past it are unspecified)."""
+    for e, n in enumerate(counts.tolist()):
+        torch.testing.assert_close(out[e, :n], ref[e, :n], rtol=tol, atol=tol, msg=lambda m: f"{where} e{e}: {m}")  # noqa: B023
+
+
+def check_batched_runner(dtype_name: str) -> None:
+    """The Triton runner's batched path against TorchMoeRunner's over experts x max_rows (off the 16-row block),
+    SiLU and GELU; the output keeps the input's shape and handle; reruns equal."""
+    from pd.moe.runner.triton_runner import TritonMoeRunner
+
+    dtype, tol = getattr(torch, dtype_name), TOLERANCE[dtype_name]
+    runner = TritonMoeRunner(SMALL)
+    assert set(runner.formats) == set(DispatchFormat)
+    for seed, (experts, max_rows) in enumerate(itertools.product((1, 3, 8), (1, 16, 19, 33))):
+        activation = "gelu" if seed % 4 == 3 else "silu"
+        batched, w13, w2 = make_batched_case(seed, experts, max_rows, dtype)
+        out = runner.run(batched, w13, w2, activation)
+        ref = TorchMoeRunner().run(batched, w13, w2, activation).hidden_states
+        assert out.handle is batched.handle and out.hidden_states.dtype == dtype
+        assert out.hidden_states.shape == ref.shape == batched.hidden_states.shape
+        assert_rows_close(out.hidden_states, ref, batched.expert_counts, tol, f"{experts}x{max_rows} {activation}")
+        again = runner.run(batched, w13, w2, activation).hidden_states
+        for e, n in enumerate(batched.expert_counts.tolist()):
+            assert torch.equal(again[e, :n], out.hidden_states[e, :n])
+    # default block sizes; an empty layout
+    batched, w13, w2 = make_batched_case(5, 4, 20, dtype, hidden=72, inter=40)
+    ref = TorchMoeRunner().run(batched, w13, w2).hidden_states
+    assert_rows_close(TritonMoeRunner().run(batched, w13, w2).hidden_states, ref, batched.expert_counts, tol, "default")
+    empty = DispatchOutput.batched(torch.empty(4, 0, 72, dtype=dtype), torch.zeros(4, dtype=torch.int32), None)
+    assert TritonMoeRunner().run(empty, w13, w2).hidden_states.shape == (4, 0, 72)
+
+
+def check_low_latency_layer() -> None:
+    """FusedMoE at EP=1 through the torch dispatcher's low_latency mode with the Triton runner (batched format,
+    no padding row computed) against the single-rank layer with the reference runner."""
+    from pd.moe.context import MoeContext
+    from pd.moe.layer import FusedMoE
+    from pd.moe.topk import TopKConfig
+
+    layers = []
+    for ctx in (MoeContext(), MoeContext(dispatcher="torch", a2a_mode="low_latency", max_tokens_per_rank=12,
+                                         runner="triton")):  # fmt: skip
+        torch.manual_seed(0)
+        layer = FusedMoE(8, HIDDEN, INTER, TopKConfig(top_k=3), ctx)
+        layer.w13_weight.normal_(std=HIDDEN**-0.5)
+        layer.w2_weight.normal_(std=INTER**-0.5)
+        layers.append(layer)
+    reference, low_latency = layers
+    low_latency.runner.config = SMALL
+    for tokens in (1, 5, 12):
+        x, logits = torch.randn(tokens, HIDDEN), torch.randn(tokens, 8)
+        torch.testing.assert_close(low_latency(x, logits), reference(x, logits), rtol=1e-5, atol=1e-5)
+
+
 # ---- CPU tests (CI) ----
 
 
@@ -189,6 +264,17 @@ def test_triton_runner_matches_torch_runner_in_interpreter(dtype_name: str) -> N
 @needs_triton
 def test_triton_runner_defaults_out_of_range_ids_and_empty_batch_in_interpreter() -> None:
     _in_child("check_runner_edges")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_triton_batched_format_matches_torch_batched_in_interpreter(dtype_name: str) -> None:
+    _in_child("check_batched_runner", dtype_name)
+
+
+@needs_triton
+def test_low_latency_layer_with_triton_runner_matches_single_rank_layer_in_interpreter() -> None:
+    _in_child("check_low_latency_layer")
 
 
 def test_triton_is_registered() -> None:
@@ -313,3 +399,98 @@ def test_gpu_triton_runner_cuda_graph_replay_equals_eager_on_new_inputs() -> Non
         static.topk_weights.copy_(fresh.topk_weights)
         graph.replay()
         assert torch.equal(captured, runner.run(fresh, w13, w2).hidden_states)
+
+
+GPU_BATCHED_CASES = [
+    # experts, max_rows, hidden, inter, dtype
+    (32, 1024, 7168, 2048, "bfloat16"),  # DeepSeek-V3 decode at EP=8, 128 tokens per rank
+    (128, 128, 2048, 768, "bfloat16"),  # Qwen3-30B-A3B decode at EP=1
+    (8, 300, 1000, 300, "float16"),  # sizes off every block
+    (16, 200, 1536, 640, "float32"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_BATCHED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_triton_batched_format_matches_torch_batched(case: tuple[int, int, int, int, str]) -> None:
+    from pd.moe.runner.triton_runner import TritonMoeRunner
+
+    experts, max_rows, hidden, inter, dtype_name = case
+    batched, w13, w2 = make_batched_case(experts + max_rows, experts, max_rows, getattr(torch, dtype_name), hidden,
+                                         inter, device="cuda")  # fmt: skip
+    out = TritonMoeRunner().run(batched, w13, w2).hidden_states
+    ref = TorchMoeRunner().run(batched, w13, w2).hidden_states
+    assert out.shape == ref.shape
+    for e, n in enumerate(batched.expert_counts.tolist()):
+        if dtype_name == "float32":
+            torch.testing.assert_close(out[e, :n], ref[e, :n], rtol=1e-4, atol=1e-4)
+        elif n:
+            assert _rel_l2(out[e, :n], ref[e, :n]) < (1e-2 if dtype_name == "bfloat16" else 2e-3), (e, n)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_triton_batched_cuda_graph_replay_equals_eager_on_new_rows_and_counts() -> None:
+    from pd.moe.runner.triton_runner import TritonMoeRunner
+
+    runner = TritonMoeRunner()
+    static, w13, w2 = make_batched_case(0, 32, 1024, torch.bfloat16, 7168, 2048, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernel compilation) off the capture
+        runner.run(static, w13, w2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = runner.run(static, w13, w2).hidden_states
+    for seed in (1, 2, 3):
+        fresh, _, _ = make_batched_case(seed, 32, 1024, torch.bfloat16, 7168, 2048, device="cuda")
+        static.hidden_states.copy_(fresh.hidden_states)
+        static.expert_counts.copy_(fresh.expert_counts)
+        graph.replay()
+        eager = runner.run(fresh, w13, w2).hidden_states
+        for e, n in enumerate(fresh.expert_counts.tolist()):
+            assert torch.equal(captured[e, :n], eager[e, :n]), (seed, e, n)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_low_latency_fused_moe_with_triton_has_no_host_sync_and_replays_in_a_graph() -> None:
+    """FusedMoE at EP=1 through the torch dispatcher's low_latency mode and the Triton runner: close to the
+    single-rank layer, no host sync, and a captured forward replayed on new inputs equals eager."""
+    from pd.moe.context import MoeContext
+    from pd.moe.layer import FusedMoE
+    from pd.moe.topk import TopKConfig
+
+    layers = []
+    for ctx in (MoeContext(), MoeContext(dispatcher="torch", a2a_mode="low_latency", max_tokens_per_rank=128,
+                                         runner="triton")):  # fmt: skip
+        torch.manual_seed(0)
+        layer = FusedMoE(64, 2048, 768, TopKConfig(top_k=8), ctx).to(device="cuda", dtype=torch.bfloat16)
+        layer.w13_weight.normal_(std=2048**-0.5)
+        layer.w2_weight.normal_(std=768**-0.5)
+        layer.finalize_weights()
+        layers.append(layer)
+    reference, low_latency = layers
+    inputs = [(torch.randn(t, 2048, device="cuda", dtype=torch.bfloat16), torch.randn(t, 64, device="cuda"))
+              for t in (1, 37, 128)]  # fmt: skip
+    eager = [low_latency(x, logits) for x, logits in inputs]  # compiles the kernels (outside the check)
+    for got, (x, logits) in zip(eager, inputs, strict=True):
+        assert _rel_l2(got, reference(x, logits)) < 1e-2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = [low_latency(x, logits) for x, logits in inputs]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(again, eager, strict=True):
+        assert torch.equal(a, b)
+    static_x, static_logits = (t.clone() for t in inputs[2])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = low_latency(static_x, static_logits)
+    for x, logits in (inputs[2], (torch.randn_like(static_x), torch.randn_like(static_logits))):
+        static_x.copy_(x)
+        static_logits.copy_(logits)
+        graph.replay()
+        assert torch.equal(captured, low_latency(x, logits))

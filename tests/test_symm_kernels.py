@@ -4,8 +4,9 @@ R ranks are simulated in one process: each rank's dispatch, combine and meta buf
 kernels reach a peer's through its address (as on GPUs, where symmetric memory maps peer buffers into the
 process), and a barrier is every rank finishing one step before any rank starts the next. Oracles, as in
 tests/test_dispatchers.py: each rank receives exactly the (token, local expert, weight) triples routed to it, rows
-bit for bit and in the order the NCCL transport delivers them; combine after the reference runner equals the
-single-rank MoE. The GPU run of the same kernels across processes is tests/test_symm_exchange_gpu.py.
+bit for bit and in the order the NCCL transport delivers them; combine after the reference runner (low latency: in
+the batched format the dispatcher makes of the rows) equals the single-rank MoE. The GPU run of the same kernels
+across processes is tests/test_symm_exchange_gpu.py.
 
 Each test runs its checks in a child Python with TRITON_INTERPRET=1 set before Triton is imported (Triton reads it
 when its functions are defined, its own library included, and cannot be imported twice in one process).
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from pd.moe.dispatcher.base import DispatchOutput
+from pd.moe.dispatcher.base import DispatchOutput, batch_by_expert, sum_expert_rows
 from pd.moe.dispatcher.payload import row_layout
 from pd.moe.runner.torch_ref import TorchMoeRunner
 from tests.test_dispatchers import (
@@ -89,16 +90,22 @@ class World:
 
 def _finish(kernels: ModuleType, world: World, inputs: list[RankInputs], received: list[DispatchOutput],
             counts: list[torch.Tensor], pos: list[torch.Tensor], seed: int,
-            full_grid: bool = False) -> None:  # fmt: skip
+            full_grid: bool = False, batched: bool = False) -> None:  # fmt: skip
     """Reference runner on each rank's rows, send_back, (barrier), reduce; against the single-rank MoE. full_grid:
     send_back gets the rows padded with garbage to every row of every block (as a CUDA graph does), reduce a
-    given output buffer with a padding token that no rank holds."""
+    given output buffer with a padding token that no rank holds. batched: the rows go to the runner grouped per
+    expert and come back weighted (batch_by_expert, sum_expert_rows), as the low_latency dispatcher hands them."""
     ranks, local = world.ranks, EXPERTS // world.ranks
     w13, w2 = _make_weights(seed)
     for rank, out in enumerate(received):
         _check_received(out, inputs, rank, ranks)
-        y = TorchMoeRunner().run(out, w13[rank * local : (rank + 1) * local], w2[rank * local : (rank + 1) * local])
-        rows = y.hidden_states
+        weights = w13[rank * local : (rank + 1) * local], w2[rank * local : (rank + 1) * local]
+        if batched:
+            x_EMH, counts_E, expert_rows = batch_by_expert(out.hidden_states, out.topk_ids, out.topk_weights, local)
+            y = TorchMoeRunner().run(DispatchOutput.batched(x_EMH, counts_E, None), *weights)
+            rows = sum_expert_rows(y.hidden_states, expert_rows)
+        else:
+            rows = TorchMoeRunner().run(out, *weights).hidden_states
         if full_grid:
             rows = torch.cat([rows, torch.randn(ranks * world.capacity - rows.shape[0], rows.shape[1])])
         kernels.send_back(rows, counts[rank], World.ptrs(world.combine), world.capacity, rank)
@@ -143,7 +150,7 @@ def check_low_latency(kernels: ModuleType, tokens: list[int], top_k: int, unrout
             sent = pos[source][rank] >= 0
             block = valid[source * capacity : (source + 1) * capacity]
             assert torch.equal(block[: tokens[source]], sent) and not block[tokens[source] :].any()
-    _finish(kernels, world, inputs, received, [full] * ranks, pos, seed)
+    _finish(kernels, world, inputs, received, [full] * ranks, pos, seed, batched=True)
 
 
 def check_normal(kernels: ModuleType, tokens: list[int], top_k: int, unrouted: bool) -> None:

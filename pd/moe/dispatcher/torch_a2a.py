@@ -239,9 +239,9 @@ class TorchA2ADispatcher(Dispatcher):
             normal: standard format, hidden_states [N, H] (N = rows received, round-major then by source rank),
             topk_ids [N, K] int64 local ids or -1, topk_weights [N, K] float32, handle NormalHandle.
             low_latency: batched format, hidden_states [E_local, R * C, H] (R = ep_size, C = max_tokens_per_rank):
-            expert e's rows are the received tokens with a slot on e, by source rank then token, the rest
-            unwritten; expert_counts [E_local] int32; handle LowLatencyHandle (or SymmetricHandle), which keeps
-            the weights for combine.
+            expert e's rows are the received rows with a slot on e, in (slot, received row) order (received rows
+            by source rank, then token), the rest unwritten; expert_counts [E_local] int32; handle
+            LowLatencyHandle (or SymmetricHandle), which keeps the weights for combine.
 
         Raises:
             ValueError: low_latency with T > max_tokens_per_rank (raised on that rank only, before any

@@ -191,8 +191,9 @@ class TritonMoeRunner:
         if num_experts * max_rows == 0:
             return CombineInput(hidden_states=out_EMH, handle=dispatch_out.handle)
 
-        # The tables are looked up at max_rows tokens of one slot each: max_rows / E_local rows per expert, what a
-        # full batch gives when every row of it has one slot here on average.
+        # The tables are keyed by the token rows a standard-format batch hands the runner; in the standard format this
+        # batch would be max_rows rows (R * C after low-latency dispatch), so that is the key. Without a table the
+        # default assumes max_rows / E_local rows per expert (one local slot per row on average).
         cfg_up = self._config(num_experts, two_inter, hidden, dtype, max_rows, 1, x_EMH.device)
         cfg_down = self._config(num_experts, hidden, inter, dtype, max_rows, 1, x_EMH.device)
         gate_up_EMX = x_EMH.new_empty(num_experts, max_rows, two_inter)
