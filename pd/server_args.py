@@ -418,6 +418,8 @@ def _validate(a: ServerArgs) -> None:
         ("--speculative-moe-runner-backend", a.speculative_moe_runner_backend, _RUNNER_DEVICE),
     ):
         want = table.get(backend or "")
+        if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            want = None  # Triton's interpreter runs the kernels on any device (slowly: tests only)
         need(want is None or a.device == want, f"{flag} {backend} requires --device {want}, got {a.device}")
     need(
         a.attention_backend != "triton" or a.device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
