@@ -56,7 +56,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pd.moe.context import MoeContext  # noqa: E402
 from pd.moe.dispatcher import get_dispatcher  # noqa: E402
-from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput  # noqa: E402
+from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchFormat, DispatchOutput  # noqa: E402
 from pd.moe.dispatcher.deepep import make_deepep_buffer  # noqa: E402 - imports deep_ep only when called
 from pd.moe.dispatcher.routing import owner_rank, token_rank_mask  # noqa: E402
 from pd.moe.topk import TopKOutput  # noqa: E402
@@ -70,7 +70,12 @@ TARGET_LL_TOKENS, TARGET_LL_US = 128, 150.0
 
 
 def expert_output(out: DispatchOutput, scales_E: torch.Tensor, first_expert: int) -> CombineInput:
-    """The stand-in expert: each received row times the sum of its local slots' weight * expert scale."""
+    """The stand-in expert: each received row times the sum of its local slots' weight * expert scale (batched
+    format: each expert's rows times its scale, unweighted; combine applies the weights)."""
+    if out.format == DispatchFormat.BATCHED:
+        scale_E = scales_E[first_expert : first_expert + out.hidden_states.shape[0]]
+        y_EMH = out.hidden_states.float() * scale_E[:, None, None]
+        return CombineInput(y_EMH.to(out.hidden_states.dtype), out.handle)
     ids_NK = out.topk_ids
     scale_NK = torch.where(ids_NK >= 0, scales_E[ids_NK.clamp(min=0) + first_expert], 0.0) * out.topk_weights
     y_NH = out.hidden_states.float() * scale_NK.sum(dim=-1, keepdim=True)

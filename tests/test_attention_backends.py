@@ -21,6 +21,7 @@ import torch
 from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
 from tests.tiny_checkpoints import make_checkpoint
+from tests.triton_interpreter import patch_interpreter
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed (the test extra installs it)")
@@ -67,6 +68,7 @@ CPU_CASES = [("llama", 4), ("qwen3_moe", 1), ("deepseek_v3", 16)]
 def _interpreted_case(case: int, tmp: str) -> None:
     """Runs in the child: one CPU_CASES entry, fp32, through both backends."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    patch_interpreter()
     arch, page_size = CPU_CASES[case]
     seed = int(torch.randint(0, 2**31, ()).item())
     path = make_checkpoint(arch, os.path.join(tmp, arch), seed=seed)

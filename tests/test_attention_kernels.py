@@ -22,10 +22,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 import pytest
 import torch
+
+from tests.triton_interpreter import patch_interpreter
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                  reason="triton is not installed (the test extra installs it)")  # fmt: skip
@@ -36,33 +37,11 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 def _interpreted_kernels() -> tuple[ModuleType, ModuleType]:
     """(triton_decode, triton_extend) in this (child) process, built for Triton's interpreter."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run in a child with TRITON_INTERPRET=1"
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
+    patch_interpreter()
 
     import pd.attention.triton_decode as decode
     import pd.attention.triton_extend as extend
 
-    # The interpreter keeps a comparison against a scalar it loaded or was given as int32 data, and its masked
-    # load/store then reject a mask combined from it; compiled Triton has no such case.
-    builder = interpreter.InterpreterBuilder
-    load, store = builder.create_masked_load, builder.create_masked_store
-
-    def as_bool(mask: Any) -> Any:
-        return interpreter.TensorHandle(np.asarray(mask.data).astype(np.bool_), mask.dtype)
-
-    builder.create_masked_load = lambda self, p, m, *a: load(self, p, as_bool(m), *a)
-    builder.create_masked_store = lambda self, p, v, m, *a: store(self, p, v, as_bool(m), *a)
-
-    # Its tl.dot multiplies bf16 operands as their raw uint16 storage; a GPU multiplies the values in fp32.
-    dot = builder.create_dot
-
-    def as_fp32(x: Any) -> Any:
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        return interpreter.TensorHandle((np.asarray(x.data).astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    builder.create_dot = lambda self, a, b, *rest: dot(self, as_fp32(a), as_fp32(b), *rest)
     return decode, extend
 
 

@@ -8,6 +8,7 @@ tokens of `pd serve` on the reference runner.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -38,8 +39,6 @@ def test_triton_runner_gives_the_reference_runners_greedy_tokens_on_cuda(arch, t
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_pd_with_the_triton_runner_on_the_decode_side_equals_pd_serve(tmp_path, monkeypatch):
     from tests.test_pd_e2e import _pd_equals_pd_serve
-
-    import os
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets --moe-runner-backend triton run on the CPU
     site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter_site")  # the interpreter's fixes

@@ -40,48 +40,11 @@ HIDDEN, INTER = 40, 24
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
 
 
-def patch_interpreter() -> None:
-    """Make Triton's interpreter (this child process) behave like compiled Triton where it does not.
-
-    - A scalar comparison against a plain int argument stays int32 data, and masked load/store reject a mask
-      combined from it (tests/test_symm_kernels.py has the same fix).
-    - tl.dot multiplies bf16 operands as their raw uint16 storage: widen them to float32 first (exact).
-    - float32 -> bf16 casts truncate; compiled Triton rounds to nearest even, as torch does.
-    """
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run in a child with TRITON_INTERPRET=1"
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    load, store = builder.create_masked_load, builder.create_masked_store
-    dot, cast = builder.create_dot, builder.cast_impl
-
-    def as_bool(mask: Any) -> Any:
-        return interpreter.TensorHandle(np.asarray(mask.data).astype(np.bool_), mask.dtype)
-
-    def widen(h: Any) -> Any:
-        if h.dtype != tl.bfloat16:
-            return h
-        return interpreter.TensorHandle((np.asarray(h.data).astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def cast_rne(self: Any, src: Any, dst_type: Any) -> Any:
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            return interpreter.TensorHandle(f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
-                                            tl.bfloat16)  # fmt: skip
-        return cast(self, src, dst_type)
-
-    builder.create_masked_load = lambda self, p, m, *a: load(self, p, as_bool(m), *a)
-    builder.create_masked_store = lambda self, p, v, m, *a: store(self, p, v, as_bool(m), *a)
-    builder.create_dot = lambda self, a, b, d, *r: dot(self, widen(a), widen(b), d, *r)
-    builder.cast_impl = cast_rne
-
-
 def _in_child(check: str, *args: Any) -> None:
     """Run ``check(*args)`` of this module in a child Python with the interpreter on."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import tests.test_moe_triton as t; t.patch_interpreter(); t.{check}(*{args!r})"
+    code = ("import tests.triton_interpreter as i; i.patch_interpreter(); import tests.test_moe_triton as t; "
+            f"t.{check}(*{args!r})")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

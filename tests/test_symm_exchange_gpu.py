@@ -3,8 +3,9 @@ and EP=4 (not run in CI; needs >= 2 GPUs of one host).
 
 Built from tests/test_dispatchers.py (inputs, delivery check, single-rank reference). Per case, on NCCL ranks:
 - delivery: each rank receives exactly the (token, local expert, weight) triples routed to it, rows bit for bit;
-- the symmetric-memory dispatch output equals the NCCL one bit for bit (same rows in the same order, same slots,
-  same padding), and combine matches it to float32 rounding (the same partials, summed by another kernel);
+- the symmetric-memory dispatch output equals the NCCL one bit for bit (same rows in the same order, same slots;
+  low_latency: the same counts, rows below them and slots of the batched layout), and combine matches it to
+  float32 rounding (the same partials, summed by another kernel);
 - both equal the single-rank MoE reference within float32 tolerance;
 - normal mode: small batches after the first replay CUDA graphs (pd.moe.dispatcher.symm_graphs) and stay exact; a
   batch larger than the blocks grows them (every rank alike, graphed ranks resending eagerly) and stays exact;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,7 +26,7 @@ import torch.multiprocessing as mp
 
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher import get_dispatcher
-from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchOutput
+from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchFormat, DispatchOutput, ExpertRows
 from pd.moe.dispatcher.torch_a2a import GraphedHandle, SymmetricHandle
 from pd.moe.runner.torch_ref import TorchMoeRunner
 from pd.moe.topk import TopKOutput
@@ -55,6 +57,29 @@ def _moe(out: DispatchOutput, w13: torch.Tensor, w2: torch.Tensor) -> CombineInp
     return TorchMoeRunner().run(out, w13, w2)
 
 
+def _same_layout(a: DispatchOutput, b: DispatchOutput) -> bool:
+    """The same received rows in the same places: standard rows, ids and weights; or (low_latency, batched) the
+    same counts, the same rows below them (the rows past them are unspecified) and the same slots and weights."""
+    if a.format != b.format or a.hidden_states.shape != b.hidden_states.shape:
+        return False
+    if a.format == DispatchFormat.STANDARD:
+        return all(torch.equal(x, y) for x, y in ((a.hidden_states, b.hidden_states), (a.topk_ids, b.topk_ids),
+                                                  (a.topk_weights, b.topk_weights)))  # fmt: skip
+    ra, rb = a.handle.expert_rows, b.handle.expert_rows
+    counts = a.expert_counts.tolist()
+    return (torch.equal(a.expert_counts, b.expert_counts) and torch.equal(ra.slot_NK, rb.slot_NK)
+            and torch.equal(ra.weights_NK, rb.weights_NK)
+            and all(torch.equal(a.hidden_states[e, :n], b.hidden_states[e, :n]) for e, n in enumerate(counts)))
+
+
+def _on_cpu(out: DispatchOutput) -> DispatchOutput:
+    if out.format == DispatchFormat.STANDARD:
+        return DispatchOutput(out.hidden_states.cpu(), out.topk_ids.cpu(), out.topk_weights.cpu(), None)
+    rows = out.handle.expert_rows
+    handle = SimpleNamespace(expert_rows=ExpertRows(rows.slot_NK.cpu(), rows.weights_NK.cpu(), rows.max_rows))
+    return DispatchOutput.batched(out.hidden_states.cpu(), out.expert_counts.cpu(), handle)
+
+
 def _compare(symm: Dispatcher, nccl: Dispatcher, tokens: list[int], seed: int, top_k: int, unrouted: bool,
              rank: int, world: int) -> type:  # fmt: skip
     """One dispatch + combine on each transport, compared; returns the symmetric dispatch's handle type."""
@@ -67,15 +92,9 @@ def _compare(symm: Dispatcher, nccl: Dispatcher, tokens: list[int], seed: int, t
         (out, d.combine(_moe(out, w13, w2))) for d in (symm, nccl) for out in [d.dispatch(hidden, topk)]
     ]
     assert isinstance(out_s.handle, (SymmetricHandle, GraphedHandle)), f"{what}: symmetric memory was not used"
-    pairs = [(out_s.hidden_states, out_n.hidden_states), (out_s.topk_ids, out_n.topk_ids),
-             (out_s.topk_weights, out_n.topk_weights)]  # fmt: skip
-    if symm.mode == "low_latency":
-        pairs.append((out_s.handle.valid_N, out_n.handle.valid_N))
-    for a, b in pairs:
-        assert a.shape == b.shape and torch.equal(a, b), what
+    assert _same_layout(out_s, out_n), what
     torch.testing.assert_close(comb_s, comb_n, rtol=1e-6, atol=1e-6, msg=what)
-    _check_received(DispatchOutput(out_s.hidden_states.cpu(), out_s.topk_ids.cpu(), out_s.topk_weights.cpu(), None),
-                    inputs, rank, world)  # fmt: skip
+    _check_received(_on_cpu(out_s), inputs, rank, world)
     reference = _single_rank_reference(inputs, *_make_weights(seed))[rank]
     torch.testing.assert_close(comb_s.cpu(), reference, atol=1e-5, rtol=1e-5, msg=what)
     return type(out_s.handle)
@@ -152,8 +171,7 @@ def _graph_replays(ctx: MoeContext, rank: int, world: int, tokens: list[int], se
         out_n = nccl.dispatch(hidden, topk)
         comb_n = nccl.combine(_moe(out_n, w13, w2))
         what = f"graph replay {replay} rank {rank}"
-        assert torch.equal(static_out.hidden_states, out_n.hidden_states), what
-        assert torch.equal(static_out.topk_ids, out_n.topk_ids), what
+        assert _same_layout(static_out, out_n), what
         torch.testing.assert_close(static_combined, comb_n, rtol=1e-6, atol=1e-6, msg=what)
 
 

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 from types import ModuleType
-from typing import Any
 
 import pytest
 import torch
@@ -36,6 +35,7 @@ from tests.test_dispatchers import (
     _make_weights,
     _single_rank_reference,
 )
+from tests.triton_interpreter import patch_interpreter
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                  reason="triton is not installed (the test extra installs it)")
@@ -44,21 +44,10 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 def _interpreted_kernels() -> ModuleType:
     """symm_kernels in this (child) process, built for Triton's interpreter."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run in a child with TRITON_INTERPRET=1"
-    import numpy as np
-    from triton.runtime import interpreter
+    patch_interpreter()
 
     import pd.moe.dispatcher.symm_kernels as module
 
-    # The interpreter keeps a scalar comparison against a plain int argument (``row < num_tokens``) as int32
-    # data, and its masked load/store then reject a mask combined from it; compiled Triton has no such case.
-    builder = interpreter.InterpreterBuilder
-    load, store = builder.create_masked_load, builder.create_masked_store
-
-    def as_bool(mask: Any) -> Any:
-        return interpreter.TensorHandle(np.asarray(mask.data).astype(np.bool_), mask.dtype)
-
-    builder.create_masked_load = lambda self, p, m, *a: load(self, p, as_bool(m), *a)
-    builder.create_masked_store = lambda self, p, v, m, *a: store(self, p, v, as_bool(m), *a)
     return module
 
 

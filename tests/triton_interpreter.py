@@ -1,0 +1,52 @@
+"""Triton's CPU interpreter, made to compute like compiled Triton where it does not (Triton 3.x).
+
+Call `patch_interpreter()` in a process started with TRITON_INTERPRET=1 (Triton reads the variable when its
+functions are defined, its own library included, so kernels cannot be interpreted in a process that imported
+Triton without it): the tests run their kernel checks in such a child, and tests/interpreter_site/sitecustomize.py
+patches server processes that tests start.
+
+- A scalar comparison against a plain int argument stays int32 data, and masked load/store reject a mask combined
+  from it.
+- tl.dot multiplies bf16 operands as their raw uint16 storage: widen them to float32 first (exact).
+- float32 -> bf16 casts truncate; compiled Triton rounds to nearest even, as torch does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def patch_interpreter() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run in a child with TRITON_INTERPRET=1"
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_pd_patched", False):
+        return
+    load, store = builder.create_masked_load, builder.create_masked_store
+    dot, cast = builder.create_dot, builder.cast_impl
+
+    def as_bool(mask: Any) -> Any:
+        return interpreter.TensorHandle(np.asarray(mask.data).astype(np.bool_), mask.dtype)
+
+    def widen(h: Any) -> Any:
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((np.asarray(h.data).astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def cast_rne(self: Any, src: Any, dst_type: Any) -> Any:
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            return interpreter.TensorHandle(f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
+                                            tl.bfloat16)  # fmt: skip
+        return cast(self, src, dst_type)
+
+    builder.create_masked_load = lambda self, p, m, *a: load(self, p, as_bool(m), *a)
+    builder.create_masked_store = lambda self, p, v, m, *a: store(self, p, v, as_bool(m), *a)
+    builder.create_dot = lambda self, a, b, *rest: dot(self, widen(a), widen(b), *rest)
+    builder.cast_impl = cast_rne
+    builder._pd_patched = True
