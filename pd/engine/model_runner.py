@@ -131,8 +131,11 @@ class ModelRunner:
         if not cfg.cuda_graph_bs:
             return ()
         reason = None
+        has_moe = any(isinstance(m, FusedMoE) for m in self.model.modules())
         if cfg.attention_backend != "triton":
             reason = f"--attention-backend {cfg.attention_backend} cannot be captured (use triton)"
+        elif has_moe and cfg.moe_runner != "triton":
+            reason = f"--moe-runner-backend {cfg.moe_runner} reads expert counts on the host (use triton)"
         elif self.sync is not None or moe_ctx.ep_size > 1 or moe_ctx.group is not None:
             reason = "multi-rank instances replay graphs in a later version"
         elif cfg.two_batch_overlap:
