@@ -18,7 +18,7 @@ from pd.dist.step_sync import StepSync
 from pd.dist.topology import RankInfo
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.model_runner import ModelRunner, RunnerConfig
-from pd.moe.context import EplbConfig, ModeSwitch, MoeContext
+from pd.moe.context import EplbConfig, MoeContext
 from pd.moe.long_seq import long_seq_config_from_env
 from pd.server_args import ServerArgs
 
@@ -52,7 +52,6 @@ def moe_context(args: ServerArgs, info: RankInfo, groups: Groups) -> MoeContext:
         long_seq=long_seq_config_from_env() if args.moe_a2a_backend == "torch" else None,
         token_layout=layout,
         attn_group=groups.attn,
-        mode_switch=ModeSwitch() if args.deepep_mode == "auto" else None,
         eplb=eplb_config(args),
         single_batch_overlap=args.enable_single_batch_overlap,
     )

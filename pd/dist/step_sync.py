@@ -80,7 +80,6 @@ def follow(runner: ModelRunner, sync: StepSync, max_rows: int) -> None:
         assert op == "forward", op
         for row, first, pages in msg["slots"]:
             slots.assign_pages(row, first, pages)
-        runner.set_mode(msg["mode"])
         batch = runner.make_batch(msg["input_ids"], msg["rows"], msg["prefix_lens"], msg["extend_lens"], slots,
-                                  msg["logits_index"])
+                                  msg["logits_index"], msg["mode"])
         runner.forward(batch, logits=False)

@@ -70,7 +70,8 @@ class CudaGraphRunner:
         backend = self.runner.attn_backend
         return ForwardBatch(input_ids=self.input_ids[:bs], positions=self.positions[:bs], layout=layout,
                             kv_cache=self.runner.kv_cache, logits_index=torch.arange(bs, device=self.runner.device),
-                            attn_backend=backend, attn_meta=backend.capture_meta(bs, layout))  # fmt: skip
+                            attn_backend=backend, attn_meta=backend.capture_meta(bs, layout),
+                            moe_mode="low_latency")  # fmt: skip
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -70,6 +70,9 @@ class ForwardBatch:
     logits_index: [S] int64 rows of the T tokens whose next-token logits are wanted.
     layout:       the batch's neutral facts.
     attn_backend: the attention backend every layer calls; attn_meta: what it built from ``layout``.
+    moe_mode:     the forward's dispatch mode, "normal" or "low_latency" (every rank of an instance runs the same;
+                  under --deepep-mode auto it picks each MoE layer's dispatcher). Set where the batch is built,
+                  read by the layers: nothing else holds a current mode.
     """
 
     input_ids: torch.Tensor
@@ -79,6 +82,7 @@ class ForwardBatch:
     logits_index: torch.Tensor
     attn_backend: AttentionBackend
     attn_meta: object
+    moe_mode: str = "normal"
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +98,7 @@ def build_forward_batch(
     kv_cache: KVCache,
     attn_backend: AttentionBackend,
     logits_index: list[int] | None = None,
+    moe_mode: str = "normal",
 ) -> ForwardBatch:
     """Builds the batch tensors on the KV cache's device (two host-to-device copies: the small int32 facts and
     the int64 token arrays).
@@ -137,14 +142,16 @@ def build_forward_batch(
         logits_index=logits_d,
         attn_backend=attn_backend,
         attn_meta=attn_backend.prepare(layout, kv_cache),
+        moe_mode=moe_mode,
     )
 
 
-def empty_forward_batch(kv_cache: KVCache, attn_backend: AttentionBackend) -> ForwardBatch:
+def empty_forward_batch(kv_cache: KVCache, attn_backend: AttentionBackend, moe_mode: str = "normal") -> ForwardBatch:
     """A batch of no requests and no tokens (an idle rank's share of a collective forward)."""
     device = kv_cache.device
     none64, none32 = (torch.zeros(0, dtype=dtype, device=device) for dtype in (torch.int64, torch.int32))
     layout = BatchLayout(rows=none32, prefix_lens=none32, extend_lens=none32, q_starts=none32, out_loc=none64,
                          page_table=None, host_prefix_lens=[], host_extend_lens=[])  # fmt: skip
     return ForwardBatch(input_ids=none64, positions=none64, layout=layout, kv_cache=kv_cache, logits_index=none64,
-                        attn_backend=attn_backend, attn_meta=attn_backend.prepare(layout, kv_cache))  # fmt: skip
+                        attn_backend=attn_backend, attn_meta=attn_backend.prepare(layout, kv_cache),
+                        moe_mode=moe_mode)  # fmt: skip

@@ -80,7 +80,6 @@ class ModelRunner:
                            cfg.context_length, model_max)
         self.context_length = cfg.context_length or model_max
         moe_ctx = moe_ctx or MoeContext(runner=cfg.moe_runner)
-        self.mode_switch = moe_ctx.mode_switch
         self.model = load_model(self.model_config, cfg.dtype, self.device, moe_ctx,
                                 max_position=max(self.context_length, model_max), tp=tp)
         moe_layers = [m for m in self.model.modules() if isinstance(m, FusedMoE)]
@@ -183,8 +182,7 @@ class ModelRunner:
             journal = self.slot_table.take_journal() if self.slot_table is not None else []
             self.sync.send({"op": "forward", "input_ids": input_ids, "rows": rows, "prefix_lens": prefix_lens,
                             "extend_lens": extend_lens, "logits_index": logits_index, "slots": journal, "mode": mode})
-        self.set_mode(mode)
-        return self.make_batch(input_ids, rows, prefix_lens, extend_lens, slots, logits_index)
+        return self.make_batch(input_ids, rows, prefix_lens, extend_lens, slots, logits_index, mode)
 
     def make_batch(
         self,
@@ -194,24 +192,20 @@ class ModelRunner:
         extend_lens: list[int],
         slots: ReqToToken,
         logits_index: list[int] | None,
+        mode: str,
     ) -> ForwardBatch | MicroBatches:
-        """The forward of these lists (leader and followers alike): one ForwardBatch, or under two-batch overlap
-        its two micro-batches (the whole batch is then never built)."""
+        """The forward of these lists in dispatch mode ``mode`` (leader and followers alike): one ForwardBatch, or
+        under two-batch overlap its two micro-batches (the whole batch is then never built)."""
         if not self.cfg.two_batch_overlap:
             return build_forward_batch(input_ids, rows, prefix_lens, extend_lens, slots, self.kv_cache,
-                                       self.attn_backend, logits_index)  # fmt: skip
+                                       self.attn_backend, logits_index, mode)  # fmt: skip
         first, second = (
             build_forward_batch(part.input_ids, part.rows, part.prefix_lens, part.extend_lens, slots,
-                                self.kv_cache, self.attn_backend, part.logits_index)
-            if part.rows else empty_forward_batch(self.kv_cache, self.attn_backend)
+                                self.kv_cache, self.attn_backend, part.logits_index, mode)
+            if part.rows else empty_forward_batch(self.kv_cache, self.attn_backend, mode)
             for part in split_in_two(input_ids, rows, prefix_lens, extend_lens, logits_index)
         )  # fmt: skip
         return MicroBatches(first, second)
-
-    def set_mode(self, mode: str) -> None:
-        """Dispatch mode of the next forward under --deepep-mode auto ("normal" | "low_latency")."""
-        if self.mode_switch is not None:
-            self.mode_switch.mode = mode
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch | MicroBatches, logits: bool = True) -> torch.Tensor:
@@ -237,11 +231,10 @@ class ModelRunner:
         mode = mode or self.forced_mode or "normal"
         if self.sync is not None and self.sync.is_leader:
             self.sync.send({"op": "idle", "mode": mode})
-        self.set_mode(mode)
         self.num_forwards += 1
-        empty = empty_forward_batch(self.kv_cache, self.attn_backend)
+        empty = empty_forward_batch(self.kv_cache, self.attn_backend, mode)
         if self.cfg.two_batch_overlap:  # the same collectives as a busy peer's two micro-batches
-            self.model.forward_two(empty, empty_forward_batch(self.kv_cache, self.attn_backend))
+            self.model.forward_two(empty, empty_forward_batch(self.kv_cache, self.attn_backend, mode))
         else:
             self.model(empty)
         if self.eplb is not None:

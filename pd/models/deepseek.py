@@ -44,13 +44,13 @@ class DeepseekMoE(nn.Module):
         n_shared = int(config.get("n_shared_experts", 0))
         self.shared_experts = DenseMLP(config.hidden_size, inter * n_shared) if n_shared else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mode: str = "normal") -> torch.Tensor:
         """x [T, hidden] -> [T, hidden], x's dtype."""
-        return self.experts(x, self._router_logits(x), shared=self._shared(x))
+        return self.experts(x, self._router_logits(x), shared=self._shared(x), mode=mode)
 
-    def stages(self, x: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def stages(self, x: torch.Tensor, mode: str = "normal") -> Generator[None, None, torch.Tensor]:
         """forward for two-batch overlap (see FusedMoE.stages)."""
-        return (yield from self.experts.stages(x, self._router_logits(x), shared=self._shared(x)))
+        return (yield from self.experts.stages(x, self._router_logits(x), shared=self._shared(x), mode=mode))
 
     def _router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, E] float32, from float32 inputs and weight as the reference computes them."""

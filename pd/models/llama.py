@@ -100,7 +100,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
         if x.shape[0]:  # an idle DP-attention rank runs the MoE collectives with no tokens and no requests
             x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
-        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+        mlp, h = getattr(self, self.mlp_name), self.post_attention_layernorm(x)
+        return x + (mlp(h, mode=batch.moe_mode) if hasattr(mlp, "stages") else mlp(h))
 
     def stages(
         self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding
@@ -110,7 +111,7 @@ class DecoderLayer(nn.Module):
             x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
         mlp = getattr(self, self.mlp_name)
         h = self.post_attention_layernorm(x)
-        out = (yield from mlp.stages(h)) if hasattr(mlp, "stages") else mlp(h)
+        out = (yield from mlp.stages(h, mode=batch.moe_mode)) if hasattr(mlp, "stages") else mlp(h)
         return x + out
 
 

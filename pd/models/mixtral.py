@@ -62,13 +62,13 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, topk, moe_ctx)
 
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, mode: str = "normal") -> torch.Tensor:
         """x_TH [T, H] model dtype -> [T, H] model dtype: the weighted sum of each token's top-k experts."""
-        return self.experts(x_TH, self.gate(x_TH))
+        return self.experts(x_TH, self.gate(x_TH), mode=mode)
 
-    def stages(self, x_TH: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def stages(self, x_TH: torch.Tensor, mode: str = "normal") -> Generator[None, None, torch.Tensor]:
         """forward for two-batch overlap (see FusedMoE.stages)."""
-        return (yield from self.experts.stages(x_TH, self.gate(x_TH)))
+        return (yield from self.experts.stages(x_TH, self.gate(x_TH), mode=mode))
 
 
 class MixtralForCausalLM(GQACausalLM):

@@ -53,13 +53,13 @@ class Qwen2MoeBlock(SparseMoeBlock):
         self.shared_expert = DenseMLP(hidden, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, mode: str = "normal") -> torch.Tensor:
         """x_TH [T, H] model dtype -> [T, H] model dtype."""
-        return self.experts(x_TH, self.gate(x_TH), shared=self._shared(x_TH))
+        return self.experts(x_TH, self.gate(x_TH), shared=self._shared(x_TH), mode=mode)
 
-    def stages(self, x_TH: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def stages(self, x_TH: torch.Tensor, mode: str = "normal") -> Generator[None, None, torch.Tensor]:
         """forward for two-batch overlap (see FusedMoE.stages)."""
-        return (yield from self.experts.stages(x_TH, self.gate(x_TH), shared=self._shared(x_TH)))
+        return (yield from self.experts.stages(x_TH, self.gate(x_TH), shared=self._shared(x_TH), mode=mode))
 
     def _shared(self, x_TH: torch.Tensor) -> Callable[[], torch.Tensor]:
         def shared() -> torch.Tensor:

@@ -41,14 +41,6 @@ class EplbConfig:
             raise ValueError(f"invalid {self}")
 
 
-class ModeSwitch:
-    """Which dispatch mode the current forward uses under ``--deepep-mode auto``: set by the model runner before
-    each forward (the same on every rank), read by every MoE layer. One object shared by an instance's layers."""
-
-    def __init__(self) -> None:
-        self.mode = "normal"
-
-
 @dataclass(frozen=True)
 class MoeContext:
     """Per-rank MoE settings, built once from the server arguments and passed into every MoE layer.
@@ -59,14 +51,14 @@ class MoeContext:
     ``moe_tp_rank``. ``group`` is the process group multi-rank dispatchers communicate over (``ep_size x
     moe_tp_size`` ranks, this one being ``ep_rank * moe_tp_size + moe_tp_rank``); it is passed in, never looked
     up globally, and left out of equality, hashing and repr (two contexts with the same placement are the same
-    placement), as is ``mode_switch``.
+    placement).
 
     ``token_layout`` says how a forward's tokens reach the dispatcher across ranks (pd.moe.token_layout);
     ``attn_group`` is the ranks holding the same tokens as this one (None when they are its own).
     With ``eplb`` set, each layer holds E + redundant_experts physical slots placed by pd.moe.eplb instead
     (the contiguous helpers below then describe slots, not logical experts).
-    ``a2a_mode`` is the dispatch mode of the "torch" and "deepep" backends ("auto": per forward, from
-    ``mode_switch``); ``max_tokens_per_rank`` their low-latency capacity; ``long_seq`` the normal-mode rounds.
+    ``a2a_mode`` is the dispatch mode of the "torch" and "deepep" backends ("auto": per forward, the batch's
+    ``moe_mode``); ``max_tokens_per_rank`` their low-latency capacity; ``long_seq`` the normal-mode rounds.
 
     Raises:
         ValueError: a size < 1, a rank outside its range, or an unknown mode.
@@ -84,7 +76,6 @@ class MoeContext:
     long_seq: LongSeqConfig | None = None
     token_layout: str = "as_is"
     attn_group: ProcessGroup | None = field(default=None, compare=False, hash=False, repr=False)
-    mode_switch: ModeSwitch | None = field(default=None, compare=False, hash=False, repr=False)
     eplb: EplbConfig | None = None  # None: expert e on rank e // (E / ep), no load recorded
     # Shared experts on a second CUDA stream while the routed experts dispatch, compute and combine (SBO).
     single_batch_overlap: bool = False
@@ -102,8 +93,6 @@ class MoeContext:
             raise ValueError(f"a2a_mode must be one of {A2A_MODES}, got {self.a2a_mode!r}")
         if self.token_layout not in TOKEN_LAYOUTS:
             raise ValueError(f"unknown token_layout {self.token_layout!r}")
-        if self.a2a_mode == "auto" and self.mode_switch is None:
-            raise ValueError("a2a_mode 'auto' needs a mode_switch shared with the model runner")
 
     @property
     def group_rank_is_first(self) -> bool:

@@ -152,6 +152,7 @@ class FusedMoE(nn.Module):
         hidden_TH: torch.Tensor,
         router_logits_TE: torch.Tensor,
         shared: Callable[[], torch.Tensor] | None = None,
+        mode: str = "normal",
     ) -> torch.Tensor:
         """Weighted sum of the routed experts' outputs, plus the shared experts' when given.
 
@@ -161,27 +162,29 @@ class FusedMoE(nn.Module):
             shared: computes the shared experts' [T, H] output from this rank's tokens, without collectives.
                 With ctx.single_batch_overlap on CUDA it runs on a second stream while the routed experts
                 dispatch, compute and combine; otherwise after them. Either way the result is routed + shared.
+            mode: this forward's dispatch mode ("normal" | "low_latency", a field of the batch: every rank of the
+                instance runs the same); it picks the dispatcher under --deepep-mode auto, else is ignored.
 
         Returns:
             [T, H] model dtype (routed weights renormalised and scaled per the TopKConfig).
         """
         if shared is None:
-            return self._routed(hidden_TH, router_logits_TE)
+            return self._routed(hidden_TH, router_logits_TE, mode)
         if not (self.ctx.single_batch_overlap and hidden_TH.is_cuda):
-            return self._routed(hidden_TH, router_logits_TE) + shared()
+            return self._routed(hidden_TH, router_logits_TE, mode) + shared()
         main = torch.cuda.current_stream()
         side = _overlap_stream(self.ctx, hidden_TH.device)
         side.wait_stream(main)  # the shared experts read what the main stream produced
         with torch.cuda.stream(side):
             shared_TH = shared()
-        routed_TH = self._routed(hidden_TH, router_logits_TE)
+        routed_TH = self._routed(hidden_TH, router_logits_TE, mode)
         main.wait_stream(side)
         shared_TH.record_stream(main)  # freed later on the main stream: keep the allocator from reusing it early
         return routed_TH + shared_TH
 
-    def _routed(self, hidden_TH: torch.Tensor, router_logits_TE: torch.Tensor) -> torch.Tensor:
+    def _routed(self, hidden_TH: torch.Tensor, router_logits_TE: torch.Tensor, mode: str) -> torch.Tensor:
         hidden_NH, topk, state = self._enter(hidden_TH, router_logits_TE)
-        dispatcher = self.dispatcher
+        dispatcher = self.dispatcher(mode)
         dispatched = dispatcher.dispatch(hidden_NH, topk)
         combine_input = self.runner.run(dispatched, self.w13_weight, self.w2_weight, self.activation)
         return self._leave(dispatcher.combine(combine_input), state)
@@ -206,12 +209,13 @@ class FusedMoE(nn.Module):
         hidden_TH: torch.Tensor,
         router_logits_TE: torch.Tensor,
         shared: Callable[[], torch.Tensor] | None = None,
+        mode: str = "normal",
     ) -> Generator[None, None, torch.Tensor]:
         """forward in three steps for two-batch overlap: it yields once dispatch has started and once combine has
         started, so another micro-batch's work runs while the tokens travel; returns what forward returns (the
         shared experts run in order here). The collectives are forward's, in the same order."""
         hidden_NH, topk, state = self._enter(hidden_TH, router_logits_TE)
-        dispatcher = self.dispatcher
+        dispatcher = self.dispatcher(mode)
         finish_dispatch = dispatcher.dispatch_start(hidden_NH, topk)
         yield
         combine_input = self.runner.run(finish_dispatch(), self.w13_weight, self.w2_weight, self.activation)
@@ -220,13 +224,11 @@ class FusedMoE(nn.Module):
         routed_TH = self._leave(finish_combine(), state)
         return routed_TH if shared is None else routed_TH + shared()
 
-    @property
-    def dispatcher(self) -> Dispatcher:
-        """The dispatcher of this forward's mode (the only one unless --deepep-mode auto)."""
+    def dispatcher(self, mode: str) -> Dispatcher:
+        """The dispatcher of a forward in ``mode`` (the only one unless --deepep-mode auto)."""
         if len(self.dispatchers) == 1:
             return next(iter(self.dispatchers.values()))
-        assert self.ctx.mode_switch is not None
-        return self.dispatchers[self.ctx.mode_switch.mode]
+        return self.dispatchers[mode]
 
     @torch.no_grad()
     def finalize_weights(self) -> None:
