@@ -21,6 +21,7 @@ from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
 from pd.server_args import default_cuda_graph_bs
 from tests.tiny_checkpoints import make_checkpoint
+from tests.triton_interpreter import patch_interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,9 @@ def test_default_buckets_follow_sglang_spacing():
 
 def graphs_equal_eager(arch: str, root: str, device: str, num_prompts: int, max_prompt: int, max_new: int) -> None:
     """Greedy tokens with decode batches replayed (or, on CPU, run uncaptured) from buckets (1, 2, 4, 8, 16)
-    equal the eager engine's, in fp32."""
+    equal the eager engine's, in fp32 (the Triton attention backend and MoE runner: the ones graphs capture)."""
+    if device == "cpu":
+        patch_interpreter()
     seed = int(torch.randint(0, 2**31, ()).item())
     path = make_checkpoint(arch, os.path.join(root, arch), seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +56,7 @@ def graphs_equal_eager(arch: str, root: str, device: str, num_prompts: int, max_
     outs = {}
     for graphs in (True, False):
         llm = LLM(path, device=device, dtype=torch.float32, page_size=16, chunked_prefill_size=64,
-                  max_running_requests=16, max_total_tokens=8192, attention_backend="triton",
+                  max_running_requests=16, max_total_tokens=8192, attention_backend="triton", moe_runner="triton",
                   cuda_graph_bs=(1, 2, 4, 8, 16) if graphs else ())  # fmt: skip
         assert (llm.runner.graphs is not None) == graphs
         outs[graphs] = llm.generate(prompts, params)
