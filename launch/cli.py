@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from launch.preflight import PreflightError, check_ports, check_serve
 from pd.bench.args import BenchArgs, BenchArgsError
 from pd.lb.args import LBArgs, LBArgsError
 from pd.server_args import ServerArgs, ServerArgsError
@@ -28,11 +30,21 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
 
 
+def _fail(parser: argparse.ArgumentParser, e: PreflightError) -> int:
+    """A start-up check failed: its one line on stderr (no usage, no traceback), and argparse's exit status."""
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    return 2
+
+
 def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         server_args = ServerArgs.from_namespace(ns)
     except ServerArgsError as e:
         parser.error(str(e))  # exits with status 2, argparse-style
+    try:
+        check_serve(server_args)
+    except PreflightError as e:
+        return _fail(parser, e)
     setup_logging(server_args.log_level)
     from pd.server.app import run_server
 
@@ -72,6 +84,10 @@ def _lb(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         lb_args = LBArgs.from_namespace(ns)
     except LBArgsError as e:
         parser.error(str(e))  # exits with status 2, argparse-style
+    try:
+        check_ports(lb_args.host, [("--port", lb_args.port)])
+    except PreflightError as e:
+        return _fail(parser, e)
     setup_logging(lb_args.log_level)
     from pd.lb.app import run_lb
 

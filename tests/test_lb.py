@@ -766,3 +766,20 @@ def test_sends_the_same_fields_as_sglang_router() -> None:
 if __name__ == "__main__":  # a stub worker in its own process: ROLE PORT KNOBS_JSON
     role, port, knobs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     uvicorn.run(make_stub(StubState(role, **knobs)), host="127.0.0.1", port=port, log_level="error")
+
+
+def test_abort_and_flush_cache_go_to_every_instance_and_name_the_failing_ones() -> None:
+    with cluster(n_prefill=1, n_decode=2) as c:
+        r = httpx.post(c.url + "/abort_request", json={"rid": "r-fan"}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert set(r.json()["workers"]) == {s.url for s in c.prefill + c.decode}
+        assert all(s.state.aborts == ["r-fan"] for s in c.prefill + c.decode)
+        # The stubs, like pd serve, have no /flush_cache: reported, not a failure.
+        r = httpx.post(c.url + "/flush_cache", timeout=10)
+        assert r.status_code == 200 and sorted(r.json()["unsupported"]) == sorted(s.url for s in c.prefill + c.decode)
+        dead = c.decode[1]
+        dead.server.stop()
+        r = httpx.post(c.url + "/abort_request", json={"rid": "r-2"}, timeout=10)
+        assert r.status_code == 502, r.text
+        assert dead.url in r.json()["error"]["message"] and c.decode[0].url not in r.json()["error"]["message"]
+        assert c.decode[0].state.aborts == ["r-fan", "r-2"]

@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pd.lb.args import DEFAULT_BOOTSTRAP_PORT, LBArgs, LBArgsError, normalize_url, parse_bootstrap_port
+from pd.lb.fanout import FANOUT_ROUTES, fan_out
 from pd.lb.metrics import LBMetrics
-from pd.lb.proxy import Forwarder, LBError
+from pd.lb.proxy import JSON_HEADER, Forwarder, LBError
 from pd.lb.upstream import UpstreamError, UpstreamPool
 from pd.lb.workers import ROLES, HealthChecker, WorkerError, WorkerRegistry
 from pd.server.auth import ApiKeyMiddleware
@@ -134,6 +135,16 @@ def create_app(args: LBArgs) -> ASGIApp:
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def to_every_instance(request: Request) -> Response:
+        """POST /abort_request or /flush_cache on every instance (healthy or not); see pd.lb.fanout."""
+        a = request.headers.get("authorization")
+        auth = f"authorization: {a}\r\n".encode("latin-1") if a else lb_auth
+        urls = [w.url for w in registry.all()]
+        return await fan_out(pool, urls, request.url.path, JSON_HEADER + auth, await request.body())
+
+    for route in FANOUT_ROUTES:
+        app.router.add_api_route(route, to_every_instance, methods=["POST"])
 
     @app.post("/add_worker")
     async def add_worker(request: Request) -> dict[str, Any]:

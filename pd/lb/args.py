@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pd.lb.policies import POLICY_NAMES
-from pd.server_args import LOG_LEVELS
+from pd.server_args import API_KEY_ENV, LOG_LEVELS, ServerArgsError, resolve_api_key
 
 # The prefill instances' bootstrap port when --prefill gives none (pd serve's and SGLang's default
 # --disaggregation-bootstrap-port). sglang-router 0.3.2 sends null instead and lets the worker use its own
@@ -102,13 +102,21 @@ class LBArgs:
             "--request-timeout", "--request-timeout-secs", type=float, default=1800.0,
             help="seconds to wait for a non-streamed answer, or between two chunks of a stream (default: %(default)s)",
         )  # fmt: skip
-        parser.add_argument("--api-key", help="require 'Authorization: Bearer <key>' and forward it to the instances")
+        parser.add_argument(
+            "--api-key",
+            help=f"require 'Authorization: Bearer <key>' and forward it to the instances (or set {API_KEY_ENV})",
+        )
+        parser.add_argument("--api-key-file", help="read --api-key from this file, keeping it out of `ps`")
         parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="logging level (default: info)")
         parser.add_argument("--pd-disaggregation", action="store_true", help="accepted for sglang-router compatibility")
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> LBArgs:
         """Build from flags parsed by a parser that `add_cli_args` filled. Raises LBArgsError."""
+        try:
+            api_key = resolve_api_key(ns.api_key, getattr(ns, "api_key_file", None))
+        except ServerArgsError as e:
+            raise LBArgsError(str(e)) from None
         return cls(
             prefill=tuple(parse_prefill(item) for item in ns.prefill),
             decode=tuple(normalize_url(u, "--decode") for u in ns.decode),
@@ -121,7 +129,7 @@ class LBArgs:
             health_check_timeout=ns.health_check_timeout,
             health_failure_threshold=ns.health_failure_threshold,
             request_timeout=ns.request_timeout,
-            api_key=ns.api_key,
+            api_key=api_key,
             log_level=ns.log_level,
         )
 

@@ -1,0 +1,61 @@
+"""Admin POSTs the balancer sends to every instance it fronts (`/abort_request`, `/flush_cache`), with one answer.
+
+The client's body and Authorization header go to each instance as they are, all at once. The answer is 200 with
+{"workers": {url: status}} when every instance answered 2xx; otherwise 502 with an OpenAI-shaped error that
+names each failing instance and why, and the same "workers" map. An instance that does not have the route (404)
+is listed under "unsupported" when the route is in `optional`, and does not fail the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Sequence
+
+from fastapi.responses import JSONResponse
+
+from pd.lb.upstream import UpstreamError, UpstreamPool
+from pd.server.protocol import error_body
+
+FANOUT_ROUTES = ("/abort_request", "/flush_cache")
+# Routes an instance may lack: SGLang's workers have /flush_cache, pd serve's do not (yet).
+OPTIONAL_ROUTES = frozenset({"/flush_cache"})
+FANOUT_TIMEOUT_S = 30.0
+
+
+async def fan_out(
+    pool: UpstreamPool, urls: Sequence[str], path: str, headers: bytes, body: bytes,
+    optional: Collection[str] = OPTIONAL_ROUTES,
+) -> JSONResponse:  # fmt: skip
+    """POST `body` to `path` on every instance in `urls` at once; the aggregate answer described above.
+    `headers`: extra header lines, each ending in CRLF."""
+
+    async def one(url: str) -> int | str:
+        try:
+            resp = await pool.request(url, "POST", path, headers, body, timeout=FANOUT_TIMEOUT_S)
+            text = (await resp.read()).decode(errors="replace").strip()
+        except UpstreamError as e:
+            return f"{type(e).__name__}: {e}"
+        return resp.status if 200 <= resp.status < 300 or not text else f"{resp.status} {text[:200]}"
+
+    results = dict(zip(urls, await asyncio.gather(*(one(u) for u in urls)), strict=True))
+    unsupported = [u for u, r in results.items() if path in optional and _status(r) == 404]
+    failed = {u: r for u, r in results.items() if not (isinstance(r, int) and r < 300) and u not in unsupported}
+    content: dict[str, object] = {"workers": results}
+    if unsupported:
+        content["unsupported"] = unsupported
+    if not urls:
+        content = error_body(f"POST {path}: the balancer fronts no instance", 503, "service_unavailable")
+        return JSONResponse(content, 503)
+    if not failed:
+        return JSONResponse(content, 200)
+    reasons = "; ".join(f"{u}: {r}" for u, r in failed.items())
+    message = f"POST {path} failed on {len(failed)} of {len(urls)} instances: {reasons}"
+    return JSONResponse({**error_body(message, 502, "upstream_error"), **content}, 502)
+
+
+def _status(result: int | str) -> int | None:
+    """The HTTP status of one instance's result (None for a transport failure)."""
+    if isinstance(result, int):
+        return result
+    head = result.split(" ", 1)[0]
+    return int(head) if head.isdigit() else None
