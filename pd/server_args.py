@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,8 @@ TRANSFER_BACKENDS = ("mooncake", "fake")
 DEVICES = ("auto", "cpu", "cuda", "npu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# The API key when neither --api-key nor --api-key-file is given; `pd up` hands the key to its children this way.
+API_KEY_ENV = "PD_API_KEY"
 
 DEFAULT_SERVED_MODEL_NAME = "pd-default"
 DEFAULT_CPU_MAX_TOTAL_TOKENS = 65536
@@ -133,10 +135,14 @@ class ServerArgs:
     device: str = _opt("auto", "auto: cuda if available, else npu if torch_npu imports, else cpu", choices=DEVICES)
     dtype: str = _opt("auto", "auto: float32 on cpu, bfloat16 on cuda/npu", choices=DTYPES)
     random_seed: int = _opt(0, "seed for sampling and weight init", type=int)
+    sampling_defaults: str = _opt("model", "defaults of unset sampling parameters: model (the model's "
+                                  "generation_config.json) or openai (temperature 1, top_p 1)",
+                                  choices=("model", "openai"))  # fmt: skip
     # HTTP
     host: str = _opt("127.0.0.1", "listen address", type=str)
     port: int = _opt(30000, "HTTP port", type=int)
-    api_key: str | None = _opt(None, "require 'Authorization: Bearer <key>'", type=str)
+    api_key: str | None = _opt(None, f"require 'Authorization: Bearer <key>' (or set {API_KEY_ENV})", type=str)
+    api_key_file: str | None = _opt(None, "read --api-key from this file, keeping it out of `ps`", type=str)
     log_level: str = _opt("info", "logging level", choices=LOG_LEVELS)
     enable_metrics: bool = _opt(False, "accepted for compatibility; /metrics is always on")
 
@@ -172,7 +178,9 @@ class ServerArgs:
         """Build from parsed flags (extra attributes are ignored). Raises ServerArgsError on a bad or
         not-yet-implemented combination."""
         names = [f.name for f in dataclasses.fields(cls)]
-        args = cls(**{n: getattr(ns, n) for n in names if hasattr(ns, n)})
+        kwargs = {n: getattr(ns, n) for n in names if hasattr(ns, n)}
+        kwargs["api_key"] = resolve_api_key(kwargs.get("api_key"), kwargs.get("api_key_file"))
+        args = cls(**kwargs)
         check_implemented(args)
         return args
 
@@ -253,6 +261,24 @@ class ServerArgs:
         d = dataclasses.asdict(self)
         d["api_key"] = None if self.api_key is None else "<set>"
         return d
+
+
+def resolve_api_key(api_key: str | None, api_key_file: str | None, env: Mapping[str, str] = os.environ) -> str | None:
+    """The API key from --api-key, else from --api-key-file (surrounding whitespace stripped), else from the
+    PD_API_KEY environment variable; None when none is set. Raises ServerArgsError for both flags at once, or a
+    file that cannot be read or is empty. The one place that reads PD_API_KEY (`pd serve` and `pd lb`)."""
+    if api_key is not None and api_key_file is not None:
+        raise ServerArgsError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            with open(api_key_file) as f:
+                key = f.read().strip()
+        except OSError as e:
+            raise ServerArgsError(f"--api-key-file {api_key_file}: cannot read it ({e.strerror})") from None
+        if not key:
+            raise ServerArgsError(f"--api-key-file {api_key_file} is empty; write the key into it")
+        return key
+    return api_key if api_key is not None else env.get(API_KEY_ENV) or None
 
 
 def _flag(name: str) -> str:

@@ -300,7 +300,7 @@ BAD_REQUESTS = [
     ("/generate", {"text": "a", "sampling_params": {"temperature": -0.5}}, "temperature: must be >= 0"),
     ("/generate", {"text": "a", "sampling_params": {"top_p": 0}}, "top_p: must be in (0, 1]"),
     ("/generate", {"text": "a", "sampling_params": {"top_p": 1.5}}, "top_p: must be in (0, 1]"),
-    ("/generate", {"text": "a", "sampling_params": {"top_k": 0}}, "top_k: must be -1"),
+    ("/generate", {"text": "a", "sampling_params": {"top_k": -2}}, "top_k: must be -1"),
     ("/generate", {"text": "a", "sampling_params": {"min_p": 2}}, "min_p: must be in [0, 1]"),
     ("/generate", {"text": "a", "sampling_params": {"stop": 5}}, "stop must be a string or a list of strings"),
     ("/generate", {"text": "a", "sampling_params": {"stop": [""]}}, "stop must not contain empty strings"),

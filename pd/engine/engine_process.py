@@ -192,7 +192,12 @@ class EngineLoop:
             msg = from_dict(msgpack.unpackb(self.inbox.recv_bytes(), raw=False))
             out = None
             if isinstance(msg, GenerateRequest):
-                out = self.scheduler.add(msg)
+                try:
+                    out = self.scheduler.add(msg)
+                except Exception as e:  # this request's own problem: refuse it alone, keep serving the others
+                    logger.error("could not queue request %s: %s", msg.rid, traceback.format_exc())
+                    out = TokenOutput(msg.rid, [], len(msg.input_ids), 0, "error",
+                                      error=f"the engine could not queue the request: {type(e).__name__}: {e}")
             elif isinstance(msg, AbortRequest):
                 out = self.scheduler.abort(msg.rid)
             if out is not None:

@@ -12,10 +12,14 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Temperatures below this mean greedy (SGLang's threshold): dividing logits by less overflows float32.
+GREEDY_TEMPERATURE = 1e-6
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling settings. temperature == 0 means greedy (deterministic).
+    """Per-request sampling settings. A temperature below GREEDY_TEMPERATURE (or top_k == 1) means greedy
+    (deterministic); top_k <= 0 or >= the vocabulary means no top-k cut (`normalized` writes those as 0 and -1).
 
     Stop strings are matched by the front on detokenized text; the engine only sees token ids.
     """
@@ -31,7 +35,13 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    def normalized(self, vocab_size: int | None) -> SamplingParams:
+        """SGLang's normalisation: greedy temperatures become 0, a top_k that cuts nothing becomes -1."""
+        temperature = 0.0 if self.temperature < GREEDY_TEMPERATURE else self.temperature
+        no_cut = self.top_k <= 0 or (vocab_size is not None and self.top_k >= vocab_size)
+        return dataclasses.replace(self, temperature=temperature, top_k=-1 if no_cut else self.top_k)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ out of pages and nothing needs preempting; they are all returned when it finishe
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -21,7 +22,7 @@ from pd.engine.io import EngineStats, GenerateRequest, TokenOutput
 from pd.engine.kv_cache import PagePool
 from pd.engine.model_runner import ModelRunner
 from pd.engine.request import Req, ReqState
-from pd.engine.sampler import sample
+from pd.engine.sampler import sample_each
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,10 @@ class Scheduler:
             min(self.context_length, prompt_len + msg.sampling.max_new_tokens),
         )
         if msg.sampling.seed is not None:
-            req.generator = torch.Generator(self.runner.device).manual_seed(msg.sampling.seed)
+            try:
+                req.generator = torch.Generator(self.runner.device).manual_seed(msg.sampling.seed)
+            except (RuntimeError, OverflowError) as e:
+                return TokenOutput(msg.rid, [], prompt_len, 0, finish_reason="error", error=f"bad seed: {e}")
         req.kv_tokens = kv_tokens
         req.every_token = msg.every_token
         return self._enqueue(req, msg)
@@ -166,8 +170,9 @@ class Scheduler:
             if req.first_scheduled is None:
                 req.first_scheduled = now
         logits = self.runner.forward(batch)  # always: a middle prompt chunk samples nothing but writes its KV
+        # Past the forward, a failure belongs to one request (its sampling, its bookkeeping): it ends that one.
         tokens = (
-            sample(logits, [batch_reqs[i].sampling for i in sampled], [batch_reqs[i].generator for i in sampled])
+            sample_each(logits, [batch_reqs[i].sampling for i in sampled], [batch_reqs[i].generator for i in sampled])
             if sampled
             else []
         )
@@ -175,11 +180,26 @@ class Scheduler:
             req.num_computed += n
         outputs = []
         for i, token in zip(sampled, tokens, strict=True):
-            self.generated_tokens_total += 1
-            out = self._on_sampled(batch_reqs[i], token)
+            req = batch_reqs[i]
+            try:
+                if isinstance(token, str):
+                    raise RuntimeError(token)
+                self.generated_tokens_total += 1
+                out = self._on_sampled(req, token)
+            except Exception as e:
+                logger.error("request %s failed after the forward; ending it alone: %s", req.rid, e)
+                out = self._fail(req, str(e) if isinstance(token, str) else f"{type(e).__name__}: {e}")
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _fail(self, req: Req, error: str) -> TokenOutput:
+        """Ends one request with finish "error" and `error`, returning its pages; the others go on."""
+        req.finish_reason = "error"
+        out = self._output(req)
+        if req.state is not ReqState.FINISHED:
+            self._release(req)
+        return dataclasses.replace(out, error=error)
 
     def _on_sampled(self, req: Req, token: int) -> TokenOutput | None:
         """Appends the request's new token; reports it, and releases the request if it finished."""

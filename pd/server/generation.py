@@ -7,9 +7,12 @@ Both APIs (native /generate and OpenAI) build a `GenerationSpec` with `make_spec
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,11 +56,74 @@ class ServerContext:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     inflight: set[str] = field(default_factory=set)  # rids being generated, to refuse duplicates and abort all
     started_at: float = field(default_factory=time.time)
+    logged_unknown_fields: set[str] = field(default_factory=set)  # unknown request fields already logged
+    # Sampling parameters a request leaves unset (--sampling-defaults); read from the model directory.
+    sampling_defaults: dict[str, float | int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sampling_defaults = load_sampling_defaults(self.server_args)
 
     @property
     def vocab_size(self) -> int | None:
         cfg = self.engine.model_config
         return cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+
+
+# OpenAI's defaults, which are also what an unset parameter means when the model has no generation_config.json.
+OPENAI_SAMPLING_DEFAULTS: dict[str, float | int] = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
+_DEFAULT_CHECKS: dict[str, Callable[[float], bool]] = {
+    "temperature": lambda v: v >= 0,
+    "top_p": lambda v: 0 < v <= 1,
+    "top_k": lambda v: v == int(v) and -1 <= v < 2**63,
+    "min_p": lambda v: 0 <= v <= 1,
+}
+
+
+def load_sampling_defaults(args: ServerArgs) -> dict[str, float | int]:
+    """Sampling defaults for requests that leave them unset: with --sampling-defaults model (SGLang's default),
+    temperature / top_p / top_k / min_p from the model's generation_config.json over OpenAI's; with `openai`,
+    OpenAI's alone. A missing file or a value out of range keeps OpenAI's (logged). A repetition_penalty other
+    than 1 cannot be applied (this server has no penalties) and is logged."""
+    defaults = dict(OPENAI_SAMPLING_DEFAULTS)
+    if args.sampling_defaults != "model" or args.model_path is None:
+        return defaults
+    config = _read_generation_config(args.model_path)
+    for name, ok in _DEFAULT_CHECKS.items():
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            logger.warning("generation_config.json: ignoring %s=%r (out of range)", name, value)
+            continue
+        defaults[name] = int(value) if name == "top_k" else float(value)
+    penalty = config.get("repetition_penalty")
+    if penalty is not None and penalty != 1.0:
+        logger.warning("generation_config.json sets repetition_penalty=%r, which this server cannot apply", penalty)
+    if defaults != OPENAI_SAMPLING_DEFAULTS:
+        logger.info("sampling defaults from the model's generation_config.json: %s", defaults)
+    return defaults
+
+
+def _read_generation_config(model_path: str) -> dict[str, Any]:
+    """generation_config.json of a model directory (or of a hub id already in the local cache); {} if none."""
+    path: str | None = os.path.join(model_path, "generation_config.json")
+    if not os.path.isdir(model_path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_path, "generation_config.json")
+            path = cached if isinstance(cached, str) else None
+        except Exception:  # not a valid repo id either
+            path = None
+    if path is None or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        logger.warning("could not read %s: %s; using OpenAI's sampling defaults", path, e)
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def get_context(request: Request) -> ServerContext:
@@ -125,10 +191,10 @@ def make_spec(
     max_new_tokens: int | None,
     default_max_new_tokens: int | None,
     max_tokens_name: str,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    min_p: float | None,
     seed: int | None,
     stop: Sequence[str],
     stop_token_ids: Sequence[int] | None,
@@ -141,7 +207,9 @@ def make_spec(
     """Check a request against the model (vocabulary, context length, KV capacity) and build its spec.
 
     max_new_tokens None means "up to `default_max_new_tokens` (None: no limit) within the context".
-    `max_tokens_name` is the field name the client used, for error messages. Raises ApiError.
+    `max_tokens_name` is the field name the client used, for error messages. A sampling parameter left None takes
+    the server's default (`ctx.sampling_defaults`); the result is normalised as SGLang does (a temperature below
+    1e-6 is greedy, a top_k of 0 or at least the vocabulary is no cut). Raises ApiError.
     """
     if stop and ctx.tokenizer is None:
         raise ApiError("stop strings need a tokenizer; this server runs with --skip-tokenizer-init")
@@ -170,16 +238,17 @@ def make_spec(
             f"the prompt ({n_prompt} tokens) plus {max_tokens_name} ({max_new_tokens}) needs more KV cache than "
             f"this server has ({kv_tokens} tokens)"
         )
+    defaults = ctx.sampling_defaults
     sampling = SamplingParams(
         max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
+        temperature=float(defaults["temperature"] if temperature is None else temperature),
+        top_p=float(defaults["top_p"] if top_p is None else top_p),
+        top_k=int(defaults["top_k"] if top_k is None else top_k),
+        min_p=float(defaults["min_p"] if min_p is None else min_p),
         seed=seed,
         stop_token_ids=tuple(stop_token_ids or ()),
         ignore_eos=ignore_eos,
-    )
+    ).normalized(ctx.vocab_size)
     host, port, room_id = bootstrap
     mode = ctx.server_args.disaggregation_mode
     if mode != "null" and (host is None or port is None or room_id is None):
@@ -252,7 +321,12 @@ async def stream_generation(
     try:
         async for out in stream:
             engine_done = out.finish_reason is not None
-            finish, new_ids, delta = _consume(out, detok, spec)
+            try:
+                finish, new_ids, delta = _consume(out, detok, spec)
+            except Exception as e:  # this request's detokenization or stop-string check: it ends alone
+                logger.exception("rid=%s: detokenizing the output failed", spec.rid)
+                reason = f"detokenizing the output failed: {type(e).__name__}: {e}"
+                finish, new_ids, delta = FinishReason("error", message=reason), list(out.new_token_ids), ""
             output_ids.extend(new_ids)
             text += delta
             timer.on_output(len(new_ids), out.queue_time)

@@ -42,8 +42,8 @@ router = APIRouter()
 @router.post("/generate")
 async def generate(request: Request) -> Response:
     """SGLang's /generate: one prompt (or a batch, not streamed) in, text + output_ids + meta_info out."""
-    body = await read_body(request, GenerateReqInput)
     ctx = get_context(request)
+    body = await read_body(request, GenerateReqInput, ctx.logged_unknown_fields)
     specs, is_batch = _specs(ctx, body, time.perf_counter())
     if body.stream:
         if is_batch:
@@ -91,7 +91,7 @@ def _specs(ctx: ServerContext, body: GenerateReqInput, arrival: float) -> tuple[
                 max_new_tokens=sp.max_new_tokens,
                 default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
                 max_tokens_name=f"sampling_params{where}.max_new_tokens",
-                temperature=sp.temperature,
+                temperature=sp.temperature,  # None: the server's sampling defaults
                 top_p=sp.top_p,
                 top_k=sp.top_k,
                 min_p=sp.min_p,

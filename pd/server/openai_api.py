@@ -47,8 +47,8 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    body = await read_body(request, CompletionRequest)
     ctx = get_context(request)
+    body = await read_body(request, CompletionRequest, ctx.logged_unknown_fields)
     arrival = time.perf_counter()
     _check_model(ctx, body.model)
     prompt = body.prompt
@@ -72,8 +72,8 @@ async def completions(request: Request) -> Response:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    body = await read_body(request, ChatCompletionRequest)
     ctx = get_context(request)
+    body = await read_body(request, ChatCompletionRequest, ctx.logged_unknown_fields)
     arrival = time.perf_counter()
     _check_model(ctx, body.model)
     tokenizer = _tokenizer(ctx, "chat")
@@ -139,8 +139,8 @@ def _spec(
         max_new_tokens=max_tokens,
         default_max_new_tokens=None,  # null max_tokens: up to the context length, as OpenAI does
         max_tokens_name=name,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        temperature=body.temperature,  # None: the server's sampling defaults
+        top_p=body.top_p,
         top_k=body.top_k,
         min_p=body.min_p,
         seed=body.seed,

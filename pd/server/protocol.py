@@ -4,17 +4,23 @@ Types are strict (a string is not an int, a bool is not a number) and every rang
 and what was given. Fields SGLang clients and its router send that this server does not act on are declared
 with `Any` so they are accepted and ignored; fields that would change the output if honoured (penalties,
 structured output, n > 1, logprobs) are accepted only at their neutral value, otherwise the request is rejected
-instead of being silently answered differently. Unknown fields are ignored, as in SGLang.
+instead of being silently answered differently. Unknown top-level fields are ignored, as in SGLang (its routers
+and clients add their own); an unknown key inside `sampling_params` is rejected with the nearest known name.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Request
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -55,16 +61,22 @@ def _str_list(field: str) -> BeforeValidator:
     return BeforeValidator(parse)
 
 
+# Every number a request carries has a range, checked here: an integer past 64 bits would otherwise fail deep
+# inside (msgpack, torch) as a 500, and a non-finite float (Python's json reads NaN and Infinity) poisons sampling.
+_INT64_MAX = 2**63 - 1
 _UINT64_MAX = 2**64 - 1
-
-Temperature = Annotated[float, _check(lambda v: v >= 0, ">= 0 (0 means greedy)")]
-TopP = Annotated[float, _check(lambda v: 0 < v <= 1, "in (0, 1]")]
-TopK = Annotated[int, _check(lambda v: v == -1 or v >= 1, "-1 (no top-k cut) or >= 1")]
-MinP = Annotated[float, _check(lambda v: 0 <= v <= 1, "in [0, 1]")]
-MaxTokens = Annotated[int, _check(lambda v: v >= 1, ">= 1")]
+_FINITE = _check(math.isfinite, "a finite number")
+_INT64 = _check(lambda v: v <= _INT64_MAX, "a 64-bit integer")
+Temperature = Annotated[float, _FINITE, _check(lambda v: v >= 0, ">= 0 (below 1e-6 means greedy)")]
+TopP = Annotated[float, _FINITE, _check(lambda v: 0 < v <= 1, "in (0, 1]")]
+TopK = Annotated[int, _check(lambda v: v >= -1, "-1 or 0 (no top-k cut) or >= 1"), _INT64]
+MinP = Annotated[float, _FINITE, _check(lambda v: 0 <= v <= 1, "in [0, 1]")]
+MaxTokens = Annotated[int, _check(lambda v: v >= 1, ">= 1"), _INT64]
 Seed = Annotated[int, _check(lambda v: -(2**63) <= v <= _UINT64_MAX, "a 64-bit integer")]
-TokenIds = list[Annotated[int, _check(lambda v: v >= 0, "a token id >= 0")]]
+TokenIds = list[Annotated[int, _check(lambda v: v >= 0, "a token id >= 0"), _INT64]]
 StopStrings = Annotated[tuple[str, ...], _str_list("stop")]
+Port = Annotated[int, _check(lambda v: 0 <= v <= 65535, "a TCP port in [0, 65535]")]
+Room = Annotated[int, _check(lambda v: 0 <= v <= _UINT64_MAX, "an unsigned 64-bit integer")]
 NOT_N1 = _neutral(1, "n > 1 (several completions per request)")
 
 
@@ -89,14 +101,16 @@ class StrictModel(BaseModel):
 
 
 class SamplingParamsInput(StrictModel):
-    """`sampling_params` of /generate (SGLang names). max_new_tokens None: up to 128, within the context."""
+    """`sampling_params` of /generate (SGLang names). max_new_tokens None: up to 128, within the context.
+    temperature, top_p, top_k, min_p None: the server's defaults (--sampling-defaults). An unknown key is an
+    error naming the nearest known one (a misspelt key would otherwise be ignored silently)."""
 
     max_new_tokens: MaxTokens | None = None
     min_new_tokens: Annotated[int, _neutral(0, "min_new_tokens")] = 0
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: TopK = -1
-    min_p: MinP = 0.0
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
     seed: Seed | None = None
     sampling_seed: Seed | None = None  # SGLang's newer name for seed
     stop: StopStrings = ()
@@ -114,7 +128,20 @@ class SamplingParamsInput(StrictModel):
     ebnf: Annotated[Any, _neutral(None, "ebnf (structured output)")] = None
     structural_tag: Annotated[Any, _neutral(None, "structural_tag (structured output)")] = None
     logit_bias: Annotated[Any, _neutral({}, "logit_bias")] = None
+    stop_regex: Annotated[Any, _neutral(None, "stop_regex")] = None
     custom_params: Any = None
+    stream_interval: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    near = difflib.get_close_matches(str(key), list(cls.model_fields), n=1, cutoff=0.5)
+                    hint = f"; did you mean {near[0]}?" if near else ""
+                    raise ValueError(f"unknown sampling parameter {key!r}{hint}")
+        return data
 
 
 def _one_or_many(field: str, one: Callable[[Any], bool], what: str) -> BeforeValidator:
@@ -142,8 +169,8 @@ class GenerateReqInput(StrictModel):
     stream: bool = False
     # PD mode: set by the load balancer and handed to the engine.
     bootstrap_host: str | list[str] | None = None
-    bootstrap_port: int | list[int] | None = None
-    bootstrap_room: int | list[int] | None = None
+    bootstrap_port: Port | list[Port] | None = None
+    bootstrap_room: Room | list[Room] | None = None
     # Known SGLang fields, accepted and ignored.
     model: Any = None
     return_logprob: Any = None
@@ -189,8 +216,8 @@ class OpenAIRequestBase(StrictModel):
     logit_bias: Annotated[Any, _neutral({}, "logit_bias")] = None
     user: Any = None
     # SGLang extensions.
-    top_k: TopK = -1
-    min_p: MinP = 0.0
+    top_k: TopK | None = None
+    min_p: MinP | None = None
     stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -202,8 +229,8 @@ class OpenAIRequestBase(StrictModel):
     json_schema: Annotated[Any, _neutral(None, "json_schema (structured output)")] = None
     rid: str | None = None
     bootstrap_host: str | None = None
-    bootstrap_port: int | None = None
-    bootstrap_room: int | None = None
+    bootstrap_port: Port | None = None
+    bootstrap_room: Room | None = None
     # Accepted and ignored.
     lora_path: Any = None
     return_hidden_states: Any = None
@@ -294,9 +321,12 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
     for site, alternatives in unions.items():
         depth = {tag: max(len(loc) for loc, _ in errs) for tag, errs in alternatives.items()}
         deepest = max(depth.values())
-        if deepest > len(site):  # the value matched this alternative's shape: its errors are the real ones
-            parts += [_describe_one(loc, err) for tag, errs in alternatives.items() if depth[tag] == deepest
-                      for loc, err in errs]  # fmt: skip
+        # The value matched an alternative's shape if its errors lie deeper, or come from a range check.
+        matched = [tag for tag in alternatives if depth[tag] == deepest > len(site)] or [
+            tag for tag, errs in alternatives.items() if any(err.get("type") == "value_error" for _, err in errs)
+        ]
+        if matched:
+            parts += [_describe_one(loc, err) for tag in matched for loc, err in alternatives[tag]]
         else:
             wanted = [str(err.get("msg", "")).removeprefix("Input should be ") for errs in alternatives.values()
                       for _, err in errs]  # fmt: skip
@@ -325,9 +355,10 @@ def _describe_one(loc: Sequence[Any], err: Mapping[str, Any]) -> str:
     return f"{_path(loc)}: {str(err.get('msg', 'invalid value')).removeprefix('Value error, ')}"
 
 
-async def read_body(request: Request, model: type[M]) -> M:
+async def read_body(request: Request, model: type[M], logged_unknown: set[str] | None = None) -> M:
     """Parse the request body as JSON into `model`, whatever the Content-Type (curl's default is a form type);
-    raises ApiError (400) saying what is wrong."""
+    raises ApiError (400) saying what is wrong. Unknown top-level fields are accepted (SGLang clients and routers
+    send fields this server does not know) and logged once per name (names kept in `logged_unknown`)."""
     raw = await request.body()
     if not raw.strip():
         raise ApiError("the request body is missing; send a JSON object")
@@ -336,6 +367,12 @@ async def read_body(request: Request, model: type[M]) -> M:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(f"the request body is not valid JSON: {e}") from None
     try:
-        return model.model_validate(data)
+        parsed = model.model_validate(data)
     except ValidationError as e:
         raise ApiError(describe_validation_errors(e.errors())) from None
+    if logged_unknown is not None and isinstance(data, dict):
+        for key in data.keys() - model.model_fields.keys():
+            if f"{model.__name__}.{key}" not in logged_unknown:
+                logged_unknown.add(f"{model.__name__}.{key}")
+                logger.warning("%s: ignoring the unknown field %r (logged once)", request.url.path, key)
+    return parsed

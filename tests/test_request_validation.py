@@ -1,0 +1,261 @@
+"""Request validation closes over the whole request, and one request's failure stays its own.
+
+- Every number a request forwards has a range checked at the front: 400 naming the field, where an integer past
+  64 bits used to reach msgpack and answer 500 (`OverflowError`).
+- Sampling parameters are normalised as SGLang does (temperature < 1e-6 is greedy; top_k 0 or >= vocab is off).
+- An unknown key inside `sampling_params` is a 400 naming the nearest known key; unknown top-level fields are
+  accepted (SGLang routers send their own) and logged once per name.
+- Unset sampling parameters come from the model's generation_config.json (--sampling-defaults model), or are
+  OpenAI's (--sampling-defaults openai).
+- In the engine, a request whose row cannot be sampled ends alone with finish "error"; the greedy requests beside
+  it produce exactly what they produce alone (the oracle). Through a real `pd serve`, numerically extreme
+  requests beside four greedy ones all succeed.
+
+The front tests use the fake engine of tests/test_http_api.py (fast); one real server is shared per module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from pd.engine.io import GenerateRequest, SamplingParams, TokenOutput
+from pd.server.app import create_app
+from pd.server_args import ServerArgs
+from tests.server_process import pd_serve
+from tests.test_http_api import FakeEngineClient
+from tests.tiny_checkpoints import VOCAB, make_checkpoint, write_tokenizer
+
+MODEL_DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.0}
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A directory with a tokenizer and a generation_config.json carrying sampling defaults."""
+    path = tmp_path_factory.mktemp("model")
+    write_tokenizer(str(path))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, **MODEL_DEFAULTS}))
+    return str(path)
+
+
+def make_client(model_dir: str, sampling_defaults: str = "model") -> tuple[TestClient, FakeEngineClient]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    fake = FakeEngineClient(len(tok), tok.eos_token_id)
+    flag = {} if sampling_defaults == "model" else {"sampling_defaults": sampling_defaults}  # "model": the default
+    args = ServerArgs(model_path=model_dir, served_model_name="m", device="cpu", **flag)
+    return TestClient(create_app(fake, tok, args)), fake
+
+
+@pytest.fixture(scope="module")
+def app_fake(model_dir: str) -> tuple[TestClient, FakeEngineClient]:
+    return make_client(model_dir)
+
+
+def _gen(sampling: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    return {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2, **(sampling or {})}, **top}
+
+
+# Fields forwarded to the engine, each out of its range (64-bit and beyond): 400 naming the field.
+OUT_OF_RANGE = [
+    ("/generate", _gen(bootstrap_host="h", bootstrap_port=8998, bootstrap_room=2**64), "bootstrap_room: must be"),
+    ("/generate", _gen(bootstrap_host="h", bootstrap_port=2**70, bootstrap_room=1), "bootstrap_port: must be"),
+    ("/generate", _gen(bootstrap_host="h", bootstrap_port=8998, bootstrap_room=-1), "bootstrap_room: must be"),
+    ("/generate", _gen({"top_k": 2**63}), "sampling_params.top_k: must be a 64-bit integer"),
+    ("/generate", _gen({"top_k": -2**70}), "sampling_params.top_k: must be -1"),
+    ("/generate", _gen({"max_new_tokens": 2**64}), "sampling_params.max_new_tokens: must be a 64-bit integer"),
+    ("/generate", _gen({"seed": 2**64}), "sampling_params.seed: must be a 64-bit integer"),
+    ("/generate", _gen({"sampling_seed": -(2**63) - 1}), "sampling_params.sampling_seed: must be a 64-bit"),
+    ("/generate", _gen({"stop_token_ids": [2**64]}), "sampling_params.stop_token_ids[0]: must be a 64-bit"),
+    ("/generate", {"input_ids": [[1], [2]], "bootstrap_room": [1, 2**65]}, "bootstrap_room[1]: must be"),
+    ("/v1/completions", {"prompt": "a", "bootstrap_host": "h", "bootstrap_port": 1, "bootstrap_room": 2**64},
+     "bootstrap_room: must be"),
+    ("/v1/completions", {"prompt": "a", "top_k": 2**64}, "top_k: must be a 64-bit integer"),
+    ("/v1/completions", {"prompt": "a", "seed": -(2**64)}, "seed: must be a 64-bit integer"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 2**64}, "max_tokens: must be a 64-bit integer"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 2**64}, "max_completion_tokens: must be a 64-bit"),
+    ("/v1/chat/completions", {**CHAT, "stop_token_ids": [2**63]}, "stop_token_ids[0]: must be a 64-bit"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "message"), OUT_OF_RANGE)
+def test_out_of_range_numbers_answer_400_naming_the_field(
+    app_fake: tuple[TestClient, FakeEngineClient], path: str, body: dict[str, Any], message: str
+) -> None:
+    client, fake = app_fake
+    before = len(fake.requests)
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"], r.json()
+    assert len(fake.requests) == before  # nothing reached the engine
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [('"temperature": Infinity', "temperature: must be a finite number"),
+     ('"top_p": NaN', "top_p: must be a finite number"),
+     ('"min_p": -Infinity', "min_p: must be a finite number")],
+)  # fmt: skip
+def test_non_finite_floats_answer_400(app_fake: tuple[TestClient, FakeEngineClient], raw: str, message: str) -> None:
+    """Python's json reads NaN and Infinity, so they must be refused by range, not by the parser."""
+    client, _ = app_fake
+    r = client.post("/generate", content='{"input_ids": [5], "sampling_params": {' + raw + "}}")
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize(
+    ("sampling", "temperature", "top_k"),
+    [({"temperature": 1e-50}, 0.0, 20), ({"temperature": 9e-7, "top_k": 0}, 0.0, -1),
+     ({"temperature": 0.7, "top_k": 2**63 - 1}, 0.7, -1), ({"temperature": 0.7, "top_k": VOCAB}, 0.7, -1),
+     ({"temperature": 0.7, "top_k": -1}, 0.7, -1), ({"temperature": 0.7, "top_k": 3}, 0.7, 3)],
+)  # fmt: skip
+def test_sampling_params_are_normalised_like_sglang(
+    app_fake: tuple[TestClient, FakeEngineClient], sampling: dict[str, Any], temperature: float, top_k: int
+) -> None:
+    """temperature < 1e-6 -> 0 (greedy); top_k 0 or >= the vocabulary (the tokenizer's 256 bytes + ChatML) -> -1."""
+    client, fake = app_fake
+    assert client.post("/generate", json=_gen(sampling)).status_code == 200
+    sp = fake.requests[-1].sampling
+    assert (sp.temperature, sp.top_k) == (temperature, top_k)
+
+
+@pytest.mark.parametrize(
+    ("key", "near"), [("max_tokens", "max_new_tokens"), ("temprature", "temperature"), ("topk", "top_k")]
+)
+def test_unknown_sampling_key_answers_400_with_the_nearest_known_name(
+    app_fake: tuple[TestClient, FakeEngineClient], key: str, near: str
+) -> None:
+    client, _ = app_fake
+    r = client.post("/generate", json={"text": "a", "sampling_params": {key: 3}})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert f"sampling_params: unknown sampling parameter {key!r}; did you mean {near}?" in message, message
+
+
+def test_unknown_top_level_fields_are_accepted_and_logged_once_per_name(
+    model_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _ = make_client(model_dir)
+    with caplog.at_level(logging.WARNING, logger="pd.server.protocol"):
+        for _ in range(3):
+            assert client.post("/generate", json=_gen(some_future_field=1, other_field="x")).status_code == 200
+            assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1, "xyz": 1}).status_code == 200
+    logged = [r.getMessage() for r in caplog.records if "unknown field" in r.getMessage()]
+    assert sorted(logged) == sorted(
+        [f"/generate: ignoring the unknown field {k!r} (logged once)" for k in ("some_future_field", "other_field")]
+        + ["/v1/completions: ignoring the unknown field 'xyz' (logged once)"]
+    )
+
+
+# ---- sampling defaults (--sampling-defaults model|openai)
+def _sampling(sp: SamplingParams) -> dict[str, float]:
+    return {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k, "min_p": sp.min_p}
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_unset_sampling_params_come_from_generation_config(
+    app_fake: tuple[TestClient, FakeEngineClient], path: str
+) -> None:
+    client, fake = app_fake
+    body = {"/generate": _gen(), "/v1/completions": {"prompt": "a", "max_tokens": 2}, "/v1/chat/completions": CHAT}
+    assert client.post(path, json=body[path]).status_code == 200
+    model = {k: v for k, v in MODEL_DEFAULTS.items() if k != "repetition_penalty"}
+    assert _sampling(fake.requests[-1].sampling) == model
+    # What the request sets wins; the rest stay the model's.
+    set_one = {"/generate": _gen({"temperature": 1.0}), "/v1/completions": {"prompt": "a", "temperature": 1.0},
+               "/v1/chat/completions": {**CHAT, "temperature": 1.0}}  # fmt: skip
+    assert client.post(path, json=set_one[path]).status_code == 200
+    assert _sampling(fake.requests[-1].sampling) == {"temperature": 1.0, "top_p": 0.9, "top_k": 20, "min_p": 0.05}
+
+
+def test_sampling_defaults_openai_ignores_generation_config(model_dir: str) -> None:
+    client, fake = make_client(model_dir, sampling_defaults="openai")
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert _sampling(fake.requests[-1].sampling) == {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
+
+
+def test_sampling_defaults_flag_parses_and_rejects_other_values() -> None:
+    assert ServerArgs.from_cli(["--sampling-defaults", "openai", "--device", "cpu"]).sampling_defaults == "openai"
+    assert ServerArgs.from_cli(["--device", "cpu"]).sampling_defaults == "model"
+    with pytest.raises(SystemExit):
+        ServerArgs.from_cli(["--sampling-defaults", "hf"])
+
+
+# ---- per-request isolation in the engine
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_checkpoint("llama", str(tmp_path_factory.mktemp("llama") / "llama"), seed=3)
+
+
+def test_a_request_that_cannot_be_sampled_ends_alone_and_the_others_match_their_solo_run(llama_dir: str) -> None:
+    """Engine-level (no front to normalise): a nan temperature makes its row unsamplable. That request ends with
+    finish "error"; four greedy requests in the same batches give exactly their solo outputs; extreme but valid
+    parameters (temperature 1e-50, top_k 2**64) sample like greedy."""
+    from pd.engine.llm import LLM
+
+    llm = LLM(llama_dir, max_total_tokens=4096)
+    prompts = [[(7 * i + j) % VOCAB for j in range(5 + i)] for i in range(4)]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    solo = [llm.generate([p], greedy)[0] for p in prompts]
+    sched = llm.scheduler
+    reqs = [GenerateRequest(f"g{i}", p, greedy) for i, p in enumerate(prompts)]
+    reqs.append(GenerateRequest("nan", prompts[0], SamplingParams(max_new_tokens=6, temperature=float("nan"))))
+    reqs.append(GenerateRequest("tiny", prompts[1], SamplingParams(max_new_tokens=6, temperature=1e-50)))
+    reqs.append(GenerateRequest("huge_k", prompts[2], SamplingParams(max_new_tokens=6, temperature=1.0, top_k=2**64,
+                                                                    seed=5)))  # fmt: skip
+    for req in reqs:
+        assert sched.add(req) is None
+    outs: dict[str, list[TokenOutput]] = {}
+    while sched.has_work:
+        for out in sched.step():
+            outs.setdefault(out.rid, []).append(out)
+    assert [sum((o.new_token_ids for o in outs[f"g{i}"]), []) for i in range(4)] == solo
+    assert all(outs[f"g{i}"][-1].finish_reason == "length" for i in range(4))
+    failed = outs["nan"][-1]
+    assert failed.finish_reason == "error" and "sampling failed" in (failed.error or ""), failed
+    assert sum((o.new_token_ids for o in outs["tiny"]), []) == solo[1]
+    assert outs["huge_k"][-1].finish_reason in ("length", "stop")
+    assert sched.pool.num_free == sched.pool.num_pages  # every request, the failed one too, gave its pages back
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir: str) -> Iterator[str]:
+    with pd_serve(llama_dir) as url:
+        yield url
+
+
+def test_real_server_answers_400_not_500_for_integers_past_64_bits(server: str) -> None:
+    """Used to be `500 internal error: OverflowError` from msgpack in the engine client."""
+    for body in (_gen(bootstrap_room=2**64), _gen({"top_k": 2**64}), _gen({"seed": 2**70})):
+        r = httpx.post(server + "/generate", json=body, timeout=30)
+        assert r.status_code == 400, r.text
+
+
+def test_real_server_extreme_sampling_beside_greedy_requests_all_succeed(server: str) -> None:
+    """Four greedy requests plus numerically extreme ones, concurrently: every answer is 200, and the greedy
+    outputs equal those of the same requests run alone (as does temperature 1e-50, which is greedy)."""
+    prompts = [[(11 * i + j) % VOCAB for j in range(4 + i)] for i in range(4)]
+
+    def post(ids: list[int], sampling: dict[str, Any]) -> httpx.Response:
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 8, **sampling}}
+        return httpx.post(server + "/generate", json=body, timeout=120)
+
+    solo = [post(p, {"temperature": 0}).json()["output_ids"] for p in prompts]
+    extreme = [{"temperature": 1e-50}, {"temperature": 1.0, "top_k": 2**63 - 1}, {"temperature": 1e-5, "seed": 3},
+               {"temperature": 1e-50, "top_k": 2**63 - 1, "seed": 2**64 - 1}]  # fmt: skip
+    with ThreadPoolExecutor(8) as pool:
+        greedy = [pool.submit(post, p, {"temperature": 0}) for p in prompts]
+        odd = [pool.submit(post, prompts[0], sp) for sp in extreme]
+        answers = [f.result() for f in greedy + odd]
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    assert [r.json()["output_ids"] for r in answers[:4]] == solo
+    assert answers[4].json()["output_ids"] == solo[0] and answers[7].json()["output_ids"] == solo[0]
