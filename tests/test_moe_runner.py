@@ -231,7 +231,7 @@ def test_fused_moe_low_latency_torch_dispatch_equals_the_single_rank_layer(runne
     single_rank layer's output bit for bit (torch runner), or to rounding (cpu_packed's standard path)."""
     reference = _layer(MoeContext(runner=runner_name))
     ll = _layer(MoeContext(dispatcher="torch", a2a_mode="low_latency", max_tokens_per_rank=16, runner=runner_name))
-    assert ll.dispatcher.output_format == DispatchFormat.BATCHED
+    assert ll.dispatcher("low_latency").output_format == DispatchFormat.BATCHED
     for tokens in (1, 7, 16):
         x, logits = torch.randn(tokens, 32), torch.randn(tokens, 8)
         got, want = ll(x, logits), reference(x, logits)

@@ -91,8 +91,13 @@ def run_engine(
         raise SystemExit(1) from None
     runner = rt.runner
     assert inbox is not None
-    _send(outbox, {"ready": {"context_length": runner.context_length, "stats": to_dict(scheduler.stats()),
-                             "model_config": runner.model_config.raw}})
+    try:
+        _send(outbox, {"ready": {"context_length": runner.context_length, "stats": to_dict(scheduler.stats()),
+                                 "model_config": runner.model_config.raw}})
+    except (BrokenPipeError, EOFError, ConnectionResetError):
+        # The front went away while this rank loaded (Ctrl-C during start-up): nothing to report to.
+        logger.info("rank %d: the front closed before start-up finished; exiting", rank)
+        raise SystemExit(0) from None
     try:
         EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=server_args.tp_size > 1).run()
     except Exception:
