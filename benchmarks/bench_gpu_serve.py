@@ -1,0 +1,249 @@
+"""`pd serve` against transformers on one GPU, in one run, with the decode weight-read roofline beside them.
+
+Model (random bf16 weights, written with transformers): `qwen3` = Qwen3-MoE at Qwen3-30B-A3B widths (hidden 2048,
+32/4 heads of dim 128, 128 experts top-8 of 768, vocab 151936) with --layers layers (default 8); `deepseek` = a
+DeepSeek-V3 shape small enough for one GPU (MLA with 128 heads, 256 experts top-8 of 2048 with group-limited
+routing, first layer dense) with --layers layers (default 4).
+
+Workloads (the serving issue's): prefill tok/s of 16 x 1024-token prompts with 1 new token (transformers: forwards
+of 8 prompts); decode out tok/s at each --batches size with 128-token prompts, 128 new tokens, greedy, ignore_eos
+(transformers: `generate` on the batch; pd serve: that many concurrent streamed /generate requests), and pd serve's
+inter-token latency p50/p99 from the stream. Roofline of a decode step at batch B: the bytes every step must read
+(weights outside the routed experts, the expected number of distinct experts hit per MoE layer, E(1 - (1 - k/E)^B),
+times one expert's bytes, and the KV of the batch) over the device-to-device copy bandwidth measured in the same
+run ((read + write) / time of a 1 GiB copy).
+
+Usage: python benchmarks/bench_gpu_serve.py [--model qwen3|deepseek] [--layers N] [--batches 1,16,64,256]
+                                            [--out results.json] [--device cuda]
+`--device cpu --tiny` runs the whole procedure on a small model (a smoke run, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import httpx
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def model_config(name: str, layers: int, tiny: bool):  # noqa: ANN201 (transformers is imported lazily)
+    import transformers
+
+    common = dict(num_hidden_layers=layers, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+                  tie_word_embeddings=False, max_position_embeddings=4096)  # fmt: skip
+    if name == "qwen3":
+        widths = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128)  # fmt: skip
+        if tiny:
+            widths = dict(vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16)  # fmt: skip
+        return transformers.Qwen3MoeConfig(**common, **widths, num_experts_per_tok=8 if not tiny else 4,
+                                           norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])  # fmt: skip
+    widths = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                  num_attention_heads=128, num_key_value_heads=128, n_routed_experts=256, q_lora_rank=1536,
+                  kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)  # fmt: skip
+    if tiny:
+        widths = dict(vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                      num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, q_lora_rank=64,
+                      kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)  # fmt: skip
+    return transformers.DeepseekV3Config(**common, **widths, num_experts_per_tok=8 if not tiny else 4,
+                                         n_shared_experts=1, first_k_dense_replace=1, n_group=8 if not tiny else 4,
+                                         topk_group=4 if not tiny else 2, routed_scaling_factor=2.5,
+                                         norm_topk_prob=True)  # fmt: skip
+
+
+def write_checkpoint(path: str, config, device: str) -> None:  # noqa: ANN001
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_checkpoints import write_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    write_tokenizer(path)
+
+
+def copy_bandwidth(device: str) -> float:
+    """(read + written bytes) / time of a 1 GiB device-to-device copy, bytes/s (the median of 10)."""
+    n = (1 << 30) if device == "cuda" else (1 << 26)
+    src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(13):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n / statistics.median(times[3:])
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_bytes(config, batch: int, context: int) -> float:  # noqa: ANN001
+    """Bytes one decode step at batch ``batch`` must read: every weight outside the routed experts, the expected
+    distinct experts hit in each MoE layer, and the batch's KV (bf16)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expert_bytes, dense_bytes, moe_layers = 0, 0, set()
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * 2
+        if ".experts." in name and "shared" not in name:
+            moe_layers.add(name.split(".experts.")[0])
+            expert_bytes += nbytes
+        elif "embed_tokens" not in name:  # an embedding reads B rows, not the table
+            dense_bytes += nbytes
+    experts = getattr(config, "num_experts", None) or config.n_routed_experts
+    top_k = config.num_experts_per_tok
+    per_expert = expert_bytes / max(1, experts * len(moe_layers))
+    hit = experts * (1 - (1 - top_k / experts) ** batch)
+    if hasattr(config, "kv_lora_rank"):
+        kv_per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
+    else:
+        kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
+    return dense_bytes + len(moe_layers) * hit * per_expert + batch * context * kv_per_token
+
+
+def bench_transformers(path: str, device: str, args: argparse.Namespace) -> dict[str, object]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, object] = {}
+    with torch.no_grad():
+        ids = torch.randint(1, vocab, (8, args.prefill_len), generator=gen).to(device)
+        model(ids[:1, :64])  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(args.prefill_prompts // 8):
+            model(ids)
+        _sync(device)
+        out["prefill_tok_s"] = args.prefill_prompts * args.prefill_len / (time.perf_counter() - start)
+        for b in args.batches:
+            ids = torch.randint(1, vocab, (b, args.prompt), generator=gen).to(device)
+            model.generate(ids[:, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                           pad_token_id=0)  # fmt: skip
+            _sync(device)
+            out[f"decode_b{b}_tok_s"] = b * args.new_tokens / (time.perf_counter() - start)
+            print(f"transformers batch {b}: {out[f'decode_b{b}_tok_s']:.0f} out tok/s", flush=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+async def _stream(client: httpx.AsyncClient, url: str, ids: list[int], new_tokens: int) -> list[float]:
+    """Arrival times of each streamed chunk of one greedy request."""
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}  # fmt: skip
+    times = []
+    async with client.stream("POST", f"{url}/generate", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                times.append(time.perf_counter())
+    return times
+
+
+async def _serve_load(url: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[float]]]:
+    async with httpx.AsyncClient(timeout=1800) as client:
+        start = time.perf_counter()
+        arrivals = await asyncio.gather(*[_stream(client, url, p, new_tokens) for p in prompts])
+        return time.perf_counter() - start, list(arrivals)
+
+
+def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int) -> dict[str, object]:
+    from tests.server_process import free_port, pd_process
+
+    port = free_port()
+    max_bs = max(args.batches)
+    argv = ["serve", "--model-path", path, "--device", device, "--dtype", "bfloat16", "--port", str(port),
+            "--max-running-requests", str(max(max_bs, args.prefill_prompts)), "--chunked-prefill-size", "8192",
+            "--log-level", "warning"]  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    out: dict[str, object] = {}
+    with pd_process(argv, port, timeout=900) as url:
+        asyncio.run(_serve_load(url, [[1, 2, 3]], 4))  # warm-up
+        prompts = [torch.randint(1, vocab, (args.prefill_len,), generator=gen).tolist()
+                   for _ in range(args.prefill_prompts)]  # fmt: skip
+        asyncio.run(_serve_load(url, prompts[:2], 1))  # compiles the long-prompt kernels
+        elapsed, _ = asyncio.run(_serve_load(url, prompts, 1))
+        out["prefill_tok_s"] = args.prefill_prompts * args.prefill_len / elapsed
+        for b in args.batches:
+            prompts = [torch.randint(1, vocab, (args.prompt,), generator=gen).tolist() for _ in range(b)]
+            asyncio.run(_serve_load(url, prompts, 4))  # warm-up at this batch size
+            elapsed, arrivals = asyncio.run(_serve_load(url, prompts, args.new_tokens))
+            itl = sorted(1e3 * (t1 - t0) for times in arrivals for t0, t1 in zip(times[1:], times[2:], strict=False))
+            out[f"decode_b{b}_tok_s"] = b * args.new_tokens / elapsed
+            out[f"decode_b{b}_itl_ms_p50"] = itl[len(itl) // 2] if itl else None
+            out[f"decode_b{b}_itl_ms_p99"] = itl[min(len(itl) - 1, int(0.99 * len(itl)))] if itl else None
+            print(f"pd serve batch {b}: {out[f'decode_b{b}_tok_s']:.0f} out tok/s, ITL p50 "
+                  f"{out[f'decode_b{b}_itl_ms_p50']} ms", flush=True)  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("qwen3", "deepseek"), default="qwen3")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-prompts", type=int, default=16)
+    parser.add_argument("--prefill-len", type=int, default=1024)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="small widths: a smoke run of the procedure")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    layers = args.layers or (8 if args.model == "qwen3" else 4)
+    config = model_config(args.model, layers, args.tiny)
+    bandwidth = copy_bandwidth(args.device)
+    with tempfile.TemporaryDirectory() as path:
+        write_checkpoint(path, config, args.device)
+        hf = bench_transformers(path, args.device, args)
+        ours = bench_pd_serve(path, args.device, args, config.vocab_size)
+    rows = []
+    for b in args.batches:
+        roof = b / (step_bytes(config, b, args.prompt + args.new_tokens // 2) / bandwidth)
+        got, ref = ours[f"decode_b{b}_tok_s"], hf[f"decode_b{b}_tok_s"]
+        rows.append({"batch": b, "pd_tok_s": got, "hf_tok_s": ref, "x_hf": got / ref, "roofline_tok_s": roof,
+                     "roofline_over_pd": roof / got, "itl_p50_ms": ours[f"decode_b{b}_itl_ms_p50"],
+                     "itl_p99_ms": ours[f"decode_b{b}_itl_ms_p99"]})  # fmt: skip
+    print(f"\ncopy bandwidth {bandwidth / 1e9:.0f} GB/s; prefill: pd serve {ours['prefill_tok_s']:.0f} tok/s, "
+          f"transformers {hf['prefill_tok_s']:.0f} ({ours['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x)")  # fmt: skip
+    print(f"{'batch':>5} {'pd tok/s':>10} {'hf tok/s':>10} {'x hf':>6} {'roofline':>10} {'roof/pd':>8} "
+          f"{'ITL p50':>8} {'ITL p99':>8}")  # fmt: skip
+    for r in rows:
+        print(f"{r['batch']:>5} {r['pd_tok_s']:>10.0f} {r['hf_tok_s']:>10.0f} {r['x_hf']:>6.2f} "
+              f"{r['roofline_tok_s']:>10.0f} {r['roofline_over_pd']:>8.2f} {r['itl_p50_ms'] or 0:>8.2f} "
+              f"{r['itl_p99_ms'] or 0:>8.2f}")  # fmt: skip
+    if args.out:
+        device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        with open(args.out, "w") as f:
+            json.dump({"device": device_name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "args": vars(args), "copy_bandwidth_GBps": bandwidth / 1e9, "transformers": hf,
+                       "pd_serve": ours, "decode": rows}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
