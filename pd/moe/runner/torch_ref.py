@@ -138,7 +138,7 @@ class PermutedRows:
     order_M: [M] int64, each row's index into the slot-major flattening ``topk_ids.t().flatten()`` ([K*N]).
     token_idx_M: [M] int64, the dispatched token each row belongs to.
     counts_E: [E_local] int64, rows per local expert.
-    sizes_E: counts_E on the host (the one host sync of the permute).
+    sizes_E: counts_E on the host (the permute's host sync).
     """
 
     x_MH: torch.Tensor
@@ -177,7 +177,7 @@ def pre_permute(dispatch_out: DispatchOutput, num_experts: int) -> PermutedRows:
     counts = torch.bincount(keys, minlength=num_experts + 1)
     if counts.numel() != num_experts + 1:
         raise ValueError(f"topk_ids hold a local expert id >= num_local_experts={num_experts}")
-    sizes = counts.tolist()  # the only host sync: loops over experts and the slice below need plain ints
+    sizes = counts.tolist()  # a host sync (post_permute has the other): loops over experts need plain ints
     order = torch.argsort(keys, stable=True)[sizes[0] :]
     token_idx = order % num_tokens
     x_MH = hidden_NH.index_select(0, token_idx)
