@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from kvtransfer import get_kv_backend
-from kvtransfer.base import KVPoll, KVReceiver
+from kvtransfer.base import KVPoll, KVReceiver, prompt_fingerprint
 from pd.engine.disagg import DisaggConfig, kv_args
 from pd.engine.io import GenerateRequest, TokenOutput
 from pd.engine.model_runner import ModelRunner
@@ -54,9 +54,12 @@ class DecodeScheduler(Scheduler):
 
     def _enqueue(self, req: Req, msg: GenerateRequest) -> TokenOutput | None:
         assert msg.bootstrap_host is not None and msg.bootstrap_port is not None and msg.bootstrap_room is not None
-        self.receivers[req.rid] = self._receiver_cls(
-            self.kv_manager, msg.bootstrap_host, msg.bootstrap_port, msg.bootstrap_room
-        )
+        receiver = self._receiver_cls(self.kv_manager, msg.bootstrap_host, msg.bootstrap_port, msg.bootstrap_room,
+                                      prompt_fingerprint(req.prompt_ids))
+        if receiver.poll() == KVPoll.Failed:  # e.g. the room is taken by a request still in flight: refuse at once
+            return TokenOutput(req.rid, [], len(req.prompt_ids), 0, "error",
+                               error=f"bootstrap_room refused: {receiver.failure_reason}")
+        self.receivers[req.rid] = receiver
         req.state = ReqState.TRANSFERRING  # queued for pages; _release looks in prealloc first
         self.prealloc.append(req)
         return None

@@ -21,9 +21,13 @@ hang). Control messages are msgpack dicts with a schema (kvtransfer.messages), n
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+import numpy as np
 
 
 class KVPoll(IntEnum):
@@ -67,6 +71,16 @@ class FirstToken:
     prompt_tokens: int
 
 
+def prompt_fingerprint(token_ids: Sequence[int]) -> int:
+    """A 64-bit digest (blake2b of the ids as little-endian int64) of the prompt a room's KV was computed for.
+
+    Prefill and decode each compute it from their own copy of the request: equal prompts give equal values, so a
+    room that two different requests claim is caught before one client's KV answers another's prompt.
+    """
+    data = np.asarray(token_ids, dtype="<i8").tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 class KVManager(ABC):
     """One per engine rank: owns the transfer engine, the registered KV memory and the control listener."""
 
@@ -75,7 +89,9 @@ class KVManager(ABC):
 
 
 class KVSender(ABC):
-    """Prefill side of one request."""
+    """Prefill side of one request. Backends construct it as (manager, room, prompt_hash): the room belongs to
+    this request, and only a decode registration with the same prompt_fingerprint() is accepted for it (another is
+    refused, its decode told why, and this sender keeps waiting for the right one)."""
 
     @abstractmethod
     def poll(self) -> KVPoll: ...
@@ -93,7 +109,9 @@ class KVSender(ABC):
 
 
 class KVReceiver(ABC):
-    """Decode side of one request."""
+    """Decode side of one request. Backends construct it as (manager, bootstrap_host, bootstrap_port, room,
+    prompt_hash): the room fails, and its pages must not be read, when prefill's KV was computed for a prompt with
+    another prompt_fingerprint()."""
 
     @abstractmethod
     def init(self, page_indices: list[int], num_tokens: int) -> None:

@@ -37,6 +37,7 @@ class RegisterRoom:
     dst_pages: list[int]  # destination page of each prompt page, in prompt order
     num_tokens: int
     fingerprint: dict[str, Any]
+    prompt_hash: int = 0  # kvtransfer.base.prompt_fingerprint of decode's prompt
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TransferStatus:
     reason: str  # empty when ok
     first_token: int  # -1 when not ok
     prompt_tokens: int
+    prompt_hash: int = 0  # kvtransfer.base.prompt_fingerprint of the prompt prefill computed the KV for
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ Prefill rank                                          Decode rank
                        ----------- TransferStatus ----> Success (first token) | Failed (prefill's reason)
                        Success | Failed
 
-A registration that arrives before its sender exists is kept for bootstrap_timeout_s. Every wait has a
+Rooms are owned: a second sender or receiver for a live room on one rank is refused, a prefill rank keeps only
+its room's first registration and refuses one for another prompt (prompt fingerprints differ) or from another
+decode, and decode fails a status whose fingerprint is not its prompt's. A registration that arrives before its
+sender exists is kept for bootstrap_timeout_s, at most max_pending_rooms of them. Every wait has a
 deadline; a dropped control connection to a prefill fails that prefill's rooms at once. All network I/O
 happens on background threads: poll() only reads state and compares clocks.
 """
@@ -29,10 +32,14 @@ from kvtransfer.bootstrap import BootstrapClient, BootstrapServer
 from kvtransfer.control import ControlPool, ControlServer
 from kvtransfer.messages import AbortRoom, ControlMessage, RankInfo, RegisterRoom, TransferStatus, layout_mismatch
 from kvtransfer.mooncake_engine import MooncakeEngine
-from kvtransfer.mooncake_rooms import MooncakeKVReceiver, MooncakeKVSender, Room
+from kvtransfer.mooncake_rooms import MooncakeKVReceiver, MooncakeKVSender, Room, prompt_mismatch
 from kvtransfer.mooncake_transfer import TransferWorker
 
 logger = logging.getLogger(__name__)
+
+# Registrations for rooms whose request has not reached this prefill rank yet: the load balancer sends both halves
+# at once, so a few per request in flight; far more means a peer registers rooms nobody will prefill.
+MAX_PENDING_ROOMS = 4096
 
 __all__ = ["MooncakeKVManager", "MooncakeKVReceiver", "MooncakeKVSender", "start_decode_manager",
            "start_prefill_manager"]
@@ -52,6 +59,8 @@ class MooncakeKVManager(KVManager):
                  its sender); decode: how long a receiver waits for the bootstrap server.
     transfer_timeout_s:  decode: from init() to the prefill's status; prefill: from send() to pages landed.
     io_timeout_s: each connect, control send, HTTP call and non-transfer engine call.
+    max_pending_rooms: prefill: registrations kept for rooms without a sender yet (each for at most
+                 bootstrap_timeout_s); one past the bound is refused, so rooms nobody asks for cannot grow memory.
     Raises KVTransferError when the engine, the listener or the bootstrap announcement cannot be set up.
     """
 
@@ -72,6 +81,7 @@ class MooncakeKVManager(KVManager):
         io_timeout_s: float = 5.0,
         protocol: str = "tcp",
         device_name: str = "",
+        max_pending_rooms: int = MAX_PENDING_ROOMS,
     ) -> None:
         if role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
@@ -90,6 +100,7 @@ class MooncakeKVManager(KVManager):
         self._senders: dict[int, MooncakeKVSender] = {}
         self._receivers: dict[int, MooncakeKVReceiver] = {}
         self._pending: dict[int, tuple[RegisterRoom, float]] = {}  # room -> (registration, expiry)
+        self.max_pending_rooms = max_pending_rooms
         self.io = ThreadPoolExecutor(4, thread_name_prefix=f"kv-io-{role}")
         self.control = ControlPool(io_timeout_s, on_peer_lost=self._on_peer_lost)
         self.bootstrap_client = BootstrapClient(io_timeout_s)
@@ -217,17 +228,41 @@ class MooncakeKVManager(KVManager):
             logger.warning("%s rank got a %s message; ignored", self.role, type(msg).__name__)
 
     def _on_register(self, msg: RegisterRoom) -> None:
+        refusal = None
         with self.lock:
             self._sweep_pending()
             sender = self._senders.get(msg.room)
-            if sender is None:
-                self._pending[msg.room] = (msg, time.monotonic() + self.bootstrap_timeout_s)
+            first = sender.registration if sender is not None else self._pending.get(msg.room, (None, 0.0))[0]
+            if first is not None:
+                # A room belongs to its first registrant: a second decode (or a second request of the same decode)
+                # claiming it would be written another request's KV.
+                if _same_registrant(first, msg):
+                    logger.debug("repeated registration for room %d ignored", msg.room)
+                else:
+                    refusal = f"room {msg.room} is already registered by another decode request ({first.control_addr})"
+            elif sender is None:
+                if len(self._pending) >= self.max_pending_rooms:
+                    refusal = (f"prefill rank {self.args.engine_rank} already holds {len(self._pending)} registrations "
+                               "for rooms it has no request for")
+                else:
+                    self._pending[msg.room] = (msg, time.monotonic() + self.bootstrap_timeout_s)
             elif sender.state == KVPoll.Bootstrapping:
                 self._attach(sender, msg)
             else:
-                logger.debug("duplicate registration for room %d ignored", msg.room)
+                logger.debug("registration for finished room %d ignored", msg.room)
+        if refusal is not None:
+            self._refuse(msg, refusal)
+
+    def _refuse(self, msg: RegisterRoom, reason: str) -> None:
+        """Tells the decode that sent msg its room failed; whatever this rank holds for the room is untouched."""
+        logger.info("registration of room %d from %s refused: %s", msg.room, msg.control_addr, reason)
+        self.io.submit(self._send_quietly, msg.control_addr, TransferStatus(msg.room, False, reason, -1, 0))
 
     def _attach(self, sender: MooncakeKVSender, msg: RegisterRoom) -> None:
+        if msg.prompt_hash != sender.prompt_hash:
+            # Another request's decode claims this room: refuse it, and keep waiting for our own decode.
+            self._refuse(msg, prompt_mismatch(msg.room, sender.prompt_hash, msg.prompt_hash))
+            return
         sender.registration = msg
         problem = self.layout_problem(msg.page_size, msg.item_lens, msg.fingerprint)
         if problem is None and msg.engine_rank != self.args.engine_rank:
@@ -246,13 +281,19 @@ class MooncakeKVManager(KVManager):
             if receiver is None:
                 logger.debug("status for unknown room %d ignored", msg.room)
                 return
-            if msg.ok and msg.prompt_tokens == receiver.num_tokens:
+            same_prompt = msg.prompt_tokens == receiver.num_tokens and msg.prompt_hash == receiver.prompt_hash
+            if msg.ok and same_prompt:
                 receiver.set_success(msg.first_token, msg.prompt_tokens)
                 self._forget(receiver)
                 logger.debug("room %d received", msg.room)
                 return
-        if msg.ok:
+        if msg.ok and msg.prompt_tokens != receiver.num_tokens:
             reason = f"prefill sent {msg.prompt_tokens} prompt tokens, decode expected {receiver.num_tokens}"
+        elif msg.ok:
+            # Same length, other tokens: the KV in our pages answers someone else's prompt and must not be used.
+            reason = (f"prefill sent the KV of another prompt for room {msg.room} (prompt fingerprint "
+                      f"{msg.prompt_hash:#018x}, this request's {receiver.prompt_hash:#018x}); "
+                      "is the bootstrap_room reused?")
         else:
             reason = f"prefill reported: {msg.reason}"
         self.fail(receiver, reason, notify_peer=False)
@@ -304,7 +345,8 @@ class MooncakeKVManager(KVManager):
         assert r.prefill is not None and r.pages is not None
         a = self.args
         msg = RegisterRoom(r.room, a.engine_rank, self.control_addr, self.engine.session_id, list(a.kv_data_ptrs),
-                           list(a.kv_item_lens), a.page_size, r.pages, r.num_tokens, dict(a.fingerprint))
+                           list(a.kv_item_lens), a.page_size, r.pages, r.num_tokens, dict(a.fingerprint),
+                           r.prompt_hash)
         try:
             self.control.send(r.prefill.control_addr, msg)
         except KVTransferError as e:
@@ -332,6 +374,12 @@ class MooncakeKVManager(KVManager):
         if self._bootstrap_server is not None:
             self._bootstrap_server.close()
         self.engine.close()
+
+
+def _same_registrant(a: RegisterRoom, b: RegisterRoom) -> bool:
+    """Whether b repeats a's registration (the same decode rank's same pages) rather than a second claim."""
+    return (a.control_addr, a.session_id, a.dst_pages, a.prompt_hash) == (b.control_addr, b.session_id, b.dst_pages,
+                                                                          b.prompt_hash)
 
 
 class DisaggSettings(Protocol):

@@ -25,13 +25,18 @@ _DONE = (KVPoll.Success, KVPoll.Failed)
 PEER_LOST_GRACE_S = 0.5
 
 
+def prompt_mismatch(room: int, prefill_hash: int, decode_hash: int) -> str:
+    return (f"room {room} is claimed by two different prompts: prefill's has fingerprint {prefill_hash:#018x}, "
+            f"decode's {decode_hash:#018x} (is the bootstrap_room reused?)")
+
+
 class MooncakeKVSender(KVSender):
     """Prefill side of room `room`. Bootstrapping until decode registers (at most bootstrap_timeout_s from
     construction), WaitingForInput until send(), Transferring until the pages have landed and decode knows."""
 
-    def __init__(self, mgr: MooncakeKVManager, room: int) -> None:
+    def __init__(self, mgr: MooncakeKVManager, room: int, prompt_hash: int = 0) -> None:
         assert mgr.role == "prefill", "senders live on prefill ranks"
-        self.mgr, self.room = mgr, room
+        self.mgr, self.room, self.prompt_hash = mgr, room, prompt_hash
         self.state = KVPoll.Bootstrapping
         self.reason: str | None = None
         self.deadline = time.monotonic() + mgr.bootstrap_timeout_s
@@ -49,8 +54,9 @@ class MooncakeKVSender(KVSender):
 
     def send(self, page_indices: Sequence[int], num_tokens: int, first_token: FirstToken) -> None:
         """Queues the writes of the prompt's pages (page_indices: this rank's pages in prompt order, one per
-        page_size tokens) into the registered decode pages, then the status with first_token. Non-blocking;
-        a layout or length disagreement with the registration fails the room (and tells decode)."""
+        page_size tokens) into the registered decode pages, then the status with first_token and the prompt hash.
+        Non-blocking; a layout, length or prompt disagreement with the registration fails the room (and tells
+        decode) before any page is written."""
         if self.state == KVPoll.Failed:
             return  # decode aborted or failed between the caller's poll() and now; poll() will say so
         assert self.state == KVPoll.WaitingForInput, f"send() on room {self.room} in state {self.state.name}"
@@ -62,13 +68,16 @@ class MooncakeKVSender(KVSender):
                        f"decode registered {len(reg.dst_pages)}")
         if problem is None and num_tokens != reg.num_tokens:
             problem = f"prefill has {num_tokens} prompt tokens of room {self.room}, decode expects {reg.num_tokens}"
+        if problem is None and self.prompt_hash != reg.prompt_hash:  # _attach refuses these; keep the invariant
+            problem = prompt_mismatch(self.room, self.prompt_hash, reg.prompt_hash)
         if problem is not None:
             mgr.fail(self, problem)
             return
         a = mgr.args
         regions = transfer_regions(a.kv_data_ptrs, reg.dst_ptrs, a.kv_item_lens, a.page_size, page_indices,
                                    reg.dst_pages)
-        status = TransferStatus(self.room, True, "", first_token.token_id, first_token.prompt_tokens)
+        status = TransferStatus(self.room, True, "", first_token.token_id, first_token.prompt_tokens,
+                                self.prompt_hash)
         with mgr.lock:
             if self.state != KVPoll.WaitingForInput:
                 return  # aborted while we computed the regions
@@ -94,9 +103,10 @@ class MooncakeKVReceiver(KVReceiver):
     until the prefill's status (at most transfer_timeout_s after init()); then Success or Failed.
     """
 
-    def __init__(self, mgr: MooncakeKVManager, bootstrap_host: str, bootstrap_port: int, room: int) -> None:
+    def __init__(self, mgr: MooncakeKVManager, bootstrap_host: str, bootstrap_port: int, room: int,
+                 prompt_hash: int = 0) -> None:
         assert mgr.role == "decode", "receivers live on decode ranks"
-        self.mgr, self.room = mgr, room
+        self.mgr, self.room, self.prompt_hash = mgr, room, prompt_hash
         self.bootstrap_addr = (bootstrap_host, int(bootstrap_port))
         self.state = KVPoll.Bootstrapping
         self.reason: str | None = None
@@ -114,7 +124,8 @@ class MooncakeKVReceiver(KVReceiver):
 
     def init(self, page_indices: Sequence[int], num_tokens: int) -> None:
         """Registers the destination pages (this rank's, in prompt order: ceil(num_tokens / page_size) of
-        them) with the prefill rank, now or as soon as bootstrapping is done. Non-blocking.
+        them) and the prompt's fingerprint with the prefill rank, now or as soon as bootstrapping is done; a
+        status for another prompt fails the room. Non-blocking.
         Raises ValueError on a page list that cannot be right (wrong count, out of range, repeated)."""
         mgr = self.mgr
         need = -(-num_tokens // mgr.args.page_size)

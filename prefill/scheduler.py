@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from kvtransfer import get_kv_backend
-from kvtransfer.base import FirstToken, KVPoll, KVSender
+from kvtransfer.base import FirstToken, KVPoll, KVSender, prompt_fingerprint
 from pd.engine.disagg import DisaggConfig, kv_args
 from pd.engine.io import GenerateRequest, TokenOutput
 from pd.engine.model_runner import ModelRunner
@@ -43,7 +43,11 @@ class PrefillScheduler(Scheduler):
 
     def _enqueue(self, req: Req, msg: GenerateRequest) -> TokenOutput | None:
         assert msg.bootstrap_room is not None, "the HTTP front refuses PD requests without bootstrap fields"
-        self.senders[req.rid] = self._sender_cls(self.kv_manager, msg.bootstrap_room)
+        sender = self._sender_cls(self.kv_manager, msg.bootstrap_room, prompt_fingerprint(req.prompt_ids))
+        if sender.poll() == KVPoll.Failed:  # e.g. the room is taken by a request still in flight: refuse, don't run
+            return TokenOutput(req.rid, [], len(req.prompt_ids), 0, "error",
+                               error=f"bootstrap_room refused: {sender.failure_reason}")
+        self.senders[req.rid] = sender
         return super()._enqueue(req, msg)
 
     def _on_sampled(self, req: Req, token: int) -> TokenOutput | None:

@@ -76,7 +76,7 @@ def _prefill_main(cfg: dict[str, Any], cmds: Any, out: Any) -> None:
     bufs = make_buffers(cfg["seed"], cfg["layers"], cfg["item_lens"], cfg["pages"], cfg["page_size"], True)
     mgr = MooncakeKVManager(kv_args(bufs, cfg["layers"], cfg["item_lens"], cfg["page_size"]), "prefill", HOST,
                             (HOST, 0), serve_bootstrap=True, bootstrap_timeout_s=cfg["bootstrap_timeout"],
-                            transfer_timeout_s=10.0)
+                            transfer_timeout_s=10.0, max_pending_rooms=cfg.get("max_pending_rooms", 4096))
     assert mgr.bootstrap is not None
     out.put(("ready", mgr.bootstrap[1]))
     senders: dict[int, MooncakeKVSender] = {}
@@ -513,3 +513,124 @@ def test_abort_on_either_side_fails_the_peer_and_leaves_pages_untouched(prefill:
         assert all(torch.equal(g, w) for g, w in zip(dbufs, before, strict=True))
     finally:
         mgr.close()
+
+
+# ---- rooms are owned: one request's KV never answers another's prompt -----------------------------------------
+
+
+def test_prompt_fingerprint_is_64_bit_and_tells_same_length_prompts_apart() -> None:
+    from kvtransfer.base import prompt_fingerprint
+
+    rng = random.Random()
+    ids = [rng.randrange(200_000) for _ in range(rng.randint(1, 300))]
+    other = list(ids)
+    other[rng.randrange(len(ids))] += 1
+    assert prompt_fingerprint(ids) == prompt_fingerprint(np.asarray(ids)) < 2**64
+    assert prompt_fingerprint(ids) != prompt_fingerprint(other)
+    status = TransferStatus(3, True, "", 7, len(ids), prompt_fingerprint(ids))
+    assert decode_message(encode_message(status)) == status  # a full 64-bit value survives msgpack
+
+
+def test_registration_for_another_prompt_is_refused_and_the_sender_waits_for_its_own(prefill: PrefillPeer) -> None:
+    """The prefill's sender has prompt fingerprint 0: a decode with another prompt on its room is refused at once,
+    without a page written, and the sender still serves the decode with the right prompt."""
+    from kvtransfer.mooncake import MooncakeKVReceiver
+
+    mgr, dbufs = decode_manager(prefill, transfer_timeout=30.0)
+    try:
+        before, room = [b.clone() for b in dbufs], random.getrandbits(63)
+        prefill.cmds.put(("create", room))
+        assert prefill.expect("created")[2] == KVPoll.Bootstrapping
+        wrong = MooncakeKVReceiver(mgr, HOST, prefill.port, room, prompt_hash=0xDEADBEEF)
+        wrong.init([3], 2)
+        wait_for(lambda: wrong.poll() in DONE, 5, "the refusal")
+        assert wrong.poll() == KVPoll.Failed and "claimed by two different prompts" in (wrong.failure_reason or "")
+        assert sender_state(prefill, room) == KVPoll.Bootstrapping
+        assert all(torch.equal(g, w) for g, w in zip(dbufs, before, strict=True))
+        right = receiver(mgr, prefill, room)
+        right.init([5], 2)
+        prefill.cmds.put(("send", room, ([9], 2, 42)))
+        wait_for(lambda: right.poll() in DONE, 10, "the transfer")
+        assert right.poll() == KVPoll.Success and right.result() == FirstToken(42, 2), right.failure_reason
+        assert prefill.expect("done")[1:3] == (room, KVPoll.Success)
+    finally:
+        mgr.close()
+
+
+def test_status_for_another_prompt_fails_the_receiver_naming_both_fingerprints(prefill: PrefillPeer) -> None:
+    """Decode's own check, whatever the prefill does: an ok status computed for another prompt is a failure."""
+    mgr, _ = decode_manager(prefill, transfer_timeout=30.0)
+    try:
+        room = random.getrandbits(63)
+        r = receiver(mgr, prefill, room)
+        r.init([1], 3)
+        wait_for(lambda: r.poll() == KVPoll.Transferring, 10, "registration")
+        mgr._on_status(TransferStatus(room, True, "", 17, 3, 0xABC))
+        assert r.poll() == KVPoll.Failed
+        assert "KV of another prompt" in (r.failure_reason or "") and "0x0000000000000abc" in (r.failure_reason or "")
+    finally:
+        mgr.close()
+
+
+def _collector() -> tuple[Any, list[Any]]:
+    """A control listener standing in for a second decode rank: every message it gets lands in the list."""
+    from kvtransfer.control import ControlServer
+
+    got: list[Any] = []
+    return ControlServer(HOST, 0, got.append), got
+
+
+def test_second_registration_of_a_live_room_is_refused_and_the_first_is_served(prefill: PrefillPeer) -> None:
+    mgr, _ = decode_manager(prefill, transfer_timeout=30.0)
+    intruder, got = _collector()
+    try:
+        room = random.getrandbits(63)
+        first = receiver(mgr, prefill, room)
+        assert receiver(mgr, prefill, room).poll() == KVPoll.Failed  # a duplicate on this decode rank: refused here
+        first.init([2], 4)
+        wait_for(lambda: first.poll() == KVPoll.Transferring, 10, "registration")
+        info = mgr.bootstrap_client.get_route(HOST, prefill.port).rank_for(room, 0)
+        a = mgr.args
+        mgr.control.send(info.control_addr, RegisterRoom(room, 0, intruder.address, mgr.engine.session_id,
+                                                          list(a.kv_data_ptrs), list(a.kv_item_lens), a.page_size,
+                                                          [7], 4, dict(a.fingerprint)))
+        wait_for(lambda: got, 5, "the refusal of the second registration")
+        assert isinstance(got[0], TransferStatus) and not got[0].ok and "already registered" in got[0].reason
+        prefill.cmds.put(("send", room, ([11], 4, 5)))
+        wait_for(lambda: first.poll() in DONE, 10, "the first request's transfer")
+        assert first.poll() == KVPoll.Success and first.result() == FirstToken(5, 4), first.failure_reason
+    finally:
+        intruder.close()
+        mgr.close()
+
+
+def test_registrations_for_rooms_without_a_request_are_bounded_in_number_and_time() -> None:
+    bound, keep_s = 8, 3.0
+    peer = PrefillPeer(bootstrap_timeout=keep_s, max_pending_rooms=bound)
+    mgr, _ = decode_manager(peer)
+    sink, got = _collector()
+    try:
+        info = mgr.bootstrap_client.get_route(HOST, peer.port).rank_for(0, 0)
+        a = mgr.args
+
+        def register(room: int) -> None:
+            mgr.control.send(info.control_addr, RegisterRoom(room, 0, sink.address, mgr.engine.session_id,
+                                                              list(a.kv_data_ptrs), list(a.kv_item_lens),
+                                                              a.page_size, [1], 1, dict(a.fingerprint)))
+
+        for room in range(bound + 1):
+            register(room)
+        wait_for(lambda: got, 10, "the refusal past the bound")
+        assert [m.room for m in got] == [bound] and "registrations for rooms" in got[0].reason
+        # Every kept registration arrived before the refusal was seen: all have expired keep_s after that.
+        time.sleep(keep_s + 0.5)
+        register(bound + 1)
+        peer.cmds.put(("create", bound + 1))  # the late registration is kept, and reaches its sender
+        assert peer.expect("created")[2] == KVPoll.WaitingForInput
+        peer.cmds.put(("create", 0))  # an expired one does not
+        assert peer.expect("created")[2] == KVPoll.Bootstrapping
+        assert len(got) == 1
+    finally:
+        sink.close()
+        mgr.close()
+        peer.close()
