@@ -42,7 +42,9 @@ DEFAULT_CPU_MAX_TOTAL_TOKENS = 65536
 DEFAULT_GPU_MEM_FRACTION = 0.85
 DEFAULT_CUDA_GRAPH_MAX_BS = 256
 
-# Backends whose kernels exist for one device kind only.
+# Backends whose kernels exist for one device kind only (Triton's CPU interpreter, TRITON_INTERPRET=1, runs the
+# triton ones anywhere: slowly, for tests).
+_ATTENTION_DEVICE = {"triton": "cuda"}
 _A2A_DEVICE = {"deepep": "cuda", "mooncake": "cuda", "mori": "cuda", "flashinfer": "cuda", "ascend_fuseep": "npu"}
 _RUNNER_DEVICE = {
     "cpu_packed": "cpu", "triton": "cuda", "deep_gemm": "cuda", "flashinfer_cutlass": "cuda", "cutlass": "cuda"
@@ -438,20 +440,17 @@ def _validate(a: ServerArgs) -> None:
     )
     need(a.dp_size == 1 or a.enable_dp_attention, f"--dp-size {a.dp_size} requires --enable-dp-attention")
     need(a.tp_size % a.dp_size == 0, f"--dp-size ({a.dp_size}) must divide --tp-size ({a.tp_size})")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     for flag, backend, table in (
+        ("--attention-backend", a.attention_backend, _ATTENTION_DEVICE),
         ("--moe-a2a-backend", a.moe_a2a_backend, _A2A_DEVICE),
         ("--moe-runner-backend", a.moe_runner_backend, _RUNNER_DEVICE),
         ("--speculative-moe-runner-backend", a.speculative_moe_runner_backend, _RUNNER_DEVICE),
     ):
-        want = table.get(backend or "")
-        if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-            want = None  # Triton's interpreter runs the kernels on any device (slowly: tests only)
-        need(want is None or a.device == want, f"{flag} {backend} requires --device {want}, got {a.device}")
-    need(
-        a.attention_backend != "triton" or a.device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
-        f"--attention-backend triton requires --device cuda, got {a.device} (on a CPU its kernels run only in "
-        "Triton's interpreter, for tests: set TRITON_INTERPRET=1)",
-    )
+        want = None if backend == "triton" and interpreted else table.get(backend or "")
+        hint = " (on a CPU Triton kernels run only in Triton's interpreter, for tests: TRITON_INTERPRET=1)"
+        need(want is None or a.device == want,
+             f"{flag} {backend} requires --device {want}, got {a.device}{hint if backend == 'triton' else ''}")
     need(
         not a.enable_two_batch_overlap or a.moe_a2a_backend != "none",
         "--enable-two-batch-overlap overlaps dispatch with compute, so it needs --moe-a2a-backend other than none",

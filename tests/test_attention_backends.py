@@ -89,21 +89,11 @@ def test_triton_backend_equals_torch_backend_in_the_interpreter(case, tmp_path):
 GPU_ARCHS = ["llama", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 
 
-@pytest.fixture
-def _gpu():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("page_size", [1, 16, 64])
 @pytest.mark.parametrize("arch", GPU_ARCHS)
-def test_triton_backend_equals_torch_backend_on_cuda(arch, page_size, dtype, tmp_path, _gpu):
+def test_triton_backend_equals_torch_backend_on_cuda(arch, page_size, dtype, tmp_path, gpu_fp32_clean):
     seed = int(torch.randint(0, 2**31, ()).item())
     path = make_checkpoint(arch, str(tmp_path / arch), seed=seed)
     compare_backends(path, "cuda", dtype, page_size, seed, lengths=(300, 5, 77, 130), new_tokens=24, chunk=64)
@@ -111,7 +101,7 @@ def test_triton_backend_equals_torch_backend_on_cuda(arch, page_size, dtype, tmp
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
-def test_decode_step_runs_no_sdpa_and_no_context_gather(arch, tmp_path, _gpu, monkeypatch):
+def test_decode_step_runs_no_sdpa_and_no_context_gather(arch, tmp_path, gpu_fp32_clean, monkeypatch):
     """One decode step of a 16-request batch: no SDPA call and no KV gather (both made to raise), and the
     profile shows no SDPA/cuDNN/flash kernel."""
     import torch.nn.functional as F
@@ -198,7 +188,7 @@ def test_unknown_attention_backend_name_is_rejected():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
-def test_decode_forward_replayed_from_a_cuda_graph_equals_eager(arch, tmp_path, _gpu):
+def test_decode_forward_replayed_from_a_cuda_graph_equals_eager(arch, tmp_path, gpu_fp32_clean):
     """The backend's graph hooks: a decode forward captured once for 8 requests over the static state, then
     replayed for 5 real requests at new lengths, gives the eager forward's logits."""
     from pd.engine.forward_batch import BatchLayout, ForwardBatch

@@ -26,16 +26,6 @@ from tests.triton_interpreter import patch_interpreter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def _gpu():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def test_default_buckets_follow_sglang_spacing():
     assert default_cuda_graph_bs(64) == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
     assert default_cuda_graph_bs(3) == (1, 2, 3)
@@ -76,13 +66,13 @@ def test_graph_runner_bookkeeping_uncaptured_on_cpu_gives_the_eager_tokens(arch,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen3_moe", "deepseek_v3"])
-def test_graph_replay_gives_the_eager_greedy_tokens(arch, tmp_path, _gpu):
+def test_graph_replay_gives_the_eager_greedy_tokens(arch, tmp_path, gpu_fp32_clean):
     graphs_equal_eager(arch, str(tmp_path), "cuda", 13, 90, 40)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
-def test_graph_replay_makes_no_host_sync(arch, tmp_path, _gpu):
+def test_graph_replay_makes_no_host_sync(arch, tmp_path, gpu_fp32_clean):
     path = make_checkpoint(arch, str(tmp_path / arch), seed=0)
     llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=8, max_total_tokens=4096)
     runner, sched = llm.runner, llm.scheduler

@@ -22,8 +22,7 @@ MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_triton_runner_gives_the_reference_runners_greedy_tokens_on_cuda(arch, tmp_path):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_triton_runner_gives_the_reference_runners_greedy_tokens_on_cuda(arch, tmp_path, gpu_fp32_clean):
     seed = int(torch.randint(0, 2**31, ()).item())
     path = make_checkpoint(arch, str(tmp_path / arch), seed=seed)
     gen = torch.Generator().manual_seed(seed)

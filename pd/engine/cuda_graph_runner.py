@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pd.engine.forward_batch import BatchLayout, ForwardBatch
+from pd.engine.forward_batch import BatchLayout, ForwardBatch, empty_layout
 
 if TYPE_CHECKING:
     from pd.engine.kv_cache import ReqToToken
@@ -85,7 +85,7 @@ class CudaGraphRunner:
             batch = self._static_batch(bs)
             # Padding everywhere: row 0, one token of context, KV into the sink page.
             self._pad(0, bs)
-            self.runner.attn_backend.replay_prepare(bs, _no_requests(self.page_table, device))
+            self.runner.attn_backend.replay_prepare(bs, empty_layout(device, self.page_table))
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up outside the capture: Triton compiles, the allocator settles
@@ -130,12 +130,6 @@ class CudaGraphRunner:
             static, model = self.static[bs], self.runner.model
             logits = model.compute_logits(model(static)[static.logits_index])
         return logits[:n][batch.logits_index]
-
-
-def _no_requests(page_table: ReqToToken, device: torch.device) -> BatchLayout:
-    none32 = torch.zeros(0, dtype=torch.int32, device=device)
-    return BatchLayout(rows=none32, prefix_lens=none32, extend_lens=none32, q_starts=none32,
-                       out_loc=none32.long(), page_table=page_table, host_prefix_lens=[], host_extend_lens=[])
 
 
 def _ranges(sizes: tuple[int, ...]) -> str:

@@ -146,12 +146,17 @@ def build_forward_batch(
     )
 
 
+def empty_layout(device: torch.device, page_table: ReqToToken | None = None) -> BatchLayout:
+    """The layout of no requests."""
+    none32 = torch.zeros(0, dtype=torch.int32, device=device)
+    return BatchLayout(rows=none32, prefix_lens=none32, extend_lens=none32, q_starts=none32, out_loc=none32.long(),
+                       page_table=page_table, host_prefix_lens=[], host_extend_lens=[])  # fmt: skip
+
+
 def empty_forward_batch(kv_cache: KVCache, attn_backend: AttentionBackend, moe_mode: str = "normal") -> ForwardBatch:
     """A batch of no requests and no tokens (an idle rank's share of a collective forward)."""
-    device = kv_cache.device
-    none64, none32 = (torch.zeros(0, dtype=dtype, device=device) for dtype in (torch.int64, torch.int32))
-    layout = BatchLayout(rows=none32, prefix_lens=none32, extend_lens=none32, q_starts=none32, out_loc=none64,
-                         page_table=None, host_prefix_lens=[], host_extend_lens=[])  # fmt: skip
+    layout = empty_layout(kv_cache.device)
+    none64 = layout.out_loc
     return ForwardBatch(input_ids=none64, positions=none64, layout=layout, kv_cache=kv_cache, logits_index=none64,
                         attn_backend=attn_backend, attn_meta=attn_backend.prepare(layout, kv_cache),
                         moe_mode=moe_mode)  # fmt: skip

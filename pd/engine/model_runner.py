@@ -97,7 +97,7 @@ class ModelRunner:
         self.num_pages = self._num_pages(layout)
         if agree_pages is not None:
             self.num_pages = agree_pages(self.num_pages)
-        self.graph_bs = self._graph_batch_sizes(moe_ctx)
+        self.graph_bs = self._graph_batch_sizes(moe_ctx, has_moe=bool(moe_layers))
         # Under CUDA graphs one page past the pool's is the sink padding requests write their KV to.
         self.kv_cache = KVCache(self.model.num_layers, self.num_pages + bool(self.graph_bs), cfg.page_size, layout,
                                 cfg.dtype, self.device)  # fmt: skip
@@ -124,13 +124,12 @@ class ModelRunner:
                                           capture=self.device.type == "cuda")  # fmt: skip
         return self.slot_table
 
-    def _graph_batch_sizes(self, moe_ctx: MoeContext) -> tuple[int, ...]:
+    def _graph_batch_sizes(self, moe_ctx: MoeContext, has_moe: bool) -> tuple[int, ...]:
         """cfg.cuda_graph_bs where this rank can replay graphs alone, else () with the reason logged."""
         cfg = self.cfg
         if not cfg.cuda_graph_bs:
             return ()
         reason = None
-        has_moe = any(isinstance(m, FusedMoE) for m in self.model.modules())
         if cfg.attention_backend != "triton":
             reason = f"--attention-backend {cfg.attention_backend} cannot be captured (use triton)"
         elif has_moe and cfg.moe_runner != "triton":
