@@ -126,6 +126,9 @@ class ServerArgs:
     max_queued_requests: int = _opt(1024, "requests waiting beyond this are rejected", type=int)
     chunked_prefill_size: int = _opt(2048, "max prompt tokens per prefill step; -1 disables chunking", type=int)
     page_size: int = _opt(16, "tokens per KV page", type=int)
+    disable_overlap_schedule: bool = _opt(
+        False, "run each step's host work (batch building, output processing) after its forward instead of beside it"
+    )
     cuda_graph_max_bs: int | None = _opt(
         None, f"largest decode batch replayed from a CUDA graph; default: --max-running-requests, at most "
         f"{DEFAULT_CUDA_GRAPH_MAX_BS}", type=int)  # fmt: skip

@@ -54,7 +54,8 @@ def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
 
 
 def scheduler_config(args: ServerArgs) -> SchedulerConfig:
-    return SchedulerConfig(args.max_running_requests, args.chunked_prefill_size)
+    return SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,
+                           overlap=not args.disable_overlap_schedule)
 
 
 class EngineClient:

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 class SchedulerConfig:
     max_running_requests: int
     chunked_prefill_size: int  # -1: whole prompts in one step
+    overlap: bool = False  # prepare step N+1 on the host while the device runs step N (--disable-overlap-schedule)
 
 
 class Scheduler:
