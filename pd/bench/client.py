@@ -1,12 +1,21 @@
-"""The benchmark's HTTP client: one streamed request in, one timed `RequestOutput` out.
+"""The benchmark's HTTP client: one request in, one timed `RequestOutput` out.
 
-Two backends:
-- `native`: SGLang's POST /generate with `input_ids` (or `text`), `sampling_params` {max_new_tokens,
-  temperature 0, ignore_eos true} and `stream: true`. Each SSE event carries the cumulative `output_ids` and
+Three backends:
+- `native`: SGLang's POST /generate with `input_ids` (or `text`) and `sampling_params` {max_new_tokens,
+  temperature 0, ignore_eos true}. Each SSE event carries the cumulative `text`, `output_ids` and
   `meta_info.completion_tokens`, so the tokens new in an event are the growth of that count.
-- `openai`: POST /v1/completions with `stream: true` and `stream_options` {include_usage,
-  continuous_usage_stats}. Servers that send per-chunk usage give exact token counts per chunk; otherwise each
-  chunk with text counts as one token and the final usage chunk fixes the total.
+- `openai`: POST /v1/completions with `stream_options` {include_usage, continuous_usage_stats}. Servers that
+  send per-chunk usage give exact token counts per chunk; otherwise each chunk with text counts as one token and
+  the final usage chunk fixes the total.
+- `chat`: POST /v1/chat/completions with `messages` (a text prompt becomes one user message), streamed like
+  `openai`; a chunk's text is `choices[0].delta.content`, and the opening chunk, which carries only the role,
+  holds no token.
+
+Streaming is on and ignore_eos is sent unless the client is built with stream=False / ignore_eos=False. Without
+streaming the whole answer arrives at once: TTFT equals the end-to-end latency and there are no inter-token
+latencies (SGLang's bench_serving reports it the same way); the token count is the response's
+meta_info.completion_tokens or usage.completion_tokens. Without ignore_eos the field is left out of the request,
+so the server may stop at EOS before max tokens, as it would for a user.
 
 Timing (all time.perf_counter): TTFT is the time from sending to the first event that carries a token. An event
 carrying k > 1 new tokens after that (a server that batches its stream, or a decode step of several tokens)
@@ -28,6 +37,7 @@ from pd.bench.args import BACKENDS
 from pd.bench.datasets import BenchRequest
 
 HEALTH_TIMEOUT_S = 10.0
+PATHS = {"native": "/generate", "openai": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 class BenchError(Exception):
@@ -39,8 +49,9 @@ class RequestOutput:
     """What one request measured; times in seconds.
 
     ttft: time to the first token (0.0 if none arrived). itl: inter-token latencies (see the module doc).
-    latency: send to end of stream. start_time: perf_counter at send. prompt_len: the server's prompt token count
-    when it reports one, else the dataset's. error: "" on success, else why the request failed.
+    latency: send to end of response. start_time: perf_counter at send. prompt_len: the server's prompt token
+    count when it reports one, else the dataset's. error: "" on success, else why the request failed.
+    generated_text: the answer's text (a multi-turn conversation sends it back in the next turn).
     """
 
     prompt_len: int
@@ -51,6 +62,7 @@ class RequestOutput:
     output_tokens: int = 0
     start_time: float = 0.0
     error: str = ""
+    generated_text: str = ""
 
 
 def _auth_headers(api_key: str | None) -> dict[str, str]:
@@ -85,8 +97,20 @@ async def fetch_vocab_size(base_url: str, api_key: str | None = None) -> int | N
     return None
 
 
+def _error_message(event: dict[str, Any]) -> str:
+    err = event.get("error", event)
+    return f"error event: {err.get('message', err) if isinstance(err, dict) else err}"
+
+
+def _choice_text(choice: dict[str, Any], chat_field: str | None) -> str:
+    """A choice's text: `text` for completions, `{chat_field}.content` for chat ("delta" in a stream chunk,
+    "message" in a whole response); "" when it carries none."""
+    text = choice.get("text") if chat_field is None else (choice.get(chat_field) or {}).get("content")
+    return text or ""
+
+
 class BenchClient:
-    """Sends streamed requests to one server; use as `async with BenchClient(...) as c: await c.send(req)`.
+    """Sends requests to one server; use as `async with BenchClient(...) as c: await c.send(req)`.
 
     max_connections: the connection-pool size; None (no limit) so that an unlimited request rate really has
     every request in flight at once (httpx's default pool would silently cap it at 100).
@@ -100,12 +124,15 @@ class BenchClient:
         model: str | None = None,
         timeout_s: float = 3600.0,
         max_connections: int | None = None,
+        stream: bool = True,
+        ignore_eos: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise BenchError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.backend = backend
         self.model = model
-        self._path = "/generate" if backend == "native" else "/v1/completions"
+        self.stream = stream
+        self.ignore_eos = ignore_eos
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=_auth_headers(api_key),
@@ -120,83 +147,118 @@ class BenchClient:
         await self._http.aclose()
 
     def payload(self, req: BenchRequest) -> dict[str, Any]:
-        """The JSON body for `req`: greedy, ignore_eos, streamed."""
+        """The JSON body for `req`: greedy; ignore_eos and streaming unless the client turned them off."""
+        messages = isinstance(req.prompt, list) and bool(req.prompt) and isinstance(req.prompt[0], dict)
+        assert not messages or self.backend == "chat", "only the chat backend sends messages"
+        assert self.backend != "chat" or messages or isinstance(req.prompt, str), "a chat message holds text"
         if self.backend == "native":
+            params: dict[str, Any] = {"max_new_tokens": req.output_len, "temperature": 0.0}
+            if self.ignore_eos:
+                params["ignore_eos"] = True
             prompt_key = "text" if isinstance(req.prompt, str) else "input_ids"
-            params = {"max_new_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True}
-            return {prompt_key: req.prompt, "sampling_params": params, "stream": True}
-        body: dict[str, Any] = {
-            "prompt": req.prompt,
-            "max_tokens": req.output_len,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-        }
+            return {prompt_key: req.prompt, "sampling_params": params, "stream": self.stream}
+        body: dict[str, Any] = {"max_tokens": req.output_len, "temperature": 0.0, "stream": self.stream}
+        if self.backend == "openai":
+            body["prompt"] = req.prompt
+        else:
+            body["messages"] = req.prompt if messages else [{"role": "user", "content": req.prompt}]
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        if self.stream:
+            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         if self.model is not None:
             body["model"] = self.model
         return body
 
     async def send(self, req: BenchRequest) -> RequestOutput:
-        """Send `req` and time its stream. Never raises for a server or network failure: it is recorded in
+        """Send `req` and time its response. Never raises for a server or network failure: it is recorded in
         `error` (HTTP status and body, an error event in the stream, a stream cut before `data: [DONE]`)."""
         out = RequestOutput(prompt_len=req.prompt_len)
-        tracker = _TokenTimer(out)
         out.start_time = time.perf_counter()
         try:
-            async with self._http.stream("POST", self._path, json=self.payload(req)) as resp:
+            async with self._http.stream("POST", PATHS[self.backend], json=self.payload(req)) as resp:
                 if resp.status_code != 200:
                     body = (await resp.aread()).decode(errors="replace")
                     out.error = f"HTTP {resp.status_code}: {body[:300]}"
                     return out
-                done = False
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, SSE comments and other fields
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    event = json.loads(data)
-                    if "error" in event or event.get("object") == "error":
-                        err = event.get("error", event)
-                        out.error = f"error event: {err.get('message', err) if isinstance(err, dict) else err}"
-                        return out
-                    self._on_event(event, tracker, time.perf_counter())
+                if self.stream:
+                    out.error = await self._read_stream(resp, out)
+                else:
+                    raw = await resp.aread()
+                    now = time.perf_counter()
+                    out.error = self._read_whole(json.loads(raw), out, now)
             out.latency = time.perf_counter() - out.start_time
-            if not done:
-                out.error = "the stream ended before data: [DONE]"
-            elif out.output_tokens == 0:
-                out.error = "the stream carried no tokens"
-            else:
-                out.success = True
         # A malformed event (not JSON, not an object, wrong field types) fails the request, not the benchmark.
         except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError) as e:
             out.error = f"{type(e).__name__}: {e}"
+        if not out.error and out.output_tokens == 0:
+            out.error = "the response carried no tokens"
+        out.success = not out.error
         return out
 
-    def _on_event(self, event: dict[str, Any], tracker: _TokenTimer, now: float) -> None:
+    async def _read_stream(self, resp: httpx.Response, out: RequestOutput) -> str:
+        """Reads SSE events into `out`; returns "" after `data: [DONE]`, else why the stream failed."""
+        timer = _TokenTimer(out)
+        async for line in resp.aiter_lines():
+            now = time.perf_counter()
+            if not line.startswith("data:"):
+                continue  # blank separators, SSE comments and other fields
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return ""
+            event = json.loads(data)
+            if "error" in event or event.get("object") == "error":
+                return _error_message(event)
+            self._on_event(event, timer, now)
+        return "the stream ended before data: [DONE]"
+
+    def _on_event(self, event: dict[str, Any], timer: _TokenTimer, now: float) -> None:
+        out = timer.out
         if self.backend == "native":
             meta = event.get("meta_info") or {}
             total = meta.get("completion_tokens")
             if total is None:
                 total = len(event.get("output_ids") or ())
-            tracker.tokens_at(int(total), now)
+            timer.tokens_at(int(total), now)
+            out.generated_text = event.get("text", out.generated_text)  # cumulative
             if "prompt_tokens" in meta:
-                tracker.out.prompt_len = int(meta["prompt_tokens"])
+                out.prompt_len = int(meta["prompt_tokens"])
             return
         usage = event.get("usage") or {}
         choices = event.get("choices") or []
+        text = _choice_text(choices[0], "delta" if self.backend == "chat" else None) if choices else ""
+        out.generated_text += text
         if not choices:
             # The final usage-only chunk: the true total, but no token arrived now.
             if "completion_tokens" in usage:
-                tracker.out.output_tokens = max(tracker.out.output_tokens, int(usage["completion_tokens"]))
+                out.output_tokens = max(out.output_tokens, int(usage["completion_tokens"]))
         elif "completion_tokens" in usage:
-            tracker.tokens_at(int(usage["completion_tokens"]), now)
-        elif choices[0].get("text"):
-            tracker.tokens_at(tracker.count + 1, now)
+            timer.tokens_at(int(usage["completion_tokens"]), now)
+        elif text:
+            timer.tokens_at(timer.count + 1, now)
         if "prompt_tokens" in usage:
-            tracker.out.prompt_len = int(usage["prompt_tokens"])
+            out.prompt_len = int(usage["prompt_tokens"])
+
+    def _read_whole(self, body: dict[str, Any], out: RequestOutput, now: float) -> str:
+        """Reads a non-streamed response into `out`; returns "" or why it failed."""
+        if "error" in body or body.get("object") == "error":
+            return _error_message(body)
+        if self.backend == "native":
+            meta = body.get("meta_info") or {}
+            total, prompt = meta.get("completion_tokens", len(body.get("output_ids") or ())), meta.get("prompt_tokens")
+            text = body.get("text")
+        else:
+            usage = body.get("usage") or {}
+            total, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+            text = _choice_text((body.get("choices") or [{}])[0], "message" if self.backend == "chat" else None)
+        if total is None:
+            return "the response has no completion token count (usage.completion_tokens)"
+        out.ttft = now - out.start_time
+        out.output_tokens = int(total)
+        out.generated_text = text or ""
+        if prompt is not None:
+            out.prompt_len = int(prompt)
+        return ""
 
 
 class _TokenTimer:

@@ -1,4 +1,5 @@
-"""Synthetic benchmark prompts: random token ids or random text, with lengths drawn uniformly from a range.
+"""Benchmark prompts: random token ids, random words, or passages of real prose (corpus.py), with lengths drawn
+uniformly from a range. Multi-turn conversations are in conversations.py.
 
 Everything comes from one seeded numpy generator, so the same seed gives the same prompts and output
 lengths on every machine, and two servers benchmarked with the same flags see the same workload.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pd.bench.args import DATASETS
+from pd.bench.corpus import prose_words
 
 # Short, frequent English words: most BPE tokenizers encode " word" as one token, so a prompt of N words is
 # close to N tokens. The server's own prompt_tokens count (when it reports one) is what the report uses.
@@ -29,12 +31,14 @@ _WORDS = np.array(
 class BenchRequest:
     """One benchmark prompt.
 
-    prompt: token ids (list of int, each in [0, vocab_size)) or a text string.
+    prompt: token ids (list of int, each in [0, vocab_size)), a text string, or chat messages (a list of
+    {"role", "content"} dicts, the last one the user's).
     prompt_len: tokens in the prompt (for text: words, an estimate until the server reports its count).
-    output_len: max_new_tokens to ask for (sent with ignore_eos, so the server generates exactly this many).
+    output_len: max_new_tokens to ask for (sent with ignore_eos unless disabled, so the server generates exactly
+    this many).
     """
 
-    prompt: list[int] | str
+    prompt: list[int] | str | list[dict[str, str]]
     prompt_len: int
     output_len: int
 
@@ -45,7 +49,7 @@ def _check_range(name: str, lo_hi: tuple[int, int]) -> None:
         raise ValueError(f"{name} must satisfy 1 <= A <= B, got {lo} {hi}")
 
 
-def _lengths(
+def draw_lengths(
     rng: np.random.Generator, n: int, input_len_range: tuple[int, int], output_len_range: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Input and output lengths, each int64 [n], uniform over the closed ranges."""
@@ -70,7 +74,7 @@ def random_token_requests(
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     rng = np.random.default_rng(seed)
-    in_lens, out_lens = _lengths(rng, num_prompts, input_len_range, output_len_range)
+    in_lens, out_lens = draw_lengths(rng, num_prompts, input_len_range, output_len_range)
     # One draw for all prompts, then split: no per-token Python work.
     ids = rng.integers(0, vocab_size, size=int(in_lens.sum()))
     prompts = np.split(ids, np.cumsum(in_lens)[:-1])
@@ -91,12 +95,39 @@ def random_text_requests(
     Raises ValueError for an empty or inverted length range.
     """
     rng = np.random.default_rng(seed)
-    in_lens, out_lens = _lengths(rng, num_prompts, input_len_range, output_len_range)
+    in_lens, out_lens = draw_lengths(rng, num_prompts, input_len_range, output_len_range)
     words = _WORDS[rng.integers(0, len(_WORDS), size=int(in_lens.sum()))]
     prompts = np.split(words, np.cumsum(in_lens)[:-1])
     return [
         BenchRequest(prompt=" ".join(p.tolist()), prompt_len=int(n_in), output_len=int(n_out))
         for p, n_in, n_out in zip(prompts, in_lens, out_lens, strict=True)
+    ]
+
+
+def passages(rng: np.random.Generator, lengths: np.ndarray) -> list[str]:
+    """One passage of real prose per entry of `lengths` (words, int [n]), each from a random place in the corpus
+    (wrapping around its end)."""
+    words = np.asarray(prose_words())
+    starts = rng.integers(0, len(words), size=len(lengths))
+    spans = (np.arange(start, start + n) for start, n in zip(starts, lengths, strict=True))
+    return [" ".join(words.take(span, mode="wrap").tolist()) for span in spans]
+
+
+def python_docs_requests(
+    num_prompts: int,
+    input_len_range: tuple[int, int],
+    output_len_range: tuple[int, int],
+    seed: int,
+) -> list[BenchRequest]:
+    """`num_prompts` passages of the Python documentation; the input length counts words.
+
+    Raises ValueError for an empty or inverted length range, corpus.CorpusUnavailableError without pydoc_data.
+    """
+    rng = np.random.default_rng(seed)
+    in_lens, out_lens = draw_lengths(rng, num_prompts, input_len_range, output_len_range)
+    return [
+        BenchRequest(prompt=text, prompt_len=int(n_in), output_len=int(n_out))
+        for text, n_in, n_out in zip(passages(rng, in_lens), in_lens, out_lens, strict=True)
     ]
 
 
@@ -108,11 +139,13 @@ def make_requests(
     seed: int,
     vocab_size: int | None = None,
 ) -> list[BenchRequest]:
-    """The prompts of dataset `dataset` (one of DATASETS); random-ids needs `vocab_size`."""
+    """The prompts of a single-turn dataset (one of DATASETS but multi-turn); random-ids needs `vocab_size`."""
     if dataset == "random-ids":
         if vocab_size is None:
             raise ValueError("the random-ids dataset needs a vocab size")
         return random_token_requests(num_prompts, input_len_range, output_len_range, vocab_size, seed)
     if dataset == "random-text":
         return random_text_requests(num_prompts, input_len_range, output_len_range, seed)
+    if dataset == "python-docs":
+        return python_docs_requests(num_prompts, input_len_range, output_len_range, seed)
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
