@@ -120,6 +120,36 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
             "out_tok_per_s": args.batch / statistics.median(times[2:] or times)}  # fmt: skip
 
 
+def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
+    """16 prompts of 1024 tokens, one new token each, through the scheduler (chunks of 8192 tokens) as `pd serve`
+    runs them: the wall time of the burst after a warm-up at the same shape, and one profiled burst."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pd.engine.io import SamplingParams
+    from pd.engine.llm import LLM
+
+    llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=64,
+              max_total_tokens=64 * 1200, chunked_prefill_size=8192)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 150000, (1024,), generator=gen).tolist() for _ in range(16)]
+    params = SamplingParams(max_new_tokens=1, temperature=0.0)
+    llm.generate(prompts, params)  # every kernel variant of the shape compiles here
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+    with open(os.path.join(args.out, "profile_prefill.txt"), "w") as f:
+        f.write(f"{torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        f.write(f"prefill 16 x 1024 tokens, {args.layers} layers, wall {wall * 1e3:.1f} ms\n")
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+    return {"variant": "prefill", "wall_ms": wall * 1e3, "tok_per_s": 16 * 1024 / wall, "profiled_gpu_ms": gpu_us / 1e3}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".")
@@ -134,14 +164,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(tmp, args.layers)
         for variant in args.variants.split(","):
-            results.append(run_backend(tmp, variant, args))
+            results.append(profile_prefill(tmp, args) if variant == "prefill" else run_backend(tmp, variant, args))
             print(json.dumps(results[-1]), flush=True)
             torch.cuda.empty_cache()
     with open(os.path.join(args.out, "decode_step.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "args": vars(args), "results": results}, f, indent=1)  # fmt: skip
     for r in results:
-        if r["variant"].startswith("triton") and (r["forbidden_kernels"] or r["python_calls"]):
+        if r["variant"].startswith("triton") and (r["forbidden_kernels"] or r["python_calls"]):  # type: ignore
             raise SystemExit(f"{r['variant']} decode step still runs {r['forbidden_kernels']} {r['python_calls']}")
 
 

@@ -20,7 +20,6 @@ from pd.engine.io import GenerateRequest, TokenOutput
 from pd.engine.model_runner import ModelRunner
 from pd.engine.request import Req, ReqState
 from pd.engine.scheduler import Scheduler, SchedulerConfig
-from pd.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +40,16 @@ class DecodeScheduler(Scheduler):
         # (a transfer call already in flight on the prefill side cannot be recalled).
         self.quarantine: deque[tuple[float, list[int]]] = deque()
 
+    def warm_up(self) -> None:
+        pass  # decode batches run from CUDA graphs, captured (and so compiled) at start-up; no prompt runs here
+
     @property
     def has_work(self) -> bool:
         return super().has_work or bool(self.prealloc or self.transferring or self.quarantine)
 
     @property
     def needs_compute(self) -> bool:
-        return bool(self.running)
+        return bool(self.running or self.in_flight)
 
     def live_requests(self) -> list[Req]:
         return super().live_requests() + list(self.prealloc) + self.transferring
@@ -126,6 +128,3 @@ class DecodeScheduler(Scheduler):
             receiver.abort()
         super()._release(req)
 
-
-def make_decode_scheduler(cfg: SchedulerConfig, runner: ModelRunner, args: ServerArgs, dp_rank: int = 0) -> Scheduler:
-    return DecodeScheduler(cfg, runner, DisaggConfig.from_server_args(args, dp_rank))

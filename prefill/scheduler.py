@@ -17,7 +17,6 @@ from pd.engine.io import GenerateRequest, TokenOutput
 from pd.engine.model_runner import ModelRunner
 from pd.engine.request import Req, ReqState
 from pd.engine.scheduler import Scheduler, SchedulerConfig
-from pd.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +48,9 @@ class PrefillScheduler(Scheduler):
                                error=f"bootstrap_room refused: {sender.failure_reason}")
         self.senders[req.rid] = sender
         return super()._enqueue(req, msg)
+
+    def _decodes_further(self, req: Req) -> bool:
+        return False  # decode computes every token after the first
 
     def _on_sampled(self, req: Req, token: int) -> TokenOutput | None:
         req.output_ids.append(token)
@@ -91,6 +93,3 @@ class PrefillScheduler(Scheduler):
             sender.abort()
         super()._release(req)
 
-
-def make_prefill_scheduler(cfg: SchedulerConfig, runner: ModelRunner, args: ServerArgs, dp_rank: int = 0) -> Scheduler:
-    return PrefillScheduler(cfg, runner, DisaggConfig.from_server_args(args, dp_rank))

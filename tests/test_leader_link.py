@@ -9,23 +9,24 @@ from multiprocessing.connection import Client
 import pytest
 
 from pd.dist.leader_link import RemoteLeaderListener, connect_to_front, link_address
-from pd.server_args import ServerArgs
+from pd.dist.topology import InstanceLayout
+from pd.engine.spec import instance_layout
 from tests.server_process import free_dist_init_addr
 from tests.test_server_args import parse
 
 
-def _args(tp: int = 4, dp: int = 4) -> ServerArgs:
-    return parse(f"--tp {tp} --dp-size {dp} --enable-dp-attention --nnodes 2 "
-                 f"--dist-init-addr {free_dist_init_addr()}")  # fmt: skip
+def _layout(tp: int = 4, dp: int = 4) -> InstanceLayout:
+    return instance_layout(parse(f"--tp {tp} --dp-size {dp} --enable-dp-attention --nnodes 2 "
+                                 f"--dist-init-addr {free_dist_init_addr()}"))  # fmt: skip
 
 
 def test_expected_leaders_connect_and_messages_flow_both_ways() -> None:
-    args = _args()
-    listener = RemoteLeaderListener(args, [2, 3])
+    layout = _layout()
+    listener = RemoteLeaderListener(layout, [2, 3])
     leaders: dict[int, object] = {}
 
     def leader(rank: int) -> None:
-        conn = connect_to_front(args, rank, timeout_s=10)
+        conn = connect_to_front(layout, rank, timeout_s=10)
         leaders[rank] = conn
         conn.send_bytes(conn.recv_bytes() + b" back from %d" % rank)
 
@@ -44,21 +45,21 @@ def test_expected_leaders_connect_and_messages_flow_both_ways() -> None:
 
 
 def test_strangers_and_unexpected_ranks_are_refused_and_the_wait_goes_on() -> None:
-    args = _args()
-    listener = RemoteLeaderListener(args, [3])
+    layout = _layout()
+    listener = RemoteLeaderListener(layout, [3])
     outcome: dict[str, object] = {}
 
     def strangers() -> None:
         try:
-            Client(link_address(args), authkey=b"not the instance's key")
+            Client(link_address(layout), authkey=b"not the instance's key")
         except (AuthenticationError, EOFError, OSError) as e:
             outcome["stranger"] = e
-        intruder = connect_to_front(args, 1, timeout_s=10)  # right key, a rank that is not a remote leader
+        intruder = connect_to_front(layout, 1, timeout_s=10)  # right key, a rank that is not a remote leader
         try:
             intruder.recv_bytes()  # the front closes it
         except (EOFError, OSError) as e:
             outcome["intruder"] = e
-        outcome["leader"] = connect_to_front(args, 3, timeout_s=10)
+        outcome["leader"] = connect_to_front(layout, 3, timeout_s=10)
 
     thread = threading.Thread(target=strangers)
     thread.start()
@@ -70,18 +71,18 @@ def test_strangers_and_unexpected_ranks_are_refused_and_the_wait_goes_on() -> No
 
 
 def test_missing_leaders_time_out_by_name_and_a_dead_local_rank_ends_the_wait() -> None:
-    args = _args()
+    layout = _layout()
     with pytest.raises(TimeoutError, match=r"leaders of ranks \[2, 3\]"):
-        RemoteLeaderListener(args, [2, 3]).accept_all(0.5, lambda: True)
+        RemoteLeaderListener(layout, [2, 3]).accept_all(0.5, lambda: True)
     with pytest.raises(RuntimeError, match="a rank on this node exited"):
-        RemoteLeaderListener(args, [2, 3]).accept_all(30, lambda: False)
+        RemoteLeaderListener(layout, [2, 3]).accept_all(30, lambda: False)
 
 
 def test_a_busy_link_port_is_a_clear_error() -> None:
-    args = _args()
-    first = RemoteLeaderListener(args, [2])
+    layout = _layout()
+    first = RemoteLeaderListener(layout, [2])
     try:
         with pytest.raises(OSError, match=r"--dist-init-addr's port \+ 1"):
-            RemoteLeaderListener(args, [2])
+            RemoteLeaderListener(layout, [2])
     finally:
         first.close()

@@ -251,6 +251,21 @@ def test_unknown_backend_name_exits_naming_the_flag(capsys: pytest.CaptureFixtur
     assert "--moe-a2a-backend" in err and "invalid choice" in err
 
 
+def test_transfer_backend_choices_are_the_kvtransfer_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtransfer import _BACKENDS
+
+    for name in _BACKENDS:  # each registered backend parses
+        args = ServerArgs.from_cli(["--device", "cpu", "--disaggregation-transfer-backend", name])
+        assert args.disaggregation_transfer_backend == name
+    unknown = "fake"
+    assert unknown not in _BACKENDS
+    with pytest.raises(SystemExit) as e:  # refused by the parser, not later inside the engine process
+        ServerArgs.from_cli(["--device", "cpu", "--disaggregation-transfer-backend", unknown])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--disaggregation-transfer-backend" in err and "invalid choice" in err
+
+
 def test_from_cli_turns_server_args_error_into_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         ServerArgs.from_cli(["--device", "cpu", "--page-size", "0"])
@@ -316,10 +331,10 @@ def test_serve_hands_parsed_args_to_run_server(monkeypatch: pytest.MonkeyPatch, 
     assert main(["serve", "--device", "cpu", "--port", "31234", "--log-level", "warning"]) == 0
     assert len(seen) == 1 and seen[0][0].port == 31234 and seen[0][0].device == "cpu"
     assert seen[0][1] is None  # unified mode: the engine's default scheduler
-    from decode.scheduler import make_decode_scheduler
-    from prefill.scheduler import make_prefill_scheduler
+    from decode.scheduler import DecodeScheduler
+    from prefill.scheduler import PrefillScheduler
 
-    for mode, factory in (("prefill", make_prefill_scheduler), ("decode", make_decode_scheduler)):
+    for mode, factory in (("prefill", PrefillScheduler), ("decode", DecodeScheduler)):
         assert main(["serve", "--device", "cpu", "--disaggregation-mode", mode, "--log-level", "warning"]) == 0
         assert seen[-1][0].disaggregation_mode == mode and seen[-1][1] is factory
     assert logging.getLogger().level == logging.WARNING

@@ -47,10 +47,11 @@ def test_sizes_that_do_not_divide_tp_are_refused(rank: int, tp: int, dp: int, ep
 ])  # fmt: skip
 def test_moe_context_token_layout(flags: str, layout: str) -> None:
     from pd.dist.groups import Groups
-    from pd.dist.rank import moe_context, rank_info
+    from pd.engine.rank import moe_context
+    from pd.engine.spec import instance_layout, moe_settings
     from tests.test_server_args import parse
 
     args = parse(flags)
     for rank in range(args.tp_size):
-        ctx = moe_context(args, rank_info(args, rank), Groups(None, None, None, None))
+        ctx = moe_context(moe_settings(args), instance_layout(args).rank(rank), Groups(None, None, None, None))
         assert ctx.token_layout == layout

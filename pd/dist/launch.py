@@ -4,24 +4,28 @@ Node 0 runs the HTTP front, which spawns its local ranks and holds a pipe pair t
 DP-attention group). Other nodes (``--node-rank > 0``) run no front: they spawn their ranks and exit when any of
 them exits. Their ranks follow a leader, except under DP attention, where a group that lives on another node has
 its leader there; it reaches the front over TCP (pd.dist.leader_link).
+
+What a rank runs is given from outside (pd.engine.engine_process.run_engine with the instance's EngineSpec): this
+module owns processes only. A rank dies with the process that spawned it however that one dies, SIGKILL included
+(Linux's parent-death signal): a rank stuck in a step or a collective would otherwise outlive its front.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from pd.dist.rank import rank_info
-from pd.engine.engine_process import SchedulerFactory, run_engine
-from pd.engine.model_runner import RunnerConfig
-from pd.engine.scheduler import SchedulerConfig
-from pd.server_args import ServerArgs
+from pd.dist.topology import InstanceLayout
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +42,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_method(args: ServerArgs) -> str:
+# A rank's main: target(payload, rank, init_method, inbox, outbox). ``payload`` is what every rank of the instance
+# runs with (an EngineSpec); ``inbox`` / ``outbox`` are a leader's pipes from / to the front, None for a follower
+# and for a leader on a node without the front.
+RankTarget = Callable[[Any, int, str | None, Connection | None, Connection | None], None]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def init_method(layout: InstanceLayout) -> str:
     """Where rank 0's rendezvous store listens: --dist-init-addr across nodes, a free loopback port otherwise."""
-    return f"tcp://{args.dist_init_addr}" if args.nnodes > 1 else f"tcp://127.0.0.1:{_free_port()}"
+    return f"tcp://{layout.init_addr}" if layout.nnodes > 1 else f"tcp://127.0.0.1:{_free_port()}"
+
+
+def die_with_parent(parent: int) -> None:
+    """Makes the kernel SIGKILL this process when the thread that spawned it exits (Linux; elsewhere only the
+    check below). Exits at once when ``parent`` (its pid) is already gone, having died before the signal was set."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _rank_main(parent: int, target: RankTarget, *args: Any) -> None:
+    die_with_parent(parent)
+    target(*args)
 
 
 class RankProcesses:
@@ -50,29 +78,23 @@ class RankProcesses:
         self.procs, self.first_rank, self.leaders = procs, first_rank, leaders
 
     @classmethod
-    def spawn(
-        cls,
-        args: ServerArgs,
-        runner_cfg: RunnerConfig,
-        sched_cfg: SchedulerConfig,
-        make_scheduler: SchedulerFactory,
-        with_front: bool = True,
-    ) -> RankProcesses:
+    def spawn(cls, layout: InstanceLayout, target: RankTarget, payload: Any, with_front: bool = True) -> RankProcesses:
+        """Starts this node's ranks, each running ``target(payload, rank, init_method, inbox, outbox)`` (both
+        pickled into the new process); with_front: this process is the front, holding a pipe pair to each local
+        leader. The ranks die with the calling thread: call this from one that lives as long as they should (a
+        main thread, the front's event-loop thread)."""
         ctx = mp.get_context("spawn")
-        layout = rank_info(args, 0)
-        per_node = layout.ranks_per_node
-        first = args.node_rank * per_node
-        method = init_method(args) if args.tp_size > 1 else None
+        method = init_method(layout) if layout.tp > 1 else None
         procs, leaders = [], []
-        for rank in range(first, first + per_node):
+        for rank in layout.local_ranks:
             inbox_r = outbox_w = None
-            if with_front and layout.of(rank).is_leader:
+            if with_front and layout.rank(rank).is_leader:
                 inbox_r, inbox_w = ctx.Pipe(duplex=False)
                 outbox_r, outbox_w = ctx.Pipe(duplex=False)
                 leaders.append(LeaderLink(inbox_w, outbox_r))
             proc = ctx.Process(
-                target=run_engine,
-                args=(runner_cfg, sched_cfg, args, inbox_r, outbox_w, make_scheduler, rank, method),
+                target=_rank_main,
+                args=(os.getpid(), target, payload, rank, method, inbox_r, outbox_w),
                 name=f"pd-rank{rank}",
                 daemon=True,
             )
@@ -81,7 +103,7 @@ class RankProcesses:
                 if end is not None:
                     end.close()
             procs.append(proc)
-        return cls(procs, first, leaders)
+        return cls(procs, layout.local_ranks[0], leaders)
 
     def add_remote_leaders(self, conns: dict[int, Connection]) -> None:
         """The other nodes' DP leaders (global rank -> connection), after this node's: leaders[i] is DP group i."""
@@ -115,22 +137,13 @@ class RankProcesses:
             p.join(5)
 
 
-def remote_leader_ranks(args: ServerArgs) -> list[int]:
-    """Global ranks of the DP-attention leaders on nodes other than 0 (they connect to the front over TCP)."""
-    layout = rank_info(args, 0)
-    return [r for r in range(args.tp_size) if layout.of(r).is_leader and layout.of(r).node_rank != 0]
-
-
-def run_worker_node(args: ServerArgs, make_scheduler: SchedulerFactory) -> int:
+def run_worker_node(layout: InstanceLayout, target: RankTarget, payload: Any) -> int:
     """``pd serve --node-rank N`` (N > 0): this node's ranks, no HTTP front. Returns when a rank exits (or on
     SIGINT/SIGTERM, after stopping them); the exit status is the first exiting rank's."""
-    from pd.engine.client import runner_config, scheduler_config
-
-    assert args.model_path is not None and args.node_rank > 0
-    ranks = RankProcesses.spawn(args, runner_config(args, args.model_path), scheduler_config(args), make_scheduler,
-                                with_front=False)
-    logger.info("node %d of %d: ranks %d..%d started; joining %s", args.node_rank, args.nnodes, ranks.first_rank,
-                ranks.first_rank + len(ranks.procs) - 1, args.dist_init_addr)
+    assert layout.node_rank > 0
+    ranks = RankProcesses.spawn(layout, target, payload, with_front=False)
+    logger.info("node %d of %d: ranks %d..%d started; joining %s", layout.node_rank, layout.nnodes, ranks.first_rank,
+                ranks.first_rank + len(ranks.procs) - 1, layout.init_addr)
     stop = {"signal": 0}
 
     def on_signal(signum: int, frame: object) -> None:

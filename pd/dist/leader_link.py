@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 
-from pd.server_args import ServerArgs
+from pd.dist.topology import InstanceLayout
 
 logger = logging.getLogger(__name__)
 
@@ -26,25 +26,25 @@ LINK_PORT_OFFSET = 1  # the front listens on --dist-init-addr's port + 1
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
-def node0_host(args: ServerArgs) -> str:
+def node0_host(init_addr: str) -> str:
     """Node 0's address (--dist-init-addr's host): the HTTP front and the PD bootstrap server run there."""
-    return args.dist_init_addr.rsplit(":", 1)[0].strip("[]")
+    return init_addr.rsplit(":", 1)[0].strip("[]")
 
 
-def link_address(args: ServerArgs) -> tuple[str, int]:
-    return node0_host(args), int(args.dist_init_addr.rsplit(":", 1)[1]) + LINK_PORT_OFFSET
+def link_address(layout: InstanceLayout) -> tuple[str, int]:
+    return node0_host(layout.init_addr), int(layout.init_addr.rsplit(":", 1)[1]) + LINK_PORT_OFFSET
 
 
-def _authkey(args: ServerArgs) -> bytes:
-    return hashlib.sha256(f"pd-leader-link {args.dist_init_addr} {args.tp_size} {args.dp_size}".encode()).digest()
+def _authkey(layout: InstanceLayout) -> bytes:
+    return hashlib.sha256(f"pd-leader-link {layout.init_addr} {layout.tp} {layout.dp}".encode()).digest()
 
 
 class RemoteLeaderListener:
     """Front side: listens (before the local ranks start, so a busy port fails at once) for the leaders of the
     DP groups on other nodes, given by global rank."""
 
-    def __init__(self, args: ServerArgs, ranks: list[int]) -> None:
-        self.expected, self.address, self.authkey = sorted(ranks), link_address(args), _authkey(args)
+    def __init__(self, layout: InstanceLayout, ranks: list[int]) -> None:
+        self.expected, self.address, self.authkey = sorted(ranks), link_address(layout), _authkey(layout)
         try:
             self.sock = socket.create_server(self.address)
         except OSError as e:
@@ -116,12 +116,12 @@ def _recv_timeout(fd: int, seconds: float) -> None:
         sock.detach()  # the descriptor stays open, owned by the Connection
 
 
-def connect_to_front(args: ServerArgs, rank: int, timeout_s: float = 120.0) -> Connection:
+def connect_to_front(layout: InstanceLayout, rank: int, timeout_s: float = 120.0) -> Connection:
     """Leader side: the connection to the front (retried while it is not listening yet)."""
-    address, deadline = link_address(args), time.monotonic() + timeout_s
+    address, deadline = link_address(layout), time.monotonic() + timeout_s
     while True:
         try:
-            conn = Client(address, authkey=_authkey(args))
+            conn = Client(address, authkey=_authkey(layout))
             conn.send_bytes(rank.to_bytes(8, "little"))
             return conn
         except OSError as e:

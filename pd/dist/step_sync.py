@@ -3,7 +3,8 @@
 The leader runs the scheduler; the other ranks of its attention group hold the same model shards' peers and
 must run every forward with the same inputs, in the same order. Before each forward the leader broadcasts a
 msgpack message over the group's gloo side (never pickle); followers rebuild the batch from it and run the
-forward too. Slot-table changes travel as a journal, so each message carries only what changed.
+forward too (pd.engine.rank.follow). Slot-table changes travel as a journal, so each message carries only what
+changed.
 
 Messages (leader -> followers):
     {"op": "forward", "input_ids", "rows", "prefix_lens", "extend_lens", "logits_index", "slots", "mode"}
@@ -17,20 +18,14 @@ Messages (leader -> followers):
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import torch
 import torch.distributed as dist
 
-
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
-
-    from pd.engine.model_runner import ModelRunner
-
-logger = logging.getLogger(__name__)
 
 
 class StepSync:
@@ -57,29 +52,3 @@ class StepSync:
     def broadcast_tensor(self, tensor: torch.Tensor) -> None:
         """In place: the leader's tensor lands in every follower's (same shape, dtype, device kind)."""
         dist.broadcast(tensor, self.leader, group=self.device)
-
-
-def follow(runner: ModelRunner, sync: StepSync, max_rows: int) -> None:
-    """A follower's life: run what the leader says until it says stop (or the group breaks, which raises).
-    ``max_rows`` is the leader scheduler's slot-table height (--max-running-requests)."""
-    slots = runner.make_slot_table(max_rows, runner.context_length)
-    while True:
-        msg = sync.receive()
-        op = msg["op"]
-        if op == "stop":
-            logger.info("leader said stop")
-            return
-        if op == "ping":
-            continue
-        if op == "idle":
-            runner.idle_forward(msg["mode"])
-            continue
-        if op == "pages":
-            runner.receive_pages(msg["pages"])
-            continue
-        assert op == "forward", op
-        for row, first, pages in msg["slots"]:
-            slots.assign_pages(row, first, pages)
-        batch = runner.make_batch(msg["input_ids"], msg["rows"], msg["prefix_lens"], msg["extend_lens"], slots,
-                                  msg["logits_index"], msg["mode"])
-        runner.forward(batch, logits=False)

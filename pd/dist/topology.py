@@ -87,3 +87,46 @@ class RankInfo:
     def of(self, rank: int) -> RankInfo:
         """The same instance seen from another rank."""
         return RankInfo(rank, self.tp, self.dp, self.ep, self.nnodes)
+
+
+@dataclass(frozen=True)
+class InstanceLayout:
+    """Where an instance's ranks run and how they meet: all that spawning them and joining their groups needs.
+
+    Attributes:
+        tp, dp, ep, nnodes: as in RankInfo (``dp``: attention groups, 1 without DP attention).
+        node_rank: the node this process runs on; it spawns ranks ``local_ranks``.
+        backend: torch.distributed backend of the device groups ("gloo", "nccl" or "hccl").
+        init_addr: ``host:port`` of rank 0's rendezvous store when the instance spans nodes (--dist-init-addr);
+            node 0's host, where the HTTP front and the PD bootstrap server run. "" on one node.
+
+    Raises:
+        ValueError: sizes RankInfo refuses, or a node_rank outside [0, nnodes).
+    """
+
+    tp: int = 1
+    dp: int = 1
+    ep: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    backend: str = "gloo"
+    init_addr: str = ""
+
+    def __post_init__(self) -> None:
+        self.rank(0)  # validates the sizes
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} outside [0, {self.nnodes})")
+
+    def rank(self, rank: int) -> RankInfo:
+        return RankInfo(rank, self.tp, self.dp, self.ep, self.nnodes)
+
+    @property
+    def local_ranks(self) -> range:
+        """Global ranks of this node's processes."""
+        per_node = self.tp // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+
+    @property
+    def remote_leaders(self) -> list[int]:
+        """Global ranks of the DP-attention leaders on nodes other than 0 (they reach the front over TCP)."""
+        return [r for r in range(self.tp) if self.rank(r).is_leader and self.rank(r).node_rank != 0]

@@ -13,12 +13,11 @@ from typing import Any
 
 import msgpack
 
-from pd.dist.launch import RankProcesses, remote_leader_ranks
+from pd.dist.launch import RankProcesses
 from pd.dist.leader_link import RemoteLeaderListener
-from pd.engine.engine_process import SchedulerFactory, default_scheduler
+from pd.engine.engine_process import run_engine
 from pd.engine.io import AbortRequest, EngineStats, GenerateRequest, TokenOutput, from_dict, to_dict
-from pd.engine.model_runner import RunnerConfig
-from pd.engine.scheduler import SchedulerConfig
+from pd.engine.spec import EngineSpec, SchedulerFactory, default_scheduler
 from pd.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -36,28 +35,6 @@ class EngineDeadError(RuntimeError):
     """The engine process is gone; the front answers 503 and /health fails."""
 
 
-def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
-    return RunnerConfig(
-        model_path=model_path,
-        device=args.device,
-        dtype=args.torch_dtype,
-        page_size=args.page_size,
-        context_length=args.context_length,
-        max_total_tokens=args.max_total_tokens,
-        mem_fraction_static=args.mem_fraction_static,
-        random_seed=args.random_seed,
-        moe_runner=args.moe_runner_backend,
-        two_batch_overlap=args.enable_two_batch_overlap,
-        attention_backend=args.attention_backend,
-        cuda_graph_bs=args.cuda_graph_bs or (),
-    )
-
-
-def scheduler_config(args: ServerArgs) -> SchedulerConfig:
-    return SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,
-                           overlap=not args.disable_overlap_schedule)
-
-
 class EngineClient:
     """Starts the instance's local rank processes and talks to their leaders: one leader, or one per DP-attention
     group. A request then goes to the leader with the fewest requests in flight, and stays there; a PD request
@@ -66,9 +43,10 @@ class EngineClient:
     def __init__(
         self, server_args: ServerArgs, model_path: str, make_scheduler: SchedulerFactory = default_scheduler
     ) -> None:
-        self.args = server_args
-        self.make_scheduler = make_scheduler
-        self.model_path = model_path
+        """Derives the instance's EngineSpec (raises ValueError on inconsistent DEEPEP_NORMAL_LONG_SEQ_*
+        variables); nothing starts before ``start``."""
+        self.spec = EngineSpec.from_server_args(dataclasses.replace(server_args, model_path=model_path), make_scheduler)
+        self.max_in_flight = server_args.max_running_requests + server_args.max_queued_requests
         self.model_config: dict[str, Any] = {}
         self.max_context_length = 0
         self._stats: list[EngineStats] = []
@@ -87,11 +65,11 @@ class EngineClient:
         """Spawns the rank processes and returns once every leader's model is loaded (raises with the reason
         otherwise)."""
         self._loop = asyncio.get_running_loop()
-        remote = remote_leader_ranks(self.args)
-        listener = RemoteLeaderListener(self.args, remote) if remote else None  # listening before any rank starts
+        remote = self.spec.layout.remote_leaders
+        # Listening before any rank starts.
+        listener = RemoteLeaderListener(self.spec.layout, remote) if remote else None
         try:
-            self._ranks = RankProcesses.spawn(self.args, runner_config(self.args, self.model_path),
-                                              scheduler_config(self.args), self.make_scheduler)
+            self._ranks = RankProcesses.spawn(self.spec.layout, run_engine, self.spec)
         except BaseException:
             if listener is not None:
                 listener.close()
@@ -118,7 +96,7 @@ class EngineClient:
         self._stats = [from_dict(f["ready"]["stats"]) for f in firsts]
         for i in range(len(self._ranks.leaders)):
             threading.Thread(target=self._reader, args=(i,), name=f"pd-engine-reader-{i}", daemon=True).start()
-        if self.args.tp_size > 1:  # ranks elsewhere (other nodes) wait on these ones: one exiting ends the instance
+        if self.spec.layout.tp > 1:  # ranks elsewhere (other nodes) wait on these ones: one exiting ends the instance
             threading.Thread(target=self._watch_ranks, name="pd-rank-watch", daemon=True).start()
 
     def _recv(self, leader: int) -> dict[str, Any] | None:
@@ -187,7 +165,7 @@ class EngineClient:
         assert self._ranks is not None
         if len(self._ranks.leaders) == 1:
             return 0
-        if self.args.disaggregation_mode != "null" and req.bootstrap_room is not None:
+        if self.spec.disagg is not None and req.bootstrap_room is not None:
             return req.bootstrap_room % len(self._ranks.leaders)
         load = [0] * len(self._ranks.leaders)
         for leader in self._owner.values():
@@ -199,7 +177,7 @@ class EngineClient:
         gone) aborts the request in the engine, which frees its pages."""
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        if len(self._queues) >= self.args.max_running_requests + self.args.max_queued_requests:
+        if len(self._queues) >= self.max_in_flight:
             raise EngineFullError(f"{len(self._queues)} requests in flight; the queue is full")
         if req.rid in self._queues:
             raise ValueError(f"request id {req.rid!r} is already in flight")

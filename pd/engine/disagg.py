@@ -25,12 +25,13 @@ class DisaggConfig:
 
     @classmethod
     def from_server_args(cls, args: ServerArgs, dp_rank: int = 0) -> DisaggConfig:
+        """The instance's settings (pd.engine.spec.EngineSpec.disagg); each leader sets its own ``dp_rank``."""
         host = args.host
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostbyname(socket.gethostname())  # a wildcard bind is not an address peers can dial
         # The bootstrap server runs beside the HTTP front on node 0; a DP leader on another node announces
         # itself there (node 0 is --dist-init-addr's host).
-        bootstrap_host = host if args.node_rank == 0 else node0_host(args)
+        bootstrap_host = host if args.node_rank == 0 else node0_host(args.dist_init_addr or "")
         return cls(args.disaggregation_transfer_backend, host, args.disaggregation_bootstrap_port,
                    args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout, dp_rank,
                    args.attn_dp_size, bootstrap_host)

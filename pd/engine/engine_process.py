@@ -13,20 +13,22 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
 import msgpack
 import torch
 
+from pd.dist.dp_gate import DPGate
 from pd.dist.leader_link import connect_to_front
-from pd.dist.rank import DPGate, start_rank
-from pd.dist.step_sync import follow
 from pd.engine.io import AbortRequest, GenerateRequest, TokenOutput, from_dict, to_dict
-from pd.engine.model_runner import ModelRunner, RunnerConfig
-from pd.engine.scheduler import Scheduler, SchedulerConfig
-from pd.server_args import ServerArgs
+from pd.engine.rank import follow, start_rank
+from pd.engine.scheduler import Scheduler
+from pd.engine.spec import EngineSpec, SchedulerFactory, default_scheduler
+
+# SchedulerFactory and default_scheduler are pd.engine.spec's, named here too for the front (pd.server.app).
+__all__ = ["EngineLoop", "SchedulerFactory", "default_scheduler", "run_engine"]
 
 logger = logging.getLogger("pd.engine")
 
@@ -42,48 +44,36 @@ def _send(conn: Connection, payload: dict[str, Any]) -> None:
     conn.send_bytes(msgpack.packb(payload, use_bin_type=True))
 
 
-# Builds the scheduler of an instance's role; prefill and decode instances pass their own (pd/ cannot import
-# them), called in a leader's engine process with the loaded runner, the instance's server arguments and the
-# leader's DP-attention group (0 without DP attention).
-SchedulerFactory = Callable[[SchedulerConfig, ModelRunner, ServerArgs, int], Scheduler]
-
-
-def default_scheduler(cfg: SchedulerConfig, runner: ModelRunner, server_args: ServerArgs, dp_rank: int = 0
-                      ) -> Scheduler:  # fmt: skip
-    return Scheduler(cfg, runner)
-
-
 def run_engine(
-    runner_cfg: RunnerConfig,
-    sched_cfg: SchedulerConfig,
-    server_args: ServerArgs,
-    inbox: Connection | None,
-    outbox: Connection | None,
-    make_scheduler: SchedulerFactory = default_scheduler,
+    spec: EngineSpec,
     rank: int = 0,
     init_method: str | None = None,
+    inbox: Connection | None = None,
+    outbox: Connection | None = None,
 ) -> None:
-    """Process entry point of one rank. A leader (pipes given) runs the scheduler and returns when the front
-    closes its pipe; a follower (no pipes) runs what its leader broadcasts until told to stop."""
+    """Process entry point of one rank (a pd.dist.launch.RankTarget). A leader (pipes given) runs the scheduler
+    and returns when the front closes its pipe; a follower (no pipes) runs what its leader broadcasts until told
+    to stop."""
     # The front stops this process by closing the pipe, after aborting its requests; a terminal's Ctrl-C reaches
     # the whole process group and must not kill the engine under the front's graceful shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=server_args.log_level.upper(),
+    logging.basicConfig(level=spec.log_level.upper(),
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     # OMP_NUM_THREADS wins: instances sharing a host (pd up) that each take every core starve one another, and
     # so do the ranks of one instance.
-    ranks_here = server_args.tp_size // server_args.nnodes
-    default_threads = max(1, (os.cpu_count() or 1) // ranks_here)
+    default_threads = max(1, (os.cpu_count() or 1) // len(spec.layout.local_ranks))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or default_threads)
+    multi_rank = spec.layout.tp > 1
     try:
-        rt = start_rank(runner_cfg, server_args, rank, init_method)
+        rt = start_rank(spec, rank, init_method)
         if outbox is None and rt.info.is_leader:  # a DP group's leader on another node than the front's
-            inbox = outbox = connect_to_front(server_args, rank)
+            inbox = outbox = connect_to_front(spec.layout, rank)
         if outbox is None:  # a follower
             assert rt.sync is not None, "a rank without pipes follows its attention group's leader"
-            follow(rt.runner, rt.sync, sched_cfg.max_running_requests)
+            follow(rt.runner, rt.sync, spec.scheduler.max_running_requests)
             _exit_now()
-        scheduler = make_scheduler(sched_cfg, rt.runner, server_args, rt.info.dp_rank)
+        disagg = None if spec.disagg is None else replace(spec.disagg, dp_rank=rt.info.dp_rank)
+        scheduler: Scheduler = spec.make_scheduler(spec.scheduler, rt.runner, disagg)
     except Exception as e:  # report why loading failed instead of dying silently
         logger.error("rank %d failed: %s", rank, traceback.format_exc())
         if outbox is not None:
@@ -99,13 +89,13 @@ def run_engine(
         logger.info("rank %d: the front closed before start-up finished; exiting", rank)
         raise SystemExit(0) from None
     try:
-        EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=server_args.tp_size > 1).run()
+        EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=multi_rank).run()
     except Exception:
         # Peers are mid-collective with us: the instance cannot go on. Exit loudly; the front sees the pipe close.
         logger.error("rank %d: step failed in a multi-rank instance; stopping: %s", rank, traceback.format_exc())
         raise SystemExit(1) from None
     runner.stop_followers()
-    if server_args.tp_size > 1:
+    if multi_rank:
         _exit_now()
 
 

@@ -99,15 +99,18 @@ def build_forward_batch(
     attn_backend: AttentionBackend,
     logits_index: list[int] | None = None,
     moe_mode: str = "normal",
+    token_source: torch.Tensor | None = None,
 ) -> ForwardBatch:
     """Builds the batch tensors on the KV cache's device (two host-to-device copies: the small int32 facts and
-    the int64 token arrays).
+    the int64 token arrays; from pinned memory on CUDA, so the host does not wait for a step still running).
 
     input_ids:    the T new tokens, request after request (T == sum(extend_lens)).
     rows:         each request's row in ``page_table``.
     prefix_lens:  tokens of each request already in the cache.
     extend_lens:  new tokens of each request (>= 1).
     logits_index: token rows whose logits are wanted; default: the last new token of each request.
+    token_source: [R] int64 on the device, each page-table row's newest sampled token; a negative entry of
+                  input_ids is read from it (a token the host has not seen yet, under overlap scheduling).
     """
     device = kv_cache.device
     num_tokens = len(input_ids)
@@ -120,10 +123,15 @@ def build_forward_batch(
     positions = torch.repeat_interleave(prefix, q_lens) + (torch.arange(num_tokens) - starts[token_req])
     rows_t = torch.tensor(rows, dtype=torch.int64)
 
-    facts = torch.stack((rows_t, prefix, q_lens, starts)).to(torch.int32).to(device, non_blocking=True)
+    facts = torch.stack((rows_t, prefix, q_lens, starts)).to(torch.int32)
     tokens = torch.cat((torch.tensor(input_ids, dtype=torch.int64), positions, rows_t[token_req],
-                        torch.tensor(logits_index, dtype=torch.int64))).to(device, non_blocking=True)  # fmt: skip
+                        torch.tensor(logits_index, dtype=torch.int64)))  # fmt: skip
+    if device.type == "cuda":
+        facts, tokens = facts.pin_memory(), tokens.pin_memory()
+    facts, tokens = facts.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
     ids_d, positions_d, token_rows_d, logits_d = tokens.split([num_tokens, num_tokens, num_tokens, len(logits_index)])
+    if token_source is not None:
+        ids_d = torch.where(ids_d < 0, token_source[token_rows_d], ids_d)
     layout = BatchLayout(
         rows=facts[0],
         prefix_lens=facts[1],

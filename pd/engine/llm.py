@@ -26,9 +26,12 @@ class LLM:
         moe_runner: str = "auto",
         attention_backend: str = "auto",
         cuda_graph_bs: tuple[int, ...] | None = None,
+        overlap: bool = True,
+        random_seed: int = 0,
     ) -> None:
         """cuda_graph_bs: decode batch sizes to capture (default on CUDA: SGLang's buckets up to
-        max_running_requests; () runs eagerly)."""
+        max_running_requests; () runs eagerly). overlap: prepare each step while the previous one runs (the
+        server's default; --disable-overlap-schedule)."""
         if cuda_graph_bs is None:
             on_cuda = torch.device(device).type == "cuda"
             cuda_graph_bs = default_cuda_graph_bs(max_running_requests) if on_cuda else ()
@@ -43,9 +46,11 @@ class LLM:
             moe_runner=resolve_moe_runner(moe_runner, torch.device(device).type),
             attention_backend=resolve_attention_backend(attention_backend, torch.device(device).type),
             cuda_graph_bs=cuda_graph_bs,
+            random_seed=random_seed,
         )
         self.runner = ModelRunner(cfg)
-        self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size), self.runner)
+        self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size, overlap),
+                                   self.runner)  # fmt: skip
         self._ids = itertools.count()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:

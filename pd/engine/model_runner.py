@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Share of the free GPU memory at most kept back for activations and CUDA graphs when sizing the KV cache.
+GPU_HEADROOM = 0.15
 # KV capacity on the CPU when --max-total-tokens is not given (host memory is not measured).
 _CPU_DEFAULT_TOTAL_TOKENS = 65536
 
@@ -97,6 +99,8 @@ class ModelRunner:
         self.num_pages = self._num_pages(layout)
         if agree_pages is not None:
             self.num_pages = agree_pages(self.num_pages)
+        # One rank holds the whole forward (no followers, no expert peers): graphs and overlap need that.
+        self.single_rank = sync is None and moe_ctx.ep_size == 1 and moe_ctx.group is None
         self.graph_bs = self._graph_batch_sizes(moe_ctx, has_moe=bool(moe_layers))
         # Under CUDA graphs one page past the pool's is the sink padding requests write their KV to.
         self.kv_cache = KVCache(self.model.num_layers, self.num_pages + bool(self.graph_bs), cfg.page_size, layout,
@@ -134,7 +138,7 @@ class ModelRunner:
             reason = f"--attention-backend {cfg.attention_backend} cannot be captured (use triton)"
         elif has_moe and cfg.moe_runner != "triton":
             reason = f"--moe-runner-backend {cfg.moe_runner} reads expert counts on the host (use triton)"
-        elif self.sync is not None or moe_ctx.ep_size > 1 or moe_ctx.group is not None:
+        elif not self.single_rank:
             reason = "multi-rank instances replay graphs in a later version"
         elif cfg.two_batch_overlap:
             reason = "two-batch overlap runs eagerly"
@@ -155,13 +159,19 @@ class ModelRunner:
             per_token = KVCache.bytes_per_token(self.model.num_layers, layout, cfg.dtype)
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = cfg.mem_fraction_static or 0.85
-            budget = free - total * (1.0 - fraction)
+            # This instance's share of the GPU (weights + KV) is fraction x total, whatever other processes hold:
+            # two instances on one GPU (PD on one GPU) each take their fraction. It never takes more than is free,
+            # less the headroom activations and graphs need.
+            weights = torch.cuda.memory_allocated(self.device)
+            headroom = min(total * (1.0 - fraction), free * GPU_HEADROOM)
+            budget = min(total * fraction - weights, free - headroom)
             tokens = int(budget // per_token)
             if tokens < cfg.page_size:
                 raise RuntimeError(
-                    f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB "
-                    f"after loading the model, and --mem-fraction-static {fraction} keeps "
-                    f"{(1 - fraction) * total / 2**30:.1f} GiB back; raise --mem-fraction-static or free the GPU"
+                    f"no GPU memory left for the KV cache: --mem-fraction-static {fraction} gives this instance "
+                    f"{fraction * total / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB, the weights take "
+                    f"{weights / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free; raise --mem-fraction-static "
+                    f"or free the GPU"
                 )
         return max(tokens // cfg.page_size, 1)
 
@@ -173,15 +183,17 @@ class ModelRunner:
         extend_lens: list[int],
         slots: ReqToToken,
         logits_index: list[int] | None = None,
+        token_source: torch.Tensor | None = None,
     ) -> ForwardBatch | MicroBatches:
         """The leader's (or a lone rank's) next forward. Its followers are told first and run it too, so
-        forward() must follow."""
+        forward() must follow. token_source: see build_forward_batch (one-rank instances only)."""
         mode = self.forced_mode or ("normal" if max(extend_lens) > 1 else "low_latency")
         if self.sync is not None:
+            assert token_source is None, "followers take their input tokens from the host"
             journal = self.slot_table.take_journal() if self.slot_table is not None else []
             self.sync.send({"op": "forward", "input_ids": input_ids, "rows": rows, "prefix_lens": prefix_lens,
                             "extend_lens": extend_lens, "logits_index": logits_index, "slots": journal, "mode": mode})
-        return self.make_batch(input_ids, rows, prefix_lens, extend_lens, slots, logits_index, mode)
+        return self.make_batch(input_ids, rows, prefix_lens, extend_lens, slots, logits_index, mode, token_source)
 
     def make_batch(
         self,
@@ -192,15 +204,16 @@ class ModelRunner:
         slots: ReqToToken,
         logits_index: list[int] | None,
         mode: str,
+        token_source: torch.Tensor | None = None,
     ) -> ForwardBatch | MicroBatches:
         """The forward of these lists in dispatch mode ``mode`` (leader and followers alike): one ForwardBatch, or
         under two-batch overlap its two micro-batches (the whole batch is then never built)."""
         if not self.cfg.two_batch_overlap:
             return build_forward_batch(input_ids, rows, prefix_lens, extend_lens, slots, self.kv_cache,
-                                       self.attn_backend, logits_index, mode)  # fmt: skip
+                                       self.attn_backend, logits_index, mode, token_source)  # fmt: skip
         first, second = (
             build_forward_batch(part.input_ids, part.rows, part.prefix_lens, part.extend_lens, slots,
-                                self.kv_cache, self.attn_backend, part.logits_index, mode)
+                                self.kv_cache, self.attn_backend, part.logits_index, mode, token_source)
             if part.rows else empty_forward_batch(self.kv_cache, self.attn_backend, mode)
             for part in split_in_two(input_ids, rows, prefix_lens, extend_lens, logits_index)
         )  # fmt: skip

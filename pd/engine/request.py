@@ -6,8 +6,6 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
 from pd.engine.io import SamplingParams
 
 
@@ -32,7 +30,8 @@ class Req:
     num_computed: int = 0  # tokens whose KV is in the cache
     finish_reason: str | None = None
     matched_stop: int | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0  # the request's sampling seed (its own, or one the engine drew)
+    pending: int = 0  # tokens sampled on the device by a step in flight, not yet in output_ids
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     num_sent: int = 0  # output tokens already reported to the front

@@ -1,86 +1,111 @@
-"""Turns a batch's logits into next tokens: greedy, temperature, top-k, top-p, min-p, per-request seeds."""
+"""Next tokens from a batch's logits, on the logits' device: greedy, temperature, top-k, top-p, min-p, seeds.
+
+No loop over requests and no host sync: the sampled rows' parameters travel in one host-to-device copy, a few
+batched kernels pick the tokens, and the tokens stay on the device (the scheduler copies them to the host once
+per step, possibly while the next step already runs).
+
+Randomness is inverse-transform sampling with one uniform number per row, drawn by hashing (the request's seed,
+the index of the output token): a token depends only on its request, never on the batch it shared, on the order
+of rows, or on whether the step ran overlapped. A request without a seed gets one from the engine's own seeded
+stream when it arrives.
+"""
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 
 import torch
 
 from pd.engine.io import GREEDY_TEMPERATURE, SamplingParams
 
-logger = logging.getLogger(__name__)
+# A row whose filtered distribution is not finite (its logits hold inf or nan) samples this instead of a token.
+BAD_ROW = -1
+_MASK64 = (1 << 64) - 1
 
 
-class SamplingError(ValueError):
-    """A request's row cannot be sampled (its logits hold inf or nan)."""
+def uniform_from(seed: int, index: int) -> float:
+    """A uniform number in [0, 1) determined by (seed, index): splitmix64 of the two, 53 bits of it."""
+    x = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x ^= x >> 31
+    return (x >> 11) / float(1 << 53)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [S, V] float32 -> S token ids. Greedy rows (temperature below GREEDY_TEMPERATURE, or top_k 1) take
-    the argmax (deterministic); the other rows sample from the filtered distribution, with the request's own
-    generator when it asked for a seed. Any top_k (<= 0 or >= V: no cut) and any temperature are safe.
+@dataclass(frozen=True)
+class SamplingRows:
+    """The parameters of S rows to sample, on the device.
 
-    Raises SamplingError if a sampled row's distribution is not finite; `sample_each` confines that to the row.
+    temperature: [S] float32 (1 on greedy rows); top_k: [S] int64 (the vocabulary size when no cut);
+    top_p, min_p: [S] float32; uniform: [S] float64 in [0, 1); greedy: [S] bool.
+    all_greedy, any_cut: host facts that let a step skip the sampling path or the sort.
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    uniform: torch.Tensor
+    greedy: torch.Tensor
+    all_greedy: bool
+    any_cut: bool
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], indices: list[int], vocab: int,
+              device: torch.device) -> SamplingRows:  # fmt: skip
+        """params, seeds, indices: per row, its sampling settings, its request's seed and the index of the output
+        token being drawn (0 for the first)."""
+        greedy = [p.is_greedy for p in params]
+        if all(greedy):
+            flags = torch.ones(len(params), dtype=torch.bool, device=device)
+            one = torch.ones(len(params), device=device)
+            return cls(one, one.long(), one, one, one.double(), flags, all_greedy=True, any_cut=False)
+        # Clamped in Python: a top_k beyond the vocabulary (up to 2**63 and more) is no cut, not an overflow.
+        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+        cols = [
+            [1.0 if g else max(p.temperature, GREEDY_TEMPERATURE) for p, g in zip(params, greedy, strict=True)],
+            [float(k) for k in top_k],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+            [uniform_from(s, i) for s, i in zip(seeds, indices, strict=True)],
+            [float(g) for g in greedy],
+        ]
+        host = torch.tensor(cols, dtype=torch.float64)
+        if device.type == "cuda":
+            host = host.pin_memory()  # an asynchronous copy: the host does not wait for the running step
+        t = host.to(device, non_blocking=True)
+        any_cut = any(k < vocab or p.top_p < 1.0 or p.min_p > 0.0
+                      for k, p, g in zip(top_k, params, greedy, strict=True) if not g)  # fmt: skip
+        return cls(t[0].float(), t[1].long(), t[2].float(), t[3].float(), t[4], t[5] > 0.5, all_greedy=False,
+                   any_cut=any_cut)  # fmt: skip
+
+
+def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """logits [S, V] float32 -> [S] int64 token ids on the same device, without a host sync.
+
+    Greedy rows take the argmax. The others draw from softmax(logits / temperature) cut by top-k, top-p (the
+    smallest most-likely prefix reaching top_p) and min-p (tokens below min_p times the top probability), the
+    most likely token always kept. A drawn row whose distribution is not finite gives BAD_ROW.
     """
     argmax = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.is_greedy]
-    if not rows:
-        return argmax.tolist()
-    device, vocab = logits.device, logits.shape[-1]
-    picked = [params[i] for i in rows]
-    # The temperature is at least GREEDY_TEMPERATURE here, so the scaled logits stay finite in float32.
-    temps = torch.tensor([max(p.temperature, GREEDY_TEMPERATURE) for p in picked], device=device)
-    sorted_logits, sorted_ids = (logits[rows] / temps[:, None]).sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    ranks = torch.arange(vocab, device=device)[None, :]
-    # Clamped in Python: a top_k beyond the vocabulary (up to 2**63 and more) is no cut, not an overflow.
-    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in picked], device=device)
-    top_p = torch.tensor([p.top_p for p in picked], device=device)
-    min_p = torch.tensor([p.min_p for p in picked], device=device)
-    drop = ranks >= top_k[:, None]
-    drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keep the smallest prefix reaching top_p
-    drop |= probs < (min_p[:, None] * probs[:, :1])
-    drop[:, 0] = False  # the most likely token always survives
-    probs = probs.masked_fill(drop, 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    finite = torch.isfinite(probs).all(dim=-1).tolist()
-    if not all(finite):
-        bad = [rows[r] for r, ok in enumerate(finite) if not ok]
-        raise SamplingError(f"the logits of batch rows {bad} hold inf or nan; they cannot be sampled")
-
-    choice = torch.empty(len(rows), dtype=torch.int64, device=device)
-    unseeded = [r for r, i in enumerate(rows) if generators[i] is None]
-    if unseeded:
-        idx = torch.tensor(unseeded, device=device)
-        choice[idx] = torch.multinomial(probs[idx], 1).squeeze(1)
-    for r, i in enumerate(rows):  # seeded requests draw from their own stream (a loop over requests)
-        gen = generators[i]
-        if gen is not None:
-            choice[r] = torch.multinomial(probs[r], 1, generator=gen).squeeze(0)
-    tokens = argmax.clone()
-    tokens[torch.tensor(rows, device=device)] = sorted_ids.gather(1, choice[:, None]).squeeze(1)
-    return tokens.tolist()
-
-
-def sample_each(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int | str]:
-    """`sample`, with a failure kept to the rows it belongs to: one entry per row, the token id, or for a row
-    that cannot be sampled a message saying why. The whole batch is sampled at once; only when that fails is
-    each row sampled alone (seeded generators are first rewound, so seeded draws stay reproducible)."""
-    states = [g.get_state() if g is not None else None for g in generators]
-    try:
-        return list(sample(logits, params, generators))
-    except Exception as e:
-        logger.warning("sampling a batch of %d failed (%s: %s); sampling its rows one by one", len(params),
-                       type(e).__name__, e)  # fmt: skip
-    for gen, state in zip(generators, states, strict=True):
-        if gen is not None and state is not None:
-            gen.set_state(state)
-    out: list[int | str] = []
-    for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        try:
-            out.append(sample(logits[i : i + 1], [p], [gen])[0])
-        except Exception as e:
-            out.append(f"sampling failed: {type(e).__name__}: {e}")
-    return out
+    if rows.all_greedy:
+        return argmax
+    vocab = logits.shape[-1]
+    # Probabilities and the draw stay in vocabulary order whatever the cuts, so a row draws the same token in any
+    # batch (a batch where some row cuts sorts only to find what to drop).
+    probs = (logits / rows.temperature[:, None]).softmax(dim=-1)
+    if rows.any_cut:
+        ranked, order = probs.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        drop = ranks >= rows.top_k[:, None]
+        drop |= ((ranked.cumsum(dim=-1) - ranked) > rows.top_p[:, None]) & (rows.top_p[:, None] < 1.0)
+        drop |= ranked < rows.min_p[:, None] * ranked[:, :1]
+        drop[:, 0] = False
+        probs = probs.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), 0.0)
+    # Inverse transform: the first token whose cumulative mass exceeds u times the (unnormalised) total.
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    pick = torch.searchsorted(cdf, rows.uniform[:, None] * total, right=True).clamp_(max=vocab - 1)
+    drawn = pick.squeeze(1)
+    drawn = torch.where(torch.isfinite(total.squeeze(1)) & (total.squeeze(1) > 0), drawn, BAD_ROW)
+    return torch.where(rows.greedy, argmax, drawn)

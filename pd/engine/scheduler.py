@@ -12,9 +12,10 @@ import dataclasses
 import itertools
 import logging
 import math
+import random
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,7 +23,10 @@ from pd.engine.io import EngineStats, GenerateRequest, TokenOutput
 from pd.engine.kv_cache import PagePool
 from pd.engine.model_runner import ModelRunner
 from pd.engine.request import Req, ReqState
-from pd.engine.sampler import sample_each
+from pd.engine.sampler import BAD_ROW, SamplingRows, sample
+
+# In a batch's host token list: this request's input token is the one the step in flight sampled (last_tokens).
+FROM_DEVICE = -1
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,74 @@ class SchedulerConfig:
     max_running_requests: int
     chunked_prefill_size: int  # -1: whole prompts in one step
     overlap: bool = False  # prepare step N+1 on the host while the device runs step N (--disable-overlap-schedule)
+    log_interval: int = 40  # steps between two progress lines in the log (SGLang's --decode-log-interval)
+
+
+class SamplingError(RuntimeError):
+    """A request's row could not be sampled (its logits hold inf or nan); it ends that request alone."""
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device.
+
+    reqs:       the requests that sample a token in it, in the order of `tokens`.
+    tokens:     [len(reqs)] int64 on the host (pinned on CUDA), valid once `ready` has completed.
+    ready:      an event recorded after the copy of `tokens` (None: the copy was synchronous).
+    free_after: pages of requests that ended while the step ran, freed once it has completed (its KV writes
+                may still land in them, and on a decode instance a transfer into a reused page may not wait).
+    """
+
+    reqs: list[Req]
+    tokens: torch.Tensor | None
+    ready: torch.cuda.Event | None
+    free_after: list[list[int]] = field(default_factory=list)
+    waited_s: float = 0.0  # how long collecting it waited for the device
+
+
+def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """The step's one device-to-host copy: asynchronous into pinned memory on CUDA, with an event to wait on."""
+    if tokens.device.type != "cuda":
+        return tokens.cpu(), None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+IDLE_GAP_S = 1.0
+
+
+class StepLog:
+    """Every `interval` steps, one INFO line on throughput and where a step's time goes: what an operator reads
+    first when tokens come slowly (the batch, the queue, the KV pool, tokens/s, and the share of the step spent
+    waiting for the device; under overlap a step that never waits is host-bound)."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval, self.steps, self.wait_s = interval, 0, 0.0
+        self.since = self.last = time.perf_counter()
+        self.tokens_before, self.prompt_before = 0, 0
+
+    def on_step(self, sched: Scheduler, waited_s: float) -> None:
+        now = time.perf_counter()
+        if now - self.last > IDLE_GAP_S:  # an interval measures busy time only: restart after an idle spell
+            self.steps, self.wait_s, self.since = 0, 0.0, now
+            self.tokens_before, self.prompt_before = sched.generated_tokens_total, sched.prompt_tokens_total
+        self.last = now
+        self.steps += 1
+        self.wait_s += waited_s
+        if self.interval <= 0 or self.steps < self.interval or not logger.isEnabledFor(logging.INFO):
+            return
+        elapsed, tokens = now - self.since, sched.generated_tokens_total - self.tokens_before
+        pool = sched.pool
+        logger.info("steps: %d in %.2f s (%.2f ms each, %.0f%% waiting for the device); running %d, queued %d; "
+                    "KV pages %d/%d used; %.0f tok/s generated, %d prompt tokens admitted", self.steps, elapsed,
+                    1e3 * elapsed / self.steps, 100 * self.wait_s / max(elapsed, 1e-9), len(sched.running),
+                    len(sched.waiting), pool.num_pages - pool.num_free, pool.num_pages, tokens / max(elapsed, 1e-9),
+                    sched.prompt_tokens_total - self.prompt_before)  # fmt: skip
+        self.steps, self.wait_s, self.since = 0, 0.0, now
+        self.tokens_before, self.prompt_before = sched.generated_tokens_total, sched.prompt_tokens_total
 
 
 class Scheduler:
@@ -47,6 +119,39 @@ class Scheduler:
         self.running: list[Req] = []
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
+        # Overlap needs every input on this rank: followers of a multi-rank instance get theirs from the host.
+        self.overlap = cfg.overlap and runner.single_rank
+        if cfg.overlap and not self.overlap:
+            logger.info("overlap scheduling off: multi-rank instances run each step's host work after its forward")
+        self.in_flight: LaunchedStep | None = None
+        # Each row's newest sampled token, on the device (the next decode input while the host has not seen it).
+        self.last_tokens = torch.zeros(cfg.max_running_requests, dtype=torch.int64, device=runner.device)
+        # Seeds of requests that did not bring one: reproducible from --random-seed, one stream per engine.
+        self.seed_stream = random.Random(runner.cfg.random_seed)
+        self.progress = StepLog(cfg.log_interval)
+        if runner.device.type == "cuda" and runner.single_rank:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """One prompt forward at each power-of-two token count up to the chunked-prefill budget (and the budget
+        itself), before the first request: Triton compiles a kernel variant on its first use (the MoE runner picks
+        block sizes by token count), a second or more each, which would otherwise land on the first requests."""
+        budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else self.context_length - 1
+        budget = min(budget, self.context_length - 1, self.pool.num_pages * self.page_size)
+        sizes = sorted({1 << i for i in range(budget.bit_length()) if 1 << i <= budget} | {budget})
+        start = time.perf_counter()
+        pages, row = self.pool.alloc(self._pages_for(budget)), self.slots.alloc_row()
+        assert pages is not None and row is not None
+        try:
+            self.slots.assign_pages(row, 0, pages)
+            for n in sizes:
+                self.runner.forward(self.runner.build_batch([0] * n, [row], [0], [n], self.slots))
+            torch.cuda.synchronize(self.runner.device)
+        finally:
+            self.pool.free(pages)
+            self.slots.free_row(row)
+        logger.info("warm-up: forwards of %s tokens in %.1f s (kernels compiled before the first request)",
+                    ", ".join(map(str, sizes)), time.perf_counter() - start)  # fmt: skip
 
     # ---- requests in and out ----
     def add(self, msg: GenerateRequest) -> TokenOutput | None:
@@ -69,11 +174,8 @@ class Scheduler:
             msg.sampling,
             min(self.context_length, prompt_len + msg.sampling.max_new_tokens),
         )
-        if msg.sampling.seed is not None:
-            try:
-                req.generator = torch.Generator(self.runner.device).manual_seed(msg.sampling.seed)
-            except (RuntimeError, OverflowError) as e:
-                return TokenOutput(msg.rid, [], prompt_len, 0, finish_reason="error", error=f"bad seed: {e}")
+        seed = msg.sampling.seed
+        req.seed = seed & ((1 << 64) - 1) if seed is not None else self.seed_stream.getrandbits(64)
         req.kv_tokens = kv_tokens
         req.every_token = msg.every_token
         return self._enqueue(req, msg)
@@ -100,7 +202,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.in_flight)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -124,7 +226,7 @@ class Scheduler:
     @property
     def needs_compute(self) -> bool:
         """False when the only pending work is waiting on peers (transfers): the loop may sleep briefly."""
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.in_flight)
 
     @property
     def has_prefill_work(self) -> bool:
@@ -136,63 +238,108 @@ class Scheduler:
         return outputs + self.compute()
 
     def compute(self) -> list[TokenOutput]:
-        """Admits waiting requests and runs one forward if the batch is not empty (the part of a step that may
-        join collectives: under DP attention the leaders agree on it between poll_transfers and this)."""
+        """Admits waiting requests, launches the next forward if the batch is not empty, and returns the outputs
+        of a finished step: this one's, or under overlap the previous one's, collected while this one runs (the
+        part of a step that may join collectives: under DP attention the leaders agree on it between
+        poll_transfers and this)."""
         self._admit()
-        return self._forward_step() if self.running else []
+        try:
+            launched = self._launch()
+        except BaseException:
+            self._drop_in_flight()
+            raise
+        done, self.in_flight = (self.in_flight, launched) if self.overlap else (launched, None)
+        if done is None:
+            return []
+        outputs = self._collect(done)
+        self.progress.on_step(self, done.waited_s)
+        return outputs
 
     def poll_transfers(self) -> list[TokenOutput]:
         """Hook for disaggregated schedulers: advance requests whose KV is moving between instances."""
         return []
 
-    def _forward_step(self) -> list[TokenOutput]:
+    def _launch(self) -> LaunchedStep | None:
+        """Builds the next batch and queues its forward and sampling on the device; None if nothing can run.
+        Under overlap a decode request's input token may still be on the device (sampled by the step in flight):
+        it is read there, from last_tokens."""
         batch_reqs, extend_lens = self._plan()
+        if not batch_reqs:
+            return None
         prefix_lens = [r.num_computed for r in batch_reqs]
         input_ids: list[int] = []
         for req, n in zip(batch_reqs, extend_lens, strict=True):
-            input_ids.extend(req.next_input_ids(n))
+            ids = req.next_input_ids(n)
+            if len(ids) < n:  # the token sampled by the step in flight
+                assert self.overlap and n == 1 and req.pending, (req.rid, n, req.pending)
+                ids = [FROM_DEVICE]
+            input_ids.extend(ids)
         # Logits only where a request's known tokens are all in after this step (it needs its next token).
         ends = [end - 1 for end in itertools.accumulate(extend_lens)]
-        sampled = [
-            i
-            for i, (r, n) in enumerate(zip(batch_reqs, extend_lens, strict=True))
-            if r.num_computed + n == r.num_tokens
-        ]
-        batch = self.runner.build_batch(
-            input_ids,
-            [r.row for r in batch_reqs],
-            prefix_lens,
-            extend_lens,
-            self.slots,
-            logits_index=[ends[i] for i in sampled],
-        )
+        sampled = [i for i, (r, n) in enumerate(zip(batch_reqs, extend_lens, strict=True))
+                   if r.num_computed + n == r.num_tokens + r.pending]  # fmt: skip
+        batch = self.runner.build_batch(input_ids, [r.row for r in batch_reqs], prefix_lens, extend_lens,
+                                        self.slots, logits_index=[ends[i] for i in sampled],
+                                        token_source=self.last_tokens if self.overlap else None)  # fmt: skip
         now = time.monotonic()
-        for req in batch_reqs:
+        for req, n in zip(batch_reqs, extend_lens, strict=True):
             if req.first_scheduled is None:
                 req.first_scheduled = now
-        logits = self.runner.forward(batch)  # always: a middle prompt chunk samples nothing but writes its KV
-        # Past the forward, a failure belongs to one request (its sampling, its bookkeeping): it ends that one.
-        tokens = (
-            sample_each(logits, [batch_reqs[i].sampling for i in sampled], [batch_reqs[i].generator for i in sampled])
-            if sampled
-            else []
-        )
-        for req, n in zip(batch_reqs, extend_lens, strict=True):
             req.num_computed += n
+        logits = self.runner.forward(batch)  # always: a middle prompt chunk samples nothing but writes its KV
+        reqs = [batch_reqs[i] for i in sampled]
+        if not reqs:
+            return LaunchedStep([], None, None)
+        rows = SamplingRows.build([r.sampling for r in reqs], [r.seed for r in reqs],
+                                  [len(r.output_ids) + r.pending for r in reqs], logits.shape[-1],
+                                  logits.device)  # fmt: skip
+        tokens = sample(logits, rows)
+        for req in reqs:
+            req.pending += 1
+        if self.overlap:  # the next step's decode inputs (a bad row's -1 must not reach the embedding)
+            row_index = torch.tensor([r.row for r in reqs], dtype=torch.int64)
+            if logits.device.type == "cuda":
+                row_index = row_index.pin_memory()
+            self.last_tokens.index_copy_(0, row_index.to(logits.device, non_blocking=True), tokens.clamp(min=0))
+        return LaunchedStep(reqs, *_to_host(tokens))
+
+    def _collect(self, step: LaunchedStep) -> list[TokenOutput]:
+        """Waits for a launched step's sampled ids and applies them: each request's new token, finish checks,
+        outputs. Past the forward a failure belongs to one request (its sampling, its bookkeeping): it ends alone."""
+        start = time.perf_counter()
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.tokens.tolist() if step.tokens is not None else []
+        step.waited_s = time.perf_counter() - start
+        for pages in step.free_after:  # pages of requests that ended while this step ran: its writes are done
+            self.pool.free(pages)
         outputs = []
-        for i, token in zip(sampled, tokens, strict=True):
-            req = batch_reqs[i]
+        for req, token in zip(step.reqs, tokens, strict=True):
+            req.pending -= 1
+            if req.state is ReqState.FINISHED or req.finish_reason is not None:
+                continue  # ended while the step ran (aborted, or stopped on the token before): the token is void
             try:
-                if isinstance(token, str):
-                    raise RuntimeError(token)
+                if token == BAD_ROW:
+                    raise SamplingError("sampling failed: the logits of this request hold inf or nan")
                 self.generated_tokens_total += 1
                 out = self._on_sampled(req, token)
             except Exception as e:
                 logger.error("request %s failed after the forward; ending it alone: %s", req.rid, e)
-                out = self._fail(req, str(e) if isinstance(token, str) else f"{type(e).__name__}: {e}")
+                out = self._fail(req, str(e) if isinstance(e, SamplingError) else f"{type(e).__name__}: {e}")
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _drop_in_flight(self) -> None:
+        """After a failed launch: waits out the step still running and returns the pages it held back."""
+        step, self.in_flight = self.in_flight, None
+        if step is not None:
+            if step.ready is not None:
+                step.ready.synchronize()
+            for pages in step.free_after:
+                self.pool.free(pages)
+            for req in step.reqs:
+                req.pending -= 1
 
     def _fail(self, req: Req, error: str) -> TokenOutput:
         """Ends one request with finish "error" and `error`, returning its pages; the others go on."""
@@ -232,20 +379,26 @@ class Scheduler:
         budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else math.inf
         reqs, lens = [], []
         for req in self.running:
-            if not req.is_prefilling:
+            if not req.is_prefilling and self._decodes_further(req):
                 reqs.append(req)
                 lens.append(1)
         budget -= len(reqs)
-        for req in self.running:
-            if req.is_prefilling and budget > 0:
+        prefilling = [r for r in self.running if r.is_prefilling]
+        for req in prefilling:
+            if budget > 0:
                 n = int(min(len(req.prompt_ids) - req.num_computed, budget))
                 reqs.append(req)
                 lens.append(n)
                 budget -= n
-        if not reqs:  # a budget smaller than the decode batch still moves one prompt forward
-            req = next(r for r in self.running if r.is_prefilling)
-            reqs, lens = [req], [1]
+        if not reqs and prefilling:  # a budget smaller than the decode batch still moves one prompt forward
+            reqs, lens = [prefilling[0]], [1]
         return reqs, lens
+
+    def _decodes_further(self, req: Req) -> bool:
+        """Whether a request past its prompt still needs a decode step, counting the token the step in flight
+        samples for it (a request that stops on a stop token is only known after that token reaches the host)."""
+        produced = len(req.output_ids) + req.pending
+        return produced < req.sampling.max_new_tokens and req.num_tokens + req.pending < req.max_total_len
 
     def _check_finished(self, req: Req, token: int) -> None:
         sp = req.sampling
@@ -277,7 +430,10 @@ class Scheduler:
         elif req.state is ReqState.WAITING:
             self.waiting.remove(req)
         if req.pages:
-            self.pool.free(req.pages)
+            if self.in_flight is not None:
+                self.in_flight.free_after.append(req.pages)
+            else:
+                self.pool.free(req.pages)
             req.pages = []
         if req.row >= 0:
             self.slots.free_row(req.row)

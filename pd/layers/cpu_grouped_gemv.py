@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from pd.cache_dir import default_cache_dir
+
 logger = logging.getLogger(__name__)
 
 BLOCK = 16  # output features per weight panel; must match BLOCK in the C source
@@ -72,8 +74,6 @@ def _library() -> ctypes.CDLL | None:
         logger.warning("grouped GEMV kernel: no C compiler (%s) found; CPU MoE decode uses the slower oneDNN path",
                        compiler)
         return None
-    from pd.default_model import default_cache_dir
-
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256(

@@ -21,11 +21,16 @@ against deepseek-ai/DeepEP ``csrc/kernels/intranode.cu``:
   int32, handle, event, hook), rows of expert e valid up to recv_count[e]; ``low_latency_combine(x, topk_idx,
   topk_weights, handle)`` -> (combined [T, H], event, hook), weighted.
 
-Run: nothing here has run against a real Buffer yet. tests/test_deepep_gpu.py (normal mode, EP=2/4, against the
-single-rank reference) and benchmarks/bench_dispatch.py are written for the H200 machine. Low-latency mode cannot
-run there (DeepEP asserts in its IBGDA setup without InfiniBand NICs), so that path is checked only against the
-documented shapes and the one-rank fake buffer of tests/test_dispatchers.py. DeepEP-Ascend (sgl-kernel-npu)
-exposes the same names; it is not checked here.
+Run: normal mode on real Buffers, 2x and 4x H200 over NVLink, with that wheel (2026-11-28;
+benchmarks/results/gpu_parallel.md and README.md): tests/test_deepep_gpu.py delivered every routed row bit for
+bit at EP=2 and EP=4, and the MoE output matched the single-rank reference within bf16 tolerance; `pd serve --tp N
+--ep N --moe-a2a-backend deepep --deepep-mode normal` (N = 2, 4; tests/test_gpu_parallel.py -k deepep, bf16, both
+models) gave every first token of the one-GPU run and stayed at least as close to it as the torch backend;
+benchmarks/bench_dispatch.py timed it as the reference column (dispatch_h200x*.json). float32 is not run: combine
+takes bf16 only.
+Low-latency mode has not run (DeepEP asserts in its IBGDA setup without InfiniBand NICs, which those machines
+lack), so that path is checked only against the documented shapes and the one-rank fake buffer of
+tests/test_dispatchers.py. DeepEP-Ascend (sgl-kernel-npu) exposes the same names; it is not checked here.
 
 Mapping onto DispatchOutput:
 

@@ -1,0 +1,150 @@
+"""Where a served decode step's time goes on one GPU: the engine alone, then the engine behind the HTTP front.
+
+Model: Qwen3-MoE at Qwen3-30B-A3B widths with --layers layers (random bf16, as profile_decode_step.py). Workload:
+--batch concurrent greedy requests of 128-token prompts and --new-tokens new tokens (ignore_eos).
+1. The engine in-process (pd.engine.llm.LLM, CUDA graphs), with and without overlap scheduling: out tok/s.
+2. Host cost of building one decode batch (median of 200 builds).
+3. `pd serve` run under cProfile (the HTTP front's process; the engine runs in its own process) with the same
+   load from a bare asyncio client: out tok/s, and the front's hottest functions in OUT/front_profile.txt.
+
+Usage: python benchmarks/profile_serve.py --out DIR [--layers 8] [--batch 64] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import pstats
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.bench_gpu_serve import _serve_load  # noqa: E402
+from benchmarks.profile_decode_step import make_checkpoint  # noqa: E402
+
+
+def engine_rates(path: str, args: argparse.Namespace) -> dict[str, float]:
+    from pd.engine.io import SamplingParams
+    from pd.engine.llm import LLM
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(args.batch)]
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    out: dict[str, float] = {}
+    for overlap in (True, False):
+        llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=args.batch,
+                  max_total_tokens=args.batch * 400, chunked_prefill_size=8192, overlap=overlap)  # fmt: skip
+        llm.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        out[f"engine_tok_s_overlap_{overlap}"] = args.batch * args.new_tokens / (time.perf_counter() - start)
+        if overlap:
+            out.update(build_cost(llm, args.batch))
+        del llm
+        torch.cuda.empty_cache()
+    return out
+
+
+def build_cost(llm, batch: int) -> dict[str, float]:  # noqa: ANN001
+    sched, runner = llm.scheduler, llm.runner
+    rows = []
+    for _ in range(batch):
+        row = sched.slots.alloc_row()
+        pages = sched.pool.alloc(8)
+        sched.slots.assign_pages(row, 0, pages)
+        rows.append(row)
+    out = {}
+    pin = torch.Tensor.pin_memory
+    for pinned in (True, False):
+        if not pinned:  # the same build from pageable memory, for comparison
+            torch.Tensor.pin_memory = lambda self: self  # type: ignore[method-assign]
+        times = []
+        for _ in range(200):
+            start = time.perf_counter()
+            runner.build_batch([5] * batch, rows, [100] * batch, [1] * batch, sched.slots,
+                               token_source=sched.last_tokens)  # fmt: skip
+            times.append(time.perf_counter() - start)
+        torch.Tensor.pin_memory = pin  # type: ignore[method-assign]
+        out[f"build_batch_us_median_pinned_{pinned}"] = 1e6 * statistics.median(times)
+    return out
+
+
+def front_profile(path: str, args: argparse.Namespace) -> dict[str, float]:
+    from tests.server_process import free_port
+
+    port = free_port()
+    prof_file = os.path.join(args.out, "front.prof")
+    profiler = [sys.executable, "-m", "cProfile", "-o", prof_file] if args.cprofile else [sys.executable]
+    argv = [*profiler, "-m", "pd", "serve", "--model-path", path, "--device", "cuda", "--dtype", "bfloat16",
+            "--port", str(port), "--max-running-requests", str(args.batch), "--chunked-prefill-size", "8192",
+            "--log-level", "info", *args.serve_args.split()]  # fmt: skip
+    log = open(os.path.join(args.out, "front_server.log"), "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("pd serve did not start; see front_server.log")
+        time.sleep(0.5)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(args.batch)]
+    asyncio.run(_serve_load(url, prompts, 4))
+    elapsed, arrivals = asyncio.run(_serve_load(url, prompts, args.new_tokens))
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+    log.close()
+    if args.cprofile:
+        text = io.StringIO()
+        stats = pstats.Stats(prof_file, stream=text)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
+        with open(os.path.join(args.out, "front_profile.txt"), "w") as f:
+            f.write(text.getvalue())
+    gaps = sorted(t1 - t0 for times in arrivals for t0, t1 in zip(times[1:], times[2:], strict=False))
+    return {"serve_tok_s": args.batch * args.new_tokens / elapsed,
+            "serve_gap_ms_p50": 1e3 * gaps[len(gaps) // 2] if gaps else 0.0}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--cprofile", action="store_true", help="run the front under cProfile")
+    parser.add_argument("--skip-engine", action="store_true", help="only the served measurement")
+    parser.add_argument("--serve-args", default="", help="extra `pd serve` flags")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        make_checkpoint(tmp, args.layers)
+        result = {} if args.skip_engine else engine_rates(tmp, args)
+        print(json.dumps(result), flush=True)
+        result.update(front_profile(tmp, args))
+    result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    print(json.dumps(result), flush=True)
+    with open(os.path.join(args.out, "serve_profile.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
