@@ -8,10 +8,15 @@
 
 Rank 0 of a prefill instance serves it on --disaggregation-bootstrap-port; decode ranks read it through
 BootstrapClient, once per prefill instance (cached until a failure invalidates it).
+
+With a secret (the instances' --api-key) both /route methods need `Authorization: Bearer <secret>`, and answer
+401 without it: the route holds the address of every KV buffer, and a registration redirects decode's
+transfers. /health stays open, like the HTTP front's.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import json
 import logging
@@ -65,10 +70,12 @@ class _RouteTable:
 
 
 class BootstrapServer:
-    """Threaded HTTP server holding the route table. port=0 picks a free port (see .port)."""
+    """Threaded HTTP server holding the route table. port=0 picks a free port (see .port). With a secret,
+    /route answers 401 to a request without `Authorization: Bearer <secret>`."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, secret: str | None = None) -> None:
         table = _RouteTable()
+        expected = f"Bearer {secret}".encode() if secret is not None else None
 
         class Handler(BaseHTTPRequestHandler):
             def _reply(self, status: int, body: dict[str, object]) -> None:
@@ -79,10 +86,20 @@ class BootstrapServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _authorized(self) -> bool:
+                """Whether the request carries the secret; answers 401 when it does not."""
+                given = (self.headers.get("Authorization") or "").encode()
+                if expected is None or hmac.compare_digest(given, expected):
+                    return True
+                self._reply(401, {"error": "missing or invalid key: this prefill instance's bootstrap server needs "
+                                           "'Authorization: Bearer <key>' with its --api-key"})  # fmt: skip
+                return False
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path = self.path.split("?", 1)[0]
                 if path == "/route":
-                    self._reply(*table.get())
+                    if self._authorized():
+                        self._reply(*table.get())
                 elif path == "/health":
                     self._reply(200, {"status": "ok"})
                 else:
@@ -91,6 +108,8 @@ class BootstrapServer:
             def do_PUT(self) -> None:  # noqa: N802
                 if self.path.split("?", 1)[0] != "/route":
                     self._reply(404, {"error": f"no such path {self.path}"})
+                    return
+                if not self._authorized():  # before the body is read: a stranger's bytes are not parsed
                     return
                 try:
                     body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -120,10 +139,16 @@ class BootstrapServer:
         self._httpd.server_close()
 
 
-def _request(method: str, url: str, body: dict[str, object] | None, timeout_s: float) -> tuple[int, dict]:
+def _auth_headers(secret: str | None) -> dict[str, str]:
+    return {} if secret is None else {"Authorization": f"Bearer {secret}"}
+
+
+def _request(method: str, url: str, body: dict[str, object] | None, timeout_s: float,
+             secret: str | None = None) -> tuple[int, dict]:
     """(status, JSON body) of one HTTP call; raises OSError when the server cannot be reached."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **_auth_headers(secret)}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
@@ -150,11 +175,19 @@ class PrefillRoute:
         return self.ranks[(room % self.dp_size, engine_rank)]
 
 
-class BootstrapClient:
-    """Talks to prefill bootstrap servers; remembers each instance's route until invalidate()."""
+def _refused_key(host: str, port: int, secret: str | None) -> KVTransferError:
+    given = "no key" if secret is None else "a key it does not accept"
+    return KVTransferError(f"bootstrap server {host}:{port} refused {given} (401): start every prefill and decode "
+                           "instance with the same --api-key (or --api-key-file / PD_API_KEY)")
 
-    def __init__(self, timeout_s: float = 5.0) -> None:
+
+class BootstrapClient:
+    """Talks to prefill bootstrap servers; remembers each instance's route until invalidate(). secret: the key
+    sent as a bearer token (the instances' --api-key), or None."""
+
+    def __init__(self, timeout_s: float = 5.0, secret: str | None = None) -> None:
         self.timeout_s = timeout_s
+        self._secret = secret
         self._cache: dict[tuple[str, int], PrefillRoute] = {}
         self._fetch_locks: dict[tuple[str, int], threading.Lock] = {}
         self._lock = threading.Lock()
@@ -166,12 +199,15 @@ class BootstrapClient:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while True:
             try:
-                status, body = _request("PUT", f"http://{host}:{port}/route", rank_info_to_json(info), self.timeout_s)
+                status, body = _request("PUT", f"http://{host}:{port}/route", rank_info_to_json(info), self.timeout_s,
+                                        self._secret)
             except OSError as e:
                 if time.monotonic() >= deadline:
                     raise KVTransferError(f"bootstrap server {host}:{port} unreachable: {e}") from e
                 time.sleep(0.05)
                 continue
+            if status == 401:
+                raise _refused_key(host, port, self._secret)
             if status != 200:
                 raise KVTransferError(f"bootstrap server {host}:{port} refused rank info: {body.get('error')}")
             return
@@ -196,11 +232,14 @@ class BootstrapClient:
             while True:
                 remaining = deadline - time.monotonic()
                 try:
-                    status, body = _request("GET", f"http://{host}:{port}/route", None, max(remaining, 0.1))
+                    status, body = _request("GET", f"http://{host}:{port}/route", None, max(remaining, 0.1),
+                                            self._secret)
                 except OSError as e:
                     raise KVTransferError(f"bootstrap server {host}:{port} unreachable: {e}") from e
                 if status == 200:
                     break
+                if status == 401:
+                    raise _refused_key(host, port, self._secret)
                 if status != 503 or remaining <= 0:
                     raise KVTransferError(f"bootstrap server {host}:{port}: {body.get('error', status)}")
                 time.sleep(min(0.05, max(remaining, 0)))

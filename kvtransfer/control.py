@@ -4,10 +4,16 @@ Frame: 4-byte big-endian length, then that many bytes of one encoded kvtransfer.
 ControlServer accepts connections and hands every decoded message to a callback (on its connection's reader
 thread, so the callback must be quick). ControlPool keeps one outbound connection per peer address, connects
 and sends with deadlines, and reports a peer whose connection drops (the cheap way to notice a dead process).
+
+With a secret (the instances' --api-key) every frame starts with HMAC-SHA256(secret, message): a listener
+drops the connection of a peer whose frame does not carry it, so a process without the key can neither claim a
+room (and have KV written where it says) nor fail or abort another's. The key itself never crosses the wire.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import socket
 import struct
@@ -21,6 +27,24 @@ logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")
 MAX_FRAME_BYTES = 64 << 20  # a registration of a 1M-token prompt at page size 1 is ~10 MB
+_TAG_BYTES = hashlib.sha256().digest_size
+
+
+def _key(secret: str | None) -> bytes | None:
+    return None if secret is None else secret.encode()
+
+
+def _signed(key: bytes | None, body: bytes) -> bytes:
+    """A frame's payload: the message, after its HMAC when there is a key."""
+    return body if key is None else hmac.digest(key, body, "sha256") + body
+
+
+def _verified(key: bytes | None, payload: bytes) -> bytes | None:
+    """The message of a payload, or None when a key is set and the payload is not signed with it."""
+    if key is None:
+        return payload
+    tag, body = payload[:_TAG_BYTES], payload[_TAG_BYTES:]
+    return body if hmac.compare_digest(tag, hmac.digest(key, body, "sha256")) else None
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -42,10 +66,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 class ControlServer:
-    """Listens on host:port (0 = any free port); calls on_message(msg) for every valid message received."""
+    """Listens on host:port (0 = any free port); calls on_message(msg) for every valid message received. With a
+    secret, only messages signed with it (ControlPool with the same secret) are; a peer that sends anything
+    else is disconnected."""
 
-    def __init__(self, host: str, port: int, on_message: Callable[[ControlMessage], None]) -> None:
+    def __init__(self, host: str, port: int, on_message: Callable[[ControlMessage], None],
+                 secret: str | None = None) -> None:
         self._on_message = on_message
+        self._key = _key(secret)
         self._sock = socket.create_server((host, port), reuse_port=False)
         self.address = f"{host}:{self._sock.getsockname()[1]}"
         self._closed = False
@@ -77,8 +105,14 @@ class ControlServer:
                     logger.warning("control frame of %d bytes from %s exceeds the limit; dropping the connection",
                                    size, peer)
                     return
-                body = _recv_exact(conn, size)
+                payload = _recv_exact(conn, size)
+                if payload is None:
+                    return
+                body = _verified(self._key, payload)
                 if body is None:
+                    logger.warning("control message from %s is not signed with this instance's key; dropping the "
+                                   "connection (start every prefill and decode instance with the same --api-key)",
+                                   peer)
                     return
                 try:
                     msg = decode_message(body)
@@ -165,10 +199,12 @@ class ControlPool:
     """Outbound connections by peer address, made on first use.
 
     timeout_s bounds each connect and each send. on_peer_lost(addr) runs (on a watcher thread) when an open
-    connection drops without us closing it.
+    connection drops without us closing it. secret: every message is signed with it (see ControlServer).
     """
 
-    def __init__(self, timeout_s: float, on_peer_lost: Callable[[str], None] | None = None) -> None:
+    def __init__(self, timeout_s: float, on_peer_lost: Callable[[str], None] | None = None,
+                 secret: str | None = None) -> None:
+        self._key = _key(secret)
         self._timeout_s = timeout_s
         self._on_peer_lost = on_peer_lost
         self._conns: dict[str, _Connection] = {}
@@ -177,7 +213,7 @@ class ControlPool:
 
     def send(self, addr: str, msg: ControlMessage) -> None:
         """Sends msg to the ControlServer at addr. Raises KVTransferError (peer down, refused, timed out)."""
-        data = encode_message(msg)
+        data = _signed(self._key, encode_message(msg))
         conn = self._get(addr)
         try:
             conn.send(data)

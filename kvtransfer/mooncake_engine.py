@@ -4,11 +4,18 @@ Mooncake's Python calls block and report errors as return codes. Each call here 
 waited for with a deadline; a non-zero code or a missed deadline is a KVTransferError with what was called.
 Calls are serialised on one worker: Mooncake's TCP transport rejects a batch once about 2048 regions are
 queued (and then fails later batches for a while), so concurrent batches from several threads are unsafe.
+
+Exposure: Mooncake binds its P2P handshake listener and its TCP data listener to the wildcard address, whatever
+host it is given (its source hard-codes INADDR_ANY / in6addr_any, and no option changes that), and the data
+listener lets anyone who connects read and write the registered KV memory. So when the instance was asked for
+one address, the engine logs a warning naming the ports that listen wider; README "Security" says how to fence
+them (a firewall; MC_MIN_RPC_PORT / MC_MAX_RPC_PORT, read by Mooncake, keep them in a known range).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +28,46 @@ logger = logging.getLogger(__name__)
 # Regions per batch call. Mooncake's TCP lanes queue ~2048 entries; staying at half leaves room for a call
 # abandoned after a timeout that may still be draining.
 MAX_REGIONS_PER_BATCH = 1024
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def wildcard_listen_ports() -> set[int]:
+    """TCP ports this process listens on at every address (0.0.0.0 or ::). Read from Linux's /proc: the
+    sockets of this network namespace, kept if one of our file descriptors holds them; empty elsewhere."""
+    inodes = set()
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            address, port = fields[1].rsplit(":", 1)
+            listening = fields[3] == "0A"
+            if listening and fields[9] in inodes and int(address, 16) == 0:
+                ports.add(int(port, 16))
+    return ports
 
 
 class MooncakeEngine:
     """One Mooncake TransferEngine (P2P handshake, no metadata server) on `host`.
 
     session_id ("host:rpc_port") is what peers pass to write into this engine's registered memory.
+    wide_ports: the engine's ports that listen on every address although `host` is one address (see the module
+    docstring); empty when `host` is itself a wildcard.
     """
 
     def __init__(self, host: str, protocol: str = "tcp", device_name: str = "", call_timeout_s: float = 10.0) -> None:
@@ -42,8 +83,18 @@ class MooncakeEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="mooncake")
         self._te = TransferEngine()
         self._registered: list[tuple[int, int]] = []
+        listening_before = wildcard_listen_ports()
         self._call("initialize", self._te.initialize, host, "P2PHANDSHAKE", protocol, device_name)
         self.session_id = f"{host}:{self._te.get_rpc_port()}"
+        self.wide_ports: list[int] = []
+        if host not in _WILDCARD_HOSTS:
+            self.wide_ports = sorted(wildcard_listen_ports() - listening_before)
+        if self.wide_ports:
+            logger.warning(
+                "the Mooncake transfer engine listens on every address, not only %s: ports %s (Mooncake cannot bind "
+                "one address). Anyone who reaches them can read and write this instance's KV cache; firewall them "
+                "(MC_MIN_RPC_PORT / MC_MAX_RPC_PORT keep them in a range). See README, Security.",
+                host, ", ".join(map(str, self.wide_ports)))  # fmt: skip
 
     def register(self, ptrs: Sequence[int], lengths: Sequence[int]) -> None:
         """Registers [ptr, ptr + length) regions so peers may write into them (and we may read from them)."""

@@ -56,7 +56,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address every process binds (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=30000, help="load balancer port (default 30000)")
     parser.add_argument("--bootstrap-port", type=int, default=8998, help="first prefill bootstrap port")
-    parser.add_argument("--policy", default="power_of_two", choices=["random", "round_robin", "power_of_two"])
+    parser.add_argument("--policy", default="power_of_two", choices=["random", "round_robin", "power_of_two"],
+                        help="how the load balancer picks a prefill and a decode instance for each request: random, "
+                             "round_robin (in turn), or power_of_two (the less loaded of two random picks) "
+                             "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for health")
 
 

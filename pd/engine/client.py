@@ -188,7 +188,7 @@ class EngineClient:
         try:
             self._send(leader, req)
             while True:
-                out = await queue.get()
+                out = _coalesce(await queue.get(), queue)
                 finished = out.finish_reason is not None
                 yield out
                 if finished:
@@ -208,3 +208,14 @@ class EngineClient:
         if self._ranks is None:
             return
         await asyncio.get_running_loop().run_in_executor(None, self._ranks.stop, 10.0)
+
+
+def _coalesce(out: TokenOutput, queue: asyncio.Queue[TokenOutput]) -> TokenOutput:
+    """`out` merged with the messages of its request already waiting behind it: a consumer that fell behind (a
+    front streaming to hundreds of clients) catches up with one event for several tokens instead of falling
+    further behind; a consumer that keeps up sees every message as it came."""
+    while not queue.empty() and out.finish_reason is None:
+        nxt = queue.get_nowait()
+        out = dataclasses.replace(nxt, new_token_ids=[*out.new_token_ids, *nxt.new_token_ids],
+                                  queue_time=out.queue_time)  # fmt: skip
+    return out

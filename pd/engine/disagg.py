@@ -4,7 +4,7 @@ expose (pd/ knows the KV cache layout; the roles themselves live in prefill/ and
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtransfer.base import KVArgs
 from pd.dist.leader_link import node0_host
@@ -22,6 +22,8 @@ class DisaggConfig:
     dp_rank: int = 0  # this leader's DP-attention group (each group has its own KV pool and transfer endpoints)
     dp_size: int = 1
     bootstrap_host: str = ""  # prefill: where the instance's bootstrap server runs (node 0); "" = host
+    # --api-key: bootstrap routes and KV control messages between instances need it (kept out of repr and logs)
+    secret: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_server_args(cls, args: ServerArgs, dp_rank: int = 0) -> DisaggConfig:
@@ -34,7 +36,7 @@ class DisaggConfig:
         bootstrap_host = host if args.node_rank == 0 else node0_host(args.dist_init_addr or "")
         return cls(args.disaggregation_transfer_backend, host, args.disaggregation_bootstrap_port,
                    args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout, dp_rank,
-                   args.attn_dp_size, bootstrap_host)
+                   args.attn_dp_size, bootstrap_host, args.api_key)
 
 
 def kv_args(runner: ModelRunner, engine_rank: int = 0) -> KVArgs:

@@ -3,7 +3,9 @@
 The app is built around an engine client that is already started, so tests can hand it a fake one and drive
 it without a socket. Every failure a client can cause answers with OpenAI's error shape
 {"error": {"message", "type", "code"}}: 400 for a bad request (FastAPI's 422 included), 401 without the API
-key, 503 when the engine queue is full or the engine process is gone.
+key, 413 for a body larger than the context could need (pd.server.body_limit), 503 when the engine queue is full
+or the engine process is gone. Tokenization runs on worker threads (pd.server.tokenization), so the event loop
+keeps answering while a long prompt is tokenized.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pd.engine.client import EngineDeadError, EngineFullError
 from pd.engine.engine_process import SchedulerFactory, default_scheduler
 from pd.server import native_api, openai_api
 from pd.server.auth import ApiKeyMiddleware
+from pd.server.body_limit import BodyLimitMiddleware, max_body_bytes
 from pd.server.generation import EngineClientLike, ServerContext
 from pd.server.protocol import ApiError, describe_validation_errors, error_body
 from pd.server.streaming import ClientDisconnected
@@ -61,6 +64,8 @@ def create_app(
         if owns_engine:
             await _abort_in_flight(ctx)
             await _close_engine(app)
+        if ctx.tokenizer_workers is not None:
+            ctx.tokenizer_workers.close()
 
     app = FastAPI(title="pd", lifespan=lifespan)
     app.state.ctx = ctx
@@ -68,7 +73,9 @@ def create_app(
     app.include_router(native_api.router)
     app.include_router(openai_api.router)
     _add_error_handlers(app)
-    if server_args.api_key:
+    context_length = engine_client.max_context_length
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes(context_length), context_length=context_length)
+    if server_args.api_key:  # added last, so it runs first: no key, no 413 either
         app.add_middleware(ApiKeyMiddleware, api_key=server_args.api_key)
     return app
 

@@ -23,9 +23,14 @@ from pd.engine.io import EngineStats, GenerateRequest, SamplingParams, TokenOutp
 from pd.server.detokenizer import IncrementalDetokenizer
 from pd.server.metrics import RequestTimer, ServerMetrics
 from pd.server.protocol import ApiError
+from pd.server.tokenization import TokenizerWorkers
 from pd.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+
+# An engine message with more new tokens than this (the end of a non-streamed request) is detokenized on a tokenizer
+# thread; smaller ones, the streaming case, are cheaper to decode in place than to hand over.
+INLINE_DETOKENIZE_TOKENS = 256
 
 
 class EngineClientLike(Protocol):
@@ -59,9 +64,12 @@ class ServerContext:
     logged_unknown_fields: set[str] = field(default_factory=set)  # unknown request fields already logged
     # Sampling parameters a request leaves unset (--sampling-defaults); read from the model directory.
     sampling_defaults: dict[str, float | int] = field(init=False)
+    # Runs the tokenizer off the event loop; None without a tokenizer.
+    tokenizer_workers: TokenizerWorkers | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.sampling_defaults = load_sampling_defaults(self.server_args)
+        self.tokenizer_workers = None if self.tokenizer is None else TokenizerWorkers(self.tokenizer)
 
     @property
     def vocab_size(self) -> int | None:
@@ -213,10 +221,12 @@ def make_spec(
     """
     if stop and ctx.tokenizer is None:
         raise ApiError("stop strings need a tokenizer; this server runs with --skip-tokenizer-init")
-    _check_token_ids(ctx, input_ids, "input_ids")
-    _check_token_ids(ctx, stop_token_ids or [], "stop_token_ids")
     n_prompt = len(input_ids)
     limit = ctx.engine.max_context_length
+    if n_prompt > limit:  # before anything that walks the ids: a huge prompt is refused in O(1)
+        raise ApiError(f"the prompt ({n_prompt} tokens) is longer than the context length ({limit})")
+    _check_token_ids(ctx, input_ids, "input_ids")
+    _check_token_ids(ctx, stop_token_ids or [], "stop_token_ids")
     if max_new_tokens is not None:
         if max_new_tokens > limit:
             raise ApiError(f"{max_tokens_name} ({max_new_tokens}) is larger than the context length ({limit})")
@@ -322,7 +332,12 @@ async def stream_generation(
         async for out in stream:
             engine_done = out.finish_reason is not None
             try:
-                finish, new_ids, delta = _consume(out, detok, spec)
+                if detok is not None and ctx.tokenizer_workers is not None and (
+                    len(out.new_token_ids) > INLINE_DETOKENIZE_TOKENS
+                ):
+                    finish, new_ids, delta = await ctx.tokenizer_workers.run(_consume, out, detok, spec)
+                else:
+                    finish, new_ids, delta = _consume(out, detok, spec)
             except Exception as e:  # this request's detokenization or stop-string check: it ends alone
                 logger.exception("rid=%s: detokenizing the output failed", spec.rid)
                 reason = f"detokenizing the output failed: {type(e).__name__}: {e}"

@@ -44,7 +44,7 @@ async def generate(request: Request) -> Response:
     """SGLang's /generate: one prompt (or a batch, not streamed) in, text + output_ids + meta_info out."""
     ctx = get_context(request)
     body = await read_body(request, GenerateReqInput, ctx.logged_unknown_fields)
-    specs, is_batch = _specs(ctx, body, time.perf_counter())
+    specs, is_batch = await _specs(ctx, body, time.perf_counter())
     if body.stream:
         if is_batch:
             raise ApiError("stream=true is not supported for a batch; send one request per prompt")
@@ -57,15 +57,19 @@ async def generate(request: Request) -> Response:
     return JSONResponse(outputs if is_batch else outputs[0])
 
 
-def _specs(ctx: ServerContext, body: GenerateReqInput, arrival: float) -> tuple[list[GenerationSpec], bool]:
+async def _specs(ctx: ServerContext, body: GenerateReqInput, arrival: float) -> tuple[list[GenerationSpec], bool]:
     if (body.text is None) == (body.input_ids is None):
         raise ApiError("give exactly one of text or input_ids")
     if body.text is not None:
-        if ctx.tokenizer is None:
+        workers = ctx.tokenizer_workers
+        if workers is None:
             raise ApiError("text input needs a tokenizer; send input_ids (the server runs with --skip-tokenizer-init)")
         is_batch = isinstance(body.text, list)
         texts = body.text if is_batch else [body.text]
-        prompts = [ctx.tokenizer.encode(t) for t in texts]
+        limit = ctx.engine.max_context_length
+        prompts = await asyncio.gather(*(
+            workers.encode(t, limit, what=f"text[{i}]" if is_batch else "text") for i, t in enumerate(texts)
+        ))  # fmt: skip
     else:
         is_batch = bool(body.input_ids) and isinstance(body.input_ids[0], list)
         prompts = body.input_ids if is_batch else [body.input_ids]

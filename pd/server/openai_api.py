@@ -21,6 +21,7 @@ from pd.server.protocol import (
     read_body,
 )
 from pd.server.streaming import last_chunk, raise_if_failed, run_unless_disconnected, sse, sse_response
+from pd.server.tokenization import TokenizerWorkers
 
 # Used when the tokenizer has no chat template of its own.
 CHATML_TEMPLATE = (
@@ -57,7 +58,7 @@ async def completions(request: Request) -> Response:
             raise ApiError(f"prompt has {len(prompt)} entries; this server takes one prompt per request")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        input_ids = _tokenizer(ctx, "a text prompt").encode(prompt)
+        input_ids = await _workers(ctx, "a text prompt").encode(prompt, ctx.engine.max_context_length)
     else:
         input_ids = list(prompt)
     spec = _spec(ctx, body, input_ids, body.max_tokens, "max_tokens", arrival)
@@ -76,10 +77,12 @@ async def chat_completions(request: Request) -> Response:
     body = await read_body(request, ChatCompletionRequest, ctx.logged_unknown_fields)
     arrival = time.perf_counter()
     _check_model(ctx, body.model)
-    tokenizer = _tokenizer(ctx, "chat")
+    workers = _workers(ctx, "chat")
+    tokenizer = workers.tokenizer
     messages = [{**m.model_dump(exclude_none=True), "content": m.content or ""} for m in body.messages]
     try:
-        prompt = tokenizer.apply_chat_template(
+        prompt = await workers.run(
+            tokenizer.apply_chat_template,
             messages,
             tokenize=False,
             add_generation_prompt=not body.continue_final_message,
@@ -90,7 +93,8 @@ async def chat_completions(request: Request) -> Response:
     except Exception as e:  # jinja errors raised by the template (e.g. roles must alternate)
         raise ApiError(f"the chat template rejected the messages: {e}") from None
     # The template already holds every special token the model expects (BOS included).
-    input_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    input_ids = await workers.encode(prompt, ctx.engine.max_context_length, add_special_tokens=False,
+                                     what="the prompt the chat template made of the messages")
     max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
         max_tokens, name = body.max_tokens, "max_tokens"
@@ -121,10 +125,10 @@ def _check_model(ctx: ServerContext, model: str | None) -> None:
         raise ApiError(f"model {model!r} is not served here; this server serves {ctx.server_args.served_model_name!r}")
 
 
-def _tokenizer(ctx: ServerContext, what: str) -> Any:
-    if ctx.tokenizer is None:
+def _workers(ctx: ServerContext, what: str) -> TokenizerWorkers:
+    if ctx.tokenizer_workers is None:
         raise ApiError(f"{what} needs a tokenizer, and this server runs with --skip-tokenizer-init")
-    return ctx.tokenizer
+    return ctx.tokenizer_workers
 
 
 def _spec(
