@@ -6,11 +6,14 @@ inverse frequencies), so looking it up gives the same numbers.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
 import torch
 from torch import nn
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _yarn_inv_freq(dim: int, base: float, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:
@@ -92,13 +95,16 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         self._table: torch.Tensor | None = None  # [max_position, 2, dim/2] float32: cos, sin
 
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _table_on(self, device: torch.device) -> torch.Tensor:
         # Built once per device for every position the model accepts, so lookups never sync with the host.
-        if self._table is None or self._table.device != positions.device:
-            pos = torch.arange(self.max_position, device=positions.device, dtype=torch.float32)
-            freqs = pos[:, None] * self.inv_freq.to(positions.device, torch.float32)[None, :]
+        if self._table is None or self._table.device != device:
+            pos = torch.arange(self.max_position, device=device, dtype=torch.float32)
+            freqs = pos[:, None] * self.inv_freq.to(device, torch.float32)[None, :]
             self._table = torch.stack((freqs.cos() * self.scaling, freqs.sin() * self.scaling), dim=1)
-        cs = self._table[positions]
+        return self._table
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cs = self._table_on(positions.device)[positions]
         return cs[:, 0], cs[:, 1]
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -113,6 +119,10 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64; q [T, Hq, dim], k [T, Hk, dim] -> rotated q, k (same shapes and dtypes)."""
+        if q.is_cuda and _HAS_TRITON:  # one kernel for both (pd.layers.triton_rotary)
+            from pd.layers.triton_rotary import apply_rotary
+
+            return apply_rotary(positions, q, k, self._table_on(q.device), self.interleaved)
         cos, sin = self._cos_sin(positions)
         cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

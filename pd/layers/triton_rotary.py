@@ -1,0 +1,69 @@
+"""Rotary embedding of q and k as one Triton kernel (the reference's table lookup, casts, multiplies, adds and
+concatenations are ~16 launches per layer: at decode sizes more time than the attention itself).
+
+Each program rotates every head of q and k for one token, reading its cos/sin row of the float32 table once.
+The rotation is computed in float32 and rounded once (the reference rounds each product to the input dtype;
+in float32 the two agree to rounding, in bf16 this one is the closer to the float32 model).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(x_ptr, out_ptr, row_x, row_out, head_stride_x, num_heads, cos, sin, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):  # fmt: skip
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < num_heads) & (d < HALF)
+    if INTERLEAVED:  # pairs (2i, 2i+1)
+        first, second = 2 * d, 2 * d + 1
+    else:  # halves (i, i + dim/2)
+        first, second = d, d + HALF
+    src = x_ptr + row_x + heads * head_stride_x
+    x0 = tl.load(src + first, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(src + second, mask=mask, other=0.0).to(tl.float32)
+    dst = out_ptr + row_out + heads * (2 * HALF)
+    tl.store(dst + first, (x0 * cos - x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + second, (x1 * cos + x0 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, q_out, k_out, table_ptr, pos_ptr, q_stride, q_head_stride, k_stride,
+                   k_head_stride, num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                   BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    row = table_ptr + pos * (2 * HALF)  # the table is [max_position, 2, HALF]: cos then sin
+    cos = tl.load(row + d, mask=d < HALF, other=0.0)
+    sin = tl.load(row + HALF + d, mask=d < HALF, other=0.0)
+    _rotate_heads(q_ptr, q_out, t * q_stride, t * num_q_heads * 2 * HALF, q_head_stride, num_q_heads, cos, sin,
+                  HALF, BLOCK_HQ, BLOCK_D, INTERLEAVED)  # fmt: skip
+    _rotate_heads(k_ptr, k_out, t * k_stride, t * num_k_heads * 2 * HALF, k_head_stride, num_k_heads, cos, sin,
+                  HALF, BLOCK_HK, BLOCK_D, INTERLEAVED)  # fmt: skip
+
+
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, table: torch.Tensor,
+                 interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """positions [T] int64; q [T, Hq, D], k [T, Hk, D] (strided rows and heads allowed, D contiguous); table
+    [max_position, 2, D/2] float32 (cos, sin, scaling applied) -> new contiguous q, k rotated, in their dtypes."""
+    num_tokens, num_q, dim = q.shape
+    num_k = k.shape[1]
+    assert k.shape[0] == num_tokens and k.shape[2] == dim and dim % 2 == 0, (q.shape, k.shape)
+    assert table.dtype == torch.float32 and table.shape[1:] == (2, dim // 2), table.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
+                                                                                      device=k.device)  # fmt: skip
+    if num_tokens == 0:
+        return q_out, k_out
+    table = table.contiguous()
+    _rotary_kernel[(num_tokens,)](q, k, q_out, k_out, table, positions, q.stride(0), q.stride(1), k.stride(0),
+                                  k.stride(1), num_q, num_k, HALF=dim // 2, BLOCK_HQ=triton.next_power_of_2(num_q),
+                                  BLOCK_HK=triton.next_power_of_2(num_k), BLOCK_D=triton.next_power_of_2(dim // 2),
+                                  INTERLEAVED=interleaved, num_warps=4)  # fmt: skip
+    return q_out, k_out

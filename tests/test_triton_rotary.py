@@ -1,0 +1,69 @@
+"""The Triton rotary kernel against the torch reference (pd.layers.rotary.RotaryEmbedding's CPU path): Triton's
+CPU interpreter in CI on ragged, strided inputs in both layouts; large shapes on a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pd.layers.rotary import RotaryEmbedding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def check(device: str, tokens: int, heads_q: int, heads_k: int, dim: int, dtype: torch.dtype, interleaved: bool,
+          rope: dict) -> None:  # fmt: skip
+    from pd.layers.triton_rotary import apply_rotary
+
+    gen = torch.Generator().manual_seed(tokens * 7 + heads_q * 3 + dim)
+    emb = RotaryEmbedding(dim, {"rope_theta": 10000.0, **rope}, max_position=512, interleaved=interleaved)
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    # q and k as views of one fused projection, as the attention layers produce them
+    qkv = (torch.randn(tokens, (heads_q + 2 * heads_k) * dim, generator=gen) * 2).to(dtype)
+    q = qkv[:, : heads_q * dim].view(tokens, heads_q, dim)
+    k = qkv[:, heads_q * dim : (heads_q + heads_k) * dim].view(tokens, heads_k, dim)
+    ref_q, ref_k = emb(positions, q, k)
+    table = emb._table_on(torch.device(device))
+    got_q, got_k = apply_rotary(positions.to(device), q.to(device), k.to(device), table, interleaved)
+    # fp32: the same products to rounding; bf16/fp16: the reference rounds each product, the kernel once
+    tol = {torch.float32: 2e-6, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(got_q.cpu().float(), ref_q.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got_k.cpu().float(), ref_k.float(), rtol=tol, atol=tol)
+
+
+CASES = [(5, 4, 2, 32, torch.float32, False, {}), (3, 8, 1, 16, torch.float32, True, {}),
+         (7, 3, 3, 24, torch.bfloat16, False, {"rope_type": "linear", "factor": 2.0}),
+         (2, 5, 1, 16, torch.float16, True, {"rope_type": "yarn", "factor": 4.0,
+                                            "original_max_position_embeddings": 128}),
+         (0, 4, 2, 32, torch.float32, False, {})]  # fmt: skip
+
+
+def interpreter_cases() -> None:
+    from tests.triton_interpreter import patch_interpreter
+
+    patch_interpreter()
+    for case in CASES:
+        check("cpu", *case)
+
+
+@needs_triton
+def test_triton_rotary_equals_the_reference_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import tests.test_triton_rotary as t; t.interpreter_cases()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,heads_q,heads_k,dim,interleaved",
+                         [(1, 32, 4, 128, False), (8192, 32, 4, 128, False), (333, 128, 1, 64, True)])  # fmt: skip
+def test_triton_rotary_equals_the_reference_on_the_gpu(tokens, heads_q, heads_k, dim, interleaved, dtype):
+    check("cuda", tokens, heads_q, heads_k, dim, dtype, interleaved, {})
