@@ -66,6 +66,11 @@ class AbortRequest:
 
 
 @dataclass(frozen=True)
+class FlushCacheRequest:
+    """Drop every cached prefix page no request holds."""
+
+
+@dataclass(frozen=True)
 class TokenOutput:
     """New tokens of one request since the last message.
 
@@ -82,6 +87,8 @@ class TokenOutput:
     error: str | None = None
     # Time the request spent queued before its first forward, in seconds (for metrics).
     queue_time: float = 0.0
+    # Prompt tokens whose KV came from the prefix cache.
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ class EngineStats:
     page_size: int
     generated_tokens_total: int
     prompt_tokens_total: int
+    kv_pages_cached: int = 0  # of the free pages, those holding a cached prefix (evicted when pages run short)
+    cached_tokens_total: int = 0  # prompt tokens whose KV came from the prefix cache
     # EPLB (the same on every rank of the expert group): rebalances so far, and the balancedness (mean / max GPU
     # load) measured over the window before the last one (1.0 before the first).
     eplb_rebalances: int = 0
@@ -102,14 +111,21 @@ class EngineStats:
 
 
 def to_dict(msg: Any) -> dict[str, Any]:
-    """Dataclass -> dict with a type tag, ready for msgpack."""
-    d = dataclasses.asdict(msg)
+    """Dataclass -> dict with a type tag, ready for msgpack. Shallow (lists are not copied, nested dataclasses
+    become plain dicts): `dataclasses.asdict` deep-copies, ~6x slower, and the engine sends one of these per
+    streamed token."""
+    d = _fields(msg)
     d["__type__"] = type(msg).__name__
     return d
 
 
+def _fields(msg: Any) -> dict[str, Any]:
+    return {f.name: _fields(v) if dataclasses.is_dataclass(v := getattr(msg, f.name)) else v
+            for f in dataclasses.fields(msg)}  # fmt: skip
+
+
 _TYPES: dict[str, type] = {
-    t.__name__: t for t in (SamplingParams, GenerateRequest, AbortRequest, TokenOutput, EngineStats)
+    t.__name__: t for t in (SamplingParams, GenerateRequest, AbortRequest, FlushCacheRequest, TokenOutput, EngineStats)
 }
 
 

@@ -49,6 +49,7 @@ class RunnerConfig:
     two_batch_overlap: bool = False  # every forward as two micro-batches interleaved layer by layer
     attention_backend: str = "torch"  # an --attention-backend name (resolved)
     cuda_graph_bs: tuple[int, ...] = ()  # decode batch sizes to capture as CUDA graphs (empty: eager)
+    quantization: str = "none"  # --quantization: "fp8" quantizes an unquantized checkpoint at load
 
 
 class ModelRunner:
@@ -83,7 +84,8 @@ class ModelRunner:
         self.context_length = cfg.context_length or model_max
         moe_ctx = moe_ctx or MoeContext(runner=cfg.moe_runner)
         self.model = load_model(self.model_config, cfg.dtype, self.device, moe_ctx,
-                                max_position=max(self.context_length, model_max), tp=tp)
+                                max_position=max(self.context_length, model_max), tp=tp,
+                                quantization=cfg.quantization)  # fmt: skip
         moe_layers = [m for m in self.model.modules() if isinstance(m, FusedMoE)]
         for module in moe_layers:
             module.finalize_weights()

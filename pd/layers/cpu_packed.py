@@ -98,7 +98,8 @@ class PackedLinear(nn.Linear):
 def pack_linears_for_cpu(model: nn.Module, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT) -> int:
     """Swap every nn.Linear of a loaded ``model`` whose weight oneDNN can pack for a PackedLinear, in place.
 
-    Call once after the weights are loaded. Linears on other devices or in other dtypes are left as they are.
+    Call once after the weights are loaded. Linears on other devices or in other dtypes are left as they are, and so
+    are quantized linears (pd.quant.fp8.Fp8Linear is no nn.Linear; it packs its dequantized weight itself).
 
     Returns:
         The number of layers swapped.

@@ -16,9 +16,10 @@ from pd.moe.layer import FusedMoE
 
 # Per-expert checkpoint names (Mixtral's w1/w3/w2 and everyone else's gate/up/down) and the fused layout.
 _EXPERT = re.compile(
-    r"^(?P<layer>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+    r"^(?P<layer>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight(?P<scale>_scale_inv)?$"
 )
 _FUSED_EXPERTS = re.compile(r"^(?P<layer>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+_EXPERT_PARAMS = ("w13_weight", "w2_weight", "w13_weight_scale_inv", "w2_weight_scale_inv")
 _SHARD = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
@@ -67,8 +68,10 @@ class CausalLM(nn.Module):
             moe = self._moe_of(m["layer"])
             if moe is not None:
                 expert, shard = int(m["expert"]), _SHARD[m["proj"]]
-                if moe.load_expert_weight(name, expert, shard, tensor):
-                    self._expert_progress(moe)[(expert, shard)] = True
+                # Progress keys: (expert, shard) for a weight, (expert, shard, "scale") for its FP8 scales.
+                key = (expert, shard, "scale") if m["scale"] else (expert, shard)
+                if moe.load_expert_weight(name, expert, shard, tensor, scale_inv=bool(m["scale"])):
+                    self._expert_progress(moe)[key] = True
                 return True
         if m := _FUSED_EXPERTS.match(name):
             moe = self._moe_of(m["layer"])
@@ -89,8 +92,9 @@ class CausalLM(nn.Module):
     def param_loaded_specially(self, param_name: str) -> bool:
         module_name, _, attr = param_name.rpartition(".")
         module = self.get_submodule(module_name)
-        if not isinstance(module, FusedMoE) or attr not in ("w13_weight", "w2_weight"):
+        if not isinstance(module, FusedMoE) or attr not in _EXPERT_PARAMS:
             return False
         progress = self._expert_progress(module)
-        shards = sum(1 for key in progress if isinstance(key, tuple))
+        key_len = 3 if attr.endswith("_scale_inv") else 2
+        shards = sum(1 for key in progress if isinstance(key, tuple) and len(key) == key_len)
         return "fused" in progress or shards == 3 * module.num_local_logical_experts

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pd.quant.fp8 import Fp8Config
+
 
 class ModelConfigError(ValueError):
     """The checkpoint's config.json is missing, unreadable or names an unsupported architecture."""
@@ -80,6 +82,29 @@ class ModelConfig:
         if eos is None:
             return ()
         return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+    @property
+    def quantization(self) -> Fp8Config | None:
+        """The checkpoint's weight quantization (``quantization_config``): None for unquantized checkpoints.
+
+        Raises:
+            ModelConfigError: a quantization other than block-wise FP8 e4m3 with dynamic activation scales.
+        """
+        qc = self.raw.get("quantization_config")
+        if not qc:
+            return None
+        where = f"{self.path}/config.json quantization_config"
+        if qc.get("quant_method") != "fp8":
+            raise ModelConfigError(f"{where}: quant_method {qc.get('quant_method')!r} is not supported (only fp8)")
+        if qc.get("fmt", "e4m3") != "e4m3" or qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise ModelConfigError(f"{where}: only fmt e4m3 with activation_scheme dynamic is supported, got "
+                                   f"{qc.get('fmt')!r} / {qc.get('activation_scheme')!r}")  # fmt: skip
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ModelConfigError(f"{where}: weight_block_size {block!r} is not [rows, cols] (per-tensor FP8 "
+                                   "checkpoints are not supported, only block-wise ones)")  # fmt: skip
+        skipped = tuple(qc.get("modules_to_not_convert") or ())
+        return Fp8Config(block=(block[0], block[1]), modules_to_not_convert=skipped)
 
     @property
     def rope_parameters(self) -> dict[str, Any]:

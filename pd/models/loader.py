@@ -1,7 +1,8 @@
 """Checkpoint loading: safetensors files -> a model's parameters, with errors that name the tensor.
 
 Our parameter names mirror the Hugging Face names wherever the layout is the same, so most tensors copy
-straight across; a model handles the rest (stacked experts, fused projections) in `load_special`.
+straight across; a model handles the rest (stacked experts, fused projections) in `load_special`. FP8 checkpoints
+and --quantization fp8 convert the model's layers first and transform the stream (pd.models.fp8_loading).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from pd.dist.tp import SINGLE, TensorParallel, take_shard
 from pd.models.base import CausalLM
 from pd.models.config import ModelConfig
+from pd.models.fp8_loading import convert_to_fp8, plan_fp8
 from pd.models.registry import get_model_class
 from pd.moe.context import MoeContext
 
@@ -37,11 +39,24 @@ class LoadableModel(Protocol):
         """True for checkpoint tensors the model does not use (e.g. rotary caches, MTP layers)."""
 
 
-def iter_safetensors(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_files(model_path: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
     if not files:
         raise WeightLoadError(f"no *.safetensors files in {model_path}")
-    for path in files:
+    return files
+
+
+def tensor_names(model_path: str) -> set[str]:
+    """Every tensor name of the checkpoint (read from the file headers, no tensor is loaded)."""
+    names: set[str] = set()
+    for path in _safetensors_files(model_path):
+        with safe_open(path, framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def iter_safetensors(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in _safetensors_files(model_path):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
@@ -87,9 +102,14 @@ def load_model(
     moe_ctx: MoeContext,
     max_position: int,
     tp: TensorParallel = SINGLE,
+    quantization: str = "none",
 ) -> CausalLM:
     """Builds the model of `config.architecture` on `device` in `dtype` and loads the checkpoint into it.
-    ``tp`` shards attention and dense MLPs (each rank loads only its slice); routed experts follow moe_ctx."""
+    ``tp`` shards attention and dense MLPs (each rank loads only its slice); routed experts follow moe_ctx.
+
+    An FP8 checkpoint loads its FP8 layers as they are; ``quantization="fp8"`` quantizes an unquantized one
+    block-wise while loading. The model is built in ``dtype`` and those layers converted before loading, so the
+    build briefly holds them in ``dtype``."""
     model_cls = get_model_class(config.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -98,5 +118,10 @@ def load_model(
             model = model_cls(config, moe_ctx, max_position, tp)
     finally:
         torch.set_default_dtype(previous)
-    load_weights(model, iter_safetensors(config.path), tied_lm_head=bool(config.get("tie_word_embeddings", False)))
+    weights = iter_safetensors(config.path)
+    if config.quantization is not None or quantization == "fp8":
+        plan = plan_fp8(model, config, quantization, tensor_names(config.path))
+        convert_to_fp8(model, plan, tp.size)
+        weights = plan.transform(weights)
+    load_weights(model, weights, tied_lm_head=bool(config.get("tie_word_embeddings", False)))
     return model.eval().requires_grad_(False)

@@ -22,6 +22,7 @@ from pd.layers.attention import latent_attention
 from pd.layers.norm import RMSNorm
 from pd.layers.rotary import RotaryEmbedding
 from pd.models.config import ModelConfig
+from pd.quant.fp8 import dense_weight
 
 
 def yarn_mscale(scale: float, mscale: float) -> float:
@@ -100,8 +101,9 @@ class MLAttention(nn.Module):
         q_pe, k_pe = rotary(batch.positions, q_pe, k_pe.unsqueeze(1))  # k_pe: [T, 1, rope_dim], one shared head
         latent_T1L = torch.cat((kv_c.unsqueeze(1), k_pe), dim=-1)
 
-        # kv_b_proj.weight [H * (nope + v), C] holds per head W_UK [nope, C] then W_UV [v, C] (views, no copies).
-        w_HXC = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        # kv_b_proj.weight [H * (nope + v), C] holds per head W_UK [nope, C] then W_UV [v, C] (views, no copies
+        # unless it is FP8, then dequantized).
+        w_HXC = dense_weight(self.kv_b_proj).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope_dim, self.v_dim], dim=1)
         q_lat_HTC = torch.bmm(q_nope.transpose(0, 1), w_uk_HNC)  # [H, T, C]
         q_THL = torch.cat((q_lat_HTC.transpose(0, 1), q_pe), dim=-1)  # [T, H, C + R]

@@ -18,6 +18,7 @@ from pd.moe.eplb.placement import LayerPlacement, trivial_phy2log
 from pd.moe.runner import get_runner
 from pd.moe.token_layout import LayoutState
 from pd.moe.topk import TopKConfig, TopKOutput, select_experts
+from pd.quant.fp8 import FP8_DTYPE, block_dequant, scale_range, scale_shape
 
 _SHARDS = ("gate", "up", "down")
 
@@ -88,6 +89,8 @@ class FusedMoE(nn.Module):
             intermediate size (the whole of it unless ctx.moe_tp_size > 1).
         w2_weight: [E_local, H, I].
         e_score_correction_bias (buffer, only with has_correction_bias): [E] float32, used for selection only.
+        w13_weight_scale_inv, w2_weight_scale_inv (only between use_fp8 and finalize_weights): the block scales
+            of float8_e4m3fn w13/w2 (see use_fp8).
 
     Raises:
         ValueError: ctx.ep_size does not divide the physical expert count, an unknown dispatcher/runner name, or a
@@ -135,6 +138,7 @@ class FusedMoE(nn.Module):
         n_local, inter = self.num_local_experts, self.local_intermediate
         self.w13_weight = nn.Parameter(torch.empty(n_local, 2 * inter, hidden_size), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(n_local, hidden_size, inter), requires_grad=False)
+        self.fp8_block: tuple[int, int] | None = None  # set by use_fp8 until finalize_weights dequantizes
         self.e_score_correction_bias: torch.Tensor | None
         if has_correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -230,21 +234,65 @@ class FusedMoE(nn.Module):
             return next(iter(self.dispatchers.values()))
         return self.dispatchers[mode]
 
+    def use_fp8(self, block: tuple[int, int]) -> None:
+        """Holds the experts as block-FP8 until finalize_weights (call before loading): w13_weight and w2_weight
+        become float8_e4m3fn, with float32 scales w13_weight_scale_inv [E_local, 2 * ceil(I/bn), ceil(H/bk)]
+        (gate's blocks, then up's) and w2_weight_scale_inv [E_local, ceil(H/bn), ceil(I/bk)], I this rank's share.
+
+        Raises:
+            Fp8LayoutError: this rank's share of the intermediate size cuts a scale block.
+        """
+        n_local, inter, hidden = self.num_local_experts, self.local_intermediate, self.hidden_size
+        total = self.intermediate_size
+        scale_range(self.inter_start, inter, total, block[0], "MoE intermediate rows (gate/up)")
+        scale_range(self.inter_start, inter, total, block[1], "MoE intermediate columns (down)")
+        self.compute_dtype = self.w13_weight.dtype
+        device = self.w13_weight.device
+
+        def param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.w13_weight = param(n_local, 2 * inter, hidden, dtype=FP8_DTYPE)
+        self.w2_weight = param(n_local, hidden, inter, dtype=FP8_DTYPE)
+        rows, cols = scale_shape(inter, hidden, block)
+        self.w13_weight_scale_inv = param(n_local, 2 * rows, cols, dtype=torch.float32)
+        self.w2_weight_scale_inv = param(n_local, *scale_shape(hidden, inter, block), dtype=torch.float32)
+        self.fp8_block = block
+
     @torch.no_grad()
     def finalize_weights(self) -> None:
         """Let the runner prepare its view of the weights (e.g. packed copies). Call once the checkpoint is
-        loaded, and again after changing the expert weights in place."""
+        loaded, and again after changing the expert weights in place.
+
+        FP8 experts (use_fp8) are dequantized here to the compute dtype, once, and their FP8 tensors and scales
+        dropped: the runners compute in the compute dtype (the reference path), and later EPLB moves carry plain
+        weights. FP8 storage of the experts waits for FP8 grouped-GEMM kernels."""
+        if self.fp8_block is not None:
+            # gate and up were quantized apart: a block never spans both halves, even when I is not a multiple.
+            inter, rows = self.local_intermediate, self.w13_weight_scale_inv.shape[1] // 2
+            w13, s13 = self.w13_weight, self.w13_weight_scale_inv
+            halves = [block_dequant(w13[:, :inter], s13[:, :rows], self.fp8_block, self.compute_dtype),
+                      block_dequant(w13[:, inter:], s13[:, rows:], self.fp8_block, self.compute_dtype)]  # fmt: skip
+            self.w13_weight = nn.Parameter(torch.cat(halves, dim=1), requires_grad=False)
+            self.w2_weight = nn.Parameter(block_dequant(self.w2_weight, self.w2_weight_scale_inv, self.fp8_block,
+                                                        self.compute_dtype), requires_grad=False)  # fmt: skip
+            del self.w13_weight_scale_inv, self.w2_weight_scale_inv
+            self.fp8_block = None
         self.runner.prepare_weights(self.w13_weight, self.w2_weight)
 
     @torch.no_grad()
-    def load_expert_weight(self, name: str, expert_id: int, shard: str, tensor: torch.Tensor) -> bool:
-        """Copy one expert's projection from a per-expert checkpoint tensor.
+    def load_expert_weight(
+        self, name: str, expert_id: int, shard: str, tensor: torch.Tensor, scale_inv: bool = False
+    ) -> bool:
+        """Copy one expert's projection (or, with ``scale_inv``, its FP8 block scales) from a per-expert checkpoint
+        tensor.
 
         Args:
             name: checkpoint tensor name, used in error messages.
             expert_id: logical expert id in [0, num_experts).
             shard: "gate" ([I, H], Mixtral w1), "up" ([I, H], Mixtral w3) or "down" ([H, I], Mixtral w2).
-            tensor: the weight in nn.Linear layout (out_features, in_features), any float dtype.
+            tensor: the weight in nn.Linear layout (out_features, in_features), any float dtype (float8_e4m3fn
+                after use_fp8); with ``scale_inv`` its scales [ceil(out/bn), ceil(in/bk)] float32.
 
         Returns:
             True if this rank owns the expert and copied it, False if it belongs to another rank.
@@ -257,6 +305,11 @@ class FusedMoE(nn.Module):
         slots = self._local_slots_of(expert_id)
         if not slots:
             return False
+        if scale_inv:
+            self._load_expert_scales(name, slots, shard, tensor)
+            return True
+        if self.fp8_block is not None and tensor.dtype != FP8_DTYPE:
+            raise ValueError(f"{name}: a {tensor.dtype} weight for FP8 experts (expected float8_e4m3fn and its scales)")
         inter, hidden = self.intermediate_size, self.hidden_size
         part = slice(self.inter_start, self.inter_start + self.local_intermediate)
         n = self.local_intermediate
@@ -268,6 +321,22 @@ class FusedMoE(nn.Module):
                 rows = slice(0, n) if shard == "gate" else slice(n, 2 * n)
                 self.w13_weight[local, rows].copy_(tensor[part])
         return True
+
+    def _load_expert_scales(self, name: str, slots: list[int], shard: str, scale: torch.Tensor) -> None:
+        if self.fp8_block is None:
+            raise ValueError(f"{name}: FP8 scales for experts that were not built as FP8 (FusedMoE.use_fp8)")
+        block, inter, hidden = self.fp8_block, self.intermediate_size, self.hidden_size
+        if shard == "down":
+            _check_shape(name, scale, scale_shape(hidden, inter, block))
+            first, count = scale_range(self.inter_start, self.local_intermediate, inter, block[1], name)
+            for local in slots:
+                self.w2_weight_scale_inv[local].copy_(scale[:, first : first + count])
+            return
+        _check_shape(name, scale, scale_shape(inter, hidden, block))
+        first, count = scale_range(self.inter_start, self.local_intermediate, inter, block[0], name)
+        offset = 0 if shard == "gate" else count
+        for local in slots:
+            self.w13_weight_scale_inv[local, offset : offset + count].copy_(scale[first : first + count])
 
     def _local_slots_of(self, expert_id: int) -> list[int]:
         """This rank's slots holding logical ``expert_id`` (several with replicas on one rank; none elsewhere)."""
@@ -301,6 +370,8 @@ class FusedMoE(nn.Module):
         Raises:
             ValueError: either tensor has the wrong shape.
         """
+        if self.fp8_block is not None:
+            raise ValueError(f"{prefix}: fused expert tensors cannot be loaded as FP8 (per-expert tensors only)")
         num, inter, hidden = self.num_experts, self.intermediate_size, self.hidden_size
         _check_shape(f"{prefix}.gate_up_proj", gate_up_EXH, (num, 2 * inter, hidden))
         _check_shape(f"{prefix}.down_proj", down_EHI, (num, hidden, inter))

@@ -1,0 +1,1 @@
+"""Weight quantization formats: how quantized weights are stored and the reference compute that dequantizes them."""
