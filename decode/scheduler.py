@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 
 from kvtransfer import get_kv_backend
 from kvtransfer.base import KVPoll, KVReceiver, prompt_fingerprint
@@ -29,7 +30,8 @@ QUARANTINE_S = 15.0
 
 class DecodeScheduler(Scheduler):
     def __init__(self, cfg: SchedulerConfig, runner: ModelRunner, disagg: DisaggConfig) -> None:
-        super().__init__(cfg, runner)
+        # No prefix cache here: a request's pages are written by its transfer, whatever they held.
+        super().__init__(replace(cfg, radix_cache=False), runner)
         backend = get_kv_backend(disagg.backend)
         self.kv_manager = backend.start_decode_manager(kv_args(runner), disagg)
         self._receiver_cls = backend.KVReceiver

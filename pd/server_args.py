@@ -35,6 +35,7 @@ DISAGGREGATION_MODES = ("null", "prefill", "decode")
 TRANSFER_BACKENDS = tuple(kv_backend_names())  # what the registry provides, so a typo fails at parse time
 DEVICES = ("auto", "cpu", "cuda", "npu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "fp8")  # pd.models.fp8_loading.QUANTIZATIONS
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # The API key when neither --api-key nor --api-key-file is given; `pd up` hands the key to its children this way.
 API_KEY_ENV = "PD_API_KEY"
@@ -129,6 +130,9 @@ class ServerArgs:
     chunked_prefill_size: int = _opt(2048, "max prompt tokens per prefill step; -1 disables chunking", type=int)
     page_size: int = _opt(16, "tokens per KV page", type=int)
     decode_log_interval: int = _opt(40, "steps between two progress lines in the log (0: none)", type=int)
+    disable_radix_cache: bool = _opt(
+        False, "compute every prompt in full instead of reusing the KV of cached prefixes (prefix cache off)"
+    )
     disable_overlap_schedule: bool = _opt(
         False, "run each step's host work (batch building, output processing) after its forward instead of beside it"
     )
@@ -142,6 +146,8 @@ class ServerArgs:
     # Runtime
     device: str = _opt("auto", "auto: cuda if available, else npu if torch_npu imports, else cpu", choices=DEVICES)
     dtype: str = _opt("auto", "auto: float32 on cpu, bfloat16 on cuda/npu", choices=DTYPES)
+    quantization: str = _opt("none", "fp8: quantize an unquantized checkpoint's weights block-wise at load (an FP8 "
+                             "checkpoint loads as FP8 either way)", choices=QUANTIZATIONS)  # fmt: skip
     random_seed: int = _opt(0, "seed for sampling and weight init", type=int)
     sampling_defaults: str = _opt("model", "defaults of unset sampling parameters: model (the model's "
                                   "generation_config.json) or openai (temperature 1, top_p 1)",

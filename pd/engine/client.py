@@ -16,7 +16,15 @@ import msgpack
 from pd.dist.launch import RankProcesses
 from pd.dist.leader_link import RemoteLeaderListener
 from pd.engine.engine_process import run_engine
-from pd.engine.io import AbortRequest, EngineStats, GenerateRequest, TokenOutput, from_dict, to_dict
+from pd.engine.io import (
+    AbortRequest,
+    EngineStats,
+    FlushCacheRequest,
+    GenerateRequest,
+    TokenOutput,
+    from_dict,
+    to_dict,
+)
 from pd.engine.spec import EngineSpec, SchedulerFactory, default_scheduler
 from pd.server_args import ServerArgs
 
@@ -156,7 +164,7 @@ class EngineClient:
     def num_in_flight(self) -> int:
         return len(self._queues)
 
-    def _send(self, leader: int, msg: GenerateRequest | AbortRequest) -> None:
+    def _send(self, leader: int, msg: GenerateRequest | AbortRequest | FlushCacheRequest) -> None:
         if self._closing or self._ranks is None:
             return  # late aborts from requests unwinding after close(); the engine is gone
         self._ranks.leaders[leader].inbox.send_bytes(msgpack.packb(to_dict(msg), use_bin_type=True))
@@ -202,6 +210,12 @@ class EngineClient:
     async def abort(self, rid: str) -> None:
         if rid in self._queues and self._dead is None:
             self._send(self._owner[rid], AbortRequest(rid))
+
+    async def flush_cache(self) -> None:
+        """Asks every leader to drop its unreferenced cached prefix pages (the stats show it once done)."""
+        if self._dead is None and self._ranks is not None:
+            for leader in range(len(self._ranks.leaders)):
+                self._send(leader, FlushCacheRequest())
 
     async def close(self) -> None:
         self._closing = True

@@ -22,7 +22,7 @@ import torch
 
 from pd.dist.dp_gate import DPGate
 from pd.dist.leader_link import connect_to_front
-from pd.engine.io import AbortRequest, GenerateRequest, TokenOutput, from_dict, to_dict
+from pd.engine.io import AbortRequest, FlushCacheRequest, GenerateRequest, TokenOutput, from_dict, to_dict
 from pd.engine.rank import follow, start_rank
 from pd.engine.scheduler import Scheduler
 from pd.engine.spec import EngineSpec, SchedulerFactory, default_scheduler
@@ -195,6 +195,8 @@ class EngineLoop:
                                       error=f"the engine could not queue the request: {type(e).__name__}: {e}")
             elif isinstance(msg, AbortRequest):
                 out = self.scheduler.abort(msg.rid)
+            elif isinstance(msg, FlushCacheRequest):
+                self.scheduler.flush_cache()
             if out is not None:
                 outputs.append(out)
         return outputs

@@ -5,8 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from pd.engine.io import SamplingParams
+
+if TYPE_CHECKING:
+    from pd.engine.radix_cache import Node
 
 
 class ReqState(Enum):
@@ -28,6 +32,9 @@ class Req:
     row: int = -1  # row in the slot table while running
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (the first pages of `pages`)
+    cache_node: Node | None = None  # where its cached prefix ends in the prefix tree (locked while it runs)
+    kv_trusted: bool = True  # False after a failure that may have left garbage in its KV: never cached then
     finish_reason: str | None = None
     matched_stop: int | None = None
     seed: int = 0  # the request's sampling seed (its own, or one the engine drew)

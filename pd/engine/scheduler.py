@@ -4,6 +4,11 @@ Every step runs one batch that holds each running request's next token (decode) 
 as the chunked-prefill budget allows, oldest request first. KV pages for a request's whole budget (prompt plus
 max_new_tokens, capped by the context length) are taken when it is admitted, so a running request never runs
 out of pages and nothing needs preempting; they are all returned when it finishes or is aborted.
+
+With the prefix cache (pd.engine.radix_cache) a request starts with the longest cached whole-page prefix of its
+prompt already computed: those pages are shared, the rest are fresh. When it ends, the whole pages of its computed
+tokens go into the cache instead of the free list, and an allocation that finds the free list short evicts
+unreferenced cached pages. Cached pages count as free in the stats: only live requests hold pages.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from pd.engine.io import EngineStats, GenerateRequest, TokenOutput
 from pd.engine.kv_cache import PagePool
 from pd.engine.model_runner import ModelRunner
+from pd.engine.radix_cache import Node, RadixCache
 from pd.engine.request import Req, ReqState
 from pd.engine.sampler import BAD_ROW, SamplingRows, sample
 
@@ -37,10 +43,21 @@ class SchedulerConfig:
     chunked_prefill_size: int  # -1: whole prompts in one step
     overlap: bool = False  # prepare step N+1 on the host while the device runs step N (--disable-overlap-schedule)
     log_interval: int = 40  # steps between two progress lines in the log (SGLang's --decode-log-interval)
+    radix_cache: bool = False  # reuse cached prompt prefixes (pd serve turns it on unless --disable-radix-cache)
 
 
 class SamplingError(RuntimeError):
     """A request's row could not be sampled (its logits hold inf or nan); it ends that request alone."""
+
+
+@dataclass(frozen=True)
+class PageReturn:
+    """An ended request's pages on their way back: `tokens` are the tokens whose KV they hold (their whole pages
+    go into the prefix cache, when on), `node` the cached prefix it matched (unlocked then)."""
+
+    tokens: list[int]
+    pages: list[int]
+    node: Node | None
 
 
 @dataclass
@@ -50,14 +67,15 @@ class LaunchedStep:
     reqs:       the requests that sample a token in it, in the order of `tokens`.
     tokens:     [len(reqs)] int64 on the host (pinned on CUDA), valid once `ready` has completed.
     ready:      an event recorded after the copy of `tokens` (None: the copy was synchronous).
-    free_after: pages of requests that ended while the step ran, freed once it has completed (its KV writes
-                may still land in them, and on a decode instance a transfer into a reused page may not wait).
+    free_after: pages of requests that ended while the step ran, freed (or cached) once it has completed (its KV
+                writes may still land in them, and on a decode instance a transfer into a reused page may not
+                wait; a cached page must be complete before another request reads it).
     """
 
     reqs: list[Req]
     tokens: torch.Tensor | None
     ready: torch.cuda.Event | None
-    free_after: list[list[int]] = field(default_factory=list)
+    free_after: list[PageReturn] = field(default_factory=list)
     waited_s: float = 0.0  # how long collecting it waited for the device
 
 
@@ -100,7 +118,8 @@ class StepLog:
         logger.info("steps: %d in %.2f s (%.2f ms each, %.0f%% waiting for the device); running %d, queued %d; "
                     "KV pages %d/%d used; %.0f tok/s generated, %d prompt tokens admitted", self.steps, elapsed,
                     1e3 * elapsed / self.steps, 100 * self.wait_s / max(elapsed, 1e-9), len(sched.running),
-                    len(sched.waiting), pool.num_pages - pool.num_free, pool.num_pages, tokens / max(elapsed, 1e-9),
+                    len(sched.waiting), pool.num_pages - sched.num_free_pages, pool.num_pages,
+                    tokens / max(elapsed, 1e-9),
                     sched.prompt_tokens_total - self.prompt_before)  # fmt: skip
         self.steps, self.wait_s, self.since = 0, 0.0, now
         self.tokens_before, self.prompt_before = sched.generated_tokens_total, sched.prompt_tokens_total
@@ -113,12 +132,14 @@ class Scheduler:
         self.page_size = runner.cfg.page_size
         self.context_length = runner.context_length
         self.pool = PagePool(runner.num_pages)
+        self.cache = RadixCache(self.page_size, self.pool) if cfg.radix_cache else None
         self.slots = runner.make_slot_table(cfg.max_running_requests, self.context_length)
         self.eos_ids = set(runner.model_config.eos_token_ids)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
+        self.cached_tokens_total = 0  # prompt tokens whose KV came from the prefix cache
         # Overlap needs every input on this rank: followers of a multi-rank instance get theirs from the host.
         self.overlap = cfg.overlap and runner.single_rank
         if cfg.overlap and not self.overlap:
@@ -209,12 +230,25 @@ class Scheduler:
             num_waiting=len(self.waiting),
             num_running=len(self.running),
             kv_pages_total=self.pool.num_pages,
-            kv_pages_free=self.pool.num_free,
+            kv_pages_free=self.num_free_pages,
+            kv_pages_cached=self.cache.num_evictable if self.cache is not None else 0,
             page_size=self.page_size,
             generated_tokens_total=self.generated_tokens_total,
             prompt_tokens_total=self.prompt_tokens_total,
+            cached_tokens_total=self.cached_tokens_total,
             **self._eplb_stats(),
         )
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages no live request holds: the free list plus cached pages that eviction may take."""
+        return self.pool.num_free + (self.cache.num_evictable if self.cache is not None else 0)
+
+    def flush_cache(self) -> int:
+        """Drops every cached page no live request holds (SGLang's /flush_cache); returns how many."""
+        freed = self.cache.flush() if self.cache is not None else 0
+        logger.info("prefix cache flushed: %d pages freed", freed)
+        return freed
 
     def _eplb_stats(self) -> dict[str, int | float]:
         eplb = self.runner.eplb
@@ -246,6 +280,8 @@ class Scheduler:
         try:
             launched = self._launch()
         except BaseException:
+            for req in self.running:  # the failed forward may have written part of their KV: never cache it
+                req.kv_trusted = False
             self._drop_in_flight()
             raise
         done, self.in_flight = (self.in_flight, launched) if self.overlap else (launched, None)
@@ -311,8 +347,8 @@ class Scheduler:
             step.ready.synchronize()
         tokens = step.tokens.tolist() if step.tokens is not None else []
         step.waited_s = time.perf_counter() - start
-        for pages in step.free_after:  # pages of requests that ended while this step ran: its writes are done
-            self.pool.free(pages)
+        for ret in step.free_after:  # pages of requests that ended while this step ran: its writes are done
+            self._return_pages(ret)
         outputs = []
         for req, token in zip(step.reqs, tokens, strict=True):
             req.pending -= 1
@@ -336,14 +372,15 @@ class Scheduler:
         if step is not None:
             if step.ready is not None:
                 step.ready.synchronize()
-            for pages in step.free_after:
-                self.pool.free(pages)
+            for ret in step.free_after:
+                self._return_pages(ret)
             for req in step.reqs:
                 req.pending -= 1
 
     def _fail(self, req: Req, error: str) -> TokenOutput:
         """Ends one request with finish "error" and `error`, returning its pages; the others go on."""
         req.finish_reason = "error"
+        req.kv_trusted = False
         out = self._output(req)
         if req.state is not ReqState.FINISHED:
             self._release(req)
@@ -363,16 +400,40 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and self.slots.num_free_rows > 0:
             req = self.waiting[0]
-            pages = self.pool.alloc(self._pages_for(req.kv_tokens))
+            prefix, node = self._match_prefix(req.prompt_ids)
+            pages = self._alloc(self._pages_for(req.kv_tokens) - len(prefix))
             if pages is None:
+                if node is not None:
+                    self.cache.unlock(node)  # type: ignore[union-attr]
                 return  # wait for running requests to free pages
             row = self.slots.alloc_row()
             assert row is not None
             self.waiting.popleft()
-            req.pages, req.row, req.state = pages, row, ReqState.RUNNING
-            self.slots.assign_pages(row, 0, pages)
+            req.pages, req.row, req.state, req.cache_node = prefix + pages, row, ReqState.RUNNING, node
+            req.num_computed = req.cached_tokens = len(prefix) * self.page_size
+            self.slots.assign_pages(row, 0, req.pages)
             self.running.append(req)
             self.prompt_tokens_total += len(req.prompt_ids)
+            self.cached_tokens_total += req.cached_tokens
+
+    def _match_prefix(self, prompt: list[int]) -> tuple[list[int], Node | None]:
+        """The cached pages a request with this prompt starts from (locked), and their node. At least the last
+        prompt token is left to compute: its logits give the first output token."""
+        if self.cache is None:
+            return [], None
+        reusable = (len(prompt) - 1) // self.page_size * self.page_size
+        pages, node = self.cache.match(prompt[:reusable])
+        self.cache.lock(node)
+        return pages, node
+
+    def _alloc(self, num_pages: int) -> list[int] | None:
+        """Fresh pages, evicting unreferenced cached pages when the free list is short; None (nothing taken)
+        when even that leaves too few."""
+        pages = self.pool.alloc(num_pages)
+        if pages is None and self.cache is not None:
+            self.cache.evict(num_pages - self.pool.num_free)
+            pages = self.pool.alloc(num_pages)
+        return pages
 
     def _plan(self) -> tuple[list[Req], list[int]]:
         """Decode tokens first (one per request), then prompt chunks oldest-first within the token budget."""
@@ -421,6 +482,7 @@ class Scheduler:
             req.finish_reason,
             req.matched_stop,
             queue_time=queue_time,
+            cached_tokens=req.cached_tokens,
         )
 
     def _release(self, req: Req) -> None:
@@ -430,15 +492,30 @@ class Scheduler:
         elif req.state is ReqState.WAITING:
             self.waiting.remove(req)
         if req.pages:
+            ret = PageReturn(self._cacheable_tokens(req), req.pages, req.cache_node)
             if self.in_flight is not None:
-                self.in_flight.free_after.append(req.pages)
+                self.in_flight.free_after.append(ret)
             else:
-                self.pool.free(req.pages)
-            req.pages = []
+                self._return_pages(ret)
+            req.pages, req.cache_node = [], None
         if req.row >= 0:
             self.slots.free_row(req.row)
             req.row = -1
         req.state = ReqState.FINISHED
+
+    def _cacheable_tokens(self, req: Req) -> list[int]:
+        """The tokens of an ending request whose KV its pages hold and the cache may keep: every computed token
+        (the tree takes whole pages only), or only its matched prefix when its KV may be garbage."""
+        if self.cache is None:
+            return []
+        n = min(req.num_computed, req.num_tokens) if req.kv_trusted else req.cached_tokens
+        return req.fill_ids[:n]
+
+    def _return_pages(self, ret: PageReturn) -> None:
+        if self.cache is None:
+            self.pool.free(ret.pages)
+        else:
+            self.pool.free(self.cache.release(ret.tokens, ret.pages, ret.node or self.cache.root))
 
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)

@@ -88,12 +88,14 @@ def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
         two_batch_overlap=args.enable_two_batch_overlap,
         attention_backend=args.attention_backend,
         cuda_graph_bs=args.cuda_graph_bs or (),
+        quantization=args.quantization,
     )
 
 
 def scheduler_config(args: ServerArgs) -> SchedulerConfig:
     return SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,
-                           overlap=not args.disable_overlap_schedule, log_interval=args.decode_log_interval)
+                           overlap=not args.disable_overlap_schedule, log_interval=args.decode_log_interval,
+                           radix_cache=not args.disable_radix_cache)  # fmt: skip
 
 
 def moe_settings(args: ServerArgs) -> MoeContext:

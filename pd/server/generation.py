@@ -46,6 +46,8 @@ class EngineClientLike(Protocol):
 
     async def abort(self, rid: str) -> None: ...
 
+    async def flush_cache(self) -> None: ...
+
     def stats(self) -> EngineStats: ...
 
     async def close(self) -> None: ...
@@ -185,6 +187,7 @@ class GenerationChunk:
     prompt_tokens: int
     finish: FinishReason | None
     e2e_latency: float
+    cached_tokens: int = 0  # prompt tokens whose KV came from the engine's prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -325,6 +328,7 @@ async def stream_generation(
     )
     output_ids: list[int] = []
     text = ""
+    cached_tokens = 0
     engine_done = False  # the engine has finished or failed the request itself: nothing to abort
     outcome = "abort (consumer gone)"
     stream = ctx.engine.generate(req)
@@ -344,6 +348,7 @@ async def stream_generation(
                 finish, new_ids, delta = FinishReason("error", message=reason), list(out.new_token_ids), ""
             output_ids.extend(new_ids)
             text += delta
+            cached_tokens = out.cached_tokens
             timer.on_output(len(new_ids), out.queue_time)
             if finish is not None:
                 outcome = finish.type
@@ -355,6 +360,7 @@ async def stream_generation(
                 prompt_tokens=len(spec.input_ids),
                 finish=finish,
                 e2e_latency=time.perf_counter() - spec.arrival,
+                cached_tokens=cached_tokens,
             )
             if finish is not None:
                 return
@@ -368,6 +374,7 @@ async def stream_generation(
             prompt_tokens=len(spec.input_ids),
             finish=FinishReason("error", message="the engine ended the request without a finish reason"),
             e2e_latency=time.perf_counter() - spec.arrival,
+            cached_tokens=cached_tokens,
         )
     except Exception as e:
         # EngineFullError on submission, or a failure while running; the abort below is harmless either way.

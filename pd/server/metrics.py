@@ -33,6 +33,12 @@ class ServerMetrics:
         self.kv_pages_used = Gauge(f"{p}:kv_pages_used", "KV cache pages in use", registry=r)
         self.kv_pages_free = Gauge(f"{p}:kv_pages_free", "KV cache pages free", registry=r)
         self.token_usage = Gauge(f"{p}:token_usage", "Fraction of KV cache pages in use", registry=r)
+        self.kv_pages_cached = Gauge(
+            f"{p}:kv_pages_cached", "Free KV cache pages holding a cached prefix (evicted when needed)", registry=r
+        )
+        self.cache_hit_rate = Gauge(
+            f"{p}:cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens admitted", registry=r
+        )
         self.gen_throughput = Gauge(
             f"{p}:gen_throughput", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s", registry=r
         )
@@ -78,6 +84,9 @@ class ServerMetrics:
         self.kv_pages_used.set(used)
         self.kv_pages_free.set(stats.kv_pages_free)
         self.token_usage.set(used / stats.kv_pages_total if stats.kv_pages_total else 0.0)
+        self.kv_pages_cached.set(stats.kv_pages_cached)
+        prompt = stats.prompt_tokens_total
+        self.cache_hit_rate.set(stats.cached_tokens_total / prompt if prompt else 0.0)
         self.eplb_rebalances.set(stats.eplb_rebalances)
         self.eplb_balancedness.set(stats.eplb_balancedness)
         now = time.perf_counter()

@@ -1,4 +1,4 @@
-"""SGLang's native routes: /generate, health, server/model info, abort, metrics."""
+"""SGLang's native routes: /generate, health, server/model info, abort, cache flush, metrics."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _output(ctx: ServerContext, chunk: GenerationChunk) -> dict[str, Any]:
         "finish_reason": None if chunk.finish is None else chunk.finish.to_sglang(),
         "prompt_tokens": chunk.prompt_tokens,
         "completion_tokens": chunk.completion_tokens,
-        "cached_tokens": 0,
+        "cached_tokens": chunk.cached_tokens,
         "e2e_latency": chunk.e2e_latency,
     }
     return out
@@ -191,11 +191,13 @@ async def server_info(request: Request) -> dict[str, Any]:
         "num_running": stats.num_running,
         "num_waiting": stats.num_waiting,
         "kv_pages_total": int(stats.kv_pages_total),
-        "kv_pages_free": int(stats.kv_pages_free),
+        "kv_pages_free": int(stats.kv_pages_free),  # pages no running or queued request holds
+        "kv_pages_cached": int(stats.kv_pages_cached),  # of those, pages holding a cached prefix
         "page_size": stats.page_size,
         "max_total_num_tokens": stats.kv_pages_total * stats.page_size,
         "generated_tokens_total": stats.generated_tokens_total,
         "prompt_tokens_total": stats.prompt_tokens_total,
+        "cached_tokens_total": stats.cached_tokens_total,
         "eplb_rebalances": stats.eplb_rebalances,
         "eplb_balancedness": stats.eplb_balancedness,
     }
@@ -242,6 +244,14 @@ async def abort_request(request: Request) -> Response:
     for rid in rids:
         await ctx.engine.abort(rid)
     return Response(status_code=200)
+
+
+@router.post("/flush_cache")
+async def flush_cache(request: Request) -> Response:
+    """SGLang's /flush_cache: drops every cached prefix page no request holds (running requests keep theirs).
+    Answers at once; kv_pages_cached in /get_server_info drops when the engine has done it."""
+    await get_context(request).engine.flush_cache()
+    return Response("Cache flushed.\n", status_code=200, media_type="text/plain")
 
 
 @router.get("/metrics")

@@ -177,12 +177,17 @@ def _finish_fields(chunk: GenerationChunk) -> dict[str, Any]:
     return {"finish_reason": chunk.finish.type, "matched_stop": chunk.finish.matched}
 
 
-def _usage(chunk: GenerationChunk) -> dict[str, int]:
-    return {
+def _usage(chunk: GenerationChunk) -> dict[str, Any]:
+    """OpenAI's usage; prompt_tokens_details (optional in OpenAI's schema) only when the prefix cache served part
+    of the prompt."""
+    usage: dict[str, Any] = {
         "prompt_tokens": chunk.prompt_tokens,
         "completion_tokens": chunk.completion_tokens,
         "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
     }
+    if chunk.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": chunk.cached_tokens}
+    return usage
 
 
 def _envelope(
