@@ -62,7 +62,7 @@ class DecodeScheduler(Scheduler):
                                       prompt_fingerprint(req.prompt_ids))
         if receiver.poll() == KVPoll.Failed:  # e.g. the room is taken by a request still in flight: refuse at once
             return TokenOutput(req.rid, [], len(req.prompt_ids), 0, "error",
-                               error=f"bootstrap_room refused: {receiver.failure_reason}")
+                               error=f"bootstrap_room refused: {receiver.failure_reason}", status=409)
         self.receivers[req.rid] = receiver
         req.state = ReqState.TRANSFERRING  # queued for pages; _release looks in prealloc first
         self.prealloc.append(req)

@@ -45,7 +45,7 @@ class PrefillScheduler(Scheduler):
         sender = self._sender_cls(self.kv_manager, msg.bootstrap_room, prompt_fingerprint(req.prompt_ids))
         if sender.poll() == KVPoll.Failed:  # e.g. the room is taken by a request still in flight: refuse, don't run
             return TokenOutput(req.rid, [], len(req.prompt_ids), 0, "error",
-                               error=f"bootstrap_room refused: {sender.failure_reason}")
+                               error=f"bootstrap_room refused: {sender.failure_reason}", status=409)
         self.senders[req.rid] = sender
         return super()._enqueue(req, msg)
 

@@ -51,11 +51,16 @@ class FakeEngineClient:
         self.aborted: list[str] = []
         self.active: set[str] = set()
         self._abort_flags: set[str] = set()
+        self.fail_with: tuple[int, str] | None = None  # (status, message): end every request with an engine error
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
         if self.full:
             raise EngineFullError("fake queue is full")
         self.requests.append(req)
+        if self.fail_with is not None:
+            yield TokenOutput(req.rid, [], len(req.input_ids), 0, "error", error=self.fail_with[1],
+                              status=self.fail_with[0])  # fmt: skip
+            return
         self.active.add(req.rid)
         sp, prompt, out = req.sampling, req.input_ids, []
         try:
@@ -633,3 +638,20 @@ def test_generate_on_real_engine_matches_hf_greedy(tmp_path: Path) -> None:
     out = asyncio.run(scenario())
     assert out["output_ids"] == hf
     assert out["text"] == tok.decode(hf)
+
+
+@pytest.mark.parametrize("status", [400, 409, 500])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_refusal_answers_the_status_of_whose_fault_it_is(app_fake: AppFake, status: int, stream: bool):
+    """The engine's own refusals of a request (too long for the KV pool: 400; its bootstrap room is taken: 409)
+    are the client's errors, not 500s; a failure of the engine stays 500. On every generation route."""
+    client, fake = app_fake
+    fake.fail_with = (status, "the request needs 9999 tokens of KV cache; the pool holds 64")
+    bodies = {"/generate": {"text": "hi", "stream": stream},
+              "/v1/completions": {"model": MODEL, "prompt": "hi", "stream": stream},
+              "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                       "stream": stream}}  # fmt: skip
+    for route, body in bodies.items():
+        r = client.post(route, json=body)
+        assert r.status_code == status, (route, r.status_code, r.text)
+        assert "the pool holds 64" in r.text, r.text

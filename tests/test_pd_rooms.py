@@ -130,7 +130,7 @@ def test_same_room_same_length_prompts_never_get_each_others_tokens(cluster, ora
     assert_own_tokens(answers, [a, b, b, a], oracle)
     prefill_a, prefill_b, decode_b, decode_a = answers
     assert prefill_a.ok and decode_a.ok and decode_a.ids == oracle(a), answers
-    assert not prefill_b.ok and "already has a sender" in prefill_b.text, prefill_b
+    assert prefill_b.status == 409 and "already has a sender" in prefill_b.text, prefill_b
     assert not decode_b.ok and "claimed by two different prompts" in decode_b.text, decode_b
 
 
@@ -139,7 +139,7 @@ def test_duplicate_live_room_on_decode_is_refused_and_the_first_is_served(cluste
     answers = scenario([(0.0, "decode", a), (0.5, "decode", a), (0.5, "prefill", a)], cluster,
                        random.getrandbits(63))
     first, second, prefill = answers
-    assert not second.ok and "already has a receiver" in second.text, second
+    assert second.status == 409 and "already has a receiver" in second.text, second  # the client's fault: 4xx
     assert first.ok and first.ids == oracle(a) and prefill.ok, answers
 
 
@@ -148,7 +148,7 @@ def test_duplicate_live_room_on_prefill_is_refused_and_the_first_is_served(clust
     answers = scenario([(0.0, "prefill", a), (0.5, "prefill", a), (0.5, "decode", a)], cluster,
                        random.getrandbits(63))
     first, second, decode = answers
-    assert not second.ok and "already has a sender" in second.text, second
+    assert second.status == 409 and "already has a sender" in second.text, second
     assert first.ok and decode.ok and decode.ids == oracle(a), answers
 
 

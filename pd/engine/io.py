@@ -85,6 +85,9 @@ class TokenOutput:
     finish_reason: str | None = None
     matched_stop: int | None = None
     error: str | None = None
+    # With finish_reason "error", whose fault it is, as the HTTP status the front answers with: 400 the request can
+    # never run here (too long for the context or the KV pool), 409 its bootstrap room is taken, 500 the engine.
+    status: int = 500
     # Time the request spent queued before its first forward, in seconds (for metrics).
     queue_time: float = 0.0
     # Prompt tokens whose KV came from the prefix cache.

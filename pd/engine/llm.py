@@ -28,10 +28,12 @@ class LLM:
         cuda_graph_bs: tuple[int, ...] | None = None,
         overlap: bool = True,
         random_seed: int = 0,
+        radix_cache: bool = False,
     ) -> None:
         """cuda_graph_bs: decode batch sizes to capture (default on CUDA: SGLang's buckets up to
         max_running_requests; () runs eagerly). overlap: prepare each step while the previous one runs (the
-        server's default; --disable-overlap-schedule)."""
+        server's default; --disable-overlap-schedule). radix_cache: reuse the KV of cached prompt prefixes (the
+        server's default; off here so that tests see every page come back to the pool)."""
         if cuda_graph_bs is None:
             on_cuda = torch.device(device).type == "cuda"
             cuda_graph_bs = default_cuda_graph_bs(max_running_requests) if on_cuda else ()
@@ -49,7 +51,8 @@ class LLM:
             random_seed=random_seed,
         )
         self.runner = ModelRunner(cfg)
-        self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size, overlap),
+        self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size, overlap,
+                                                   radix_cache=radix_cache),
                                    self.runner)  # fmt: skip
         self._ids = itertools.count()
 

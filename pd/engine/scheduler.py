@@ -188,7 +188,7 @@ class Scheduler:
             capacity = self.pool.num_pages * self.page_size
             error = f"the request needs {kv_tokens} tokens of KV cache; the pool holds {capacity}"
         if error:
-            return TokenOutput(msg.rid, [], prompt_len, 0, finish_reason="error", error=error)
+            return TokenOutput(msg.rid, [], prompt_len, 0, finish_reason="error", error=error, status=400)
         req = Req(
             msg.rid,
             list(msg.input_ids),

@@ -150,6 +150,7 @@ class FinishReason:
     matched: int | str | None = None  # stop token id or stop string
     length: int | None = None
     message: str | None = None
+    status: int = 500  # of an error: the HTTP status it answers with (the engine's TokenOutput.status)
 
     def to_sglang(self) -> dict[str, Any]:
         """SGLang's meta_info.finish_reason shape."""
@@ -435,4 +436,4 @@ def _engine_finish(out: TokenOutput) -> FinishReason | None:
         return FinishReason("length", length=out.completion_tokens)
     if out.finish_reason == "abort":
         return FinishReason("abort", message=out.error or "the request was aborted")
-    return FinishReason("error", message=out.error or f"engine error ({out.finish_reason})")
+    return FinishReason("error", message=out.error or f"engine error ({out.finish_reason})", status=out.status)

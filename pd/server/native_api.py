@@ -29,7 +29,15 @@ from pd.server.protocol import (
     error_body,
     read_body,
 )
-from pd.server.streaming import gather_all, last_chunk, raise_if_failed, run_unless_disconnected, sse, sse_response
+from pd.server.streaming import (
+    error_type,
+    gather_all,
+    last_chunk,
+    raise_if_failed,
+    run_unless_disconnected,
+    sse,
+    sse_response,
+)
 
 T = TypeVar("T")
 # SGLang's default when sampling_params.max_new_tokens is absent.
@@ -143,7 +151,8 @@ def _output(ctx: ServerContext, chunk: GenerationChunk) -> dict[str, Any]:
 async def _events(ctx: ServerContext, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[str]:
     async for chunk in chunks:
         if chunk.finish is not None and chunk.finish.type == "error":
-            yield sse(error_body(f"generation failed: {chunk.finish.message}", 500, "internal_error"))
+            yield sse(error_body(f"generation failed: {chunk.finish.message}", chunk.finish.status,
+                                 error_type(chunk.finish.status)))
             return
         yield sse(_output(ctx, chunk))
 

@@ -20,7 +20,7 @@ from pd.server.protocol import (
     error_body,
     read_body,
 )
-from pd.server.streaming import last_chunk, raise_if_failed, run_unless_disconnected, sse, sse_response
+from pd.server.streaming import error_type, last_chunk, raise_if_failed, run_unless_disconnected, sse, sse_response
 from pd.server.tokenization import TokenizerWorkers
 
 # Used when the tokenizer has no chat template of its own.
@@ -215,7 +215,8 @@ async def _completion_events(
     include_usage, continuous = _stream_usage(body)
     async for chunk in chunks:
         if chunk.finish is not None and chunk.finish.type == "error":
-            yield sse(error_body(f"generation failed: {chunk.finish.message}", 500, "internal_error"))
+            yield sse(error_body(f"generation failed: {chunk.finish.message}", chunk.finish.status,
+                                 error_type(chunk.finish.status)))
             return
         if chunk.delta or chunk.finish is not None:
             choice = {"index": 0, "text": chunk.delta, "logprobs": None, **_finish_fields(chunk)}
@@ -232,7 +233,8 @@ async def _chat_events(
     first = True
     async for chunk in chunks:
         if chunk.finish is not None and chunk.finish.type == "error":
-            yield sse(error_body(f"generation failed: {chunk.finish.message}", 500, "internal_error"))
+            yield sse(error_body(f"generation failed: {chunk.finish.message}", chunk.finish.status,
+                                 error_type(chunk.finish.status)))
             return
         usage = {"usage": _usage(chunk) if continuous else None} if include_usage or continuous else {}
         if first:

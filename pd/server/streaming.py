@@ -80,9 +80,16 @@ async def last_chunk(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
 
 
 def raise_if_failed(chunk: GenerationChunk) -> None:
-    """An engine error answers 500 (only used where no byte of the response has been sent yet)."""
+    """An engine error answers its status: 400 or 409 for the request's own fault, 500 for the engine's (only used
+    where no byte of the response has been sent yet)."""
     if chunk.finish is not None and chunk.finish.type == "error":
-        raise ApiError(f"generation failed: {chunk.finish.message}", status=500, err_type="internal_error")
+        status = chunk.finish.status
+        raise ApiError(f"generation failed: {chunk.finish.message}", status=status, err_type=error_type(status))
+
+
+def error_type(status: int) -> str:
+    """The OpenAI-style error type of a status."""
+    return {400: "invalid_request_error", 409: "conflict"}.get(status, "internal_error")
 
 
 async def sse_response(
