@@ -32,6 +32,14 @@ from kvtransfer.messages import RankInfo, rank_info_from_json, rank_info_to_json
 
 logger = logging.getLogger(__name__)
 
+# A rank's info is a few KB even with hundreds of KV buffers; a bigger PUT body is refused unread.
+MAX_BODY_BYTES = 1 << 20
+# Ranks of one prefill instance (tp_size x dp_size); a registration claiming more is refused, so GET /route never
+# has to list an unbounded number of missing ranks.
+MAX_RANKS = 4096
+# How long a handler thread waits for a client's next bytes (a request line, headers, the body) before giving up.
+CLIENT_TIMEOUT_S = 30.0
+
 
 class _RouteTable:
     def __init__(self) -> None:
@@ -44,6 +52,8 @@ class _RouteTable:
             return f"engine_rank {info.engine_rank} is outside tp_size {info.tp_size}"
         if not 0 <= info.dp_rank < info.dp_size:
             return f"dp_rank {info.dp_rank} is outside dp_size {info.dp_size}"
+        if info.tp_size * info.dp_size > MAX_RANKS:
+            return f"tp_size {info.tp_size} x dp_size {info.dp_size} is more than the {MAX_RANKS} ranks allowed"
         key = (info.dp_rank, info.engine_rank)
         with self._lock:
             other = next((r for k, r in self._ranks.items() if k != key), None)
@@ -78,13 +88,29 @@ class BootstrapServer:
         expected = f"Bearer {secret}".encode() if secret is not None else None
 
         class Handler(BaseHTTPRequestHandler):
-            def _reply(self, status: int, body: dict[str, object]) -> None:
+            timeout = CLIENT_TIMEOUT_S  # a client that stalls mid-request costs its thread this long, not forever
+
+            def _reply(self, status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+                """http.server's own refusals (a bad request line, headers too long) in this server's JSON shape."""
+                self.close_connection = True
+                self._reply(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
+            def _not_allowed(self) -> None:
+                self._reply(405, {"error": f"{self.command} is not supported: GET /route, PUT /route, GET /health"},
+                            {"Allow": "GET, PUT"})
+
+            do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed  # noqa: N815
 
             def _authorized(self) -> bool:
                 """Whether the request carries the secret; answers 401 when it does not."""
@@ -112,8 +138,20 @@ class BootstrapServer:
                 if not self._authorized():  # before the body is read: a stranger's bytes are not parsed
                     return
                 try:
-                    body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                    info = rank_info_from_json(json.loads(body))
+                    length = int(self.headers.get("Content-Length", "0"))
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_BODY_BYTES:
+                    self.close_connection = True  # the body, if any, is not read
+                    status = 413 if length > MAX_BODY_BYTES else 400
+                    self._reply(status, {"error": f"Content-Length must be 0..{MAX_BODY_BYTES}, got "
+                                                  f"{self.headers.get('Content-Length')!r}"})
+                    return
+                try:
+                    info = rank_info_from_json(json.loads(self.rfile.read(length)))
+                except RecursionError:
+                    self._reply(400, {"error": "bad rank info: nested too deeply"})
+                    return
                 except (ValueError, KVTransferError) as e:
                     self._reply(400, {"error": f"bad rank info: {e}"})
                     return

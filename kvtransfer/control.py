@@ -49,8 +49,8 @@ def _verified(key: bytes | None, payload: bytes) -> bytes | None:
 
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise KVTransferError(f"bad address {addr!r}: expected host:port")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise KVTransferError(f"bad address {addr!r}: expected host:port with a port in 1..65535")
     return host, int(port)
 
 

@@ -17,15 +17,18 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pd.lb.args import DEFAULT_BOOTSTRAP_PORT, LBArgs, LBArgsError, normalize_url, parse_bootstrap_port
 from pd.lb.fanout import FANOUT_ROUTES, fan_out
 from pd.lb.metrics import LBMetrics
 from pd.lb.proxy import JSON_HEADER, Forwarder, LBError
+from pd.lb.request import parse_json_object
 from pd.lb.upstream import UpstreamError, UpstreamPool
 from pd.lb.workers import ROLES, HealthChecker, WorkerError, WorkerRegistry
 from pd.server.auth import ApiKeyMiddleware
+from pd.server.protocol import error_body
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,13 @@ def create_app(args: LBArgs) -> ASGIApp:
     @app.exception_handler(LBError)
     async def lb_error(request: Request, e: LBError) -> Response:
         return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        """Unknown paths (404) and wrong methods (405) in the same error shape as every other answer."""
+        err_type = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = f"{e.detail}: {request.method} {request.url.path}"
+        return JSONResponse(error_body(message, e.status_code, err_type), e.status_code, headers=e.headers)
 
     @app.get("/health")
     async def health() -> Response:
@@ -204,13 +214,7 @@ async def _params(request: Request) -> dict[str, Any]:
     params: dict[str, Any] = dict(request.query_params)
     raw = await request.body()
     if raw.strip():
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise LBError(f"request body is not valid JSON: {e}", 400) from None
-        if not isinstance(body, dict):
-            raise LBError("request body must be a JSON object", 400)
-        params.update(body)
+        params.update(parse_json_object(raw))
     return params
 
 

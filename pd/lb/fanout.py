@@ -1,9 +1,11 @@
 """Admin POSTs the balancer sends to every instance it fronts (`/abort_request`, `/flush_cache`), with one answer.
 
 The client's body and Authorization header go to each instance as they are, all at once. The answer is 200 with
-{"workers": {url: status}} when every instance answered 2xx; otherwise 502 with an OpenAI-shaped error that
-names each failing instance and why, and the same "workers" map. An instance that does not have the route (404)
-is listed under "unsupported" when the route is in `optional`, and does not fail the call.
+{"workers": {url: status}} when every instance answered 2xx; otherwise an OpenAI-shaped error that names each
+failing instance and why, with the same "workers" map: the instances' 4xx status when every failure is one (the
+client sent something they refuse: their common status, else 400), 502 when any instance failed otherwise. An
+instance that does not have the route (404) is listed under "unsupported" when the route is in `optional`, and
+does not fail the call.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pd.lb.upstream import UpstreamError, UpstreamPool
 from pd.server.protocol import error_body
 
 FANOUT_ROUTES = ("/abort_request", "/flush_cache")
-# Routes an instance may lack: SGLang's workers have /flush_cache, pd serve's do not (yet).
+# Routes an instance may lack (pd serve and SGLang have /flush_cache; an older server may not): reported, not a failure.
 OPTIONAL_ROUTES = frozenset({"/flush_cache"})
 FANOUT_TIMEOUT_S = 30.0
 
@@ -49,6 +51,12 @@ async def fan_out(
     if not failed:
         return JSONResponse(content, 200)
     reasons = "; ".join(f"{u}: {r}" for u, r in failed.items())
+    refused = {_status(r) for r in failed.values()}
+    if all(s is not None and 400 <= s < 500 for s in refused):
+        # The instances refused what the client sent (a malformed body, a wrong key): the client's error, not ours.
+        status = refused.pop() if len(refused) == 1 else 400
+        message = f"POST {path} was refused by {len(failed)} of {len(urls)} instances: {reasons}"
+        return JSONResponse({**error_body(message, status), **content}, status)
     message = f"POST {path} failed on {len(failed)} of {len(urls)} instances: {reasons}"
     return JSONResponse({**error_body(message, 502, "upstream_error"), **content}, 502)
 

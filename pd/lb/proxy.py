@@ -10,6 +10,7 @@ instance never fed its KV would only wait for its own timeout.
 The `Forwarder` is a plain ASGI app that the server calls directly: every framework layer between it and the
 server would cost CPU on each relayed chunk.
 
+A request whose rid is already in flight through this balancer is refused (400) before it reaches an instance.
 Failure rules: a refused connection to either instance takes that instance out of rotation and the request is
 retried on a fresh pair (new room, rid suffixed `-retryN`; nothing has reached the client yet) while a healthy
 pair is left; decode failing mid-stream ends the stream with an SSE error event and `data: [DONE]`; no healthy
@@ -25,6 +26,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +126,10 @@ class Forwarder:
         self.request_timeout = args.request_timeout
         self.lb_auth = f"authorization: Bearer {args.api_key}\r\n".encode() if args.api_key else b""
         self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget tasks, referenced until done
+        # rids of the requests being forwarded, or being aborted (a count of holders each). A request with a rid in
+        # here is refused before it reaches an instance: the instances would refuse it too, and the aborts the
+        # balancer sends after a refusal name the rid, so they would end the request that holds it.
+        self._inflight: Counter[str] = Counter()
 
     def pick_pair(self) -> tuple[Worker, Worker]:
         """One healthy prefill and one healthy decode instance by policy. Raises LBError (503) if a side has none."""
@@ -148,11 +154,16 @@ class Forwarder:
             self.metrics.observe(route, CLIENT_CLOSED_STATUS, time.perf_counter() - start)
             return
         gone = asyncio.ensure_future(_wait_disconnect(receive))
-        rid = None
+        rid: str | None = None
+        held: list[str] = []  # rids this request holds in _inflight
         try:
             body, stream = parse_body(raw)
             n = batch_size(body) if route == "/generate" else None
             rid, rids = assign_rids(body, n)
+            if (taken := next((r for r in rids if r in self._inflight), None)) is not None:
+                raise LBError(f"request id {taken!r} is already in flight; use a unique rid", 400)
+            held = rids
+            self._inflight.update(held)
             auth = next((b"authorization: " + v + b"\r\n" for k, v in scope["headers"] if k == b"authorization"), b"")
             rid_value = request_id_header(rid)
             headers = JSON_HEADER + (b"x-request-id: " + rid_value + b"\r\n" if rid_value else b"") + auth
@@ -191,6 +202,7 @@ class Forwarder:
             await send({"type": "http.response.body", "body": b""})
         finally:
             gone.cancel()
+            self._release(held)
         self.metrics.observe(route, status, time.perf_counter() - start)
 
     # ---- the two answer shapes; each returns the status the client got ----
@@ -387,6 +399,15 @@ class Forwarder:
                 task = asyncio.create_task(one(worker, rid))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+                # Until it has gone out, a new request with this rid would be the one the abort ends.
+                self._inflight[rid] += 1
+                task.add_done_callback(lambda _, rid=rid: self._release([rid]))
+
+    def _release(self, rids: list[str]) -> None:
+        self._inflight.subtract(rids)
+        for rid in rids:
+            if self._inflight[rid] <= 0:
+                del self._inflight[rid]
 
 
 def _prefill_failure(pf: asyncio.Task[UpstreamResponse], prefill: Worker) -> Exception | None:

@@ -31,15 +31,24 @@ class LBError(Exception):
         return JSONResponse(error_body(str(self), self.status, self.err_type), self.status, headers=rid_headers(rid))
 
 
-def parse_body(raw: bytes) -> tuple[dict[str, Any], bool]:
-    """The request body as a dict and its `stream` flag. Raises LBError (400) for what the balancer itself reads:
-    malformed JSON, a non-object, a non-bool `stream`. Everything else is left for the instances to validate."""
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object. Raises LBError (400) for malformed JSON (nesting past the
+    recursion limit and integers past Python's 4300-digit limit included) and for any other JSON value."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise LBError("request body is not valid JSON: it is nested too deeply", 400) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the integer digit limit
         raise LBError(f"request body is not valid JSON: {e}", 400) from None
     if not isinstance(body, dict):
         raise LBError(f"request body must be a JSON object, got {type(body).__name__}", 400)
+    return body
+
+
+def parse_body(raw: bytes) -> tuple[dict[str, Any], bool]:
+    """The request body as a dict and its `stream` flag. Raises LBError (400) for what the balancer itself reads:
+    malformed JSON, a non-object, a non-bool `stream`. Everything else is left for the instances to validate."""
+    body = parse_json_object(raw)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise LBError(f"'stream' must be true or false, got {stream!r}", 400)
@@ -92,11 +101,15 @@ def bootstrap_fields(prefill: Worker, n: int | None) -> dict[str, Any]:
 def encode_body(raw: bytes, body: dict[str, Any], added: dict[str, Any]) -> bytes:
     """The body to forward: `body` (parsed from the client's `raw` bytes) with the `added` fields. When the client
     sent none of them and plain UTF-8, they are spliced in before the closing brace of `raw`; otherwise `body` is
-    updated and dumped (the added values win, as with a dict update)."""
+    updated and dumped (the added values win, as with a dict update). Raises LBError (400) when a body nested close
+    to the recursion limit cannot be dumped again."""
     text = raw.strip()
     if text[:1] != b"{" or text[-1:] != b"}" or any(k in body for k in added):
         body.update(added)
-        return json.dumps(body, separators=(",", ":")).encode()
+        try:
+            return json.dumps(body, separators=(",", ":")).encode()
+        except RecursionError:  # parsed near the recursion limit, dumped from deeper in the stack
+            raise LBError("request body is nested too deeply", 400) from None
     extra = json.dumps(added, separators=(",", ":")).encode()
     return text[:-1] + (b"," if body else b"") + extra[1:]
 

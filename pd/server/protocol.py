@@ -355,24 +355,68 @@ def _describe_one(loc: Sequence[Any], err: Mapping[str, Any]) -> str:
     return f"{_path(loc)}: {str(err.get('msg', 'invalid value')).removeprefix('Value error, ')}"
 
 
+# Unknown field names remembered for the log-once rule; past this many, further names are ignored silently (a client
+# inventing a new name per request must not grow the set without bound).
+MAX_LOGGED_UNKNOWN_FIELDS = 256
+
+
 async def read_body(request: Request, model: type[M], logged_unknown: set[str] | None = None) -> M:
     """Parse the request body as JSON into `model`, whatever the Content-Type (curl's default is a form type);
     raises ApiError (400) saying what is wrong. Unknown top-level fields are accepted (SGLang clients and routers
     send fields this server does not know) and logged once per name (names kept in `logged_unknown`)."""
     raw = await request.body()
-    if not raw.strip():
-        raise ApiError("the request body is missing; send a JSON object")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(f"the request body is not valid JSON: {e}") from None
+    data = parse_json_body(raw)
     try:
         parsed = model.model_validate(data)
     except ValidationError as e:
         raise ApiError(describe_validation_errors(e.errors())) from None
     if logged_unknown is not None and isinstance(data, dict):
         for key in data.keys() - model.model_fields.keys():
-            if f"{model.__name__}.{key}" not in logged_unknown:
-                logged_unknown.add(f"{model.__name__}.{key}")
+            name = f"{model.__name__}.{key}"
+            if name not in logged_unknown and len(logged_unknown) < MAX_LOGGED_UNKNOWN_FIELDS:
+                logged_unknown.add(name)
                 logger.warning("%s: ignoring the unknown field %r (logged once)", request.url.path, key)
     return parsed
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The JSON value in a request body. Raises ApiError (400) for everything a client can get wrong that Python's
+    parser turns into other exceptions than a decode error, so none of it surfaces as a 500 later: an empty body,
+    invalid UTF-8, nesting deeper than the interpreter's recursion limit, an integer literal past Python's digit
+    limit (4300 digits), and a lone UTF-16 surrogate (a `\\ud800` escape) that no tokenizer or encoder accepts."""
+    if not raw.strip():
+        raise ApiError("the request body is missing; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ApiError("the request body is not valid JSON: it is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and the integer digit limit
+        raise ApiError(f"the request body is not valid JSON: {e}") from None
+    # Only an escape (ASCII body) or surrogate bytes passed through by the parser (non-ASCII body) can make one.
+    if b"\\u" in raw or not raw.isascii():
+        bad = _lone_surrogate(data)
+        if bad is not None:
+            raise ApiError(
+                f"the request body holds a string with a lone UTF-16 surrogate ({bad!r}), which is not "
+                "valid Unicode; send text as valid UTF-8"
+            )
+    return data
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The first lone surrogate in any string (key or value) of a parsed JSON value, with up to 20 characters before
+    it; None if there is none. Iterative: the value may be nested almost as deeply as the recursion limit."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return value[max(e.start - 20, 0) : e.start + 1]
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return None
