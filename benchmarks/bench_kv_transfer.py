@@ -3,12 +3,19 @@ against a raw loopback TCP socket moving the same bytes, measured in the same ru
 
 Both managers live in this process (Mooncake's TCP transport moves the bytes on its own threads, through the
 kernel's loopback, as between two processes). Buffers are laid out like pd's KV cache: for every layer a K and
-a V buffer of fp32 [num_pages * page_size, kv_heads, head_dim]. The prompt's pages go once into contiguous
-decode pages (one region per buffer) and once into shuffled ones (one region per page per buffer, like a
-decode pool fragmented by churn). Mooncake time: sender.send() to the receiver's Success (the status message
-with the first token included). TCP time: first sendall() to the receiver's 1-byte ack. MB = 1e6 bytes.
+a V buffer of fp32 [num_pages * page_size, kv_heads, head_dim]. The prompt's pages go from contiguous prefill
+pages into contiguous decode pages (one region per buffer), into shuffled ones (like a decode pool fragmented
+by churn: without staging one region per page per buffer), and from shuffled prefill pages into shuffled
+decode pages (both pools fragmented). Mooncake time: sender.send() to the receiver's Success (the status message
+with the first token included, and so decode's copy out of its staging area). TCP time: first sendall() to the
+receiver's 1-byte ack. MB = 1e6 bytes.
+
+Measures take turns in blocks (a block: one untimed transfer, BLOCK timed ones back to back, then one more with
+the destination pages zeroed before and every byte compared with the prefill's after), in a rotated order, so that
+other load on the machine slows every measure alike; the result is the median over the timed transfers.
 
 Usage: python benchmarks/bench_kv_transfer.py [--tokens 4096] [--layers 4] [--kv-heads 2] [--head-dim 64]
+       [--staging-bytes N (0: no staging, one region per run of pages)]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kvtransfer.base import FirstToken, KVArgs, KVPoll  # noqa: E402
 
 HOST = "127.0.0.1"
-LAYOUTS = ("contiguous", "shuffled")
+BLOCK = 5  # timed transfers per turn
+LAYOUTS = ("contiguous", "shuffled", "both_shuffled")  # prefill -> decode pages: in order -> in order, ...
 
 
 def _kv_args(bufs: list[torch.Tensor], page_size: int, num_layers: int) -> KVArgs:
@@ -39,103 +48,147 @@ def _kv_args(bufs: list[torch.Tensor], page_size: int, num_layers: int) -> KVArg
     return KVArgs(0, [b.data_ptr() for b in bufs], item_lens, page_size, fingerprint, nbytes)
 
 
-def mooncake_mbps(src: list[torch.Tensor], dst: list[torch.Tensor], num_tokens: int, page_size: int,
-                  layout: str, repeats: int) -> list[float]:
-    """MB/s of `repeats` timed transfers (after one untimed) of the first num_tokens slots' pages of every src
-    buffer [slots, heads, dim] into dst pages (`layout`: contiguous or shuffled). Raises AssertionError if a
-    transfer fails or the bytes land in the wrong place."""
-    from kvtransfer.mooncake import MooncakeKVManager, MooncakeKVReceiver, MooncakeKVSender
+class MooncakePair:
+    """A prefill and a decode manager over src and dst buffers [slots, heads, dim] (both with staging_bytes)."""
 
-    pages, pool_pages = -(-num_tokens // page_size), src[0].shape[0] // page_size
-    nbytes = sum(b[0].numel() * b.element_size() for b in src) * pages * page_size
-    pre = MooncakeKVManager(_kv_args(src, page_size, len(src) // 2), "prefill", HOST, (HOST, 0), serve_bootstrap=True)
-    dec = MooncakeKVManager(_kv_args(dst, page_size, len(dst) // 2), "decode", HOST)
-    out = []
-    try:
-        assert pre.bootstrap is not None
-        for i in range(repeats + 1):
-            dst_pages = list(range(pages)) if layout == "contiguous" else random.sample(range(pool_pages), pages)
-            room = random.getrandbits(63)
-            sender, receiver = MooncakeKVSender(pre, room), MooncakeKVReceiver(dec, HOST, pre.bootstrap[1], room)
-            receiver.init(dst_pages, num_tokens)
-            while sender.poll() == KVPoll.Bootstrapping:  # decode's registration, not part of the timing
-                time.sleep(0.0005)
-            t0 = time.perf_counter()
-            sender.send(list(range(pages)), num_tokens, FirstToken(1, num_tokens))
-            while receiver.poll() not in (KVPoll.Success, KVPoll.Failed):
-                time.sleep(0.0001)
-            seconds = time.perf_counter() - t0
-            assert receiver.poll() == KVPoll.Success, receiver.failure_reason
-            if i:
-                out.append(nbytes / seconds / 1e6)
-        last = dst_pages[-1] * page_size  # spot check: the prompt's last page in every buffer
-        for s, d in zip(src, dst, strict=True):
-            assert torch.equal(d[last:last + page_size], s[(pages - 1) * page_size:pages * page_size])
-    finally:
-        pre.close()
-        dec.close()
-    return out
+    def __init__(self, src: list[torch.Tensor], dst: list[torch.Tensor], page_size: int, staging_bytes: int) -> None:
+        from kvtransfer.mooncake import MooncakeKVManager
+
+        self.src, self.dst, self.page_size = src, dst, page_size
+        self.pre = MooncakeKVManager(_kv_args(src, page_size, len(src) // 2), "prefill", HOST, (HOST, 0),
+                                     serve_bootstrap=True, staging_bytes=staging_bytes)
+        self.dec = MooncakeKVManager(_kv_args(dst, page_size, len(dst) // 2), "decode", HOST,
+                                     staging_bytes=staging_bytes)
+
+    def pages(self, layout: str, num_pages: int) -> tuple[list[int], list[int]]:
+        """(prefill pages, decode pages) of a num_pages prompt in `layout`, fresh random ones when shuffled."""
+        src_pool, dst_pool = self.src[0].shape[0] // self.page_size, self.dst[0].shape[0] // self.page_size
+        src = random.sample(range(src_pool), num_pages) if layout == "both_shuffled" else list(range(num_pages))
+        dst = list(range(num_pages)) if layout == "contiguous" else random.sample(range(dst_pool), num_pages)
+        return src, dst
+
+    def transfer(self, src_pages: list[int], dst_pages: list[int], num_tokens: int, check: bool = False) -> float:
+        """Seconds from send() to the receiver's Success. Raises AssertionError if the transfer fails, or (check)
+        if a byte of a destination page, zeroed before, differs from its source page."""
+        from kvtransfer.mooncake import MooncakeKVReceiver, MooncakeKVSender
+
+        ps = self.page_size
+        for d in self.dst if check else []:
+            d.unflatten(0, (-1, ps))[dst_pages] = 0
+        room = random.getrandbits(63)
+        assert self.pre.bootstrap is not None
+        sender = MooncakeKVSender(self.pre, room)
+        receiver = MooncakeKVReceiver(self.dec, HOST, self.pre.bootstrap[1], room)
+        receiver.init(dst_pages, num_tokens)
+        while sender.poll() == KVPoll.Bootstrapping:  # decode's registration, not part of the timing
+            time.sleep(0.0005)
+        t0 = time.perf_counter()
+        sender.send(src_pages, num_tokens, FirstToken(1, num_tokens))
+        while receiver.poll() not in (KVPoll.Success, KVPoll.Failed):
+            time.sleep(0.0001)
+        seconds = time.perf_counter() - t0
+        assert receiver.poll() == KVPoll.Success, receiver.failure_reason
+        for s, d in zip(self.src, self.dst, strict=True) if check else []:
+            assert torch.equal(d.unflatten(0, (-1, ps))[dst_pages], s.unflatten(0, (-1, ps))[src_pages]), \
+                "decode pages differ from prefill's"
+        return seconds
+
+    def close(self) -> None:
+        self.pre.close()
+        self.dec.close()
 
 
-def raw_tcp_mbps(src: list[torch.Tensor], dst: list[torch.Tensor], repeats: int) -> list[float]:
-    """MB/s of sendall() of every (contiguous) src tensor into the matching dst tensor over one loopback TCP
-    connection with TCP_NODELAY; `repeats` timed rounds after one untimed."""
-    views_in = [memoryview(b.numpy()).cast("B") for b in dst]
-    listener = socket.create_server((HOST, 0))
+class TcpPair:
+    """One loopback TCP connection (TCP_NODELAY) that moves every src tensor into the matching dst tensor."""
 
-    def serve() -> None:
-        conn, _ = listener.accept()
+    def __init__(self, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+        self.src, self.dst = src, dst
+        self._views_in = [memoryview(b.numpy()).cast("B") for b in dst]
+        self._listener = socket.create_server((HOST, 0))
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        self._sock = socket.create_connection(self._listener.getsockname())
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
         with conn:
-            for _ in range(repeats + 1):
-                for view in views_in:
+            while True:
+                for view in self._views_in:
                     got = 0
                     while got < len(view):
-                        got += conn.recv_into(view[got:])
+                        n = conn.recv_into(view[got:])
+                        if n == 0:
+                            return
+                        got += n
                 conn.sendall(b"k")
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    out, nbytes = [], sum(len(v) for v in views_in)
-    with socket.create_connection(listener.getsockname()) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            for b in src:
-                sock.sendall(memoryview(b.numpy()).cast("B"))
-            assert sock.recv(1) == b"k"
-            if i:
-                out.append(nbytes / (time.perf_counter() - t0) / 1e6)
-    thread.join(10)
-    listener.close()
-    assert all(torch.equal(s, d) for s, d in zip(src, dst, strict=True)), "TCP bytes differ"
-    return out
+    def transfer(self, check: bool = False) -> float:
+        """Seconds from the first sendall() to the receiver's ack. Raises AssertionError if (check) the bytes, zeroed
+        before, differ."""
+        for d in self.dst if check else []:
+            d.zero_()
+        t0 = time.perf_counter()
+        for b in self.src:
+            self._sock.sendall(memoryview(b.numpy()).cast("B"))
+        assert self._sock.recv(1) == b"k"
+        seconds = time.perf_counter() - t0
+        assert not check or all(torch.equal(s, d) for s, d in zip(self.src, self.dst, strict=True)), "TCP bytes differ"
+        return seconds
+
+    def close(self) -> None:
+        self._sock.close()
+        self._thread.join(10)
+        self._listener.close()
 
 
 def bench_kv(num_layers: int, kv_heads: int, head_dim: int, num_tokens: int = 4096, page_size: int = 16,
-             repeats: int = 20) -> dict[str, Any]:
-    """Median MB/s of Mooncake (per layout) and raw TCP moving one num_tokens prompt's KV, and their ratios."""
+             repeats: int = 20, staging_bytes: int | None = None) -> dict[str, Any]:
+    """Median MB/s of Mooncake (per layout) and raw TCP moving one num_tokens prompt's KV, at least `repeats`
+    timed transfers each, and their ratios. staging_bytes: the managers' staging memory (None: the backend's
+    default; 0: no staging)."""
+    from kvtransfer.mooncake import STAGING_BYTES
+
+    staging_bytes = STAGING_BYTES if staging_bytes is None else staging_bytes
     pages = -(-num_tokens // page_size)
-    # The decode pool has twice the prompt's pages, so shuffled destinations are spread over a larger pool.
-    src = [torch.randn(pages * page_size, kv_heads, head_dim) for _ in range(2 * num_layers)]
-    dst = [torch.zeros(2 * pages * page_size, kv_heads, head_dim) for _ in range(2 * num_layers)]
-    result: dict[str, Any] = {"num_tokens": num_tokens, "page_size": page_size, "repeats": repeats,
-                              "bytes": sum(b[:pages * page_size].numel() * 4 for b in src)}  # fmt: skip
-    for layout in LAYOUTS:
-        result[f"mooncake_{layout}_MBps"] = statistics.median(
-            mooncake_mbps(src, dst, num_tokens, page_size, layout, repeats))
     prompt = pages * page_size
-    result["raw_tcp_MBps"] = statistics.median(raw_tcp_mbps([b[:prompt] for b in src],
-                                                            [b[:prompt] for b in dst], repeats))
+    # The decode pool has twice the prompt's pages, so shuffled destinations are spread over a larger pool.
+    src = [torch.randn(prompt, kv_heads, head_dim) for _ in range(2 * num_layers)]
+    dst = [torch.zeros(2 * prompt, kv_heads, head_dim) for _ in range(2 * num_layers)]
+    nbytes = sum(b.numel() * b.element_size() for b in src)
+    mooncake = MooncakePair(src, dst, page_size, staging_bytes)
+    tcp = TcpPair(src, [d[:prompt] for d in dst])
+    measures: dict[str, Callable[[bool], float]] = {
+        layout: (lambda check, layout=layout: mooncake.transfer(*mooncake.pages(layout, pages), num_tokens, check))
+        for layout in LAYOUTS
+    } | {"raw_tcp": tcp.transfer}
+    seconds: dict[str, list[float]] = {name: [] for name in measures}
+    try:
+        for i in range(-(-repeats // BLOCK)):
+            names = list(measures)
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                measures[name](False)
+                seconds[name] += [measures[name](False) for _ in range(BLOCK)]
+                measures[name](True)
+    finally:
+        tcp.close()
+        mooncake.close()
+    mbps = {name: statistics.median(nbytes / s / 1e6 for s in ss) for name, ss in seconds.items()}
+    result: dict[str, Any] = {"num_tokens": num_tokens, "page_size": page_size, "repeats": repeats,
+                              "bytes": nbytes, "staging_bytes": staging_bytes, "raw_tcp_MBps": mbps["raw_tcp"]}
     for layout in LAYOUTS:
-        result[f"{layout}_vs_tcp"] = result[f"mooncake_{layout}_MBps"] / result["raw_tcp_MBps"]
+        result[f"mooncake_{layout}_MBps"] = mbps[layout]
+        result[f"{layout}_vs_tcp"] = mbps[layout] / mbps["raw_tcp"]
     return result
 
 
 def format_kv(kv: dict[str, Any]) -> str:
-    return (f"KV transfer of {kv['num_tokens']} tokens ({kv['bytes'] / 2**20:.1f} MiB): mooncake "
-            f"{kv['mooncake_contiguous_MBps']:.0f} MB/s into contiguous pages, {kv['mooncake_shuffled_MBps']:.0f} "
-            f"MB/s into shuffled pages; raw TCP {kv['raw_tcp_MBps']:.0f} MB/s; mooncake / TCP "
-            f"{kv['contiguous_vs_tcp']:.3f} (contiguous), {kv['shuffled_vs_tcp']:.3f} (shuffled)")
+    return (f"KV transfer of {kv['num_tokens']} tokens ({kv['bytes'] / 2**20:.1f} MiB, staging "
+            f"{kv['staging_bytes'] / 2**20:.0f} MiB): mooncake {kv['mooncake_contiguous_MBps']:.0f} MB/s "
+            f"into contiguous pages, {kv['mooncake_shuffled_MBps']:.0f} MB/s into shuffled pages, "
+            f"{kv['mooncake_both_shuffled_MBps']:.0f} MB/s from shuffled into shuffled pages; raw TCP "
+            f"{kv['raw_tcp_MBps']:.0f} MB/s; mooncake / TCP {kv['contiguous_vs_tcp']:.3f} (contiguous), "
+            f"{kv['shuffled_vs_tcp']:.3f} (shuffled), {kv['both_shuffled_vs_tcp']:.3f} (both shuffled)")
 
 
 def main() -> None:
@@ -145,9 +198,11 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=2, help="KV heads (default: 2)")
     p.add_argument("--head-dim", type=int, default=64, help="head dim (default: 64)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
-    p.add_argument("--repeats", type=int, default=20, help="timed transfers per measurement (default: 20)")
+    p.add_argument("--repeats", type=int, default=20, help="timed transfers per measure, at least (default: 20)")
+    p.add_argument("--staging-bytes", type=int, default=None,
+                   help="each manager's staging memory (default: the backend's; 0: no staging)")
     a = p.parse_args()
-    print(format_kv(bench_kv(a.layers, a.kv_heads, a.head_dim, a.tokens, a.page_size, a.repeats)))
+    print(format_kv(bench_kv(a.layers, a.kv_heads, a.head_dim, a.tokens, a.page_size, a.repeats, a.staging_bytes)))
 
 
 if __name__ == "__main__":

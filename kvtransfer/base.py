@@ -53,6 +53,9 @@ class KVArgs:
                    page size); a mismatch is a clear KVTransferError at handshake.
     kv_data_lens:  bytes of each of those buffers; backends that register memory with a NIC or transfer
                    engine (mooncake) need it, and it bounds the page indices a peer may name.
+    host_memory:   whether those buffers are host memory, which lets a backend copy scattered pages through
+                   host staging buffers (kvtransfer.staging); None: they are exactly when this process sees no
+                   CUDA device (kv_in_host_memory).
     """
 
     engine_rank: int
@@ -61,6 +64,17 @@ class KVArgs:
     page_size: int
     fingerprint: dict[str, object] = field(default_factory=dict)
     kv_data_lens: list[int] = field(default_factory=list)
+    host_memory: bool | None = None
+
+
+def kv_in_host_memory(args: KVArgs) -> bool:
+    """args.host_memory, or when that is None whether this process has no CUDA device (then nothing else can
+    hold the KV cache)."""
+    if args.host_memory is not None:
+        return args.host_memory
+    import torch  # the engine has it loaded already; kvtransfer itself needs only numpy
+
+    return not torch.cuda.is_available()
 
 
 @dataclass(frozen=True)

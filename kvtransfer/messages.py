@@ -38,6 +38,9 @@ class RegisterRoom:
     num_tokens: int
     fingerprint: dict[str, Any]
     prompt_hash: int = 0  # kvtransfer.base.prompt_fingerprint of decode's prompt
+    # Non-zero: write the pages to this address in the decode's staging pool instead of dst_pages, laid out as
+    # kvtransfer.pages.staged_ptrs says; decode scatters them into dst_pages (kvtransfer.staging).
+    staging_addr: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class TransferStatus:
     first_token: int  # -1 when not ok
     prompt_tokens: int
     prompt_hash: int = 0  # kvtransfer.base.prompt_fingerprint of the prompt prefill computed the KV for
+    staged: bool = False  # the pages went to the registration's staging_addr (a peer without staging: dst_pages)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ Prefill rank                                          Decode rank
                        ----------- TransferStatus ----> Success (first token) | Failed (prefill's reason)
                        Success | Failed
 
+With the KV cache in host memory, each side copies pages scattered over many runs through a contiguous staging
+buffer (kvtransfer.staging), so such a room takes a few large regions instead of one per run.
+
 Rooms are owned: a second sender or receiver for a live room on one rank is refused, a prefill rank keeps only
 its room's first registration and refuses one for another prompt (prompt fingerprints differ) or from another
 decode, and decode fails a status whose fingerprint is not its prompt's. A registration that arrives before its
@@ -27,19 +30,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Protocol
 
-from kvtransfer.base import KVArgs, KVManager, KVPoll, KVTransferError
+from kvtransfer.base import KVArgs, KVManager, KVPoll, KVTransferError, kv_in_host_memory
 from kvtransfer.bootstrap import BootstrapClient, BootstrapServer
 from kvtransfer.control import ControlPool, ControlServer
 from kvtransfer.messages import AbortRoom, ControlMessage, RankInfo, RegisterRoom, TransferStatus, layout_mismatch
 from kvtransfer.mooncake_engine import MooncakeEngine
 from kvtransfer.mooncake_rooms import MooncakeKVReceiver, MooncakeKVSender, Room, prompt_mismatch
 from kvtransfer.mooncake_transfer import TransferWorker
+from kvtransfer.staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
 # Registrations for rooms whose request has not reached this prefill rank yet: the load balancer sends both halves
 # at once, so a few per request in flight; far more means a peer registers rooms nobody will prefill.
 MAX_PENDING_ROOMS = 4096
+
+# Prefill: the gather buffer (rooms larger than it go in pieces); decode: the staging pool (rooms that find it full
+# are written into their pages directly, one region per run). A 4096-token prompt of a 4-layer, 2-KV-head fp32
+# model is 16 MiB.
+STAGING_BYTES = 64 * 2**20
 
 __all__ = ["MooncakeKVManager", "MooncakeKVReceiver", "MooncakeKVSender", "start_decode_manager",
            "start_prefill_manager"]
@@ -61,6 +70,10 @@ class MooncakeKVManager(KVManager):
     io_timeout_s: each connect, control send, HTTP call and non-transfer engine call.
     max_pending_rooms: prefill: registrations kept for rooms without a sender yet (each for at most
                  bootstrap_timeout_s); one past the bound is refused, so rooms nobody asks for cannot grow memory.
+    staging_bytes: host KV caches only (kv_in_host_memory): prefill's gather buffer / decode's staging pool for
+                 scattered pages; 0 turns staging off. At least one page of the largest KV buffer.
+    secret:      the instances' shared key (--api-key): bootstrap routes need it as a bearer token and every
+                 control frame is signed with it; None leaves the control plane open (a trusted network).
     Raises KVTransferError when the engine, the listener or the bootstrap announcement cannot be set up.
     """
 
@@ -82,6 +95,8 @@ class MooncakeKVManager(KVManager):
         protocol: str = "tcp",
         device_name: str = "",
         max_pending_rooms: int = MAX_PENDING_ROOMS,
+        staging_bytes: int = STAGING_BYTES,
+        secret: str | None = None,
     ) -> None:
         if role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
@@ -96,27 +111,32 @@ class MooncakeKVManager(KVManager):
         self.io_timeout_s = io_timeout_s
         self.num_pages = min(n // (i * args.page_size) for n, i in zip(args.kv_data_lens, args.kv_item_lens,
                                                                       strict=True))
+        # A failed room's area is reused once a prefill with our settings has given up writing into it.
+        self.staging = (HostStaging(role, args, staging_bytes, hold_s=transfer_timeout_s + 3 * io_timeout_s)
+                        if staging_bytes > 0 and kv_in_host_memory(args) else None)
         self.lock = threading.RLock()  # guards the room tables and every room's state
         self._senders: dict[int, MooncakeKVSender] = {}
         self._receivers: dict[int, MooncakeKVReceiver] = {}
         self._pending: dict[int, tuple[RegisterRoom, float]] = {}  # room -> (registration, expiry)
         self.max_pending_rooms = max_pending_rooms
         self.io = ThreadPoolExecutor(4, thread_name_prefix=f"kv-io-{role}")
-        self.control = ControlPool(io_timeout_s, on_peer_lost=self._on_peer_lost)
-        self.bootstrap_client = BootstrapClient(io_timeout_s)
+        self.control = ControlPool(io_timeout_s, on_peer_lost=self._on_peer_lost, secret=secret)
+        self.bootstrap_client = BootstrapClient(io_timeout_s, secret=secret)
         self._bootstrap_server: BootstrapServer | None = None
         self._server: ControlServer | None = None
         self.transfers: TransferWorker | None = None
         self.bootstrap: tuple[str, int] | None = None  # prefill: where this rank announced itself
         self.engine = MooncakeEngine(host, protocol, device_name, io_timeout_s)
         try:
-            self.engine.register(args.kv_data_ptrs, args.kv_data_lens)
-            self._server = ControlServer(host, control_port, self._on_message)
+            staging = [] if self.staging is None else [self.staging.memory]
+            self.engine.register([*args.kv_data_ptrs, *(m.ctypes.data for m in staging)],
+                                 [*args.kv_data_lens, *(m.size for m in staging)])
+            self._server = ControlServer(host, control_port, self._on_message, secret=secret)
             if role == "prefill":
                 assert bootstrap is not None
                 self.transfers = TransferWorker(self)
                 if serve_bootstrap:
-                    self._bootstrap_server = BootstrapServer(*bootstrap).start()
+                    self._bootstrap_server = BootstrapServer(*bootstrap, secret=secret).start()
                     bootstrap = (bootstrap[0], self._bootstrap_server.port)  # port 0 asked for any free port
                 # the DP groups' leaders start together, but only the first serves: the others may wait for it
                 self.bootstrap_client.put_route(*bootstrap, self.rank_info(), timeout_s=bootstrap_timeout_s)
@@ -194,6 +214,10 @@ class MooncakeKVManager(KVManager):
         table: dict = self._senders if isinstance(room, MooncakeKVSender) else self._receivers
         if table.get(room.room) is room:
             del table[room.room]
+        if isinstance(room, MooncakeKVReceiver) and room.staging_offset is not None:
+            assert self.staging is not None
+            self.staging.give_back(room.staging_offset, room.state == KVPoll.Success)
+            room.staging_offset = None
 
     def _notify_peer(self, room: Room, reason: str) -> None:
         if isinstance(room, MooncakeKVSender):
@@ -282,18 +306,26 @@ class MooncakeKVManager(KVManager):
                 logger.debug("status for unknown room %d ignored", msg.room)
                 return
             same_prompt = msg.prompt_tokens == receiver.num_tokens and msg.prompt_hash == receiver.prompt_hash
-            if msg.ok and same_prompt:
-                receiver.set_success(msg.first_token, msg.prompt_tokens)
-                self._forget(receiver)
-                logger.debug("room %d received", msg.room)
-                return
+            area = receiver.staging_offset if msg.staged else None
+        if msg.ok and same_prompt and (area is not None or not msg.staged):
+            if area is not None:  # should the room fail meanwhile, the area is held back, not lent again
+                assert self.staging is not None and receiver.pages is not None
+                self.staging.unstage(area, receiver.pages)
+            with self.lock:
+                if self._receivers.get(msg.room) is receiver:  # else aborted or failed meanwhile
+                    receiver.set_success(msg.first_token, msg.prompt_tokens)
+                    self._forget(receiver)
+            logger.debug("room %d received", msg.room)
+            return
         if msg.ok and msg.prompt_tokens != receiver.num_tokens:
             reason = f"prefill sent {msg.prompt_tokens} prompt tokens, decode expected {receiver.num_tokens}"
-        elif msg.ok:
+        elif msg.ok and not same_prompt:
             # Same length, other tokens: the KV in our pages answers someone else's prompt and must not be used.
             reason = (f"prefill sent the KV of another prompt for room {msg.room} (prompt fingerprint "
                       f"{msg.prompt_hash:#018x}, this request's {receiver.prompt_hash:#018x}); "
                       "is the bootstrap_room reused?")
+        elif msg.ok:
+            reason = f"prefill wrote room {msg.room} to a staging area this decode did not lend it"
         else:
             reason = f"prefill reported: {msg.reason}"
         self.fail(receiver, reason, notify_peer=False)
@@ -344,9 +376,13 @@ class MooncakeKVManager(KVManager):
     def register_receiver(self, r: MooncakeKVReceiver) -> None:
         assert r.prefill is not None and r.pages is not None
         a = self.args
+        staging_addr = 0
+        if r.staging_offset is not None:
+            assert self.staging is not None
+            staging_addr = self.staging.address(r.staging_offset)
         msg = RegisterRoom(r.room, a.engine_rank, self.control_addr, self.engine.session_id, list(a.kv_data_ptrs),
                            list(a.kv_item_lens), a.page_size, r.pages, r.num_tokens, dict(a.fingerprint),
-                           r.prompt_hash)
+                           r.prompt_hash, staging_addr)
         try:
             self.control.send(r.prefill.control_addr, msg)
         except KVTransferError as e:
@@ -392,6 +428,7 @@ class DisaggSettings(Protocol):
     dp_rank: int
     dp_size: int
     bootstrap_host: str  # "" = host
+    secret: str | None  # the instances' --api-key: authenticates bootstrap routes and control messages
 
 
 def start_prefill_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -> MooncakeKVManager:
@@ -401,9 +438,11 @@ def start_prefill_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -
     return MooncakeKVManager(args, "prefill", cfg.host, bootstrap, tp_size=tp_size,
                              dp_rank=cfg.dp_rank, dp_size=cfg.dp_size,
                              serve_bootstrap=args.engine_rank == 0 and cfg.dp_rank == 0,
-                             bootstrap_timeout_s=cfg.bootstrap_timeout, transfer_timeout_s=cfg.transfer_timeout)
+                             bootstrap_timeout_s=cfg.bootstrap_timeout, transfer_timeout_s=cfg.transfer_timeout,
+                             secret=cfg.secret)
 
 
 def start_decode_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -> MooncakeKVManager:
     return MooncakeKVManager(args, "decode", cfg.host, None, tp_size=tp_size,
-                             bootstrap_timeout_s=cfg.bootstrap_timeout, transfer_timeout_s=cfg.transfer_timeout)
+                             bootstrap_timeout_s=cfg.bootstrap_timeout, transfer_timeout_s=cfg.transfer_timeout,
+                             secret=cfg.secret)

@@ -13,7 +13,7 @@ import numpy as np
 
 from kvtransfer.base import FirstToken, KVPoll, KVReceiver, KVSender
 from kvtransfer.messages import RankInfo, RegisterRoom, TransferStatus
-from kvtransfer.pages import check_pages, transfer_regions
+from kvtransfer.pages import check_pages
 
 if TYPE_CHECKING:
     from kvtransfer.mooncake import MooncakeKVManager
@@ -73,18 +73,15 @@ class MooncakeKVSender(KVSender):
         if problem is not None:
             mgr.fail(self, problem)
             return
-        a = mgr.args
-        regions = transfer_regions(a.kv_data_ptrs, reg.dst_ptrs, a.kv_item_lens, a.page_size, page_indices,
-                                   reg.dst_pages)
         status = TransferStatus(self.room, True, "", first_token.token_id, first_token.prompt_tokens,
-                                self.prompt_hash)
+                                self.prompt_hash, staged=reg.staging_addr != 0)
         with mgr.lock:
             if self.state != KVPoll.WaitingForInput:
-                return  # aborted while we computed the regions
+                return  # aborted while we checked the pages
             self.state = KVPoll.Transferring
             self.deadline = time.monotonic() + mgr.transfer_timeout_s
         assert mgr.transfers is not None
-        mgr.transfers.submit(self, regions, status)
+        mgr.transfers.submit(self, np.asarray(page_indices, dtype=np.int64), status)
 
     @property
     def failure_reason(self) -> str | None:
@@ -115,6 +112,7 @@ class MooncakeKVReceiver(KVReceiver):
         self.prefill: RankInfo | None = None  # set by the manager once bootstrapped
         self.pages: list[int] | None = None
         self.num_tokens = 0
+        self.staging_offset: int | None = None  # the area of the manager's staging pool lent to this room
         self.registered = False
         self.peer_lost_at: float | None = None  # set by the manager when the prefill's connection drops
         self._first: FirstToken | None = None
@@ -125,7 +123,9 @@ class MooncakeKVReceiver(KVReceiver):
     def init(self, page_indices: Sequence[int], num_tokens: int) -> None:
         """Registers the destination pages (this rank's, in prompt order: ceil(num_tokens / page_size) of
         them) and the prompt's fingerprint with the prefill rank, now or as soon as bootstrapping is done; a
-        status for another prompt fails the room. Non-blocking.
+        status for another prompt fails the room. Pages scattered enough that staging pays are received into
+        an area of the manager's staging pool (while it has room) and copied into place before Success.
+        Non-blocking.
         Raises ValueError on a page list that cannot be right (wrong count, out of range, repeated)."""
         mgr = self.mgr
         need = -(-num_tokens // mgr.args.page_size)
@@ -139,6 +139,8 @@ class MooncakeKVReceiver(KVReceiver):
             assert self.pages is None, f"init() called twice for room {self.room}"
             self.pages, self.num_tokens = np.asarray(page_indices, dtype=np.int64).tolist(), num_tokens
             self.transfer_deadline = time.monotonic() + mgr.transfer_timeout_s
+            if self.state not in _DONE:  # a finished room would never give the area back
+                self.staging_offset = None if mgr.staging is None else mgr.staging.lend(self.pages)
             ready = self.state == KVPoll.WaitingForInput
         if ready:
             mgr.io.submit(mgr.register_receiver, self)

@@ -9,13 +9,23 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from kvtransfer.base import KVPoll, KVTransferError
 from kvtransfer.messages import RegisterRoom, TransferStatus
 from kvtransfer.mooncake_engine import MAX_REGIONS_PER_BATCH
-from kvtransfer.pages import chunk_bounds
+from kvtransfer.pages import (
+    chunk_bounds,
+    merge_regions,
+    staged_ptrs,
+    staging_pays,
+    staging_pieces,
+    transfer_regions,
+)
 
 if TYPE_CHECKING:
     from kvtransfer.mooncake import MooncakeKVManager
@@ -23,18 +33,21 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+Regions = tuple[list[int], list[int], list[int]]  # (src addrs, dst addrs, lengths)
+
 
 @dataclass
 class _Job:
     sender: MooncakeKVSender
     registration: RegisterRoom
-    regions: tuple[list[int], list[int], list[int]]  # (src addrs, dst addrs, lengths)
+    src_pages: np.ndarray  # [pages] int64: this rank's pages in prompt order
     status: TransferStatus  # sent to decode once every region has landed
 
 
 class TransferWorker:
     """Runs queued transfers: batched writes (at most MAX_REGIONS_PER_BATCH regions per call, all within the
-    sender's deadline), then the status message; the sender ends Success only once decode has been told."""
+    sender's deadline), then the status message; the sender ends Success only once decode has been told.
+    Scattered source pages are gathered into the manager's gather buffer first, one piece at a time."""
 
     def __init__(self, mgr: MooncakeKVManager) -> None:
         self._mgr = mgr
@@ -42,10 +55,9 @@ class TransferWorker:
         self._thread = threading.Thread(target=self._loop, name="kv-transfer", daemon=True)
         self._thread.start()
 
-    def submit(self, sender: MooncakeKVSender, regions: tuple[list[int], list[int], list[int]],
-               status: TransferStatus) -> None:
+    def submit(self, sender: MooncakeKVSender, src_pages: np.ndarray, status: TransferStatus) -> None:
         assert sender.registration is not None
-        self._jobs.put(_Job(sender, sender.registration, regions, status))
+        self._jobs.put(_Job(sender, sender.registration, src_pages, status))
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -60,16 +72,17 @@ class TransferWorker:
 
     def _run(self, job: _Job) -> None:
         mgr, sender, reg = self._mgr, job.sender, job.registration
-        src, dst, lengths = job.regions
-        t0 = time.monotonic()
+        t0, nbytes, nregions = time.monotonic(), 0, 0
         try:
-            for lo, hi in chunk_bounds(len(src), MAX_REGIONS_PER_BATCH):
-                if sender.state != KVPoll.Transferring:
-                    return  # aborted or failed meanwhile; whoever did it told decode
-                remaining = sender.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise KVTransferError(f"pages did not land within {mgr.transfer_timeout_s:.1f}s")
-                mgr.engine.write(reg.session_id, src[lo:hi], dst[lo:hi], lengths[lo:hi], remaining)
+            for src, dst, lengths in self._batches(job):
+                for lo, hi in chunk_bounds(len(src), MAX_REGIONS_PER_BATCH):
+                    if sender.state != KVPoll.Transferring:
+                        return  # aborted or failed meanwhile; whoever did it told decode
+                    remaining = sender.deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise KVTransferError(f"pages did not land within {mgr.transfer_timeout_s:.1f}s")
+                    mgr.engine.write(reg.session_id, src[lo:hi], dst[lo:hi], lengths[lo:hi], remaining)
+                nbytes, nregions = nbytes + sum(lengths), nregions + len(src)
         except KVTransferError as e:
             mgr.fail(sender, f"writing room {sender.room} to decode {reg.session_id} failed: {e}")
             return
@@ -82,5 +95,31 @@ class TransferWorker:
                              f"told: {e}", notify_peer=False)
             return
         mgr.succeed(sender)
-        logger.debug("room %d: %d bytes in %d regions sent in %.1f ms", sender.room, sum(lengths), len(src),
+        logger.debug("room %d: %d bytes in %d regions sent in %.1f ms", sender.room, nbytes, nregions,
                      (time.monotonic() - t0) * 1e3)
+
+    def _batches(self, job: _Job) -> Iterator[Regions]:
+        """The room's regions: one batch from the KV buffers themselves, or, when gathering the source pages
+        pays, one batch per gather-buffer piece, each piece gathered just before its batch is written."""
+        a, reg, src_pages = self._mgr.args, job.registration, job.src_pages
+        page_bytes = [il * a.page_size for il in a.kv_item_lens]
+        if reg.staging_addr:  # decode's staging area: a page table whose page i is prompt page i
+            dst_ptrs, dst_pages = staged_ptrs(reg.staging_addr, page_bytes, len(src_pages)), np.arange(len(src_pages))
+        else:
+            dst_ptrs, dst_pages = reg.dst_ptrs, np.asarray(reg.dst_pages, dtype=np.int64)
+        staging = self._mgr.staging
+        buf = None if staging is None else staging.gather_buf
+        if staging is None or buf is None or not staging_pays(src_pages, page_bytes):
+            yield merge_regions(*transfer_regions(a.kv_data_ptrs, dst_ptrs, a.kv_item_lens, a.page_size, src_pages,
+                                                  dst_pages))
+            return
+        base = buf.ctypes.data
+        for piece in staging_pieces(len(src_pages), page_bytes, buf.size):
+            batch: Regions = ([], [], [])
+            for b, lo, hi, offset in piece:
+                staging.views.gather(b, src_pages[lo:hi], buf[offset:offset + (hi - lo) * page_bytes[b]])
+                part = transfer_regions([base + offset], [dst_ptrs[b]], [a.kv_item_lens[b]], a.page_size,
+                                        np.arange(hi - lo), dst_pages[lo:hi])
+                for acc, xs in zip(batch, part, strict=True):
+                    acc.extend(xs)
+            yield merge_regions(*batch)

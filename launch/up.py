@@ -248,7 +248,7 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
             f"\nPD cluster ready: {ns.num_prefill} prefill + {ns.num_decode} decode behind {url}\n"
             f"Try:\n  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth_header} -d "
             '\'{"messages": [{"role": "user", "content": "What is the capital of France?"}], '
-            '"max_tokens": 32}\'\n'
+            '"max_tokens": 32, "temperature": 0}\'\n'
             "Ctrl-C stops everything.\n",
             flush=True,
         )

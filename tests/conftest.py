@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.interpreter_child import InterpreterChild
+    from tests.test_pd_e2e import Reference
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,3 +38,28 @@ def gpu_fp32_clean() -> Iterator[None]:
     yield
     gc.collect()
     torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def interpreter() -> Iterator[InterpreterChild]:
+    """A Python with Triton's CPU interpreter on, shared by a module's kernel checks (tests.interpreter_child)."""
+    from tests.interpreter_child import InterpreterChild
+
+    with InterpreterChild() as child:
+        yield child
+
+
+@pytest.fixture(scope="session")
+def pd_references(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Reference]:
+    """arch -> tests.test_pd_e2e.Reference (a fresh checkpoint and one `pd serve`'s greedy answers), made on first
+    use and shared by every PD test of the pytest run that compares against it."""
+    from tests.test_pd_e2e import Reference
+
+    made: dict[str, Reference] = {}
+
+    def get(arch: str) -> Reference:
+        if arch not in made:
+            made[arch] = Reference(arch, str(tmp_path_factory.mktemp(f"pd-reference-{arch}")))
+        return made[arch]
+
+    return get

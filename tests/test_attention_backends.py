@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
+import secrets
 
 import pytest
 import torch
@@ -25,7 +24,6 @@ from tests.triton_interpreter import patch_interpreter
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed (the test extra installs it)")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
@@ -70,19 +68,15 @@ def _interpreted_case(case: int, tmp: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     patch_interpreter()
     arch, page_size = CPU_CASES[case]
-    seed = int(torch.randint(0, 2**31, ()).item())
+    seed = secrets.randbelow(2**31)
     path = make_checkpoint(arch, os.path.join(tmp, arch), seed=seed)
     compare_backends(path, "cpu", torch.float32, page_size, seed, lengths=(21, 5, 9), new_tokens=6, chunk=8)
 
 
 @needs_triton
 @pytest.mark.parametrize("case", range(len(CPU_CASES)), ids=[f"{a}-page{p}" for a, p in CPU_CASES])
-def test_triton_backend_equals_torch_backend_in_the_interpreter(case, tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import tests.test_attention_backends as t; t._interpreted_case({case}, {str(tmp_path)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+def test_triton_backend_equals_torch_backend_in_the_interpreter(case, tmp_path, interpreter):
+    interpreter.run(__name__, "_interpreted_case", case, str(tmp_path))
 
 
 # ---- GPU ----
@@ -94,7 +88,7 @@ GPU_ARCHS = ["llama", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deeps
 @pytest.mark.parametrize("page_size", [1, 16, 64])
 @pytest.mark.parametrize("arch", GPU_ARCHS)
 def test_triton_backend_equals_torch_backend_on_cuda(arch, page_size, dtype, tmp_path, gpu_fp32_clean):
-    seed = int(torch.randint(0, 2**31, ()).item())
+    seed = secrets.randbelow(2**31)
     path = make_checkpoint(arch, str(tmp_path / arch), seed=seed)
     compare_backends(path, "cuda", dtype, page_size, seed, lengths=(300, 5, 77, 130), new_tokens=24, chunk=64)
 
@@ -146,16 +140,17 @@ def test_decode_step_runs_no_sdpa_and_no_context_gather(arch, tmp_path, gpu_fp32
 # ---- PD: prefill on one backend, decode on the other (CPU; the Triton side in the interpreter) ----
 @needs_triton
 @pytest.mark.parametrize("triton_side", ["decode"])  # both backends store KV with the same code; the kernels read
-def test_pd_with_triton_attention_on_one_side_equals_pd_serve(triton_side, tmp_path, monkeypatch):
+def test_pd_with_triton_attention_on_one_side_equals_pd_serve(triton_side, pd_references, monkeypatch):
     """KV written by the torch backend on the prefill instance and read in place by the Triton kernels on the
     decode instance (the other way round differs only in which kernels read the same pages)."""
     from tests.test_pd_e2e import _pd_equals_pd_serve
 
+    reference = pd_references("deepseek_v3")  # made (if not yet) before the variable below is set
     # Only the instance given --attention-backend triton imports Triton; the variable lets it run on the CPU.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     side = ("--attention-backend", "triton")
     args = {"prefill_args": side} if triton_side == "prefill" else {"decode_args": side}
-    with _pd_equals_pd_serve("deepseek_v3", tmp_path, 4, 8, 1, 1, **args):
+    with _pd_equals_pd_serve(reference, 4, 8, 1, 1, **args):
         pass
 
 

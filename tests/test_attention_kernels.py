@@ -8,9 +8,9 @@ random values, so a kernel reading a wrong slot or a stale entry fails. Toleranc
 2e-2 (absolute and relative, against the oracle's fp32 result): the kernels round the softmax weights to the model
 dtype before the value product, as flash attention does, and round the output.
 
-CPU: small shapes in Triton's interpreter, each case in a child Python with TRITON_INTERPRET=1 set before Triton
-is imported (see tests/test_symm_kernels.py). GPU (marked ``gpu``): long prefixes, real head shapes, and a CUDA
-graph of decode attention replayed with new lengths.
+CPU: small shapes in Triton's interpreter, in a child Python with TRITON_INTERPRET=1 set before Triton is
+imported, shared by the module's checks (tests/interpreter_child.py). GPU (marked ``gpu``): long prefixes, real
+head shapes, and a CUDA graph of decode attention replayed with new lengths.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from types import ModuleType
 
 import pytest
 import torch
 
+from tests.interpreter_child import InterpreterChild
 from tests.triton_interpreter import patch_interpreter
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -45,13 +44,9 @@ def _interpreted_kernels() -> tuple[ModuleType, ModuleType]:
     return decode, extend
 
 
-def _in_child(check: str, case: int) -> None:
-    """Run ``check(decode, extend, *CPU_CASES[case])`` of this module in a child Python with the interpreter on."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import tests.test_attention_kernels as t; t.{check}(*t._interpreted_kernels(), *t.CPU_CASES[{case}])"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+def _child_check(check: str, case: int) -> None:
+    """In the interpreter child (tests.interpreter_child): ``check(decode, extend, *CPU_CASES[case])``."""
+    globals()[check](*_interpreted_kernels(), *CPU_CASES[case])
 
 
 @dataclass
@@ -250,15 +245,14 @@ def check_both_match_oracle(decode: ModuleType, extend: ModuleType, heads: Heads
 
 @needs_triton
 @pytest.mark.parametrize("case", range(len(CPU_CASES)))
-def test_decode_and_extend_match_oracle_interpreted(case: int) -> None:
-    """One child per case (starting Python with torch and Triton costs more than either check)."""
-    _in_child("check_both_match_oracle", case)
+def test_decode_and_extend_match_oracle_interpreted(case: int, interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "_child_check", "check_both_match_oracle", case, timeout_s=300)
 
 
 @needs_triton
 @pytest.mark.parametrize("case", [2, 4])
-def test_strided_inputs_and_empty_requests_interpreted(case: int) -> None:
-    _in_child("check_strided_inputs_and_empty_requests", case)
+def test_strided_inputs_and_empty_requests_interpreted(case: int, interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "_child_check", "check_strided_inputs_and_empty_requests", case, timeout_s=300)
 
 
 def test_head_dim_blocks() -> None:

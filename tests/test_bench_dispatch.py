@@ -1,7 +1,8 @@
 """benchmarks/bench_dispatch.py: its CPU (gloo) smoke run, and that its correctness check rejects a wrong dispatch.
 
-The smoke run is a subprocess of the documented command; its JSON must hold one row per CPU backend with positive
-finite times, every checked backend "ok", and DeepEP / CUDA graphs skipped with a reason.
+The smoke run is a subprocess of the documented command; its JSON must hold one row per CPU backend, every checked
+backend's reference check run (an error recorded) and "ok", and DeepEP / CUDA graphs skipped with a reason. The
+check itself is shown to flag wrong dispatches below.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def test_cpu_smoke_run_writes_rows_with_sane_times_and_passing_checks(tmp_path: 
     for row in rows.values():
         assert row["tokens_per_rank"] == 16
         for key in ("dispatch_us", "combine_us", "total_us", "layer_us"):
-            assert math.isfinite(row[key]) and 0 < row[key] < 10e6, (row["backend"], key, row[key])
+            assert math.isfinite(row[key]) and row[key] > 0, (row["backend"], key, row[key])
         assert row["total_us"] >= max(row["dispatch_us"], row["combine_us"])
         assert row["vs_raw"] > 0 and row["vs_deepep"] is None and row["layer_vs_raw"] > 0
     assert rows["raw_all_to_all"]["check"] == "n/a"

@@ -35,7 +35,14 @@ from kvtransfer.messages import (
     rank_info_from_json,
     rank_info_to_json,
 )
-from kvtransfer.pages import page_runs, transfer_regions
+from kvtransfer.pages import (
+    merge_regions,
+    page_runs,
+    staged_ptrs,
+    staging_pays,
+    staging_pieces,
+    transfer_regions,
+)
 
 pytest.importorskip("mooncake.engine", reason="needs mooncake-transfer-engine")
 
@@ -66,7 +73,7 @@ def make_buffers(seed: int, num_layers: int, item_lens: tuple[int, int], num_pag
 def kv_args(bufs: list[torch.Tensor], num_layers: int, item_lens: tuple[int, int], page_size: int) -> KVArgs:
     fingerprint = {"architecture": "TestMoE", "num_layers": num_layers, "dtype": "uint8"}
     return KVArgs(0, [b.data_ptr() for b in bufs], list(item_lens) * num_layers, page_size, fingerprint,
-                  [b.numel() for b in bufs])
+                  [b.numel() for b in bufs], host_memory=True)
 
 
 def _prefill_main(cfg: dict[str, Any], cmds: Any, out: Any) -> None:
@@ -76,7 +83,8 @@ def _prefill_main(cfg: dict[str, Any], cmds: Any, out: Any) -> None:
     bufs = make_buffers(cfg["seed"], cfg["layers"], cfg["item_lens"], cfg["pages"], cfg["page_size"], True)
     mgr = MooncakeKVManager(kv_args(bufs, cfg["layers"], cfg["item_lens"], cfg["page_size"]), "prefill", HOST,
                             (HOST, 0), serve_bootstrap=True, bootstrap_timeout_s=cfg["bootstrap_timeout"],
-                            transfer_timeout_s=10.0, max_pending_rooms=cfg.get("max_pending_rooms", 4096))
+                            transfer_timeout_s=10.0, max_pending_rooms=cfg.get("max_pending_rooms", 4096),
+                            staging_bytes=cfg["staging_bytes"])
     assert mgr.bootstrap is not None
     out.put(("ready", mgr.bootstrap[1]))
     senders: dict[int, MooncakeKVSender] = {}
@@ -115,8 +123,9 @@ class PrefillPeer:
     """Handle on a spawned prefill process."""
 
     def __init__(self, **overrides: Any) -> None:
+        # A gather buffer of a few pages: rooms of several scattered pages are gathered and sent in pieces.
         self.cfg: dict[str, Any] = dict(seed=random.randrange(2**31), layers=3, item_lens=(96, 40), pages=64,
-                                        page_size=4, bootstrap_timeout=5.0) | overrides
+                                        page_size=4, bootstrap_timeout=5.0, staging_bytes=1600) | overrides
         ctx = mp.get_context("spawn")
         self.cmds, self.out = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=_prefill_main, args=(self.cfg, self.cmds, self.out), daemon=True)
@@ -147,7 +156,8 @@ def decode_manager(peer: PrefillPeer, **overrides: Any) -> tuple[Any, list[torch
     bufs = make_buffers(random.randrange(2**31), c["layers"], c["item_lens"], c["pages"], c["page_size"], True)
     mgr = MooncakeKVManager(kv_args(bufs, c["layers"], c["item_lens"], c["page_size"]), "decode", HOST,
                             bootstrap_timeout_s=overrides.get("bootstrap_timeout", 10.0),
-                            transfer_timeout_s=overrides.get("transfer_timeout", 10.0))
+                            transfer_timeout_s=overrides.get("transfer_timeout", 10.0),
+                            staging_bytes=overrides.get("staging_bytes", 2**20))
     return mgr, bufs
 
 
@@ -161,6 +171,14 @@ def wait_for(pred: Any, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def prefill() -> Iterator[PrefillPeer]:
     peer = PrefillPeer()
+    yield peer
+    peer.close()
+
+
+@pytest.fixture(scope="module")
+def prefill16() -> Iterator[PrefillPeer]:
+    """A second prefill process, with 16-token pages."""
+    peer = PrefillPeer(page_size=16)
     yield peer
     peer.close()
 
@@ -203,6 +221,80 @@ def test_coalesced_regions_copy_the_same_bytes_as_per_page_copies(seed: int) -> 
                if i == 0 or src_pages[i] != src_pages[i - 1] + 1 or dst_pages[i] != dst_pages[i - 1] + 1)
     assert len(srcs) == runs * len(item_lens)
     assert int(page_runs(src_pages, dst_pages)[2].sum()) == len(src_pages)
+
+    # Merged, the regions still copy the same bytes, one region per chain of regions each continuing the last.
+    merged = merge_regions(srcs, dsts, lens)
+    got[:] = 0
+    for s, d, n in zip(*merged, strict=True):
+        got[d: d + n] = src_mem[s: s + n]
+    np.testing.assert_array_equal(got, expected)
+    chains = sum(1 for i in range(len(srcs))
+                 if i == 0 or srcs[i - 1] + lens[i - 1] != srcs[i] or dsts[i - 1] + lens[i - 1] != dsts[i])
+    assert len(merged[0]) == chains
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_staging_pieces_hold_every_page_once_back_to_back_within_capacity(seed: int) -> None:
+    rng = random.Random(seed * 31 + random.randrange(1000))
+    page_bytes = [rng.choice([8, 24, 40]) for _ in range(rng.randint(1, 6))]
+    num_pages, capacity = rng.randint(0, 30), rng.randint(40, 400)
+    seen = []
+    for piece in staging_pieces(num_pages, page_bytes, capacity):
+        assert piece, "an empty piece"
+        end = 0
+        for b, lo, hi, offset in piece:
+            assert offset == end and lo < hi
+            end += (hi - lo) * page_bytes[b]
+            seen += [(b, p) for p in range(lo, hi)]
+        assert end <= capacity
+    assert seen == [(b, p) for b in range(len(page_bytes)) for p in range(num_pages)]  # in staged_ptrs order
+    assert staged_ptrs(1000, page_bytes, num_pages) == [1000 + num_pages * sum(page_bytes[:b])
+                                                        for b in range(len(page_bytes))]
+
+
+def test_staging_pays_for_scattered_pages_only() -> None:
+    page_bytes = [2048, 2048]
+    assert not staging_pays(list(range(40)), page_bytes)  # one run: nothing to save
+    assert not staging_pays([], page_bytes)
+    assert staging_pays(random.sample(range(1000), 40), page_bytes)
+    big = list(range(0, 4096)) + list(range(5000, 9096))  # two long runs: two regions saved, 32 MiB to copy
+    assert not staging_pays(big, page_bytes)
+
+
+def test_staging_pool_lends_disjoint_areas_and_holds_failed_ones_back() -> None:
+    from kvtransfer.staging import StagingPool
+
+    rng, size = random.Random(), 1000
+    pool = StagingPool(size, hold_s=0.2)
+    lent: dict[int, int] = {}
+    for _ in range(400):
+        if lent and rng.random() < 0.5:
+            off = rng.choice(list(lent))
+            del lent[off]
+            pool.free(off)
+        else:
+            n = rng.randint(1, 200)
+            off = pool.alloc(n)
+            if off is None:  # only when no free gap that large exists (the oracle: the lent areas' gaps)
+                edges = sorted(lent.items())
+                gaps = [b - (a + la) for (a, la), (b, _) in zip([(0, 0), *edges], [*edges, (size, 0)], strict=True)]
+                assert max(gaps) < n
+            else:
+                lent[off] = n
+        areas = sorted(lent.items())
+        assert all(a + n <= b for (a, n), (b, _) in zip(areas, areas[1:], strict=False)), areas
+        assert all(0 <= a and a + n <= size for a, n in areas)
+        assert pool.free_bytes() == size - sum(lent.values())
+    for off in lent:
+        pool.free(off)
+    assert pool.alloc(size) == 0  # freed neighbours merged back into one area
+    pool.free(0)
+    held = pool.alloc(600)
+    assert held is not None
+    pool.hold(held)  # a failed room's area: not lent again while a prefill may still write into it
+    assert pool.alloc(600) is None and pool.free_bytes() == size - 600
+    time.sleep(0.3)  # past hold_s: back in the pool
+    assert pool.alloc(size) == 0
 
 
 # ---- messages.py ----------------------------------------------------------------------------------------------
@@ -344,8 +436,9 @@ def copied_pages(before: list[torch.Tensor], src: list[torch.Tensor], item_lens:
 
 
 @pytest.mark.parametrize("page_size", [4, 16])
-def test_many_concurrent_rooms_land_byte_exact_in_decode_pages(prefill: PrefillPeer, page_size: int) -> None:
-    peer = prefill if page_size == prefill.cfg["page_size"] else PrefillPeer(page_size=page_size)
+def test_many_concurrent_rooms_land_byte_exact_in_decode_pages(page_size: int, request: pytest.FixtureRequest) -> None:
+    peer: PrefillPeer = request.getfixturevalue("prefill" if page_size == 4 else "prefill16")
+    assert peer.cfg["page_size"] == page_size
     mgr, dbufs = decode_manager(peer)
     try:
         before = [b.clone() for b in dbufs]
@@ -387,8 +480,76 @@ def test_many_concurrent_rooms_land_byte_exact_in_decode_pages(prefill: PrefillP
             assert torch.equal(got, want), f"buffer {b} differs from the per-page oracle"
     finally:
         mgr.close()
-        if peer is not prefill:
-            peer.close()
+
+
+@pytest.mark.parametrize("decode_pool", ["none", "small", "large"])
+def test_shuffled_pages_arrive_bit_exact_through_the_staging_buffers(decode_pool: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both managers in this process, so the test sees every region the prefill writes. Rooms with pages shuffled
+    on either side or both arrive bit-exact (oracle: the prefill's pages copied page by page); scattered prefill
+    pages are sent from the gather buffer (in pieces when the room is larger than it), scattered decode pages land
+    in the staging pool while it has room and otherwise in the pages themselves."""
+    from kvtransfer.mooncake import MooncakeKVManager, MooncakeKVReceiver, MooncakeKVSender
+
+    layers, item_lens, ps, pages = 2, (96, 40), 4, 64
+    page_bytes = [il * ps for il in item_lens] * layers
+    room_bytes = sum(page_bytes)  # per prompt page
+    gather_bytes = 5 * max(page_bytes)  # rooms of more than 2 pages go in pieces
+    pool_bytes = {"none": 0, "small": 16 * room_bytes, "large": 64 * room_bytes}[decode_pool]
+    src = make_buffers(random.randrange(2**31), layers, item_lens, pages, ps, True)
+    dst = make_buffers(random.randrange(2**31), layers, item_lens, 2 * pages, ps, True)
+    pre = MooncakeKVManager(kv_args(src, layers, item_lens, ps), "prefill", HOST, (HOST, 0), serve_bootstrap=True,
+                            staging_bytes=gather_bytes)
+    dec = MooncakeKVManager(kv_args(dst, layers, item_lens, ps), "decode", HOST, staging_bytes=pool_bytes)
+    writes: list[tuple[list[int], list[int], list[int]]] = []
+    real_write = pre.engine.write
+
+    def recording_write(session_id: str, s: list[int], d: list[int], n: list[int], timeout_s: float) -> None:
+        writes.append((list(s), list(d), list(n)))
+        real_write(session_id, s, d, n, timeout_s)
+
+    monkeypatch.setattr(pre.engine, "write", recording_write)
+    assert pre.staging is not None and pre.staging.gather_buf is not None and pre.bootstrap is not None
+    gather = (pre.staging.gather_buf.ctypes.data, gather_bytes)
+    pool = (dec.staging.memory.ctypes.data, pool_bytes) if dec.staging is not None else (0, 0)
+    rng = random.Random()
+    shuffled, in_order = (lambda n, pool: rng.sample(range(pool), n)), (lambda n, pool: list(range(3, 3 + n)))
+    cases = [(shuffled, shuffled, 12), (in_order, shuffled, 12), (shuffled, in_order, 12), (in_order, in_order, 12),
+             (shuffled, shuffled, 40)]  # the last is larger than the small pool
+    try:
+        for src_of, dst_of, n in cases:
+            src_pages, dst_pages = src_of(n, pages), dst_of(n, 2 * pages)
+            before, room, num_tokens = [b.clone() for b in dst], rng.getrandbits(63), (n - 1) * ps + 1
+            sender, receiver = MooncakeKVSender(pre, room), MooncakeKVReceiver(dec, HOST, pre.bootstrap[1], room)
+            receiver.init(dst_pages, num_tokens)
+            staged_dst = receiver.staging_offset is not None
+            assert staged_dst == (dst_of is shuffled and n * room_bytes <= pool_bytes), (decode_pool, n)
+            wait_for(lambda s=sender: s.poll() != KVPoll.Bootstrapping, 10, "registration")
+            writes.clear()
+            sender.send(src_pages, num_tokens, FirstToken(7, num_tokens))
+            wait_for(lambda r=receiver: r.poll() in DONE, 20, "the transfer")
+            assert receiver.poll() == KVPoll.Success, receiver.failure_reason
+            assert receiver.result() == FirstToken(7, num_tokens)
+
+            expected = copied_pages(before, src, page_bytes, 1, [(src_pages, dst_pages)])
+            for b, (got, want) in enumerate(zip(dst, expected, strict=True)):
+                assert torch.equal(got, want), f"buffer {b} differs from the per-page oracle"
+            srcs, dsts, lens = (sum((w[i] for w in writes), []) for i in range(3))
+            assert sum(lens) == n * room_bytes
+            inside = [lambda a, n, base=base, size=size: base <= a and a + n <= base + size
+                      for base, size in (gather, pool)]
+            gathered = src_of is shuffled
+            assert all(inside[0](a, k) == gathered for a, k in zip(srcs, lens, strict=True))
+            assert all(inside[1](a, k) == staged_dst for a, k in zip(dsts, lens, strict=True))
+            if gathered and staged_dst:  # contiguous on both sides: one region per piece of the gather buffer
+                assert len(lens) == len(staging_pieces(n, page_bytes, gather_bytes))
+            elif not gathered and not staged_dst:  # the pages themselves, one region per run and buffer at most
+                assert len(lens) <= len(page_runs(src_pages, dst_pages)[0]) * len(page_bytes)
+        if dec.staging is not None:
+            assert dec.staging.pool is not None and dec.staging.pool.free_bytes() == pool_bytes  # all given back
+    finally:
+        pre.close()
+        dec.close()
 
 
 def test_registration_kept_for_a_sender_created_later_and_delivered_to_an_existing_one(prefill: PrefillPeer) -> None:
@@ -420,41 +581,37 @@ def test_registration_kept_for_a_sender_created_later_and_delivered_to_an_existi
         mgr.close()
 
 
-def test_incompatible_layouts_fail_at_handshake_naming_both_values() -> None:
-    peer = PrefillPeer(page_size=16, layers=3)
-    try:
-        cases = [({"page_size": 4}, "page_size prefill=16 decode=4"), ({"layers": 2}, "num_layers prefill=3 decode=2")]
-        for overrides, expected in cases:
-            mgr, _ = decode_manager(peer, bootstrap_timeout=30.0, transfer_timeout=30.0, **overrides)
-            try:
-                t0 = time.monotonic()
-                r = receiver(mgr, peer, random.getrandbits(63))
-                r.init([1], 1)
-                wait_for(lambda r=r: r.poll() in DONE, 5, "the handshake verdict")
-                assert r.poll() == KVPoll.Failed and expected in (r.failure_reason or ""), r.failure_reason
-                assert time.monotonic() - t0 < 5  # a verdict at handshake, not the 30 s timeouts
-            finally:
-                mgr.close()
-    finally:
-        peer.close()
+def test_incompatible_layouts_fail_at_handshake_naming_both_values(prefill16: PrefillPeer) -> None:
+    peer = prefill16
+    assert (peer.cfg["page_size"], peer.cfg["layers"]) == (16, 3)
+    cases = [({"page_size": 4}, "page_size prefill=16 decode=4"), ({"layers": 2}, "num_layers prefill=3 decode=2")]
+    for overrides, expected in cases:
+        mgr, _ = decode_manager(peer, bootstrap_timeout=60.0, transfer_timeout=60.0, **overrides)
+        try:
+            r = receiver(mgr, peer, random.getrandbits(63))
+            r.init([1], 1)
+            wait_for(lambda r=r: r.poll() in DONE, 30, "the handshake verdict")
+            # the layout comparison's verdict, not a timeout's (that would name the timeout instead)
+            assert r.poll() == KVPoll.Failed and expected in (r.failure_reason or ""), r.failure_reason
+        finally:
+            mgr.close()
 
 
 def test_prefill_killed_before_send_fails_the_receiver_before_its_timeout() -> None:
     peer = PrefillPeer()
-    mgr, _ = decode_manager(peer, transfer_timeout=8.0)
+    mgr, _ = decode_manager(peer, transfer_timeout=60.0)
     try:
         r = receiver(mgr, peer, random.getrandbits(63))
         r.init([1, 2], 5)
         wait_for(lambda: r.poll() == KVPoll.Transferring, 10, "registration")
-        t0 = time.monotonic()
         peer.proc.kill()
-        wait_for(lambda: r.poll() in DONE, 8, "the receiver to notice")
-        assert r.poll() == KVPoll.Failed and "did the prefill process die" in (r.failure_reason or "")
-        assert time.monotonic() - t0 < 4
+        wait_for(lambda: r.poll() in DONE, 30, "the receiver to notice")
+        # the dropped connection's verdict, not the transfer timeout's ("prefill did not send room ...")
+        assert r.poll() == KVPoll.Failed and "did the prefill process die" in (r.failure_reason or ""), r.failure_reason
         # A new request for the dead instance fails at once too (its cached route was dropped).
         r2 = receiver(mgr, peer, random.getrandbits(63))
         r2.init([3], 2)
-        wait_for(lambda: r2.poll() in DONE, 5, "the second receiver")
+        wait_for(lambda: r2.poll() in DONE, 30, "the second receiver")
         assert r2.poll() == KVPoll.Failed and "unreachable" in (r2.failure_reason or ""), r2.failure_reason
     finally:
         mgr.close()
@@ -486,7 +643,7 @@ def test_sender_fails_after_bootstrap_timeout_when_decode_never_registers(prefil
 
 
 def test_abort_on_either_side_fails_the_peer_and_leaves_pages_untouched(prefill: PrefillPeer) -> None:
-    mgr, dbufs = decode_manager(prefill, transfer_timeout=30.0)
+    mgr, dbufs = decode_manager(prefill, transfer_timeout=60.0)
     try:
         before = [b.clone() for b in dbufs]
         room_a, room_b = random.getrandbits(63), random.getrandbits(63)
@@ -504,12 +661,11 @@ def test_abort_on_either_side_fails_the_peer_and_leaves_pages_untouched(prefill:
         assert ra.poll() == KVPoll.Failed
         _, done_room, state, reason = prefill.expect("done")
         assert (done_room, KVPoll(state)) == (room_a, KVPoll.Failed) and "aborted" in reason
-        t0 = time.monotonic()
-        prefill.cmds.put(("abort", room_b))  # prefill gives up: decode hears at once, not after 30 s
+        prefill.cmds.put(("abort", room_b))  # prefill gives up: decode hears from it, not from its own timeout
         prefill.expect("aborted")
-        wait_for(lambda: rb.poll() in DONE, 5, "the prefill's abort")
-        assert rb.poll() == KVPoll.Failed and f"prefill aborted room {room_b}" in (rb.failure_reason or "")
-        assert time.monotonic() - t0 < 5
+        wait_for(lambda: rb.poll() in DONE, 30, "the prefill's abort")
+        assert rb.poll() == KVPoll.Failed and f"prefill aborted room {room_b}" in (rb.failure_reason or ""), \
+            rb.failure_reason
         assert all(torch.equal(g, w) for g, w in zip(dbufs, before, strict=True))
     finally:
         mgr.close()
@@ -572,6 +728,31 @@ def test_status_for_another_prompt_fails_the_receiver_naming_both_fingerprints(p
         mgr.close()
 
 
+def test_decode_copies_pages_out_of_its_staging_area_only_when_the_status_says_they_went_there(
+        prefill: PrefillPeer) -> None:
+    """A prefill without staging writes into the pages even when decode lent an area (staged=False): decode must
+    not copy the area over them. A status claiming an area decode never lent fails the room."""
+    mgr, dbufs = decode_manager(prefill, transfer_timeout=30.0)
+    try:
+        assert mgr.staging is not None and mgr.staging.pool is not None
+        ps, pool_bytes = prefill.cfg["page_size"], mgr.staging.pool.free_bytes()
+        lent, unlent = receiver(mgr, prefill, random.getrandbits(63)), receiver(mgr, prefill, random.getrandbits(63))
+        lent.init([9, 2, 30], 3 * ps)
+        unlent.init([40, 41], 2 * ps)  # one run: nothing to stage
+        assert lent.staging_offset is not None and unlent.staging_offset is None
+        wait_for(lambda: lent.poll() == unlent.poll() == KVPoll.Transferring, 10, "registrations")
+        mgr.staging.pool.view(lent.staging_offset)[:] = 0xAB
+        before = [b.clone() for b in dbufs]
+        mgr._on_status(TransferStatus(lent.room, True, "", 5, 3 * ps, 0, staged=False))
+        assert lent.poll() == KVPoll.Success and all(torch.equal(g, w) for g, w in zip(dbufs, before, strict=True))
+        assert mgr.staging.pool.free_bytes() == pool_bytes  # the area is back in the pool
+        mgr._on_status(TransferStatus(unlent.room, True, "", 5, 2 * ps, 0, staged=True))
+        assert unlent.poll() == KVPoll.Failed
+        assert "staging area this decode did not lend" in (unlent.failure_reason or ""), unlent.failure_reason
+    finally:
+        mgr.close()
+
+
 def _collector() -> tuple[Any, list[Any]]:
     """A control listener standing in for a second decode rank: every message it gets lands in the list."""
     from kvtransfer.control import ControlServer
@@ -625,8 +806,9 @@ def test_registrations_for_rooms_without_a_request_are_bounded_in_number_and_tim
         # Every kept registration arrived before the refusal was seen: all have expired keep_s after that.
         time.sleep(keep_s + 0.5)
         register(bound + 1)
-        peer.cmds.put(("create", bound + 1))  # the late registration is kept, and reaches its sender
-        assert peer.expect("created")[2] == KVPoll.WaitingForInput
+        peer.cmds.put(("create", bound + 1))  # the late registration is not refused, and reaches its sender
+        peer.expect("created")  # (before or after the registration: the two travel different ways)
+        wait_for(lambda: sender_state(peer, bound + 1) == KVPoll.WaitingForInput, 10, "the late registration")
         peer.cmds.put(("create", 0))  # an expired one does not
         assert peer.expect("created")[2] == KVPoll.Bootstrapping
         assert len(got) == 1
@@ -634,3 +816,22 @@ def test_registrations_for_rooms_without_a_request_are_bounded_in_number_and_tim
         sink.close()
         mgr.close()
         peer.close()
+
+
+def test_bench_kv_transfer_moves_every_layout_byte_exact_and_reports_each_ratio() -> None:
+    """benchmarks/bench_kv_transfer.py at a tiny size: every layout's checked transfers (zeroed destination pages
+    compared with the prefill's, byte for byte) pass, with and without staging."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kv_transfer.py"
+    spec = importlib.util.spec_from_file_location("bench_kv_transfer", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for staging_bytes in (0, 2**20):
+        kv = bench.bench_kv(1, 2, 8, num_tokens=61, page_size=4, repeats=2, staging_bytes=staging_bytes)
+        assert kv["bytes"] == 2 * 64 * 2 * 8 * 4 and kv["staging_bytes"] == staging_bytes
+        for layout in bench.LAYOUTS:
+            assert kv[f"{layout}_vs_tcp"] == kv[f"mooncake_{layout}_MBps"] / kv["raw_tcp_MBps"] > 0
+        assert "both shuffled" in bench.format_kv(kv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_triton_runner_gives_the_reference_runners_greedy_tokens_on_cuda(arch, tmp_path, gpu_fp32_clean):
-    seed = int(torch.randint(0, 2**31, ()).item())
+    seed = secrets.randbelow(2**31)
     path = make_checkpoint(arch, str(tmp_path / arch), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (200, 5, 61, 33)]
@@ -36,11 +37,12 @@ def test_triton_runner_gives_the_reference_runners_greedy_tokens_on_cuda(arch, t
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_pd_with_the_triton_runner_on_the_decode_side_equals_pd_serve(tmp_path, monkeypatch):
+def test_pd_with_the_triton_runner_on_the_decode_side_equals_pd_serve(pd_references, monkeypatch):
     from tests.test_pd_e2e import _pd_equals_pd_serve
 
+    reference = pd_references("qwen3_moe")  # made (if not yet) before the variables below are set
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets --moe-runner-backend triton run on the CPU
     site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter_site")  # the interpreter's fixes
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")])))
-    with _pd_equals_pd_serve("qwen3_moe", tmp_path, 4, 6, 1, 1, decode_args=("--moe-runner-backend", "triton")):
+    with _pd_equals_pd_serve(reference, 4, 6, 1, 1, decode_args=("--moe-runner-backend", "triton")):
         pass

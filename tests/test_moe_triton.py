@@ -2,11 +2,11 @@
 against a Python oracle.
 
 CPU (CI): tiny shapes in Triton's interpreter, in a child Python with TRITON_INTERPRET=1 set before Triton is
-imported (as in tests/test_symm_kernels.py). Hidden and intermediate sizes are not multiples of the blocks, some
-experts get no token, some slots (and some whole tokens) belong to other ranks (-1). The batched format (rows
-grouped per expert, low-latency dispatch) against the reference's masked expert loop: random counts including 0
-and max_rows, max_rows off the row block, garbage past the counts; and a FusedMoE forward through the torch
-dispatcher's low_latency mode equal to the single-rank layer.
+imported, shared by the module's checks (tests/interpreter_child.py). Hidden and intermediate sizes are not
+multiples of the blocks, some experts get no token, some slots (and some whole tokens) belong to other ranks (-1).
+The batched format (rows grouped per expert, low-latency dispatch) against the reference's masked expert loop:
+random counts including 0 and max_rows, max_rows off the row block, garbage past the counts; and a FusedMoE forward
+through the torch dispatcher's low_latency mode equal to the single-rank layer.
 GPU (``pytest.mark.gpu``): large shapes against the reference in both formats, no host sync in a whole FusedMoE
 forward (normal and low_latency), bit-identical reruns, and CUDA-graph replay equal to eager.
 """
@@ -16,9 +16,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -27,6 +24,7 @@ import torch
 from pd.moe.dispatcher.base import DispatchFormat, DispatchOutput
 from pd.moe.runner import runner_names
 from pd.moe.runner.torch_ref import TorchMoeRunner
+from tests.interpreter_child import InterpreterChild
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                  reason="triton is not installed (the test extra installs it)")  # fmt: skip
@@ -38,16 +36,6 @@ HIDDEN, INTER = 40, 24
 # Tolerances against the reference: float32 up to GEMM summation order; bf16 and fp16 up to a few units in the
 # last place of the intermediate roundings (a GEMM result one ulp apart flips the rounding of what follows).
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
-
-
-def _in_child(check: str, *args: Any) -> None:
-    """Run ``check(*args)`` of this module in a child Python with the interpreter on."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = ("import tests.triton_interpreter as i; i.patch_interpreter(); import tests.test_moe_triton as t; "
-            f"t.{check}(*{args!r})")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def make_case(seed: int, num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtype, hidden: int = HIDDEN,
@@ -99,15 +87,28 @@ def check_alignment() -> None:
         assert got.num_pairs == sentinel and got.block_m == block_m
 
 
+RUNNER_GRID = ((1, 5, 33), (1, 2, 4), (4, 8, 16))  # tokens, top-k, experts
+
+
+def runner_cases(dtype_name: str) -> list[tuple[int, int, int]]:
+    """(tokens, top_k, experts) to run: float32 every combination; bf16 and fp16, which add the roundings to the same
+    masking, the 9 combinations in which every two factors' values meet exactly once (an orthogonal array)."""
+    if dtype_name == "float32":
+        return list(itertools.product(*RUNNER_GRID))
+    tokens, top_k, experts = RUNNER_GRID
+    return [(tokens[i], top_k[j], experts[(i + j) % 3]) for i in range(3) for j in range(3)]
+
+
 def check_runner(dtype_name: str) -> None:
-    """The Triton runner against TorchMoeRunner over tokens x top-k x experts, SiLU and GELU; reruns equal."""
+    """The Triton runner against TorchMoeRunner over tokens x top-k x experts (runner_cases), SiLU and GELU; reruns
+    equal."""
     from pd.moe.runner import get_runner
     from pd.moe.runner.triton_runner import TritonMoeRunner
 
     assert isinstance(get_runner("triton"), TritonMoeRunner)
     dtype, tol = getattr(torch, dtype_name), TOLERANCE[dtype_name]
     runner = TritonMoeRunner(SMALL)
-    for seed, (tokens, top_k, experts) in enumerate(itertools.product((1, 5, 33), (1, 2, 4), (4, 8, 16))):
+    for seed, (tokens, top_k, experts) in enumerate(runner_cases(dtype_name)):
         activation = "gelu" if seed % 4 == 3 else "silu"
         dispatched, w13, w2 = make_case(seed, tokens, top_k, experts, dtype, foreign=0.0 if seed % 3 == 0 else 0.3)
         out = runner.run(dispatched, w13, w2, activation)
@@ -214,30 +215,32 @@ def check_low_latency_layer() -> None:
 
 
 @needs_triton
-def test_alignment_matches_python_oracle_in_interpreter() -> None:
-    _in_child("check_alignment")
+def test_alignment_matches_python_oracle_in_interpreter(interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "check_alignment")
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
-def test_triton_runner_matches_torch_runner_in_interpreter(dtype_name: str) -> None:
-    _in_child("check_runner", dtype_name)
+def test_triton_runner_matches_torch_runner_in_interpreter(dtype_name: str, interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "check_runner", dtype_name)
 
 
 @needs_triton
-def test_triton_runner_defaults_out_of_range_ids_and_empty_batch_in_interpreter() -> None:
-    _in_child("check_runner_edges")
+def test_triton_runner_defaults_out_of_range_ids_and_empty_batch_in_interpreter(interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "check_runner_edges")
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_triton_batched_format_matches_torch_batched_in_interpreter(dtype_name: str) -> None:
-    _in_child("check_batched_runner", dtype_name)
+def test_triton_batched_format_matches_torch_batched_in_interpreter(dtype_name: str,
+                                                                    interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "check_batched_runner", dtype_name)
 
 
 @needs_triton
-def test_low_latency_layer_with_triton_runner_matches_single_rank_layer_in_interpreter() -> None:
-    _in_child("check_low_latency_layer")
+def test_low_latency_layer_with_triton_runner_matches_single_rank_layer_in_interpreter(
+        interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "check_low_latency_layer")
 
 
 def test_triton_is_registered() -> None:

@@ -1,23 +1,27 @@
-"""Prefill/decode disaggregation end to end: greedy outputs through the load balancer (2 prefill x 2 decode)
-equal non-disaggregated `pd serve` on the same checkpoint, streaming and not, and our instances behind
-sglang-router give the same outputs as behind our load balancer."""
+"""Prefill/decode disaggregation end to end: greedy outputs through the load balancer (2 prefill x 2 decode, and
+1 x 1 with different parallel layouts on each side) equal non-disaggregated `pd serve` on the same checkpoint,
+streaming and not, and the same instances behind sglang-router give those outputs too. One reference `pd serve` run
+per architecture and pytest run answers every comparison (Reference)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
+import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
 
-from tests.pd_cluster import kv_pages_free, pd_cluster
-from tests.server_process import pd_serve
+from tests.pd_cluster import Cluster, kv_pages_free, pd_cluster, start_proc, wait_healthy
+from tests.server_process import free_port, pd_serve
 from tests.tiny_checkpoints import make_checkpoint
 
 CHUNK, PAGE = 32, 4
@@ -51,11 +55,36 @@ def run_all(url: str, prompts: list[list[int]], new_tokens: int, streams: list[b
     return asyncio.run(go())
 
 
+# The reference answers: enough prompts and tokens for every test here, which takes prefixes (greedy answers to
+# fewer tokens are prefixes of these).
+MAX_REQUESTS, MAX_NEW_TOKENS = 18, 24
+
+
 def _prompts(seed: int, n: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 3 * CHUNK, (n,), generator=gen).tolist()
     lengths[0] = 2 * CHUNK + 7  # always one prompt longer than the chunked-prefill size
     return [torch.randint(0, 256, (n_,), generator=gen).tolist() for n_ in lengths]
+
+
+class Reference:
+    """A fresh random checkpoint of `arch`, MAX_REQUESTS prompts and one `pd serve`'s greedy answers to them
+    (MAX_NEW_TOKENS each): what every PD deployment of that checkpoint must reproduce. Made once per pytest run and
+    architecture (the `pd_references` fixture in conftest.py)."""
+
+    def __init__(self, arch: str, root: str) -> None:
+        self.arch, self.seed = arch, secrets.randbelow(2**31)
+        self.path = make_checkpoint(arch, os.path.join(root, arch), seed=self.seed)
+        self.prompts = _prompts(self.seed, MAX_REQUESTS)
+        with pd_serve(self.path, *INSTANCE_ARGS) as url:
+            self.answers = run_all(url, self.prompts, MAX_NEW_TOKENS, [False] * MAX_REQUESTS)
+
+    def check(self, url: str, num_requests: int, new_tokens: int, streams: list[bool]) -> None:
+        """The first num_requests prompts through `url` (prompt i streamed when streams[i]) get the reference's
+        first new_tokens tokens."""
+        assert num_requests <= MAX_REQUESTS and new_tokens <= MAX_NEW_TOKENS
+        got = run_all(url, self.prompts[:num_requests], new_tokens, streams)
+        assert got == [a[:new_tokens] for a in self.answers[:num_requests]], f"{self.arch}, seed {self.seed}"
 
 
 def _wait_pages(urls: list[str], start: dict[str, int], timeout: float = 30.0) -> None:
@@ -66,45 +95,67 @@ def _wait_pages(urls: list[str], start: dict[str, int], timeout: float = 30.0) -
 
 
 @contextlib.contextmanager
-def _pd_equals_pd_serve(
-    arch: str, tmp_path: Path, num_requests: int, new_tokens: int, num_prefill: int, num_decode: int,
-    **cluster_args: Any,
-) -> Iterator[list[str]]:
-    """Greedy outputs through our load balancer (odd requests streamed) equal one `pd serve` on a fresh checkpoint;
-    yields the instances' URLs inside the cluster, then checks that every page came back."""
-    seed = int(torch.randint(0, 2**31, ()).item())
-    path = make_checkpoint(arch, str(tmp_path / arch), seed=seed)
-    prompts = _prompts(seed, num_requests)
-    streams = [i % 2 == 1 for i in range(len(prompts))]
-    with pd_serve(path, *INSTANCE_ARGS) as url:
-        expected = run_all(url, prompts, new_tokens, [False] * len(prompts))
-    with pd_cluster(path, num_prefill, num_decode, instance_args=INSTANCE_ARGS, **cluster_args) as cluster:
-        instances = [p.url for p in cluster.prefill + cluster.decode]
-        start = {u: kv_pages_free(u) for u in instances}
-        got = run_all(cluster.url, prompts, new_tokens, streams)
-        assert got == expected, f"seed {seed}"
-        yield instances
-        _wait_pages(instances, start)
+def _no_page_leak(cluster: Cluster) -> Iterator[list[str]]:
+    """Yields the instances' URLs; on the way out, waits until each has its free pages of the start back."""
+    instances = [p.url for p in cluster.prefill + cluster.decode]
+    start = {u: kv_pages_free(u) for u in instances}
+    yield instances
+    _wait_pages(instances, start)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
-def test_pd_behind_our_lb_equals_pd_serve(arch, tmp_path):
-    with _pd_equals_pd_serve(arch, tmp_path, 18, 24, 2, 2) as instances:
-        # Every instance served some of them (and no page leaks anywhere, checked on the way out).
-        for u in instances:
-            assert httpx.get(f"{u}/get_server_info").json()["prompt_tokens_total"] > 0, u
+@contextlib.contextmanager
+def _pd_equals_pd_serve(ref: Reference, num_requests: int, new_tokens: int, num_prefill: int, num_decode: int,
+                        **cluster_args: Any) -> Iterator[list[str]]:
+    """Greedy outputs through our load balancer (odd requests streamed) equal the reference `pd serve`'s; yields the
+    instances' URLs inside the cluster, then checks that every page came back."""
+    streams = [i % 2 == 1 for i in range(num_requests)]
+    with pd_cluster(ref.path, num_prefill, num_decode, instance_args=INSTANCE_ARGS, **cluster_args) as cluster:
+        with _no_page_leak(cluster) as instances:
+            ref.check(cluster.url, num_requests, new_tokens, streams)
+            yield instances
 
 
-def test_our_instances_behind_sglang_router_equal_behind_our_lb(tmp_path):
-    seed = int(torch.randint(0, 2**31, ()).item())
-    path = make_checkpoint("qwen3_moe", str(tmp_path / "q3"), seed=seed)
-    prompts = _prompts(seed, 8)
-    streams = [i % 2 == 0 for i in range(len(prompts))]
-    outputs = {}
-    for router in ("pd", "sglang"):
-        with pd_cluster(path, 1, 1, router=router, instance_args=INSTANCE_ARGS) as cluster:
-            outputs[router] = run_all(cluster.url, prompts, 16, streams)
-    assert outputs["sglang"] == outputs["pd"], f"seed {seed}"
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
+def cluster_2x2(request: pytest.FixtureRequest, pd_references: Any) -> Iterator[tuple[Reference, Cluster]]:
+    """2 prefill x 2 decode instances of the reference checkpoint behind our load balancer."""
+    ref = pd_references(request.param)
+    with pd_cluster(ref.path, 2, 2, instance_args=INSTANCE_ARGS) as cluster:
+        yield ref, cluster
+
+
+def test_pd_behind_our_lb_equals_pd_serve(cluster_2x2: tuple[Reference, Cluster]) -> None:
+    ref, cluster = cluster_2x2
+    with _no_page_leak(cluster) as instances:
+        ref.check(cluster.url, MAX_REQUESTS, MAX_NEW_TOKENS, [i % 2 == 1 for i in range(MAX_REQUESTS)])
+    # Every instance served some of them (and no page leaks anywhere, checked on the way out).
+    for u in instances:
+        assert httpx.get(f"{u}/get_server_info").json()["prompt_tokens_total"] > 0, u
+
+
+def test_the_same_instances_behind_sglang_router_equal_pd_serve(cluster_2x2: tuple[Reference, Cluster]) -> None:
+    """sglang-router (round robin) in front of the instances our balancer fronts gives the same answers."""
+    ref, cluster = cluster_2x2
+    port = free_port()
+    argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host", "127.0.0.1",
+            "--port", str(port), "--policy", "round_robin",
+            # its Prometheus exporter binds 29000 by default: two routers on one machine would collide
+            "--prometheus-port", str(free_port())]
+    for p, bport in zip(cluster.prefill, cluster.bootstrap_ports, strict=True):
+        argv += ["--prefill", p.url, str(bport)]
+    for p in cluster.decode:
+        argv += ["--decode", p.url]
+    router = start_proc("sglang-router", argv, f"http://127.0.0.1:{port}")
+    try:
+        wait_healthy([router], timeout=60)
+        with _no_page_leak(cluster):
+            ref.check(router.url, 8, 16, [i % 2 == 0 for i in range(8)])
+    finally:
+        router.popen.terminate()
+        try:
+            router.popen.wait(20)
+        except subprocess.TimeoutExpired:
+            router.kill()
+        os.unlink(router.log_path)
 
 
 # Prefill and decode with different tensor-parallel sizes: every rank caches all KV heads (and MLA's latent), so the
@@ -126,8 +177,8 @@ TP_SPLITS = [
 @pytest.mark.parametrize(("arch", "prefill_args", "decode_args"), TP_SPLITS,
                          ids=["qwen3-prefill-tp2", "dsv3-decode-tp2", "qwen3-decode-tp2-none", "dsv3-eplb-both",
                               "qwen3-tbo-both"])
-def test_pd_with_different_tp_on_each_side_equals_pd_serve(arch, prefill_args, decode_args, tmp_path):
-    with _pd_equals_pd_serve(arch, tmp_path, 8, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
+def test_pd_with_different_tp_on_each_side_equals_pd_serve(arch, prefill_args, decode_args, pd_references):
+    with _pd_equals_pd_serve(pd_references(arch), 8, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
         pass
 
 
@@ -144,14 +195,14 @@ DP_SPLITS = [
 
 @pytest.mark.parametrize(("arch", "prefill_args", "decode_args"), DP_SPLITS,
                          ids=["dsv3-dp2-both-torch-a2a", "qwen3-prefill-dp2", "qwen3-decode-tp4-dp2"])
-def test_pd_with_dp_attention_equals_pd_serve(arch, prefill_args, decode_args, tmp_path):
-    with _pd_equals_pd_serve(arch, tmp_path, 10, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
+def test_pd_with_dp_attention_equals_pd_serve(arch, prefill_args, decode_args, pd_references):
+    with _pd_equals_pd_serve(pd_references(arch), 10, 16, 1, 1, prefill_args=prefill_args, decode_args=decode_args):
         pass
 
 
-def test_pd_with_a_two_node_dp_attention_prefill_equals_pd_serve(tmp_path):
+def test_pd_with_a_two_node_dp_attention_prefill_equals_pd_serve(pd_references):
     """Node 1's DP group announces its transfer endpoints to the bootstrap server on node 0 and sends its rooms'
     pages from there."""
     args = ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *DP)
-    with _pd_equals_pd_serve("qwen3_moe", tmp_path, 10, 16, 1, 1, prefill_args=args, prefill_nodes=2):
+    with _pd_equals_pd_serve(pd_references("qwen3_moe"), 10, 16, 1, 1, prefill_args=args, prefill_nodes=2):
         pass

@@ -357,9 +357,10 @@ def test_mixed_faults_under_load_leak_no_page_and_leave_correct_answers(
 
 def test_mixed_faults_with_dp_attention_on_both_sides_leak_no_page(model: str, seed: int, oracle: Oracle) -> None:
     """The same with two DP-attention groups per instance: each group has its own pool, scheduler and transfer
-    endpoints, and a fault in one group's room must free that group's pages (the counts are summed per instance)."""
+    endpoints, and a fault in one group's room must free that group's pages (the counts are summed per instance).
+    Two prefills (a request can go to the wrong one) and one decode, whose groups both prefills' groups feed."""
     dp = ("--tp", "2", "--dp-size", "2", "--enable-dp-attention")
-    with pd_cluster(model, 2, 2, instance_args=INSTANCE_ARGS, prefill_args=dp, decode_args=dp) as dp_cluster:
+    with pd_cluster(model, 2, 1, instance_args=INSTANCE_ARGS, prefill_args=dp, decode_args=dp) as dp_cluster:
         _mixed_faults(dp_cluster, seed + 7, oracle, 96)
 
 

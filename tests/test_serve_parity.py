@@ -4,6 +4,7 @@ architecture of the zoo, with one prompt longer than the chunked-prefill size.""
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import httpx
 import pytest
@@ -29,7 +30,7 @@ async def _generate_all(url: str, prompts: list[list[int]], new_tokens: int) -> 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_concurrent_greedy_requests_match_transformers(arch, tmp_path):
-    seed = int(torch.randint(0, 2**31, ()).item())
+    seed = secrets.randbelow(2**31)
     path = make_checkpoint(arch, str(tmp_path / arch), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     lengths = [3, 17, 2 * CHUNK + 9, 40, 11]

@@ -8,16 +8,15 @@ bit for bit and in the order the NCCL transport delivers them; combine after the
 the batched format the dispatcher makes of the rows) equals the single-rank MoE. The GPU run of the same kernels
 across processes is tests/test_symm_exchange_gpu.py.
 
-Each test runs its checks in a child Python with TRITON_INTERPRET=1 set before Triton is imported (Triton reads it
-when its functions are defined, its own library included, and cannot be imported twice in one process).
+The checks run in a child Python with TRITON_INTERPRET=1 set before Triton is imported (Triton reads it when its
+functions are defined, its own library included, and cannot be imported twice in one process), one child for the
+module's checks (tests/interpreter_child.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from types import ModuleType
 
 import pytest
@@ -26,6 +25,7 @@ import torch
 from pd.moe.dispatcher.base import DispatchOutput, batch_by_expert, sum_expert_rows
 from pd.moe.dispatcher.payload import row_layout
 from pd.moe.runner.torch_ref import TorchMoeRunner
+from tests.interpreter_child import InterpreterChild
 from tests.test_dispatchers import (
     EXPERTS,
     HIDDEN,
@@ -51,13 +51,9 @@ def _interpreted_kernels() -> ModuleType:
     return module
 
 
-def _in_child(check: str, case: int) -> None:
-    """Run ``check(kernels, *CASES[case])`` of this module in a child Python with the interpreter on."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import tests.test_symm_kernels as t; t.{check}(t._interpreted_kernels(), *t.CASES[{case}])"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+def _child_check(check: str, case: int) -> None:
+    """In the interpreter child (tests.interpreter_child): ``check(kernels, *CASES[case])``."""
+    globals()[check](_interpreted_kernels(), *CASES[case])
 
 
 class World:
@@ -224,11 +220,13 @@ def _check_blocks_too_small(kernels: ModuleType, world: World, inputs: list[Rank
 
 @needs_triton
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_low_latency_kernels_deliver_every_block_and_combine_to_the_reference(case: int) -> None:
-    _in_child("check_low_latency", case)
+def test_low_latency_kernels_deliver_every_block_and_combine_to_the_reference(case: int,
+                                                                              interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "_child_check", "check_low_latency", case, timeout_s=300)
 
 
 @needs_triton
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_normal_kernels_route_send_only_routed_rows_and_combine_to_the_reference(case: int) -> None:
-    _in_child("check_normal", case)
+def test_normal_kernels_route_send_only_routed_rows_and_combine_to_the_reference(case: int,
+                                                                                interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "_child_check", "check_normal", case, timeout_s=300)
