@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -10,6 +13,30 @@ import pytest
 if TYPE_CHECKING:
     from tests.interpreter_child import InterpreterChild
     from tests.test_pd_e2e import Reference
+
+
+# torch's global generator starts from the same seed in every process, so tests that draw their inputs (or their
+# checkpoint seeds) from it would see the same "random" values on every run: seed it freshly, and say with what.
+TORCH_SEED = int(os.environ.get("PD_TEST_SEED") or secrets.randbelow(2**63))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.manual_seed(TORCH_SEED)  # for module- and session-scoped fixtures, which run before the per-test seed
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"torch global seed {TORCH_SEED} (PD_TEST_SEED={TORCH_SEED} repeats this run's draws)"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_torch_seed(request: pytest.FixtureRequest) -> None:
+    """Each test draws from the global generator seeded from the run's seed and its own name: fresh every run,
+    repeatable with PD_TEST_SEED, and independent of which tests ran before it."""
+    import torch
+
+    torch.manual_seed((TORCH_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**63)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
