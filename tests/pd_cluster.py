@@ -82,6 +82,12 @@ def serve_argv(model_path: str, port: int, *extra: str) -> list[str]:
             "--port", str(port), *extra]
 
 
+# A port free when picked can be taken before the instance binds it (other tests' listeners bind port 0, which
+# draws from the same ephemeral range): the cluster is then started again on fresh ports.
+CLUSTER_ATTEMPTS = 3
+_PORT_TAKEN = ("address already in use", "Address already in use", "given more than once")
+
+
 @contextlib.contextmanager
 def pd_cluster(
     model_path: str,
@@ -94,53 +100,81 @@ def pd_cluster(
     lb_args: tuple[str, ...] = (),
     prefill_nodes: int = 1,  # > 1: each prefill instance spans this many "nodes" (processes) on this machine
 ) -> Iterator[Cluster]:
-    cluster = Cluster(url="")
+    for attempt in range(CLUSTER_ATTEMPTS):
+        cluster = Cluster(url="")
+        try:
+            _start(cluster, model_path, num_prefill, num_decode, router, instance_args, prefill_args, decode_args,
+                   lb_args, prefill_nodes)  # fmt: skip
+        except RuntimeError as e:
+            _stop(cluster)
+            if attempt + 1 < CLUSTER_ATTEMPTS and any(m in str(e) for m in _PORT_TAKEN):
+                continue
+            raise
+        break
     try:
-        for i in range(num_prefill):
-            port, bport = free_port(), free_port()
-            cluster.bootstrap_ports.append(bport)
-            args = ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bport), *instance_args,
-                    *prefill_args)  # fmt: skip
-            if prefill_nodes > 1:
-                args += ("--nnodes", str(prefill_nodes), "--dist-init-addr", free_dist_init_addr())
-            url = f"http://127.0.0.1:{port}"
-            cluster.prefill.append(start_proc(f"prefill-{i}", serve_argv(model_path, port, *args), url))
-            for node in range(1, prefill_nodes):
-                cluster.workers.append(start_proc(f"prefill-{i}-node{node}", serve_argv(
-                    model_path, free_port(), *args, "--node-rank", str(node)), url))  # fmt: skip
-        for j in range(num_decode):
-            port = free_port()
-            cluster.decode.append(start_proc(
-                f"decode-{j}",
-                serve_argv(model_path, port, "--disaggregation-mode", "decode", *instance_args, *decode_args),
-                f"http://127.0.0.1:{port}",
-            ))
-        wait_healthy(cluster.prefill + cluster.decode)
-        lb_port = free_port()
-        if router == "pd":
-            argv = [sys.executable, "-m", "pd", "lb", "--port", str(lb_port), "--health-check-interval", "1"]
-        else:
-            argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host",
-                    "127.0.0.1", "--port", str(lb_port), "--policy", "round_robin",
-                    # its Prometheus exporter binds 29000 by default: two routers on one machine would collide
-                    "--prometheus-port", str(free_port())]
-        for p, bport in zip(cluster.prefill, cluster.bootstrap_ports, strict=True):
-            argv += ["--prefill", p.url, str(bport)]
-        for p in cluster.decode:
-            argv += ["--decode", p.url]
-        cluster.lb = start_proc("lb", [*argv, *lb_args], f"http://127.0.0.1:{lb_port}")
-        cluster.url = cluster.lb.url
-        wait_healthy([cluster.lb], timeout=60)
         yield cluster
     finally:
-        for p in cluster.procs():
-            if p.popen.poll() is None:
-                p.popen.terminate()
-        for p in cluster.procs():
-            try:
-                p.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
+        _stop(cluster)
+
+
+def _unique_port(taken: set[int]) -> int:
+    while (port := free_port()) in taken:
+        pass
+    taken.add(port)
+    return port
+
+
+def _start(cluster: Cluster, model_path: str, num_prefill: int, num_decode: int, router: str,
+           instance_args: tuple[str, ...], prefill_args: tuple[str, ...], decode_args: tuple[str, ...],
+           lb_args: tuple[str, ...], prefill_nodes: int) -> None:  # fmt: skip
+    taken: set[int] = set()
+    for i in range(num_prefill):
+        port, bport = _unique_port(taken), _unique_port(taken)
+        cluster.bootstrap_ports.append(bport)
+        args = ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bport), *instance_args,
+                *prefill_args)  # fmt: skip
+        if prefill_nodes > 1:
+            args += ("--nnodes", str(prefill_nodes), "--dist-init-addr", free_dist_init_addr())
+        url = f"http://127.0.0.1:{port}"
+        cluster.prefill.append(start_proc(f"prefill-{i}", serve_argv(model_path, port, *args), url))
+        for node in range(1, prefill_nodes):
+            cluster.workers.append(start_proc(f"prefill-{i}-node{node}", serve_argv(
+                model_path, _unique_port(taken), *args, "--node-rank", str(node)), url))  # fmt: skip
+    for j in range(num_decode):
+        port = _unique_port(taken)
+        cluster.decode.append(start_proc(
+            f"decode-{j}",
+            serve_argv(model_path, port, "--disaggregation-mode", "decode", *instance_args, *decode_args),
+            f"http://127.0.0.1:{port}",
+        ))
+    wait_healthy(cluster.prefill + cluster.decode)
+    lb_port = _unique_port(taken)
+    if router == "pd":
+        argv = [sys.executable, "-m", "pd", "lb", "--port", str(lb_port), "--health-check-interval", "1"]
+    else:
+        argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host",
+                "127.0.0.1", "--port", str(lb_port), "--policy", "round_robin",
+                # its Prometheus exporter binds 29000 by default: two routers on one machine would collide
+                "--prometheus-port", str(_unique_port(taken))]
+    for p, bport in zip(cluster.prefill, cluster.bootstrap_ports, strict=True):
+        argv += ["--prefill", p.url, str(bport)]
+    for p in cluster.decode:
+        argv += ["--decode", p.url]
+    cluster.lb = start_proc("lb", [*argv, *lb_args], f"http://127.0.0.1:{lb_port}")
+    cluster.url = cluster.lb.url
+    wait_healthy([cluster.lb], timeout=60)
+
+
+def _stop(cluster: Cluster) -> None:
+    for p in cluster.procs():
+        if p.popen.poll() is None:
+            p.popen.terminate()
+    for p in cluster.procs():
+        try:
+            p.popen.wait(20)
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+        if os.path.exists(p.log_path):
             os.unlink(p.log_path)
 
 
