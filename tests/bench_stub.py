@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -236,3 +237,14 @@ def reset(stub: tuple[str, StubState]) -> tuple[str, StubState]:
     for name in fresh.__dataclass_fields__:
         setattr(state, name, getattr(fresh, name))
     return stub
+
+
+def run_bench(url: str, tmp_path: Path, *flags: str) -> dict[str, Any]:
+    """Run `pd bench` (the real CLI) against `url` with `flags`; returns its JSON report."""
+    from launch.cli import main as cli_main
+
+    path = tmp_path / "report.json"
+    argv = ["bench", "--base-url", url, "--disable-progress", "--warmup-requests", "0", "--output-json", str(path),
+            *flags]  # fmt: skip
+    assert cli_main(argv) == 0
+    return json.loads(path.read_text())

@@ -23,7 +23,7 @@ from launch.cli import main as cli_main
 from pd.bench.client import RequestOutput
 from pd.bench.plots import token_times
 from pd.bench.report import compute_metrics
-from tests.bench_stub import StubState, reset, serve_stub
+from tests.bench_stub import StubState, reset, run_bench, serve_stub
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -42,11 +42,7 @@ def stub(stub_server: tuple[str, StubState]) -> tuple[str, StubState]:
 
 
 def bench(url: str, tmp_path: Path, *flags: str) -> dict[str, Any]:
-    path = tmp_path / "report.json"
-    argv = ["bench", "--base-url", url, "--disable-progress", "--warmup-requests", "0", "--output-json", str(path),
-            "--input-len-range", "2", "4", *flags]  # fmt: skip
-    assert cli_main(argv) == 0
-    return json.loads(path.read_text())
+    return run_bench(url, tmp_path, "--input-len-range", "2", "4", *flags)
 
 
 def test_chosen_percentiles_are_reported_beside_p50_p90_p99(

@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from launch.cli import main as cli_main
 from pd.bench.client import BenchClient, RequestOutput
 from pd.bench.conversations import converse, multi_turn_conversations
 from pd.bench.datasets import BenchRequest, make_requests
 from pd.bench.runner import arrival_offsets, run_requests
-from tests.bench_stub import StubState, reset, serve_stub
+from tests.bench_stub import StubState, reset, run_bench, serve_stub
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,7 @@ def stub(stub_server: tuple[str, StubState]) -> tuple[str, StubState]:
 
 def bench(url: str, tmp_path: Path, *flags: str) -> dict[str, Any]:
     """Run `pd bench` on the stub with `flags`; returns its JSON report."""
-    path = tmp_path / "report.json"
-    argv = ["bench", "--base-url", url, "--disable-progress", "--warmup-requests", "0", "--output-json", str(path),
-            *flags]  # fmt: skip
-    assert cli_main(argv) == 0
-    return json.loads(path.read_text())
+    return run_bench(url, tmp_path, *flags)
 
 
 def test_chat_backend_sends_one_user_message_and_counts_the_streamed_deltas(
