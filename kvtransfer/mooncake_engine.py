@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Any
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -98,7 +99,7 @@ class MooncakeEngine:
 
     def register(self, ptrs: Sequence[int], lengths: Sequence[int]) -> None:
         """Registers [ptr, ptr + length) regions so peers may write into them (and we may read from them)."""
-        self._call("batch_register_memory", self._te.batch_register_memory, list(ptrs), list(lengths))
+        self._call("batch_register_memory", self._open().batch_register_memory, list(ptrs), list(lengths))
         self._registered.extend(zip(ptrs, lengths, strict=True))
 
     def write(self, session_id: str, src: Sequence[int], dst: Sequence[int], lengths: Sequence[int],
@@ -108,10 +109,17 @@ class MooncakeEngine:
         At most MAX_REGIONS_PER_BATCH regions. Raises KVTransferError on failure or after timeout_s.
         """
         assert len(src) <= MAX_REGIONS_PER_BATCH, "split batches with pages.chunk_bounds"
-        self._call(f"write of {len(src)} regions to {session_id}", self._te.batch_transfer_sync_write,
+        self._call(f"write of {len(src)} regions to {session_id}", self._open().batch_transfer_sync_write,
                    session_id, list(src), list(dst), list(lengths), timeout_s=timeout_s)
 
+    def _open(self) -> Any:
+        if self._te is None:
+            raise KVTransferError("the Mooncake transfer engine is closed")
+        return self._te
+
     def close(self) -> None:
+        if self._te is None:
+            return
         if self._registered:
             ptrs = [p for p, _ in self._registered]
             self._registered = []
@@ -120,6 +128,10 @@ class MooncakeEngine:
             except KVTransferError as e:
                 logger.warning("%s", e)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        # Mooncake's destructor closes its sockets holding the GIL (up to ~1 s): run it here, at close, rather
+        # than whenever the garbage collector reaches the engine, which stalls every thread of a live process.
+        # A worker still inside a wedged call keeps its own reference, so this never frees an engine in use.
+        self._te = None
 
     def _call(self, what: str, fn: Callable[..., int], *args: object, timeout_s: float | None = None) -> None:
         timeout_s = self._call_timeout_s if timeout_s is None else timeout_s

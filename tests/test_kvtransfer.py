@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import logging
 import multiprocessing as mp
 import queue
 import random
@@ -80,6 +81,9 @@ def _prefill_main(cfg: dict[str, Any], cmds: Any, out: Any) -> None:
     """A prefill rank: serves bootstrap, creates senders on command, sends when decode has registered."""
     from kvtransfer.mooncake import MooncakeKVManager, MooncakeKVSender
 
+    # The child's own account of every room (refusals, expiries, failed sends) reaches a failing test's output.
+    logging.basicConfig(format="prefill child %(asctime)s %(name)s: %(message)s")
+    logging.getLogger("kvtransfer").setLevel(logging.DEBUG)
     bufs = make_buffers(cfg["seed"], cfg["layers"], cfg["item_lens"], cfg["pages"], cfg["page_size"], True)
     mgr = MooncakeKVManager(kv_args(bufs, cfg["layers"], cfg["item_lens"], cfg["page_size"]), "prefill", HOST,
                             (HOST, 0), serve_bootstrap=True, bootstrap_timeout_s=cfg["bootstrap_timeout"],
@@ -800,8 +804,10 @@ def test_registrations_for_rooms_without_a_request_are_bounded_in_number_and_tim
                                                               a.page_size, [1], 1, dict(a.fingerprint)))
 
         for room in range(bound + 1):
+            t0 = time.monotonic()
             register(room)
-        wait_for(lambda: got, 10, "the refusal past the bound")
+            print("REG", room, time.monotonic() - t0, time.time(), flush=True)
+        wait_for(lambda: got, 30, "the refusal past the bound")
         assert [m.room for m in got] == [bound] and "registrations for rooms" in got[0].reason
         # Every kept registration arrived before the refusal was seen: all have expired keep_s after that.
         time.sleep(keep_s + 0.5)
