@@ -18,9 +18,7 @@ import io
 import json
 import os
 import pstats
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,7 +80,7 @@ def build_cost(llm, batch: int) -> dict[str, float]:  # noqa: ANN001
 
 
 def front_profile(path: str, args: argparse.Namespace) -> dict[str, float]:
-    from tests.server_process import free_port
+    from tests.server_process import free_port, healthy_process
 
     port = free_port()
     prof_file = os.path.join(args.out, "front.prof")
@@ -90,28 +88,11 @@ def front_profile(path: str, args: argparse.Namespace) -> dict[str, float]:
     argv = [*profiler, "-m", "pd", "serve", "--model-path", path, "--device", "cuda", "--dtype", "bfloat16",
             "--port", str(port), "--max-running-requests", str(args.batch), "--chunked-prefill-size", "8192",
             "--log-level", "info", *args.serve_args.split()]  # fmt: skip
-    log = open(os.path.join(args.out, "front_server.log"), "w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("pd serve did not start; see front_server.log")
-        time.sleep(0.5)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(args.batch)]
-    asyncio.run(_serve_load(url, prompts, 4))
-    elapsed, arrivals = asyncio.run(_serve_load(url, prompts, args.new_tokens))
-    proc.send_signal(signal.SIGINT)
-    proc.wait(60)
-    log.close()
+    with healthy_process(argv, port, timeout=600, log_path=os.path.join(args.out, "front_server.log")) as (url, _):
+        asyncio.run(_serve_load(url, prompts, 4))
+        elapsed, arrivals = asyncio.run(_serve_load(url, prompts, args.new_tokens))
     if args.cprofile:
         text = io.StringIO()
         stats = pstats.Stats(prof_file, stream=text)

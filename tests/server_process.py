@@ -34,12 +34,16 @@ def free_dist_init_addr() -> str:
 
 
 @contextlib.contextmanager
-def pd_process(args: list[str], port: int, health_path: str = "/health", timeout: float = 180.0) -> Iterator[str]:
-    """Runs `python -m pd ARGS`, waits until GET health_path answers 200, yields the base URL, then stops it.
-    On a start-up failure the process log is part of the error."""
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pd", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+def healthy_process(
+    command: list[str], port: int, health_path: str = "/health", timeout: float = 180.0,
+    env: dict[str, str] | None = None, log_path: str | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:  # fmt: skip
+    """Runs `command` (a server listening on `port`), waits until GET health_path answers 200, yields the base URL
+    and the process, then stops it (SIGTERM: a profiler around the server still writes its output). On a start-up
+    failure the process log is part of the error; log_path keeps the log there (else it is deleted)."""
+    log = open(log_path, "w+") if log_path else tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -51,17 +55,25 @@ def pd_process(args: list[str], port: int, health_path: str = "/health", timeout
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
-                raise RuntimeError(f"`pd {' '.join(args)}` did not become healthy:\n{log.read()[-4000:]}")
+                raise RuntimeError(f"`{' '.join(command)}` did not become healthy:\n{log.read()[-4000:]}")
             time.sleep(0.3)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
-            proc.wait(20)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        os.unlink(log.name)
+        if not log_path:
+            os.unlink(log.name)
+
+
+@contextlib.contextmanager
+def pd_process(args: list[str], port: int, health_path: str = "/health", timeout: float = 180.0) -> Iterator[str]:
+    """Runs `python -m pd ARGS`, waits until GET health_path answers 200, yields the base URL, then stops it."""
+    with healthy_process([sys.executable, "-m", "pd", *args], port, health_path, timeout) as (url, _):
+        yield url
 
 
 PORT_ATTEMPTS = 3  # a port free when picked can be taken by another process before the server binds it

@@ -51,6 +51,11 @@ class SpyTokenizer:
     def __len__(self) -> int:
         return len(self._inner)
 
+    @property
+    def backend_tokenizer(self) -> None:
+        """None: the detokenizer then calls `decode` (recorded) instead of the Rust backend directly."""
+        return None
+
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         self.encode_threads.append(threading.current_thread().name)
         return self._inner.encode(*args, **kwargs)

@@ -282,6 +282,36 @@ def test_generate_stream_sends_cumulative_sglang_chunks_then_done(app_fake: AppF
     assert events[-1]["text"] == tokenizer.decode(want)
 
 
+@pytest.mark.parametrize("with_text", [True, False])
+def test_generate_stream_events_encoded_incrementally_equal_the_whole_object(with_text: bool) -> None:
+    """CumulativeEvents (which extends the JSON of the text and ids so far) against json.dumps of the whole
+    response object, on random chunks of text with quotes, backslashes, control characters and non-ASCII, including
+    a chunk that does not extend the previous one (encoded whole)."""
+    from types import SimpleNamespace
+
+    from pd.server.generation import FinishReason, GenerationChunk
+    from pd.server.native_api import CumulativeEvents, _output
+
+    import torch
+
+    rng = random.Random(int(torch.randint(0, 2**62, ())))
+    ctx = SimpleNamespace(tokenizer=object() if with_text else None)
+    pool = 'ab "\\\n\t\x00\x1f\u00e9\u4e16\U0001f600/<>'
+    encoder, text, ids = CumulativeEvents(with_text), "", []
+    for k in range(40):
+        delta = "".join(rng.choice(pool) for _ in range(rng.randint(0, 4)))
+        new_ids = [rng.randrange(200000) for _ in range(rng.randint(0, 3))]
+        if k in (20, 25):  # chunks whose text is not the previous text plus their delta
+            text = "" if k == 20 else text[:-1]
+        text, ids = text + delta, ids + new_ids
+        finish = FinishReason("length", length=len(ids)) if k == 39 else None
+        chunk = GenerationChunk(rid=f"r{k}", delta=delta, text=text, output_ids=list(ids), prompt_tokens=k,
+                                finish=finish, e2e_latency=rng.random(), cached_tokens=k % 3)  # fmt: skip
+        event = encoder.event(ctx, chunk)  # type: ignore[arg-type]
+        assert event.startswith("data: ") and event.endswith("\n\n")
+        assert json.loads(event[len("data: ") :]) == json.loads(json.dumps(_output(ctx, chunk)))  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- errors
 def _long(n: int) -> list[int]:
     return [3] * n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -133,10 +134,13 @@ def _per_item(value: T | list[T] | None, n: int, is_batch: bool, name: str) -> l
     return [value] * n
 
 
-def _output(ctx: ServerContext, chunk: GenerationChunk) -> dict[str, Any]:
-    """SGLang's response object (cumulative text and output_ids)."""
-    out: dict[str, Any] = {} if ctx.tokenizer is None else {"text": chunk.text}
-    out["output_ids"] = chunk.output_ids
+def _output(ctx: ServerContext, chunk: GenerationChunk, meta_only: bool = False) -> dict[str, Any]:
+    """SGLang's response object (cumulative text and output_ids); with meta_only, only its meta_info."""
+    out: dict[str, Any] = {}
+    if not meta_only:
+        if ctx.tokenizer is not None:
+            out["text"] = chunk.text
+        out["output_ids"] = chunk.output_ids
     out["meta_info"] = {
         "id": chunk.rid,
         "finish_reason": None if chunk.finish is None else chunk.finish.to_sglang(),
@@ -149,12 +153,42 @@ def _output(ctx: ServerContext, chunk: GenerationChunk) -> dict[str, Any]:
 
 
 async def _events(ctx: ServerContext, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[str]:
+    encoder = CumulativeEvents(with_text=ctx.tokenizer is not None)
     async for chunk in chunks:
         if chunk.finish is not None and chunk.finish.type == "error":
             yield sse(error_body(f"generation failed: {chunk.finish.message}", chunk.finish.status,
                                  error_type(chunk.finish.status)))
             return
-        yield sse(_output(ctx, chunk))
+        yield encoder.event(ctx, chunk)
+
+
+class CumulativeEvents:
+    """The SSE events of one /generate stream, whose text and output_ids are cumulative (as SGLang's): the JSON
+    of both so far is kept and extended by each chunk's new part, so an event costs what is new, not the whole
+    length again (re-encoding 300 ids and their text is ~35 us, per token of every stream)."""
+
+    def __init__(self, with_text: bool) -> None:
+        self.with_text = with_text
+        self.text_json = ""  # the JSON string body (escaped, unquoted) of the text so far
+        self.text_len = 0
+        self.ids_json = ""  # the ids so far, as JSON array items
+        self.num_ids = 0
+
+    def event(self, ctx: ServerContext, chunk: GenerationChunk) -> str:
+        extends = self.text_len + len(chunk.delta) == len(chunk.text) and len(chunk.output_ids) >= self.num_ids
+        if not extends:  # not the previous chunk plus its delta (never from stream_generation): start over from it
+            self.text_json, self.text_len, self.ids_json, self.num_ids = "", 0, "", 0
+        new_text = chunk.delta if extends else chunk.text
+        if new_text:
+            self.text_json += json.dumps(new_text, ensure_ascii=False)[1:-1]
+            self.text_len += len(new_text)
+        if len(chunk.output_ids) > self.num_ids:
+            new = ", ".join(map(str, chunk.output_ids[self.num_ids :]))
+            self.ids_json = f"{self.ids_json}, {new}" if self.ids_json else new
+            self.num_ids = len(chunk.output_ids)
+        meta = json.dumps(_output(ctx, chunk, meta_only=True)["meta_info"], ensure_ascii=False)
+        text = f'"text": "{self.text_json}", ' if self.with_text else ""
+        return f'data: {{{text}"output_ids": [{self.ids_json}], "meta_info": {meta}}}\n\n'
 
 
 @router.get("/health")
