@@ -4,24 +4,21 @@ CPU interpreter in CI on ragged, strided inputs in both layouts; large shapes on
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from pd.layers.rotary import RotaryEmbedding
+from tests.interpreter_child import InterpreterChild
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def check(device: str, tokens: int, heads_q: int, heads_k: int, dim: int, dtype: torch.dtype, interleaved: bool,
-          rope: dict) -> None:  # fmt: skip
+          rope: dict, seed: int) -> None:  # fmt: skip
     from pd.layers.triton_rotary import apply_rotary
 
-    gen = torch.Generator().manual_seed(tokens * 7 + heads_q * 3 + dim)
+    gen = torch.Generator().manual_seed(seed)
     emb = RotaryEmbedding(dim, {"rope_theta": 10000.0, **rope}, max_position=512, interleaved=interleaved)
     positions = torch.randint(0, 512, (tokens,), generator=gen)
     # q and k as views of one fused projection, as the attention layers produce them
@@ -44,21 +41,11 @@ CASES = [(5, 4, 2, 32, torch.float32, False, {}), (3, 8, 1, 16, torch.float32, T
          (0, 4, 2, 32, torch.float32, False, {})]  # fmt: skip
 
 
-def interpreter_cases() -> None:
-    from tests.triton_interpreter import patch_interpreter
-
-    patch_interpreter()
-    for case in CASES:
-        check("cpu", *case)
-
-
 @needs_triton
-def test_triton_rotary_equals_the_reference_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "import tests.test_triton_rotary as t; t.interpreter_cases()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_rotary_equals_the_reference_under_the_interpreter(case: int, interpreter: InterpreterChild) -> None:
+    seed = int(torch.randint(0, 2**62, ()))  # fresh each run (tests/conftest.py seeds the global generator)
+    interpreter.run(__name__, "check", "cpu", *CASES[case], seed, timeout_s=300)
 
 
 @pytest.mark.gpu
@@ -66,4 +53,4 @@ def test_triton_rotary_equals_the_reference_under_the_interpreter():
 @pytest.mark.parametrize("tokens,heads_q,heads_k,dim,interleaved",
                          [(1, 32, 4, 128, False), (8192, 32, 4, 128, False), (333, 128, 1, 64, True)])  # fmt: skip
 def test_triton_rotary_equals_the_reference_on_the_gpu(tokens, heads_q, heads_k, dim, interleaved, dtype):
-    check("cuda", tokens, heads_q, heads_k, dim, dtype, interleaved, {})
+    check("cuda", tokens, heads_q, heads_k, dim, dtype, interleaved, {}, int(torch.randint(0, 2**62, ())))
