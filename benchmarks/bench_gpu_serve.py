@@ -196,15 +196,17 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int)
     out: dict[str, object] = {}
     with pd_process(argv, port, timeout=900) as url:
         asyncio.run(_serve_load(url, [[1, 2, 3]], 4))  # warm-up
-        prompts = [torch.randint(1, vocab, (args.prefill_len,), generator=gen).tolist()
-                   for _ in range(args.prefill_prompts)]  # fmt: skip
-        asyncio.run(_serve_load(url, prompts, 1))  # the measured shape once: every kernel variant it needs compiles
-        elapsed, _ = asyncio.run(_serve_load(url, prompts, 1))
+        # Fresh random prompts for every run: a repeated prompt would be served from the prefix cache.
+        def fresh(n: int, length: int) -> list[list[int]]:
+            return [torch.randint(1, vocab, (length,), generator=gen).tolist() for _ in range(n)]
+
+        # The measured shape once: every kernel variant it needs compiles.
+        asyncio.run(_serve_load(url, fresh(args.prefill_prompts, args.prefill_len), 1))
+        elapsed, _ = asyncio.run(_serve_load(url, fresh(args.prefill_prompts, args.prefill_len), 1))
         out["prefill_tok_s"] = args.prefill_prompts * args.prefill_len / elapsed
         for b in args.batches:
-            prompts = [torch.randint(1, vocab, (args.prompt,), generator=gen).tolist() for _ in range(b)]
-            asyncio.run(_serve_load(url, prompts, 4))  # warm-up at this batch size
-            elapsed, arrivals = asyncio.run(_serve_load(url, prompts, args.new_tokens))
+            asyncio.run(_serve_load(url, fresh(b, args.prompt), 4))  # warm-up at this batch size
+            elapsed, arrivals = asyncio.run(_serve_load(url, fresh(b, args.prompt), args.new_tokens))
             itl = sorted(1e3 * (t1 - t0) for times in arrivals for t0, t1 in zip(times[1:], times[2:], strict=False))
             out[f"decode_b{b}_tok_s"] = b * args.new_tokens / elapsed
             out[f"decode_b{b}_itl_ms_p50"] = itl[len(itl) // 2] if itl else None

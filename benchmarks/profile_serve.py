@@ -36,16 +36,19 @@ def engine_rates(path: str, args: argparse.Namespace) -> dict[str, float]:
     from pd.engine.llm import LLM
 
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(args.batch)]
+    # Fresh random prompts for every run: a repeated prompt would be served from the prefix cache.
+    def fresh() -> list[list[int]]:
+        return [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(args.batch)]
+
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     out: dict[str, float] = {}
     for overlap in (True, False):
         llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=args.batch,
                   max_total_tokens=args.batch * 400, chunked_prefill_size=8192, overlap=overlap)  # fmt: skip
-        llm.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+        llm.generate(fresh(), SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
         torch.cuda.synchronize()
         start = time.perf_counter()
-        llm.generate(prompts, params)
+        llm.generate(fresh(), params)
         torch.cuda.synchronize()
         out[f"engine_tok_s_overlap_{overlap}"] = args.batch * args.new_tokens / (time.perf_counter() - start)
         if overlap:
@@ -89,10 +92,10 @@ def front_profile(path: str, args: argparse.Namespace) -> dict[str, float]:
             "--port", str(port), "--max-running-requests", str(args.batch), "--chunked-prefill-size", "8192",
             "--log-level", "info", *args.serve_args.split()]  # fmt: skip
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(args.batch)]
+    prompts = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(2 * args.batch)]
     with healthy_process(argv, port, timeout=600, log_path=os.path.join(args.out, "front_server.log")) as (url, _):
-        asyncio.run(_serve_load(url, prompts, 4))
-        elapsed, arrivals = asyncio.run(_serve_load(url, prompts, args.new_tokens))
+        asyncio.run(_serve_load(url, prompts[args.batch :], 4))  # other prompts: no prefix-cache hit below
+        elapsed, arrivals = asyncio.run(_serve_load(url, prompts[: args.batch], args.new_tokens))
     if args.cprofile:
         text = io.StringIO()
         stats = pstats.Stats(prof_file, stream=text)
