@@ -23,6 +23,7 @@ from pd.engine.io import (
     GenerateRequest,
     TokenOutput,
     from_dict,
+    output_from_row,
     to_dict,
 )
 from pd.engine.spec import EngineSpec, SchedulerFactory, default_scheduler
@@ -135,8 +136,8 @@ class EngineClient:
 
     def _deliver(self, leader: int, msg: dict[str, Any]) -> None:
         self._stats[leader] = from_dict(msg["stats"])
-        for raw in msg["outputs"]:
-            out: TokenOutput = from_dict(raw)
+        for row in msg["outputs"]:
+            out = output_from_row(row)
             queue = self._queues.get(out.rid)
             if queue is not None:
                 queue.put_nowait(out)

@@ -2,7 +2,7 @@
 two pipes, a follower runs the forwards its leader broadcasts (pd.dist.step_sync).
 
 Messages are msgpack dicts (pd.engine.io). Front -> engine: GenerateRequest, AbortRequest. Engine -> front:
-first {"ready": info} or {"fatal": reason}, then {"outputs": [...], "stats": {...}} after each step that finished
+first {"ready": info} or {"fatal": reason}, then {"outputs": [rows], "stats": {...}} after each step that finished
 something (stats alone when they changed: at most every STATS_INTERVAL_S while work goes on, at once when idle).
 """
 
@@ -22,7 +22,15 @@ import torch
 
 from pd.dist.dp_gate import DPGate
 from pd.dist.leader_link import connect_to_front
-from pd.engine.io import AbortRequest, FlushCacheRequest, GenerateRequest, TokenOutput, from_dict, to_dict
+from pd.engine.io import (
+    AbortRequest,
+    FlushCacheRequest,
+    GenerateRequest,
+    TokenOutput,
+    from_dict,
+    output_to_row,
+    to_dict,
+)
 from pd.engine.rank import follow, start_rank
 from pd.engine.scheduler import Scheduler
 from pd.engine.spec import EngineSpec, SchedulerFactory, default_scheduler
@@ -158,7 +166,7 @@ class EngineLoop:
                             or (self.scheduler.has_work and now - self.last_report < STATS_INTERVAL_S)):
             return
         self.last_stats, self.last_report = stats, now
-        _send(self.outbox, {"outputs": [to_dict(o) for o in outputs], "stats": to_dict(stats)})
+        _send(self.outbox, {"outputs": [output_to_row(o) for o in outputs], "stats": to_dict(stats)})
 
     def _dp_step(self) -> list[TokenOutput] | None:
         """One turn under DP attention; None when a leader stops (the instance is shutting down)."""
