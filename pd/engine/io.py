@@ -71,7 +71,8 @@ class FlushCacheRequest:
     """Drop every cached prefix page no request holds."""
 
 
-@dataclass(frozen=True)
+# slots, not frozen: a frozen dataclass's __init__ costs ~8x more (one per request per step, on both sides of the engine pipe).
+@dataclass(slots=True)
 class TokenOutput:
     """New tokens of one request since the last message.
 
