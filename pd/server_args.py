@@ -130,6 +130,11 @@ class ServerArgs:
     chunked_prefill_size: int = _opt(2048, "max prompt tokens per prefill step; -1 disables chunking", type=int)
     page_size: int = _opt(16, "tokens per KV page", type=int)
     decode_log_interval: int = _opt(40, "steps between two progress lines in the log (0: none)", type=int)
+    stream_interval: int = _opt(
+        1, "a streaming request's tokens are sent every this many (the first at once); larger spares the front and "
+        "the balancer a wake-up per token at large batches; a request's sampling_params.stream_interval overrides it",
+        type=int,
+    )
     disable_radix_cache: bool = _opt(
         False, "compute every prompt in full instead of reusing the KV of cached prefixes (prefix cache off)"
     )
@@ -416,6 +421,7 @@ def _validate(a: ServerArgs) -> None:
         "max_running_requests",
         "max_queued_requests",
         "eplb_rebalance_num_iterations",
+        "stream_interval",
     ):
         need(getattr(a, n) >= 1, f"{_flag(n)} must be >= 1, got {getattr(a, n)}")
     need(a.ep_num_redundant_experts >= 0, f"--ep-num-redundant-experts must be >= 0, got {a.ep_num_redundant_experts}")

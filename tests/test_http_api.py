@@ -312,6 +312,28 @@ def test_generate_stream_events_encoded_incrementally_equal_the_whole_object(wit
         assert json.loads(event[len("data: ") :]) == json.loads(json.dumps(_output(ctx, chunk)))  # type: ignore[arg-type]
 
 
+def test_stream_interval_reaches_the_engine_from_the_request_or_the_server_flag(tokenizer: Any) -> None:
+    """sampling_params.stream_interval wins over --stream-interval; non-streaming requests ask for the end only;
+    an out-of-range value is a 400 naming the field."""
+    fake = FakeEngineClient(len(tokenizer), tokenizer.eos_token_id)
+    args = ServerArgs(model_path="/models/fake-model", served_model_name=MODEL, device="cpu", stream_interval=4)
+    client = TestClient(create_app(fake, tokenizer, args))
+    body = {"input_ids": [5, 6], "stream": True, "sampling_params": {"max_new_tokens": 3}}
+    assert client.post("/generate", json=body).status_code == 200
+    assert fake.requests[-1].stream_interval == 4 and fake.requests[-1].every_token
+    body["sampling_params"]["stream_interval"] = 2
+    assert client.post("/generate", json=body).status_code == 200
+    assert fake.requests[-1].stream_interval == 2
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "stream": True}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    assert fake.requests[-1].stream_interval == 4
+    assert client.post("/generate", json={**body, "stream": False}).status_code == 200
+    assert not fake.requests[-1].every_token
+    body["sampling_params"]["stream_interval"] = 0
+    r = client.post("/generate", json=body)
+    assert r.status_code == 400 and "stream_interval" in r.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------- errors
 def _long(n: int) -> list[int]:
     return [3] * n

@@ -152,3 +152,23 @@ def test_an_overlapped_launch_makes_no_host_sync(tmp_path) -> None:
             torch.cuda.set_sync_debug_mode("error")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stream_interval_groups_tokens_and_keeps_them(checkpoint: str, overlap: bool) -> None:
+    """A streaming request with stream_interval k: the first token alone, then messages of k tokens, the end with
+    what is left; the same tokens as with interval 1 (the oracle), which reports every token alone."""
+    prompts, params = _workload(int(torch.randint(0, 2**31, ())), n=6)
+    llm = _engine(checkpoint, overlap)
+    want = llm.generate(prompts, params)
+    for k in (2, 5):
+        for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+            assert llm.scheduler.add(GenerateRequest(f"s{k}-{i}", prompt, sp, stream_interval=k)) is None
+        messages: dict[str, list[list[int]]] = {}
+        while llm.scheduler.has_work:
+            for out in llm.scheduler.step():
+                messages.setdefault(out.rid, []).append(out.new_token_ids)
+        for i, expected in enumerate(want):
+            sizes = [len(m) for m in messages[f"s{k}-{i}"]]
+            assert [t for m in messages[f"s{k}-{i}"] for t in m] == expected
+            assert sizes[0] == 1 and all(s == k for s in sizes[1:-1]) and 1 <= sizes[-1] <= k, (k, sizes)

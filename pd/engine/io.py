@@ -59,6 +59,8 @@ class GenerateRequest:
     # Report every token as it is sampled (streaming, or stop strings checked by the front); otherwise only the
     # first token and the end, which spares the front a wake-up per token of every non-streaming request.
     every_token: bool = True
+    # With every_token: report every this many tokens (the first at once, the end always), SGLang's stream interval.
+    stream_interval: int = 1
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ class FlushCacheRequest:
     """Drop every cached prefix page no request holds."""
 
 
-# slots, not frozen: a frozen dataclass's __init__ costs ~8x more (one per request per step, on both sides of the engine pipe).
+# slots, not frozen: a frozen dataclass's __init__ costs ~8x more (one per request per step, on both sides of the
+# engine pipe).
 @dataclass(slots=True)
 class TokenOutput:
     """New tokens of one request since the last message.

@@ -44,6 +44,7 @@ class Req:
     num_sent: int = 0  # output tokens already reported to the front
     kv_sent: bool = False  # prefill: the KV pages have been handed to the transfer engine
     every_token: bool = True  # report each sampled token (else the first one and the end only)
+    stream_interval: int = 1  # with every_token: report once this many tokens wait (the first one at once)
 
     @property
     def fill_ids(self) -> list[int]:

@@ -198,7 +198,7 @@ class Scheduler:
         seed = msg.sampling.seed
         req.seed = seed & ((1 << 64) - 1) if seed is not None else self.seed_stream.getrandbits(64)
         req.kv_tokens = kv_tokens
-        req.every_token = msg.every_token
+        req.every_token, req.stream_interval = msg.every_token, max(1, msg.stream_interval)
         return self._enqueue(req, msg)
 
     def _kv_tokens(self, msg: GenerateRequest) -> int:
@@ -390,8 +390,9 @@ class Scheduler:
         """Appends the request's new token; reports it, and releases the request if it finished."""
         req.output_ids.append(token)
         self._check_finished(req, token)
-        if req.finish_reason is None and not req.every_token and len(req.output_ids) > 1:
-            return None  # reported at the end, with every token since the first
+        if req.finish_reason is None and req.num_sent > 0:
+            if not req.every_token or len(req.output_ids) - req.num_sent < req.stream_interval:
+                return None  # reported later (at the end, or once stream_interval tokens wait), with every token since
         out = self._output(req)
         if req.finish_reason is not None:
             self._release(req)

@@ -175,6 +175,7 @@ class GenerationSpec:
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+    stream_interval: int = 1  # a streamed request's tokens come every this many (the first at once)
 
 
 # slots, not frozen: a frozen dataclass's __init__ costs ~8x more (one per streamed event).
@@ -216,6 +217,7 @@ def make_spec(
     no_stop_trim: bool,
     arrival: float,
     bootstrap: tuple[str | None, int | None, int | None] = (None, None, None),
+    stream_interval: int | None = None,
 ) -> GenerationSpec:
     """Check a request against the model (vocabulary, context length, KV capacity) and build its spec.
 
@@ -283,6 +285,7 @@ def make_spec(
         bootstrap_host=host,
         bootstrap_port=port,
         bootstrap_room=room_id,
+        stream_interval=ctx.server_args.stream_interval if stream_interval is None else stream_interval,
     )
 
 
@@ -327,6 +330,7 @@ async def stream_generation(
         bootstrap_port=spec.bootstrap_port,
         bootstrap_room=spec.bootstrap_room,
         every_token=every_token or bool(spec.stop),
+        stream_interval=spec.stream_interval if every_token else 1,  # stop strings alone: checked at every token
     )
     output_ids: list[int] = []
     text = ""

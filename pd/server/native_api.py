@@ -116,6 +116,7 @@ async def _specs(ctx: ServerContext, body: GenerateReqInput, arrival: float) -> 
                 no_stop_trim=sp.no_stop_trim,
                 arrival=arrival,
                 bootstrap=(hosts[i], ports[i], rooms[i]),
+                stream_interval=sp.stream_interval,
             )
         )
     return specs, is_batch

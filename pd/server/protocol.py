@@ -72,6 +72,7 @@ TopP = Annotated[float, _FINITE, _check(lambda v: 0 < v <= 1, "in (0, 1]")]
 TopK = Annotated[int, _check(lambda v: v >= -1, "-1 or 0 (no top-k cut) or >= 1"), _INT64]
 MinP = Annotated[float, _FINITE, _check(lambda v: 0 <= v <= 1, "in [0, 1]")]
 MaxTokens = Annotated[int, _check(lambda v: v >= 1, ">= 1"), _INT64]
+StreamInterval = Annotated[int, _check(lambda v: 1 <= v <= 1 << 20, "in [1, 1048576]")]
 Seed = Annotated[int, _check(lambda v: -(2**63) <= v <= _UINT64_MAX, "a 64-bit integer")]
 TokenIds = list[Annotated[int, _check(lambda v: v >= 0, "a token id >= 0"), _INT64]]
 StopStrings = Annotated[tuple[str, ...], _str_list("stop")]
@@ -130,7 +131,7 @@ class SamplingParamsInput(StrictModel):
     logit_bias: Annotated[Any, _neutral({}, "logit_bias")] = None
     stop_regex: Annotated[Any, _neutral(None, "stop_regex")] = None
     custom_params: Any = None
-    stream_interval: Any = None
+    stream_interval: StreamInterval | None = None  # None: the server's --stream-interval
 
     @model_validator(mode="before")
     @classmethod
