@@ -2,9 +2,11 @@
 
 Each request first takes KV pages for its prompt and every token it may generate (the preallocation queue
 waits while the pool is short), registers the prompt's pages with its prefill peer (KVReceiver.init), and
-waits in the transfer list. On Success its first token (sampled by prefill) is reported and the request joins
-the running batch as if it had prefilled here; on Failed or timeout it ends with the reason and its pages are
-freed.
+waits in the transfer list. The registration names every rank of the attention group (the followers' endpoints
+came at start-up, pd.engine.disagg.decode_peers): prefill writes each rank's pages into that rank's own memory, at
+the page ids the leader chose, and the status comes here once all of them have landed. On Success its first token
+(sampled by prefill) is reported and the request joins the running batch as if it had prefilled here; on Failed
+or timeout it ends with the reason and its pages are freed (followers hold no pool: the leader's is the only one).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import replace
 
 from kvtransfer import get_kv_backend
 from kvtransfer.base import KVPoll, KVReceiver, prompt_fingerprint
-from pd.engine.disagg import DisaggConfig, kv_args
+from pd.engine.disagg import DisaggConfig, decode_peers, kv_args
 from pd.engine.io import GenerateRequest, TokenOutput
 from pd.engine.model_runner import ModelRunner
 from pd.engine.request import Req, ReqState
@@ -33,7 +35,7 @@ class DecodeScheduler(Scheduler):
         # No prefix cache here: a request's pages are written by its transfer, whatever they held.
         super().__init__(replace(cfg, radix_cache=False), runner)
         backend = get_kv_backend(disagg.backend)
-        self.kv_manager = backend.start_decode_manager(kv_args(runner), disagg)
+        self.kv_manager = backend.start_decode_manager(kv_args(runner), disagg, peers=decode_peers(runner))
         self._receiver_cls = backend.KVReceiver
         self.receivers: dict[str, KVReceiver] = {}
         self.prealloc: deque[Req] = deque()
@@ -78,9 +80,7 @@ class DecodeScheduler(Scheduler):
             receiver = self.receivers[req.rid]
             state = receiver.poll()
             if state == KVPoll.Success:
-                first = receiver.result()
-                # The KV landed in this rank's cache; the other ranks of the attention group need it too.
-                self.runner.share_pages(req.pages[: self._pages_for(len(req.prompt_ids))])
+                first = receiver.result()  # every rank's pages have landed
                 self.transferring.remove(req)
                 self.receivers.pop(req.rid)
                 req.num_computed = len(req.prompt_ids)

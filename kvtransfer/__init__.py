@@ -9,9 +9,10 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvtransfer.base import KVArgs, KVManager, KVReceiver, KVSender
+from kvtransfer.base import KVArgs, KVManager, KVReceiver, KVSender, KVTargetHolder
 
-# name -> module defining KVManager, KVSender, KVReceiver, start_prefill_manager, start_decode_manager
+# name -> module defining KVManager, KVSender, KVReceiver, start_prefill_manager, start_decode_manager,
+# start_decode_target
 _BACKENDS: dict[str, tuple[str, str, str, str]] = {
     "mooncake": ("kvtransfer.mooncake", "MooncakeKVManager", "MooncakeKVSender", "MooncakeKVReceiver"),
 }
@@ -20,14 +21,17 @@ _BACKENDS: dict[str, tuple[str, str, str, str]] = {
 @dataclass(frozen=True)
 class KVBackend:
     """A backend's classes and the factories that build a rank's manager from the instance's settings
-    (an object with host, bootstrap_port, bootstrap_timeout and transfer_timeout, e.g. DisaggConfig)."""
+    (an object with host, bootstrap_port, bootstrap_timeout and transfer_timeout, e.g. DisaggConfig).
+    start_decode_target builds what a decode follower rank holds: its KV memory registered for prefill ranks to
+    write into, described by the result's ``target`` (a kvtransfer.messages.KVTarget its leader registers)."""
 
     name: str
     KVManager: type[KVManager]
     KVSender: type[KVSender]
     KVReceiver: type[KVReceiver]
     start_prefill_manager: Callable[[KVArgs, object], KVManager]
-    start_decode_manager: Callable[[KVArgs, object], KVManager]
+    start_decode_manager: Callable[..., KVManager]
+    start_decode_target: Callable[[KVArgs, object], KVTargetHolder]
 
 
 def kv_backend_names() -> list[str]:
@@ -41,4 +45,4 @@ def get_kv_backend(name: str) -> KVBackend:
     module_name, manager, sender, receiver = _BACKENDS[name]
     module = importlib.import_module(module_name)
     return KVBackend(name, getattr(module, manager), getattr(module, sender), getattr(module, receiver),
-                     module.start_prefill_manager, module.start_decode_manager)
+                     module.start_prefill_manager, module.start_decode_manager, module.start_decode_target)

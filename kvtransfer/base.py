@@ -102,6 +102,17 @@ class KVManager(ABC):
     def close(self) -> None: ...
 
 
+class KVTargetHolder(ABC):
+    """A decode rank that only receives (a follower of its attention group's leader): its KV memory, registered for
+    prefill ranks to write into. ``target`` (a kvtransfer.messages.KVTarget) is what its leader registers rooms
+    with; the leader hears each room's status for every rank of the group."""
+
+    target: object
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
 class KVSender(ABC):
     """Prefill side of one request. Backends construct it as (manager, room, prompt_hash): the room belongs to
     this request, and only a decode registration with the same prompt_fingerprint() is accepted for it (another is

@@ -1,7 +1,8 @@
 """Schemas of what prefill and decode ranks tell each other, and their validated encodings.
 
 Control channel (msgpack, kvtransfer.control):
-  RegisterRoom    decode -> prefill   where to write a room's pages, and the decode's layout to check
+  RegisterRoom    decode -> prefill   where to write a room's pages (every rank of the decode's attention group:
+                                      the registering leader and its KVTarget peers), and the layout to check
   TransferStatus  prefill -> decode   the room's pages have landed (ok) or why not; carries the first token
   AbortRoom       either way          forget the room
 Bootstrap server (JSON over HTTP, kvtransfer.bootstrap):
@@ -16,12 +17,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
 
 from kvtransfer.base import KVTransferError
+
+
+@dataclass(frozen=True)
+class KVTarget:
+    """One more decode rank whose own KV buffers a room's pages are written into (same page ids as the leader's)."""
+
+    engine_rank: int
+    session_id: str  # host:rpc_port of that rank's transfer engine
+    ptrs: list[int]  # per KV buffer, layer-major
+    item_lens: list[int]  # per KV buffer
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,9 @@ class RegisterRoom:
     # Non-zero: write the pages to this address in the decode's staging pool instead of dst_pages, laid out as
     # kvtransfer.pages.staged_ptrs says; decode scatters them into dst_pages (kvtransfer.staging).
     staging_addr: int = 0
+    # The other ranks of the decode's attention group: each caches the room too, in its own memory, so the prefill
+    # writes there as well (the status still comes to control_addr alone, once every rank's pages have landed).
+    peers: list[KVTarget] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,8 @@ def _type_ok(value: object, tp: object) -> bool:
         return isinstance(value, list) and all(_type_ok(v, item_tp) for v in value)
     if typing.get_origin(tp) is dict:
         return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if dataclasses.is_dataclass(tp):  # checked (and built) by _build
+        return isinstance(value, dict)
     raise AssertionError(f"schema uses an unsupported type {tp}")
 
 
@@ -106,7 +122,7 @@ def _build(cls: type, data: object) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
-            if f.default is not dataclasses.MISSING:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                 continue
             raise KVTransferError(f"{cls.__name__}: missing field {f.name!r}")
         if not _type_ok(data[f.name], hints[f.name]):
@@ -114,6 +130,9 @@ def _build(cls: type, data: object) -> Any:
                 f"{cls.__name__}: field {f.name!r} should be {hints[f.name]}, got {type(data[f.name]).__name__}"
             )
         kwargs[f.name] = data[f.name]
+        args = typing.get_args(hints[f.name])
+        if typing.get_origin(hints[f.name]) is list and args and dataclasses.is_dataclass(args[0]):
+            kwargs[f.name] = [_build(args[0], item) for item in data[f.name]]
     return cls(**kwargs)
 
 

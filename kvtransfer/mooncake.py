@@ -30,10 +30,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Protocol
 
-from kvtransfer.base import KVArgs, KVManager, KVPoll, KVTransferError, kv_in_host_memory
+from kvtransfer.base import KVArgs, KVManager, KVPoll, KVTargetHolder, KVTransferError, kv_in_host_memory
 from kvtransfer.bootstrap import BootstrapClient, BootstrapServer
 from kvtransfer.control import ControlPool, ControlServer
-from kvtransfer.messages import AbortRoom, ControlMessage, RankInfo, RegisterRoom, TransferStatus, layout_mismatch
+from kvtransfer.messages import (
+    AbortRoom,
+    ControlMessage,
+    KVTarget,
+    RankInfo,
+    RegisterRoom,
+    TransferStatus,
+    layout_mismatch,
+)
 from kvtransfer.mooncake_engine import MooncakeEngine
 from kvtransfer.mooncake_rooms import MooncakeKVReceiver, MooncakeKVSender, Room, prompt_mismatch
 from kvtransfer.mooncake_transfer import TransferWorker
@@ -50,8 +58,8 @@ MAX_PENDING_ROOMS = 4096
 # model is 16 MiB.
 STAGING_BYTES = 64 * 2**20
 
-__all__ = ["MooncakeKVManager", "MooncakeKVReceiver", "MooncakeKVSender", "start_decode_manager",
-           "start_prefill_manager"]
+__all__ = ["MooncakeKVManager", "MooncakeKVReceiver", "MooncakeKVSender", "MooncakeKVTarget", "start_decode_manager",
+           "start_decode_target", "start_prefill_manager"]
 
 
 class MooncakeKVManager(KVManager):
@@ -74,6 +82,8 @@ class MooncakeKVManager(KVManager):
                  scattered pages; 0 turns staging off. At least one page of the largest KV buffer.
     secret:      the instances' shared key (--api-key): bootstrap routes need it as a bearer token and every
                  control frame is signed with it; None leaves the control plane open (a trusted network).
+    peers:       decode only: the other ranks of this rank's attention group (MooncakeKVTarget.target of each),
+                 registered with every room so the prefill writes each rank's pages into its own memory.
     Raises KVTransferError when the engine, the listener or the bootstrap announcement cannot be set up.
     """
 
@@ -97,6 +107,7 @@ class MooncakeKVManager(KVManager):
         max_pending_rooms: int = MAX_PENDING_ROOMS,
         staging_bytes: int = STAGING_BYTES,
         secret: str | None = None,
+        peers: list[KVTarget] | None = None,
     ) -> None:
         if role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
@@ -106,6 +117,7 @@ class MooncakeKVManager(KVManager):
             raise ValueError("KVArgs needs one kv_item_lens and one kv_data_lens entry per kv_data_ptrs entry "
                              "(the mooncake backend registers each buffer's bytes)")
         self.args, self.role, self.host, self.tp_size = args, role, host, tp_size
+        self.peers = list(peers or [])
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.bootstrap_timeout_s, self.transfer_timeout_s = bootstrap_timeout_s, transfer_timeout_s
         self.io_timeout_s = io_timeout_s
@@ -293,6 +305,12 @@ class MooncakeKVManager(KVManager):
             problem = f"decode engine_rank {msg.engine_rank} registered with prefill rank {self.args.engine_rank}"
         if problem is None and len(msg.dst_ptrs) != len(msg.item_lens):
             problem = f"registration has {len(msg.dst_ptrs)} buffer pointers for {len(msg.item_lens)} buffers"
+        for peer in msg.peers:
+            if problem is None:
+                problem = self.layout_problem(msg.page_size, peer.item_lens, msg.fingerprint)
+            if problem is None and len(peer.ptrs) != len(peer.item_lens):
+                problem = f"decode rank {peer.engine_rank} has {len(peer.ptrs)} buffer pointers for " \
+                          f"{len(peer.item_lens)} buffers"
         if problem is not None:
             self.fail(sender, f"incompatible decode for room {msg.room}: {problem}")
         else:
@@ -382,7 +400,7 @@ class MooncakeKVManager(KVManager):
             staging_addr = self.staging.address(r.staging_offset)
         msg = RegisterRoom(r.room, a.engine_rank, self.control_addr, self.engine.session_id, list(a.kv_data_ptrs),
                            list(a.kv_item_lens), a.page_size, r.pages, r.num_tokens, dict(a.fingerprint),
-                           r.prompt_hash, staging_addr)
+                           r.prompt_hash, staging_addr, self.peers)
         try:
             self.control.send(r.prefill.control_addr, msg)
         except KVTransferError as e:
@@ -442,7 +460,35 @@ def start_prefill_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -
                              secret=cfg.secret)
 
 
-def start_decode_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -> MooncakeKVManager:
+def start_decode_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1,
+                         peers: list[KVTarget] | None = None) -> MooncakeKVManager:
+    """A decode leader's manager; ``peers``: its attention group's other ranks (start_decode_target on each)."""
     return MooncakeKVManager(args, "decode", cfg.host, None, tp_size=tp_size,
                              bootstrap_timeout_s=cfg.bootstrap_timeout, transfer_timeout_s=cfg.transfer_timeout,
-                             secret=cfg.secret)
+                             secret=cfg.secret, peers=peers)
+
+
+class MooncakeKVTarget(KVTargetHolder):
+    """A decode rank that only receives: its KV buffers registered with a transfer engine, which prefill ranks write
+    rooms' pages into. It has no rooms, no control listener and no threads of its own: its leader's manager
+    registers each room for it (``target`` travels in RegisterRoom.peers) and hears the room's status.
+    Raises KVTransferError when the engine cannot start or register the memory."""
+
+    def __init__(self, args: KVArgs, host: str, protocol: str = "tcp", device_name: str = "",
+                 io_timeout_s: float = 5.0) -> None:
+        self.engine = MooncakeEngine(host, protocol, device_name, io_timeout_s)
+        try:
+            self.engine.register(args.kv_data_ptrs, args.kv_data_lens)
+        except BaseException:
+            self.engine.close()
+            raise
+        self.target = KVTarget(args.engine_rank, self.engine.session_id, list(args.kv_data_ptrs),
+                               list(args.kv_item_lens))
+        logger.info("mooncake KV decode target rank %d: transfer session %s", args.engine_rank, self.engine.session_id)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def start_decode_target(args: KVArgs, cfg: DisaggSettings) -> MooncakeKVTarget:
+    return MooncakeKVTarget(args, cfg.host)

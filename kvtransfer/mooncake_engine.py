@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 from kvtransfer.base import KVTransferError
 

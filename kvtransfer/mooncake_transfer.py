@@ -1,6 +1,6 @@
-"""Prefill side of the Mooncake backend: the thread that writes rooms' pages into decode memory, then tells
-decode. One thread per rank: Mooncake calls are serialised anyway (see kvtransfer.mooncake_engine), and
-rooms finish in the order prefill finished them.
+"""Prefill side of the Mooncake backend: the thread that writes rooms' pages into decode memory (every rank of the
+decode's attention group that registered, each its own), then tells decode. One thread per rank: Mooncake calls are
+serialised anyway (see kvtransfer.mooncake_engine), and rooms finish in the order prefill finished them.
 """
 
 from __future__ import annotations
@@ -73,18 +73,19 @@ class TransferWorker:
     def _run(self, job: _Job) -> None:
         mgr, sender, reg = self._mgr, job.sender, job.registration
         t0, nbytes, nregions = time.monotonic(), 0, 0
+        session = reg.session_id
         try:
-            for src, dst, lengths in self._batches(job):
+            for session, (src, dst, lengths) in self._batches(job):
                 for lo, hi in chunk_bounds(len(src), MAX_REGIONS_PER_BATCH):
                     if sender.state != KVPoll.Transferring:
                         return  # aborted or failed meanwhile; whoever did it told decode
                     remaining = sender.deadline - time.monotonic()
                     if remaining <= 0:
                         raise KVTransferError(f"pages did not land within {mgr.transfer_timeout_s:.1f}s")
-                    mgr.engine.write(reg.session_id, src[lo:hi], dst[lo:hi], lengths[lo:hi], remaining)
+                    mgr.engine.write(session, src[lo:hi], dst[lo:hi], lengths[lo:hi], remaining)
                 nbytes, nregions = nbytes + sum(lengths), nregions + len(src)
         except KVTransferError as e:
-            mgr.fail(sender, f"writing room {sender.room} to decode {reg.session_id} failed: {e}")
+            mgr.fail(sender, f"writing room {sender.room} to decode {session} failed: {e}")
             return
         if sender.state != KVPoll.Transferring:
             return
@@ -95,31 +96,39 @@ class TransferWorker:
                              f"told: {e}", notify_peer=False)
             return
         mgr.succeed(sender)
-        logger.debug("room %d: %d bytes in %d regions sent in %.1f ms", sender.room, nbytes, nregions,
-                     (time.monotonic() - t0) * 1e3)
+        logger.debug("room %d: %d bytes in %d regions to %d decode ranks sent in %.1f ms", sender.room, nbytes,
+                     nregions, 1 + len(reg.peers), (time.monotonic() - t0) * 1e3)
 
-    def _batches(self, job: _Job) -> Iterator[Regions]:
-        """The room's regions: one batch from the KV buffers themselves, or, when gathering the source pages
-        pays, one batch per gather-buffer piece, each piece gathered just before its batch is written."""
+    def _batches(self, job: _Job) -> Iterator[tuple[str, Regions]]:
+        """(decode session, regions) batches of the room: for each decode rank of the registration, one batch from
+        the KV buffers themselves, or, when gathering the source pages pays, one batch per gather-buffer piece,
+        each piece gathered just before it is written to every decode rank."""
         a, reg, src_pages = self._mgr.args, job.registration, job.src_pages
         page_bytes = [il * a.page_size for il in a.kv_item_lens]
-        if reg.staging_addr:  # decode's staging area: a page table whose page i is prompt page i
-            dst_ptrs, dst_pages = staged_ptrs(reg.staging_addr, page_bytes, len(src_pages)), np.arange(len(src_pages))
-        else:
-            dst_ptrs, dst_pages = reg.dst_ptrs, np.asarray(reg.dst_pages, dtype=np.int64)
+        dst_pages = np.asarray(reg.dst_pages, dtype=np.int64)
+        # (session, buffer pointers, pages) of each decode rank; the registering rank's may be its staging area,
+        # a page table whose page i is prompt page i
+        targets = [(reg.session_id, reg.dst_ptrs, dst_pages)]
+        if reg.staging_addr:
+            targets[0] = (reg.session_id, staged_ptrs(reg.staging_addr, page_bytes, len(src_pages)),
+                          np.arange(len(src_pages)))
+        targets += [(peer.session_id, peer.ptrs, dst_pages) for peer in reg.peers]
         staging = self._mgr.staging
         buf = None if staging is None else staging.gather_buf
         if staging is None or buf is None or not staging_pays(src_pages, page_bytes):
-            yield merge_regions(*transfer_regions(a.kv_data_ptrs, dst_ptrs, a.kv_item_lens, a.page_size, src_pages,
-                                                  dst_pages))
+            for session, dst_ptrs, pages in targets:
+                yield session, merge_regions(*transfer_regions(a.kv_data_ptrs, dst_ptrs, a.kv_item_lens, a.page_size,
+                                                               src_pages, pages))
             return
         base = buf.ctypes.data
         for piece in staging_pieces(len(src_pages), page_bytes, buf.size):
-            batch: Regions = ([], [], [])
             for b, lo, hi, offset in piece:
                 staging.views.gather(b, src_pages[lo:hi], buf[offset:offset + (hi - lo) * page_bytes[b]])
-                part = transfer_regions([base + offset], [dst_ptrs[b]], [a.kv_item_lens[b]], a.page_size,
-                                        np.arange(hi - lo), dst_pages[lo:hi])
-                for acc, xs in zip(batch, part, strict=True):
-                    acc.extend(xs)
-            yield merge_regions(*batch)
+            for session, dst_ptrs, pages in targets:
+                batch: Regions = ([], [], [])
+                for b, lo, hi, offset in piece:
+                    part = transfer_regions([base + offset], [dst_ptrs[b]], [a.kv_item_lens[b]], a.page_size,
+                                            np.arange(hi - lo), pages[lo:hi])
+                    for acc, xs in zip(batch, part, strict=True):
+                        acc.extend(xs)
+                yield session, merge_regions(*batch)

@@ -49,10 +49,11 @@ class Cluster:
         return "\n".join(f"----- {p.name} -----\n{p.log()[-3000:]}" for p in self.procs())
 
 
-def start_proc(name: str, argv: list[str], url: str, health: str = "/health") -> Proc:
+def start_proc(name: str, argv: list[str], url: str, health: str = "/health",
+               env_extra: dict[str, str] | None = None) -> Proc:
     log = tempfile.NamedTemporaryFile("w", suffix=f"-{name}.log", delete=False)
     # Several instances share this machine's cores: one OpenMP thread each unless the caller chose otherwise.
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     env.setdefault("OMP_NUM_THREADS", "1")
     popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
@@ -99,12 +100,13 @@ def pd_cluster(
     decode_args: tuple[str, ...] = (),
     lb_args: tuple[str, ...] = (),
     prefill_nodes: int = 1,  # > 1: each prefill instance spans this many "nodes" (processes) on this machine
+    decode_env: dict[str, str] | None = None,  # more environment for the decode instances' processes
 ) -> Iterator[Cluster]:
     for attempt in range(CLUSTER_ATTEMPTS):
         cluster = Cluster(url="")
         try:
             _start(cluster, model_path, num_prefill, num_decode, router, instance_args, prefill_args, decode_args,
-                   lb_args, prefill_nodes)  # fmt: skip
+                   lb_args, prefill_nodes, decode_env)  # fmt: skip
         except RuntimeError as e:
             _stop(cluster)
             if attempt + 1 < CLUSTER_ATTEMPTS and any(m in str(e) for m in _PORT_TAKEN):
@@ -126,7 +128,7 @@ def _unique_port(taken: set[int]) -> int:
 
 def _start(cluster: Cluster, model_path: str, num_prefill: int, num_decode: int, router: str,
            instance_args: tuple[str, ...], prefill_args: tuple[str, ...], decode_args: tuple[str, ...],
-           lb_args: tuple[str, ...], prefill_nodes: int) -> None:  # fmt: skip
+           lb_args: tuple[str, ...], prefill_nodes: int, decode_env: dict[str, str] | None = None) -> None:  # fmt: skip
     taken: set[int] = set()
     for i in range(num_prefill):
         port, bport = _unique_port(taken), _unique_port(taken)
@@ -145,7 +147,7 @@ def _start(cluster: Cluster, model_path: str, num_prefill: int, num_decode: int,
         cluster.decode.append(start_proc(
             f"decode-{j}",
             serve_argv(model_path, port, "--disaggregation-mode", "decode", *instance_args, *decode_args),
-            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{port}", env_extra=decode_env,
         ))
     wait_healthy(cluster.prefill + cluster.decode)
     lb_port = _unique_port(taken)

@@ -6,6 +6,7 @@ The byte-level oracle is a per-page torch copy written here; fresh random buffer
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import json
 import logging
@@ -841,3 +842,77 @@ def test_bench_kv_transfer_moves_every_layout_byte_exact_and_reports_each_ratio(
         for layout in bench.LAYOUTS:
             assert kv[f"{layout}_vs_tcp"] == kv[f"mooncake_{layout}_MBps"] / kv["raw_tcp_MBps"] > 0
         assert "both shuffled" in bench.format_kv(kv)
+
+
+@pytest.mark.parametrize("src_order", ["shuffled", "in_order"])
+def test_every_decode_rank_receives_the_room_in_its_own_memory(src_order: str) -> None:
+    """A decode leader registers its two followers' memory (KVTarget peers) with each room: the prefill writes the
+    pages into all three ranks' buffers (oracle: the prefill's pages copied page by page into each), from its KV
+    buffers or, for scattered pages, from its gather buffer in pieces; the leader alone hears the status."""
+    from kvtransfer.mooncake import MooncakeKVManager, MooncakeKVReceiver, MooncakeKVSender, MooncakeKVTarget
+
+    layers, item_lens, ps, pages = 2, (96, 40), 4, 32
+    page_bytes = [il * ps for il in item_lens] * layers
+    src = make_buffers(random.randrange(2**31), layers, item_lens, pages, ps, True)
+    dsts = [make_buffers(random.randrange(2**31), layers, item_lens, pages, ps, True) for _ in range(3)]
+    followers = [MooncakeKVTarget(dataclasses.replace(kv_args(d, layers, item_lens, ps), engine_rank=r), HOST)
+                 for r, d in enumerate(dsts[1:], start=1)]
+    pre = MooncakeKVManager(kv_args(src, layers, item_lens, ps), "prefill", HOST, (HOST, 0), serve_bootstrap=True,
+                            staging_bytes=3 * max(page_bytes))
+    dec = MooncakeKVManager(kv_args(dsts[0], layers, item_lens, ps), "decode", HOST,
+                            peers=[f.target for f in followers])
+    assert pre.bootstrap is not None
+    rng = random.Random()
+    try:
+        for _ in range(3):
+            n = rng.randint(1, 10)
+            src_pages = rng.sample(range(pages), n) if src_order == "shuffled" else list(range(2, 2 + n))
+            dst_pages = rng.sample(range(pages), n)
+            before, room, num_tokens = [[b.clone() for b in d] for d in dsts], rng.getrandbits(63), n * ps - 1
+            sender, receiver = MooncakeKVSender(pre, room), MooncakeKVReceiver(dec, HOST, pre.bootstrap[1], room)
+            receiver.init(dst_pages, num_tokens)
+            wait_for(lambda s=sender: s.poll() != KVPoll.Bootstrapping, 10, "registration")
+            sender.send(src_pages, num_tokens, FirstToken(5, num_tokens))
+            wait_for(lambda r=receiver: r.poll() in DONE, 20, "the transfer")
+            assert receiver.poll() == KVPoll.Success, receiver.failure_reason
+            wait_for(lambda s=sender: s.poll() in DONE, 10, "the sender")
+            assert sender.poll() == KVPoll.Success, sender.failure_reason
+            for rank, (got_bufs, was) in enumerate(zip(dsts, before, strict=True)):
+                expected = copied_pages(was, src, page_bytes, 1, [(src_pages, dst_pages)])
+                for b, (got, want) in enumerate(zip(got_bufs, expected, strict=True)):
+                    assert torch.equal(got, want), f"decode rank {rank}, buffer {b} differs from the oracle"
+    finally:
+        pre.close()
+        dec.close()
+        for f in followers:
+            f.close()
+
+
+def test_a_decode_rank_that_cannot_be_written_fails_the_room_on_both_sides() -> None:
+    """One follower's memory unreachable (its engine closed): the room fails for the leader, which owns the pages of
+    every rank, and for the prefill, each naming the session that failed."""
+    from kvtransfer.mooncake import MooncakeKVManager, MooncakeKVReceiver, MooncakeKVSender, MooncakeKVTarget
+
+    layers, item_lens, ps, pages = 1, (64, 64), 4, 8
+    src = make_buffers(random.randrange(2**31), layers, item_lens, pages, ps, True)
+    dsts = [make_buffers(random.randrange(2**31), layers, item_lens, pages, ps, True) for _ in range(2)]
+    follower = MooncakeKVTarget(dataclasses.replace(kv_args(dsts[1], layers, item_lens, ps), engine_rank=1), HOST)
+    gone = follower.target
+    follower.close()
+    pre = MooncakeKVManager(kv_args(src, layers, item_lens, ps), "prefill", HOST, (HOST, 0), serve_bootstrap=True,
+                            transfer_timeout_s=3.0)
+    dec = MooncakeKVManager(kv_args(dsts[0], layers, item_lens, ps), "decode", HOST, transfer_timeout_s=20.0,
+                            peers=[gone])
+    assert pre.bootstrap is not None
+    try:
+        room = random.getrandbits(63)
+        sender, receiver = MooncakeKVSender(pre, room), MooncakeKVReceiver(dec, HOST, pre.bootstrap[1], room)
+        receiver.init([3, 1], 6)
+        wait_for(lambda: sender.poll() != KVPoll.Bootstrapping, 10, "registration")
+        sender.send([0, 5], 6, FirstToken(5, 6))
+        wait_for(lambda: receiver.poll() in DONE and sender.poll() in DONE, 15, "both sides to finish")
+        assert sender.poll() == KVPoll.Failed and gone.session_id in (sender.failure_reason or "")
+        assert receiver.poll() == KVPoll.Failed and gone.session_id in (receiver.failure_reason or "")
+    finally:
+        pre.close()
+        dec.close()

@@ -159,7 +159,7 @@ def test_the_same_instances_behind_sglang_router_equal_pd_serve(cluster_2x2: tup
 
 
 # Prefill and decode with different tensor-parallel sizes: every rank caches all KV heads (and MLA's latent), so the
-# leader's pages travel as they are and the decode leader shares them with its followers.
+# prefill leader writes them into every decode rank's own memory.
 EPLB = ("--enable-eplb", "--ep-num-redundant-experts", "2", "--eplb-rebalance-num-iterations", "4")
 TP_SPLITS = [
     ("qwen3_moe", ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch"), ()),  # prefill: normal mode
@@ -189,7 +189,7 @@ DP_SPLITS = [
     ("deepseek_v3", ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *DP),
      ("--tp", "2", "--ep", "2", "--moe-a2a-backend", "torch", *DP)),
     ("qwen3_moe", ("--tp", "2", *DP), ()),
-    ("qwen3_moe", (), ("--tp", "4", *DP)),  # two groups of two ranks: the leader shares the pages in its group
+    ("qwen3_moe", (), ("--tp", "4", *DP)),  # two groups of two ranks: each rank receives its own pages
 ]
 
 

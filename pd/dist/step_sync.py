@@ -9,11 +9,12 @@ changed.
 Messages (leader -> followers):
     {"op": "forward", "input_ids", "rows", "prefix_lens", "extend_lens", "logits_index", "slots", "mode"}
         "slots": [[row, first_page_index, pages], ...] slot-table assignments since the previous message.
-    {"op": "pages", "pages": [...]}: then one device broadcast per KV buffer carrying those pages' contents
-        (decode received them from prefill into the leader's cache only).
     {"op": "idle", "mode"}: a forward without tokens (DP attention: another group computes, experts are shared).
     {"op": "ping"}: an idle leader's liveness check (a dead follower makes the broadcast fail).
     {"op": "stop"}
+
+Once at start-up a disaggregated instance's ranks also exchange their KV transfer endpoints (``gather``): each
+decode rank receives its own pages from prefill, so the leader registers every rank's memory with each room.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ class StepSync:
         msg: dict[str, Any] = msgpack.unpackb(payload.numpy().tobytes(), raw=False)
         return msg
 
-    def broadcast_tensor(self, tensor: torch.Tensor) -> None:
-        """In place: the leader's tensor lands in every follower's (same shape, dtype, device kind)."""
-        dist.broadcast(tensor, self.leader, group=self.device)
+    def gather(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's ``msg``, in group rank order, on every rank: a collective over the group's gloo side (every
+        rank of the group calls it at the same point; start-up only)."""
+        payload = torch.frombuffer(bytearray(msgpack.packb(msg, use_bin_type=True)), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(self.control))]
+        dist.all_gather(sizes, size, group=self.control)
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        parts = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
+        dist.all_gather(parts, padded, group=self.control)
+        return [msgpack.unpackb(p[: int(n.item())].numpy().tobytes(), raw=False) for p, n in zip(parts, sizes,
+                                                                                                strict=True)]

@@ -1,13 +1,21 @@
 """What prefill and decode schedulers share about their instance: transfer settings and the KV memory they
-expose (pd/ knows the KV cache layout; the roles themselves live in prefill/ and decode/)."""
+expose (pd/ knows the KV cache layout; the roles themselves live in prefill/ and decode/).
+
+Every rank of a decode instance receives its own KV pages: a follower registers its KV memory with a transfer
+engine at start-up (``start_follower_kv``) and hands the endpoint to its leader (``decode_peers``), whose
+registrations then name every rank of the attention group. No KV moves between the ranks of an instance.
+"""
 
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from kvtransfer.base import KVArgs
+from kvtransfer import get_kv_backend
+from kvtransfer.base import KVArgs, KVTargetHolder
+from kvtransfer.messages import KVTarget
 from pd.dist.leader_link import node0_host
+from pd.dist.step_sync import StepSync
 from pd.engine.model_runner import ModelRunner
 from pd.server_args import ServerArgs
 
@@ -19,11 +27,12 @@ class DisaggConfig:
     bootstrap_port: int
     bootstrap_timeout: float  # prefill: how long a request waits for its decode peer to register
     transfer_timeout: float  # decode: how long a registered request waits for its KV
-    dp_rank: int = 0  # this leader's DP-attention group (each group has its own KV pool and transfer endpoints)
+    dp_rank: int = 0  # this rank's DP-attention group (each group has its own KV pool and transfer endpoints)
     dp_size: int = 1
     bootstrap_host: str = ""  # prefill: where the instance's bootstrap server runs (node 0); "" = host
     # --api-key: bootstrap routes and KV control messages between instances need it (kept out of repr and logs)
     secret: str | None = field(default=None, repr=False)
+    mode: str = "decode"  # --disaggregation-mode: "prefill" or "decode"
 
     @classmethod
     def from_server_args(cls, args: ServerArgs, dp_rank: int = 0) -> DisaggConfig:
@@ -36,12 +45,12 @@ class DisaggConfig:
         bootstrap_host = host if args.node_rank == 0 else node0_host(args.dist_init_addr or "")
         return cls(args.disaggregation_transfer_backend, host, args.disaggregation_bootstrap_port,
                    args.disaggregation_bootstrap_timeout, args.disaggregation_transfer_timeout, dp_rank,
-                   args.attn_dp_size, bootstrap_host, args.api_key)
+                   args.attn_dp_size, bootstrap_host, args.api_key, args.disaggregation_mode)
 
 
-def kv_args(runner: ModelRunner, engine_rank: int = 0) -> KVArgs:
-    """What this rank exposes for transfers: every KV buffer's base address, per-token bytes and total bytes
-    (layer-major), and the fingerprint both sides of a transfer must share."""
+def kv_args(runner: ModelRunner) -> KVArgs:
+    """What this rank exposes for transfers: its rank in the attention group, every KV buffer's base address,
+    per-token bytes and total bytes (layer-major), and the fingerprint both sides of a transfer must share."""
     cache = runner.kv_cache
     ptrs, item_lens, data_lens, layout = [], [], [], []
     for layer in cache.buffers:
@@ -57,4 +66,23 @@ def kv_args(runner: ModelRunner, engine_rank: int = 0) -> KVArgs:
         "dtype": str(cache.dtype).removeprefix("torch."),
         "page_size": cache.page_size,
     }
-    return KVArgs(engine_rank, ptrs, item_lens, cache.page_size, fingerprint, data_lens)
+    return KVArgs(runner.tp.rank, ptrs, item_lens, cache.page_size, fingerprint, data_lens)
+
+
+def start_follower_kv(runner: ModelRunner, sync: StepSync, cfg: DisaggConfig) -> KVTargetHolder | None:
+    """A follower's part in its instance's transfers, at the start of its life (pd.engine.rank.follow): a decode
+    follower registers its KV memory and sends the endpoint to its leader (the other half of ``decode_peers``).
+    None for a prefill follower, whose leader's cache holds the whole KV and sends it."""
+    if cfg.mode != "decode":
+        return None
+    holder = get_kv_backend(cfg.backend).start_decode_target(kv_args(runner), cfg)
+    sync.gather({"target": asdict(holder.target)})
+    return holder
+
+
+def decode_peers(runner: ModelRunner) -> list[KVTarget]:
+    """A decode leader's followers' endpoints (collective with their start_follower_kv); [] with no followers."""
+    if runner.sync is None:
+        return []
+    got = runner.sync.gather({})
+    return [KVTarget(**m["target"]) for m in got if "target" in m]

@@ -76,11 +76,11 @@ def run_engine(
         rt = start_rank(spec, rank, init_method)
         if outbox is None and rt.info.is_leader:  # a DP group's leader on another node than the front's
             inbox = outbox = connect_to_front(spec.layout, rank)
+        disagg = None if spec.disagg is None else replace(spec.disagg, dp_rank=rt.info.dp_rank)
         if outbox is None:  # a follower
             assert rt.sync is not None, "a rank without pipes follows its attention group's leader"
-            follow(rt.runner, rt.sync, spec.scheduler.max_running_requests)
+            follow(rt.runner, rt.sync, spec.scheduler.max_running_requests, disagg)
             _exit_now()
-        disagg = None if spec.disagg is None else replace(spec.disagg, dp_rank=rt.info.dp_rank)
         scheduler: Scheduler = spec.make_scheduler(spec.scheduler, rt.runner, disagg)
     except Exception as e:  # report why loading failed instead of dying silently
         logger.error("rank %d failed: %s", rank, traceback.format_exc())

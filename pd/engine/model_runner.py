@@ -75,7 +75,7 @@ class ModelRunner:
         torch.manual_seed(cfg.random_seed)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.sync = sync
+        self.sync, self.tp = sync, tp
         self.model_config = ModelConfig.from_path(cfg.model_path)
         model_max = self.model_config.max_position_embeddings
         if cfg.context_length is not None and cfg.context_length > model_max:
@@ -253,29 +253,6 @@ class ModelRunner:
             self.model(empty)
         if self.eplb is not None:
             self.eplb.after_forward()
-
-    # ---- KV pages that arrived on the leader only (decode instances) ----
-    def share_pages(self, pages: list[int]) -> None:
-        """Copies the leader's KV of ``pages`` into every follower's cache (no-op without followers)."""
-        if self.sync is None or not pages:
-            return
-        self.sync.send({"op": "pages", "pages": pages})
-        index = torch.tensor(pages, dtype=torch.int64, device=self.device)
-        for buf in self._page_views():
-            self.sync.broadcast_tensor(buf.index_select(0, index))
-
-    def receive_pages(self, pages: list[int]) -> None:
-        assert self.sync is not None
-        index = torch.tensor(pages, dtype=torch.int64, device=self.device)
-        for buf in self._page_views():
-            data = torch.empty((len(pages), *buf.shape[1:]), dtype=buf.dtype, device=self.device)
-            self.sync.broadcast_tensor(data)
-            buf.index_copy_(0, index, data)
-
-    def _page_views(self) -> list[torch.Tensor]:
-        """Every KV buffer viewed as [num_pages, page_size, heads, dim] (same storage)."""
-        ps = self.cfg.page_size
-        return [buf.view(-1, ps, *buf.shape[1:]) for layer in self.kv_cache.buffers for buf in layer]
 
     def heartbeat(self) -> None:
         """An empty broadcast to the followers: raises when one of them (on any node) has died."""

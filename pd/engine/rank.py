@@ -18,6 +18,8 @@ from pd.dist.groups import Groups, init_groups
 from pd.dist.step_sync import StepSync
 from pd.dist.topology import RankInfo
 from pd.dist.tp import SINGLE, TensorParallel
+from pd.engine.disagg import DisaggConfig, start_follower_kv
+from pd.engine.kv_cache import ReqToToken
 from pd.engine.model_runner import ModelRunner
 from pd.engine.spec import EngineSpec
 from pd.moe.context import MoeContext
@@ -72,10 +74,20 @@ def start_rank(spec: EngineSpec, rank: int, init_method: str | None) -> RankRunt
     return RankRuntime(info, groups, runner, sync, gate)
 
 
-def follow(runner: ModelRunner, sync: StepSync, max_rows: int) -> None:
+def follow(runner: ModelRunner, sync: StepSync, max_rows: int, disagg: DisaggConfig | None = None) -> None:
     """A follower's life: run what the leader says (pd.dist.step_sync's messages) until it says stop (or the
-    group breaks, which raises). ``max_rows`` is the leader scheduler's slot-table height (--max-running-requests)."""
+    group breaks, which raises). ``max_rows`` is the leader scheduler's slot-table height (--max-running-requests);
+    ``disagg``: a prefill or decode instance's transfer settings (this rank's DP group), None when unified."""
     slots = runner.make_slot_table(max_rows, runner.context_length)
+    kv = start_follower_kv(runner, sync, disagg) if disagg is not None else None
+    try:
+        _follow(runner, sync, slots)
+    finally:
+        if kv is not None:
+            kv.close()
+
+
+def _follow(runner: ModelRunner, sync: StepSync, slots: ReqToToken) -> None:
     while True:
         msg = sync.receive()
         op = msg["op"]
@@ -86,9 +98,6 @@ def follow(runner: ModelRunner, sync: StepSync, max_rows: int) -> None:
             continue
         if op == "idle":
             runner.idle_forward(msg["mode"])
-            continue
-        if op == "pages":
-            runner.receive_pages(msg["pages"])
             continue
         assert op == "forward", op
         for row, first, pages in msg["slots"]:
