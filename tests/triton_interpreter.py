@@ -9,6 +9,8 @@ patches server processes that tests start.
   from it.
 - tl.dot multiplies bf16 operands as their raw uint16 storage: widen them to float32 first (exact).
 - float32 -> bf16 casts truncate; compiled Triton rounds to nearest even, as torch does.
+- float32 -> float8e4nv casts convert through an integer cast (or, with a rounding mode, misround); compiled
+  Triton rounds to nearest even (cvt.rn.satfinite), as torch's float8_e4m3fn does for values within +-448.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def patch_interpreter() -> None:
     if getattr(builder, "_pd_patched", False):
         return
     load, store = builder.create_masked_load, builder.create_masked_store
-    dot, cast = builder.create_dot, builder.cast_impl
+    dot, cast, fp_to_fp = builder.create_dot, builder.cast_impl, builder.create_fp_to_fp
 
     def as_bool(mask: Any) -> Any:
         return interpreter.TensorHandle(np.asarray(mask.data).astype(np.bool_), mask.dtype)
@@ -38,15 +40,27 @@ def patch_interpreter() -> None:
             return h
         return interpreter.TensorHandle((np.asarray(h.data).astype(np.uint32) << 16).view(np.float32), tl.float32)
 
+    def to_e4m3(src: Any) -> Any:
+        f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+        return interpreter.TensorHandle(f32.to(torch.float8_e4m3fn).view(torch.uint8).numpy(), tl.float8e4nv)
+
     def cast_rne(self: Any, src: Any, dst_type: Any) -> Any:
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
             return interpreter.TensorHandle(f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
                                             tl.bfloat16)  # fmt: skip
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            return to_e4m3(src)
         return cast(self, src, dst_type)
+
+    def fp_to_fp_rne(self: Any, src: Any, dst_type: Any, rounding_mode: Any) -> Any:
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            return to_e4m3(src)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
 
     builder.create_masked_load = lambda self, p, m, *a: load(self, p, as_bool(m), *a)
     builder.create_masked_store = lambda self, p, v, m, *a: store(self, p, v, as_bool(m), *a)
     builder.create_dot = lambda self, a, b, *rest: dot(self, widen(a), widen(b), *rest)
     builder.cast_impl = cast_rne
+    builder.create_fp_to_fp = fp_to_fp_rne
     builder._pd_patched = True

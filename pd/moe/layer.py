@@ -15,7 +15,7 @@ from pd.moe.context import MoeContext
 from pd.moe.dispatcher import get_dispatcher
 from pd.moe.dispatcher.base import Dispatcher
 from pd.moe.eplb.placement import LayerPlacement, trivial_phy2log
-from pd.moe.runner import get_runner
+from pd.moe.runner import ExpertScales, get_runner
 from pd.moe.token_layout import LayoutState
 from pd.moe.topk import TopKConfig, TopKOutput, select_experts
 from pd.quant.fp8 import FP8_DTYPE, block_dequant, scale_range, scale_shape
@@ -89,8 +89,8 @@ class FusedMoE(nn.Module):
             intermediate size (the whole of it unless ctx.moe_tp_size > 1).
         w2_weight: [E_local, H, I].
         e_score_correction_bias (buffer, only with has_correction_bias): [E] float32, used for selection only.
-        w13_weight_scale_inv, w2_weight_scale_inv (only between use_fp8 and finalize_weights): the block scales
-            of float8_e4m3fn w13/w2 (see use_fp8).
+        w13_weight_scale_inv, w2_weight_scale_inv (after use_fp8; dropped at finalize_weights unless the runner
+            computes with FP8 weights, ``runner.block_fp8``): the block scales of float8_e4m3fn w13/w2 (see use_fp8).
 
     Raises:
         ValueError: ctx.ep_size does not divide the physical expert count, an unknown dispatcher/runner name, or a
@@ -138,7 +138,7 @@ class FusedMoE(nn.Module):
         n_local, inter = self.num_local_experts, self.local_intermediate
         self.w13_weight = nn.Parameter(torch.empty(n_local, 2 * inter, hidden_size), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(n_local, hidden_size, inter), requires_grad=False)
-        self.fp8_block: tuple[int, int] | None = None  # set by use_fp8 until finalize_weights dequantizes
+        self.fp8_block: tuple[int, int] | None = None  # set by use_fp8 while the experts are FP8 in memory
         self.e_score_correction_bias: torch.Tensor | None
         if has_correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -190,7 +190,8 @@ class FusedMoE(nn.Module):
         hidden_NH, topk, state = self._enter(hidden_TH, router_logits_TE)
         dispatcher = self.dispatcher(mode)
         dispatched = dispatcher.dispatch(hidden_NH, topk)
-        combine_input = self.runner.run(dispatched, self.w13_weight, self.w2_weight, self.activation)
+        combine_input = self.runner.run(dispatched, self.w13_weight, self.w2_weight, self.activation,
+                                        self.expert_scales())  # fmt: skip
         return self._leave(dispatcher.combine(combine_input), state)
 
     def _enter(
@@ -222,7 +223,8 @@ class FusedMoE(nn.Module):
         dispatcher = self.dispatcher(mode)
         finish_dispatch = dispatcher.dispatch_start(hidden_NH, topk)
         yield
-        combine_input = self.runner.run(finish_dispatch(), self.w13_weight, self.w2_weight, self.activation)
+        combine_input = self.runner.run(finish_dispatch(), self.w13_weight, self.w2_weight, self.activation,
+                                        self.expert_scales())  # fmt: skip
         finish_combine = dispatcher.combine_start(combine_input)
         yield
         routed_TH = self._leave(finish_combine(), state)
@@ -234,8 +236,14 @@ class FusedMoE(nn.Module):
             return next(iter(self.dispatchers.values()))
         return self.dispatchers[mode]
 
+    def expert_scales(self) -> ExpertScales | None:
+        """The block scales the runner computes with, while the experts are FP8 in memory; else None."""
+        if self.fp8_block is None:
+            return None
+        return ExpertScales(self.w13_weight_scale_inv, self.w2_weight_scale_inv, self.fp8_block)
+
     def use_fp8(self, block: tuple[int, int]) -> None:
-        """Holds the experts as block-FP8 until finalize_weights (call before loading): w13_weight and w2_weight
+        """Holds the experts as block-FP8 (call before loading; see finalize_weights): w13_weight and w2_weight
         become float8_e4m3fn, with float32 scales w13_weight_scale_inv [E_local, 2 * ceil(I/bn), ceil(H/bk)]
         (gate's blocks, then up's) and w2_weight_scale_inv [E_local, ceil(H/bn), ceil(I/bk)], I this rank's share.
 
@@ -264,10 +272,10 @@ class FusedMoE(nn.Module):
         """Let the runner prepare its view of the weights (e.g. packed copies). Call once the checkpoint is
         loaded, and again after changing the expert weights in place.
 
-        FP8 experts (use_fp8) are dequantized here to the compute dtype, once, and their FP8 tensors and scales
-        dropped: the runners compute in the compute dtype (the reference path), and later EPLB moves carry plain
-        weights. FP8 storage of the experts waits for FP8 grouped-GEMM kernels."""
-        if self.fp8_block is not None:
+        FP8 experts (use_fp8) stay FP8 in memory with their scales when the runner computes with them
+        (``runner.block_fp8``: the Triton runner); for the others (the torch and cpu_packed runners, the reference
+        path) they are dequantized here to the compute dtype, once, and their FP8 tensors and scales dropped."""
+        if self.fp8_block is not None and not self.runner.block_fp8:
             # gate and up were quantized apart: a block never spans both halves, even when I is not a multiple.
             inter, rows = self.local_intermediate, self.w13_weight_scale_inv.shape[1] // 2
             w13, s13 = self.w13_weight, self.w13_weight_scale_inv

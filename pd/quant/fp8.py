@@ -85,6 +85,19 @@ def block_quant(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Ten
     return q, scale_inv
 
 
+def token_group_quant(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of the FP8 kernels' activation quantization: x [..., K] (any float dtype) ->
+    (float8_e4m3fn [..., K], scale float32 [..., ceil(K / group)]). Per row and group of ``group`` columns (the
+    last may be partial) scale = max(amax, 1e-10) / 448 and q = clamp(x / scale, -448, 448) rounded to nearest,
+    so q * scale is x within e4m3's rounding (SGLang's per_token_group_quant_fp8)."""
+    cols = x.shape[-1]
+    groups = math.ceil(cols / group)
+    padded = F.pad(x.float(), (0, groups * group - cols)).unflatten(-1, (groups, group))
+    scale = padded.abs().amax(dim=-1).clamp_min(1e-10) / FP8_MAX
+    q = (padded / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.flatten(-2)[..., :cols], scale
+
+
 def scale_range(start: int, length: int, total: int, block: int, what: str) -> tuple[int, int]:
     """The scale rows (or columns) ``(start, length)`` of the weight slice [start, start + length) of ``total``.
 
@@ -106,10 +119,12 @@ class Fp8Linear(nn.Module):
     ``weight_scale_inv`` float32 [ceil(out/bn), ceil(in/bk)] (checkpoint names, so they load 1:1); ``bias`` in
     the compute dtype.
 
-    forward is the reference path. On CPU, where every linear computes with a oneDNN-packed copy of its weight
-    (pd.layers.cpu_packed), it packs the dequantized weight once (rebuilt if the FP8 tensors change) and equals a
-    PackedLinear of the dequantized weight bit for bit; the FP8 tensors stay the parameters. Elsewhere it
-    dequantizes on every call and runs F.linear (FP8 GEMM kernels replace this on GPUs)."""
+    On CUDA forward runs the W8A8 block-FP8 GEMM (pd.layers.triton_fp8_gemm: activations quantized per token and
+    group of bk columns, fp8 products, float32 accumulation), which differs from the dequantized reference by the
+    activations' e4m3 rounding. Elsewhere forward is the reference path: on CPU, where every linear computes with a
+    oneDNN-packed copy of its weight (pd.layers.cpu_packed), it packs the dequantized weight once (rebuilt if the
+    FP8 tensors change) and equals a PackedLinear of the dequantized weight bit for bit; the FP8 tensors stay the
+    parameters. On other devices, and with autograd recording, it dequantizes on every call and runs F.linear."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, block: tuple[int, int], dtype: torch.dtype,
@@ -144,6 +159,10 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], x's dtype."""
         grad = torch.is_grad_enabled() and x.requires_grad
+        if x.is_cuda and not grad:
+            from pd.layers.triton_fp8_gemm import w8a8_block_linear  # Triton only where CUDA is
+
+            return w8a8_block_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias)
         if grad or not mkldnn_packable(x.dtype, x.device):
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
         stamp = (tensor_stamp(self.weight), tensor_stamp(self.weight_scale_inv), x.dtype)

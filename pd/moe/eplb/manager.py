@@ -156,10 +156,12 @@ def move_layer(layer: FusedMoE, ctx: MoeContext, new_P: torch.Tensor, plan: Move
     placement = layer.placement
     assert placement is not None
     plan = plan or plan_moves(placement.phy2log, new_P, ctx.ep_size)
-    w13, w2 = migrate([layer.w13_weight.data, layer.w2_weight.data], plan, ctx.ep_rank, ctx.moe_tp_rank,
-                      ctx.moe_tp_size, ctx.group)  # fmt: skip
-    layer.w13_weight.data.copy_(w13)
-    layer.w2_weight.data.copy_(w2)
+    params = [layer.w13_weight.data, layer.w2_weight.data]
+    if layer.fp8_block is not None:  # FP8 experts kept in memory move with their block scales
+        params += [layer.w13_weight_scale_inv.data, layer.w2_weight_scale_inv.data]
+    new = migrate(params, plan, ctx.ep_rank, ctx.moe_tp_rank, ctx.moe_tp_size, ctx.group)
+    for param, moved in zip(params, new, strict=True):
+        param.copy_(moved)
     placement.set(new_P)
     layer.finalize_weights()
     return plan.num_moved

@@ -54,15 +54,18 @@ def migrate(weights: list[torch.Tensor], plan: MovePlan, ep_rank: int, moe_tp_ra
     """This rank's weights under the new placement.
 
     Args:
-        weights: tensors [P/ep, ...] indexed by this rank's old local slots (e.g. w13 and w2), one dtype.
+        weights: tensors [P/ep, ...] indexed by this rank's old local slots (e.g. w13 and w2, and with FP8 experts
+            their float32 scales beside the float8_e4m3fn weights), any dtypes: they travel as raw bytes.
         plan: plan_moves of the old and new placements (the same on every rank).
         group: the EP group (ranks ep_rank * moe_tp_size + moe_tp_rank); None with one rank.
 
     Returns:
         New tensors [P/ep, ...] indexed by the new local slots; the inputs are left as they were.
     """
-    dtype, device = weights[0].dtype, weights[0].device
-    sizes = [w[0].numel() for w in weights]
+    device = weights[0].device
+    # Each tensor as bytes [P/ep, bytes per slot]: one message carries tensors of several dtypes.
+    raw = [w.contiguous().view(torch.uint8).reshape(w.shape[0], -1) for w in weights]
+    sizes = [r.shape[1] for r in raw]
 
     def peer(ep: int) -> int:
         assert group is not None
@@ -75,26 +78,27 @@ def migrate(weights: list[torch.Tensor], plan: MovePlan, ep_rank: int, moe_tp_ra
         mine = [old for src, old in row if src == ep_rank]
         if mine:
             index = torch.tensor(mine, device=device)
-            payload = torch.cat([w.index_select(0, index).reshape(len(mine), -1) for w in weights], dim=1)
-            ops.append(dist.P2POp(dist.isend, payload.contiguous(), peer(dst), group))
+            payload = torch.cat([r.index_select(0, index) for r in raw], dim=1)
+            ops.append(dist.P2POp(dist.isend, payload, peer(dst), group))
     my_row = plan.sources[ep_rank]
     for src in sorted({s for s, _ in my_row} - {ep_rank}):  # what it receives, one message per source
         count = sum(s == src for s, _ in my_row)
-        received[src] = torch.empty(count, sum(sizes), dtype=dtype, device=device)
+        received[src] = torch.empty(count, sum(sizes), dtype=torch.uint8, device=device)
         ops.append(dist.P2POp(dist.irecv, received[src], peer(src), group))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
 
-    new = [torch.empty_like(w) for w in weights]
+    new = [torch.empty(w.shape, dtype=w.dtype, device=device) for w in weights]
+    new_raw = [w.view(torch.uint8).reshape(w.shape[0], -1) for w in new]  # views: writing them fills ``new``
     taken = dict.fromkeys(received, 0)
     for slot, (src, old) in enumerate(my_row):
         if src == ep_rank:
-            for out, w in zip(new, weights, strict=True):
-                out[slot].copy_(w[old])
+            for out, r in zip(new_raw, raw, strict=True):
+                out[slot].copy_(r[old])
             continue
         flat = received[src][taken[src]]
         taken[src] += 1
-        for out, part in zip(new, flat.split(sizes), strict=True):
-            out[slot].copy_(part.view_as(out[slot]))
+        for out, part in zip(new_raw, flat.split(sizes), strict=True):
+            out[slot].copy_(part)
     return new

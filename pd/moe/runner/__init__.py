@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -10,14 +11,32 @@ import torch
 from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
 
 
+@dataclass(frozen=True)
+class ExpertScales:
+    """Block scales of float8_e4m3fn expert weights (pd.quant.fp8's layout), for a runner that computes with them.
+
+    w13: [E_local, 2 * ceil(I / bn), ceil(H / bk)] float32: gate's scale rows, then up's (quantized apart, so a
+        block never spans both halves).
+    w2: [E_local, ceil(H / bn), ceil(I / bk)] float32.
+    block: (bn, bk).
+    """
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    block: tuple[int, int]
+
+
 class MoeRunner(Protocol):
     """Computes the local experts on dispatched tokens (pre-permute, grouped GEMMs, post-permute).
 
     ``formats``: the dispatch formats ``run`` takes (pd.moe.dispatcher.base.DispatchFormat); FusedMoE refuses,
     at construction, a dispatcher whose output format is not among them.
+    ``block_fp8``: whether ``run`` takes float8_e4m3fn weights with their ExpertScales; FusedMoE dequantizes FP8
+    experts to the model dtype once, at finalize_weights, for a runner that does not.
     """
 
     formats: tuple[DispatchFormat, ...]
+    block_fp8: bool
 
     def run(
         self,
@@ -25,6 +44,7 @@ class MoeRunner(Protocol):
         w13_EXH: torch.Tensor,
         w2_EHI: torch.Tensor,
         activation: str = "silu",
+        scales: ExpertScales | None = None,
     ) -> CombineInput: ...
 
     def prepare_weights(self, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor) -> None:

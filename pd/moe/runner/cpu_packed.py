@@ -31,6 +31,7 @@ import torch
 from pd.layers import cpu_grouped_gemv
 from pd.layers.cpu_packed import mkldnn_packable, pack_weight, packed_linear, tensor_stamp
 from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
+from pd.moe.runner import ExpertScales
 from pd.moe.runner.torch_ref import PermutedRows, TorchMoeRunner, get_activation, post_permute, pre_permute
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class CpuPackedMoeRunner:
     """
 
     formats = (DispatchFormat.STANDARD, DispatchFormat.BATCHED)
+    block_fp8 = False  # computes in the model dtype: FusedMoE dequantizes FP8 experts for it
 
     def __init__(self, path: str | None = None) -> None:
         if path not in (None, *PATHS):
@@ -110,6 +112,7 @@ class CpuPackedMoeRunner:
         w13_EXH: torch.Tensor,
         w2_EHI: torch.Tensor,
         activation: str = "silu",
+        scales: ExpertScales | None = None,
     ) -> CombineInput:
         """Compute this rank's experts for the dispatched tokens (same contract as TorchMoeRunner.run).
 
@@ -120,6 +123,7 @@ class CpuPackedMoeRunner:
                 since, they are packed again here.
             w2_EHI: [E_local, H, I], likewise.
             activation: "silu" or "gelu", applied to the gate half.
+            scales: None (block_fp8 is False).
 
         Returns:
             CombineInput with hidden_states [N, H] (model dtype): per token, the sum over its local slots of
@@ -130,6 +134,7 @@ class CpuPackedMoeRunner:
             ValueError: unknown activation, or an expert id >= E_local.
         """
         act = get_activation(activation)
+        assert scales is None, "FP8 experts are dequantized for this runner (block_fp8 = False)"
         if dispatch_out.format == DispatchFormat.BATCHED:
             return TorchMoeRunner().run(dispatch_out, w13_EXH, w2_EHI, activation)
         if self._stamp != (tensor_stamp(w13_EXH), tensor_stamp(w2_EHI)):

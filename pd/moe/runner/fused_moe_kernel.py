@@ -15,6 +15,11 @@ row count per expert (the batched dispatch format): program (row block, column b
 programs whose row block starts past the count (read on the device) exit at once. No alignment, no sort, and a
 grid fixed by max_rows (static shapes, CUDA-graph safe).
 
+Block-FP8 experts (``BlockFp8``): A and B are float8_e4m3fn, A with one float32 scale per row and group of GROUP_K
+columns (pd.layers.triton_fp8_gemm.token_group_quant), B with one per (GROUP_N x GROUP_K) block of each expert
+(pd.quant.fp8's layout). BLOCK_K divides GROUP_K, so each k-step is one fp8 ``tl.dot`` times a row-scale vector and
+a column-scale vector, accumulated in float32 (SGLang's fused_moe_kernel with use_fp8_w8a8 and block_shape).
+
 Block sizes come from JSON tables in ``configs/`` (one per GEMM shape, dtype and GPU, mapping a token count to
 a config, as SGLang and vLLM store them), written by benchmarks/tune_fused_moe.py; ``default_config`` covers
 shapes nobody tuned.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +41,58 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_FP8 = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class BlockFp8:
+    """The scales of a block-FP8 expert GEMM (A and B float8_e4m3fn; C in the model dtype).
+
+    a_scale: float32, one per A row and group of block[1] columns: [X, ceil(K / block[1])] (standard layout) or
+        [E, max_rows, ceil(K / block[1])] (batched), unit stride along the groups not required.
+    b_scale: [E, S, ceil(K / block[1])] float32, the weights' block scales.
+    block: (GROUP_N, GROUP_K) of B's scale blocks; A's groups are GROUP_K wide.
+    split: B's output rows [0, split) and [split, N) were quantized apart (gate and up of w13, whose scale rows
+        are gate's ceil(I / GROUP_N) then up's): row n's scale row is n // GROUP_N below split and
+        ceil(split / GROUP_N) + (n - split) // GROUP_N from it. N for a weight quantized whole (w2).
+    """
+
+    a_scale: torch.Tensor
+    b_scale: torch.Tensor
+    block: tuple[int, int]
+    split: int
+
+
+@triton.jit
+def _b_scale_rows(offs_n, split, GROUP_N: tl.constexpr):
+    """Each column's row of B's scales (see BlockFp8.split)."""
+    split_rows = (split + GROUP_N - 1) // GROUP_N
+    return tl.where(offs_n < split, offs_n // GROUP_N, split_rows + (offs_n - split) // GROUP_N)
+
+
+@triton.jit
+def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak, stride_bk, stride_ask, stride_bsk,
+                    EVEN_K: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):  # fmt: skip
+    """_accumulate for float8_e4m3fn A and B: each k-step's fp8 product times A's row scales (``as_ptrs`` at group
+    0) and B's column scales (``bs_ptrs`` at group 0), summed in float32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=a_rows_valid[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=a_rows_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        group = (k * BLOCK_K) // GROUP_K
+        a_s = tl.load(as_ptrs + group * stride_ask, mask=a_rows_valid, other=0.0)
+        b_s = tl.load(bs_ptrs + group * stride_bsk)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
 
 
 @triton.jit
@@ -62,10 +120,12 @@ def _accumulate(a_ptrs, b_ptrs, a_rows_valid, K, stride_ak, stride_bk, EVEN_K: t
 @triton.jit(do_not_specialize=["num_pairs"])
 def _fused_moe_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_of_block_ptr, num_rows_post_pad_ptr,
-    num_pairs, N, K,
+    as_ptr, bs_ptr, num_pairs, N, K, scale_split,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     A_ROW_DIVISOR: tl.constexpr, MUL_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Programs in groups of GROUP_M row blocks that walk the column blocks together, so the A rows of a group
@@ -93,8 +153,14 @@ def _fused_moe_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
-    acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                      BLOCK_K)  # fmt: skip
+    if USE_FP8:
+        as_ptrs = as_ptr + a_rows * stride_asm
+        bs_ptrs = bs_ptr + expert * stride_bse + _b_scale_rows(offs_n, scale_split, GROUP_N) * stride_bsn
+        acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
+                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                          BLOCK_K)  # fmt: skip
 
     if MUL_WEIGHT:
         # The expert output in the model dtype, times the float32 routing weight, cast: the reference's order.
@@ -118,13 +184,15 @@ def invoke_fused_moe_gemm(
     a_per_pair: bool,
     config: dict[str, int],
     topk_weights_P: torch.Tensor | None = None,
+    fp8: BlockFp8 | None = None,
 ) -> torch.Tensor:
     """c[p] = a[row(p)] @ b[expert(p)].T (times weight[p]) for every pair p in ``sorted_ids``. Asynchronous.
 
     Args:
-        a_XK: [X, K] model dtype, unit stride along K. X = N_tokens (row(p) = p // top_k) or, with
-            ``a_per_pair``, X = N_tokens * top_k (row(p) = p).
-        b_ENK: [E, N, K] model dtype: weights as stored (nn.Linear layout per expert), read transposed.
+        a_XK: [X, K] model dtype (float8_e4m3fn with ``fp8``), unit stride along K. X = N_tokens
+            (row(p) = p // top_k) or, with ``a_per_pair``, X = N_tokens * top_k (row(p) = p).
+        b_ENK: [E, N, K] model dtype (float8_e4m3fn with ``fp8``): weights as stored (nn.Linear layout per expert),
+            read transposed.
         c_PN: [N_tokens * top_k, N] model dtype output, written only at the pairs in sorted_ids (the other rows
             keep whatever they held).
         sorted_ids, expert_of_block, num_rows_post_pad: from moe_align.align_pairs_to_blocks with
@@ -134,6 +202,8 @@ def invoke_fused_moe_gemm(
         config: CONFIG_KEYS -> int.
         topk_weights_P: [N_tokens * top_k] float32, multiplied into each output row (in float32, after
             rounding the GEMM result to the model dtype), or None.
+        fp8: the scales of float8_e4m3fn A and B (a_scale [X, ceil(K / GROUP_K)]); config's BLOCK_SIZE_K must
+            divide GROUP_K. None: A, B and C share the model dtype.
 
     Returns:
         c_PN.
@@ -143,33 +213,65 @@ def invoke_fused_moe_gemm(
     e, n_b, k = b_ENK.shape
     assert a_XK.dim() == 2 and a_XK.shape[1] == k and a_XK.stride(1) == 1, (a_XK.shape, b_ENK.shape)
     assert a_XK.shape[0] * (1 if a_per_pair else top_k) == num_pairs and n_b == n, (a_XK.shape, c_PN.shape)
-    assert a_XK.dtype == b_ENK.dtype == c_PN.dtype and a_XK.dtype in _TL_DTYPES, (a_XK.dtype, b_ENK.dtype)
+    _check_operands(a_XK, b_ENK, c_PN, fp8, block_k)
     assert sorted_ids.dtype == expert_of_block.dtype == num_rows_post_pad.dtype == torch.int32
     assert sorted_ids.numel() == expert_of_block.numel() * block_m, (sorted_ids.shape, expert_of_block.shape)
     assert topk_weights_P is None or (topk_weights_P.dtype == torch.float32 and topk_weights_P.shape == (num_pairs,))
     assert len({t.device for t in (a_XK, b_ENK, c_PN, sorted_ids, expert_of_block)}) == 1
     weights = topk_weights_P if topk_weights_P is not None else c_PN  # a pointer the kernel never reads
+    if fp8 is not None:
+        assert fp8.a_scale.shape[0] == a_XK.shape[0], (fp8.a_scale.shape, a_XK.shape)
+    a_s, b_s, a_s_strides, b_s_strides, group, split = _scale_args(fp8, c_PN, 2, n)
     grid = (expert_of_block.numel() * triton.cdiv(n, block_n),)
     _fused_moe_kernel[grid](
         a_XK, b_ENK, c_PN, weights, sorted_ids, expert_of_block, num_rows_post_pad,
-        num_pairs, n, k,
+        a_s, b_s, num_pairs, n, k, split,
         a_XK.stride(0), a_XK.stride(1), b_ENK.stride(0), b_ENK.stride(1), b_ENK.stride(2),
-        c_PN.stride(0), c_PN.stride(1),
+        c_PN.stride(0), c_PN.stride(1), *a_s_strides, *b_s_strides,
         A_ROW_DIVISOR=1 if a_per_pair else top_k, MUL_WEIGHT=topk_weights_P is not None,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_XK.dtype == torch.float32 else "tf32",
-        OUT_DTYPE=_TL_DTYPES[c_PN.dtype],
+        OUT_DTYPE=_TL_DTYPES[c_PN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return c_PN
 
 
+def _check_operands(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fp8: BlockFp8 | None, block_k: int) -> None:
+    """A and B in C's dtype, or float8_e4m3fn with scales whose groups hold whole k-steps."""
+    assert c.dtype in _TL_DTYPES, c.dtype
+    if fp8 is None:
+        assert a.dtype == b.dtype == c.dtype, (a.dtype, b.dtype, c.dtype)
+        return
+    group_n, group_k = fp8.block
+    k = b.shape[2]
+    assert a.dtype == b.dtype == _FP8, (a.dtype, b.dtype)
+    assert fp8.a_scale.dtype == fp8.b_scale.dtype == torch.float32, (fp8.a_scale.dtype, fp8.b_scale.dtype)
+    assert fp8.a_scale.shape[-1] == triton.cdiv(k, group_k), (fp8.a_scale.shape, k, group_k)
+    rows = triton.cdiv(fp8.split, group_n) + triton.cdiv(b.shape[1] - fp8.split, group_n)
+    assert fp8.b_scale.shape == (b.shape[0], rows, triton.cdiv(k, group_k)), (fp8.b_scale.shape, b.shape, fp8)
+    assert group_k % block_k == 0, f"BLOCK_SIZE_K {block_k} must divide the scale group {group_k}"
+
+
+_ScaleArgs = tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...], tuple[int, int], int]
+
+
+def _scale_args(fp8: BlockFp8 | None, dummy: torch.Tensor, a_dims: int, n: int) -> _ScaleArgs:
+    """The kernels' scale arguments: (a_scale, b_scale, a_scale strides, b_scale strides, (GROUP_N, GROUP_K),
+    split); placeholders the kernel never reads without FP8."""
+    if fp8 is None:
+        return dummy, dummy, (0,) * a_dims, (0, 0, 0), (1, 1), n
+    return fp8.a_scale, fp8.b_scale, fp8.a_scale.stride(), fp8.b_scale.stride(), fp8.block, fp8.split
+
+
 @triton.jit
 def _batched_moe_kernel(
-    a_ptr, b_ptr, c_ptr, counts_ptr, max_rows, N, K,
+    a_ptr, b_ptr, c_ptr, counts_ptr, as_ptr, bs_ptr, max_rows, N, K, scale_split,
     stride_ae, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_ce, stride_cm, stride_cn,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_ase, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Column blocks of one row block are neighbours, so they read the block's A rows while those are in L2.
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -187,8 +289,14 @@ def _batched_moe_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + expert * stride_ae + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
-    acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                      BLOCK_K)  # fmt: skip
+    if USE_FP8:
+        as_ptrs = as_ptr + expert * stride_ase + rows.to(tl.int64) * stride_asm
+        bs_ptrs = bs_ptr + expert * stride_bse + _b_scale_rows(offs_n, scale_split, GROUP_N) * stride_bsn
+        acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
+                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                          BLOCK_K)  # fmt: skip
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ptrs = c_ptr + expert * stride_ce + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
@@ -201,15 +309,20 @@ def invoke_batched_moe_gemm(
     c_EMN: torch.Tensor,
     counts_E: torch.Tensor,
     config: dict[str, int],
+    fp8: BlockFp8 | None = None,
 ) -> torch.Tensor:
     """c[e, j] = a[e, j] @ b[e].T for every expert e and row j < counts_E[e]. Asynchronous, no host sync.
 
     Args:
-        a_EMK: [E, max_rows, K] model dtype, any strides (rows past a count are not read).
-        b_ENK: [E, N, K] model dtype: weights as stored (nn.Linear layout per expert), read transposed.
+        a_EMK: [E, max_rows, K] model dtype (float8_e4m3fn with ``fp8``), any strides (rows past a count are not
+            read).
+        b_ENK: [E, N, K] model dtype (float8_e4m3fn with ``fp8``): weights as stored (nn.Linear layout per
+            expert), read transposed.
         c_EMN: [E, max_rows, N] model dtype output; rows past a count keep whatever they held.
         counts_E: [E] int32 rows used per expert (on the device; values past max_rows are clamped to it).
         config: CONFIG_KEYS -> int (GROUP_SIZE_M unused: one expert's row blocks are few).
+        fp8: the scales of float8_e4m3fn A and B (a_scale [E, max_rows, ceil(K / GROUP_K)]); config's BLOCK_SIZE_K
+            must divide GROUP_K. None: A, B and C share the model dtype.
 
     Returns:
         c_EMN.
@@ -218,18 +331,21 @@ def invoke_batched_moe_gemm(
     e, max_rows, k = a_EMK.shape
     e_b, n, k_b = b_ENK.shape
     assert (e_b, k_b) == (e, k) and c_EMN.shape == (e, max_rows, n), (a_EMK.shape, b_ENK.shape, c_EMN.shape)
-    assert a_EMK.dtype == b_ENK.dtype == c_EMN.dtype and a_EMK.dtype in _TL_DTYPES, (a_EMK.dtype, b_ENK.dtype)
+    _check_operands(a_EMK, b_ENK, c_EMN, fp8, block_k)
+    assert fp8 is None or fp8.a_scale.shape[:2] == (e, max_rows), (fp8.a_scale.shape if fp8 else None)
     assert counts_E.shape == (e,) and counts_E.dtype == torch.int32, (counts_E.shape, counts_E.dtype)
     assert len({t.device for t in (a_EMK, b_ENK, c_EMN, counts_E)}) == 1
     if e == 0 or max_rows == 0 or n == 0:
         return c_EMN
+    a_s, b_s, a_s_strides, b_s_strides, group, split = _scale_args(fp8, c_EMN, 3, n)
     grid = (triton.cdiv(max_rows, block_m) * triton.cdiv(n, block_n), e)
     _batched_moe_kernel[grid](
-        a_EMK, b_ENK, c_EMN, counts_E, max_rows, n, k,
+        a_EMK, b_ENK, c_EMN, counts_E, a_s, b_s, max_rows, n, k, split,
         a_EMK.stride(0), a_EMK.stride(1), a_EMK.stride(2), b_ENK.stride(0), b_ENK.stride(1), b_ENK.stride(2),
-        c_EMN.stride(0), c_EMN.stride(1), c_EMN.stride(2),
+        c_EMN.stride(0), c_EMN.stride(1), c_EMN.stride(2), *a_s_strides, *b_s_strides,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_EMK.dtype == torch.float32 else "tf32",
-        OUT_DTYPE=_TL_DTYPES[c_EMN.dtype], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        OUT_DTYPE=_TL_DTYPES[c_EMN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return c_EMN
@@ -269,6 +385,16 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, dtype: torch.d
     64-128 rows.
     """
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+    if dtype == _FP8:  # k-steps of 128 fp8 columns: one scale group of DeepSeek's 128x128 blocks, half the bytes
+        if rows_per_expert <= 16:
+            cfg = (16, 64, 128, 1, 4, 4)
+        elif rows_per_expert <= 64:
+            cfg = (32, 64, 128, 8, 4, 4)
+        elif rows_per_expert <= 256:
+            cfg = (64, 128, 128, 8, 4, 3)
+        else:
+            cfg = (128, 128, 128, 8, 8, 3)
+        return dict(zip(CONFIG_KEYS, cfg, strict=True))
     wide = 2 if dtype == torch.float32 else 1  # float32 tiles take twice the shared memory
     if rows_per_expert <= 16:
         cfg = (16, 64, 128 // wide, 1, 4, 4)
@@ -283,8 +409,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, dtype: torch.d
 
 def get_config(num_experts: int, n: int, k: int, dtype: torch.dtype, num_tokens: int, top_k: int,
                device_name: str, config_dir: str = CONFIG_DIR) -> dict[str, int]:  # fmt: skip
-    """Block sizes for one GEMM (B = [E, n, k]) at ``num_tokens`` tokens: the tuned entry of the nearest token
-    count when a table exists for this shape, dtype and GPU, else ``default_config``."""
+    """Block sizes for one GEMM (B = [E, n, k] of ``dtype``: the model dtype, or float8_e4m3fn for block-FP8
+    experts, whose tables are their own) at ``num_tokens`` tokens: the tuned entry of the nearest token count when
+    a table exists for this shape, dtype and GPU, else ``default_config``."""
     table = load_config_table(os.path.join(config_dir, config_file_name(num_experts, n, k, dtype, device_name)))
     if table is None:
         return default_config(num_tokens, top_k, num_experts, dtype)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
+from pd.moe.runner import ExpertScales
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu}
 
@@ -52,6 +53,7 @@ class TorchMoeRunner:
     """
 
     formats = (DispatchFormat.STANDARD, DispatchFormat.BATCHED)
+    block_fp8 = False  # computes in the model dtype: FusedMoE dequantizes FP8 experts for it
 
     def __init__(self, use_grouped_mm: bool | None = None) -> None:
         self.use_grouped_mm = use_grouped_mm
@@ -62,6 +64,7 @@ class TorchMoeRunner:
         w13_EXH: torch.Tensor,
         w2_EHI: torch.Tensor,
         activation: str = "silu",
+        scales: ExpertScales | None = None,
     ) -> CombineInput:
         """Compute this rank's experts for the dispatched tokens.
 
@@ -72,6 +75,7 @@ class TorchMoeRunner:
             w13_EXH: [E_local, 2*I, H] fused gate (rows [0:I]) and up (rows [I:2I]) projections, model dtype.
             w2_EHI: [E_local, H, I] down projections, model dtype.
             activation: "silu" or "gelu", applied to the gate half.
+            scales: None (block_fp8 is False).
 
         Returns:
             Standard: CombineInput whose hidden_states [N, H] (model dtype) is, per token, the sum over its local
@@ -83,6 +87,7 @@ class TorchMoeRunner:
             ValueError: unknown activation, an expert id >= E_local, or a count outside [0, max_rows].
         """
         act = get_activation(activation)
+        assert scales is None, "FP8 experts are dequantized for this runner (block_fp8 = False)"
         num_experts = w13_EXH.shape[0]
         assert dispatch_out.hidden_states.dtype == w13_EXH.dtype == w2_EHI.dtype
         if dispatch_out.format == DispatchFormat.BATCHED:

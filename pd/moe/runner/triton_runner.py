@@ -15,18 +15,28 @@ counts on the device) skips the alignment and the sum: the batched grouped GEMM 
 _kernel``, the batched grouped GEMM for down, three launches over a grid fixed by max_rows whose programs past an
 expert's count exit at once; the output [E_local, max_rows, H] is unweighted (combine weights it).
 
+Block-FP8 experts (``scales`` given, float8_e4m3fn weights): the GEMMs' inputs are quantized per token and group of
+bk columns first (pd.layers.triton_fp8_gemm.token_group_quant: the hidden rows before gate_up, the act(gate) * up
+rows before down; in the batched format only the rows below each count), and both GEMMs multiply fp8 tiles with
+their block scales (fused_moe_kernel.BlockFp8). Two more launches; still no host sync. This adds the activations'
+e4m3 rounding to the dequantized reference's arithmetic.
+
 The arithmetic follows pd.moe.runner.torch_ref stage by stage; only the GEMMs' accumulation order differs (float32
 in both). Every stage is deterministic: same inputs, same bits.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import triton
 import triton.language as tl
 
+from pd.layers.triton_fp8_gemm import FP8_DTYPE, kernel_block_k, token_group_quant
 from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
-from pd.moe.runner.fused_moe_kernel import get_config, invoke_batched_moe_gemm, invoke_fused_moe_gemm
+from pd.moe.runner import ExpertScales
+from pd.moe.runner.fused_moe_kernel import BlockFp8, get_config, invoke_batched_moe_gemm, invoke_fused_moe_gemm
 from pd.moe.runner.moe_align import align_pairs_to_blocks
 from pd.moe.runner.torch_ref import get_activation
 
@@ -104,6 +114,7 @@ class TritonMoeRunner:
     """
 
     formats = (DispatchFormat.STANDARD, DispatchFormat.BATCHED)
+    block_fp8 = True
 
     def __init__(self, config: dict[str, int] | None = None) -> None:
         self.config = config
@@ -115,6 +126,7 @@ class TritonMoeRunner:
         w13_EXH: torch.Tensor,
         w2_EHI: torch.Tensor,
         activation: str = "silu",
+        scales: ExpertScales | None = None,
     ) -> CombineInput:
         """Compute this rank's experts for the dispatched tokens. Asynchronous: no host sync.
 
@@ -122,9 +134,11 @@ class TritonMoeRunner:
             dispatch_out: standard: hidden_states [N, H] (model dtype: float32, bfloat16 or float16), topk_ids
                 [N, K] int64 local ids (-1 = not on this rank), topk_weights [N, K] float32. Batched:
                 hidden_states [E_local, max_rows, H] (any strides), expert_counts [E_local] int32 on the device.
-            w13_EXH: [E_local, 2*I, H] gate rows [0:I], up rows [I:2I], model dtype.
-            w2_EHI: [E_local, H, I], model dtype.
+            w13_EXH: [E_local, 2*I, H] gate rows [0:I], up rows [I:2I], model dtype (float8_e4m3fn with scales).
+            w2_EHI: [E_local, H, I], model dtype (float8_e4m3fn with scales).
             activation: "silu" or "gelu" (exact), applied to the gate half.
+            scales: the block scales of float8_e4m3fn weights (W8A8: the activations are quantized per token
+                and group of block[1] columns), or None.
 
         Returns:
             Standard: CombineInput with hidden_states [N, H] (model dtype): per token, the sum over its local slots
@@ -138,7 +152,7 @@ class TritonMoeRunner:
         """
         get_activation(activation)  # validates the name
         if dispatch_out.format == DispatchFormat.BATCHED:
-            return self._run_batched(dispatch_out, w13_EXH, w2_EHI, activation)
+            return self._run_batched(dispatch_out, w13_EXH, w2_EHI, activation, scales)
         hidden_NH, ids_NK = dispatch_out.hidden_states, dispatch_out.topk_ids
         assert ids_NK is not None and dispatch_out.topk_weights is not None
         num_tokens, top_k = ids_NK.shape
@@ -146,13 +160,15 @@ class TritonMoeRunner:
         inter = two_inter // 2
         dtype = hidden_NH.dtype
         assert hidden_NH.shape == (num_tokens, hidden) and w2_EHI.shape == (num_experts, hidden, inter)
-        assert dtype == w13_EXH.dtype == w2_EHI.dtype and dtype in _TL_DTYPES, (dtype, w13_EXH.dtype)
+        _check_weights(dtype, w13_EXH, w2_EHI, scales)
         out_NH = hidden_NH.new_empty(num_tokens, hidden)
         if num_tokens == 0 or top_k == 0:
             return CombineInput(hidden_states=out_NH.zero_(), handle=dispatch_out.handle)
 
-        cfg_up = self._config(num_experts, two_inter, hidden, dtype, num_tokens, top_k, hidden_NH.device)
-        cfg_down = self._config(num_experts, hidden, inter, dtype, num_tokens, top_k, hidden_NH.device)
+        cfg_up = self._config(num_experts, two_inter, hidden, w13_EXH.dtype, num_tokens, top_k, hidden_NH.device,
+                              scales)  # fmt: skip
+        cfg_down = self._config(num_experts, hidden, inter, w13_EXH.dtype, num_tokens, top_k, hidden_NH.device,
+                                scales)  # fmt: skip
         # One alignment serves both GEMMs, so they share BLOCK_M (the tuner picks tables that agree).
         cfg_down["BLOCK_SIZE_M"] = cfg_up["BLOCK_SIZE_M"]
         ids_NK = ids_NK.contiguous()
@@ -161,7 +177,8 @@ class TritonMoeRunner:
         num_pairs = num_tokens * top_k
 
         gate_up_PX = hidden_NH.new_empty(num_pairs, two_inter)
-        invoke_fused_moe_gemm(hidden_NH.contiguous(), w13_EXH, gate_up_PX, *blocks, top_k, False, cfg_up)
+        a_NH, fp8_up = _quantized(hidden_NH.contiguous(), scales, "w13", inter)
+        invoke_fused_moe_gemm(a_NH, w13_EXH, gate_up_PX, *blocks, top_k, False, cfg_up, fp8=fp8_up)
         inter_PI = hidden_NH.new_empty(num_pairs, inter)
         _act_and_mul_kernel[(num_pairs, triton.cdiv(inter, _BLOCK_COLS))](
             gate_up_PX, inter_PI, ids_NK, num_experts, inter, gate_up_PX.stride(0), inter_PI.stride(0),
@@ -169,7 +186,8 @@ class TritonMoeRunner:
         )  # fmt: skip
         weights_P = dispatch_out.topk_weights.to(torch.float32).contiguous().view(-1)
         down_PH = hidden_NH.new_empty(num_pairs, hidden)
-        invoke_fused_moe_gemm(inter_PI, w2_EHI, down_PH, *blocks, top_k, True, cfg_down, weights_P)
+        a_PI, fp8_down = _quantized(inter_PI, scales, "w2", hidden)
+        invoke_fused_moe_gemm(a_PI, w2_EHI, down_PH, *blocks, top_k, True, cfg_down, weights_P, fp8_down)
         _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, _BLOCK_COLS))](
             down_PH, ids_NK, out_NH, num_experts, hidden, down_PH.stride(0), out_NH.stride(0),
             TOP_K=top_k, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(hidden)),
@@ -177,7 +195,7 @@ class TritonMoeRunner:
         return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
 
     def _run_batched(self, dispatch_out: DispatchOutput, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor,
-                     activation: str) -> CombineInput:  # fmt: skip
+                     activation: str, scales: ExpertScales | None) -> CombineInput:  # fmt: skip
         """The batched format: gate_up GEMM, act_and_mul, down GEMM over [E_local, max_rows, ...], no sort."""
         x_EMH, counts_E = dispatch_out.hidden_states, dispatch_out.expert_counts
         assert counts_E is not None
@@ -186,7 +204,7 @@ class TritonMoeRunner:
         inter = two_inter // 2
         dtype = x_EMH.dtype
         assert w13_EXH.shape == (num_experts, two_inter, hidden) and w2_EHI.shape == (num_experts, hidden, inter)
-        assert dtype == w13_EXH.dtype == w2_EHI.dtype and dtype in _TL_DTYPES, (dtype, w13_EXH.dtype)
+        _check_weights(dtype, w13_EXH, w2_EHI, scales)
         out_EMH = x_EMH.new_empty(num_experts, max_rows, hidden)
         if num_experts * max_rows == 0:
             return CombineInput(hidden_states=out_EMH, handle=dispatch_out.handle)
@@ -194,10 +212,11 @@ class TritonMoeRunner:
         # The tables are keyed by the token rows a standard-format batch hands the runner; in the standard format this
         # batch would be max_rows rows (R * C after low-latency dispatch), so that is the key. Without a table the
         # default assumes max_rows / E_local rows per expert (one local slot per row on average).
-        cfg_up = self._config(num_experts, two_inter, hidden, dtype, max_rows, 1, x_EMH.device)
-        cfg_down = self._config(num_experts, hidden, inter, dtype, max_rows, 1, x_EMH.device)
+        cfg_up = self._config(num_experts, two_inter, hidden, w13_EXH.dtype, max_rows, 1, x_EMH.device, scales)
+        cfg_down = self._config(num_experts, hidden, inter, w13_EXH.dtype, max_rows, 1, x_EMH.device, scales)
         gate_up_EMX = x_EMH.new_empty(num_experts, max_rows, two_inter)
-        invoke_batched_moe_gemm(x_EMH, w13_EXH, gate_up_EMX, counts_E, cfg_up)
+        a_EMH, fp8_up = _quantized(x_EMH, scales, "w13", inter, counts_E)
+        invoke_batched_moe_gemm(a_EMH, w13_EXH, gate_up_EMX, counts_E, cfg_up, fp8_up)
         inter_EMI = x_EMH.new_empty(num_experts, max_rows, inter)
         block_c = min(_BATCHED_COLS, triton.next_power_of_2(inter))
         _batched_act_and_mul_kernel[(triton.cdiv(max_rows, _BATCHED_ROWS), triton.cdiv(inter, block_c), num_experts)](
@@ -205,16 +224,43 @@ class TritonMoeRunner:
             inter_EMI.stride(0), inter_EMI.stride(1), ACTIVATION=activation, OUT_DTYPE=_TL_DTYPES[dtype],
             BLOCK_R=_BATCHED_ROWS, BLOCK_C=block_c,
         )  # fmt: skip
-        invoke_batched_moe_gemm(inter_EMI, w2_EHI, out_EMH, counts_E, cfg_down)
+        a_EMI, fp8_down = _quantized(inter_EMI, scales, "w2", hidden, counts_E)
+        invoke_batched_moe_gemm(a_EMI, w2_EHI, out_EMH, counts_E, cfg_down, fp8_down)
         return CombineInput(hidden_states=out_EMH, handle=dispatch_out.handle)
 
     def prepare_weights(self, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor) -> None:
         """Nothing to prepare: the kernels read the weights as stored ([E, N, K], any strides)."""
 
     def _config(self, num_experts: int, n: int, k: int, dtype: torch.dtype, num_tokens: int, top_k: int,
-                device: torch.device) -> dict[str, int]:  # fmt: skip
+                device: torch.device, scales: ExpertScales | None) -> dict[str, int]:  # fmt: skip
+        """The block sizes of one GEMM (B = [E, n, k] of ``dtype``, the weights' dtype); with FP8 scales, k-steps
+        that never straddle a scale group."""
         if self.config is not None:
-            return dict(self.config)
-        if device not in self._device_names:
-            self._device_names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        return get_config(num_experts, n, k, dtype, num_tokens, top_k, self._device_names[device])
+            cfg = dict(self.config)
+        else:
+            if device not in self._device_names:
+                name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+                self._device_names[device] = name
+            cfg = get_config(num_experts, n, k, dtype, num_tokens, top_k, self._device_names[device])
+        if scales is not None:
+            cfg["BLOCK_SIZE_K"] = kernel_block_k(cfg["BLOCK_SIZE_K"], scales.block[1])
+        return cfg
+
+
+def _check_weights(dtype: torch.dtype, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor,
+                   scales: ExpertScales | None) -> None:  # fmt: skip
+    """Weights in the model dtype, or float8_e4m3fn with scales."""
+    assert dtype in _TL_DTYPES, dtype
+    weights = FP8_DTYPE if scales is not None else dtype
+    assert w13_EXH.dtype == w2_EHI.dtype == weights, (dtype, w13_EXH.dtype, w2_EHI.dtype, scales is not None)
+
+
+def _quantized(a: torch.Tensor, scales: ExpertScales | None, which: Literal["w13", "w2"], split: int,
+               counts_E: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockFp8 | None]:  # fmt: skip
+    """A GEMM's A operand as the kernel takes it: ``a`` itself without scales; else its e4m3 quantization per row and
+    group of block[1] columns, with the BlockFp8 of weight ``which`` ("w13": gate and up quantized apart at
+    ``split`` = I; "w2": whole, ``split`` = H)."""
+    if scales is None:
+        return a, None
+    a_q, a_scale = token_group_quant(a if a.stride(-1) == 1 else a.contiguous(), scales.block[1], counts_E)
+    return a_q, BlockFp8(a_scale, getattr(scales, which), scales.block, split)

@@ -1,0 +1,239 @@
+"""Block-FP8 (W8A8, 128x128 weight blocks, 1x128 activation groups) Triton kernels against torch._scaled_mm and bf16,
+all measured in the same run on the same shapes.
+
+Dense linears (pd.layers.triton_fp8_gemm): DeepSeek-V3 and Qwen3-30B-A3B projection shapes at decode and prefill
+token counts. Per shape:
+- ``fp8 us``: the block-FP8 GEMM on pre-quantized activations; ``+quant us``: with the activation quantization
+  (what Fp8Linear runs);
+- ``_scaled_mm``: torch._scaled_mm on the same [M, K] x [K, N] e4m3 operands with one scale per tensor (no
+  blocks: cuBLAS's FP8 GEMM, the compute bound), M padded to 16 where cuBLAS needs it;
+- ``bf16``: torch.matmul of the bf16 operands;
+- ``TFLOP/s`` = 2MNK / time, ``%smm`` = _scaled_mm's time / the block-FP8 GEMM's (acceptance at prefill sizes:
+  >= 60), ``x bf16`` = bf16 time / the FP8 linear's time (> 1: FP8 faster), ``%copy`` = weight bytes / time against
+  a device-to-device copy measured in this run (the bound at decode sizes).
+
+Fused MoE (the Triton runner, pd.moe.runner.triton_runner): Qwen3-30B-A3B (128 experts, hidden 2048, intermediate
+768, top-8) and DeepSeek-V3 at EP=8 (32 local of 256 experts, hidden 7168, intermediate 2048, top-8) with FP8
+experts and with bf16 experts, against torch._scaled_mm on dense GEMMs of the same FLOPs ([pairs, H] x [H, 2I] and
+[pairs, I] x [I, H]); TFLOP/s = 6 x local pairs x H x I / time.
+
+Times are medians of triton.testing.do_bench over a CUDA graph holding one call. With --check each FP8 output is
+first compared with the dequantize-then-bf16 reference (relative L2 error, printed). About 3 minutes on an H200.
+With --sweep, the dense GEMM's block sizes: per shape and token count, the fastest of a small candidate set next
+to what pd.layers.triton_fp8_gemm.gemm_config picks (how its defaults were chosen).
+
+Usage: python benchmarks/bench_fp8_gemm.py [--check] [--sweep] [--tokens 1 64 4096] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+from pd.quant.fp8 import FP8_DTYPE, block_dequant, block_quant  # noqa: E402
+
+DEVICE = "cuda"
+BLOCK = (128, 128)
+COPY_BYTES = 2 << 30
+# name -> (N, K) of one linear
+DENSE = {
+    "dsv3.q_a": (1536, 7168),
+    "dsv3.kv_a_mqa": (576, 7168),
+    "dsv3.q_b": (24576, 1536),
+    "dsv3.o": (7168, 16384),
+    "dsv3.mlp_gate_up": (36864, 7168),
+    "dsv3.mlp_down": (7168, 18432),
+    "qwen3.qkv": (5120, 2048),
+    "qwen3.o": (2048, 4096),
+}
+# name -> (local experts, hidden, intermediate, top_k, experts routed over)
+MOE = {"qwen3-30b-a3b": (128, 2048, 768, 8, 128), "deepseek-v3-ep8": (32, 7168, 2048, 8, 256)}
+TOKENS = [1, 16, 64, 256, 1024, 4096, 8192]
+
+
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Median ms of one replay of a CUDA graph holding ``fn`` (run once before capture, so compiled)."""
+    import triton
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median"))
+
+
+def copy_gbps() -> float:
+    """A device-to-device copy of COPY_BYTES, counting the bytes read and written."""
+    import triton
+
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / float(triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")) / 1e6
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def scaled_mm_ms(m: int, n: int, k: int) -> float:
+    """torch._scaled_mm on [m, k] x [k, n] e4m3 with per-tensor scales, bf16 out (m padded to a multiple of 16)."""
+    m = -(-m // 16) * 16
+    a = torch.randn(m, k, device=DEVICE).to(FP8_DTYPE)
+    b = torch.randn(n, k, device=DEVICE).to(FP8_DTYPE).t()  # column-major, as cuBLAS wants the second operand
+    one = torch.ones((), device=DEVICE)
+    return graph_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+
+
+def bench_dense(name: str, m: int, copy: float, check: bool) -> dict[str, object]:
+    from pd.layers.triton_fp8_gemm import token_group_quant, w8a8_block_gemm, w8a8_block_linear
+
+    n, k = DENSE[name]
+    w_q, w_scale = block_quant(torch.randn(n, k, device=DEVICE) / k**0.5, BLOCK)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    a_q, a_scale = token_group_quant(x, BLOCK[1])
+    w_bf16 = block_dequant(w_q, w_scale, BLOCK, torch.bfloat16)
+    row: dict[str, object] = {"kind": "dense", "name": name, "m": m, "n": n, "k": k}
+    if check:
+        row["rel_l2_vs_bf16"] = rel_l2(w8a8_block_linear(x, w_q, w_scale, BLOCK), F.linear(x, w_bf16))
+    t_gemm = graph_ms(lambda: w8a8_block_gemm(a_q, a_scale, w_q, w_scale, BLOCK, torch.bfloat16))
+    t_linear = graph_ms(lambda: w8a8_block_linear(x, w_q, w_scale, BLOCK))
+    t_smm = scaled_mm_ms(m, n, k)
+    t_bf16 = graph_ms(lambda: torch.matmul(x, w_bf16.t()))
+    flops = 2 * m * n * k
+    row.update(fp8_us=t_gemm * 1e3, linear_us=t_linear * 1e3, scaled_mm_us=t_smm * 1e3, bf16_us=t_bf16 * 1e3,
+               tflops=flops / t_gemm / 1e9, scaled_mm_tflops=flops / t_smm / 1e9, pct_scaled_mm=100 * t_smm / t_gemm,
+               x_bf16=t_bf16 / t_linear, pct_copy=100 * (n * k) / t_linear / 1e6 / copy)  # fmt: skip
+    return row
+
+
+def bench_moe(name: str, tokens: int, copy: float, check: bool) -> dict[str, object]:
+    from pd.moe.dispatcher.base import DispatchOutput
+    from pd.moe.runner import ExpertScales
+    from pd.moe.runner.torch_ref import TorchMoeRunner
+    from pd.moe.runner.triton_runner import TritonMoeRunner
+
+    experts, hidden, inter, top_k, routed = MOE[name]
+    gen = torch.Generator(DEVICE).manual_seed(tokens)
+    weights, ids = torch.rand(tokens, routed, generator=gen, device=DEVICE).topk(top_k, dim=-1)
+    ids = torch.where(ids < experts, ids, -1)  # other ranks' experts
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16)
+    dispatched = DispatchOutput(x, ids, weights / weights.sum(-1, keepdim=True), handle=None)
+    # Gate and up quantized apart, as the loader stores them; with I a multiple of 128 that is quantizing w13 whole.
+    w13_q, w13_s = zip(*(block_quant(torch.randn(2 * inter, hidden, device=DEVICE) / hidden**0.5, BLOCK)
+                         for _ in range(experts)), strict=True)  # fmt: skip
+    w2_q, w2_s = zip(*(block_quant(torch.randn(hidden, inter, device=DEVICE) / inter**0.5, BLOCK)
+                       for _ in range(experts)), strict=True)  # fmt: skip
+    q13, q2 = torch.stack(w13_q), torch.stack(w2_q)
+    scales = ExpertScales(torch.stack(w13_s), torch.stack(w2_s), BLOCK)
+    w13, w2 = block_dequant(q13, scales.w13, BLOCK, torch.bfloat16), block_dequant(q2, scales.w2, BLOCK, torch.bfloat16)
+    runner = TritonMoeRunner()
+    pairs = int((ids >= 0).sum())
+    hit = int(torch.unique(ids[ids >= 0]).numel())
+    row: dict[str, object] = {"kind": "moe", "name": name, "m": tokens, "pairs": pairs, "hit": hit}
+    if check:
+        got = runner.run(dispatched, q13, q2, scales=scales).hidden_states
+        row["rel_l2_vs_bf16"] = rel_l2(got, TorchMoeRunner().run(dispatched, w13, w2).hidden_states)
+    t_fp8 = graph_ms(lambda: runner.run(dispatched, q13, q2, scales=scales))
+    t_bf16 = graph_ms(lambda: runner.run(dispatched, w13, w2))
+    flops = 6 * pairs * hidden * inter
+    row.update(fp8_us=t_fp8 * 1e3, bf16_us=t_bf16 * 1e3, x_bf16=t_bf16 / t_fp8,
+               pct_copy=100 * hit * 3 * hidden * inter / t_fp8 / 1e6 / copy)  # fmt: skip
+    if pairs:
+        t_smm = scaled_mm_ms(pairs, 2 * inter, hidden) + scaled_mm_ms(pairs, hidden, inter)
+        row.update(tflops=flops / t_fp8 / 1e9, scaled_mm_tflops=flops / t_smm / 1e9, scaled_mm_us=t_smm * 1e3,
+                   pct_scaled_mm=100 * t_smm / t_fp8)  # fmt: skip
+    return row
+
+
+def candidates(m: int) -> list[tuple[int, ...]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) worth trying at m rows."""
+    if m <= 16:
+        return [(16, n, 128, 1, 4, s) for n in (32, 64, 128) for s in (3, 4, 5)]
+    if m <= 128:
+        return [(bm, n, 128, 1, 4, s) for bm in (32, 64) for n in (64, 128) for s in (3, 4)]
+    return [(bm, n, 128, 8, w, s) for bm in (64, 128) for n in (128, 256) for w in (4, 8) for s in (3, 4)
+            if bm * n <= 128 * 128 or w == 8]  # fmt: skip
+
+
+def sweep(name: str, m: int) -> dict[str, object]:
+    """The fastest candidate config for one dense shape, and the default's time."""
+    from pd.layers.triton_fp8_gemm import CONFIG_KEYS, gemm_config, token_group_quant, w8a8_block_gemm
+
+    n, k = DENSE[name]
+    w_q, w_scale = block_quant(torch.randn(n, k, device=DEVICE) / k**0.5, BLOCK)
+    a_q, a_scale = token_group_quant(torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16), BLOCK[1])
+    times = {}
+    for cfg in candidates(m):
+        config = dict(zip(CONFIG_KEYS, cfg, strict=True))
+        try:
+            times[cfg] = graph_ms(lambda c=config: w8a8_block_gemm(a_q, a_scale, w_q, w_scale, BLOCK, torch.bfloat16,
+                                                                   config=c))  # fmt: skip
+        except Exception as e:  # out of shared memory or registers: skip it
+            print(f"    {cfg}: {type(e).__name__}")
+    default = graph_ms(lambda: w8a8_block_gemm(a_q, a_scale, w_q, w_scale, BLOCK, torch.bfloat16))
+    best = min(times, key=times.__getitem__)
+    return {"name": name, "m": m, "best": best, "best_us": times[best] * 1e3, "default_us": default * 1e3,
+            "default": tuple(gemm_config(m, n, k, BLOCK[1]).values())}  # fmt: skip
+
+
+COLUMNS = [("fp8_us", "9.1f"), ("linear_us", "9.1f"), ("scaled_mm_us", "9.1f"), ("bf16_us", "9.1f"),
+           ("tflops", "8.1f"), ("scaled_mm_tflops", "8.1f"), ("pct_scaled_mm", "6.1f"), ("x_bf16", "6.2f"),
+           ("pct_copy", "6.1f"), ("rel_l2_vs_bf16", "8.1e")]  # fmt: skip
+
+
+def show(row: dict[str, object]) -> str:
+    cells = [format(row[key], spec) if isinstance(row.get(key), float | int) else f"{'-':>{spec.split('.')[0]}s}"
+             for key, spec in COLUMNS]  # fmt: skip
+    return f"{row['kind']:5s} {row['name']:18s} {row['m']:6d} " + " ".join(cells)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    parser.add_argument("--dense", nargs="*", default=list(DENSE), choices=list(DENSE))
+    parser.add_argument("--moe", nargs="*", default=list(MOE), choices=list(MOE))
+    parser.add_argument("--check", action="store_true", help="compare each FP8 output with dequantize-then-bf16")
+    parser.add_argument("--sweep", action="store_true", help="time candidate block sizes of the dense GEMM instead")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    torch.manual_seed(0)
+    if args.sweep:
+        for name in args.dense:
+            for m in args.tokens:
+                r = sweep(name, m)
+                print(f"{name:18s} {m:6d} best {r['best']} {r['best_us']:8.1f} us; default {r['default']} "
+                      f"{r['default_us']:8.1f} us", flush=True)  # fmt: skip
+        return
+    copy = copy_gbps()
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s (read + write bytes)")
+    print(f"{'kind':5s} {'name':18s} {'tokens':>6s} {'fp8 us':>9s} {'+quant us':>9s} {'smm us':>9s} {'bf16 us':>9s} "
+          f"{'TFLOP/s':>8s} {'smm TF/s':>8s} {'%smm':>6s} {'x bf16':>6s} {'%copy':>6s} {'relL2':>8s}")  # fmt: skip
+    rows = []
+    for name in args.dense:
+        for m in args.tokens:
+            rows.append(bench_dense(name, m, copy, args.check))
+            print(show(rows[-1]), flush=True)
+    for name in args.moe:
+        for m in args.tokens:
+            rows.append(bench_moe(name, m, copy, args.check))
+            print(show(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": copy, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""W8A8 block-FP8 GEMM in Triton: activations quantized per token and group of GROUP_K columns on the fly, weights in
+DeepSeek-V3's block format (pd.quant.fp8), products of float8_e4m3fn tiles accumulated in float32.
+
+Two kernels:
+
+- ``token_group_quant``: x [..., M, K] (float32/bf16/fp16) -> float8_e4m3fn [..., M, K] and float32 scales
+  [..., M, ceil(K / group)]: per row and group of ``group`` columns, scale = max(amax, 1e-10) / 448 and
+  q = clamp(x / scale, -448, 448) rounded to nearest e4m3 (SGLang's ``per_token_group_quant_fp8``; the torch
+  reference is pd.quant.fp8.token_group_quant). With per-expert row counts (the MoE runner's batched layout) the
+  rows past a count are neither read nor written.
+- ``w8a8_block_gemm``: C [M, N] = (A * a_scale) @ (W * w_scale).T (+ bias), one K-block of BLOCK_K columns sharing
+  one activation scale per row and one weight scale per column block, so each k-step is one fp8 ``tl.dot`` times
+  the two scale vectors. Rows of A past M and columns past N wrap (no load masks); the store masks them.
+
+The reference every result is compared with is the dequantized model (pd.quant.fp8.Fp8Linear on CPU): this path
+adds the activations' e4m3 rounding to it, about 2.5-3% relative L2 error on a layer's output.
+
+Block sizes by M, autotune-free (``gemm_config``): decode-sized M streams the weight over many narrow programs;
+prefill-sized M uses 128-row tiles. BLOCK_K always divides the scale group (one scale per k-step). The defaults
+follow SGLang's FP8 tables in shape and are not yet measured here (benchmarks/bench_fp8_gemm.py --sweep does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn  # pd.quant.fp8.FP8_DTYPE (not imported: this module is the GPU path it dispatches to)
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_QUANT_ROWS = 16  # rows per program of the quantization kernel
+CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+
+@triton.jit
+def _token_group_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, rows, cols, stride_xb, stride_xm, stride_qb,
+                              stride_qm, stride_sb, stride_sm, HAS_COUNTS: tl.constexpr, GROUP: tl.constexpr,
+                              GROUP_P2: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    batch = tl.program_id(2)
+    rows_used = rows
+    if HAS_COUNTS:
+        rows_used = tl.minimum(tl.load(counts_ptr + batch), rows)
+    first = tl.program_id(0) * ROWS
+    if first >= rows_used:
+        return
+    group = tl.program_id(1)
+    offs_m = (first + tl.arange(0, ROWS)).to(tl.int64)
+    offs_k = group * GROUP + tl.arange(0, GROUP_P2)
+    inside = (offs_m[:, None] < rows_used) & (offs_k[None, :] < cols) & (tl.arange(0, GROUP_P2)[None, :] < GROUP)
+    batch = batch.to(tl.int64)
+    x = tl.load(x_ptr + batch * stride_xb + offs_m[:, None] * stride_xm + offs_k[None, :], mask=inside, other=0.0)
+    x = x.to(tl.float32)
+    # 448: e4m3's largest finite value; the 1e-10 floor turns an all-zero group into zeros rather than NaN.
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
+    q = tl.clamp(x / scale[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + batch * stride_qb + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=inside)
+    tl.store(s_ptr + batch * stride_sb + offs_m * stride_sm + group, scale, mask=offs_m < rows_used)
+
+
+def token_group_quant(x: torch.Tensor, group: int, counts: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Quantize activations per row and group of ``group`` columns to e4m3. Asynchronous, no host sync.
+
+    Args:
+        x: [M, K] or [B, M, K] float32/bfloat16/float16, unit stride along K (other strides free).
+        group: columns per scale (the weight's block width; the last group may be partial).
+        counts: [B] int32 on x's device, rows used per batch entry (3-D x only; values past M are clamped): rows past
+            a count are neither read nor written in the outputs.
+
+    Returns:
+        (q, scale): q float8_e4m3fn of x's shape, contiguous; scale float32 [..., M, ceil(K / group)], contiguous.
+    """
+    assert x.dim() in (2, 3) and x.stride(-1) == 1 and x.dtype in _TL_DTYPES, (x.shape, x.stride(), x.dtype)
+    assert counts is None or (x.dim() == 3 and counts.shape == (x.shape[0],) and counts.dtype == torch.int32)
+    x3 = x if x.dim() == 3 else x.unsqueeze(0)
+    batch, rows, cols = x3.shape
+    groups = triton.cdiv(cols, group)
+    q = torch.empty(x3.shape, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(batch, rows, groups, dtype=torch.float32, device=x.device)
+    if q.numel():
+        grid = (triton.cdiv(rows, _QUANT_ROWS), groups, batch)
+        _token_group_quant_kernel[grid](
+            x3, q, scale, counts if counts is not None else scale, rows, cols, x3.stride(0), x3.stride(1),
+            q.stride(0), q.stride(1), scale.stride(0), scale.stride(1), HAS_COUNTS=counts is not None, GROUP=group,
+            GROUP_P2=triton.next_power_of_2(group), ROWS=_QUANT_ROWS,
+        )  # fmt: skip
+    return (q, scale) if x.dim() == 3 else (q[0], scale[0])
+
+
+@triton.jit
+def _w8a8_block_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
+    stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_bsk, stride_cm,
+    HAS_BIAS: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Groups of GROUP_M row blocks walk the column blocks together, so their A rows stay in L2 (Triton's tutorial).
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # wrapped: loads need no row or column mask
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    as_ptrs = as_ptr + rows.to(tl.int64) * stride_asm
+    bs_ptrs = bs_ptr + (cols // GROUP_N) * stride_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        k_group = (k * BLOCK_K) // GROUP_K
+        a_s = tl.load(as_ptrs + k_group * stride_ask)
+        b_s = tl.load(bs_ptrs + k_group * stride_bsk)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    out_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    out_rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    c_ptrs = c_ptr + out_rows[:, None] * stride_cm + out_cols[None, :]
+    tl.store(c_ptrs, acc.to(OUT_DTYPE), mask=(out_rows[:, None] < M) & (out_cols[None, :] < N))
+
+
+def kernel_block_k(block_k: int, group_k: int) -> int:
+    """The k-step for a config's BLOCK_SIZE_K and a scale group of ``group_k`` columns: the largest divisor of
+    both, so each k-step lies inside one scale group."""
+    return math.gcd(block_k, group_k)
+
+
+def gemm_config(m: int, n: int, k: int, group_k: int) -> dict[str, int]:
+    """Block sizes for an [m, k] x [k, n] block-FP8 GEMM nobody tuned, by m.
+
+    Decode-sized m: the weight is the whole cost, so narrow column blocks spread it over many programs. Prefill:
+    128x128 tiles, each fp8 weight tile reused over 128 rows.
+    """
+    if m <= 16:
+        cfg = (16, 64, 128, 1, 4, 4)
+    elif m <= 64:
+        cfg = (64, 64, 128, 1, 4, 4)
+    elif m <= 256:
+        cfg = (64, 128, 128, 8, 4, 3)
+    else:
+        cfg = (128, 128, 128, 8, 8, 3)
+    config = dict(zip(CONFIG_KEYS, cfg, strict=True))
+    config["BLOCK_SIZE_K"] = kernel_block_k(config["BLOCK_SIZE_K"], group_k)
+    return config
+
+
+def w8a8_block_gemm(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    block: tuple[int, int],
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """C = dequant(a_q) @ dequant(weight).T (+ bias), float32 accumulation, one rounding to ``out_dtype``.
+    Asynchronous.
+
+    Args:
+        a_q: [M, K] float8_e4m3fn, unit stride along K; a_scale: [M, ceil(K / block[1])] float32 (token_group_quant
+            with group = block[1]).
+        weight: [N, K] float8_e4m3fn, unit stride along K; weight_scale: [ceil(N / block[0]), ceil(K / block[1])]
+            float32 (pd.quant.fp8's layout, ``weight_scale_inv`` in checkpoints).
+        block: (bn, bk) of the weight's scale blocks.
+        out_dtype: float32, bfloat16 or float16.
+        bias: [N] or None, added in float32 before the rounding.
+        config: CONFIG_KEYS -> int; default gemm_config(M, N, K). BLOCK_SIZE_K must divide block[1].
+
+    Returns:
+        [M, N] ``out_dtype``, contiguous.
+    """
+    m, k = a_q.shape
+    n = weight.shape[0]
+    group_n, group_k = block
+    assert a_q.dtype == weight.dtype == FP8_DTYPE and weight.shape == (n, k), (a_q.dtype, weight.dtype, weight.shape)
+    assert a_q.stride(1) == 1 and weight.stride(1) == 1, (a_q.stride(), weight.stride())
+    assert a_scale.shape == (m, triton.cdiv(k, group_k)) and a_scale.dtype == torch.float32, a_scale.shape
+    assert weight_scale.shape == (triton.cdiv(n, group_n), triton.cdiv(k, group_k)), weight_scale.shape
+    assert weight_scale.dtype == torch.float32 and out_dtype in _TL_DTYPES, (weight_scale.dtype, out_dtype)
+    assert bias is None or bias.shape == (n,), bias.shape
+    cfg = config or gemm_config(m, n, k, group_k)
+    block_m, block_n, block_k = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
+    assert group_k % block_k == 0, f"BLOCK_SIZE_K {block_k} must divide the scale group {group_k}"
+    out = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _w8a8_block_gemm_kernel[grid](
+        a_q, a_scale, weight, weight_scale, bias if bias is not None else out, out, m, n, k,
+        a_q.stride(0), a_scale.stride(0), a_scale.stride(1), weight.stride(0), weight_scale.stride(0),
+        weight_scale.stride(1), out.stride(0),
+        HAS_BIAS=bias is not None, GROUP_N=group_n, GROUP_K=group_k, EVEN_K=k % block_k == 0,
+        OUT_DTYPE=_TL_DTYPES[out_dtype], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return out
+
+
+def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
+                      bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """A block-FP8 linear on x [..., K] (float32/bfloat16/float16): token_group_quant then w8a8_block_gemm.
+    -> [..., N] in x's dtype. Two launches, no host sync (CUDA-graph safe)."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    a_q, a_scale = token_group_quant(rows, block[1])
+    out = w8a8_block_gemm(a_q, a_scale, weight, weight_scale, block, x.dtype, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
