@@ -100,12 +100,14 @@ def paced_scheduler(cfg: Any, runner: Any, disagg: Any = None) -> PacedScheduler
 
 def serve(argv: list[str]) -> None:
     """The server child: `pd serve` ARGV with the paced stand-in."""
+    from pd.engine.spec import EngineSpec
     from pd.server.app import run_server
     from pd.server_args import ServerArgs
 
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
-    run_server(ServerArgs.from_namespace(parser.parse_args(argv)), make_scheduler=paced_scheduler)
+    args = ServerArgs.from_namespace(parser.parse_args(argv))
+    run_server(args, EngineSpec.from_server_args(args, paced_scheduler))
 
 
 def cpu_seconds(pid: int) -> float:

@@ -46,33 +46,39 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except PreflightError as e:
         return _fail(parser, e)
     setup_logging(server_args.log_level)
+    from pd.default_model import with_default_model
+    from pd.engine.spec import EngineSpec
+
+    server_args = with_default_model(server_args)  # builds it on first use when no --model-path is given
+    try:
+        # The instance's whole configuration, once: every rank gets it as data.
+        spec = EngineSpec.from_server_args(server_args, role_scheduler(server_args.disaggregation_mode))
+    except ValueError as e:  # inconsistent DEEPEP_NORMAL_LONG_SEQ_* variables
+        return _fail(parser, PreflightError(str(e)))
+    if server_args.node_rank > 0:  # ranks only: the HTTP front runs on node 0
+        from pd.dist.launch import run_worker_node
+        from pd.engine.engine_process import run_engine
+
+        return run_worker_node(spec.layout, run_engine, spec)
     from pd.server.app import run_server
 
-    make_scheduler: SchedulerFactory | None = None  # the role's scheduler class (None: the unified default)
-    if server_args.disaggregation_mode == "prefill":
-        from prefill.scheduler import PrefillScheduler
-
-        make_scheduler = PrefillScheduler
-    elif server_args.disaggregation_mode == "decode":
-        from decode.scheduler import DecodeScheduler
-
-        make_scheduler = DecodeScheduler
-
-    if server_args.node_rank > 0:
-        return _serve_worker_node(server_args, make_scheduler)
-    run_server(server_args, make_scheduler)
+    run_server(server_args, spec)
     return 0
 
 
-def _serve_worker_node(server_args: ServerArgs, make_scheduler: SchedulerFactory | None) -> int:
-    """A node other than node 0 of a multi-node instance: its ranks only; the HTTP front runs on node 0."""
-    from pd.default_model import with_default_model
-    from pd.dist.launch import run_worker_node
-    from pd.engine.engine_process import run_engine
-    from pd.engine.spec import EngineSpec, default_scheduler
+def role_scheduler(mode: str) -> SchedulerFactory:
+    """The scheduler of an instance's role: prefill, decode, or the unified one."""
+    if mode == "prefill":
+        from prefill.scheduler import PrefillScheduler
 
-    spec = EngineSpec.from_server_args(with_default_model(server_args), make_scheduler or default_scheduler)
-    return run_worker_node(spec.layout, run_engine, spec)
+        return PrefillScheduler
+    if mode == "decode":
+        from decode.scheduler import DecodeScheduler
+
+        return DecodeScheduler
+    from pd.engine.spec import default_scheduler
+
+    return default_scheduler
 
 
 def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -289,10 +289,10 @@ def test_generate_stream_events_encoded_incrementally_equal_the_whole_object(wit
     a chunk that does not extend the previous one (encoded whole)."""
     from types import SimpleNamespace
 
+    import torch
+
     from pd.server.generation import FinishReason, GenerationChunk
     from pd.server.native_api import CumulativeEvents, _output
-
-    import torch
 
     rng = random.Random(int(torch.randint(0, 2**62, ())))
     ctx = SimpleNamespace(tokenizer=object() if with_text else None)
@@ -665,6 +665,7 @@ def test_generate_on_real_engine_matches_hf_greedy(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from pd.engine.client import EngineClient
+    from pd.engine.spec import EngineSpec
     from tests.tiny_checkpoints import load_hf, make_checkpoint
 
     path = make_checkpoint("mixtral", str(tmp_path / "mixtral"))
@@ -675,7 +676,7 @@ def test_generate_on_real_engine_matches_hf_greedy(tmp_path: Path) -> None:
         hf = load_hf(path).generate(torch.tensor([prompt_ids]), max_new_tokens=8, do_sample=False)[0, 12:].tolist()
 
     async def scenario() -> dict[str, Any]:
-        engine = EngineClient(args, path)
+        engine = EngineClient(args, EngineSpec.from_server_args(args))
         await engine.start()
         try:
             app = create_app(engine, tok, args)

@@ -112,13 +112,14 @@ def serve_real_engine(path: str) -> Iterator[str]:
     from transformers import AutoTokenizer
 
     from pd.engine.client import EngineClient
+    from pd.engine.spec import EngineSpec
 
     port = free_port()
     args = ServerArgs(model_path=path, device="cpu", port=port)
     holder: dict[str, Any] = {}
 
     async def main() -> None:
-        engine = EngineClient(args, path)
+        engine = EngineClient(args, EngineSpec.from_server_args(args))
         await engine.start()
         app = create_app(engine, AutoTokenizer.from_pretrained(path), args, owns_engine=True)
         server = holder["server"] = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))

@@ -15,6 +15,7 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -324,19 +325,28 @@ def test_setup_logging_format_has_time_process_and_level(restore_root_logging: N
     assert all(k in fmt for k in ("%(asctime)s", "%(processName)s", "%(levelname)s"))
 
 
-def test_serve_hands_parsed_args_to_run_server(monkeypatch: pytest.MonkeyPatch, restore_root_logging: None) -> None:
-    seen: list[tuple[ServerArgs, object]] = []
-    fake_app = types.SimpleNamespace(run_server=lambda args, make_scheduler: seen.append((args, make_scheduler)))
+def test_serve_hands_parsed_args_and_the_instance_spec_to_run_server(
+    monkeypatch: pytest.MonkeyPatch, restore_root_logging: None, tmp_path: Any
+) -> None:
+    from tests.tiny_checkpoints import make_checkpoint
+
+    path = make_checkpoint("llama", str(tmp_path / "llama"))
+    seen: list[tuple[ServerArgs, Any]] = []
+    fake_app = types.SimpleNamespace(run_server=lambda args, spec: seen.append((args, spec)))
     monkeypatch.setitem(sys.modules, "pd.server.app", fake_app)
-    assert main(["serve", "--device", "cpu", "--port", "31234", "--log-level", "warning"]) == 0
+    flags = ["--model-path", path, "--device", "cpu", "--log-level", "warning"]
+    assert main(["serve", *flags, "--port", "31234", "--tp", "2"]) == 0
     assert len(seen) == 1 and seen[0][0].port == 31234 and seen[0][0].device == "cpu"
-    assert seen[0][1] is None  # unified mode: the engine's default scheduler
     from decode.scheduler import DecodeScheduler
+    from pd.engine.spec import default_scheduler
     from prefill.scheduler import PrefillScheduler
 
+    spec = seen[0][1]
+    assert spec.make_scheduler is default_scheduler and spec.layout.tp == 2 and spec.runner.model_path == path
     for mode, factory in (("prefill", PrefillScheduler), ("decode", DecodeScheduler)):
-        assert main(["serve", "--device", "cpu", "--disaggregation-mode", mode, "--log-level", "warning"]) == 0
-        assert seen[-1][0].disaggregation_mode == mode and seen[-1][1] is factory
+        assert main(["serve", *flags, "--disaggregation-mode", mode]) == 0
+        assert seen[-1][0].disaggregation_mode == mode and seen[-1][1].make_scheduler is factory
+        assert seen[-1][1].disagg is not None
     assert logging.getLogger().level == logging.WARNING
 
 

@@ -26,7 +26,7 @@ from pd.engine.io import (
     output_from_row,
     to_dict,
 )
-from pd.engine.spec import EngineSpec, SchedulerFactory, default_scheduler
+from pd.engine.spec import EngineSpec
 from pd.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,10 @@ class EngineClient:
     group. A request then goes to the leader with the fewest requests in flight, and stays there; a PD request
     (with a bootstrap room) goes to leader room % groups, the group both its prefill and decode peers expect."""
 
-    def __init__(
-        self, server_args: ServerArgs, model_path: str, make_scheduler: SchedulerFactory = default_scheduler
-    ) -> None:
-        """Derives the instance's EngineSpec (raises ValueError on inconsistent DEEPEP_NORMAL_LONG_SEQ_*
-        variables); nothing starts before ``start``."""
-        self.spec = EngineSpec.from_server_args(dataclasses.replace(server_args, model_path=model_path), make_scheduler)
+    def __init__(self, server_args: ServerArgs, spec: EngineSpec) -> None:
+        """The client of the instance ``spec`` describes (built once by the launcher from ``server_args``, whose
+        queue bounds the front applies); nothing starts before ``start``."""
+        self.spec = spec
         self.max_in_flight = server_args.max_running_requests + server_args.max_queued_requests
         self.model_config: dict[str, Any] = {}
         self.max_context_length = 0
@@ -157,7 +155,8 @@ class EngineClient:
         if len(self._stats) == 1:
             return self._stats[0]
         total = {f.name: sum(getattr(s, f.name) for s in self._stats) for f in dataclasses.fields(EngineStats)}
-        for same in ("page_size", "eplb_rebalances", "eplb_balancedness"):  # one value for the whole instance
+        # One value for the whole instance:
+        for same in ("page_size", "eplb_rebalances", "eplb_balancedness", "kv_heads_per_rank", "kv_bytes_per_rank"):
             total[same] = getattr(self._stats[0], same)
         return EngineStats(**total)
 

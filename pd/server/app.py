@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pd.engine.client import EngineDeadError, EngineFullError
-from pd.engine.engine_process import SchedulerFactory, default_scheduler
+from pd.engine.spec import EngineSpec
 from pd.server import native_api, openai_api
 from pd.server.auth import ApiKeyMiddleware
 from pd.server.body_limit import BodyLimitMiddleware, max_body_bytes
@@ -148,19 +148,16 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def run_server(server_args: ServerArgs, make_scheduler: SchedulerFactory | None = None) -> None:
-    """Serve until SIGINT/SIGTERM: build the default model if no --model-path, start the engine, run uvicorn
-    on --host/--port; shutdown drains requests for up to GRACEFUL_SHUTDOWN_S and closes the engine."""
-    if server_args.model_path is None:
-        from pd.default_model import with_default_model
-
-        server_args = with_default_model(server_args)
+def run_server(server_args: ServerArgs, spec: EngineSpec) -> None:
+    """Serve the instance ``spec`` describes (built by the launcher from ``server_args``, its model resolved) until
+    SIGINT/SIGTERM: start the engine, run uvicorn on --host/--port; shutdown drains requests for up to
+    GRACEFUL_SHUTDOWN_S and closes the engine."""
     try:
         if hasattr(asyncio, "Runner"):  # Python 3.11+
             with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-                runner.run(_serve(server_args, make_scheduler or default_scheduler))
+                runner.run(_serve(server_args, spec))
         else:
-            asyncio.run(_serve(server_args, make_scheduler or default_scheduler))
+            asyncio.run(_serve(server_args, spec))
     except KeyboardInterrupt:
         pass
 
@@ -176,12 +173,12 @@ def _fast_loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
-async def _serve(args: ServerArgs, make_scheduler: SchedulerFactory) -> None:
+async def _serve(args: ServerArgs, spec: EngineSpec) -> None:
     from pd.engine.client import EngineClient
 
     assert args.model_path is not None
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
-    engine = EngineClient(args, args.model_path, make_scheduler)
+    engine = EngineClient(args, spec)
     try:
         await engine.start()
     except BaseException:
