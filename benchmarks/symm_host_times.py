@@ -24,7 +24,6 @@ from pd.moe.dispatcher import get_dispatcher  # noqa: E402
 from pd.moe.dispatcher import symm_kernels as sk  # noqa: E402
 from pd.moe.dispatcher.base import CombineInput  # noqa: E402
 from pd.moe.dispatcher.payload import row_layout  # noqa: E402
-from pd.moe.dispatcher.symm_exchange import exchange_for, meta_for  # noqa: E402
 from pd.moe.topk import TopKOutput  # noqa: E402
 
 
@@ -38,9 +37,10 @@ def worker(rank: int, world: int, port: int) -> None:
     x = torch.randn(T, H, device=dev).to(dt)
     ids = torch.rand(T, E, device=dev).topk(K, dim=-1).indices
     w = torch.rand(T, K, device=dev)
-    meta = meta_for(g, dev)
+    ctx = MoeContext(ep_rank=rank, ep_size=world, group=g)  # the dispatcher below reuses these buffers
+    meta = ctx.comm.symmetric_meta(g, dev)
     ids_at, rb = row_layout(H, dt, K)
-    ex = exchange_for(g, 256, rb, H, dt, dev)
+    ex = ctx.comm.symmetric_exchange(g, 256, rb, H, dt, dev)
     pos = sk.route(ids, meta.peer_ptrs, rank, L)
     meta.barrier()
     torch.cuda.synchronize()
@@ -78,7 +78,6 @@ def worker(rank: int, world: int, port: int) -> None:
     host("clone col", lambda: meta.buffer[:, 0].clone())
     host("tolist (sync)", lambda: meta.buffer.tolist(), n=100)
     host("add_", lambda: w.add_(0))
-    ctx = MoeContext(ep_rank=rank, ep_size=world, group=g)
     d = get_dispatcher("torch", ctx, num_experts=E, mode="normal")
 
     def pair() -> None:

@@ -22,8 +22,8 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pd.moe.dispatcher import symm_kernels as sk  # noqa: E402
+from pd.moe.dispatcher.comm_resources import CommResources  # noqa: E402
 from pd.moe.dispatcher.payload import row_layout  # noqa: E402
-from pd.moe.dispatcher.symm_exchange import exchange_for, meta_for  # noqa: E402
 
 
 def worker(rank: int, world: int, port: int) -> None:
@@ -37,9 +37,10 @@ def worker(rank: int, world: int, port: int) -> None:
     x = torch.randn(T, H, device=dev).to(dt)
     ids = torch.rand(T, E, device=dev).topk(K, dim=-1).indices
     w = torch.rand(T, K, device=dev)
-    meta = meta_for(g, dev)
+    comm = CommResources()
+    meta = comm.symmetric_meta(g, dev)
     ids_at, rb = row_layout(H, dt, K)
-    exn, exl = exchange_for(g, 256, rb, H, dt, dev), exchange_for(g, 128, rb, H, dt, dev)
+    exn, exl = comm.symmetric_exchange(g, 256, rb, H, dt, dev), comm.symmetric_exchange(g, 128, rb, H, dt, dev)
     pos = sk.route(ids, meta.peer_ptrs, rank, L)
     meta.barrier()
     torch.cuda.synchronize()

@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher import dispatcher_names, get_dispatcher
+from pd.moe.dispatcher.a2a_transport import LowLatencyHandle
 from pd.moe.dispatcher.base import Dispatcher, DispatchFormat, DispatchOutput
-from pd.moe.dispatcher.torch_a2a import LowLatencyHandle
 from pd.moe.long_seq import (
     LongSeqConfig,
     check_hccl_buffsize,

@@ -27,7 +27,8 @@ import torch.multiprocessing as mp
 from pd.moe.context import MoeContext
 from pd.moe.dispatcher import get_dispatcher
 from pd.moe.dispatcher.base import CombineInput, Dispatcher, DispatchFormat, DispatchOutput, ExpertRows
-from pd.moe.dispatcher.torch_a2a import GraphedHandle, SymmetricHandle
+from pd.moe.dispatcher.symm_graphs import GraphedHandle
+from pd.moe.dispatcher.symm_transport import SymmetricHandle
 from pd.moe.runner.torch_ref import TorchMoeRunner
 from pd.moe.topk import TopKOutput
 from tests.test_dispatchers import EXPERTS, _check_received, _make_inputs, _make_weights, _single_rank_reference

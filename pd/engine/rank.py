@@ -47,7 +47,7 @@ def moe_context(moe: MoeContext, info: RankInfo, groups: Groups) -> MoeContext:
         layout = "gather" if info.dp > 1 else "as_is"
     return dataclasses.replace(moe, ep_rank=info.ep_rank, ep_size=info.ep, group=groups.world,
                                moe_tp_rank=info.moe_tp_rank, moe_tp_size=info.moe_tp_size, token_layout=layout,
-                               attn_group=groups.attn, shared={})  # fmt: skip
+                               attn_group=groups.attn)  # fmt: skip
 
 
 def start_rank(spec: EngineSpec, rank: int, init_method: str | None) -> RankRuntime:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pd.moe.dispatcher.comm_resources import CommResources
 from pd.moe.token_layout import TOKEN_LAYOUTS
 
 if TYPE_CHECKING:
@@ -79,9 +80,10 @@ class MoeContext:
     eplb: EplbConfig | None = None  # None: expert e on rank e // (E / ep), no load recorded
     # Shared experts on a second CUDA stream while the routed experts dispatch, compute and combine (SBO).
     single_batch_overlap: bool = False
-    # Objects every MoE layer of an instance shares, made by the first layer that needs one (DeepEP's
-    # communication buffers pin and register device memory with every peer: one per process, not per layer).
-    shared: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # The communication resources every MoE layer built from this context shares (symmetric-memory buffers and
+    # graphs, DeepEP's buffers, the overlap stream): one owner per context, never passed in, so a context made by
+    # dataclasses.replace (a rank's from the instance's settings) starts with its own.
+    comm: CommResources = field(default_factory=CommResources, init=False, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, rank, size in (("ep", self.ep_rank, self.ep_size), ("moe_tp", self.moe_tp_rank, self.moe_tp_size)):

@@ -45,14 +45,14 @@ def _build_dispatchers(ctx: MoeContext, num_experts: int, hidden_size: int) -> d
 
 def _deepep_buffer(ctx: MoeContext, mode: str, num_experts: int, hidden_size: int) -> object:
     """The instance's DeepEP buffer for ``mode``, allocated by the first MoE layer that asks."""
-    key = f"deepep-buffer-{mode}"
-    if key not in ctx.shared:
+
+    def make() -> object:
         from pd.moe.dispatcher.deepep import make_deepep_buffer
 
         assert ctx.group is not None, "the deepep dispatcher runs over the expert-parallel group"
         try:
-            ctx.shared[key] = make_deepep_buffer(ctx.group, mode=mode, hidden_size=hidden_size,
-                                                 num_experts=num_experts, max_tokens_per_rank=ctx.max_tokens_per_rank)
+            return make_deepep_buffer(ctx.group, mode=mode, hidden_size=hidden_size, num_experts=num_experts,
+                                      max_tokens_per_rank=ctx.max_tokens_per_rank)
         except (AssertionError, RuntimeError) as e:
             if mode != "low_latency":
                 raise
@@ -62,15 +62,13 @@ def _deepep_buffer(ctx: MoeContext, mode: str, num_experts: int, hidden_size: in
                 "NICs with IBGDA. Use --deepep-mode normal, or --moe-a2a-backend torch (its low_latency mode runs "
                 "over NCCL)"
             ) from e
-    return ctx.shared[key]
+
+    return ctx.comm.get(f"deepep-buffer-{mode}", make)
 
 
 def _overlap_stream(ctx: MoeContext, device: torch.device) -> torch.cuda.Stream:
     """The instance's second CUDA stream for single-batch overlap (one per process, shared by the layers)."""
-    key = f"sbo-stream-{device}"
-    if key not in ctx.shared:
-        ctx.shared[key] = torch.cuda.Stream(device=device)
-    return ctx.shared[key]  # type: ignore[no-any-return]
+    return ctx.comm.get(f"sbo-stream-{device}", lambda: torch.cuda.Stream(device=device))
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:

@@ -10,7 +10,8 @@ Normal mode sends its rows at once into blocks of the capacity all ranks agreed 
 into the peers' meta buffers; after the barrier the host reads the counts (its one sync). A batch larger than the
 blocks grows them on every rank alike and is sent again (a second barrier), so only growth costs extra.
 
-Buffers, shared by every MoE layer of the instance:
+Buffers, shared by every MoE layer of the instance (the instance's CommResources holds them, made on first use:
+pd.moe.dispatcher.comm_resources):
   SymmetricExchange (per group, capacity C and row shape):
     dispatch [R, C, row_bytes] uint8: block s holds the rows rank s sent to this rank;
     combine  [R, C, H] model dtype:   block s holds rank s's partial outputs for this rank's tokens.
@@ -25,8 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 # Set to 0 to keep the torch backend on NCCL all-to-all even where symmetric memory works (to compare them).
 ENV_ENABLE = "PD_TORCH_A2A_SYMM_MEM"
 BARRIER_TIMEOUT_MS = 60_000  # a peer that never arrives fails the barrier instead of hanging the instance
-
-_cache: dict[tuple, object] = {}
-T = TypeVar("T")
 
 
 def symmetric_memory_usable(group: ProcessGroup | None, device: torch.device) -> bool:
@@ -112,21 +109,3 @@ class SymmetricMeta:
     def barrier(self) -> None:
         self._handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
 
-
-def _cached(key: tuple, make: Callable[[], T]) -> T:
-    """The instance's object for ``key``, made (collectively: every rank asks in the same order) on first use."""
-    if key not in _cache:
-        _cache[key] = make()
-    return _cache[key]  # type: ignore[return-value]
-
-
-def exchange_for(group: ProcessGroup, capacity: int, row_bytes: int, hidden: int, dtype: torch.dtype,
-                 device: torch.device) -> SymmetricExchange:  # fmt: skip
-    """The instance's exchange for this group and shape."""
-    return _cached(("exchange", group.group_name, capacity, row_bytes, hidden, dtype, device),
-                   lambda: SymmetricExchange(group, capacity, row_bytes, hidden, dtype, device))  # fmt: skip
-
-
-def meta_for(group: ProcessGroup, device: torch.device) -> SymmetricMeta:
-    """The instance's meta buffer for this group."""
-    return _cached(("meta", group.group_name, device), lambda: SymmetricMeta(group, device))

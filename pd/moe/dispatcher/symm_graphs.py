@@ -18,10 +18,12 @@ path and a rank on the eager path (a larger batch) follow the same protocol (the
 buffers), so they may meet in one dispatch. A bucket reports its size as its token count, which matters only for
 growth, and blocks never hold fewer than GRAPH_MAX_TOKENS rows.
 
-One set of graphs serves every MoE layer of the instance (per group, block capacity and row shape): a dispatch's
-outputs are views of its buffers, valid until the next dispatch, as MoE layers run one after another. Their
-receive and combine-input buffers hold every row slot of the blocks (a peer on the eager path may send more than
-GRAPH_MAX_TOKENS rows), so they cost 2 x R x capacity rows per rank once large batches grew the blocks.
+One set of graphs serves every MoE layer of the instance (per group, block capacity and row shape; the instance's
+CommResources holds it, pd.moe.dispatcher.comm_resources): a dispatch's outputs are views of its buffers, valid
+until the next dispatch, as MoE layers run one after another. Their receive and combine-input buffers hold every
+row slot of the blocks (a peer on the eager path may send more than GRAPH_MAX_TOKENS rows), so they cost
+2 x R x capacity rows per rank once large batches grew the blocks. A batch that went through the graphs is
+combined by its GraphedHandle.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pd.moe.dispatcher.symm_exchange import SymmetricExchange, SymmetricMeta, _cached
+from pd.moe.dispatcher.symm_exchange import SymmetricExchange, SymmetricMeta
+from pd.moe.dispatcher.transport import TransportHandle
 from pd.moe.topk import TopKOutput
 
 GRAPH_MAX_TOKENS = 256  # tokens per rank up to which normal mode replays graphs
@@ -179,8 +182,16 @@ class SmallBatchGraphs:
         return bucket
 
 
-def graphs_for(exchange: SymmetricExchange, meta: SymmetricMeta, my_rank: int, num_local_experts: int, top_k: int,
-               ids_at: int, row_bytes: int) -> SmallBatchGraphs:  # fmt: skip
-    """The instance's graphs for this exchange and routing (made on first use; nothing collective)."""
-    key = ("small-batch-graphs", id(exchange), my_rank, num_local_experts, top_k)
-    return _cached(key, lambda: SmallBatchGraphs(exchange, meta, my_rank, num_local_experts, top_k, ids_at, row_bytes))
+@dataclass(frozen=True)
+class GraphedHandle(TransportHandle):
+    """State for combine of a normal-mode batch that went through the small-batch graphs: T, the rows received,
+    and the graphs and bucket that hold the slots."""
+
+    num_tokens: int
+    num_rows: int
+    graphs: SmallBatchGraphs
+    bucket: Bucket
+
+    def combine(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[0] == self.num_rows, "combine input rows differ from the rows dispatch delivered"
+        return self.graphs.combine(x, self.bucket, self.num_tokens)
