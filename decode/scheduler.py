@@ -7,6 +7,12 @@ came at start-up, pd.engine.disagg.decode_peers): prefill writes each rank's pag
 the page ids the leader chose, and the status comes here once all of them have landed. On Success its first token
 (sampled by prefill) is reported and the request joins the running batch as if it had prefilled here; on Failed
 or timeout it ends with the reason and its pages are freed (followers hold no pool: the leader's is the only one).
+
+With --disaggregation-decode-enable-radix-cache, decode keeps a prefix cache like a unified instance's: a request
+starts from the longest cached whole-page prefix of its prompt (locked pages of finished requests: their prompt,
+received, and their output, computed here), registers the number of tokens it covers, and prefill writes only the
+pages after them; when it ends its pages go into the cache. Pages of a transfer that may still land are
+quarantined, the cached prefix's never (prefill does not write them): those are unlocked at once.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import replace
 
 from kvtransfer import get_kv_backend
 from kvtransfer.base import KVPoll, KVReceiver, prompt_fingerprint
@@ -32,8 +37,8 @@ QUARANTINE_S = 15.0
 
 class DecodeScheduler(Scheduler):
     def __init__(self, cfg: SchedulerConfig, runner: ModelRunner, disagg: DisaggConfig) -> None:
-        # No prefix cache here: a request's pages are written by its transfer, whatever they held.
-        super().__init__(replace(cfg, radix_cache=False), runner)
+        # cfg.radix_cache: --disaggregation-decode-enable-radix-cache (pd.engine.spec.scheduler_config)
+        super().__init__(cfg, runner)
         backend = get_kv_backend(disagg.backend)
         self.kv_manager = backend.start_decode_manager(kv_args(runner), disagg, peers=decode_peers(runner))
         self._receiver_cls = backend.KVReceiver
@@ -87,6 +92,7 @@ class DecodeScheduler(Scheduler):
                 req.state = ReqState.RUNNING
                 self.running.append(req)
                 self.prompt_tokens_total += len(req.prompt_ids)
+                self.cached_tokens_total += req.cached_tokens
                 self.generated_tokens_total += 1
                 out = super()._on_sampled(req, first.token_id)
                 if out is not None:
@@ -101,19 +107,19 @@ class DecodeScheduler(Scheduler):
         return outputs
 
     def _preallocate(self) -> None:
-        """Takes pages and a slot row for queued requests, oldest first, and registers them with prefill."""
+        """Takes pages (a cached prefix and fresh ones) and a slot row for queued requests, oldest first, and
+        registers them with prefill."""
         while self.prealloc and self.slots.num_free_rows > 0:
             req = self.prealloc[0]
-            pages = self.pool.alloc(self._pages_for(req.kv_tokens))
-            if pages is None:
+            if not self._take_pages(req):
                 return
             row = self.slots.alloc_row()
             assert row is not None
             self.prealloc.popleft()
-            req.pages, req.row, req.state = pages, row, ReqState.TRANSFERRING
-            self.slots.assign_pages(row, 0, pages)
+            req.row, req.state = row, ReqState.TRANSFERRING
+            self.slots.assign_pages(row, 0, req.pages)
             prompt_pages = req.pages[: self._pages_for(len(req.prompt_ids))]
-            self.receivers[req.rid].init(prompt_pages, len(req.prompt_ids))
+            self.receivers[req.rid].init(prompt_pages, len(req.prompt_ids), req.cached_tokens)
             self.transferring.append(req)
 
     def _release(self, req: Req) -> None:
@@ -123,8 +129,9 @@ class DecodeScheduler(Scheduler):
             else:
                 self.transferring.remove(req)
                 if req.pages:  # registered with prefill, not known complete: its writes may still land
-                    self.quarantine.append((time.monotonic() + QUARANTINE_S, req.pages))
-                    req.pages = []
+                    cached = req.cached_tokens // self.page_size  # pages prefill never writes: unlocked below
+                    self.quarantine.append((time.monotonic() + QUARANTINE_S, req.pages[cached:]))
+                    req.pages = req.pages[:cached]
         receiver = self.receivers.pop(req.rid, None)
         if receiver is not None:
             receiver.abort()

@@ -56,6 +56,9 @@ class KVArgs:
     host_memory:   whether those buffers are host memory, which lets a backend copy scattered pages through
                    host staging buffers (kvtransfer.staging); None: they are exactly when this process sees no
                    CUDA device (kv_in_host_memory).
+    kv_heads:      (first, count) of the model's KV heads this rank caches in every buffer, back to back in a token
+                   slot (tensor-parallel ranks shard them); the fingerprint's kv_layout names the model's totals.
+                   The default (0, 1) takes a token slot as one unit (MLA's latent).
     """
 
     engine_rank: int
@@ -65,6 +68,7 @@ class KVArgs:
     fingerprint: dict[str, object] = field(default_factory=dict)
     kv_data_lens: list[int] = field(default_factory=list)
     host_memory: bool | None = None
+    kv_heads: tuple[int, int] = (0, 1)
 
 
 def kv_in_host_memory(args: KVArgs) -> bool:
@@ -129,6 +133,12 @@ class KVSender(ABC):
     @abstractmethod
     def failure_reason(self) -> str | None: ...
 
+    @property
+    def peer_cached_tokens(self) -> int:
+        """Leading prompt tokens the decode peer holds already (its registration says so once it has come):
+        send() writes only the pages after them."""
+        return 0
+
     @abstractmethod
     def abort(self) -> None: ...
 
@@ -139,8 +149,10 @@ class KVReceiver(ABC):
     another prompt_fingerprint()."""
 
     @abstractmethod
-    def init(self, page_indices: list[int], num_tokens: int) -> None:
-        """Registers the preallocated destination pages for this room with the prefill rank (non-blocking)."""
+    def init(self, page_indices: list[int], num_tokens: int, cached_tokens: int = 0) -> None:
+        """Registers the destination pages for this room with the prefill rank (non-blocking): one per page of
+        the prompt, the first cached_tokens / page_size of them already holding the KV of the prompt's first
+        cached_tokens tokens (decode's prefix cache; the prefill writes only the pages after them)."""
 
     @abstractmethod
     def poll(self) -> KVPoll: ...

@@ -33,6 +33,7 @@ class KVTarget:
     session_id: str  # host:rpc_port of that rank's transfer engine
     ptrs: list[int]  # per KV buffer, layer-major
     item_lens: list[int]  # per KV buffer
+    kv_heads: list[int] = field(default_factory=lambda: [0, 1])  # [first, count]: see KVArgs.kv_heads
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class RegisterRoom:
     # The other ranks of the decode's attention group: each caches the room too, in its own memory, so the prefill
     # writes there as well (the status still comes to control_addr alone, once every rank's pages have landed).
     peers: list[KVTarget] = field(default_factory=list)
+    # Leading prompt tokens whose KV the decode holds already (its own prefix cache), a multiple of page_size and
+    # fewer than num_tokens: the prefill writes only the pages after them (dst_pages still lists every prompt page).
+    cached_tokens: int = 0
+    kv_heads: list[int] = field(default_factory=lambda: [0, 1])  # [first, count] of the registering rank's heads
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class RankInfo:
     # lives in group r % dp_size (its front sends the request there), so decode asks that group's ranks.
     dp_rank: int = 0
     dp_size: int = 1
+    kv_heads: list[int] = field(default_factory=lambda: [0, 1])  # [first, count] of the KV heads this rank caches
 
 
 ControlMessage = RegisterRoom | TransferStatus | AbortRoom
@@ -164,16 +170,21 @@ def rank_info_from_json(data: object) -> RankInfo:
 
 
 def layout_mismatch(
-    prefill: tuple[int, list[int], dict[str, Any]], decode: tuple[int, list[int], dict[str, Any]]
+    prefill: tuple[int, list[int], dict[str, Any]],
+    decode: tuple[int, list[int], dict[str, Any]],
+    prefill_heads: int = 1,
+    decode_heads: int = 1,
 ) -> str | None:
     """Why a prefill rank's KV pages cannot be copied into a decode rank's, naming both values; None if they can.
 
-    Each side is (page_size, kv_item_lens, fingerprint). Fingerprint keys come first: "num_layers prefill=4
-    decode=2" says more than the buffer counts that follow from it.
+    Each side is (page_size, kv_item_lens, fingerprint); *_heads: how many KV heads each side's token slots hold
+    (ranks of different TP sizes cache different numbers of heads: the bytes of one head must agree). Fingerprint
+    keys come first: "num_layers prefill=4 decode=2" says more than the buffer counts that follow from it.
     """
     (p_page, p_lens, p_fp), (d_page, d_lens, d_fp) = prefill, decode
     # One side's fingerprint may have come through JSON or msgpack (tuples become lists): compare it that way.
     p_fp, d_fp, p_lens, d_lens = (json.loads(json.dumps(x)) for x in (p_fp, d_fp, p_lens, d_lens))
+    p_lens, d_lens = [n // prefill_heads for n in p_lens], [n // decode_heads for n in d_lens]
     problems = [
         f"{key} prefill={p_fp.get(key, '<missing>')!r} decode={d_fp.get(key, '<missing>')!r}"
         for key in sorted(set(p_fp) | set(d_fp))
@@ -185,5 +196,6 @@ def layout_mismatch(
         problems.append(f"number of KV buffers prefill={len(p_lens)} decode={len(d_lens)}")
     elif p_lens != d_lens:
         b = next(i for i, (p, d) in enumerate(zip(p_lens, d_lens, strict=True)) if p != d)
-        problems.append(f"bytes per token of KV buffer {b} prefill={p_lens[b]} decode={d_lens[b]}")
+        per = "bytes per token" if (prefill_heads, decode_heads) == (1, 1) else "bytes per token and KV head"
+        problems.append(f"{per} of KV buffer {b} prefill={p_lens[b]} decode={d_lens[b]}")
     return "; ".join(problems) or None

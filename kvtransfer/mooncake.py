@@ -12,7 +12,9 @@ Prefill rank                                          Decode rank
                        Success | Failed
 
 With the KV cache in host memory, each side copies pages scattered over many runs through a contiguous staging
-buffer (kvtransfer.staging), so such a room takes a few large regions instead of one per run.
+buffer (kvtransfer.staging), so such a room takes a few large regions instead of one per run. A decode whose own
+prefix cache holds the prompt's first pages says how many tokens they cover (RegisterRoom.cached_tokens): only the
+pages after them are written.
 
 Rooms are owned: a second sender or receiver for a live room on one rank is refused, a prefill rank keeps only
 its room's first registration and refuses one for another prompt (prompt fingerprints differ) or from another
@@ -33,6 +35,7 @@ from typing import Literal, Protocol
 from kvtransfer.base import KVArgs, KVManager, KVPoll, KVTargetHolder, KVTransferError, kv_in_host_memory
 from kvtransfer.bootstrap import BootstrapClient, BootstrapServer
 from kvtransfer.control import ControlPool, ControlServer
+from kvtransfer.heads import plan_head_copies
 from kvtransfer.messages import (
     AbortRoom,
     ControlMessage,
@@ -43,7 +46,13 @@ from kvtransfer.messages import (
     layout_mismatch,
 )
 from kvtransfer.mooncake_engine import MooncakeEngine
-from kvtransfer.mooncake_rooms import MooncakeKVReceiver, MooncakeKVSender, Room, prompt_mismatch
+from kvtransfer.mooncake_rooms import (
+    MooncakeKVReceiver,
+    MooncakeKVSender,
+    Room,
+    cached_tokens_problem,
+    prompt_mismatch,
+)
 from kvtransfer.mooncake_transfer import TransferWorker
 from kvtransfer.staging import HostStaging
 
@@ -167,13 +176,18 @@ class MooncakeKVManager(KVManager):
     def rank_info(self) -> RankInfo:
         a = self.args
         return RankInfo(a.engine_rank, self.tp_size, self.control_addr, self.engine.session_id, list(a.kv_data_ptrs),
-                        list(a.kv_item_lens), a.page_size, dict(a.fingerprint), self.dp_rank, self.dp_size)
+                        list(a.kv_item_lens), a.page_size, dict(a.fingerprint), self.dp_rank, self.dp_size,
+                        list(a.kv_heads))
 
-    def layout_problem(self, page_size: int, item_lens: list[int], fingerprint: dict[str, object]) -> str | None:
-        """Why a peer with this layout cannot exchange pages with us (names both values), or None."""
+    def layout_problem(self, page_size: int, item_lens: list[int], fingerprint: dict[str, object],
+                       kv_heads: list[int]) -> str | None:
+        """Why a peer with this layout (caching KV heads kv_heads = [first, count]) cannot exchange pages with us
+        (names both values), or None."""
         mine = (self.args.page_size, list(self.args.kv_item_lens), dict(self.args.fingerprint))
         theirs = (page_size, item_lens, fingerprint)
-        return layout_mismatch(*((mine, theirs) if self.role == "prefill" else (theirs, mine)))
+        if self.role == "prefill":
+            return layout_mismatch(mine, theirs, self.args.kv_heads[1], kv_heads[1])
+        return layout_mismatch(theirs, mine, kv_heads[1], self.args.kv_heads[1])
 
     # ---- room bookkeeping (called by senders and receivers) -------------------------------------------------
 
@@ -300,22 +314,35 @@ class MooncakeKVManager(KVManager):
             self._refuse(msg, prompt_mismatch(msg.room, sender.prompt_hash, msg.prompt_hash))
             return
         sender.registration = msg
-        problem = self.layout_problem(msg.page_size, msg.item_lens, msg.fingerprint)
+        problem = self.layout_problem(msg.page_size, msg.item_lens, msg.fingerprint, msg.kv_heads)
         if problem is None and msg.engine_rank != self.args.engine_rank:
             problem = f"decode engine_rank {msg.engine_rank} registered with prefill rank {self.args.engine_rank}"
         if problem is None and len(msg.dst_ptrs) != len(msg.item_lens):
             problem = f"registration has {len(msg.dst_ptrs)} buffer pointers for {len(msg.item_lens)} buffers"
+        if problem is None:  # (the page sizes agree by now)
+            problem = cached_tokens_problem(msg.cached_tokens, msg.num_tokens, msg.page_size)
         for peer in msg.peers:
             if problem is None:
-                problem = self.layout_problem(msg.page_size, peer.item_lens, msg.fingerprint)
+                problem = self.layout_problem(msg.page_size, peer.item_lens, msg.fingerprint, peer.kv_heads)
             if problem is None and len(peer.ptrs) != len(peer.item_lens):
                 problem = f"decode rank {peer.engine_rank} has {len(peer.ptrs)} buffer pointers for " \
                           f"{len(peer.item_lens)} buffers"
+        if problem is None:
+            problem = self.heads_problem([msg.kv_heads, *(peer.kv_heads for peer in msg.peers)])
         if problem is not None:
             self.fail(sender, f"incompatible decode for room {msg.room}: {problem}")
         else:
             sender.state = KVPoll.WaitingForInput
             logger.debug("room %d registered by decode %s", msg.room, msg.control_addr)
+
+    def heads_problem(self, decode_heads: list[list[int]]) -> str | None:
+        """Why this prefill rank cannot send every decode rank its KV heads (decode_heads: [first, count] of each),
+        or None. Only the prefill leader sends, so it must cache every head the decode ranks do."""
+        try:
+            plan_head_copies([self.args.kv_heads], [(first, count) for first, count in decode_heads])
+        except ValueError as e:
+            return f"{e}: a prefill instance must cache every KV head on its leader (its ranks do not send)"
+        return None
 
     def _on_status(self, msg: TransferStatus) -> None:
         with self.lock:
@@ -328,7 +355,7 @@ class MooncakeKVManager(KVManager):
         if msg.ok and same_prompt and (area is not None or not msg.staged):
             if area is not None:  # should the room fail meanwhile, the area is held back, not lent again
                 assert self.staging is not None and receiver.pages is not None
-                self.staging.unstage(area, receiver.pages)
+                self.staging.unstage(area, receiver.sent_pages)
             with self.lock:
                 if self._receivers.get(msg.room) is receiver:  # else aborted or failed meanwhile
                     receiver.set_success(msg.first_token, msg.prompt_tokens)
@@ -379,7 +406,7 @@ class MooncakeKVManager(KVManager):
                          "different TP sizes are not supported yet")
             return
         info = route.rank_for(r.room, self.args.engine_rank)
-        problem = self.layout_problem(info.page_size, info.kv_item_lens, info.fingerprint)
+        problem = self.layout_problem(info.page_size, info.kv_item_lens, info.fingerprint, info.kv_heads)
         if problem is not None:
             self.fail(r, f"prefill {host}:{port} and this decode have incompatible KV caches: {problem}")
             return
@@ -400,7 +427,7 @@ class MooncakeKVManager(KVManager):
             staging_addr = self.staging.address(r.staging_offset)
         msg = RegisterRoom(r.room, a.engine_rank, self.control_addr, self.engine.session_id, list(a.kv_data_ptrs),
                            list(a.kv_item_lens), a.page_size, r.pages, r.num_tokens, dict(a.fingerprint),
-                           r.prompt_hash, staging_addr, self.peers)
+                           r.prompt_hash, staging_addr, self.peers, r.cached_tokens, list(a.kv_heads))
         try:
             self.control.send(r.prefill.control_addr, msg)
         except KVTransferError as e:
@@ -483,7 +510,7 @@ class MooncakeKVTarget(KVTargetHolder):
             self.engine.close()
             raise
         self.target = KVTarget(args.engine_rank, self.engine.session_id, list(args.kv_data_ptrs),
-                               list(args.kv_item_lens))
+                               list(args.kv_item_lens), list(args.kv_heads))
         logger.info("mooncake KV decode target rank %d: transfer session %s", args.engine_rank, self.engine.session_id)
 
     def close(self) -> None:

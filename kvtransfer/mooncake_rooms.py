@@ -30,6 +30,15 @@ def prompt_mismatch(room: int, prefill_hash: int, decode_hash: int) -> str:
             f"decode's {decode_hash:#018x} (is the bootstrap_room reused?)")
 
 
+def cached_tokens_problem(cached_tokens: int, num_tokens: int, page_size: int) -> str | None:
+    """Why a decode cannot hold `cached_tokens` of a `num_tokens` prompt already (whole pages only, and at least
+    the last prompt token's page is sent), or None."""
+    if not 0 <= cached_tokens < num_tokens or cached_tokens % page_size:
+        return (f"decode claims to hold {cached_tokens} of {num_tokens} prompt tokens already; that must be a "
+                f"multiple of the page size {page_size} below {num_tokens}")
+    return None
+
+
 class MooncakeKVSender(KVSender):
     """Prefill side of room `room`. Bootstrapping until decode registers (at most bootstrap_timeout_s from
     construction), WaitingForInput until send(), Transferring until the pages have landed and decode knows."""
@@ -54,7 +63,8 @@ class MooncakeKVSender(KVSender):
 
     def send(self, page_indices: Sequence[int], num_tokens: int, first_token: FirstToken) -> None:
         """Queues the writes of the prompt's pages (page_indices: this rank's pages in prompt order, one per
-        page_size tokens) into the registered decode pages, then the status with first_token and the prompt hash.
+        page_size tokens; those of the decode's cached prefix, peer_cached_tokens, are skipped) into the registered
+        decode pages, then the status with first_token and the prompt hash.
         Non-blocking; a layout, length or prompt disagreement with the registration fails the room (and tells
         decode) before any page is written."""
         if self.state == KVPoll.Failed:
@@ -87,6 +97,10 @@ class MooncakeKVSender(KVSender):
     def failure_reason(self) -> str | None:
         return self.reason
 
+    @property
+    def peer_cached_tokens(self) -> int:
+        return self.registration.cached_tokens if self.registration is not None else 0
+
     def abort(self) -> None:
         """Forgets the room; a registered decode is told. A write already in flight still completes."""
         self.mgr.abort(self)
@@ -112,6 +126,7 @@ class MooncakeKVReceiver(KVReceiver):
         self.prefill: RankInfo | None = None  # set by the manager once bootstrapped
         self.pages: list[int] | None = None
         self.num_tokens = 0
+        self.cached_tokens = 0  # set by init(): prompt tokens whose pages hold their KV already
         self.staging_offset: int | None = None  # the area of the manager's staging pool lent to this room
         self.registered = False
         self.peer_lost_at: float | None = None  # set by the manager when the prefill's connection drops
@@ -120,30 +135,41 @@ class MooncakeKVReceiver(KVReceiver):
         if self.state == KVPoll.Bootstrapping:
             mgr.io.submit(mgr.bootstrap_receiver, self)
 
-    def init(self, page_indices: Sequence[int], num_tokens: int) -> None:
+    def init(self, page_indices: Sequence[int], num_tokens: int, cached_tokens: int = 0) -> None:
         """Registers the destination pages (this rank's, in prompt order: ceil(num_tokens / page_size) of
         them) and the prompt's fingerprint with the prefill rank, now or as soon as bootstrapping is done; a
-        status for another prompt fails the room. Pages scattered enough that staging pays are received into
-        an area of the manager's staging pool (while it has room) and copied into place before Success.
+        status for another prompt fails the room. The first cached_tokens / page_size pages hold their KV
+        already (decode's prefix cache): the prefill writes only the pages after them (sent_pages). Sent pages
+        scattered enough that staging pays are received into an area of the manager's staging pool (while it
+        has room) and copied into place before Success.
         Non-blocking.
-        Raises ValueError on a page list that cannot be right (wrong count, out of range, repeated)."""
+        Raises ValueError on a page list or cached_tokens that cannot be right (wrong count, out of range,
+        repeated; not whole pages below num_tokens)."""
         mgr = self.mgr
         need = -(-num_tokens // mgr.args.page_size)
         if len(page_indices) != need:
             raise ValueError(f"room {self.room}: {len(page_indices)} pages for {num_tokens} tokens at page size "
                              f"{mgr.args.page_size}; expected {need}")
-        problem = check_pages(page_indices, mgr.num_pages, "decode pages")
+        problem = check_pages(page_indices, mgr.num_pages, "decode pages") or cached_tokens_problem(
+            cached_tokens, num_tokens, mgr.args.page_size)
         if problem is not None:
             raise ValueError(f"room {self.room}: {problem}")
         with mgr.lock:
             assert self.pages is None, f"init() called twice for room {self.room}"
             self.pages, self.num_tokens = np.asarray(page_indices, dtype=np.int64).tolist(), num_tokens
+            self.cached_tokens = cached_tokens
             self.transfer_deadline = time.monotonic() + mgr.transfer_timeout_s
             if self.state not in _DONE:  # a finished room would never give the area back
-                self.staging_offset = None if mgr.staging is None else mgr.staging.lend(self.pages)
+                self.staging_offset = None if mgr.staging is None else mgr.staging.lend(self.sent_pages)
             ready = self.state == KVPoll.WaitingForInput
         if ready:
             mgr.io.submit(mgr.register_receiver, self)
+
+    @property
+    def sent_pages(self) -> list[int]:
+        """The registered pages the prefill writes: those after the cached prefix, in prompt order."""
+        assert self.pages is not None
+        return self.pages[self.cached_tokens // self.mgr.args.page_size :]
 
     def poll(self) -> KVPoll:
         state = self.state

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvtransfer.base import KVPoll, KVTransferError
+from kvtransfer.heads import head_regions, plan_head_copies
 from kvtransfer.messages import RegisterRoom, TransferStatus
 from kvtransfer.mooncake_engine import MAX_REGIONS_PER_BATCH
 from kvtransfer.pages import (
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Regions = tuple[list[int], list[int], list[int]]  # (src addrs, dst addrs, lengths)
+_Target = tuple[str, list[int], list[int], list[int], np.ndarray]  # session, buffer ptrs, item lens, heads, pages
 
 
 @dataclass
@@ -103,22 +105,35 @@ class TransferWorker:
         """(decode session, regions) batches of the room: for each decode rank of the registration, one batch from
         the KV buffers themselves, or, when gathering the source pages pays, one batch per gather-buffer piece,
         each piece gathered just before it is written to every decode rank."""
-        a, reg, src_pages = self._mgr.args, job.registration, job.src_pages
+        a, reg = self._mgr.args, job.registration
+        # The pages of the decode's cached prefix hold their KV there already: only the pages after them move.
+        skip = reg.cached_tokens // a.page_size
+        src_pages, dst_pages = job.src_pages[skip:], np.asarray(reg.dst_pages, dtype=np.int64)[skip:]
         page_bytes = [il * a.page_size for il in a.kv_item_lens]
-        dst_pages = np.asarray(reg.dst_pages, dtype=np.int64)
-        # (session, buffer pointers, pages) of each decode rank; the registering rank's may be its staging area,
-        # a page table whose page i is prompt page i
-        targets = [(reg.session_id, reg.dst_ptrs, dst_pages)]
+        # (session, buffer pointers, item lens, KV heads, pages) of each decode rank; the registering rank's may be
+        # its staging area, a page table whose page i is the i-th page sent
+        first: _Target = (reg.session_id, reg.dst_ptrs, reg.item_lens, reg.kv_heads, dst_pages)
         if reg.staging_addr:
-            targets[0] = (reg.session_id, staged_ptrs(reg.staging_addr, page_bytes, len(src_pages)),
-                          np.arange(len(src_pages)))
-        targets += [(peer.session_id, peer.ptrs, dst_pages) for peer in reg.peers]
+            dst_page_bytes = [il * a.page_size for il in reg.item_lens]
+            first = (reg.session_id, staged_ptrs(reg.staging_addr, dst_page_bytes, len(src_pages)), reg.item_lens,
+                     reg.kv_heads, np.arange(len(src_pages)))
+        everyone = [first, *((peer.session_id, peer.ptrs, peer.item_lens, peer.kv_heads, dst_pages)
+                             for peer in reg.peers)]
+        # A decode rank caching other KV heads than this rank (another TP size) takes its heads token by token;
+        # the others take whole pages.
+        for session, dst_ptrs, dst_lens, heads, pages in everyone:
+            if list(heads) != list(a.kv_heads):
+                yield session, self._head_regions(dst_ptrs, dst_lens, heads, src_pages, pages)
+        targets = [(session, dst_ptrs, pages) for session, dst_ptrs, _, heads, pages in everyone
+                   if list(heads) == list(a.kv_heads)]
         staging = self._mgr.staging
         buf = None if staging is None else staging.gather_buf
         if staging is None or buf is None or not staging_pays(src_pages, page_bytes):
             for session, dst_ptrs, pages in targets:
                 yield session, merge_regions(*transfer_regions(a.kv_data_ptrs, dst_ptrs, a.kv_item_lens, a.page_size,
                                                                src_pages, pages))
+            return
+        if not targets:
             return
         base = buf.ctypes.data
         for piece in staging_pieces(len(src_pages), page_bytes, buf.size):
@@ -132,3 +147,17 @@ class TransferWorker:
                     for acc, xs in zip(batch, part, strict=True):
                         acc.extend(xs)
                 yield session, merge_regions(*batch)
+
+    def _head_regions(self, dst_ptrs: list[int], dst_lens: list[int], dst_heads: list[int], src_pages: np.ndarray,
+                      dst_pages: np.ndarray) -> Regions:
+        """The regions that copy a decode rank's KV heads dst_heads = [first, count] out of this rank's (which holds
+        them all: checked when the room registered) for every page, straight from the KV buffers."""
+        a = self._mgr.args
+        head_bytes = [il // a.kv_heads[1] for il in a.kv_item_lens]
+        batch: Regions = ([], [], [])
+        for copy in plan_head_copies([a.kv_heads], [(dst_heads[0], dst_heads[1])]):
+            part = head_regions(a.kv_data_ptrs, a.kv_item_lens, dst_ptrs, dst_lens, head_bytes, a.page_size,
+                                src_pages, dst_pages, copy)
+            for acc, xs in zip(batch, part, strict=True):
+                acc.extend(xs)
+        return batch

@@ -122,6 +122,10 @@ class ServerArgs:
     disaggregation_transfer_timeout: float = _opt(
         60.0, "decode: seconds a request waits for its KV from prefill", type=float
     )
+    disaggregation_decode_enable_radix_cache: bool = _opt(
+        False, "decode: keep finished requests' KV in a prefix cache and reuse it; prefill then sends only the "
+        "pages after the prefix decode holds (ignored by other modes)"
+    )
     # Memory and scheduling
     mem_fraction_static: float | None = _opt(None, "GPU memory fraction for weights + KV; auto 0.85", type=float)
     max_running_requests: int = _opt(64, "max requests in one running batch", type=int)
@@ -410,6 +414,9 @@ def _validate(a: ServerArgs) -> None:
 
     for name in ("disaggregation_bootstrap_timeout", "disaggregation_transfer_timeout"):
         need(getattr(a, name) > 0, f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(a, name)}")
+    need(not (a.disaggregation_decode_enable_radix_cache and a.disable_radix_cache),
+         "--disaggregation-decode-enable-radix-cache turns on the prefix cache that --disable-radix-cache turns off; "
+         "drop one of them")
 
     for n in (
         "tp_size",

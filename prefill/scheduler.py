@@ -2,18 +2,20 @@
 
 A request keeps only its prompt's KV pages. When the prompt's last chunk has run and the first token is sampled,
 the request leaves the batch and waits for its KV sender: once the decode peer has registered its destination
-pages (WaitingForInput) the pages and the first token are sent; on Success or Failed the pages are freed and
-the request finishes (the load balancer consumes this answer; the client's comes from decode).
+pages (WaitingForInput) the pages and the first token are sent (not the pages of a prefix the decode holds in
+its own prefix cache, whatever this instance's cache held); on Success or Failed the pages are freed (or cached)
+and the request finishes (the load balancer consumes this answer; the client's comes from decode).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from kvtransfer import get_kv_backend
 from kvtransfer.base import FirstToken, KVPoll, KVSender, prompt_fingerprint
 from pd.engine.disagg import DisaggConfig, kv_args
-from pd.engine.io import GenerateRequest, TokenOutput
+from pd.engine.io import EngineStats, GenerateRequest, TokenOutput
 from pd.engine.model_runner import ModelRunner
 from pd.engine.request import Req, ReqState
 from pd.engine.scheduler import Scheduler, SchedulerConfig
@@ -29,6 +31,7 @@ class PrefillScheduler(Scheduler):
         self._sender_cls = backend.KVSender
         self.senders: dict[str, KVSender] = {}
         self.transferring: list[Req] = []
+        self.kv_pages_sent_total = 0  # pages that landed on decode instances
 
     @property
     def has_work(self) -> bool:
@@ -36,6 +39,9 @@ class PrefillScheduler(Scheduler):
 
     def live_requests(self) -> list[Req]:
         return super().live_requests() + self.transferring
+
+    def stats(self) -> EngineStats:
+        return dataclasses.replace(super().stats(), kv_pages_sent_total=self.kv_pages_sent_total)
 
     def _kv_tokens(self, msg: GenerateRequest) -> int:
         return len(msg.input_ids)  # the first token's KV is computed by decode, not here
@@ -68,6 +74,7 @@ class PrefillScheduler(Scheduler):
                 sender.send(req.pages, len(req.prompt_ids), FirstToken(req.output_ids[0], len(req.prompt_ids)))
                 req.kv_sent = True
             elif state == KVPoll.Success:
+                self.kv_pages_sent_total += len(req.pages) - sender.peer_cached_tokens // self.page_size
                 req.finish_reason = "length"
                 outputs.append(self._finish(req))
             elif state == KVPoll.Failed:

@@ -152,6 +152,22 @@ def test_tp_shard_that_cuts_a_scale_block_is_an_error_naming_the_sizes() -> None
     assert torch.equal(take_shard(model.proj.weight_scale_inv, full), full[3:6])
 
 
+def test_a_kv_head_replicated_over_ranks_takes_the_scale_blocks_of_the_whole_head() -> None:
+    """Two ranks share the one KV head (12 rows: a partial scale block of 16), so each holds all of it and its
+    scales; the head is not a 1/2 shard of a 24-row tensor."""
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k_proj = TensorParallel(rank=1, size=2).kv_linear(64, 1, 12, False)
+
+    model = Tiny()
+    convert_to_fp8(model, Fp8Plan(Fp8Config((16, 16)), online=False, modules=frozenset({"k_proj"})), tp_size=2)
+    weight, scale_inv = block_quant(torch.randn(12, 64), (16, 16))
+    assert torch.equal(take_shard(model.k_proj.weight, weight).view(torch.uint8), weight.view(torch.uint8))
+    assert torch.equal(take_shard(model.k_proj.weight_scale_inv, scale_inv), scale_inv)
+
+
 def _experts(ctx: MoeContext) -> FusedMoE:
     return FusedMoE(8, 64, 48, TopKConfig(top_k=2), ctx)
 

@@ -31,6 +31,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(_BASE, architectures=["Qwen3MoeForCausalLM"], intermediate_size=128, head_dim=32,
                       moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
                       decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1e6),
+    # 4 KV heads: tensor-parallel ranks shard them at TP 2 and 4 (one head each at TP 4), replicate them past that
+    "qwen3_moe_gqa": dict(_BASE, architectures=["Qwen3MoeForCausalLM"], num_attention_heads=8, num_key_value_heads=4,
+                          intermediate_size=128, head_dim=32, moe_intermediate_size=48, num_experts=8,
+                          num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          rope_theta=1e6),
     "deepseek_v2": dict(_BASE, architectures=["DeepseekV2ForCausalLM"], num_key_value_heads=4,
                         intermediate_size=128, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
                         num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,

@@ -156,7 +156,7 @@ class EngineClient:
             return self._stats[0]
         total = {f.name: sum(getattr(s, f.name) for s in self._stats) for f in dataclasses.fields(EngineStats)}
         # One value for the whole instance:
-        for same in ("page_size", "eplb_rebalances", "eplb_balancedness"):  # one value for the whole instance
+        for same in ("page_size", "eplb_rebalances", "eplb_balancedness", "kv_heads_per_rank", "kv_bytes_per_rank"):
             total[same] = getattr(self._stats[0], same)
         return EngineStats(**total)
 

@@ -50,15 +50,17 @@ class DisaggConfig:
 
 def kv_args(runner: ModelRunner) -> KVArgs:
     """What this rank exposes for transfers: its rank in the attention group, every KV buffer's base address,
-    per-token bytes and total bytes (layer-major), and the fingerprint both sides of a transfer must share."""
+    per-token bytes and total bytes (layer-major), the KV heads it caches, and the fingerprint both sides of a
+    transfer must share (the model's KV layout, whatever share of the heads each rank holds)."""
     cache = runner.kv_cache
+    first, count, total = runner.model.kv_heads()
     ptrs, item_lens, data_lens, layout = [], [], [], []
     for layer in cache.buffers:
         for buf in layer:
             ptrs.append(buf.data_ptr())
             item_lens.append(buf[0].numel() * buf.element_size())
             data_lens.append(buf.numel() * buf.element_size())
-        layout.append([list(buf.shape[1:]) for buf in layer])
+        layout.append([[total, buf.shape[2]] for buf in layer])
     fingerprint: dict[str, object] = {
         "architecture": runner.model_config.architecture,
         "num_layers": len(cache.buffers),
@@ -66,7 +68,7 @@ def kv_args(runner: ModelRunner) -> KVArgs:
         "dtype": str(cache.dtype).removeprefix("torch."),
         "page_size": cache.page_size,
     }
-    return KVArgs(runner.tp.rank, ptrs, item_lens, cache.page_size, fingerprint, data_lens)
+    return KVArgs(runner.tp.rank, ptrs, item_lens, cache.page_size, fingerprint, data_lens, kv_heads=(first, count))
 
 
 def start_follower_kv(runner: ModelRunner, sync: StepSync, cfg: DisaggConfig) -> KVTargetHolder | None:

@@ -112,10 +112,15 @@ class EngineStats:
     prompt_tokens_total: int
     kv_pages_cached: int = 0  # of the free pages, those holding a cached prefix (evicted when pages run short)
     cached_tokens_total: int = 0  # prompt tokens whose KV came from the prefix cache
+    kv_pages_sent_total: int = 0  # prefill: KV pages written to decode instances (not those decode had cached)
     # EPLB (the same on every rank of the expert group): rebalances so far, and the balancedness (mean / max GPU
     # load) measured over the window before the last one (1.0 before the first).
     eplb_rebalances: int = 0
     eplb_balancedness: float = 1.0
+    # KV capacity of one rank (every rank of an instance holds the same amount): the KV heads it caches per layer and
+    # buffer (1 for MLA's latent; fewer than the model's when tensor-parallel ranks shard them) and its pool's bytes.
+    kv_heads_per_rank: int = 0
+    kv_bytes_per_rank: int = 0
 
 
 _OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(TokenOutput))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class RunnerConfig:
     attention_backend: str = "torch"  # an --attention-backend name (resolved)
     cuda_graph_bs: tuple[int, ...] = ()  # decode batch sizes to capture as CUDA graphs (empty: eager)
     quantization: str = "none"  # --quantization: "fp8" quantizes an unquantized checkpoint at load
+    shard_kv_heads: bool = True  # each tensor-parallel rank caches only its KV heads (pd.dist.tp.kv_head_range)
 
 
 class ModelRunner:
@@ -75,6 +77,7 @@ class ModelRunner:
         torch.manual_seed(cfg.random_seed)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
+        tp = dataclasses.replace(tp, shard_kv_heads=cfg.shard_kv_heads)
         self.sync, self.tp = sync, tp
         self.model_config = ModelConfig.from_path(cfg.model_path)
         model_max = self.model_config.max_position_embeddings
@@ -101,6 +104,10 @@ class ModelRunner:
         self.num_pages = self._num_pages(layout)
         if agree_pages is not None:
             self.num_pages = agree_pages(self.num_pages)
+        # This rank's KV capacity (EngineStats): heads cached per buffer (MLA: its one latent), the pool's bytes.
+        self.kv_heads_per_rank = self.model.kv_heads()[1]
+        self.kv_bytes_per_rank = (KVCache.bytes_per_token(self.model.num_layers, layout, cfg.dtype) * self.num_pages
+                                  * cfg.page_size)
         # One rank holds the whole forward (no followers, no expert peers): graphs and overlap need that.
         self.single_rank = sync is None and moe_ctx.ep_size == 1 and moe_ctx.group is None
         self.graph_bs = self._graph_batch_sizes(moe_ctx, has_moe=bool(moe_layers))
@@ -112,11 +119,19 @@ class ModelRunner:
         self.slot_table: ReqToToken | None = None
         self.forced_mode: str | None = None  # set by the DP-attention gate: the mode all leaders agreed on
         self.num_forwards = 0
-        logger.info("model %s loaded on %s (%s); KV cache: %d pages x %d tokens; attention backend %s",
+        logger.info("model %s loaded on %s (%s); KV cache: %d pages x %d tokens, %s; attention backend %s",
                     self.model_config.architecture, self.device, cfg.dtype, self.num_pages, cfg.page_size,
-                    cfg.attention_backend)  # fmt: skip
+                    self._kv_summary(), cfg.attention_backend)  # fmt: skip
+        if tp.size > 1 and not cfg.shard_kv_heads and tp.rank == 0:
+            logger.info("KV heads replicated on every rank: a prefill instance's leader sends every head")
         if moe_layers and moe_ctx.group_rank_is_first:
             logger.info("MoE: %d layers, %s", len(moe_layers), _moe_summary(moe_layers[0], moe_ctx, cfg))
+
+    def _kv_summary(self) -> str:
+        """This rank's KV capacity, for the start-up log: which heads it caches and its pool's size."""
+        first, count, total = self.model.kv_heads()
+        heads = f"all {total} KV heads" if count == total else f"KV heads [{first}, {first + count}) of {total}"
+        return f"{heads}, {self.kv_bytes_per_rank / 2**20:.1f} MiB on this rank"
 
     def make_slot_table(self, max_rows: int, max_context: int) -> ReqToToken:
         """The request -> KV page table the scheduler fills, on this rank's device (followers keep a mirror fed by

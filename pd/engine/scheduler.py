@@ -236,6 +236,8 @@ class Scheduler:
             generated_tokens_total=self.generated_tokens_total,
             prompt_tokens_total=self.prompt_tokens_total,
             cached_tokens_total=self.cached_tokens_total,
+            kv_heads_per_rank=self.runner.kv_heads_per_rank,
+            kv_bytes_per_rank=self.runner.kv_bytes_per_rank,
             **self._eplb_stats(),
         )
 
@@ -401,21 +403,30 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and self.slots.num_free_rows > 0:
             req = self.waiting[0]
-            prefix, node = self._match_prefix(req.prompt_ids)
-            pages = self._alloc(self._pages_for(req.kv_tokens) - len(prefix))
-            if pages is None:
-                if node is not None:
-                    self.cache.unlock(node)  # type: ignore[union-attr]
+            if not self._take_pages(req):
                 return  # wait for running requests to free pages
             row = self.slots.alloc_row()
             assert row is not None
             self.waiting.popleft()
-            req.pages, req.row, req.state, req.cache_node = prefix + pages, row, ReqState.RUNNING, node
-            req.num_computed = req.cached_tokens = len(prefix) * self.page_size
+            req.row, req.state = row, ReqState.RUNNING
             self.slots.assign_pages(row, 0, req.pages)
             self.running.append(req)
             self.prompt_tokens_total += len(req.prompt_ids)
             self.cached_tokens_total += req.cached_tokens
+
+    def _take_pages(self, req: Req) -> bool:
+        """Gives a request its pages: the cached prefix of its prompt (locked, its tokens counted as computed) and
+        fresh pages for the rest of its KV budget. False, with nothing taken, when the pool is short even after
+        eviction."""
+        prefix, node = self._match_prefix(req.prompt_ids)
+        pages = self._alloc(self._pages_for(req.kv_tokens) - len(prefix))
+        if pages is None:
+            if node is not None:
+                self.cache.unlock(node)  # type: ignore[union-attr]
+            return False
+        req.pages, req.cache_node = prefix + pages, node
+        req.num_computed = req.cached_tokens = len(prefix) * self.page_size
+        return True
 
     def _match_prefix(self, prompt: list[int]) -> tuple[list[int], Node | None]:
         """The cached pages a request with this prompt starts from (locked), and their node. At least the last

@@ -89,13 +89,19 @@ def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
         attention_backend=args.attention_backend,
         cuda_graph_bs=args.cuda_graph_bs or (),
         quantization=args.quantization,
+        # A prefill instance caches every KV head on every rank: only its leader sends a room's KV (to each decode
+        # rank, its heads), so the leader must hold them all.
+        shard_kv_heads=args.disaggregation_mode != "prefill",
     )
 
 
 def scheduler_config(args: ServerArgs) -> SchedulerConfig:
+    # A decode instance caches prefixes only when asked to (SGLang's default): its pages are written by transfers.
+    radix_cache = not args.disable_radix_cache and (
+        args.disaggregation_mode != "decode" or args.disaggregation_decode_enable_radix_cache)
     return SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,
                            overlap=not args.disable_overlap_schedule, log_interval=args.decode_log_interval,
-                           radix_cache=not args.disable_radix_cache)  # fmt: skip
+                           radix_cache=radix_cache)  # fmt: skip
 
 
 def moe_settings(args: ServerArgs) -> MoeContext:

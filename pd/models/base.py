@@ -39,8 +39,13 @@ class CausalLM(nn.Module):
         return self.model.forward_two(first, second)  # type: ignore[operator]
 
     def kv_layout(self) -> list[tuple[int, int]]:
-        """(heads, dim) of each per-token KV buffer of one layer."""
+        """(heads, dim) of each per-token KV buffer of one layer, on this rank."""
         raise NotImplementedError
+
+    def kv_heads(self) -> tuple[int, int, int]:
+        """(first, count, total): the KV heads this rank caches in every buffer of kv_layout, out of the model's
+        total (the same range for each buffer; a latent cache is one head every rank holds whole)."""
+        return 0, 1, 1
 
     @property
     def num_layers(self) -> int:

@@ -131,8 +131,8 @@ def convert_to_fp8(model: nn.Module, plan: Fp8Plan, tp_size: int) -> None:
         spec = shard_spec(module.weight)
         if spec is not None:
             _mark(fp8.weight, spec)
-            first, count = scale_range(spec.start, spec.length, spec.length * tp_size, block[spec.dim],
-                                       f"{name}.weight dim {spec.dim}")  # fmt: skip
+            total = spec.total or spec.length * tp_size
+            first, count = scale_range(spec.start, spec.length, total, block[spec.dim], f"{name}.weight dim {spec.dim}")
             _mark(fp8.weight_scale_inv, ShardSpec(spec.dim, first, count))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, fp8)

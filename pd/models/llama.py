@@ -25,9 +25,9 @@ class Attention(nn.Module):
     """GQA attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm before rope (Qwen3).
 
     Under tensor parallelism each rank runs a contiguous block of query heads (q_proj column-, o_proj
-    row-parallel, all-reduced). K and V are computed and cached for every KV head on every rank, so any rank's
-    cache holds the whole prompt's KV (a transfer to an instance of another TP size needs no re-slicing); a
-    rank attends with the KV heads its query heads use.
+    row-parallel, all-reduced) and computes and caches only the KV heads those queries use (TensorParallel.kv_heads:
+    kv_heads / tp each, or one head shared by tp / kv_heads ranks when there are fewer KV heads than ranks). With
+    sharding off every rank caches all KV heads and its queries attend over their share of them.
     """
 
     def __init__(
@@ -41,18 +41,23 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_id, self.tp = layer_id, tp
-        num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_kv_heads, config.head_dim
-        if tp.size > 1 and tp.size % self.num_kv_heads and self.num_kv_heads % tp.size:
-            raise ValueError(f"{config.architecture}: {self.num_kv_heads} KV heads cannot be split over "
-                             f"{tp.size} tensor-parallel ranks; use a --tp that divides or is a multiple of it")
+        num_heads, total_kv_heads, self.head_dim = config.num_attention_heads, config.num_kv_heads, config.head_dim
+        try:
+            self.first_kv_head, self.num_kv_heads = tp.kv_heads(total_kv_heads)
+        except ValueError as e:
+            raise ValueError(f"{config.architecture}: {e}") from None
         self.num_heads = tp.split(num_heads, "the number of attention heads")
+        # The cached heads this rank's queries use, relative to its cached range (None: all of them).
+        group = num_heads // total_kv_heads  # query heads per KV head
         first_head = tp.rank * self.num_heads
-        group = num_heads // self.num_kv_heads  # query heads per KV head
-        self.kv_heads = slice(first_head // group, (first_head + self.num_heads - 1) // group + 1)
+        used = slice(first_head // group - self.first_kv_head,
+                     (first_head + self.num_heads - 1) // group + 1 - self.first_kv_head)
+        assert 0 <= used.start < used.stop <= self.num_kv_heads, (used, self.first_kv_head, self.num_kv_heads)
+        self.attended_kv_heads = None if used == slice(0, self.num_kv_heads) else used
         hidden = config.hidden_size
         self.q_proj = tp.column_linear(hidden, num_heads, self.head_dim, qkv_bias, "the number of attention heads")
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = tp.kv_linear(hidden, total_kv_heads, self.head_dim, qkv_bias)
+        self.v_proj = tp.kv_linear(hidden, total_kv_heads, self.head_dim, qkv_bias)
         self.o_proj = tp.row_linear(num_heads, self.head_dim, hidden, o_bias, "the number of attention heads")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
@@ -67,7 +72,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(batch.positions, q, k)
-        out = paged_attention(self.layer_id, q, k, v, batch, self.scale, self.kv_heads)
+        out = paged_attention(self.layer_id, q, k, v, batch, self.scale, self.attended_kv_heads)
         return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)))
 
 
@@ -169,7 +174,12 @@ class GQACausalLM(CausalLM):
         return self.model(batch)
 
     def kv_layout(self) -> list[tuple[int, int]]:
-        return [(self.config.num_kv_heads, self.config.head_dim)] * 2
+        attn = self.model.layers[0].self_attn
+        return [(attn.num_kv_heads, attn.head_dim)] * 2
+
+    def kv_heads(self) -> tuple[int, int, int]:
+        attn = self.model.layers[0].self_attn
+        return attn.first_kv_head, attn.num_kv_heads, self.config.num_kv_heads
 
 
 class LlamaForCausalLM(GQACausalLM):

@@ -39,6 +39,10 @@ class ServerMetrics:
         self.cache_hit_rate = Gauge(
             f"{p}:cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens admitted", registry=r
         )
+        self.kv_pages_sent = Gauge(
+            f"{p}:kv_pages_sent_total", "Prefill: KV pages written to decode instances since start (not the pages of "
+            "a prefix the decode had cached)", registry=r
+        )
         self.gen_throughput = Gauge(
             f"{p}:gen_throughput", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s", registry=r
         )
@@ -87,6 +91,7 @@ class ServerMetrics:
         self.kv_pages_cached.set(stats.kv_pages_cached)
         prompt = stats.prompt_tokens_total
         self.cache_hit_rate.set(stats.cached_tokens_total / prompt if prompt else 0.0)
+        self.kv_pages_sent.set(stats.kv_pages_sent_total)
         self.eplb_rebalances.set(stats.eplb_rebalances)
         self.eplb_balancedness.set(stats.eplb_balancedness)
         now = time.perf_counter()

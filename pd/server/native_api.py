@@ -242,8 +242,11 @@ async def server_info(request: Request) -> dict[str, Any]:
         "generated_tokens_total": stats.generated_tokens_total,
         "prompt_tokens_total": stats.prompt_tokens_total,
         "cached_tokens_total": stats.cached_tokens_total,
+        "kv_pages_sent_total": stats.kv_pages_sent_total,  # prefill: KV pages written to decode instances
         "eplb_rebalances": stats.eplb_rebalances,
         "eplb_balancedness": stats.eplb_balancedness,
+        "kv_heads_per_rank": stats.kv_heads_per_rank,  # KV capacity of each rank (KV heads are sharded over TP)
+        "kv_bytes_per_rank": stats.kv_bytes_per_rank,
     }
     return {
         **ctx.server_args.to_json_dict(),
