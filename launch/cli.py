@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     ServerArgs.add_cli_args(serve)
     bench = add("bench", "benchmark a running server, load balancer or router", _bench, "%(prog)s --base-url URL ...")
     BenchArgs.add_cli_args(bench)
-    lb_usage = "%(prog)s --prefill URL [BOOTSTRAP_PORT] ... --decode URL ... [options]"
-    lb = add("lb", "run the prefill/decode load balancer (sglang-router --pd-disaggregation flags)", _lb, lb_usage)
+    lb_usage = "%(prog)s (--prefill URL [BOOTSTRAP_PORT] ... --decode URL ... | --worker-urls URL ...) [options]"
+    lb = add("lb", "run the load balancer: prefill/decode pairs (sglang-router --pd-disaggregation flags) or unified "
+             "instances (--worker-urls)", _lb, lb_usage)
     LBArgs.add_cli_args(lb)
     up = add("up", "run prefill, decode and the load balancer on this machine (other flags go to each pd serve)",
              _up, "%(prog)s [--num-prefill N] [--num-decode M] [--port P] [pd serve flags]")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import httpx
 
 from launch.preflight import PreflightError, check_model_files, port_free
+from pd.lb.policies import POLICY_NAMES
 from pd.server_args import API_KEY_ENV, ServerArgs, ServerArgsError
 
 logger = logging.getLogger("pd.up")
@@ -56,10 +57,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address every process binds (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=30000, help="load balancer port (default 30000)")
     parser.add_argument("--bootstrap-port", type=int, default=8998, help="first prefill bootstrap port")
-    parser.add_argument("--policy", default="power_of_two", choices=["random", "round_robin", "power_of_two"],
+    parser.add_argument("--policy", default="power_of_two", choices=sorted(POLICY_NAMES),
                         help="how the load balancer picks a prefill and a decode instance for each request: random, "
-                             "round_robin (in turn), or power_of_two (the less loaded of two random picks) "
+                             "round_robin (in turn), power_of_two (the less loaded of two random picks), or "
+                             "cache_aware (the instance holding the longest prefix of the request) "
                              "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--prefill-policy", choices=sorted(POLICY_NAMES), default=None,
+                        help="the policy for prefill instances (default: --policy)")
+    parser.add_argument("--decode-policy", choices=sorted(POLICY_NAMES), default=None,
+                        help="the policy for decode instances (default: --policy)")
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for health")
 
 
@@ -226,6 +232,9 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
             argv = ["serve", *serve_argv, "--disaggregation-mode", "decode", "--host", host, "--port", str(port)]
             children.append(_spawn(f"decode-{j}", argv, f"http://{host}:{port}", env, threads))
         lb_args = ["lb", "--host", host, "--port", str(ns.port), "--policy", ns.policy]
+        for flag, value in (("--prefill-policy", ns.prefill_policy), ("--decode-policy", ns.decode_policy)):
+            if value is not None:
+                lb_args += [flag, value]
         for port, bport in zip(prefill_ports, bootstrap_ports, strict=True):
             lb_args += ["--prefill", f"http://{host}:{port}", str(bport)]
         for port in decode_ports:

@@ -160,4 +160,5 @@ def test_help_shows_every_bench_default_and_describes_up_policy() -> None:
              "(default: http://127.0.0.1:30000", "(default: 3)", "(default: 3600.0)"]  # fmt: skip
     assert all(s in text for s in shown), [s for s in shown if s not in text]
     up = " ".join(_subparser("up").format_help().split())
-    assert "power_of_two (the less loaded of two random picks) (default: power_of_two)" in up
+    assert "power_of_two (the less loaded of two random picks)" in up and "(default: power_of_two)" in up
+    assert "cache_aware (the instance holding the longest prefix of the request)" in up

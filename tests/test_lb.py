@@ -298,7 +298,8 @@ def test_args_parse_prefill_ports_like_sglang_router() -> None:
         (["--health-check-interval", "0"], "--health-check-interval must be > 0"),
         (["--health-failure-threshold", "0"], "--health-failure-threshold must be >= 1"),
         (["--request-timeout", "-1"], "--request-timeout must be > 0"),
-        (["--policy", "cache_aware"], "invalid choice"),
+        (["--policy", "cache_aware", "--cache-threshold", "2"], "--cache-threshold must be in [0, 1]"),
+        (["--policy", "fastest"], "invalid choice"),
     ],
 )
 def test_bad_lb_flags_fail_with_a_clear_message(argv: list[str], message: str, capsys: Any) -> None:

@@ -11,6 +11,9 @@ Three backends:
   `openai`; a chunk's text is `choices[0].delta.content`, and the opening chunk, which carries only the role,
   holds no token.
 
+Prompt tokens served from the server's prefix cache are read where SGLang reports them: `meta_info.cached_tokens`
+(native) and OpenAI's `usage.prompt_tokens_details.cached_tokens` (absent means none).
+
 Streaming is on and ignore_eos is sent unless the client is built with stream=False / ignore_eos=False. Without
 streaming the whole answer arrives at once: TTFT equals the end-to-end latency and there are no inter-token
 latencies (SGLang's bench_serving reports it the same way); the token count is the response's
@@ -50,7 +53,8 @@ class RequestOutput:
 
     ttft: time to the first token (0.0 if none arrived). itl: inter-token latencies (see the module doc).
     latency: send to end of response. start_time: perf_counter at send. prompt_len: the server's prompt token
-    count when it reports one, else the dataset's. error: "" on success, else why the request failed.
+    count when it reports one, else the dataset's. cached_tokens: prompt tokens the server's prefix cache served
+    (0 if it reports none). error: "" on success, else why the request failed.
     generated_text: the answer's text (a multi-turn conversation sends it back in the next turn).
     """
 
@@ -63,6 +67,7 @@ class RequestOutput:
     start_time: float = 0.0
     error: str = ""
     generated_text: str = ""
+    cached_tokens: int = 0
 
 
 def _auth_headers(api_key: str | None) -> dict[str, str]:
@@ -223,6 +228,7 @@ class BenchClient:
             out.generated_text = event.get("text", out.generated_text)  # cumulative
             if "prompt_tokens" in meta:
                 out.prompt_len = int(meta["prompt_tokens"])
+            out.cached_tokens = int(meta.get("cached_tokens") or out.cached_tokens)
             return
         usage = event.get("usage") or {}
         choices = event.get("choices") or []
@@ -238,6 +244,7 @@ class BenchClient:
             timer.tokens_at(timer.count + 1, now)
         if "prompt_tokens" in usage:
             out.prompt_len = int(usage["prompt_tokens"])
+            out.cached_tokens = _usage_cached(usage)
 
     def _read_whole(self, body: dict[str, Any], out: RequestOutput, now: float) -> str:
         """Reads a non-streamed response into `out`; returns "" or why it failed."""
@@ -247,9 +254,11 @@ class BenchClient:
             meta = body.get("meta_info") or {}
             total, prompt = meta.get("completion_tokens", len(body.get("output_ids") or ())), meta.get("prompt_tokens")
             text = body.get("text")
+            out.cached_tokens = int(meta.get("cached_tokens") or 0)
         else:
             usage = body.get("usage") or {}
             total, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+            out.cached_tokens = _usage_cached(usage)
             text = _choice_text((body.get("choices") or [{}])[0], "message" if self.backend == "chat" else None)
         if total is None:
             return "the response has no completion token count (usage.completion_tokens)"
@@ -259,6 +268,11 @@ class BenchClient:
         if prompt is not None:
             out.prompt_len = int(prompt)
         return ""
+
+
+def _usage_cached(usage: dict[str, Any]) -> int:
+    """OpenAI usage's cached prompt tokens (prompt_tokens_details is optional: absent means none)."""
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 class _TokenTimer:

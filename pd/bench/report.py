@@ -55,12 +55,16 @@ def compute_metrics(
     ok = [o for o in outputs if o.success]
     in_tokens = sum(o.prompt_len for o in ok)
     out_tokens = sum(o.output_tokens for o in ok)
+    cached_tokens = sum(o.cached_tokens for o in ok)
     return {
         "completed": len(ok),
         "failed": len(outputs) - len(ok),
         "duration_s": duration_s,
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
+        # Prompt tokens the servers' prefix caches served, as they report them, and their share of the prompts.
+        "total_cached_tokens": cached_tokens,
+        "cache_hit_rate": cached_tokens / in_tokens if in_tokens else 0.0,
         "request_throughput": len(ok) / duration_s,
         "input_token_throughput": in_tokens / duration_s,
         "output_token_throughput": out_tokens / duration_s,
@@ -139,6 +143,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("Duration (s)", m["duration_s"]),
         ("Total input tokens", m["total_input_tokens"]),
         ("Total output tokens", m["total_output_tokens"]),
+        ("Cached prompt tokens", m.get("total_cached_tokens")),
+        ("Prefix cache hit rate", m.get("cache_hit_rate")),
         ("Request throughput (req/s)", m["request_throughput"]),
         ("Output token throughput (tok/s)", m["output_token_throughput"]),
         ("Total token throughput (tok/s)", m["total_token_throughput"]),

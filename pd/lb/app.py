@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,12 +22,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pd.lb.args import DEFAULT_BOOTSTRAP_PORT, LBArgs, LBArgsError, normalize_url, parse_bootstrap_port
+from pd.lb.cache_aware import CacheAwarePolicy, evict_periodically
 from pd.lb.fanout import FANOUT_ROUTES, fan_out
 from pd.lb.metrics import LBMetrics
 from pd.lb.proxy import JSON_HEADER, Forwarder, LBError
 from pd.lb.request import parse_json_object
 from pd.lb.upstream import UpstreamError, UpstreamPool
-from pd.lb.workers import ROLES, HealthChecker, WorkerError, WorkerRegistry
+from pd.lb.workers import HealthChecker, WorkerError, WorkerRegistry
 from pd.server.auth import ApiKeyMiddleware
 from pd.server.protocol import error_body
 
@@ -53,7 +55,8 @@ class LBApp:
 def create_app(args: LBArgs) -> ASGIApp:
     """The balancer app for `args`. The health checker starts with the app (lifespan): one health-check round runs
     before it serves, so instances already up are in rotation at once. The read timeout of upstream calls is
-    --request-timeout; connecting gives up after CONNECT_TIMEOUT_S."""
+    --request-timeout; connecting gives up after CONNECT_TIMEOUT_S. A cache_aware policy's trees are trimmed
+    every --eviction-interval-secs, also from the lifespan."""
     registry = WorkerRegistry(args)
     metrics = LBMetrics()
     pool = UpstreamPool(args.request_timeout, min(CONNECT_TIMEOUT_S, args.request_timeout))
@@ -64,13 +67,17 @@ def create_app(args: LBArgs) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await checker.check_all()
-        task = asyncio.create_task(checker.run())
+        tasks = [asyncio.create_task(checker.run())]
+        for policy in forwarder.policies.values():
+            if isinstance(policy, CacheAwarePolicy):
+                tasks.append(asyncio.create_task(evict_periodically(policy)))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await pool.close()
 
     app = FastAPI(title="pd lb", lifespan=lifespan)
@@ -91,30 +98,29 @@ def create_app(args: LBArgs) -> ASGIApp:
 
     @app.get("/health")
     async def health() -> Response:
-        n_p, n_d = len(registry.healthy("prefill")), len(registry.healthy("decode"))
-        if n_p and n_d:
+        counts = {role: len(registry.healthy(role)) for role in registry.roles}
+        if all(counts.values()):
             return Response(status_code=200)
-        raise LBError(
-            f"not ready: {n_p} healthy prefill and {n_d} healthy decode instances", 503, "service_unavailable"
-        )
+        have = " and ".join(f"{n} healthy {role}" for role, n in counts.items())
+        raise LBError(f"not ready: {have} instances", 503, "service_unavailable")
 
     @app.get("/health_generate")
     async def health_generate(request: Request) -> Response:
-        """GET /health_generate on every healthy instance; 200 if a prefill and a decode instance pass."""
-        workers = registry.healthy("prefill") + registry.healthy("decode")
+        """GET /health_generate on every healthy instance; 200 if an instance of each role passes."""
+        workers = [w for role in registry.roles for w in registry.healthy(role)]
         results = await asyncio.gather(*(_get(pool, w.url, "/health_generate", lb_auth) for w in workers))
         passed = {w.role for w, r in zip(workers, results, strict=True) if r == 200}
         body = {"workers": {w.url: r for w, r in zip(workers, results, strict=True)}}
-        return JSONResponse(body, status_code=200 if passed == set(ROLES) else 503)
+        return JSONResponse(body, status_code=200 if passed == set(registry.roles) else 503)
 
     @app.get("/v1/models")
     @app.get("/get_model_info")
     @app.get("/model_info")
     async def from_decode(request: Request) -> Response:
-        """Asked of a healthy decode instance (the one whose answers clients get)."""
+        """Asked of a healthy decode (or regular) instance: the kind whose answers clients get."""
         a = request.headers.get("authorization")
         auth = f"authorization: {a}\r\n".encode("latin-1") if a else lb_auth
-        for worker in registry.healthy("decode"):
+        for worker in registry.healthy(registry.answering):
             try:
                 resp = await pool.request(worker.url, "GET", request.url.path, auth)
                 await resp.read()
@@ -123,14 +129,22 @@ def create_app(args: LBArgs) -> ASGIApp:
                 continue
             ct = resp.header(b"content-type")
             return Response(resp.content, resp.status, media_type=ct.decode("latin-1") if ct is not None else None)
-        raise LBError("no healthy decode instance to ask", 503, "service_unavailable")
+        raise LBError(f"no healthy {registry.answering} instance to ask", 503, "service_unavailable")
 
     @app.get("/get_server_info")
     async def server_info() -> dict[str, Any]:
+        policies = {f"{role}_policy": name for role, name in args.role_policies.items()}
+        cache_aware: dict[str, Any] = {}
+        if args.uses_cache_aware:
+            # Characters each instance's tree holds now, per role: what the policy believes each cache holds.
+            trees = {role: {url: tree.size for url, tree in p.trees.items()}
+                     for role, p in forwarder.policies.items() if isinstance(p, CacheAwarePolicy)}  # fmt: skip
+            cache_aware = {"cache_aware": {**dataclasses.asdict(args.cache_aware), "tree_chars": trees}}
         return {
             "lb": {
-                "prefill_policy": args.prefill_policy,
-                "decode_policy": args.decode_policy,
+                "mode": "pd" if args.pd_mode else "regular",
+                **policies,
+                **cache_aware,
                 "health_check_interval": args.health_check_interval,
                 "health_failure_threshold": args.health_failure_threshold,
                 "request_timeout": args.request_timeout,
@@ -158,18 +172,20 @@ def create_app(args: LBArgs) -> ASGIApp:
 
     @app.post("/add_worker")
     async def add_worker(request: Request) -> dict[str, Any]:
-        """Body {"url", "role": "prefill"|"decode", "bootstrap_port"} or the same as query parameters
-        (`worker_type` is accepted for `role`). The reply says whether the first health check passed."""
+        """Body {"url", "role": "prefill"|"decode"|"regular", "bootstrap_port"} or the same as query parameters
+        (`worker_type` is accepted for `role`; in regular mode it may be left out). The reply says whether the
+        first health check passed."""
         params = await _params(request)
-        role = params.get("role", params.get("worker_type"))
-        if role not in ROLES:
-            raise LBError(f"'role' must be 'prefill' or 'decode', got {role!r}", 400)
+        role = params.get("role", params.get("worker_type", None if args.pd_mode else "regular"))
+        if role not in registry.roles:
+            names = " or ".join(repr(r) for r in registry.roles)
+            raise LBError(f"'role' must be {names} in this balancer's mode, got {role!r}", 400)
         if not isinstance(params.get("url"), str):
             raise LBError("give the instance's 'url' (http://HOST:PORT)", 400)
         try:
             url = normalize_url(params["url"], "url")
             port = parse_bootstrap_port(params.get("bootstrap_port", DEFAULT_BOOTSTRAP_PORT), "bootstrap_port")
-            if role == "decode" and params.get("bootstrap_port") is not None:
+            if role != "prefill" and params.get("bootstrap_port") is not None:
                 raise LBArgsError("bootstrap_port: only prefill instances have a bootstrap server")
             worker = registry.add(url, role, port)
         except LBArgsError as e:
@@ -197,7 +213,7 @@ def create_app(args: LBArgs) -> ASGIApp:
 
 
 def _workers_json(registry: WorkerRegistry) -> dict[str, Any]:
-    return {role: [w.to_json() for w in registry.workers(role)] for role in ROLES}
+    return {role: [w.to_json() for w in registry.workers(role)] for role in registry.roles}
 
 
 async def _get(pool: UpstreamPool, url: str, path: str, headers: bytes) -> int | str:
@@ -220,10 +236,13 @@ async def _params(request: Request) -> dict[str, Any]:
 
 def run_lb(args: LBArgs) -> None:
     """Serve the balancer until interrupted (logging is set up by the caller)."""
-    logger.info(
-        "pd lb on %s: %d prefill, %d decode instances; policies prefill=%s decode=%s",
-        args.url, len(args.prefill), len(args.decode), args.prefill_policy, args.decode_policy,
-    )  # fmt: skip
+    if args.pd_mode:
+        logger.info(
+            "pd lb on %s: %d prefill, %d decode instances; policies prefill=%s decode=%s",
+            args.url, len(args.prefill), len(args.decode), args.prefill_policy, args.decode_policy,
+        )  # fmt: skip
+    else:
+        logger.info("pd lb on %s: %d regular instances; policy %s", args.url, len(args.worker_urls), args.policy)
     config = uvicorn.Config(
         create_app(args),
         host=args.host,

@@ -1,4 +1,5 @@
-"""Forwarding one generation request to a (prefill, decode) pair, the way SGLang's PD router does.
+"""Forwarding one generation request to a (prefill, decode) pair, the way SGLang's PD router does, or in regular
+mode to one instance, the way SGLang's router does.
 
 The body is parsed once (to check what the balancer reads), `rid`, `bootstrap_host`, `bootstrap_port` and a
 random 63-bit `bootstrap_room` are spliced onto the client's bytes, and the same bytes are POSTed to both
@@ -6,6 +7,9 @@ instances at once. The decode answer is the client's answer; a stream is relayed
 arrived per send, never parsed. The prefill answer is read and only logged, unless it fails before decode has
 answered: then it is the client's answer (its error status as is, a transport failure as 502), because a decode
 instance never fed its KV would only wait for its own timeout.
+
+In regular mode there is no prefill half: no bootstrap fields are added and the one instance's answer is the
+client's, with the same failure rules as decode's.
 
 The `Forwarder` is a plain ASGI app that the server calls directly: every framework layer between it and the
 server would cost CPU on each relayed chunk.
@@ -44,9 +48,10 @@ from pd.lb.request import (
     parse_body,
     request_id_header,
     rid_headers,
+    routing_text,
 )
 from pd.lb.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
-from pd.lb.workers import Worker, WorkerRegistry
+from pd.lb.workers import Role, Worker, WorkerRegistry
 from pd.server.protocol import error_body
 
 logger = logging.getLogger(__name__)
@@ -119,10 +124,11 @@ class Forwarder:
     sharing its upstream pool."""
 
     def __init__(self, registry: WorkerRegistry, pool: UpstreamPool, args: LBArgs, metrics: LBMetrics) -> None:
-        assert args.prefill_policy is not None and args.decode_policy is not None
         self.registry, self.pool, self.metrics = registry, pool, metrics
-        self.prefill_policy = make_policy(args.prefill_policy)
-        self.decode_policy = make_policy(args.decode_policy)
+        self.policies = {
+            role: make_policy(name, cache_aware=args.cache_aware) for role, name in args.role_policies.items()
+        }
+        self.needs_text = any(p.needs_text for p in self.policies.values())
         self.request_timeout = args.request_timeout
         self.lb_auth = f"authorization: Bearer {args.api_key}\r\n".encode() if args.api_key else b""
         self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget tasks, referenced until done
@@ -131,8 +137,12 @@ class Forwarder:
         # balancer sends after a refusal name the rid, so they would end the request that holds it.
         self._inflight: Counter[str] = Counter()
 
-    def pick_pair(self) -> tuple[Worker, Worker]:
-        """One healthy prefill and one healthy decode instance by policy. Raises LBError (503) if a side has none."""
+    def pick_pair(self, text: str = "") -> tuple[Worker | None, Worker]:
+        """One healthy prefill and one healthy decode instance by policy, or (None, a healthy regular instance) in
+        regular mode. `text`: the request's routing text, for policies that need it. Raises LBError (503) if a
+        role has no healthy instance."""
+        if self.registry.answering == "regular":
+            return None, self._pick("regular", text)
         prefills, decodes = self.registry.healthy("prefill"), self.registry.healthy("decode")
         if not prefills or not decodes:
             n_p, n_d = len(self.registry.workers("prefill")), len(self.registry.workers("decode"))
@@ -141,9 +151,19 @@ class Forwarder:
                 " instances are healthy; see /list_workers",
                 503, "service_unavailable",
             )  # fmt: skip
-        p = prefills[self.prefill_policy.select([w.outstanding for w in prefills])]
-        d = decodes[self.decode_policy.select([w.outstanding for w in decodes])]
-        return p, d
+        return self._pick("prefill", text, prefills), self._pick("decode", text, decodes)
+
+    def _pick(self, role: Role, text: str, candidates: list[Worker] | None = None) -> Worker:
+        candidates = self.registry.healthy(role) if candidates is None else candidates
+        if not candidates:
+            n = len(self.registry.workers(role))
+            raise LBError(f"no healthy instance: 0 of {n} {role} instances are healthy; see /list_workers", 503,
+                          "service_unavailable")  # fmt: skip
+        policy = self.policies[role]
+        loads = [w.outstanding for w in candidates]
+        if policy.needs_text:
+            return candidates[policy.select(loads, [w.url for w in candidates], text)]
+        return candidates[policy.select(loads)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one POST to a generation route (/generate, /v1/completions, /v1/chat/completions)."""
@@ -160,6 +180,7 @@ class Forwarder:
             body, stream = parse_body(raw)
             n = batch_size(body) if route == "/generate" else None
             rid, rids = assign_rids(body, n)
+            text = routing_text(route, body) if self.needs_text else ""
             if (taken := next((r for r in rids if r in self._inflight), None)) is not None:
                 raise LBError(f"request id {taken!r} is already in flight; use a unique rid", 400)
             held = rids
@@ -171,16 +192,16 @@ class Forwarder:
             # and the loop ends with an answer or a 503 (the bound only guards against health checks racing it).
             refused = ""
             for attempt in range(1 + len(self.registry.all())):
-                prefill, decode = self.pick_pair()
+                prefill, decode = self.pick_pair(text)
                 # A retry is a new upstream request: the refused attempt's other half may still hold the old rid
                 # (and is being told to abort it), so reusing it would be refused as a duplicate or aborted.
                 attempt_rids = rids if attempt == 0 else [f"{r}-retry{attempt}" for r in rids]
-                added = bootstrap_fields(prefill, n)
+                added = bootstrap_fields(prefill, n) if prefill is not None else {}
                 if body.get("rid") != (sent_rid := attempt_rids[0] if n is None else attempt_rids):
                     added["rid"] = sent_rid
                 data = encode_body(raw, body, added)
                 if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("rid=%s %s prefill=%s decode=%s%s", rid, route, prefill.url, decode.url,
+                    logger.debug("rid=%s %s %s%s", rid, route, _urls(prefill, decode),
                                  f" (attempt {attempt + 1})" if attempt else "")  # fmt: skip
                 call = _Call(route, rid, attempt_rids, headers, auth, start)
                 try:
@@ -207,9 +228,9 @@ class Forwarder:
 
     # ---- the two answer shapes; each returns the status the client got ----
     async def _unary(
-        self, send: Send, gone: asyncio.Future[None], prefill: Worker, decode: Worker, data: bytes, call: _Call
+        self, send: Send, gone: asyncio.Future[None], prefill: Worker | None, decode: Worker, data: bytes, call: _Call
     ) -> int:
-        pf = asyncio.create_task(self._send(prefill, call, data, read=True))
+        pf = self._start_prefill(prefill, call, data)
         dc = asyncio.create_task(self._send(decode, call, data, read=True))
         resp = await self._race(gone, pf, dc, prefill, decode, call, stream=False)
         if resp.status < 400:
@@ -218,9 +239,9 @@ class Forwarder:
         return resp.status
 
     async def _stream(
-        self, send: Send, gone: asyncio.Future[None], prefill: Worker, decode: Worker, data: bytes, call: _Call
+        self, send: Send, gone: asyncio.Future[None], prefill: Worker | None, decode: Worker, data: bytes, call: _Call
     ) -> int:
-        pf = asyncio.create_task(self._send(prefill, call, data, read=True))
+        pf = self._start_prefill(prefill, call, data)
         dc = asyncio.create_task(self._send(decode, call, data, read=False))
         resp = await self._race(gone, pf, dc, prefill, decode, call, stream=True)
         if resp.status != 200:  # an error answer, not a stream: pass it back whole
@@ -266,19 +287,21 @@ class Forwarder:
             if complete:
                 self._keep_logging(pf, prefill, call.rid)
             else:  # client gone or decode failed: stop prefill too
-                if not pf.done():
+                if pf is not None and prefill is not None and not pf.done():
                     logger.info("rid=%s stream ended early; aborting on %s and %s", call.rid, prefill.url, decode.url)
-                pf.cancel()
+                if pf is not None:
+                    pf.cancel()
                 self._abort(call, (prefill, decode))
         return 200
 
     async def _race(
-        self, gone: asyncio.Future[None], pf: asyncio.Task[UpstreamResponse], dc: asyncio.Task[UpstreamResponse],
-        prefill: Worker, decode: Worker, call: _Call, stream: bool,
+        self, gone: asyncio.Future[None], pf: asyncio.Task[UpstreamResponse] | None,
+        dc: asyncio.Task[UpstreamResponse], prefill: Worker | None, decode: Worker, call: _Call, stream: bool,
     ) -> UpstreamResponse:  # fmt: skip
-        """Wait for decode's answer (a stream's headers), watching for the client leaving and prefill failing
-        first. Unless decode answers a success, both upstream requests are closed and aborted on the way out."""
-        waiting: set[asyncio.Future[Any]] = {pf, dc, gone}
+        """Wait for decode's answer (a stream's headers), watching for the client leaving and prefill (if any)
+        failing first. Unless decode answers a success, both upstream requests are closed and aborted on the way
+        out."""
+        waiting: set[asyncio.Future[Any]] = {dc, gone} if pf is None else {pf, dc, gone}
         deadline = time.monotonic() + self.request_timeout
         answer: UpstreamResponse | None = None
         try:
@@ -289,9 +312,9 @@ class Forwarder:
                 if not done:
                     raise LBError(f"no answer within --request-timeout ({self.request_timeout:g} s)", 504, "timeout")
                 if gone in done:
-                    logger.info("rid=%s client disconnected; aborting on %s and %s", call.rid, prefill.url, decode.url)
+                    logger.info("rid=%s client disconnected; aborting on %s", call.rid, _urls(prefill, decode))
                     raise _ClientGone()
-                if pf in done and pf in waiting:
+                if pf is not None and prefill is not None and pf in done and pf in waiting:
                     waiting.discard(pf)
                     early = _prefill_failure(pf, prefill)
                     # A refused prefill never saw the request, so a decode answer that came in with the refusal
@@ -306,7 +329,7 @@ class Forwarder:
                         reason = f"decode worker {decode.url} failed: {type(exc).__name__}: {exc}"
                         raise LBError(reason, 502, "upstream_error")
                     answer = dc.result()
-                    if answer.status >= 500 and not pf.done():
+                    if answer.status >= 500 and pf is not None and prefill is not None and not pf.done():
                         # Decode fails fast when it cannot reach its prefill; if that prefill refuses us too, the
                         # request never started anywhere and another pair should get it.
                         await asyncio.wait({pf}, timeout=PREFILL_GRACE_S)
@@ -318,13 +341,20 @@ class Forwarder:
         finally:
             if answer is None or answer.status >= 400:
                 # Decode rejected the request or never answered: prefill's work (and its KV) would be stranded.
-                pf.cancel()
+                if pf is not None:
+                    pf.cancel()
                 dc.cancel()
                 if answer is None and stream:
                     self._close_when_opened(decode, dc)  # a stream opened just as we gave up on it
                 self._abort(call, (prefill, decode))
 
     # ---- upstream calls ----
+    def _start_prefill(self, prefill: Worker | None, call: _Call, data: bytes) -> asyncio.Task[UpstreamResponse] | None:
+        """Prefill's half, read whole in the background; None in regular mode."""
+        if prefill is None:
+            return None
+        return asyncio.create_task(self._send(prefill, call, data, read=True))
+
     async def _send(self, worker: Worker, call: _Call, data: bytes, read: bool) -> UpstreamResponse:
         """POST to one instance; read: the whole answer, else return at the headers (the caller closes).
         Refused -> _ConnectFailed."""
@@ -360,8 +390,10 @@ class Forwarder:
         else:
             dc.add_done_callback(close)
 
-    def _keep_logging(self, pf: asyncio.Task[UpstreamResponse], prefill: Worker, rid: str) -> None:
+    def _keep_logging(self, pf: asyncio.Task[UpstreamResponse] | None, prefill: Worker | None, rid: str) -> None:
         """Let prefill's answer finish in the background (it is consumed, not relayed) and log a failure."""
+        if pf is None or prefill is None:
+            return
 
         def log(t: asyncio.Task[UpstreamResponse]) -> None:
             if t.cancelled():
@@ -380,7 +412,7 @@ class Forwarder:
         pf.add_done_callback(self._background.discard)
         pf.add_done_callback(log)
 
-    def _abort(self, call: _Call, workers: tuple[Worker, ...]) -> None:
+    def _abort(self, call: _Call, workers: tuple[Worker | None, ...]) -> None:
         """POST /abort_request {"rid"} for every rid to every worker, in the background, errors only logged."""
 
         async def one(worker: Worker, rid: str) -> None:
@@ -394,7 +426,7 @@ class Forwarder:
                 logger.debug("abort of rid=%s on %s failed: %s", rid, worker.url, e)
 
         headers = JSON_HEADER + (call.auth or self.lb_auth)
-        for worker in workers:
+        for worker in filter(None, workers):
             for rid in call.rids:
                 task = asyncio.create_task(one(worker, rid))
                 self._background.add(task)
@@ -408,6 +440,10 @@ class Forwarder:
         for rid in rids:
             if self._inflight[rid] <= 0:
                 del self._inflight[rid]
+
+
+def _urls(*workers: Worker | None) -> str:
+    return " and ".join(w.url for w in workers if w is not None)
 
 
 def _prefill_failure(pf: asyncio.Task[UpstreamResponse], prefill: Worker) -> Exception | None:

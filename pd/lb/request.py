@@ -103,6 +103,8 @@ def encode_body(raw: bytes, body: dict[str, Any], added: dict[str, Any]) -> byte
     sent none of them and plain UTF-8, they are spliced in before the closing brace of `raw`; otherwise `body` is
     updated and dumped (the added values win, as with a dict update). Raises LBError (400) when a body nested close
     to the recursion limit cannot be dumped again."""
+    if not added:  # regular mode with the client's own rid: the bytes go on as they came
+        return raw
     text = raw.strip()
     if text[:1] != b"{" or text[-1:] != b"}" or any(k in body for k in added):
         body.update(added)
@@ -123,3 +125,41 @@ def request_id_header(rid: str) -> bytes | None:
     """`rid` as the value of an x-request-id header, or None where it cannot be one (control or non-ASCII
     characters): the request still goes through, only without the header."""
     return rid.encode() if rid.isascii() and rid.isprintable() else None
+
+
+def routing_text(route: str, body: dict[str, Any]) -> str:
+    """The text a prefix-matching policy (cache_aware) routes by: /generate's `text` or `input_ids`, /v1/completions'
+    `prompt`, or the contents of /v1/chat/completions' `messages` one per line (as sglang-router, roles and JSON
+    syntax left out: text every conversation shares would make unrelated conversations look alike; a conversation
+    resent with one more turn keeps its earlier text as a prefix). A batch is routed by its first prompt. "" when
+    the body holds no prompt of a known shape (the instance answers that error)."""
+    if route == "/v1/chat/completions":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return ""
+        return "\n".join(_content_text(m.get("content")) for m in messages if isinstance(m, dict))
+    prompt = body.get("prompt") if route == "/v1/completions" else body.get("text", body.get("input_ids"))
+    return _prompt_text(prompt)
+
+
+def _content_text(content: Any) -> str:
+    """A message's text: the string, or the text of its parts (OpenAI's [{"type": "text", "text": ...}, ...])."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list) or not prompt:
+        return ""
+    if isinstance(prompt[0], (str, list)):  # a batch
+        return _prompt_text(prompt[0])
+    # Token ids: one character per id, so a match ratio is a ratio of tokens and the tree stays small.
+    try:
+        return "".join(map(chr, prompt))
+    except (TypeError, ValueError, OverflowError):  # not ids an instance would accept; route by their spelling
+        return " ".join(map(str, prompt))

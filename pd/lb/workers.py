@@ -1,11 +1,11 @@
 """The load balancer's view of its instances: who they are, how busy, and whether they are up.
 
-`WorkerRegistry` holds the prefill and decode instances (added and removed at run time) with their outstanding
-request counts and health; `HealthChecker` polls every instance's GET /health and takes an instance out after
-`failure_threshold` failed checks in a row, putting it back on the first good one. A refused connection on a
-request path takes the instance out at once (`mark_down`). New instances start out of rotation until their
-first good check, so a balancer started before its instances reports unhealthy instead of failing requests.
-Everything runs on the one event loop of the app, so no locks are needed.
+`WorkerRegistry` holds the prefill and decode instances, or in regular mode the non-disaggregated ones (added and
+removed at run time), with their outstanding request counts and health; `HealthChecker` polls every instance's
+GET /health and takes an instance out after `failure_threshold` failed checks in a row, putting it back on the first
+good one. A refused connection on a request path takes the instance out at once (`mark_down`). New instances start
+out of rotation until their first good check, so a balancer started before its instances reports unhealthy instead
+of failing requests. Everything runs on the one event loop of the app, so no locks are needed.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from pd.lb.upstream import UpstreamError, UpstreamPool
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["prefill", "decode"]
-ROLES: tuple[Role, ...] = ("prefill", "decode")
+Role = Literal["prefill", "decode", "regular"]
+PD_ROLES: tuple[Role, ...] = ("prefill", "decode")
+REGULAR_ROLES: tuple[Role, ...] = ("regular",)
+ROLES: tuple[Role, ...] = (*PD_ROLES, *REGULAR_ROLES)
 
 
 class WorkerError(ValueError):
@@ -62,31 +64,39 @@ class Worker:
 
 
 class WorkerRegistry:
-    """Prefill and decode instances in the order they were added."""
+    """The instances of each role of the balancer's mode, in the order they were added. `roles`: prefill and decode
+    (PD mode) or regular; `answering`: the role whose answer the client gets."""
 
     def __init__(self, args: LBArgs) -> None:
         self.failure_threshold = args.health_failure_threshold
-        self._workers: dict[Role, dict[str, Worker]] = {"prefill": {}, "decode": {}}
+        self.roles = PD_ROLES if args.pd_mode else REGULAR_ROLES
+        self.answering: Role = "decode" if args.pd_mode else "regular"
+        self._workers: dict[Role, dict[str, Worker]] = {role: {} for role in self.roles}
         for p in args.prefill:
             self.add(p.url, "prefill", p.bootstrap_port)
         for url in args.decode:
             self.add(url, "decode")
+        for url in args.worker_urls:
+            self.add(url, "regular")
 
     def workers(self, role: Role) -> list[Worker]:
-        return list(self._workers[role].values())
+        return list(self._workers.get(role, {}).values())
 
     def all(self) -> list[Worker]:
-        return self.workers("prefill") + self.workers("decode")
+        return [w for role in self.roles for w in self._workers[role].values()]
 
     def healthy(self, role: Role) -> list[Worker]:
-        return [w for w in self._workers[role].values() if w.healthy]
+        return [w for w in self._workers.get(role, {}).values() if w.healthy]
 
     def find(self, url: str) -> Worker | None:
-        return self._workers["prefill"].get(url) or self._workers["decode"].get(url)
+        return next((ws[url] for ws in self._workers.values() if url in ws), None)
 
     def add(self, url: str, role: Role, bootstrap_port: int | None = None) -> Worker:
-        """Register an instance (out of rotation until its first good health check). Raises WorkerError (409)
-        if the URL is already registered in either role."""
+        """Register an instance (out of rotation until its first good health check). Raises WorkerError: 400 for a
+        role of the other mode, 409 if the URL is already registered in any role."""
+        if role not in self.roles:
+            mode = "PD mode (prefill and decode)" if self.roles == PD_ROLES else "regular mode (--worker-urls)"
+            raise WorkerError(f"this balancer runs in {mode}; it takes no {role} instance", 400)
         if self.find(url) is not None:
             raise WorkerError(f"worker {url} is already registered; remove it first to change it", 409)
         worker = Worker(url, role, bootstrap_port if role == "prefill" else None)
@@ -98,7 +108,7 @@ class WorkerRegistry:
 
     def remove(self, url: str) -> Worker:
         """Take an instance out for good; requests already sent to it run to their end. Raises WorkerError (404)."""
-        for role in ROLES:
+        for role in self.roles:
             worker = self._workers[role].pop(url, None)
             if worker is not None:
                 worker.healthy = False
