@@ -4,7 +4,7 @@ In process, the oracle is the same engine with the cache off, under both schedul
 hits on a previous answer's tokens, misses, requests sharing a prefix in the same batch, eviction when the pool is
 too small to keep everything, and aborts in the middle of a prompt and of a decode, whose pages are then reused.
 Each request's cached_tokens must be the oracle's longest whole-page prefix, and an idle engine holds no page.
-Through `pd serve` (two architectures, MHA and MLA), the oracle is transformers; meta_info.cached_tokens, OpenAI's
+Through `pd serve` (every architecture: Llama, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3), the oracle is transformers; meta_info.cached_tokens, OpenAI's
 usage.prompt_tokens_details, /get_server_info's page counts, /metrics' hit rate and /flush_cache are checked.
 """
 
@@ -197,7 +197,7 @@ def _generate(ids: list[int], n: int) -> tuple[str, dict]:
     return "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": n, "temperature": 0.0}}
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_served_cache_hits_match_transformers_and_report_the_hit(arch: str, tmp_path) -> None:
     seed = int(torch.randint(0, 2**31, ()).item())
     rng = random.Random(seed)
