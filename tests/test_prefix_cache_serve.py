@@ -4,8 +4,9 @@ In process, the oracle is the same engine with the cache off, under both schedul
 hits on a previous answer's tokens, misses, requests sharing a prefix in the same batch, eviction when the pool is
 too small to keep everything, and aborts in the middle of a prompt and of a decode, whose pages are then reused.
 Each request's cached_tokens must be the oracle's longest whole-page prefix, and an idle engine holds no page.
-Through `pd serve` (every architecture: Llama, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3), the oracle is transformers; meta_info.cached_tokens, OpenAI's
-usage.prompt_tokens_details, /get_server_info's page counts, /metrics' hit rate and /flush_cache are checked.
+Through `pd serve` (every architecture: Llama, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3), the oracle is
+transformers; meta_info.cached_tokens, OpenAI's usage.prompt_tokens_details, /get_server_info's page counts, /metrics'
+hit rate and /flush_cache are checked.
 """
 
 from __future__ import annotations
