@@ -18,6 +18,7 @@ quarantined, the cached prefix's never (prefill does not write them): those are 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 
@@ -31,8 +32,9 @@ from pd.engine.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
-# Longer than any single transfer call on the prefill side may still run after decode gave up on it.
-QUARANTINE_S = 15.0
+# Longer than any single transfer call on the prefill side may still run after decode gave up on it. The test suite
+# shortens it (its transfers are loopback copies of a few pages) through PD_KV_QUARANTINE_S.
+QUARANTINE_S = float(os.environ.get("PD_KV_QUARANTINE_S") or 15.0)
 
 
 class DecodeScheduler(Scheduler):

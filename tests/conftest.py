@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from tests.test_pd_e2e import Reference
 
 
+# Decode holds the pages of a transfer that failed in flight this long before reusing them (decode/scheduler.py);
+# 15 s in production, where a transfer call may still be writing; loopback copies of a few pages are done far sooner,
+# and fault tests wait out the quarantine. Set before any test imports decode.scheduler, inherited by servers.
+os.environ.setdefault("PD_KV_QUARANTINE_S", "5")
+
 # torch's global generator starts from the same seed in every process, so tests that draw their inputs (or their
 # checkpoint seeds) from it would see the same "random" values on every run: seed it freshly, and say with what.
 TORCH_SEED = int(os.environ.get("PD_TEST_SEED") or secrets.randbelow(2**63))

@@ -155,7 +155,8 @@ def test_duplicate_live_room_on_prefill_is_refused_and_the_first_is_served(clust
 def test_decode_with_another_prompt_than_its_prefill_fails_clearly_and_leaks_no_page(cluster, two_prompts) -> None:
     a, b = two_prompts
     instances = [cluster.prefill[0].url, cluster.decode[0].url]
-    start = {u: kv_pages_free(u) for u in instances}
+    # Idle means every page free (a snapshot could catch an earlier test's quarantined pages on their way back).
+    start = {u: int(httpx.get(f"{u}/get_server_info", timeout=10).json()["kv_pages_total"]) for u in instances}
     t0 = time.monotonic()
     prefill, decode = scenario([(0.0, "prefill", a), (0.0, "decode", b)], cluster, random.getrandbits(63))
     assert not decode.ok and "claimed by two different prompts" in decode.text, decode
