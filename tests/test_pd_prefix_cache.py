@@ -33,6 +33,7 @@ from pd.engine.spec import scheduler_config
 from pd.server_args import ServerArgs, ServerArgsError
 from tests.pd_cluster import Proc, serve_argv, start_proc, wait_healthy
 from tests.server_process import free_port
+from tests.test_prefix_cache_serve import expected_cached
 from tests.tiny_checkpoints import make_checkpoint
 
 CHUNK, PAGE = 16, 4
@@ -180,18 +181,6 @@ def _pages(n: int) -> int:
     return -(-n // PAGE)
 
 
-def _expected_hit(prompt: list[int], computed: list[list[int]]) -> int:
-    """The longest whole-page prefix of `prompt` among the computed sequences, at most the prompt less its last
-    token (whose logits give the first output token)."""
-    best = 0
-    for seq in computed:
-        n = 0
-        while n < min(len(seq), len(prompt)) and seq[n] == prompt[n]:
-            n += 1
-        best = max(best, n)
-    return min(best, len(prompt) - 1) // PAGE * PAGE
-
-
 def _fresh(rng: random.Random, n: int, avoid: Collection[int] = ()) -> list[int]:
     """n random tokens, the first not in `avoid` (so a shared prefix ends exactly there)."""
     return [rng.choice([t for t in range(256) if t not in avoid])] + [rng.randrange(256) for _ in range(n - 1)]
@@ -211,8 +200,8 @@ def _run_checked(dep: Deployment, decode: Proc, reqs: list[Req], tally: Tally,
     (the prefill never evicts here; the caching decode's when `exact_decode_hits`, that is with no eviction since
     its flush; 0 on the plain one)."""
     expected = _oracle(dep, reqs)
-    prefill_hits = [_expected_hit(ids, dep.prefill_prompts) for ids, _ in reqs]
-    decode_hits = [_expected_hit(ids, dep.decode_computed) if decode is dep.cached else 0 for ids, _ in reqs]
+    prefill_hits = [expected_cached(ids, dep.prefill_prompts, PAGE) for ids, _ in reqs]
+    decode_hits = [expected_cached(ids, dep.decode_computed, PAGE) if decode is dep.cached else 0 for ids, _ in reqs]
     got = _wave(dep, decode, reqs)
     for i, ((ids, _), (p, d), want) in enumerate(zip(reqs, got, expected, strict=True)):
         where = f"seed {dep.seed}: request {i} of the wave"
@@ -278,7 +267,7 @@ def _abort_mid_transfer(dep: Deployment, prompt: list[int], n: int) -> None:
     """Sends a request to the caching decode alone (its KV never comes) and aborts it once it holds its pages: its
     cached prefix is unlocked at once, its fresh pages stay quarantined (prefill could still write them)."""
     url, free_before = dep.cached.url, _info(dep.cached.url)["kv_pages_free"]
-    hit = _expected_hit(prompt, dep.decode_computed)
+    hit = expected_cached(prompt, dep.decode_computed, PAGE)
     assert hit > 0, "the test wants a cached prefix here"
     taken, fresh = _pages(len(prompt) + n), _pages(len(prompt) + n) - hit // PAGE
     rid = f"abort-transfer-{random.getrandbits(32)}"

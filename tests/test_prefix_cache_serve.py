@@ -65,16 +65,16 @@ def _run(llm: LLM, waves: list[Wave], aborts: dict[str, int] | None = None) -> d
     return got
 
 
-def _expected_cached(prompt: list[int], computed: list[list[int]]) -> int:
+def expected_cached(prompt: list[int], computed: list[list[int]], page: int = PAGE) -> int:
     """The oracle's hit: the longest whole-page common prefix with the computed tokens of an earlier request, at
-    most the prompt less its last token."""
+    most the prompt less its last token (whose logits give the first output token)."""
     best = 0
     for seq in computed:
         n = 0
         while n < min(len(seq), len(prompt)) and seq[n] == prompt[n]:
             n += 1
         best = max(best, n)
-    return min(best, len(prompt) - 1) // PAGE * PAGE
+    return min(best, len(prompt) - 1) // page * page
 
 
 def _fresh(rng: random.Random, n: int, avoid: int | None = None) -> list[int]:
@@ -112,7 +112,7 @@ def test_hits_partial_hits_and_misses_give_the_uncached_tokens(checkpoint: str) 
     for rid, ref in expected.items():
         assert got[rid].new_token_ids == ref.new_token_ids, f"seed {seed}: {rid}"
     for rid, ids, _ in second + third:
-        assert got[rid].cached_tokens == _expected_cached(ids, computed), f"seed {seed}: {rid}"
+        assert got[rid].cached_tokens == expected_cached(ids, computed), f"seed {seed}: {rid}"
     assert got["same"].cached_tokens > 0 and got["partial"].cached_tokens == 8 and got["miss"].cached_tokens == 0
     assert got["answer"].cached_tokens > len(base)
     sched = cached.scheduler
@@ -229,7 +229,7 @@ def test_served_cache_hits_match_transformers_and_report_the_hit(arch: str, tmp_
         _wait_idle(url)
     computed = [base + first["output_ids"][:-1]]
     for name, out in (("hit", hit), ("partial", partial), ("miss", miss)):
-        assert out["meta_info"]["cached_tokens"] == _expected_cached(prompts[name], computed), f"seed {seed}: {name}"
+        assert out["meta_info"]["cached_tokens"] == expected_cached(prompts[name], computed), f"seed {seed}: {name}"
     assert hit["meta_info"]["cached_tokens"] == len(base) // PAGE * PAGE and partial["meta_info"]["cached_tokens"] == 12
     assert completion["usage"]["prompt_tokens_details"]["cached_tokens"] == len(base) // PAGE * PAGE
     assert again["meta_info"]["cached_tokens"] == 0 and again["output_ids"] == first["output_ids"]
