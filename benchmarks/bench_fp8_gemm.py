@@ -31,12 +31,12 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+from benchmarks.bench_moe_kernel import graph_ms  # noqa: E402
 from pd.quant.fp8 import FP8_DTYPE, block_dequant, block_quant  # noqa: E402
 
 DEVICE = "cuda"
@@ -56,21 +56,6 @@ DENSE = {
 # name -> (local experts, hidden, intermediate, top_k, experts routed over)
 MOE = {"qwen3-30b-a3b": (128, 2048, 768, 8, 128), "deepseek-v3-ep8": (32, 7168, 2048, 8, 256)}
 TOKENS = [1, 16, 64, 256, 1024, 4096, 8192]
-
-
-def graph_ms(fn: Callable[[], object]) -> float:
-    """Median ms of one replay of a CUDA graph holding ``fn`` (run once before capture, so compiled)."""
-    import triton
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return float(triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median"))
 
 
 def copy_gbps() -> float:
