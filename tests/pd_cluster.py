@@ -168,10 +168,15 @@ def _start(cluster: Cluster, model_path: str, num_prefill: int, num_decode: int,
 
 
 def _stop(cluster: Cluster) -> None:
-    for p in cluster.procs():
+    stop_procs(cluster.procs())
+
+
+def stop_procs(procs: list[Proc]) -> None:
+    """Terminates every process at once, then waits for each (killing one that hangs) and deletes its log."""
+    for p in procs:
         if p.popen.poll() is None:
             p.popen.terminate()
-    for p in cluster.procs():
+    for p in procs:
         try:
             p.popen.wait(20)
         except subprocess.TimeoutExpired:

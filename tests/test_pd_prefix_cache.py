@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import subprocess
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -31,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from decode.scheduler import QUARANTINE_S
 from pd.engine.spec import scheduler_config
 from pd.server_args import ServerArgs, ServerArgsError
-from tests.pd_cluster import Proc, serve_argv, start_proc, wait_healthy
+from tests.pd_cluster import Proc, serve_argv, start_proc, stop_procs, wait_healthy
 from tests.server_process import free_port
 from tests.test_prefix_cache_serve import expected_cached
 from tests.tiny_checkpoints import make_checkpoint
@@ -76,19 +74,6 @@ def _start(path: str) -> tuple[list[Proc], int]:
     return procs, bport
 
 
-def _stop(procs: list[Proc]) -> None:
-    for p in procs:
-        if p.popen.poll() is None:
-            p.popen.terminate()
-    for p in procs:
-        try:
-            p.popen.wait(20)
-        except subprocess.TimeoutExpired:
-            p.popen.kill()
-        if os.path.exists(p.log_path):
-            os.unlink(p.log_path)
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     seed = random.SystemRandom().randrange(2**31)
@@ -99,14 +84,14 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             wait_healthy(procs)
             break
         except RuntimeError as e:
-            _stop(procs)
+            stop_procs(procs)
             if attempt == 2 or "address already in use" not in str(e).lower():
                 raise
     oracle, prefill, cached, plain = procs
     try:
         yield Deployment(oracle.url, prefill, bport, cached, plain, seed)
     finally:
-        _stop(procs)
+        stop_procs(procs)
 
 
 # ---- requests ----
