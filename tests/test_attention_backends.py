@@ -50,8 +50,10 @@ def compare_backends(path: str, device: str, dtype: torch.dtype, page_size: int,
         if truth is None:
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=0, msg=f"seed {seed}")
         else:
+            # The median over positions of each position's relative error: a router near-tie flipped in bf16 moves
+            # a few positions a lot (and differs between the two runs by chance), an attention bug moves them all.
             exact = truth.prefill_logits(ids)
-            err, ref_err = (((x - exact).norm() / exact.norm()).item() for x in (got, ref))
+            err, ref_err = (((x - exact).norm(dim=-1) / exact.norm(dim=-1)).median().item() for x in (got, ref))
             assert err <= 1.5 * ref_err + 1e-2, f"seed {seed}: relative error {err} vs the torch backend's {ref_err}"
     if dtype == torch.float32:
         sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)

@@ -238,7 +238,9 @@ GPU_CASES = [
     (2048, 8, 32, 7168, 2048, 0.875),  # DeepSeek-V3 prefill at EP=8
     (300, 6, 16, 1000, 384, 0.2),  # hidden off the 128 block
 ]
-# At real widths (K of 768-7168) the rounding errors average further than at the CPU shapes.
+# At real widths (K of 768-7168) the rounding errors average further than at the CPU shapes: over a whole batch
+# 3.5-4%. One expert's few rows spread more (4.5% seen for 6 rows), so a per-expert check uses the emulated
+# oracle (same roundings) and the dequantized model is compared over all rows at once.
 GPU_MOE_TOLERANCE = 0.045
 
 
@@ -275,9 +277,17 @@ def test_gpu_fp8_triton_batched_format_matches_dequantized_bf16_within_tolerance
     q13, q2, scales = quantize_experts(w13.float(), w2.float(), (128, 128))
     got = TritonMoeRunner().run(batched, q13, q2, scales=scales).hidden_states
     reference = TorchMoeRunner().run(batched, *dequantize_experts(q13, q2, scales, torch.bfloat16)).hidden_states
-    for e, n in enumerate(batched.expert_counts.tolist()):
+    w13_f, w2_f = dequantize_experts(q13, q2, scales, torch.float32)
+    counts = batched.expert_counts.tolist()
+    for e, n in enumerate(counts):
         if n:
-            assert rel_l2(got[e, :n], reference[e, :n]) < GPU_MOE_TOLERANCE, (e, n)
+            emulated = expert_mlp(batched.hidden_states[e, :n], w13_f[e], w2_f[e], 128, "silu", torch.bfloat16)
+            assert rel_l2(got[e, :n], emulated) < EMULATED_TOLERANCE["bfloat16"], (e, n, rel_l2(got[e, :n], emulated))
+    valid = (
+        torch.cat([got[e, :n] for e, n in enumerate(counts)]),
+        torch.cat([reference[e, :n] for e, n in enumerate(counts)]),
+    )
+    assert rel_l2(*valid) < GPU_MOE_TOLERANCE, rel_l2(*valid)
 
 
 @pytest.mark.gpu
