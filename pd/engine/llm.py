@@ -29,11 +29,13 @@ class LLM:
         overlap: bool = True,
         random_seed: int = 0,
         radix_cache: bool = False,
+        quantization: str = "none",
     ) -> None:
         """cuda_graph_bs: decode batch sizes to capture (default on CUDA: SGLang's buckets up to
         max_running_requests; () runs eagerly). overlap: prepare each step while the previous one runs (the
         server's default; --disable-overlap-schedule). radix_cache: reuse the KV of cached prompt prefixes (the
-        server's default; off here so that tests see every page come back to the pool)."""
+        server's default; off here so that tests see every page come back to the pool). quantization: "fp8" quantizes
+        an unquantized checkpoint's weights at load (--quantization)."""
         if cuda_graph_bs is None:
             on_cuda = torch.device(device).type == "cuda"
             cuda_graph_bs = default_cuda_graph_bs(max_running_requests) if on_cuda else ()
@@ -49,6 +51,7 @@ class LLM:
             attention_backend=resolve_attention_backend(attention_backend, torch.device(device).type),
             cuda_graph_bs=cuda_graph_bs,
             random_seed=random_seed,
+            quantization=quantization,
         )
         self.runner = ModelRunner(cfg)
         self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size, overlap,
