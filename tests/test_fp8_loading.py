@@ -19,7 +19,7 @@ from pd.dist.tp import TensorParallel, take_shard
 from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
 from pd.models.config import ModelConfig, ModelConfigError
-from pd.models.fp8_loading import Fp8CheckpointError, Fp8Plan, convert_to_fp8
+from pd.models.fp8_loading import Fp8CheckpointError, Fp8Plan, convert_to_fp8, runnable_on
 from pd.models.loader import load_model
 from pd.moe.context import EplbConfig, MoeContext
 from pd.moe.layer import FusedMoE
@@ -210,6 +210,16 @@ def test_fp8_tensors_of_unconverted_modules_dequantize_in_either_order_and_need_
     assert torch.equal(out["a.weight"], expected) and torch.equal(out["b.weight"], expected)
     with pytest.raises(Fp8CheckpointError, match="c.weight"):
         list(plan.transform(iter([("c.weight", q)])))
+
+
+def test_blocks_the_cuda_kernels_cannot_step_through_load_dequantized_on_cuda_only() -> None:
+    """A block width that is no multiple of 32 (the FP8 MMA's least K) makes the plan empty on CUDA, so every FP8
+    tensor takes the dequantizing path; 128-blocks, and any block on CPU, keep the plan."""
+    modules = frozenset({"model.layers.0.mlp.experts", "model.layers.0.self_attn.o_proj"})
+    for block, cuda_keeps in (((16, 16), False), ((128, 48), False), ((16, 32), True), ((128, 128), True)):
+        plan = Fp8Plan(Fp8Config(block), online=False, modules=modules)
+        assert runnable_on(plan, torch.device("cpu")) is plan
+        assert runnable_on(plan, torch.device("cuda")).modules == (modules if cuda_keeps else frozenset()), block
 
 
 def test_block_quant_maps_each_block_max_to_448_within_e4m3_rounding() -> None:

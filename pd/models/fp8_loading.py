@@ -10,9 +10,10 @@ them are dequantized on the way in. Tensor-parallel shards take whole scale bloc
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ QUANTIZATIONS = ("none", "fp8")
 # Qwen2-MoE's `shared_expert_gate`), whose outputs pick experts and tokens.
 ONLINE_SKIPPED = ("lm_head", "gate", "shared_expert_gate")
 _SCALE = "_scale_inv"
+# The Triton FP8 kernels step through K in pieces of gcd(128, block width) columns, and an FP8 MMA needs at least 32.
+KERNEL_MIN_BLOCK_K = 32
+log = logging.getLogger(__name__)
 _EXPERT_WEIGHT = re.compile(r"^(?P<moe>.+\.experts)\.\d+\.[a-z0-9_]+\.weight$")
 
 
@@ -50,21 +54,24 @@ class Fp8Plan:
     online: bool
     modules: frozenset[str]
 
-    def transform(self, weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def transform(self, weights: Iterator[tuple[str, torch.Tensor]], device: torch.device | None = None
+                  ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
         """The checkpoint stream as the converted model takes it: FP8 weights and ``weight_scale_inv`` for its FP8
-        modules (quantized here when online), FP8 tensors of the other modules dequantized to float32.
+        modules (quantized here when online, on ``device``: a GPU quantizes a DeepSeek-sized checkpoint in seconds
+        where the host takes minutes), FP8 tensors of the other modules dequantized to float32.
 
         Raises:
             Fp8CheckpointError: an FP8 weight or a scale whose partner never came.
         """
         if self.online:
-            return self._quantize(weights)
+            return self._quantize(weights, device)
         return self._dequantize_unconverted(weights)
 
-    def _quantize(self, weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _quantize(self, weights: Iterator[tuple[str, torch.Tensor]], device: torch.device | None
+                  ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
         for name, tensor in weights:
             if name.endswith(".weight") and weight_owner(name) in self.modules:
-                q, scale_inv = block_quant(tensor, self.config.block)
+                q, scale_inv = block_quant(tensor.to(device) if device is not None else tensor, self.config.block)
                 yield name, q
                 yield name + _SCALE, scale_inv
             else:
@@ -111,6 +118,18 @@ def plan_fp8(model: nn.Module, config: ModelConfig, quantization: str, tensor_na
         if name in owners and not fp8.skips(name) and (type(module) is nn.Linear or isinstance(module, FusedMoE))
     )  # fmt: skip
     return Fp8Plan(fp8, online, modules)
+
+
+def runnable_on(plan: Fp8Plan, device: torch.device) -> Fp8Plan:
+    """The plan as ``device`` can run it. On CUDA, a checkpoint whose block width the Triton kernels cannot step
+    through (not a multiple of KERNEL_MIN_BLOCK_K; DeepSeek's and Qwen's FP8 releases use 128) loads dequantized into
+    the compute dtype, with a warning, instead of failing in a kernel compile at the first forward."""
+    width = plan.config.block[1]
+    if device.type != "cuda" or not plan.modules or width % KERNEL_MIN_BLOCK_K == 0:
+        return plan
+    log.warning("FP8 blocks of width %d: the Triton FP8 kernels need a multiple of %d; loading those weights "
+                "dequantized (no FP8 speed-up, same results as the dequantized checkpoint)", width, KERNEL_MIN_BLOCK_K)
+    return replace(plan, modules=frozenset())
 
 
 def convert_to_fp8(model: nn.Module, plan: Fp8Plan, tp_size: int) -> None:

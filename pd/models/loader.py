@@ -20,7 +20,7 @@ from torch import nn
 from pd.dist.tp import SINGLE, TensorParallel, take_shard
 from pd.models.base import CausalLM
 from pd.models.config import ModelConfig
-from pd.models.fp8_loading import convert_to_fp8, plan_fp8
+from pd.models.fp8_loading import convert_to_fp8, plan_fp8, runnable_on
 from pd.models.registry import get_model_class
 from pd.moe.context import MoeContext
 
@@ -120,8 +120,8 @@ def load_model(
         torch.set_default_dtype(previous)
     weights = iter_safetensors(config.path)
     if config.quantization is not None or quantization == "fp8":
-        plan = plan_fp8(model, config, quantization, tensor_names(config.path))
+        plan = runnable_on(plan_fp8(model, config, quantization, tensor_names(config.path)), torch.device(device))
         convert_to_fp8(model, plan, tp.size)
-        weights = plan.transform(weights)
+        weights = plan.transform(weights, torch.device(device))
     load_weights(model, weights, tied_lm_head=bool(config.get("tie_word_embeddings", False)))
     return model.eval().requires_grad_(False)
