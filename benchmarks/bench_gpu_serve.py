@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -144,9 +145,14 @@ def bench_transformers(path: str, device: str, args: argparse.Namespace) -> dict
             _sync(device)
             out[f"decode_b{b}_tok_s"] = b * args.new_tokens / (time.perf_counter() - start)
             print(f"transformers batch {b}: {out[f'decode_b{b}_tok_s']:.0f} out tok/s", flush=True)
+    # pd serve sizes its KV pool from the memory it finds free: transformers' model (its modules hold reference
+    # cycles, so `del` alone keeps it) and its allocator's cached blocks must be gone first, or pd serve runs
+    # against the allocation limit (a prefill 20x slower was measured that way).
     del model
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+        print(f"transformers released: {torch.cuda.memory_reserved() / 2**30:.2f} GiB still reserved", flush=True)
     return out
 
 
@@ -232,7 +238,7 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true", help="pd serve only (no ratios to transformers)")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
-    layers = args.layers or (8 if args.model == "qwen3" else 4)
+    layers = args.layers or (8 if args.model == "qwen3" else 2)
     config = model_config(args.model, layers, args.tiny)
     bandwidth = copy_bandwidth(args.device)
     with tempfile.TemporaryDirectory() as path:
