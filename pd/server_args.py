@@ -36,6 +36,7 @@ TRANSFER_BACKENDS = tuple(kv_backend_names())  # what the registry provides, so 
 DEVICES = ("auto", "cpu", "cuda", "npu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "fp8")  # pd.models.fp8_loading.QUANTIZATIONS
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")  # pd.engine.kv_cache.KV_STORAGE_DTYPES
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # The API key when neither --api-key nor --api-key-file is given; `pd up` hands the key to its children this way.
 API_KEY_ENV = "PD_API_KEY"
@@ -157,6 +158,9 @@ class ServerArgs:
     dtype: str = _opt("auto", "auto: float32 on cpu, bfloat16 on cuda/npu", choices=DTYPES)
     quantization: str = _opt("none", "fp8: quantize an unquantized checkpoint's weights block-wise at load (an FP8 "
                              "checkpoint loads as FP8 either way)", choices=QUANTIZATIONS)  # fmt: skip
+    kv_cache_dtype: str = _opt("auto", "KV cache storage: auto (the model's dtype), or fp8_e4m3/fp8_e5m2 (one byte per "
+                               "value, twice the tokens in the same memory; K and V rounded to FP8 with scale 1.0, "
+                               "as SGLang does without calibrated scales)", choices=KV_CACHE_DTYPES)  # fmt: skip
     random_seed: int = _opt(0, "seed for sampling and weight init", type=int)
     sampling_defaults: str = _opt("model", "defaults of unset sampling parameters: model (the model's "
                                   "generation_config.json) or openai (temperature 1, top_p 1)",

@@ -79,7 +79,9 @@ class PagedBatch:
 
 
 def make_batch(seed: int, prefix_lens: list[int], extend_lens: list[int], heads: Heads, page_size: int,
-               dtype: torch.dtype, device: str = "cpu", spare_pages: int = 5) -> PagedBatch:  # fmt: skip
+               dtype: torch.dtype, device: str = "cpu", spare_pages: int = 5,
+               kv_dtype: torch.dtype | None = None) -> PagedBatch:  # fmt: skip
+    """kv_dtype: the cache's dtype when not the model's (an FP8 KV cache: random values rounded to FP8)."""
     gen = torch.Generator().manual_seed(seed)
     batch = len(prefix_lens)
     pages_per_req = [math.ceil((p + e) / page_size) for p, e in zip(prefix_lens, extend_lens, strict=True)]
@@ -94,12 +96,12 @@ def make_batch(seed: int, prefix_lens: list[int], extend_lens: list[int], heads:
         page_table[row, :n] = shuffled[taken : taken + n]
         taken += n
     slots = num_pages * page_size
-    k_buffer = torch.randn(slots, heads.kv, heads.dk, generator=gen).to(dtype)
+    k_buffer = torch.randn(slots, heads.kv, heads.dk, generator=gen).to(kv_dtype or dtype)
     if heads.mla:
         assert heads.kv == 1
         v_buffer = k_buffer[..., : heads.dv]
     else:
-        v_buffer = torch.randn(slots, heads.kv, heads.dv, generator=gen).to(dtype)
+        v_buffer = torch.randn(slots, heads.kv, heads.dv, generator=gen).to(kv_dtype or dtype)
     q = torch.randn(sum(extend_lens), heads.q, heads.dk, generator=gen).to(dtype)
     starts = [0] + list(torch.tensor(extend_lens).cumsum(0)[:-1].tolist())
     i32 = {"dtype": torch.int32, "device": device}
@@ -241,6 +243,34 @@ def check_both_match_oracle(decode: ModuleType, extend: ModuleType, heads: Heads
                             dtype: torch.dtype) -> None:  # fmt: skip
     check_decode_matches_oracle(decode, extend, heads, page_size, dtype)
     check_extend_matches_oracle(decode, extend, heads, page_size, dtype)
+
+
+# An FP8 KV cache (--kv-cache-dtype): the kernels convert each loaded K/V row to q's dtype; the oracle reads the same
+# FP8 values in fp32, so the tolerances are the model dtype's.
+FP8_KV_CASES = [
+    (Heads(4, 2, 32, 32), 4, torch.float32, torch.float8_e4m3fn),
+    (Heads(8, 2, 32, 32), 16, torch.bfloat16, torch.float8_e4m3fn),
+    (Heads(16, 1, 48, 32, mla=True), 4, torch.bfloat16, torch.float8_e5m2),
+]
+
+
+def check_fp8_kv_matches_oracle(case: int) -> None:
+    decode, extend = _interpreted_kernels()
+    heads, page_size, dtype, kv_dtype = FP8_KV_CASES[case]
+    prefix, new = _ragged(case, 4, 40, 12)
+    for what, extends in (("extend", new), ("decode", [1] * len(new))):
+        b = make_batch(case, prefix, extends, heads, page_size, dtype, kv_dtype=kv_dtype)
+        assert b.k_buffer.dtype == kv_dtype
+        expected = reference_attention(b)
+        _assert_close(run_extend(extend, b, SMALL_EXTEND), expected, f"extend kernel, {what} batch over FP8 KV")
+        if what == "decode":
+            _assert_close(run_decode(decode, b, 3, SMALL_DECODE), expected, "decode kernel over FP8 KV")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(len(FP8_KV_CASES)))
+def test_kernels_read_an_fp8_kv_cache_interpreted(case: int, interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "check_fp8_kv_matches_oracle", case, timeout_s=300)
 
 
 @needs_triton

@@ -72,7 +72,9 @@ def check_paged_inputs(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.
     assert q.shape[-1] == k_buffer.shape[-1], f"q dim {q.shape[-1]} != K dim {k_buffer.shape[-1]}"
     assert out.shape == (q.shape[0], q.shape[1], v_buffer.shape[-1]), f"out {tuple(out.shape)}"
     assert q.shape[1] % k_buffer.shape[1] == 0, f"{q.shape[1]} query heads over {k_buffer.shape[1]} KV heads"
-    assert q.dtype == out.dtype == k_buffer.dtype == v_buffer.dtype, "q, K, V and out share one dtype"
+    assert q.dtype == out.dtype, "q and out share one dtype"
+    # K and V hold q's dtype, or FP8 (--kv-cache-dtype), converted to q's dtype as they are loaded.
+    assert k_buffer.dtype == v_buffer.dtype in (q.dtype, torch.float8_e4m3fn, torch.float8_e5m2), "K/V dtype"
     for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("out", out)):
         assert t.stride(-1) == 1, f"{name}: the head dimension must be contiguous"
     assert page_table.dtype == torch.int32 and page_table.dim() == 2 and page_table.stride(1) == 1, "page table"
@@ -132,11 +134,11 @@ def _decode_stage1_kernel(
             page = tl.load(page_row + pos // PAGE_SIZE, mask=mask_n, other=0)
             slot = page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
             k = tl.load(k_head + slot[:, None] * stride_kt + kv_dk[None, :], mask=mask_n[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
             if BLOCK_DR > 0:
                 k_rest = tl.load(k_head + slot[:, None] * stride_kt + offs_dr[None, :], mask=mask_n[:, None],
                                  other=0.0)  # fmt: skip
-                qk = tl.dot(q_rest, tl.trans(k_rest), qk, input_precision=DOT_PRECISION)
+                qk = tl.dot(q_rest, tl.trans(k_rest.to(q.dtype)), qk, input_precision=DOT_PRECISION)
             qk = tl.where(mask_n[None, :], qk * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -146,7 +148,7 @@ def _decode_stage1_kernel(
                 v = k
             else:
                 v = tl.load(v_head + slot[:, None] * stride_vt + kv_dv[None, :], mask=mask_n[:, None], other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
         partial = partial_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_dv[None, :]
         tl.store(partial, acc / l_i[:, None], mask=mask_h[:, None] & (offs_dv[None, :] < DV))

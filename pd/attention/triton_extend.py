@@ -50,13 +50,13 @@ def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, v_head, stride_kt,
         k = tl.load(k_rows + kv_dk[None, :], mask=mask_n[:, None], other=0.0)
     else:
         k = tl.load(k_rows + kv_dk[None, :])
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
     if BLOCK_DR > 0:
         if MASKED:
             k_rest = tl.load(k_rows + offs_dr[None, :], mask=mask_n[:, None], other=0.0)
         else:
             k_rest = tl.load(k_rows + offs_dr[None, :])
-        qk = tl.dot(q_rest, tl.trans(k_rest), qk, input_precision=DOT_PRECISION)
+        qk = tl.dot(q_rest, tl.trans(k_rest.to(q.dtype)), qk, input_precision=DOT_PRECISION)
     qk *= scale_log2
     if MASKED:
         qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
@@ -72,7 +72,7 @@ def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, v_head, stride_kt,
             v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 

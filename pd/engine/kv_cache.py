@@ -4,11 +4,26 @@ A slot is one token's KV entry; page p holds slots [p*page_size, (p+1)*page_size
 whole pages; the page table on the KV cache's device maps (row, pos // page_size) to a page, so position `pos` of
 the request in `row` lives in slot `pages[row, pos // page_size] * page_size + pos % page_size`. Attention
 kernels read that table and the pages in place.
+
+The buffers hold the model's dtype, or FP8 (--kv-cache-dtype fp8_e4m3|fp8_e5m2): K and V are rounded to FP8 as they
+are stored, with a scale of 1.0 (SGLang's default without calibrated k/v scales; values past the format's largest
+finite one saturate to it), and every reader computes in the model's dtype.
 """
 
 from __future__ import annotations
 
 import torch
+
+KV_STORAGE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV buffers' dtype for --kv-cache-dtype (auto: the model's)."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in KV_STORAGE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype!r}: expected auto or one of {sorted(KV_STORAGE_DTYPES)}")
+    return KV_STORAGE_DTYPES[kv_cache_dtype]
 
 
 class PagePool:
@@ -105,6 +120,8 @@ class KVCache:
         device: torch.device,
     ) -> None:
         self.num_pages, self.page_size, self.device, self.dtype = num_pages, page_size, device, dtype
+        # FP8 saturates at the largest finite value (a cast to e5m2 would overflow to infinity).
+        self._fp8_max = torch.finfo(dtype).max if dtype in KV_STORAGE_DTYPES.values() else None
         num_slots = num_pages * page_size
         self.buffers = [
             [torch.zeros(num_slots, heads, dim, dtype=dtype, device=device) for heads, dim in layout]
@@ -118,7 +135,11 @@ class KVCache:
     def store(self, layer_id: int, loc: torch.Tensor, *values: torch.Tensor) -> None:
         """Writes values[i] [T, heads_i, dim_i] into slots loc [T] (int64) of buffer i of the layer."""
         for buf, val in zip(self.buffers[layer_id], values, strict=True):
-            buf.index_copy_(0, loc, val.to(buf.dtype))
+            if self._fp8_max is None:
+                buf.index_copy_(0, loc, val.to(buf.dtype))
+            else:  # index_copy_ has no FP8 kernels: copy the bytes
+                fp8 = val.clamp(-self._fp8_max, self._fp8_max).to(buf.dtype)
+                buf.view(torch.uint8).index_copy_(0, loc, fp8.view(torch.uint8))
 
     def gather(self, layer_id: int, slots: torch.Tensor) -> list[torch.Tensor]:
         """slots [B, L] int64 -> per buffer [B, L, heads, dim] (a copy)."""

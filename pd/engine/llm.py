@@ -30,12 +30,13 @@ class LLM:
         random_seed: int = 0,
         radix_cache: bool = False,
         quantization: str = "none",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """cuda_graph_bs: decode batch sizes to capture (default on CUDA: SGLang's buckets up to
         max_running_requests; () runs eagerly). overlap: prepare each step while the previous one runs (the
         server's default; --disable-overlap-schedule). radix_cache: reuse the KV of cached prompt prefixes (the
         server's default; off here so that tests see every page come back to the pool). quantization: "fp8" quantizes
-        an unquantized checkpoint's weights at load (--quantization)."""
+        an unquantized checkpoint's weights at load (--quantization); kv_cache_dtype: --kv-cache-dtype."""
         if cuda_graph_bs is None:
             on_cuda = torch.device(device).type == "cuda"
             cuda_graph_bs = default_cuda_graph_bs(max_running_requests) if on_cuda else ()
@@ -52,6 +53,7 @@ class LLM:
             cuda_graph_bs=cuda_graph_bs,
             random_seed=random_seed,
             quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
         )
         self.runner = ModelRunner(cfg)
         self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size, overlap,

@@ -14,7 +14,7 @@ from pd.attention import get_backend
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.cuda_graph_runner import CudaGraphRunner
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
-from pd.engine.kv_cache import KVCache, ReqToToken
+from pd.engine.kv_cache import KVCache, ReqToToken, kv_storage_dtype
 from pd.engine.micro_batch import MicroBatches, split_in_two
 from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
@@ -51,6 +51,7 @@ class RunnerConfig:
     attention_backend: str = "torch"  # an --attention-backend name (resolved)
     cuda_graph_bs: tuple[int, ...] = ()  # decode batch sizes to capture as CUDA graphs (empty: eager)
     quantization: str = "none"  # --quantization: "fp8" quantizes an unquantized checkpoint at load
+    kv_cache_dtype: str = "auto"  # --kv-cache-dtype: auto (= dtype), fp8_e4m3 or fp8_e5m2
     shard_kv_heads: bool = True  # each tensor-parallel rank caches only its KV heads (pd.dist.tp.kv_head_range)
 
 
@@ -101,19 +102,20 @@ class ModelRunner:
             # oneDNN-packed weights run decode-sized (few-row) GEMMs ~2-3x faster than F.linear on CPU.
             pack_linears_for_cpu(self.model)
         layout = self.model.kv_layout()
+        self.kv_dtype = kv_storage_dtype(cfg.kv_cache_dtype, cfg.dtype)
         self.num_pages = self._num_pages(layout)
         if agree_pages is not None:
             self.num_pages = agree_pages(self.num_pages)
         # This rank's KV capacity (EngineStats): heads cached per buffer (MLA: its one latent), the pool's bytes.
         self.kv_heads_per_rank = self.model.kv_heads()[1]
-        self.kv_bytes_per_rank = (KVCache.bytes_per_token(self.model.num_layers, layout, cfg.dtype) * self.num_pages
+        self.kv_bytes_per_rank = (KVCache.bytes_per_token(self.model.num_layers, layout, self.kv_dtype) * self.num_pages
                                   * cfg.page_size)
         # One rank holds the whole forward (no followers, no expert peers): graphs and overlap need that.
         self.single_rank = sync is None and moe_ctx.ep_size == 1 and moe_ctx.group is None
         self.graph_bs = self._graph_batch_sizes(moe_ctx, has_moe=bool(moe_layers))
         # Under CUDA graphs one page past the pool's is the sink padding requests write their KV to.
         self.kv_cache = KVCache(self.model.num_layers, self.num_pages + bool(self.graph_bs), cfg.page_size, layout,
-                                cfg.dtype, self.device)  # fmt: skip
+                                self.kv_dtype, self.device)  # fmt: skip
         self.attn_backend = get_backend(cfg.attention_backend)
         self.graphs: CudaGraphRunner | None = None  # captured once the scheduler's page table exists
         self.slot_table: ReqToToken | None = None
@@ -173,7 +175,7 @@ class ModelRunner:
         elif self.device.type == "cpu":
             tokens = _CPU_DEFAULT_TOTAL_TOKENS
         else:
-            per_token = KVCache.bytes_per_token(self.model.num_layers, layout, cfg.dtype)
+            per_token = KVCache.bytes_per_token(self.model.num_layers, layout, self.kv_dtype)
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = cfg.mem_fraction_static or 0.85
             # This instance's share of the GPU (weights + KV) is fraction x total, whatever other processes hold:
