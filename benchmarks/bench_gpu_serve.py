@@ -13,8 +13,11 @@ inter-token latency p50/p99 from the stream. Roofline of a decode step at batch 
 times one expert's bytes, and the KV of the batch) over the device-to-device copy bandwidth measured in the same
 run ((read + write) / time of a 1 GiB copy).
 
+With --fp8-batches (default 64) the same checkpoint is served again with `--quantization fp8` in the same run:
+FP8 decode tok/s against bf16's, and the FP8 weight-read roofline (quantized weights at one byte each).
+
 Usage: python benchmarks/bench_gpu_serve.py [--model qwen3|deepseek] [--layers N] [--batches 1,16,64,256]
-                                            [--out results.json] [--device cuda]
+                                            [--fp8-batches 64] [--out results.json] [--device cuda]
 `--device cpu --tiny` runs the whole procedure on a small model (a smoke run, not a measurement).
 """
 
@@ -93,16 +96,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_bytes(config, batch: int, context: int) -> float:  # noqa: ANN001
+def step_bytes(config, batch: int, context: int, fp8: bool = False) -> float:  # noqa: ANN001
     """Bytes one decode step at batch ``batch`` must read: every weight outside the routed experts, the expected
-    distinct experts hit in each MoE layer, and the batch's KV (bf16)."""
+    distinct experts hit in each MoE layer, and the batch's KV (bf16). fp8: the weights `--quantization fp8`
+    quantizes (linears and experts; not the embeddings, the output head or the routers) at one byte each plus a
+    float32 scale per 128x128 block."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     expert_bytes, dense_bytes, moe_layers = 0, 0, set()
     for name, p in model.named_parameters():
-        nbytes = p.numel() * 2
+        kept = name.endswith("mlp.gate.weight") or any(k in name for k in ("embed_tokens", "lm_head", "expert_gate"))
+        quantized = fp8 and p.dim() >= 2 and not kept
+        nbytes = p.numel() * (1 + 4 / (128 * 128) if quantized else 2)
         if ".experts." in name and "shared" not in name:
             moe_layers.add(name.split(".experts.")[0])
             expert_bytes += nbytes
@@ -236,8 +243,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--serve-args", default="", help="extra `pd serve` flags, e.g. --disable-overlap-schedule")
     parser.add_argument("--skip-transformers", action="store_true", help="pd serve only (no ratios to transformers)")
+    parser.add_argument("--fp8-batches", default="64",
+                        help="decode batch sizes to serve again with --quantization fp8 in the same run ('' = none)")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.fp8_batches = [int(b) for b in args.fp8_batches.split(",") if b]
     layers = args.layers or (8 if args.model == "qwen3" else 2)
     config = model_config(args.model, layers, args.tiny)
     bandwidth = copy_bandwidth(args.device)
@@ -245,6 +255,11 @@ def main() -> None:
         write_checkpoint(path, config, args.device)
         hf = {} if args.skip_transformers else bench_transformers(path, args.device, args)
         ours = bench_pd_serve(path, args.device, args, config.vocab_size)
+        fp8 = {}
+        if args.fp8_batches:  # the same checkpoint quantized at load, served after the bf16 server has exited
+            fp8_args = argparse.Namespace(**{**vars(args), "batches": args.fp8_batches,
+                                             "serve_args": f"{args.serve_args} --quantization fp8"})  # fmt: skip
+            fp8 = bench_pd_serve(path, args.device, fp8_args, config.vocab_size)
     rows = []
     for b in args.batches:
         roof = b / (step_bytes(config, b, args.prompt + args.new_tokens // 2) / bandwidth)
@@ -261,12 +276,26 @@ def main() -> None:
         print(f"{r['batch']:>5} {r['pd_tok_s']:>10.0f} {r['hf_tok_s']:>10.0f} {r['x_hf']:>6.2f} "
               f"{r['roofline_tok_s']:>10.0f} {r['roofline_over_pd']:>8.2f} {r['itl_p50_ms'] or 0:>8.2f} "
               f"{r['itl_p99_ms'] or 0:>8.2f}")  # fmt: skip
+    fp8_rows = []
+    for b in args.fp8_batches:
+        roof = b / (step_bytes(config, b, args.prompt + args.new_tokens // 2, fp8=True) / bandwidth)
+        got, bf16 = fp8[f"decode_b{b}_tok_s"], ours.get(f"decode_b{b}_tok_s", float("nan"))
+        fp8_rows.append({"batch": b, "fp8_tok_s": got, "bf16_tok_s": bf16, "fp8_over_bf16": got / bf16,
+                         "fp8_roofline_tok_s": roof, "roofline_over_fp8": roof / got,
+                         "itl_p50_ms": fp8[f"decode_b{b}_itl_ms_p50"]})  # fmt: skip
+    if fp8_rows:
+        print(f"\n--quantization fp8 (prefill {fp8['prefill_tok_s']:.0f} tok/s)")
+        print(f"{'batch':>5} {'fp8 tok/s':>10} {'bf16 tok/s':>10} {'x bf16':>7} {'fp8 roofline':>13} {'roof/fp8':>8}")
+        for r in fp8_rows:
+            print(f"{r['batch']:>5} {r['fp8_tok_s']:>10.0f} {r['bf16_tok_s']:>10.0f} {r['fp8_over_bf16']:>7.2f} "
+                  f"{r['fp8_roofline_tok_s']:>13.0f} {r['roofline_over_fp8']:>8.2f}")  # fmt: skip
     if args.out:
         device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         with open(args.out, "w") as f:
             json.dump({"device": device_name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                        "args": vars(args), "copy_bandwidth_GBps": bandwidth / 1e9, "transformers": hf,
-                       "pd_serve": ours, "decode": rows}, f, indent=1)  # fmt: skip
+                       "pd_serve": ours, "decode": rows, "pd_serve_fp8": fp8, "decode_fp8": fp8_rows}, f,
+                      indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":
