@@ -3,7 +3,7 @@
 Each request first takes KV pages for its prompt and every token it may generate (the preallocation queue
 waits while the pool is short), registers the prompt's pages with its prefill peer (KVReceiver.init), and
 waits in the transfer list. The registration names every rank of the attention group (the followers' endpoints
-came at start-up, pd.engine.disagg.decode_peers): prefill writes each rank's pages into that rank's own memory, at
+came at start-up, pd.engine.disagg.follower_targets): prefill writes each rank's pages into that rank's own memory, at
 the page ids the leader chose, and the status comes here once all of them have landed. On Success its first token
 (sampled by prefill) is reported and the request joins the running batch as if it had prefilled here; on Failed
 or timeout it ends with the reason and its pages are freed (followers hold no pool: the leader's is the only one).
@@ -24,7 +24,7 @@ from collections import deque
 
 from kvtransfer import get_kv_backend
 from kvtransfer.base import KVPoll, KVReceiver, prompt_fingerprint
-from pd.engine.disagg import DisaggConfig, decode_peers, kv_args
+from pd.engine.disagg import DisaggConfig, follower_targets, kv_args
 from pd.engine.io import GenerateRequest, TokenOutput
 from pd.engine.model_runner import ModelRunner
 from pd.engine.request import Req, ReqState
@@ -42,7 +42,7 @@ class DecodeScheduler(Scheduler):
         # cfg.radix_cache: --disaggregation-decode-enable-radix-cache (pd.engine.spec.scheduler_config)
         super().__init__(cfg, runner)
         backend = get_kv_backend(disagg.backend)
-        self.kv_manager = backend.start_decode_manager(kv_args(runner), disagg, peers=decode_peers(runner))
+        self.kv_manager = backend.start_decode_manager(kv_args(runner), disagg, peers=follower_targets(runner))
         self._receiver_cls = backend.KVReceiver
         self.receivers: dict[str, KVReceiver] = {}
         self.prealloc: deque[Req] = deque()

@@ -117,6 +117,16 @@ class KVTargetHolder(ABC):
     def close(self) -> None: ...
 
 
+class KVSourceHolder(KVTargetHolder):
+    """A prefill rank that only writes (a follower of its attention group's leader): its KV memory, registered to
+    write its share of each room's KV heads from. Its leader's manager plans each room and hands this rank its
+    share (``submit``), and hears back when it has landed."""
+
+    @abstractmethod
+    def submit(self, job: dict) -> None:
+        """Queues one share of a room (a backend-defined map, as the leader's manager made it). Non-blocking."""
+
+
 class KVSender(ABC):
     """Prefill side of one request. Backends construct it as (manager, room, prompt_hash): the room belongs to
     this request, and only a decode registration with the same prompt_fingerprint() is accepted for it (another is

@@ -57,6 +57,26 @@ def plan_head_copies(src_ranges: Sequence[HeadRange], dst_ranges: Sequence[HeadR
     return copies
 
 
+def assign_targets(src_ranges: Sequence[HeadRange], dst_ranges: Sequence[HeadRange]
+                   ) -> list[list[tuple[int, list[HeadCopy] | None]]]:  # fmt: skip
+    """Which decode ranks each prefill rank writes, and how: per prefill rank p, [(decode rank d, copies)], copies
+    None meaning whole pages (p caches exactly d's heads). A decode rank whose range some prefill ranks hold exactly
+    takes whole pages from one of them (the d-th modulo, so replicas share the sending); any other takes its heads
+    in runs from the ranks plan_head_copies picks. Raises ValueError like plan_head_copies."""
+    out: list[list[tuple[int, list[HeadCopy] | None]]] = [[] for _ in src_ranges]
+    for d, dst in enumerate(dst_ranges):
+        exact = [p for p, src in enumerate(src_ranges) if tuple(src) == tuple(dst)]
+        if exact:
+            out[exact[d % len(exact)]].append((d, None))
+            continue
+        by_rank: dict[int, list[HeadCopy]] = {}
+        for c in plan_head_copies(src_ranges, [dst]):
+            by_rank.setdefault(c.src_rank, []).append(HeadCopy(c.src_rank, d, c.src_offset, c.dst_offset, c.count))
+        for p, copies in sorted(by_rank.items()):
+            out[p].append((d, copies))
+    return out
+
+
 def head_regions(
     src_ptrs: Sequence[int],
     src_item_lens: Sequence[int],

@@ -5,6 +5,9 @@ Control channel (msgpack, kvtransfer.control):
                                       the registering leader and its KVTarget peers), and the layout to check
   TransferStatus  prefill -> decode   the room's pages have landed (ok) or why not; carries the first token
   AbortRoom       either way          forget the room
+  PartDone        prefill follower -> its leader   the follower's share of a room's KV heads has landed (or why not)
+Step broadcast (msgpack, pd.dist.step_sync; leader -> followers of a prefill instance):
+  PartJob         which of a room's pages and KV heads a follower writes into which decode ranks
 Bootstrap server (JSON over HTTP, kvtransfer.bootstrap):
   RankInfo        one prefill rank's endpoints and KV layout (and its DP-attention group)
 
@@ -75,6 +78,40 @@ class TransferStatus:
 
 
 @dataclass(frozen=True)
+class PartDone:
+    TYPE: ClassVar[str] = "part_done"
+    room: int
+    engine_rank: int  # the prefill follower's rank in its attention group
+    ok: bool
+    reason: str  # empty when ok
+
+
+@dataclass(frozen=True)
+class PartTarget:
+    """One decode rank a prefill follower writes into: its buffers (or, for a staging area, the staged layout's
+    per-buffer bases), the destination page of each page sent, and the runs of heads [src_offset, dst_offset,
+    count] (offsets within each side's own head range) this follower copies."""
+
+    session_id: str
+    ptrs: list[int]
+    item_lens: list[int]
+    pages: list[int]
+    copies: list[list[int]]
+
+
+@dataclass(frozen=True)
+class PartJob:
+    """A prefill follower's share of a room: its pages (the sent ones, in prompt order; every rank of the group
+    holds the room in the same pages) and its targets; PartDone goes to leader_control_addr within timeout_ms."""
+
+    room: int
+    leader_control_addr: str
+    src_pages: list[int]
+    timeout_ms: int
+    targets: list[PartTarget]
+
+
+@dataclass(frozen=True)
 class AbortRoom:
     TYPE: ClassVar[str] = "abort"
     room: int
@@ -98,8 +135,8 @@ class RankInfo:
     kv_heads: list[int] = field(default_factory=lambda: [0, 1])  # [first, count] of the KV heads this rank caches
 
 
-ControlMessage = RegisterRoom | TransferStatus | AbortRoom
-_CONTROL_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (RegisterRoom, TransferStatus, AbortRoom)}
+ControlMessage = RegisterRoom | TransferStatus | AbortRoom | PartDone
+_CONTROL_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (RegisterRoom, TransferStatus, AbortRoom, PartDone)}
 
 
 def _type_ok(value: object, tp: object) -> bool:
@@ -158,6 +195,11 @@ def decode_message(data: bytes) -> ControlMessage:
     if cls is None:
         raise KVTransferError(f"unknown control message type {kind!r}")
     return _build(cls, obj)
+
+
+def part_job_from_dict(data: object) -> PartJob:
+    """A PartJob from its msgpack map (dataclasses.asdict). Raises KVTransferError when a field is wrong."""
+    return _build(PartJob, data)
 
 
 def rank_info_to_json(info: RankInfo) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """Mooncake KV transfer backend: prefill ranks write KV pages straight into decode ranks' buffers.
 
+Each rank of a prefill or decode attention group caches its share of the KV heads. The leaders talk (below); a
+decode follower only exposes its memory (MooncakeKVTarget), a prefill follower writes its heads of each room when
+its leader says so (kvtransfer.mooncake_source) and the leader sends the status once every part has landed.
+
 Prefill rank                                          Decode rank
   manager: control listener, Mooncake engine with       manager: control listener, Mooncake engine with
   every KV buffer registered, PUT /route to bootstrap   every KV buffer registered, bootstrap client
@@ -40,6 +44,7 @@ from kvtransfer.messages import (
     AbortRoom,
     ControlMessage,
     KVTarget,
+    PartDone,
     RankInfo,
     RegisterRoom,
     TransferStatus,
@@ -53,6 +58,7 @@ from kvtransfer.mooncake_rooms import (
     cached_tokens_problem,
     prompt_mismatch,
 )
+from kvtransfer.mooncake_source import start_prefill_source
 from kvtransfer.mooncake_transfer import TransferWorker
 from kvtransfer.staging import HostStaging
 
@@ -68,7 +74,7 @@ MAX_PENDING_ROOMS = 4096
 STAGING_BYTES = 64 * 2**20
 
 __all__ = ["MooncakeKVManager", "MooncakeKVReceiver", "MooncakeKVSender", "MooncakeKVTarget", "start_decode_manager",
-           "start_decode_target", "start_prefill_manager"]
+           "start_decode_target", "start_prefill_manager", "start_prefill_source"]
 
 
 class MooncakeKVManager(KVManager):
@@ -91,8 +97,10 @@ class MooncakeKVManager(KVManager):
                  scattered pages; 0 turns staging off. At least one page of the largest KV buffer.
     secret:      the instances' shared key (--api-key): bootstrap routes need it as a bearer token and every
                  control frame is signed with it; None leaves the control plane open (a trusted network).
-    peers:       decode only: the other ranks of this rank's attention group (MooncakeKVTarget.target of each),
-                 registered with every room so the prefill writes each rank's pages into its own memory.
+    peers:       the other ranks of this rank's attention group. Decode: MooncakeKVTarget.target of each,
+                 registered with every room so the prefill writes each rank's pages into its own memory. Prefill:
+                 MooncakeKVSource.target of each: every rank caches its share of the KV heads, and the leader hands
+                 each follower its share of a room to write (take_part_jobs), waiting for PartDone before the status.
     Raises KVTransferError when the engine, the listener or the bootstrap announcement cannot be set up.
     """
 
@@ -127,6 +135,10 @@ class MooncakeKVManager(KVManager):
                              "(the mooncake backend registers each buffer's bytes)")
         self.args, self.role, self.host, self.tp_size = args, role, host, tp_size
         self.peers = list(peers or [])
+        # Prefill: the KV heads (first, count) of every rank of the group, this one first, as assign_targets takes
+        # them; and the followers' shares of rooms sent, (follower rank, PartJob map), until the scheduler takes them.
+        self.prefill_ranges = [tuple(args.kv_heads), *(tuple(p.kv_heads) for p in self.peers)]
+        self.part_jobs: list[tuple[int, dict]] = []
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.bootstrap_timeout_s, self.transfer_timeout_s = bootstrap_timeout_s, transfer_timeout_s
         self.io_timeout_s = io_timeout_s
@@ -220,6 +232,47 @@ class MooncakeKVManager(KVManager):
         if notify_peer:
             self._notify_peer(room, reason)
 
+    def take_part_jobs(self) -> list[tuple[int, dict]]:
+        """The followers' shares of the rooms sent since the last call: (follower rank, PartJob as a map), for the
+        scheduler to hand over the step broadcast (the followers hear of rooms no other way)."""
+        with self.lock:
+            jobs, self.part_jobs = self.part_jobs, []
+        return jobs
+
+    def own_part_done(self, sender: MooncakeKVSender, status: TransferStatus) -> None:
+        """This rank's writes of the room have landed (transfer thread): tell decode unless followers still write."""
+        with self.lock:
+            sender.own_done = True
+            ready = not sender.parts_pending and sender.state == KVPoll.Transferring
+        if ready:
+            self._tell_decode(sender, status)
+
+    def _tell_decode(self, sender: MooncakeKVSender, status: TransferStatus) -> None:
+        reg = sender.registration
+        assert reg is not None
+        try:
+            self.control.send(reg.control_addr, status)
+        except KVTransferError as e:
+            self.fail(sender, f"pages of room {sender.room} landed but decode {reg.control_addr} could not be "
+                              f"told: {e}", notify_peer=False)  # fmt: skip
+            return
+        self.succeed(sender)
+
+    def _on_part_done(self, msg: PartDone) -> None:
+        with self.lock:
+            sender = self._senders.get(msg.room)
+            if sender is None or sender.state != KVPoll.Transferring or msg.engine_rank not in sender.parts_pending:
+                logger.debug("part of room %d from prefill rank %d ignored", msg.room, msg.engine_rank)
+                return
+            sender.parts_pending.discard(msg.engine_rank)
+            ready = msg.ok and sender.own_done and not sender.parts_pending
+        if not msg.ok:
+            self.fail(sender, f"prefill rank {msg.engine_rank} could not write its KV heads of room {msg.room}: "
+                              f"{msg.reason}")  # fmt: skip
+        elif ready:
+            assert sender.status is not None
+            self.io.submit(self._tell_decode, sender, sender.status)
+
     def succeed(self, sender: MooncakeKVSender) -> None:
         with self.lock:
             if sender.state == KVPoll.Transferring:
@@ -270,6 +323,8 @@ class MooncakeKVManager(KVManager):
     def _on_message(self, msg: ControlMessage) -> None:
         if isinstance(msg, RegisterRoom) and self.role == "prefill":
             self._on_register(msg)
+        elif isinstance(msg, PartDone) and self.role == "prefill":
+            self._on_part_done(msg)
         elif isinstance(msg, TransferStatus) and self.role == "decode":
             self._on_status(msg)
         elif isinstance(msg, AbortRoom):
@@ -336,12 +391,12 @@ class MooncakeKVManager(KVManager):
             logger.debug("room %d registered by decode %s", msg.room, msg.control_addr)
 
     def heads_problem(self, decode_heads: list[list[int]]) -> str | None:
-        """Why this prefill rank cannot send every decode rank its KV heads (decode_heads: [first, count] of each),
-        or None. Only the prefill leader sends, so it must cache every head the decode ranks do."""
+        """Why this prefill group cannot send every decode rank its KV heads (decode_heads: [first, count] of each),
+        or None: some decode head that no rank of the group caches (the models differ)."""
         try:
-            plan_head_copies([self.args.kv_heads], [(first, count) for first, count in decode_heads])
+            plan_head_copies(self.prefill_ranges, [(first, count) for first, count in decode_heads])
         except ValueError as e:
-            return f"{e}: a prefill instance must cache every KV head on its leader (its ranks do not send)"
+            return str(e)
         return None
 
     def _on_status(self, msg: TransferStatus) -> None:
@@ -476,15 +531,16 @@ class DisaggSettings(Protocol):
     secret: str | None  # the instances' --api-key: authenticates bootstrap routes and control messages
 
 
-def start_prefill_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1) -> MooncakeKVManager:
-    """A prefill rank's manager; rank 0 of DP group 0 also serves the instance's bootstrap server on
-    cfg.bootstrap_port."""
+def start_prefill_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1,
+                          peers: list[KVTarget] | None = None) -> MooncakeKVManager:
+    """A prefill leader's manager; ``peers``: its attention group's other ranks (start_prefill_source on each).
+    Rank 0 of DP group 0 also serves the instance's bootstrap server on cfg.bootstrap_port."""
     bootstrap = (cfg.bootstrap_host or cfg.host, cfg.bootstrap_port)
     return MooncakeKVManager(args, "prefill", cfg.host, bootstrap, tp_size=tp_size,
                              dp_rank=cfg.dp_rank, dp_size=cfg.dp_size,
                              serve_bootstrap=args.engine_rank == 0 and cfg.dp_rank == 0,
                              bootstrap_timeout_s=cfg.bootstrap_timeout, transfer_timeout_s=cfg.transfer_timeout,
-                             secret=cfg.secret)
+                             secret=cfg.secret, peers=peers)
 
 
 def start_decode_manager(args: KVArgs, cfg: DisaggSettings, tp_size: int = 1,

@@ -5,6 +5,7 @@ their manager's threads fill in, so poll() is a few attribute reads and a clock 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -12,7 +13,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvtransfer.base import FirstToken, KVPoll, KVReceiver, KVSender
+from kvtransfer.heads import assign_targets
 from kvtransfer.messages import RankInfo, RegisterRoom, TransferStatus
+from kvtransfer.mooncake_transfer import part_job, room_targets
 from kvtransfer.pages import check_pages
 
 if TYPE_CHECKING:
@@ -50,6 +53,11 @@ class MooncakeKVSender(KVSender):
         self.reason: str | None = None
         self.deadline = time.monotonic() + mgr.bootstrap_timeout_s
         self.registration: RegisterRoom | None = None  # set by the manager when decode registers
+        # Set by send(): the status decode gets once this rank's writes are done (own_done) and every follower that
+        # writes a share of the heads has answered (parts_pending empties).
+        self.status: TransferStatus | None = None
+        self.own_done = False
+        self.parts_pending: set[int] = set()
         mgr.add_sender(self)
 
     def poll(self) -> KVPoll:
@@ -85,13 +93,24 @@ class MooncakeKVSender(KVSender):
             return
         status = TransferStatus(self.room, True, "", first_token.token_id, first_token.prompt_tokens,
                                 self.prompt_hash, staged=reg.staging_addr != 0)
+        # The pages of the decode's cached prefix hold their KV there already: only the pages after them move.
+        src = np.asarray(page_indices, dtype=np.int64)[reg.cached_tokens // mgr.args.page_size :]
+        targets = room_targets(mgr.args, reg, len(src))
+        own, *parts = assign_targets(mgr.prefill_ranges, [t[3] for t in targets])  # checked at registration
         with mgr.lock:
             if self.state != KVPoll.WaitingForInput:
                 return  # aborted while we checked the pages
             self.state = KVPoll.Transferring
             self.deadline = time.monotonic() + mgr.transfer_timeout_s
+            self.status = status
+            for follower, assignment in zip(mgr.peers, parts, strict=True):
+                if assignment:
+                    self.parts_pending.add(follower.engine_rank)
+                    job = part_job(self.room, mgr.control_addr, src, mgr.transfer_timeout_s, targets, assignment,
+                                   follower.kv_heads[1])  # fmt: skip
+                    mgr.part_jobs.append((follower.engine_rank, dataclasses.asdict(job)))
         assert mgr.transfers is not None
-        mgr.transfers.submit(self, np.asarray(page_indices, dtype=np.int64), status)
+        mgr.transfers.submit(self, src, status, targets, own)
 
     @property
     def failure_reason(self) -> str | None:

@@ -1,6 +1,7 @@
 """Prefill side of the Mooncake backend: the thread that writes rooms' pages into decode memory (every rank of the
-decode's attention group that registered, each its own), then tells decode. One thread per rank: Mooncake calls are
-serialised anyway (see kvtransfer.mooncake_engine), and rooms finish in the order prefill finished them.
+decode's attention group that registered, each its own), then tells its manager, which tells decode once the
+followers' parts have landed too (kvtransfer.mooncake_source). One thread per rank: Mooncake calls are serialised
+anyway (see kvtransfer.mooncake_engine), and rooms finish in the order prefill finished them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvtransfer.base import KVPoll, KVTransferError
-from kvtransfer.heads import head_regions, plan_head_copies
-from kvtransfer.messages import RegisterRoom, TransferStatus
+from kvtransfer.base import KVArgs, KVPoll, KVTransferError
+from kvtransfer.heads import HeadCopy, head_regions
+from kvtransfer.messages import PartJob, PartTarget, RegisterRoom, TransferStatus
 from kvtransfer.mooncake_engine import MAX_REGIONS_PER_BATCH
 from kvtransfer.pages import (
     chunk_bounds,
@@ -36,14 +37,40 @@ logger = logging.getLogger(__name__)
 
 Regions = tuple[list[int], list[int], list[int]]  # (src addrs, dst addrs, lengths)
 _Target = tuple[str, list[int], list[int], list[int], np.ndarray]  # session, buffer ptrs, item lens, heads, pages
+Assignment = list[tuple[int, list[HeadCopy] | None]]  # (target index, head runs or None = whole pages)
+
+
+def room_targets(args: KVArgs, reg: RegisterRoom, num_sent: int) -> list[_Target]:
+    """Every decode rank of the registration, as (session, buffer pointers, item lens, KV heads, destination page
+    of each of the num_sent pages sent, past the decode's cached prefix). The registering rank's may be its staging
+    area: a page table whose page i is the i-th page sent."""
+    skip = reg.cached_tokens // args.page_size
+    dst_pages = np.asarray(reg.dst_pages, dtype=np.int64)[skip:]
+    first: _Target = (reg.session_id, reg.dst_ptrs, reg.item_lens, reg.kv_heads, dst_pages)
+    if reg.staging_addr:
+        dst_page_bytes = [il * args.page_size for il in reg.item_lens]
+        first = (reg.session_id, staged_ptrs(reg.staging_addr, dst_page_bytes, num_sent), reg.item_lens,
+                 reg.kv_heads, np.arange(num_sent))  # fmt: skip
+    return [first, *((peer.session_id, peer.ptrs, peer.item_lens, peer.kv_heads, dst_pages) for peer in reg.peers)]
+
+
+def part_job(room: int, leader_addr: str, src_pages: np.ndarray, timeout_s: float, targets: list[_Target],
+             assignment: Assignment, heads: int) -> PartJob:  # fmt: skip
+    """A follower's share of a room (heads: how many KV heads the follower caches, what whole pages carry)."""
+    parts = [PartTarget(targets[d][0], list(targets[d][1]), list(targets[d][2]), targets[d][4].tolist(),
+                        [[0, 0, heads]] if copies is None else [[c.src_offset, c.dst_offset, c.count] for c in copies])
+             for d, copies in assignment]  # fmt: skip
+    return PartJob(room, leader_addr, src_pages.tolist(), int(timeout_s * 1e3), parts)
 
 
 @dataclass
 class _Job:
     sender: MooncakeKVSender
     registration: RegisterRoom
-    src_pages: np.ndarray  # [pages] int64: this rank's pages in prompt order
-    status: TransferStatus  # sent to decode once every region has landed
+    src_pages: np.ndarray  # [pages] int64: this rank's pages sent (past the decode's cached prefix), in prompt order
+    status: TransferStatus  # sent to decode once every region (this rank's and the followers') has landed
+    targets: list[_Target]  # room_targets
+    own: Assignment  # what this rank writes (kvtransfer.heads.assign_targets)
 
 
 class TransferWorker:
@@ -57,9 +84,10 @@ class TransferWorker:
         self._thread = threading.Thread(target=self._loop, name="kv-transfer", daemon=True)
         self._thread.start()
 
-    def submit(self, sender: MooncakeKVSender, src_pages: np.ndarray, status: TransferStatus) -> None:
+    def submit(self, sender: MooncakeKVSender, src_pages: np.ndarray, status: TransferStatus, targets: list[_Target],
+               own: Assignment) -> None:  # fmt: skip
         assert sender.registration is not None
-        self._jobs.put(_Job(sender, sender.registration, src_pages, status))
+        self._jobs.put(_Job(sender, sender.registration, src_pages, status, targets, own))
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -89,43 +117,23 @@ class TransferWorker:
         except KVTransferError as e:
             mgr.fail(sender, f"writing room {sender.room} to decode {session} failed: {e}")
             return
-        if sender.state != KVPoll.Transferring:
-            return
-        try:
-            mgr.control.send(reg.control_addr, job.status)
-        except KVTransferError as e:
-            mgr.fail(sender, f"pages of room {sender.room} landed but decode {reg.control_addr} could not be "
-                             f"told: {e}", notify_peer=False)
-            return
-        mgr.succeed(sender)
-        logger.debug("room %d: %d bytes in %d regions to %d decode ranks sent in %.1f ms", sender.room, nbytes,
+        logger.debug("room %d: %d bytes in %d regions to %d decode ranks written in %.1f ms", sender.room, nbytes,
                      nregions, 1 + len(reg.peers), (time.monotonic() - t0) * 1e3)
+        mgr.own_part_done(sender, job.status)
 
     def _batches(self, job: _Job) -> Iterator[tuple[str, Regions]]:
-        """(decode session, regions) batches of the room: for each decode rank of the registration, one batch from
-        the KV buffers themselves, or, when gathering the source pages pays, one batch per gather-buffer piece,
-        each piece gathered just before it is written to every decode rank."""
-        a, reg = self._mgr.args, job.registration
-        # The pages of the decode's cached prefix hold their KV there already: only the pages after them move.
-        skip = reg.cached_tokens // a.page_size
-        src_pages, dst_pages = job.src_pages[skip:], np.asarray(reg.dst_pages, dtype=np.int64)[skip:]
+        """(decode session, regions) batches of this rank's share of the room: for each decode rank it writes whole
+        pages to, one batch from the KV buffers themselves, or, when gathering the source pages pays, one batch per
+        gather-buffer piece, each piece gathered just before it is written to every such decode rank; for each
+        decode rank caching other KV heads than this rank (another TP size), its runs of heads token by token."""
+        a, src_pages = self._mgr.args, job.src_pages
         page_bytes = [il * a.page_size for il in a.kv_item_lens]
-        # (session, buffer pointers, item lens, KV heads, pages) of each decode rank; the registering rank's may be
-        # its staging area, a page table whose page i is the i-th page sent
-        first: _Target = (reg.session_id, reg.dst_ptrs, reg.item_lens, reg.kv_heads, dst_pages)
-        if reg.staging_addr:
-            dst_page_bytes = [il * a.page_size for il in reg.item_lens]
-            first = (reg.session_id, staged_ptrs(reg.staging_addr, dst_page_bytes, len(src_pages)), reg.item_lens,
-                     reg.kv_heads, np.arange(len(src_pages)))
-        everyone = [first, *((peer.session_id, peer.ptrs, peer.item_lens, peer.kv_heads, dst_pages)
-                             for peer in reg.peers)]
-        # A decode rank caching other KV heads than this rank (another TP size) takes its heads token by token;
-        # the others take whole pages.
-        for session, dst_ptrs, dst_lens, heads, pages in everyone:
-            if list(heads) != list(a.kv_heads):
-                yield session, self._head_regions(dst_ptrs, dst_lens, heads, src_pages, pages)
-        targets = [(session, dst_ptrs, pages) for session, dst_ptrs, _, heads, pages in everyone
-                   if list(heads) == list(a.kv_heads)]
+        for d, copies in job.own:
+            if copies is not None:
+                session, dst_ptrs, dst_lens, _, pages = job.targets[d]
+                yield session, self._head_regions(dst_ptrs, dst_lens, copies, src_pages, pages)
+        targets = [(job.targets[d][0], job.targets[d][1], job.targets[d][4]) for d, copies in job.own
+                   if copies is None]  # fmt: skip
         staging = self._mgr.staging
         buf = None if staging is None else staging.gather_buf
         if staging is None or buf is None or not staging_pays(src_pages, page_bytes):
@@ -148,14 +156,14 @@ class TransferWorker:
                         acc.extend(xs)
                 yield session, merge_regions(*batch)
 
-    def _head_regions(self, dst_ptrs: list[int], dst_lens: list[int], dst_heads: list[int], src_pages: np.ndarray,
+    def _head_regions(self, dst_ptrs: list[int], dst_lens: list[int], copies: list[HeadCopy], src_pages: np.ndarray,
                       dst_pages: np.ndarray) -> Regions:
-        """The regions that copy a decode rank's KV heads dst_heads = [first, count] out of this rank's (which holds
-        them all: checked when the room registered) for every page, straight from the KV buffers."""
+        """The regions that copy runs of heads (offsets within this rank's and the decode rank's head ranges) of every
+        page, straight from the KV buffers."""
         a = self._mgr.args
         head_bytes = [il // a.kv_heads[1] for il in a.kv_item_lens]
         batch: Regions = ([], [], [])
-        for copy in plan_head_copies([a.kv_heads], [(dst_heads[0], dst_heads[1])]):
+        for copy in copies:
             part = head_regions(a.kv_data_ptrs, a.kv_item_lens, dst_ptrs, dst_lens, head_bytes, a.page_size,
                                 src_pages, dst_pages, copy)
             for acc, xs in zip(batch, part, strict=True):

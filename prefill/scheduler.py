@@ -4,7 +4,9 @@ A request keeps only its prompt's KV pages. When the prompt's last chunk has run
 the request leaves the batch and waits for its KV sender: once the decode peer has registered its destination
 pages (WaitingForInput) the pages and the first token are sent (not the pages of a prefix the decode holds in
 its own prefix cache, whatever this instance's cache held); on Success or Failed the pages are freed (or cached)
-and the request finishes (the load balancer consumes this answer; the client's comes from decode).
+and the request finishes (the load balancer consumes this answer; the client's comes from decode). With tensor
+parallelism each rank caches its share of the KV heads: the followers' shares of a room go to them over the step
+broadcast as soon as it is sent, and Success waits for every share.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 
 from kvtransfer import get_kv_backend
 from kvtransfer.base import FirstToken, KVPoll, KVSender, prompt_fingerprint
-from pd.engine.disagg import DisaggConfig, kv_args
+from pd.engine.disagg import DisaggConfig, follower_targets, kv_args
 from pd.engine.io import EngineStats, GenerateRequest, TokenOutput
 from pd.engine.model_runner import ModelRunner
 from pd.engine.request import Req, ReqState
@@ -27,7 +29,7 @@ class PrefillScheduler(Scheduler):
     def __init__(self, cfg: SchedulerConfig, runner: ModelRunner, disagg: DisaggConfig) -> None:
         super().__init__(cfg, runner)
         backend = get_kv_backend(disagg.backend)
-        self.kv_manager = backend.start_prefill_manager(kv_args(runner), disagg)
+        self.kv_manager = backend.start_prefill_manager(kv_args(runner), disagg, peers=follower_targets(runner))
         self._sender_cls = backend.KVSender
         self.senders: dict[str, KVSender] = {}
         self.transferring: list[Req] = []
@@ -73,6 +75,7 @@ class PrefillScheduler(Scheduler):
             if state == KVPoll.WaitingForInput and not req.kv_sent:
                 sender.send(req.pages, len(req.prompt_ids), FirstToken(req.output_ids[0], len(req.prompt_ids)))
                 req.kv_sent = True
+                self._hand_out_parts()
             elif state == KVPoll.Success:
                 self.kv_pages_sent_total += len(req.pages) - sender.peer_cached_tokens // self.page_size
                 req.finish_reason = "length"
@@ -82,6 +85,15 @@ class PrefillScheduler(Scheduler):
                 req.finish_reason = "error"
                 outputs.append(self._finish(req, error=f"KV transfer to decode failed: {sender.failure_reason}"))
         return outputs
+
+    def _hand_out_parts(self) -> None:
+        """The followers' shares of the rooms just sent (each rank caches its KV heads and writes them itself), over
+        the step broadcast: they hear of rooms no other way."""
+        take = getattr(self.kv_manager, "take_part_jobs", None)
+        jobs = take() if take is not None else []
+        if jobs:
+            assert self.runner.sync is not None, "shares of a room for followers of a single-rank instance"
+            self.runner.sync.send({"op": "kv_send", "jobs": [[rank, job] for rank, job in jobs]})
 
     def _finish(self, req: Req, error: str | None = None) -> TokenOutput:
         out = self._output(req)

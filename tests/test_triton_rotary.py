@@ -34,8 +34,9 @@ def check(device: str, tokens: int, heads_q: int, heads_k: int, dim: int, dtype:
         # is its oracle, within one ulp of the output dtype (and float32's own rounding near zero).
         ref_q, ref_k = (r.to(dtype) for r in emb(positions, q.float(), k.float()))
     tol = {torch.float32: 2e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
-    torch.testing.assert_close(got_q.cpu().float(), ref_q.float(), rtol=tol, atol=tol if dtype == torch.float32 else 1e-5)
-    torch.testing.assert_close(got_k.cpu().float(), ref_k.float(), rtol=tol, atol=tol if dtype == torch.float32 else 1e-5)
+    atol = tol if dtype == torch.float32 else 1e-5
+    torch.testing.assert_close(got_q.cpu().float(), ref_q.float(), rtol=tol, atol=atol)
+    torch.testing.assert_close(got_k.cpu().float(), ref_k.float(), rtol=tol, atol=atol)
 
 
 CASES = [(5, 4, 2, 32, torch.float32, False, {}), (3, 8, 1, 16, torch.float32, True, {}),

@@ -1,9 +1,11 @@
 """What prefill and decode schedulers share about their instance: transfer settings and the KV memory they
 expose (pd/ knows the KV cache layout; the roles themselves live in prefill/ and decode/).
 
-Every rank of a decode instance receives its own KV pages: a follower registers its KV memory with a transfer
-engine at start-up (``start_follower_kv``) and hands the endpoint to its leader (``decode_peers``), whose
-registrations then name every rank of the attention group. No KV moves between the ranks of an instance.
+Every rank of an instance caches its share of the KV heads, and the KV moves rank to rank: at start-up a follower
+registers its KV memory with a transfer engine (``start_follower_kv``) and hands the endpoint to its leader
+(``follower_targets``). A decode leader's registrations then name every rank of its attention group; a prefill
+leader hands each follower its share of a room to write (over the step broadcast). No KV moves between the ranks of
+an instance.
 """
 
 from __future__ import annotations
@@ -71,19 +73,19 @@ def kv_args(runner: ModelRunner) -> KVArgs:
     return KVArgs(runner.tp.rank, ptrs, item_lens, cache.page_size, fingerprint, data_lens, kv_heads=(first, count))
 
 
-def start_follower_kv(runner: ModelRunner, sync: StepSync, cfg: DisaggConfig) -> KVTargetHolder | None:
-    """A follower's part in its instance's transfers, at the start of its life (pd.engine.rank.follow): a decode
-    follower registers its KV memory and sends the endpoint to its leader (the other half of ``decode_peers``).
-    None for a prefill follower, whose leader's cache holds the whole KV and sends it."""
-    if cfg.mode != "decode":
-        return None
-    holder = get_kv_backend(cfg.backend).start_decode_target(kv_args(runner), cfg)
+def start_follower_kv(runner: ModelRunner, sync: StepSync, cfg: DisaggConfig) -> KVTargetHolder:
+    """A follower's part in its instance's transfers, at the start of its life (pd.engine.rank.follow): it registers
+    its KV memory (a decode follower to be written into, a prefill follower to write its heads from) and sends the
+    endpoint to its leader (the other half of ``follower_targets``)."""
+    backend = get_kv_backend(cfg.backend)
+    start = backend.start_decode_target if cfg.mode == "decode" else backend.start_prefill_source
+    holder = start(kv_args(runner), cfg)
     sync.gather({"target": asdict(holder.target)})
     return holder
 
 
-def decode_peers(runner: ModelRunner) -> list[KVTarget]:
-    """A decode leader's followers' endpoints (collective with their start_follower_kv); [] with no followers."""
+def follower_targets(runner: ModelRunner) -> list[KVTarget]:
+    """A leader's followers' endpoints (collective with their start_follower_kv); [] with no followers."""
     if runner.sync is None:
         return []
     got = runner.sync.gather({})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +51,6 @@ class RunnerConfig:
     cuda_graph_bs: tuple[int, ...] = ()  # decode batch sizes to capture as CUDA graphs (empty: eager)
     quantization: str = "none"  # --quantization: "fp8" quantizes an unquantized checkpoint at load
     kv_cache_dtype: str = "auto"  # --kv-cache-dtype: auto (= dtype), fp8_e4m3 or fp8_e5m2
-    shard_kv_heads: bool = True  # each tensor-parallel rank caches only its KV heads (pd.dist.tp.kv_head_range)
 
 
 class ModelRunner:
@@ -78,7 +76,6 @@ class ModelRunner:
         torch.manual_seed(cfg.random_seed)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        tp = dataclasses.replace(tp, shard_kv_heads=cfg.shard_kv_heads)
         self.sync, self.tp = sync, tp
         self.model_config = ModelConfig.from_path(cfg.model_path)
         model_max = self.model_config.max_position_embeddings
@@ -124,8 +121,6 @@ class ModelRunner:
         logger.info("model %s loaded on %s (%s); KV cache: %d pages x %d tokens, %s; attention backend %s",
                     self.model_config.architecture, self.device, cfg.dtype, self.num_pages, cfg.page_size,
                     self._kv_summary(), cfg.attention_backend)  # fmt: skip
-        if tp.size > 1 and not cfg.shard_kv_heads and tp.rank == 0:
-            logger.info("KV heads replicated on every rank: a prefill instance's leader sends every head")
         if moe_layers and moe_ctx.group_rank_is_first:
             logger.info("MoE: %d layers, %s", len(moe_layers), _moe_summary(moe_layers[0], moe_ctx, cfg))
 

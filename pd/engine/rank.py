@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kvtransfer.base import KVSourceHolder, KVTargetHolder
 from pd.dist.dp_gate import DPGate
 from pd.dist.groups import Groups, init_groups
 from pd.dist.step_sync import StepSync
@@ -81,13 +82,13 @@ def follow(runner: ModelRunner, sync: StepSync, max_rows: int, disagg: DisaggCon
     slots = runner.make_slot_table(max_rows, runner.context_length)
     kv = start_follower_kv(runner, sync, disagg) if disagg is not None else None
     try:
-        _follow(runner, sync, slots)
+        _follow(runner, sync, slots, kv)
     finally:
         if kv is not None:
             kv.close()
 
 
-def _follow(runner: ModelRunner, sync: StepSync, slots: ReqToToken) -> None:
+def _follow(runner: ModelRunner, sync: StepSync, slots: ReqToToken, kv: KVTargetHolder | None) -> None:
     while True:
         msg = sync.receive()
         op = msg["op"]
@@ -95,6 +96,14 @@ def _follow(runner: ModelRunner, sync: StepSync, slots: ReqToToken) -> None:
             logger.info("leader said stop")
             return
         if op == "ping":
+            continue
+        if op == "kv_send":  # a prefill follower's shares of rooms to write (its own transfer thread does)
+            assert isinstance(kv, KVSourceHolder), "kv_send to a rank without a KV source"
+            if runner.device.type == "cuda":  # the room's last forward has stored its KV before the engine reads it
+                torch.cuda.current_stream(runner.device).synchronize()
+            for rank, job in msg["jobs"]:
+                if rank == runner.tp.rank:
+                    kv.submit(job)
             continue
         if op == "idle":
             runner.idle_forward(msg["mode"])

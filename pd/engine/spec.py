@@ -90,9 +90,6 @@ def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
         cuda_graph_bs=args.cuda_graph_bs or (),
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
-        # A prefill instance caches every KV head on every rank: only its leader sends a room's KV (to each decode
-        # rank, its heads), so the leader must hold them all.
-        shard_kv_heads=args.disaggregation_mode != "prefill",
     )
 
 
