@@ -181,7 +181,8 @@ LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "0000000000000000000
 
 @dataclass
 class KeyedPair:
-    """A prefill and a decode instance started with --api-key (no load balancer: the test plays its part)."""
+    """A prefill (two TP ranks: the follower's PartDone is signed too) and a decode instance started with --api-key
+    (no load balancer: the test plays its part)."""
 
     prefill: Proc
     decode: Proc
@@ -193,7 +194,8 @@ class KeyedPair:
 def keyed_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedPair]:
     path = make_checkpoint("llama", str(tmp_path_factory.mktemp("keyed") / "llama"))
     ports, bootstrap_port = (free_port(), free_port()), free_port()
-    prefill_args = ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bootstrap_port))
+    prefill_args = ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bootstrap_port),
+                    "--tp", "2")
     procs = [
         start_proc(f"{mode}-keyed", serve_argv(path, port, *args, "--api-key", KEY), f"http://{HOST}:{port}")
         for mode, port, args in zip(
@@ -246,8 +248,9 @@ def test_every_listener_binds_the_host_but_the_announced_transfer_engine_ports(k
     for proc in (keyed_pair.prefill, keyed_pair.decode):
         wide = {(a, p) for pid in _process_tree(proc.popen.pid) for a, p in _listening(pid) if a not in LOOPBACK}
         announced = re.findall(r"listens on every address, not only 127\.0\.0\.1: ports ([\d, ]+)", proc.log())
-        assert len(announced) == 1, proc.log()[-3000:]
-        announced_ports = {int(p) for p in announced[0].split(", ")}
+        ranks = 2 if proc is keyed_pair.prefill else 1  # one transfer engine per rank
+        assert len(announced) == ranks, proc.log()[-3000:]
+        announced_ports = {int(p) for line in announced for p in line.split(", ")}
         assert {p for _, p in wide} == announced_ports, (proc.name, wide, announced_ports)
         # and only addresses of every interface, no third address
         assert {a for a, _ in wide} <= {"00000000", "00000000000000000000000000000000"}, wide

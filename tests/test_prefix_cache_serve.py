@@ -130,6 +130,9 @@ def test_eviction_under_memory_pressure_gives_the_uncached_tokens(checkpoint: st
          for i in range(ROWS)]
         for w in range(3)
     ]  # fmt: skip
+    # A last wave of four unrelated 26-token prompts (31 tokens, 8 pages each with their output) needs the whole pool,
+    # so whatever the earlier waves left cached must be evicted, whichever prefixes they happened to share.
+    waves.append([(f"w3r{i}", _fresh(rng, 26), 5) for i in range(ROWS)])
     # 32 pages: four requests of at most 31 tokens (8 pages) each fit; the cache must give pages back to admit them.
     expected = _run(_engine(checkpoint, False, True, max_total_tokens=32 * PAGE), waves)
     llm = _engine(checkpoint, True, True, max_total_tokens=32 * PAGE)

@@ -16,9 +16,10 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
-import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,11 +37,6 @@ class LeaderLink:
     outbox: Connection  # leader -> front
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 # A rank's main: target(payload, rank, init_method, inbox, outbox). ``payload`` is what every rank of the instance
 # runs with (an EngineSpec); ``inbox`` / ``outbox`` are a leader's pipes from / to the front, None for a follower
@@ -51,8 +47,12 @@ _PR_SET_PDEATHSIG = 1
 
 
 def init_method(layout: InstanceLayout) -> str:
-    """Where rank 0's rendezvous store listens: --dist-init-addr across nodes, a free loopback port otherwise."""
-    return f"tcp://{layout.init_addr}" if layout.nnodes > 1 else f"tcp://127.0.0.1:{_free_port()}"
+    """Where the ranks rendezvous: rank 0's TCP store on --dist-init-addr across nodes; on one node a file store in a
+    fresh private directory, so that no rendezvous port listens at all (torch's TCP store binds every address,
+    whatever host its URL names)."""
+    if layout.nnodes > 1:
+        return f"tcp://{layout.init_addr}"
+    return "file://" + os.path.join(tempfile.mkdtemp(prefix="pd-rendezvous-"), "store")
 
 
 def die_with_parent(parent: int) -> None:
@@ -74,8 +74,10 @@ def _rank_main(parent: int, target: RankTarget, *args: Any) -> None:
 class RankProcesses:
     """This node's ranks: ``procs[i]`` is global rank ``first_rank + i``; ``leaders`` the pipes to its leaders."""
 
-    def __init__(self, procs: list[Any], first_rank: int, leaders: list[LeaderLink]) -> None:
+    def __init__(self, procs: list[Any], first_rank: int, leaders: list[LeaderLink], store_dir: str | None = None
+                 ) -> None:  # fmt: skip
         self.procs, self.first_rank, self.leaders = procs, first_rank, leaders
+        self.store_dir = store_dir  # a file store's directory, removed once the ranks are gone
 
     @classmethod
     def spawn(cls, layout: InstanceLayout, target: RankTarget, payload: Any, with_front: bool = True) -> RankProcesses:
@@ -103,7 +105,8 @@ class RankProcesses:
                 if end is not None:
                     end.close()
             procs.append(proc)
-        return cls(procs, layout.local_ranks[0], leaders)
+        store_dir = os.path.dirname(method.removeprefix("file://")) if method and method.startswith("file://") else None
+        return cls(procs, layout.local_ranks[0], leaders, store_dir)
 
     def add_remote_leaders(self, conns: dict[int, Connection]) -> None:
         """The other nodes' DP leaders (global rank -> connection), after this node's: leaders[i] is DP group i."""
@@ -135,6 +138,8 @@ class RankProcesses:
                 p.kill()
         for p in self.procs:
             p.join(5)
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
 def run_worker_node(layout: InstanceLayout, target: RankTarget, payload: Any) -> int:
