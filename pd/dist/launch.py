@@ -12,6 +12,7 @@ module owns processes only. A rank dies with the process that spawned it however
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import multiprocessing as mp
@@ -106,6 +107,8 @@ class RankProcesses:
                     end.close()
             procs.append(proc)
         store_dir = os.path.dirname(method.removeprefix("file://")) if method and method.startswith("file://") else None
+        if store_dir is not None:  # also when this process exits without stopping its ranks itself
+            atexit.register(shutil.rmtree, store_dir, True)
         return cls(procs, layout.local_ranks[0], leaders, store_dir)
 
     def add_remote_leaders(self, conns: dict[int, Connection]) -> None:
