@@ -16,8 +16,9 @@ ARCH = "qwen3_moe_gqa"
 KV_HEADS = CONFIGS[ARCH]["num_key_value_heads"]
 
 
-# Equal TP sizes on both sides (rank to rank, whole pages) run in tests/test_pd_e2e.py (TP_SPLITS).
-@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(1, 2), (2, 1), (2, 4)])
+# Equal TP sizes on both sides (rank to rank, whole pages) run in tests/test_pd_e2e.py (TP_SPLITS), and a one-rank
+# prefill into decode TP 2 and 4 in tests/test_pd_tp_kv.py.
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (2, 4)])
 def test_pd_across_tp_sizes_with_sharded_kv_heads_equals_pd_serve(prefill_tp: int, decode_tp: int,
                                                                   pd_references) -> None:
     with _pd_equals_pd_serve(pd_references(ARCH), 8, 16, 1, 1, prefill_args=("--tp", str(prefill_tp)),
