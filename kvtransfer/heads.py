@@ -111,3 +111,27 @@ def head_regions(
     if not srcs:
         return [], [], []
     return merge_regions(np.concatenate(srcs), np.concatenate(dsts), np.concatenate(lens))
+
+
+def copies_regions(
+    src_ptrs: Sequence[int],
+    src_item_lens: Sequence[int],
+    src_heads: int,
+    dst_ptrs: Sequence[int],
+    dst_item_lens: Sequence[int],
+    page_size: int,
+    src_pages: Sequence[int],
+    dst_pages: Sequence[int],
+    copies: Sequence[HeadCopy],
+) -> tuple[list[int], list[int], list[int]]:
+    """head_regions of several runs of heads (offsets within each side's own head range) out of a rank caching
+    src_heads heads, one after the other: what one prefill rank writes into one decode rank."""
+    head_bytes = [il // src_heads for il in src_item_lens]
+    srcs: list[int] = []
+    dsts: list[int] = []
+    lens: list[int] = []
+    for copy in copies:
+        s, d, n = head_regions(src_ptrs, src_item_lens, dst_ptrs, dst_item_lens, head_bytes, page_size, src_pages,
+                               dst_pages, copy)  # fmt: skip
+        srcs, dsts, lens = srcs + list(s), dsts + list(d), lens + list(n)
+    return srcs, dsts, lens

@@ -50,7 +50,7 @@ from kvtransfer.messages import (
     TransferStatus,
     layout_mismatch,
 )
-from kvtransfer.mooncake_engine import MooncakeEngine
+from kvtransfer.mooncake_engine import MooncakeEngine, registered_engine
 from kvtransfer.mooncake_rooms import (
     MooncakeKVReceiver,
     MooncakeKVSender,
@@ -559,14 +559,7 @@ class MooncakeKVTarget(KVTargetHolder):
 
     def __init__(self, args: KVArgs, host: str, protocol: str = "tcp", device_name: str = "",
                  io_timeout_s: float = 5.0) -> None:
-        self.engine = MooncakeEngine(host, protocol, device_name, io_timeout_s)
-        try:
-            self.engine.register(args.kv_data_ptrs, args.kv_data_lens)
-        except BaseException:
-            self.engine.close()
-            raise
-        self.target = KVTarget(args.engine_rank, self.engine.session_id, list(args.kv_data_ptrs),
-                               list(args.kv_item_lens), list(args.kv_heads))
+        self.engine, self.target = registered_engine(args, host, protocol, device_name, io_timeout_s)
         logger.info("mooncake KV decode target rank %d: transfer session %s", args.engine_rank, self.engine.session_id)
 
     def close(self) -> None:

@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from kvtransfer.base import KVTransferError
+from kvtransfer.base import KVArgs, KVTransferError
+from kvtransfer.messages import KVTarget
 
 logger = logging.getLogger(__name__)
 
@@ -151,3 +152,18 @@ class MooncakeEngine:
             raise KVTransferError(f"mooncake {what} did not finish within {timeout_s:.1f}s") from None
         if rc != 0:
             raise KVTransferError(f"mooncake {what} failed (return code {rc})")
+
+
+def registered_engine(args: KVArgs, host: str, protocol: str = "tcp", device_name: str = "",
+                      io_timeout_s: float = 5.0) -> tuple[MooncakeEngine, KVTarget]:  # fmt: skip
+    """A transfer engine with this rank's KV buffers registered, and the KVTarget its leader knows the rank by (a
+    follower of either role). Raises KVTransferError (the engine closed) when the engine cannot start or register
+    the memory."""
+    engine = MooncakeEngine(host, protocol, device_name, io_timeout_s)
+    try:
+        engine.register(args.kv_data_ptrs, args.kv_data_lens)
+    except BaseException:
+        engine.close()
+        raise
+    return engine, KVTarget(args.engine_rank, engine.session_id, list(args.kv_data_ptrs), list(args.kv_item_lens),
+                            list(args.kv_heads))  # fmt: skip

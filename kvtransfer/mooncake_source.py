@@ -17,9 +17,9 @@ import time
 
 from kvtransfer.base import KVArgs, KVSourceHolder, KVTransferError
 from kvtransfer.control import ControlPool
-from kvtransfer.heads import HeadCopy, head_regions
-from kvtransfer.messages import KVTarget, PartDone, PartJob, part_job_from_dict
-from kvtransfer.mooncake_engine import MAX_REGIONS_PER_BATCH, MooncakeEngine
+from kvtransfer.heads import HeadCopy, copies_regions
+from kvtransfer.messages import PartDone, PartJob, part_job_from_dict
+from kvtransfer.mooncake_engine import MAX_REGIONS_PER_BATCH, registered_engine
 from kvtransfer.pages import chunk_bounds
 
 logger = logging.getLogger(__name__)
@@ -32,14 +32,7 @@ class MooncakeKVSource(KVSourceHolder):
 
     def __init__(self, args: KVArgs, host: str, secret: str | None = None, io_timeout_s: float = 5.0) -> None:
         self.args = args
-        self.engine = MooncakeEngine(host, "tcp", "", io_timeout_s)
-        try:
-            self.engine.register(args.kv_data_ptrs, args.kv_data_lens)
-        except BaseException:
-            self.engine.close()
-            raise
-        self.target = KVTarget(args.engine_rank, self.engine.session_id, list(args.kv_data_ptrs),
-                               list(args.kv_item_lens), list(args.kv_heads))  # fmt: skip
+        self.engine, self.target = registered_engine(args, host, io_timeout_s=io_timeout_s)
         self.control = ControlPool(io_timeout_s, secret=secret)
         self._jobs: queue.SimpleQueue[PartJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="kv-part", daemon=True)
@@ -75,15 +68,10 @@ class MooncakeKVSource(KVSourceHolder):
     def _write(self, job: PartJob) -> None:
         a = self.args
         deadline = time.monotonic() + job.timeout_ms / 1e3
-        head_bytes = [il // a.kv_heads[1] for il in a.kv_item_lens]
         for t in job.targets:
-            src: list[int] = []
-            dst: list[int] = []
-            lengths: list[int] = []
-            for src_offset, dst_offset, count in t.copies:
-                part = head_regions(a.kv_data_ptrs, a.kv_item_lens, t.ptrs, t.item_lens, head_bytes, a.page_size,
-                                    job.src_pages, t.pages, HeadCopy(0, 0, src_offset, dst_offset, count))  # fmt: skip
-                src, dst, lengths = src + list(part[0]), dst + list(part[1]), lengths + list(part[2])
+            copies = [HeadCopy(0, 0, src_offset, dst_offset, count) for src_offset, dst_offset, count in t.copies]
+            src, dst, lengths = copies_regions(a.kv_data_ptrs, a.kv_item_lens, a.kv_heads[1], t.ptrs, t.item_lens,
+                                               a.page_size, job.src_pages, t.pages, copies)  # fmt: skip
             for lo, hi in chunk_bounds(len(src), MAX_REGIONS_PER_BATCH):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvtransfer.base import KVArgs, KVPoll, KVTransferError
-from kvtransfer.heads import HeadCopy, head_regions
+from kvtransfer.heads import HeadCopy, copies_regions
 from kvtransfer.messages import PartJob, PartTarget, RegisterRoom, TransferStatus
 from kvtransfer.mooncake_engine import MAX_REGIONS_PER_BATCH
 from kvtransfer.pages import (
@@ -131,7 +131,8 @@ class TransferWorker:
         for d, copies in job.own:
             if copies is not None:
                 session, dst_ptrs, dst_lens, _, pages = job.targets[d]
-                yield session, self._head_regions(dst_ptrs, dst_lens, copies, src_pages, pages)
+                yield session, copies_regions(a.kv_data_ptrs, a.kv_item_lens, a.kv_heads[1], dst_ptrs, dst_lens,
+                                              a.page_size, src_pages, pages, copies)  # fmt: skip
         targets = [(job.targets[d][0], job.targets[d][1], job.targets[d][4]) for d, copies in job.own
                    if copies is None]  # fmt: skip
         staging = self._mgr.staging
@@ -155,17 +156,3 @@ class TransferWorker:
                     for acc, xs in zip(batch, part, strict=True):
                         acc.extend(xs)
                 yield session, merge_regions(*batch)
-
-    def _head_regions(self, dst_ptrs: list[int], dst_lens: list[int], copies: list[HeadCopy], src_pages: np.ndarray,
-                      dst_pages: np.ndarray) -> Regions:
-        """The regions that copy runs of heads (offsets within this rank's and the decode rank's head ranges) of every
-        page, straight from the KV buffers."""
-        a = self._mgr.args
-        head_bytes = [il // a.kv_heads[1] for il in a.kv_item_lens]
-        batch: Regions = ([], [], [])
-        for copy in copies:
-            part = head_regions(a.kv_data_ptrs, a.kv_item_lens, dst_ptrs, dst_lens, head_bytes, a.page_size,
-                                src_pages, dst_pages, copy)
-            for acc, xs in zip(batch, part, strict=True):
-                acc.extend(xs)
-        return batch
