@@ -18,7 +18,6 @@ import random
 import re
 import socket
 import struct
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from kvtransfer.base import KVTransferError
 from kvtransfer.bootstrap import BootstrapClient, BootstrapServer
 from kvtransfer.control import ControlPool, ControlServer
 from kvtransfer.messages import AbortRoom, ControlMessage, RankInfo, RegisterRoom, TransferStatus, rank_info_to_json
-from tests.pd_cluster import Proc, serve_argv, start_proc, wait_healthy
+from tests.pd_cluster import Proc, serve_argv, start_proc, stop_procs, wait_healthy
 from tests.server_process import free_port
 from tests.tiny_checkpoints import load_hf, make_checkpoint
 
@@ -206,14 +205,7 @@ def keyed_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedPair]:
         wait_healthy(procs)
         yield KeyedPair(procs[0], procs[1], bootstrap_port, path)
     finally:
-        for p in procs:
-            p.popen.terminate()
-        for p in procs:
-            try:
-                p.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-            os.unlink(p.log_path)
+        stop_procs(procs)
 
 
 def test_keyed_pd_request_equals_hf_greedy(keyed_pair: KeyedPair) -> None:
