@@ -8,7 +8,8 @@ pages into contiguous decode pages (one region per buffer), into shuffled ones (
 by churn: without staging one region per page per buffer), and from shuffled prefill pages into shuffled
 decode pages (both pools fragmented). Mooncake time: sender.send() to the receiver's Success (the status message
 with the first token included, and so decode's copy out of its staging area). TCP time: first sendall() to the
-receiver's 1-byte ack. MB = 1e6 bytes.
+receiver's 1-byte ack. MB = 1e6 bytes. CPU: the process's CPU time (both ends, every thread) per timed transfer,
+which says whether a transport is bound by the machine's cores.
 
 Measures take turns in blocks (a block: one untimed transfer, BLOCK timed ones back to back, then one more with
 the destination pages zeroed before and every byte compared with the prefill's after), in a rotated order, so that
@@ -163,22 +164,27 @@ def bench_kv(num_layers: int, kv_heads: int, head_dim: int, num_tokens: int = 40
         for layout in LAYOUTS
     } | {"raw_tcp": tcp.transfer}
     seconds: dict[str, list[float]] = {name: [] for name in measures}
+    cpu: dict[str, list[float]] = {name: [] for name in measures}  # process CPU seconds per transfer, per block
     try:
         for i in range(-(-repeats // BLOCK)):
             names = list(measures)
             for name in names[i % len(names):] + names[:i % len(names)]:
                 measures[name](False)
+                c0 = time.process_time()
                 seconds[name] += [measures[name](False) for _ in range(BLOCK)]
+                cpu[name].append((time.process_time() - c0) / BLOCK)
                 measures[name](True)
     finally:
         tcp.close()
         mooncake.close()
     mbps = {name: statistics.median(nbytes / s / 1e6 for s in ss) for name, ss in seconds.items()}
     result: dict[str, Any] = {"num_tokens": num_tokens, "page_size": page_size, "repeats": repeats,
-                              "bytes": nbytes, "staging_bytes": staging_bytes, "raw_tcp_MBps": mbps["raw_tcp"]}
+                              "bytes": nbytes, "staging_bytes": staging_bytes, "raw_tcp_MBps": mbps["raw_tcp"],
+                              "raw_tcp_cpu_ms": statistics.median(cpu["raw_tcp"]) * 1e3}
     for layout in LAYOUTS:
         result[f"mooncake_{layout}_MBps"] = mbps[layout]
         result[f"{layout}_vs_tcp"] = mbps[layout] / mbps["raw_tcp"]
+        result[f"mooncake_{layout}_cpu_ms"] = statistics.median(cpu[layout]) * 1e3
     return result
 
 
@@ -188,7 +194,10 @@ def format_kv(kv: dict[str, Any]) -> str:
             f"into contiguous pages, {kv['mooncake_shuffled_MBps']:.0f} MB/s into shuffled pages, "
             f"{kv['mooncake_both_shuffled_MBps']:.0f} MB/s from shuffled into shuffled pages; raw TCP "
             f"{kv['raw_tcp_MBps']:.0f} MB/s; mooncake / TCP {kv['contiguous_vs_tcp']:.3f} (contiguous), "
-            f"{kv['shuffled_vs_tcp']:.3f} (shuffled), {kv['both_shuffled_vs_tcp']:.3f} (both shuffled)")
+            f"{kv['shuffled_vs_tcp']:.3f} (shuffled), {kv['both_shuffled_vs_tcp']:.3f} (both shuffled); CPU ms per "
+            f"transfer (both ends, all threads): mooncake {kv['mooncake_contiguous_cpu_ms']:.1f} / "
+            f"{kv['mooncake_shuffled_cpu_ms']:.1f} / {kv['mooncake_both_shuffled_cpu_ms']:.1f}, raw TCP "
+            f"{kv['raw_tcp_cpu_ms']:.1f}")
 
 
 def main() -> None:
