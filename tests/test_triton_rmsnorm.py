@@ -1,5 +1,6 @@
-"""The Triton RMSNorm against the torch reference (pd.layers.norm.RMSNorm on the CPU path): Triton's CPU
-interpreter in CI on ragged, strided inputs; large shapes on a GPU."""
+"""The Triton RMSNorm against the torch reference (pd.layers.norm.RMSNorm on the CPU path), alone and with the
+residual add fused in (add_rms_norm against torch's add, then the norm): Triton's CPU interpreter in CI on ragged,
+strided inputs; large shapes on a GPU."""
 
 from __future__ import annotations
 
@@ -31,6 +32,22 @@ def check(device: str, rows: int, n: int, dtype: torch.dtype, strided: bool, see
         assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def check_add(device: str, rows: int, n: int, dtype: torch.dtype, strided: bool, seed: int) -> None:
+    from pd.layers.triton_rmsnorm import add_rms_norm
+
+    gen = torch.Generator().manual_seed(seed)
+    ref = RMSNorm(n, eps=1e-6)
+    ref.weight.data = (torch.randn(n, generator=gen) * 0.5 + 1).to(dtype)
+    x = (torch.randn(rows, n, generator=gen) * 3).to(dtype)
+    base = torch.randn(rows, 2 * n if strided else n, generator=gen).to(dtype)
+    delta = base[:, n:] if strided else base
+    want_sum, want = ref.add_forward(x, delta)  # the CPU path: torch's add, then the reference norm
+    got_sum, got = (t.cpu() for t in add_rms_norm(x.to(device), delta.to(device), ref.weight.to(device), 1e-6))
+    assert torch.equal(got_sum, want_sum)  # both round the float32 sum once to the dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
 INTERPRETER_CASES = [(1, 7, torch.float32, False), (5, 64, torch.float32, True), (3, 100, torch.bfloat16, False),
                      (4, 33, torch.float16, True), (0, 16, torch.float32, False)]  # fmt: skip
 
@@ -44,8 +61,19 @@ def test_triton_rmsnorm_equals_the_reference_under_the_interpreter(
     interpreter.run(__name__, "check", "cpu", rows, n, dtype, strided, seed, timeout_s=300)
 
 
+@needs_triton
+@pytest.mark.parametrize("rows,n,dtype,strided", [(3, 100, torch.bfloat16, True), (4, 33, torch.float32, False),
+                                                  (0, 16, torch.float16, False)])  # fmt: skip
+def test_triton_add_rmsnorm_equals_add_then_reference_under_the_interpreter(
+    rows: int, n: int, dtype: torch.dtype, strided: bool, interpreter: InterpreterChild
+) -> None:
+    seed = int(torch.randint(0, 2**62, ()))
+    interpreter.run(__name__, "check_add", "cpu", rows, n, dtype, strided, seed, timeout_s=300)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n", [(1, 2048), (8192, 2048), (333, 7168), (4096 * 32, 128), (77, 1536)])
 def test_triton_rmsnorm_equals_the_reference_on_the_gpu(rows: int, n: int, dtype: torch.dtype) -> None:
     check("cuda", rows, n, dtype, rows % 2 == 1, int(torch.randint(0, 2**62, ())))
+    check_add("cuda", rows, n, dtype, rows % 2 == 0, int(torch.randint(0, 2**62, ())))

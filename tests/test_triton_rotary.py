@@ -1,5 +1,6 @@
 """The Triton rotary kernel against the torch reference (pd.layers.rotary.RotaryEmbedding's CPU path): Triton's
-CPU interpreter in CI on ragged, strided inputs in both layouts; large shapes on a GPU."""
+CPU interpreter in CI on ragged, strided inputs in both layouts, with and without Qwen3's per-head q/k RMSNorm
+fused in (the reference: pd.layers.norm.RMSNorm's CPU path, then the rotation); large shapes on a GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib.util
 import pytest
 import torch
 
+from pd.layers.norm import RMSNorm
 from pd.layers.rotary import RotaryEmbedding
 from tests.interpreter_child import InterpreterChild
 
@@ -15,7 +17,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 
 def check(device: str, tokens: int, heads_q: int, heads_k: int, dim: int, dtype: torch.dtype, interleaved: bool,
-          rope: dict, seed: int) -> None:  # fmt: skip
+          rope: dict, seed: int, norm: bool = False) -> None:  # fmt: skip
     from pd.layers.triton_rotary import apply_rotary
 
     gen = torch.Generator().manual_seed(seed)
@@ -25,9 +27,18 @@ def check(device: str, tokens: int, heads_q: int, heads_k: int, dim: int, dtype:
     qkv = (torch.randn(tokens, (heads_q + 2 * heads_k) * dim, generator=gen) * 2).to(dtype)
     q = qkv[:, : heads_q * dim].view(tokens, heads_q, dim)
     k = qkv[:, heads_q * dim : (heads_q + heads_k) * dim].view(tokens, heads_k, dim)
-    ref_q, ref_k = emb(positions, q, k)
+    norms, kernel_norms = (None, None), None
+    if norm:
+        norms = (RMSNorm(dim, 1e-6), RMSNorm(dim, 1e-5))
+        for n in norms:
+            n.weight.data = (torch.randn(dim, generator=gen) * 0.5 + 1).to(dtype)
+        kernel_norms = (norms[0].weight.to(device), 1e-6, norms[1].weight.to(device), 1e-5)
+        q, k = q * 3, k / 3  # away from unit scale, so that a missing or misplaced norm shows
+    ref_q, ref_k = emb(positions, q, k, *norms)
     table = emb._table_on(torch.device(device))
-    got_q, got_k = apply_rotary(positions.to(device), q.to(device), k.to(device), table, interleaved)
+    got_q, got_k = apply_rotary(positions.to(device), q.to(device), k.to(device), table, interleaved, kernel_norms)
+    if norm:  # what the rotation sees: the reference's normalised heads (CPU path), in the input dtype
+        q, k = norms[0](q), norms[1](k)
     if dtype != torch.float32:
         # The reference in bf16/fp16 rounds each product, so a cancelling pair can be off by an ulp of the products,
         # not of the result. The kernel computes in float32 and rounds once: the float32 reference on the same inputs
@@ -35,6 +46,10 @@ def check(device: str, tokens: int, heads_q: int, heads_k: int, dim: int, dtype:
         ref_q, ref_k = (r.to(dtype) for r in emb(positions, q.float(), k.float()))
     tol = {torch.float32: 2e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
     atol = tol if dtype == torch.float32 else 1e-5
+    if norm and dtype != torch.float32:
+        # The kernel's sum of squares runs in another order: a normalised value may land an ulp of the input dtype
+        # away, and a cancelling rotation turns that into an absolute error of an ulp at the heads' scale.
+        atol = 2 * tol * max(q.abs().max().item(), k.abs().max().item())
     torch.testing.assert_close(got_q.cpu().float(), ref_q.float(), rtol=tol, atol=atol)
     torch.testing.assert_close(got_k.cpu().float(), ref_k.float(), rtol=tol, atol=atol)
 
@@ -44,6 +59,8 @@ CASES = [(5, 4, 2, 32, torch.float32, False, {}), (3, 8, 1, 16, torch.float32, T
          (2, 5, 1, 16, torch.float16, True, {"rope_type": "yarn", "factor": 4.0,
                                             "original_max_position_embeddings": 128}),
          (0, 4, 2, 32, torch.float32, False, {})]  # fmt: skip
+NORM_CASES = [(5, 4, 2, 32, torch.float32, False, {}), (6, 3, 1, 24, torch.bfloat16, False, {}),
+              (3, 2, 2, 16, torch.float16, True, {})]  # fmt: skip
 
 
 @needs_triton
@@ -53,9 +70,19 @@ def test_triton_rotary_equals_the_reference_under_the_interpreter(case: int, int
     interpreter.run(__name__, "check", "cpu", *CASES[case], seed, timeout_s=300)
 
 
+@needs_triton
+@pytest.mark.parametrize("case", range(len(NORM_CASES)))
+def test_triton_rotary_with_qk_norm_equals_norm_then_rotation_under_the_interpreter(
+    case: int, interpreter: InterpreterChild
+) -> None:
+    seed = int(torch.randint(0, 2**62, ()))
+    interpreter.run(__name__, "check", "cpu", *NORM_CASES[case], seed, True, timeout_s=300)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,heads_q,heads_k,dim,interleaved",
                          [(1, 32, 4, 128, False), (8192, 32, 4, 128, False), (333, 128, 1, 64, True)])  # fmt: skip
-def test_triton_rotary_equals_the_reference_on_the_gpu(tokens, heads_q, heads_k, dim, interleaved, dtype):
-    check("cuda", tokens, heads_q, heads_k, dim, dtype, interleaved, {}, int(torch.randint(0, 2**62, ())))
+def test_triton_rotary_equals_the_reference_on_the_gpu(tokens, heads_q, heads_k, dim, interleaved, dtype, norm):
+    check("cuda", tokens, heads_q, heads_k, dim, dtype, interleaved, {}, int(torch.randint(0, 2**62, ())), norm)

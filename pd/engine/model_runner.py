@@ -17,6 +17,7 @@ from pd.engine.kv_cache import KVCache, ReqToToken, kv_storage_dtype
 from pd.engine.micro_batch import MicroBatches, split_in_two
 from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
+from pd.models.llama import Attention
 from pd.models.loader import load_model
 from pd.moe.context import MoeContext
 from pd.moe.eplb.manager import EplbManager, place_from_file
@@ -98,6 +99,10 @@ class ModelRunner:
         if self.device.type == "cpu":
             # oneDNN-packed weights run decode-sized (few-row) GEMMs ~2-3x faster than F.linear on CPU.
             pack_linears_for_cpu(self.model)
+        else:
+            fused = [m.fuse_qkv() for m in self.model.modules() if isinstance(m, Attention)]
+            if fused and not all(fused):
+                logger.info("q/k/v projections fused in %d of %d layers (the others are FP8)", sum(fused), len(fused))
         layout = self.model.kv_layout()
         self.kv_dtype = kv_storage_dtype(cfg.kv_cache_dtype, cfg.dtype)
         self.num_pages = self._num_pages(layout)

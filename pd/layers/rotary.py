@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pd.layers.norm import RMSNorm
+
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -116,13 +118,19 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int64; q [T, Hq, dim], k [T, Hk, dim] -> rotated q, k (same shapes and dtypes)."""
-        if q.is_cuda and _HAS_TRITON:  # one kernel for both (pd.layers.triton_rotary)
+        """positions [T] int64; q [T, Hq, dim], k [T, Hk, dim] -> rotated q, k (same shapes and dtypes).
+        q_norm, k_norm: per-head RMSNorms applied first (Qwen3), both or neither."""
+        assert (q_norm is None) == (k_norm is None), "q_norm and k_norm go together"
+        if q.is_cuda and _HAS_TRITON:  # one kernel for both, norms included (pd.layers.triton_rotary)
             from pd.layers.triton_rotary import apply_rotary
 
-            return apply_rotary(positions, q, k, self._table_on(q.device), self.interleaved)
+            norms = None if q_norm is None or k_norm is None else (q_norm.weight, q_norm.eps, k_norm.weight, k_norm.eps)
+            return apply_rotary(positions, q, k, self._table_on(q.device), self.interleaved, norms)
+        if q_norm is not None and k_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         cos, sin = self._cos_sin(positions)
         cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -4,6 +4,9 @@ they were a quarter of a layer's GPU time, and at decode sizes as many launches 
 
 Numerics follow `pd.layers.norm.RMSNorm`: the sum of squares and the scaling in float32, the normalised row cast to
 the input dtype, then multiplied by the weight and rounded once more (the reference's `weight * x.to(dtype)`).
+
+`add_rms_norm` also adds the residual branch first (`x + delta`, rounded to the dtype as torch's add rounds it) and
+returns the sum beside its norm: the decoder layers' residual adds then cost no launch of their own.
 """
 
 from __future__ import annotations
@@ -24,6 +27,47 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_stride, out_stride, eps, BL
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * out_stride + cols, out, mask=mask)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n_cols, x_stride, d_stride, sum_stride, out_stride,
+                        eps, BLOCK: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    a = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(d_ptr + row * d_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    total = (a + b).to(sum_ptr.dtype.element_ty)
+    tl.store(sum_ptr + row * sum_stride + cols, total, mask=mask)
+    x = total.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    y = (x * rstd).to(out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    out = (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * out_stride + cols, out, mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, N] with the last dimension contiguous (a view when it can be)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """x, delta [..., N] of one dtype, weight [N] -> (x + delta, rms_norm(x + delta)), both new contiguous tensors
+    in x's dtype, in one launch."""
+    n = x.shape[-1]
+    assert weight.shape == (n,) and delta.shape == x.shape and delta.dtype == x.dtype, (x.shape, delta.shape)
+    a, b = _rows(x), _rows(delta)
+    total = torch.empty((a.shape[0], n), dtype=x.dtype, device=x.device)
+    out = torch.empty_like(total)
+    if a.shape[0]:
+        block = triton.next_power_of_2(n)
+        _add_rmsnorm_kernel[(a.shape[0],)](a, b, weight, total, out, n, a.stride(0), b.stride(0), total.stride(0),
+                                           out.stride(0), eps, BLOCK=block,
+                                           num_warps=min(max(block // 256, 1), 16))  # fmt: skip
+    return total.view(x.shape), out.view(x.shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -4,6 +4,11 @@ concatenations are ~16 launches per layer: at decode sizes more time than the at
 Each program rotates every head of q and k for one token, reading its cos/sin row of the float32 table once.
 The rotation is computed in float32 and rounded once (the reference rounds each product to the input dtype;
 in float32 the two agree to rounding, in bf16 this one is the closer to the float32 model).
+
+Qwen3's per-head q/k RMSNorm before the rotation can run in the same kernel (``norms``): at decode it was two more
+launches per layer. Its arithmetic is pd.layers.triton_rmsnorm's (sum of squares and scaling in float32, the
+normalised head rounded to the input dtype, times the weight and rounded again), so fused or not the rotation sees
+the same values up to the order of the sum of squares.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, row_x, row_out, head_stride_x, num_heads, cos, sin, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):  # fmt: skip
+def _rotate_heads(x_ptr, out_ptr, row_x, row_out, head_stride_x, num_heads, cos, sin, w_ptr, eps, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  NORM: tl.constexpr):  # fmt: skip
     heads = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < num_heads) & (d < HALF)
@@ -26,6 +32,13 @@ def _rotate_heads(x_ptr, out_ptr, row_x, row_out, head_stride_x, num_heads, cos,
     src = x_ptr + row_x + heads * head_stride_x
     x0 = tl.load(src + first, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(src + second, mask=mask, other=0.0).to(tl.float32)
+    if NORM:  # RMSNorm of each head over its 2 * HALF values, rounded as triton_rmsnorm rounds
+        dtype = out_ptr.dtype.element_ty
+        rstd = 1.0 / tl.sqrt((tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / (2 * HALF) + eps)[:, None]
+        w0 = tl.load(w_ptr + first, mask=d < HALF, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + second, mask=d < HALF, other=0.0).to(tl.float32)
+        x0 = (w0 * (x0 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     dst = out_ptr + row_out + heads * (2 * HALF)
     tl.store(dst + first, (x0 * cos - x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + second, (x1 * cos + x0 * sin).to(out_ptr.dtype.element_ty), mask=mask)
@@ -33,8 +46,9 @@ def _rotate_heads(x_ptr, out_ptr, row_x, row_out, head_stride_x, num_heads, cos,
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, q_out, k_out, table_ptr, pos_ptr, q_stride, q_head_stride, k_stride,
-                   k_head_stride, num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                   BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):  # fmt: skip
+                   k_head_stride, num_q_heads, num_k_heads, qw_ptr, kw_ptr, q_eps, k_eps, HALF: tl.constexpr,
+                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   NORM: tl.constexpr):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)[None, :]
@@ -42,15 +56,19 @@ def _rotary_kernel(q_ptr, k_ptr, q_out, k_out, table_ptr, pos_ptr, q_stride, q_h
     cos = tl.load(row + d, mask=d < HALF, other=0.0)
     sin = tl.load(row + HALF + d, mask=d < HALF, other=0.0)
     _rotate_heads(q_ptr, q_out, t * q_stride, t * num_q_heads * 2 * HALF, q_head_stride, num_q_heads, cos, sin,
-                  HALF, BLOCK_HQ, BLOCK_D, INTERLEAVED)  # fmt: skip
+                  qw_ptr, q_eps, HALF, BLOCK_HQ, BLOCK_D, INTERLEAVED, NORM)  # fmt: skip
     _rotate_heads(k_ptr, k_out, t * k_stride, t * num_k_heads * 2 * HALF, k_head_stride, num_k_heads, cos, sin,
-                  HALF, BLOCK_HK, BLOCK_D, INTERLEAVED)  # fmt: skip
+                  kw_ptr, k_eps, HALF, BLOCK_HK, BLOCK_D, INTERLEAVED, NORM)  # fmt: skip
+
+
+Norms = tuple[torch.Tensor, float, torch.Tensor, float]  # q's RMSNorm weight [D] and eps, then k's
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, table: torch.Tensor,
-                 interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                 interleaved: bool, norms: Norms | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """positions [T] int64; q [T, Hq, D], k [T, Hk, D] (strided rows and heads allowed, D contiguous); table
-    [max_position, 2, D/2] float32 (cos, sin, scaling applied) -> new contiguous q, k rotated, in their dtypes."""
+    [max_position, 2, D/2] float32 (cos, sin, scaling applied) -> new contiguous q, k rotated, in their dtypes.
+    norms: each head of q and k RMS-normalised over D with these weights first (Qwen3's q_norm / k_norm)."""
     num_tokens, num_q, dim = q.shape
     num_k = k.shape[1]
     assert k.shape[0] == num_tokens and k.shape[2] == dim and dim % 2 == 0, (q.shape, k.shape)
@@ -62,8 +80,12 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, tabl
     if num_tokens == 0:
         return q_out, k_out
     table = table.contiguous()
+    if norms is not None:
+        assert norms[0].shape == norms[2].shape == (dim,), (norms[0].shape, norms[2].shape, dim)
+    q_w, q_eps, k_w, k_eps = norms if norms is not None else (table, 0.0, table, 0.0)  # unread without norms
     _rotary_kernel[(num_tokens,)](q, k, q_out, k_out, table, positions, q.stride(0), q.stride(1), k.stride(0),
-                                  k.stride(1), num_q, num_k, HALF=dim // 2, BLOCK_HQ=triton.next_power_of_2(num_q),
-                                  BLOCK_HK=triton.next_power_of_2(num_k), BLOCK_D=triton.next_power_of_2(dim // 2),
-                                  INTERLEAVED=interleaved, num_warps=4)  # fmt: skip
+                                  k.stride(1), num_q, num_k, q_w, k_w, q_eps, k_eps, HALF=dim // 2,
+                                  BLOCK_HQ=triton.next_power_of_2(num_q), BLOCK_HK=triton.next_power_of_2(num_k),
+                                  BLOCK_D=triton.next_power_of_2(dim // 2), INTERLEAVED=interleaved,
+                                  NORM=norms is not None, num_warps=4)  # fmt: skip
     return q_out, k_out

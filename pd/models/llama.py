@@ -6,6 +6,7 @@ Parameter names mirror the Hugging Face checkpoint names, so the loader copies t
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from pd.layers.rotary import RotaryEmbedding
 from pd.models.base import CausalLM
 from pd.models.config import ModelConfig
 from pd.moe.context import MoeContext
+
+T = TypeVar("T")
 
 
 class Attention(nn.Module):
@@ -62,16 +65,43 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.scale = self.head_dim**-0.5
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None  # fuse_qkv()
+
+    def fuse_qkv(self) -> bool:
+        """Runs q/k/v as one GEMM from now on (one launch instead of three: at decode sizes each is launch-bound).
+        The three weights become views of one [q + k + v, hidden] tensor, so loading into them later still works.
+        Only for plain linears of one dtype (not FP8 or CPU-packed ones). -> whether it fused."""
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if self._qkv is not None:
+            return True
+        if any(type(m) is not nn.Linear for m in linears) or len({m.weight.dtype for m in linears}) != 1:
+            return False
+        if len({m.bias is None for m in linears}) != 1:
+            return False
+        sizes = [m.out_features for m in linears]
+        with torch.no_grad():
+            weight = torch.cat([m.weight for m in linears])
+            bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in linears])  # type: ignore[misc]
+            for part, m in zip(weight.split(sizes), linears, strict=True):
+                m.weight = nn.Parameter(part, requires_grad=False)
+            if bias is not None:
+                for part, m in zip(bias.split(sizes), linears, strict=True):
+                    m.bias = nn.Parameter(part, requires_grad=False)
+        self._qkv = (weight, bias, sizes)
+        return True
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(batch.positions, q, k)
+        if self._qkv is not None:
+            weight, bias, sizes = self._qkv
+            q, k, v = nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = rotary(batch.positions, q, k, self.q_norm, self.k_norm)  # Qwen3's q/k norms fused into the rotation
         out = paged_attention(self.layer_id, q, k, v, batch, self.scale, self.attended_kv_heads)
         return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)))
 
@@ -92,7 +122,12 @@ class DenseMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block. The MLP sits under `mlp_name` (e.g. Mixtral's checkpoints say block_sparse_moe)."""
+    """Pre-norm residual block. The MLP sits under `mlp_name` (e.g. Mixtral's checkpoints say block_sparse_moe).
+
+    The residual stream travels as a pair (x, delta) whose sum is the hidden state: each residual add happens inside
+    the next norm's kernel (RMSNorm.add_forward), so on CUDA the two adds per layer cost no launch of their own. The
+    sums are the ones the unfused block computes, rounded the same way.
+    """
 
     def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module, mlp_name: str = "mlp") -> None:
         super().__init__()
@@ -102,22 +137,29 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
-        if x.shape[0]:  # an idle DP-attention rank runs the MoE collectives with no tokens and no requests
-            x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
-        mlp, h = getattr(self, self.mlp_name), self.post_attention_layernorm(x)
-        return x + (mlp(h, mode=batch.moe_mode) if hasattr(mlp, "stages") else mlp(h))
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding,
+                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """x + delta enters the layer (delta None: zero) -> (x', mlp_out), whose sum leaves it."""
+        x, h = self._attention(x, batch, rotary, delta)
+        mlp = getattr(self, self.mlp_name)
+        return x, (mlp(h, mode=batch.moe_mode) if hasattr(mlp, "stages") else mlp(h))
 
     def stages(
-        self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding
-    ) -> Generator[None, None, torch.Tensor]:
+        self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding, delta: torch.Tensor | None = None
+    ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
         """forward for two-batch overlap: yields where the MoE block lets tokens travel (never for a dense MLP)."""
-        if x.shape[0]:
-            x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
+        x, h = self._attention(x, batch, rotary, delta)
         mlp = getattr(self, self.mlp_name)
-        h = self.post_attention_layernorm(x)
         out = (yield from mlp.stages(h, mode=batch.moe_mode)) if hasattr(mlp, "stages") else mlp(h)
-        return x + out
+        return x, out
+
+    def _attention(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding,
+                   delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """-> (hidden state after attention, its post-attention norm)."""
+        x, h = self.input_layernorm.add_forward(x, delta)
+        # an idle DP-attention rank runs the MoE collectives with no tokens and no requests
+        attn = self.self_attn(h, batch, rotary) if x.shape[0] else None
+        return self.post_attention_layernorm.add_forward(x, attn)
 
 
 class DecoderModel(nn.Module):
@@ -131,24 +173,29 @@ class DecoderModel(nn.Module):
         self.rotary_emb = rotary
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)
+        x, delta = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
-            x = layer(x, batch, self.rotary_emb)
-        return self.norm(x)
+            x, delta = layer(x, batch, self.rotary_emb, delta)
+        return self.norm.add_forward(x, delta)[1]
 
     def forward_two(self, first: ForwardBatch, second: ForwardBatch) -> torch.Tensor:
         """Two-batch overlap: the micro-batches go through each layer in turn, one's attention and experts running
         while the other's tokens travel. -> hidden states [T1 + T2, hidden], first's tokens then second's."""
-        xs = [self.embed_tokens(first.input_ids), self.embed_tokens(second.input_ids)]
+        xs: list[tuple[torch.Tensor, torch.Tensor | None]] = [(self.embed_tokens(first.input_ids), None),
+                                                              (self.embed_tokens(second.input_ids), None)]
         for layer in self.layers:
-            xs = interleave([layer.stages(xs[0], first, self.rotary_emb), layer.stages(xs[1], second, self.rotary_emb)])
-        return self.norm(torch.cat(xs))
+            (x0, d0), (x1, d1) = xs
+            rotary = self.rotary_emb
+            xs = interleave([layer.stages(x0, first, rotary, d0), layer.stages(x1, second, rotary, d1)])
+        deltas = [d for _, d in xs]
+        delta = None if deltas[0] is None or deltas[1] is None else torch.cat(deltas)
+        return self.norm.add_forward(torch.cat([x for x, _ in xs]), delta)[1]
 
 
-def interleave(steps: list[Generator[None, None, torch.Tensor]]) -> list[torch.Tensor]:
+def interleave(steps: list[Generator[None, None, T]]) -> list[T]:
     """Runs the generators a step each in turn until all are done; -> their return values, in order. Every rank
     runs the same steps in the same order, so their collectives line up."""
-    results: list[torch.Tensor | None] = [None] * len(steps)
+    results: list[T | None] = [None] * len(steps)
     active = list(range(len(steps)))
     while active:
         for i in list(active):
