@@ -18,15 +18,21 @@ Where both apply, weights are renormalised first and then scaled (DeepSeek-V3's 
 float32: the logits are upcast here, so a caller that wants HF's precision computes the logits the way HF does
 (Mixtral and Qwen in the model dtype, DeepSeek with an fp32 gate on fp32-cast hidden states). Qwen then rounds
 its weights to the model dtype; ours stay float32, which is the same thing for float32 models.
+
+The torch code below is the reference and the CPU path. On CUDA, routers without expert groups run as one Triton
+kernel instead (pd.moe.triton_topk: one launch instead of about eight, which is what a decode step pays for); it
+computes the same formula, up to the last ulp of the float32 exp and sums.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # as pd.layers.norm checks it
 _SCORINGS = ("softmax", "sigmoid")
 _GROUP_SCORINGS = ("max", "top2_sum")
 
@@ -121,6 +127,10 @@ def select_experts(
     Raises:
         ValueError: E not divisible by num_expert_group, or fewer than K experts left after group selection.
     """
+    if router_logits_TE.is_cuda and _HAS_TRITON and config.num_expert_group is None:
+        from pd.moe.triton_topk import fused_select_experts
+
+        return fused_select_experts(router_logits_TE, config, correction_bias_E)
     num_experts = router_logits_TE.shape[-1]
     logits_TE = router_logits_TE.float()
     scores_TE = logits_TE.softmax(dim=-1) if config.scoring == "softmax" else logits_TE.sigmoid()
