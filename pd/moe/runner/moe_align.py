@@ -4,8 +4,10 @@ A pair is ``p = t * K + k`` (token-major). Each local expert gets a run of rows 
 ``p``, padded with the sentinel ``N * K`` to a multiple of BLOCK_M; runs follow each other in expert order, so
 every block of BLOCK_M rows belongs to one expert. Slots whose id is -1 (another rank's expert) are left out.
 
-Three Triton launches and one ``torch.cumsum``, no host sync, and every shape a function of (N, K, E, BLOCK_M)
-only, so the whole thing is captured in a CUDA graph as it is:
+No host sync, and every shape a function of (N, K, E, BLOCK_M) only, so the whole thing is captured in a CUDA graph
+as it is. Up to BLOCK_T pairs (one tile: decode batches, where the step is launch-bound) it is one launch,
+``_align_one_tile_kernel``, which does in one program what the four launches below do. Above, three Triton
+launches and one ``torch.cumsum``:
 
 1. ``_count_kernel`` (one program per tile of BLOCK_T pairs): a histogram of the tile's experts, and the
    sentinel written over this program's share of ``sorted_ids``.
@@ -26,6 +28,7 @@ import triton.language as tl
 
 BLOCK_T = 128  # pairs per tile; the scatter compares the tile's pairs pairwise, [BLOCK_T, BLOCK_T]
 BLOCK_B = 64  # blocks per step when the offsets kernel writes expert_of_block
+BLOCK_P = 16  # padding rows per run per step in the one-tile kernel (divides every block_m)
 
 
 @dataclass(frozen=True)
@@ -53,15 +56,44 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(rows, block_m) * block_m
 
 
+@triton.jit
+def _load_experts(ids_ptr, pairs, num_pairs, num_experts):
+    ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+    # Foreign slots (-1), ids out of range and lanes past the end all land in bin num_experts, which nobody reads.
+    local = (ids >= 0) & (ids < num_experts)
+    return local, tl.where(local, ids, num_experts).to(tl.int32)
+
+
+@triton.jit
+def _rank_in_tile(experts, lanes):
+    # Rank among this tile's pairs of the same expert: the same-expert pairs at earlier lanes.
+    earlier = (experts[None, :] == experts[:, None]) & (lanes[None, :] < lanes[:, None])
+    return tl.sum(earlier.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _store_runs(counts, is_expert, num_experts, expert_of_block_ptr, num_rows_post_pad_ptr, max_blocks,
+                BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+    """Runs of counts[e] rows padded to BLOCK_M, in expert order: stores the padded row count and the expert of
+    every block; returns each expert's padded run length and first row."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)
+    tl.store(num_rows_post_pad_ptr, tl.sum(padded, axis=0))
+    # Block b belongs to the first expert whose run ends past it: the number of runs ending at or before b.
+    end_block = tl.where(is_expert, end // BLOCK_M, 0x7FFFFFFF)
+    for b0 in range(0, max_blocks, BLOCK_B):
+        blocks = b0 + tl.arange(0, BLOCK_B)
+        owner = tl.sum((blocks[:, None] >= end_block[None, :]).to(tl.int32), axis=1)
+        owner = tl.where(owner < num_experts, owner, -1)
+        tl.store(expert_of_block_ptr + blocks, owner, mask=blocks < max_blocks)
+    return padded, end - padded
+
+
 @triton.jit(do_not_specialize=["num_pairs", "fill_per_program", "max_rows"])
 def _count_kernel(ids_ptr, tile_counts_ptr, sorted_ids_ptr, num_pairs, num_experts, fill_per_program, max_rows,
                   E_PAD: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
     tile = tl.program_id(0)
-    offs = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
-    # Foreign slots (-1), ids out of range and lanes past the end all land in bin num_experts, which nobody reads.
-    local = (ids >= 0) & (ids < num_experts)
-    experts = tl.where(local, ids, num_experts).to(tl.int32)
+    _, experts = _load_experts(ids_ptr, tile * BLOCK_T + tl.arange(0, BLOCK_T), num_pairs, num_experts)
     tl.store(tile_counts_ptr + tile * E_PAD + tl.arange(0, E_PAD), tl.histogram(experts, E_PAD))
     # The sentinel over every row (the scatter overwrites the rows in use), each program a share of them.
     start = tile * fill_per_program
@@ -76,17 +108,9 @@ def _offsets_kernel(totals_ptr, expert_start_ptr, expert_of_block_ptr, num_rows_
     experts = tl.arange(0, E_PAD)
     is_expert = experts < num_experts
     counts = tl.load(totals_ptr + experts, mask=is_expert, other=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    end = tl.cumsum(padded, axis=0)
-    tl.store(expert_start_ptr + experts, end - padded, mask=is_expert)
-    tl.store(num_rows_post_pad_ptr, tl.sum(padded, axis=0))
-    # Block b belongs to the first expert whose run ends past it: the number of runs ending at or before b.
-    end_block = tl.where(is_expert, end // BLOCK_M, 0x7FFFFFFF)
-    for b0 in range(0, max_blocks, BLOCK_B):
-        blocks = b0 + tl.arange(0, BLOCK_B)
-        owner = tl.sum((blocks[:, None] >= end_block[None, :]).to(tl.int32), axis=1)
-        owner = tl.where(owner < num_experts, owner, -1)
-        tl.store(expert_of_block_ptr + blocks, owner, mask=blocks < max_blocks)
+    _, start = _store_runs(counts, is_expert, num_experts, expert_of_block_ptr, num_rows_post_pad_ptr, max_blocks,
+                           BLOCK_M, BLOCK_B)  # fmt: skip
+    tl.store(expert_start_ptr + experts, start, mask=is_expert)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -95,17 +119,59 @@ def _scatter_kernel(ids_ptr, tile_counts_ptr, tile_cumsum_ptr, expert_start_ptr,
     tile = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
     pairs = tile * BLOCK_T + lanes
-    ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
-    local = (ids >= 0) & (ids < num_experts)
-    experts = tl.where(local, ids, num_experts).to(tl.int32)
-    # Rank among this tile's pairs of the same expert: the same-expert pairs at earlier lanes.
-    earlier = (experts[None, :] == experts[:, None]) & (lanes[None, :] < lanes[:, None])
-    rank = tl.sum(earlier.to(tl.int32), axis=1)
+    local, experts = _load_experts(ids_ptr, pairs, num_pairs, num_experts)
+    rank = _rank_in_tile(experts, lanes)
     # Pairs of the expert in earlier tiles: inclusive cumsum up to this tile minus this tile's own count.
     at = tile * E_PAD + experts
     before = tl.load(tile_cumsum_ptr + at, mask=local, other=0) - tl.load(tile_counts_ptr + at, mask=local, other=0)
     row = tl.load(expert_start_ptr + experts, mask=local, other=0) + before + rank
     tl.store(sorted_ids_ptr + row, pairs, mask=local)
+
+
+@triton.jit(do_not_specialize=["num_pairs", "max_rows", "max_blocks"])
+def _align_one_tile_kernel(ids_ptr, sorted_ids_ptr, expert_of_block_ptr, num_rows_post_pad_ptr, num_pairs,
+                           num_experts, max_rows, max_blocks, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    """All four launches in one program, for num_pairs <= BLOCK_T.
+
+    The four launches write the sentinel over every row and then let the scatter overwrite the rows in use; in one
+    program that needs the fill's stores to land before the scatter's, which stores from different threads to the
+    same address do not promise without a barrier. Instead every row of sorted_ids is stored exactly once, with
+    its final value, by one of three disjoint sets of stores: the pairs' rows, each run's padding after its pairs,
+    and the rows from num_rows_post_pad on. No store order matters, so there is no barrier to get right (nor a
+    race the tests could miss: the interpreter runs stores in program order).
+    """
+    lanes = tl.arange(0, BLOCK_T)
+    local, experts = _load_experts(ids_ptr, lanes, num_pairs, num_experts)
+    expert_range = tl.arange(0, E_PAD)
+    is_expert = expert_range < num_experts
+    counts = tl.where(is_expert, tl.histogram(experts, E_PAD), 0)
+    padded, start = _store_runs(counts, is_expert, num_experts, expert_of_block_ptr, num_rows_post_pad_ptr,
+                                max_blocks, BLOCK_M, BLOCK_B)  # fmt: skip
+
+    # The pairs: row = the expert's first row + rank. Registers cannot be indexed by expert, so the first row is
+    # counted from the pairs too: an expert's run has one block per pair of it whose rank is a multiple of BLOCK_M,
+    # so it starts BLOCK_M rows past each such pair of a lower expert (foreign lanes hold num_experts, never lower).
+    rank = _rank_in_tile(experts, lanes)
+    opens_block = (rank % BLOCK_M) == 0
+    opened_below = (experts[None, :] < experts[:, None]) & opens_block[None, :]
+    first_row = tl.sum(opened_below.to(tl.int32), axis=1) * BLOCK_M
+    tl.store(sorted_ids_ptr + first_row + rank, lanes, mask=local)
+
+    # Each run's padding: rows start + counts up to start + padded (fewer than BLOCK_M), BLOCK_P at a time.
+    pad_from = start + counts
+    for j0 in range(0, BLOCK_M, BLOCK_P):
+        j = j0 + tl.arange(0, BLOCK_P)
+        rows = pad_from[:, None] + j[None, :]
+        in_pad = j[None, :] < (padded - counts)[:, None]  # none past the experts: their counts are 0
+        tl.store(sorted_ids_ptr + rows, tl.full([E_PAD, BLOCK_P], 0, tl.int32) + num_pairs, mask=in_pad)
+
+    # The rows past the runs.
+    used = tl.sum(padded, axis=0)
+    sentinel = tl.full([BLOCK_T], 0, tl.int32) + num_pairs
+    for row0 in range(0, max_rows, BLOCK_T):
+        rows = row0 + lanes
+        tl.store(sorted_ids_ptr + rows, sentinel, mask=(rows >= used) & (rows < max_rows))
 
 
 def align_pairs_to_blocks(topk_ids_NK: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
@@ -122,6 +188,12 @@ def align_pairs_to_blocks(topk_ids_NK: torch.Tensor, num_experts: int, block_m: 
         blocks: static shapes given N, so a CUDA graph can capture it. Within an expert, rows are in ascending
         pair index; the result is deterministic.
     """
+    return _align(topk_ids_NK, num_experts, block_m, one_launch=topk_ids_NK.numel() <= BLOCK_T)
+
+
+def _align(topk_ids_NK: torch.Tensor, num_experts: int, block_m: int, one_launch: bool) -> AlignedPairs:
+    """align_pairs_to_blocks on the path asked for: one launch (up to BLOCK_T pairs) or the four (any number of
+    pairs; the tests compare the two on one tile)."""
     assert topk_ids_NK.dim() == 2 and topk_ids_NK.dtype in (torch.int64, torch.int32), topk_ids_NK.dtype
     assert block_m >= 16 and block_m & (block_m - 1) == 0, block_m
     device = topk_ids_NK.device
@@ -136,9 +208,16 @@ def align_pairs_to_blocks(topk_ids_NK: torch.Tensor, num_experts: int, block_m: 
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
     expert_of_block = torch.empty(max_blocks, dtype=torch.int32, device=device)
     num_rows_post_pad = torch.empty(1, dtype=torch.int32, device=device)
+    if one_launch:
+        assert tiles == 1, num_pairs
+        # 8 warps: with 4, ptxas (sm_90) spills registers around the two [BLOCK_T, BLOCK_T] pairwise sums.
+        _align_one_tile_kernel[(1,)](ids, sorted_ids, expert_of_block, num_rows_post_pad, num_pairs, num_experts,
+                                     max_rows, max_blocks, E_PAD=e_pad, BLOCK_M=block_m, BLOCK_T=BLOCK_T,
+                                     BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P, num_warps=8)  # fmt: skip
+        return AlignedPairs(sorted_ids, expert_of_block, num_rows_post_pad, num_pairs, block_m)
+
     tile_counts = torch.empty(tiles, e_pad, dtype=torch.int32, device=device)
     expert_start = torch.empty(e_pad, dtype=torch.int32, device=device)
-
     fill = triton.cdiv(triton.cdiv(max_rows, tiles), BLOCK_T) * BLOCK_T
     _count_kernel[(tiles,)](ids, tile_counts, sorted_ids, num_pairs, num_experts, fill, max_rows,
                             E_PAD=e_pad, BLOCK_T=BLOCK_T)  # fmt: skip

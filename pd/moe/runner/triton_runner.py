@@ -1,9 +1,10 @@
 """Triton MoE runner (``--moe-runner-backend triton``, the CUDA default): the experts without a host sync.
 
-run() is eight launches whose shapes depend only on the token count, so a decode step captures into a CUDA graph:
+run() is five launches up to 128 (token, slot) pairs (decode batches), eight above, whose shapes depend only on the
+token count, so a decode step captures into a CUDA graph:
 
-1. align (pd.moe.runner.moe_align, four launches): the local (token, slot) pairs sorted by expert into blocks
-   of BLOCK_M rows.
+1. align (pd.moe.runner.moe_align, one launch up to 128 pairs, four above): the local (token, slot) pairs sorted
+   by expert into blocks of BLOCK_M rows.
 2. gate_up grouped GEMM (pd.moe.runner.fused_moe_kernel): [N*K, 2I], one row per local pair.
 3. ``_act_and_mul_kernel``: act(gate) * up -> [N*K, I] in the model dtype, the reference's arithmetic.
 4. down grouped GEMM with the routing weight multiplied in: [N*K, H].
