@@ -1,6 +1,7 @@
 """The Triton rotary kernel against the torch reference (pd.layers.rotary.RotaryEmbedding's CPU path): Triton's
 CPU interpreter in CI on ragged, strided inputs in both layouts, with and without Qwen3's per-head q/k RMSNorm
-fused in (the reference: pd.layers.norm.RMSNorm's CPU path, then the rotation); large shapes on a GPU."""
+fused in (the reference: pd.layers.norm.RMSNorm's CPU path, then the rotation), and with the KV store fused in (the
+rotated K and V land in their cache slots, every other slot untouched); large shapes on a GPU."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 
 def check(device: str, tokens: int, heads_q: int, heads_k: int, dim: int, dtype: torch.dtype, interleaved: bool,
-          rope: dict, seed: int, norm: bool = False) -> None:  # fmt: skip
+          rope: dict, seed: int, norm: bool = False, store: bool = False) -> None:  # fmt: skip
     from pd.layers.triton_rotary import apply_rotary
 
     gen = torch.Generator().manual_seed(seed)
@@ -36,7 +37,23 @@ def check(device: str, tokens: int, heads_q: int, heads_k: int, dim: int, dtype:
         q, k = q * 3, k / 3  # away from unit scale, so that a missing or misplaced norm shows
     ref_q, ref_k = emb(positions, q, k, *norms)
     table = emb._table_on(torch.device(device))
-    got_q, got_k = apply_rotary(positions.to(device), q.to(device), k.to(device), table, interleaved, kernel_norms)
+    kv_store, v = None, qkv[:, (heads_q + heads_k) * dim :].view(tokens, heads_k, dim)
+    if store:  # the cache's K and V buffers hold random bytes; the tokens write slots of a random permutation
+        slots = tokens + 7
+        caches = [torch.randn(slots, heads_k, dim, generator=gen).to(dtype) for _ in range(2)]
+        before = [c.clone() for c in caches]
+        loc = torch.randperm(slots, generator=gen)[:tokens]
+        kv_store = (v.to(device), *(c.to(device) for c in caches), loc.to(device))
+    got_q, got_k = apply_rotary(positions.to(device), q.to(device), k.to(device), table, interleaved, kernel_norms,
+                                kv_store)  # fmt: skip
+    if store:
+        assert got_k is None
+        k_cache, v_cache = (c.cpu() for c in kv_store[1:3])
+        got_k = k_cache[loc]
+        assert torch.equal(v_cache[loc], v), "V lands in its slots as it is"
+        others = torch.ones(slots, dtype=torch.bool)
+        others[loc] = False
+        assert torch.equal(k_cache[others], before[0][others]) and torch.equal(v_cache[others], before[1][others])
     if norm:  # what the rotation sees: the reference's normalised heads (CPU path), in the input dtype
         q, k = norms[0](q), norms[1](k)
     if dtype != torch.float32:
@@ -61,6 +78,9 @@ CASES = [(5, 4, 2, 32, torch.float32, False, {}), (3, 8, 1, 16, torch.float32, T
          (0, 4, 2, 32, torch.float32, False, {})]  # fmt: skip
 NORM_CASES = [(5, 4, 2, 32, torch.float32, False, {}), (6, 3, 1, 24, torch.bfloat16, False, {}),
               (3, 2, 2, 16, torch.float16, True, {})]  # fmt: skip
+# (..., norm): the store with and without the q/k norms
+STORE_CASES = [(5, 4, 2, 32, torch.float32, False, {}, True), (6, 3, 3, 24, torch.bfloat16, True, {}, False),
+               (0, 4, 2, 16, torch.float32, False, {}, True)]  # fmt: skip
 
 
 @needs_triton
@@ -79,10 +99,23 @@ def test_triton_rotary_with_qk_norm_equals_norm_then_rotation_under_the_interpre
     interpreter.run(__name__, "check", "cpu", *NORM_CASES[case], seed, True, timeout_s=300)
 
 
+@needs_triton
+@pytest.mark.parametrize("case", range(len(STORE_CASES)))
+def test_triton_rotary_storing_kv_writes_the_cache_slots_under_the_interpreter(
+    case: int, interpreter: InterpreterChild
+) -> None:
+    *shape, norm = STORE_CASES[case]
+    seed = int(torch.randint(0, 2**62, ()))
+    interpreter.run(__name__, "check", "cpu", *shape, seed, norm, True, timeout_s=300)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("store", [False, True])
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,heads_q,heads_k,dim,interleaved",
                          [(1, 32, 4, 128, False), (8192, 32, 4, 128, False), (333, 128, 1, 64, True)])  # fmt: skip
-def test_triton_rotary_equals_the_reference_on_the_gpu(tokens, heads_q, heads_k, dim, interleaved, dtype, norm):
-    check("cuda", tokens, heads_q, heads_k, dim, dtype, interleaved, {}, int(torch.randint(0, 2**62, ())), norm)
+def test_triton_rotary_equals_the_reference_on_the_gpu(tokens, heads_q, heads_k, dim, interleaved, dtype, norm,
+                                                       store):  # fmt: skip
+    check("cuda", tokens, heads_q, heads_k, dim, dtype, interleaved, {}, int(torch.randint(0, 2**62, ())), norm,
+          store)  # fmt: skip

@@ -42,8 +42,9 @@ class AttentionBackend(Protocol):
         scale: float,
         kv_heads: slice | None = None,
         v_dim: int | None = None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
-        """Stores the new tokens' KV in the layer's cache, then attends.
+        """Stores the new tokens' KV in the layer's cache (unless kv_stored: the caller did), then attends.
 
         Args:
             q: [T, Hq, Dk] queries of the T new tokens (model dtype).

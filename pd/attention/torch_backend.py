@@ -71,6 +71,7 @@ class TorchAttentionBackend:
         scale: float,
         kv_heads: slice | None = None,
         v_dim: int | None = None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         meta: TorchAttentionMeta = batch.attn_meta  # type: ignore[assignment]
         cache = batch.kv_cache
@@ -80,7 +81,8 @@ class TorchAttentionBackend:
             (k_all,) = cache.gather(layer_id, meta.kv_slots)
             v_all = k_all[..., :v_dim]
         else:
-            cache.store(layer_id, batch.layout.out_loc, k, v)
+            if not kv_stored:
+                cache.store(layer_id, batch.layout.out_loc, k, v)
             k_all, v_all = cache.gather(layer_id, meta.kv_slots)
         if kv_heads is not None and kv_heads != slice(0, k.shape[1]):
             k_all, v_all = k_all[:, :, kv_heads], v_all[:, :, kv_heads]

@@ -80,6 +80,7 @@ class TritonAttentionBackend:
         scale: float,
         kv_heads: slice | None = None,
         v_dim: int | None = None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         meta: TritonAttentionMeta = batch.attn_meta  # type: ignore[assignment]
         cache = batch.kv_cache
@@ -89,7 +90,8 @@ class TritonAttentionBackend:
             (k_buf,) = cache.buffers[layer_id]
             v_buf = k_buf[..., :v_dim]
         else:
-            cache.store(layer_id, batch.layout.out_loc, k, v)
+            if not kv_stored:
+                cache.store(layer_id, batch.layout.out_loc, k, v)
             k_buf, v_buf = cache.buffers[layer_id]
             if kv_heads is not None and kv_heads != slice(0, k.shape[1]):
                 k_buf, v_buf = k_buf[:, kv_heads], v_buf[:, kv_heads]

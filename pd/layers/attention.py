@@ -15,13 +15,14 @@ def paged_attention(
     batch: ForwardBatch,
     scale: float,
     kv_heads: slice | None = None,
+    kv_stored: bool = False,
 ) -> torch.Tensor:
     """Multi-head / grouped-query attention. q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, Hq, Dv].
     All Hk heads are cached; the queries attend over ``kv_heads`` of them (default all), a tensor-parallel
-    rank's share."""
+    rank's share. kv_stored: the caller has written k and v into the cache already (the fused rotary kernel)."""
     if batch.num_tokens == 0:
         return q.new_zeros(0, q.shape[1], v.shape[-1])
-    return batch.attn_backend.forward(layer_id, q, k, v, batch, scale, kv_heads=kv_heads)
+    return batch.attn_backend.forward(layer_id, q, k, v, batch, scale, kv_heads=kv_heads, kv_stored=kv_stored)
 
 
 def latent_attention(

@@ -15,6 +15,8 @@ from torch import nn
 
 from pd.layers.norm import RMSNorm
 
+KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # v, K buffer, V buffer, slots
+
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -119,16 +121,19 @@ class RotaryEmbedding(nn.Module):
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None,
-        k_norm: RMSNorm | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k_norm: RMSNorm | None = None, kv_store: KVStore | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """positions [T] int64; q [T, Hq, dim], k [T, Hk, dim] -> rotated q, k (same shapes and dtypes).
-        q_norm, k_norm: per-head RMSNorms applied first (Qwen3), both or neither."""
+        q_norm, k_norm: per-head RMSNorms applied first (Qwen3), both or neither.
+        kv_store: (v, the layer's K and V cache buffers, the new tokens' slots): where the Triton kernel runs, it
+        writes the rotated K and V into the cache itself and returns None for k; elsewhere it is ignored and the
+        caller stores the k returned."""
         assert (q_norm is None) == (k_norm is None), "q_norm and k_norm go together"
-        if q.is_cuda and _HAS_TRITON:  # one kernel for both, norms included (pd.layers.triton_rotary)
+        if q.is_cuda and _HAS_TRITON:  # one kernel for both, norms and the KV store included (pd.layers.triton_rotary)
             from pd.layers.triton_rotary import apply_rotary
 
             norms = None if q_norm is None or k_norm is None else (q_norm.weight, q_norm.eps, k_norm.weight, k_norm.eps)
-            return apply_rotary(positions, q, k, self._table_on(q.device), self.interleaved, norms)
+            return apply_rotary(positions, q, k, self._table_on(q.device), self.interleaved, norms, kv_store)
         if q_norm is not None and k_norm is not None:
             q, k = q_norm(q), k_norm(k)
         cos, sin = self._cos_sin(positions)

@@ -101,8 +101,14 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(batch.positions, q, k, self.q_norm, self.k_norm)  # Qwen3's q/k norms fused into the rotation
-        out = paged_attention(self.layer_id, q, k, v, batch, self.scale, self.attended_kv_heads)
+        cache, store = batch.kv_cache, None
+        if q.is_cuda and cache.dtype == q.dtype:  # (an FP8 cache converts in the backend's store)
+            store = (v, *cache.buffers[self.layer_id], batch.layout.out_loc)
+        # Qwen3's q/k norms, and on CUDA the KV store, fused into the rotation: rotated is None once K and V are
+        # in the cache
+        q, rotated = rotary(batch.positions, q, k, self.q_norm, self.k_norm, store)
+        out = paged_attention(self.layer_id, q, k if rotated is None else rotated, v, batch, self.scale,
+                              self.attended_kv_heads, kv_stored=rotated is None)  # fmt: skip
         return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)))
 
 
