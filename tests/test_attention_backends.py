@@ -2,14 +2,18 @@
 
 On CPU the Triton kernels run in Triton's interpreter, in a child Python (TRITON_INTERPRET=1 must be set before
 Triton is imported), on tiny random checkpoints of each attention kind: GQA (Llama, Qwen3-MoE with q/k norm and
-head_dim != hidden/heads) and MLA (DeepSeek-V3, latent attention). Prompts longer than the chunked-prefill size
-make chunks that extend a cached prefix, and continuous batching mixes them with decode tokens in one batch.
+head_dim != hidden/heads) and MLA (DeepSeek-V3, latent attention). There the triton engine runs every kernel a GPU
+runs (pd.layers.fused_kernels.on_cpu: fused norms and residual adds, rotary with the q/k norms and the KV store, the
+fused router, q/k/v as one GEMM, the Triton MoE runner) against the torch engine's reference code. Prompts longer
+than the chunked-prefill size make chunks that extend a cached prefix, and continuous batching mixes them with decode
+tokens in one batch.
 The GPU tests run every architecture in fp32 (same greedy tokens, logits within 1e-4) and bf16 (logits within
 bf16 tolerance), and check that a decode step launches no SDPA/cuDNN kernel and gathers no context.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import secrets
@@ -19,6 +23,7 @@ import torch
 
 from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
+from pd.layers import fused_kernels
 from tests.tiny_checkpoints import make_checkpoint
 from tests.triton_interpreter import patch_interpreter
 
@@ -32,21 +37,31 @@ def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
 
 
 def compare_backends(path: str, device: str, dtype: torch.dtype, page_size: int, seed: int, lengths: tuple[int, ...],
-                     new_tokens: int, chunk: int) -> None:  # fmt: skip
+                     new_tokens: int, chunk: int, interpreted: bool = False) -> None:  # fmt: skip
     """Prefill logits and greedy continuations of both backends on the same checkpoint and prompts. fp32: logits
     within 1e-4 and the same tokens. bf16: the triton backend's logits are as close to the fp32 reference as the
     torch backend's own bf16 logits are (a token whose router sits on a near-tie may pick another expert in bf16
     on either side, so two bf16 runs are compared through the fp32 truth, not with each other)."""
     prompts = _prompts(seed, lengths)
 
+    def kernels(name: str) -> contextlib.AbstractContextManager[None]:
+        """Interpreted: the triton engine runs the GPU's fused kernels too, the torch engine the reference code."""
+        return fused_kernels.on_cpu() if interpreted and name == "triton" else contextlib.nullcontext()
+
     def engine(name: str, dt: torch.dtype) -> LLM:
-        return LLM(path, device=device, dtype=dt, page_size=page_size, chunked_prefill_size=chunk,
-                   max_total_tokens=4096, attention_backend=name)  # fmt: skip
+        with kernels(name):
+            return LLM(path, device=device, dtype=dt, page_size=page_size, chunked_prefill_size=chunk,
+                       max_total_tokens=4096, attention_backend=name,
+                       moe_runner="triton" if interpreted and name == "triton" else "auto")  # fmt: skip
+
+    def prefill_logits(name: str, ids: list[int]) -> torch.Tensor:
+        with kernels(name):
+            return engines[name].prefill_logits(ids)
 
     engines = {name: engine(name, dtype) for name in ("torch", "triton")}
     truth = engine("torch", torch.float32) if dtype != torch.float32 else None
     for ids in prompts[:2]:
-        ref, got = (engines[n].prefill_logits(ids) for n in ("torch", "triton"))
+        ref, got = (prefill_logits(n, ids) for n in ("torch", "triton"))
         if truth is None:
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=0, msg=f"seed {seed}")
         else:
@@ -57,7 +72,9 @@ def compare_backends(path: str, device: str, dtype: torch.dtype, page_size: int,
             assert err <= 1.5 * ref_err + 1e-2, f"seed {seed}: relative error {err} vs the torch backend's {ref_err}"
     if dtype == torch.float32:
         sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-        ref_out, got_out = (engines[n].generate(prompts, sp) for n in ("torch", "triton"))
+        with kernels("triton"):
+            got_out = engines["triton"].generate(prompts, sp)
+        ref_out = engines["torch"].generate(prompts, sp)
         assert got_out == ref_out, f"seed {seed}"
 
 
@@ -72,7 +89,8 @@ def _interpreted_case(case: int, tmp: str) -> None:
     arch, page_size = CPU_CASES[case]
     seed = secrets.randbelow(2**31)
     path = make_checkpoint(arch, os.path.join(tmp, arch), seed=seed)
-    compare_backends(path, "cpu", torch.float32, page_size, seed, lengths=(21, 5, 9), new_tokens=6, chunk=8)
+    compare_backends(path, "cpu", torch.float32, page_size, seed, lengths=(21, 5, 9), new_tokens=6, chunk=8,
+                     interpreted=True)
 
 
 @needs_triton

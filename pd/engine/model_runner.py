@@ -15,6 +15,7 @@ from pd.engine.cuda_graph_runner import CudaGraphRunner
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
 from pd.engine.kv_cache import KVCache, ReqToToken, kv_storage_dtype
 from pd.engine.micro_batch import MicroBatches, split_in_two
+from pd.layers import fused_kernels
 from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
 from pd.models.llama import Attention
@@ -96,7 +97,7 @@ class ModelRunner:
         self.eplb: EplbManager | None = None
         if moe_ctx.eplb is not None and moe_ctx.eplb.rebalance_every > 0 and moe_layers:
             self.eplb = EplbManager(moe_layers, moe_ctx, moe_ctx.eplb)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not fused_kernels.enabled_on(self.device):
             # oneDNN-packed weights run decode-sized (few-row) GEMMs ~2-3x faster than F.linear on CPU.
             pack_linears_for_cpu(self.model)
         else:

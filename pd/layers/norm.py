@@ -3,12 +3,10 @@ CUDA one Triton kernel computes the same formula, pd.layers.triton_rmsnorm), alo
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import nn
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+from pd.layers import fused_kernels
 
 
 class RMSNorm(nn.Module):
@@ -19,7 +17,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] any float dtype -> same shape and dtype."""
-        if x.is_cuda and _HAS_TRITON:
+        if fused_kernels.enabled(x):
             from pd.layers.triton_rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
@@ -33,7 +31,7 @@ class RMSNorm(nn.Module):
         residual adds, which would otherwise each be a launch of their own)."""
         if delta is None:
             return x, self(x)
-        if x.is_cuda and _HAS_TRITON:
+        if fused_kernels.enabled(x):
             from pd.layers.triton_rmsnorm import add_rms_norm
 
             return add_rms_norm(x, delta, self.weight, self.eps)

@@ -6,18 +6,17 @@ inverse frequencies), so looking it up gives the same numbers.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from pd.layers import fused_kernels
 from pd.layers.norm import RMSNorm
 
 KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # v, K buffer, V buffer, slots
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _yarn_inv_freq(dim: int, base: float, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:
@@ -129,7 +128,7 @@ class RotaryEmbedding(nn.Module):
         writes the rotated K and V into the cache itself and returns None for k; elsewhere it is ignored and the
         caller stores the k returned."""
         assert (q_norm is None) == (k_norm is None), "q_norm and k_norm go together"
-        if q.is_cuda and _HAS_TRITON:  # one kernel for both, norms and the KV store included (pd.layers.triton_rotary)
+        if fused_kernels.enabled(q):  # one kernel for both, norms and the KV store included (pd.layers.triton_rotary)
             from pd.layers.triton_rotary import apply_rotary
 
             norms = None if q_norm is None or k_norm is None else (q_norm.weight, q_norm.eps, k_norm.weight, k_norm.eps)

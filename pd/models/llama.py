@@ -13,6 +13,7 @@ from torch import nn
 
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.forward_batch import ForwardBatch
+from pd.layers import fused_kernels
 from pd.layers.activation import silu_and_mul
 from pd.layers.attention import paged_attention
 from pd.layers.norm import RMSNorm
@@ -102,7 +103,7 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         cache, store = batch.kv_cache, None
-        if q.is_cuda and cache.dtype == q.dtype:  # (an FP8 cache converts in the backend's store)
+        if fused_kernels.enabled(q) and cache.dtype == q.dtype:  # (an FP8 cache converts in the backend's store)
             store = (v, *cache.buffers[self.layer_id], batch.layout.out_loc)
         # Qwen3's q/k norms, and on CUDA the KV store, fused into the rotation: rotated is None once K and V are
         # in the cache

@@ -26,13 +26,13 @@ computes the same formula, up to the last ulp of the float32 exp and sums.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # as pd.layers.norm checks it
+from pd.layers import fused_kernels
+
 _SCORINGS = ("softmax", "sigmoid")
 _GROUP_SCORINGS = ("max", "top2_sum")
 
@@ -127,7 +127,7 @@ def select_experts(
     Raises:
         ValueError: E not divisible by num_expert_group, or fewer than K experts left after group selection.
     """
-    if router_logits_TE.is_cuda and _HAS_TRITON and config.num_expert_group is None:
+    if fused_kernels.enabled(router_logits_TE) and config.num_expert_group is None:
         from pd.moe.triton_topk import fused_select_experts
 
         return fused_select_experts(router_logits_TE, config, correction_bias_E)
