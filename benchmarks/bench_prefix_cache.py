@@ -176,12 +176,16 @@ def processes(procs: list[Proc], timeout: float = 600.0) -> Iterator[list[Proc]]
                 p.kill()
 
 
-def start_instances(model_path: str, extra: list[list[str]]) -> list[Proc]:
+def start_instances(model_path: str, extra: list[list[str]], serve_args: list[str]) -> list[Proc]:
+    """One `pd serve` per entry of extra (its own flags). serve_args: flags for every instance instead of the CPU
+    defaults (--device cpu --dtype float32), e.g. ``--device cuda --mem-fraction-static 0.4``."""
     procs = []
     for i, flags in enumerate(extra):
         port = free_port()
-        procs.append(start_proc(f"serve-{i}", serve_argv(model_path, port, "--host", HOST, *flags),
-                                f"http://{HOST}:{port}"))  # fmt: skip
+        argv = (serve_argv(model_path, port, "--host", HOST, *flags) if not serve_args else
+                [sys.executable, "-m", "pd", "serve", "--model-path", model_path, "--port", str(port), "--host", HOST,
+                 *serve_args, *flags])  # fmt: skip
+        procs.append(start_proc(f"serve-{i}", argv, f"http://{HOST}:{port}"))
     return procs
 
 
@@ -213,7 +217,11 @@ def main() -> int:
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="recorded in the JSON")
     p.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="recorded in the JSON")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--serve-args", default="",
+                   help="flags for every `pd serve` instead of --device cpu --dtype float32, e.g. '--device cuda "
+                        "--mem-fraction-static 0.4' (two instances share one GPU in the routing part)")  # fmt: skip
     a = p.parse_args()
+    serve_args = shlex.split(a.serve_args)
     parts = set(a.parts.split(","))
     assert parts <= {"cache", "routing"}, f"--parts takes cache and/or routing, got {a.parts!r}"
     model_path = a.model_path
@@ -253,7 +261,7 @@ def main() -> int:
 
     if "cache" in parts:
         print("(a) one instance with the prefix cache vs one without", flush=True)
-        with processes(start_instances(model_path, [[], ["--disable-radix-cache"]])) as (on, off):
+        with processes(start_instances(model_path, [[], ["--disable-radix-cache"]], serve_args)) as (on, off):
             for proc in (on, off):
                 run_mode(proc.url, [proc.url], warm)
             runs = alternate(
@@ -278,7 +286,7 @@ def main() -> int:
 
     if "routing" in parts:
         print("(b) pd lb cache_aware vs round_robin over two instances", flush=True)
-        with processes(start_instances(model_path, [[], []])) as instances:
+        with processes(start_instances(model_path, [[], []], serve_args)) as instances:
             urls = [i.url for i in instances]
             for url in urls:
                 run_mode(url, [url], warm)
