@@ -19,9 +19,10 @@ float32: the logits are upcast here, so a caller that wants HF's precision compu
 (Mixtral and Qwen in the model dtype, DeepSeek with an fp32 gate on fp32-cast hidden states). Qwen then rounds
 its weights to the model dtype; ours stay float32, which is the same thing for float32 models.
 
-The torch code below is the reference and the CPU path. On CUDA, routers without expert groups run as one Triton
-kernel instead (pd.moe.triton_topk: one launch instead of about eight, which is what a decode step pays for); it
-computes the same formula, up to the last ulp of the float32 exp and sums.
+The torch code below is the reference and the CPU path. On CUDA, every router runs as one Triton kernel instead
+(pd.moe.triton_topk: one launch instead of about eight, or fifteen with expert groups, which is what a decode step
+pays for); it computes the same formula, up to the last ulp of the float32 exp and sums, and returns its slots
+sorted by descending choice.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def select_experts(
     Raises:
         ValueError: E not divisible by num_expert_group, or fewer than K experts left after group selection.
     """
-    if fused_kernels.enabled(router_logits_TE) and config.num_expert_group is None:
+    if fused_kernels.enabled(router_logits_TE):
         from pd.moe.triton_topk import fused_select_experts
 
         return fused_select_experts(router_logits_TE, config, correction_bias_E)
