@@ -27,13 +27,14 @@ CHUNK = 16
 COMMON = ("--chunked-prefill-size", str(CHUNK), "--page-size", "4")
 NEW_TOKENS = 12
 
+# Also run elsewhere: --tp 4 --ep 4 --moe-a2a-backend torch (Qwen3-MoE in tests/test_tp_kv_heads.py; below with DP
+# attention); --tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch (DeepSeek-V3 on both sides of
+# tests/test_pd_e2e.py's DP cases; below with two-batch overlap).
 LAYOUTS = [
     "--tp 2 --ep 2",
     "--tp 2 --ep 2 --moe-a2a-backend torch",  # --deepep-mode auto: prefill batches normal, decode low_latency
-    "--tp 4 --ep 4 --moe-a2a-backend torch",
     "--tp 4 --ep 2 --moe-a2a-backend none",  # each expert also split in two (EP < TP)
     "--tp 2 --dp-size 2 --enable-dp-attention",
-    "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
     "--tp 4 --dp-size 2 --enable-dp-attention",  # two attention groups of two ranks (TP inside each)
     "--tp 4 --ep 4 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch",
     # two micro-batches interleaved per layer (a request may be cut between them); with DP, idle groups join too
