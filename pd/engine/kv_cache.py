@@ -12,6 +12,9 @@ finite one saturate to it), and every reader computes in the model's dtype.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 KV_STORAGE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -103,6 +106,16 @@ class ReqToToken:
         return self.pages[rows, torch.div(positions, ps, rounding_mode="floor")].long() * ps + positions % ps
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.zeros, except that in host memory the pages are zeroed by the kernel when first written instead of all at
+    start-up: torch.zeros writes every byte, and a CPU instance's default pool (gigabytes for a small model) then
+    took tens of seconds of page faults to start. (numpy's zeros is calloc, whose large blocks are fresh mappings.)"""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class KVCache:
     """Per-layer KV buffers. `layout` lists, per buffer kind, (heads, dim): [(kv_heads, head_dim)] * 2 for
     K and V of multi-head attention, [(1, latent_dim)] for MLA's compressed latent.
@@ -124,8 +137,7 @@ class KVCache:
         self._fp8_max = torch.finfo(dtype).max if dtype in KV_STORAGE_DTYPES.values() else None
         num_slots = num_pages * page_size
         self.buffers = [
-            [torch.zeros(num_slots, heads, dim, dtype=dtype, device=device) for heads, dim in layout]
-            for _ in range(num_layers)
+            [zeroed((num_slots, heads, dim), dtype, device) for heads, dim in layout] for _ in range(num_layers)
         ]
 
     @staticmethod
