@@ -1,5 +1,8 @@
 """Multi-rank `pd serve` (gloo on CPU) against the one-process run on the same checkpoint: tensor, expert and
-data-parallel-attention layouts, two "nodes" on one machine, and a dying rank taking the instance down."""
+data-parallel-attention layouts, two "nodes" on one machine, and a dying rank taking the instance down.
+
+Each layout runs on one of the two architectures (DeepSeek-V3: MLA, grouped routing, shared experts; Qwen3-MoE: GQA
+with q/k norms), alternating down each list, so both meet every kind of layout without every pair being served."""
 
 from __future__ import annotations
 
@@ -81,14 +84,34 @@ class Case:
         return [out["output_ids"] for out in asyncio.run(_generate_all(url, self.prompts, NEW_TOKENS))]
 
 
-@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
-def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Case:
-    return Case(request.param, str(tmp_path_factory.mktemp("parallel")))
+ARCHS = ("deepseek_v3", "qwen3_moe")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_parallel_layout_gives_the_one_process_greedy_tokens(case: Case, layout: str) -> None:
-    case.check(layout)
+def alternating(layouts: list[str]) -> list[tuple[str, str]]:
+    """(architecture, layout) pairs: the layouts in order, the architectures taking turns."""
+    return [(ARCHS[i % len(ARCHS)], layout) for i, layout in enumerate(layouts)]
+
+
+class Cases:
+    """One Case per architecture, built when first asked for and kept for the module."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self._cases = root, {}
+
+    def __getitem__(self, arch: str) -> Case:
+        if arch not in self._cases:
+            self._cases[arch] = Case(arch, self.root)
+        return self._cases[arch]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory) -> Cases:
+    return Cases(str(tmp_path_factory.mktemp("parallel")))
+
+
+@pytest.mark.parametrize("arch,layout", alternating(LAYOUTS))
+def test_parallel_layout_gives_the_one_process_greedy_tokens(cases: Cases, arch: str, layout: str) -> None:
+    cases[arch].check(layout)
 
 
 def _serve_cmd(path: str, port: int, *extra: str) -> list[str]:
@@ -96,12 +119,13 @@ def _serve_cmd(path: str, port: int, *extra: str) -> list[str]:
             "--port", str(port), *COMMON, *extra]
 
 
-@pytest.mark.parametrize("layout", [
+@pytest.mark.parametrize("arch,layout", alternating([
     "--tp 2",
     # DP attention across the nodes: group 1's leader is node 1's rank and reaches the front over TCP
     "--tp 2 --ep 2 --moe-a2a-backend torch --dp-size 2 --enable-dp-attention",
-])  # fmt: skip
-def test_two_nodes_on_one_machine_serve_the_one_process_tokens(case: Case, layout: str) -> None:
+]))  # fmt: skip
+def test_two_nodes_on_one_machine_serve_the_one_process_tokens(cases: Cases, arch: str, layout: str) -> None:
+    case = cases[arch]
     addr = free_dist_init_addr()
     multi = (*layout.split(), "--nnodes", "2", "--dist-init-addr", addr)
     node1 = subprocess.Popen(_serve_cmd(case.path, free_port(), *multi, "--node-rank", "1"))
@@ -115,14 +139,16 @@ def test_two_nodes_on_one_machine_serve_the_one_process_tokens(case: Case, layou
             node1.kill()
 
 
-@pytest.mark.parametrize("layout", [
+@pytest.mark.parametrize("arch,layout", alternating([
     "--tp 2 --ep 2 --moe-a2a-backend torch --ep-num-redundant-experts 2",
     "--tp 2 --ep 2 --moe-a2a-backend torch --eplb-rebalance-layers-per-chunk 1",  # no spare slots: permutes only
     "--tp 4 --ep 2 --moe-a2a-backend none --ep-num-redundant-experts 2",  # replicas chosen per token, EP < TP
     "--tp 2 --ep 2 --dp-size 2 --enable-dp-attention --moe-a2a-backend torch --ep-num-redundant-experts 2",
-])  # fmt: skip
-def test_eplb_rebalancing_while_serving_keeps_the_one_process_tokens(case: Case, layout: str, tmp_path) -> None:
+]))  # fmt: skip
+def test_eplb_rebalancing_while_serving_keeps_the_one_process_tokens(cases: Cases, arch: str, layout: str,
+                                                                     tmp_path) -> None:  # fmt: skip
     """Rebalances every 3 forwards, so expert weights move between ranks in the middle of the requests."""
+    case = cases[arch]
     port = free_port()
     loads = tmp_path / "loads"
     cmd = _serve_cmd(case.path, port, *layout.split(), "--enable-eplb", "--eplb-rebalance-num-iterations", "3",
@@ -153,8 +179,10 @@ def test_eplb_rebalancing_while_serving_keeps_the_one_process_tokens(case: Case,
         assert float(count.sum()) > 0
 
 
-def test_a_start_up_placement_from_a_load_file_keeps_the_one_process_tokens(case: Case, tmp_path) -> None:
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_start_up_placement_from_a_load_file_keeps_the_one_process_tokens(cases: Cases, arch: str, tmp_path) -> None:
     """--init-expert-location with a recorded-load file (random, skewed): the experts move at start-up."""
+    case = cases[arch]
     with open(os.path.join(case.path, "config.json")) as f:
         config = json.load(f)
     experts = config.get("n_routed_experts") or config.get("num_experts") or config["num_local_experts"]
