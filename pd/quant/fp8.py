@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pd.layers import fused_kernels
 from pd.layers.cpu_packed import mkldnn_packable, pack_weight, packed_linear, tensor_stamp
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -80,7 +81,9 @@ def block_quant(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Ten
     w = weight.float()
     padded = F.pad(w, (0, kb * block[1] - cols, 0, nb * block[0] - rows))
     amax = padded.view(nb, block[0], kb, block[1]).abs().amax(dim=(1, 3))
-    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # Divided by a tensor, not the Python float: CUDA divides by a scalar as a multiply by its reciprocal, an ulp
+    # off the CPU's quotient at times, and FP8 checkpoints written on the CPU must load to the same bits.
+    scale_inv = torch.where(amax > 0, amax / amax.new_full((), FP8_MAX), torch.ones_like(amax))
     q = (w / expand_scales(scale_inv, block, rows, cols)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale_inv
 
@@ -159,8 +162,8 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], x's dtype."""
         grad = torch.is_grad_enabled() and x.requires_grad
-        if x.is_cuda and not grad:
-            from pd.layers.triton_fp8_gemm import w8a8_block_linear  # Triton only where CUDA is
+        if fused_kernels.enabled(x) and not grad:
+            from pd.layers.triton_fp8_gemm import w8a8_block_linear
 
             return w8a8_block_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias)
         if grad or not mkldnn_packable(x.dtype, x.device):
