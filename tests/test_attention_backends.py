@@ -252,3 +252,18 @@ def test_decode_forward_replayed_from_a_cuda_graph_equals_eager(arch, tmp_path, 
         expected = runner.forward(eager)
         torch.testing.assert_close(replayed, expected, atol=1e-4, rtol=0, msg=f"step {step}")
         lens = [n + 1 for n in lens]
+
+
+@needs_triton
+def test_fused_kernels_switch_off_by_environment():
+    """PD_FUSED_KERNELS=0 sends CUDA tensors to the reference code (checked in a fresh interpreter: the module
+    reads the variable once)."""
+    import subprocess
+    import sys
+
+    probe = "import torch; from pd.layers import fused_kernels as f; print(f.enabled_on(torch.device('cuda')))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "PD_FUSED_KERNELS": value, "PYTHONPATH": root}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)

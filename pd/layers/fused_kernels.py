@@ -1,6 +1,9 @@
 """Whether the fused Triton kernels (RMSNorm and the residual add, rotary with q/k norms and the KV store, the router,
 the q/k/v GEMM) run for a tensor: on CUDA whenever Triton is installed; on the CPU only inside `on_cpu()` in a
-process running Triton's interpreter, where tests put a whole CPU model through the kernels a GPU runs."""
+process running Triton's interpreter, where tests put a whole CPU model through the kernels a GPU runs.
+
+PD_FUSED_KERNELS=0 in the environment turns them off on CUDA too (the reference torch code runs instead): for
+telling a fused kernel's fault or cost from the rest when one is suspected, not for serving."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("PD_FUSED_KERNELS", "1") != "0"
 _on_cpu = False
 
 
