@@ -157,20 +157,22 @@ def test_decode_step_runs_no_sdpa_and_no_context_gather(arch, tmp_path, gpu_fp32
         sched.slots.free_row(row)
 
 
-# ---- PD: prefill on one backend, decode on the other (CPU; the Triton side in the interpreter) ----
+# ---- PD: prefill on the torch code, decode on the Triton kernels (CPU; the Triton side in the interpreter) ----
 @needs_triton
-@pytest.mark.parametrize("triton_side", ["decode"])  # both backends store KV with the same code; the kernels read
-def test_pd_with_triton_attention_on_one_side_equals_pd_serve(triton_side, pd_references, monkeypatch):
-    """KV written by the torch backend on the prefill instance and read in place by the Triton kernels on the
-    decode instance (the other way round differs only in which kernels read the same pages)."""
+def test_pd_with_triton_attention_and_moe_runner_on_the_decode_side_equals_pd_serve(pd_references, monkeypatch):
+    """KV written by the torch backend on the prefill instance and read in place by the Triton attention kernels on
+    the decode instance, whose experts run through the Triton MoE runner (the other way round differs only in which
+    kernels read the same pages: both backends store KV with the same code)."""
     from tests.test_pd_e2e import _pd_equals_pd_serve
 
-    reference = pd_references("deepseek_v3")  # made (if not yet) before the variable below is set
-    # Only the instance given --attention-backend triton imports Triton; the variable lets it run on the CPU.
+    reference = pd_references("deepseek_v3")  # made (if not yet) before the variables below are set
+    # Only the instance given the Triton flags imports Triton; the variable lets it run on the CPU, and the site
+    # directory applies the interpreter's fixes (tests/triton_interpreter.py) in that server process.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    side = ("--attention-backend", "triton")
-    args = {"prefill_args": side} if triton_side == "prefill" else {"decode_args": side}
-    with _pd_equals_pd_serve(reference, 4, 8, 1, 1, **args):
+    site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter_site")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")])))
+    decode = ("--attention-backend", "triton", "--moe-runner-backend", "triton")
+    with _pd_equals_pd_serve(reference, 4, 8, 1, 1, decode_args=decode):
         pass
 
 

@@ -361,7 +361,7 @@ def test_mixed_faults_with_dp_attention_on_both_sides_leak_no_page(model: str, s
     Two prefills (a request can go to the wrong one) and one decode, whose groups both prefills' groups feed."""
     dp = ("--tp", "2", "--dp-size", "2", "--enable-dp-attention")
     with pd_cluster(model, 2, 1, instance_args=INSTANCE_ARGS, prefill_args=dp, decode_args=dp) as dp_cluster:
-        _mixed_faults(dp_cluster, seed + 7, oracle, 64)
+        _mixed_faults(dp_cluster, seed + 7, oracle, 48)
 
 
 def _mixed_faults(cluster: Cluster, seed: int, oracle: Oracle, num_requests: int) -> None:
