@@ -46,6 +46,9 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except PreflightError as e:
         return _fail(parser, e)
     setup_logging(server_args.log_level)
+    from pd.dist.launch import start_rank_launcher
+
+    start_rank_launcher()  # the ranks' imports run beside the front's start-up
     from pd.default_model import with_default_model
     from pd.engine.spec import EngineSpec
 

@@ -231,12 +231,15 @@ def _logged_server(cmd: list[str], port: int) -> Iterator[tuple[subprocess.Popen
 
 
 def _rank_pids(front_pid: int) -> dict[int, int]:
-    """rank -> pid: the front's spawned children (not its resource tracker), started in rank order."""
-    ranks = {}
-    for pid in sorted(_children(front_pid)):
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read():
-                ranks[len(ranks)] = pid
+    """rank -> pid of the front's rank processes (named pd-rankN; children of its fork server, or of the front)."""
+    ranks, todo = {}, [front_pid]
+    while todo:
+        for pid in _children(todo.pop()):
+            todo.append(pid)
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+            if name.startswith("pd-rank"):
+                ranks[int(name.removeprefix("pd-rank"))] = pid
     return ranks
 
 
