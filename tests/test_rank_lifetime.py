@@ -47,6 +47,12 @@ def _cmdline(pid: int) -> bytes:
         return f.read()
 
 
+def _comm(pid: int) -> str:
+    """The process's name: pd-rankN for a rank (pd.dist.launch names them)."""
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
 def test_ranks_frozen_by_sigstop_die_within_seconds_of_a_sigkilled_front(tmp_path: Path) -> None:
     path = make_checkpoint("qwen3_moe", str(tmp_path / "m"), seed=int(torch.randint(0, 2**31, ()).item()))
     port, log = free_port(), tmp_path / "serve.log"
@@ -66,7 +72,7 @@ def test_ranks_frozen_by_sigstop_die_within_seconds_of_a_sigkilled_front(tmp_pat
             assert front.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         children = _descendants(front.pid)
-        ranks = [pid for pid in children if b"spawn_main" in _cmdline(pid)]
+        ranks = [pid for pid in children if _comm(pid).startswith("pd-rank")]
         assert len(ranks) == 2, [_cmdline(pid) for pid in children]
         for pid in ranks:
             os.kill(pid, signal.SIGSTOP)

@@ -104,8 +104,23 @@ def _alive(pid: int) -> bool:
 
 def _rank_main(parent: int, target: RankTarget, *args: Any) -> None:
     die_with_parent(parent)
+    _release_fork_server()
     _name_process(f"pd-rank{args[1]}")
     target(*args)
+
+
+def _release_fork_server() -> None:
+    """A process forked from the fork server holds a copy of the pipe end whose closing tells the server that its
+    client is gone, so the server outlives the front while any rank lives, and with it a rank stuck (stopped, in a
+    collective) would outlive the front. The rank drops its copy: the server exits with the front, and its exit
+    kills the ranks through the parent-death signal. (A spawned rank holds none.)"""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # type: ignore[attr-defined]
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None
 
 
 def _name_process(name: str) -> None:

@@ -13,7 +13,7 @@ if os.environ.get("PD_COLLECTIVE_LOG"):
     import torch
     import torch.distributed as dist
 
-    _LOG = os.path.join(os.environ["PD_COLLECTIVE_LOG"], f"{os.getpid()}.jsonl")
+    _LOG_DIR = os.environ["PD_COLLECTIVE_LOG"]
 
     def _op_of(tensor: torch.Tensor) -> str | None:
         if tensor.dtype != torch.uint8 or tensor.numel() == 0:
@@ -34,7 +34,8 @@ if os.environ.get("PD_COLLECTIVE_LOG"):
             if isinstance(tensor, torch.Tensor):
                 record.update(dtype=str(tensor.dtype).removeprefix("torch."), numel=tensor.numel(),
                               op=_op_of(tensor) if name == "broadcast" else None)
-            with open(_LOG, "a") as f:
+            # The pid at the call: a rank forked from pd serve's fork server inherits this module from it.
+            with open(os.path.join(_LOG_DIR, f"{os.getpid()}.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             return result
 
