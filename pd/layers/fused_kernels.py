@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("PD_FUSED_KERNELS", "1") != "0"
+# Triton installed and the kernels not switched off (read once, at import).
+_USABLE = importlib.util.find_spec("triton") is not None and os.environ.get("PD_FUSED_KERNELS", "1") != "0"
 _on_cpu = False
 
 
@@ -23,7 +24,7 @@ def enabled(x: torch.Tensor) -> bool:
 
 
 def enabled_on(device: torch.device) -> bool:
-    return _HAS_TRITON and (device.type == "cuda" or (_on_cpu and device.type == "cpu"))
+    return _USABLE and (device.type == "cuda" or (_on_cpu and device.type == "cpu"))
 
 
 @contextmanager
