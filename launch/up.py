@@ -214,7 +214,8 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     stopping = threading.Event()
     received: list[int] = []
     # Every rank process of every instance shares this machine's cores.
-    threads = max(1, (os.cpu_count() or 1) // ((ns.num_prefill + ns.num_decode) * args.tp_size))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // ((ns.num_prefill + ns.num_decode) * args.tp_size))
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signum)

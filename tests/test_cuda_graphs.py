@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from pd.engine import compile_watch
 from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
 from pd.server_args import default_cuda_graph_bs
@@ -49,7 +50,12 @@ def graphs_equal_eager(arch: str, root: str, device: str, num_prompts: int, max_
                   max_running_requests=16, max_total_tokens=8192, attention_backend="triton", moe_runner="triton",
                   cuda_graph_bs=(1, 2, 4, 8, 16) if graphs else ())  # fmt: skip
         assert (llm.runner.graphs is not None) == graphs
+        late = compile_watch.compiles_after_warm_up
         outs[graphs] = llm.generate(prompts, params)
+        if graphs and device == "cuda":
+            # Ragged prompt batches of every size and decode buckets: the warm-up and the capture compiled every
+            # kernel variant they need (no request waits on Triton; see pd.engine.compile_watch)
+            assert compile_watch.compiles_after_warm_up == late, "a kernel variant compiled after the warm-up"
         del llm
     assert outs[True] == outs[False], f"seed {seed}"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pd.engine.kv_cache import KVCache, ReqToToken
@@ -101,8 +102,8 @@ def build_forward_batch(
     moe_mode: str = "normal",
     token_source: torch.Tensor | None = None,
 ) -> ForwardBatch:
-    """Builds the batch tensors on the KV cache's device (two host-to-device copies: the small int32 facts and
-    the int64 token arrays; from pinned memory on CUDA, so the host does not wait for a step still running).
+    """Builds the batch tensors on the KV cache's device (one host-to-device copy, from pinned memory on CUDA, so
+    the host does not wait for a step still running).
 
     input_ids:    the T new tokens, request after request (T == sum(extend_lens)).
     rows:         each request's row in ``page_table``.
@@ -113,23 +114,38 @@ def build_forward_batch(
                   input_ids is read from it (a token the host has not seen yet, under overlap scheduling).
     """
     device = kv_cache.device
-    num_tokens = len(input_ids)
-    q_lens = torch.tensor(extend_lens, dtype=torch.int64)
-    prefix = torch.tensor(prefix_lens, dtype=torch.int64)
-    starts = torch.cumsum(q_lens, 0) - q_lens
-    if logits_index is None:
-        logits_index = (starts + q_lens - 1).tolist()
-    token_req = torch.repeat_interleave(torch.arange(len(rows)), q_lens)
-    positions = torch.repeat_interleave(prefix, q_lens) + (torch.arange(num_tokens) - starts[token_req])
-    rows_t = torch.tensor(rows, dtype=torch.int64)
-
-    facts = torch.stack((rows_t, prefix, q_lens, starts)).to(torch.int32)
-    tokens = torch.cat((torch.tensor(input_ids, dtype=torch.int64), positions, rows_t[token_req],
-                        torch.tensor(logits_index, dtype=torch.int64)))  # fmt: skip
-    if device.type == "cuda":
-        facts, tokens = facts.pin_memory(), tokens.pin_memory()
-    facts, tokens = facts.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-    ids_d, positions_d, token_rows_d, logits_d = tokens.split([num_tokens, num_tokens, num_tokens, len(logits_index)])
+    num_tokens, num_reqs = len(input_ids), len(rows)
+    # The host arithmetic is numpy's: torch's CPU ops cost microseconds each, and repeat_interleave opens a
+    # parallel region per call, which on a many-core host (or one with more threads than cores) costs milliseconds.
+    q_lens = np.asarray(extend_lens, dtype=np.int64)
+    prefix = np.asarray(prefix_lens, dtype=np.int64)
+    rows_np = np.asarray(rows, dtype=np.int64)
+    ends = np.cumsum(q_lens)
+    starts = ends - q_lens
+    logits = ends - 1 if logits_index is None else np.asarray(logits_index, dtype=np.int64)
+    if num_tokens == num_reqs and (num_reqs == 0 or q_lens.max() == 1):  # a decode batch: one token per request
+        positions, token_rows = prefix, rows_np
+    else:
+        positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(prefix - starts, q_lens)
+        token_rows = np.repeat(rows_np, q_lens)
+    # One host-to-device copy of everything: tokens, positions, rows, logits rows, then the four per-request facts.
+    # Every piece starts 16 bytes into the buffer (padding): Triton compiles a kernel variant per pointer alignment,
+    # so alignments that moved with the batch's sizes compiled a variant the warm-up had not met, on a request.
+    pieces = (np.asarray(input_ids, dtype=np.int64), positions, token_rows, logits)
+    lengths = [len(p) for p in pieces]
+    padded = [-(-n // 2) * 2 for n in lengths]  # int64s, to a multiple of 16 bytes
+    facts_width = -(-num_reqs // 4) * 4  # the facts become int32: [4, facts_width] keeps each row 16-byte aligned
+    host = torch.zeros(sum(padded) + 4 * facts_width, dtype=torch.int64, pin_memory=device.type == "cuda")
+    buf = host.numpy()
+    starts_at, offset = [], 0
+    for piece, width in zip(pieces, padded, strict=True):
+        buf[offset : offset + len(piece)] = piece
+        starts_at.append(offset)
+        offset += width
+    buf[offset:].reshape(4, facts_width)[:, :num_reqs] = (rows_np, prefix, q_lens, starts)
+    tokens = host.to(device, non_blocking=True)
+    ids_d, positions_d, token_rows_d, logits_d = (tokens[o : o + n] for o, n in zip(starts_at, lengths, strict=True))
+    facts = tokens[offset:].view(4, facts_width).to(torch.int32)[:, :num_reqs]
     if token_source is not None:
         ids_d = torch.where(ids_d < 0, token_source[token_rows_d], ids_d)
     layout = BatchLayout(

@@ -11,6 +11,7 @@ import torch
 
 from pd.attention import get_backend
 from pd.dist.tp import SINGLE, TensorParallel
+from pd.engine import compile_watch
 from pd.engine.cuda_graph_runner import CudaGraphRunner
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
 from pd.engine.kv_cache import KVCache, ReqToToken, kv_storage_dtype
@@ -144,8 +145,10 @@ class ModelRunner:
             self.slot_table.journal = []
         if self.graph_bs:
             sizes = tuple(b for b in self.graph_bs if b <= max_rows) or (max_rows,)
-            self.graphs = CudaGraphRunner(self, self.slot_table, sizes, pad_slot=self.num_pages * self.cfg.page_size,
-                                          capture=self.device.type == "cuda")  # fmt: skip
+            pad_slot = self.num_pages * self.cfg.page_size
+            with compile_watch.expected():
+                self.graphs = CudaGraphRunner(self, self.slot_table, sizes, pad_slot=pad_slot,
+                                              capture=self.device.type == "cuda")  # fmt: skip
         return self.slot_table
 
     def _graph_batch_sizes(self, moe_ctx: MoeContext, has_moe: bool) -> tuple[int, ...]:

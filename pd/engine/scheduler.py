@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pd.engine import compile_watch
 from pd.engine.io import EngineStats, GenerateRequest, TokenOutput
 from pd.engine.kv_cache import PagePool
 from pd.engine.model_runner import ModelRunner
@@ -155,24 +156,31 @@ class Scheduler:
 
     def warm_up(self) -> None:
         """One prompt forward at each power-of-two token count up to the chunked-prefill budget (and the budget
-        itself), before the first request: Triton compiles a kernel variant on its first use (the MoE runner picks
-        block sizes by token count), a second or more each, which would otherwise land on the first requests."""
+        itself), and at one less than each, before the first request: Triton compiles a kernel variant on its first
+        use (the MoE runner picks block sizes by token count), a second or more each, which would otherwise land on
+        the first requests. A variant still met later is logged (pd.engine.compile_watch)."""
         budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else self.context_length - 1
         budget = min(budget, self.context_length - 1, self.pool.num_pages * self.page_size)
-        sizes = sorted({1 << i for i in range(budget.bit_length()) if 1 << i <= budget} | {budget})
+        # Each power of two and the size below it: Triton specialises a kernel on whether an int argument (the
+        # token count) divides by 16, and kernels pick block sizes by the next power of two, so between them the
+        # two cover every variant a count up to the budget meets.
+        powers = [1 << i for i in range(budget.bit_length()) if 1 << i <= budget] + [budget]
+        sizes = sorted({n for p in powers for n in (p, p - 1) if n > 0})
         start = time.perf_counter()
         pages, row = self.pool.alloc(self._pages_for(budget)), self.slots.alloc_row()
         assert pages is not None and row is not None
         try:
             self.slots.assign_pages(row, 0, pages)
-            for n in sizes:
-                self.runner.forward(self.runner.build_batch([0] * n, [row], [0], [n], self.slots))
-            torch.cuda.synchronize(self.runner.device)
+            with compile_watch.expected():
+                for n in sizes:
+                    self.runner.forward(self.runner.build_batch([0] * n, [row], [0], [n], self.slots))
+                torch.cuda.synchronize(self.runner.device)
         finally:
             self.pool.free(pages)
             self.slots.free_row(row)
-        logger.info("warm-up: forwards of %s tokens in %.1f s (kernels compiled before the first request)",
-                    ", ".join(map(str, sizes)), time.perf_counter() - start)  # fmt: skip
+        logger.info("warm-up: %d forwards of 1 to %d tokens in %.1f s (kernels compiled before the first request)",
+                    len(sizes), budget, time.perf_counter() - start)  # fmt: skip
+        compile_watch.watch_compiles()
 
     # ---- requests in and out ----
     def add(self, msg: GenerateRequest) -> TokenOutput | None:

@@ -155,7 +155,9 @@ def _one_or_many(field: str, one: Callable[[Any], bool], what: str) -> BeforeVal
 
 
 def _is_token_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+    # The element types as a set, then the minimum: two C-level passes instead of a Python test per token (a
+    # 1024-token prompt took about a tenth of a millisecond of the front's single thread that way).
+    return isinstance(v, list) and set(map(type, v)) <= {int} and (not v or min(v) >= 0)
 
 
 class GenerateReqInput(StrictModel):
