@@ -6,19 +6,25 @@ Model: Qwen3-MoE at Qwen3-30B-A3B widths with --layers layers (random bf16, as p
 2. Host cost of building one decode batch (median of 200 builds).
 3. `pd serve` run under cProfile (the HTTP front's process; the engine runs in its own process) with the same
    load from a bare asyncio client: out tok/s, and the front's hottest functions in OUT/front_profile.txt.
+4. With --py-spy: py-spy (`pip install py-spy`) samples the engine's rank process and the front during a second
+   served load, and OUT/py_spy_{rank,front}.txt list the functions and lines where each spent its time (own time
+   and with callees). This is how a step that the first three called host-bound is taken apart: in December it
+   showed 81% of the rank's time in two lines of the batch builder (torch's repeat_interleave on 64 ints).
 
-Usage: python benchmarks/profile_serve.py --out DIR [--layers 8] [--batch 64] [--new-tokens 128]
+Usage: python benchmarks/profile_serve.py --out DIR [--layers 8] [--batch 64] [--new-tokens 128] [--py-spy]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import io
 import json
 import os
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,9 +99,12 @@ def front_profile(path: str, args: argparse.Namespace) -> dict[str, float]:
             "--log-level", "info", *args.serve_args.split()]  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(2 * args.batch)]
-    with healthy_process(argv, port, timeout=600, log_path=os.path.join(args.out, "front_server.log")) as (url, _):
+    with healthy_process(argv, port, timeout=600, log_path=os.path.join(args.out, "front_server.log")) as (url, proc):
         asyncio.run(_serve_load(url, prompts[args.batch :], 4))  # other prompts: no prefix-cache hit below
         elapsed, arrivals = asyncio.run(_serve_load(url, prompts[: args.batch], args.new_tokens))
+        if args.py_spy:
+            more = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(args.batch)]
+            sample_processes(url, {"front": proc.pid, "rank": rank_pid()}, more, args)
     if args.cprofile:
         text = io.StringIO()
         stats = pstats.Stats(prof_file, stream=text)
@@ -108,6 +117,55 @@ def front_profile(path: str, args: argparse.Namespace) -> dict[str, float]:
             "serve_gap_ms_p50": 1e3 * gaps[len(gaps) // 2] if gaps else 0.0}  # fmt: skip
 
 
+def rank_pid() -> int:
+    """The pid of the served engine's first rank (ranks are named pd-rankN)."""
+    out = subprocess.run(["pgrep", "-n", "pd-rank0"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def sample_processes(url: str, pids: dict[str, int], prompts: list[list[int]], args: argparse.Namespace) -> None:
+    """py-spy on each process while the prompts are served; a summary per process in OUT/py_spy_<name>.txt."""
+    seconds = 4
+    spies = {name: subprocess.Popen(["py-spy", "record", "--rate", "500", "--duration", str(seconds), "--format",
+                                     "raw", "--nonblocking", "--output", os.path.join(args.out, f"py_spy_{name}.raw"),
+                                     "--pid", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, pid in pids.items()}  # fmt: skip
+    time.sleep(0.5)  # py-spy attaches
+    while any(spy.poll() is None for spy in spies.values()):  # the same load again until the window closes
+        asyncio.run(_serve_load(url, prompts, args.new_tokens))
+        prompts = [[t + 1 for t in p] for p in prompts]  # not the prefix cache's
+    for name, spy in spies.items():
+        _, err = spy.communicate()
+        raw = os.path.join(args.out, f"py_spy_{name}.raw")
+        if spy.returncode != 0 or not os.path.exists(raw):
+            print(f"py-spy on the {name} failed: {err.strip()[-300:]}", flush=True)
+            continue
+        with open(os.path.join(args.out, f"py_spy_{name}.txt"), "w") as f:
+            f.write(summarize_collapsed(raw))
+        os.remove(raw)
+
+
+def summarize_collapsed(path: str, rows: int = 30) -> str:
+    """Top frames of a collapsed-stack file (`frame;frame;... count` lines): by own samples and with callees."""
+    own: collections.Counter[str] = collections.Counter()
+    total_with_callees: collections.Counter[str] = collections.Counter()
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if not stack:
+                continue
+            frames, n = stack.split(";"), int(count)
+            total += n
+            own[frames[-1]] += n
+            total_with_callees.update(dict.fromkeys(set(frames), n))
+    lines = [f"{total} samples", "-- own time"]
+    lines += [f"{c / total:6.1%}  {frame}" for frame, c in own.most_common(rows)]
+    lines.append("-- with callees")
+    lines += [f"{c / total:6.1%}  {frame}" for frame, c in total_with_callees.most_common(2 * rows)]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".")
@@ -117,6 +175,7 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true", help="run the front under cProfile")
     parser.add_argument("--skip-engine", action="store_true", help="only the served measurement")
     parser.add_argument("--serve-args", default="", help="extra `pd serve` flags")
+    parser.add_argument("--py-spy", action="store_true", help="sample the rank and the front with py-spy")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
