@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 _started: dict[int, float] = {}  # thread id -> when its compile began
 _installed = False
+_previous: dict[str, Any] = {}  # hooks someone else had installed: still called, first
 _expected = 0  # > 0 inside expected(): start-up work that compiles on purpose
 compiles_after_warm_up = 0  # for tests and benchmarks: how many warnings were logged
 
@@ -36,6 +37,9 @@ def expected() -> Iterator[None]:
 
 
 def _before(**kwargs: Any) -> bool:
+    previous = _previous.get("jit_cache_hook")
+    if previous is not None and previous(**kwargs):
+        return True  # that hook supplies the kernel: nothing compiles
     if not kwargs.get("is_manual_warmup") and not _expected:
         _started[threading.get_ident()] = time.perf_counter()
     return False  # False: compile as usual
@@ -43,6 +47,9 @@ def _before(**kwargs: Any) -> bool:
 
 def _after(**kwargs: Any) -> None:
     global compiles_after_warm_up
+    previous = _previous.get("jit_post_compile_hook")
+    if previous is not None:
+        previous(**kwargs)
     start = _started.pop(threading.get_ident(), None)
     if start is None:
         return
@@ -84,6 +91,7 @@ def watch_compiles() -> bool:
     if runtime is None or not hasattr(runtime, "jit_cache_hook") or not hasattr(runtime, "jit_post_compile_hook"):
         return False
     if not _installed:
+        _previous.update(jit_cache_hook=runtime.jit_cache_hook, jit_post_compile_hook=runtime.jit_post_compile_hook)
         runtime.jit_cache_hook, runtime.jit_post_compile_hook = _before, _after
         _installed = True
     return True

@@ -1,0 +1,57 @@
+"""build_forward_batch against a plain-Python construction of the same batch, on fresh random ragged batches.
+
+Also the property the padding exists for: every device array of the batch starts 16-byte aligned, whatever the
+numbers of requests and tokens (Triton compiles one kernel variant per pointer alignment; an alignment that moved
+with the batch's sizes compiled variants on requests, after the warm-up)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from pd.engine.forward_batch import build_forward_batch
+from pd.engine.kv_cache import ReqToToken
+
+
+class _KV:
+    device = torch.device("cpu")
+
+
+class _Backend:
+    def prepare(self, layout, kv_cache):  # noqa: ANN001, ANN201
+        return None
+
+
+def test_batches_equal_the_plain_construction_and_every_array_is_16_byte_aligned():
+    rng = random.Random(torch.randint(0, 2**31, ()).item())
+    page_size, rows_total = 16, 40
+    table = ReqToToken(rows_total, 512, page_size, torch.device("cpu"))
+    for row in range(rows_total):  # each row's pages: a random permutation, so slots differ from positions
+        table.assign_pages(row, 0, rng.sample(range(10_000), 512 // page_size))
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        rows = rng.sample(range(rows_total), n)
+        decode = rng.random() < 0.3
+        extend = [1] * n if decode else [rng.randint(1, 37) for _ in range(n)]
+        prefix = [rng.randint(0, 400) for _ in range(n)]
+        ids = [rng.randint(0, 1000) for _ in range(sum(extend))]
+        logits = None if rng.random() < 0.5 else sorted(rng.sample(range(len(ids)), rng.randint(1, len(ids))))
+        batch = build_forward_batch(ids, rows, prefix, extend, table, _KV(), _Backend(), logits_index=logits)
+
+        positions = [p + i for p, e in zip(prefix, extend, strict=True) for i in range(e)]
+        token_rows = [r for r, e in zip(rows, extend, strict=True) for _ in range(e)]
+        starts = [sum(extend[:i]) for i in range(n)]
+        slots = [int(table.pages[r, p // page_size]) * page_size + p % page_size
+                 for r, p in zip(token_rows, positions, strict=True)]  # fmt: skip
+        layout = batch.layout
+        assert batch.input_ids.tolist() == ids
+        assert batch.positions.tolist() == positions
+        assert batch.logits_index.tolist() == (logits or [s + e - 1 for s, e in zip(starts, extend, strict=True)])
+        assert layout.rows.tolist() == rows and layout.prefix_lens.tolist() == prefix
+        assert layout.extend_lens.tolist() == extend and layout.q_starts.tolist() == starts
+        assert layout.rows.dtype == layout.q_starts.dtype == torch.int32
+        assert layout.out_loc.tolist() == slots and layout.is_decode == decode
+        arrays = (batch.input_ids, batch.positions, batch.logits_index, layout.rows, layout.prefix_lens,
+                  layout.extend_lens, layout.q_starts)  # fmt: skip
+        assert all(a.data_ptr() % 16 == 0 for a in arrays), [a.data_ptr() % 16 for a in arrays]
