@@ -51,7 +51,7 @@ def test_batches_equal_the_plain_construction_and_every_array_is_16_byte_aligned
         assert layout.rows.tolist() == rows and layout.prefix_lens.tolist() == prefix
         assert layout.extend_lens.tolist() == extend and layout.q_starts.tolist() == starts
         assert layout.rows.dtype == layout.q_starts.dtype == torch.int32
-        assert layout.out_loc.tolist() == slots and layout.is_decode == decode
+        assert layout.out_loc.tolist() == slots and layout.is_decode == all(e == 1 for e in extend)
         arrays = (batch.input_ids, batch.positions, batch.logits_index, layout.rows, layout.prefix_lens,
                   layout.extend_lens, layout.q_starts)  # fmt: skip
         assert all(a.data_ptr() % 16 == 0 for a in arrays), [a.data_ptr() % 16 for a in arrays]
