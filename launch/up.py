@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import httpx
 
 from launch.preflight import PreflightError, check_model_files, port_free
+from pd.dist.launch import usable_cores
 from pd.lb.policies import POLICY_NAMES
 from pd.server_args import API_KEY_ENV, ServerArgs, ServerArgsError
 
@@ -214,8 +215,7 @@ def run_up(ns: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     stopping = threading.Event()
     received: list[int] = []
     # Every rank process of every instance shares this machine's cores.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // ((ns.num_prefill + ns.num_decode) * args.tp_size))
+    threads = max(1, usable_cores() // ((ns.num_prefill + ns.num_decode) * args.tp_size))
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signum)

@@ -32,6 +32,12 @@ from pd.dist.topology import InstanceLayout
 logger = logging.getLogger(__name__)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set), not the host's count: thread pools sized past it make
+    every parallel region of a torch CPU op spin for milliseconds."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass
 class LeaderLink:
     inbox: Connection  # front -> leader

@@ -18,7 +18,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _started: dict[int, float] = {}  # thread id -> when its compile began
-_installed = False
 _previous: dict[str, Any] = {}  # hooks someone else had installed: still called, first
 _expected = 0  # > 0 inside expected(): start-up work that compiles on purpose
 compiles_after_warm_up = 0  # for tests and benchmarks: how many warnings were logged
@@ -82,7 +81,6 @@ def describe(hook_kwargs: dict[str, Any]) -> str:
 def watch_compiles() -> bool:
     """From now on, log each Triton compile (once per process; True when the hooks are in place). A Triton
     without the runtime hooks (before 3.4) logs nothing."""
-    global _installed
     try:
         from triton import knobs
     except ImportError:
@@ -90,8 +88,7 @@ def watch_compiles() -> bool:
     runtime = getattr(knobs, "runtime", None)
     if runtime is None or not hasattr(runtime, "jit_cache_hook") or not hasattr(runtime, "jit_post_compile_hook"):
         return False
-    if not _installed:
+    if runtime.jit_cache_hook is not _before:
         _previous.update(jit_cache_hook=runtime.jit_cache_hook, jit_post_compile_hook=runtime.jit_post_compile_hook)
         runtime.jit_cache_hook, runtime.jit_post_compile_hook = _before, _after
-        _installed = True
     return True

@@ -21,6 +21,7 @@ import msgpack
 import torch
 
 from pd.dist.dp_gate import DPGate
+from pd.dist.launch import usable_cores
 from pd.dist.leader_link import connect_to_front
 from pd.engine.io import (
     AbortRequest,
@@ -69,10 +70,7 @@ def run_engine(
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     # OMP_NUM_THREADS wins: instances sharing a host (pd up) that each take every core starve one another, and
     # so do the ranks of one instance.
-    # Cores this process may run on (a container's CPU set), not the host's count: more threads than cores make
-    # every parallel region of a torch CPU op spin for milliseconds.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    default_threads = max(1, cores // len(spec.layout.local_ranks))
+    default_threads = max(1, usable_cores() // len(spec.layout.local_ranks))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or default_threads)
     multi_rank = spec.layout.tp > 1
     try:

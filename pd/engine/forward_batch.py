@@ -123,11 +123,8 @@ def build_forward_batch(
     ends = np.cumsum(q_lens)
     starts = ends - q_lens
     logits = ends - 1 if logits_index is None else np.asarray(logits_index, dtype=np.int64)
-    if num_tokens == num_reqs and (num_reqs == 0 or q_lens.max() == 1):  # a decode batch: one token per request
-        positions, token_rows = prefix, rows_np
-    else:
-        positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(prefix - starts, q_lens)
-        token_rows = np.repeat(rows_np, q_lens)
+    positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(prefix - starts, q_lens)
+    token_rows = np.repeat(rows_np, q_lens)
     # One host-to-device copy of everything: tokens, positions, rows, logits rows, then the four per-request facts.
     # Every piece starts 16 bytes into the buffer (padding): Triton compiles a kernel variant per pointer alignment,
     # so alignments that moved with the batch's sizes compiled a variant the warm-up had not met, on a request.
