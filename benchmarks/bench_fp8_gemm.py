@@ -3,13 +3,15 @@ all measured in the same run on the same shapes.
 
 Dense linears (pd.layers.triton_fp8_gemm): DeepSeek-V3 and Qwen3-30B-A3B projection shapes at decode and prefill
 token counts. Per shape:
-- ``fp8 us``: the block-FP8 GEMM on pre-quantized activations; ``+quant us``: with the activation quantization
-  (what Fp8Linear runs);
+- ``fp8 us``: the Triton block-FP8 GEMM on pre-quantized activations; ``cublas us``: cuBLAS's block-scaled GEMM
+  (pd.layers.fp8_scaled_mm, where the GPU and CUDA run it) on the same operands; ``linear us``: the whole linear
+  as Fp8Linear runs it (activation quantization, then whichever GEMM pd.layers.fp8_scaled_mm.use_cublas picks);
 - ``_scaled_mm``: torch._scaled_mm on the same [M, K] x [K, N] e4m3 operands with one scale per tensor (no
   blocks: cuBLAS's FP8 GEMM, the compute bound), M padded to 16 where cuBLAS needs it;
 - ``bf16``: torch.matmul of the bf16 operands;
 - ``TFLOP/s`` = 2MNK / time, ``%smm`` = _scaled_mm's time / the block-FP8 GEMM's (acceptance at prefill sizes:
-  >= 60), ``x bf16`` = bf16 time / the FP8 linear's time (> 1: FP8 faster), ``%copy`` = weight bytes / time against
+  >= 60; ``%smm cb`` the same for cuBLAS's block-scaled GEMM), ``x bf16`` = bf16 time / the FP8 linear's time
+  (> 1: FP8 faster), ``%copy`` = weight bytes / time against
   a device-to-device copy measured in this run (the bound at decode sizes).
 
 Fused MoE (the Triton runner, pd.moe.runner.triton_runner): Qwen3-30B-A3B (128 experts, hidden 2048, intermediate
@@ -81,7 +83,13 @@ def scaled_mm_ms(m: int, n: int, k: int) -> float:
 
 
 def bench_dense(name: str, m: int, copy: float, check: bool) -> dict[str, object]:
-    from pd.layers.triton_fp8_gemm import token_group_quant, w8a8_block_gemm, w8a8_block_linear
+    from pd.layers import fp8_scaled_mm
+    from pd.layers.triton_fp8_gemm import (
+        token_group_quant,
+        token_group_quant_for_cublas,
+        w8a8_block_gemm,
+        w8a8_block_linear,
+    )
 
     n, k = DENSE[name]
     w_q, w_scale = block_quant(torch.randn(n, k, device=DEVICE) / k**0.5, BLOCK)
@@ -93,12 +101,21 @@ def bench_dense(name: str, m: int, copy: float, check: bool) -> dict[str, object
         row["rel_l2_vs_bf16"] = rel_l2(w8a8_block_linear(x, w_q, w_scale, BLOCK), F.linear(x, w_bf16))
     t_gemm = graph_ms(lambda: w8a8_block_gemm(a_q, a_scale, w_q, w_scale, BLOCK, torch.bfloat16))
     t_linear = graph_ms(lambda: w8a8_block_linear(x, w_q, w_scale, BLOCK))
+    if fp8_scaled_mm.available(torch.device(DEVICE)):
+        c_q, c_scale = token_group_quant_for_cublas(x, BLOCK[1])
+        if check:
+            got = fp8_scaled_mm.block_scaled_mm(c_q, c_scale, w_q, w_scale, torch.bfloat16)[:m]
+            row["cublas_rel_l2_vs_bf16"] = rel_l2(got, F.linear(x, w_bf16))
+        t_cublas = graph_ms(lambda: fp8_scaled_mm.block_scaled_mm(c_q, c_scale, w_q, w_scale, torch.bfloat16))
+        row.update(cublas_us=t_cublas * 1e3)
     t_smm = scaled_mm_ms(m, n, k)
     t_bf16 = graph_ms(lambda: torch.matmul(x, w_bf16.t()))
     flops = 2 * m * n * k
     row.update(fp8_us=t_gemm * 1e3, linear_us=t_linear * 1e3, scaled_mm_us=t_smm * 1e3, bf16_us=t_bf16 * 1e3,
                tflops=flops / t_gemm / 1e9, scaled_mm_tflops=flops / t_smm / 1e9, pct_scaled_mm=100 * t_smm / t_gemm,
                x_bf16=t_bf16 / t_linear, pct_copy=100 * (n * k) / t_linear / 1e6 / copy)  # fmt: skip
+    if "cublas_us" in row:
+        row["pct_scaled_mm_cublas"] = 100 * t_smm / (row["cublas_us"] / 1e3)  # type: ignore[operator]
     return row
 
 
@@ -172,9 +189,10 @@ def sweep(name: str, m: int) -> dict[str, object]:
             "default": tuple(gemm_config(m, n, k, BLOCK[1]).values())}  # fmt: skip
 
 
-COLUMNS = [("fp8_us", "9.1f"), ("linear_us", "9.1f"), ("scaled_mm_us", "9.1f"), ("bf16_us", "9.1f"),
-           ("tflops", "8.1f"), ("scaled_mm_tflops", "8.1f"), ("pct_scaled_mm", "6.1f"), ("x_bf16", "6.2f"),
-           ("pct_copy", "6.1f"), ("rel_l2_vs_bf16", "8.1e")]  # fmt: skip
+COLUMNS = [("fp8_us", "9.1f"), ("cublas_us", "9.1f"), ("linear_us", "9.1f"), ("scaled_mm_us", "9.1f"),
+           ("bf16_us", "9.1f"), ("tflops", "8.1f"), ("scaled_mm_tflops", "8.1f"), ("pct_scaled_mm", "6.1f"),
+           ("pct_scaled_mm_cublas", "6.1f"), ("x_bf16", "6.2f"), ("pct_copy", "6.1f"), ("rel_l2_vs_bf16", "8.1e"),
+           ("cublas_rel_l2_vs_bf16", "8.1e")]  # fmt: skip
 
 
 def show(row: dict[str, object]) -> str:
@@ -203,8 +221,9 @@ def main() -> None:
         return
     copy = copy_gbps()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s (read + write bytes)")
-    print(f"{'kind':5s} {'name':18s} {'tokens':>6s} {'fp8 us':>9s} {'+quant us':>9s} {'smm us':>9s} {'bf16 us':>9s} "
-          f"{'TFLOP/s':>8s} {'smm TF/s':>8s} {'%smm':>6s} {'x bf16':>6s} {'%copy':>6s} {'relL2':>8s}")  # fmt: skip
+    print(f"{'kind':5s} {'name':18s} {'tokens':>6s} {'fp8 us':>9s} {'cublas us':>9s} {'linear us':>9s} "
+          f"{'smm us':>9s} {'bf16 us':>9s} {'TFLOP/s':>8s} {'smm TF/s':>8s} {'%smm':>6s} {'%smm cb':>6s} "
+          f"{'x bf16':>6s} {'%copy':>6s} {'relL2':>8s} {'cb relL2':>8s}")  # fmt: skip
     rows = []
     for name in args.dense:
         for m in args.tokens:

@@ -10,6 +10,7 @@ table is written to OUT/profile_<variant>.txt. The run fails if a triton decode 
 cuDNN/flash/SDPA kernel, or gathers KV.
 
 Usage: python benchmarks/profile_decode_step.py [--out DIR] [--layers 8] [--batch 64] [--prompt 128]
+       [--variants triton,prefill] [--quantization fp8]
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
     backend = variant.removesuffix("-eager")
     llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=args.batch,
               max_total_tokens=args.batch * (args.prompt + args.steps + 32), chunked_prefill_size=8192,
-              attention_backend=backend, cuda_graph_bs=None if variant == "triton" else ())  # fmt: skip
+              attention_backend=backend, cuda_graph_bs=None if variant == "triton" else (),
+              quantization=args.quantization)  # fmt: skip
     runner, sched = llm.runner, llm.scheduler
     gen = torch.Generator().manual_seed(0)
     rows, pages_all = [], []
@@ -105,9 +107,10 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
     finally:
         KVCache.gather, F.scaled_dot_product_attention = real_gather, real_sdpa
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-    with open(os.path.join(args.out, f"profile_{variant}.txt"), "w") as f:
+    with open(os.path.join(args.out, f"profile_{variant}{_suffix(args)}.txt"), "w") as f:
         f.write(f"{torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-        f.write(f"decode step, batch {args.batch}, context {context}, {args.layers} layers, {variant}\n")
+        f.write(f"decode step, batch {args.batch}, context {context}, {args.layers} layers, {variant}, "
+                f"quantization {args.quantization}\n")  # fmt: skip
         f.write(table)
     names = sorted({e.key for e in prof.key_averages()})
     bad = sorted(n for n in names if any(w in n.lower() for w in FORBIDDEN))
@@ -129,7 +132,7 @@ def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
     from pd.engine.llm import LLM
 
     llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=64,
-              max_total_tokens=64 * 1200, chunked_prefill_size=8192)  # fmt: skip
+              max_total_tokens=64 * 1200, chunked_prefill_size=8192, quantization=args.quantization)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 150000, (1024,), generator=gen).tolist() for _ in range(16)]
     params = SamplingParams(max_new_tokens=1, temperature=0.0)
@@ -142,12 +145,16 @@ def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, params)
         torch.cuda.synchronize()
-    with open(os.path.join(args.out, "profile_prefill.txt"), "w") as f:
+    with open(os.path.join(args.out, f"profile_prefill{_suffix(args)}.txt"), "w") as f:
         f.write(f"{torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
         f.write(f"prefill 16 x 1024 tokens, {args.layers} layers, wall {wall * 1e3:.1f} ms\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
     return {"variant": "prefill", "wall_ms": wall * 1e3, "tok_per_s": 16 * 1024 / wall, "profiled_gpu_ms": gpu_us / 1e3}
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    return "" if args.quantization == "none" else f"_{args.quantization}"
 
 
 def main() -> None:
@@ -158,6 +165,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variants", default="triton,triton-eager,torch")
+    parser.add_argument("--quantization", default="none", choices=["none", "fp8"],
+                        help="fp8: the same checkpoint with its weights block-quantized at load (--quantization fp8)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = []
@@ -167,7 +176,7 @@ def main() -> None:
             results.append(profile_prefill(tmp, args) if variant == "prefill" else run_backend(tmp, variant, args))
             print(json.dumps(results[-1]), flush=True)
             torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "decode_step.json"), "w") as f:
+    with open(os.path.join(args.out, f"decode_step{_suffix(args)}.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "args": vars(args), "results": results}, f, indent=1)  # fmt: skip
     for r in results:

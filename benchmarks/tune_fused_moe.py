@@ -13,7 +13,10 @@ registers are skipped without compiling. About 50 configs in all, each compiled 
 about 4-5 minutes on an H200 (mostly compilation). Past --time-limit the remaining token counts keep the
 default config (marked "default" in the summary).
 
-Usage: python benchmarks/tune_fused_moe.py [--out-dir pd/moe/runner/configs] [--summary tune.json]
+With --dtype fp8 the experts are block-FP8 (128x128 weight scales, activations quantized per row and 128 columns
+as the runner does) and the tables are the float8_e4m3fn ones.
+
+Usage: python benchmarks/tune_fused_moe.py [--out-dir pd/moe/runner/configs] [--summary tune.json] [--dtype fp8]
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pd.moe.runner.fused_moe_kernel import (  # noqa: E402
     CONFIG_DIR,
     CONFIG_KEYS,
+    BlockFp8,
     config_file_name,
     default_config,
     describe,
     invoke_fused_moe_gemm,
 )
 from pd.moe.runner.moe_align import align_pairs_to_blocks  # noqa: E402
+from pd.quant.fp8 import FP8_DTYPE, block_quant  # noqa: E402
 
 # name -> (local experts, hidden, intermediate, top_k, experts routed over)
 MODELS = {
@@ -48,6 +53,7 @@ MODELS = {
 }
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 SMEM_BYTES = 200 * 1024  # below the H200's 227 KiB per block, leaving room for the epilogue
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's and Qwen3 FP8's weight scale blocks
 MAX_ACC_PER_THREAD = 128  # float32 accumulators per thread before registers spill
 DEVICE = "cuda"
 
@@ -60,8 +66,12 @@ def routing(tokens: int, top_k: int, routed: int, local: int, seed: int) -> tupl
     return torch.where(ids < local, ids, -1), weights / weights.sum(-1, keepdim=True)
 
 
-def search_space(rows_per_expert: float) -> Iterator[dict[str, int]]:
-    """Candidate configs for a GEMM whose experts get about ``rows_per_expert`` rows."""
+def search_space(rows_per_expert: float, fp8: bool = False) -> Iterator[dict[str, int]]:
+    """Candidate configs for a GEMM whose experts get about ``rows_per_expert`` rows. Block-FP8 weights: k-steps of
+    one scale group (128 columns of one byte each, so twice the stages fit)."""
+    if fp8:
+        yield from _fp8_search_space(rows_per_expert)
+        return
     if rows_per_expert <= 16:  # decode: weight-bound, many narrow programs
         grid = itertools.product((16,), (32, 64, 128), (64, 128, 256), (1,), ((4, 3), (4, 5)))
     elif rows_per_expert <= 128:
@@ -75,6 +85,37 @@ def search_space(rows_per_expert: float) -> Iterator[dict[str, int]]:
         yield dict(zip(CONFIG_KEYS, (bm, bn, bk, group, warps, stages), strict=True))
 
 
+def _fp8_search_space(rows_per_expert: float) -> Iterator[dict[str, int]]:
+    if rows_per_expert <= 16:
+        grid = itertools.product((16,), (32, 64, 128), (128,), (1,), ((4, 3), (4, 4), (4, 5)))
+    elif rows_per_expert <= 128:
+        grid = itertools.chain(itertools.product((32, 64), (64, 128), (128,), (8,), ((4, 3), (4, 4), (8, 3))),
+                               itertools.product((16,), (64, 128), (128,), (1,), ((4, 4),)))  # fmt: skip
+    else:
+        grid = itertools.product((64, 128), (64, 128, 256), (128,), (8,), ((4, 3), (4, 4), (8, 3), (8, 4)))
+    for bm, bn, bk, group, (warps, stages) in grid:
+        if stages * (bm * bk + bk * bn) > SMEM_BYTES or bm * bn > MAX_ACC_PER_THREAD * 32 * warps:
+            continue
+        yield dict(zip(CONFIG_KEYS, (bm, bn, bk, group, warps, stages), strict=True))
+
+
+def _fp8_operands(x: torch.Tensor, inter_in: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+                  ) -> tuple[tuple, tuple]:  # fmt: skip
+    """(A, B, BlockFp8) of gate_up and of down with block-FP8 weights, as TritonMoeRunner hands them to the kernel:
+    activations quantized per row and 128 columns (I a multiple of 128: gate and up quantized apart is w13 whole)."""
+    from pd.layers.triton_fp8_gemm import token_group_quant
+
+    inter = w2.shape[2]
+    assert inter % FP8_BLOCK[0] == 0, inter
+    q13, s13 = zip(*(block_quant(w, FP8_BLOCK) for w in w13), strict=True)
+    q2, s2 = zip(*(block_quant(w, FP8_BLOCK) for w in w2), strict=True)
+    x_q, x_s = token_group_quant(x, FP8_BLOCK[1])
+    i_q, i_s = token_group_quant(inter_in, FP8_BLOCK[1])
+    up = (x_q, torch.stack(q13), BlockFp8(x_s, torch.stack(s13), FP8_BLOCK, inter))
+    down = (i_q, torch.stack(q2), BlockFp8(i_s, torch.stack(s2), FP8_BLOCK, w2.shape[1]))
+    return up, down
+
+
 def time_ms(fn: object) -> float:
     """Median ms of ``fn`` (inf when the config does not compile or run)."""
     try:
@@ -85,23 +126,30 @@ def time_ms(fn: object) -> float:
 
 
 def tune_model(name: str, dtype: torch.dtype, deadline: float, summary: dict[str, object]) -> tuple[dict, dict]:
-    """-> (gate_up table, down table): token count (str) -> config."""
+    """-> (gate_up table, down table): token count (str) -> config. dtype float8_e4m3fn: block-FP8 experts (the
+    activations are bf16 and quantized as the runner does it)."""
     experts, hidden, inter, top_k, routed = MODELS[name]
+    fp8 = dtype == FP8_DTYPE
+    act_dtype = torch.bfloat16 if fp8 else dtype
     torch.manual_seed(0)
-    w13 = torch.randn(experts, 2 * inter, hidden, device=DEVICE, dtype=dtype) / hidden**0.5
-    w2 = torch.randn(experts, hidden, inter, device=DEVICE, dtype=dtype) / inter**0.5
+    w13 = torch.randn(experts, 2 * inter, hidden, device=DEVICE, dtype=act_dtype) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, device=DEVICE, dtype=act_dtype) / inter**0.5
     up_table: dict[str, dict[str, int]] = {}
     down_table: dict[str, dict[str, int]] = {}
     rows = []
     for tokens in TOKENS:
         ids, weights = routing(tokens, top_k, routed, experts, seed=tokens)
-        x = torch.randn(tokens, hidden, device=DEVICE, dtype=dtype)
-        inter_in = torch.randn(tokens * top_k, inter, device=DEVICE, dtype=dtype)
-        gate_up = torch.empty(tokens * top_k, 2 * inter, device=DEVICE, dtype=dtype)
-        down = torch.empty(tokens * top_k, hidden, device=DEVICE, dtype=dtype)
+        x = torch.randn(tokens, hidden, device=DEVICE, dtype=act_dtype)
+        inter_in = torch.randn(tokens * top_k, inter, device=DEVICE, dtype=act_dtype)
+        gate_up = torch.empty(tokens * top_k, 2 * inter, device=DEVICE, dtype=act_dtype)
+        down = torch.empty(tokens * top_k, hidden, device=DEVICE, dtype=act_dtype)
+        if fp8:
+            (x_in, b13, fp8_up), (down_in, b2, fp8_down) = _fp8_operands(x, inter_in, w13, w2)
+        else:
+            (x_in, b13, fp8_up), (down_in, b2, fp8_down) = (x, w13, None), (inter_in, w2, None)
         flat_weights = weights.view(-1)
         rows_per_expert = tokens * top_k / routed  # local slots (experts / routed of them) over experts
-        candidates = list(search_space(rows_per_expert))
+        candidates = list(search_space(rows_per_expert, fp8))
         if time.monotonic() > deadline:
             candidates = []
         best: dict[int, dict[str, tuple[float, dict[str, int]]]] = {}
@@ -112,9 +160,10 @@ def tune_model(name: str, dtype: torch.dtype, deadline: float, summary: dict[str
                 a = align_pairs_to_blocks(ids, experts, bm)
                 aligned[bm] = (a.sorted_ids, a.expert_of_block, a.num_rows_post_pad)
             blocks = aligned[bm]
-            t_up = time_ms(functools.partial(invoke_fused_moe_gemm, x, w13, gate_up, *blocks, top_k, False, cfg))
-            t_down = time_ms(functools.partial(invoke_fused_moe_gemm, inter_in, w2, down, *blocks, top_k, True, cfg,
-                                               flat_weights))  # fmt: skip
+            t_up = time_ms(functools.partial(invoke_fused_moe_gemm, x_in, b13, gate_up, *blocks, top_k, False, cfg,
+                                             fp8=fp8_up))  # fmt: skip
+            t_down = time_ms(functools.partial(invoke_fused_moe_gemm, down_in, b2, down, *blocks, top_k, True, cfg,
+                                               flat_weights, fp8_down))  # fmt: skip
             mine = best.setdefault(bm, {})
             for gemm, t in (("up", t_up), ("down", t_down)):
                 if t < mine.get(gemm, (float("inf"), cfg))[0]:
@@ -145,11 +194,12 @@ def main() -> None:
     parser.add_argument("--out-dir", default=CONFIG_DIR, help="where the JSON tables go")
     parser.add_argument("--summary", default=None, help="also write every timing here (JSON)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"],
+                        help="the experts' weights; fp8: block-FP8 (128x128 scales, tables of dtype float8_e4m3fn)")
     parser.add_argument("--time-limit", type=float, default=330.0, help="seconds before falling back to defaults")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "tuning needs a CUDA GPU"
-    dtype = getattr(torch, args.dtype)
+    dtype = FP8_DTYPE if args.dtype == "fp8" else getattr(torch, args.dtype)
     device_name = torch.cuda.get_device_name()
     start = time.monotonic()
     summary: dict[str, object] = {"device": device_name, "dtype": args.dtype, "torch": torch.__version__,

@@ -263,6 +263,15 @@ def test_config_table_nearest_token_count_and_default(tmp_path: Any) -> None:
     large = fmk.get_config(8, 96, 64, torch.bfloat16, 8192, 8, "other GPU", str(tmp_path))
     assert small == fmk.default_config(4, 2, 8, torch.bfloat16) and small["BLOCK_SIZE_M"] == 16
     assert large["BLOCK_SIZE_M"] >= 64
+    # An H100 has no table of its own here: it takes the H200's (one die); another GPU does not.
+    assert [fmk.get_config(8, 96, 64, torch.bfloat16, t, 2, "NVIDIA H100 80GB HBM3", str(tmp_path))["BLOCK_SIZE_M"]
+            for t in (1, 40, 9000)] == [16, 32, 128]  # fmt: skip
+    assert fmk.get_config(8, 96, 64, torch.bfloat16, 1, 2, "NVIDIA A100-SXM4-80GB", str(tmp_path)) == \
+        fmk.default_config(1, 2, 8, torch.bfloat16)  # fmt: skip
+    own = {"1": dict(zip(fmk.CONFIG_KEYS, (64, 64, 64, 1, 4, 3), strict=True))}
+    (tmp_path / fmk.config_file_name(8, 96, 64, torch.bfloat16, "NVIDIA H100 80GB HBM3")).write_text(json.dumps(own))
+    fmk.load_config_table.cache_clear()  # it remembers that the file was missing
+    assert fmk.get_config(8, 96, 64, torch.bfloat16, 1, 2, "NVIDIA H100 80GB HBM3", str(tmp_path)) == own["1"]
     bad = tmp_path / fmk.config_file_name(8, 96, 64, torch.float16, "x")
     bad.write_text(json.dumps({"1": {"BLOCK_SIZE_M": 16}}))
     with pytest.raises(ValueError, match="BLOCK_SIZE_N"):

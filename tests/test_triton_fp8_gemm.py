@@ -61,8 +61,10 @@ def make_weight(n: int, k: int, block: tuple[int, int], gen: torch.Generator, de
 
 def check_token_group_quant(seed: int) -> None:
     """The quantization kernel equals the torch reference bit for bit: 2-D rows (M off the 16-row block, K off the
-    group, all-zero and huge rows), and 3-D rows with per-expert counts (only the rows below a count)."""
+    group, all-zero and huge rows), also in cuBLAS's layout, and 3-D rows with per-expert counts (only the rows
+    below a count)."""
     from pd.layers.triton_fp8_gemm import token_group_quant as kernel
+    from pd.layers.triton_fp8_gemm import token_group_quant_for_cublas
 
     gen = torch.Generator().manual_seed(seed)
     for (rows, cols, group), dtype in itertools.product(((1, 16, 16), (5, 40, 16), (33, 100, 32), (0, 48, 16)),
@@ -77,6 +79,13 @@ def check_token_group_quant(seed: int) -> None:
         assert q.dtype == FP8_DTYPE and scale.shape == (rows, -(-cols // group)), where
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), where
         assert torch.equal(scale, scale_ref), where
+        if rows:  # cuBLAS's layout: rows padded to a multiple of 4, scales column-major; the same values
+            q4, scale4 = token_group_quant_for_cublas(x, group)
+            padded = -(-rows // 4) * 4
+            assert q4.shape == (padded, cols) and scale4.shape == (padded, -(-cols // group)), where
+            assert scale4.stride() == (1, padded), (where, scale4.stride())
+            assert torch.equal(q4[:rows].view(torch.uint8), q_ref.view(torch.uint8)), where
+            assert torch.equal(scale4[:rows], scale_ref), where
     x = torch.randn(4, 19, 40, generator=gen).to(torch.bfloat16)
     counts = torch.tensor([0, 19, 7, 30], dtype=torch.int32)  # a count past the rows is clamped to them
     x[2, 7:] = float("nan")  # past a count: never read
@@ -183,6 +192,33 @@ def test_gpu_w8a8_linear_matches_dequantized_bf16_within_tolerance(m: int, shape
     got = w8a8_block_gemm(a_q, a_scale, w_q, w_scale, (128, 128), torch.bfloat16)
     expected = emulated_gemm(q_ref, scale_ref, w_q, w_scale, (128, 128))
     assert rel_l2(got, expected) < 4e-3, rel_l2(got, expected)  # bf16 output rounding
+    dequantized = F.linear(x, block_dequant(w_q, w_scale, (128, 128), torch.bfloat16))
+    assert rel_l2(got, dequantized) < W8A8_TOLERANCE, rel_l2(got, dequantized)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [6, 128, 1000, 4096])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_cublas_block_scaled_mm_matches_the_triton_kernel(m: int, shape: tuple[int, int]) -> None:
+    """cuBLAS's block-scaled GEMM (what block-FP8 linears of 128+ rows run on Hopper) against the Triton kernel on the
+    same quantized operands, and against the dequantized bf16 linear."""
+    from pd.layers import fp8_scaled_mm
+    from pd.layers.triton_fp8_gemm import token_group_quant as quant_kernel
+    from pd.layers.triton_fp8_gemm import token_group_quant_for_cublas, w8a8_block_gemm
+
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    if torch.cuda.get_device_capability() != (9, 0) or cuda < (12, 9):
+        pytest.skip(f"cuBLAS runs block-scaled FP8 on Hopper with CUDA 12.9+ ({torch.cuda.get_device_name()}, {cuda})")
+    assert fp8_scaled_mm.available(torch.device("cuda")), "the probe failed: see the warning logged"
+    n, k = shape
+    gen = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    w_q, w_scale = make_weight(n, k, (128, 128), gen, "cuda")
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    a_q, a_scale = token_group_quant_for_cublas(x, 128)
+    got = fp8_scaled_mm.block_scaled_mm(a_q, a_scale, w_q, w_scale, torch.bfloat16)[:m]
+    q2, s2 = quant_kernel(x, 128)
+    triton_out = w8a8_block_gemm(q2, s2, w_q, w_scale, (128, 128), torch.bfloat16)
+    assert got.shape == (m, n) and rel_l2(got, triton_out) < 4e-3, rel_l2(got, triton_out)  # two bf16 roundings
     dequantized = F.linear(x, block_dequant(w_q, w_scale, (128, 128), torch.bfloat16))
     assert rel_l2(got, dequantized) < W8A8_TOLERANCE, rel_l2(got, dequantized)
 

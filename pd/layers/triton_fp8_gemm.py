@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pd.layers import fp8_scaled_mm
+
 FP8_DTYPE = torch.float8_e4m3fn  # pd.quant.fp8.FP8_DTYPE (not imported: this module is the GPU path it dispatches to)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _QUANT_ROWS = 16  # rows per program of the quantization kernel
@@ -36,8 +38,8 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 
 @triton.jit
 def _token_group_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, rows, cols, stride_xb, stride_xm, stride_qb,
-                              stride_qm, stride_sb, stride_sm, HAS_COUNTS: tl.constexpr, GROUP: tl.constexpr,
-                              GROUP_P2: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+                              stride_qm, stride_sb, stride_sm, stride_sg, HAS_COUNTS: tl.constexpr,
+                              GROUP: tl.constexpr, GROUP_P2: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
     batch = tl.program_id(2)
     rows_used = rows
     if HAS_COUNTS:
@@ -56,7 +58,7 @@ def _token_group_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, rows, cols, strid
     scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
     q = tl.clamp(x / scale[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + batch * stride_qb + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=inside)
-    tl.store(s_ptr + batch * stride_sb + offs_m * stride_sm + group, scale, mask=offs_m < rows_used)
+    tl.store(s_ptr + batch * stride_sb + offs_m * stride_sm + group * stride_sg, scale, mask=offs_m < rows_used)
 
 
 def token_group_quant(x: torch.Tensor, group: int, counts: torch.Tensor | None = None
@@ -76,17 +78,36 @@ def token_group_quant(x: torch.Tensor, group: int, counts: torch.Tensor | None =
     assert counts is None or (x.dim() == 3 and counts.shape == (x.shape[0],) and counts.dtype == torch.int32)
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     batch, rows, cols = x3.shape
-    groups = triton.cdiv(cols, group)
     q = torch.empty(x3.shape, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(batch, rows, groups, dtype=torch.float32, device=x.device)
-    if q.numel():
-        grid = (triton.cdiv(rows, _QUANT_ROWS), groups, batch)
+    scale = torch.empty(batch, rows, triton.cdiv(cols, group), dtype=torch.float32, device=x.device)
+    _launch_quant(x3, q, scale, group, counts)
+    return (q, scale) if x.dim() == 3 else (q[0], scale[0])
+
+
+def _launch_quant(x3: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int,
+                  counts: torch.Tensor | None = None) -> None:  # fmt: skip
+    """The quantization of x3 [B, M, K] into q [B, >= M, K] and scale [B, >= M, groups] (any strides but K's)."""
+    batch, rows, cols = x3.shape
+    if batch * rows * cols:
+        grid = (triton.cdiv(rows, _QUANT_ROWS), triton.cdiv(cols, group), batch)
         _token_group_quant_kernel[grid](
             x3, q, scale, counts if counts is not None else scale, rows, cols, x3.stride(0), x3.stride(1),
-            q.stride(0), q.stride(1), scale.stride(0), scale.stride(1), HAS_COUNTS=counts is not None, GROUP=group,
-            GROUP_P2=triton.next_power_of_2(group), ROWS=_QUANT_ROWS,
+            q.stride(0), q.stride(1), scale.stride(0), scale.stride(1), scale.stride(2),
+            HAS_COUNTS=counts is not None, GROUP=group, GROUP_P2=triton.next_power_of_2(group), ROWS=_QUANT_ROWS,
         )  # fmt: skip
-    return (q, scale) if x.dim() == 3 else (q[0], scale[0])
+
+
+def token_group_quant_for_cublas(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_group_quant of x [M, K] in the layout cuBLAS's block-scaled GEMM takes (pd.layers.fp8_scaled_mm):
+    q [M4, K] and scales [M4, ceil(K / group)] stored column-major (strides (1, M4)), M4 = M rounded up to a
+    multiple of 4; rows past M are left unwritten (their output rows are dropped)."""
+    assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in _TL_DTYPES, (x.shape, x.stride(), x.dtype)
+    rows, cols = x.shape
+    padded = -(-rows // 4) * 4
+    q = torch.empty(1, padded, cols, dtype=FP8_DTYPE, device=x.device)
+    scale_t = torch.empty(1, triton.cdiv(cols, group), padded, dtype=torch.float32, device=x.device)
+    _launch_quant(x.unsqueeze(0), q, scale_t.transpose(1, 2), group)
+    return q[0], scale_t[0].t()
 
 
 @triton.jit
@@ -221,12 +242,17 @@ def w8a8_block_gemm(
 
 def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
                       bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """A block-FP8 linear on x [..., K] (float32/bfloat16/float16): token_group_quant then w8a8_block_gemm.
+    """A block-FP8 linear on x [..., K] (float32/bfloat16/float16): token_group_quant then w8a8_block_gemm, or, at
+    the row counts where it is faster (pd.layers.fp8_scaled_mm.use_cublas), cuBLAS's block-scaled FP8 GEMM.
     -> [..., N] in x's dtype. Two launches, no host sync (CUDA-graph safe)."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    a_q, a_scale = token_group_quant(rows, block[1])
-    out = w8a8_block_gemm(a_q, a_scale, weight, weight_scale, block, x.dtype, bias)
+    if fp8_scaled_mm.use_cublas(rows.shape[0], weight, block, x.dtype):
+        a_q, a_scale = token_group_quant_for_cublas(rows, block[1])
+        out = fp8_scaled_mm.block_scaled_mm(a_q, a_scale, weight, weight_scale, x.dtype, bias)[: rows.shape[0]]
+    else:
+        a_q, a_scale = token_group_quant(rows, block[1])
+        out = w8a8_block_gemm(a_q, a_scale, weight, weight_scale, block, x.dtype, bias)
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -117,10 +117,15 @@ async def sse_response(
             with anyio.CancelScope(shield=True):
                 await chunks.aclose()  # type: ignore[attr-defined]
 
-    # The background task closes `chunks` even if the body generator is dropped without being finalized.
+    async def close() -> None:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+    # The background task closes `chunks` even if the body generator is dropped without being finalized. An async
+    # function, so it runs on the loop: a bound `aclose` reads as sync to Starlette, which would call it in a worker
+    # thread (one thread hop per request) and drop the awaitable it returns without running it.
     return StreamingResponse(
         body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        background=BackgroundTask(chunks.aclose),  # type: ignore[attr-defined]
+        background=BackgroundTask(close),
     )

@@ -21,8 +21,8 @@ columns (pd.layers.triton_fp8_gemm.token_group_quant), B with one per (GROUP_N x
 a column-scale vector, accumulated in float32 (SGLang's fused_moe_kernel with use_fp8_w8a8 and block_shape).
 
 Block sizes come from JSON tables in ``configs/`` (one per GEMM shape, dtype and GPU, mapping a token count to
-a config, as SGLang and vLLM store them), written by benchmarks/tune_fused_moe.py; ``default_config`` covers
-shapes nobody tuned.
+a config, as SGLang and vLLM store them), written by benchmarks/tune_fused_moe.py; a GPU without its own table
+takes one of a GPU of the same die (an H100's, an H200's); ``default_config`` covers shapes nobody tuned.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _FP8 = torch.float8_e4m3fn
+# GPUs built on one die (same SMs, shared memory and registers; only the memory differs): a table tuned on one of
+# them is the best guess for the others, far better than the untuned defaults.
+SAME_DIE = (
+    ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100", "NVIDIA H200 NVL", "NVIDIA H100 NVL", "NVIDIA GH200 480GB"),
+)
 
 
 @dataclass(frozen=True)
@@ -407,12 +412,28 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, dtype: torch.d
     return dict(zip(CONFIG_KEYS, cfg, strict=True))
 
 
+def find_config_table(num_experts: int, n: int, k: int, dtype: torch.dtype, device_name: str,
+                      config_dir: str = CONFIG_DIR) -> dict[int, dict[str, int]] | None:  # fmt: skip
+    """The table of this shape and dtype tuned on this GPU, else on a GPU of the same die (SAME_DIE), else None."""
+    table = load_config_table(os.path.join(config_dir, config_file_name(num_experts, n, k, dtype, device_name)))
+    if table is not None:
+        return table
+    for die in SAME_DIE:
+        if device_name in die:
+            for other in die:
+                table = load_config_table(os.path.join(config_dir, config_file_name(num_experts, n, k, dtype, other)))
+                if table is not None:
+                    return table
+    return None
+
+
 def get_config(num_experts: int, n: int, k: int, dtype: torch.dtype, num_tokens: int, top_k: int,
                device_name: str, config_dir: str = CONFIG_DIR) -> dict[str, int]:  # fmt: skip
     """Block sizes for one GEMM (B = [E, n, k] of ``dtype``: the model dtype, or float8_e4m3fn for block-FP8
     experts, whose tables are their own) at ``num_tokens`` tokens: the tuned entry of the nearest token count when
-    a table exists for this shape, dtype and GPU, else ``default_config``."""
-    table = load_config_table(os.path.join(config_dir, config_file_name(num_experts, n, k, dtype, device_name)))
+    a table exists for this shape and dtype on this GPU or one of its die (``find_config_table``), else
+    ``default_config``."""
+    table = find_config_table(num_experts, n, k, dtype, device_name, config_dir)
     if table is None:
         return default_config(num_tokens, top_k, num_experts, dtype)
     nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
