@@ -328,6 +328,8 @@ class Scheduler:
                                         self.slots, logits_index=[ends[i] for i in sampled],
                                         token_source=self.last_tokens if self.overlap else None)  # fmt: skip
         now = time.monotonic()
+        if len(input_ids) > len(batch_reqs) and logger.isEnabledFor(logging.INFO):
+            self._log_prefill(batch_reqs, extend_lens, now)
         for req, n in zip(batch_reqs, extend_lens, strict=True):
             if req.first_scheduled is None:
                 req.first_scheduled = now
@@ -348,6 +350,17 @@ class Scheduler:
                 row_index = row_index.pin_memory()
             self.last_tokens.index_copy_(0, row_index.to(logits.device, non_blocking=True), tokens.clamp(min=0))
         return LaunchedStep(reqs, *_to_host(tokens))
+
+    def _log_prefill(self, reqs: list[Req], extend_lens: list[int], now: float) -> None:
+        """One INFO line per forward that carries prompt tokens (SGLang's "Prefill batch" line): what a slow first
+        token is waiting on. A request's wait counts from its arrival at the engine."""
+        new = [r for r in reqs if r.first_scheduled is None]
+        prompt = sum(n for n in extend_lens if n > 1)
+        waited = max((now - r.arrival for r in new), default=0.0)
+        logger.info("prefill batch: %d prompt tokens of %d requests (%d new, longest wait %.1f ms), %d decodes; "
+                    "queued %d; KV pages %d/%d used", prompt, sum(1 for n in extend_lens if n > 1), len(new),
+                    1e3 * waited, sum(1 for n in extend_lens if n == 1), len(self.waiting),
+                    self.pool.num_pages - self.num_free_pages, self.pool.num_pages)  # fmt: skip
 
     def _collect(self, step: LaunchedStep) -> list[TokenOutput]:
         """Waits for a launched step's sampled ids and applies them: each request's new token, finish checks,

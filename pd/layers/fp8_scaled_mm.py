@@ -7,8 +7,8 @@ better. ``use_cublas`` picks by row count; the measurements are in benchmarks/be
 
 Layouts cuBLAS wants (PyTorch's test_scaled_mm_block_wise_numerics):
 - A [M, K] e4m3, M a multiple of 4; its scales [M, K/128] float32 with strides (1, M) (column-major);
-- B = weight.t() ([K, N], column-major); its scales [L4, ceil(N/128)] with strides (1, L4), L4 = K/128 rounded up to a
-  multiple of 4 (the weight's [ceil(N/128), K/128] scales padded with columns, then transposed).
+- B = weight.t() ([K, N], column-major); its scales [K/128, ceil(N/128)] with strides (1, L4), L4 = K/128 rounded up
+  to a multiple of 4 (the weight's [ceil(N/128), K/128] scales padded with columns to L4, transposed, sliced back).
 
 ``PD_FP8_GEMM=triton`` keeps every block-FP8 GEMM on the Triton kernel; ``cublas`` uses cuBLAS at every row count
 (where it is available); the default, ``auto``, from CUBLAS_MIN_ROWS rows. Whether cuBLAS runs the recipe is
@@ -79,7 +79,8 @@ def block_scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tens
     """
     groups = weight_scale.shape[1]
     padded = -(-groups // 4) * 4
-    b_scale = (weight_scale if padded == groups else F.pad(weight_scale, (0, padded - groups))).t()
+    # [groups, N blocks] with strides (1, padded): the padding is in the stride only (torch checks the shape).
+    b_scale = (weight_scale if padded == groups else F.pad(weight_scale, (0, padded - groups))).t()[:groups]
     out = torch._scaled_mm(a_q, weight.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
     return out if bias is None else out.add_(bias)
 
