@@ -35,6 +35,7 @@ from pd.engine.io import (
 from pd.engine.rank import follow, start_rank
 from pd.engine.scheduler import Scheduler
 from pd.engine.spec import EngineSpec, SchedulerFactory, default_scheduler
+from pd.gc_pause import freeze_startup_objects
 
 # SchedulerFactory and default_scheduler are pd.engine.spec's, named here too for the front (pd.server.app).
 __all__ = ["EngineLoop", "SchedulerFactory", "default_scheduler", "run_engine"]
@@ -80,6 +81,7 @@ def run_engine(
         disagg = None if spec.disagg is None else replace(spec.disagg, dp_rank=rt.info.dp_rank)
         if outbox is None:  # a follower
             assert rt.sync is not None, "a rank without pipes follows its attention group's leader"
+            freeze_startup_objects(f"rank {rank}")
             follow(rt.runner, rt.sync, spec.scheduler.max_running_requests, disagg)
             _exit_now()
         scheduler: Scheduler = spec.make_scheduler(spec.scheduler, rt.runner, disagg)
@@ -90,6 +92,7 @@ def run_engine(
         raise SystemExit(1) from None
     runner = rt.runner
     assert inbox is not None
+    freeze_startup_objects(f"rank {rank}")  # the model, its warm-up and CUDA graphs are in place
     try:
         _send(outbox, {"ready": {"context_length": runner.context_length, "stats": to_dict(scheduler.stats()),
                                  "model_config": runner.model_config.raw}})

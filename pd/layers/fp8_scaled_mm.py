@@ -7,8 +7,10 @@ better. ``use_cublas`` picks by row count; the measurements are in benchmarks/be
 
 Layouts cuBLAS wants (PyTorch's test_scaled_mm_block_wise_numerics):
 - A [M, K] e4m3, M a multiple of 4; its scales [M, K/128] float32 with strides (1, M) (column-major);
-- B = weight.t() ([K, N], column-major); its scales [K/128, ceil(N/128)] with strides (1, L4), L4 = K/128 rounded up
-  to a multiple of 4 (the weight's [ceil(N/128), K/128] scales padded with columns to L4, transposed, sliced back).
+- B = weight.t() ([K, N], column-major); its scales [K/128, ceil(N/128)] with strides (1, K/128): the weight's
+  [ceil(N/128), K/128] scales transposed. K a multiple of 512: torch 2.11 infers the recipe from the scales' shapes
+  and refuses weight scales whose K/128 is not a multiple of 4 (every DeepSeek-V3 and Qwen3 linear has K % 512 == 0;
+  the others stay on the Triton kernel).
 
 ``PD_FP8_GEMM=triton`` keeps every block-FP8 GEMM on the Triton kernel; ``cublas`` uses cuBLAS at every row count
 (where it is available); the default, ``auto``, from CUBLAS_MIN_ROWS rows. Whether cuBLAS runs the recipe is
@@ -22,12 +24,12 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# From this many rows (tokens) up, cuBLAS's block-scaled GEMM is faster than the Triton kernel (H100/H200).
-CUBLAS_MIN_ROWS = 128
+# From this many rows (tokens) up, cuBLAS's block-scaled GEMM is faster than the Triton kernel: at 64 rows on an H100 it
+# was as fast or faster on all eight DeepSeek-V3 and Qwen3 projection shapes of benchmarks/bench_fp8_gemm.py.
+CUBLAS_MIN_ROWS = 64
 _BLOCK = (128, 128)
 _available: dict[int, bool] = {}
 
@@ -44,7 +46,7 @@ def use_cublas(rows: int, weight: torch.Tensor, block: tuple[int, int], out_dtyp
     if weight.device.type != "cuda" or tuple(block) != _BLOCK or out_dtype != torch.bfloat16:
         return False
     n, k = weight.shape
-    if k % _BLOCK[1] or n % 16 or weight.stride(1) != 1:
+    if k % (4 * _BLOCK[1]) or n % 16 or not weight.is_contiguous():
         return False
     choice = mode()
     if choice == "triton" or (choice == "auto" and rows < CUBLAS_MIN_ROWS):
@@ -77,11 +79,8 @@ def block_scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tens
     Returns:
         [M, N] out_dtype.
     """
-    groups = weight_scale.shape[1]
-    padded = -(-groups // 4) * 4
-    # [groups, N blocks] with strides (1, padded): the padding is in the stride only (torch checks the shape).
-    b_scale = (weight_scale if padded == groups else F.pad(weight_scale, (0, padded - groups))).t()[:groups]
-    out = torch._scaled_mm(a_q, weight.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+    assert weight_scale.shape[1] % 4 == 0 and weight_scale.is_contiguous(), weight_scale.shape
+    out = torch._scaled_mm(a_q, weight.t(), scale_a=a_scale, scale_b=weight_scale.t(), out_dtype=out_dtype)
     return out if bias is None else out.add_(bias)
 
 
@@ -92,8 +91,8 @@ def _probe(device: torch.device) -> bool:
 
     gen = torch.Generator(device).manual_seed(0)
     try:
-        # K of 5 groups: the weight scales' padding to 8 is exercised; M = 6: the rows' padding to 8.
-        for m, n, k in ((256, 384, 512), (6, 256, 640)):
+        # M = 6: the rows' padding to 8; N = 320: a partial last weight block.
+        for m, n, k in ((256, 384, 512), (6, 320, 1024)):
             x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
             w_q = (torch.randn(n, k, device=device, generator=gen) * 32).to(torch.float8_e4m3fn)
             w_s = torch.rand(-(-n // 128), k // 128, device=device, generator=gen) / 32 / k**0.5

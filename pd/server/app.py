@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from pd.engine.client import EngineDeadError, EngineFullError
 from pd.engine.spec import EngineSpec
+from pd.gc_pause import freeze_startup_objects
 from pd.server import native_api, openai_api
 from pd.server.auth import ApiKeyMiddleware
 from pd.server.body_limit import BodyLimitMiddleware, max_body_bytes
@@ -227,4 +228,5 @@ class _Server(uvicorn.Server):
 async def _announce_when_up(server: Any, args: ServerArgs) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
+    freeze_startup_objects("front")
     logger.info("serving %s (%s) at %s", args.served_model_name, args.model_path, args.url)
