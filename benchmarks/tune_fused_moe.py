@@ -2,7 +2,8 @@
 
 Layers: Qwen3-30B-A3B (128 experts, hidden 2048, intermediate 768, top-8) and DeepSeek-V3 at EP=8 (32 local experts
 of 256, hidden 7168, intermediate 2048, top-8 over all 256, so about 1/8 of the slots are local and the others are
--1). For each token count, random routing, each candidate config times both GEMMs (gate_up: N = 2I, K = H; down:
+-1); with --models deepseek-v3, all 256 of them on one GPU (the one-GPU serving benchmark's shape). For each
+token count, random routing, each candidate config times both GEMMs (gate_up: N = 2I, K = H; down:
 N = H, K = I, routed weight multiplied in) with triton.testing.do_bench (median); the two GEMMs share one
 alignment, so the BLOCK_M whose best gate_up + best down is fastest wins, and each GEMM takes its best config at
 that BLOCK_M. Writes ``E=..,N=..,K=..,dtype=..,device=...json`` per GEMM (token count -> config) into --out-dir.
@@ -50,7 +51,11 @@ from pd.quant.fp8 import FP8_DTYPE, block_quant  # noqa: E402
 MODELS = {
     "qwen3-30b-a3b": (128, 2048, 768, 8, 128),
     "deepseek-v3-ep8": (32, 7168, 2048, 8, 256),
+    # all 256 experts on one GPU (benchmarks/bench_gpu_serve.py --model deepseek); not in the default set (~23 GB of
+    # bf16 weights to time)
+    "deepseek-v3": (256, 7168, 2048, 8, 256),
 }
+DEFAULT_MODELS = ["qwen3-30b-a3b", "deepseek-v3-ep8"]
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 SMEM_BYTES = 200 * 1024  # below the H200's 227 KiB per block, leaving room for the epilogue
 FP8_BLOCK = (128, 128)  # DeepSeek-V3's and Qwen3 FP8's weight scale blocks
@@ -193,7 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default=CONFIG_DIR, help="where the JSON tables go")
     parser.add_argument("--summary", default=None, help="also write every timing here (JSON)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"],
                         help="the experts' weights; fp8: block-FP8 (128x128 scales, tables of dtype float8_e4m3fn)")
     parser.add_argument("--time-limit", type=float, default=330.0, help="seconds before falling back to defaults")
