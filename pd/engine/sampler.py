@@ -12,6 +12,7 @@ stream when it arrives.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,7 @@ class SamplingRows:
         token being drawn (0 for the first)."""
         greedy = [p.is_greedy for p in params]
         if all(greedy):
-            flags = torch.ones(len(params), dtype=torch.bool, device=device)
-            one = torch.ones(len(params), device=device)
-            return cls(one, one.long(), one, one, one.double(), flags, all_greedy=True, any_cut=False)
+            return _all_greedy(len(params), device)
         # Clamped in Python: a top_k beyond the vocabulary (up to 2**63 and more) is no cut, not an overflow.
         top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
         cols = [
@@ -78,6 +77,15 @@ class SamplingRows:
                       for k, p, g in zip(top_k, params, greedy, strict=True) if not g)  # fmt: skip
         return cls(t[0].float(), t[1].long(), t[2].float(), t[3].float(), t[4], t[5] > 0.5, all_greedy=False,
                    any_cut=any_cut)  # fmt: skip
+
+
+@functools.cache
+def _all_greedy(n: int, device: torch.device) -> SamplingRows:
+    """The rows of an all-greedy batch of n (their tensors are never read: sample takes the argmax), made once per
+    size: a decode step of greedy requests launches nothing for them."""
+    flags = torch.ones(n, dtype=torch.bool, device=device)
+    one = torch.ones(n, device=device)
+    return SamplingRows(one, one.long(), one, one, one.double(), flags, all_greedy=True, any_cut=False)
 
 
 def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:

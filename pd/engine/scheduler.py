@@ -345,10 +345,14 @@ class Scheduler:
         for req in reqs:
             req.pending += 1
         if self.overlap:  # the next step's decode inputs (a bad row's -1 must not reach the embedding)
-            row_index = torch.tensor([r.row for r in reqs], dtype=torch.int64)
-            if logits.device.type == "cuda":
-                row_index = row_index.pin_memory()
-            self.last_tokens.index_copy_(0, row_index.to(logits.device, non_blocking=True), tokens.clamp(min=0))
+            if len(reqs) == len(batch_reqs):  # every request samples (decode): the batch's rows, already on the device
+                row_index = batch.layout.rows.to(torch.int64)
+            else:
+                row_index = torch.tensor([r.row for r in reqs], dtype=torch.int64)
+                if logits.device.type == "cuda":
+                    row_index = row_index.pin_memory()
+                row_index = row_index.to(logits.device, non_blocking=True)
+            self.last_tokens.index_copy_(0, row_index, tokens.clamp(min=0))
         return LaunchedStep(reqs, *_to_host(tokens))
 
     def _log_prefill(self, reqs: list[Req], extend_lens: list[int], now: float) -> None:
