@@ -37,7 +37,14 @@ def test_batches_equal_the_plain_construction_and_every_array_is_16_byte_aligned
         prefix = [rng.randint(0, 400) for _ in range(n)]
         ids = [rng.randint(0, 1000) for _ in range(sum(extend))]
         logits = None if rng.random() < 0.5 else sorted(rng.sample(range(len(ids)), rng.randint(1, len(ids))))
-        batch = build_forward_batch(ids, rows, prefix, extend, table, _KV(), _Backend(), logits_index=logits)
+        # Under overlap a negative id is read from the device's newest token of its row: none, some or all of them.
+        source = torch.randint(0, 1000, (rows_total,)) if rng.random() < 0.6 else None
+        sent = list(ids)
+        if source is not None:
+            share = rng.choice((0.0, 0.5, 1.0))
+            sent = [-1 if rng.random() < share else t for t in ids]
+        batch = build_forward_batch(sent, rows, prefix, extend, table, _KV(), _Backend(), logits_index=logits,
+                                    token_source=source)  # fmt: skip
 
         positions = [p + i for p, e in zip(prefix, extend, strict=True) for i in range(e)]
         token_rows = [r for r, e in zip(rows, extend, strict=True) for _ in range(e)]
@@ -45,6 +52,8 @@ def test_batches_equal_the_plain_construction_and_every_array_is_16_byte_aligned
         slots = [int(table.pages[r, p // page_size]) * page_size + p % page_size
                  for r, p in zip(token_rows, positions, strict=True)]  # fmt: skip
         layout = batch.layout
+        if source is not None:
+            ids = [int(source[r]) if t < 0 else t for t, r in zip(sent, token_rows, strict=True)]
         assert batch.input_ids.tolist() == ids
         assert batch.positions.tolist() == positions
         assert batch.logits_index.tolist() == (logits or [s + e - 1 for s, e in zip(starts, extend, strict=True)])

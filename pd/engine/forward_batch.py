@@ -144,7 +144,11 @@ def build_forward_batch(
     ids_d, positions_d, token_rows_d, logits_d = (tokens[o : o + n] for o, n in zip(starts_at, lengths, strict=True))
     facts = tokens[offset:].view(4, facts_width).to(torch.int32)[:, :num_reqs]
     if token_source is not None:
-        ids_d = torch.where(ids_d < 0, token_source[token_rows_d], ids_d)
+        from_device = pieces[0] < 0  # decided on the host: a decode step under overlap reads every token there
+        if from_device.all():
+            ids_d = token_source[token_rows_d]
+        elif from_device.any():
+            ids_d = torch.where(ids_d < 0, token_source[token_rows_d], ids_d)
     layout = BatchLayout(
         rows=facts[0],
         prefix_lens=facts[1],
