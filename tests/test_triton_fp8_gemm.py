@@ -165,6 +165,33 @@ def test_token_group_quant_reference_dequantizes_within_e4m3_rounding() -> None:
     assert torch.equal(q_max[4], torch.zeros(3)) and torch.equal(q_max[q_max > 0], torch.full((8 * 3,), 448.0))
 
 
+def test_cublas_dispatch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which block-FP8 GEMMs may go to cuBLAS, decided without a GPU: never off CUDA, a bad PD_FP8_GEMM names the
+    choices, and PD_FP8_GEMM=triton keeps every size on the Triton kernel."""
+    from pd.layers import fp8_scaled_mm
+
+    weight = torch.empty(256, 1024, dtype=FP8_DTYPE)
+    assert not fp8_scaled_mm.use_cublas(4096, weight, (128, 128), torch.bfloat16)  # a CPU weight
+    monkeypatch.setenv("PD_FP8_GEMM", "fast")
+    with pytest.raises(ValueError, match="auto, triton or cublas"):
+        fp8_scaled_mm.mode()
+    monkeypatch.setenv("PD_FP8_GEMM", "triton")
+    assert fp8_scaled_mm.mode() == "triton"
+
+    class _Cuda:  # the checks before the device is asked: a weight that claims to live on CUDA
+        device = torch.device("cuda", 0)
+        shape = (256, 1024)
+
+        def is_contiguous(self) -> bool:
+            return True
+
+    assert not fp8_scaled_mm.use_cublas(4096, _Cuda(), (128, 128), torch.bfloat16)  # type: ignore[arg-type]
+    monkeypatch.setenv("PD_FP8_GEMM", "auto")
+    assert not fp8_scaled_mm.use_cublas(fp8_scaled_mm.CUBLAS_MIN_ROWS - 1, _Cuda(), (128, 128), torch.bfloat16)  # type: ignore[arg-type]
+    assert not fp8_scaled_mm.use_cublas(4096, _Cuda(), (64, 64), torch.bfloat16)  # type: ignore[arg-type]
+    assert not fp8_scaled_mm.use_cublas(4096, _Cuda(), (128, 128), torch.float32)  # type: ignore[arg-type]
+
+
 # ---- GPU tests ----
 
 GPU_SHAPES = [
