@@ -345,8 +345,9 @@ class Scheduler:
         for req in reqs:
             req.pending += 1
         if self.overlap:  # the next step's decode inputs (a bad row's -1 must not reach the embedding)
-            if len(reqs) == len(batch_reqs):  # every request samples (decode): the batch's rows, already on the device
-                row_index = batch.layout.rows.to(torch.int64)
+            layout = getattr(batch, "layout", None)  # a two-batch-overlap forward has one per micro-batch
+            if layout is not None and len(reqs) == len(batch_reqs):  # every request samples: the batch's own rows
+                row_index = layout.rows.to(torch.int64)
             else:
                 row_index = torch.tensor([r.row for r in reqs], dtype=torch.int64)
                 if logits.device.type == "cuda":
