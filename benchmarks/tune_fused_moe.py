@@ -74,34 +74,31 @@ def routing(tokens: int, top_k: int, routed: int, local: int, seed: int) -> tupl
 def search_space(rows_per_expert: float, fp8: bool = False) -> Iterator[dict[str, int]]:
     """Candidate configs for a GEMM whose experts get about ``rows_per_expert`` rows. Block-FP8 weights: k-steps of
     one scale group (128 columns of one byte each, so twice the stages fit)."""
-    if fp8:
-        yield from _fp8_search_space(rows_per_expert)
-        return
+    grid = _fp8_grid(rows_per_expert) if fp8 else _grid(rows_per_expert)
+    element_bytes = 1 if fp8 else 2
+    for bm, bn, bk, group, (warps, stages) in grid:
+        if stages * (bm * bk + bk * bn) * element_bytes > SMEM_BYTES or bm * bn > MAX_ACC_PER_THREAD * 32 * warps:
+            continue
+        yield dict(zip(CONFIG_KEYS, (bm, bn, bk, group, warps, stages), strict=True))
+
+
+def _grid(rows_per_expert: float) -> Iterator[tuple]:
     if rows_per_expert <= 16:  # decode: weight-bound, many narrow programs
-        grid = itertools.product((16,), (32, 64, 128), (64, 128, 256), (1,), ((4, 3), (4, 5)))
-    elif rows_per_expert <= 128:
-        grid = itertools.chain(itertools.product((32, 64), (64, 128), (64, 128), (8,), ((4, 3), (8, 3))),
+        return itertools.product((16,), (32, 64, 128), (64, 128, 256), (1,), ((4, 3), (4, 5)))
+    if rows_per_expert <= 128:
+        return itertools.chain(itertools.product((32, 64), (64, 128), (64, 128), (8,), ((4, 3), (8, 3))),
                                itertools.product((16,), (64, 128), (128,), (1,), ((4, 4),)))  # fmt: skip
-    else:  # prefill: compute-bound, large tiles
-        grid = itertools.product((64, 128), (128, 256), (64, 128), (8,), ((4, 3), (8, 3), (8, 4)))
-    for bm, bn, bk, group, (warps, stages) in grid:
-        if stages * (bm * bk + bk * bn) * 2 > SMEM_BYTES or bm * bn > MAX_ACC_PER_THREAD * 32 * warps:
-            continue
-        yield dict(zip(CONFIG_KEYS, (bm, bn, bk, group, warps, stages), strict=True))
+    # prefill: compute-bound, large tiles
+    return itertools.product((64, 128), (128, 256), (64, 128), (8,), ((4, 3), (8, 3), (8, 4)))
 
 
-def _fp8_search_space(rows_per_expert: float) -> Iterator[dict[str, int]]:
+def _fp8_grid(rows_per_expert: float) -> Iterator[tuple]:
     if rows_per_expert <= 16:
-        grid = itertools.product((16,), (32, 64, 128), (128,), (1,), ((4, 3), (4, 4), (4, 5)))
-    elif rows_per_expert <= 128:
-        grid = itertools.chain(itertools.product((32, 64), (64, 128), (128,), (8,), ((4, 3), (4, 4), (8, 3))),
+        return itertools.product((16,), (32, 64, 128), (128,), (1,), ((4, 3), (4, 4), (4, 5)))
+    if rows_per_expert <= 128:
+        return itertools.chain(itertools.product((32, 64), (64, 128), (128,), (8,), ((4, 3), (4, 4), (8, 3))),
                                itertools.product((16,), (64, 128), (128,), (1,), ((4, 4),)))  # fmt: skip
-    else:
-        grid = itertools.product((64, 128), (64, 128, 256), (128,), (8,), ((4, 3), (4, 4), (8, 3), (8, 4)))
-    for bm, bn, bk, group, (warps, stages) in grid:
-        if stages * (bm * bk + bk * bn) > SMEM_BYTES or bm * bn > MAX_ACC_PER_THREAD * 32 * warps:
-            continue
-        yield dict(zip(CONFIG_KEYS, (bm, bn, bk, group, warps, stages), strict=True))
+    return itertools.product((64, 128), (64, 128, 256), (128,), (8,), ((4, 3), (4, 4), (8, 3), (8, 4)))
 
 
 def _fp8_operands(x: torch.Tensor, inter_in: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor

@@ -96,6 +96,7 @@ def _probe(device: torch.device) -> bool:
             x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
             w_q = (torch.randn(n, k, device=device, generator=gen) * 32).to(torch.float8_e4m3fn)
             w_s = torch.rand(-(-n // 128), k // 128, device=device, generator=gen) / 32 / k**0.5
+            # pd.quant.fp8.block_dequant's product, written out: pd.quant imports this package, not the reverse
             w = w_q.float() * w_s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
             a_q, a_s = token_group_quant_for_cublas(x, _BLOCK[1])
             got = block_scaled_mm(a_q, a_s, w_q, w_s, torch.bfloat16)[:m].float()

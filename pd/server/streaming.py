@@ -23,6 +23,8 @@ T = TypeVar("T")
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.5
 SSE_DONE = "data: [DONE]\n\n"
+# No caching, and no buffering by a reverse proxy (nginx) between the server and a client reading events as they come.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 ChunkFormatter = Callable[[AsyncIterator[GenerationChunk]], AsyncIterator[str]]
 
@@ -112,12 +114,11 @@ async def sse_response(
     if first.finish is not None:
         # Already the whole answer (one new token, or every token in one engine message): nothing left to stream,
         # so one plain response carries all events, without the streaming machinery (a task to listen for the
-        # disconnect, a send per event, a closing task): ~1 ms of the front's one thread per request, which a burst
-        # of prefill-only requests pays one after another.
+        # disconnect, a send per event, a closing task). Measured on a 2-core CPU machine under bursts of 16
+        # one-token requests: a few percent of the front's CPU per request.
         events = [event async for event in formatter(replay(more=False))]
         await chunks.aclose()  # type: ignore[attr-defined]
-        return Response("".join(events) + SSE_DONE, media_type="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        return Response("".join(events) + SSE_DONE, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -137,6 +138,6 @@ async def sse_response(
     return StreamingResponse(
         body(),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=SSE_HEADERS,
         background=BackgroundTask(close),
     )
