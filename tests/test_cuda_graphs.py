@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pd.engine import compile_watch
+from pd.engine.cuda_graph_runner import StagedDecode
 from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
 from pd.server_args import default_cuda_graph_bs
@@ -45,19 +46,21 @@ def graphs_equal_eager(arch: str, root: str, device: str, num_prompts: int, max_
     params = [SamplingParams(max_new_tokens=int(n), temperature=0.0)
               for n in torch.randint(2, max_new, (num_prompts,), generator=gen)]  # fmt: skip
     outs = {}
-    for graphs in (True, False):
+    # Graphs with and without overlap scheduling (under overlap a staged batch takes its tokens from the device).
+    for graphs, overlap in ((True, True), (True, False), (False, False)):
         llm = LLM(path, device=device, dtype=torch.float32, page_size=16, chunked_prefill_size=64,
                   max_running_requests=16, max_total_tokens=8192, attention_backend="triton", moe_runner="triton",
-                  cuda_graph_bs=(1, 2, 4, 8, 16) if graphs else ())  # fmt: skip
-        assert (llm.runner.graphs is not None) == graphs
+                  cuda_graph_bs=(1, 2, 4, 8, 16) if graphs else (), overlap=overlap)  # fmt: skip
+        assert (llm.runner.graphs is not None) == graphs and llm.scheduler.overlap == overlap
         late = compile_watch.compiles_after_warm_up
-        outs[graphs] = llm.generate(prompts, params)
+        outs[graphs, overlap] = llm.generate(prompts, params)
         if graphs and device == "cuda":
             # Ragged prompt batches of every size and decode buckets: the warm-up and the capture compiled every
             # kernel variant they need (no request waits on Triton; see pd.engine.compile_watch)
             assert compile_watch.compiles_after_warm_up == late, "a kernel variant compiled after the warm-up"
         del llm
-    assert outs[True] == outs[False], f"seed {seed}"
+    assert outs[True, True] == outs[False, False], f"seed {seed}"
+    assert outs[True, False] == outs[False, False], f"seed {seed}"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -89,7 +92,7 @@ def test_graph_replay_makes_no_host_sync(arch, tmp_path, gpu_fp32_clean):
         runner.forward(runner.build_batch(list(range(n)), [row], [0], [n], sched.slots))
         rows.append(row)
     batch = runner.build_batch([1, 2, 3], rows, [5, 17, 9], [1, 1, 1], sched.slots)
-    assert runner.graphs is not None and runner.graphs.can_run(batch)
+    assert isinstance(batch, StagedDecode)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

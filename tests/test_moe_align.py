@@ -1,6 +1,7 @@
 """The one-launch alignment (pd.moe.runner.moe_align, up to BLOCK_T pairs) against a torch oracle and against the
-four-launch path on the same ids: all three outputs bit-identical, on fresh random ids with foreign slots (-1) and
-ids >= E mixed in, int64 and int32. Triton's CPU interpreter in CI (tests/interpreter_child.py); CUDA with
+four-launch path on the same ids, and the four-launch path over many tiles (prefill sizes) against the oracle: all
+three outputs bit-identical, on fresh random ids with foreign slots (-1) and ids >= E mixed in, int64 and int32.
+Triton's CPU interpreter in CI (tests/interpreter_child.py); CUDA with
 ``pytest.mark.gpu``. The outputs start out poisoned, so an equal result means every element was written."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from tests.interpreter_child import InterpreterChild
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-SHAPES = {1: (1, 1), 8: (2, 4), 37: (37, 1), 64: (8, 8), 128: (16, 8)}  # N * K -> (N, K)
+SHAPES = {1: (1, 1), 8: (2, 4), 37: (37, 1), 64: (8, 8), 128: (16, 8), 129: (43, 3), 8200: (1025, 8),
+          65536: (8192, 8)}  # N * K -> (N, K)
 POISON = -7  # neither a pair index, the sentinel, an expert nor -1
 NAMES = ("sorted_ids", "expert_of_block", "num_rows_post_pad")
 
@@ -80,6 +82,39 @@ def check(device: str, num_pairs: int, experts: tuple[int, ...], seed: int) -> N
         for name, got, want in zip(NAMES, one, four, strict=True):
             assert torch.equal(got, want), (name, got.tolist(), want.tolist(), case)
         assert all(torch.equal(a, b) for a, b in zip(outputs(public), one, strict=True)), case
+
+
+def check_tiles(device: str, num_pairs: int, experts: tuple[int, ...], seed: int) -> None:
+    """The four launches over many tiles (more tiles than the cumsum's CHUNK when num_pairs is large) against the
+    oracle."""
+    from pd.moe.runner import moe_align
+
+    empty = torch.empty
+
+    def poisoned_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        return empty(*args, **kwargs).fill_(POISON)
+
+    gen = torch.Generator().manual_seed(seed)
+    for num_experts, block_m, dtype in itertools.product(experts, (16, 128), (torch.int64, torch.int32)):
+        ids = draw_ids(gen, num_pairs, num_experts, dtype)
+        with mock.patch.object(torch, "empty", poisoned_empty):
+            got = moe_align.align_pairs_to_blocks(ids.to(device), num_experts, block_m)
+        outs = [t.cpu() for t in (got.sorted_ids, got.expert_of_block, got.num_rows_post_pad)]
+        for name, out, want in zip(NAMES, outs, oracle(ids, num_experts, block_m), strict=True):
+            assert torch.equal(out, want), (name, num_pairs, num_experts, block_m, dtype, seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_pairs", [129, 8200])
+def test_many_tile_alignment_equals_oracle_in_interpreter(num_pairs: int, interpreter: InterpreterChild) -> None:
+    seed = int(torch.randint(0, 2**62, ()))
+    interpreter.run(__name__, "check_tiles", "cpu", num_pairs, (1, 60, 257), seed, timeout_s=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_pairs", [129, 8200, 65536])
+def test_gpu_many_tile_alignment_equals_oracle(num_pairs: int) -> None:
+    check_tiles("cuda", num_pairs, (1, 128, 256), int(torch.randint(0, 2**62, ())))
 
 
 @needs_triton

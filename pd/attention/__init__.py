@@ -58,9 +58,12 @@ class AttentionBackend(Protocol):
             [T, Hq, Dv] in q's dtype.
         """
 
-    def init_graph_state(self, max_bs: int, kv_cache: KVCache, max_context_len: int) -> None:
+    def init_graph_state(self, max_bs: int, kv_cache: KVCache, max_context_len: int,
+                         facts: torch.Tensor | None = None) -> None:  # fmt: skip
         """Allocates the static state a CUDA graph of up to ``max_bs`` decode requests, of contexts up to
-        ``max_context_len`` tokens, reads."""
+        ``max_context_len`` tokens, reads. ``facts``: [3, max_bs] int32 on the device, each request's page-table
+        row, prefix length and KV length (prefix + 1), which the graph runner fills before a replay (with one
+        copy of all its inputs) instead of replay_prepare; the state reads those rows in place."""
 
     def capture_meta(self, bs: int, layout: BatchLayout) -> object:
         """Metadata for capturing a decode batch of ``bs`` requests: it reads the static state only."""

@@ -89,7 +89,8 @@ class TorchAttentionBackend:
         return attend(q, k_all.to(q.dtype), v_all.to(q.dtype), meta, scale)
 
     # CUDA graphs need static shapes; this backend's [B, L] gather has a data-dependent L.
-    def init_graph_state(self, max_bs: int, kv_cache: KVCache, max_context_len: int) -> None:
+    def init_graph_state(self, max_bs: int, kv_cache: KVCache, max_context_len: int,
+                         facts: torch.Tensor | None = None) -> None:  # fmt: skip
         raise NotImplementedError("the torch attention backend cannot be captured in a CUDA graph; use triton")
 
     def capture_meta(self, bs: int, layout: BatchLayout) -> object:

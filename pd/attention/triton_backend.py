@@ -112,13 +112,18 @@ class TritonAttentionBackend:
         return out
 
     # ---- CUDA graphs (decode batches) ----
-    def init_graph_state(self, max_bs: int, kv_cache: KVCache, max_context_len: int) -> None:
+    def init_graph_state(self, max_bs: int, kv_cache: KVCache, max_context_len: int,
+                         facts: torch.Tensor | None = None) -> None:  # fmt: skip
         """Static buffers for up to ``max_bs`` requests; decode split counts are sized for ``max_context_len``."""
         device = kv_cache.device
+        if facts is None:
+            facts = torch.zeros(3, max_bs, dtype=torch.int32, device=device)
+            facts[2].fill_(1)
+        assert facts.shape == (3, max_bs) and facts.dtype == torch.int32, (facts.shape, facts.dtype)
         self.graph = _GraphState(
-            rows=torch.zeros(max_bs, dtype=torch.int32, device=device),
-            prefix_lens=torch.zeros(max_bs, dtype=torch.int32, device=device),
-            kv_lens=torch.ones(max_bs, dtype=torch.int32, device=device),
+            rows=facts[0],
+            prefix_lens=facts[1],
+            kv_lens=facts[2],
             ones=torch.ones(max_bs, dtype=torch.int32, device=device),
             q_starts=torch.arange(max_bs, dtype=torch.int32, device=device),
             max_context_len=max_context_len,

@@ -10,6 +10,11 @@ Buckets are captured from the largest down into one memory pool (a smaller graph
 after an eager warm-up run that compiles every Triton kernel outside the capture. Capture time and the pool's
 size are logged. The attention backend owns its static state (`init_graph_state`, `capture_meta`,
 `replay_prepare`); everything else a forward reads is here.
+
+The scheduler's decode batches take a shorter road than a ForwardBatch (`stage`): every static input, the
+attention backend's per-request facts included, is one buffer on the device, written from the host lists with one
+copy; the KV slots come from the page table's host copy. Building a ForwardBatch and copying its tensors into the
+static inputs took about twenty launches a step, most of batch 1's host time.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pd.engine.forward_batch import BatchLayout, ForwardBatch, empty_layout
@@ -28,6 +35,24 @@ if TYPE_CHECKING:
     from pd.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+# Rows of the staged inputs: int64 [input_ids, positions, out_loc, rows], then int32 [rows, prefix_lens, kv_lens]
+# (the attention backend's facts).
+_I64_ROWS, _I32_ROWS = 4, 3
+
+
+@dataclass(frozen=True)
+class StagedDecode:
+    """A decode batch of n requests whose inputs are already on their way into the static buffers of bucket bs
+    (CudaGraphRunner.stage); ModelRunner.forward replays it.
+
+    rows: [n] int64 on the device, each request's page-table row (a view of the static inputs: read it before the
+        next batch is staged, as the scheduler does right after the forward).
+    """
+
+    n: int
+    bs: int
+    rows: torch.Tensor
 
 
 class CudaGraphRunner:
@@ -47,15 +72,20 @@ class CudaGraphRunner:
         self.runner, self.batch_sizes = runner, tuple(sorted(batch_sizes))
         self.max_bs = self.batch_sizes[-1]
         device, bs = runner.device, self.max_bs
-        self.input_ids = torch.zeros(bs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(bs, dtype=torch.int64, device=device)
-        self.out_loc = torch.full((bs,), pad_slot, dtype=torch.int64, device=device)
+        # Every static input in one buffer, so that a staged batch is one host-to-device copy.
+        self._split = _I64_ROWS * bs * 8
+        self._inputs = torch.zeros(self._split + _I32_ROWS * bs * 4, dtype=torch.uint8, device=device)
+        self._i64 = self._inputs[: self._split].view(torch.int64).view(_I64_ROWS, bs)
+        self._i32 = self._inputs[self._split :].view(torch.int32).view(_I32_ROWS, bs)
+        self.input_ids, self.positions, self.out_loc, self.rows = self._i64
         self.pad_slot = pad_slot
         self.page_table = page_table
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.static: dict[int, ForwardBatch] = {}
-        runner.attn_backend.init_graph_state(bs, runner.kv_cache, runner.context_length)
+        self._pad(0, bs)
+        self._i32[2].fill_(1)  # padding requests' KV length
+        runner.attn_backend.init_graph_state(bs, runner.kv_cache, runner.context_length, facts=self._i32)
         if capture:
             self._capture()
         else:
@@ -102,10 +132,58 @@ class CudaGraphRunner:
                     _ranges(self.batch_sizes), time.perf_counter() - start, used)  # fmt: skip
 
     def _pad(self, n: int, bs: int) -> None:
-        """Static inputs of requests [n, bs): token 0 at position 0 writing the sink slot."""
-        self.input_ids[n:bs].zero_()
-        self.positions[n:bs].zero_()
+        """Static inputs of requests [n, bs): token 0 at position 0 of row 0 writing the sink slot."""
+        self._i64[:, n:bs].zero_()
         self.out_loc[n:bs].fill_(self.pad_slot)
+
+    def can_stage(self, extend_lens: list[int], num_logits: int) -> bool:
+        """A decode batch (one new token per request, logits for each) no larger than the largest bucket."""
+        n = len(extend_lens)
+        return 0 < n <= self.max_bs and num_logits == n and max(extend_lens) == 1
+
+    def stage(self, input_ids: list[int], rows: list[int], prefix_lens: list[int],
+              token_source: torch.Tensor | None = None) -> StagedDecode:  # fmt: skip
+        """Writes a decode batch into the static inputs of its bucket (can_stage must hold): one copy from pinned
+        host memory, then, for tokens the host has not seen (negative input ids: under overlap scheduling, sampled
+        by the step in flight), one gather from token_source ([R] int64, each row's newest token)."""
+        n = len(rows)
+        bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
+        on_cuda = self._inputs.device.type == "cuda"
+        # The caching host allocator hands a pinned block back only once the copies that read it have run.
+        host = torch.empty(self._inputs.shape[0], dtype=torch.uint8, pin_memory=on_cuda)
+        raw = host.numpy()
+        h64 = raw[: self._split].view(np.int64).reshape(_I64_ROWS, self.max_bs)
+        h32 = raw[self._split :].view(np.int32).reshape(_I32_ROWS, self.max_bs)
+        rows_np = np.asarray(rows, dtype=np.int64)
+        positions = np.asarray(prefix_lens, dtype=np.int64)  # the new token follows its prefix
+        ids = np.asarray(input_ids, dtype=np.int64)
+        h64[0, :n], h64[1, :n], h64[3, :n] = ids, positions, rows_np
+        h64[2, :n] = self.page_table.host_slots(rows_np, positions)
+        h32[0, :n], h32[1, :n], h32[2, :n] = rows_np, positions, positions + 1
+        # Padding requests: token 0 at position 0 of row 0, one token of context, KV into the sink slot.
+        h64[:, n:bs] = 0
+        h64[2, n:bs] = self.pad_slot
+        h32[:, n:bs] = 0
+        h32[2, n:bs] = 1
+        self._inputs.copy_(host, non_blocking=on_cuda)
+        if token_source is not None:
+            from_device = ids < 0  # decided on the host, as in build_forward_batch
+            if from_device.all():
+                torch.index_select(token_source, 0, self.rows[:n], out=self.input_ids[:n])
+            elif from_device.any():
+                staged = self.input_ids[:n]
+                torch.where(staged < 0, token_source[self.rows[:n]], staged, out=staged)
+        return StagedDecode(n, bs, self.rows[:n])
+
+    def replay_staged(self, staged: StagedDecode) -> torch.Tensor:
+        """-> logits [n, vocab] float32 of a staged batch (a view of the bucket's static logits: consume it before
+        the next replay, as the sampler does)."""
+        bs = staged.bs
+        if bs in self.graphs:
+            self.graphs[bs].replay()
+            return self.logits[bs][: staged.n]
+        static, model = self.static[bs], self.runner.model  # not captured: the same static forward, run eagerly
+        return model.compute_logits(model(static)[static.logits_index])[: staged.n]
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """A decode batch (one new token per request, logits for each) no larger than the largest bucket."""

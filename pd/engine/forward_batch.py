@@ -125,10 +125,12 @@ def build_forward_batch(
     logits = ends - 1 if logits_index is None else np.asarray(logits_index, dtype=np.int64)
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(prefix - starts, q_lens)
     token_rows = np.repeat(rows_np, q_lens)
-    # One host-to-device copy of everything: tokens, positions, rows, logits rows, then the four per-request facts.
-    # Every piece starts 16 bytes into the buffer (padding): Triton compiles a kernel variant per pointer alignment,
-    # so alignments that moved with the batch's sizes compiled a variant the warm-up had not met, on a request.
-    pieces = (np.asarray(input_ids, dtype=np.int64), positions, token_rows, logits)
+    # One host-to-device copy of everything: tokens, positions, rows, logits rows, KV slots, then the four
+    # per-request facts. Every piece starts 16 bytes into the buffer (padding): Triton compiles a kernel variant per
+    # pointer alignment, so alignments that moved with the batch's sizes compiled a variant the warm-up had not met,
+    # on a request.
+    out_loc = page_table.host_slots(token_rows, positions)
+    pieces = (np.asarray(input_ids, dtype=np.int64), positions, token_rows, logits, out_loc)
     lengths = [len(p) for p in pieces]
     padded = [-(-n // 2) * 2 for n in lengths]  # int64s, to a multiple of 16 bytes
     facts_width = -(-num_reqs // 4) * 4  # the facts become int32: [4, facts_width] keeps each row 16-byte aligned
@@ -141,7 +143,8 @@ def build_forward_batch(
         offset += width
     buf[offset:].reshape(4, facts_width)[:, :num_reqs] = (rows_np, prefix, q_lens, starts)
     tokens = host.to(device, non_blocking=True)
-    ids_d, positions_d, token_rows_d, logits_d = (tokens[o : o + n] for o, n in zip(starts_at, lengths, strict=True))
+    ids_d, positions_d, token_rows_d, logits_d, out_loc_d = (tokens[o : o + n]
+                                                             for o, n in zip(starts_at, lengths, strict=True))
     facts = tokens[offset:].view(4, facts_width).to(torch.int32)[:, :num_reqs]
     if token_source is not None:
         from_device = pieces[0] < 0  # decided on the host: a decode step under overlap reads every token there
@@ -154,7 +157,7 @@ def build_forward_batch(
         prefix_lens=facts[1],
         extend_lens=facts[2],
         q_starts=facts[3],
-        out_loc=page_table.slots(token_rows_d, positions_d),
+        out_loc=out_loc_d,
         page_table=page_table,
         host_prefix_lens=list(prefix_lens),
         host_extend_lens=list(extend_lens),

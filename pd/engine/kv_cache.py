@@ -59,12 +59,18 @@ class PagePool:
 
 class ReqToToken:
     """The page table: [max_rows, max_pages] int32 on the KV cache's device, plus a free list of rows (one row
-    per live request). Only the entries a call assigns are copied to the device, never the whole table."""
+    per live request). Only the entries a call assigns are copied to the device, never the whole table.
+
+    A host copy of the table (``host_pages``, numpy; the same memory on a CPU device) lets a batch's KV slots be
+    computed on the host and travel with its other inputs in one copy: on the device the lookup took six launches
+    a step (a tenth of a decode step's host time at batch 1)."""
 
     def __init__(self, max_rows: int, max_context: int, page_size: int, device: torch.device | str = "cpu") -> None:
         self.page_size = page_size
         self.max_pages = -(-max_context // page_size)
         self.pages = torch.zeros(max_rows, self.max_pages, dtype=torch.int32, device=device)
+        on_cpu = self.pages.device.type == "cpu"
+        self.host_pages = self.pages.numpy() if on_cpu else np.zeros(tuple(self.pages.shape), dtype=np.int32)
         self._free_rows = list(range(max_rows - 1, -1, -1))
         # When a list: every assign_pages call is also recorded here, for mirrors kept on other ranks.
         self.journal: list[list[object]] | None = None
@@ -96,14 +102,22 @@ class ReqToToken:
         end = min(first_page_index + len(pages), self.max_pages)
         if end <= first_page_index:
             return
-        values = torch.tensor(pages[: end - first_page_index], dtype=torch.int32)
-        self.pages[row, first_page_index:end].copy_(values, non_blocking=True)
+        self.host_pages[row, first_page_index:end] = pages[: end - first_page_index]
+        if self.pages.device.type != "cpu":
+            # From pageable memory: the driver stages the values before returning, so later host writes are safe.
+            self.pages[row, first_page_index:end].copy_(torch.from_numpy(self.host_pages[row, first_page_index:end]),
+                                                        non_blocking=True)  # fmt: skip
 
     def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """KV slots (int64) of positions ``positions`` of rows ``rows`` (same-shaped or broadcastable int64
         tensors on the table's device)."""
         ps = self.page_size
         return self.pages[rows, torch.div(positions, ps, rounding_mode="floor")].long() * ps + positions % ps
+
+    def host_slots(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """slots() on the host copy: int64 numpy arrays in, int64 out."""
+        ps = self.page_size
+        return self.host_pages[rows, positions // ps].astype(np.int64) * ps + positions % ps
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from pd.attention import get_backend
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine import compile_watch
-from pd.engine.cuda_graph_runner import CudaGraphRunner
+from pd.engine.cuda_graph_runner import CudaGraphRunner, StagedDecode
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
 from pd.engine.kv_cache import KVCache, ReqToToken, kv_storage_dtype
 from pd.engine.micro_batch import MicroBatches, split_in_two
@@ -207,9 +207,13 @@ class ModelRunner:
         slots: ReqToToken,
         logits_index: list[int] | None = None,
         token_source: torch.Tensor | None = None,
-    ) -> ForwardBatch | MicroBatches:
+    ) -> ForwardBatch | MicroBatches | StagedDecode:
         """The leader's (or a lone rank's) next forward. Its followers are told first and run it too, so
-        forward() must follow. token_source: see build_forward_batch (one-rank instances only)."""
+        forward() must follow. token_source: see build_forward_batch (one-rank instances only). A decode batch
+        that a CUDA graph replays goes straight into the graph's static inputs (graphs run on lone ranks only)."""
+        num_logits = len(rows) if logits_index is None else len(logits_index)
+        if self.graphs is not None and self.graphs.can_stage(extend_lens, num_logits):
+            return self.graphs.stage(input_ids, rows, prefix_lens, token_source)
         mode = self.forced_mode or ("normal" if max(extend_lens) > 1 else "low_latency")
         if self.sync is not None:
             assert token_source is None, "followers take their input tokens from the host"
@@ -243,10 +247,13 @@ class ModelRunner:
         return MicroBatches(first, second)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch | MicroBatches, logits: bool = True) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch | MicroBatches | StagedDecode, logits: bool = True) -> torch.Tensor:
         """-> logits [S, vocab] float32 for the batch's logits_index rows (an empty tensor with logits=False:
         followers only take part in the collectives; the leader samples)."""
         self.num_forwards += 1
+        if isinstance(batch, StagedDecode):
+            assert self.graphs is not None and logits
+            return self.graphs.replay_staged(batch)
         if logits and self.graphs is not None and isinstance(batch, ForwardBatch) and self.graphs.can_run(batch):
             return self.graphs.replay(batch)
         if isinstance(batch, MicroBatches):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pd.engine import compile_watch
+from pd.engine.cuda_graph_runner import StagedDecode
 from pd.engine.io import EngineStats, GenerateRequest, TokenOutput
 from pd.engine.kv_cache import PagePool
 from pd.engine.model_runner import ModelRunner
@@ -346,7 +347,9 @@ class Scheduler:
             req.pending += 1
         if self.overlap:  # the next step's decode inputs (a bad row's -1 must not reach the embedding)
             layout = getattr(batch, "layout", None)  # a two-batch-overlap forward has one per micro-batch
-            if layout is not None and len(reqs) == len(batch_reqs):  # every request samples: the batch's own rows
+            if isinstance(batch, StagedDecode):  # every request samples: the rows are already on the device
+                row_index = batch.rows
+            elif layout is not None and len(reqs) == len(batch_reqs):  # every request samples: the batch's own rows
                 row_index = layout.rows.to(torch.int64)
             else:
                 row_index = torch.tensor([r.row for r in reqs], dtype=torch.int64)
