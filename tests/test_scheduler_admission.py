@@ -37,3 +37,19 @@ def test_a_request_that_fits_is_queued(llm: LLM):
     assert sched.add(GenerateRequest("ok", list(range(1, 11)), SamplingParams(max_new_tokens=22))) is None  # 32 fit
     sched.abort("ok")
     assert sched.pool.num_free == sched.pool.num_pages
+
+
+def test_each_prefill_forward_logs_its_batch_and_launch_time(tmp_path, caplog: pytest.LogCaptureFixture):
+    """The "prefill batch" INFO line counts the prompt tokens and requests it was given (lengths drawn here) and
+    says how long the host took to launch the forward."""
+    path = make_checkpoint("llama", str(tmp_path / "llama"), seed=0)
+    llm = LLM(path, page_size=PAGE, max_total_tokens=256, context_length=CONTEXT, chunked_prefill_size=-1)
+    lens = torch.randint(2, 20, (3,)).tolist()
+    prompts = [torch.randint(1, 256, (n,)).tolist() for n in lens]
+    with caplog.at_level("INFO", logger="pd.engine.scheduler"):
+        llm.generate(prompts, SamplingParams(max_new_tokens=1, temperature=0.0))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefill batch")]
+    assert lines, [r.getMessage() for r in caplog.records]
+    assert f"prefill batch: {sum(lens)} prompt tokens of 3 requests (3 new" in lines[0], lines
+    launched = float(lines[0].rsplit("launched in ", 1)[1].removesuffix(" ms"))
+    assert 0.0 <= launched < 60_000, lines[0]

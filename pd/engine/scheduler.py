@@ -329,13 +329,15 @@ class Scheduler:
                                         self.slots, logits_index=[ends[i] for i in sampled],
                                         token_source=self.last_tokens if self.overlap else None)  # fmt: skip
         now = time.monotonic()
-        if len(input_ids) > len(batch_reqs) and logger.isEnabledFor(logging.INFO):
-            self._log_prefill(batch_reqs, extend_lens, now)
+        log_prefill = len(input_ids) > len(batch_reqs) and logger.isEnabledFor(logging.INFO)
+        new = [r for r in batch_reqs if r.first_scheduled is None] if log_prefill else []
         for req, n in zip(batch_reqs, extend_lens, strict=True):
             if req.first_scheduled is None:
                 req.first_scheduled = now
             req.num_computed += n
         logits = self.runner.forward(batch)  # always: a middle prompt chunk samples nothing but writes its KV
+        if log_prefill:
+            self._log_prefill(batch_reqs, extend_lens, new, now)
         reqs = [batch_reqs[i] for i in sampled]
         if not reqs:
             return LaunchedStep([], None, None)
@@ -359,16 +361,18 @@ class Scheduler:
             self.last_tokens.index_copy_(0, row_index, tokens.clamp(min=0))
         return LaunchedStep(reqs, *_to_host(tokens))
 
-    def _log_prefill(self, reqs: list[Req], extend_lens: list[int], now: float) -> None:
+    def _log_prefill(self, reqs: list[Req], extend_lens: list[int], new: list[Req], start: float) -> None:
         """One INFO line per forward that carries prompt tokens (SGLang's "Prefill batch" line): what a slow first
-        token is waiting on. A request's wait counts from its arrival at the engine."""
-        new = [r for r in reqs if r.first_scheduled is None]
+        token is waiting on. A request's wait counts from its arrival at the engine; the launch is the host's time to
+        queue the forward (on a GPU the forward itself runs after; a launch as long as the GPU's step means the
+        host, not the GPU, paces prefill)."""
         prompt = sum(n for n in extend_lens if n > 1)
-        waited = max((now - r.arrival for r in new), default=0.0)
+        waited = max((start - r.arrival for r in new), default=0.0)
         logger.info("prefill batch: %d prompt tokens of %d requests (%d new, longest wait %.1f ms), %d decodes; "
-                    "queued %d; KV pages %d/%d used", prompt, sum(1 for n in extend_lens if n > 1), len(new),
-                    1e3 * waited, sum(1 for n in extend_lens if n == 1), len(self.waiting),
-                    self.pool.num_pages - self.num_free_pages, self.pool.num_pages)  # fmt: skip
+                    "queued %d; KV pages %d/%d used; launched in %.1f ms", prompt,
+                    sum(1 for n in extend_lens if n > 1), len(new), 1e3 * waited, sum(1 for n in extend_lens if n == 1),
+                    len(self.waiting), self.pool.num_pages - self.num_free_pages, self.pool.num_pages,
+                    1e3 * (time.monotonic() - start))  # fmt: skip
 
     def _collect(self, step: LaunchedStep) -> list[TokenOutput]:
         """Waits for a launched step's sampled ids and applies them: each request's new token, finish checks,
