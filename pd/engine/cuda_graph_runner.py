@@ -11,10 +11,10 @@ after an eager warm-up run that compiles every Triton kernel outside the capture
 size are logged. The attention backend owns its static state (`init_graph_state`, `capture_meta`,
 `replay_prepare`); everything else a forward reads is here.
 
-The scheduler's decode batches take a shorter road than a ForwardBatch (`stage`): every static input, the
-attention backend's per-request facts included, is one buffer on the device, written from the host lists with one
-copy; the KV slots come from the page table's host copy. Building a ForwardBatch and copying its tensors into the
-static inputs took about twenty launches a step, most of batch 1's host time.
+A decode batch never becomes a ForwardBatch (ModelRunner.build_batch hands it to `stage`): every static input,
+the attention backend's per-request facts included, is one buffer on the device, written from the host lists with
+one copy; the KV slots come from the page table's host copy. Building a ForwardBatch and copying its tensors into
+the static inputs took about twenty launches a step, most of batch 1's host time.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pd.engine.forward_batch import BatchLayout, ForwardBatch, empty_layout
+from pd.engine.forward_batch import BatchLayout, ForwardBatch, empty_layout, read_device_tokens
 
 if TYPE_CHECKING:
     from pd.engine.kv_cache import ReqToToken
@@ -167,12 +167,7 @@ class CudaGraphRunner:
         h32[2, n:bs] = 1
         self._inputs.copy_(host, non_blocking=on_cuda)
         if token_source is not None:
-            from_device = ids < 0  # decided on the host, as in build_forward_batch
-            if from_device.all():
-                torch.index_select(token_source, 0, self.rows[:n], out=self.input_ids[:n])
-            elif from_device.any():
-                staged = self.input_ids[:n]
-                torch.where(staged < 0, token_source[self.rows[:n]], staged, out=staged)
+            read_device_tokens(ids, self.input_ids[:n], token_source, self.rows[:n])
         return StagedDecode(n, bs, self.rows[:n])
 
     def replay_staged(self, staged: StagedDecode) -> torch.Tensor:
@@ -184,30 +179,6 @@ class CudaGraphRunner:
             return self.logits[bs][: staged.n]
         static, model = self.static[bs], self.runner.model  # not captured: the same static forward, run eagerly
         return model.compute_logits(model(static)[static.logits_index])[: staged.n]
-
-    def can_run(self, batch: ForwardBatch) -> bool:
-        """A decode batch (one new token per request, logits for each) no larger than the largest bucket."""
-        layout = batch.layout
-        n = layout.num_reqs
-        return 0 < n <= self.max_bs and layout.is_decode and int(batch.logits_index.shape[0]) == n
-
-    def replay(self, batch: ForwardBatch) -> torch.Tensor:
-        """-> logits [n, vocab] float32 of a decode batch of n requests (can_run(batch) must hold)."""
-        n = batch.layout.num_reqs
-        bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
-        self.input_ids[:n].copy_(batch.input_ids)
-        self.positions[:n].copy_(batch.positions)
-        self.out_loc[:n].copy_(batch.layout.out_loc)
-        if n < bs:
-            self._pad(n, bs)
-        self.runner.attn_backend.replay_prepare(bs, batch.layout)
-        if bs in self.graphs:
-            self.graphs[bs].replay()
-            logits = self.logits[bs]
-        else:  # not captured (capture=False): the same static forward, run eagerly
-            static, model = self.static[bs], self.runner.model
-            logits = model.compute_logits(model(static)[static.logits_index])
-        return logits[:n][batch.logits_index]
 
 
 def _ranges(sizes: tuple[int, ...]) -> str:

@@ -147,11 +147,7 @@ def build_forward_batch(
                                                              for o, n in zip(starts_at, lengths, strict=True))
     facts = tokens[offset:].view(4, facts_width).to(torch.int32)[:, :num_reqs]
     if token_source is not None:
-        from_device = pieces[0] < 0  # decided on the host: a decode step under overlap reads every token there
-        if from_device.all():
-            ids_d = token_source[token_rows_d]
-        elif from_device.any():
-            ids_d = torch.where(ids_d < 0, token_source[token_rows_d], ids_d)
+        read_device_tokens(pieces[0], ids_d, token_source, token_rows_d)
     layout = BatchLayout(
         rows=facts[0],
         prefix_lens=facts[1],
@@ -172,6 +168,18 @@ def build_forward_batch(
         attn_meta=attn_backend.prepare(layout, kv_cache),
         moe_mode=moe_mode,
     )
+
+
+def read_device_tokens(host_ids: np.ndarray, ids_d: torch.Tensor, token_source: torch.Tensor,
+                       rows_d: torch.Tensor) -> None:  # fmt: skip
+    """Overwrites, in place, the tokens ids_d [T] whose host id is negative (sampled by the step in flight, under
+    overlap scheduling) with their page-table row's newest token, token_source[rows_d]. Which tokens is decided on
+    the host: a decode step under overlap reads every one from the device (one gather), most other steps none."""
+    from_device = host_ids < 0
+    if from_device.all():
+        torch.index_select(token_source, 0, rows_d, out=ids_d)
+    elif from_device.any():
+        torch.where(ids_d < 0, token_source[rows_d], ids_d, out=ids_d)
 
 
 def empty_layout(device: torch.device, page_table: ReqToToken | None = None) -> BatchLayout:

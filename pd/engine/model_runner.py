@@ -254,8 +254,6 @@ class ModelRunner:
         if isinstance(batch, StagedDecode):
             assert self.graphs is not None and logits
             return self.graphs.replay_staged(batch)
-        if logits and self.graphs is not None and isinstance(batch, ForwardBatch) and self.graphs.can_run(batch):
-            return self.graphs.replay(batch)
         if isinstance(batch, MicroBatches):
             hidden = self.model.forward_two(batch.first, batch.second)
         else:
