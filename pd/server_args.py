@@ -45,6 +45,7 @@ DEFAULT_SERVED_MODEL_NAME = "pd-default"
 DEFAULT_CPU_MAX_TOTAL_TOKENS = 65536
 DEFAULT_GPU_MEM_FRACTION = 0.85
 DEFAULT_CUDA_GRAPH_MAX_BS = 256
+DEFAULT_PIECEWISE_MAX_TOKENS = 4096  # the largest piecewise graph when prompts are not chunked
 
 # Backends whose kernels exist for one device kind only (Triton's CPU interpreter, TRITON_INTERPRET=1, runs the
 # triton ones anywhere: slowly, for tests).
@@ -153,6 +154,16 @@ class ServerArgs:
         None, "decode batch sizes captured as CUDA graphs; default: 1 2 4 8, then every 8 up to --cuda-graph-max-bs",
         type=int, nargs="+")  # fmt: skip
     disable_cuda_graph: bool = _opt(False, "run decode batches eagerly (no CUDA graphs)")
+    piecewise_cuda_graph_max_tokens: int | None = _opt(
+        None, f"largest prompt forward (tokens) replayed from piecewise CUDA graphs; default: --chunked-prefill-size "
+        f"({DEFAULT_PIECEWISE_MAX_TOKENS} when chunking is off)", type=int)  # fmt: skip
+    piecewise_cuda_graph_tokens: tuple[int, ...] | None = _opt(
+        None, "prompt forward token counts captured as piecewise CUDA graphs; default: every 64 up to 1024, then "
+        "every 128 up to 2048, every 256 up to 4096, and so on, up to --piecewise-cuda-graph-max-tokens",
+        type=int, nargs="+")  # fmt: skip
+    disable_piecewise_cuda_graph: bool = _opt(
+        False, "run prompt (prefill) forwards eagerly, without piecewise CUDA graphs (the layers between attention "
+        "calls replayed from graphs, attention run eagerly)")  # fmt: skip
     # Runtime
     device: str = _opt("auto", "auto: cuda if available, else npu if torch_npu imports, else cpu", choices=DEVICES)
     dtype: str = _opt("auto", "auto: float32 on cpu, bfloat16 on cuda/npu", choices=DTYPES)
@@ -355,6 +366,34 @@ def default_cuda_graph_bs(max_bs: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def default_piecewise_tokens(max_tokens: int) -> tuple[int, ...]:
+    """Prompt forward sizes: every 64 up to 1024, then every 1/8 of each power of two (128 up to 2048, 256 up to
+    4096, ...), and max_tokens itself. A forward pads to the next size: under 64 tokens, or 12.5% past 512."""
+    sizes, step, high = {max_tokens}, 64, 1024
+    size = step
+    while size < max_tokens:
+        sizes.add(size)
+        if size >= high:
+            step, high = high // 8, high * 2
+        size += step
+    return tuple(sorted(sizes))
+
+
+def resolve_piecewise_tokens(a: ServerArgs, device: str) -> tuple[int, ...]:
+    """The prompt forward sizes to capture as piecewise graphs: () when they are off
+    (--disable-piecewise-cuda-graph, or not on CUDA)."""
+    if a.piecewise_cuda_graph_tokens and min(a.piecewise_cuda_graph_tokens) < 1:  # checked before they are dropped
+        raise ServerArgsError(f"--piecewise-cuda-graph-tokens sizes must be >= 1, got {a.piecewise_cuda_graph_tokens}")
+    if a.disable_piecewise_cuda_graph or device != "cuda":
+        return ()
+    if a.piecewise_cuda_graph_tokens is not None:
+        return tuple(sorted(set(a.piecewise_cuda_graph_tokens)))
+    max_tokens = a.piecewise_cuda_graph_max_tokens
+    if max_tokens is None:
+        max_tokens = a.chunked_prefill_size if a.chunked_prefill_size > 0 else DEFAULT_PIECEWISE_MAX_TOKENS
+    return default_piecewise_tokens(max_tokens)
+
+
 def resolve_cuda_graph_bs(a: ServerArgs, device: str) -> tuple[int, ...]:
     """The decode batch sizes to capture: () when graphs are off (--disable-cuda-graph, or not on CUDA)."""
     if a.disable_cuda_graph or device != "cuda":
@@ -394,6 +433,7 @@ def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
         "moe_runner_backend": resolve_moe_runner(a.moe_runner_backend, device),
         "attention_backend": resolve_attention_backend(a.attention_backend, device),
         "cuda_graph_bs": resolve_cuda_graph_bs(a, device),
+        "piecewise_cuda_graph_tokens": resolve_piecewise_tokens(a, device),
         "deepep_mode": deepep_mode,
         "served_model_name": name,
         "tokenizer_path": a.model_path if a.tokenizer_path is None else a.tokenizer_path,
@@ -514,6 +554,8 @@ def _validate(a: ServerArgs) -> None:
     need(a.cuda_graph_max_bs is None or a.cuda_graph_max_bs >= 1,
          f"--cuda-graph-max-bs must be >= 1, got {a.cuda_graph_max_bs}")
     need(not a.cuda_graph_bs or min(a.cuda_graph_bs) >= 1, f"--cuda-graph-bs sizes must be >= 1, got {a.cuda_graph_bs}")
+    need(a.piecewise_cuda_graph_max_tokens is None or a.piecewise_cuda_graph_max_tokens >= 1,
+         f"--piecewise-cuda-graph-max-tokens must be >= 1, got {a.piecewise_cuda_graph_max_tokens}")
     need(
         a.chunked_prefill_size == -1 or a.chunked_prefill_size >= a.page_size,
         f"--chunked-prefill-size ({a.chunked_prefill_size}) must be -1 (off) or >= --page-size ({a.page_size})",

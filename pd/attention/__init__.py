@@ -43,6 +43,7 @@ class AttentionBackend(Protocol):
         kv_heads: slice | None = None,
         v_dim: int | None = None,
         kv_stored: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Stores the new tokens' KV in the layer's cache (unless kv_stored: the caller did), then attends.
 
@@ -53,6 +54,7 @@ class AttentionBackend(Protocol):
             scale: softmax scale.
             kv_heads: the cached KV heads this rank's queries use (a tensor-parallel share; default all). Hq
                 must be a multiple of their count.
+            out: [T, Hq, Dv] to write the result into (a piecewise graph's static buffer); default a new tensor.
 
         Returns:
             [T, Hq, Dv] in q's dtype.

@@ -72,6 +72,7 @@ class TorchAttentionBackend:
         kv_heads: slice | None = None,
         v_dim: int | None = None,
         kv_stored: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         meta: TorchAttentionMeta = batch.attn_meta  # type: ignore[assignment]
         cache = batch.kv_cache
@@ -86,7 +87,8 @@ class TorchAttentionBackend:
             k_all, v_all = cache.gather(layer_id, meta.kv_slots)
         if kv_heads is not None and kv_heads != slice(0, k.shape[1]):
             k_all, v_all = k_all[:, :, kv_heads], v_all[:, :, kv_heads]
-        return attend(q, k_all.to(q.dtype), v_all.to(q.dtype), meta, scale)
+        result = attend(q, k_all.to(q.dtype), v_all.to(q.dtype), meta, scale)
+        return result if out is None else out.copy_(result)
 
     # CUDA graphs need static shapes; this backend's [B, L] gather has a data-dependent L.
     def init_graph_state(self, max_bs: int, kv_cache: KVCache, max_context_len: int,

@@ -81,6 +81,7 @@ class TritonAttentionBackend:
         kv_heads: slice | None = None,
         v_dim: int | None = None,
         kv_stored: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         meta: TritonAttentionMeta = batch.attn_meta  # type: ignore[assignment]
         cache = batch.kv_cache
@@ -95,7 +96,8 @@ class TritonAttentionBackend:
             k_buf, v_buf = cache.buffers[layer_id]
             if kv_heads is not None and kv_heads != slice(0, k.shape[1]):
                 k_buf, v_buf = k_buf[:, kv_heads], v_buf[:, kv_heads]
-        out = q.new_empty(q.shape[0], q.shape[1], v_buf.shape[-1])
+        if out is None:
+            out = q.new_empty(q.shape[0], q.shape[1], v_buf.shape[-1])
         assert batch.layout.page_table is not None
         pages, page_size = batch.layout.page_table.pages, cache.page_size
         if meta.decode:

@@ -9,7 +9,13 @@ import torch
 from pd.engine.io import GenerateRequest, SamplingParams
 from pd.engine.model_runner import ModelRunner, RunnerConfig
 from pd.engine.scheduler import Scheduler, SchedulerConfig
-from pd.server_args import default_cuda_graph_bs, resolve_attention_backend, resolve_moe_runner
+from pd.server_args import (
+    DEFAULT_PIECEWISE_MAX_TOKENS,
+    default_cuda_graph_bs,
+    default_piecewise_tokens,
+    resolve_attention_backend,
+    resolve_moe_runner,
+)
 
 
 class LLM:
@@ -26,6 +32,7 @@ class LLM:
         moe_runner: str = "auto",
         attention_backend: str = "auto",
         cuda_graph_bs: tuple[int, ...] | None = None,
+        piecewise_tokens: tuple[int, ...] | None = None,
         overlap: bool = True,
         random_seed: int = 0,
         radix_cache: bool = False,
@@ -33,13 +40,18 @@ class LLM:
         kv_cache_dtype: str = "auto",
     ) -> None:
         """cuda_graph_bs: decode batch sizes to capture (default on CUDA: SGLang's buckets up to
-        max_running_requests; () runs eagerly). overlap: prepare each step while the previous one runs (the
-        server's default; --disable-overlap-schedule). radix_cache: reuse the KV of cached prompt prefixes (the
-        server's default; off here so that tests see every page come back to the pool). quantization: "fp8" quantizes
-        an unquantized checkpoint's weights at load (--quantization); kv_cache_dtype: --kv-cache-dtype."""
+        max_running_requests; () runs eagerly). piecewise_tokens: prompt forward sizes replayed from piecewise
+        graphs (default on CUDA: the server's sizes up to chunked_prefill_size; () runs eagerly). overlap: prepare
+        each step while the previous one runs (the server's default; --disable-overlap-schedule). radix_cache: reuse
+        the KV of cached prompt prefixes (the server's default; off here so that tests see every page come back to
+        the pool). quantization: "fp8" quantizes an unquantized checkpoint's weights at load (--quantization);
+        kv_cache_dtype: --kv-cache-dtype."""
+        on_cuda = torch.device(device).type == "cuda"
         if cuda_graph_bs is None:
-            on_cuda = torch.device(device).type == "cuda"
             cuda_graph_bs = default_cuda_graph_bs(max_running_requests) if on_cuda else ()
+        if piecewise_tokens is None:
+            max_tokens = chunked_prefill_size if chunked_prefill_size > 0 else DEFAULT_PIECEWISE_MAX_TOKENS
+            piecewise_tokens = default_piecewise_tokens(max_tokens) if on_cuda else ()
         cfg = RunnerConfig(
             model_path,
             device,
@@ -51,6 +63,7 @@ class LLM:
             moe_runner=resolve_moe_runner(moe_runner, torch.device(device).type),
             attention_backend=resolve_attention_backend(attention_backend, torch.device(device).type),
             cuda_graph_bs=cuda_graph_bs,
+            piecewise_tokens=piecewise_tokens,
             random_seed=random_seed,
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,

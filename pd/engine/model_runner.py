@@ -16,6 +16,7 @@ from pd.engine.cuda_graph_runner import CudaGraphRunner, StagedDecode
 from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
 from pd.engine.kv_cache import KVCache, ReqToToken, kv_storage_dtype
 from pd.engine.micro_batch import MicroBatches, split_in_two
+from pd.engine.piecewise_graphs import PiecewiseGraphs
 from pd.layers import fused_kernels
 from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
@@ -52,6 +53,7 @@ class RunnerConfig:
     two_batch_overlap: bool = False  # every forward as two micro-batches interleaved layer by layer
     attention_backend: str = "torch"  # an --attention-backend name (resolved)
     cuda_graph_bs: tuple[int, ...] = ()  # decode batch sizes to capture as CUDA graphs (empty: eager)
+    piecewise_tokens: tuple[int, ...] = ()  # prompt forward token counts to capture as piecewise graphs (empty: eager)
     quantization: str = "none"  # --quantization: "fp8" quantizes an unquantized checkpoint at load
     kv_cache_dtype: str = "auto"  # --kv-cache-dtype: auto (= dtype), fp8_e4m3 or fp8_e5m2
 
@@ -116,12 +118,16 @@ class ModelRunner:
                                   * cfg.page_size)
         # One rank holds the whole forward (no followers, no expert peers): graphs and overlap need that.
         self.single_rank = sync is None and moe_ctx.ep_size == 1 and moe_ctx.group is None
-        self.graph_bs = self._graph_batch_sizes(moe_ctx, has_moe=bool(moe_layers))
-        # Under CUDA graphs one page past the pool's is the sink padding requests write their KV to.
-        self.kv_cache = KVCache(self.model.num_layers, self.num_pages + bool(self.graph_bs), cfg.page_size, layout,
-                                self.kv_dtype, self.device)  # fmt: skip
+        blocker = self._graph_blocker(moe_ctx, has_moe=bool(moe_layers))
+        self.graph_bs = self._graph_sizes(cfg.cuda_graph_bs, "CUDA graphs", blocker or self._attention_blocker())
+        self.piecewise_tokens = self._graph_sizes(cfg.piecewise_tokens, "piecewise CUDA graphs", blocker)
+        # Under CUDA graphs one page past the pool's is the sink padding requests and tokens write their KV to.
+        sink = bool(self.graph_bs or self.piecewise_tokens)
+        self.kv_cache = KVCache(self.model.num_layers, self.num_pages + sink, cfg.page_size, layout, self.kv_dtype,
+                                self.device)  # fmt: skip
         self.attn_backend = get_backend(cfg.attention_backend)
         self.graphs: CudaGraphRunner | None = None  # captured once the scheduler's page table exists
+        self.prompt_graphs: PiecewiseGraphs | None = None  # likewise
         self.slot_table: ReqToToken | None = None
         self.forced_mode: str | None = None  # set by the DP-attention gate: the mode all leaders agreed on
         self.num_forwards = 0
@@ -143,34 +149,43 @@ class ModelRunner:
         self.slot_table = ReqToToken(max_rows, max_context, self.cfg.page_size, self.device)
         if self.sync is not None and self.sync.is_leader:
             self.slot_table.journal = []
+        pad_slot = self.num_pages * self.cfg.page_size
+        capture = self.device.type == "cuda"
         if self.graph_bs:
             sizes = tuple(b for b in self.graph_bs if b <= max_rows) or (max_rows,)
-            pad_slot = self.num_pages * self.cfg.page_size
             with compile_watch.expected():
-                self.graphs = CudaGraphRunner(self, self.slot_table, sizes, pad_slot=pad_slot,
-                                              capture=self.device.type == "cuda")  # fmt: skip
+                self.graphs = CudaGraphRunner(self, self.slot_table, sizes, pad_slot=pad_slot, capture=capture)
+        if self.piecewise_tokens:
+            with compile_watch.expected():
+                self.prompt_graphs = PiecewiseGraphs(self, self.slot_table, self.piecewise_tokens, pad_slot=pad_slot,
+                                                     capture=capture)  # fmt: skip
         return self.slot_table
 
-    def _graph_batch_sizes(self, moe_ctx: MoeContext, has_moe: bool) -> tuple[int, ...]:
-        """cfg.cuda_graph_bs where this rank can replay graphs alone, else () with the reason logged."""
+    def _graph_blocker(self, moe_ctx: MoeContext, has_moe: bool) -> str | None:
+        """Why this rank cannot replay graphs of its forwards (decode or piecewise), or None."""
         cfg = self.cfg
-        if not cfg.cuda_graph_bs:
+        if has_moe and cfg.moe_runner != "triton":
+            return f"--moe-runner-backend {cfg.moe_runner} reads expert counts on the host (use triton)"
+        if not self.single_rank:
+            return "multi-rank instances replay graphs in a later version"
+        if cfg.two_batch_overlap:
+            return "two-batch overlap runs eagerly"
+        if self.eplb is not None:
+            return "EPLB runs eagerly"
+        return None
+
+    def _attention_blocker(self) -> str | None:
+        """Why the attention cannot be captured (a decode graph holds it; piecewise graphs run it eagerly)."""
+        name = self.cfg.attention_backend
+        return None if name == "triton" else f"--attention-backend {name} cannot be captured (use triton)"
+
+    @staticmethod
+    def _graph_sizes(sizes: tuple[int, ...], what: str, blocker: str | None) -> tuple[int, ...]:
+        """sizes, or () with the reason logged when there is a blocker."""
+        if sizes and blocker is not None:
+            logger.warning("%s off: %s", what, blocker)
             return ()
-        reason = None
-        if cfg.attention_backend != "triton":
-            reason = f"--attention-backend {cfg.attention_backend} cannot be captured (use triton)"
-        elif has_moe and cfg.moe_runner != "triton":
-            reason = f"--moe-runner-backend {cfg.moe_runner} reads expert counts on the host (use triton)"
-        elif not self.single_rank:
-            reason = "multi-rank instances replay graphs in a later version"
-        elif cfg.two_batch_overlap:
-            reason = "two-batch overlap runs eagerly"
-        elif self.eplb is not None:
-            reason = "EPLB runs eagerly"
-        if reason is not None:
-            logger.warning("CUDA graphs off: %s", reason)
-            return ()
-        return cfg.cuda_graph_bs
+        return sizes
 
     def _num_pages(self, layout: list[tuple[int, int]]) -> int:
         cfg = self.cfg
@@ -256,6 +271,8 @@ class ModelRunner:
             return self.graphs.replay_staged(batch)
         if isinstance(batch, MicroBatches):
             hidden = self.model.forward_two(batch.first, batch.second)
+        elif self.prompt_graphs is not None and self.prompt_graphs.can_run(batch):
+            hidden = self.prompt_graphs.forward(batch)
         else:
             hidden = self.model(batch)
         if self.eplb is not None:

@@ -88,6 +88,7 @@ def runner_config(args: ServerArgs, model_path: str) -> RunnerConfig:
         two_batch_overlap=args.enable_two_batch_overlap,
         attention_backend=args.attention_backend,
         cuda_graph_bs=args.cuda_graph_bs or (),
+        piecewise_tokens=args.piecewise_cuda_graph_tokens or (),
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
     )

@@ -1,0 +1,220 @@
+"""Prompt (extend) forwards replayed from piecewise CUDA graphs (SGLang's --disable-piecewise-cuda-graph,
+--piecewise-cuda-graph-max-tokens, --piecewise-cuda-graph-tokens).
+
+A prefill step of a MoE model launches about fifteen kernels per layer. On an H200 the host took 10-16 ms to
+launch an 8-layer, 8,192-token step, about as long as the GPU ran it, so the host paced prefill. A whole prompt
+forward cannot be one graph: its attention's grid and metadata follow the requests' lengths. Everything else
+follows only the token count. So a forward of T tokens runs in the smallest captured size S >= T: the model's
+pieces between two attention calls replay as graphs over static inputs of S tokens (padding tokens read token 0
+at position 0 and write their KV into the sink slot no request owns), and each layer's attention runs eagerly
+between them over the T real tokens, with the batch's own metadata.
+
+The graphs and the eager attention meet in static buffers shared by every layer and size: a piece ends by copying
+its queries (and, when the attention stores them, its keys and values) into them, and the next piece starts by
+reading the attention's output from one. Stream order keeps a layer's attention between the writes of the piece
+before it and the next. Sizes are captured from the largest down into one memory pool.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from pd.engine.forward_batch import BatchLayout, ForwardBatch, empty_layout
+
+if TYPE_CHECKING:
+    from pd.engine.kv_cache import ReqToToken
+    from pd.engine.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _AttentionCall:
+    """One layer's attention as the captured forward made it; the replay makes it again over the real tokens."""
+
+    layer_id: int
+    q: torch.Tensor  # [S, Hq, Dk] views of the shared static buffers
+    k: torch.Tensor
+    v: torch.Tensor | None
+    out: torch.Tensor
+    scale: float
+    kv_heads: slice | None
+    v_dim: int | None
+    kv_stored: bool
+
+
+class _SplitAtAttention:
+    """The attention backend a static forward sees: it hands each call to the graphs, which end a piece there."""
+
+    name = "piecewise"
+
+    def __init__(self, graphs: PiecewiseGraphs) -> None:
+        self.graphs = graphs
+
+    def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, batch: ForwardBatch,
+                scale: float, kv_heads: slice | None = None, v_dim: int | None = None,
+                kv_stored: bool = False) -> torch.Tensor:  # fmt: skip
+        return self.graphs._split(layer_id, q, k, v, scale, kv_heads, v_dim, kv_stored)
+
+
+class PiecewiseGraphs:
+    """Captured prompt forwards of one rank, one set of pieces per token count.
+
+    Args:
+        runner: the model runner whose model and KV cache are captured (its attention backend runs eagerly).
+        page_table: the scheduler's page table.
+        sizes: the token counts to capture (any order).
+        pad_slot: a KV slot no request owns (padding tokens write there).
+        capture: False runs each size's static forward eagerly, attention included, instead of replaying graphs
+            (the same static buffers, padding and split: how the bookkeeping is tested without a GPU).
+    """
+
+    def __init__(self, runner: ModelRunner, page_table: ReqToToken, sizes: tuple[int, ...], pad_slot: int,
+                 capture: bool = True) -> None:  # fmt: skip
+        self.runner, self.sizes = runner, tuple(sorted(set(sizes)))
+        self.max_tokens = self.sizes[-1]
+        device = runner.device
+        self._inputs = torch.zeros(3, self.max_tokens, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.out_loc = self._inputs
+        self.out_loc.fill_(pad_slot)
+        self.pad_slot, self.page_table = pad_slot, page_table
+        self._buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self._split_at = _SplitAtAttention(self)
+        self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.calls: dict[int, list[_AttentionCall]] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        self._capturing: list[torch.cuda.CUDAGraph] | None = None  # the pieces of the size being captured
+        self._recording: list[_AttentionCall] | None = None
+        self._batch: ForwardBatch | None = None  # uncaptured: the real batch whose attention runs at each split
+        self.capture_s = self.capture_mib = 0.0  # what the capture took (logged at start-up)
+        if capture:
+            try:
+                self._capture()
+            except RuntimeError as e:  # e.g. an operation the capture forbids (a host sync) in some model's layers
+                raise RuntimeError(f"capturing piecewise CUDA graphs of prompt forwards failed ({e}); start with "
+                                   "--disable-piecewise-cuda-graph to run them eagerly") from e  # fmt: skip
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return 0 < batch.num_tokens <= self.max_tokens
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """-> hidden states [T, hidden] of the batch's T tokens (a view of the size's static output: consume it
+        before the next forward). can_run must hold."""
+        n = batch.num_tokens
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        # The real tokens, then padding: token 0 at position 0 writing the sink slot.
+        self._inputs[:, :n].copy_(torch.stack((batch.input_ids, batch.positions, batch.layout.out_loc)))
+        self._inputs[:2, n:size].zero_()
+        self.out_loc[n:size].fill_(self.pad_slot)
+        if size not in self.pieces:  # uncaptured: the static forward, each split running the real attention
+            self._batch = batch
+            try:
+                return self.runner.model(self._static_batch(size))[:n]
+            finally:
+                self._batch = None
+        pieces, calls = self.pieces[size], self.calls[size]
+        for piece, call in zip(pieces[:-1], calls, strict=True):  # each piece ends where an attention call starts
+            piece.replay()
+            self._attend(call, batch)
+        pieces[-1].replay()
+        return self.hidden[size][:n]
+
+    def _attend(self, call: _AttentionCall, batch: ForwardBatch) -> None:
+        n = batch.num_tokens
+        batch.attn_backend.forward(call.layer_id, call.q[:n], call.k[:n], None if call.v is None else call.v[:n],
+                                   batch, call.scale, kv_heads=call.kv_heads, v_dim=call.v_dim,
+                                   kv_stored=call.kv_stored, out=call.out[:n])  # fmt: skip
+
+    def _split(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float,
+               kv_heads: slice | None, v_dim: int | None, kv_stored: bool) -> torch.Tensor:  # fmt: skip
+        """A layer's attention call inside a static forward: the piece ends with its inputs in the shared buffers;
+        -> the shared output buffer the next piece reads."""
+        size = q.shape[0]
+        q_s = self._buffer("q", q.shape, q.dtype)
+        q_s.copy_(q)
+        k_s = self._buffer("k", k.shape, k.dtype)
+        v_s = None if v is None else self._buffer("v", v.shape, v.dtype)
+        if not kv_stored:  # the backend stores them (else it reads only their shapes)
+            k_s.copy_(k)
+            if v is not None:
+                v_s.copy_(v)  # type: ignore[union-attr]
+        out_dim = v_dim if v is None else v.shape[-1]
+        out = self._buffer("out", (size, q.shape[1], out_dim), q.dtype)
+        call = _AttentionCall(layer_id, q_s, k_s, v_s, out, scale, kv_heads, v_dim, kv_stored)
+        if self._batch is not None:
+            self._attend(call, self._batch)
+        elif self._capturing is not None:
+            assert self._recording is not None
+            self._recording.append(call)
+            self._capturing[-1].capture_end()
+            self._begin_piece()
+        return out
+
+    def _buffer(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """[shape[0], *shape[1:]]: the first rows of the buffer every layer and token count share for this role,
+        trailing shape and dtype (allocated by the first, eager, forward: never inside a capture)."""
+        key = (role, tuple(shape[1:]), dtype)
+        if key not in self._buffers:
+            # zeros: the rows past a batch's tokens are read by the next piece (finite values keep padding harmless)
+            self._buffers[key] = torch.zeros(self.max_tokens, *key[1], dtype=dtype, device=self.runner.device)
+        return self._buffers[key][: shape[0]]
+
+    def _static_batch(self, size: int) -> ForwardBatch:
+        """A forward of ``size`` tokens over the static inputs; its attention calls go to _split."""
+        device = self.runner.device
+        none = empty_layout(device, self.page_table)
+        layout = BatchLayout(rows=none.rows, prefix_lens=none.prefix_lens, extend_lens=none.extend_lens,
+                             q_starts=none.q_starts, out_loc=self.out_loc[:size], page_table=self.page_table,
+                             host_prefix_lens=[], host_extend_lens=[])  # fmt: skip
+        return ForwardBatch(input_ids=self.input_ids[:size], positions=self.positions[:size], layout=layout,
+                            kv_cache=self.runner.kv_cache, logits_index=none.out_loc, attn_backend=self._split_at,
+                            attn_meta=None, moe_mode="normal")  # fmt: skip
+
+    def _begin_piece(self) -> None:
+        assert self._capturing is not None
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self._pool)
+        self._capturing.append(graph)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        start = time.perf_counter()
+        device = self.runner.device
+        free_before = torch.cuda.mem_get_info(device)[0]
+        self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        model = self.runner.model
+        for size in reversed(self.sizes):
+            batch = self._static_batch(size)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside the capture: Triton compiles, the allocator settles
+                    model(batch)
+                torch.cuda.synchronize(device)
+                self._capturing, self._recording = [], []
+                try:
+                    self._begin_piece()
+                    self.hidden[size] = model(batch)
+                    self._capturing[-1].capture_end()
+                    self.pieces[size], self.calls[size] = self._capturing, self._recording
+                finally:
+                    self._capturing = self._recording = None
+            torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # the warm-ups' blocks, cached for the capture stream, which nothing else reuses
+        self.capture_mib = (free_before - torch.cuda.mem_get_info(device)[0]) / 2**20
+        self.capture_s = time.perf_counter() - start
+        pieces = len(next(iter(self.pieces.values())))
+        logger.info("captured piecewise CUDA graphs for prompt forwards of %s tokens (%d pieces each) in %.1f s, "
+                    "%.0f MiB", _ranges(self.sizes), pieces, self.capture_s, self.capture_mib)  # fmt: skip
+
+
+def _ranges(sizes: tuple[int, ...]) -> str:
+    return ", ".join(map(str, sizes)) if len(sizes) <= 8 else f"{sizes[0]}, {sizes[1]}, ... {sizes[-1]} ({len(sizes)})"
