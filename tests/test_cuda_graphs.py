@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,17 +23,16 @@ from pd.server_args import default_cuda_graph_bs
 from tests.tiny_checkpoints import make_checkpoint
 from tests.triton_interpreter import patch_interpreter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_default_buckets_follow_sglang_spacing():
     assert default_cuda_graph_bs(64) == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
     assert default_cuda_graph_bs(3) == (1, 2, 3)
 
 
-def graphs_equal_eager(arch: str, root: str, device: str, num_prompts: int, max_prompt: int, max_new: int) -> None:
-    """Greedy tokens with decode batches replayed (or, on CPU, run uncaptured) from buckets (1, 2, 4, 8, 16)
-    equal the eager engine's, in fp32 (the Triton attention backend and MoE runner: the ones graphs capture)."""
+def greedy_workload(arch: str, root: str, device: str, num_prompts: int, max_prompt: int,
+                    max_new: int) -> tuple[int, str, list[list[int]], list[SamplingParams]]:  # fmt: skip
+    """A fresh random checkpoint of ``arch`` and greedy requests for it: (seed, path, prompts of 3 to max_prompt
+    tokens, params of 2 to max_new new tokens). On CPU, Triton's interpreter computes like compiled Triton."""
     if device == "cpu":
         patch_interpreter()
     seed = int(torch.randint(0, 2**31, ()).item())
@@ -45,6 +42,13 @@ def graphs_equal_eager(arch: str, root: str, device: str, num_prompts: int, max_
                for n in torch.randint(3, max_prompt, (num_prompts,), generator=gen)]  # fmt: skip
     params = [SamplingParams(max_new_tokens=int(n), temperature=0.0)
               for n in torch.randint(2, max_new, (num_prompts,), generator=gen)]  # fmt: skip
+    return seed, path, prompts, params
+
+
+def graphs_equal_eager(arch: str, root: str, device: str, num_prompts: int, max_prompt: int, max_new: int) -> None:
+    """Greedy tokens with decode batches replayed (or, on CPU, run uncaptured) from buckets (1, 2, 4, 8, 16)
+    equal the eager engine's, in fp32 (the Triton attention backend and MoE runner: the ones graphs capture)."""
+    seed, path, prompts, params = greedy_workload(arch, root, device, num_prompts, max_prompt, max_new)
     outs = {}
     # Graphs with and without overlap scheduling (under overlap a staged batch takes its tokens from the device).
     for graphs, overlap in ((True, True), (True, False), (False, False)):
@@ -65,12 +69,8 @@ def graphs_equal_eager(arch: str, root: str, device: str, num_prompts: int, max_
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("arch", ["deepseek_v3"])  # MLA and MoE: the GPU test covers the other architectures
-def test_graph_runner_bookkeeping_uncaptured_on_cpu_gives_the_eager_tokens(arch, tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import tests.test_cuda_graphs as t; t.graphs_equal_eager({arch!r}, {str(tmp_path)!r}, 'cpu', 4, 20, 6)"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+def test_graph_runner_bookkeeping_uncaptured_on_cpu_gives_the_eager_tokens(arch, tmp_path, interpreter):
+    interpreter.run(__name__, "graphs_equal_eager", arch, str(tmp_path), "cpu", 4, 20, 6)
 
 
 @pytest.mark.gpu
@@ -93,10 +93,15 @@ def test_graph_replay_makes_no_host_sync(arch, tmp_path, gpu_fp32_clean):
         rows.append(row)
     batch = runner.build_batch([1, 2, 3], rows, [5, 17, 9], [1, 1, 1], sched.slots)
     assert isinstance(batch, StagedDecode)
+    logits = forward_without_sync(runner, batch)
+    assert logits.shape[0] == 3 and torch.isfinite(logits).all()
+
+
+def forward_without_sync(runner, batch) -> torch.Tensor:  # noqa: ANN001
+    """runner.forward(batch) with any host sync it makes an error (torch.cuda.set_sync_debug_mode)."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        logits = runner.forward(batch)
+        return runner.forward(batch)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert logits.shape[0] == 3 and torch.isfinite(logits).all()

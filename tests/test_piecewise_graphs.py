@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from pd.engine import compile_watch
-from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
 from pd.server_args import ServerArgs, default_piecewise_tokens
+from tests.test_cuda_graphs import forward_without_sync, greedy_workload
 from tests.tiny_checkpoints import make_checkpoint
-from tests.triton_interpreter import patch_interpreter
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_default_sizes_pad_at_most_an_eighth_past_512_tokens():
@@ -73,15 +67,7 @@ def piecewise_equal_eager(arch: str, root: str, device: str, fused: bool, num_pr
     eager engine's, in fp32. Decode batches replay their CUDA graphs on the GPU in both runs."""
     from pd.layers import fused_kernels
 
-    if device == "cpu":
-        patch_interpreter()
-    seed = int(torch.randint(0, 2**31, ()).item())
-    path = make_checkpoint(arch, os.path.join(root, arch), seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, 256, (int(n),), generator=gen).tolist()
-               for n in torch.randint(3, max_prompt, (num_prompts,), generator=gen)]  # fmt: skip
-    params = [SamplingParams(max_new_tokens=int(n), temperature=0.0)
-              for n in torch.randint(2, max_new, (num_prompts,), generator=gen)]  # fmt: skip
+    seed, path, prompts, params = greedy_workload(arch, root, device, num_prompts, max_prompt, max_new)
     chunk = sizes[-1]
     outs, replayed = {}, 0
     fused_ctx = fused_kernels.on_cpu() if device == "cpu" and fused else contextlib.nullcontext()
@@ -122,13 +108,8 @@ def piecewise_equal_eager(arch: str, root: str, device: str, fused: bool, num_pr
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize(("arch", "fused"), [("qwen3_moe", True), ("deepseek_v3", False)])
-def test_piecewise_bookkeeping_uncaptured_on_cpu_gives_the_eager_tokens(arch, fused, tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = (f"import tests.test_piecewise_graphs as t; "
-            f"t.piecewise_equal_eager({arch!r}, {str(tmp_path)!r}, 'cpu', {fused}, 3, 40, 3, (8, 24, 32))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+def test_piecewise_bookkeeping_uncaptured_on_cpu_gives_the_eager_tokens(arch, fused, tmp_path, interpreter):
+    interpreter.run(__name__, "piecewise_equal_eager", arch, str(tmp_path), "cpu", fused, 3, 40, 3, (8, 24, 32))
 
 
 @pytest.mark.gpu
@@ -151,10 +132,5 @@ def test_piecewise_replay_makes_no_host_sync(arch, tmp_path, gpu_fp32_clean):
         sched.slots.assign_pages(row, 0, sched.pool.alloc(sched._pages_for(n + 4)))
         rows.append(row)
     batch = runner.build_batch(list(range(sum(lens))), rows, [0, 0, 0], list(lens), sched.slots)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        logits = runner.forward(batch)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    logits = forward_without_sync(runner, batch)
     assert logits.shape[0] == 3 and torch.isfinite(logits).all()
