@@ -10,7 +10,7 @@ table is written to OUT/profile_<variant>.txt. The run fails if a triton decode 
 cuDNN/flash/SDPA kernel, or gathers KV.
 
 Usage: python benchmarks/profile_decode_step.py [--out DIR] [--layers 8] [--batch 64] [--prompt 128]
-       [--variants triton,prefill] [--quantization fp8]
+       [--variants triton,prefill] [--quantization fp8] [--model deepseek --layers 2 --variants prefill]
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
     llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=64,
               max_total_tokens=64 * 1200, chunked_prefill_size=8192, quantization=args.quantization)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 150000, (1024,), generator=gen).tolist() for _ in range(16)]
+    vocab = llm.runner.model_config.vocab_size
+    prompts = [torch.randint(1, vocab, (1024,), generator=gen).tolist() for _ in range(16)]
     params = SamplingParams(max_new_tokens=1, temperature=0.0)
     llm.generate(prompts, params)  # every kernel variant of the shape compiles here
     torch.cuda.synchronize()
@@ -147,19 +148,22 @@ def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
         torch.cuda.synchronize()
     with open(os.path.join(args.out, f"profile_prefill{_suffix(args)}.txt"), "w") as f:
         f.write(f"{torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-        f.write(f"prefill 16 x 1024 tokens, {args.layers} layers, wall {wall * 1e3:.1f} ms\n")
+        f.write(f"prefill 16 x 1024 tokens, {args.model}, {args.layers} layers, wall {wall * 1e3:.1f} ms\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
     return {"variant": "prefill", "wall_ms": wall * 1e3, "tok_per_s": 16 * 1024 / wall, "profiled_gpu_ms": gpu_us / 1e3}
 
 
 def _suffix(args: argparse.Namespace) -> str:
-    return "" if args.quantization == "none" else f"_{args.quantization}"
+    model = "" if args.model == "qwen3" else f"_{args.model}"
+    return model + ("" if args.quantization == "none" else f"_{args.quantization}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".")
+    parser.add_argument("--model", choices=("qwen3", "deepseek"), default="qwen3",
+                        help="deepseek: bench_gpu_serve.py's DeepSeek-V3 shape (its context is 4096 tokens)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
@@ -171,7 +175,12 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        make_checkpoint(tmp, args.layers)
+        if args.model == "qwen3":
+            make_checkpoint(tmp, args.layers)
+        else:  # the serving benchmark's DeepSeek-V3 shape (MLA, 256 experts, group-limited routing)
+            from benchmarks.bench_gpu_serve import model_config, write_checkpoint
+
+            write_checkpoint(tmp, model_config(args.model, args.layers, False), "cuda")
         for variant in args.variants.split(","):
             results.append(profile_prefill(tmp, args) if variant == "prefill" else run_backend(tmp, variant, args))
             print(json.dumps(results[-1]), flush=True)

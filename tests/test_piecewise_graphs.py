@@ -101,6 +101,8 @@ def piecewise_equal_eager(arch: str, root: str, device: str, fused: bool, num_pr
             outs[piecewise] = llm.generate(prompts, params)
             if piecewise and device == "cuda":
                 assert compile_watch.compiles_after_warm_up == late, "a kernel variant compiled after the warm-up"
+            if graphs is not None:  # MLA's prompt form was captured: decode-like batches must not replay it
+                assert graphs.expands == arch.startswith("deepseek")
             del llm
     assert replayed > 0, "no forward went through the piecewise graphs"
     assert outs[True] == outs[False], f"seed {seed}"

@@ -15,6 +15,7 @@ A CUDA-graph runner drives three more hooks: `init_graph_state` once (static buf
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -59,6 +60,24 @@ class AttentionBackend(Protocol):
         Returns:
             [T, Hq, Dv] in q's dtype.
         """
+
+    def forward_expanded(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        latent: torch.Tensor,
+        expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        v_dim: int,
+        batch: ForwardBatch,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MLA by multi-head attention: stores the new tokens' latents [T, 1, C + R], reads each request's context
+        latents [S, C + R] back from the cache, expands them into per-head keys [S, H, Dk] and values [S, H, v_dim]
+        (``expand``: kv_b_proj and the shared rope part) and attends causally with q [T, H, Dk]. For prompt
+        forwards: per head the latent form reads C + R columns for keys and C for values (576 / 512 for
+        DeepSeek-V3) where this reads Dk / v_dim (192 / 128), at the price of the expansion's GEMM over the whole
+        context. -> [T, H, v_dim] (into ``out`` when given)."""
 
     def init_graph_state(self, max_bs: int, kv_cache: KVCache, max_context_len: int,
                          facts: torch.Tensor | None = None) -> None:  # fmt: skip

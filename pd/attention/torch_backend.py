@@ -6,6 +6,7 @@ New K/V are written into the paged cache first, then each request's whole contex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,27 @@ class TorchAttentionBackend:
         if kv_heads is not None and kv_heads != slice(0, k.shape[1]):
             k_all, v_all = k_all[:, :, kv_heads], v_all[:, :, kv_heads]
         result = attend(q, k_all.to(q.dtype), v_all.to(q.dtype), meta, scale)
+        return result if out is None else out.copy_(result)
+
+    def forward_expanded(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        latent: torch.Tensor,
+        expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        v_dim: int,
+        batch: ForwardBatch,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        meta: TorchAttentionMeta = batch.attn_meta  # type: ignore[assignment]
+        cache = batch.kv_cache
+        cache.store(layer_id, batch.layout.out_loc, latent)
+        (latent_BL1X,) = cache.gather(layer_id, meta.kv_slots)
+        num_reqs, length = meta.kv_slots.shape
+        k_SHD, v_SHV = expand(latent_BL1X.view(num_reqs * length, -1).to(q.dtype))
+        result = attend(q, k_SHD.view(num_reqs, length, *k_SHD.shape[1:]),
+                        v_SHV.reshape(num_reqs, length, *v_SHV.shape[1:]), meta, scale)  # fmt: skip
         return result if out is None else out.copy_(result)
 
     # CUDA graphs need static shapes; this backend's [B, L] gather has a data-dependent L.

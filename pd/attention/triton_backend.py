@@ -8,8 +8,10 @@ the first C columns of the same rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pd.attention.triton_decode import decode_attention, default_num_kv_splits
@@ -38,6 +40,44 @@ class TritonAttentionMeta:
     decode: bool
     max_context_len: int
     num_kv_splits: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
+    context: ExpandedContext | None = None  # forward_expanded's, built at its first layer and kept for the forward
+
+
+@dataclass(frozen=True)
+class ExpandedContext:
+    """Where forward_expanded finds each request's context: its S context tokens (prefix, then new) laid out
+    request after request, as the extend kernel's "cache" with one token per page.
+
+    slots: [S] int64, the KV slot of each context token (to read its latent back from the cache).
+    table: [B, max context] int32, request b's key j sits at row table[b, j] of the expanded keys and values.
+    rows:  [B] int32, 0..B-1 (request b reads row b of the table).
+    """
+
+    slots: torch.Tensor
+    table: torch.Tensor
+    rows: torch.Tensor
+
+
+def expanded_context(layout: BatchLayout) -> ExpandedContext:
+    """The batch's ExpandedContext: lengths from the host, page-table rows looked up on the device (one copy, a
+    gather; no sync)."""
+    assert layout.page_table is not None
+    device = layout.rows.device
+    prefix = np.asarray(layout.host_prefix_lens, dtype=np.int64)
+    lengths = prefix + np.asarray(layout.host_extend_lens, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    total, num_reqs, longest = int(lengths.sum()), len(lengths), int(lengths.max())
+    positions = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
+    request = np.repeat(np.arange(num_reqs, dtype=np.int64), lengths)
+    table = np.minimum(starts[:, None] + np.arange(longest, dtype=np.int64)[None, :], total - 1)
+    host = torch.empty(2 * total + table.size, dtype=torch.int64, pin_memory=device.type == "cuda")
+    buf = host.numpy()
+    buf[:total], buf[total : 2 * total], buf[2 * total :] = positions, request, table.reshape(-1)
+    facts = host.to(device, non_blocking=True)
+    positions_d, request_d = facts[:total], facts[total : 2 * total]
+    slots = layout.page_table.slots(layout.rows.long()[request_d], positions_d)
+    table_d = facts[2 * total :].view(num_reqs, longest).to(torch.int32)
+    return ExpandedContext(slots, table_d, torch.arange(num_reqs, dtype=torch.int32, device=device))
 
 
 @dataclass
@@ -111,6 +151,31 @@ class TritonAttentionBackend:
         else:
             extend_attention(q, k_buf, v_buf, out, pages, meta.rows, meta.q_starts, meta.extend_lens,
                              meta.prefix_lens, meta.max_extend_len, scale, page_size)  # fmt: skip
+        return out
+
+    def forward_expanded(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        latent: torch.Tensor,
+        expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        v_dim: int,
+        batch: ForwardBatch,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        meta: TritonAttentionMeta = batch.attn_meta  # type: ignore[assignment]
+        cache = batch.kv_cache
+        cache.store(layer_id, batch.layout.out_loc, latent)
+        if meta.context is None:
+            meta.context = expanded_context(batch.layout)
+        context = meta.context
+        (buf,) = cache.buffers[layer_id]
+        k_SHD, v_SHV = expand(buf.view(buf.shape[0], -1).index_select(0, context.slots).to(q.dtype))
+        if out is None:
+            out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+        extend_attention(q, k_SHD, v_SHV, out, context.table, context.rows, meta.q_starts, meta.extend_lens,
+                         meta.prefix_lens, meta.max_extend_len, scale, page_size=1)  # fmt: skip
         return out
 
     # ---- CUDA graphs (decode batches) ----

@@ -61,6 +61,13 @@ class BatchLayout:
         """Every request adds exactly one token (a decode step)."""
         return self.max_extend_len == 1
 
+    @property
+    def mostly_new(self) -> bool:
+        """Not a decode step, and no more cached tokens than new ones (a prompt's forward): MLA then attends with
+        per-head keys and values expanded from the context's latents (pd.models.mla), which costs a GEMM over the
+        whole context, instead of in the latent space."""
+        return not self.is_decode and sum(self.host_prefix_lens) <= sum(self.host_extend_lens)
+
 
 @dataclass
 class ForwardBatch:

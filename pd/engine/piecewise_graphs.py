@@ -10,9 +10,11 @@ at position 0 and write their KV into the sink slot no request owns), and each l
 between them over the T real tokens, with the batch's own metadata.
 
 The graphs and the eager attention meet in static buffers shared by every layer and size: a piece ends by copying
-its queries (and, when the attention stores them, its keys and values) into them, and the next piece starts by
-reading the attention's output from one. Stream order keeps a layer's attention between the writes of the piece
-before it and the next. Sizes are captured from the largest down into one memory pool.
+its queries (and, when the attention stores them, its keys and values; MLA's expanded form: its latents) into them,
+and the next piece starts by reading the attention's output from one. Stream order keeps a layer's attention
+between the writes of the piece before it and the next. Sizes are captured from the largest down into one memory
+pool. A static forward is a prompt's, so MLA captures its expanded form, and only batches of mostly new tokens
+replay it (pd.engine.forward_batch.BatchLayout.mostly_new); decode-like batches of an MLA model run eagerly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +51,30 @@ class _AttentionCall:
     v_dim: int | None
     kv_stored: bool
 
+    def attend(self, batch: ForwardBatch) -> None:
+        n = batch.num_tokens
+        batch.attn_backend.forward(self.layer_id, self.q[:n], self.k[:n], None if self.v is None else self.v[:n],
+                                   batch, self.scale, kv_heads=self.kv_heads, v_dim=self.v_dim,
+                                   kv_stored=self.kv_stored, out=self.out[:n])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _ExpandedCall:
+    """One MLA layer's attention over expanded latents (forward_expanded), as captured."""
+
+    layer_id: int
+    q: torch.Tensor
+    latent: torch.Tensor
+    expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    v_dim: int
+    out: torch.Tensor
+    scale: float
+
+    def attend(self, batch: ForwardBatch) -> None:
+        n = batch.num_tokens
+        batch.attn_backend.forward_expanded(self.layer_id, self.q[:n], self.latent[:n], self.expand, self.v_dim,
+                                            batch, self.scale, out=self.out[:n])  # fmt: skip
+
 
 class _SplitAtAttention:
     """The attention backend a static forward sees: it hands each call to the graphs, which end a piece there."""
@@ -60,7 +87,30 @@ class _SplitAtAttention:
     def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, batch: ForwardBatch,
                 scale: float, kv_heads: slice | None = None, v_dim: int | None = None,
                 kv_stored: bool = False) -> torch.Tensor:  # fmt: skip
-        return self.graphs._split(layer_id, q, k, v, scale, kv_heads, v_dim, kv_stored)
+        graphs = self.graphs
+        size = q.shape[0]
+        q_s = graphs._buffer("q", q.shape, q.dtype)
+        q_s.copy_(q)
+        k_s = graphs._buffer("k", k.shape, k.dtype)
+        v_s = None if v is None else graphs._buffer("v", v.shape, v.dtype)
+        if not kv_stored:  # the backend stores them (else it reads only their shapes)
+            k_s.copy_(k)
+            if v is not None:
+                v_s.copy_(v)  # type: ignore[union-attr]
+        out_dim = v_dim if v is None else v.shape[-1]
+        out = graphs._buffer("out", (size, q.shape[1], out_dim), q.dtype)
+        return graphs._split(_AttentionCall(layer_id, q_s, k_s, v_s, out, scale, kv_heads, v_dim, kv_stored))
+
+    def forward_expanded(self, layer_id: int, q: torch.Tensor, latent: torch.Tensor,
+                         expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], v_dim: int,
+                         batch: ForwardBatch, scale: float) -> torch.Tensor:  # fmt: skip
+        graphs = self.graphs
+        q_s, latent_s = graphs._buffer("q", q.shape, q.dtype), graphs._buffer("latent", latent.shape, latent.dtype)
+        q_s.copy_(q)
+        latent_s.copy_(latent)
+        out = graphs._buffer("out", (q.shape[0], q.shape[1], v_dim), q.dtype)
+        graphs.expands = True
+        return graphs._split(_ExpandedCall(layer_id, q_s, latent_s, expand, v_dim, out, scale))
 
 
 class PiecewiseGraphs:
@@ -87,12 +137,15 @@ class PiecewiseGraphs:
         self._buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
         self._split_at = _SplitAtAttention(self)
         self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.calls: dict[int, list[_AttentionCall]] = {}
+        self.calls: dict[int, list[_AttentionCall | _ExpandedCall]] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         self._capturing: list[torch.cuda.CUDAGraph] | None = None  # the pieces of the size being captured
-        self._recording: list[_AttentionCall] | None = None
+        self._recording: list[_AttentionCall | _ExpandedCall] | None = None
         self._batch: ForwardBatch | None = None  # uncaptured: the real batch whose attention runs at each split
         self.capture_s = self.capture_mib = 0.0  # what the capture took (logged at start-up)
+        # The static forward took MLA's expanded form (a prompt's), which only batches of mostly new tokens may replay:
+        # a decode-like batch would expand its whole context's latents at every layer.
+        self.expands = False
         if capture:
             try:
                 self._capture()
@@ -101,7 +154,7 @@ class PiecewiseGraphs:
                                    "--disable-piecewise-cuda-graph to run them eagerly") from e  # fmt: skip
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return 0 < batch.num_tokens <= self.max_tokens
+        return 0 < batch.num_tokens <= self.max_tokens and (batch.layout.mostly_new or not self.expands)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -122,40 +175,21 @@ class PiecewiseGraphs:
         pieces, calls = self.pieces[size], self.calls[size]
         for piece, call in zip(pieces[:-1], calls, strict=True):  # each piece ends where an attention call starts
             piece.replay()
-            self._attend(call, batch)
+            call.attend(batch)
         pieces[-1].replay()
         return self.hidden[size][:n]
 
-    def _attend(self, call: _AttentionCall, batch: ForwardBatch) -> None:
-        n = batch.num_tokens
-        batch.attn_backend.forward(call.layer_id, call.q[:n], call.k[:n], None if call.v is None else call.v[:n],
-                                   batch, call.scale, kv_heads=call.kv_heads, v_dim=call.v_dim,
-                                   kv_stored=call.kv_stored, out=call.out[:n])  # fmt: skip
-
-    def _split(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float,
-               kv_heads: slice | None, v_dim: int | None, kv_stored: bool) -> torch.Tensor:  # fmt: skip
-        """A layer's attention call inside a static forward: the piece ends with its inputs in the shared buffers;
-        -> the shared output buffer the next piece reads."""
-        size = q.shape[0]
-        q_s = self._buffer("q", q.shape, q.dtype)
-        q_s.copy_(q)
-        k_s = self._buffer("k", k.shape, k.dtype)
-        v_s = None if v is None else self._buffer("v", v.shape, v.dtype)
-        if not kv_stored:  # the backend stores them (else it reads only their shapes)
-            k_s.copy_(k)
-            if v is not None:
-                v_s.copy_(v)  # type: ignore[union-attr]
-        out_dim = v_dim if v is None else v.shape[-1]
-        out = self._buffer("out", (size, q.shape[1], out_dim), q.dtype)
-        call = _AttentionCall(layer_id, q_s, k_s, v_s, out, scale, kv_heads, v_dim, kv_stored)
+    def _split(self, call: _AttentionCall | _ExpandedCall) -> torch.Tensor:
+        """A layer's attention call inside a static forward, its inputs already in the shared buffers: the piece
+        ends there (uncaptured: the real batch's attention runs). -> the shared output buffer the next piece reads."""
         if self._batch is not None:
-            self._attend(call, self._batch)
+            call.attend(self._batch)
         elif self._capturing is not None:
             assert self._recording is not None
             self._recording.append(call)
             self._capturing[-1].capture_end()
             self._begin_piece()
-        return out
+        return call.out
 
     def _buffer(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """[shape[0], *shape[1:]]: the first rows of the buffer every layer and token count share for this role,

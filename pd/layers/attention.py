@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pd.engine.forward_batch import ForwardBatch
@@ -33,3 +35,20 @@ def latent_attention(
     if batch.num_tokens == 0:
         return q.new_zeros(0, q.shape[1], v_dim)
     return batch.attn_backend.forward(layer_id, q, latent, None, batch, scale, v_dim=v_dim)
+
+
+def expanded_latent_attention(
+    layer_id: int,
+    q: torch.Tensor,
+    latent: torch.Tensor,
+    expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    v_dim: int,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """MLA as multi-head attention (a prompt's forward): q [T, H, Dk] (not absorbed), latent [T, 1, C + R] (the
+    cached row); expand maps context latents [S, C + R] to per-head keys [S, H, Dk] and values [S, H, v_dim].
+    -> [T, H, v_dim]."""
+    if batch.num_tokens == 0:
+        return q.new_zeros(0, q.shape[1], v_dim)
+    return batch.attn_backend.forward_expanded(layer_id, q, latent, expand, v_dim, batch, scale)
