@@ -379,6 +379,11 @@ def default_piecewise_tokens(max_tokens: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def default_piecewise_max_tokens(chunked_prefill_size: int) -> int:
+    """The largest prompt forward: the chunked-prefill budget (a step's most tokens), else a fixed size."""
+    return chunked_prefill_size if chunked_prefill_size > 0 else DEFAULT_PIECEWISE_MAX_TOKENS
+
+
 def resolve_piecewise_tokens(a: ServerArgs, device: str) -> tuple[int, ...]:
     """The prompt forward sizes to capture as piecewise graphs: () when they are off
     (--disable-piecewise-cuda-graph, or not on CUDA)."""
@@ -390,7 +395,7 @@ def resolve_piecewise_tokens(a: ServerArgs, device: str) -> tuple[int, ...]:
         return tuple(sorted(set(a.piecewise_cuda_graph_tokens)))
     max_tokens = a.piecewise_cuda_graph_max_tokens
     if max_tokens is None:
-        max_tokens = a.chunked_prefill_size if a.chunked_prefill_size > 0 else DEFAULT_PIECEWISE_MAX_TOKENS
+        max_tokens = default_piecewise_max_tokens(a.chunked_prefill_size)
     return default_piecewise_tokens(max_tokens)
 
 

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from pd.engine.forward_batch import BatchLayout, ForwardBatch
     from pd.engine.kv_cache import KVCache
 
+# MLA's expansion of context latents [S, C + R] into per-head keys [S, H, Dk] and values [S, H, Dv]
+# (pd.models.mla.MLAttention._expand), handed to AttentionBackend.forward_expanded.
+LatentExpand = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 class AttentionBackend(Protocol):
     """Paged attention over a ragged batch."""
@@ -66,7 +70,7 @@ class AttentionBackend(Protocol):
         layer_id: int,
         q: torch.Tensor,
         latent: torch.Tensor,
-        expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        expand: LatentExpand,
         v_dim: int,
         batch: ForwardBatch,
         scale: float,

@@ -6,14 +6,17 @@ New K/V are written into the paged cache first, then each request's whole contex
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from pd.engine.forward_batch import BatchLayout, ForwardBatch
 from pd.engine.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from pd.attention import LatentExpand
 
 
 @dataclass
@@ -96,7 +99,7 @@ class TorchAttentionBackend:
         layer_id: int,
         q: torch.Tensor,
         latent: torch.Tensor,
-        expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        expand: LatentExpand,
         v_dim: int,
         batch: ForwardBatch,
         scale: float,

@@ -8,8 +8,8 @@ the first C columns of the same rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from pd.attention.triton_decode import decode_attention, default_num_kv_splits
 from pd.attention.triton_extend import extend_attention
 from pd.engine.forward_batch import BatchLayout, ForwardBatch
 from pd.engine.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from pd.attention import LatentExpand
 
 
 @dataclass
@@ -158,7 +161,7 @@ class TritonAttentionBackend:
         layer_id: int,
         q: torch.Tensor,
         latent: torch.Tensor,
-        expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        expand: LatentExpand,
         v_dim: int,
         batch: ForwardBatch,
         scale: float,
@@ -170,8 +173,8 @@ class TritonAttentionBackend:
         if meta.context is None:
             meta.context = expanded_context(batch.layout)
         context = meta.context
-        (buf,) = cache.buffers[layer_id]
-        k_SHD, v_SHV = expand(buf.view(buf.shape[0], -1).index_select(0, context.slots).to(q.dtype))
+        (latent_S1X,) = cache.gather(layer_id, context.slots)
+        k_SHD, v_SHV = expand(latent_S1X.flatten(1).to(q.dtype))
         if out is None:
             out = q.new_empty(q.shape[0], q.shape[1], v_dim)
         extend_attention(q, k_SHD, v_SHV, out, context.table, context.rows, meta.q_starts, meta.extend_lens,

@@ -10,8 +10,8 @@ from pd.engine.io import GenerateRequest, SamplingParams
 from pd.engine.model_runner import ModelRunner, RunnerConfig
 from pd.engine.scheduler import Scheduler, SchedulerConfig
 from pd.server_args import (
-    DEFAULT_PIECEWISE_MAX_TOKENS,
     default_cuda_graph_bs,
+    default_piecewise_max_tokens,
     default_piecewise_tokens,
     resolve_attention_backend,
     resolve_moe_runner,
@@ -50,7 +50,7 @@ class LLM:
         if cuda_graph_bs is None:
             cuda_graph_bs = default_cuda_graph_bs(max_running_requests) if on_cuda else ()
         if piecewise_tokens is None:
-            max_tokens = chunked_prefill_size if chunked_prefill_size > 0 else DEFAULT_PIECEWISE_MAX_TOKENS
+            max_tokens = default_piecewise_max_tokens(chunked_prefill_size)
             piecewise_tokens = default_piecewise_tokens(max_tokens) if on_cuda else ()
         cfg = RunnerConfig(
             model_path,

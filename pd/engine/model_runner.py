@@ -118,7 +118,7 @@ class ModelRunner:
                                   * cfg.page_size)
         # One rank holds the whole forward (no followers, no expert peers): graphs and overlap need that.
         self.single_rank = sync is None and moe_ctx.ep_size == 1 and moe_ctx.group is None
-        blocker = self._graph_blocker(moe_ctx, has_moe=bool(moe_layers))
+        blocker = self._graph_blocker(has_moe=bool(moe_layers))
         self.graph_bs = self._graph_sizes(cfg.cuda_graph_bs, "CUDA graphs", blocker or self._attention_blocker())
         self.piecewise_tokens = self._graph_sizes(cfg.piecewise_tokens, "piecewise CUDA graphs", blocker)
         # Under CUDA graphs one page past the pool's is the sink padding requests and tokens write their KV to.
@@ -161,7 +161,7 @@ class ModelRunner:
                                                      capture=capture)  # fmt: skip
         return self.slot_table
 
-    def _graph_blocker(self, moe_ctx: MoeContext, has_moe: bool) -> str | None:
+    def _graph_blocker(self, has_moe: bool) -> str | None:
         """Why this rank cannot replay graphs of its forwards (decode or piecewise), or None."""
         cfg = self.cfg
         if has_moe and cfg.moe_runner != "triton":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +30,7 @@ import torch
 from pd.engine.forward_batch import BatchLayout, ForwardBatch, empty_layout
 
 if TYPE_CHECKING:
+    from pd.attention import LatentExpand
     from pd.engine.kv_cache import ReqToToken
     from pd.engine.model_runner import ModelRunner
 
@@ -65,7 +65,7 @@ class _ExpandedCall:
     layer_id: int
     q: torch.Tensor
     latent: torch.Tensor
-    expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    expand: LatentExpand
     v_dim: int
     out: torch.Tensor
     scale: float
@@ -102,7 +102,7 @@ class _SplitAtAttention:
         return graphs._split(_AttentionCall(layer_id, q_s, k_s, v_s, out, scale, kv_heads, v_dim, kv_stored))
 
     def forward_expanded(self, layer_id: int, q: torch.Tensor, latent: torch.Tensor,
-                         expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], v_dim: int,
+                         expand: LatentExpand, v_dim: int,
                          batch: ForwardBatch, scale: float) -> torch.Tensor:  # fmt: skip
         graphs = self.graphs
         q_s, latent_s = graphs._buffer("q", q.shape, q.dtype), graphs._buffer("latent", latent.shape, latent.dtype)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from pd.engine.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from pd.attention import LatentExpand
 
 
 def paged_attention(
@@ -41,7 +44,7 @@ def expanded_latent_attention(
     layer_id: int,
     q: torch.Tensor,
     latent: torch.Tensor,
-    expand: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    expand: LatentExpand,
     v_dim: int,
     batch: ForwardBatch,
     scale: float,
