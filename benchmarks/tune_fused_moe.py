@@ -127,7 +127,8 @@ def time_ms(fn: object) -> float:
         return float("inf")
 
 
-def tune_model(name: str, dtype: torch.dtype, deadline: float, summary: dict[str, object]) -> tuple[dict, dict]:
+def tune_model(name: str, dtype: torch.dtype, deadline: float, summary: dict[str, object], tokens_list: list[int]
+               ) -> tuple[dict, dict]:  # fmt: skip
     """-> (gate_up table, down table): token count (str) -> config. dtype float8_e4m3fn: block-FP8 experts (the
     activations are bf16 and quantized as the runner does it)."""
     experts, hidden, inter, top_k, routed = MODELS[name]
@@ -139,7 +140,7 @@ def tune_model(name: str, dtype: torch.dtype, deadline: float, summary: dict[str
     up_table: dict[str, dict[str, int]] = {}
     down_table: dict[str, dict[str, int]] = {}
     rows = []
-    for tokens in TOKENS:
+    for tokens in tokens_list:
         ids, weights = routing(tokens, top_k, routed, experts, seed=tokens)
         x = torch.randn(tokens, hidden, device=DEVICE, dtype=act_dtype)
         inter_in = torch.randn(tokens * top_k, inter, device=DEVICE, dtype=act_dtype)
@@ -198,6 +199,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"],
                         help="the experts' weights; fp8: block-FP8 (128x128 scales, tables of dtype float8_e4m3fn)")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)),
+                        help="token counts to tune (comma-separated); the runner takes the nearest one's config")
     parser.add_argument("--time-limit", type=float, default=330.0, help="seconds before falling back to defaults")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "tuning needs a CUDA GPU"
@@ -209,7 +212,7 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     for name in args.models:
         experts, hidden, inter, _, _ = MODELS[name]
-        up, down = tune_model(name, dtype, start + args.time_limit, summary)
+        up, down = tune_model(name, dtype, start + args.time_limit, summary, [int(t) for t in args.tokens.split(",")])
         for (n, k), table in (((2 * inter, hidden), up), ((hidden, inter), down)):
             path = os.path.join(args.out_dir, config_file_name(experts, n, k, dtype, device_name))
             with open(path, "w") as f:

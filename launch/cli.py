@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from launch.preflight import PreflightError, check_ports, check_serve
 from pd.bench.args import BenchArgs, BenchArgsError
 from pd.lb.args import LBArgs, LBArgsError
-from pd.server_args import ServerArgs, ServerArgsError
+from pd.server_args import DEFAULT_CHUNKED_PREFILL_SIZE, ServerArgs, ServerArgsError
 
 if TYPE_CHECKING:
     from pd.engine.spec import SchedulerFactory
@@ -230,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", default=None, help="read hidden_size and num_experts_per_tok from its config.json")
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--top-k", type=int, default=None, help="experts per token")
-    p.add_argument("--max-tokens-per-rank", type=int, default=ServerArgs.chunked_prefill_size,
-                   help="the most tokens one rank dispatches at once (default: --chunked-prefill-size's default)")
+    p.add_argument("--max-tokens-per-rank", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE,
+                   help="the most tokens one rank dispatches at once (default: --chunked-prefill-size's default "
+                        "off CUDA)")
     p = add("eplb-plan", "plan an expert placement from a recorded load file and show what it balances", _eplb_plan)
     p.add_argument("--load", required=True, help="a JSON/.pt file with logical_count [..., MoE layers, experts]")
     p.add_argument("--ep", type=int, required=True, help="expert-parallel ranks (GPUs)")

@@ -46,6 +46,7 @@ DEFAULT_CPU_MAX_TOTAL_TOKENS = 65536
 DEFAULT_GPU_MEM_FRACTION = 0.85
 DEFAULT_CUDA_GRAPH_MAX_BS = 256
 DEFAULT_PIECEWISE_MAX_TOKENS = 4096  # the largest piecewise graph when prompts are not chunked
+DEFAULT_CHUNKED_PREFILL_SIZE = 2048  # off CUDA, and on GPUs under 35 GiB
 
 # Backends whose kernels exist for one device kind only (Triton's CPU interpreter, TRITON_INTERPRET=1, runs the
 # triton ones anywhere: slowly, for tests).
@@ -133,7 +134,9 @@ class ServerArgs:
     max_running_requests: int = _opt(64, "max requests in one running batch", type=int)
     max_total_tokens: int | None = _opt(None, "KV capacity in tokens; auto: 65536 on CPU, from memory on GPU", type=int)
     max_queued_requests: int = _opt(1024, "requests waiting beyond this are rejected", type=int)
-    chunked_prefill_size: int = _opt(2048, "max prompt tokens per prefill step; -1 disables chunking", type=int)
+    chunked_prefill_size: int | None = _opt(
+        None, "max prompt tokens per prefill step; -1 disables chunking; auto (SGLang's): by the GPU's memory, 2048 "
+        "under 35 GiB, 8192 under 160 GiB (H100, H200), else 16384; 2048 off CUDA", type=int)
     page_size: int = _opt(16, "tokens per KV page", type=int)
     decode_log_interval: int = _opt(40, "steps between two progress lines in the log (0: none)", type=int)
     stream_interval: int = _opt(
@@ -379,12 +382,37 @@ def default_piecewise_tokens(max_tokens: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def default_chunked_prefill_size(gpu_memory_bytes: int | None) -> int:
+    """SGLang's default prompt tokens per prefill step, by the GPU's memory (None: not a CUDA device). Larger steps
+    matter for MoE prefill: a step's experts read every expert's weights once, so 2048-token steps over 256 experts
+    are bound by that read, not by the GEMMs."""
+    if gpu_memory_bytes is None or gpu_memory_bytes < 35 * 2**30:
+        return DEFAULT_CHUNKED_PREFILL_SIZE
+    return 8192 if gpu_memory_bytes < 160 * 2**30 else 16384
+
+
+def _gpu_memory_bytes(device: str) -> int | None:
+    import torch
+
+    if device != "cuda" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+def resolve_chunked_prefill_size(a: ServerArgs, device: str) -> int:
+    """--chunked-prefill-size, or its default on this device, never above --max-total-tokens when that is given."""
+    if a.chunked_prefill_size is not None:
+        return a.chunked_prefill_size
+    size = default_chunked_prefill_size(_gpu_memory_bytes(device))
+    return size if a.max_total_tokens is None else max(1, min(size, a.max_total_tokens))
+
+
 def default_piecewise_max_tokens(chunked_prefill_size: int) -> int:
     """The largest prompt forward: the chunked-prefill budget (a step's most tokens), else a fixed size."""
     return chunked_prefill_size if chunked_prefill_size > 0 else DEFAULT_PIECEWISE_MAX_TOKENS
 
 
-def resolve_piecewise_tokens(a: ServerArgs, device: str) -> tuple[int, ...]:
+def resolve_piecewise_tokens(a: ServerArgs, device: str, chunked_prefill_size: int) -> tuple[int, ...]:
     """The prompt forward sizes to capture as piecewise graphs: () when they are off
     (--disable-piecewise-cuda-graph, or not on CUDA)."""
     if a.piecewise_cuda_graph_tokens and min(a.piecewise_cuda_graph_tokens) < 1:  # checked before they are dropped
@@ -395,7 +423,7 @@ def resolve_piecewise_tokens(a: ServerArgs, device: str) -> tuple[int, ...]:
         return tuple(sorted(set(a.piecewise_cuda_graph_tokens)))
     max_tokens = a.piecewise_cuda_graph_max_tokens
     if max_tokens is None:
-        max_tokens = default_piecewise_max_tokens(a.chunked_prefill_size)
+        max_tokens = default_piecewise_max_tokens(chunked_prefill_size)
     return default_piecewise_tokens(max_tokens)
 
 
@@ -432,13 +460,15 @@ def _resolve_auto(a: ServerArgs) -> dict[str, Any]:
     if name is None:
         name = os.path.basename(a.model_path.rstrip("/")) if a.model_path else DEFAULT_SERVED_MODEL_NAME
     on_cpu = device == "cpu"
+    chunked_prefill_size = resolve_chunked_prefill_size(a, device)
     return {
         "device": device,
+        "chunked_prefill_size": chunked_prefill_size,
         "dtype": ("float32" if on_cpu else "bfloat16") if a.dtype == "auto" else a.dtype,
         "moe_runner_backend": resolve_moe_runner(a.moe_runner_backend, device),
         "attention_backend": resolve_attention_backend(a.attention_backend, device),
         "cuda_graph_bs": resolve_cuda_graph_bs(a, device),
-        "piecewise_cuda_graph_tokens": resolve_piecewise_tokens(a, device),
+        "piecewise_cuda_graph_tokens": resolve_piecewise_tokens(a, device, chunked_prefill_size),
         "deepep_mode": deepep_mode,
         "served_model_name": name,
         "tokenizer_path": a.model_path if a.tokenizer_path is None else a.tokenizer_path,

@@ -211,8 +211,10 @@ def test_decode_forward_replayed_from_a_cuda_graph_equals_eager(arch, tmp_path, 
     from pd.engine.forward_batch import BatchLayout, ForwardBatch
 
     path = make_checkpoint(arch, str(tmp_path / arch), seed=1)
-    # The engine's own graph runner stays off: this test drives the backend's hooks by hand.
-    llm = LLM(path, device="cuda", dtype=torch.float32, page_size=16, max_total_tokens=8192, cuda_graph_bs=())
+    # The engine's own graph runners stay off: this test drives the backend's hooks by hand (and a piecewise
+    # replay inside its capture would be a graph launched while capturing).
+    llm = LLM(path, device="cuda", dtype=torch.float32, page_size=16, max_total_tokens=8192, cuda_graph_bs=(),
+              piecewise_tokens=())
     runner, sched = llm.runner, llm.scheduler
     backend, cache, device = runner.attn_backend, runner.kv_cache, runner.device
     prompts = _prompts(1, (30, 7, 51, 16, 3))

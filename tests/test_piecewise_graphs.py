@@ -43,15 +43,15 @@ def test_flags_resolve_like_sglang():
 
     def flags(**given: object) -> SimpleNamespace:  # ServerArgs' fields before resolution
         base = {"disable_piecewise_cuda_graph": False, "piecewise_cuda_graph_tokens": None,
-                "piecewise_cuda_graph_max_tokens": None, "chunked_prefill_size": 1024}  # fmt: skip
+                "piecewise_cuda_graph_max_tokens": None}  # fmt: skip
         return SimpleNamespace(**{**base, **given})
 
-    assert resolve_piecewise_tokens(flags(), "cuda") == default_piecewise_tokens(1024)  # the chunk size
-    assert resolve_piecewise_tokens(flags(chunked_prefill_size=-1), "cuda")[-1] == 4096
-    assert resolve_piecewise_tokens(flags(piecewise_cuda_graph_max_tokens=300), "cuda")[-1] == 300
-    assert resolve_piecewise_tokens(flags(piecewise_cuda_graph_tokens=(512, 8, 512)), "cuda") == (8, 512)
-    assert resolve_piecewise_tokens(flags(disable_piecewise_cuda_graph=True), "cuda") == ()
-    assert resolve_piecewise_tokens(flags(), "cpu") == ()
+    assert resolve_piecewise_tokens(flags(), "cuda", 1024) == default_piecewise_tokens(1024)  # the chunk size
+    assert resolve_piecewise_tokens(flags(), "cuda", -1)[-1] == 4096
+    assert resolve_piecewise_tokens(flags(piecewise_cuda_graph_max_tokens=300), "cuda", 1024)[-1] == 300
+    assert resolve_piecewise_tokens(flags(piecewise_cuda_graph_tokens=(512, 8, 512)), "cuda", 1024) == (8, 512)
+    assert resolve_piecewise_tokens(flags(disable_piecewise_cuda_graph=True), "cuda", 1024) == ()
+    assert resolve_piecewise_tokens(flags(), "cpu", 1024) == ()
     parsed = ServerArgs.from_cli(["--model-path", "m", "--device", "cpu", "--piecewise-cuda-graph-tokens", "64", "8",
                                   "--piecewise-cuda-graph-max-tokens", "64", "--disable-piecewise-cuda-graph"])
     assert parsed.disable_piecewise_cuda_graph and parsed.piecewise_cuda_graph_max_tokens == 64

@@ -55,9 +55,21 @@ def test_defaults_parse_and_auto_resolves_to_cpu_float32() -> None:
 
 def test_auto_resolves_to_cuda_bfloat16_when_cuda_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sa, "_cuda_available", lambda: True)
+    monkeypatch.setattr(sa, "_gpu_memory_bytes", lambda device: 141 * 10**9)  # an H200
     a = ServerArgs()
     assert (a.device, a.dtype, a.torch_dtype, a.dist_backend) == ("cuda", "bfloat16", torch.bfloat16, "nccl")
     assert a.mem_fraction_static == 0.85 and a.max_total_tokens is None  # GPU capacity comes from memory later
+    assert a.chunked_prefill_size == 8192 and a.piecewise_cuda_graph_tokens[-1] == 8192
+    assert ServerArgs(max_total_tokens=4096).chunked_prefill_size == 4096  # a default never breaks a given flag
+    assert ServerArgs(chunked_prefill_size=512).chunked_prefill_size == 512
+
+
+@pytest.mark.parametrize(("gib", "size"), [(None, 2048), (24, 2048), (34.9, 2048), (35, 8192), (80, 8192),
+                                           (141e9 / 2**30, 8192), (159.9, 8192), (180, 16384)])  # fmt: skip
+def test_chunked_prefill_default_follows_sglang_tiers(gib: float | None, size: int) -> None:
+    """SGLang: 2048 on GPUs under 35 GiB (A10, L40, 4090), 8192 under 160 GiB (A100, H100, H200, H20), 16384 on
+    larger ones (B200, MI300); off CUDA ours stays 2048."""
+    assert sa.default_chunked_prefill_size(None if gib is None else int(gib * 2**30)) == size
 
 
 def test_auto_resolves_to_npu_when_only_torch_npu_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +122,8 @@ BAD = [
     ("--page-size 0", "--page-size must be >= 1"),
     ("--chunked-prefill-size 8", "--chunked-prefill-size (8) must be -1 (off) or >= --page-size (16)"),
     ("--chunked-prefill-size 0", "--chunked-prefill-size (0)"),
-    ("--max-total-tokens 1024", "--chunked-prefill-size (2048) must be <= --max-total-tokens (1024)"),
+    ("--max-total-tokens 1024 --chunked-prefill-size 2048",
+     "--chunked-prefill-size (2048) must be <= --max-total-tokens (1024)"),
     ("--max-total-tokens 8 --chunked-prefill-size -1", "--max-total-tokens (8) must be >= --page-size (16)"),
     ("--max-running-requests 0", "--max-running-requests must be >= 1"),
     ("--max-queued-requests 0", "--max-queued-requests must be >= 1"),

@@ -10,6 +10,7 @@ from pd.engine.io import GenerateRequest, SamplingParams
 from pd.engine.model_runner import ModelRunner, RunnerConfig
 from pd.engine.scheduler import Scheduler, SchedulerConfig
 from pd.server_args import (
+    default_chunked_prefill_size,
     default_cuda_graph_bs,
     default_piecewise_max_tokens,
     default_piecewise_tokens,
@@ -25,7 +26,7 @@ class LLM:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         page_size: int = 16,
-        chunked_prefill_size: int = 2048,
+        chunked_prefill_size: int | None = None,
         max_running_requests: int = 64,
         max_total_tokens: int | None = None,
         context_length: int | None = None,
@@ -47,6 +48,9 @@ class LLM:
         the pool). quantization: "fp8" quantizes an unquantized checkpoint's weights at load (--quantization);
         kv_cache_dtype: --kv-cache-dtype."""
         on_cuda = torch.device(device).type == "cuda"
+        if chunked_prefill_size is None:  # the server's default (by the GPU's memory)
+            memory = torch.cuda.get_device_properties(torch.device(device)).total_memory if on_cuda else None
+            chunked_prefill_size = default_chunked_prefill_size(memory)
         if cuda_graph_bs is None:
             cuda_graph_bs = default_cuda_graph_bs(max_running_requests) if on_cuda else ()
         if piecewise_tokens is None:
