@@ -21,7 +21,11 @@ the oracle of tests/test_attention_kernels.py at one shape; --sweep times altern
 counts at the target shapes (batch 64 x 4k decode, 8 x 1024 extend) and prints the best, for the config tables
 in the kernel files.
 
-Usage: python benchmarks/bench_attention.py [--check] [--sweep] [--page-size 16] [--out result.json]
+MLA prefill (--mla-prefill-only): DeepSeek-V3's prompt attention in the expanded form the model runs (keys of 128
+expanded + 64 shared rope columns, values 128, 128 heads) against SDPA on the same tokens.
+
+Usage: python benchmarks/bench_attention.py [--check] [--sweep] [--page-size 16] [--mla-prefill-only]
+           [--out result.json]
 """
 
 from __future__ import annotations
@@ -197,6 +201,62 @@ def bench_extend(page_size: int) -> list[dict[str, Any]]:
     return rows
 
 
+MLA_PREFILL_CONFIGS = ((64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
+                       (64, 32, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2))  # BLOCK_M, BLOCK_N, warps, stages
+
+
+def bench_mla_prefill(batch: int, length: int, sweep: bool) -> dict[str, Any]:
+    """DeepSeek-V3's prompt attention as the model runs it (pd.models.mla, expanded form): 128 heads, each key its
+    128 expanded columns (a view of kv_b_proj's output, whose other half is V) and 64 rope columns one head shares
+    (a view of the latent rows), read apart through extend_attention's k_rope; page size 1 over a context table.
+    Against SDPA on the same tokens with the keys concatenated (untimed). TFLOP/s: B * H * L^2 * (192 + 128)."""
+    h, dn, dr, dv, tokens = 128, 128, 64, 128, batch * length
+    q = torch.randn(tokens, h, dn + dr, dtype=DTYPE, device="cuda")
+    wide = torch.randn(tokens, h, dn + dv, dtype=DTYPE, device="cuda")
+    latent = torch.randn(tokens, 512 + dr, dtype=DTYPE, device="cuda")
+    k_main, v, k_rope = wide[..., :dn], wide[..., dn:], latent[:, None, 512:]
+    i32 = {"dtype": torch.int32, "device": "cuda"}
+    table = torch.arange(tokens, **i32).view(batch, length)
+    rows, starts = torch.arange(batch, **i32), torch.arange(0, tokens, length, **i32)
+    lens, prefix = torch.full((batch,), length, **i32), torch.zeros(batch, **i32)
+    out = torch.empty(tokens, h, dv, dtype=DTYPE, device="cuda")
+    scale = (dn + dr) ** -0.5
+
+    def triton_run(config: dict[str, int] | None = None) -> Callable[[], Any]:
+        return lambda: triton_extend.extend_attention(q, k_main, v, out, table, rows, starts, lens, prefix, length,
+                                                      scale, 1, k_rope=k_rope, config=config)  # fmt: skip
+
+    k_full = torch.cat((k_main, k_rope.expand(-1, h, -1)), dim=-1)
+    qs, ks, vs = (t.reshape(batch, length, h, t.shape[-1]).transpose(1, 2) for t in (q, k_full, v))
+
+    def sdpa() -> Any:
+        return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+
+    triton_run()()
+    torch.testing.assert_close(out, sdpa().transpose(1, 2).reshape(out.shape), atol=2e-2, rtol=2e-2)
+    flops = batch * h * length * length * (dn + dr + dv)
+    t_ms = do_bench(triton_run(), warmup=5, rep=30, return_mode="median")
+    s_ms = do_bench(sdpa, warmup=5, rep=30, return_mode="median")
+    print(f"\nMLA prefill (expanded) {batch} x {length}, 128 heads, keys 128 + 64 shared, values 128: triton "
+          f"{t_ms * 1e3:.1f} us ({flops / t_ms / 1e9:.0f} TF/s), sdpa {s_ms * 1e3:.1f} us "
+          f"({flops / s_ms / 1e9:.0f} TF/s): {t_ms / s_ms:.2f}x sdpa's time")  # fmt: skip
+    result: dict[str, Any] = {"batch": batch, "length": length, "triton_us": t_ms * 1e3, "sdpa_us": s_ms * 1e3,
+                              "triton_tflops": flops / t_ms / 1e9, "sdpa_tflops": flops / s_ms / 1e9}  # fmt: skip
+    if sweep:
+        timings = []
+        for bm, bn, w, st in MLA_PREFILL_CONFIGS:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+            ms = _time_or_none(triton_run(cfg))
+            if ms is not None:
+                timings.append((ms, cfg))
+                print(f"  {cfg}: {ms * 1e3:.1f} us, {flops / ms / 1e9:.0f} TF/s")
+        if timings:
+            best = min(timings, key=lambda t: t[0])
+            result["sweep_best"] = {"config": best[1], "us": best[0] * 1e3, "tflops": flops / best[0] / 1e9}
+            print(f"  best: {best[1]}")
+    return result
+
+
 def check() -> None:
     """Every kernel against the test oracle at one ragged shape (raises on a mismatch)."""
     from tests.test_attention_kernels import Heads, _ragged, make_batch, reference_attention, run_decode, run_extend
@@ -276,9 +336,17 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare with the torch oracle first")
     parser.add_argument("--sweep", action="store_true", help="also time alternative block sizes / split counts")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--mla-prefill-only", action="store_true",
+                        help="only DeepSeek-V3's prompt attention (8 x 1024 and 2 x 4096; with --sweep, its configs)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     start = time.time()
+    if args.mla_prefill_only:
+        rows = [bench_mla_prefill(b, n, args.sweep and i == 0) for i, (b, n) in enumerate(((8, 1024), (2, 4096)))]
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "mla_prefill": rows}, f, indent=1)
+        return
     if args.check:
         check()
     copy_bw = copy_bandwidth()

@@ -239,6 +239,41 @@ def check_strided_inputs_and_empty_requests(decode: ModuleType, extend: ModuleTy
     assert torch.equal(out[1], before[1]), "a zero-length extend request writes nothing"
 
 
+def split_keys(b: PagedBatch, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLA's prefill operands in small: each head's key = its own first columns (a strided view of a wider
+    projection output whose other half is V) followed by rope columns one head shares ([S, 1, Dr]). Rewrites b's
+    K and V to the same keys and values whole, for the oracle. -> (k_main view, k_rope, v view)."""
+    from pd.attention.triton_decode import head_dim_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    slots, num_kv, dk = b.k_buffer.shape
+    dv = b.v_buffer.shape[-1]
+    main, rest = head_dim_blocks(dk)
+    assert rest > 0, f"head dim {dk} is one tile"
+    # kv_b_proj's output: K's columns, then V's
+    wide = torch.randn(slots, num_kv, main + dv, generator=gen).to(b.q.device, b.q.dtype)
+    rope = torch.randn(slots, 1, rest, generator=gen).to(b.q.device, b.q.dtype)
+    k_main, v = wide[..., :main], wide[..., main:]
+    b.k_buffer = torch.cat((k_main, rope.expand(slots, num_kv, rest)), dim=-1)
+    b.v_buffer = v.contiguous()
+    return k_main, rope, v
+
+
+def check_extend_with_split_keys(decode: ModuleType, extend: ModuleType, heads: Heads, page_size: int,
+                                 dtype: torch.dtype, lens: tuple[int, int] = (30, 20),
+                                 device: str = "cpu") -> None:  # fmt: skip
+    """Keys held as two tensors (extend_attention's k_rope) give the oracle's attention over the whole keys."""
+    prefix, new = _ragged(5, 4, *lens)
+    b = make_batch(5, prefix, new, heads, page_size, dtype, device)
+    k_main, rope, v = split_keys(b, 5)
+    expected = reference_attention(b)
+    for config in (SMALL_EXTEND, None):
+        out = torch.randn(b.q.shape[0], b.q.shape[1], heads.dv).to(b.q.device, dtype)
+        extend.extend_attention(b.q, k_main, v, out, b.page_table, b.rows, b.q_starts, b.extend_lens, b.prefix_lens,
+                                int(b.extend_lens.max()), b.scale, page_size, k_rope=rope, config=config)  # fmt: skip
+        _assert_close(out, expected, f"extend over split keys, tiles {config}")
+
+
 def check_both_match_oracle(decode: ModuleType, extend: ModuleType, heads: Heads, page_size: int,
                             dtype: torch.dtype) -> None:  # fmt: skip
     check_decode_matches_oracle(decode, extend, heads, page_size, dtype)
@@ -283,6 +318,12 @@ def test_decode_and_extend_match_oracle_interpreted(case: int, interpreter: Inte
 @pytest.mark.parametrize("case", [2, 4])
 def test_strided_inputs_and_empty_requests_interpreted(case: int, interpreter: InterpreterChild) -> None:
     interpreter.run(__name__, "_child_check", "check_strided_inputs_and_empty_requests", case, timeout_s=300)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [3, 7])
+def test_extend_over_split_keys_interpreted(case: int, interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "_child_check", "check_extend_with_split_keys", case, timeout_s=300)
 
 
 def test_head_dim_blocks() -> None:
@@ -344,6 +385,15 @@ def test_extend_matches_oracle_gpu(heads: str, page_size: int, dtype: str) -> No
     prefix[1], new[1] = 4096, 1  # a long decode-like request
     b = make_batch(5, prefix, new, h, page_size, DTYPES[dtype], "cuda")
     _assert_close(run_extend(extend, b), reference_attention(b), "extend")
+
+
+@pytest.mark.gpu
+def test_extend_over_split_keys_gpu() -> None:
+    """DeepSeek-V3's prompt forward: 128 heads, keys 128 + 64 (the rope part one shared head), values 128."""
+    import pd.attention.triton_decode as decode
+    import pd.attention.triton_extend as extend
+
+    check_extend_with_split_keys(decode, extend, Heads(128, 128, 192, 128), 1, torch.bfloat16, (512, 1024), "cuda")
 
 
 @pytest.mark.gpu

@@ -130,12 +130,16 @@ def test_quantization_fp8_equals_the_checkpoint_quantized_offline(ckpt: dict[str
 def test_tp_rank_loads_whole_scale_blocks_of_its_shard(ckpt: dict[str, Any]) -> None:
     model = _load_unfinalized(ckpt["fp8"], tp=TensorParallel(rank=1, size=2))
     tensors = load_file(os.path.join(ckpt["fp8"], "model.safetensors"))
-    q_b = model.get_submodule("model.layers.0.self_attn.q_b_proj")  # column-parallel: 96 rows, 48 per rank
+    q_b = model.get_submodule("model.layers.0.self_attn.q_b_proj")  # column-parallel: 4 heads x 48 rows, 2 per rank
     o = model.get_submodule("model.layers.0.self_attn.o_proj")  # row-parallel: 64 columns, 32 per rank
     prefix = "model.layers.0.self_attn."
-    assert torch.equal(q_b.weight_scale_inv, tensors[prefix + "q_b_proj.weight_scale_inv"][3:6])
+    rows = tensors[prefix + "q_b_proj.weight"].shape[0]
+    blocks = rows // ckpt["block"][0]
+    assert rows == 192 and torch.equal(q_b.weight_scale_inv,
+                                       tensors[prefix + "q_b_proj.weight_scale_inv"][blocks // 2 :])  # fmt: skip
     assert torch.equal(o.weight_scale_inv, tensors[prefix + "o_proj.weight_scale_inv"][:, 2:4])
-    assert torch.equal(q_b.weight.view(torch.uint8), tensors[prefix + "q_b_proj.weight"][48:].view(torch.uint8))
+    assert torch.equal(q_b.weight.view(torch.uint8),
+                       tensors[prefix + "q_b_proj.weight"][rows // 2 :].view(torch.uint8))  # fmt: skip
 
 
 def test_tp_shard_that_cuts_a_scale_block_is_an_error_naming_the_sizes() -> None:

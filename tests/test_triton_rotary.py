@@ -5,11 +5,13 @@ rotated K and V land in their cache slots, every other slot untouched); large sh
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import pytest
 import torch
 
+from pd.layers import fused_kernels
 from pd.layers.norm import RMSNorm
 from pd.layers.rotary import RotaryEmbedding
 from tests.interpreter_child import InterpreterChild
@@ -119,3 +121,42 @@ def test_triton_rotary_equals_the_reference_on_the_gpu(tokens, heads_q, heads_k,
                                                        store):  # fmt: skip
     check("cuda", tokens, heads_q, heads_k, dim, dtype, interleaved, {}, int(torch.randint(0, 2**62, ())), norm,
           store)  # fmt: skip
+
+
+def check_inplace(device: str, tokens: int, heads: int, nope: int, rope_dim: int, latent: int, dtype: torch.dtype,
+                  seed: int, fused: bool = False) -> None:  # fmt: skip
+    """MLA's in-place rotation: the rope columns of the query [T, H, nope + rope] and of the latent row
+    [T, latent + rope] are rotated where they lie (the kernel, or the torch path on the CPU) and equal the
+    reference's new tensors; every other column keeps its bits."""
+    gen = torch.Generator().manual_seed(seed)
+    emb = RotaryEmbedding(rope_dim, {"rope_theta": 10000.0}, max_position=512, interleaved=True)
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    q = torch.randn(tokens, heads, nope + rope_dim, generator=gen).to(dtype)
+    kv = torch.randn(tokens, latent + rope_dim, generator=gen).to(dtype)
+    ref_q, ref_k = emb(positions, q[..., nope:], kv[:, None, latent:])  # the CPU reference: new tensors
+    got_q, got_kv = q.clone().to(device), kv.clone().to(device)
+    q_pe, k_pe = got_q[..., nope:], got_kv[:, None, latent:]
+    with fused_kernels.on_cpu() if fused and device == "cpu" else contextlib.nullcontext():
+        out_q, out_k = emb.to(device)(positions.to(device), q_pe, k_pe, inplace=True)
+    assert out_q.data_ptr() == q_pe.data_ptr() and out_k.data_ptr() == k_pe.data_ptr(), "the views, returned"
+    got_q, got_kv = got_q.cpu(), got_kv.cpu()
+    assert torch.equal(got_q[..., :nope], q[..., :nope]) and torch.equal(got_kv[:, :latent], kv[:, :latent])
+    tol = {torch.float32: 2e-6, torch.bfloat16: 2**-7}[dtype]
+    torch.testing.assert_close(got_q[..., nope:].float(), ref_q.float(), rtol=tol, atol=tol * 8)
+    torch.testing.assert_close(got_kv[:, None, latent:].float(), ref_k.float(), rtol=tol, atol=tol * 8)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_rotation_in_place_rotates_only_the_rope_columns(fused: bool, interpreter: InterpreterChild) -> None:
+    seed = int(torch.randint(0, 2**62, ()))
+    if not fused:
+        check_inplace("cpu", 9, 4, 16, 8, 32, torch.float32, seed)
+    else:
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("triton is not installed")
+        interpreter.run(__name__, "check_inplace", "cpu", 9, 4, 16, 8, 32, torch.float32, seed, True, timeout_s=300)
+
+
+@pytest.mark.gpu
+def test_rotation_in_place_on_the_gpu() -> None:
+    check_inplace("cuda", 4099, 128, 128, 64, 512, torch.bfloat16, int(torch.randint(0, 2**62, ())))

@@ -41,10 +41,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
                         num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
                         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, topk_method="group_limited_greedy",
                         n_group=4, topk_group=2, routed_scaling_factor=1.5, norm_topk_prob=False, rope_theta=10000.0),
+    # V3's query/key head dim splits into two tiles (32 + 16, as the real 128 + 64 do), so its prompt forwards read
+    # the rope part every head shares apart from the expanded keys; V2's (16 + 8) take the concatenated fallback.
     "deepseek_v3": dict(_BASE, architectures=["DeepseekV3ForCausalLM"], num_hidden_layers=3, num_key_value_heads=4,
                         intermediate_size=128, moe_intermediate_size=48, n_routed_experts=16, n_shared_experts=1,
                         num_experts_per_tok=4, first_k_dense_replace=1, q_lora_rank=48, kv_lora_rank=32,
-                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_group=4, topk_group=2,
+                        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=16, n_group=4, topk_group=2,
                         routed_scaling_factor=2.5, norm_topk_prob=True,
                         rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512,
                                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},

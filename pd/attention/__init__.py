@@ -24,9 +24,10 @@ if TYPE_CHECKING:
     from pd.engine.forward_batch import BatchLayout, ForwardBatch
     from pd.engine.kv_cache import KVCache
 
-# MLA's expansion of context latents [S, C + R] into per-head keys [S, H, Dk] and values [S, H, Dv]
-# (pd.models.mla.MLAttention._expand), handed to AttentionBackend.forward_expanded.
-LatentExpand = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# MLA's expansion of context latents [S, C + R] into per-head keys and values (pd.models.mla.MLAttention._expand),
+# handed to AttentionBackend.forward_expanded: (the keys' first Dk - R columns [S, H, Dk - R], their last R columns
+# that every head shares [S, 1, R], values [S, H, Dv]); a key is the first two concatenated.
+LatentExpand = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class AttentionBackend(Protocol):
@@ -78,7 +79,8 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor:
         """MLA by multi-head attention: stores the new tokens' latents [T, 1, C + R], reads each request's context
         latents [S, C + R] back from the cache, expands them into per-head keys [S, H, Dk] and values [S, H, v_dim]
-        (``expand``: kv_b_proj and the shared rope part) and attends causally with q [T, H, Dk]. For prompt
+        (``expand``: kv_b_proj, and the rope part every head shares, held apart) and attends causally with q
+        [T, H, Dk]. For prompt
         forwards: per head the latent form reads C + R columns for keys and C for values (576 / 512 for
         DeepSeek-V3) where this reads Dk / v_dim (192 / 128), at the price of the expansion's GEMM over the whole
         context. -> [T, H, v_dim] (into ``out`` when given)."""

@@ -110,7 +110,8 @@ class TorchAttentionBackend:
         cache.store(layer_id, batch.layout.out_loc, latent)
         (latent_BL1X,) = cache.gather(layer_id, meta.kv_slots)
         num_reqs, length = meta.kv_slots.shape
-        k_SHD, v_SHV = expand(latent_BL1X.view(num_reqs * length, -1).to(q.dtype))
+        k_SHN, k_rope_S1R, v_SHV = expand(latent_BL1X.view(num_reqs * length, -1).to(q.dtype))
+        k_SHD = torch.cat((k_SHN, k_rope_S1R.expand(-1, k_SHN.shape[1], -1)), dim=-1)
         result = attend(q, k_SHD.view(num_reqs, length, *k_SHD.shape[1:]),
                         v_SHV.reshape(num_reqs, length, *v_SHV.shape[1:]), meta, scale)  # fmt: skip
         return result if out is None else out.copy_(result)

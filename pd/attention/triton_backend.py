@@ -174,11 +174,11 @@ class TritonAttentionBackend:
             meta.context = expanded_context(batch.layout)
         context = meta.context
         (latent_S1X,) = cache.gather(layer_id, context.slots)
-        k_SHD, v_SHV = expand(latent_S1X.flatten(1).to(q.dtype))
+        k_SHN, k_rope_S1R, v_SHV = expand(latent_S1X.flatten(1).to(q.dtype))
         if out is None:
             out = q.new_empty(q.shape[0], q.shape[1], v_dim)
-        extend_attention(q, k_SHD, v_SHV, out, context.table, context.rows, meta.q_starts, meta.extend_lens,
-                         meta.prefix_lens, meta.max_extend_len, scale, page_size=1)  # fmt: skip
+        extend_attention(q, k_SHN, v_SHV, out, context.table, context.rows, meta.q_starts, meta.extend_lens,
+                         meta.prefix_lens, meta.max_extend_len, scale, page_size=1, k_rope=k_rope_S1R)  # fmt: skip
         return out
 
     # ---- CUDA graphs (decode batches) ----

@@ -65,11 +65,19 @@ def v_is_k_prefix(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_dk: int)
 
 
 def check_paged_inputs(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
-                       page_table: torch.Tensor, page_size: int) -> None:  # fmt: skip
-    """Shape/dtype/layout checks shared by the decode and extend launchers (host metadata only, no sync)."""
+                       page_table: torch.Tensor, page_size: int,
+                       k_rope: torch.Tensor | None = None) -> None:  # fmt: skip
+    """Shape/dtype/layout checks shared by the decode and extend launchers (host metadata only, no sync). k_rope:
+    the keys' last columns held apart ([S, 1 or Hk, Dr], see extend_attention)."""
     assert q.dim() == 3 and k_buffer.dim() == 3 and v_buffer.dim() == 3 and out.dim() == 3, "[N, heads, dim] each"
     assert k_buffer.shape[:2] == v_buffer.shape[:2], f"K {tuple(k_buffer.shape)} vs V {tuple(v_buffer.shape)}"
-    assert q.shape[-1] == k_buffer.shape[-1], f"q dim {q.shape[-1]} != K dim {k_buffer.shape[-1]}"
+    k_dim = k_buffer.shape[-1]
+    if k_rope is not None:
+        assert k_rope.dim() == 3 and k_rope.shape[0] == k_buffer.shape[0], f"k_rope {tuple(k_rope.shape)}"
+        assert k_rope.shape[1] in (1, k_buffer.shape[1]) and k_rope.stride(-1) == 1, f"k_rope {tuple(k_rope.shape)}"
+        assert k_rope.dtype == k_buffer.dtype, "k_rope and K share one dtype"
+        k_dim += k_rope.shape[-1]
+    assert q.shape[-1] == k_dim, f"q dim {q.shape[-1]} != K dim {k_dim}"
     assert out.shape == (q.shape[0], q.shape[1], v_buffer.shape[-1]), f"out {tuple(out.shape)}"
     assert q.shape[1] % k_buffer.shape[1] == 0, f"{q.shape[1]} query heads over {k_buffer.shape[1]} KV heads"
     assert q.dtype == out.dtype, "q and out share one dtype"

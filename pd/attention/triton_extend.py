@@ -20,12 +20,14 @@ from pd.attention.triton_decode import LOG2E, check_paged_inputs, head_dim_block
 # Block sizes on Hopper (H100/H200), keyed by (head dim of K, head dim of V), bf16/fp16. The D=128 row is the best
 # of `python benchmarks/bench_attention.py --sweep` on an H200 (2026-12-01, 8 x 1024 causal, 32/4 heads: 0.99x the
 # time of SDPA's flash backend; 8 warps gave 1.11x); smaller dims keep BLOCK_M 128 with 4 warps;
-# MLA (576/512) keeps a [32, 512] fp32 accumulator per program. `python benchmarks/bench_attention.py --sweep` times
+# MLA (576/512) keeps a [32, 512] fp32 accumulator per program; (192, 128), MLA's expanded prefill (keys 128 + 64
+# shared): the best of `bench_attention.py --mla-prefill-only --sweep` on an H200 (2026-12-03, 8 x 1024, 128 heads:
+# 1.40 ms against 2.76 ms with 8 warps; torch SDPA 0.73 ms). `python benchmarks/bench_attention.py --sweep` times
 # alternatives; shapes nobody tuned get DEFAULT_EXTEND_CONFIG; fp32 halves both tiles.
 EXTEND_CONFIGS: dict[tuple[int, int], dict[str, int]] = {
     (64, 64): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     (128, 128): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    (192, 128): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    (192, 128): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     (256, 256): {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
     (576, 512): {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
 }
@@ -33,9 +35,10 @@ DEFAULT_EXTEND_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stag
 
 
 @triton.jit
-def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, v_head, stride_kt, stride_vt, scale_log2, n0, kv_end,
-                  q_pos, kv_dk, offs_dr, kv_dv, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DR: tl.constexpr,
-                  V_IS_K: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
+                  scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_DR: tl.constexpr, V_IS_K: tl.constexpr, MASKED: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):  # fmt: skip
     """One online-softmax step over keys [n0, n0 + BLOCK_N). MASKED: a diagonal block (keys past kv_end are not
     loaded, key j counts for the row at position q_pos only when j <= q_pos); else every key is visible to all."""
     pos = n0 + tl.arange(0, BLOCK_N)
@@ -51,11 +54,12 @@ def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, v_head, stride_kt,
     else:
         k = tl.load(k_rows + kv_dk[None, :])
     qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-    if BLOCK_DR > 0:
+    if BLOCK_DR > 0:  # the key's last BLOCK_DR columns, from their own rows (MLA's rope part: one shared head)
+        kr_rows = kr_head + slot[:, None] * stride_krt
         if MASKED:
-            k_rest = tl.load(k_rows + offs_dr[None, :], mask=mask_n[:, None], other=0.0)
+            k_rest = tl.load(kr_rows + offs_r[None, :], mask=mask_n[:, None], other=0.0)
         else:
-            k_rest = tl.load(k_rows + offs_dr[None, :])
+            k_rest = tl.load(kr_rows + offs_r[None, :])
         qk = tl.dot(q_rest, tl.trans(k_rest.to(q.dtype)), qk, input_precision=DOT_PRECISION)
     qk *= scale_log2
     if MASKED:
@@ -78,9 +82,10 @@ def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, v_head, stride_kt,
 
 @triton.jit
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, req_rows_ptr, q_starts_ptr, extend_lens_ptr, prefix_lens_ptr,
-    scale_log2,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_page_row,
+    q_ptr, k_ptr, kr_ptr, v_ptr, out_ptr, page_table_ptr, req_rows_ptr, q_starts_ptr, extend_lens_ptr,
+    prefix_lens_ptr, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_krt, stride_krh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_page_row,
     GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     V_IS_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -110,14 +115,15 @@ def _extend_kernel(
         tokens = (q_start + offs_m).to(tl.int64)
         q_rows = q_ptr + tokens[:, None] * stride_qt + head * stride_qh
         q = tl.load(q_rows + offs_dk[None, :], mask=mask_m[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        offs_dr = offs_dk  # placeholders when Dk is one piece
+        offs_r = offs_dk  # placeholders when Dk is one piece
         q_rest = q
         if BLOCK_DR > 0:
-            offs_dr = BLOCK_DK + tl.arange(0, BLOCK_DR)
-            q_rest = tl.load(q_rows + offs_dr[None, :], mask=mask_m[:, None], other=0.0)
+            offs_r = tl.arange(0, BLOCK_DR)
+            q_rest = tl.load(q_rows + BLOCK_DK + offs_r[None, :], mask=mask_m[:, None], other=0.0)
 
         page_row = page_table_ptr + row * stride_page_row
         k_head = k_ptr + kv_head * stride_kh
+        kr_head = kr_ptr + kv_head * stride_krh
         v_head = v_ptr + kv_head * stride_vh
         q_pos = prefix + offs_m
         # keys [0, full_end): before the block's first position, seen by every row, whole BLOCK_N tiles
@@ -129,13 +135,15 @@ def _extend_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for n0 in range(0, full_end, BLOCK_N):
             m_i, l_i, acc = _attend_block(
-                q, q_rest, m_i, l_i, acc, page_row, k_head, v_head, stride_kt, stride_vt, scale_log2, n0, kv_end,
-                q_pos, kv_dk, offs_dr, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K, False, DOT_PRECISION,
+                q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
+                scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K, False,
+                DOT_PRECISION,
             )  # fmt: skip
         for n0 in range(full_end, kv_end, BLOCK_N):
             m_i, l_i, acc = _attend_block(
-                q, q_rest, m_i, l_i, acc, page_row, k_head, v_head, stride_kt, stride_vt, scale_log2, n0, kv_end,
-                q_pos, kv_dk, offs_dr, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K, True, DOT_PRECISION,
+                q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
+                scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K, True,
+                DOT_PRECISION,
             )  # fmt: skip
         out = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
         tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
@@ -166,6 +174,7 @@ def extend_attention(
     scale: float,
     page_size: int,
     *,
+    k_rope: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch's new tokens over their requests' cached prefixes and themselves.
@@ -180,12 +189,20 @@ def extend_attention(
         prefix_lens: [B] tokens cached before them. All int32 (or int64) on the device.
         max_extend_len: host int >= max(extend_lens): sizes the grid (programs past a request's length exit).
         scale: softmax scale. page_size: tokens per page (a power of two).
+        k_rope: [S, 1 or Hk, Dr]: the keys' last Dr columns, apart (one head: shared by all heads); the keys are
+            then k_buffer's columns followed by these, k_buffer [S, Hk, Dk - Dr]. When Dk - Dr and Dr are Dk's two
+            tile widths (MLA's prefill: 128 expanded columns per head and the 64 roped ones every head shares) the
+            kernel reads both where they lie; other splits are concatenated first.
         config: block sizes overriding extend_config (BLOCK_M, BLOCK_N, num_warps, num_stages).
 
     Returns:
         out. Asynchronous: one launch, no host sync.
     """
-    check_paged_inputs(q, k_buffer, v_buffer, out, page_table, page_size)
+    check_paged_inputs(q, k_buffer, v_buffer, out, page_table, page_size, k_rope)
+    if k_rope is not None and (k_buffer.shape[-1], k_rope.shape[-1]) != head_dim_blocks(q.shape[-1]):
+        # head dims that are not two tiles (small test models): the kernel reads one concatenated key
+        k_buffer = torch.cat((k_buffer, k_rope.expand(-1, k_buffer.shape[1], -1)), dim=-1)
+        k_rope = None
     batch = req_rows.shape[0]
     assert q_starts.shape == extend_lens.shape == prefix_lens.shape == (batch,), "per-request tensors: [B]"
     num_q_heads, head_dim_k = q.shape[1], q.shape[2]
@@ -194,15 +211,20 @@ def extend_attention(
         return out
     cfg = config or extend_config(head_dim_k, head_dim_v, q.dtype)
     block_dk, block_dr = head_dim_blocks(head_dim_k)
+    if k_rope is not None:
+        rope_head_stride = 0 if k_rope.shape[1] == 1 else k_rope.stride(1)
+    else:  # one tensor: its last block_dr columns (a view; unread when block_dr is 0)
+        k_rope = k_buffer[..., block_dk:] if block_dr else k_buffer
+        rope_head_stride = k_rope.stride(1)
     block_dv = max(triton.next_power_of_2(head_dim_v), 16)
     v_is_k = v_is_k_prefix(k_buffer, v_buffer, block_dk) and block_dk <= head_dim_k
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (num_q_heads, triton.cdiv(max_extend_len, cfg["BLOCK_M"]), batch)
     _extend_kernel[grid](
-        q, k_buffer, v_buffer, out, page_table, req_rows, q_starts, extend_lens, prefix_lens,
+        q, k_buffer, k_rope, v_buffer, out, page_table, req_rows, q_starts, extend_lens, prefix_lens,
         scale * LOG2E,
-        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
-        out.stride(0), out.stride(1), page_table.stride(0),
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), k_rope.stride(0), rope_head_stride,
+        v_buffer.stride(0), v_buffer.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         GROUP=num_q_heads // num_kv_heads, PAGE_SIZE=page_size, DK=head_dim_k, DV=head_dim_v,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DR=block_dr, BLOCK_DV=block_dv,
         V_IS_K=v_is_k, DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -120,21 +120,25 @@ class RotaryEmbedding(nn.Module):
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None,
-        k_norm: RMSNorm | None = None, kv_store: KVStore | None = None,
+        k_norm: RMSNorm | None = None, kv_store: KVStore | None = None, inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """positions [T] int64; q [T, Hq, dim], k [T, Hk, dim] -> rotated q, k (same shapes and dtypes).
         q_norm, k_norm: per-head RMSNorms applied first (Qwen3), both or neither.
         kv_store: (v, the layer's K and V cache buffers, the new tokens' slots): where the Triton kernel runs, it
         writes the rotated K and V into the cache itself and returns None for k; elsewhere it is ignored and the
-        caller stores the k returned."""
+        caller stores the k returned. inplace: q and k (views allowed) are overwritten and returned."""
         assert (q_norm is None) == (k_norm is None), "q_norm and k_norm go together"
         if fused_kernels.enabled(q):  # one kernel for both, norms and the KV store included (pd.layers.triton_rotary)
             from pd.layers.triton_rotary import apply_rotary
 
             norms = None if q_norm is None or k_norm is None else (q_norm.weight, q_norm.eps, k_norm.weight, k_norm.eps)
-            return apply_rotary(positions, q, k, self._table_on(q.device), self.interleaved, norms, kv_store)
+            return apply_rotary(positions, q, k, self._table_on(q.device), self.interleaved, norms, kv_store, inplace)
+        q_in, k_in = q, k
         if q_norm is not None and k_norm is not None:
             q, k = q_norm(q), k_norm(k)
         cos, sin = self._cos_sin(positions)
         cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if inplace:
+            return q_in.copy_(q), k_in.copy_(k)
+        return q, k

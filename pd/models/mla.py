@@ -89,14 +89,16 @@ class MLAttention(nn.Module):
         """Width of one cached token: kv_lora_rank + qk_rope_head_dim."""
         return self.kv_lora_rank + self.rope_dim
 
-    def _expand(self, latent_SL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context latents [S, C + R] -> this rank's heads' keys [S, H, nope + rope] (the rope part shared by all
-        heads) and values [S, H, v] (a strided view): kv_b_proj over the latent's first C columns."""
+    def _expand(self, latent_SL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Context latents [S, C + R] -> this rank's heads' keys as their nope part [S, H, nope] and the rope part
+        all heads share [S, 1, rope], and values [S, H, v]: kv_b_proj over the latent's first C columns. All three
+        are views (of kv_b_proj's output and of the latents): the attention reads a key's two parts from where they
+        lie instead of a concatenated [S, H, nope + rope] copy."""
         num = latent_SL.shape[0]
         kv_c, k_pe = latent_SL.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_nope, v = self.kv_b_proj(kv_c).view(num, self.num_heads, self.nope_dim + self.v_dim).split(
             [self.nope_dim, self.v_dim], dim=-1)  # fmt: skip
-        return torch.cat((k_nope, k_pe.unsqueeze(1).expand(num, self.num_heads, self.rope_dim)), dim=-1), v
+        return k_nope, k_pe.unsqueeze(1), v
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
@@ -109,13 +111,13 @@ class MLAttention(nn.Module):
         """x [T, hidden] -> [T, hidden]. Writes the new tokens' latents [T, 1, latent_dim] into the layer's
         single KV buffer, then attends over each request's whole cached context in the latent space."""
         num_tokens = x.shape[0]
-        q_nope, q_pe = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_THD = self._query(x)
+        q_nope, q_pe = q_THD.split([self.nope_dim, self.rope_dim], dim=-1)
         kv_c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv_c = self.kv_a_layernorm(kv_c)
-        q_pe, k_pe = rotary(batch.positions, q_pe, k_pe.unsqueeze(1))  # k_pe: [T, 1, rope_dim], one shared head
-        latent_T1L = torch.cat((kv_c.unsqueeze(1), k_pe), dim=-1)
+        # Rotated where they lie: q_THD becomes the whole roped query with no concatenation.
+        rotary(batch.positions, q_pe, k_pe.unsqueeze(1), inplace=True)  # k_pe: [T, 1, rope_dim], one shared head
+        latent_T1L = torch.cat((self.kv_a_layernorm(kv_c).unsqueeze(1), k_pe.unsqueeze(1)), dim=-1)
         if batch.layout.mostly_new:  # a prompt: per-head K and V expanded from the context's latents
-            q_THD = torch.cat((q_nope, q_pe), dim=-1)
             out_THV = expanded_latent_attention(self.layer_id, q_THD, latent_T1L, self._expand, self.v_dim, batch,
                                                 self.scale)  # fmt: skip
             return self.tp.all_reduce(self.o_proj(out_THV.reshape(num_tokens, self.num_heads * self.v_dim)))
