@@ -201,14 +201,15 @@ def bench_extend(page_size: int) -> list[dict[str, Any]]:
     return rows
 
 
-MLA_PREFILL_CONFIGS = ((64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
-                       (64, 32, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2))  # BLOCK_M, BLOCK_N, warps, stages
+MLA_PREFILL_CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2),
+                       (64, 32, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2))  # BLOCK_M, BLOCK_N, warps, stages
 
 
 def bench_mla_prefill(batch: int, length: int, sweep: bool) -> dict[str, Any]:
     """DeepSeek-V3's prompt attention as the model runs it (pd.models.mla, expanded form): 128 heads, each key its
     128 expanded columns (a view of kv_b_proj's output, whose other half is V) and 64 rope columns one head shares
-    (a view of the latent rows), read apart through extend_attention's k_rope; page size 1 over a context table.
+    (a view of the latent rows), read apart through extend_attention's k_rope; each request's keys consecutive
+    rows (contiguous; also timed through a page-size-1 table).
     Against SDPA on the same tokens with the keys concatenated (untimed). TFLOP/s: B * H * L^2 * (192 + 128)."""
     h, dn, dr, dv, tokens = 128, 128, 64, 128, batch * length
     q = torch.randn(tokens, h, dn + dr, dtype=DTYPE, device="cuda")
@@ -222,9 +223,12 @@ def bench_mla_prefill(batch: int, length: int, sweep: bool) -> dict[str, Any]:
     out = torch.empty(tokens, h, dv, dtype=DTYPE, device="cuda")
     scale = (dn + dr) ** -0.5
 
-    def triton_run(config: dict[str, int] | None = None) -> Callable[[], Any]:
-        return lambda: triton_extend.extend_attention(q, k_main, v, out, table, rows, starts, lens, prefix, length,
-                                                      scale, 1, k_rope=k_rope, config=config)  # fmt: skip
+    firsts = starts.view(batch, 1)
+
+    def triton_run(config: dict[str, int] | None = None, contiguous: bool = True) -> Callable[[], Any]:
+        return lambda: triton_extend.extend_attention(
+            q, k_main, v, out, firsts if contiguous else table, rows, starts, lens, prefix, length, scale, 1,
+            k_rope=k_rope, contiguous=contiguous, config=config)  # fmt: skip
 
     k_full = torch.cat((k_main, k_rope.expand(-1, h, -1)), dim=-1)
     qs, ks, vs = (t.reshape(batch, length, h, t.shape[-1]).transpose(1, 2) for t in (q, k_full, v))
@@ -232,16 +236,20 @@ def bench_mla_prefill(batch: int, length: int, sweep: bool) -> dict[str, Any]:
     def sdpa() -> Any:
         return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
 
-    triton_run()()
-    torch.testing.assert_close(out, sdpa().transpose(1, 2).reshape(out.shape), atol=2e-2, rtol=2e-2)
+    for contiguous in (False, True):
+        out.zero_()
+        triton_run(contiguous=contiguous)()
+        torch.testing.assert_close(out, sdpa().transpose(1, 2).reshape(out.shape), atol=2e-2, rtol=2e-2)
     flops = batch * h * length * length * (dn + dr + dv)
     t_ms = do_bench(triton_run(), warmup=5, rep=30, return_mode="median")
+    paged_ms = do_bench(triton_run(contiguous=False), warmup=5, rep=30, return_mode="median")
     s_ms = do_bench(sdpa, warmup=5, rep=30, return_mode="median")
     print(f"\nMLA prefill (expanded) {batch} x {length}, 128 heads, keys 128 + 64 shared, values 128: triton "
-          f"{t_ms * 1e3:.1f} us ({flops / t_ms / 1e9:.0f} TF/s), sdpa {s_ms * 1e3:.1f} us "
-          f"({flops / s_ms / 1e9:.0f} TF/s): {t_ms / s_ms:.2f}x sdpa's time")  # fmt: skip
+          f"{t_ms * 1e3:.1f} us ({flops / t_ms / 1e9:.0f} TF/s; through a table {paged_ms * 1e3:.1f} us), sdpa "
+          f"{s_ms * 1e3:.1f} us ({flops / s_ms / 1e9:.0f} TF/s): {t_ms / s_ms:.2f}x sdpa's time")  # fmt: skip
     result: dict[str, Any] = {"batch": batch, "length": length, "triton_us": t_ms * 1e3, "sdpa_us": s_ms * 1e3,
-                              "triton_tflops": flops / t_ms / 1e9, "sdpa_tflops": flops / s_ms / 1e9}  # fmt: skip
+                              "triton_tflops": flops / t_ms / 1e9, "sdpa_tflops": flops / s_ms / 1e9,
+                              "triton_table_us": paged_ms * 1e3}  # fmt: skip
     if sweep:
         timings = []
         for bm, bn, w, st in MLA_PREFILL_CONFIGS:

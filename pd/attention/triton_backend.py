@@ -49,15 +49,15 @@ class TritonAttentionMeta:
 @dataclass(frozen=True)
 class ExpandedContext:
     """Where forward_expanded finds each request's context: its S context tokens (prefix, then new) laid out
-    request after request, as the extend kernel's "cache" with one token per page.
+    request after request, the extend kernel's keys addressed directly (contiguous).
 
     slots: [S] int64, the KV slot of each context token (to read its latent back from the cache).
-    table: [B, max context] int32, request b's key j sits at row table[b, j] of the expanded keys and values.
-    rows:  [B] int32, 0..B-1 (request b reads row b of the table).
+    firsts: [B, 1] int32, the row of request b's first key in the expanded keys and values.
+    rows:  [B] int32, 0..B-1 (request b reads row b of firsts).
     """
 
     slots: torch.Tensor
-    table: torch.Tensor
+    firsts: torch.Tensor
     rows: torch.Tensor
 
 
@@ -69,18 +69,17 @@ def expanded_context(layout: BatchLayout) -> ExpandedContext:
     prefix = np.asarray(layout.host_prefix_lens, dtype=np.int64)
     lengths = prefix + np.asarray(layout.host_extend_lens, dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
-    total, num_reqs, longest = int(lengths.sum()), len(lengths), int(lengths.max())
+    total, num_reqs = int(lengths.sum()), len(lengths)
     positions = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
     request = np.repeat(np.arange(num_reqs, dtype=np.int64), lengths)
-    table = np.minimum(starts[:, None] + np.arange(longest, dtype=np.int64)[None, :], total - 1)
-    host = torch.empty(2 * total + table.size, dtype=torch.int64, pin_memory=device.type == "cuda")
+    host = torch.empty(2 * total + num_reqs, dtype=torch.int64, pin_memory=device.type == "cuda")
     buf = host.numpy()
-    buf[:total], buf[total : 2 * total], buf[2 * total :] = positions, request, table.reshape(-1)
+    buf[:total], buf[total : 2 * total], buf[2 * total :] = positions, request, starts
     facts = host.to(device, non_blocking=True)
     positions_d, request_d = facts[:total], facts[total : 2 * total]
     slots = layout.page_table.slots(layout.rows.long()[request_d], positions_d)
-    table_d = facts[2 * total :].view(num_reqs, longest).to(torch.int32)
-    return ExpandedContext(slots, table_d, torch.arange(num_reqs, dtype=torch.int32, device=device))
+    firsts = facts[2 * total :].view(num_reqs, 1).to(torch.int32)
+    return ExpandedContext(slots, firsts, torch.arange(num_reqs, dtype=torch.int32, device=device))
 
 
 @dataclass
@@ -177,8 +176,9 @@ class TritonAttentionBackend:
         k_SHN, k_rope_S1R, v_SHV = expand(latent_S1X.flatten(1).to(q.dtype))
         if out is None:
             out = q.new_empty(q.shape[0], q.shape[1], v_dim)
-        extend_attention(q, k_SHN, v_SHV, out, context.table, context.rows, meta.q_starts, meta.extend_lens,
-                         meta.prefix_lens, meta.max_extend_len, scale, page_size=1, k_rope=k_rope_S1R)  # fmt: skip
+        extend_attention(q, k_SHN, v_SHV, out, context.firsts, context.rows, meta.q_starts, meta.extend_lens,
+                         meta.prefix_lens, meta.max_extend_len, scale, page_size=1, k_rope=k_rope_S1R,
+                         contiguous=True)  # fmt: skip
         return out
 
     # ---- CUDA graphs (decode batches) ----

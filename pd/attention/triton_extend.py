@@ -37,17 +37,20 @@ DEFAULT_EXTEND_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stag
 @triton.jit
 def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
                   scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_DR: tl.constexpr, V_IS_K: tl.constexpr, MASKED: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):  # fmt: skip
+                  BLOCK_DR: tl.constexpr, V_IS_K: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  CONTIGUOUS: tl.constexpr):  # fmt: skip
     """One online-softmax step over keys [n0, n0 + BLOCK_N). MASKED: a diagonal block (keys past kv_end are not
     loaded, key j counts for the row at position q_pos only when j <= q_pos); else every key is visible to all."""
     pos = n0 + tl.arange(0, BLOCK_N)
-    if MASKED:
-        mask_n = pos < kv_end
-        page = tl.load(page_row + pos // PAGE_SIZE, mask=mask_n, other=0)
+    mask_n = pos < kv_end
+    if CONTIGUOUS:  # the request's keys are rows [0, kv_end) past its heads' pointers: no page lookup
+        slot = pos.to(tl.int64)
     else:
-        page = tl.load(page_row + pos // PAGE_SIZE)
-    slot = page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
+        if MASKED:
+            page = tl.load(page_row + pos // PAGE_SIZE, mask=mask_n, other=0)
+        else:
+            page = tl.load(page_row + pos // PAGE_SIZE)
+        slot = page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
     k_rows = k_head + slot[:, None] * stride_kt
     if MASKED:
         k = tl.load(k_rows + kv_dk[None, :], mask=mask_n[:, None], other=0.0)
@@ -88,7 +91,7 @@ def _extend_kernel(
     stride_page_row,
     GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-    V_IS_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    V_IS_K: tl.constexpr, DOT_PRECISION: tl.constexpr, CONTIGUOUS: tl.constexpr,
 ):  # fmt: skip
     # Heads vary fastest (a KV head's query heads read the same keys together, from L2); the last query blocks,
     # which see the most keys, start first.
@@ -125,6 +128,11 @@ def _extend_kernel(
         k_head = k_ptr + kv_head * stride_kh
         kr_head = kr_ptr + kv_head * stride_krh
         v_head = v_ptr + kv_head * stride_vh
+        if CONTIGUOUS:  # the table's row holds the request's first key row
+            first = tl.load(page_row).to(tl.int64)
+            k_head += first * stride_kt
+            kr_head += first * stride_krt
+            v_head += first * stride_vt
         q_pos = prefix + offs_m
         # keys [0, full_end): before the block's first position, seen by every row, whole BLOCK_N tiles
         full_end = (prefix + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
@@ -137,13 +145,13 @@ def _extend_kernel(
             m_i, l_i, acc = _attend_block(
                 q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
                 scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K, False,
-                DOT_PRECISION,
+                DOT_PRECISION, CONTIGUOUS,
             )  # fmt: skip
         for n0 in range(full_end, kv_end, BLOCK_N):
             m_i, l_i, acc = _attend_block(
                 q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
                 scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K, True,
-                DOT_PRECISION,
+                DOT_PRECISION, CONTIGUOUS,
             )  # fmt: skip
         out = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
         tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
@@ -175,6 +183,7 @@ def extend_attention(
     page_size: int,
     *,
     k_rope: torch.Tensor | None = None,
+    contiguous: bool = False,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch's new tokens over their requests' cached prefixes and themselves.
@@ -193,12 +202,15 @@ def extend_attention(
             then k_buffer's columns followed by these, k_buffer [S, Hk, Dk - Dr]. When Dk - Dr and Dr are Dk's two
             tile widths (MLA's prefill: 128 expanded columns per head and the 64 roped ones every head shares) the
             kernel reads both where they lie; other splits are concatenated first.
+        contiguous: each request's keys are consecutive rows of k_buffer (and k_rope, v_buffer), page_table[row, 0]
+            the first (page_size 1): keys are addressed directly instead of through a table lookup per key.
         config: block sizes overriding extend_config (BLOCK_M, BLOCK_N, num_warps, num_stages).
 
     Returns:
         out. Asynchronous: one launch, no host sync.
     """
     check_paged_inputs(q, k_buffer, v_buffer, out, page_table, page_size, k_rope)
+    assert not contiguous or page_size == 1, "contiguous keys are addressed per row (page size 1)"
     if k_rope is not None and (k_buffer.shape[-1], k_rope.shape[-1]) != head_dim_blocks(q.shape[-1]):
         # head dims that are not two tiles (small test models): the kernel reads one concatenated key
         k_buffer = torch.cat((k_buffer, k_rope.expand(-1, k_buffer.shape[1], -1)), dim=-1)
@@ -227,6 +239,7 @@ def extend_attention(
         v_buffer.stride(0), v_buffer.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         GROUP=num_q_heads // num_kv_heads, PAGE_SIZE=page_size, DK=head_dim_k, DV=head_dim_v,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DR=block_dr, BLOCK_DV=block_dv,
-        V_IS_K=v_is_k, DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        V_IS_K=v_is_k, DOT_PRECISION=precision, CONTIGUOUS=contiguous, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
