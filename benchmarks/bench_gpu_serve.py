@@ -3,7 +3,7 @@
 Model (random bf16 weights, written with transformers): `qwen3` = Qwen3-MoE at Qwen3-30B-A3B widths (hidden 2048,
 32/4 heads of dim 128, 128 experts top-8 of 768, vocab 151936) with --layers layers (default 8); `deepseek` = a
 DeepSeek-V3 shape small enough for one GPU (MLA with 128 heads, 256 experts top-8 of 2048 with group-limited
-routing, first layer dense) with --layers layers (default 2: one dense and one MoE layer, ~24 GB of bf16
+routing, first layer dense) with --layers layers (default 2: one dense and one MoE layer, ~27 GB of bf16
 weights, held by transformers and by pd serve at once).
 
 Workloads (the serving issue's): prefill tok/s of 16 x 1024-token prompts with 1 new token (transformers: forwards
