@@ -137,6 +137,9 @@ class ServerArgs:
     chunked_prefill_size: int | None = _opt(
         None, "max prompt tokens per prefill step; -1 disables chunking; auto (SGLang's): by the GPU's memory, 2048 "
         "under 35 GiB, 8192 under 160 GiB (H100, H200), else 16384; 2048 off CUDA", type=int)
+    max_prefill_tokens: int = _opt(
+        16384, "max prompt tokens in one prefill step (SGLang's); the bound is never below the context length, so "
+        "with chunked prefill on it rarely binds", type=int)
     page_size: int = _opt(16, "tokens per KV page", type=int)
     decode_log_interval: int = _opt(40, "steps between two progress lines in the log (0: none)", type=int)
     stream_interval: int = _opt(
@@ -591,6 +594,7 @@ def _validate(a: ServerArgs) -> None:
     need(not a.cuda_graph_bs or min(a.cuda_graph_bs) >= 1, f"--cuda-graph-bs sizes must be >= 1, got {a.cuda_graph_bs}")
     need(a.piecewise_cuda_graph_max_tokens is None or a.piecewise_cuda_graph_max_tokens >= 1,
          f"--piecewise-cuda-graph-max-tokens must be >= 1, got {a.piecewise_cuda_graph_max_tokens}")
+    need(a.max_prefill_tokens >= 1, f"--max-prefill-tokens must be >= 1, got {a.max_prefill_tokens}")
     need(
         a.chunked_prefill_size == -1 or a.chunked_prefill_size >= a.page_size,
         f"--chunked-prefill-size ({a.chunked_prefill_size}) must be -1 (off) or >= --page-size ({a.page_size})",

@@ -53,3 +53,43 @@ def test_each_prefill_forward_logs_its_batch_and_launch_time(tmp_path, caplog: p
     assert f"prefill batch: {sum(lens)} prompt tokens of 3 requests (3 new" in lines[0], lines
     launched = float(lines[0].rsplit("launched in ", 1)[1].removesuffix(" ms"))
     assert 0.0 <= launched < 60_000, lines[0]
+
+
+def _expected_prefill_steps(lens: list[int], chunk: int, cap: int) -> list[tuple[int, int]]:
+    """SGLang's packing of one-token requests into prefill steps, written out: (prompt tokens, requests) per step.
+    A step's prompt tokens stay within min(chunk, cap) (no chunk: cap); chunked, the oldest prompts are cut to fit;
+    unchunked, whole prompts go while they fit and the first always."""
+    left, steps = list(lens), []
+    while left:
+        budget, tokens, reqs, done = min(chunk if chunk > 0 else cap, cap), 0, 0, 0
+        for i, n in enumerate(left):
+            take = min(n, budget) if chunk > 0 else (n if n <= budget or reqs == 0 else 0)
+            if take <= 0:
+                break
+            left[i] -= take
+            tokens, reqs, budget = tokens + take, reqs + 1, budget - take
+            done += left[i] == 0
+        steps.append((tokens, reqs))
+        left = [n for n in left if n > 0]
+        assert done or reqs, "no progress"
+    return steps
+
+
+@pytest.mark.parametrize("chunk", [-1, 40, 64])  # 64: the bound (CONTEXT) below the chunk
+def test_max_prefill_tokens_bounds_each_prefill_step_never_below_the_context_length(tmp_path, chunk: int,
+                                                                                    caplog: pytest.LogCaptureFixture):
+    """--max-prefill-tokens (SGLang's): a step carries at most max(flag, context length) prompt tokens; a flag below
+    the context length acts as the context length. The steps the engine logs are the packing this rule gives, and the
+    tokens equal an engine without the bound."""
+    path = make_checkpoint("llama", str(tmp_path / "llama"), seed=0)
+    lens = torch.randint(9, CONTEXT - 4, (5,)).tolist()
+    prompts = [torch.randint(1, 256, (n,)).tolist() for n in lens]
+    sp = SamplingParams(max_new_tokens=1, temperature=0.0)
+    engine = dict(page_size=PAGE, max_total_tokens=512, context_length=CONTEXT, chunked_prefill_size=chunk)
+    unbounded = LLM(path, **engine).generate(prompts, sp)
+    llm = LLM(path, **engine, max_prefill_tokens=3)  # below the context length: the bound is CONTEXT
+    with caplog.at_level("INFO", logger="pd.engine.scheduler"):
+        assert llm.generate(prompts, sp) == unbounded
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefill batch")]
+    got = [(int(m.split()[2]), int(m.split(" of ")[1].split()[0])) for m in steps]
+    assert got == _expected_prefill_steps(lens, chunk, CONTEXT), (lens, steps)

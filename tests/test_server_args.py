@@ -49,6 +49,7 @@ def test_defaults_parse_and_auto_resolves_to_cpu_float32() -> None:
     assert a.max_total_tokens == 65536 and a.mem_fraction_static is None
     assert (a.tp_size, a.ep_size, a.dp_size, a.pp_size, a.nnodes) == (1, 1, 1, 1, 1)
     assert (a.page_size, a.chunked_prefill_size, a.max_running_requests) == (16, 2048, 64)
+    assert a.max_prefill_tokens == 16384  # SGLang's default
     assert a.url == "http://127.0.0.1:30000"
     assert sa.not_implemented(a) == []
 
@@ -122,6 +123,7 @@ BAD = [
     ("--page-size 0", "--page-size must be >= 1"),
     ("--chunked-prefill-size 8", "--chunked-prefill-size (8) must be -1 (off) or >= --page-size (16)"),
     ("--chunked-prefill-size 0", "--chunked-prefill-size (0)"),
+    ("--max-prefill-tokens 0", "--max-prefill-tokens must be >= 1"),
     ("--max-total-tokens 1024 --chunked-prefill-size 2048",
      "--chunked-prefill-size (2048) must be <= --max-total-tokens (1024)"),
     ("--max-total-tokens 8 --chunked-prefill-size -1", "--max-total-tokens (8) must be >= --page-size (16)"),

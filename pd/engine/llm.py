@@ -27,6 +27,7 @@ class LLM:
         dtype: torch.dtype = torch.float32,
         page_size: int = 16,
         chunked_prefill_size: int | None = None,
+        max_prefill_tokens: int | None = None,
         max_running_requests: int = 64,
         max_total_tokens: int | None = None,
         context_length: int | None = None,
@@ -46,7 +47,8 @@ class LLM:
         each step while the previous one runs (the server's default; --disable-overlap-schedule). radix_cache: reuse
         the KV of cached prompt prefixes (the server's default; off here so that tests see every page come back to
         the pool). quantization: "fp8" quantizes an unquantized checkpoint's weights at load (--quantization);
-        kv_cache_dtype: --kv-cache-dtype."""
+        kv_cache_dtype: --kv-cache-dtype. max_prefill_tokens: --max-prefill-tokens (None: only the chunk bounds a
+        step's prompt tokens)."""
         on_cuda = torch.device(device).type == "cuda"
         if chunked_prefill_size is None:  # the server's default (by the GPU's memory)
             memory = torch.cuda.get_device_properties(torch.device(device)).total_memory if on_cuda else None
@@ -74,7 +76,7 @@ class LLM:
         )
         self.runner = ModelRunner(cfg)
         self.scheduler = Scheduler(SchedulerConfig(max_running_requests, chunked_prefill_size, overlap,
-                                                   radix_cache=radix_cache),
+                                                   radix_cache=radix_cache, max_prefill_tokens=max_prefill_tokens),
                                    self.runner)  # fmt: skip
         self._ids = itertools.count()
 

@@ -46,6 +46,9 @@ class SchedulerConfig:
     overlap: bool = False  # prepare step N+1 on the host while the device runs step N (--disable-overlap-schedule)
     log_interval: int = 40  # steps between two progress lines in the log (SGLang's --decode-log-interval)
     radix_cache: bool = False  # reuse cached prompt prefixes (pd serve turns it on unless --disable-radix-cache)
+    # --max-prefill-tokens: prompt tokens one step may carry, never below the context length (SGLang's rule); None:
+    # no bound but the chunk's
+    max_prefill_tokens: int | None = None
 
 
 class SamplingError(RuntimeError):
@@ -133,6 +136,8 @@ class Scheduler:
         self.runner = runner
         self.page_size = runner.cfg.page_size
         self.context_length = runner.context_length
+        self.prefill_cap = math.inf if cfg.max_prefill_tokens is None else max(cfg.max_prefill_tokens,
+                                                                               self.context_length)  # fmt: skip
         self.pool = PagePool(runner.num_pages)
         self.cache = RadixCache(self.page_size, self.pool) if cfg.radix_cache else None
         self.slots = runner.make_slot_table(cfg.max_running_requests, self.context_length)
@@ -161,7 +166,7 @@ class Scheduler:
         use (the MoE runner picks block sizes by token count), a second or more each, which would otherwise land on
         the first requests. A variant still met later is logged (pd.engine.compile_watch)."""
         budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else self.context_length - 1
-        budget = min(budget, self.context_length - 1, self.pool.num_pages * self.page_size)
+        budget = int(min(budget, self.prefill_cap, self.context_length - 1, self.pool.num_pages * self.page_size))
         # Each power of two and the size below it: Triton specialises a kernel on whether an int argument (the
         # token count) divides by 16, and kernels pick block sizes by the next power of two, so between them the
         # two cover every variant a count up to the budget meets.
@@ -366,11 +371,13 @@ class Scheduler:
         token is waiting on. A request's wait counts from its arrival at the engine; the launch is the host's time to
         queue the forward (on a GPU the forward itself runs after; a launch as long as the GPU's step means the
         host, not the GPU, paces prefill)."""
-        prompt = sum(n for n in extend_lens if n > 1)
+        # called after the launch advanced num_computed: a prompt chunk started before the prompt's end (even a
+        # one-token chunk), a decode token after it
+        chunks = [n for r, n in zip(reqs, extend_lens, strict=True) if r.num_computed - n < len(r.prompt_ids)]
         waited = max((start - r.arrival for r in new), default=0.0)
         logger.info("prefill batch: %d prompt tokens of %d requests (%d new, longest wait %.1f ms), %d decodes; "
-                    "queued %d; KV pages %d/%d used; launched in %.1f ms", prompt,
-                    sum(1 for n in extend_lens if n > 1), len(new), 1e3 * waited, sum(1 for n in extend_lens if n == 1),
+                    "queued %d; KV pages %d/%d used; launched in %.1f ms", sum(chunks),
+                    len(chunks), len(new), 1e3 * waited, len(reqs) - len(chunks),
                     len(self.waiting), self.pool.num_pages - self.num_free_pages, self.pool.num_pages,
                     1e3 * (time.monotonic() - start))  # fmt: skip
 
@@ -481,8 +488,11 @@ class Scheduler:
         return pages
 
     def _plan(self) -> tuple[list[Req], list[int]]:
-        """Decode tokens first (one per request), then prompt chunks oldest-first within the token budget."""
-        budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else math.inf
+        """Decode tokens first (one per request), then prompt chunks oldest-first within the token budget: the
+        chunked-prefill size and --max-prefill-tokens. Unchunked, prompts go whole while they fit, the first always
+        (as SGLang admits them)."""
+        chunked = self.cfg.chunked_prefill_size > 0
+        budget = min(self.cfg.chunked_prefill_size if chunked else math.inf, self.prefill_cap)
         reqs, lens = [], []
         for req in self.running:
             if not req.is_prefilling and self._decodes_further(req):
@@ -490,12 +500,19 @@ class Scheduler:
                 lens.append(1)
         budget -= len(reqs)
         prefilling = [r for r in self.running if r.is_prefilling]
+        first = True
         for req in prefilling:
-            if budget > 0:
-                n = int(min(len(req.prompt_ids) - req.num_computed, budget))
-                reqs.append(req)
-                lens.append(n)
-                budget -= n
+            left = len(req.prompt_ids) - req.num_computed
+            if chunked:
+                n = int(min(left, budget))
+            else:
+                n = left if left <= budget or first else 0
+            if n <= 0:
+                break
+            reqs.append(req)
+            lens.append(n)
+            budget -= n
+            first = False
         if not reqs and prefilling:  # a budget smaller than the decode batch still moves one prompt forward
             reqs, lens = [prefilling[0]], [1]
         return reqs, lens
