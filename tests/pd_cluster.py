@@ -75,7 +75,7 @@ def wait_healthy(procs: list[Proc], timeout: float = 180.0, path: str = "/health
         if time.monotonic() > deadline:
             raise RuntimeError("not healthy: " + ", ".join(p.name for p in pending)
                                + "\n" + "\n".join(p.log()[-3000:] for p in pending))
-        time.sleep(0.3)
+        time.sleep(0.1)
 
 
 def serve_argv(model_path: str, port: int, *extra: str) -> list[str]:

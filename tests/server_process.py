@@ -56,7 +56,7 @@ def healthy_process(
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
                 raise RuntimeError(f"`{' '.join(command)}` did not become healthy:\n{log.read()[-4000:]}")
-            time.sleep(0.3)
+            time.sleep(0.1)
         yield url, proc
     finally:
         proc.terminate()

@@ -91,7 +91,7 @@ def _wait_pages(urls: list[str], start: dict[str, int], timeout: float = 30.0) -
     deadline = time.monotonic() + timeout
     while any(kv_pages_free(u) != start[u] for u in urls):
         assert time.monotonic() < deadline, {u: (kv_pages_free(u), start[u]) for u in urls}
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -85,7 +85,7 @@ def wait_pages(start: dict[str, int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while (now := {u: kv_pages_free(u) for u in start}) != start:
         assert time.monotonic() < deadline, f"KV pages not returned after {timeout:.0f} s: free {now}, at start {start}"
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def wait_log(procs: list[Proc], pattern: str, timeout: float = 10.0) -> None:

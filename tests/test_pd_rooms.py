@@ -118,7 +118,7 @@ def wait_pages(cluster: Cluster, start: dict[str, int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while (now := {u: kv_pages_free(u) for u in start}) != start:
         assert time.monotonic() < deadline, f"KV pages not returned after {timeout:.0f} s: free {now}, start {start}"
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def test_same_room_same_length_prompts_never_get_each_others_tokens(cluster, oracle, two_prompts) -> None:
