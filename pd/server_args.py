@@ -394,19 +394,22 @@ def default_chunked_prefill_size(gpu_memory_bytes: int | None) -> int:
     return 8192 if gpu_memory_bytes < 160 * 2**30 else 16384
 
 
-def _gpu_memory_bytes(device: str) -> int | None:
+def gpu_memory_bytes(device: str) -> int | None:
+    """The memory of the CUDA GPU ``device`` names ("cuda": the current one), None for any other device."""
     import torch
 
-    if device != "cuda" or not torch.cuda.is_available():
+    if str(device).split(":")[0] != "cuda" or not torch.cuda.is_available():  # "npu" parses only with torch_npu loaded
         return None
-    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    dev = torch.device(device)
+    return int(torch.cuda.get_device_properties(dev if dev.index is not None else torch.cuda.current_device())
+               .total_memory)  # fmt: skip
 
 
 def resolve_chunked_prefill_size(a: ServerArgs, device: str) -> int:
     """--chunked-prefill-size, or its default on this device, never above --max-total-tokens when that is given."""
     if a.chunked_prefill_size is not None:
         return a.chunked_prefill_size
-    size = default_chunked_prefill_size(_gpu_memory_bytes(device))
+    size = default_chunked_prefill_size(gpu_memory_bytes(device))
     return size if a.max_total_tokens is None else max(1, min(size, a.max_total_tokens))
 
 

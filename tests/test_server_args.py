@@ -56,7 +56,7 @@ def test_defaults_parse_and_auto_resolves_to_cpu_float32() -> None:
 
 def test_auto_resolves_to_cuda_bfloat16_when_cuda_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sa, "_cuda_available", lambda: True)
-    monkeypatch.setattr(sa, "_gpu_memory_bytes", lambda device: 141 * 10**9)  # an H200
+    monkeypatch.setattr(sa, "gpu_memory_bytes", lambda device: 141 * 10**9)  # an H200
     a = ServerArgs()
     assert (a.device, a.dtype, a.torch_dtype, a.dist_backend) == ("cuda", "bfloat16", torch.bfloat16, "nccl")
     assert a.mem_fraction_static == 0.85 and a.max_total_tokens is None  # GPU capacity comes from memory later

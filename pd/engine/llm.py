@@ -14,6 +14,7 @@ from pd.server_args import (
     default_cuda_graph_bs,
     default_piecewise_max_tokens,
     default_piecewise_tokens,
+    gpu_memory_bytes,
     resolve_attention_backend,
     resolve_moe_runner,
 )
@@ -51,8 +52,7 @@ class LLM:
         step's prompt tokens)."""
         on_cuda = torch.device(device).type == "cuda"
         if chunked_prefill_size is None:  # the server's default (by the GPU's memory)
-            memory = torch.cuda.get_device_properties(torch.device(device)).total_memory if on_cuda else None
-            chunked_prefill_size = default_chunked_prefill_size(memory)
+            chunked_prefill_size = default_chunked_prefill_size(gpu_memory_bytes(device))
         if cuda_graph_bs is None:
             cuda_graph_bs = default_cuda_graph_bs(max_running_requests) if on_cuda else ()
         if piecewise_tokens is None:
