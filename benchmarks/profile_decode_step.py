@@ -124,15 +124,16 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
 
 
 def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
-    """16 prompts of 1024 tokens, one new token each, through the scheduler (chunks of 8192 tokens) as `pd serve`
-    runs them: the wall time of the burst after a warm-up at the same shape, and one profiled burst."""
+    """16 prompts of 1024 tokens, one new token each, through the scheduler (chunks of --chunk tokens, by default
+    pd serve's for this GPU) as `pd serve` runs them: the wall time of the burst after a warm-up at the same shape,
+    and one profiled burst."""
     from torch.profiler import ProfilerActivity, profile
 
     from pd.engine.io import SamplingParams
     from pd.engine.llm import LLM
 
     llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=64,
-              max_total_tokens=64 * 1200, chunked_prefill_size=8192, quantization=args.quantization)  # fmt: skip
+              max_total_tokens=64 * 1200, chunked_prefill_size=args.chunk, quantization=args.quantization)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     vocab = llm.runner.model_config.vocab_size
     prompts = [torch.randint(1, vocab, (1024,), generator=gen).tolist() for _ in range(16)]
@@ -148,7 +149,8 @@ def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
         torch.cuda.synchronize()
     with open(os.path.join(args.out, f"profile_prefill{_suffix(args)}.txt"), "w") as f:
         f.write(f"{torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-        f.write(f"prefill 16 x 1024 tokens, {args.model}, {args.layers} layers, wall {wall * 1e3:.1f} ms\n")
+        chunk = llm.scheduler.cfg.chunked_prefill_size
+        f.write(f"prefill 16 x 1024, {args.model}, {args.layers} layers, chunk {chunk}, wall {wall * 1e3:.1f} ms\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
     return {"variant": "prefill", "wall_ms": wall * 1e3, "tok_per_s": 16 * 1024 / wall, "profiled_gpu_ms": gpu_us / 1e3}
@@ -156,7 +158,8 @@ def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
 
 def _suffix(args: argparse.Namespace) -> str:
     model = "" if args.model == "qwen3" else f"_{args.model}"
-    return model + ("" if args.quantization == "none" else f"_{args.quantization}")
+    chunk = "" if args.chunk is None else f"_chunk{args.chunk}"
+    return model + ("" if args.quantization == "none" else f"_{args.quantization}") + chunk
 
 
 def main() -> None:
@@ -169,6 +172,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variants", default="triton,triton-eager,torch")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="prefill: --chunked-prefill-size (default: the GPU's, as pd serve resolves it)")
     parser.add_argument("--quantization", default="none", choices=["none", "fp8"],
                         help="fp8: the same checkpoint with its weights block-quantized at load (--quantization fp8)")
     args = parser.parse_args()

@@ -17,7 +17,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_started: dict[int, float] = {}  # thread id -> when its compile began
+_started: dict[int, tuple[float, bool]] = {}  # thread id -> when its compile began, and whether it was expected
 _previous: dict[str, Any] = {}  # hooks someone else had installed: still called, first
 _expected = 0  # > 0 inside expected(): start-up work that compiles on purpose
 compiles_after_warm_up = 0  # for tests and benchmarks: how many warnings were logged
@@ -26,8 +26,9 @@ compiles_after_warm_up = 0  # for tests and benchmarks: how many warnings were l
 @contextmanager
 def expected() -> Iterator[None]:
     """Compiles inside are start-up work (a warm-up, a graph capture; another engine's in the same process), not
-    a request's wait: not logged."""
+    a request's wait: not counted (listed at debug level). Puts the hooks in place, so start-up is watched too."""
     global _expected
+    watch_compiles()
     _expected += 1
     try:
         yield
@@ -39,8 +40,8 @@ def _before(**kwargs: Any) -> bool:
     previous = _previous.get("jit_cache_hook")
     if previous is not None and previous(**kwargs):
         return True  # that hook supplies the kernel: nothing compiles
-    if not kwargs.get("is_manual_warmup") and not _expected:
-        _started[threading.get_ident()] = time.perf_counter()
+    if not kwargs.get("is_manual_warmup"):
+        _started[threading.get_ident()] = (time.perf_counter(), _expected > 0)
     return False  # False: compile as usual
 
 
@@ -49,11 +50,17 @@ def _after(**kwargs: Any) -> None:
     previous = _previous.get("jit_post_compile_hook")
     if previous is not None:
         previous(**kwargs)
-    start = _started.pop(threading.get_ident(), None)
-    if start is None:
+    started = _started.pop(threading.get_ident(), None)
+    if started is None:
+        return
+    start, was_expected = started
+    fn = kwargs.get("fn")
+    if was_expected:
+        # At debug level the start-up's variants are listed too, to compare with a late one's.
+        logger.debug("Triton compiled %s at start-up (%.2f s): %s", getattr(fn, "name", "a kernel"),
+                     time.perf_counter() - start, describe(kwargs))  # fmt: skip
         return
     compiles_after_warm_up += 1
-    fn = kwargs.get("fn")
     logger.warning("Triton compiled %s after the warm-up (%.2f s; the batch waited for it): %s",
                    getattr(fn, "name", "a kernel"), time.perf_counter() - start, describe(kwargs))  # fmt: skip
 

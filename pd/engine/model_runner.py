@@ -262,16 +262,18 @@ class ModelRunner:
         return MicroBatches(first, second)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch | MicroBatches | StagedDecode, logits: bool = True) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch | MicroBatches | StagedDecode, logits: bool = True,
+                eager: bool = False) -> torch.Tensor:  # fmt: skip
         """-> logits [S, vocab] float32 for the batch's logits_index rows (an empty tensor with logits=False:
-        followers only take part in the collectives; the leader samples)."""
+        followers only take part in the collectives; the leader samples). eager: not from the piecewise graphs
+        (the warm-up compiles the kernels of forwards they do not take)."""
         self.num_forwards += 1
         if isinstance(batch, StagedDecode):
             assert self.graphs is not None and logits
             return self.graphs.replay_staged(batch)
         if isinstance(batch, MicroBatches):
             hidden = self.model.forward_two(batch.first, batch.second)
-        elif self.prompt_graphs is not None and self.prompt_graphs.can_run(batch):
+        elif self.prompt_graphs is not None and not eager and self.prompt_graphs.can_run(batch):
             hidden = self.prompt_graphs.forward(batch)
         else:
             hidden = self.model(batch)

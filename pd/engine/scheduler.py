@@ -161,10 +161,14 @@ class Scheduler:
             self.warm_up()
 
     def warm_up(self) -> None:
-        """One prompt forward at each power-of-two token count up to the chunked-prefill budget (and the budget
-        itself), and at one less than each, before the first request: Triton compiles a kernel variant on its first
-        use (the MoE runner picks block sizes by token count), a second or more each, which would otherwise land on
-        the first requests. A variant still met later is logged (pd.engine.compile_watch)."""
+        """Prompt forwards before the first request, so that Triton compiles their kernel variants now rather than
+        on the first requests (a second or more each; the MoE runner picks block sizes by token count): one at each
+        power-of-two token count up to the chunked-prefill budget (and the budget itself) and at one less than each;
+        then two chunks after a cached prefix, one with as many new tokens as cached ones and one with fewer (MLA
+        attends to the first with expanded keys, to the second in the latent space). With piecewise graphs all of
+        them run once from the graphs (a forward pads to a captured size) and once eagerly, as forwards the graphs
+        do not take run (mixed batches, MLA's latent form). A variant still met later is logged
+        (pd.engine.compile_watch)."""
         budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else self.context_length - 1
         budget = int(min(budget, self.prefill_cap, self.context_length - 1, self.pool.num_pages * self.page_size))
         # Each power of two and the size below it: Triton specialises a kernel on whether an int argument (the
@@ -172,21 +176,26 @@ class Scheduler:
         # two cover every variant a count up to the budget meets.
         powers = [1 << i for i in range(budget.bit_length()) if 1 << i <= budget] + [budget]
         sizes = sorted({n for p in powers for n in (p, p - 1) if n > 0})
+        chunks = [(n, 0) for n in sizes]
+        if budget > 1:
+            chunks += [(n, budget - n) for n in sorted({budget // 2, max(budget // 4, 1)})]
+        passes = (False, True) if self.runner.prompt_graphs is not None else (False,)
+        forwards = [(new, cached, eager) for eager in passes for new, cached in chunks]
         start = time.perf_counter()
         pages, row = self.pool.alloc(self._pages_for(budget)), self.slots.alloc_row()
         assert pages is not None and row is not None
         try:
             self.slots.assign_pages(row, 0, pages)
             with compile_watch.expected():
-                for n in sizes:
-                    self.runner.forward(self.runner.build_batch([0] * n, [row], [0], [n], self.slots))
+                for new, cached, eager in forwards:
+                    batch = self.runner.build_batch([0] * new, [row], [cached], [new], self.slots)
+                    self.runner.forward(batch, eager=eager)
                 torch.cuda.synchronize(self.runner.device)
         finally:
             self.pool.free(pages)
             self.slots.free_row(row)
         logger.info("warm-up: %d forwards of 1 to %d tokens in %.1f s (kernels compiled before the first request)",
-                    len(sizes), budget, time.perf_counter() - start)  # fmt: skip
-        compile_watch.watch_compiles()
+                    len(forwards), budget, time.perf_counter() - start)  # fmt: skip
 
     # ---- requests in and out ----
     def add(self, msg: GenerateRequest) -> TokenOutput | None:
