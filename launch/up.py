@@ -130,22 +130,25 @@ def _wait_healthy(children: list[Child], timeout: float, stopping: threading.Eve
     """None once every child answers /health with 200; else why not (also when `stopping` is set)."""
     deadline = time.monotonic() + timeout
     pending = list(children)
-    while pending:
-        if stopping.is_set():
-            return "stopping"
-        for child in list(pending):
-            if child.proc.poll() is not None:
-                child.output.join(2)  # its last lines first, then the verdict
-                return f"{child.name} exited with code {child.proc.returncode} during start-up (its log is above)"
-            try:
-                if httpx.get(f"{child.url}/health", timeout=1).status_code == 200:
-                    pending.remove(child)
-                    logger.info("%s is healthy at %s", child.name, child.url)
-            except httpx.HTTPError:
-                pass
-        if time.monotonic() > deadline:
-            return f"not healthy after {timeout:.0f} s: {', '.join(c.name for c in pending)}"
-        stopping.wait(0.5)
+    # One client for every poll: httpx.get would build one, SSL context included, per call (~25 ms of CPU taken
+    # from the children's start-up on a small machine).
+    with httpx.Client() as client:
+        while pending:
+            if stopping.is_set():
+                return "stopping"
+            for child in list(pending):
+                if child.proc.poll() is not None:
+                    child.output.join(2)  # its last lines first, then the verdict
+                    return f"{child.name} exited with code {child.proc.returncode} during start-up (its log is above)"
+                try:
+                    if client.get(f"{child.url}/health", timeout=1).status_code == 200:
+                        pending.remove(child)
+                        logger.info("%s is healthy at %s", child.name, child.url)
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                return f"not healthy after {timeout:.0f} s: {', '.join(c.name for c in pending)}"
+            stopping.wait(0.5)
     return None
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from tests.server_process import free_dist_init_addr, free_port
+from tests.server_process import HTTP, free_dist_init_addr, free_port
 
 
 @dataclass
@@ -68,7 +68,7 @@ def wait_healthy(procs: list[Proc], timeout: float = 180.0, path: str = "/health
             if p.popen.poll() is not None:
                 raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{p.log()[-4000:]}")
             try:
-                if httpx.get(p.url + path, timeout=2).status_code == 200:
+                if HTTP.get(p.url + path, timeout=2).status_code == 200:
                     pending.remove(p)
             except httpx.HTTPError:
                 pass
@@ -186,4 +186,4 @@ def stop_procs(procs: list[Proc]) -> None:
 
 
 def kv_pages_free(url: str) -> int:
-    return int(httpx.get(f"{url}/get_server_info", timeout=10).json()["kv_pages_free"])
+    return int(HTTP.get(f"{url}/get_server_info", timeout=10).json()["kv_pages_free"])

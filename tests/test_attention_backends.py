@@ -172,7 +172,7 @@ def test_pd_with_triton_attention_and_moe_runner_on_the_decode_side_equals_pd_se
     site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter_site")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")])))
     decode = ("--attention-backend", "triton", "--moe-runner-backend", "triton")
-    with _pd_equals_pd_serve(reference, 4, 8, 1, 1, decode_args=decode):
+    with _pd_equals_pd_serve(reference, 4, 4, 1, 1, decode_args=decode):
         pass
 
 

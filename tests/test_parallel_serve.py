@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from pd.moe.eplb.location import read_location
-from tests.server_process import free_dist_init_addr, free_port, pd_serve
+from tests.server_process import HTTP, free_dist_init_addr, free_port, pd_serve
 from tests.test_serve_parity import _generate_all
 from tests.tiny_checkpoints import make_checkpoint
 
@@ -218,7 +218,7 @@ def _logged_server(cmd: list[str], port: int) -> Iterator[tuple[subprocess.Popen
         deadline = time.monotonic() + 180
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if HTTP.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
             assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
             time.sleep(0.3)

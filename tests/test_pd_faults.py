@@ -31,7 +31,7 @@ import torch
 
 from decode.scheduler import QUARANTINE_S
 from tests.pd_cluster import Cluster, Proc, kv_pages_free, pd_cluster, serve_argv, start_proc, wait_healthy
-from tests.server_process import free_port
+from tests.server_process import HTTP, free_port
 from tests.tiny_checkpoints import load_hf, make_checkpoint
 
 CHUNK, PAGE = 32, 4
@@ -96,7 +96,7 @@ def wait_log(procs: list[Proc], pattern: str, timeout: float = 10.0) -> None:
 
 
 def num_running(proc: Proc) -> int:
-    return int(httpx.get(f"{proc.url}/get_server_info", timeout=10).json()["num_running"])
+    return int(HTTP.get(f"{proc.url}/get_server_info", timeout=10).json()["num_running"])
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from tests.server_process import free_port
+from tests.server_process import HTTP, free_port
 from tests.tiny_checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
@@ -65,7 +65,7 @@ def test_ranks_frozen_by_sigstop_die_within_seconds_of_a_sigkilled_front(tmp_pat
         deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if HTTP.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
