@@ -78,3 +78,56 @@ def test_a_generation_finished_in_its_first_chunk_is_answered_whole() -> None:
         await streamed.background()  # type: ignore[misc]
 
     asyncio.run(main())
+
+
+def test_the_awaited_generation_starts_before_tasks_already_waiting_and_a_disconnect_cancels_it() -> None:
+    """run_unless_disconnected runs its awaitable in the caller's task: its first step (a generation's submission
+    to the engine) comes before the steps of tasks already queued (in a burst, the handlers of requests read in
+    the meantime), not after them. A client that goes away cancels the awaitable (whose cleanup runs) and raises
+    ClientDisconnected; the caller's task is not left cancelled."""
+    import pytest
+
+    import pd.server.streaming as streaming
+
+    order: list[str] = []
+
+    async def step(name: str, forever: bool = False) -> str:
+        order.append(name)
+        try:
+            await asyncio.sleep(3600 if forever else 0)
+        finally:
+            order.append(f"{name} cleaned up")
+        return name
+
+    def request_gone_after(calls: int) -> Request:
+        seen = {"n": 0}
+
+        async def receive() -> dict[str, object]:
+            seen["n"] += 1
+            if seen["n"] >= calls:
+                return {"type": "http.disconnect"}
+            await asyncio.sleep(3600)
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        return Request({"type": "http", "method": "POST", "path": "/generate", "headers": []}, receive)
+
+    async def main() -> None:
+        waiting = asyncio.ensure_future(step("queued before"))
+        assert await streaming.run_unless_disconnected(request_gone_after(10**9), step("generation")) == "generation"
+        await waiting
+        assert order[0] == "generation", order
+
+        order.clear()
+        with pytest.raises(streaming.ClientDisconnected):
+            await streaming.run_unless_disconnected(request_gone_after(1), step("abandoned", forever=True))
+        assert order == ["abandoned", "abandoned cleaned up"], order
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+        assert cancelling is None or not cancelling()
+        await asyncio.sleep(0)  # still runs: no cancellation left pending on this task
+
+    original = streaming.DISCONNECT_POLL_S
+    streaming.DISCONNECT_POLL_S = 0.01
+    try:
+        asyncio.run(main())
+    finally:
+        streaming.DISCONNECT_POLL_S = original
