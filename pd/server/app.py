@@ -165,8 +165,9 @@ def run_server(server_args: ServerArgs, spec: EngineSpec) -> None:
 
 def _fast_loop_factory() -> Any:
     """uvloop's event loop where it is installed (uvicorn picks it only when it creates the loop itself, and here
-    the engine starts first): it roughly halves the front's CPU per streamed event, which bounds decode at large
-    batches. None (asyncio's own loop) otherwise."""
+    the engine starts first): less of the front's CPU per streamed event (47.0 against 50.7 us per token at batch
+    64 on a 2-core machine, benchmarks/results/front_cpu.json), which bounds decode at large batches. None
+    (asyncio's own loop) otherwise."""
     try:
         import uvloop
     except ImportError:
@@ -230,3 +231,6 @@ async def _announce_when_up(server: Any, args: ServerArgs) -> None:
         await asyncio.sleep(0.05)
     freeze_startup_objects("front")
     logger.info("serving %s (%s) at %s", args.served_model_name, args.model_path, args.url)
+    if _fast_loop_factory() is None:  # a declared dependency, so missing only from a hand-made environment
+        logger.warning("uvloop is not installed: the front runs asyncio's own event loop, more CPU per streamed "
+                       "token, which bounds decode throughput at large batches (pip install uvloop)")
