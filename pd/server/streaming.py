@@ -49,16 +49,16 @@ async def run_unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
     """
     task = asyncio.current_task()
     assert task is not None, "run_unless_disconnected runs in a task"
-    waiting, gone = True, False
+    gone = False
 
+    # Runs only while the caller's task waits inside `aw` (the finally below cancels it before the caller goes on).
     async def watch() -> None:
         nonlocal gone
         while True:
             await asyncio.sleep(DISCONNECT_POLL_S)
             if await request.is_disconnected():
-                if waiting:
-                    gone = True
-                    task.cancel()
+                gone = True
+                task.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
@@ -72,7 +72,6 @@ async def run_unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
             uncancel()
         raise ClientDisconnected() from None
     finally:
-        waiting = False
         watcher.cancel()
 
 
