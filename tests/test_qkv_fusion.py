@@ -1,6 +1,7 @@
-"""Attention.fuse_qkv (CUDA engines run q/k/v as one GEMM) with q/k/v biases (Qwen2): on a fresh random checkpoint
-an engine whose layers are fused gives the unfused engine's logits and greedy tokens, and the three projections stay
-views of the fused weight, so a later load into them reaches the GEMM. (Without biases the fusion runs in the
+"""Attention.fuse_qkv (CUDA engines run q/k/v as one GEMM) with q/k/v biases (Qwen2), and with block-FP8 q/k/v
+(weights and scales concatenated): on a fresh random checkpoint an engine whose layers are fused gives the unfused
+engine's logits and greedy tokens, and the three projections stay views of the fused weight (and scales), so a later
+load into them reaches the GEMM. (Without biases the fusion runs in the
 interpreted whole-model test, tests/test_attention_backends.py, with every other GPU kernel.)
 
 On the CPU engines pack their linears instead of fusing them (pd.engine.model_runner); here the packing is swapped
@@ -17,6 +18,8 @@ import torch
 from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
 from pd.models.llama import Attention
+from pd.quant.fp8 import Fp8Linear
+from tests.fp8_checkpoints import make_bf16_checkpoint, write_fp8_pair
 from tests.tiny_checkpoints import make_checkpoint
 
 
@@ -40,11 +43,59 @@ def test_fused_qkv_with_biases_equals_separate_projections(tmp_path, monkeypatch
     assert fused.generate(prompts, sampling) == separate.generate(prompts, sampling)
 
     attn = next(m for m in fused.runner.model.modules() if isinstance(m, Attention))
-    assert attn._qkv is not None and attn._qkv[1] is not None, "Qwen2's q/k/v carry biases"
-    weight = attn._qkv[0]
+    assert attn._qkv is not None and attn._qkv[0].bias is not None, "Qwen2's q/k/v carry biases"
+    weight = attn._qkv[0].weight
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
         assert proj.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
     with torch.no_grad():
         attn.k_proj.weight.zero_()
     rows = attn.q_proj.out_features
     assert weight[rows : rows + attn.k_proj.out_features].abs().sum() == 0
+
+
+def _equal_engines(path: str, monkeypatch, fuses: bool) -> Attention:
+    """Builds the separate and the fused engine of ``path`` and checks they agree; -> a fused engine's attention."""
+    engine = dict(page_size=4, chunked_prefill_size=32)
+    monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", lambda model: None)
+    separate = LLM(path, **engine)
+
+    def fuse(model: torch.nn.Module) -> None:
+        assert [m.fuse_qkv() for m in model.modules() if isinstance(m, Attention)] == [fuses] * 2
+
+    monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", fuse)
+    fused = LLM(path, **engine)
+    gen = torch.Generator().manual_seed(secrets.randbelow(2**31))
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (7, 37)]
+    for ids in prompts:
+        torch.testing.assert_close(fused.prefill_logits(ids), separate.prefill_logits(ids), atol=1e-5, rtol=1e-5)
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
+    assert fused.generate(prompts, sampling) == separate.generate(prompts, sampling)
+    return next(m for m in fused.runner.model.modules() if isinstance(m, Attention))
+
+
+def test_fused_fp8_qkv_concatenates_weights_and_scales(tmp_path, monkeypatch) -> None:
+    """Block-FP8 q/k/v (Qwen3-MoE: 128 query and 64 key rows, blocks of 32 rows) fuse into one FP8 linear."""
+    base = make_bf16_checkpoint("qwen3_moe", str(tmp_path / "bf16"), seed=secrets.randbelow(2**31))
+    fp8 = str(tmp_path / "fp8")
+    write_fp8_pair(base, fp8, str(tmp_path / "dequant"), (32, 16), ("lm_head", "mlp.gate"))
+    attn = _equal_engines(fp8, monkeypatch, fuses=True)
+    assert attn._qkv is not None
+    fused = attn._qkv[0]
+    assert isinstance(fused, Fp8Linear) and isinstance(attn.k_proj, Fp8Linear)
+    for name in ("weight", "weight_scale_inv"):
+        whole = getattr(fused, name)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            assert getattr(proj, name).untyped_storage().data_ptr() == whole.untyped_storage().data_ptr(), name
+    with torch.no_grad():
+        attn.k_proj.weight_scale_inv.fill_(3.0)
+    first = attn.q_proj.weight_scale_inv.shape[0]
+    assert (fused.weight_scale_inv[first : first + attn.k_proj.weight_scale_inv.shape[0]] == 3.0).all()
+
+
+def test_fp8_qkv_whose_blocks_straddle_q_and_k_stays_separate(tmp_path, monkeypatch) -> None:
+    """Blocks of 128 rows: the 64 key rows end inside a block, so the scales cannot concatenate; no fusion."""
+    base = make_bf16_checkpoint("qwen3_moe", str(tmp_path / "bf16"), seed=secrets.randbelow(2**31))
+    fp8 = str(tmp_path / "fp8")
+    write_fp8_pair(base, fp8, str(tmp_path / "dequant"), (128, 16), ("lm_head", "mlp.gate"))
+    attn = _equal_engines(fp8, monkeypatch, fuses=False)
+    assert attn._qkv is None and isinstance(attn.q_proj, Fp8Linear)

@@ -106,7 +106,8 @@ class ModelRunner:
         else:
             fused = [m.fuse_qkv() for m in self.model.modules() if isinstance(m, Attention)]
             if fused and not all(fused):
-                logger.info("q/k/v projections fused in %d of %d layers (the others are FP8)", sum(fused), len(fused))
+                logger.info("q/k/v projections fused in %d of %d layers (the others: FP8 blocks straddling q/k/v, "
+                            "or mixed dtypes)", sum(fused), len(fused))  # fmt: skip
         layout = self.model.kv_layout()
         self.kv_dtype = kv_storage_dtype(cfg.kv_cache_dtype, cfg.dtype)
         self.num_pages = self._num_pages(layout)

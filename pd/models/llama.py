@@ -21,6 +21,7 @@ from pd.layers.rotary import RotaryEmbedding
 from pd.models.base import CausalLM
 from pd.models.config import ModelConfig
 from pd.moe.context import MoeContext
+from pd.quant.fp8 import Fp8Linear
 
 T = TypeVar("T")
 
@@ -66,37 +67,64 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.scale = self.head_dim**-0.5
-        self._qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None  # fuse_qkv()
+        # fuse_qkv(): the fused linear (in a tuple: not a submodule, so the checkpoint's names stay q/k/v's) and the
+        # three output sizes
+        self._qkv: tuple[nn.Module, list[int]] | None = None
 
     def fuse_qkv(self) -> bool:
-        """Runs q/k/v as one GEMM from now on (one launch instead of three: at decode sizes each is launch-bound).
-        The three weights become views of one [q + k + v, hidden] tensor, so loading into them later still works.
-        Only for plain linears of one dtype (not FP8 or CPU-packed ones). -> whether it fused."""
+        """Runs q/k/v as one GEMM from now on (one launch instead of three: at decode sizes each is launch-bound,
+        and a block-FP8 one also quantizes its input once instead of three times). The three weights (and FP8
+        scales) become views of one [q + k + v, hidden] tensor, so loading into them later still works. For plain
+        linears of one dtype, or block-FP8 linears whose q and k rows end on a scale block's edge (the scales then
+        concatenate like the weights); not CPU-packed ones. -> whether it fused."""
         linears = (self.q_proj, self.k_proj, self.v_proj)
         if self._qkv is not None:
             return True
-        if any(type(m) is not nn.Linear for m in linears) or len({m.weight.dtype for m in linears}) != 1:
+        if len({m.bias is None for m in linears}) != 1 or len({m.weight.dtype for m in linears}) != 1:
             return False
-        if len({m.bias is None for m in linears}) != 1:
+        kinds = {type(m) for m in linears}
+        if kinds == {Fp8Linear}:
+            blocks = {m.block for m in linears}  # type: ignore[union-attr]
+            if len(blocks) != 1 or any(m.out_features % next(iter(blocks))[0] for m in linears[:2]):
+                return False
+        elif kinds != {nn.Linear}:
             return False
         sizes = [m.out_features for m in linears]
         with torch.no_grad():
-            weight = torch.cat([m.weight for m in linears])
-            bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in linears])  # type: ignore[misc]
-            for part, m in zip(weight.split(sizes), linears, strict=True):
-                m.weight = nn.Parameter(part, requires_grad=False)
-            if bias is not None:
-                for part, m in zip(bias.split(sizes), linears, strict=True):
-                    m.bias = nn.Parameter(part, requires_grad=False)
-        self._qkv = (weight, bias, sizes)
+            fused = self._fused_linear(linears, sum(sizes))
+            for name in ("weight", "weight_scale_inv", "bias"):
+                whole = getattr(fused, name, None)
+                if whole is None:
+                    continue
+                rows = [getattr(m, name).shape[0] for m in linears]  # scales: rows of blocks
+                for part, m in zip(whole.split(rows), linears, strict=True):
+                    setattr(m, name, nn.Parameter(part, requires_grad=False))
+        self._qkv = (fused, sizes)
         return True
+
+    @staticmethod
+    def _fused_linear(linears: tuple[nn.Module, ...], out_features: int) -> nn.Module:
+        """A linear whose weight (scales, bias) is the row-wise concatenation of ``linears``'."""
+        first = linears[0]
+        has_bias = first.bias is not None
+        weight = torch.cat([m.weight for m in linears])  # type: ignore[misc]
+        if isinstance(first, Fp8Linear):
+            fused: nn.Module = Fp8Linear(first.in_features, out_features, has_bias, first.block, first.dtype, "meta")
+            fused.weight_scale_inv = nn.Parameter(torch.cat([m.weight_scale_inv for m in linears]),  # type: ignore[misc]
+                                                  requires_grad=False)  # fmt: skip
+        else:
+            fused = nn.Linear(first.in_features, out_features, has_bias, device="meta")  # type: ignore[arg-type]
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if has_bias:
+            fused.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)  # type: ignore[misc]
+        return fused
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
         num_tokens = x.shape[0]
         if self._qkv is not None:
-            weight, bias, sizes = self._qkv
-            q, k, v = nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
+            fused, sizes = self._qkv
+            q, k, v = fused(x).split(sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
