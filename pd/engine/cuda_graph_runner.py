@@ -171,7 +171,7 @@ class CudaGraphRunner:
         return StagedDecode(n, bs, self.rows[:n])
 
     def replay_staged(self, staged: StagedDecode) -> torch.Tensor:
-        """-> logits [n, vocab] float32 of a staged batch (a view of the bucket's static logits: consume it before
+        """-> logits [n, vocab] (model dtype) of a staged batch (a view of the bucket's static logits: consume it before
         the next replay, as the sampler does)."""
         bs = staged.bs
         if bs in self.graphs:

@@ -111,7 +111,7 @@ class LLM:
                 batch = self.runner.build_batch(
                     ids, [row], [start], [len(ids)], sched.slots, logits_index=list(range(len(ids)))
                 )
-                logits.append(self.runner.forward(batch))
+                logits.append(self.runner.forward(batch).float())
             return torch.cat(logits)
         finally:
             sched.pool.free(pages)

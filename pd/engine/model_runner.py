@@ -265,7 +265,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch | MicroBatches | StagedDecode, logits: bool = True,
                 eager: bool = False) -> torch.Tensor:  # fmt: skip
-        """-> logits [S, vocab] float32 for the batch's logits_index rows (an empty tensor with logits=False:
+        """-> logits [S, vocab] in the model dtype for the batch's logits_index rows (an empty tensor with logits=False:
         followers only take part in the collectives; the leader samples). eager: not from the piecewise graphs
         (the warm-up compiles the kernels of forwards they do not take)."""
         self.num_forwards += 1

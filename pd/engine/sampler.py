@@ -89,7 +89,8 @@ def _all_greedy(n: int, device: torch.device) -> SamplingRows:
 
 
 def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
-    """logits [S, V] float32 -> [S] int64 token ids on the same device, without a host sync.
+    """logits [S, V] (any float dtype; drawn rows compute in float32) -> [S] int64 token ids on the same device,
+    without a host sync.
 
     Greedy rows take the argmax. The others draw from softmax(logits / temperature) cut by top-k, top-p (the
     smallest most-likely prefix reaching top_p) and min-p (tokens below min_p times the top probability), the
@@ -98,6 +99,7 @@ def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     argmax = logits.argmax(dim=-1)
     if rows.all_greedy:
         return argmax
+    logits = logits.float()
     vocab = logits.shape[-1]
     # Probabilities and the draw stay in vocabulary order whatever the cuts, so a row draws the same token in any
     # batch (a batch where some row cuts sorts only to find what to drop).

@@ -263,6 +263,7 @@ def invoke_fused_moe_gemm(
     if fp8 is not None:
         assert fp8.a_scale.shape[0] == a_XK.shape[0], (fp8.a_scale.shape, a_XK.shape)
     a_s, b_s, a_s_strides, b_s_strides, group, split = _scale_args(fp8, c_PN, 2, n)
+    paired, stages = _pairing(fp8, config)
     grid = (expert_of_block.numel() * triton.cdiv(n, block_n),)
     _fused_moe_kernel[grid](
         a_XK, b_ENK, c_PN, weights, sorted_ids, expert_of_block, num_rows_post_pad,
@@ -272,8 +273,8 @@ def invoke_fused_moe_gemm(
         A_ROW_DIVISOR=1 if a_per_pair else top_k, MUL_WEIGHT=topk_weights_P is not None,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_XK.dtype == torch.float32 else "tf32",
         OUT_DTYPE=_TL_DTYPES[c_PN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
-        PAIRED_K=paired_k(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        PAIRED_K=paired, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
+        num_warps=config["num_warps"], num_stages=stages,
     )  # fmt: skip
     return c_PN
 
@@ -292,6 +293,14 @@ def _check_operands(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fp8: Bloc
     rows = triton.cdiv(fp8.split, group_n) + triton.cdiv(b.shape[1] - fp8.split, group_n)
     assert fp8.b_scale.shape == (b.shape[0], rows, triton.cdiv(k, group_k)), (fp8.b_scale.shape, b.shape, fp8)
     assert group_k % block_k == 0, f"BLOCK_SIZE_K {block_k} must divide the scale group {group_k}"
+
+
+def _pairing(fp8: BlockFp8 | None, config: dict[str, int]) -> tuple[bool, int]:
+    """(PAIRED_K, num_stages): a paired loop loads two k-steps per iteration, so it pipelines half the stages in
+    the same shared memory."""
+    if fp8 is None or not paired_k():
+        return False, config["num_stages"]
+    return True, max(2, (config["num_stages"] + 1) // 2)
 
 
 _ScaleArgs = tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...], tuple[int, int], int]
@@ -379,6 +388,7 @@ def invoke_batched_moe_gemm(
     if e == 0 or max_rows == 0 or n == 0:
         return c_EMN
     a_s, b_s, a_s_strides, b_s_strides, group, split = _scale_args(fp8, c_EMN, 3, n)
+    paired, stages = _pairing(fp8, config)
     grid = (triton.cdiv(max_rows, block_m) * triton.cdiv(n, block_n), e)
     _batched_moe_kernel[grid](
         a_EMK, b_ENK, c_EMN, counts_E, a_s, b_s, max_rows, n, k, split,
@@ -386,8 +396,8 @@ def invoke_batched_moe_gemm(
         c_EMN.stride(0), c_EMN.stride(1), c_EMN.stride(2), *a_s_strides, *b_s_strides,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_EMK.dtype == torch.float32 else "tf32",
         OUT_DTYPE=_TL_DTYPES[c_EMN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
-        PAIRED_K=paired_k(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        PAIRED_K=paired, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=config["num_warps"], num_stages=stages,
     )  # fmt: skip
     return c_EMN
 
