@@ -49,15 +49,6 @@ SAME_DIE = (
 )
 
 
-def paired_k() -> bool:
-    """Whether FP8 expert GEMMs issue their k-steps' products two at a time (_accumulate_fp8's PAIRED), from
-    PD_FP8_MOE_PAIRED (1 or 0)."""
-    value = os.environ.get("PD_FP8_MOE_PAIRED", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"PD_FP8_MOE_PAIRED={value!r}: expected 0 or 1")
-    return value == "1"
-
-
 @dataclass(frozen=True)
 class BlockFp8:
     """The scales of a block-FP8 expert GEMM (A and B float8_e4m3fn; C in the model dtype).
@@ -85,54 +76,30 @@ def _b_scale_rows(offs_n, split, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def _fp8_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, k, K, stride_ak, stride_bk, stride_ask, stride_bsk,
-              EVEN_K: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """k-step ``k``'s fp8 product and its [BLOCK_M] row and [BLOCK_N] column scales."""
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs += k * BLOCK_K * stride_ak
-    b_ptrs += k * BLOCK_K * stride_bk
-    if EVEN_K:
-        a = tl.load(a_ptrs, mask=a_rows_valid[:, None], other=0.0)
-        b = tl.load(b_ptrs)
-    else:
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=a_rows_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-    group = (k * BLOCK_K) // GROUP_K
-    a_s = tl.load(as_ptrs + group * stride_ask, mask=a_rows_valid, other=0.0)
-    b_s = tl.load(bs_ptrs + group * stride_bsk)
-    return tl.dot(a, b), a_s, b_s
-
-
-@triton.jit
 def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak, stride_bk, stride_ask, stride_bsk,
                     EVEN_K: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, PAIRED: tl.constexpr):  # fmt: skip
+                    BLOCK_K: tl.constexpr):  # fmt: skip
     """_accumulate for float8_e4m3fn A and B: each k-step's fp8 product times A's row scales (``as_ptrs`` at group
     0) and B's column scales (``bs_ptrs`` at group 0), summed in float32.
 
-    Each product starts from zero (its scales differ from the running sum's), so the tensor cores wait for the
-    scaling of one product before the next can start. PAIRED issues two k-steps' products before scaling either,
-    so one's scaling overlaps the other's MMA (the float32 sum is the same, in the same order)."""
+    (Issuing two k-steps' products before scaling either, so one's scaling could overlap the other's MMA, was
+    measured slower on an H200 at every size: benchmarks/results/h200_2026-12-03, ninth run.)"""
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    steps = tl.cdiv(K, BLOCK_K)
-    if PAIRED:
-        for pair in range(0, steps // 2):
-            d0, a_s0, b_s0 = _fp8_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, 2 * pair, K, stride_ak,
-                                       stride_bk, stride_ask, stride_bsk, EVEN_K, GROUP_K, BLOCK_K)  # fmt: skip
-            d1, a_s1, b_s1 = _fp8_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, 2 * pair + 1, K, stride_ak,
-                                       stride_bk, stride_ask, stride_bsk, EVEN_K, GROUP_K, BLOCK_K)  # fmt: skip
-            acc += d0 * a_s0[:, None] * b_s0[None, :]
-            acc += d1 * a_s1[:, None] * b_s1[None, :]
-        if steps % 2:
-            d, a_s, b_s = _fp8_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, steps - 1, K, stride_ak,
-                                    stride_bk, stride_ask, stride_bsk, EVEN_K, GROUP_K, BLOCK_K)  # fmt: skip
-            acc += d * a_s[:, None] * b_s[None, :]
-    else:
-        for k in range(0, steps):
-            d, a_s, b_s = _fp8_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, k, K, stride_ak, stride_bk,
-                                    stride_ask, stride_bsk, EVEN_K, GROUP_K, BLOCK_K)  # fmt: skip
-            acc += d * a_s[:, None] * b_s[None, :]
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=a_rows_valid[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=a_rows_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        group = (k * BLOCK_K) // GROUP_K
+        a_s = tl.load(as_ptrs + group * stride_ask, mask=a_rows_valid, other=0.0)
+        b_s = tl.load(bs_ptrs + group * stride_bsk)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
@@ -166,7 +133,7 @@ def _fused_moe_kernel(
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     A_ROW_DIVISOR: tl.constexpr, MUL_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr,
-    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, PAIRED_K: tl.constexpr,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Programs in groups of GROUP_M row blocks that walk the column blocks together, so the A rows of a group
@@ -198,7 +165,7 @@ def _fused_moe_kernel(
         as_ptrs = as_ptr + a_rows * stride_asm
         bs_ptrs = bs_ptr + expert * stride_bse + _b_scale_rows(offs_n, scale_split, GROUP_N) * stride_bsn
         acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
-                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, PAIRED_K)  # fmt: skip
+                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           BLOCK_K)  # fmt: skip
@@ -263,7 +230,6 @@ def invoke_fused_moe_gemm(
     if fp8 is not None:
         assert fp8.a_scale.shape[0] == a_XK.shape[0], (fp8.a_scale.shape, a_XK.shape)
     a_s, b_s, a_s_strides, b_s_strides, group, split = _scale_args(fp8, c_PN, 2, n)
-    paired, stages = _pairing(fp8, config)
     grid = (expert_of_block.numel() * triton.cdiv(n, block_n),)
     _fused_moe_kernel[grid](
         a_XK, b_ENK, c_PN, weights, sorted_ids, expert_of_block, num_rows_post_pad,
@@ -273,8 +239,8 @@ def invoke_fused_moe_gemm(
         A_ROW_DIVISOR=1 if a_per_pair else top_k, MUL_WEIGHT=topk_weights_P is not None,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_XK.dtype == torch.float32 else "tf32",
         OUT_DTYPE=_TL_DTYPES[c_PN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
-        PAIRED_K=paired, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
-        num_warps=config["num_warps"], num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return c_PN
 
@@ -295,14 +261,6 @@ def _check_operands(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fp8: Bloc
     assert group_k % block_k == 0, f"BLOCK_SIZE_K {block_k} must divide the scale group {group_k}"
 
 
-def _pairing(fp8: BlockFp8 | None, config: dict[str, int]) -> tuple[bool, int]:
-    """(PAIRED_K, num_stages): a paired loop loads two k-steps per iteration, so it pipelines half the stages in
-    the same shared memory."""
-    if fp8 is None or not paired_k():
-        return False, config["num_stages"]
-    return True, max(2, (config["num_stages"] + 1) // 2)
-
-
 _ScaleArgs = tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...], tuple[int, int], int]
 
 
@@ -320,8 +278,8 @@ def _batched_moe_kernel(
     stride_ae, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_ce, stride_cm, stride_cn,
     stride_ase, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr,
-    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, PAIRED_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Column blocks of one row block are neighbours, so they read the block's A rows while those are in L2.
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -343,7 +301,7 @@ def _batched_moe_kernel(
         as_ptrs = as_ptr + expert * stride_ase + rows.to(tl.int64) * stride_asm
         bs_ptrs = bs_ptr + expert * stride_bse + _b_scale_rows(offs_n, scale_split, GROUP_N) * stride_bsn
         acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
-                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, PAIRED_K)  # fmt: skip
+                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           BLOCK_K)  # fmt: skip
@@ -388,7 +346,6 @@ def invoke_batched_moe_gemm(
     if e == 0 or max_rows == 0 or n == 0:
         return c_EMN
     a_s, b_s, a_s_strides, b_s_strides, group, split = _scale_args(fp8, c_EMN, 3, n)
-    paired, stages = _pairing(fp8, config)
     grid = (triton.cdiv(max_rows, block_m) * triton.cdiv(n, block_n), e)
     _batched_moe_kernel[grid](
         a_EMK, b_ENK, c_EMN, counts_E, a_s, b_s, max_rows, n, k, split,
@@ -396,8 +353,8 @@ def invoke_batched_moe_gemm(
         c_EMN.stride(0), c_EMN.stride(1), c_EMN.stride(2), *a_s_strides, *b_s_strides,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_EMK.dtype == torch.float32 else "tf32",
         OUT_DTYPE=_TL_DTYPES[c_EMN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
-        PAIRED_K=paired, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=config["num_warps"], num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return c_EMN
 
