@@ -102,14 +102,16 @@ GEMM_CASES = [
     (33, 96, 100, (32, 32), "float32", True),  # M off the row block, K off the group: a partial last group
     (20, 130, 96, (16, 32), "float16", False),  # rectangular blocks, N with a partial block
     (0, 40, 48, (16, 16), "bfloat16", True),  # no rows
+    (64, 200, 512, (32, 32), "float32", True),  # the split-K kernel's largest row count, 16 k-steps
 ]
 
 
 def check_gemm(seed: int) -> None:
-    """w8a8_block_gemm against the float32 product of the dequantized operands (tight), and the linear against the
-    dequantized model (W8A8_TOLERANCE); the default block sizes too."""
+    """w8a8_block_gemm, and for decode-sized rows the split-K kernel that quantizes inside (one split, a split
+    per few k-steps, the default), against the float32 product of the dequantized operands (tight), and the
+    linear against the dequantized model (W8A8_TOLERANCE); the default block sizes too."""
+    from pd.layers.triton_fp8_gemm import split_k_fits, w8a8_block_gemm, w8a8_block_linear, w8a8_split_k_linear
     from pd.layers.triton_fp8_gemm import token_group_quant as quant_kernel
-    from pd.layers.triton_fp8_gemm import w8a8_block_gemm, w8a8_block_linear
 
     gen = torch.Generator().manual_seed(seed)
     for m, n, k, block, out_name, with_bias in GEMM_CASES:
@@ -128,6 +130,11 @@ def check_gemm(seed: int) -> None:
             scale = expected.abs().amax().item() if m else 1.0
             torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * scale,
                                        msg=lambda msg: f"{where}: {msg}")  # noqa: B023
+        for splits in (1, 3, None) if split_k_fits(m, block) else ():
+            got = w8a8_split_k_linear(x, w_q, w_scale, block, bias, splits)
+            assert got.shape == (m, n) and got.dtype == out_dtype, where
+            torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * scale,
+                                       msg=lambda msg: f"{where} {splits} splits: {msg}")  # noqa: B023
         got = w8a8_block_linear(x.view(1, m, k), w_q, w_scale, block, bias)
         assert got.shape == (1, m, n) and got.dtype == out_dtype, where
         reference = F.linear(x.float(), block_dequant(w_q, w_scale, block, torch.float32),
@@ -220,6 +227,27 @@ def test_gpu_w8a8_linear_matches_dequantized_bf16_within_tolerance(m: int, shape
     expected = emulated_gemm(q_ref, scale_ref, w_q, w_scale, (128, 128))
     assert rel_l2(got, expected) < 4e-3, rel_l2(got, expected)  # bf16 output rounding
     dequantized = F.linear(x, block_dequant(w_q, w_scale, (128, 128), torch.bfloat16))
+    assert rel_l2(got, dequantized) < W8A8_TOLERANCE, rel_l2(got, dequantized)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_split_k_linear_matches_the_two_launch_kernel(m: int, shape: tuple[int, int]) -> None:
+    """The decode-sized split-K kernel (activations quantized inside) against quantize-then-GEMM on the same input,
+    and against the dequantized bf16 linear."""
+    from pd.layers.triton_fp8_gemm import token_group_quant as quant_kernel
+    from pd.layers.triton_fp8_gemm import w8a8_block_gemm, w8a8_split_k_linear
+
+    n, k = shape
+    gen = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    w_q, w_scale = make_weight(n, k, (128, 128), gen, "cuda")
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen, device="cuda").to(torch.bfloat16)
+    got = w8a8_split_k_linear(x, w_q, w_scale, (128, 128), bias)
+    two_launch = w8a8_block_gemm(*quant_kernel(x, 128), w_q, w_scale, (128, 128), torch.bfloat16, bias)
+    assert got.shape == (m, n) and rel_l2(got, two_launch) < 4e-3, rel_l2(got, two_launch)  # two bf16 roundings
+    dequantized = F.linear(x, block_dequant(w_q, w_scale, (128, 128), torch.bfloat16), bias)
     assert rel_l2(got, dequantized) < W8A8_TOLERANCE, rel_l2(got, dequantized)
 
 

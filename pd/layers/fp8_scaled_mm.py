@@ -12,8 +12,9 @@ Layouts cuBLAS wants (PyTorch's test_scaled_mm_block_wise_numerics):
   and refuses weight scales whose K/128 is not a multiple of 4 (every DeepSeek-V3 and Qwen3 linear has K % 512 == 0;
   the others stay on the Triton kernel).
 
-``PD_FP8_GEMM=triton`` keeps every block-FP8 GEMM on the Triton kernel; ``cublas`` uses cuBLAS at every row count
-(where it is available); the default, ``auto``, from CUBLAS_MIN_ROWS rows. Whether cuBLAS runs the recipe is
+``PD_FP8_GEMM=triton`` keeps every block-FP8 GEMM on the Triton quantize-then-GEMM kernels; ``cublas`` uses cuBLAS
+at every row count (where it is available); the default, ``auto``, from CUBLAS_MIN_ROWS rows, with decode-sized
+rows on the split-K Triton kernel (pd.layers.triton_fp8_gemm.w8a8_block_linear). Whether cuBLAS runs the recipe is
 probed once per device on small random operands against the dequantized product; a failure is logged once and
 the Triton kernel serves.
 """
