@@ -167,6 +167,7 @@ INTERPRETER_CASES = [
     (5, 128, 8, torch.float32, "sigmoid", True, True, 2.5),  # DeepSeek-V3 scoring without groups
     (1, 8, 8, torch.bfloat16, "sigmoid", True, False, 1.0),  # K = E
     (0, 128, 2, torch.float32, "sigmoid", False, True, 1.0),
+    (300, 8, 2, torch.float32, "softmax", False, True, 1.0),  # past one-row programs: rows share a program
 ]
 
 
@@ -193,6 +194,7 @@ GROUPED_INTERPRETER_CASES = [
     (1, 60, 6, torch.float32, "softmax", False, False, 16.0, V2_GROUPS),
     (5, 8, 2, torch.float32, "sigmoid", False, True, 1.0, (4, 2, "top2_sum")),  # groups of two: top2 = the group
     (5, 8, 2, torch.bfloat16, "softmax", True, False, 1.0, (4, 2, "max")),
+    (260, 64, 8, torch.float32, "sigmoid", True, True, 2.5, V3_GROUPS),  # rows sharing a program
 ]
 
 

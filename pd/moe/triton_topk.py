@@ -41,6 +41,7 @@ from pd.moe.topk import TopKConfig, TopKOutput
 # Rows x experts per program stay at most this many lanes, so a program holds its tile in registers.
 _MAX_TILE = 2048
 _MAX_BLOCK_T = 64
+_ROW_PROGRAMS_UP_TO = 256
 # Compiled, tl.exp is ex2.approx after a rounded multiply by log2(e), off by up to ~1e-6 relative for exponents
 # near -16: enough to reorder choices that torch ranks apart. libdevice's expf is within 2 ulp. Triton's interpreter
 # has no libdevice; there tl.exp is numpy's float32 exp, within an ulp.
@@ -219,9 +220,14 @@ def fused_select_experts(
     logits = router_logits_TE if router_logits_TE.stride(1) == 1 else router_logits_TE.contiguous()
     bias = correction_bias_E.contiguous() if correction_bias_E is not None else None
     block_e = triton.next_power_of_2(num_experts)
-    # Decode (T = 1) gets a one-row program, the shortest path through the K rounds; larger T shares the rounds
-    # among several rows. Powers of two in T keep the number of compiled variants small.
-    block_t = min(triton.next_power_of_2(num_tokens), max(_MAX_TILE // block_e, 1), _MAX_BLOCK_T)
+    # Decode batches (T up to _ROW_PROGRAMS_UP_TO) get one-row programs of one or two warps, the shortest path
+    # through the K rounds (each round's reductions stay within a warp), and as many programs as rows: 16-row
+    # tiles took 7 us at T = 64, E = 128 on an H200, four programs each walking the rounds with cross-warp
+    # reductions. Larger T shares the rounds among several rows. Powers of two keep the compiled variants few.
+    if num_tokens <= _ROW_PROGRAMS_UP_TO:
+        block_t = 1
+    else:
+        block_t = min(triton.next_power_of_2(num_tokens), max(_MAX_TILE // block_e, 1), _MAX_BLOCK_T)
     num_warps = min(max(block_t * block_e // 512, 1), 8)
     grid = (triton.cdiv(num_tokens, block_t),)
     _select_experts_kernel[grid](
