@@ -18,6 +18,7 @@ CUDA-graph replay equal to eager.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import pytest
 import torch
@@ -40,6 +41,9 @@ MOE_W8A8_TOLERANCE = 0.1
 # Against w8a8_reference: float32 summation order (and a rare flipped e4m3 tie); bf16 adds its roundings.
 EMULATED_TOLERANCE = {"float32": 2e-3, "bfloat16": 1.5e-2}
 BLOCK = (16, 16)
+# Column blocks of 16 lie inside one 16-row scale block: the kernels' one-scale-per-k-step path (SCALAR_B) for the
+# down GEMM (the gate/up split at 24 is off the blocks: the per-column path); SMALL's 32 the per-column path.
+SMALL_N16 = dict(SMALL, BLOCK_SIZE_N=16)
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,15 +110,16 @@ def check_fp8_runner(dtype_name: str, seed: int) -> None:
     from pd.moe.runner.triton_runner import TritonMoeRunner
 
     dtype = getattr(torch, dtype_name)
-    runner = TritonMoeRunner(SMALL)
-    for i, (tokens, top_k, experts) in enumerate(((1, 1, 4), (5, 2, 8), (33, 4, 8), (17, 3, 16))):
-        activation = "gelu" if i == 2 else "silu"
-        dispatched, w13, w2 = make_case(seed + i, tokens, top_k, experts, dtype, foreign=0.0 if i == 1 else 0.3)
+    cases = ((1, 1, 4), (5, 2, 8), (33, 4, 8), (17, 3, 16))
+    for i, ((tokens, top_k, experts), config) in enumerate(itertools.product(cases, (SMALL, SMALL_N16))):
+        runner = TritonMoeRunner(config)
+        activation = "gelu" if i // 2 == 2 else "silu"
+        dispatched, w13, w2 = make_case(seed + i, tokens, top_k, experts, dtype, foreign=0.0 if i // 2 == 1 else 0.3)
         q13, q2, scales = quantize_experts(w13, w2, BLOCK)
         out = runner.run(dispatched, q13, q2, activation, scales)
         assert out.handle is dispatched.handle and out.hidden_states.dtype == dtype
         got = out.hidden_states
-        where = f"{tokens} tokens, top-{top_k}, {experts} experts, {activation}, {dtype_name}"
+        where = f"{tokens} tokens, top-{top_k}, {experts} experts, {activation}, {dtype_name}, {config}"
         emulated = w8a8_reference(dispatched, q13, q2, scales, activation)
         assert rel_l2(got, emulated) < EMULATED_TOLERANCE[dtype_name], (where, rel_l2(got, emulated))
         dequantized = TorchMoeRunner().run(dispatched, *dequantize_experts(q13, q2, scales, dtype), activation)
@@ -135,7 +140,7 @@ def check_fp8_batched(dtype_name: str, seed: int) -> None:
     for i, (experts, max_rows) in enumerate(((1, 5), (3, 19), (6, 33))):
         batched, w13, w2 = make_batched_case(seed + i, experts, max_rows, dtype)
         q13, q2, scales = quantize_experts(w13, w2, BLOCK)
-        got = TritonMoeRunner(SMALL).run(batched, q13, q2, scales=scales).hidden_states
+        got = TritonMoeRunner(SMALL_N16 if i % 2 else SMALL).run(batched, q13, q2, scales=scales).hidden_states
         assert got.shape == batched.hidden_states.shape and got.dtype == dtype
         w13_f, w2_f = dequantize_experts(q13, q2, scales, torch.float32)
         dequantized = TorchMoeRunner().run(batched, *dequantize_experts(q13, q2, scales, dtype)).hidden_states

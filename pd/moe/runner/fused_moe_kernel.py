@@ -78,9 +78,12 @@ def _b_scale_rows(offs_n, split, GROUP_N: tl.constexpr):
 @triton.jit
 def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak, stride_bk, stride_ask, stride_bsk,
                     EVEN_K: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):  # fmt: skip
+                    BLOCK_K: tl.constexpr, SCALAR_B: tl.constexpr):  # fmt: skip
     """_accumulate for float8_e4m3fn A and B: each k-step's fp8 product times A's row scales (``as_ptrs`` at group
     0) and B's column scales (``bs_ptrs`` at group 0), summed in float32.
+
+    SCALAR_B: the tile's columns share one scale row (``bs_ptrs`` one pointer), so a k-step scales its product by
+    one per-row vector, a multiply-add per element instead of two multiplies and an add.
 
     (Issuing two k-steps' products before scaling either, so one's scaling could overlap the other's MMA, was
     measured slower on an H200 at every size: benchmarks/results/h200_2026-12-03, ninth run.)"""
@@ -97,7 +100,10 @@ def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak
         group = (k * BLOCK_K) // GROUP_K
         a_s = tl.load(as_ptrs + group * stride_ask, mask=a_rows_valid, other=0.0)
         b_s = tl.load(bs_ptrs + group * stride_bsk)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        if SCALAR_B:
+            acc += tl.dot(a, b) * (a_s * b_s)[:, None]
+        else:
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -133,7 +139,7 @@ def _fused_moe_kernel(
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     A_ROW_DIVISOR: tl.constexpr, MUL_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr,
-    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, SCALAR_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Programs in groups of GROUP_M row blocks that walk the column blocks together, so the A rows of a group
@@ -163,9 +169,13 @@ def _fused_moe_kernel(
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
     if USE_FP8:
         as_ptrs = as_ptr + a_rows * stride_asm
-        bs_ptrs = bs_ptr + expert * stride_bse + _b_scale_rows(offs_n, scale_split, GROUP_N) * stride_bsn
+        if SCALAR_B:  # the block's first column's scale row is every column's
+            scale_rows = _b_scale_rows(pid_n * BLOCK_N, scale_split, GROUP_N)
+        else:
+            scale_rows = _b_scale_rows(offs_n, scale_split, GROUP_N)
+        bs_ptrs = bs_ptr + expert * stride_bse + scale_rows * stride_bsn
         acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
-                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SCALAR_B)  # fmt: skip
     else:
         acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           BLOCK_K)  # fmt: skip
@@ -239,6 +249,7 @@ def invoke_fused_moe_gemm(
         A_ROW_DIVISOR=1 if a_per_pair else top_k, MUL_WEIGHT=topk_weights_P is not None,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_XK.dtype == torch.float32 else "tf32",
         OUT_DTYPE=_TL_DTYPES[c_PN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
+        SCALAR_B=_scalar_b(fp8, n, block_n),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
@@ -261,6 +272,15 @@ def _check_operands(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fp8: Bloc
     assert group_k % block_k == 0, f"BLOCK_SIZE_K {block_k} must divide the scale group {group_k}"
 
 
+def _scalar_b(fp8: BlockFp8 | None, n: int, block_n: int) -> bool:
+    """Whether every column block of BLOCK_N lies inside one row of B's scales: BLOCK_N divides GROUP_N and the
+    gate/up split (if any) falls on a GROUP_N edge. (Wrapped columns past N may read another row: never stored.)"""
+    if fp8 is None:
+        return False
+    group_n = fp8.block[0]
+    return group_n % block_n == 0 and (fp8.split == n or fp8.split % group_n == 0)
+
+
 _ScaleArgs = tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...], tuple[int, int], int]
 
 
@@ -278,8 +298,8 @@ def _batched_moe_kernel(
     stride_ae, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_ce, stride_cm, stride_cn,
     stride_ase, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr,
-    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, SCALAR_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Column blocks of one row block are neighbours, so they read the block's A rows while those are in L2.
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -299,9 +319,13 @@ def _batched_moe_kernel(
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
     if USE_FP8:
         as_ptrs = as_ptr + expert * stride_ase + rows.to(tl.int64) * stride_asm
-        bs_ptrs = bs_ptr + expert * stride_bse + _b_scale_rows(offs_n, scale_split, GROUP_N) * stride_bsn
+        if SCALAR_B:  # the block's first column's scale row is every column's
+            scale_rows = _b_scale_rows(pid_n * BLOCK_N, scale_split, GROUP_N)
+        else:
+            scale_rows = _b_scale_rows(offs_n, scale_split, GROUP_N)
+        bs_ptrs = bs_ptr + expert * stride_bse + scale_rows * stride_bsn
         acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
-                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SCALAR_B)  # fmt: skip
     else:
         acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           BLOCK_K)  # fmt: skip
@@ -353,6 +377,7 @@ def invoke_batched_moe_gemm(
         c_EMN.stride(0), c_EMN.stride(1), c_EMN.stride(2), *a_s_strides, *b_s_strides,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_EMK.dtype == torch.float32 else "tf32",
         OUT_DTYPE=_TL_DTYPES[c_EMN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
+        SCALAR_B=_scalar_b(fp8, n, block_n),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
