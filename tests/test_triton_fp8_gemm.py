@@ -103,6 +103,7 @@ GEMM_CASES = [
     (20, 130, 96, (16, 32), "float16", False),  # rectangular blocks, N with a partial block
     (0, 40, 48, (16, 16), "bfloat16", True),  # no rows
     (64, 200, 512, (32, 32), "float32", True),  # the split-K kernel's largest row count, 16 k-steps
+    (5, 130, 96, (64, 32), "bfloat16", True),  # column blocks inside one scale row (both kernels), a partial one
 ]
 
 

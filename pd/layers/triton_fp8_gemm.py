@@ -121,7 +121,7 @@ def _w8a8_block_gemm_kernel(
     stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_bsk, stride_cm,
     HAS_BIAS: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, SCALAR_B: tl.constexpr,
 ):  # fmt: skip
     # Groups of GROUP_M row blocks walk the column blocks together, so their A rows stay in L2 (Triton's tutorial).
     pid = tl.program_id(0)
@@ -139,7 +139,10 @@ def _w8a8_block_gemm_kernel(
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     as_ptrs = as_ptr + rows.to(tl.int64) * stride_asm
-    bs_ptrs = bs_ptr + (cols // GROUP_N) * stride_bsn
+    if SCALAR_B:  # the column block lies inside one row of scales (wrapped columns past N are never stored)
+        bs_ptrs = bs_ptr + (pid_n * BLOCK_N // GROUP_N) * stride_bsn
+    else:
+        bs_ptrs = bs_ptr + (cols // GROUP_N) * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
@@ -152,7 +155,10 @@ def _w8a8_block_gemm_kernel(
         k_group = (k * BLOCK_K) // GROUP_K
         a_s = tl.load(as_ptrs + k_group * stride_ask)
         b_s = tl.load(bs_ptrs + k_group * stride_bsk)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        if SCALAR_B:  # one multiply-add per element
+            acc += tl.dot(a, b) * (a_s * b_s)[:, None]
+        else:
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -240,7 +246,8 @@ def w8a8_block_gemm(
         weight_scale.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, GROUP_N=group_n, GROUP_K=group_k, EVEN_K=k % block_k == 0,
         OUT_DTYPE=_TL_DTYPES[out_dtype], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        GROUP_M=cfg["GROUP_SIZE_M"], SCALAR_B=group_n % block_n == 0, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
 
@@ -249,7 +256,8 @@ def w8a8_block_gemm(
 def _w8a8_split_k_kernel(
     x_ptr, b_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_bn, stride_bsn, stride_bsk, stride_os,
     stride_om, HAS_BIAS: tl.constexpr, GROUP_N: tl.constexpr, STEPS: tl.constexpr, ONE_SPLIT: tl.constexpr,
-    OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALAR_B: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (column block, split): all M rows times one BLOCK_N-wide column block over the split's STEPS
     k-steps (one scale group each, BLOCK_K == GROUP_K). The activations are quantized here as token_group_quant
@@ -273,8 +281,13 @@ def _w8a8_split_k_kernel(
         a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(b_ptr.dtype.element_ty)
         b = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None], mask=k_ok[:, None], other=0.0)
         # (past the last group the product is zero: any group's finite scales do, so read the last one's)
-        b_s = tl.load(bs_ptr + (cols // GROUP_N) * stride_bsn + tl.minimum(group, groups - 1) * stride_bsk)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        at_group = tl.minimum(group, groups - 1) * stride_bsk
+        if SCALAR_B:  # the column block inside one row of scales: one multiply-add per element
+            b_s = tl.load(bs_ptr + (pid_n * BLOCK_N // GROUP_N) * stride_bsn + at_group)
+            acc += tl.dot(a, b) * (a_s * b_s)[:, None]
+        else:
+            b_s = tl.load(bs_ptr + (cols // GROUP_N) * stride_bsn + at_group)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
 
     out_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = row_ok[:, None] & (out_cols[None, :] < N)
@@ -367,7 +380,8 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     _w8a8_split_k_kernel[(triton.cdiv(n, _SPLIT_K_BLOCK_N), splits)](
         x, weight, weight_scale, bias_arg, part, m, n, k, x.stride(0), weight.stride(0), weight_scale.stride(0),
         weight_scale.stride(1), part.stride(0) if splits > 1 else 0, part.stride(-2),
-        HAS_BIAS=bias is not None, GROUP_N=group_n, STEPS=steps, ONE_SPLIT=splits == 1, OUT_DTYPE=_TL_DTYPES[x.dtype],
+        HAS_BIAS=bias is not None, GROUP_N=group_n, STEPS=steps, ONE_SPLIT=splits == 1,
+        SCALAR_B=group_n % _SPLIT_K_BLOCK_N == 0, OUT_DTYPE=_TL_DTYPES[x.dtype],
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=_SPLIT_K_BLOCK_N, BLOCK_K=group_k,
         num_warps=4, num_stages=3,
     )  # fmt: skip
