@@ -305,11 +305,14 @@ def test_generate_stream_events_encoded_incrementally_equal_the_whole_object(wit
             text = "" if k == 20 else text[:-1]
         text, ids = text + delta, ids + new_ids
         finish = FinishReason("length", length=len(ids)) if k == 39 else None
-        chunk = GenerationChunk(rid=f"r{k}", delta=delta, text=text, output_ids=list(ids), prompt_tokens=k,
+        rid = f'r"{k // 10}\u00e9\\'  # a rid to escape, the same over several chunks (encoded once per rid)
+        chunk = GenerationChunk(rid=rid, delta=delta, text=text, output_ids=list(ids), prompt_tokens=k,
                                 finish=finish, e2e_latency=rng.random(), cached_tokens=k % 3)  # fmt: skip
         event = encoder.event(ctx, chunk)  # type: ignore[arg-type]
         assert event.startswith("data: ") and event.endswith("\n\n")
         assert json.loads(event[len("data: ") :]) == json.loads(json.dumps(_output(ctx, chunk)))  # type: ignore[arg-type]
+        meta = event[event.index('"meta_info": ') + len('"meta_info": ') : -len("}\n\n")]
+        assert meta == json.dumps(_output(ctx, chunk)["meta_info"], ensure_ascii=False)  # type: ignore[arg-type]
 
 
 def test_stream_interval_reaches_the_engine_from_the_request_or_the_server_flag(tokenizer: Any) -> None:

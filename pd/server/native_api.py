@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -174,6 +175,8 @@ class CumulativeEvents:
         self.text_len = 0
         self.ids_json = ""  # the ids so far, as JSON array items
         self.num_ids = 0
+        self.rid: str | None = None
+        self.rid_json = ""  # the rid as a JSON string (the same for every event of a stream)
 
     def event(self, ctx: ServerContext, chunk: GenerationChunk) -> str:
         extends = self.text_len + len(chunk.delta) == len(chunk.text) and len(chunk.output_ids) >= self.num_ids
@@ -187,9 +190,22 @@ class CumulativeEvents:
             new = ", ".join(map(str, chunk.output_ids[self.num_ids :]))
             self.ids_json = f"{self.ids_json}, {new}" if self.ids_json else new
             self.num_ids = len(chunk.output_ids)
-        meta = json.dumps(_output(ctx, chunk, meta_only=True)["meta_info"], ensure_ascii=False)
+        meta = self._meta(chunk)
         text = f'"text": "{self.text_json}", ' if self.with_text else ""
         return f'data: {{{text}"output_ids": [{self.ids_json}], "meta_info": {meta}}}\n\n'
+
+
+    def _meta(self, chunk: GenerationChunk) -> str:
+        """json.dumps of _output's meta_info, written out: json.dumps of the dict was ~8% of the front's CPU at batch
+        64 (the rid is encoded once per stream; only a finished chunk's finish_reason needs the encoder)."""
+        if chunk.rid != self.rid:
+            self.rid, self.rid_json = chunk.rid, json.dumps(chunk.rid, ensure_ascii=False)
+        finish = "null" if chunk.finish is None else json.dumps(chunk.finish.to_sglang(), ensure_ascii=False)
+        latency = float(chunk.e2e_latency)
+        latency_json = repr(latency) if math.isfinite(latency) else json.dumps(latency)
+        return (f'{{"id": {self.rid_json}, "finish_reason": {finish}, "prompt_tokens": {int(chunk.prompt_tokens)}, '
+                f'"completion_tokens": {chunk.completion_tokens}, "cached_tokens": {int(chunk.cached_tokens)}, '
+                f'"e2e_latency": {latency_json}}}')
 
 
 @router.get("/health")
