@@ -12,9 +12,11 @@ Three kernels:
   one activation scale per row and one weight scale per column block, so each k-step is one fp8 ``tl.dot`` times
   the two scale vectors. Rows of A past M and columns past N wrap (no load masks); the store masks them.
 - ``w8a8_split_k_linear``, for decode-sized M (up to 64 rows): the quantization inside the GEMM (one launch fewer)
-  and K split over programs, so a projection's few column blocks still spread its weight over every SM (at M = 64
-  cuBLAS's block-scaled GEMM took ~11.5 us per Qwen3 projection on an H200 inside a CUDA graph, 16-32 programs of
-  128 columns streaming the weight); the splits' float32 partials are summed by a second small launch.
+  and K split over programs, so a projection's few column blocks still spread its weight over every SM; the
+  splits' float32 partials are summed by a second small launch. On an H200 inside a CUDA graph at M = 64 (Qwen3's
+  q/k/v and o projections) it takes ~10 us plus ~2.3 us of sums against cuBLAS's block-scaled GEMM's ~11.5 us
+  plus ~1.5 us of quantization: a little faster, not the weight-read bound (~1-2 us), because every column
+  block's programs quantize the same activation rows again (benchmarks/results/h200_2026-12-03, ninth run).
 
 The reference every result is compared with is the dequantized model (pd.quant.fp8.Fp8Linear on CPU): this path
 adds the activations' e4m3 rounding to it, about 2.5-3% relative L2 error on a layer's output.
