@@ -23,36 +23,6 @@ from tests.fp8_checkpoints import make_bf16_checkpoint, write_fp8_pair
 from tests.tiny_checkpoints import make_checkpoint
 
 
-def _fuse_instead_of_packing(model: torch.nn.Module) -> None:
-    assert all(m.fuse_qkv() for m in model.modules() if isinstance(m, Attention))
-
-
-def test_fused_qkv_with_biases_equals_separate_projections(tmp_path, monkeypatch) -> None:
-    arch = "qwen2_moe"
-    path = make_checkpoint(arch, str(tmp_path / arch), seed=secrets.randbelow(2**31))
-    engine = dict(page_size=4, chunked_prefill_size=32)
-    monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", lambda model: None)
-    separate = LLM(path, **engine)
-    monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", _fuse_instead_of_packing)
-    fused = LLM(path, **engine)
-    gen = torch.Generator().manual_seed(secrets.randbelow(2**31))
-    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 40)]
-    for ids in prompts:
-        torch.testing.assert_close(fused.prefill_logits(ids), separate.prefill_logits(ids), atol=1e-5, rtol=1e-5)
-    sampling = SamplingParams(max_new_tokens=8, temperature=0.0)
-    assert fused.generate(prompts, sampling) == separate.generate(prompts, sampling)
-
-    attn = next(m for m in fused.runner.model.modules() if isinstance(m, Attention))
-    assert attn._qkv is not None and attn._qkv[0].bias is not None, "Qwen2's q/k/v carry biases"
-    weight = attn._qkv[0].weight
-    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-        assert proj.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
-    with torch.no_grad():
-        attn.k_proj.weight.zero_()
-    rows = attn.q_proj.out_features
-    assert weight[rows : rows + attn.k_proj.out_features].abs().sum() == 0
-
-
 def _equal_engines(path: str, monkeypatch, fuses: bool) -> Attention:
     """Builds the separate and the fused engine of ``path`` and checks they agree; -> a fused engine's attention."""
     engine = dict(page_size=4, chunked_prefill_size=32)
@@ -71,6 +41,19 @@ def _equal_engines(path: str, monkeypatch, fuses: bool) -> Attention:
     sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
     assert fused.generate(prompts, sampling) == separate.generate(prompts, sampling)
     return next(m for m in fused.runner.model.modules() if isinstance(m, Attention))
+
+
+def test_fused_qkv_with_biases_equals_separate_projections(tmp_path, monkeypatch) -> None:
+    path = make_checkpoint("qwen2_moe", str(tmp_path / "qwen2_moe"), seed=secrets.randbelow(2**31))
+    attn = _equal_engines(path, monkeypatch, fuses=True)
+    assert attn._qkv is not None and attn._qkv[0].bias is not None, "Qwen2's q/k/v carry biases"
+    weight = attn._qkv[0].weight
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert proj.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        attn.k_proj.weight.zero_()
+    rows = attn.q_proj.out_features
+    assert weight[rows : rows + attn.k_proj.out_features].abs().sum() == 0
 
 
 def test_fused_fp8_qkv_concatenates_weights_and_scales(tmp_path, monkeypatch) -> None:
