@@ -131,11 +131,12 @@ def check_gemm(seed: int) -> None:
             scale = expected.abs().amax().item() if m else 1.0
             torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * scale,
                                        msg=lambda msg: f"{where}: {msg}")  # noqa: B023
-        for splits in (1, 3, None) if split_k_fits(m, block) else ():
-            got = w8a8_split_k_linear(x, w_q, w_scale, block, bias, splits)
+        # splits x where the activations are quantized (inside the GEMM, or by token_group_quant before it)
+        for splits, before in ((1, False), (3, True), (None, False), (None, True)) if split_k_fits(m, block) else ():
+            got = w8a8_split_k_linear(x, w_q, w_scale, block, bias, splits, before)
             assert got.shape == (m, n) and got.dtype == out_dtype, where
             torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * scale,
-                                       msg=lambda msg: f"{where} {splits} splits: {msg}")  # noqa: B023
+                                       msg=lambda msg: f"{where} {splits} splits, before {before}: {msg}")  # noqa: B023
         got = w8a8_block_linear(x.view(1, m, k), w_q, w_scale, block, bias)
         assert got.shape == (1, m, n) and got.dtype == out_dtype, where
         reference = F.linear(x.float(), block_dequant(w_q, w_scale, block, torch.float32),
@@ -245,11 +246,12 @@ def test_gpu_split_k_linear_matches_the_two_launch_kernel(m: int, shape: tuple[i
     w_q, w_scale = make_weight(n, k, (128, 128), gen, "cuda")
     x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
     bias = torch.randn(n, generator=gen, device="cuda").to(torch.bfloat16)
-    got = w8a8_split_k_linear(x, w_q, w_scale, (128, 128), bias)
     two_launch = w8a8_block_gemm(*quant_kernel(x, 128), w_q, w_scale, (128, 128), torch.bfloat16, bias)
-    assert got.shape == (m, n) and rel_l2(got, two_launch) < 4e-3, rel_l2(got, two_launch)  # two bf16 roundings
     dequantized = F.linear(x, block_dequant(w_q, w_scale, (128, 128), torch.bfloat16), bias)
-    assert rel_l2(got, dequantized) < W8A8_TOLERANCE, rel_l2(got, dequantized)
+    for before in (False, True):  # activations quantized inside the GEMM, or by a launch before it
+        got = w8a8_split_k_linear(x, w_q, w_scale, (128, 128), bias, quantize_before=before)
+        assert got.shape == (m, n) and rel_l2(got, two_launch) < 4e-3, (before, rel_l2(got, two_launch))
+        assert rel_l2(got, dequantized) < W8A8_TOLERANCE, (before, rel_l2(got, dequantized))
 
 
 @pytest.mark.gpu

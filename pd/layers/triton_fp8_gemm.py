@@ -17,6 +17,8 @@ Three kernels:
   q/k/v and o projections) it takes ~10 us plus ~2.3 us of sums against cuBLAS's block-scaled GEMM's ~11.5 us
   plus ~1.5 us of quantization: a little faster, not the weight-read bound (~1-2 us), because every column
   block's programs quantize the same activation rows again (benchmarks/results/h200_2026-12-03, ninth run).
+  PD_FP8_SPLIT_K_QUANT=before quantizes them once, in token_group_quant's launch, and the GEMM reads e4m3 rows
+  (one launch more; not yet timed, so not the default).
 
 The reference every result is compared with is the dequantized model (pd.quant.fp8.Fp8Linear on CPU): this path
 adds the activations' e4m3 rounding to it, about 2.5-3% relative L2 error on a layer's output.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -256,15 +259,15 @@ def w8a8_block_gemm(
 
 @triton.jit
 def _w8a8_split_k_kernel(
-    x_ptr, b_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_bn, stride_bsn, stride_bsk, stride_os,
-    stride_om, HAS_BIAS: tl.constexpr, GROUP_N: tl.constexpr, STEPS: tl.constexpr, ONE_SPLIT: tl.constexpr,
-    SCALAR_B: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, xs_ptr, b_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_xsm, stride_xsg, stride_bn,
+    stride_bsn, stride_bsk, stride_os, stride_om, PREQUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP_N: tl.constexpr, STEPS: tl.constexpr, ONE_SPLIT: tl.constexpr, SCALAR_B: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (column block, split): all M rows times one BLOCK_N-wide column block over the split's STEPS
     k-steps (one scale group each, BLOCK_K == GROUP_K). The activations are quantized here as token_group_quant
-    does, from the compute-dtype rows. Writes the float32 partial sum at [split] of out (or, with one split,
-    the result in OUT_DTYPE with the bias)."""
+    does, from the compute-dtype rows x; or, PREQUANTIZED, x is token_group_quant's e4m3 output and xs its scales.
+    Writes the float32 partial sum at [split] of out (or, with one split, the result in OUT_DTYPE with the bias)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -276,14 +279,20 @@ def _w8a8_split_k_kernel(
         group = split * STEPS + step
         offs_k = group * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K  # false everywhere past the last group: the step adds zeros
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        # token_group_quant's arithmetic, so the quantized activations are the two-launch path's
-        a_s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
-        a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(b_ptr.dtype.element_ty)
-        b = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None], mask=k_ok[:, None], other=0.0)
         # (past the last group the product is zero: any group's finite scales do, so read the last one's)
-        at_group = tl.minimum(group, groups - 1) * stride_bsk
+        last = tl.minimum(group, groups - 1)
+        if PREQUANTIZED:
+            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            a_s = tl.load(xs_ptr + rows.to(tl.int64) * stride_xsm + last * stride_xsg, mask=row_ok, other=0.0)
+        else:
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            # token_group_quant's arithmetic, so the quantized activations are the two-launch path's
+            a_s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
+            a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(b_ptr.dtype.element_ty)
+        b = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None], mask=k_ok[:, None], other=0.0)
+        at_group = last * stride_bsk
         if SCALAR_B:  # the column block inside one row of scales: one multiply-add per element
             b_s = tl.load(bs_ptr + (pid_n * BLOCK_N // GROUP_N) * stride_bsn + at_group)
             acc += tl.dot(a, b) * (a_s * b_s)[:, None]
@@ -347,17 +356,29 @@ def _programs_to_fill(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def split_k_quantizes_before() -> bool:
+    """Whether w8a8_split_k_linear quantizes the activations in a launch of their own (PD_FP8_SPLIT_K_QUANT=before)
+    rather than inside the GEMM (``inside``, the default until timed: inside, every column block's programs
+    quantize the same rows again; before, one launch more)."""
+    value = os.environ.get("PD_FP8_SPLIT_K_QUANT", "inside")
+    if value not in ("inside", "before"):
+        raise ValueError(f"PD_FP8_SPLIT_K_QUANT={value!r}: expected inside or before")
+    return value == "before"
+
+
 def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
-                        bias: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:  # fmt: skip
+                        bias: torch.Tensor | None = None, splits: int | None = None,
+                        quantize_before: bool | None = None) -> torch.Tensor:  # fmt: skip
     """The block-FP8 linear for decode-sized x [M <= SPLIT_K_MAX_ROWS, K] (split_k_fits): the activations are
-    quantized inside the GEMM (the same values as token_group_quant), and K is split over programs so the few
-    column blocks of a small N still spread the weight over every SM, each split's float32 partial summed by a
-    second launch (none with one split). Two launches at most, like quantize-then-GEMM, no host sync.
+    quantized inside the GEMM (the same values as token_group_quant) or by token_group_quant before it, and K is
+    split over programs so the few column blocks of a small N still spread the weight over every SM, each split's
+    float32 partial summed by a second launch (none with one split). No host sync.
 
     Args:
         x: [M, K] float32/bfloat16/float16, unit stride along K.
         weight, weight_scale, block, bias: as w8a8_block_gemm.
         splits: K splits (default split_count for this device).
+        quantize_before: quantize in a launch of its own (default split_k_quantizes_before()).
 
     Returns:
         [M, N] in x's dtype, contiguous.
@@ -379,10 +400,13 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     splits = triton.cdiv(triton.cdiv(k, group_k), steps)  # no split left without a k-step
     part = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else out  # a pointer the kernels never read without HAS_BIAS
+    before = split_k_quantizes_before() if quantize_before is None else quantize_before
+    a, a_scale = token_group_quant(x, group_k) if before else (x, out)  # (out: a pointer never read inside)
     _w8a8_split_k_kernel[(triton.cdiv(n, _SPLIT_K_BLOCK_N), splits)](
-        x, weight, weight_scale, bias_arg, part, m, n, k, x.stride(0), weight.stride(0), weight_scale.stride(0),
-        weight_scale.stride(1), part.stride(0) if splits > 1 else 0, part.stride(-2),
-        HAS_BIAS=bias is not None, GROUP_N=group_n, STEPS=steps, ONE_SPLIT=splits == 1,
+        a, a_scale, weight, weight_scale, bias_arg, part, m, n, k, a.stride(0), a_scale.stride(0),
+        a_scale.stride(-1), weight.stride(0), weight_scale.stride(0), weight_scale.stride(1),
+        part.stride(0) if splits > 1 else 0, part.stride(-2), PREQUANTIZED=before, HAS_BIAS=bias is not None,
+        GROUP_N=group_n, STEPS=steps, ONE_SPLIT=splits == 1,
         SCALAR_B=group_n % _SPLIT_K_BLOCK_N == 0, OUT_DTYPE=_TL_DTYPES[x.dtype],
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=_SPLIT_K_BLOCK_N, BLOCK_K=group_k,
         num_warps=4, num_stages=3,
