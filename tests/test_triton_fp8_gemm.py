@@ -201,6 +201,19 @@ def test_cublas_dispatch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not fp8_scaled_mm.use_cublas(4096, _Cuda(), (128, 128), torch.float32)  # type: ignore[arg-type]
 
 
+def test_split_k_quantization_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PD_FP8_SPLIT_K_QUANT picks where the split-K GEMM's activations are quantized; a bad value names the choices."""
+    from pd.layers.triton_fp8_gemm import split_k_quantizes_before
+
+    monkeypatch.delenv("PD_FP8_SPLIT_K_QUANT", raising=False)
+    assert not split_k_quantizes_before()
+    monkeypatch.setenv("PD_FP8_SPLIT_K_QUANT", "before")
+    assert split_k_quantizes_before()
+    monkeypatch.setenv("PD_FP8_SPLIT_K_QUANT", "early")
+    with pytest.raises(ValueError, match="inside or before"):
+        split_k_quantizes_before()
+
+
 # ---- GPU tests ----
 
 GPU_SHAPES = [
