@@ -76,6 +76,16 @@ def _b_scale_rows(offs_n, split, GROUP_N: tl.constexpr):
 
 
 @triton.jit
+def _b_scale_ptrs(bs_expert_ptr, pid_n, offs_n, split, stride_bsn, GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SCALAR_B: tl.constexpr):  # fmt: skip
+    """Pointers to the column block's rows of B's scales (at group 0): one pointer with SCALAR_B (the block's
+    first column's row is every column's), else one per column."""
+    if SCALAR_B:
+        return bs_expert_ptr + _b_scale_rows(pid_n * BLOCK_N, split, GROUP_N) * stride_bsn
+    return bs_expert_ptr + _b_scale_rows(offs_n, split, GROUP_N) * stride_bsn
+
+
+@triton.jit
 def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak, stride_bk, stride_ask, stride_bsk,
                     EVEN_K: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, SCALAR_B: tl.constexpr):  # fmt: skip
@@ -169,11 +179,8 @@ def _fused_moe_kernel(
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
     if USE_FP8:
         as_ptrs = as_ptr + a_rows * stride_asm
-        if SCALAR_B:  # the block's first column's scale row is every column's
-            scale_rows = _b_scale_rows(pid_n * BLOCK_N, scale_split, GROUP_N)
-        else:
-            scale_rows = _b_scale_rows(offs_n, scale_split, GROUP_N)
-        bs_ptrs = bs_ptr + expert * stride_bse + scale_rows * stride_bsn
+        bs_ptrs = _b_scale_ptrs(bs_ptr + expert * stride_bse, pid_n, offs_n, scale_split, stride_bsn, GROUP_N,
+                                BLOCK_N, SCALAR_B)  # fmt: skip
         acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
                               stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SCALAR_B)  # fmt: skip
     else:
@@ -319,11 +326,8 @@ def _batched_moe_kernel(
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
     if USE_FP8:
         as_ptrs = as_ptr + expert * stride_ase + rows.to(tl.int64) * stride_asm
-        if SCALAR_B:  # the block's first column's scale row is every column's
-            scale_rows = _b_scale_rows(pid_n * BLOCK_N, scale_split, GROUP_N)
-        else:
-            scale_rows = _b_scale_rows(offs_n, scale_split, GROUP_N)
-        bs_ptrs = bs_ptr + expert * stride_bse + scale_rows * stride_bsn
+        bs_ptrs = _b_scale_ptrs(bs_ptr + expert * stride_bse, pid_n, offs_n, scale_split, stride_bsn, GROUP_N,
+                                BLOCK_N, SCALAR_B)  # fmt: skip
         acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
                               stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SCALAR_B)  # fmt: skip
     else:

@@ -87,12 +87,18 @@ def _store_owners(end, is_expert, num_experts, expert_of_block_ptr, first_block,
 
 
 @triton.jit
+def _padded_runs(counts, BLOCK_M: tl.constexpr):
+    """Each expert's run of counts[e] rows padded to BLOCK_M, in expert order: (padded length, end row)."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    return padded, tl.cumsum(padded, axis=0)
+
+
+@triton.jit
 def _store_runs(counts, is_expert, num_experts, expert_of_block_ptr, num_rows_post_pad_ptr, max_blocks,
                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
     """Runs of counts[e] rows padded to BLOCK_M, in expert order: stores the padded row count and the expert of
     every block; returns each expert's padded run length and first row."""
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    end = tl.cumsum(padded, axis=0)
+    padded, end = _padded_runs(counts, BLOCK_M)
     tl.store(num_rows_post_pad_ptr, tl.sum(padded, axis=0))
     _store_owners(end, is_expert, num_experts, expert_of_block_ptr, 0, max_blocks, BLOCK_M, BLOCK_B)
     return padded, end - padded
@@ -134,8 +140,7 @@ def _offsets_kernel(totals_ptr, expert_start_ptr, expert_of_block_ptr, num_rows_
     experts = tl.arange(0, E_PAD)
     is_expert = experts < num_experts
     counts = tl.load(totals_ptr + experts, mask=is_expert, other=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    end = tl.cumsum(padded, axis=0)
+    padded, end = _padded_runs(counts, BLOCK_M)
     first = tl.program_id(0) * BLOCK_B
     _store_owners(end, is_expert, num_experts, expert_of_block_ptr, first, tl.minimum(first + BLOCK_B, max_blocks),
                   BLOCK_M, BLOCK_B)  # fmt: skip
