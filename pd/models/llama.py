@@ -84,8 +84,8 @@ class Attention(nn.Module):
             return False
         kinds = {type(m) for m in linears}
         if kinds == {Fp8Linear}:
-            blocks = {m.block for m in linears}  # type: ignore[union-attr]
-            if len(blocks) != 1 or any(m.out_features % next(iter(blocks))[0] for m in linears[:2]):
+            block = self.q_proj.block
+            if any(m.block != block for m in linears) or any(m.out_features % block[0] for m in linears[:2]):
                 return False
         elif kinds != {nn.Linear}:
             return False

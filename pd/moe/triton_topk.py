@@ -220,7 +220,7 @@ def fused_select_experts(
     logits = router_logits_TE if router_logits_TE.stride(1) == 1 else router_logits_TE.contiguous()
     bias = correction_bias_E.contiguous() if correction_bias_E is not None else None
     block_e = triton.next_power_of_2(num_experts)
-    # Decode batches (T up to _ROW_PROGRAMS_UP_TO) get one-row programs of one or two warps, the shortest path
+    # Decode batches (T up to _ROW_PROGRAMS_UP_TO) get one-row programs (one warp below 1024 experts), the shortest path
     # through the K rounds (each round's reductions stay within a warp), and as many programs as rows: 16-row
     # tiles took 7 us at T = 64, E = 128 on an H200, four programs each walking the rounds with cross-warp
     # reductions. Larger T shares the rounds among several rows. Powers of two keep the compiled variants few.

@@ -194,7 +194,6 @@ class CumulativeEvents:
         text = f'"text": "{self.text_json}", ' if self.with_text else ""
         return f'data: {{{text}"output_ids": [{self.ids_json}], "meta_info": {meta}}}\n\n'
 
-
     def _meta(self, chunk: GenerationChunk) -> str:
         """json.dumps of _output's meta_info, written out: json.dumps of the dict was ~8% of the front's CPU at batch
         64 (the rid is encoded once per stream; only a finished chunk's finish_reason needs the encoder)."""
