@@ -220,7 +220,11 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int)
     # The front runs uvloop where it is installed (a declared dependency; less CPU per streamed event than asyncio's
     # own loop, and the front's CPU bounds decode at large batches): say which one these figures had.
     out: dict[str, object] = {"front_event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
-    with pd_process(argv, port, timeout=900) as url:
+    log_path = None
+    if args.server_log:
+        os.makedirs(args.server_log, exist_ok=True)
+        log_path = os.path.join(args.server_log, "fp8.log" if "fp8" in args.serve_args else "serve.log")
+    with pd_process(argv, port, timeout=900, log_path=log_path) as url:
         asyncio.run(_serve_load(url, [[1, 2, 3]], 4))  # warm-up
         # Fresh random prompts for every run: a repeated prompt would be served from the prefix cache.
         def fresh(n: int, length: int) -> list[list[int]]:
@@ -267,6 +271,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small widths: a smoke run of the procedure")
     parser.add_argument("--out", default=None)
     parser.add_argument("--serve-args", default="", help="extra `pd serve` flags, e.g. --disable-overlap-schedule")
+    parser.add_argument("--server-log", default=None, help="keep each server's log in this folder (serve.log, "
+                        "fp8.log); with --serve-args '--log-level info' it holds the engine's step lines")
     parser.add_argument("--skip-transformers", action="store_true", help="pd serve only (no ratios to transformers)")
     parser.add_argument("--fp8-batches", default="64",
                         help="decode batch sizes to serve again with --quantization fp8 in the same run ('' = none)")

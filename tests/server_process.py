@@ -75,9 +75,13 @@ def healthy_process(
 
 
 @contextlib.contextmanager
-def pd_process(args: list[str], port: int, health_path: str = "/health", timeout: float = 180.0) -> Iterator[str]:
-    """Runs `python -m pd ARGS`, waits until GET health_path answers 200, yields the base URL, then stops it."""
-    with healthy_process([sys.executable, "-m", "pd", *args], port, health_path, timeout) as (url, _):
+def pd_process(
+    args: list[str], port: int, health_path: str = "/health", timeout: float = 180.0, log_path: str | None = None
+) -> Iterator[str]:
+    """Runs `python -m pd ARGS`, waits until GET health_path answers 200, yields the base URL, then stops it (its
+    log kept at log_path if given)."""
+    command = [sys.executable, "-m", "pd", *args]
+    with healthy_process(command, port, health_path, timeout, log_path=log_path) as (url, _):
         yield url
 
 

@@ -80,9 +80,13 @@ def _b_scale_ptrs(bs_expert_ptr, pid_n, offs_n, split, stride_bsn, GROUP_N: tl.c
                   SCALAR_B: tl.constexpr):  # fmt: skip
     """Pointers to the column block's rows of B's scales (at group 0): one pointer with SCALAR_B (the block's
     first column's row is every column's), else one per column."""
+    # One return statement: Triton compiles a function whose returns differ in type (a pointer, a block of them)
+    # as an error even when a constexpr picks one (its interpreter does not).
     if SCALAR_B:
-        return bs_expert_ptr + _b_scale_rows(pid_n * BLOCK_N, split, GROUP_N) * stride_bsn
-    return bs_expert_ptr + _b_scale_rows(offs_n, split, GROUP_N) * stride_bsn
+        ptrs = bs_expert_ptr + _b_scale_rows(pid_n * BLOCK_N, split, GROUP_N) * stride_bsn
+    else:
+        ptrs = bs_expert_ptr + _b_scale_rows(offs_n, split, GROUP_N) * stride_bsn
+    return ptrs
 
 
 @triton.jit
