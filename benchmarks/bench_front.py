@@ -8,7 +8,7 @@ bytes of a byte-level tokenizer, so detokenization does its real work). The clie
 Printed per batch, measured in the same run:
 - emitted: tokens per second the stand-in engine produced (batch / step, when the front keeps up);
 - received: tokens per second the clients got; received / emitted is 1.0 while the front keeps up;
-- front CPU per token: CPU time of the front process (user + system, from /proc) per streamed token. A real
+- front CPU per token: CPU time of the front's processes (user + system, from /proc) per streamed token. A real
   server's decode is bounded by the front once batch x this exceeds the device's step time (on one H200, a
   64-request step of Qwen3-30B-A3B widths takes ~4.5 ms: 70 us per token).
 
@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_front.py [--batches 16,64,256] [--new-tokens 256]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -116,8 +115,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def run(batches: list[int], new_tokens: int, step_ms: float) -> list[dict[str, float]]:
-    from benchmarks.bench_gpu_serve import _serve_load
+def front_pids(main: int) -> list[int]:
+    """The front's processes: `main` and, with --tokenizer-worker-num, its children named pd-front<k>."""
+    pids = [main]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if name.startswith("pd-front") and int(rest.split()[1]) == main:
+                pids.append(int(entry))
+    return pids
+
+
+def run(batches: list[int], new_tokens: int, step_ms: float, fronts: int = 1) -> list[dict[str, float]]:
+    from benchmarks.bench_gpu_serve import _serve_load, run_load
     from tests.server_process import free_port, healthy_process
     from tests.tiny_checkpoints import make_checkpoint
 
@@ -128,15 +142,16 @@ def run(batches: list[int], new_tokens: int, step_ms: float) -> list[dict[str, f
         port = free_port()
         command = [sys.executable, "-m", "benchmarks.bench_front", "--serve", "--model-path", path, "--device", "cpu",
                    "--dtype", "float32", "--port", str(port), "--max-running-requests", str(max(batches)),
-                   "--log-level", "warning"]  # fmt: skip
+                   "--log-level", "warning", "--tokenizer-worker-num", str(fronts)]  # fmt: skip
         env = {"PD_BENCH_FRONT_STEP_S": str(step_ms / 1e3), "PYTHONPATH": root}
         with healthy_process(command, port, env=env) as (url, proc):
-            asyncio.run(_serve_load(url, [[1, 2, 3]] * 4, 8))  # warm-up
+            run_load(_serve_load(url, [[1, 2, 3]] * 4, 8))  # warm-up
             for b in batches:
                 prompts = [[10 + i, 11, 12] for i in range(b)]
-                cpu0 = cpu_seconds(proc.pid)
-                elapsed, arrivals = asyncio.run(_serve_load(url, prompts, new_tokens))
-                cpu = cpu_seconds(proc.pid) - cpu0
+                pids = front_pids(proc.pid)
+                cpu0 = sum(map(cpu_seconds, pids))
+                elapsed, arrivals = run_load(_serve_load(url, prompts, new_tokens))
+                cpu = sum(map(cpu_seconds, pids)) - cpu0
                 tokens, emitted = b * new_tokens, b / (step_ms / 1e3)
                 received, events = tokens / elapsed, sum(len(a) for a in arrivals)
                 row = {"batch": b, "emitted_tok_s": emitted, "received_tok_s": received,
@@ -158,8 +173,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--step-ms", type=float, default=2.0, help="the stand-in engine's step time")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--fronts", type=int, default=1, help="front processes (pd serve --tokenizer-worker-num)")
     args = parser.parse_args()
-    rows = run([int(b) for b in args.batches.split(",")], args.new_tokens, args.step_ms)
+    rows = run([int(b) for b in args.batches.split(",")], args.new_tokens, args.step_ms, args.fronts)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"step_ms": args.step_ms, "new_tokens": args.new_tokens, "rows": rows}, f, indent=1)

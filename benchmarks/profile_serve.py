@@ -17,7 +17,6 @@ Usage: python benchmarks/profile_serve.py --out DIR [--layers 8] [--batch 64] [-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import io
 import json
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.bench_gpu_serve import _serve_load  # noqa: E402
+from benchmarks.bench_gpu_serve import _serve_load, run_load  # noqa: E402
 from benchmarks.profile_decode_step import make_checkpoint  # noqa: E402
 
 
@@ -100,8 +99,8 @@ def front_profile(path: str, args: argparse.Namespace) -> dict[str, float]:
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(2 * args.batch)]
     with healthy_process(argv, port, timeout=600, log_path=os.path.join(args.out, "front_server.log")) as (url, proc):
-        asyncio.run(_serve_load(url, prompts[args.batch :], 4))  # other prompts: no prefix-cache hit below
-        elapsed, arrivals = asyncio.run(_serve_load(url, prompts[: args.batch], args.new_tokens))
+        run_load(_serve_load(url, prompts[args.batch :], 4))  # other prompts: no prefix-cache hit below
+        elapsed, arrivals = run_load(_serve_load(url, prompts[: args.batch], args.new_tokens))
         if args.py_spy:
             more = [torch.randint(1, 150000, (128,), generator=gen).tolist() for _ in range(args.batch)]
             sample_processes(url, {"front": proc.pid, "rank": rank_pid()}, more, args)
@@ -132,7 +131,7 @@ def sample_processes(url: str, pids: dict[str, int], prompts: list[list[int]], a
              for name, pid in pids.items()}  # fmt: skip
     time.sleep(0.5)  # py-spy attaches
     while any(spy.poll() is None for spy in spies.values()):  # the same load again until the window closes
-        asyncio.run(_serve_load(url, prompts, args.new_tokens))
+        run_load(_serve_load(url, prompts, args.new_tokens))
         prompts = [[t + 1 for t in p] for p in prompts]  # not the prefix cache's
     for name, spy in spies.items():
         _, err = spy.communicate()

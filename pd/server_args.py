@@ -185,6 +185,10 @@ class ServerArgs:
     # HTTP
     host: str = _opt("127.0.0.1", "listen address", type=str)
     port: int = _opt(30000, "HTTP port", type=int)
+    tokenizer_worker_num: int = _opt(
+        1, "HTTP front processes sharing --port (SGLang's flag): each serves the connections the kernel hands it, with "
+        "its own tokenizer, detokenizer and pipes to the engine; more than one lifts the front's one-core bound on "
+        "streamed tokens per second at large batches", type=int)  # fmt: skip
     api_key: str | None = _opt(None, f"require 'Authorization: Bearer <key>' (or set {API_KEY_ENV})", type=str)
     api_key_file: str | None = _opt(None, "read --api-key from this file, keeping it out of `ps`", type=str)
     log_level: str = _opt("info", "logging level", choices=LOG_LEVELS)
@@ -514,8 +518,11 @@ def _validate(a: ServerArgs) -> None:
         "max_queued_requests",
         "eplb_rebalance_num_iterations",
         "stream_interval",
+        "tokenizer_worker_num",
     ):
         need(getattr(a, n) >= 1, f"{_flag(n)} must be >= 1, got {getattr(a, n)}")
+    need(a.tokenizer_worker_num == 1 or a.nnodes == 1,
+         "--tokenizer-worker-num > 1 needs a one-node instance (other nodes' DP leaders link to one front process)")
     need(a.ep_num_redundant_experts >= 0, f"--ep-num-redundant-experts must be >= 0, got {a.ep_num_redundant_experts}")
     need(
         a.eplb_rebalance_layers_per_chunk is None or a.eplb_rebalance_layers_per_chunk >= 1,

@@ -151,6 +151,9 @@ BAD = [
     ("--disaggregation-mode prefill --deepep-mode low_latency", "--deepep-mode low_latency cannot be used"),
     ("--disaggregation-mode decode --deepep-mode normal", "--deepep-mode normal cannot be used"),
     ("--disaggregation-mode prefill --port 8998", "--disaggregation-bootstrap-port (8998) must differ from --port"),
+    ("--tokenizer-worker-num 0", "--tokenizer-worker-num must be >= 1, got 0"),
+    ("--tokenizer-worker-num 2 --nnodes 2 --dist-init-addr 127.0.0.1:5000 --tp 2",
+     "--tokenizer-worker-num > 1 needs a one-node instance"),
 ]
 
 

@@ -46,9 +46,9 @@ class LeaderLink:
 
 
 # A rank's main: target(payload, rank, init_method, inbox, outbox). ``payload`` is what every rank of the instance
-# runs with (an EngineSpec); ``inbox`` / ``outbox`` are a leader's pipes from / to the front, None for a follower
-# and for a leader on a node without the front.
-RankTarget = Callable[[Any, int, str | None, Connection | None, Connection | None], None]
+# runs with (an EngineSpec); ``inbox`` / ``outbox`` are a leader's pipes from / to the front (lists of them, one per
+# front process, with several), None for a follower and for a leader on a node without the front.
+RankTarget = Callable[[Any, int, str | None, Any, Any], None]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -111,7 +111,7 @@ def _alive(pid: int) -> bool:
 def _rank_main(parent: int, target: RankTarget, *args: Any) -> None:
     die_with_parent(parent)
     _release_fork_server()
-    _name_process(f"pd-rank{args[1]}")
+    name_process(f"pd-rank{args[1]}")
     target(*args)
 
 
@@ -129,7 +129,7 @@ def _release_fork_server() -> None:
         server._forkserver_alive_fd = None
 
 
-def _name_process(name: str) -> None:
+def name_process(name: str) -> None:
     """The name `ps -o comm`, `top` and /proc/PID/comm show for this process (Linux; 15 characters)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
@@ -138,41 +138,63 @@ def _name_process(name: str) -> None:
 class RankProcesses:
     """This node's ranks: ``procs[i]`` is global rank ``first_rank + i``; ``leaders`` the pipes to its leaders."""
 
-    def __init__(self, procs: list[Any], first_rank: int, leaders: list[LeaderLink], store_dir: str | None = None
-                 ) -> None:  # fmt: skip
+    def __init__(self, procs: list[Any], first_rank: int, leaders: list[LeaderLink], store_dir: str | None = None,
+                 worker_leaders: list[list[LeaderLink]] | None = None) -> None:  # fmt: skip
         self.procs, self.first_rank, self.leaders = procs, first_rank, leaders
         self.store_dir = store_dir  # a file store's directory, removed once the ranks are gone
+        # The pipes of the other front processes (--tokenizer-worker-num): worker_leaders[k][i] is front k + 1's link
+        # to leader i. This process hands them over and closes its copies (close_worker_links).
+        self.worker_leaders = worker_leaders or []
 
     @classmethod
-    def spawn(cls, layout: InstanceLayout, target: RankTarget, payload: Any, with_front: bool = True) -> RankProcesses:
+    def spawn(cls, layout: InstanceLayout, target: RankTarget, payload: Any, with_front: bool = True,
+              fronts: int = 1) -> RankProcesses:  # fmt: skip
         """Starts this node's ranks, each running ``target(payload, rank, init_method, inbox, outbox)`` (both
         pickled into the new process); with_front: this process is the front, holding a pipe pair to each local
-        leader. The ranks die with the calling thread: call this from one that lives as long as they should (a
-        main thread, the front's event-loop thread)."""
+        leader. With ``fronts`` > 1 each leader gets a pipe pair per front process (lists, this process's first;
+        the others' in ``worker_leaders``). The ranks die with the calling thread: call this from one that lives as
+        long as they should (a main thread, the front's event-loop thread)."""
         ctx = mp.get_context(_start_method)
         method = init_method(layout) if layout.tp > 1 else None
-        procs, leaders = [], []
+        procs: list[Any] = []
+        links: list[list[LeaderLink]] = [[] for _ in range(fronts)]  # links[k][i]: front k to local leader i
         for rank in layout.local_ranks:
-            inbox_r = outbox_w = None
+            rank_ends: list[Connection] = []
+            inbox_arg: Connection | list[Connection] | None = None
+            outbox_arg: Connection | list[Connection] | None = None
             if with_front and layout.rank(rank).is_leader:
-                inbox_r, inbox_w = ctx.Pipe(duplex=False)
-                outbox_r, outbox_w = ctx.Pipe(duplex=False)
-                leaders.append(LeaderLink(inbox_w, outbox_r))
+                inboxes, outboxes = [], []
+                for k in range(fronts):
+                    inbox_r, inbox_w = ctx.Pipe(duplex=False)
+                    outbox_r, outbox_w = ctx.Pipe(duplex=False)
+                    links[k].append(LeaderLink(inbox_w, outbox_r))
+                    inboxes.append(inbox_r)
+                    outboxes.append(outbox_w)
+                rank_ends = inboxes + outboxes
+                inbox_arg, outbox_arg = (inboxes, outboxes) if fronts > 1 else (inboxes[0], outboxes[0])
             proc = ctx.Process(
                 target=_rank_main,
-                args=(os.getpid(), target, payload, rank, method, inbox_r, outbox_w),
+                args=(os.getpid(), target, payload, rank, method, inbox_arg, outbox_arg),
                 name=f"pd-rank{rank}",
                 daemon=True,
             )
             proc.start()
-            for end in (inbox_r, outbox_w):
-                if end is not None:
-                    end.close()
+            for end in rank_ends:
+                end.close()
             procs.append(proc)
+        leaders = links[0]
         store_dir = os.path.dirname(method.removeprefix("file://")) if method and method.startswith("file://") else None
         if store_dir is not None:  # also when this process exits without stopping its ranks itself
             atexit.register(shutil.rmtree, store_dir, True)
-        return cls(procs, layout.local_ranks[0], leaders, store_dir)
+        return cls(procs, layout.local_ranks[0], leaders, store_dir, links[1:])
+
+    def close_worker_links(self) -> None:
+        """This process's copies of the other front processes' pipe ends (once those processes hold their own): a
+        leader sees a front gone only when every copy of its end is closed."""
+        for front in self.worker_leaders:
+            for link in front:
+                link.inbox.close()
+                link.outbox.close()
 
     def add_remote_leaders(self, conns: dict[int, Connection]) -> None:
         """The other nodes' DP leaders (global rank -> connection), after this node's: leaders[i] is DP group i."""

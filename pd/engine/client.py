@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from pd.dist.launch import RankProcesses
+from pd.dist.launch import LeaderLink, RankProcesses
 from pd.dist.leader_link import RemoteLeaderListener
 from pd.engine.engine_process import run_engine
 from pd.engine.io import (
@@ -49,11 +49,17 @@ class EngineClient:
     group. A request then goes to the leader with the fewest requests in flight, and stays there; a PD request
     (with a bootstrap room) goes to leader room % groups, the group both its prefill and decode peers expect."""
 
-    def __init__(self, server_args: ServerArgs, spec: EngineSpec) -> None:
+    def __init__(self, server_args: ServerArgs, spec: EngineSpec, links: list[LeaderLink] | None = None) -> None:
         """The client of the instance ``spec`` describes (built once by the launcher from ``server_args``, whose
-        queue bounds the front applies); nothing starts before ``start``."""
+        queue bounds the front applies); nothing starts before ``start``. With --tokenizer-worker-num N the first
+        front process's client starts the ranks with a pipe pair per front (``worker_links``: the others'), and
+        each other front process attaches to its own pairs (``links``, one per leader); the queue bound is split
+        between the N."""
         self.spec = spec
-        self.max_in_flight = server_args.max_running_requests + server_args.max_queued_requests
+        self.fronts = server_args.tokenizer_worker_num
+        self.max_in_flight = -(-(server_args.max_running_requests + server_args.max_queued_requests) // self.fronts)
+        self._attached = links  # a front worker's pipes (the first front process owns the ranks)
+        self._leaders: list[LeaderLink] = []
         self.model_config: dict[str, Any] = {}
         self.max_context_length = 0
         self._stats: list[EngineStats] = []
@@ -66,17 +72,28 @@ class EngineClient:
 
     @property
     def is_alive(self) -> bool:
-        return self._dead is None and self._ranks is not None and self._ranks.all_alive()
+        if self._dead is not None or not self._leaders:
+            return False
+        return self._ranks is None or self._ranks.all_alive()  # attached: a gone engine shows as its pipes closing
+
+    @property
+    def worker_links(self) -> list[list[LeaderLink]]:
+        """The other front processes' pipes to the leaders (worker_links[k][i]: front k + 1 to leader i)."""
+        return self._ranks.worker_leaders if self._ranks is not None else []
 
     async def start(self) -> None:
         """Spawns the rank processes and returns once every leader's model is loaded (raises with the reason
         otherwise)."""
         self._loop = asyncio.get_running_loop()
+        if self._attached is not None:
+            self._leaders = self._attached
+            await self._await_ready()
+            return
         remote = self.spec.layout.remote_leaders
         # Listening before any rank starts.
         listener = RemoteLeaderListener(self.spec.layout, remote) if remote else None
         try:
-            self._ranks = RankProcesses.spawn(self.spec.layout, run_engine, self.spec)
+            self._ranks = RankProcesses.spawn(self.spec.layout, run_engine, self.spec, fronts=self.fronts)
         except BaseException:
             if listener is not None:
                 listener.close()
@@ -89,27 +106,35 @@ class EngineClient:
                 self._ranks.kill()
                 raise RuntimeError(f"engine failed to start: {e}") from None
             self._ranks.add_remote_leaders(conns)
+        self._leaders = self._ranks.leaders
+        try:
+            await self._await_ready()
+        except RuntimeError:
+            self._ranks.kill()
+            raise
+        if self.spec.layout.tp > 1:  # ranks elsewhere (other nodes) wait on these ones: one exiting ends the instance
+            threading.Thread(target=self._watch_ranks, name="pd-rank-watch", daemon=True).start()
+
+    async def _await_ready(self) -> None:
+        """Each leader's first message (its model loaded, or why not); then a reader thread per leader."""
+        assert self._loop is not None
         firsts = await asyncio.gather(
-            *(self._loop.run_in_executor(None, self._recv, i) for i in range(len(self._ranks.leaders)))
+            *(self._loop.run_in_executor(None, self._recv, i) for i in range(len(self._leaders)))
         )
         for first in firsts:
             if first is None or "fatal" in first:
                 reason = first["fatal"] if first else "an engine process exited during start-up"
-                self._ranks.kill()
                 raise RuntimeError(f"engine failed to start: {reason}")
         ready = firsts[0]["ready"]
         self.max_context_length = int(ready["context_length"])
         self.model_config = ready["model_config"]
         self._stats = [from_dict(f["ready"]["stats"]) for f in firsts]
-        for i in range(len(self._ranks.leaders)):
+        for i in range(len(self._leaders)):
             threading.Thread(target=self._reader, args=(i,), name=f"pd-engine-reader-{i}", daemon=True).start()
-        if self.spec.layout.tp > 1:  # ranks elsewhere (other nodes) wait on these ones: one exiting ends the instance
-            threading.Thread(target=self._watch_ranks, name="pd-rank-watch", daemon=True).start()
 
     def _recv(self, leader: int) -> dict[str, Any] | None:
-        assert self._ranks is not None
         try:
-            return msgpack.unpackb(self._ranks.leaders[leader].outbox.recv_bytes(), raw=False)
+            return msgpack.unpackb(self._leaders[leader].outbox.recv_bytes(), raw=False)
         except (EOFError, OSError):
             return None
 
@@ -148,6 +173,10 @@ class EngineClient:
             logger.error("%s; failing %d requests in flight", self._dead, len(self._queues))
         for rid, queue in self._queues.items():
             queue.put_nowait(TokenOutput(rid, [], 0, 0, "error", error=self._dead))
+        if self._attached is not None and not self._closing:
+            # A front worker without its engine serves nothing: stop it as Ctrl-C would (the first front process,
+            # which owns the ranks, is going down too).
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def stats(self) -> EngineStats:
         """The instance's state: summed over DP-attention leaders."""
@@ -165,17 +194,16 @@ class EngineClient:
         return len(self._queues)
 
     def _send(self, leader: int, msg: GenerateRequest | AbortRequest | FlushCacheRequest) -> None:
-        if self._closing or self._ranks is None:
+        if self._closing or not self._leaders:
             return  # late aborts from requests unwinding after close(); the engine is gone
-        self._ranks.leaders[leader].inbox.send_bytes(msgpack.packb(to_dict(msg), use_bin_type=True))
+        self._leaders[leader].inbox.send_bytes(msgpack.packb(to_dict(msg), use_bin_type=True))
 
     def _pick_leader(self, req: GenerateRequest) -> int:
-        assert self._ranks is not None
-        if len(self._ranks.leaders) == 1:
+        if len(self._leaders) == 1:
             return 0
         if self.spec.disagg is not None and req.bootstrap_room is not None:
-            return req.bootstrap_room % len(self._ranks.leaders)
-        load = [0] * len(self._ranks.leaders)
+            return req.bootstrap_room % len(self._leaders)
+        load = [0] * len(self._leaders)
         for leader in self._owner.values():
             load[leader] += 1
         return load.index(min(load))
@@ -213,12 +241,16 @@ class EngineClient:
 
     async def flush_cache(self) -> None:
         """Asks every leader to drop its unreferenced cached prefix pages (the stats show it once done)."""
-        if self._dead is None and self._ranks is not None:
-            for leader in range(len(self._ranks.leaders)):
+        if self._dead is None:
+            for leader in range(len(self._leaders)):
                 self._send(leader, FlushCacheRequest())
 
     async def close(self) -> None:
         self._closing = True
+        if self._attached is not None:  # a front worker: closing its pipes tells the engine (its requests end)
+            for link in self._attached:
+                link.inbox.close()
+            return
         if self._ranks is None:
             return
         await asyncio.get_running_loop().run_in_executor(None, self._ranks.stop, 10.0)

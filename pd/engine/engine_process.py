@@ -4,6 +4,10 @@ two pipes, a follower runs the forwards its leader broadcasts (pd.dist.step_sync
 Messages are msgpack dicts (pd.engine.io). Front -> engine: GenerateRequest, AbortRequest. Engine -> front:
 first {"ready": info} or {"fatal": reason}, then {"outputs": [rows], "stats": {...}} after each step that finished
 something (stats alone when they changed: at most every STATS_INTERVAL_S while work goes on, at once when idle).
+
+With several front processes (--tokenizer-worker-num) a leader holds a pipe pair to each: a request's outputs go
+to the front that sent it, the stats to all of them. The first front's closing stops the engine; another's aborts
+the requests it had sent.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import signal
 import time
 import traceback
 from dataclasses import replace
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import msgpack
@@ -58,12 +62,12 @@ def run_engine(
     spec: EngineSpec,
     rank: int = 0,
     init_method: str | None = None,
-    inbox: Connection | None = None,
-    outbox: Connection | None = None,
+    inbox: Connection | list[Connection] | None = None,
+    outbox: Connection | list[Connection] | None = None,
 ) -> None:
-    """Process entry point of one rank (a pd.dist.launch.RankTarget). A leader (pipes given) runs the scheduler
-    and returns when the front closes its pipe; a follower (no pipes) runs what its leader broadcasts until told
-    to stop."""
+    """Process entry point of one rank (a pd.dist.launch.RankTarget). A leader (pipes given: one pair, or one pair per
+    front process as lists) runs the scheduler and returns when the first front closes its pipe; a follower (no
+    pipes) runs what its leader broadcasts until told to stop."""
     # The front stops this process by closing the pipe, after aborting its requests; a terminal's Ctrl-C reaches
     # the whole process group and must not kill the engine under the front's graceful shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -87,15 +91,17 @@ def run_engine(
         scheduler: Scheduler = spec.make_scheduler(spec.scheduler, rt.runner, disagg)
     except Exception as e:  # report why loading failed instead of dying silently
         logger.error("rank %d failed: %s", rank, traceback.format_exc())
-        if outbox is not None:
-            _send(outbox, {"fatal": f"{type(e).__name__}: {e}"})
+        for conn in _as_list(outbox):
+            _send(conn, {"fatal": f"{type(e).__name__}: {e}"})
         raise SystemExit(1) from None
     runner = rt.runner
     assert inbox is not None
     freeze_startup_objects(f"rank {rank}")  # the model, its warm-up and CUDA graphs are in place
+    ready = {"ready": {"context_length": runner.context_length, "stats": to_dict(scheduler.stats()),
+                       "model_config": runner.model_config.raw}}  # fmt: skip
     try:
-        _send(outbox, {"ready": {"context_length": runner.context_length, "stats": to_dict(scheduler.stats()),
-                                 "model_config": runner.model_config.raw}})
+        for conn in _as_list(outbox):
+            _send(conn, ready)
     except (BrokenPipeError, EOFError, ConnectionResetError):
         # The front went away while this rank loaded (Ctrl-C during start-up): nothing to report to.
         logger.info("rank %d: the front closed before start-up finished; exiting", rank)
@@ -111,6 +117,10 @@ def run_engine(
         _exit_now()
 
 
+def _as_list(conn: Connection | list[Connection] | None) -> list[Connection]:
+    return [] if conn is None else conn if isinstance(conn, list) else [conn]
+
+
 def _exit_now() -> None:
     """Leave without running the process groups' destructors: once the peers are gone (the leader exits right
     after its stop message), gloo's teardown can abort the process, which would read as a crash."""
@@ -122,15 +132,20 @@ class EngineLoop:
     def __init__(
         self,
         scheduler: Scheduler,
-        inbox: Connection,
-        outbox: Connection,
+        inbox: Connection | list[Connection],
+        outbox: Connection | list[Connection],
         dp_gate: DPGate | None = None,
         multi_rank: bool = False,
     ) -> None:
-        self.scheduler, self.inbox, self.outbox = scheduler, inbox, outbox
+        """inbox / outbox: the pipes from / to the front, or to each front process (lists, front 0 first)."""
+        self.scheduler = scheduler
+        self.inboxes, self.outboxes = _as_list(inbox), _as_list(outbox)
+        assert len(self.inboxes) == len(self.outboxes) >= 1
+        self.open_fronts = list(range(len(self.inboxes)))  # fronts whose pipes are still open
+        self.owner: dict[str, int] = {}  # rid -> the front that sent it (with several fronts)
         self.dp_gate, self.multi_rank = dp_gate, multi_rank
         self.last_report = 0.0
-        self.last_stats = scheduler.stats()  # what the front already has (the ready message carried it)
+        self.last_stats = scheduler.stats()  # what the fronts already have (the ready message carried it)
 
     def run(self) -> None:
         while True:
@@ -170,7 +185,17 @@ class EngineLoop:
                             or (self.scheduler.has_work and now - self.last_report < STATS_INTERVAL_S)):
             return
         self.last_stats, self.last_report = stats, now
-        _send(self.outbox, {"outputs": [output_to_row(o) for o in outputs], "stats": to_dict(stats)})
+        if len(self.outboxes) == 1:
+            _send(self.outboxes[0], {"outputs": [output_to_row(o) for o in outputs], "stats": to_dict(stats)})
+            return
+        rows: dict[int, list[Any]] = {i: [] for i in self.open_fronts}
+        for o in outputs:
+            front = self.owner.pop(o.rid, None) if o.finish_reason is not None else self.owner.get(o.rid)
+            if front in rows:
+                rows[front].append(output_to_row(o))
+        stats_dict = to_dict(stats)
+        for i, front_rows in rows.items():  # every front gets the stats, each its own requests' outputs
+            _send(self.outboxes[i], {"outputs": front_rows, "stats": stats_dict})
 
     def _dp_step(self) -> list[TokenOutput] | None:
         """One turn under DP attention; None when a leader stops (the instance is shutting down)."""
@@ -192,19 +217,45 @@ class EngineLoop:
         return outputs
 
     def _drain_inbox(self, timeout: float | None) -> list[TokenOutput]:
-        outputs: list[TokenOutput] = []
+        """Takes in every message the fronts have sent (waiting up to `timeout` for the first); raises EOFError when
+        the first front has closed its pipe."""
+        if len(self.inboxes) == 1:
+            if timeout != 0.0:
+                self.inboxes[0].poll(timeout)
+            return self._drain_front(0)
         if timeout != 0.0:
-            self.inbox.poll(timeout)
-        while self.inbox.poll(0):
-            msg = from_dict(msgpack.unpackb(self.inbox.recv_bytes(), raw=False))
+            wait([self.inboxes[i] for i in self.open_fronts], timeout)
+        outputs: list[TokenOutput] = []
+        for i in list(self.open_fronts):
+            try:
+                outputs += self._drain_front(i)
+            except EOFError:
+                if i == 0:
+                    raise
+                outputs += self._front_closed(i)
+        return outputs
+
+    def _drain_front(self, front: int) -> list[TokenOutput]:
+        inbox, several = self.inboxes[front], len(self.inboxes) > 1
+        outputs: list[TokenOutput] = []
+        while inbox.poll(0):
+            msg = from_dict(msgpack.unpackb(inbox.recv_bytes(), raw=False))
             out = None
             if isinstance(msg, GenerateRequest):
+                if several and msg.rid in self.owner:  # each front checks its own requests; this spans them
+                    error = f"request id {msg.rid!r} is already in flight; use a unique rid"
+                    row = output_to_row(TokenOutput(msg.rid, [], len(msg.input_ids), 0, "error", error=error,
+                                                    status=409))  # fmt: skip
+                    _send(self.outboxes[front], {"outputs": [row], "stats": to_dict(self.last_stats)})
+                    continue
                 try:
                     out = self.scheduler.add(msg)
                 except Exception as e:  # this request's own problem: refuse it alone, keep serving the others
                     logger.error("could not queue request %s: %s", msg.rid, traceback.format_exc())
                     out = TokenOutput(msg.rid, [], len(msg.input_ids), 0, "error",
                                       error=f"the engine could not queue the request: {type(e).__name__}: {e}")
+                if several:
+                    self.owner[msg.rid] = front
             elif isinstance(msg, AbortRequest):
                 out = self.scheduler.abort(msg.rid)
             elif isinstance(msg, FlushCacheRequest):
@@ -212,6 +263,18 @@ class EngineLoop:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _front_closed(self, front: int) -> list[TokenOutput]:
+        """A front process other than the first is gone: its requests are aborted (their pages freed); nobody is
+        left to read their outputs."""
+        self.open_fronts.remove(front)
+        gone = [rid for rid, owner in self.owner.items() if owner == front]
+        for rid in gone:
+            self.scheduler.abort(rid)
+            del self.owner[rid]
+        logger.log(logging.WARNING if gone else logging.INFO, "front process %d closed its pipe; aborted its %d "
+                   "requests in flight", front, len(gone))  # fmt: skip
+        return []
 
     def _step(self) -> list[TokenOutput]:
         try:

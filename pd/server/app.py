@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -25,13 +27,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from pd.dist.launch import LeaderLink
 from pd.engine.client import EngineDeadError, EngineFullError
 from pd.engine.spec import EngineSpec
 from pd.gc_pause import freeze_startup_objects
 from pd.server import native_api, openai_api
 from pd.server.auth import ApiKeyMiddleware
 from pd.server.body_limit import BodyLimitMiddleware, max_body_bytes
+from pd.server.front_workers import FrontWorkers, listen_socket
 from pd.server.generation import EngineClientLike, ServerContext
+from pd.server.metrics import share_across_processes
 from pd.server.protocol import ApiError, describe_validation_errors, error_body
 from pd.server.streaming import ClientDisconnected
 from pd.server_args import ServerArgs
@@ -45,17 +50,21 @@ GRACEFUL_SHUTDOWN_S = 5
 ABORT_MARGIN_S = 1
 # Then how long aborted requests get to end before the engine is closed under them.
 SHUTDOWN_DRAIN_S = 5
+# How long the other front processes get to drain and exit (their own graceful shutdown) before being killed.
+WORKER_STOP_S = GRACEFUL_SHUTDOWN_S + SHUTDOWN_DRAIN_S + 5
 # Status nginx uses for "client closed the request"; nobody reads it, it only shows in logs.
 CLIENT_CLOSED_STATUS = 499
 
 
 def create_app(
-    engine_client: EngineClientLike, tokenizer: Any | None, server_args: ServerArgs, *, owns_engine: bool = False
-) -> FastAPI:
+    engine_client: EngineClientLike, tokenizer: Any | None, server_args: ServerArgs, *, owns_engine: bool = False,
+    workers: FrontWorkers | None = None,
+) -> FastAPI:  # fmt: skip
     """The FastAPI app serving `engine_client` (already started).
 
     tokenizer: a Hugging Face tokenizer, or None for token-ids-only serving (--skip-tokenizer-init).
     owns_engine: close the engine client when the app shuts down (run_server's case).
+    workers: the other front processes (--tokenizer-worker-num), stopped before the engine is closed.
     """
     ctx = ServerContext(engine_client, tokenizer, server_args)
 
@@ -64,6 +73,8 @@ def create_app(
         yield
         if owns_engine:
             await _abort_in_flight(ctx)
+            if workers is not None:  # they drain their own requests on the engine still running
+                await asyncio.get_running_loop().run_in_executor(None, workers.join, WORKER_STOP_S)
             await _close_engine(app)
         if ctx.tokenizer_workers is not None:
             ctx.tokenizer_workers.close()
@@ -153,12 +164,22 @@ def run_server(server_args: ServerArgs, spec: EngineSpec) -> None:
     """Serve the instance ``spec`` describes (built by the launcher from ``server_args``, its model resolved) until
     SIGINT/SIGTERM: start the engine, run uvicorn on --host/--port; shutdown drains requests for up to
     GRACEFUL_SHUTDOWN_S and closes the engine."""
+    _run(_serve(server_args, spec))
+
+
+def run_front_worker(server_args: ServerArgs, spec: EngineSpec, links: list[LeaderLink], index: int) -> None:
+    """A front process beyond the first (pd.server.front_workers): the same app on the same port, on its own pipes
+    to the engine's leaders, until SIGINT/SIGTERM."""
+    _run(_serve_worker(server_args, spec, links, index))
+
+
+def _run(main: Any) -> None:
     try:
         if hasattr(asyncio, "Runner"):  # Python 3.11+
             with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-                runner.run(_serve(server_args, spec))
+                runner.run(main)
         else:
-            asyncio.run(_serve(server_args, spec))
+            asyncio.run(main)
     except KeyboardInterrupt:
         pass
 
@@ -186,8 +207,50 @@ async def _serve(args: ServerArgs, spec: EngineSpec) -> None:
     except BaseException:
         await engine.close()
         raise
+    workers = None
+    if args.tokenizer_worker_num > 1:
+        share_across_processes()  # before the app's metrics exist, and inherited by the other front processes
+        loop = asyncio.get_running_loop()
+
+        def worker_gone(reason: str) -> None:  # the server cannot go on with a front process missing: stop it
+            logger.error("%s; stopping the server", reason)
+            loop.call_soon_threadsafe(os.kill, os.getpid(), signal.SIGTERM)
+
+        workers = FrontWorkers.start(args, spec, engine.worker_links, worker_gone)
+    app = create_app(engine, tokenizer, args, owns_engine=True, workers=workers)
+    server = _Server(_uvicorn_config(app, args), app.state.ctx, workers)
+    announce = asyncio.create_task(_announce_when_up(server, args))
+    try:
+        await server.serve(sockets=[listen_socket(args.host, args.port)] if workers is not None else None)
+    finally:
+        announce.cancel()
+        # Normally closed by the app's shutdown; this covers uvicorn failing before its lifespan ran.
+        if workers is not None:
+            await asyncio.get_running_loop().run_in_executor(None, workers.join, WORKER_STOP_S)
+        await _close_engine(app)
+
+
+async def _serve_worker(args: ServerArgs, spec: EngineSpec, links: list[LeaderLink], index: int) -> None:
+    from pd.engine.client import EngineClient
+
+    assert args.model_path is not None
+    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
+    engine = EngineClient(args, spec, links=links)
+    try:
+        await engine.start()
+    except BaseException:
+        await engine.close()
+        raise
     app = create_app(engine, tokenizer, args, owns_engine=True)
-    config = uvicorn.Config(
+    server = _Server(_uvicorn_config(app, args), app.state.ctx)
+    try:
+        await server.serve(sockets=[listen_socket(args.host, args.port)])
+    finally:
+        await _close_engine(app)
+
+
+def _uvicorn_config(app: FastAPI, args: ServerArgs) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -196,25 +259,19 @@ async def _serve(args: ServerArgs, spec: EngineSpec) -> None:
         access_log=False,  # each finished request is logged once by the front
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    server = _Server(config, app.state.ctx)
-    announce = asyncio.create_task(_announce_when_up(server, args))
-    try:
-        await server.serve()
-    finally:
-        announce.cancel()
-        # Normally closed by the app's shutdown; this covers uvicorn failing before its lifespan ran.
-        await _close_engine(app)
 
 
 class _Server(uvicorn.Server):
     """uvicorn's server, plus: requests still running shortly before the graceful-shutdown timeout are aborted,
     so their clients get a proper end (finish_reason abort) instead of a cut connection."""
 
-    def __init__(self, config: uvicorn.Config, ctx: ServerContext) -> None:
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext, workers: FrontWorkers | None = None) -> None:
         super().__init__(config)
-        self._ctx = ctx
+        self._ctx, self._workers = ctx, workers
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._workers is not None:  # the other front processes drain their requests meanwhile
+            self._workers.terminate()
         async def abort_late() -> None:
             await asyncio.sleep(max(GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S, 0))
             await _abort_in_flight(self._ctx)

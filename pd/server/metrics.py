@@ -3,14 +3,23 @@
 Names follow SGLang's (`sglang:num_running_reqs` -> `pd:num_running_reqs`, ...) so existing dashboards need
 only the prefix changed. Engine-side gauges are read from the engine's latest stats when /metrics is scraped;
 latencies are measured in the front, where the client sees them.
+
+A front of several processes (--tokenizer-worker-num) keeps its values in files that every process's /metrics
+sums (prometheus_client's multiprocess mode, `share_across_processes`): a scrape answered by any of them covers
+the requests of all.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from pd.engine.io import EngineStats
 
@@ -22,29 +31,51 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 _ITL_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_across_processes() -> str:
+    """Puts this process's metrics created from now on, and those of processes it starts afterwards (they inherit
+    the environment), in files under one directory that each one's /metrics sums. The directory is
+    $PROMETHEUS_MULTIPROC_DIR when set, else a fresh one removed when this process exits. Returns it."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="pd-metrics-")
+        atexit.register(shutil.rmtree, directory, True)
+        os.environ[MULTIPROC_ENV] = directory
+    values.ValueClass = values.get_value_class()  # chosen when prometheus_client was imported, before the variable
+    return directory
+
+
 class ServerMetrics:
     """All collectors of one app. `render(stats)` refreshes the engine gauges and returns the text format."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         p = PREFIX
-        self.num_running = Gauge(f"{p}:num_running_reqs", "Requests in the engine's running batch", registry=r)
-        self.num_queue = Gauge(f"{p}:num_queue_reqs", "Requests waiting in the engine's queue", registry=r)
-        self.kv_pages_used = Gauge(f"{p}:kv_pages_used", "KV cache pages in use", registry=r)
-        self.kv_pages_free = Gauge(f"{p}:kv_pages_free", "KV cache pages free", registry=r)
-        self.token_usage = Gauge(f"{p}:token_usage", "Fraction of KV cache pages in use", registry=r)
-        self.kv_pages_cached = Gauge(
-            f"{p}:kv_pages_cached", "Free KV cache pages holding a cached prefix (evicted when needed)", registry=r
+        self.shared = bool(os.environ.get(MULTIPROC_ENV))
+
+        def engine_gauge(name: str, doc: str) -> Gauge:  # several front processes: the last one set counts
+            return Gauge(name, doc, registry=r, multiprocess_mode="mostrecent")
+
+        self.num_running = engine_gauge(f"{p}:num_running_reqs", "Requests in the engine's running batch")
+        self.num_queue = engine_gauge(f"{p}:num_queue_reqs", "Requests waiting in the engine's queue")
+        self.kv_pages_used = engine_gauge(f"{p}:kv_pages_used", "KV cache pages in use")
+        self.kv_pages_free = engine_gauge(f"{p}:kv_pages_free", "KV cache pages free")
+        self.token_usage = engine_gauge(f"{p}:token_usage", "Fraction of KV cache pages in use")
+        self.kv_pages_cached = engine_gauge(
+            f"{p}:kv_pages_cached", "Free KV cache pages holding a cached prefix (evicted when needed)"
         )
-        self.cache_hit_rate = Gauge(
-            f"{p}:cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens admitted", registry=r
+        self.cache_hit_rate = engine_gauge(
+            f"{p}:cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens admitted"
         )
-        self.kv_pages_sent = Gauge(
+        self.kv_pages_sent = engine_gauge(
             f"{p}:kv_pages_sent_total", "Prefill: KV pages written to decode instances since start (not the pages of "
-            "a prefix the decode had cached)", registry=r
+            "a prefix the decode had cached)"
         )
-        self.gen_throughput = Gauge(
-            f"{p}:gen_throughput", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s", registry=r
+        self.gen_throughput = Gauge(  # each front process's own tokens: summed over them
+            f"{p}:gen_throughput", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s", registry=r,
+            multiprocess_mode="livesum",
         )
         self.prompt_tokens = Counter(f"{p}:prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter(f"{p}:generation_tokens", "Generated tokens", registry=r)
@@ -66,11 +97,10 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.eplb_rebalances = Gauge(f"{p}:eplb_rebalances", "EPLB rebalances since start", registry=r)
-        self.eplb_balancedness = Gauge(
+        self.eplb_rebalances = engine_gauge(f"{p}:eplb_rebalances", "EPLB rebalances since start")
+        self.eplb_balancedness = engine_gauge(
             f"{p}:eplb_balancedness",
             "Mean / max GPU expert load measured before the last EPLB rebalance (1.0 = even)",
-            registry=r,
         )
         # (time, tokens) of recent outputs, for the throughput gauge.
         self._recent: deque[tuple[float, int]] = deque()
@@ -97,7 +127,13 @@ class ServerMetrics:
         now = time.perf_counter()
         self._drop_old(now)
         self.gen_throughput.set(sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S)
-        return generate_latest(self.registry)
+        if not self.shared:
+            return generate_latest(self.registry)
+        # Every front process's values: engine gauges the most recently set (each holds the same engine stats),
+        # counters, histograms and the throughput summed.
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return generate_latest(merged)
 
     def _drop_old(self, now: float) -> None:
         while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
