@@ -4,6 +4,7 @@ sent it, and `pd serve` with three fronts answers like transformers and stops wh
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import re
@@ -155,7 +156,7 @@ async def _generate_all(url: str, prompts: list[list[int]], new_tokens: int) -> 
                     if line.startswith("data: {"):
                         last = line
             assert last is not None
-            return __import__("json").loads(last[6:])["output_ids"]
+            return json.loads(last[6:])["output_ids"]
 
     return list(await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)]))
 
@@ -184,6 +185,8 @@ def test_three_front_processes_answer_like_transformers_and_stop_together(tmp_pa
             assert _metric(text, "pd:generation_tokens_total") == 12 * len(prompts), text
             assert _metric(text, "pd:prompt_tokens_total") == sum(map(len, prompts))
             assert _metric(text, 'pd:num_requests_total{finish_reason="length"}') == len(prompts)
+        # abort_all reaches the requests of every front, whichever front takes it.
+        assert set(asyncio.run(_abort_all_midway(url, prompts[:8]))) == {"abort"}
         # One front dying takes the server down whole: no half-served port, no orphaned ranks or fronts.
         workers, family = _front_pids(log), _descendants(proc.pid)
         assert set(workers) <= set(family) and len(family) >= 4, family  # fronts, the fork server, the rank
@@ -192,6 +195,34 @@ def test_three_front_processes_answer_like_transformers_and_stop_together(tmp_pa
         text = open(log).read()
         assert f"(pid {workers[0]}) exited with code -9; stopping the server" in text, text[-2000:]
         assert _wait_for(lambda: not any(_alive(p) for p in family), timeout=30), [p for p in family if _alive(p)]
+
+
+async def _abort_all_midway(url: str, prompts: list[list[int]]) -> list[str]:
+    """Streams long greedy requests (one connection each), posts abort_all once each has a token; their finish
+    reasons."""
+    started = asyncio.Event()
+    count = [0]
+
+    async def one(ids: list[int]) -> str:
+        body = {"input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
+        last = None
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            async with client.stream("POST", f"{url}/generate", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        if last is None:
+                            count[0] += 1
+                            if count[0] == len(prompts):
+                                started.set()
+                        last = line
+        assert last is not None
+        return json.loads(last[6:])["meta_info"]["finish_reason"]["type"]
+
+    tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+    await asyncio.wait_for(started.wait(), 60)
+    async with httpx.AsyncClient(timeout=30) as client:
+        assert (await client.post(f"{url}/abort_request", json={"abort_all": True})).status_code == 200
+    return list(await asyncio.wait_for(asyncio.gather(*tasks), 60))
 
 
 def _metric(text: str, name: str) -> float:

@@ -91,6 +91,10 @@ class FakeEngineClient:
         if rid in self.active:
             self._abort_flags.add(rid)
 
+    async def abort_all(self) -> None:
+        for rid in list(self.active):
+            await self.abort(rid)
+
     def stats(self) -> EngineStats:
         n = len(self.active)
         return EngineStats(0, n, KV_PAGES, KV_PAGES - n, PAGE, 0, 0)

@@ -236,8 +236,25 @@ class EngineClient:
                 self._send(leader, AbortRequest(req.rid))
 
     async def abort(self, rid: str) -> None:
-        if rid in self._queues and self._dead is None:
+        """Aborts `rid` if in flight: this front's own request, or, with several front processes, another's (every
+        leader is asked; the engine ignores rids it does not hold)."""
+        if self._dead is not None:
+            return
+        if rid in self._queues:
             self._send(self._owner[rid], AbortRequest(rid))
+        elif self.fronts > 1:
+            for leader in range(len(self._leaders)):
+                self._send(leader, AbortRequest(rid))
+
+    async def abort_all(self) -> None:
+        """Aborts every request in flight: this front's, and with several front processes every other's too."""
+        if self._dead is not None:
+            return
+        for rid in list(self._queues):
+            self._send(self._owner[rid], AbortRequest(rid))
+        if self.fronts > 1:
+            for leader in range(len(self._leaders)):
+                self._send(leader, AbortRequest("", every_request=True))
 
     async def flush_cache(self) -> None:
         """Asks every leader to drop its unreferenced cached prefix pages (the stats show it once done)."""

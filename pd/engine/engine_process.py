@@ -256,6 +256,8 @@ class EngineLoop:
                                       error=f"the engine could not queue the request: {type(e).__name__}: {e}")
                 if several:
                     self.owner[msg.rid] = front
+            elif isinstance(msg, AbortRequest) and msg.every_request:
+                outputs += [o for req in self.scheduler.live_requests() if (o := self.scheduler.abort(req.rid))]
             elif isinstance(msg, AbortRequest):
                 out = self.scheduler.abort(msg.rid)
             elif isinstance(msg, FlushCacheRequest):

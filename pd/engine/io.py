@@ -65,7 +65,11 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class AbortRequest:
+    """Abort request `rid` (the engine ignores rids it does not hold), or with every_request all of them, whichever
+    front process sent them (--tokenizer-worker-num)."""
+
     rid: str
+    every_request: bool = False
 
 
 @dataclass(frozen=True)

@@ -298,13 +298,11 @@ async def abort_request(request: Request) -> Response:
     body = await read_body(request, AbortReqInput)
     ctx = get_context(request)
     if body.abort_all:
-        rids = list(ctx.inflight)
+        await ctx.engine.abort_all()
     elif body.rid:
-        rids = [body.rid]
+        await ctx.engine.abort(body.rid)
     else:
         raise ApiError("give rid, or abort_all=true")
-    for rid in rids:
-        await ctx.engine.abort(rid)
     return Response(status_code=200)
 
 
