@@ -243,6 +243,7 @@ async def _serve_worker(args: ServerArgs, spec: EngineSpec, links: list[LeaderLi
         raise
     app = create_app(engine, tokenizer, args, owns_engine=True)
     server = _Server(_uvicorn_config(app, args), app.state.ctx)
+    freeze_startup_objects(f"front {index}")
     try:
         await server.serve(sockets=[listen_socket(args.host, args.port)])
     finally:
