@@ -28,6 +28,7 @@ class CountingScheduler:
     """Stands in for the scheduler: every step gives each running request one token (its running count)."""
 
     def __init__(self) -> None:
+        self.step_s = 0.002
         self.running: dict[str, list[Any]] = {}  # rid -> [max_new_tokens, tokens so far]
         self.aborted: list[str] = []
         self.lock = threading.Lock()
@@ -58,7 +59,7 @@ class CountingScheduler:
         return EngineStats(0, len(self.running), 64, 64, 16, 0, 0)
 
     def step(self) -> list[TokenOutput]:
-        time.sleep(0.002)
+        time.sleep(self.step_s)
         outputs = []
         with self.lock:
             for rid, entry in list(self.running.items()):
@@ -124,6 +125,25 @@ def test_engine_loop_routes_each_request_to_its_front_and_survives_a_front_closi
 
     # The first front closing ends the loop.
     to_engine[0].close()
+    loop.join(10)
+    assert not loop.is_alive()
+
+
+def test_a_front_that_does_not_read_does_not_stall_the_engine() -> None:
+    """A front still starting (or stuck) reads nothing: the stats the engine sends it after every step would fill
+    its pipe within a few hundred steps and block the engine for everyone."""
+    ctx = mp.get_context("spawn")
+    (in0_r, in0_w), (in1_r, _in1_w) = ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)
+    (out0_r, out0_w), (_out1_r, out1_w) = ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)
+    sched = CountingScheduler()
+    sched.step_s = 0.0
+    loop = threading.Thread(target=EngineLoop(sched, [in0_r, in1_r], [out0_w, out1_w]).run,  # type: ignore[arg-type]
+                            daemon=True)  # fmt: skip
+    loop.start()
+    in0_w.send_bytes(_request("long", 3000))
+    rows = _outputs(out0_r, {"long"}, timeout=60)["long"]
+    assert [r[1][0] for r in rows] == list(range(1, 3001)) and rows[-1][4] == "length"
+    in0_w.close()
     loop.join(10)
     assert not loop.is_alive()
 

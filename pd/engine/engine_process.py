@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import time
 import traceback
@@ -143,6 +144,7 @@ class EngineLoop:
         assert len(self.inboxes) == len(self.outboxes) >= 1
         self.open_fronts = list(range(len(self.inboxes)))  # fronts whose pipes are still open
         self.owner: dict[str, int] = {}  # rid -> the front that sent it (with several fronts)
+        self._writable: dict[int, select.poll] = {}  # front -> a poll object on its pipe's write end
         self.dp_gate, self.multi_rank = dp_gate, multi_rank
         self.last_report = 0.0
         self.last_stats = scheduler.stats()  # what the fronts already have (the ready message carried it)
@@ -195,7 +197,19 @@ class EngineLoop:
                 rows[front].append(output_to_row(o))
         stats_dict = to_dict(stats)
         for i, front_rows in rows.items():  # every front gets the stats, each its own requests' outputs
+            if not front_rows and i != 0 and not self._has_room(i):
+                # A front that does not read (still starting: seconds to import and load its tokenizer; or stuck)
+                # must not stall the engine once its pipe is full: it misses stats it gets fresh with the next send.
+                continue
             _send(self.outboxes[i], {"outputs": front_rows, "stats": stats_dict})
+
+    def _has_room(self, front: int) -> bool:
+        """Whether front's pipe takes a small message without blocking (a pipe that is not full takes PIPE_BUF
+        bytes at once, and a stats message is far below that)."""
+        if front not in self._writable:
+            self._writable[front] = select.poll()
+            self._writable[front].register(self.outboxes[front].fileno(), select.POLLOUT)
+        return bool(self._writable[front].poll(0))
 
     def _dp_step(self) -> list[TokenOutput] | None:
         """One turn under DP attention; None when a leader stops (the instance is shutting down)."""
