@@ -108,9 +108,9 @@ GEMM_CASES = [
 
 
 def check_gemm(seed: int) -> None:
-    """w8a8_block_gemm, and for decode-sized rows the split-K kernel that quantizes inside (one split, a split
-    per few k-steps, the default), against the float32 product of the dequantized operands (tight), and the
-    linear against the dequantized model (W8A8_TOLERANCE); the default block sizes too."""
+    """w8a8_block_gemm, and for decode-sized rows the split-K kernel with its activations quantized inside or
+    before (one split, a split per few k-steps, the default count), against the float32 product of the dequantized
+    operands (tight), and the linear against the dequantized model (W8A8_TOLERANCE); the default block sizes too."""
     from pd.layers.triton_fp8_gemm import split_k_fits, w8a8_block_gemm, w8a8_block_linear, w8a8_split_k_linear
     from pd.layers.triton_fp8_gemm import token_group_quant as quant_kernel
 
@@ -206,9 +206,9 @@ def test_split_k_quantization_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     from pd.layers.triton_fp8_gemm import split_k_quantizes_before
 
     monkeypatch.delenv("PD_FP8_SPLIT_K_QUANT", raising=False)
-    assert not split_k_quantizes_before()
-    monkeypatch.setenv("PD_FP8_SPLIT_K_QUANT", "before")
     assert split_k_quantizes_before()
+    monkeypatch.setenv("PD_FP8_SPLIT_K_QUANT", "inside")
+    assert not split_k_quantizes_before()
     monkeypatch.setenv("PD_FP8_SPLIT_K_QUANT", "early")
     with pytest.raises(ValueError, match="inside or before"):
         split_k_quantizes_before()

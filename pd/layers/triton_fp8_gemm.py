@@ -11,14 +11,14 @@ Three kernels:
 - ``w8a8_block_gemm``: C [M, N] = (A * a_scale) @ (W * w_scale).T (+ bias), one K-block of BLOCK_K columns sharing
   one activation scale per row and one weight scale per column block, so each k-step is one fp8 ``tl.dot`` times
   the two scale vectors. Rows of A past M and columns past N wrap (no load masks); the store masks them.
-- ``w8a8_split_k_linear``, for decode-sized M (up to 64 rows): the quantization inside the GEMM (one launch fewer)
-  and K split over programs, so a projection's few column blocks still spread its weight over every SM; the
-  splits' float32 partials are summed by a second small launch. On an H200 inside a CUDA graph at M = 64 (Qwen3's
-  q/k/v and o projections) it takes ~10 us plus ~2.3 us of sums against cuBLAS's block-scaled GEMM's ~11.5 us
-  plus ~1.5 us of quantization: a little faster, not the weight-read bound (~1-2 us), because every column
-  block's programs quantize the same activation rows again (benchmarks/results/h200_2026-12-03, ninth run).
-  PD_FP8_SPLIT_K_QUANT=before quantizes them once, in token_group_quant's launch, and the GEMM reads e4m3 rows
-  (one launch more; not yet timed, so not the default).
+- ``w8a8_split_k_linear``, for decode-sized M (up to 64 rows): K split over programs, so a projection's few
+  column blocks still spread its weight over every SM; the splits' float32 partials are summed by a second small
+  launch. The activations are quantized once by token_group_quant before it (default, PD_FP8_SPLIT_K_QUANT=before)
+  or inside the GEMM (``inside``: one launch fewer, but every column block's programs quantize the same rows
+  again). On an H200, a batch-64 FP8 decode step of Qwen3-30B-A3B widths (8 layers, CUDA graphs) takes 1.933 ms of
+  GPU with ``before`` and 1.964 ms with ``inside`` (benchmarks/results/h200_2026-12-03, tenth run); inside, at
+  M = 64 the GEMM took ~10 us plus ~2.3 us of sums against cuBLAS's block-scaled GEMM's ~11.5 us plus ~1.5 us of
+  quantization (ninth run).
 
 The reference every result is compared with is the dequantized model (pd.quant.fp8.Fp8Linear on CPU): this path
 adds the activations' e4m3 rounding to it, about 2.5-3% relative L2 error on a layer's output.
@@ -357,10 +357,10 @@ def _programs_to_fill(device: torch.device) -> int:
 
 
 def split_k_quantizes_before() -> bool:
-    """Whether w8a8_split_k_linear quantizes the activations in a launch of their own (PD_FP8_SPLIT_K_QUANT=before)
-    rather than inside the GEMM (``inside``, the default until timed: inside, every column block's programs
-    quantize the same rows again; before, one launch more)."""
-    value = os.environ.get("PD_FP8_SPLIT_K_QUANT", "inside")
+    """Whether w8a8_split_k_linear quantizes the activations in a launch of their own (PD_FP8_SPLIT_K_QUANT=before,
+    the default: 31 us less GPU per batch-64 decode step on an H200) rather than inside the GEMM (``inside``: one
+    launch fewer, but every column block's programs quantize the same rows again)."""
+    value = os.environ.get("PD_FP8_SPLIT_K_QUANT", "before")
     if value not in ("inside", "before"):
         raise ValueError(f"PD_FP8_SPLIT_K_QUANT={value!r}: expected inside or before")
     return value == "before"
