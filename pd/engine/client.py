@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgpack
@@ -81,9 +81,10 @@ class EngineClient:
         """The other front processes' pipes to the leaders (worker_links[k][i]: front k + 1 to leader i)."""
         return self._ranks.worker_leaders if self._ranks is not None else []
 
-    async def start(self) -> None:
+    async def start(self, on_spawned: Callable[[list[list[LeaderLink]]], None] | None = None) -> None:
         """Spawns the rank processes and returns once every leader's model is loaded (raises with the reason
-        otherwise)."""
+        otherwise). ``on_spawned(worker_links)`` runs as soon as the ranks are started, with the other front
+        processes' pipes, so that those start while the model loads."""
         self._loop = asyncio.get_running_loop()
         if self._attached is not None:
             self._leaders = self._attached
@@ -98,6 +99,8 @@ class EngineClient:
             if listener is not None:
                 listener.close()
             raise
+        if on_spawned is not None:
+            on_spawned(self._ranks.worker_leaders)
         if listener is not None:
             try:
                 conns = await self._loop.run_in_executor(None, listener.accept_all, REMOTE_LEADERS_TIMEOUT_S,

@@ -202,21 +202,24 @@ async def _serve(args: ServerArgs, spec: EngineSpec) -> None:
     assert args.model_path is not None
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
     engine = EngineClient(args, spec)
-    try:
-        await engine.start()
-    except BaseException:
-        await engine.close()
-        raise
-    workers = None
+    workers: FrontWorkers | None = None
     if args.tokenizer_worker_num > 1:
         share_across_processes()  # before the app's metrics exist, and inherited by the other front processes
-        loop = asyncio.get_running_loop()
 
-        def worker_gone(reason: str) -> None:  # the server cannot go on with a front process missing: stop it
-            logger.error("%s; stopping the server", reason)
-            loop.call_soon_threadsafe(os.kill, os.getpid(), signal.SIGTERM)
+    def start_workers(links: list[list[LeaderLink]]) -> None:
+        # Right after the ranks: the other front processes start (seconds: interpreter, imports, tokenizer) while
+        # the model loads, and serve as soon as it is ready.
+        nonlocal workers
+        if links:
+            workers = FrontWorkers.start(args, spec, links, _stop_server)
 
-        workers = FrontWorkers.start(args, spec, engine.worker_links, worker_gone)
+    try:
+        await engine.start(on_spawned=start_workers)
+    except BaseException:
+        if workers is not None:
+            workers.join(WORKER_STOP_S)
+        await engine.close()
+        raise
     app = create_app(engine, tokenizer, args, owns_engine=True, workers=workers)
     server = _Server(_uvicorn_config(app, args), app.state.ctx, workers)
     announce = asyncio.create_task(_announce_when_up(server, args))
@@ -228,6 +231,12 @@ async def _serve(args: ServerArgs, spec: EngineSpec) -> None:
         if workers is not None:
             await asyncio.get_running_loop().run_in_executor(None, workers.join, WORKER_STOP_S)
         await _close_engine(app)
+
+
+def _stop_server(reason: str) -> None:
+    """A front process is gone: the server cannot go on without it (its port share would refuse connections)."""
+    logger.error("%s; stopping the server", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _serve_worker(args: ServerArgs, spec: EngineSpec, links: list[LeaderLink], index: int) -> None:

@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"
 # How long a worker may take to take over its pipe ends (its interpreter starting and unpickling its arguments).
 START_TIMEOUT_S = 120.0
+# A worker's exit status when the engine failed to start: the first front process reports why and exits itself.
+ENGINE_FAILED_EXIT = 3
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -86,7 +89,7 @@ class FrontWorkers:
         sentinels = {p.sentinel: p for p in self.procs}
         gone = sentinels[wait(list(sentinels))[0]]  # type: ignore[index]
         gone.join(1)
-        if not self._stopping:
+        if not self._stopping and gone.exitcode != ENGINE_FAILED_EXIT:
             on_exit(f"front process {gone.name} (pid {gone.pid}) exited with code {gone.exitcode}")
 
     def terminate(self) -> None:
@@ -116,5 +119,10 @@ def _worker_main(parent: int, args: ServerArgs, spec: EngineSpec, links: list[Le
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, force=True)
     from pd.server.app import run_front_worker
 
-    run_front_worker(args, spec, links, index)
+    try:
+        run_front_worker(args, spec, links, index)
+    except RuntimeError as e:
+        if not str(e).startswith("engine failed to start"):
+            raise
+        sys.exit(ENGINE_FAILED_EXIT)  # the first front process says why
 
