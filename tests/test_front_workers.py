@@ -21,6 +21,7 @@ import torch
 from pd.engine.engine_process import EngineLoop
 from pd.engine.io import AbortRequest, EngineStats, GenerateRequest, SamplingParams, TokenOutput, to_dict
 from tests.server_process import free_port, healthy_process
+from tests.test_rank_lifetime import _alive, _descendants
 from tests.tiny_checkpoints import load_hf, make_checkpoint
 
 
@@ -254,28 +255,3 @@ def _metric(text: str, name: str) -> float:
 def _front_pids(log: str) -> list[int]:
     return [int(p) for p in re.findall(r"pd-front\d INFO uvicorn.error: Started server process \[(\d+)\]",
                                        open(log).read())]  # fmt: skip
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _descendants(pid: int) -> list[int]:
-    parent_of = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent_of[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, parent in parent_of.items() if parent in frontier]
-        found += kids
-        frontier = kids
-    return found
