@@ -116,9 +116,11 @@ def test_engine_loop_routes_each_request_to_its_front_and_survives_a_front_closi
     assert refused[-1][4] == "error" and "already in flight" in refused[-1][6], refused
     assert "c" in sched.running, "the first front's request is untouched"
 
-    # Front 1 goes away with a request in flight: it is aborted; front 0's request goes on.
+    # Front 1 goes away (its process dies: both its pipe ends close) with a request in flight: the request is
+    # aborted, whichever end the engine finds closed first; front 0's request goes on.
     to_engine[1].send_bytes(_request("d", 1000))
     assert _wait_for(lambda: "d" in sched.running)
+    from_engine[1].close()
     to_engine[1].close()
     assert _wait_for(lambda: "d" in sched.aborted) and "c" in sched.running
     to_engine[0].send_bytes(msgpack.packb(to_dict(AbortRequest("c")), use_bin_type=True))

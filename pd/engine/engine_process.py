@@ -201,7 +201,12 @@ class EngineLoop:
                 # A front that does not read (still starting: seconds to import and load its tokenizer; or stuck)
                 # must not stall the engine once its pipe is full: it misses stats it gets fresh with the next send.
                 continue
-            _send(self.outboxes[i], {"outputs": front_rows, "stats": stats_dict})
+            try:
+                _send(self.outboxes[i], {"outputs": front_rows, "stats": stats_dict})
+            except (BrokenPipeError, ConnectionResetError):
+                if i == 0:
+                    raise
+                self._front_closed(i)  # gone before its pipe to us showed it (the first front's are still served)
 
     def _has_room(self, front: int) -> bool:
         """Whether front's pipe takes a small message without blocking (a pipe that is not full takes PIPE_BUF
