@@ -282,6 +282,7 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._workers is not None:  # the other front processes drain their requests meanwhile
             self._workers.terminate()
+
         async def abort_late() -> None:
             await asyncio.sleep(max(GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S, 0))
             await _abort_in_flight(self._ctx)
