@@ -143,7 +143,7 @@ class RankProcesses:
         self.procs, self.first_rank, self.leaders = procs, first_rank, leaders
         self.store_dir = store_dir  # a file store's directory, removed once the ranks are gone
         # The pipes of the other front processes (--tokenizer-worker-num): worker_leaders[k][i] is front k + 1's link
-        # to leader i. This process hands them over and closes its copies (close_worker_links).
+        # to leader i. This process hands them over and closes its copies (pd.server.front_workers).
         self.worker_leaders = worker_leaders or []
 
     @classmethod
@@ -187,14 +187,6 @@ class RankProcesses:
         if store_dir is not None:  # also when this process exits without stopping its ranks itself
             atexit.register(shutil.rmtree, store_dir, True)
         return cls(procs, layout.local_ranks[0], leaders, store_dir, links[1:])
-
-    def close_worker_links(self) -> None:
-        """This process's copies of the other front processes' pipe ends (once those processes hold their own): a
-        leader sees a front gone only when every copy of its end is closed."""
-        for front in self.worker_leaders:
-            for link in front:
-                link.inbox.close()
-                link.outbox.close()
 
     def add_remote_leaders(self, conns: dict[int, Connection]) -> None:
         """The other nodes' DP leaders (global rank -> connection), after this node's: leaders[i] is DP group i."""

@@ -253,11 +253,12 @@ class EngineClient:
         """Aborts every request in flight: this front's, and with several front processes every other's too."""
         if self._dead is not None:
             return
-        for rid in list(self._queues):
-            self._send(self._owner[rid], AbortRequest(rid))
-        if self.fronts > 1:
-            for leader in range(len(self._leaders)):
-                self._send(leader, AbortRequest("", every_request=True))
+        if self.fronts == 1:
+            for rid in list(self._queues):
+                self._send(self._owner[rid], AbortRequest(rid))
+            return
+        for leader in range(len(self._leaders)):  # this front's requests among them
+            self._send(leader, AbortRequest("", every_request=True))
 
     async def flush_cache(self) -> None:
         """Asks every leader to drop its unreferenced cached prefix pages (the stats show it once done)."""

@@ -421,8 +421,9 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
 
 def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
                       bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """A block-FP8 linear on x [..., K] (float32/bfloat16/float16) -> [..., N] in x's dtype. Two launches (three
-    with PD_FP8_SPLIT_K_QUANT=before), no host sync (CUDA-graph safe). By PD_FP8_GEMM (pd.layers.fp8_scaled_mm.mode):
+    """A block-FP8 linear on x [..., K] (float32/bfloat16/float16) -> [..., N] in x's dtype. Three launches at
+    most (two with PD_FP8_SPLIT_K_QUANT=inside), no host sync (CUDA-graph safe). By PD_FP8_GEMM
+    (pd.layers.fp8_scaled_mm.mode):
     - auto (default): decode-sized rows (split_k_fits) take w8a8_split_k_linear; more rows cuBLAS's block-scaled
       FP8 GEMM where it runs (fp8_scaled_mm.use_cublas), else token_group_quant then w8a8_block_gemm;
     - triton: token_group_quant then w8a8_block_gemm at every size;

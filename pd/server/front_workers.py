@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -48,7 +49,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 class FrontWorkers:
-    """The first front process's handle on the others: started once the engine is up, watched, stopped."""
+    """The first front process's handle on the others: started with the ranks, watched, stopped."""
 
     def __init__(self, procs: list[Any], links: list[list[LeaderLink]]) -> None:
         self.procs, self._links = procs, links
@@ -58,7 +59,7 @@ class FrontWorkers:
     def start(cls, args: ServerArgs, spec: EngineSpec, links: list[list[LeaderLink]],
               on_exit: Callable[[str], None]) -> FrontWorkers:  # fmt: skip
         """Starts a process per entry of ``links`` (its pipes to the leaders); ``on_exit(reason)`` runs on a watcher
-        thread when one exits before ``stop``."""
+        thread when one exits before ``terminate``."""
         ctx = mp.get_context("spawn")
         procs, started = [], []
         for k, front_links in enumerate(links, start=1):
@@ -75,7 +76,8 @@ class FrontWorkers:
 
     def _watch(self, started: list[Connection], on_exit: Callable[[str], None]) -> None:
         # Pipe ends travel to a spawned process through this process (it hands each over when the child asks), so
-        # ours close only once the worker holds its own: until then a leader would not see that front go.
+        # ours close only once the worker holds its own; a leader sees a front gone only when every copy of its
+        # pipe's end is closed.
         for k, ready in enumerate(started):
             if ready.poll(START_TIMEOUT_S):
                 try:
@@ -102,8 +104,9 @@ class FrontWorkers:
     def join(self, timeout: float) -> None:
         """Waits up to ``timeout`` seconds for the workers to exit (after ``terminate``); kills stragglers."""
         self.terminate()
+        deadline = time.monotonic() + timeout
         for p in self.procs:
-            p.join(timeout)
+            p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 logger.warning("front process %s did not stop within %.0f s; killing it", p.name, timeout)
                 p.kill()
