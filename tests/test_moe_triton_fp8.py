@@ -130,6 +130,69 @@ def check_fp8_runner(dtype_name: str, seed: int) -> None:
     assert runner.run(empty, q13, q2, scales=scales).hidden_states.shape == (0, 40)
 
 
+def check_act_and_mul_quant_fusion(device: str, seed: int) -> None:
+    """The act-and-mul launch that quantizes its rows against _act_and_mul_kernel then token_group_quant (the two
+    launches it replaces): the same e4m3 bytes and scales on every row of a local slot, bit for bit, over scale
+    groups that do and do not divide I, rows wider than one program and both activations."""
+    import triton
+
+    from pd.layers.triton_fp8_gemm import token_group_quant as quant_kernel
+    from pd.moe.runner import triton_runner as tr
+
+    gen = torch.Generator().manual_seed(seed)
+    cases = ((5, 40, 16, "float32", "silu"), (7, 96, 32, "bfloat16", "gelu"), (3, 2100, 128, "bfloat16", "silu"),
+             (4, 768, 128, "float32", "silu"))  # (pairs, I, group, dtype, activation)
+    for pairs, inter, group, dtype_name, activation in cases:
+        dtype = getattr(torch, dtype_name)
+        gate_up = (torch.randn(pairs, 2 * inter, generator=gen) * 4).to(dtype).to(device)
+        ids = torch.randint(-1, 3, (pairs, 1), generator=gen).to(device)  # -1: a skipped slot
+        scales = ExpertScales(torch.empty(0), torch.ones(3, 1, triton.cdiv(inter, group)), (group, group))
+        assert tr._fuses_quant(group)
+        got_q, got_fp8 = tr._act_and_mul_quantized(gate_up, ids, 3, inter, 24, activation, dtype, scales)
+        inter_rows = torch.empty(pairs, inter, dtype=dtype, device=device)
+        tr._act_and_mul_kernel[(pairs, triton.cdiv(inter, tr._BLOCK_COLS))](
+            gate_up, inter_rows, ids, 3, inter, gate_up.stride(0), inter_rows.stride(0), ACTIVATION=activation,
+            OUT_DTYPE=tr._TL_DTYPES[dtype], BLOCK=min(tr._BLOCK_COLS, triton.next_power_of_2(inter)),
+        )  # fmt: skip
+        local = (ids[:, 0] >= 0).cpu()
+        want_q, want_scale = quant_kernel(inter_rows, group)
+        where = (pairs, inter, group, dtype_name, activation)
+        assert got_fp8.split == 24 and got_fp8.block == (group, group) and got_fp8.b_scale is scales.w2, where
+        assert got_q.dtype == FP8_DTYPE and got_q.shape == (pairs, inter), where
+        assert torch.equal(got_q.cpu()[local].view(torch.uint8), want_q.cpu()[local].view(torch.uint8)), where
+        assert torch.equal(got_fp8.a_scale.cpu()[local], want_scale.cpu()[local]), where
+
+
+def check_gemm_quantizes_a(device: str, seed: int) -> None:
+    """The gate_up GEMM quantizing its model-dtype A tiles itself (BlockFp8.a_scale None) against the same GEMM on
+    token_group_quant's output: equal bits, over full and partial scale groups and rows without a local slot."""
+    from pd.layers.triton_fp8_gemm import token_group_quant as quant_kernel
+    from pd.moe.runner.fused_moe_kernel import BlockFp8, invoke_fused_moe_gemm
+    from pd.moe.runner.moe_align import align_pairs_to_blocks
+
+    # The interpreter's small blocks; on a GPU fp8 dots need k-steps of 32+, so checkpoints' 128x128 blocks.
+    block, scale = (BLOCK, 1) if device == "cpu" else ((128, 128), 8)
+    for i, (tokens, top_k, experts, hidden, inter) in enumerate(((5, 2, 4, 48, 32), (19, 3, 8, 40, 16))):
+        hidden, inter = hidden * scale, inter * scale  # 40 (320): a partial last scale group
+        dispatched, w13, w2 = make_case(seed + i, tokens, top_k, experts, torch.bfloat16, hidden, inter,
+                                        foreign=0.3, device=device)  # fmt: skip
+        q13, _, scales = quantize_experts(w13.float().cpu(), w2.float().cpu(), block)
+        q13, w13_scale = q13.to(device), scales.w13.to(device)
+        ids = dispatched.topk_ids
+        aligned = align_pairs_to_blocks(ids, experts, 16)
+        blocks = (aligned.sorted_ids, aligned.expert_of_block, aligned.num_rows_post_pad)
+        config = dict(SMALL, BLOCK_SIZE_K=block[1], BLOCK_SIZE_N=32 * scale)
+        x = dispatched.hidden_states
+        outs = []
+        for a, a_scale in ((x, None), quant_kernel(x, block[1])):
+            c = torch.zeros(tokens * top_k, 2 * inter, dtype=x.dtype, device=device)
+            invoke_fused_moe_gemm(a, q13, c, *blocks, top_k, False, config,
+                                  fp8=BlockFp8(a_scale, w13_scale, block, inter))  # fmt: skip
+            outs.append(c.cpu())
+        assert torch.equal(outs[0], outs[1]), (tokens, top_k, experts, hidden, inter)
+        assert outs[0][(ids >= 0).flatten().cpu()].abs().sum() > 0
+
+
 def check_fp8_batched(dtype_name: str, seed: int) -> None:
     """The batched format (rows per expert with counts, 0 and max_rows among them, NaN past them) against both
     oracles, expert by expert."""
@@ -207,6 +270,17 @@ def test_fp8_triton_runner_matches_w8a8_and_dequantized_references_in_interprete
 
 
 @needs_triton
+def test_act_and_mul_quantizes_as_the_two_launches_in_interpreter(interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "check_act_and_mul_quant_fusion", "cpu", _seed())
+
+
+@needs_triton
+def test_gate_up_gemm_quantizing_its_rows_equals_prequantized_rows_in_interpreter(
+        interpreter: InterpreterChild) -> None:  # fmt: skip
+    interpreter.run(__name__, "check_gemm_quantizes_a", "cpu", _seed())
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_fp8_triton_batched_format_matches_references_in_interpreter(dtype_name: str,
                                                                      interpreter: InterpreterChild) -> None:
@@ -265,6 +339,16 @@ def test_gpu_fp8_triton_runner_matches_dequantized_bf16_within_tolerance(case: t
     reference = TorchMoeRunner().run(dispatched, *dequantize_experts(q13, q2, scales, torch.bfloat16)).hidden_states
     assert rel_l2(got, reference) < GPU_MOE_TOLERANCE, rel_l2(got, reference)
     assert not got[(dispatched.topk_ids < 0).all(dim=1)].any()
+
+
+@pytest.mark.gpu
+def test_gpu_act_and_mul_quantizes_as_the_two_launches() -> None:
+    check_act_and_mul_quant_fusion("cuda", int(torch.randint(0, 2**31, ()).item()))
+
+
+@pytest.mark.gpu
+def test_gpu_gate_up_gemm_quantizing_its_rows_equals_prequantized_rows() -> None:
+    check_gemm_quantizes_a("cuda", int(torch.randint(0, 2**31, ()).item()))
 
 
 GPU_BATCHED_CASES = [(32, 1024, 7168, 2048), (128, 128, 2048, 768)]  # DeepSeek-V3 EP=8, Qwen3-30B-A3B decode

@@ -5,14 +5,18 @@ load into them reaches the GEMM. (Without biases the fusion runs in the
 interpreted whole-model test, tests/test_attention_backends.py, with every other GPU kernel.)
 
 On the CPU engines pack their linears instead of fusing them (pd.engine.model_runner); here the packing is swapped
-for the fusion so the fused path runs on this machine. The GPU parity tests (tests/test_gpu_parity.py) run it as
+for the fusion so the fused path runs on this machine. In Triton's interpreter, the input norms that also write the
+e4m3 rows a fused block-FP8 q/k/v GEMM reads (pd.layers.fp8_rows) leave the logits exactly unchanged. The GPU parity tests (tests/test_gpu_parity.py) run it as
 served, against transformers.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import secrets
 
+import pytest
 import torch
 
 from pd.engine.io import SamplingParams
@@ -21,6 +25,9 @@ from pd.models.llama import Attention
 from pd.quant.fp8 import Fp8Linear
 from tests.fp8_checkpoints import make_bf16_checkpoint, write_fp8_pair
 from tests.tiny_checkpoints import make_checkpoint
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed (the test extra installs it)")  # fmt: skip
 
 
 def _equal_engines(path: str, monkeypatch, fuses: bool) -> Attention:
@@ -82,3 +89,43 @@ def test_fp8_qkv_whose_blocks_straddle_q_and_k_stays_separate(tmp_path, monkeypa
     write_fp8_pair(base, fp8, str(tmp_path / "dequant"), (128, 16), ("lm_head", "mlp.gate"))
     attn = _equal_engines(fp8, monkeypatch, fuses=False)
     assert attn._qkv is None and isinstance(attn.q_proj, Fp8Linear)
+
+
+def check_norm_quantizing_for_fp8_qkv(tmp: str, seed: int) -> None:
+    """In the interpreter child: an engine running the GPU's kernels on a block-FP8 Qwen3-MoE, whose input norms
+    write e4m3 rows for the fused q/k/v GEMM (pd.layers.fp8_rows), gives exactly the logits of the same engine
+    whose q/k/v GEMM quantizes the norms itself; the copy is read (not just written)."""
+    from pd.layers import fp8_rows, fused_kernels
+    from pd.layers.norm import RMSNorm
+
+    base = make_bf16_checkpoint("qwen3_moe", os.path.join(tmp, "bf16"), seed=seed)
+    fp8 = os.path.join(tmp, "fp8")
+    write_fp8_pair(base, fp8, os.path.join(tmp, "dequant"), (32, 16), ("lm_head", "mlp.gate"))
+    reads = []
+    real_attached = fp8_rows.attached
+
+    def spy(x: torch.Tensor, group: int):  # noqa: ANN202
+        found = real_attached(x, group)
+        reads.append(found is not None)
+        return found
+
+    fp8_rows.attached = spy
+    ids = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(seed)).tolist()
+    with fused_kernels.on_cpu():
+        engine = LLM(fp8, page_size=4, chunked_prefill_size=32, attention_backend="triton", moe_runner="triton")
+        norms = [m for name, m in engine.runner.model.named_modules() if name.endswith("input_layernorm")]
+        assert norms and all(isinstance(m, RMSNorm) and m.quant_group == 16 for m in norms)
+        quantizing = engine.prefill_logits(ids)
+        assert any(reads), "no q/k/v GEMM read a norm's e4m3 rows"
+        for norm in norms:
+            norm.quant_group = None
+        reads.clear()
+        plain = engine.prefill_logits(ids)
+        assert not any(reads)
+    assert torch.equal(quantizing, plain)
+
+
+@needs_triton
+def test_norms_quantizing_for_fp8_qkv_give_the_same_logits_in_interpreter(tmp_path, interpreter) -> None:
+    interpreter.run(__name__, "check_norm_quantizing_for_fp8_qkv", str(tmp_path), secrets.randbelow(2**31),
+                    timeout_s=600)  # fmt: skip

@@ -23,7 +23,8 @@ def _assert_compiled(result, kernels: set[str]) -> None:  # noqa: ANN001
 
 def test_fused_moe_kernels_compile_for_hopper() -> None:
     """The runner's launches: FP8 in the standard and batched formats with one scale row per column block
-    (SCALAR_B), FP8 with one per column (gate/up split off a scale block), bf16. (Each variant costs seconds of
+    (SCALAR_B), FP8 with one per column (gate/up split off a scale block), FP8 decode tiles (the GEMM quantizes its
+    A tiles, the act-and-mul launch its rows), bf16. (Each variant costs seconds of
     compilation on a cold cache: the few that cover every constexpr branch.)"""
     from pd.moe.runner.triton_runner import TritonMoeRunner
     from tests.hopper_compile import compile_for_hopper
@@ -31,9 +32,10 @@ def test_fused_moe_kernels_compile_for_hopper() -> None:
     from tests.test_moe_triton_fp8 import quantize_experts
 
     with compile_for_hopper() as result:
-        for inter, block_n, fp8, batched in ((384, 128, True, False), (384, 128, True, True), (320, 64, True, False),
-                                             (384, 128, False, False)):  # fmt: skip
-            config = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4,
+        for inter, block_n, fp8, batched, block_m in ((384, 128, True, False, 64), (384, 128, True, True, 64),
+                                                      (320, 64, True, False, 64), (384, 128, False, False, 64),
+                                                      (384, 128, True, False, 16)):  # fmt: skip
+            config = dict(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4,
                           num_stages=3)  # fmt: skip
             dispatched, w13, w2 = (make_batched_case(0, 4, 16, torch.bfloat16, hidden=256, inter=inter) if batched
                                    else make_case(0, 16, 2, 8, torch.bfloat16, hidden=256, inter=inter))  # fmt: skip
@@ -42,9 +44,9 @@ def test_fused_moe_kernels_compile_for_hopper() -> None:
                 TritonMoeRunner(config).run(dispatched, q13, q2, "silu", scales)
             else:
                 TritonMoeRunner(config).run(dispatched, w13, w2, "silu")
-    _assert_compiled(result, {"_fused_moe_kernel"})
-    variants = {(c["USE_FP8"], c["SCALAR_B"]) for name, c in result.ok if name == "_fused_moe_kernel"}
-    assert variants == {(True, True), (True, False), (False, False)}, variants
+    _assert_compiled(result, {"_fused_moe_kernel", "_act_and_mul_quant_kernel", "_act_and_mul_kernel"})
+    variants = {(c["USE_FP8"], c["SCALAR_B"], c["QUANTIZE_A"]) for name, c in result.ok if name == "_fused_moe_kernel"}
+    assert variants == {(True, True, False), (True, False, False), (False, False, False), (True, True, True)}, variants
 
 
 def test_fp8_linear_kernels_compile_for_hopper() -> None:
@@ -85,7 +87,7 @@ def test_attention_kernels_compile_for_hopper() -> None:
 
 def test_router_norm_and_rotary_kernels_compile_for_hopper() -> None:
     """The fused router (softmax top-8 of 128, DeepSeek-V3's grouped sigmoid top-8 of 256 with bias), RMSNorm
-    (plain and with the residual add) and the rotary kernel (with q/k norms)."""
+    (plain, with the residual add, with e4m3 rows written too) and the rotary kernel (with q/k norms)."""
     from pd.layers.triton_rmsnorm import add_rms_norm, rms_norm
     from pd.layers.triton_rotary import apply_rotary
     from pd.moe.topk import TopKConfig
@@ -101,8 +103,10 @@ def test_router_norm_and_rotary_kernels_compile_for_hopper() -> None:
         w = torch.ones(2048, dtype=torch.bfloat16)
         rms_norm(x, w, 1e-6)
         add_rms_norm(x, x.clone(), w, 1e-6)
+        add_rms_norm(x, x.clone(), w, 1e-6, quant_group=128)  # also writing e4m3 rows for an FP8 linear
         q, k = torch.randn(64, 32, 128, dtype=torch.bfloat16), torch.randn(64, 4, 128, dtype=torch.bfloat16)
         table = torch.randn(4096, 2, 64)
         norm_w = torch.ones(128, dtype=torch.bfloat16)
         apply_rotary(torch.arange(64), q, k, table, False, (norm_w, 1e-6, norm_w, 1e-6))
     _assert_compiled(result, {"_select_experts_kernel", "_rmsnorm_kernel", "_add_rmsnorm_kernel", "_rotary_kernel"})
+    assert {c["QUANT_GROUP"] for name, c in result.ok if name == "_add_rmsnorm_kernel"} == {0, 128}

@@ -48,6 +48,33 @@ def check_add(device: str, rows: int, n: int, dtype: torch.dtype, strided: bool,
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+def check_add_quant(device: str, rows: int, n: int, group: int, seed: int) -> None:
+    """add_rms_norm writing the e4m3 copy too (quant_group): the same sum and norm bits as without, a copy equal to
+    token_group_quant of the norm bit for bit, and a block-FP8 linear reading that copy equal to one that
+    quantizes the norm itself."""
+    from pd.layers import fp8_rows
+    from pd.layers.triton_fp8_gemm import token_group_quant, w8a8_block_linear
+    from pd.layers.triton_rmsnorm import add_rms_norm
+    from pd.quant.fp8 import block_quant
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n, generator=gen) * 0.5 + 1).to(torch.bfloat16).to(device)
+    x, delta = ((torch.randn(rows, n, generator=gen) * 3).to(torch.bfloat16).to(device) for _ in range(2))
+    plain_sum, plain = add_rms_norm(x, delta, weight, 1e-6)
+    got_sum, got = add_rms_norm(x, delta, weight, 1e-6, quant_group=group)
+    assert torch.equal(got_sum, plain_sum) and torch.equal(got, plain)
+    attached = fp8_rows.attached(got, group)
+    assert attached is not None and fp8_rows.attached(got, 2 * group) is None and fp8_rows.attached(plain, group) is None
+    want_q, want_scale = token_group_quant(plain, group)
+    assert torch.equal(attached[0].view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(attached[1], want_scale)
+    w_q, w_scale = block_quant(torch.randn(3 * group, n, generator=gen) / n**0.5, (group, group))
+    w_q, w_scale = w_q.to(device), w_scale.to(device)
+    from_copy = w8a8_block_linear(got, w_q, w_scale, (group, group))
+    quantizing = w8a8_block_linear(got.clone(), w_q, w_scale, (group, group))  # a copy drops the attachment
+    assert torch.equal(from_copy, quantizing)
+
+
 INTERPRETER_CASES = [(1, 7, torch.float32, False), (5, 64, torch.float32, True), (3, 100, torch.bfloat16, False),
                      (4, 33, torch.float16, True), (0, 16, torch.float32, False)]  # fmt: skip
 
@@ -69,6 +96,19 @@ def test_triton_add_rmsnorm_equals_add_then_reference_under_the_interpreter(
 ) -> None:
     seed = int(torch.randint(0, 2**62, ()))
     interpreter.run(__name__, "check_add", "cpu", rows, n, dtype, strided, seed, timeout_s=300)
+
+
+@needs_triton
+def test_triton_add_rmsnorm_quantizing_for_an_fp8_linear_under_the_interpreter(interpreter: InterpreterChild) -> None:
+    seed = int(torch.randint(0, 2**62, ()))
+    for rows, n, group in ((3, 100, 16), (5, 64, 32)):  # a partial last group; whole groups
+        interpreter.run(__name__, "check_add_quant", "cpu", rows, n, group, seed, timeout_s=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,n", [(1, 2048), (64, 2048), (33, 7168)])
+def test_triton_add_rmsnorm_quantizing_for_an_fp8_linear_on_the_gpu(rows: int, n: int) -> None:
+    check_add_quant("cuda", rows, n, 128, int(torch.randint(0, 2**62, ())))
 
 
 @pytest.mark.gpu

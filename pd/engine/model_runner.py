@@ -20,7 +20,7 @@ from pd.engine.piecewise_graphs import PiecewiseGraphs
 from pd.layers import fused_kernels
 from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
-from pd.models.llama import Attention
+from pd.models.llama import Attention, DecoderLayer
 from pd.models.loader import load_model
 from pd.moe.context import MoeContext
 from pd.moe.eplb.manager import EplbManager, place_from_file
@@ -108,6 +108,9 @@ class ModelRunner:
             if fused and not all(fused):
                 logger.info("q/k/v projections fused in %d of %d layers (the others: FP8 blocks straddling q/k/v, "
                             "or mixed dtypes)", sum(fused), len(fused))  # fmt: skip
+            for layer in self.model.modules():
+                if isinstance(layer, DecoderLayer):
+                    layer.quantize_norm_for_qkv()
         layout = self.model.kv_layout()
         self.kv_dtype = kv_storage_dtype(cfg.kv_cache_dtype, cfg.dtype)
         self.num_pages = self._num_pages(layout)

@@ -10,10 +10,14 @@ from pd.layers import fused_kernels
 
 
 class RMSNorm(nn.Module):
+    """``quant_group``: set when the norm's output feeds a block-FP8 linear (pd.layers.fp8_rows): on CUDA the
+    add-and-norm kernel then also writes decode-sized outputs in e4m3 per group of that many columns."""
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.quant_group: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] any float dtype -> same shape and dtype."""
@@ -32,8 +36,11 @@ class RMSNorm(nn.Module):
         if delta is None:
             return x, self(x)
         if fused_kernels.enabled(x):
+            from pd.layers.triton_fp8_gemm import SPLIT_K_MAX_ROWS
             from pd.layers.triton_rmsnorm import add_rms_norm
 
-            return add_rms_norm(x, delta, self.weight, self.eps)
+            # only the split-K GEMM of decode-sized rows reads the attached quantization
+            group = self.quant_group if x.dim() == 2 and x.shape[0] <= SPLIT_K_MAX_ROWS else None
+            return add_rms_norm(x, delta, self.weight, self.eps, group)
         x = x + delta
         return x, self(x)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pd.layers import fp8_scaled_mm
+from pd.layers import fp8_rows, fp8_scaled_mm
 
 FP8_DTYPE = torch.float8_e4m3fn  # pd.quant.fp8.FP8_DTYPE (not imported: this module is the GPU path it dispatches to)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -368,7 +368,8 @@ def split_k_quantizes_before() -> bool:
 
 def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
                         bias: torch.Tensor | None = None, splits: int | None = None,
-                        quantize_before: bool | None = None) -> torch.Tensor:  # fmt: skip
+                        quantize_before: bool | None = None,
+                        quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """The block-FP8 linear for decode-sized x [M <= SPLIT_K_MAX_ROWS, K] (split_k_fits): the activations are
     quantized inside the GEMM (the same values as token_group_quant) or by token_group_quant before it, and K is
     split over programs so the few column blocks of a small N still spread the weight over every SM, each split's
@@ -379,6 +380,8 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         weight, weight_scale, block, bias: as w8a8_block_gemm.
         splits: K splits (default split_count for this device).
         quantize_before: quantize in a launch of its own (default split_k_quantizes_before()).
+        quantized: x already quantized by its producer, (e4m3 [M, K], float32 scales [M, ceil(K / block[1])]) as
+            token_group_quant gives them: no quantization here.
 
     Returns:
         [M, N] in x's dtype, contiguous.
@@ -400,8 +403,12 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     splits = triton.cdiv(triton.cdiv(k, group_k), steps)  # no split left without a k-step
     part = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else out  # a pointer the kernels never read without HAS_BIAS
-    before = split_k_quantizes_before() if quantize_before is None else quantize_before
-    a, a_scale = token_group_quant(x, group_k) if before else (x, out)  # (out: a pointer never read inside)
+    before = quantized is not None or (split_k_quantizes_before() if quantize_before is None else quantize_before)
+    if quantized is not None:
+        a, a_scale = quantized
+        assert a.shape == x.shape and a.dtype == FP8_DTYPE and a_scale.shape == (m, triton.cdiv(k, group_k))
+    else:
+        a, a_scale = token_group_quant(x, group_k) if before else (x, out)  # (out: a pointer never read inside)
     _w8a8_split_k_kernel[(triton.cdiv(n, _SPLIT_K_BLOCK_N), splits)](
         a, a_scale, weight, weight_scale, bias_arg, part, m, n, k, a.stride(0), a_scale.stride(0),
         a_scale.stride(-1), weight.stride(0), weight_scale.stride(0), weight_scale.stride(1),
@@ -433,7 +440,9 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if fp8_scaled_mm.mode() == "auto" and split_k_fits(rows.shape[0], block):
-        out = w8a8_split_k_linear(rows, weight, weight_scale, block, bias)
+        # a 2-D x may come quantized by its producer (pd.layers.fp8_rows; a reshaped view has lost it)
+        quantized = fp8_rows.attached(x, block[1]) if x.dim() == 2 else None
+        out = w8a8_split_k_linear(rows, weight, weight_scale, block, bias, quantized=quantized)
     elif fp8_scaled_mm.use_cublas(rows.shape[0], weight, block, x.dtype):
         a_q, a_scale = token_group_quant_for_cublas(rows, block[1])
         out = fp8_scaled_mm.block_scaled_mm(a_q, a_scale, weight, weight_scale, x.dtype, bias)[: rows.shape[0]]

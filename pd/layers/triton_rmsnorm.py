@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pd.layers import fp8_rows
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_stride, out_stride, eps, BLOCK: tl.constexpr):
@@ -30,8 +32,9 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_stride, out_stride, eps, BL
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n_cols, x_stride, d_stride, sum_stride, out_stride,
-                        eps, BLOCK: tl.constexpr):  # fmt: skip
+def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, q_ptr, s_ptr, n_cols, x_stride, d_stride,
+                        sum_stride, out_stride, q_stride, s_stride, eps, BLOCK: tl.constexpr,
+                        QUANT_GROUP: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -45,6 +48,13 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n_cols, x_stride,
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * out_stride + cols, out, mask=mask)
+    if QUANT_GROUP > 0:  # the normed row also in e4m3 per group of columns: token_group_quant's arithmetic
+        groups = tl.reshape(out.to(tl.float32), (BLOCK // QUANT_GROUP, QUANT_GROUP))
+        scale = tl.maximum(tl.max(tl.abs(groups), axis=1), 1e-10) / 448.0
+        q = tl.clamp(groups / scale[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + row * q_stride + cols, tl.reshape(q, (BLOCK,)), mask=mask)
+        first = tl.arange(0, BLOCK // QUANT_GROUP) * QUANT_GROUP
+        tl.store(s_ptr + row * s_stride + first // QUANT_GROUP, scale, mask=first < n_cols)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -53,21 +63,33 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 quant_group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """x, delta [..., N] of one dtype, weight [N] -> (x + delta, rms_norm(x + delta)), both new contiguous tensors
-    in x's dtype, in one launch."""
+    in x's dtype, in one launch. With ``quant_group`` (a power of two dividing N's next power of two) the norm's
+    rows are also quantized to e4m3 per group of that many columns, as token_group_quant would, and attached to
+    the norm (pd.layers.fp8_rows) for the block-FP8 linear that reads it."""
     n = x.shape[-1]
     assert weight.shape == (n,) and delta.shape == x.shape and delta.dtype == x.dtype, (x.shape, delta.shape)
     a, b = _rows(x), _rows(delta)
-    total = torch.empty((a.shape[0], n), dtype=x.dtype, device=x.device)
+    rows = a.shape[0]
+    total = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     out = torch.empty_like(total)
-    if a.shape[0]:
-        block = triton.next_power_of_2(n)
-        _add_rmsnorm_kernel[(a.shape[0],)](a, b, weight, total, out, n, a.stride(0), b.stride(0), total.stride(0),
-                                           out.stride(0), eps, BLOCK=block,
-                                           num_warps=min(max(block // 256, 1), 16))  # fmt: skip
-    return total.view(x.shape), out.view(x.shape)
+    block = triton.next_power_of_2(n)
+    if quant_group:
+        assert block % quant_group == 0 and quant_group & (quant_group - 1) == 0, (n, quant_group)
+        q = torch.empty((rows, n), dtype=fp8_rows.FP8_DTYPE, device=x.device)
+        scale = torch.empty((rows, triton.cdiv(n, quant_group)), dtype=torch.float32, device=x.device)
+    else:
+        q, scale = out, total  # pointers the kernel never reads
+    if rows:
+        _add_rmsnorm_kernel[(rows,)](a, b, weight, total, out, q, scale, n, a.stride(0), b.stride(0), total.stride(0),
+                                     out.stride(0), q.stride(0), scale.stride(0), eps, BLOCK=block,
+                                     QUANT_GROUP=quant_group or 0, num_warps=min(max(block // 256, 1), 16))  # fmt: skip
+    normed = out.view(x.shape)
+    if quant_group:
+        fp8_rows.attach(normed, q, scale, quant_group)
+    return total.view(x.shape), normed
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

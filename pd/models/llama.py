@@ -188,6 +188,18 @@ class DecoderLayer(nn.Module):
         out = (yield from mlp.stages(h, mode=batch.moe_mode)) if hasattr(mlp, "stages") else mlp(h)
         return x, out
 
+    def quantize_norm_for_qkv(self) -> bool:
+        """Has the input norm also write its decode-sized rows in e4m3 for a fused block-FP8 q/k/v projection
+        (pd.layers.fp8_rows: one quantization launch fewer per layer; the same values). -> whether it does."""
+        qkv = getattr(self.self_attn, "_qkv", None)
+        if qkv is None or not isinstance(qkv[0], Fp8Linear):
+            return False
+        group, hidden = qkv[0].block[1], self.input_layernorm.weight.shape[0]
+        if group < 16 or group & (group - 1) or group > hidden:  # the kernel's groups: powers of two in the row
+            return False
+        self.input_layernorm.quant_group = group
+        return True
+
     def _attention(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding,
                    delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """-> (hidden state after attention, its post-attention norm)."""

@@ -54,7 +54,9 @@ class BlockFp8:
     """The scales of a block-FP8 expert GEMM (A and B float8_e4m3fn; C in the model dtype).
 
     a_scale: float32, one per A row and group of block[1] columns: [X, ceil(K / block[1])] (standard layout) or
-        [E, max_rows, ceil(K / block[1])] (batched), unit stride along the groups not required.
+        [E, max_rows, ceil(K / block[1])] (batched), unit stride along the groups not required. None (standard
+        layout only): A is in the model dtype and each k-step quantizes its tile as token_group_quant would (the
+        same e4m3 values and scales), for decode-sized batches where the weights, not this work, bound the GEMM.
     b_scale: [E, S, ceil(K / block[1])] float32, the weights' block scales.
     block: (GROUP_N, GROUP_K) of B's scale blocks; A's groups are GROUP_K wide.
     split: B's output rows [0, split) and [split, N) were quantized apart (gate and up of w13, whose scale rows
@@ -62,7 +64,7 @@ class BlockFp8:
         ceil(split / GROUP_N) + (n - split) // GROUP_N from it. N for a weight quantized whole (w2).
     """
 
-    a_scale: torch.Tensor
+    a_scale: torch.Tensor | None
     b_scale: torch.Tensor
     block: tuple[int, int]
     split: int
@@ -92,9 +94,12 @@ def _b_scale_ptrs(bs_expert_ptr, pid_n, offs_n, split, stride_bsn, GROUP_N: tl.c
 @triton.jit
 def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak, stride_bk, stride_ask, stride_bsk,
                     EVEN_K: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, SCALAR_B: tl.constexpr):  # fmt: skip
+                    BLOCK_K: tl.constexpr, SCALAR_B: tl.constexpr, QUANTIZE_A: tl.constexpr = False):  # fmt: skip
     """_accumulate for float8_e4m3fn A and B: each k-step's fp8 product times A's row scales (``as_ptrs`` at group
     0) and B's column scales (``bs_ptrs`` at group 0), summed in float32.
+
+    QUANTIZE_A: A is in the model dtype and BLOCK_K == GROUP_K: each k-step quantizes its A tile per row with
+    token_group_quant's arithmetic (``as_ptrs`` unread), so the products are those of the prequantized A.
 
     SCALAR_B: the tile's columns share one scale row (``bs_ptrs`` one pointer), so a k-step scales its product by
     one per-row vector, a multiply-add per element instead of two multiplies and an add.
@@ -112,7 +117,12 @@ def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak
             a = tl.load(a_ptrs, mask=a_rows_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         group = (k * BLOCK_K) // GROUP_K
-        a_s = tl.load(as_ptrs + group * stride_ask, mask=a_rows_valid, other=0.0)
+        if QUANTIZE_A:  # rows outside a_rows_valid are zeros: scale 1e-10 / 448, products 0
+            x = a.to(tl.float32)
+            a_s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
+            a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(b.dtype)
+        else:
+            a_s = tl.load(as_ptrs + group * stride_ask, mask=a_rows_valid, other=0.0)
         b_s = tl.load(bs_ptrs + group * stride_bsk)
         if SCALAR_B:
             acc += tl.dot(a, b) * (a_s * b_s)[:, None]
@@ -152,7 +162,7 @@ def _fused_moe_kernel(
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     A_ROW_DIVISOR: tl.constexpr, MUL_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr, QUANTIZE_A: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, SCALAR_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -186,7 +196,7 @@ def _fused_moe_kernel(
         bs_ptrs = _b_scale_ptrs(bs_ptr + expert * stride_bse, pid_n, offs_n, scale_split, stride_bsn, GROUP_N,
                                 BLOCK_N, SCALAR_B)  # fmt: skip
         acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
-                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SCALAR_B)  # fmt: skip
+                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SCALAR_B, QUANTIZE_A)  # fmt: skip
     else:
         acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           BLOCK_K)  # fmt: skip
@@ -232,7 +242,8 @@ def invoke_fused_moe_gemm(
         topk_weights_P: [N_tokens * top_k] float32, multiplied into each output row (in float32, after
             rounding the GEMM result to the model dtype), or None.
         fp8: the scales of float8_e4m3fn A and B (a_scale [X, ceil(K / GROUP_K)]); config's BLOCK_SIZE_K must
-            divide GROUP_K. None: A, B and C share the model dtype.
+            divide GROUP_K. With a_scale None, A is in C's dtype and quantized by the kernel (BLOCK_SIZE_K must be
+            GROUP_K). None: A, B and C share the model dtype.
 
     Returns:
         c_PN.
@@ -248,7 +259,7 @@ def invoke_fused_moe_gemm(
     assert topk_weights_P is None or (topk_weights_P.dtype == torch.float32 and topk_weights_P.shape == (num_pairs,))
     assert len({t.device for t in (a_XK, b_ENK, c_PN, sorted_ids, expert_of_block)}) == 1
     weights = topk_weights_P if topk_weights_P is not None else c_PN  # a pointer the kernel never reads
-    if fp8 is not None:
+    if fp8 is not None and fp8.a_scale is not None:
         assert fp8.a_scale.shape[0] == a_XK.shape[0], (fp8.a_scale.shape, a_XK.shape)
     a_s, b_s, a_s_strides, b_s_strides, group, split = _scale_args(fp8, c_PN, 2, n)
     grid = (expert_of_block.numel() * triton.cdiv(n, block_n),)
@@ -259,7 +270,8 @@ def invoke_fused_moe_gemm(
         c_PN.stride(0), c_PN.stride(1), *a_s_strides, *b_s_strides,
         A_ROW_DIVISOR=1 if a_per_pair else top_k, MUL_WEIGHT=topk_weights_P is not None,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_XK.dtype == torch.float32 else "tf32",
-        OUT_DTYPE=_TL_DTYPES[c_PN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
+        OUT_DTYPE=_TL_DTYPES[c_PN.dtype], USE_FP8=fp8 is not None,
+        QUANTIZE_A=fp8 is not None and fp8.a_scale is None, GROUP_N=group[0], GROUP_K=group[1],
         SCALAR_B=_scalar_b(fp8, n, block_n),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -275,9 +287,12 @@ def _check_operands(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fp8: Bloc
         return
     group_n, group_k = fp8.block
     k = b.shape[2]
-    assert a.dtype == b.dtype == _FP8, (a.dtype, b.dtype)
-    assert fp8.a_scale.dtype == fp8.b_scale.dtype == torch.float32, (fp8.a_scale.dtype, fp8.b_scale.dtype)
-    assert fp8.a_scale.shape[-1] == triton.cdiv(k, group_k), (fp8.a_scale.shape, k, group_k)
+    assert b.dtype == _FP8 and fp8.b_scale.dtype == torch.float32, (b.dtype, fp8.b_scale.dtype)
+    if fp8.a_scale is None:  # quantized by the kernel, one k-step per scale group
+        assert a.dtype == c.dtype and block_k == group_k, (a.dtype, c.dtype, block_k, group_k)
+    else:
+        assert a.dtype == _FP8 and fp8.a_scale.dtype == torch.float32, (a.dtype, fp8.a_scale.dtype)
+        assert fp8.a_scale.shape[-1] == triton.cdiv(k, group_k), (fp8.a_scale.shape, k, group_k)
     rows = triton.cdiv(fp8.split, group_n) + triton.cdiv(b.shape[1] - fp8.split, group_n)
     assert fp8.b_scale.shape == (b.shape[0], rows, triton.cdiv(k, group_k)), (fp8.b_scale.shape, b.shape, fp8)
     assert group_k % block_k == 0, f"BLOCK_SIZE_K {block_k} must divide the scale group {group_k}"
@@ -300,6 +315,8 @@ def _scale_args(fp8: BlockFp8 | None, dummy: torch.Tensor, a_dims: int, n: int) 
     split); placeholders the kernel never reads without FP8."""
     if fp8 is None:
         return dummy, dummy, (0,) * a_dims, (0, 0, 0), (1, 1), n
+    if fp8.a_scale is None:  # quantized in the kernel: a placeholder it never reads
+        return dummy, fp8.b_scale, (0,) * a_dims, fp8.b_scale.stride(), fp8.block, fp8.split
     return fp8.a_scale, fp8.b_scale, fp8.a_scale.stride(), fp8.b_scale.stride(), fp8.block, fp8.split
 
 
@@ -372,6 +389,7 @@ def invoke_batched_moe_gemm(
     e_b, n, k_b = b_ENK.shape
     assert (e_b, k_b) == (e, k) and c_EMN.shape == (e, max_rows, n), (a_EMK.shape, b_ENK.shape, c_EMN.shape)
     _check_operands(a_EMK, b_ENK, c_EMN, fp8, block_k)
+    assert fp8 is None or fp8.a_scale is not None, "the batched kernel takes prequantized A"
     assert fp8 is None or fp8.a_scale.shape[:2] == (e, max_rows), (fp8.a_scale.shape if fp8 else None)
     assert counts_E.shape == (e,) and counts_E.dtype == torch.int32, (counts_E.shape, counts_E.dtype)
     assert len({t.device for t in (a_EMK, b_ENK, c_EMN, counts_E)}) == 1

@@ -19,8 +19,11 @@ expert's count exit at once; the output [E_local, max_rows, H] is unweighted (co
 Block-FP8 experts (``scales`` given, float8_e4m3fn weights): the GEMMs' inputs are quantized per token and group of
 bk columns first (pd.layers.triton_fp8_gemm.token_group_quant: the hidden rows before gate_up, the act(gate) * up
 rows before down; in the batched format only the rows below each count), and both GEMMs multiply fp8 tiles with
-their block scales (fused_moe_kernel.BlockFp8). Two more launches; still no host sync. This adds the activations'
-e4m3 rounding to the dequantized reference's arithmetic.
+their block scales (fused_moe_kernel.BlockFp8). In the standard format no launch is added: the act(gate) * up rows
+are quantized by the act-and-mul launch itself (``_act_and_mul_quant_kernel``), and with decode-sized tiles (BLOCK_M
+up to QUANTIZE_IN_GEMM_MAX_BLOCK_M) the gate_up GEMM quantizes its hidden tiles itself (one launch more above); the
+same bits either way. The batched format adds two launches. Still no host sync. This adds the activations' e4m3
+rounding to the dequantized reference's arithmetic.
 
 The arithmetic follows pd.moe.runner.torch_ref stage by stage; only the GEMMs' accumulation order differs (float32
 in both). Every stage is deterministic: same inputs, same bits.
@@ -70,6 +73,29 @@ def _act_and_mul_kernel(gate_up_ptr, out_ptr, ids_ptr, num_experts, inter, strid
     gate = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(row + inter + cols, mask=inside, other=0.0).to(tl.float32)
     tl.store(out_ptr + pair.to(tl.int64) * stride_o + cols, _act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
+
+
+@triton.jit
+def _act_and_mul_quant_kernel(gate_up_ptr, q_ptr, s_ptr, ids_ptr, num_experts, inter, stride_g, stride_q, stride_s,
+                              ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr, GROUPS: tl.constexpr,
+                              GROUP: tl.constexpr):  # fmt: skip
+    """_act_and_mul_kernel, then token_group_quant of its model-dtype row (the same arithmetic, so the same e4m3
+    values and scales as the two launches): GROUPS groups of GROUP columns per program."""
+    pair = tl.program_id(0)
+    expert = tl.load(ids_ptr + pair)
+    if (expert < 0) | (expert >= num_experts):  # a skipped slot: the down GEMM never reads its row
+        return
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    inside = cols < inter
+    row = gate_up_ptr + pair.to(tl.int64) * stride_g
+    gate = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(row + inter + cols, mask=inside, other=0.0).to(tl.float32)
+    x = _act_mul(gate, up, ACTIVATION, OUT_DTYPE).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0  # token_group_quant's
+    q = tl.clamp(x / scale[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + pair.to(tl.int64) * stride_q + cols, q, mask=inside)
+    tl.store(s_ptr + pair.to(tl.int64) * stride_s + groups, scale, mask=groups * GROUP < inter)
 
 
 @triton.jit
@@ -178,16 +204,24 @@ class TritonMoeRunner:
         num_pairs = num_tokens * top_k
 
         gate_up_PX = hidden_NH.new_empty(num_pairs, two_inter)
-        a_NH, fp8_up = _quantized(hidden_NH.contiguous(), scales, "w13", inter)
+        if scales is not None and _quantizes_in_gemm(cfg_up, scales.block[1]):
+            a_NH, fp8_up = hidden_NH.contiguous(), BlockFp8(None, scales.w13, scales.block, inter)
+        else:
+            a_NH, fp8_up = _quantized(hidden_NH.contiguous(), scales, "w13", inter)
         invoke_fused_moe_gemm(a_NH, w13_EXH, gate_up_PX, *blocks, top_k, False, cfg_up, fp8=fp8_up)
-        inter_PI = hidden_NH.new_empty(num_pairs, inter)
-        _act_and_mul_kernel[(num_pairs, triton.cdiv(inter, _BLOCK_COLS))](
-            gate_up_PX, inter_PI, ids_NK, num_experts, inter, gate_up_PX.stride(0), inter_PI.stride(0),
-            ACTIVATION=activation, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(inter)),
-        )  # fmt: skip
+        if scales is not None and _fuses_quant(scales.block[1]):
+            a_PI, fp8_down = _act_and_mul_quantized(gate_up_PX, ids_NK, num_experts, inter, hidden, activation,
+                                                    dtype, scales)  # fmt: skip
+        else:
+            inter_PI = hidden_NH.new_empty(num_pairs, inter)
+            _act_and_mul_kernel[(num_pairs, triton.cdiv(inter, _BLOCK_COLS))](
+                gate_up_PX, inter_PI, ids_NK, num_experts, inter, gate_up_PX.stride(0), inter_PI.stride(0),
+                ACTIVATION=activation, OUT_DTYPE=_TL_DTYPES[dtype],
+                BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(inter)),
+            )  # fmt: skip
+            a_PI, fp8_down = _quantized(inter_PI, scales, "w2", hidden)
         weights_P = dispatch_out.topk_weights.to(torch.float32).contiguous().view(-1)
         down_PH = hidden_NH.new_empty(num_pairs, hidden)
-        a_PI, fp8_down = _quantized(inter_PI, scales, "w2", hidden)
         invoke_fused_moe_gemm(a_PI, w2_EHI, down_PH, *blocks, top_k, True, cfg_down, weights_P, fp8_down)
         _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, _BLOCK_COLS))](
             down_PH, ids_NK, out_NH, num_experts, hidden, down_PH.stride(0), out_NH.stride(0),
@@ -254,6 +288,39 @@ def _check_weights(dtype: torch.dtype, w13_EXH: torch.Tensor, w2_EHI: torch.Tens
     assert dtype in _TL_DTYPES, dtype
     weights = FP8_DTYPE if scales is not None else dtype
     assert w13_EXH.dtype == w2_EHI.dtype == weights, (dtype, w13_EXH.dtype, w2_EHI.dtype, scales is not None)
+
+
+# Up to this BLOCK_SIZE_M (the tables' choice where each expert gets few rows: decode, weight-bound) the gate_up GEMM
+# quantizes its A tiles itself, each tile once per column block, rather than after a launch of its own.
+QUANTIZE_IN_GEMM_MAX_BLOCK_M = 16
+
+
+def _quantizes_in_gemm(config: dict[str, int], group: int) -> bool:
+    """Whether the gate_up GEMM quantizes the hidden rows itself: weight-bound tiles, one k-step per scale group."""
+    return config["BLOCK_SIZE_M"] <= QUANTIZE_IN_GEMM_MAX_BLOCK_M and config["BLOCK_SIZE_K"] == group
+
+
+def _fuses_quant(group: int) -> bool:
+    """Whether _act_and_mul_quant_kernel takes this scale group: a power of two, whole groups per program."""
+    return 16 <= group <= _BLOCK_COLS and group & (group - 1) == 0
+
+
+def _act_and_mul_quantized(gate_up_PX: torch.Tensor, ids_NK: torch.Tensor, num_experts: int, inter: int,
+                           hidden: int, activation: str, dtype: torch.dtype, scales: ExpertScales
+                           ) -> tuple[torch.Tensor, BlockFp8]:  # fmt: skip
+    """act(gate) * up quantized for the down GEMM in one launch (what _act_and_mul_kernel then _quantized(.., "w2")
+    give, bit for bit): e4m3 [P, I] and the BlockFp8 of w2."""
+    group = scales.block[1]
+    num_pairs = gate_up_PX.shape[0]
+    groups = triton.cdiv(inter, group)
+    per_program = min(_BLOCK_COLS // group, triton.next_power_of_2(groups))
+    a_q = torch.empty(num_pairs, inter, dtype=FP8_DTYPE, device=gate_up_PX.device)
+    a_scale = torch.empty(num_pairs, groups, dtype=torch.float32, device=gate_up_PX.device)
+    _act_and_mul_quant_kernel[(num_pairs, triton.cdiv(groups, per_program))](
+        gate_up_PX, a_q, a_scale, ids_NK, num_experts, inter, gate_up_PX.stride(0), a_q.stride(0), a_scale.stride(0),
+        ACTIVATION=activation, OUT_DTYPE=_TL_DTYPES[dtype], GROUPS=per_program, GROUP=group,
+    )  # fmt: skip
+    return a_q, BlockFp8(a_scale, scales.w2, scales.block, hidden)
 
 
 def _quantized(a: torch.Tensor, scales: ExpertScales | None, which: Literal["w13", "w2"], split: int,
