@@ -1,5 +1,6 @@
 """Several HTTP front processes (--tokenizer-worker-num): the engine routes each request's outputs to the front that
-sent it, and `pd serve` with three fronts answers like transformers and stops whole when one front dies."""
+sent it, goes on past a front that reads nothing (starting, or hung with requests in flight), and `pd serve` with
+three fronts answers like transformers and stops whole when one front dies."""
 
 from __future__ import annotations
 
@@ -146,6 +147,31 @@ def test_a_front_that_does_not_read_does_not_stall_the_engine() -> None:
     in0_w.send_bytes(_request("long", 3000))
     rows = _outputs(out0_r, {"long"}, timeout=60)["long"]
     assert [r[1][0] for r in rows] == list(range(1, 3001)) and rows[-1][4] == "length"
+    in0_w.close()
+    loop.join(10)
+    assert not loop.is_alive()
+
+
+def test_a_front_that_stops_reading_with_requests_in_flight_is_given_up_and_the_others_go_on() -> None:
+    """A front process that hangs (alive, reading nothing) while its request streams: its pipe fills and the write
+    blocks, but only its sender thread's; once its outputs have waited front_stall_s the engine aborts its request
+    (freeing what it held), and the other front's request runs to its end meanwhile."""
+    ctx = mp.get_context("spawn")
+    (in0_r, in0_w), (in1_r, in1_w) = ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)
+    (out0_r, out0_w), (_out1_r, out1_w) = ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)
+    sched = CountingScheduler()
+    sched.step_s = 0.0005
+    engine = EngineLoop(sched, [in0_r, in1_r], [out0_w, out1_w])  # type: ignore[arg-type]
+    engine.front_stall_s = 1.0
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    in1_w.send_bytes(_request("stuck", 10**9))  # its rows fill front 1's pipe within a few thousand steps
+    assert _wait_for(lambda: "stuck" in sched.running)
+    in0_w.send_bytes(_request("long", 6000))  # ~3 s of steps: front 1's stall passes 1 s meanwhile
+    rows = _outputs(out0_r, {"long"}, timeout=60)["long"]
+    assert [r[1][0] for r in rows] == list(range(1, 6001)) and rows[-1][4] == "length"
+    assert "stuck" in sched.aborted and "stuck" not in sched.running
+    assert engine.open_fronts == [0]
     in0_w.close()
     loop.join(10)
     assert not loop.is_alive()

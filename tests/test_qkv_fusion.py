@@ -5,9 +5,9 @@ load into them reaches the GEMM. (Without biases the fusion runs in the
 interpreted whole-model test, tests/test_attention_backends.py, with every other GPU kernel.)
 
 On the CPU engines pack their linears instead of fusing them (pd.engine.model_runner); here the packing is swapped
-for the fusion so the fused path runs on this machine. In Triton's interpreter, the input norms that also write the
-e4m3 rows a fused block-FP8 q/k/v GEMM reads (pd.layers.fp8_rows) leave the logits exactly unchanged. The GPU parity tests (tests/test_gpu_parity.py) run it as
-served, against transformers.
+for the fusion so the fused path runs on this machine. The GPU parity tests (tests/test_gpu_parity.py) run it as
+served, against transformers. In Triton's interpreter, input norms that also write the e4m3 rows a fused block-FP8
+q/k/v GEMM reads (pd.layers.fp8_rows) leave the logits exactly unchanged.
 """
 
 from __future__ import annotations

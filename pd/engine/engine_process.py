@@ -7,15 +7,18 @@ something (stats alone when they changed: at most every STATS_INTERVAL_S while w
 
 With several front processes (--tokenizer-worker-num) a leader holds a pipe pair to each: a request's outputs go
 to the front that sent it, the stats to all of them. The first front's closing stops the engine; another's aborts
-the requests it had sent.
+the requests it had sent. The engine writes to the other fronts from a thread per front (FrontSender), so one that
+stops reading (hung, not dead) cannot block the engine: once its outputs have waited FRONT_STALL_S it is given up
+like a closed one.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import select
 import signal
+import threading
 import time
 import traceback
 from dataclasses import replace
@@ -53,6 +56,9 @@ DP_IDLE_POLL_S = 0.002
 STATS_INTERVAL_S = 0.05
 # How often an idle leader checks that its followers are still there.
 HEARTBEAT_S = 1.0
+# A front process (other than the first) whose outputs have waited this long in its pipe is given up: its requests
+# are aborted. A healthy front reads its pipe all the time; one that stopped holds batch slots and KV pages.
+FRONT_STALL_S = 30.0
 
 
 def _send(conn: Connection, payload: dict[str, Any]) -> None:
@@ -129,6 +135,53 @@ def _exit_now() -> None:
     os._exit(0)
 
 
+class FrontSender:
+    """Writes one front process's messages from a thread of its own, in order. A front that does not read blocks
+    this thread only (a pipe write cannot be given up halfway); the engine asks how long outputs have waited."""
+
+    def __init__(self, conn: Connection, front: int) -> None:
+        self.conn = conn
+        self._queue: collections.deque[tuple[bytes, float | None]] = collections.deque()  # (message, rows since)
+        self._sending: float | None = None  # when the message being written was queued, if it carries outputs
+        self._busy = False
+        self.failed = False  # the pipe broke: the front is gone
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name=f"front-{front}-sender", daemon=True).start()
+
+    def send(self, payload: dict[str, Any], rows: bool) -> None:
+        data = msgpack.packb(payload, use_bin_type=True)
+        with self._cond:
+            self._queue.append((data, time.monotonic() if rows else None))
+            self._cond.notify()
+
+    def idle(self) -> bool:
+        """Nothing queued or being written (a stats-only message can wait for the next one instead)."""
+        with self._cond:
+            return not self._queue and not self._busy
+
+    def outputs_waiting_s(self, now: float) -> float:
+        """How long the oldest unwritten message with outputs has waited (0 without one)."""
+        with self._cond:
+            since = [t for t in [self._sending, *(t for _, t in self._queue)] if t is not None]
+        return now - min(since) if since else 0.0
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                data, self._sending = self._queue.popleft()
+                self._busy = True
+            try:
+                self.conn.send_bytes(data)
+            except (OSError, ValueError):  # a broken or closed pipe: the front is gone
+                self.failed = True
+                return
+            finally:
+                with self._cond:
+                    self._busy, self._sending = False, None
+
+
 class EngineLoop:
     def __init__(
         self,
@@ -144,7 +197,9 @@ class EngineLoop:
         assert len(self.inboxes) == len(self.outboxes) >= 1
         self.open_fronts = list(range(len(self.inboxes)))  # fronts whose pipes are still open
         self.owner: dict[str, int] = {}  # rid -> the front that sent it (with several fronts)
-        self._writable: dict[int, select.poll] = {}  # front -> a poll object on its pipe's write end
+        # The first front (the server's main process, whose closing stops the engine) is written to directly.
+        self.senders = {i: FrontSender(conn, i) for i, conn in enumerate(self.outboxes) if i > 0}
+        self.front_stall_s = FRONT_STALL_S
         self.dp_gate, self.multi_rank = dp_gate, multi_rank
         self.last_report = 0.0
         self.last_stats = scheduler.stats()  # what the fronts already have (the ready message carried it)
@@ -197,24 +252,21 @@ class EngineLoop:
                 rows[front].append(output_to_row(o))
         stats_dict = to_dict(stats)
         for i, front_rows in rows.items():  # every front gets the stats, each its own requests' outputs
-            if not front_rows and i != 0 and not self._has_room(i):
-                # A front that does not read (still starting: seconds to import and load its tokenizer; or stuck)
-                # must not stall the engine once its pipe is full: it misses stats it gets fresh with the next send.
+            if i == 0:
+                _send(self.outboxes[0], {"outputs": front_rows, "stats": stats_dict})
                 continue
-            try:
-                _send(self.outboxes[i], {"outputs": front_rows, "stats": stats_dict})
-            except (BrokenPipeError, ConnectionResetError):
-                if i == 0:
-                    raise
-                self._front_closed(i)  # gone before its pipe to us showed it (the first front's are still served)
-
-    def _has_room(self, front: int) -> bool:
-        """Whether front's pipe takes a small message without blocking (a pipe that is not full takes PIPE_BUF
-        bytes at once, and a stats message is far below that)."""
-        if front not in self._writable:
-            self._writable[front] = select.poll()
-            self._writable[front].register(self.outboxes[front].fileno(), select.POLLOUT)
-        return bool(self._writable[front].poll(0))
+            sender = self.senders[i]
+            if sender.failed:  # gone before its pipe to us showed it (the first front's are still served)
+                self._front_closed(i)
+            elif sender.outputs_waiting_s(now) > self.front_stall_s:
+                logger.error("front process %d has not read its outputs for %.0f s (hung?): giving it up, its "
+                             "requests aborted; it gets nothing more from this engine", i,
+                             sender.outputs_waiting_s(now))  # fmt: skip
+                self._front_closed(i)
+            elif front_rows or sender.idle():
+                # A front that reads nothing (still starting: seconds to import and load its tokenizer) misses
+                # stats-only messages while one waits; it gets fresh stats with the next.
+                sender.send({"outputs": front_rows, "stats": stats_dict}, rows=bool(front_rows))
 
     def _dp_step(self) -> list[TokenOutput] | None:
         """One turn under DP attention; None when a leader stops (the instance is shutting down)."""
@@ -265,7 +317,11 @@ class EngineLoop:
                     error = f"request id {msg.rid!r} is already in flight; use a unique rid"
                     row = output_to_row(TokenOutput(msg.rid, [], len(msg.input_ids), 0, "error", error=error,
                                                     status=409))  # fmt: skip
-                    _send(self.outboxes[front], {"outputs": [row], "stats": to_dict(self.last_stats)})
+                    reply = {"outputs": [row], "stats": to_dict(self.last_stats)}
+                    if front == 0:
+                        _send(self.outboxes[0], reply)
+                    else:
+                        self.senders[front].send(reply, rows=True)
                     continue
                 try:
                     out = self.scheduler.add(msg)
@@ -286,8 +342,10 @@ class EngineLoop:
         return outputs
 
     def _front_closed(self, front: int) -> list[TokenOutput]:
-        """A front process other than the first is gone: its requests are aborted (their pages freed); nobody is
-        left to read their outputs."""
+        """A front process other than the first is gone (or given up): its requests are aborted (their pages
+        freed); nobody is left to read their outputs."""
+        if front not in self.open_fronts:
+            return []
         self.open_fronts.remove(front)
         gone = [rid for rid, owner in self.owner.items() if owner == front]
         for rid in gone:
