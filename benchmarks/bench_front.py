@@ -143,7 +143,10 @@ def run(batches: list[int], new_tokens: int, step_ms: float, fronts: int = 1) ->
         command = [sys.executable, "-m", "benchmarks.bench_front", "--serve", "--model-path", path, "--device", "cpu",
                    "--dtype", "float32", "--port", str(port), "--max-running-requests", str(max(batches)),
                    "--log-level", "warning", "--tokenizer-worker-num", str(fronts)]  # fmt: skip
-        env = {"PD_BENCH_FRONT_STEP_S": str(step_ms / 1e3), "PYTHONPATH": root}
+        # the checkout first, then whatever path the caller's packages come from
+        path_now = os.environ.get("PYTHONPATH")
+        env = {"PD_BENCH_FRONT_STEP_S": str(step_ms / 1e3),
+               "PYTHONPATH": os.pathsep.join([root, path_now]) if path_now else root}  # fmt: skip
         with healthy_process(command, port, env=env) as (url, proc):
             run_load(_serve_load(url, [[1, 2, 3]] * 4, 8))  # warm-up
             for b in batches:
