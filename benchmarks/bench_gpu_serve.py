@@ -173,30 +173,52 @@ def _body(ids: list[int], new_tokens: int) -> bytes:
         "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}).encode()  # fmt: skip
 
 
+class _EventCounter(asyncio.Protocol):
+    """One streamed request's connection: the arrival time of each `data: ` event as its bytes come in, counted in
+    the transport's callback itself (no stream reader, no coroutine woken per read)."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request, self.buf, self.times = request, b"", []
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.status: bytes | None = None
+        self.finished = 0  # `data: [DONE]` markers seen
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if self.status is None:  # the status line comes first, in the first read
+            self.status = data.split(b"\r\n", 1)[0]
+        buf = self.buf + data  # an event marker may straddle two reads
+        self.times.extend([now] * (buf.count(b"data: ") - self.buf.count(b"data: ")))
+        self.finished += buf.count(b"data: [DONE]") - self.buf.count(b"data: [DONE]")
+        self.buf = buf[-12:] if b" 200 " in self.status else buf  # an error's body is kept for its message
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 async def _stream(url: str, body: bytes) -> list[float]:
     """Arrival times of each streamed token event of one greedy request (its JSON body ready).
 
-    A bare HTTP/1.1 client on asyncio streams: it only counts `data: ` events as bytes arrive, so at hundreds of
-    concurrent streams the client is not what the benchmark measures (a full HTTP client library parsing every
-    event costs as much per token as the server's whole step)."""
+    A bare HTTP/1.1 client: a protocol that counts `data: ` events as bytes arrive, so at hundreds of concurrent
+    streams the client is not what the benchmark measures (a full HTTP client library parsing every event costs as
+    much per token as the server's whole step; on a 2-core CPU machine, 64 streams of 128 events 2 ms apart cost
+    the client 25-28 us of CPU per event with an asyncio stream reader per connection, 18-21 us with this)."""
     host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                 b"Connection: close\r\n\r\n%s" % (host.encode(), len(body), body))  # fmt: skip
-    await writer.drain()
-    status = await reader.readline()
-    if b" 200 " not in status:
-        raise RuntimeError(f"/generate answered {status!r}: {(await reader.read())[:500]!r}")
-    times: list[float] = []
-    tail, done = b"", 0
-    while data := await reader.read(1 << 16):
-        now = time.perf_counter()
-        buf = tail + data  # an event marker may straddle two reads
-        times.extend([now] * (buf.count(b"data: ") - tail.count(b"data: ")))
-        done += buf.count(b"data: [DONE]") - tail.count(b"data: [DONE]")
-        tail = buf[-12:]
-    writer.close()
-    return times[: len(times) - done]
+    request = (b"POST /generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+               b"Connection: close\r\n\r\n%s" % (host.encode(), len(body), body))  # fmt: skip
+    loop = asyncio.get_running_loop()
+    transport, counter = await loop.create_connection(lambda: _EventCounter(request), host, int(port))
+    try:
+        await counter.done
+    finally:
+        transport.close()
+    if counter.status is None or b" 200 " not in counter.status:
+        raise RuntimeError(f"/generate answered {counter.status!r}: {counter.buf[:500]!r}")
+    return counter.times[: len(counter.times) - counter.finished]
 
 
 def run_load(load: Any) -> Any:
