@@ -36,11 +36,14 @@ class RMSNorm(nn.Module):
         if delta is None:
             return x, self(x)
         if fused_kernels.enabled(x):
+            from pd.layers import fp8_scaled_mm
             from pd.layers.triton_fp8_gemm import SPLIT_K_MAX_ROWS
             from pd.layers.triton_rmsnorm import add_rms_norm
 
-            # only the split-K GEMM of decode-sized rows reads the attached quantization
-            group = self.quant_group if x.dim() == 2 and x.shape[0] <= SPLIT_K_MAX_ROWS else None
+            # only the split-K GEMM (decode-sized rows, PD_FP8_GEMM=auto) reads the attached quantization
+            decode_rows = x.dim() == 2 and x.shape[0] <= SPLIT_K_MAX_ROWS
+            reads = self.quant_group and decode_rows and fp8_scaled_mm.mode() == "auto"
+            group = self.quant_group if reads else None
             return add_rms_norm(x, delta, self.weight, self.eps, group)
         x = x + delta
         return x, self(x)
