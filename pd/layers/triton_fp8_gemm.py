@@ -18,7 +18,10 @@ Three kernels:
   again). On an H200, a batch-64 FP8 decode step of Qwen3-30B-A3B widths (8 layers, CUDA graphs) takes 1.933 ms of
   GPU with ``before`` and 1.964 ms with ``inside`` (benchmarks/results/h200_2026-12-03, tenth run); inside, at
   M = 64 the GEMM took ~10 us plus ~2.3 us of sums against cuBLAS's block-scaled GEMM's ~11.5 us plus ~1.5 us of
-  quantization (ninth run).
+  quantization (ninth run). Activations whose producer already wrote them in e4m3 (pd.layers.fp8_rows: the norm
+  before a fused q/k/v projection) are not quantized again. (Summing the splits in the GEMM's last program per
+  column block instead of a second launch was measured slower: 161 us against 99.5 + 36.9 us per step, eleventh
+  run: every program then waits for its partial to be visible before it counts itself in.)
 
 The reference every result is compared with is the dequantized model (pd.quant.fp8.Fp8Linear on CPU): this path
 adds the activations' e4m3 rounding to it, about 2.5-3% relative L2 error on a layer's output.

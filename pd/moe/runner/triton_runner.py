@@ -22,8 +22,8 @@ rows before down; in the batched format only the rows below each count), and bot
 their block scales (fused_moe_kernel.BlockFp8). In the standard format no launch is added: the act(gate) * up rows
 are quantized by the act-and-mul launch itself (``_act_and_mul_quant_kernel``), and with decode-sized tiles (BLOCK_M
 up to QUANTIZE_IN_GEMM_MAX_BLOCK_M) the gate_up GEMM quantizes its hidden tiles itself (larger tiles: one
-quantization launch before it); the same bits either way. The batched format adds two launches. Still no host sync. This adds the activations' e4m3
-rounding to the dequantized reference's arithmetic.
+quantization launch before it); the same bits either way. The batched format adds two launches. Still no host
+sync. This adds the activations' e4m3 rounding to the dequantized reference's arithmetic.
 
 The arithmetic follows pd.moe.runner.torch_ref stage by stage; only the GEMMs' accumulation order differs (float32
 in both). Every stage is deterministic: same inputs, same bits.
