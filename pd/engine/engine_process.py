@@ -197,8 +197,7 @@ class EngineLoop:
         assert len(self.inboxes) == len(self.outboxes) >= 1
         self.open_fronts = list(range(len(self.inboxes)))  # fronts whose pipes are still open
         self.owner: dict[str, int] = {}  # rid -> the front that sent it (with several fronts)
-        # The first front (the server's main process, whose closing stops the engine) is written to directly.
-        self.senders = {i: FrontSender(conn, i) for i, conn in enumerate(self.outboxes) if i > 0}
+        self.senders = {i: FrontSender(conn, i) for i, conn in enumerate(self.outboxes) if i > 0}  # (see _send_to)
         self.front_stall_s = FRONT_STALL_S
         self.dp_gate, self.multi_rank = dp_gate, multi_rank
         self.last_report = 0.0
@@ -252,21 +251,26 @@ class EngineLoop:
                 rows[front].append(output_to_row(o))
         stats_dict = to_dict(stats)
         for i, front_rows in rows.items():  # every front gets the stats, each its own requests' outputs
-            if i == 0:
-                _send(self.outboxes[0], {"outputs": front_rows, "stats": stats_dict})
-                continue
-            sender = self.senders[i]
-            if sender.failed:  # gone before its pipe to us showed it (the first front's are still served)
-                self._front_closed(i)
-            elif sender.outputs_waiting_s(now) > self.front_stall_s:
-                logger.error("front process %d has not read its outputs for %.0f s (hung?): giving it up, its "
-                             "requests aborted; it gets nothing more from this engine", i,
-                             sender.outputs_waiting_s(now))  # fmt: skip
-                self._front_closed(i)
-            elif front_rows or sender.idle():
+            sender = self.senders.get(i)
+            waited = sender.outputs_waiting_s(now) if sender is not None else 0.0
+            if sender is not None and sender.failed:  # gone before its pipe to us showed it
+                self._front_closed(i, "closed its pipe")
+            elif waited > self.front_stall_s:
+                logger.error("front process %d has not read its outputs for %.0f s (hung?): giving it up; it gets "
+                             "nothing more from this engine", i, waited)  # fmt: skip
+                self._front_closed(i, "was given up")
+            elif front_rows or sender is None or sender.idle():
                 # A front that reads nothing (still starting: seconds to import and load its tokenizer) misses
                 # stats-only messages while one waits; it gets fresh stats with the next.
-                sender.send({"outputs": front_rows, "stats": stats_dict}, rows=bool(front_rows))
+                self._send_to(i, {"outputs": front_rows, "stats": stats_dict}, rows=bool(front_rows))
+
+    def _send_to(self, front: int, payload: dict[str, Any], rows: bool) -> None:
+        """The first front (the server's main process, whose closing stops the engine) is written to directly,
+        the others through their sender threads."""
+        if front == 0:
+            _send(self.outboxes[0], payload)
+        else:
+            self.senders[front].send(payload, rows)
 
     def _dp_step(self) -> list[TokenOutput] | None:
         """One turn under DP attention; None when a leader stops (the instance is shutting down)."""
@@ -303,7 +307,7 @@ class EngineLoop:
             except EOFError:
                 if i == 0:
                     raise
-                outputs += self._front_closed(i)
+                self._front_closed(i, "closed its pipe")
         return outputs
 
     def _drain_front(self, front: int) -> list[TokenOutput]:
@@ -317,11 +321,7 @@ class EngineLoop:
                     error = f"request id {msg.rid!r} is already in flight; use a unique rid"
                     row = output_to_row(TokenOutput(msg.rid, [], len(msg.input_ids), 0, "error", error=error,
                                                     status=409))  # fmt: skip
-                    reply = {"outputs": [row], "stats": to_dict(self.last_stats)}
-                    if front == 0:
-                        _send(self.outboxes[0], reply)
-                    else:
-                        self.senders[front].send(reply, rows=True)
+                    self._send_to(front, {"outputs": [row], "stats": to_dict(self.last_stats)}, rows=True)
                     continue
                 try:
                     out = self.scheduler.add(msg)
@@ -341,19 +341,18 @@ class EngineLoop:
                 outputs.append(out)
         return outputs
 
-    def _front_closed(self, front: int) -> list[TokenOutput]:
+    def _front_closed(self, front: int, why: str) -> None:
         """A front process other than the first is gone (or given up): its requests are aborted (their pages
         freed); nobody is left to read their outputs."""
         if front not in self.open_fronts:
-            return []
+            return
         self.open_fronts.remove(front)
         gone = [rid for rid, owner in self.owner.items() if owner == front]
         for rid in gone:
             self.scheduler.abort(rid)
             del self.owner[rid]
-        logger.log(logging.WARNING if gone else logging.INFO, "front process %d closed its pipe; aborted its %d "
-                   "requests in flight", front, len(gone))  # fmt: skip
-        return []
+        logger.log(logging.WARNING if gone else logging.INFO, "front process %d %s; aborted its %d requests in "
+                   "flight", front, why, len(gone))  # fmt: skip
 
     def _step(self) -> list[TokenOutput]:
         try:
