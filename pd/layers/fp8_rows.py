@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
+from pd.quant.fp8 import FP8_DTYPE
+
 _ATTRIBUTE = "_fp8_rows"
 
 

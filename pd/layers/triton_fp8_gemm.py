@@ -50,6 +50,16 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 
 
 @triton.jit
+def e4m3_groups(x, dtype: tl.constexpr):
+    """Each row of float32 x [R, G] (one scale group per row) quantized as token_group_quant does: (q [R, G] in
+    ``dtype``, float32 scale [R]). Every kernel that quantizes activations calls this, so their e4m3 values and
+    scales are the same bits."""
+    # 448: e4m3's largest finite value; the 1e-10 floor turns an all-zero group into zeros rather than NaN.
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
+    return tl.clamp(x / scale[:, None], -448.0, 448.0).to(dtype), scale
+
+
+@triton.jit
 def _token_group_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, rows, cols, stride_xb, stride_xm, stride_qb,
                               stride_qm, stride_sb, stride_sm, stride_sg, HAS_COUNTS: tl.constexpr,
                               GROUP: tl.constexpr, GROUP_P2: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
@@ -66,10 +76,7 @@ def _token_group_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, rows, cols, strid
     inside = (offs_m[:, None] < rows_used) & (offs_k[None, :] < cols) & (tl.arange(0, GROUP_P2)[None, :] < GROUP)
     batch = batch.to(tl.int64)
     x = tl.load(x_ptr + batch * stride_xb + offs_m[:, None] * stride_xm + offs_k[None, :], mask=inside, other=0.0)
-    x = x.to(tl.float32)
-    # 448: e4m3's largest finite value; the 1e-10 floor turns an all-zero group into zeros rather than NaN.
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
-    q = tl.clamp(x / scale[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    q, scale = e4m3_groups(x.to(tl.float32), q_ptr.dtype.element_ty)
     tl.store(q_ptr + batch * stride_qb + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=inside)
     tl.store(s_ptr + batch * stride_sb + offs_m * stride_sm + group * stride_sg, scale, mask=offs_m < rows_used)
 
@@ -291,9 +298,7 @@ def _w8a8_split_k_kernel(
         else:
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            # token_group_quant's arithmetic, so the quantized activations are the two-launch path's
-            a_s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
-            a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(b_ptr.dtype.element_ty)
+            a, a_s = e4m3_groups(x, b_ptr.dtype.element_ty)  # the two-launch path's quantized activations
         b = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None], mask=k_ok[:, None], other=0.0)
         at_group = last * stride_bsk
         if SCALAR_B:  # the column block inside one row of scales: one multiply-add per element

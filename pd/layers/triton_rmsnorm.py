@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from pd.layers import fp8_rows
+from pd.layers.triton_fp8_gemm import FP8_DTYPE, e4m3_groups
 
 
 @triton.jit
@@ -48,10 +49,9 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, q_ptr, s_ptr, n_c
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * out_stride + cols, out, mask=mask)
-    if QUANT_GROUP > 0:  # the normed row also in e4m3 per group of columns: token_group_quant's arithmetic
+    if QUANT_GROUP > 0:  # the normed row also in e4m3 per group of columns
         groups = tl.reshape(out.to(tl.float32), (BLOCK // QUANT_GROUP, QUANT_GROUP))
-        scale = tl.maximum(tl.max(tl.abs(groups), axis=1), 1e-10) / 448.0
-        q = tl.clamp(groups / scale[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+        q, scale = e4m3_groups(groups, q_ptr.dtype.element_ty)
         tl.store(q_ptr + row * q_stride + cols, tl.reshape(q, (BLOCK,)), mask=mask)
         first = tl.arange(0, BLOCK // QUANT_GROUP) * QUANT_GROUP
         tl.store(s_ptr + row * s_stride + first // QUANT_GROUP, scale, mask=first < n_cols)
@@ -78,7 +78,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     block = triton.next_power_of_2(n)
     if quant_group:
         assert block % quant_group == 0 and quant_group & (quant_group - 1) == 0, (n, quant_group)
-        q = torch.empty((rows, n), dtype=fp8_rows.FP8_DTYPE, device=x.device)
+        q = torch.empty((rows, n), dtype=FP8_DTYPE, device=x.device)
         scale = torch.empty((rows, triton.cdiv(n, quant_group)), dtype=torch.float32, device=x.device)
     else:
         q, scale = out, total  # pointers the kernel never reads

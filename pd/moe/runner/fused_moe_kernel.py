@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pd.layers.triton_fp8_gemm import e4m3_groups
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
@@ -118,9 +120,7 @@ def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         group = (k * BLOCK_K) // GROUP_K
         if QUANTIZE_A:  # rows outside a_rows_valid are zeros: scale 1e-10 / 448, products 0
-            x = a.to(tl.float32)
-            a_s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
-            a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(b.dtype)
+            a, a_s = e4m3_groups(a.to(tl.float32), b.dtype)
         else:
             a_s = tl.load(as_ptrs + group * stride_ask, mask=a_rows_valid, other=0.0)
         b_s = tl.load(bs_ptrs + group * stride_bsk)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pd.layers.triton_fp8_gemm import FP8_DTYPE, kernel_block_k, token_group_quant
+from pd.layers.triton_fp8_gemm import FP8_DTYPE, e4m3_groups, kernel_block_k, token_group_quant
 from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
 from pd.moe.runner import ExpertScales
 from pd.moe.runner.fused_moe_kernel import BlockFp8, get_config, invoke_batched_moe_gemm, invoke_fused_moe_gemm
@@ -91,9 +91,7 @@ def _act_and_mul_quant_kernel(gate_up_ptr, q_ptr, s_ptr, ids_ptr, num_experts, i
     row = gate_up_ptr + pair.to(tl.int64) * stride_g
     gate = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(row + inter + cols, mask=inside, other=0.0).to(tl.float32)
-    x = _act_mul(gate, up, ACTIVATION, OUT_DTYPE).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0  # token_group_quant's
-    q = tl.clamp(x / scale[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    q, scale = e4m3_groups(_act_mul(gate, up, ACTIVATION, OUT_DTYPE).to(tl.float32), q_ptr.dtype.element_ty)
     tl.store(q_ptr + pair.to(tl.int64) * stride_q + cols, q, mask=inside)
     tl.store(s_ptr + pair.to(tl.int64) * stride_s + groups, scale, mask=groups * GROUP < inter)
 
