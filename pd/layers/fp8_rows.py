@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from pd.quant.fp8 import FP8_DTYPE
-
 _ATTRIBUTE = "_fp8_rows"
 
 
 def attach(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> None:
     """Record q (e4m3, x's shape as rows [M, K]) and scale ([M, ceil(K / group)] float32) as x's quantization."""
-    assert q.dtype == FP8_DTYPE and q.shape[-1] == x.shape[-1] and scale.dtype == torch.float32, (q.shape, x.shape)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32, (q.dtype, scale.dtype)
+    assert q.shape[-1] == x.shape[-1], (q.shape, x.shape)
     setattr(x, _ATTRIBUTE, (q, scale, group))
 
 
