@@ -22,7 +22,8 @@ experts and with bf16 experts, against torch._scaled_mm on dense GEMMs of the sa
 Times are medians of triton.testing.do_bench over a CUDA graph holding one call. With --check each FP8 output is
 first compared with the dequantize-then-bf16 reference (relative L2 error, printed). About 3 minutes on an H200.
 With --sweep, the dense GEMM's block sizes: per shape and token count, the fastest of a small candidate set next
-to what pd.layers.triton_fp8_gemm.gemm_config picks (how its defaults were chosen).
+to what pd.layers.triton_fp8_gemm.gemm_config picks (how its defaults were chosen). With --sweep-split-k the same
+for the decode-sized split-K linear (BLOCK_N, splits, warps, stages; its sums included; SPLIT_K_CONFIG's choice).
 
 Usage: python benchmarks/bench_fp8_gemm.py [--check] [--sweep] [--tokens 1 64 4096] [--out result.json]
 """
@@ -189,6 +190,46 @@ def sweep(name: str, m: int) -> dict[str, object]:
             "default": tuple(gemm_config(m, n, k, BLOCK[1]).values())}  # fmt: skip
 
 
+def split_k_candidates(n: int, k: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_N, splits, num_warps, num_stages) worth trying for the split-K GEMM; splits 0: the default count."""
+    steps = -(-k // BLOCK[1])
+    splits = sorted({0, 2, 4, 8, 16} & ({0} | set(range(1, steps + 1))))
+    return [(bn, sp, w, st) for bn in (32, 64, 128) for sp in splits for w in (4,) for st in (3, 4, 6)]
+
+
+def sweep_split_k(name: str, m: int, copy: float) -> dict[str, object]:
+    """The split-K linear (pd.layers.triton_fp8_gemm.w8a8_split_k_linear, its sums included, activations quantized
+    by their producer as in a decode step) over candidate configs: the fastest against the default."""
+    from pd.layers.triton_fp8_gemm import SPLIT_K_CONFIG, token_group_quant, w8a8_split_k_linear
+
+    n, k = DENSE[name]
+    w_q, w_scale = block_quant(torch.randn(n, k, device=DEVICE) / k**0.5, BLOCK)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    quantized = token_group_quant(x, BLOCK[1])
+    want = w8a8_split_k_linear(x, w_q, w_scale, BLOCK, quantized=quantized)
+    times = {}
+    for bn, sp, w, st in split_k_candidates(n, k):
+        config = {"BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        try:
+            got = w8a8_split_k_linear(x, w_q, w_scale, BLOCK, splits=sp or None, quantized=quantized, config=config)
+            # another split count sums in another order: bf16 roundings may differ by an ulp, not more
+            assert rel_l2(got, want) < 1e-2, rel_l2(got, want)
+            times[(bn, sp, w, st)] = graph_ms(
+                lambda c=config, s=sp: w8a8_split_k_linear(x, w_q, w_scale, BLOCK, splits=s or None,
+                                                           quantized=quantized, config=c))  # fmt: skip
+        except Exception as e:  # out of shared memory or registers: skip it
+            print(f"    {(bn, sp, w, st)}: {type(e).__name__} {str(e)[:200]}")
+    default = graph_ms(lambda: w8a8_split_k_linear(x, w_q, w_scale, BLOCK, quantized=quantized))
+    best = min(times, key=times.__getitem__)
+    pct = {key: 100 * n * k / t / 1e6 / copy for key, t in times.items()}
+    ranked = sorted(times, key=times.__getitem__)[:5]
+    return {"name": name, "m": m, "best": best, "best_us": times[best] * 1e3, "best_pct_copy": pct[best],
+            "default": tuple(SPLIT_K_CONFIG.values()), "default_us": default * 1e3,
+            "default_pct_copy": 100 * n * k / default / 1e6 / copy,
+            "top5": [(key, round(times[key] * 1e3, 2)) for key in ranked],
+            "all_us": {str(key): round(t * 1e3, 2) for key, t in times.items()}}  # fmt: skip
+
+
 COLUMNS = [("fp8_us", "9.1f"), ("cublas_us", "9.1f"), ("linear_us", "9.1f"), ("scaled_mm_us", "9.1f"),
            ("bf16_us", "9.1f"), ("tflops", "8.1f"), ("scaled_mm_tflops", "8.1f"), ("pct_scaled_mm", "6.1f"),
            ("pct_scaled_mm_cublas", "6.1f"), ("x_bf16", "6.2f"), ("pct_copy", "6.1f"), ("rel_l2_vs_bf16", "8.1e"),
@@ -208,6 +249,8 @@ def main() -> None:
     parser.add_argument("--moe", nargs="*", default=list(MOE), choices=list(MOE))
     parser.add_argument("--check", action="store_true", help="compare each FP8 output with dequantize-then-bf16")
     parser.add_argument("--sweep", action="store_true", help="time candidate block sizes of the dense GEMM instead")
+    parser.add_argument("--sweep-split-k", action="store_true",
+                        help="time candidate configs of the decode split-K linear (--tokens up to 64) instead")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -218,6 +261,20 @@ def main() -> None:
                 r = sweep(name, m)
                 print(f"{name:18s} {m:6d} best {r['best']} {r['best_us']:8.1f} us; default {r['default']} "
                       f"{r['default_us']:8.1f} us", flush=True)  # fmt: skip
+        return
+    if args.sweep_split_k:
+        copy = copy_gbps()
+        rows = []
+        for name in args.dense:
+            for m in args.tokens:
+                r = sweep_split_k(name, m, copy)
+                rows.append(r)
+                print(f"{name:18s} {m:6d} best (BLOCK_N, splits, warps, stages) {r['best']} {r['best_us']:7.2f} us "
+                      f"({r['best_pct_copy']:.0f}% copy); default {r['default']} {r['default_us']:7.2f} us "
+                      f"({r['default_pct_copy']:.0f}% copy); top5 {r['top5']}", flush=True)  # fmt: skip
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": copy, "rows": rows}, f, indent=1)
         return
     copy = copy_gbps()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s (read + write bytes)")

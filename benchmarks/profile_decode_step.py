@@ -54,6 +54,7 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
 
     from pd.engine.kv_cache import KVCache
     from pd.engine.llm import LLM
+    from pd.engine.sampler import all_greedy_rows, sample
 
     backend = variant.removesuffix("-eager")
     llm = LLM(path, device="cuda", dtype=torch.bfloat16, page_size=16, max_running_requests=args.batch,
@@ -76,13 +77,14 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
         runner.forward(runner.build_batch(ids, rows[i : i + 16], [0] * len(rows[i : i + 16]),
                                           [args.prompt] * len(rows[i : i + 16]), sched.slots))  # fmt: skip
     context = args.prompt
+    greedy = all_greedy_rows(args.batch, torch.device("cuda"))
     times = []
     for _ in range(args.steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
         batch = runner.build_batch([1] * args.batch, rows, [context] * args.batch, [1] * args.batch, sched.slots)
         logits = runner.forward(batch)
-        logits.argmax(-1).tolist()  # the engine's one copy of sampled ids
+        sample(logits, greedy).tolist()  # the engine's greedy sampling and its one copy of sampled ids
         times.append(time.perf_counter() - start)
         context += 1
 
@@ -102,7 +104,7 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
         batch = runner.build_batch([1] * args.batch, rows, [context] * args.batch, [1] * args.batch, sched.slots)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            runner.forward(batch).argmax(-1).tolist()
+            sample(runner.forward(batch), greedy).tolist()
             torch.cuda.synchronize()
     finally:
         KVCache.gather, F.scaled_dot_product_attention = real_gather, real_sdpa

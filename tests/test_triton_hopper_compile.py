@@ -110,3 +110,14 @@ def test_router_norm_and_rotary_kernels_compile_for_hopper() -> None:
         apply_rotary(torch.arange(64), q, k, table, False, (norm_w, 1e-6, norm_w, 1e-6))
     _assert_compiled(result, {"_select_experts_kernel", "_rmsnorm_kernel", "_add_rmsnorm_kernel", "_rotary_kernel"})
     assert {c["QUANT_GROUP"] for name, c in result.ok if name == "_add_rmsnorm_kernel"} == {0, 128}
+
+
+def test_greedy_argmax_kernels_compile_for_hopper() -> None:
+    """Greedy sampling's argmax over a Qwen3 vocabulary, bf16 and float32 logits."""
+    from pd.engine.triton_argmax import argmax_rows
+    from tests.hopper_compile import compile_for_hopper
+
+    with compile_for_hopper() as result:
+        argmax_rows(torch.randn(64, 151936, dtype=torch.bfloat16))
+        argmax_rows(torch.randn(1, 151936))
+    _assert_compiled(result, {"_chunk_argmax_kernel", "_rows_argmax_kernel"})

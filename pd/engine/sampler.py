@@ -58,7 +58,7 @@ class SamplingRows:
         token being drawn (0 for the first)."""
         greedy = [p.is_greedy for p in params]
         if all(greedy):
-            return _all_greedy(len(params), device)
+            return all_greedy_rows(len(params), device)
         # Clamped in Python: a top_k beyond the vocabulary (up to 2**63 and more) is no cut, not an overflow.
         top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
         cols = [
@@ -80,12 +80,21 @@ class SamplingRows:
 
 
 @functools.cache
-def _all_greedy(n: int, device: torch.device) -> SamplingRows:
+def all_greedy_rows(n: int, device: torch.device) -> SamplingRows:
     """The rows of an all-greedy batch of n (their tensors are never read: sample takes the argmax), made once per
     size: a decode step of greedy requests launches nothing for them."""
     flags = torch.ones(n, dtype=torch.bool, device=device)
     one = torch.ones(n, device=device)
     return SamplingRows(one, one.long(), one, one, one.double(), flags, all_greedy=True, any_cut=False)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[S, V] -> [S] int64, torch's argmax; on CUDA the two-launch Triton kernel (torch's gives a row one block)."""
+    if logits.device.type == "cuda" and logits.dim() == 2 and logits.shape[1] > 0:
+        from pd.engine.triton_argmax import argmax_rows
+
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
@@ -96,7 +105,7 @@ def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     smallest most-likely prefix reaching top_p) and min-p (tokens below min_p times the top probability), the
     most likely token always kept. A drawn row whose distribution is not finite gives BAD_ROW.
     """
-    argmax = logits.argmax(dim=-1)
+    argmax = _argmax(logits)
     if rows.all_greedy:
         return argmax
     logits = logits.float()

@@ -336,7 +336,10 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, N, stride_ps, stride_pm, str
 
 # Decode-sized rows (up to this many) take the split-K kernel by default (see w8a8_block_linear).
 SPLIT_K_MAX_ROWS = 64
-_SPLIT_K_BLOCK_N = 64
+# 32-wide column blocks and 4 stages: the fastest or within 1% of it for Qwen3-30B-A3B's q/k/v and o_proj at 64 rows
+# on an H200 (`benchmarks/bench_fp8_gemm.py --sweep-split-k`, 6-9% faster than 64 wide and 3 stages); q/k/v's 160
+# column blocks then need no split, so no sums launch.
+SPLIT_K_CONFIG = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4}
 _MAX_SPLITS = 8
 _SUM_BLOCK_N = 1024
 
@@ -348,12 +351,12 @@ def split_k_fits(rows: int, block: tuple[int, int]) -> bool:
     return rows <= SPLIT_K_MAX_ROWS and group_k >= 16 and group_k & (group_k - 1) == 0
 
 
-def split_count(n: int, k: int, group_k: int, programs: int) -> int:
+def split_count(n: int, k: int, group_k: int, programs: int, block_n: int = SPLIT_K_CONFIG["BLOCK_N"]) -> int:
     """Splits of K for an [M <= 64, K] x [K, n] GEMM: enough (column blocks x splits) programs to fill about
     ``programs`` (two per SM), at most _MAX_SPLITS (each split writes an [M, n] float32 partial) and at most the
     k-steps; then as few as give every split the same number of k-steps."""
     steps = triton.cdiv(k, group_k)
-    wanted = max(1, min(_MAX_SPLITS, steps, programs // triton.cdiv(n, _SPLIT_K_BLOCK_N)))
+    wanted = max(1, min(_MAX_SPLITS, steps, programs // triton.cdiv(n, block_n)))
     return triton.cdiv(steps, triton.cdiv(steps, wanted))
 
 
@@ -377,7 +380,8 @@ def split_k_quantizes_before() -> bool:
 def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
                         bias: torch.Tensor | None = None, splits: int | None = None,
                         quantize_before: bool | None = None,
-                        quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+                        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        config: dict[str, int] | None = None) -> torch.Tensor:  # fmt: skip
     """The block-FP8 linear for decode-sized x [M <= SPLIT_K_MAX_ROWS, K] (split_k_fits): the activations are
     quantized inside the GEMM (the same values as token_group_quant) or by token_group_quant before it, and K is
     split over programs so the few column blocks of a small N still spread the weight over every SM, each split's
@@ -390,6 +394,7 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         quantize_before: quantize in a launch of its own (default split_k_quantizes_before()).
         quantized: x already quantized by its producer, (e4m3 [M, K], float32 scales [M, ceil(K / block[1])]) as
             token_group_quant gives them: no quantization here.
+        config: BLOCK_N, num_warps, num_stages of the GEMM (default SPLIT_K_CONFIG; benchmarks sweep them).
 
     Returns:
         [M, N] in x's dtype, contiguous.
@@ -406,7 +411,8 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         return out
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
-    splits = splits or split_count(n, k, group_k, _programs_to_fill(x.device))
+    cfg = config or SPLIT_K_CONFIG
+    splits = splits or split_count(n, k, group_k, _programs_to_fill(x.device), cfg["BLOCK_N"])
     steps = triton.cdiv(triton.cdiv(k, group_k), splits)
     splits = triton.cdiv(triton.cdiv(k, group_k), steps)  # no split left without a k-step
     part = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
@@ -417,14 +423,14 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         assert a.shape == x.shape and a.dtype == FP8_DTYPE and a_scale.shape == (m, triton.cdiv(k, group_k))
     else:
         a, a_scale = token_group_quant(x, group_k) if before else (x, out)  # (out: a pointer never read inside)
-    _w8a8_split_k_kernel[(triton.cdiv(n, _SPLIT_K_BLOCK_N), splits)](
+    _w8a8_split_k_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
         a, a_scale, weight, weight_scale, bias_arg, part, m, n, k, a.stride(0), a_scale.stride(0),
         a_scale.stride(-1), weight.stride(0), weight_scale.stride(0), weight_scale.stride(1),
         part.stride(0) if splits > 1 else 0, part.stride(-2), PREQUANTIZED=before, HAS_BIAS=bias is not None,
         GROUP_N=group_n, STEPS=steps, ONE_SPLIT=splits == 1,
-        SCALAR_B=group_n % _SPLIT_K_BLOCK_N == 0, OUT_DTYPE=_TL_DTYPES[x.dtype],
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=_SPLIT_K_BLOCK_N, BLOCK_K=group_k,
-        num_warps=4, num_stages=3,
+        SCALAR_B=group_n % cfg["BLOCK_N"] == 0, OUT_DTYPE=_TL_DTYPES[x.dtype],
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=group_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if splits > 1:
         _sum_splits_kernel[(m, triton.cdiv(n, _SUM_BLOCK_N))](
