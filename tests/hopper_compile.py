@@ -42,7 +42,8 @@ def compile_for_hopper() -> Iterator[Compiled]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import JITFunction, mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     result = Compiled()
     target = GPUTarget("cuda", 90, 32)
@@ -57,6 +58,8 @@ def compile_for_hopper() -> Iterator[Compiled]:
                 signature[name], constexprs[name] = "constexpr", value
             elif isinstance(value, torch.Tensor):
                 signature[name] = "*" + _TYPES[value.dtype]
+            elif isinstance(value, TensorDescriptor):  # a host tensor descriptor (TMA): "tensordesc<bf16[64, 64]>"
+                signature[name] = mangle_type(value)
             elif isinstance(value, bool):
                 signature[name] = "i1"
             elif isinstance(value, int):

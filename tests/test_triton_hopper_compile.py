@@ -121,3 +121,25 @@ def test_greedy_argmax_kernels_compile_for_hopper() -> None:
         argmax_rows(torch.randn(64, 151936, dtype=torch.bfloat16))
         argmax_rows(torch.randn(1, 151936))
     _assert_compiled(result, {"_chunk_argmax_kernel", "_rows_argmax_kernel"})
+
+
+def test_fused_moe_weight_descriptor_compiles_for_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused-MoE GEMM with its weight tiles read through a tensor descriptor (PD_MOE_TMA=1), bf16 and FP8."""
+    from pd.moe.runner.fused_moe_kernel import BlockFp8, invoke_fused_moe_gemm
+    from pd.moe.runner.moe_align import align_pairs_to_blocks
+    from pd.quant.fp8 import FP8_DTYPE
+    from tests.hopper_compile import compile_for_hopper
+
+    experts, n, k, tokens, top_k = 8, 768, 512, 64, 2
+    config = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=4, num_stages=3)
+    c = torch.empty(tokens * top_k, n, dtype=torch.bfloat16)
+    with compile_for_hopper() as result:
+        aligned = align_pairs_to_blocks(torch.randint(0, experts, (tokens, top_k)), experts, 64)  # shapes only
+        blocks = (aligned.sorted_ids, aligned.expert_of_block, aligned.num_rows_post_pad)
+        x, w = torch.randn(tokens, k, dtype=torch.bfloat16), torch.randn(experts, n, k, dtype=torch.bfloat16)
+        invoke_fused_moe_gemm(x, w, c, *blocks, top_k, False, dict(config, BLOCK_SIZE_K=64), tma=True)
+        fp8 = BlockFp8(torch.ones(tokens, k // 128), torch.ones(experts, n // 128, k // 128), BLOCK, n)
+        invoke_fused_moe_gemm(x.to(FP8_DTYPE), w.to(FP8_DTYPE), c, *blocks, top_k, False, config, fp8=fp8, tma=True)
+    _assert_compiled(result, {"_fused_moe_kernel"})
+    variants = {(c["USE_FP8"], c["B_DESC"]) for name, c in result.ok if name == "_fused_moe_kernel"}
+    assert variants == {(False, True), (True, True)}, variants

@@ -58,8 +58,8 @@ def patch_interpreter() -> None:
             return to_e4m3(src)
         return fp_to_fp(self, src, dst_type, rounding_mode)
 
-    builder.create_masked_load = lambda self, p, m, *a: load(self, p, as_bool(m), *a)
-    builder.create_masked_store = lambda self, p, v, m, *a: store(self, p, v, as_bool(m), *a)
+    builder.create_masked_load = lambda self, p, m, *a, **k: load(self, p, as_bool(m), *a, **k)
+    builder.create_masked_store = lambda self, p, v, m, *a, **k: store(self, p, v, as_bool(m), *a, **k)
     builder.create_dot = lambda self, a, b, *rest: dot(self, widen(a), widen(b), *rest)
     builder.cast_impl = cast_rne
     builder.create_fp_to_fp = fp_to_fp_rne

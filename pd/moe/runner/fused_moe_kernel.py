@@ -94,9 +94,23 @@ def _b_scale_ptrs(bs_expert_ptr, pid_n, offs_n, split, stride_bsn, GROUP_N: tl.c
 
 
 @triton.jit
+def _load_b(b_ptrs, b_desc, b_row, k, k_left, EVEN_K: tl.constexpr, B_DESC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The k-th [BLOCK_K, BLOCK_N] tile of B: through a tensor descriptor (TMA on Hopper: rows ``b_row`` on of the
+    [E * N, K] weights, K past its end read as zeros) or through pointers."""
+    if B_DESC:
+        b = b_desc.load([b_row, k * BLOCK_K]).T
+    elif EVEN_K:
+        b = tl.load(b_ptrs)
+    else:
+        b = tl.load(b_ptrs, mask=tl.arange(0, BLOCK_K)[:, None] < k_left, other=0.0)
+    return b
+
+
+@triton.jit
 def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak, stride_bk, stride_ask, stride_bsk,
                     EVEN_K: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, SCALAR_B: tl.constexpr, QUANTIZE_A: tl.constexpr = False):  # fmt: skip
+                    BLOCK_K: tl.constexpr, SCALAR_B: tl.constexpr, QUANTIZE_A: tl.constexpr = False,
+                    b_desc=None, b_row=0, B_DESC: tl.constexpr = False):  # fmt: skip
     """_accumulate for float8_e4m3fn A and B: each k-step's fp8 product times A's row scales (``as_ptrs`` at group
     0) and B's column scales (``bs_ptrs`` at group 0), summed in float32.
 
@@ -107,17 +121,18 @@ def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak
     one per-row vector, a multiply-add per element instead of two multiplies and an add.
 
     (Issuing two k-steps' products before scaling either, so one's scaling could overlap the other's MMA, was
-    measured slower on an H200 at every size: benchmarks/results/h200_2026-12-03, ninth run.)"""
+    measured slower on an H200 at every size: benchmarks/results/h200_2026-12-03, ninth run.)
+
+    B_DESC: B's tiles come through ``b_desc`` (see _load_b), ``b_ptrs`` unread."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
         if EVEN_K:
             a = tl.load(a_ptrs, mask=a_rows_valid[:, None], other=0.0)
-            b = tl.load(b_ptrs)
         else:
-            k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=a_rows_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        b = _load_b(b_ptrs, b_desc, b_row, k, k_left, EVEN_K, B_DESC, BLOCK_K)
         group = (k * BLOCK_K) // GROUP_K
         if QUANTIZE_A:  # rows outside a_rows_valid are zeros: scale 1e-10 / 448, products 0
             a, a_s = e4m3_groups(a.to(tl.float32), b.dtype)
@@ -136,19 +151,18 @@ def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak
 @triton.jit
 def _accumulate(a_ptrs, b_ptrs, a_rows_valid, K, stride_ak, stride_bk, EVEN_K: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):  # fmt: skip
+                BLOCK_K: tl.constexpr, b_desc=None, b_row=0, B_DESC: tl.constexpr = False):  # fmt: skip
     """[BLOCK_M, BLOCK_N] float32: the A rows (``a_ptrs`` at k = 0, rows outside ``a_rows_valid`` read as zeros)
-    times the B tile (``b_ptrs``, read transposed), over all of K."""
+    times the B tile (``b_ptrs``, read transposed; or through ``b_desc``, see _load_b), over all of K."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
         if EVEN_K:
             a = tl.load(a_ptrs, mask=a_rows_valid[:, None], other=0.0)
-            b = tl.load(b_ptrs)
         else:
-            k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=a_rows_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        b = _load_b(b_ptrs, b_desc, b_row, k, k_left, EVEN_K, B_DESC, BLOCK_K)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -165,6 +179,7 @@ def _fused_moe_kernel(
     DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr, QUANTIZE_A: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, SCALAR_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    b_desc=None, B_DESC: tl.constexpr = False,
 ):  # fmt: skip
     # Programs in groups of GROUP_M row blocks that walk the column blocks together, so the A rows of a group
     # stay in L2 while the group sweeps N (the Triton matmul tutorial's ordering).
@@ -191,15 +206,19 @@ def _fused_moe_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+    # With B_DESC, rows of the [E * N, K] weights: a column block past N reads the next expert's rows (or zeros
+    # past the last), columns the store drops.
+    b_row = (expert * N + pid_n * BLOCK_N).to(tl.int32)
     if USE_FP8:
         as_ptrs = as_ptr + a_rows * stride_asm
         bs_ptrs = _b_scale_ptrs(bs_ptr + expert * stride_bse, pid_n, offs_n, scale_split, stride_bsn, GROUP_N,
                                 BLOCK_N, SCALAR_B)  # fmt: skip
         acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
-                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SCALAR_B, QUANTIZE_A)  # fmt: skip
+                              stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SCALAR_B, QUANTIZE_A,
+                              b_desc, b_row, B_DESC)  # fmt: skip
     else:
         acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          BLOCK_K)  # fmt: skip
+                          BLOCK_K, b_desc, b_row, B_DESC)  # fmt: skip
 
     if MUL_WEIGHT:
         # The expert output in the model dtype, times the float32 routing weight, cast: the reference's order.
@@ -224,6 +243,7 @@ def invoke_fused_moe_gemm(
     config: dict[str, int],
     topk_weights_P: torch.Tensor | None = None,
     fp8: BlockFp8 | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """c[p] = a[row(p)] @ b[expert(p)].T (times weight[p]) for every pair p in ``sorted_ids``. Asynchronous.
 
@@ -262,6 +282,8 @@ def invoke_fused_moe_gemm(
     if fp8 is not None and fp8.a_scale is not None:
         assert fp8.a_scale.shape[0] == a_XK.shape[0], (fp8.a_scale.shape, a_XK.shape)
     a_s, b_s, a_s_strides, b_s_strides, group, split = _scale_args(fp8, c_PN, 2, n)
+    wanted = weight_descriptor_wanted(b_ENK.device) if tma is None else tma
+    b_desc = _weight_descriptor(b_ENK, block_n, block_k) if wanted else None
     grid = (expert_of_block.numel() * triton.cdiv(n, block_n),)
     _fused_moe_kernel[grid](
         a_XK, b_ENK, c_PN, weights, sorted_ids, expert_of_block, num_rows_post_pad,
@@ -274,9 +296,32 @@ def invoke_fused_moe_gemm(
         QUANTIZE_A=fp8 is not None and fp8.a_scale is None, GROUP_N=group[0], GROUP_K=group[1],
         SCALAR_B=_scalar_b(fp8, n, block_n),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
+        b_desc=b_desc, B_DESC=b_desc is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return c_PN
+
+
+def weight_descriptor_wanted(device: torch.device) -> bool:
+    """PD_MOE_TMA: 1 reads the experts' weight tiles through tensor descriptors (TMA) on GPUs that have it
+    (compute capability 9 and up), 0 (default) through pointers."""
+    value = os.environ.get("PD_MOE_TMA", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"PD_MOE_TMA={value!r}: expected 0 or 1")
+    return value == "1" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _weight_descriptor(b_ENK: torch.Tensor, block_n: int, block_k: int) -> Any:
+    """A [block_n, block_k] tensor descriptor over the [E * N, K] rows of contiguous weights, or None where the
+    layout does not allow one (TMA: 16-byte aligned base and row stride, a box row of 16 bytes or more)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    e, n, k = b_ENK.shape
+    size = b_ENK.element_size()
+    if (not b_ENK.is_contiguous() or b_ENK.data_ptr() % 16 or (k * size) % 16 or block_k * size < 16
+            or block_n > 256 or block_k > 256 or e * n == 0):  # fmt: skip
+        return None
+    return TensorDescriptor.from_tensor(b_ENK.view(e * n, k), [block_n, block_k])
 
 
 def _check_operands(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fp8: BlockFp8 | None, block_k: int) -> None:
