@@ -35,9 +35,11 @@ def _chunk_argmax_kernel(x_ptr, key_ptr, idx_ptr, n_cols, stride_x, chunks, CHUN
     ok = cols < n_cols
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
     key = tl.where(ok, _order_key(x), -0x7FFFFFFF - 1)  # past the row: below every value
-    best = tl.argmax(key, axis=0, tie_break_left=True)
-    tl.store(key_ptr + row * chunks + chunk, tl.max(key, axis=0))
-    tl.store(idx_ptr + row * chunks + chunk, chunk * CHUNK + best)
+    # the largest key, then the first column holding it: two plain reductions (cheaper than one over pairs)
+    best = tl.max(key, axis=0)
+    first = tl.min(tl.where(key == best, cols, 0x7FFFFFFF), axis=0)
+    tl.store(key_ptr + row * chunks + chunk, best)
+    tl.store(idx_ptr + row * chunks + chunk, first)
 
 
 @triton.jit
@@ -46,8 +48,9 @@ def _rows_argmax_kernel(key_ptr, idx_ptr, out_ptr, chunks, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     ok = offs < chunks
     key = tl.load(key_ptr + row * chunks + offs, mask=ok, other=-0x7FFFFFFF - 1)
-    best = tl.argmax(key, axis=0, tie_break_left=True)
-    tl.store(out_ptr + row, tl.load(idx_ptr + row * chunks + best).to(tl.int64))
+    best = tl.max(key, axis=0)
+    first = tl.min(tl.where(ok & (key == best), offs, BLOCK), axis=0)  # chunks in column order: the first best
+    tl.store(out_ptr + row, tl.load(idx_ptr + row * chunks + first).to(tl.int64))
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
