@@ -8,9 +8,11 @@ bytes of a byte-level tokenizer, so detokenization does its real work). The clie
 Printed per batch, measured in the same run:
 - emitted: tokens per second the stand-in engine produced (batch / step, when the front keeps up);
 - received: tokens per second the clients got; received / emitted is 1.0 while the front keeps up;
-- front CPU per token: CPU time of the front's processes (user + system, from /proc) per streamed token. A real
-  server's decode is bounded by the front once batch x this exceeds the device's step time (on one H200, a
-  64-request step of Qwen3-30B-A3B widths takes ~4.5 ms: 70 us per token).
+- CPU per token: of the front's processes (user + system, from /proc), of the engine's rank processes (the stand-in
+  step, scheduling and sending outputs to the fronts; "busy" is its CPU over the run's time: near 100% the engine
+  loop itself cannot keep the pace) and of this benchmark's client, per streamed token. A real server's decode is
+  bounded by the front once batch x the front's figure exceeds the device's step time (on one H200, a 64-request
+  FP8 step of Qwen3-30B-A3B widths takes ~1.9 ms: 30 us per token).
 
 Usage: python benchmarks/bench_front.py [--batches 16,64,256] [--new-tokens 256] [--step-ms 2] [--out FILE]
 """
@@ -115,9 +117,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def front_pids(main: int) -> list[int]:
-    """The front's processes: `main` and, with --tokenizer-worker-num, its children named pd-front<k>."""
-    pids = [main]
+def _processes() -> dict[int, tuple[str, int]]:
+    """pid -> (name, parent pid) of every process."""
+    table = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -125,9 +127,42 @@ def front_pids(main: int) -> list[int]:
                     name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
             except (FileNotFoundError, ProcessLookupError, IndexError):
                 continue
-            if name.startswith("pd-front") and int(rest.split()[1]) == main:
-                pids.append(int(entry))
-    return pids
+            table[int(entry)] = (name, int(rest.split()[1]))
+    return table
+
+
+def listeners(port: int) -> int:
+    """TCP sockets listening on ``port`` (IPv4 and IPv6), from /proc/net."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        count += sum(1 for row in rows if row.split()[1].endswith(f":{port:04X}") and row.split()[3] == "0A")
+    return count
+
+
+def wait_listening(port: int, count: int, timeout_s: float = 120.0) -> None:
+    """Until ``count`` sockets listen on ``port``: the server answers health checks once its first front process is
+    up, and connections made before the others listen all go to the first."""
+    deadline = time.monotonic() + timeout_s
+    while listeners(port) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{listeners(port)} of {count} front processes listening on port {port}")
+        time.sleep(0.1)
+
+
+def front_pids(main: int) -> list[int]:
+    """The front's processes: `main` and, with --tokenizer-worker-num, its children named pd-front<k>."""
+    return [main] + [pid for pid, (name, parent) in _processes().items() if name.startswith("pd-front")
+                     and parent == main]  # fmt: skip
+
+
+def engine_pids() -> list[int]:
+    """The engine's rank processes (named pd-rank<k>; their parent may be a fork server, not the server)."""
+    return [pid for pid, (name, _) in _processes().items() if name.startswith("pd-rank")]
 
 
 def run(batches: list[int], new_tokens: int, step_ms: float, fronts: int = 1) -> list[dict[str, float]]:
@@ -148,21 +183,27 @@ def run(batches: list[int], new_tokens: int, step_ms: float, fronts: int = 1) ->
         env = {"PD_BENCH_FRONT_STEP_S": str(step_ms / 1e3),
                "PYTHONPATH": os.pathsep.join([root, path_now]) if path_now else root}  # fmt: skip
         with healthy_process(command, port, env=env) as (url, proc):
+            wait_listening(port, fronts)
             run_load(_serve_load(url, [[1, 2, 3]] * 4, 8))  # warm-up
             for b in batches:
                 prompts = [[10 + i, 11, 12] for i in range(b)]
-                pids = front_pids(proc.pid)
-                cpu0 = sum(map(cpu_seconds, pids))
+                pids, engine = front_pids(proc.pid), engine_pids()
+                cpu0, engine0, client0 = sum(map(cpu_seconds, pids)), sum(map(cpu_seconds, engine)), time.process_time()
                 elapsed, arrivals = run_load(_serve_load(url, prompts, new_tokens))
-                cpu = sum(map(cpu_seconds, pids)) - cpu0
+                client = time.process_time() - client0
+                cpu, engine_cpu = sum(map(cpu_seconds, pids)) - cpu0, sum(map(cpu_seconds, engine)) - engine0
                 tokens, emitted = b * new_tokens, b / (step_ms / 1e3)
                 received, events = tokens / elapsed, sum(len(a) for a in arrivals)
                 row = {"batch": b, "emitted_tok_s": emitted, "received_tok_s": received,
                        "received_vs_emitted": received / emitted, "front_cpu_us_per_token": 1e6 * cpu / tokens,
-                       "tokens_per_event": tokens / max(events, 1)}  # fmt: skip
+                       "engine_cpu_us_per_token": 1e6 * engine_cpu / tokens,
+                       "client_cpu_us_per_token": 1e6 * client / tokens,
+                       "engine_busy": engine_cpu / elapsed, "tokens_per_event": tokens / max(events, 1)}  # fmt: skip
                 rows.append(row)
                 print(f"batch {b:4d}: emitted {emitted:8.0f} tok/s, received {received:8.0f} tok/s "
-                      f"({row['received_vs_emitted']:.2f}x), front CPU {row['front_cpu_us_per_token']:6.1f} us/token, "
+                      f"({row['received_vs_emitted']:.2f}x), CPU per token: front {row['front_cpu_us_per_token']:5.1f} "
+                      f"us, engine {row['engine_cpu_us_per_token']:5.1f} us (busy {row['engine_busy']:.0%} of a core, "
+                      f"its paced sleeps excluded), client {row['client_cpu_us_per_token']:5.1f} us; "
                       f"{row['tokens_per_event']:.2f} tokens/event", flush=True)  # fmt: skip
     return rows
 

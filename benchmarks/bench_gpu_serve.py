@@ -9,7 +9,8 @@ weights, held by transformers and by pd serve at once).
 Workloads (the serving issue's): prefill tok/s of 16 x 1024-token prompts with 1 new token (transformers: forwards
 of 8 prompts; pd serve: the median of --prefill-bursts bursts of 16 concurrent requests); decode out tok/s at each
 --batches size with 128-token prompts, 128 new tokens, greedy, ignore_eos
-(transformers: `generate` on the batch; pd serve: that many concurrent streamed /generate requests), and pd serve's
+(transformers: `generate` on the batch; pd serve: the median of --decode-runs runs of that many concurrent streamed
+/generate requests, every run's figure in the JSON), and pd serve's
 inter-token latency p50/p99/mean from the stream, also over the roofline's step time (batch 1's target is stated
 on the inter-token latency). Roofline of a decode step at batch B: the bytes every step must read
 (weights outside the routed experts, the expected number of distinct experts hit per MoE layer, E(1 - (1 - k/E)^B),
@@ -280,8 +281,12 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int)
         out["prefill_tok_s"] = args.prefill_prompts * args.prefill_len / sorted(bursts)[len(bursts) // 2]
         for b in args.batches:
             run_load(_serve_load(url, fresh(b, args.prompt), 4))  # warm-up at this batch size
-            elapsed, arrivals = run_load(_serve_load(url, fresh(b, args.prompt), args.new_tokens))
+            # --decode-runs runs of the batch, one after another: the median run's tok/s and ITLs count (a single
+            # run of a few hundred ms moved by 10-30% between calls on an H200 host)
+            runs = [run_load(_serve_load(url, fresh(b, args.prompt), args.new_tokens)) for _ in range(args.decode_runs)]
+            elapsed, arrivals = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
             itl = sorted(1e3 * (t1 - t0) for times in arrivals for t0, t1 in zip(times[1:], times[2:], strict=False))
+            out[f"decode_b{b}_runs_tok_s"] = [round(b * args.new_tokens / run[0], 1) for run in runs]
             out[f"decode_b{b}_tok_s"] = b * args.new_tokens / elapsed
             out[f"decode_b{b}_itl_ms_mean"] = sum(itl) / len(itl) if itl else None
             out[f"decode_b{b}_itl_ms_p50"] = itl[len(itl) // 2] if itl else None
@@ -301,6 +306,7 @@ def main() -> None:
     parser.add_argument("--prefill-prompts", type=int, default=16)
     parser.add_argument("--prefill-len", type=int, default=1024)
     parser.add_argument("--prefill-bursts", type=int, default=5, help="measured prefill bursts (the median counts)")
+    parser.add_argument("--decode-runs", type=int, default=3, help="measured runs per decode batch (the median counts)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="small widths: a smoke run of the procedure")
     parser.add_argument("--out", default=None)
