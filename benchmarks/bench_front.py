@@ -131,29 +131,6 @@ def _processes() -> dict[int, tuple[str, int]]:
     return table
 
 
-def listeners(port: int) -> int:
-    """TCP sockets listening on ``port`` (IPv4 and IPv6), from /proc/net."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        count += sum(1 for row in rows if row.split()[1].endswith(f":{port:04X}") and row.split()[3] == "0A")
-    return count
-
-
-def wait_listening(port: int, count: int, timeout_s: float = 120.0) -> None:
-    """Until ``count`` sockets listen on ``port``: the server answers health checks once its first front process is
-    up, and connections made before the others listen all go to the first."""
-    deadline = time.monotonic() + timeout_s
-    while listeners(port) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{listeners(port)} of {count} front processes listening on port {port}")
-        time.sleep(0.1)
-
-
 def front_pids(main: int) -> list[int]:
     """The front's processes: `main` and, with --tokenizer-worker-num, its children named pd-front<k>."""
     return [main] + [pid for pid, (name, parent) in _processes().items() if name.startswith("pd-front")
@@ -183,7 +160,6 @@ def run(batches: list[int], new_tokens: int, step_ms: float, fronts: int = 1) ->
         env = {"PD_BENCH_FRONT_STEP_S": str(step_ms / 1e3),
                "PYTHONPATH": os.pathsep.join([root, path_now]) if path_now else root}  # fmt: skip
         with healthy_process(command, port, env=env) as (url, proc):
-            wait_listening(port, fronts)
             run_load(_serve_load(url, [[1, 2, 3]] * 4, 8))  # warm-up
             for b in batches:
                 prompts = [[10 + i, 11, 12] for i in range(b)]

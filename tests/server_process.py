@@ -104,3 +104,14 @@ def pd_serve(model_path: str, *extra: str) -> Iterator[str]:
                 raise
             yield url
             return
+
+
+def listeners(port: int) -> int:
+    """TCP sockets listening on ``port`` (IPv4 and IPv6), from /proc/net (Linux)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if os.path.exists(table):
+            with open(table) as f:
+                rows = [row.split() for row in f.read().splitlines()[1:]]
+            count += sum(1 for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "0A")
+    return count

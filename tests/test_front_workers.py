@@ -21,7 +21,7 @@ import torch
 
 from pd.engine.engine_process import EngineLoop
 from pd.engine.io import AbortRequest, EngineStats, GenerateRequest, SamplingParams, TokenOutput, to_dict
-from tests.server_process import free_port, healthy_process
+from tests.server_process import free_port, healthy_process, listeners
 from tests.test_rank_lifetime import _alive, _descendants
 from tests.tiny_checkpoints import load_hf, make_checkpoint
 
@@ -219,7 +219,9 @@ def test_three_front_processes_answer_like_transformers_and_stop_together(tmp_pa
     command = ["python", "-m", "pd", "serve", "--model-path", path, "--device", "cpu", "--dtype", "float32",
                "--port", str(port), "--tokenizer-worker-num", "3", "--log-level", "info"]  # fmt: skip
     with healthy_process(command, port, log_path=log) as (url, proc):
-        assert _wait_for(lambda: len(_front_pids(log)) == 2, timeout=120), "both other front processes start"
+        # healthy only once all three listen: connections made before would all go to the first
+        assert listeners(port) == 3, listeners(port)
+        assert len(_front_pids(log)) == 2, "both other front processes started"
         outs = asyncio.run(_generate_all(url, prompts, 12))
         hf = load_hf(path)
         for ids, out in zip(prompts, outs, strict=True):

@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -67,6 +67,8 @@ def create_app(
     workers: the other front processes (--tokenizer-worker-num), stopped before the engine is closed.
     """
     ctx = ServerContext(engine_client, tokenizer, server_args)
+    if workers is not None:
+        ctx.fronts_listening = workers.all_listening.is_set
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -167,10 +169,12 @@ def run_server(server_args: ServerArgs, spec: EngineSpec) -> None:
     _run(_serve(server_args, spec))
 
 
-def run_front_worker(server_args: ServerArgs, spec: EngineSpec, links: list[LeaderLink], index: int) -> None:
+def run_front_worker(server_args: ServerArgs, spec: EngineSpec, links: list[LeaderLink], index: int,
+                     on_listening: Callable[[], None], fronts_listening: Callable[[], bool]) -> None:  # fmt: skip
     """A front process beyond the first (pd.server.front_workers): the same app on the same port, on its own pipes
-    to the engine's leaders, until SIGINT/SIGTERM."""
-    _run(_serve_worker(server_args, spec, links, index))
+    to the engine's leaders, until SIGINT/SIGTERM; ``on_listening`` runs once it listens, and its health answers
+    503 until ``fronts_listening()`` (every front listens)."""
+    _run(_serve_worker(server_args, spec, links, index, on_listening, fronts_listening))
 
 
 def _run(main: Any) -> None:
@@ -222,7 +226,7 @@ async def _serve(args: ServerArgs, spec: EngineSpec) -> None:
         raise
     app = create_app(engine, tokenizer, args, owns_engine=True, workers=workers)
     server = _Server(_uvicorn_config(app, args), app.state.ctx, workers)
-    announce = asyncio.create_task(_announce_when_up(server, args))
+    announce = asyncio.create_task(_announce_when_up(server, args, workers))
     try:
         await server.serve(sockets=[listen_socket(args.host, args.port)] if workers is not None else None)
     finally:
@@ -239,7 +243,8 @@ def _stop_server(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def _serve_worker(args: ServerArgs, spec: EngineSpec, links: list[LeaderLink], index: int) -> None:
+async def _serve_worker(args: ServerArgs, spec: EngineSpec, links: list[LeaderLink], index: int,
+                        on_listening: Callable[[], None], fronts_listening: Callable[[], bool]) -> None:  # fmt: skip
     from pd.engine.client import EngineClient
 
     assert args.model_path is not None
@@ -251,12 +256,22 @@ async def _serve_worker(args: ServerArgs, spec: EngineSpec, links: list[LeaderLi
         await engine.close()
         raise
     app = create_app(engine, tokenizer, args, owns_engine=True)
+    app.state.ctx.fronts_listening = fronts_listening
     server = _Server(_uvicorn_config(app, args), app.state.ctx)
     freeze_startup_objects(f"front {index}")
+    listening = asyncio.create_task(_until(lambda: server.started, then=on_listening))
     try:
         await server.serve(sockets=[listen_socket(args.host, args.port)])
     finally:
+        listening.cancel()
         await _close_engine(app)
+
+
+async def _until(ready: Callable[[], bool], then: Callable[[], None] = lambda: None) -> None:
+    """Polls ``ready`` (uvicorn's started flag, the other fronts' listening) every 50 ms; then ``then()``."""
+    while not ready():
+        await asyncio.sleep(0.05)
+    then()
 
 
 def _uvicorn_config(app: FastAPI, args: ServerArgs) -> uvicorn.Config:
@@ -294,9 +309,10 @@ class _Server(uvicorn.Server):
             task.cancel()
 
 
-async def _announce_when_up(server: Any, args: ServerArgs) -> None:
-    while not server.started:
-        await asyncio.sleep(0.05)
+async def _announce_when_up(server: Any, args: ServerArgs, workers: FrontWorkers | None) -> None:
+    await _until(lambda: server.started and (workers is None or workers.listening.is_set()))
+    if workers is not None:
+        workers.all_listening.set()  # every front's health says 200 from now on
     freeze_startup_objects("front")
     logger.info("serving %s (%s) at %s", args.served_model_name, args.model_path, args.url)
     if _fast_loop_factory() is None:  # a declared dependency, so missing only from a hand-made environment

@@ -7,7 +7,9 @@ a batch-64 FP8 decode on one H200 already exceeds. Each process listens on --por
 spreads new connections over them), runs its own tokenizer and detokenizers, and holds its own pipe pair to each
 engine leader (pd.dist.launch.RankProcesses.spawn(fronts=N)); the engine sends each request's outputs to the
 process that sent it. The first process owns the ranks: a worker that exits stops the server, the first process's
-shutdown stops the workers (SIGTERM: each drains its own requests) before the engine.
+shutdown stops the workers (SIGTERM: each drains its own requests) before the engine. The first process reports
+healthy only once every worker listens: the kernel spreads only the connections made after that, so a load balancer
+that sends traffic on the first 200 would otherwise put every early connection on the first process.
 """
 
 from __future__ import annotations
@@ -51,9 +53,13 @@ def listen_socket(host: str, port: int) -> socket.socket:
 class FrontWorkers:
     """The first front process's handle on the others: started with the ranks, watched, stopped."""
 
-    def __init__(self, procs: list[Any], links: list[list[LeaderLink]]) -> None:
+    def __init__(self, procs: list[Any], links: list[list[LeaderLink]], all_listening: Any) -> None:
         self.procs, self._links = procs, links
         self._stopping = False
+        self.listening = threading.Event()  # set once every worker listens on the port
+        # Set by the first process once it and every worker listen; every front's health reads it (a multiprocessing
+        # Event the workers hold too).
+        self.all_listening = all_listening
 
     @classmethod
     def start(cls, args: ServerArgs, spec: EngineSpec, links: list[list[LeaderLink]],
@@ -62,15 +68,16 @@ class FrontWorkers:
         thread when one exits before ``terminate``."""
         ctx = mp.get_context("spawn")
         procs, started = [], []
+        all_listening = ctx.Event()
         for k, front_links in enumerate(links, start=1):
             ready_r, ready_w = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker_main, args=(os.getpid(), args, spec, front_links, k, ready_w),
-                               name=f"pd-front{k}", daemon=True)  # fmt: skip
+            proc = ctx.Process(target=_worker_main, args=(os.getpid(), args, spec, front_links, k, ready_w,
+                                                          all_listening), name=f"pd-front{k}", daemon=True)  # fmt: skip
             proc.start()
             ready_w.close()
             procs.append(proc)
             started.append(ready_r)
-        workers = cls(procs, links)
+        workers = cls(procs, links, all_listening)
         threading.Thread(target=workers._watch, args=(started, on_exit), name="pd-front-watch", daemon=True).start()
         return workers
 
@@ -84,11 +91,27 @@ class FrontWorkers:
                     ready.recv_bytes()
                 except EOFError:
                     pass
-            ready.close()
             for link in self._links[k]:
                 link.inbox.close()
                 link.outbox.close()
         sentinels = {p.sentinel: p for p in self.procs}
+        # Each worker says once more when it listens (after the engine is ready: no timeout, a load may take long);
+        # a worker that exits first ends the wait (the exit is handled below).
+        pending = list(started)
+        while pending:
+            woken = wait(pending + list(sentinels))
+            if any(w in sentinels for w in woken):
+                break
+            for ready in woken:
+                try:
+                    ready.recv_bytes()
+                except (EOFError, OSError):
+                    pass
+                pending.remove(ready)
+        else:
+            self.listening.set()
+        for ready in started:
+            ready.close()
         gone = sentinels[wait(list(sentinels))[0]]  # type: ignore[index]
         gone.join(1)
         if not self._stopping and gone.exitcode != ENGINE_FAILED_EXIT:
@@ -114,18 +137,24 @@ class FrontWorkers:
 
 
 def _worker_main(parent: int, args: ServerArgs, spec: EngineSpec, links: list[LeaderLink], index: int,
-                 ready: Connection) -> None:  # fmt: skip
+                 ready: Connection, all_listening: Any) -> None:  # fmt: skip
     die_with_parent(parent)
     ready.send_bytes(b"started")  # its pipe ends are unpickled: the first process may close its copies
-    ready.close()
     name_process(f"pd-front{index}")
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, force=True)
     from pd.server.app import run_front_worker
 
     try:
-        run_front_worker(args, spec, links, index)
+        run_front_worker(args, spec, links, index, lambda: _say_listening(ready), all_listening.is_set)
     except RuntimeError as e:
         if not str(e).startswith("engine failed to start"):
             raise
         sys.exit(ENGINE_FAILED_EXIT)  # the first front process says why
 
+
+def _say_listening(ready: Connection) -> None:
+    try:
+        ready.send_bytes(b"listening")
+    except OSError:  # the first process is gone: this worker is about to follow it
+        pass
+    ready.close()

@@ -70,6 +70,8 @@ class ServerContext:
     sampling_defaults: dict[str, float | int] = field(init=False)
     # Runs the tokenizer off the event loop; None without a tokenizer.
     tokenizer_workers: TokenizerWorkers | None = field(init=False)
+    # With several front processes: whether all of them listen on the port yet (health says 503 until then).
+    fronts_listening: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         self.sampling_defaults = load_sampling_defaults(self.server_args)

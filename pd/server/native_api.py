@@ -209,9 +209,13 @@ class CumulativeEvents:
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """200 while the engine process is up (the app only starts serving after the model has loaded)."""
-    if not get_context(request).engine.is_alive:
+    """200 while the engine process is up (the app only starts serving after the model has loaded) and, with
+    several front processes, once all of them listen (connections made before go to this one alone)."""
+    ctx = get_context(request)
+    if not ctx.engine.is_alive:
         raise ApiError("the engine process is not running", 503, "service_unavailable")
+    if ctx.fronts_listening is not None and not ctx.fronts_listening():
+        raise ApiError("the other front processes are still starting", 503, "service_unavailable")
     return Response(status_code=200)
 
 
