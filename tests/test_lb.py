@@ -60,6 +60,7 @@ class StubState:
     interval: float = 0.0  # between streamed tokens
     hang: bool = False  # never finish; wait for the client to leave
     release: threading.Event | None = None  # stream: after the first token, send nothing more until this is set
+    die_mid_event: int = -1  # stream (a stub in its own process): after this many events, half an event, then exit
 
 
 def make_stub(state: StubState) -> FastAPI:
@@ -85,6 +86,10 @@ def make_stub(state: StubState) -> FastAPI:
             await asyncio.sleep(state.delay)
             for i in range(state.n_tokens if state.role == "decode" else 1):
                 sent.append(event({"text": f"{state.role}{i}", "token": rng.randrange(1000), "meta_info": {"id": rid}}))
+                if i == state.die_mid_event:
+                    yield sent[-1][: len(sent[-1]) // 2]
+                    await asyncio.sleep(0.3)  # the half goes out
+                    os._exit(1)
                 yield sent[-1]
                 while state.release is not None and not state.release.is_set():
                     await asyncio.sleep(0.01)
@@ -531,6 +536,27 @@ def test_no_healthy_pair_is_503_with_a_clear_message() -> None:
 
 
 # ---------------------------------------------------------------- failures mid-request
+def test_decode_dying_mid_event_sends_the_client_no_half_event() -> None:
+    """Decode dies after half an event: the balancer forwards whole events only, so the client's stream is whole
+    events, then the error event, then [DONE] (a half event glued to the error would not parse)."""
+    from pd.lb.app import create_app
+    from pd.lb.args import LBArgs, PrefillSpec
+
+    p = start_stub("prefill")
+    with subprocess_stub("decode", n_tokens=10, interval=0.02, die_mid_event=3) as (d_url, _):
+        lb = ServerThread(create_app(LBArgs(prefill=(PrefillSpec(p.url),), decode=(d_url,), port=free_port())))
+        lb.start()
+        try:
+            with httpx.stream("POST", lb.url + "/generate", json={"text": "x", "stream": True}, timeout=30) as resp:
+                raw = resp.read()
+            events = sse_events(raw)
+            assert events[-1] == "[DONE]" and "failed mid-stream" in json.loads(events[-2])["error"]["message"]
+            assert [json.loads(e)["text"] for e in events[:-2]] == ["decode0", "decode1", "decode2"], raw
+        finally:
+            lb.stop()
+            p.server.stop()
+
+
 def test_decode_dying_mid_stream_ends_the_client_stream_with_an_error_event() -> None:
     from pd.lb.app import create_app
     from pd.lb.args import LBArgs, PrefillSpec

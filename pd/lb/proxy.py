@@ -265,21 +265,27 @@ class Forwarder:
         gone.add_done_callback(client_gone)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            last = b"\n\n"
+            # Whole events only: a chunk's bytes after its last event boundary wait for the next chunk, so a decode
+            # dying mid-event leaves the client no half event (which, followed by the error event, would not parse).
+            held = b""
             try:
                 while chunk := await resp.next_chunk():
-                    last = chunk
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    data = held + chunk
+                    end = data.rfind(b"\n\n") + 2
+                    if end == 1:  # no boundary yet: all of it waits
+                        held = data
+                        continue
+                    held, data = data[end:], data[:end]
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
                 complete = True
-                tail = b""
+                tail = held  # a stream that ends off a boundary still ends as it was sent
             except _ClientGone:
                 tail = b""
             except UpstreamError as e:
                 reason = f"decode worker {decode.url} failed mid-stream: {type(e).__name__}: {e}"
                 logger.warning("rid=%s %s", call.rid, reason)
-                sep = b"" if last.endswith(b"\n\n") else b"\n\n"  # never glue the error onto a half-sent event
                 event = json.dumps(error_body(reason, 502, "upstream_error")).encode()
-                tail = sep + b"data: " + event + b"\n\n" + SSE_DONE
+                tail = b"data: " + event + b"\n\n" + SSE_DONE
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             gone.remove_done_callback(client_gone)
