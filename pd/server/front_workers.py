@@ -7,9 +7,9 @@ a batch-64 FP8 decode on one H200 already exceeds. Each process listens on --por
 spreads new connections over them), runs its own tokenizer and detokenizers, and holds its own pipe pair to each
 engine leader (pd.dist.launch.RankProcesses.spawn(fronts=N)); the engine sends each request's outputs to the
 process that sent it. The first process owns the ranks: a worker that exits stops the server, the first process's
-shutdown stops the workers (SIGTERM: each drains its own requests) before the engine. The first process reports
-healthy only once every worker listens: the kernel spreads only the connections made after that, so a load balancer
-that sends traffic on the first 200 would otherwise put every early connection on the first process.
+shutdown stops the workers (SIGTERM: each drains its own requests) before the engine. Every front process answers
+health checks with 503 until all of them listen: the kernel spreads only the connections made after that, so a load
+balancer that sends traffic on the first 200 would otherwise put every early connection on the first process.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ class FrontWorkers:
         self.procs, self._links = procs, links
         self._stopping = False
         self.listening = threading.Event()  # set once every worker listens on the port
-        # Set by the first process once it and every worker listen; every front's health reads it (a multiprocessing
-        # Event the workers hold too).
+        # 1 once the first process and every worker listen (set by the first); every front's health reads it. A
+        # shared byte, not a multiprocessing Event: reading it takes no lock a dying process could leave held.
         self.all_listening = all_listening
 
     @classmethod
@@ -68,7 +68,7 @@ class FrontWorkers:
         thread when one exits before ``terminate``."""
         ctx = mp.get_context("spawn")
         procs, started = [], []
-        all_listening = ctx.Event()
+        all_listening = ctx.RawValue("b", 0)
         for k, front_links in enumerate(links, start=1):
             ready_r, ready_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_main, args=(os.getpid(), args, spec, front_links, k, ready_w,
@@ -145,7 +145,7 @@ def _worker_main(parent: int, args: ServerArgs, spec: EngineSpec, links: list[Le
     from pd.server.app import run_front_worker
 
     try:
-        run_front_worker(args, spec, links, index, lambda: _say_listening(ready), all_listening.is_set)
+        run_front_worker(args, spec, links, index, lambda: _say_listening(ready), lambda: all_listening.value == 1)
     except RuntimeError as e:
         if not str(e).startswith("engine failed to start"):
             raise
