@@ -314,7 +314,15 @@ def weight_descriptor_wanted(device: torch.device) -> bool:
 
 @functools.cache
 def _has_tma(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    """Compute capability 9+ and a Triton with host tensor descriptors (3.4 and later; older ones read through
+    pointers)."""
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _weight_descriptor(b_ENK: torch.Tensor, block_n: int, block_k: int) -> Any:
