@@ -68,7 +68,7 @@ def create_app(
     """
     ctx = ServerContext(engine_client, tokenizer, server_args)
     if workers is not None:
-        ctx.fronts_listening = lambda: workers.all_listening.value == 1
+        ctx.fronts_listening = workers.all_listening.is_set
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -312,7 +312,7 @@ class _Server(uvicorn.Server):
 async def _announce_when_up(server: Any, args: ServerArgs, workers: FrontWorkers | None) -> None:
     await _until(lambda: server.started and (workers is None or workers.listening.is_set()))
     if workers is not None:
-        workers.all_listening.value = 1  # every front's health says 200 from now on
+        workers.all_listening.set()  # every front's health says 200 from now on
     freeze_startup_objects("front")
     logger.info("serving %s (%s) at %s", args.served_model_name, args.model_path, args.url)
     if _fast_loop_factory() is None:  # a declared dependency, so missing only from a hand-made environment

@@ -50,16 +50,29 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class SharedFlag:
+    """A flag the first front process sets and every front process reads (each front's health): a shared byte
+    rather than a multiprocessing Event, so reading it takes no lock that a dying process could leave held. Passed
+    to a worker when it is spawned."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._byte = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._byte.value = 1
+
+    def is_set(self) -> bool:
+        return self._byte.value == 1
+
+
 class FrontWorkers:
     """The first front process's handle on the others: started with the ranks, watched, stopped."""
 
-    def __init__(self, procs: list[Any], links: list[list[LeaderLink]], all_listening: Any) -> None:
+    def __init__(self, procs: list[Any], links: list[list[LeaderLink]], all_listening: SharedFlag) -> None:
         self.procs, self._links = procs, links
         self._stopping = False
         self.listening = threading.Event()  # set once every worker listens on the port
-        # 1 once the first process and every worker listen (set by the first); every front's health reads it. A
-        # shared byte, not a multiprocessing Event: reading it takes no lock a dying process could leave held.
-        self.all_listening = all_listening
+        self.all_listening: SharedFlag = all_listening  # set by the first process once it listens too
 
     @classmethod
     def start(cls, args: ServerArgs, spec: EngineSpec, links: list[list[LeaderLink]],
@@ -68,7 +81,7 @@ class FrontWorkers:
         thread when one exits before ``terminate``."""
         ctx = mp.get_context("spawn")
         procs, started = [], []
-        all_listening = ctx.RawValue("b", 0)
+        all_listening = SharedFlag(ctx)
         for k, front_links in enumerate(links, start=1):
             ready_r, ready_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_main, args=(os.getpid(), args, spec, front_links, k, ready_w,
@@ -137,7 +150,7 @@ class FrontWorkers:
 
 
 def _worker_main(parent: int, args: ServerArgs, spec: EngineSpec, links: list[LeaderLink], index: int,
-                 ready: Connection, all_listening: Any) -> None:  # fmt: skip
+                 ready: Connection, all_listening: SharedFlag) -> None:  # fmt: skip
     die_with_parent(parent)
     ready.send_bytes(b"started")  # its pipe ends are unpickled: the first process may close its copies
     name_process(f"pd-front{index}")
@@ -145,7 +158,7 @@ def _worker_main(parent: int, args: ServerArgs, spec: EngineSpec, links: list[Le
     from pd.server.app import run_front_worker
 
     try:
-        run_front_worker(args, spec, links, index, lambda: _say_listening(ready), lambda: all_listening.value == 1)
+        run_front_worker(args, spec, links, index, lambda: _say_listening(ready), all_listening.is_set)
     except RuntimeError as e:
         if not str(e).startswith("engine failed to start"):
             raise
