@@ -220,13 +220,16 @@ def sweep_split_k(name: str, m: int, copy: float) -> dict[str, object]:
         except Exception as e:  # out of shared memory or registers: skip it
             print(f"    {(bn, sp, w, st)}: {type(e).__name__} {str(e)[:200]}")
     default = graph_ms(lambda: w8a8_split_k_linear(x, w_q, w_scale, BLOCK, quantized=quantized))
-    best = min(times, key=times.__getitem__)
-    pct = {key: 100 * n * k / t / 1e6 / copy for key, t in times.items()}
-    ranked = sorted(times, key=times.__getitem__)[:5]
-    return {"name": name, "m": m, "best": best, "best_us": times[best] * 1e3, "best_pct_copy": pct[best],
+    ranked = sorted(times, key=times.__getitem__)
+    best = ranked[0]
+
+    def pct_copy(ms: float) -> float:  # the weight's bytes over the time, against the copy bandwidth
+        return 100 * n * k / ms / 1e6 / copy
+
+    return {"name": name, "m": m, "best": best, "best_us": times[best] * 1e3, "best_pct_copy": pct_copy(times[best]),
             "default": tuple(SPLIT_K_CONFIG.values()), "default_us": default * 1e3,
-            "default_pct_copy": 100 * n * k / default / 1e6 / copy,
-            "top5": [(key, round(times[key] * 1e3, 2)) for key in ranked],
+            "default_pct_copy": pct_copy(default),
+            "top5": [(key, round(times[key] * 1e3, 2)) for key in ranked[:5]],
             "all_us": {str(key): round(t * 1e3, 2) for key, t in times.items()}}  # fmt: skip
 
 

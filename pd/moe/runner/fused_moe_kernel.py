@@ -95,8 +95,8 @@ def _b_scale_ptrs(bs_expert_ptr, pid_n, offs_n, split, stride_bsn, GROUP_N: tl.c
 
 @triton.jit
 def _load_b(b_ptrs, b_desc, b_row, k, k_left, EVEN_K: tl.constexpr, B_DESC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The k-th [BLOCK_K, BLOCK_N] tile of B: through a tensor descriptor (TMA on Hopper: rows ``b_row`` on of the
-    [E * N, K] weights, K past its end read as zeros) or through pointers."""
+    """The k-th [BLOCK_K, BLOCK_N] tile of B: through a tensor descriptor (TMA on Hopper: BLOCK_N rows of the
+    [E * N, K] weights from row ``b_row``, K past its end read as zeros) or through pointers."""
     if B_DESC:
         b = b_desc.load([b_row, k * BLOCK_K]).T
     elif EVEN_K:
