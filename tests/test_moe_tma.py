@@ -68,3 +68,15 @@ def test_weight_descriptor_equals_pointers_in_interpreter(interpreter: Interpret
 @pytest.mark.gpu
 def test_weight_descriptor_equals_pointers_on_the_gpu() -> None:
     check_descriptor_equals_pointers("cuda", int(torch.randint(0, 2**62, ())))
+
+
+def test_pd_moe_tma_takes_0_or_1_and_cpu_tensors_read_through_pointers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pd.moe.runner.fused_moe_kernel import weight_descriptor_wanted
+
+    cpu = torch.device("cpu")
+    for value in ("0", "1"):
+        monkeypatch.setenv("PD_MOE_TMA", value)
+        assert weight_descriptor_wanted(cpu) is False  # no TMA off a GPU, whatever the setting
+    monkeypatch.setenv("PD_MOE_TMA", "yes")
+    with pytest.raises(ValueError, match="PD_MOE_TMA='yes': expected 0 or 1"):
+        weight_descriptor_wanted(cpu)
