@@ -109,11 +109,22 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
     finally:
         KVCache.gather, F.scaled_dot_product_attention = real_gather, real_sdpa
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    timeline = kernel_timeline(prof)
+    # Steps queued back to back (as under overlap scheduling): the device's wall time per step, launch gaps included.
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(20):
+        runner.forward(batch)
+    end.record()
+    end.synchronize()
+    timeline["back_to_back_step_ms"] = begin.elapsed_time(end) / 20
     with open(os.path.join(args.out, f"profile_{variant}{_suffix(args)}.txt"), "w") as f:
         f.write(f"{torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
         f.write(f"decode step, batch {args.batch}, context {context}, {args.layers} layers, {variant}, "
                 f"quantization {args.quantization}\n")  # fmt: skip
         f.write(table)
+        f.write(f"\ntimeline of the profiled step: {json.dumps(timeline)}\n")
     names = sorted({e.key for e in prof.key_averages()})
     bad = sorted(n for n in names if any(w in n.lower() for w in FORBIDDEN))
     gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
@@ -121,8 +132,27 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
         sched.pool.free(pages)
         sched.slots.free_row(row)
     return {"variant": variant, "step_ms_median": 1e3 * statistics.median(times[2:] or times),
-            "profiled_gpu_ms": gpu_us / 1e3, "forbidden_kernels": bad, "python_calls": sorted(set(gathered)),
+            "profiled_gpu_ms": gpu_us / 1e3, **timeline, "forbidden_kernels": bad,
+            "python_calls": sorted(set(gathered)),
             "out_tok_per_s": args.batch / statistics.median(times[2:] or times)}  # fmt: skip
+
+
+def kernel_timeline(prof) -> dict[str, float]:  # noqa: ANN001 (torch.profiler.profile)
+    """The profiled step's device activity in time: kernels, their summed time, the span from the first one's start
+    to the last one's end, and the idle time between them (launch gaps: what fusing launches saves beyond their
+    own time)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)  # fmt: skip
+    if not spans:
+        return {}
+    busy, idle, reach = 0.0, [], spans[0][0]
+    for start, stop in spans:
+        if start > reach:
+            idle.append(start - reach)
+        busy += max(0.0, stop - max(start, reach))
+        reach = max(reach, stop)
+    return {"kernels": len(spans), "busy_ms": busy / 1e3, "span_ms": (reach - spans[0][0]) / 1e3,
+            "idle_ms": sum(idle) / 1e3, "gap_us_median": statistics.median(idle) if idle else 0.0}
 
 
 def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:

@@ -319,6 +319,61 @@ def check_fp8_kv_matches_oracle(case: int) -> None:
             _assert_close(run_decode(decode, b, 3, SMALL_DECODE), expected, "decode kernel over FP8 KV")
 
 
+# Decode writing its output in e4m3 too, for a block-FP8 o_proj: (heads, page size, dtype, scale group, splits).
+FP8_ROWS_CASES = [
+    (Heads(8, 2, 32, 32), 4, torch.bfloat16, 16, 3),
+    (Heads(4, 2, 32, 32), 1, torch.float32, 32, 1),
+    (Heads(4, 2, 48, 32), 16, torch.float16, 16, 2),  # Dk in two pieces, Dv = 32
+]
+
+
+def check_decode_writes_fp8_rows(decode: ModuleType, heads: Heads, page_size: int, dtype: torch.dtype, group: int,
+                                 splits: int, seed: int) -> None:  # fmt: skip
+    """decode_attention with fp8_rows: the same output bits as without, and the e4m3 rows and scales that
+    token_group_quant gives for that output as [B, Hq * Dv] rows, bit for bit."""
+    from pd.layers.triton_fp8_gemm import token_group_quant
+
+    gen = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, 40, (5,), generator=gen).tolist()
+    b = make_batch(seed, prefix, [1] * len(prefix), heads, page_size, dtype, device=b_device(decode))
+    plain = run_decode(decode, b, splits, SMALL_DECODE)
+    batch, width = b.q.shape[0], heads.q * heads.dv
+    q8 = torch.full((batch, width), float("nan"), device=b.q.device).to(torch.float8_e4m3fn)
+    scale = torch.full((batch, width // group), float("nan"), device=b.q.device)
+    out = torch.randn(batch, heads.q, heads.dv, device=b.q.device).to(dtype)
+    decode.decode_attention(b.q, b.k_buffer, b.v_buffer, out, b.page_table, b.rows, b.prefix_lens + 1, b.scale,
+                            b.page_size, splits, config=SMALL_DECODE, fp8_rows=(q8, scale, group))  # fmt: skip
+    assert torch.equal(out, plain)
+    want_q, want_scale = token_group_quant(plain.reshape(batch, width), group)
+    assert torch.equal(q8.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(scale, want_scale)
+
+
+def b_device(decode: ModuleType) -> str:
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+def check_fp8_rows_case(case: int, seed: int) -> None:
+    decode, _ = _interpreted_kernels()
+    check_decode_writes_fp8_rows(decode, *FP8_ROWS_CASES[case], seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(len(FP8_ROWS_CASES)))
+def test_decode_writes_fp8_rows_for_o_proj_interpreted(case: int, interpreter: InterpreterChild) -> None:
+    interpreter.run(__name__, "check_fp8_rows_case", case, int(torch.randint(0, 2**31, ())), timeout_s=300)
+
+
+def test_fp8_rows_fit() -> None:
+    pytest.importorskip("triton")
+    from pd.attention.triton_decode import fp8_rows_fit
+
+    assert fp8_rows_fit(128, 128) and fp8_rows_fit(128, 64) and fp8_rows_fit(32, 16)
+    assert not fp8_rows_fit(128, 256)  # a group wider than a head's row
+    assert not fp8_rows_fit(96, 32)  # a padded row
+    assert not fp8_rows_fit(128, 8) and not fp8_rows_fit(128, 48)
+
+
 @needs_triton
 @pytest.mark.parametrize("case", range(len(FP8_KV_CASES)))
 def test_kernels_read_an_fp8_kv_cache_interpreted(case: int, interpreter: InterpreterChild) -> None:
@@ -390,6 +445,15 @@ def test_decode_matches_oracle_gpu(heads: str, page_size: int, dtype: str) -> No
                                            head_dim_k=h.dk, head_dim_v=h.dv)  # fmt: skip
     for splits in sorted({1, 7, default}):
         _assert_close(run_decode(decode, b, splits, nan_workspace=True), expected, f"{splits} splits")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [128, 64])
+def test_decode_writes_fp8_rows_for_o_proj_gpu(group: int) -> None:
+    import pd.attention.triton_decode as decode
+
+    for seed, dtype in ((1, torch.bfloat16), (2, torch.float16)):
+        check_decode_writes_fp8_rows(decode, Heads(32, 4, 128, 128), 16, dtype, group, 2, seed)
 
 
 @pytest.mark.gpu

@@ -71,7 +71,7 @@ def test_fp8_linear_kernels_compile_for_hopper() -> None:
 
 def test_attention_kernels_compile_for_hopper() -> None:
     """Paged decode (split keys, then the merge) and extend at production head shapes: GQA over a bf16 and an FP8
-    cache, and MLA's latent heads."""
+    cache, and MLA's latent heads; the merge also writing e4m3 rows for a block-FP8 o_proj."""
     import pd.attention.triton_decode as decode
     import pd.attention.triton_extend as extend
     from tests.hopper_compile import compile_for_hopper
@@ -82,7 +82,14 @@ def test_attention_kernels_compile_for_hopper() -> None:
             h = GPU_HEADS[heads]
             run_decode(decode, make_batch(0, [40, 7], [1, 1], h, 16, torch.bfloat16, kv_dtype=kv_dtype), splits=4)
             run_extend(extend, make_batch(0, [40, 7], [30, 5], h, 16, torch.bfloat16, kv_dtype=kv_dtype))
+        h = GPU_HEADS["gqa8"]
+        b = make_batch(0, [40, 7], [1, 1], h, 16, torch.bfloat16)
+        out = torch.empty(2, h.q, h.dv, dtype=torch.bfloat16)
+        quant = (torch.empty(2, h.q * h.dv, dtype=torch.float8_e4m3fn), torch.empty(2, h.q * h.dv // 128), 128)
+        decode.decode_attention(b.q, b.k_buffer, b.v_buffer, out, b.page_table, b.rows, b.prefix_lens + 1, b.scale,
+                                16, 4, fp8_rows=quant)  # fmt: skip
     _assert_compiled(result, {"_decode_stage1_kernel", "_decode_stage2_kernel", "_extend_kernel"})
+    assert {c["QUANT_GROUP"] for name, c in result.ok if name == "_decode_stage2_kernel"} == {0, 128}
 
 
 def test_router_norm_and_rotary_kernels_compile_for_hopper() -> None:

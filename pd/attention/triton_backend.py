@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pd.attention.triton_decode import decode_attention, default_num_kv_splits
+from pd.attention.triton_decode import decode_attention, default_num_kv_splits, fp8_rows_fit
 from pd.attention.triton_extend import extend_attention
 from pd.engine.forward_batch import BatchLayout, ForwardBatch
 from pd.engine.kv_cache import KVCache
+from pd.layers import fp8_rows
 
 if TYPE_CHECKING:
     from pd.attention import LatentExpand
@@ -96,6 +97,7 @@ class _GraphState:
 
 class TritonAttentionBackend:
     name = "triton"
+    writes_fp8_rows = True  # forward takes fp8_group (pd.layers.attention.paged_attention asks for it)
 
     def __init__(self) -> None:
         self.graph: _GraphState | None = None
@@ -124,7 +126,11 @@ class TritonAttentionBackend:
         v_dim: int | None = None,
         kv_stored: bool = False,
         out: torch.Tensor | None = None,
+        fp8_group: int | None = None,
     ) -> torch.Tensor:
+        """The AttentionBackend protocol's forward. fp8_group: a decode batch's output also comes quantized per that
+        many columns of its [T, Hq * Dv] rows, attached to it (pd.layers.fp8_rows) for a block-FP8 o_proj; other
+        batches (and head dims the kernel cannot group) come without."""
         meta: TritonAttentionMeta = batch.attn_meta  # type: ignore[assignment]
         cache = batch.kv_cache
         if v is None:  # MLA: one latent buffer; values are its first v_dim columns (a strided view)
@@ -149,7 +155,15 @@ class TritonAttentionBackend:
                 splits = meta.num_kv_splits[shape] = default_num_kv_splits(
                     q.shape[0], meta.max_context_len, q.device, num_q_heads=shape[0], num_kv_heads=shape[1],
                     head_dim_k=shape[2], head_dim_v=shape[3])  # fmt: skip
-            decode_attention(q, k_buf, v_buf, out, pages, meta.rows, meta.kv_lens, scale, page_size, splits)
+            quant = None
+            if fp8_group and fp8_rows_fit(v_buf.shape[-1], fp8_group):
+                width = q.shape[1] * v_buf.shape[-1]
+                quant = (torch.empty(q.shape[0], width, dtype=torch.float8_e4m3fn, device=q.device),
+                         torch.empty(q.shape[0], width // fp8_group, dtype=torch.float32, device=q.device), fp8_group)
+            decode_attention(q, k_buf, v_buf, out, pages, meta.rows, meta.kv_lens, scale, page_size, splits,
+                             fp8_rows=quant)  # fmt: skip
+            if quant is not None:
+                fp8_rows.attach(out, quant[0].view(out.shape), quant[1], fp8_group)
         else:
             extend_attention(q, k_buf, v_buf, out, pages, meta.rows, meta.q_starts, meta.extend_lens,
                              meta.prefix_lens, meta.max_extend_len, scale, page_size)  # fmt: skip

@@ -3,7 +3,8 @@
 Stage 1 splits each request's context into ``num_kv_splits`` contiguous parts; one program serves BLOCK_H query
 heads that share a KV head (grouped-query attention; MLA is one KV head shared by all query heads) over one part,
 reading K/V rows in place through the page table, and writes the part's normalised output (fp32) and the base-2
-log-sum-exp of its scaled scores (-inf for an empty part). Stage 2 merges the parts of each (request, head).
+log-sum-exp of its scaled scores (-inf for an empty part). Stage 2 merges the parts of each (request, head), and
+for a block-FP8 o_proj can also write the merged row in e4m3 with its scales (the o_proj's quantization launch).
 Shapes depend only on the batch size, head counts and the split count, never on the lengths, so a CUDA graph can
 capture both launches and replay them with new lengths.
 
@@ -23,6 +24,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from pd.layers.triton_fp8_gemm import e4m3_groups
 
 LOG2E = 1.4426950408889634
 
@@ -167,9 +170,9 @@ def _decode_stage1_kernel(
 
 @triton.jit
 def _decode_stage2_kernel(
-    partial_ptr, lse_ptr, out_ptr, num_splits,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    partial_ptr, lse_ptr, out_ptr, q8_ptr, qs_ptr, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_q8b, stride_qsb,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, QUANT_GROUP: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -189,8 +192,20 @@ def _decode_stage2_kernel(
         part = tl.load(partial_row + s * stride_ps, mask=mask_dv, other=0.0)
         # an empty part's output was never written (the workspace may hold anything, NaN included): dropped
         acc += tl.where(lse_s > float("-inf"), tl.exp2(lse_s - m) * part, 0.0)
-    out = out_ptr + b * stride_ob + head * stride_oh + offs_dv
-    tl.store(out, (acc / denom).to(out_ptr.dtype.element_ty), mask=mask_dv)
+    result = (acc / denom).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_dv, result, mask=mask_dv)
+    if QUANT_GROUP > 0:  # the head's row also in e4m3 per group of columns (BLOCK_DV == DV here), for o_proj
+        q, q_scale = e4m3_groups(tl.reshape(result.to(tl.float32), (BLOCK_DV // QUANT_GROUP, QUANT_GROUP)),
+                                 q8_ptr.dtype.element_ty)  # fmt: skip
+        tl.store(q8_ptr + b * stride_q8b + head * DV + offs_dv, tl.reshape(q, (BLOCK_DV,)))
+        groups = tl.arange(0, BLOCK_DV // QUANT_GROUP)
+        tl.store(qs_ptr + b * stride_qsb + head * (DV // QUANT_GROUP) + groups, q_scale)
+
+
+def fp8_rows_fit(head_dim_v: int, group: int) -> bool:
+    """Whether stage 2 can quantize its rows per ``group`` columns: groups inside one head's row (a power of two
+    from 16 dividing Dv, itself a power of two: the row is one unpadded block)."""
+    return 16 <= group <= head_dim_v and group & (group - 1) == 0 and head_dim_v & (head_dim_v - 1) == 0
 
 
 def decode_config(num_q_heads: int, num_kv_heads: int, head_dim_k: int, head_dim_v: int,
@@ -267,6 +282,7 @@ def decode_attention(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     config: dict[str, int] | None = None,
+    fp8_rows: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per request over its whole cached context (its own K/V already stored).
 
@@ -285,6 +301,9 @@ def decode_attention(
             (rows past B are not touched, so one workspace for a graph's largest batch serves every bucket);
             allocated when None (decode_workspace).
         config: block sizes overriding decode_config (BLOCK_H, BLOCK_N, num_warps, num_stages).
+        fp8_rows: (q [B, Hq * Dv] float8_e4m3fn, scale [B, Hq * Dv / group] float32, group): stage 2 also writes
+            each request's output row quantized as token_group_quant would quantize ``out.reshape(B, -1)``, for a
+            block-FP8 o_proj (pd.layers.fp8_rows); needs fp8_rows_fit(Dv, group). Rows with unit last stride.
 
     Returns:
         out. Asynchronous: two launches, no host sync, shapes independent of the lengths (CUDA-graph capturable).
@@ -321,10 +340,17 @@ def decode_attention(
         BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DR=block_dr, BLOCK_DV=block_dv,
         V_IS_K=v_is_k, DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
+    q8, q_scale, quant_group = fp8_rows if fp8_rows is not None else (out, lse, 0)  # (pointers never read)
+    if fp8_rows is not None:
+        assert fp8_rows_fit(head_dim_v, quant_group), (head_dim_v, quant_group)
+        assert q8.dtype == torch.float8_e4m3fn and q8.shape == (batch, num_q_heads * head_dim_v), q8.shape
+        assert q_scale.shape == (batch, num_q_heads * head_dim_v // quant_group) and q_scale.dtype == torch.float32
+        assert q8.stride(1) == 1 and q_scale.stride(1) == 1, (q8.stride(), q_scale.stride())
     _decode_stage2_kernel[(num_q_heads, batch)](
-        partial, lse, out, num_kv_splits,
+        partial, lse, out, q8, q_scale, num_kv_splits,
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1),
-        DV=head_dim_v, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(num_kv_splits), num_warps=4,
+        out.stride(0), out.stride(1), q8.stride(0), q_scale.stride(0),
+        DV=head_dim_v, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(num_kv_splits), QUANT_GROUP=quant_group,
+        num_warps=4,
     )  # fmt: skip
     return out

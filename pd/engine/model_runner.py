@@ -111,6 +111,8 @@ class ModelRunner:
             for layer in self.model.modules():
                 if isinstance(layer, DecoderLayer):
                     layer.quantize_norm_for_qkv()
+                elif isinstance(layer, Attention) and fused_kernels.enabled_on(self.device):
+                    layer.quantize_output_for_o_proj()
         layout = self.model.kv_layout()
         self.kv_dtype = kv_storage_dtype(cfg.kv_cache_dtype, cfg.dtype)
         self.num_pages = self._num_pages(layout)

@@ -21,12 +21,18 @@ def paged_attention(
     scale: float,
     kv_heads: slice | None = None,
     kv_stored: bool = False,
+    fp8_group: int | None = None,
 ) -> torch.Tensor:
     """Multi-head / grouped-query attention. q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, Hq, Dv].
     All Hk heads are cached; the queries attend over ``kv_heads`` of them (default all), a tensor-parallel
-    rank's share. kv_stored: the caller has written k and v into the cache already (the fused rotary kernel)."""
+    rank's share. kv_stored: the caller has written k and v into the cache already (the fused rotary kernel).
+    fp8_group: the output may also come quantized per that many columns of its [T, Hq * Dv] rows, attached
+    (pd.layers.fp8_rows), where the backend can write it (writes_fp8_rows: the Triton backend's decode batches)."""
     if batch.num_tokens == 0:
         return q.new_zeros(0, q.shape[1], v.shape[-1])
+    if fp8_group and getattr(batch.attn_backend, "writes_fp8_rows", False):
+        return batch.attn_backend.forward(layer_id, q, k, v, batch, scale, kv_heads=kv_heads, kv_stored=kv_stored,
+                                          fp8_group=fp8_group)  # fmt: skip
     return batch.attn_backend.forward(layer_id, q, k, v, batch, scale, kv_heads=kv_heads, kv_stored=kv_stored)
 
 

@@ -27,3 +27,12 @@ def attached(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] |
     if found is None or found[2] != group:
         return None
     return found[0], found[1]
+
+
+def flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, ...] as [M, K] (a reshape), carrying x's attached quantization along (its q reshaped the same way)."""
+    rows = x.reshape(x.shape[0], -1)
+    found = getattr(x, _ATTRIBUTE, None)
+    if found is not None:
+        attach(rows, found[0].reshape(rows.shape), found[1], found[2])
+    return rows

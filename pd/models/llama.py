@@ -13,7 +13,7 @@ from torch import nn
 
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.forward_batch import ForwardBatch
-from pd.layers import fused_kernels
+from pd.layers import fp8_rows, fused_kernels
 from pd.layers.activation import silu_and_mul
 from pd.layers.attention import paged_attention
 from pd.layers.norm import RMSNorm
@@ -70,6 +70,31 @@ class Attention(nn.Module):
         # fuse_qkv(): the fused linear (in a tuple: not a submodule, so the checkpoint's names stay q/k/v's) and the
         # three output sizes
         self._qkv: tuple[nn.Module, list[int]] | None = None
+        # quantize_output_for_o_proj(): (scale group, most rows) of the attention outputs written in e4m3 too
+        self._o_proj_fp8: tuple[int, int] | None = None
+
+    def quantize_output_for_o_proj(self) -> bool:
+        """Has decode attention also write its output in e4m3 for a block-FP8 o_proj (pd.layers.fp8_rows: the
+        o_proj's quantization launch folded into the attention's last one; the same values). For fused kernels
+        only (it imports them). -> whether it does."""
+        from pd.layers.triton_fp8_gemm import SPLIT_K_MAX_ROWS
+
+        if not isinstance(self.o_proj, Fp8Linear):
+            return False
+        group = self.o_proj.block[1]
+        if group < 16 or group & (group - 1) or self.head_dim % group or self.head_dim & (self.head_dim - 1):
+            return False
+        self._o_proj_fp8 = (group, SPLIT_K_MAX_ROWS)
+        return True
+
+    def _o_proj_fp8_group(self, num_tokens: int) -> int | None:
+        """The group the attention writes e4m3 rows in for o_proj, if its GEMM reads them: only the split-K one
+        (decode-sized rows, PD_FP8_GEMM=auto; pd.layers.triton_fp8_gemm.w8a8_block_linear)."""
+        if self._o_proj_fp8 is None or num_tokens > self._o_proj_fp8[1]:
+            return None
+        from pd.layers import fp8_scaled_mm
+
+        return self._o_proj_fp8[0] if fp8_scaled_mm.mode() == "auto" else None
 
     def fuse_qkv(self) -> bool:
         """Runs q/k/v as one GEMM from now on (one launch instead of three: at decode sizes each is launch-bound,
@@ -137,8 +162,9 @@ class Attention(nn.Module):
         # in the cache
         q, rotated = rotary(batch.positions, q, k, self.q_norm, self.k_norm, store)
         out = paged_attention(self.layer_id, q, k if rotated is None else rotated, v, batch, self.scale,
-                              self.attended_kv_heads, kv_stored=rotated is None)  # fmt: skip
-        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)))
+                              self.attended_kv_heads, kv_stored=rotated is None,
+                              fp8_group=self._o_proj_fp8_group(num_tokens))  # fmt: skip
+        return self.tp.all_reduce(self.o_proj(fp8_rows.flatten_rows(out)))
 
 
 class DenseMLP(nn.Module):
