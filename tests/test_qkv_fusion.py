@@ -7,8 +7,8 @@ interpreted whole-model test, tests/test_attention_backends.py, with every other
 On the CPU engines pack their linears instead of fusing them (pd.engine.model_runner); here the packing is swapped
 for the fusion so the fused path runs on this machine. The GPU parity tests (tests/test_gpu_parity.py) run it as
 served, against transformers. In Triton's interpreter, input norms that also write the e4m3 rows a fused block-FP8
-q/k/v GEMM reads (pd.layers.fp8_rows) leave the logits exactly unchanged, and so does decode attention writing the
-e4m3 rows a block-FP8 o_proj reads.
+q/k/v GEMM reads (pd.layers.fp8_rows) leave the logits exactly unchanged, and so do decode attention writing the
+e4m3 rows a block-FP8 o_proj reads and the post-attention norm summing o_proj's split-K partials.
 """
 
 from __future__ import annotations
@@ -132,32 +132,39 @@ def test_norms_quantizing_for_fp8_qkv_give_the_same_logits_in_interpreter(tmp_pa
                     timeout_s=600)  # fmt: skip
 
 
-def check_attention_quantizing_for_fp8_o_proj(tmp: str, seed: int) -> None:
-    """In the interpreter child: decode steps of an engine running the GPU's kernels on a block-FP8 Qwen3-MoE whose
-    decode attention also writes e4m3 rows for o_proj (pd.layers.fp8_rows) give exactly the logits of the same
-    steps with o_proj quantizing the attention output itself; the copy is read (not just written)."""
+def check_fp8_o_proj_fusions(tmp: str, seed: int) -> None:
+    """In the interpreter child: decode steps of an engine running the GPU's kernels on a block-FP8 Qwen3-MoE give
+    exactly the same logits with each of o_proj's fusions on or off: the decode attention also writing e4m3 rows
+    for o_proj (pd.layers.fp8_rows), and o_proj's split-K partials summed by the post-attention add-and-norm
+    (pd.layers.split_k_parts). Each fusion is used when on (the copy read, the partials reaching the norm)."""
+    import pd.layers.triton_rmsnorm as triton_rmsnorm
     from pd.layers import fp8_rows, fused_kernels
+    from pd.layers.split_k_parts import SplitKParts
 
     base = make_bf16_checkpoint("qwen3_moe", os.path.join(tmp, "bf16"), seed=seed)
     fp8 = os.path.join(tmp, "fp8")
     write_fp8_pair(base, fp8, os.path.join(tmp, "dequant"), (32, 16), ("lm_head", "mlp.gate"))
-    reads = []
-    real_attached = fp8_rows.attached
+    used = {"rows": 0, "parts": 0}
+    real_attached, real_norm = fp8_rows.attached, triton_rmsnorm.add_rms_norm
 
-    def spy(x: torch.Tensor, group: int):  # noqa: ANN202
+    def spy_attached(x: torch.Tensor, group: int):  # noqa: ANN202
         found = real_attached(x, group)
-        reads.append(found is not None and x.shape[-1] != attention.o_proj.out_features)  # o_proj's input
+        used["rows"] += found is not None and x.shape[-1] == attentions[0].o_proj.in_features  # o_proj's input
         return found
 
-    fp8_rows.attached = spy
+    def spy_norm(x, delta, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        used["parts"] += isinstance(delta, SplitKParts)
+        return real_norm(x, delta, *args, **kwargs)
+
+    fp8_rows.attached, triton_rmsnorm.add_rms_norm = spy_attached, spy_norm
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 9, 3)]
     with fused_kernels.on_cpu():
         engine = LLM(fp8, page_size=4, chunked_prefill_size=32, attention_backend="triton", moe_runner="triton")
         runner, sched = engine.runner, engine.scheduler
         attentions = [m for m in runner.model.modules() if isinstance(m, Attention)]
-        attention = attentions[0]
-        assert attentions and all(m._o_proj_fp8 is not None for m in attentions)
+        assert attentions and all(m._o_proj_fp8 is not None and m.o_proj_unsummed for m in attentions)
+        assert attentions[0].o_proj.in_features != attentions[0].o_proj.out_features  # tells o_proj's input apart
         rows = []
         for prompt in prompts:
             pages, row = sched.pool.alloc(sched._pages_for(len(prompt) + 4)), sched.slots.alloc_row()
@@ -166,27 +173,22 @@ def check_attention_quantizing_for_fp8_o_proj(tmp: str, seed: int) -> None:
             runner.forward(runner.build_batch(prompt, [row], [0], [len(prompt)], sched.slots))
         lens = [len(p) for p in prompts]
         step = [int(t) for t in torch.randint(0, 256, (len(rows),), generator=gen)]
+        settings = [(m._o_proj_fp8, m.o_proj_unsummed) for m in attentions]
 
-        def decode() -> torch.Tensor:  # one decode step; run again it rewrites the same KV slots with the same values
-            return runner.forward(runner.build_batch(step, rows, lens, [1] * len(rows), sched.slots)).clone()
+        def decode(quantize: bool, unsummed: bool) -> torch.Tensor:
+            """One decode step (again and again: it rewrites the same KV slots with the same values)."""
+            for m, (fp8_setting, _) in zip(attentions, settings, strict=True):
+                m._o_proj_fp8, m.o_proj_unsummed = (fp8_setting if quantize else None), unsummed
+            used.update(rows=0, parts=0)
+            logits = runner.forward(runner.build_batch(step, rows, lens, [1] * len(rows), sched.slots)).clone()
+            assert (used["rows"] > 0) == quantize and (used["parts"] > 0) == unsummed, (quantize, unsummed, used)
+            return logits
 
-        reads.clear()
-        quantizing = decode()
-        assert any(reads), "no o_proj read the attention's e4m3 rows"
-        saved = [m._o_proj_fp8 for m in attentions]
-        for m in attentions:
-            m._o_proj_fp8 = None
-        reads.clear()
-        plain = decode()
-        assert not any(reads)
-        for m, value in zip(attentions, saved, strict=True):
-            m._o_proj_fp8 = value
-        assert torch.equal(decode(), quantizing)
-    assert torch.equal(quantizing, plain)
+        both = decode(True, True)
+        for quantize, unsummed in ((False, False), (True, False), (False, True)):
+            assert torch.equal(decode(quantize, unsummed), both), (quantize, unsummed)
 
 
 @needs_triton
-def test_decode_attention_quantizing_for_fp8_o_proj_gives_the_same_logits_in_interpreter(tmp_path, interpreter
-                                                                                          ) -> None:  # fmt: skip
-    interpreter.run(__name__, "check_attention_quantizing_for_fp8_o_proj", str(tmp_path), secrets.randbelow(2**31),
-                    timeout_s=600)  # fmt: skip
+def test_fp8_o_proj_fusions_give_the_same_logits_in_interpreter(tmp_path, interpreter) -> None:
+    interpreter.run(__name__, "check_fp8_o_proj_fusions", str(tmp_path), secrets.randbelow(2**31), timeout_s=600)

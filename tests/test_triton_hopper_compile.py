@@ -94,7 +94,9 @@ def test_attention_kernels_compile_for_hopper() -> None:
 
 def test_router_norm_and_rotary_kernels_compile_for_hopper() -> None:
     """The fused router (softmax top-8 of 128, DeepSeek-V3's grouped sigmoid top-8 of 256 with bias), RMSNorm
-    (plain, with the residual add, with e4m3 rows written too) and the rotary kernel (with q/k norms)."""
+    (plain, with the residual add, with e4m3 rows written too, adding split-K partials) and the rotary kernel (with
+    q/k norms)."""
+    from pd.layers.split_k_parts import SplitKParts
     from pd.layers.triton_rmsnorm import add_rms_norm, rms_norm
     from pd.layers.triton_rotary import apply_rotary
     from pd.moe.topk import TopKConfig
@@ -111,12 +113,14 @@ def test_router_norm_and_rotary_kernels_compile_for_hopper() -> None:
         rms_norm(x, w, 1e-6)
         add_rms_norm(x, x.clone(), w, 1e-6)
         add_rms_norm(x, x.clone(), w, 1e-6, quant_group=128)  # also writing e4m3 rows for an FP8 linear
+        add_rms_norm(x, SplitKParts(torch.randn(4, 64, 2048), w, x.dtype), w, 1e-6)  # summing split-K partials
         q, k = torch.randn(64, 32, 128, dtype=torch.bfloat16), torch.randn(64, 4, 128, dtype=torch.bfloat16)
         table = torch.randn(4096, 2, 64)
         norm_w = torch.ones(128, dtype=torch.bfloat16)
         apply_rotary(torch.arange(64), q, k, table, False, (norm_w, 1e-6, norm_w, 1e-6))
     _assert_compiled(result, {"_select_experts_kernel", "_rmsnorm_kernel", "_add_rmsnorm_kernel", "_rotary_kernel"})
-    assert {c["QUANT_GROUP"] for name, c in result.ok if name == "_add_rmsnorm_kernel"} == {0, 128}
+    assert {(c["QUANT_GROUP"], c["SPLITS"]) for name, c in result.ok if name == "_add_rmsnorm_kernel"} == {
+        (0, 0), (128, 0), (0, 4)}
 
 
 def test_greedy_argmax_kernels_compile_for_hopper() -> None:

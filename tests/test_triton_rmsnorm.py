@@ -76,6 +76,23 @@ def check_add_quant(device: str, rows: int, n: int, group: int, seed: int) -> No
     assert torch.equal(from_copy, quantizing)
 
 
+def check_add_split_parts(device: str, rows: int, n: int, splits: int, bias: bool, seed: int) -> None:
+    """add_rms_norm over a split-K GEMM's unsummed partials (pd.layers.split_k_parts): the same sum and norm bits
+    as summing them first (the GEMM's own sums launch) and adding that."""
+    from pd.layers.split_k_parts import SplitKParts
+    from pd.layers.triton_fp8_gemm import sum_splits
+    from pd.layers.triton_rmsnorm import add_rms_norm
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n, generator=gen) * 0.5 + 1).to(torch.bfloat16).to(device)
+    x = (torch.randn(rows, n, generator=gen) * 3).to(torch.bfloat16).to(device)
+    part = (torch.randn(splits, rows, n, generator=gen) * 2).to(device)
+    b = (torch.randn(n, generator=gen)).to(torch.bfloat16).to(device) if bias else None
+    want_sum, want = add_rms_norm(x, sum_splits(part, b, torch.bfloat16), weight, 1e-6)
+    got_sum, got = add_rms_norm(x, SplitKParts(part, b, torch.bfloat16), weight, 1e-6)
+    assert torch.equal(got_sum, want_sum) and torch.equal(got, want)
+
+
 INTERPRETER_CASES = [(1, 7, torch.float32, False), (5, 64, torch.float32, True), (3, 100, torch.bfloat16, False),
                      (4, 33, torch.float16, True), (0, 16, torch.float32, False)]  # fmt: skip
 
@@ -104,6 +121,19 @@ def test_triton_add_rmsnorm_quantizing_for_an_fp8_linear_under_the_interpreter(i
     seed = int(torch.randint(0, 2**62, ()))
     for rows, n, group in ((3, 100, 16), (5, 64, 32)):  # a partial last group; whole groups
         interpreter.run(__name__, "check_add_quant", "cpu", rows, n, group, seed, timeout_s=300)
+
+
+@needs_triton
+def test_triton_add_rmsnorm_summing_split_k_partials_under_the_interpreter(interpreter: InterpreterChild) -> None:
+    seed = int(torch.randint(0, 2**62, ()))
+    for rows, n, splits, bias in ((3, 100, 4, True), (5, 64, 2, False)):
+        interpreter.run(__name__, "check_add_split_parts", "cpu", rows, n, splits, bias, seed, timeout_s=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,n,splits", [(1, 2048, 8), (64, 2048, 4), (33, 7168, 3)])
+def test_triton_add_rmsnorm_summing_split_k_partials_on_the_gpu(rows: int, n: int, splits: int) -> None:
+    check_add_split_parts("cuda", rows, n, splits, rows % 2 == 1, int(torch.randint(0, 2**62, ())))
 
 
 @pytest.mark.gpu

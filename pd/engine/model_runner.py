@@ -111,6 +111,8 @@ class ModelRunner:
             for layer in self.model.modules():
                 if isinstance(layer, DecoderLayer):
                     layer.quantize_norm_for_qkv()
+                    if fused_kernels.enabled_on(self.device):
+                        layer.sum_o_proj_in_norm()
                 elif isinstance(layer, Attention) and fused_kernels.enabled_on(self.device):
                     layer.quantize_output_for_o_proj()
         layout = self.model.kv_layout()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pd.layers import fused_kernels
+from pd.layers.split_k_parts import SplitKParts
 
 
 class RMSNorm(nn.Module):
@@ -30,11 +31,15 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, norm(x + delta)); delta None means zero. On CUDA one kernel does both (the decoder layers'
-        residual adds, which would otherwise each be a launch of their own)."""
+    def add_forward(self, x: torch.Tensor,
+                    delta: torch.Tensor | SplitKParts | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(x + delta, norm(x + delta)); delta None means zero, a SplitKParts a split-K GEMM's unsummed result
+        (pd.layers.split_k_parts: the kernel sums it). On CUDA one kernel does both (the decoder layers' residual
+        adds, which would otherwise each be a launch of their own)."""
         if delta is None:
             return x, self(x)
+        if isinstance(delta, SplitKParts) and not fused_kernels.enabled(x):
+            delta = delta.summed()
         if fused_kernels.enabled(x):
             from pd.layers import fp8_scaled_mm
             from pd.layers.triton_fp8_gemm import SPLIT_K_MAX_ROWS

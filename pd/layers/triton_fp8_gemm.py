@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from pd.layers import fp8_rows, fp8_scaled_mm
+from pd.layers.split_k_parts import SplitKParts
 
 FP8_DTYPE = torch.float8_e4m3fn  # pd.quant.fp8.FP8_DTYPE (not imported: this module is the GPU path it dispatches to)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -381,7 +382,8 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
                         bias: torch.Tensor | None = None, splits: int | None = None,
                         quantize_before: bool | None = None,
                         quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
-                        config: dict[str, int] | None = None) -> torch.Tensor:  # fmt: skip
+                        config: dict[str, int] | None = None,
+                        defer_sums: bool = False) -> torch.Tensor | SplitKParts:  # fmt: skip
     """The block-FP8 linear for decode-sized x [M <= SPLIT_K_MAX_ROWS, K] (split_k_fits): the activations are
     quantized inside the GEMM (the same values as token_group_quant) or by token_group_quant before it, and K is
     split over programs so the few column blocks of a small N still spread the weight over every SM, each split's
@@ -395,9 +397,11 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         quantized: x already quantized by its producer, (e4m3 [M, K], float32 scales [M, ceil(K / block[1])]) as
             token_group_quant gives them: no quantization here.
         config: BLOCK_N, num_warps, num_stages of the GEMM (default SPLIT_K_CONFIG; benchmarks sweep them).
+        defer_sums: with more than one split, return the partials unsummed (pd.layers.split_k_parts) for a
+            consumer that sums them as it loads them.
 
     Returns:
-        [M, N] in x's dtype, contiguous.
+        [M, N] in x's dtype, contiguous; or with defer_sums and several splits, a SplitKParts.
     """
     m, k = x.shape
     n = weight.shape[0]
@@ -433,22 +437,37 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if splits > 1:
-        _sum_splits_kernel[(m, triton.cdiv(n, _SUM_BLOCK_N))](
-            part, bias_arg, out, n, part.stride(0), part.stride(1), out.stride(0), SPLITS=splits,
-            HAS_BIAS=bias is not None, OUT_DTYPE=_TL_DTYPES[x.dtype], BLOCK_N=_SUM_BLOCK_N,
-        )  # fmt: skip
+        if defer_sums:
+            return SplitKParts(part, bias, x.dtype)
+        sum_splits(part, bias, x.dtype, out)
+    return out
+
+
+def sum_splits(part: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """[M, N] in dtype: the float32 partials part [splits, M, N] summed in split order, plus the bias, rounded once
+    (the split-K GEMM's second launch)."""
+    splits, m, n = part.shape
+    assert part.dtype == torch.float32 and part.stride(-1) == 1, (part.dtype, part.stride())
+    out = torch.empty(m, n, dtype=dtype, device=part.device) if out is None else out
+    _sum_splits_kernel[(m, triton.cdiv(n, _SUM_BLOCK_N))](
+        part, bias if bias is not None else out, out, n, part.stride(0), part.stride(1), out.stride(0),
+        SPLITS=splits, HAS_BIAS=bias is not None, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK_N=_SUM_BLOCK_N,
+    )  # fmt: skip
     return out
 
 
 def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
-                      bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                      bias: torch.Tensor | None = None,
+                      defer_sums: bool = False) -> torch.Tensor | SplitKParts:  # fmt: skip
     """A block-FP8 linear on x [..., K] (float32/bfloat16/float16) -> [..., N] in x's dtype. Three launches at
     most (two with PD_FP8_SPLIT_K_QUANT=inside), no host sync (CUDA-graph safe). By PD_FP8_GEMM
     (pd.layers.fp8_scaled_mm.mode):
     - auto (default): decode-sized rows (split_k_fits) take w8a8_split_k_linear; more rows cuBLAS's block-scaled
       FP8 GEMM where it runs (fp8_scaled_mm.use_cublas), else token_group_quant then w8a8_block_gemm;
     - triton: token_group_quant then w8a8_block_gemm at every size;
-    - cublas: cuBLAS at every size where it runs."""
+    - cublas: cuBLAS at every size where it runs.
+    defer_sums: a 2-D x whose GEMM is the split-K one may come back as its unsummed partials (SplitKParts)."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -456,7 +475,10 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     if fp8_scaled_mm.mode() == "auto" and split_k_fits(rows.shape[0], block):
         # a 2-D x may come quantized by its producer (pd.layers.fp8_rows; a reshaped view has lost it)
         quantized = fp8_rows.attached(x, block[1]) if x.dim() == 2 else None
-        out = w8a8_split_k_linear(rows, weight, weight_scale, block, bias, quantized=quantized)
+        out = w8a8_split_k_linear(rows, weight, weight_scale, block, bias, quantized=quantized,
+                                  defer_sums=defer_sums and x.dim() == 2)  # fmt: skip
+        if isinstance(out, SplitKParts):
+            return out
     elif fp8_scaled_mm.use_cublas(rows.shape[0], weight, block, x.dtype):
         a_q, a_scale = token_group_quant_for_cublas(rows, block[1])
         out = fp8_scaled_mm.block_scaled_mm(a_q, a_scale, weight, weight_scale, x.dtype, bias)[: rows.shape[0]]

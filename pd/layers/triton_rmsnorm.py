@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from pd.layers import fp8_rows
+from pd.layers.split_k_parts import SplitKParts
 from pd.layers.triton_fp8_gemm import FP8_DTYPE, e4m3_groups
 
 
@@ -33,14 +34,22 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_stride, out_stride, eps, BL
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, q_ptr, s_ptr, n_cols, x_stride, d_stride,
-                        sum_stride, out_stride, q_stride, s_stride, eps, BLOCK: tl.constexpr,
-                        QUANT_GROUP: tl.constexpr):  # fmt: skip
+def _add_rmsnorm_kernel(x_ptr, d_ptr, bias_ptr, w_ptr, sum_ptr, out_ptr, q_ptr, s_ptr, n_cols, x_stride, d_stride,
+                        d_split_stride, sum_stride, out_stride, q_stride, s_stride, eps, BLOCK: tl.constexpr,
+                        QUANT_GROUP: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     a = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(d_ptr + row * d_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if SPLITS > 0:  # delta is a split-K GEMM's float32 partials: summed as its sums launch does, then rounded
+        acc = tl.zeros([BLOCK], tl.float32)
+        for split in tl.static_range(SPLITS):
+            acc += tl.load(d_ptr + split * d_split_stride + row * d_stride + cols, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        b = acc.to(sum_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        b = tl.load(d_ptr + row * d_stride + cols, mask=mask, other=0.0).to(tl.float32)
     total = (a + b).to(sum_ptr.dtype.element_ty)
     tl.store(sum_ptr + row * sum_stride + cols, total, mask=mask)
     x = total.to(tl.float32)
@@ -63,15 +72,23 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | SplitKParts, weight: torch.Tensor, eps: float,
                  quant_group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """x, delta [..., N] of one dtype, weight [N] -> (x + delta, rms_norm(x + delta)), both new contiguous tensors
-    in x's dtype, in one launch. With ``quant_group`` (a power of two dividing N's next power of two) the norm's
+    in x's dtype, in one launch. delta may be a split-K GEMM's unsummed partials (x 2-D): summed here as the
+    GEMM's sums launch would. With ``quant_group`` (a power of two dividing N's next power of two) the norm's
     rows are also quantized to e4m3 per group of that many columns, as token_group_quant would, and attached to
     the norm (pd.layers.fp8_rows) for the block-FP8 linear that reads it."""
     n = x.shape[-1]
-    assert weight.shape == (n,) and delta.shape == x.shape and delta.dtype == x.dtype, (x.shape, delta.shape)
-    a, b = _rows(x), _rows(delta)
+    a = _rows(x)
+    if isinstance(delta, SplitKParts):
+        assert x.dim() == 2 and delta.shape == x.shape and delta.dtype == x.dtype, (x.shape, delta.shape)
+        b, splits, bias = delta.part, delta.part.shape[0], delta.bias
+        assert b.stride(-1) == 1 and (bias is None or bias.shape == (n,)), (b.stride(), bias)
+    else:
+        assert delta.shape == x.shape and delta.dtype == x.dtype, (x.shape, delta.shape)
+        b, splits, bias = _rows(delta), 0, None
+    assert weight.shape == (n,), (weight.shape, n)
     rows = a.shape[0]
     total = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     out = torch.empty_like(total)
@@ -83,9 +100,11 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     else:
         q, scale = out, total  # pointers the kernel never reads
     if rows:
-        _add_rmsnorm_kernel[(rows,)](a, b, weight, total, out, q, scale, n, a.stride(0), b.stride(0), total.stride(0),
+        _add_rmsnorm_kernel[(rows,)](a, b, bias if bias is not None else weight, weight, total, out, q, scale, n,
+                                     a.stride(0), b.stride(-2), b.stride(0) if splits else 0, total.stride(0),
                                      out.stride(0), q.stride(0), scale.stride(0), eps, BLOCK=block,
-                                     QUANT_GROUP=quant_group or 0, num_warps=min(max(block // 256, 1), 16))  # fmt: skip
+                                     QUANT_GROUP=quant_group or 0, SPLITS=splits, HAS_BIAS=bias is not None,
+                                     num_warps=min(max(block // 256, 1), 16))  # fmt: skip
     normed = out.view(x.shape)
     if quant_group:
         fp8_rows.attach(normed, q, scale, quant_group)

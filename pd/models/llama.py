@@ -18,6 +18,7 @@ from pd.layers.activation import silu_and_mul
 from pd.layers.attention import paged_attention
 from pd.layers.norm import RMSNorm
 from pd.layers.rotary import RotaryEmbedding
+from pd.layers.split_k_parts import SplitKParts
 from pd.models.base import CausalLM
 from pd.models.config import ModelConfig
 from pd.moe.context import MoeContext
@@ -72,6 +73,8 @@ class Attention(nn.Module):
         self._qkv: tuple[nn.Module, list[int]] | None = None
         # quantize_output_for_o_proj(): (scale group, most rows) of the attention outputs written in e4m3 too
         self._o_proj_fp8: tuple[int, int] | None = None
+        # a block-FP8 o_proj's split-K partials go out unsummed (DecoderLayer.sum_o_proj_in_norm)
+        self.o_proj_unsummed = False
 
     def quantize_output_for_o_proj(self) -> bool:
         """Has decode attention also write its output in e4m3 for a block-FP8 o_proj (pd.layers.fp8_rows: the
@@ -144,8 +147,8 @@ class Attention(nn.Module):
             fused.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)  # type: ignore[misc]
         return fused
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor | SplitKParts:
+        """x [T, hidden] -> [T, hidden] (with o_proj_unsummed, maybe o_proj's unsummed split-K partials)."""
         num_tokens = x.shape[0]
         if self._qkv is not None:
             fused, sizes = self._qkv
@@ -164,7 +167,10 @@ class Attention(nn.Module):
         out = paged_attention(self.layer_id, q, k if rotated is None else rotated, v, batch, self.scale,
                               self.attended_kv_heads, kv_stored=rotated is None,
                               fp8_group=self._o_proj_fp8_group(num_tokens))  # fmt: skip
-        return self.tp.all_reduce(self.o_proj(fp8_rows.flatten_rows(out)))
+        rows = fp8_rows.flatten_rows(out)
+        if self.o_proj_unsummed:  # (one rank: nothing to all-reduce)
+            return self.o_proj.forward_unsummed(rows)
+        return self.tp.all_reduce(self.o_proj(rows))
 
 
 class DenseMLP(nn.Module):
@@ -224,6 +230,16 @@ class DecoderLayer(nn.Module):
         if group < 16 or group & (group - 1) or group > hidden:  # the kernel's groups: powers of two in the row
             return False
         self.input_layernorm.quant_group = group
+        return True
+
+    def sum_o_proj_in_norm(self) -> bool:
+        """Has a block-FP8 o_proj hand its split-K partials to the post-attention add-and-norm, which sums them as
+        it loads them (pd.layers.split_k_parts: one launch fewer per layer at decode sizes; the same values). One
+        rank only (an all-reduce needs the sum). For fused kernels only. -> whether it does."""
+        attn = self.self_attn
+        if not isinstance(attn, Attention) or not isinstance(attn.o_proj, Fp8Linear) or attn.tp.size != 1:
+            return False
+        attn.o_proj_unsummed = True
         return True
 
     def _attention(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding,

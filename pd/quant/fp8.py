@@ -19,6 +19,7 @@ from torch import nn
 
 from pd.layers import fused_kernels
 from pd.layers.cpu_packed import mkldnn_packable, pack_weight, packed_linear, tensor_stamp
+from pd.layers.split_k_parts import SplitKParts
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -172,6 +173,15 @@ class Fp8Linear(nn.Module):
         if self._packed is None or self._stamp != stamp:
             self._packed, self._stamp = pack_weight(self.dequantized_weight(x.dtype)), stamp
         return packed_linear(x, self._packed, self.bias)
+
+    def forward_unsummed(self, x: torch.Tensor) -> torch.Tensor | SplitKParts:
+        """forward, except that a decode-sized x on the fused kernels may come back as the split-K GEMM's unsummed
+        partials (pd.layers.split_k_parts), for a consumer that sums them itself."""
+        if fused_kernels.enabled(x) and not (torch.is_grad_enabled() and x.requires_grad):
+            from pd.layers.triton_fp8_gemm import w8a8_block_linear
+
+            return w8a8_block_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias, defer_sums=True)
+        return self(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}"
