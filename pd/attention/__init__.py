@@ -15,19 +15,17 @@ A CUDA-graph runner drives three more hooks: `init_graph_state` once (static buf
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from pd.layers.attention import LatentExpand
 
 if TYPE_CHECKING:
     from pd.engine.forward_batch import BatchLayout, ForwardBatch
     from pd.engine.kv_cache import KVCache
 
-# MLA's expansion of context latents [S, C + R] into per-head keys and values (pd.models.mla.MLAttention._expand),
-# handed to AttentionBackend.forward_expanded: (the keys' first Dk - R columns [S, H, Dk - R], their last R columns
-# that every head shares [S, 1, R], values [S, H, Dv]); a key is the first two concatenated.
-LatentExpand = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+__all__ = ["AttentionBackend", "LatentExpand", "get_backend"]
 
 
 class AttentionBackend(Protocol):

@@ -31,7 +31,7 @@ from pd.engine.kv_cache import PagePool
 from pd.engine.model_runner import ModelRunner
 from pd.engine.radix_cache import Node, RadixCache
 from pd.engine.request import Req, ReqState
-from pd.engine.sampler import BAD_ROW, SamplingRows, sample
+from pd.engine.sampler import BAD_ROW, SamplingRows, all_greedy_rows, sample
 
 # In a batch's host token list: this request's input token is the one the step in flight sampled (last_tokens).
 FROM_DEVICE = -1
@@ -167,8 +167,8 @@ class Scheduler:
         then two chunks after a cached prefix, one with as many new tokens as cached ones and one with fewer (MLA
         attends to the first with expanded keys, to the second in the latent space). With piecewise graphs all of
         them run once from the graphs (a forward pads to a captured size) and once eagerly, as forwards the graphs
-        do not take run (mixed batches, MLA's latent form). A variant still met later is logged
-        (pd.engine.compile_watch)."""
+        do not take run (mixed batches, MLA's latent form). Then one greedy sampling of the last forward's logits. A
+        variant still met later is logged (pd.engine.compile_watch)."""
         budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else self.context_length - 1
         budget = int(min(budget, self.prefill_cap, self.context_length - 1, self.pool.num_pages * self.page_size))
         # Each power of two and the size below it: Triton specialises a kernel on whether an int argument (the
@@ -189,7 +189,9 @@ class Scheduler:
             with compile_watch.expected():
                 for new, cached, eager in forwards:
                     batch = self.runner.build_batch([0] * new, [row], [cached], [new], self.slots)
-                    self.runner.forward(batch, eager=eager)
+                    logits = self.runner.forward(batch, eager=eager)
+                # and the greedy sampler's kernels (their variants follow the vocabulary and the logits' dtype)
+                sample(logits, all_greedy_rows(logits.shape[0], logits.device))
                 torch.cuda.synchronize(self.runner.device)
         finally:
             self.pool.free(pages)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
 from pd.engine.forward_batch import ForwardBatch
 
-if TYPE_CHECKING:
-    from pd.attention import LatentExpand
+# MLA's expansion of context latents [S, C + R] into per-head keys and values (pd.models.mla.MLAttention._expand),
+# handed to AttentionBackend.forward_expanded: (the keys' first Dk - R columns [S, H, Dk - R], their last R columns
+# that every head shares [S, 1, R], values [S, H, Dv]); a key is the first two concatenated. (Defined here, not in
+# pd.attention: the backends build on this package's kernels, not the reverse.)
+LatentExpand = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def paged_attention(
