@@ -351,6 +351,8 @@ def decode_attention(
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), q8.stride(0), q_scale.stride(0),
         DV=head_dim_v, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(num_kv_splits), QUANT_GROUP=quant_group,
-        num_warps=4,
+        # one warp up to 128 columns: 3.45 us a launch quantizing, 4.04 us with 4 warps (H200, batch 64 x 32 heads,
+        # 2 splits, in a graph; 3.1 us either way without quantizing)
+        num_warps=1 if block_dv <= 128 else 4,
     )  # fmt: skip
     return out
