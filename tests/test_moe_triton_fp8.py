@@ -193,41 +193,6 @@ def check_gemm_quantizes_a(device: str, seed: int) -> None:
         assert outs[0][(ids >= 0).flatten().cpu()].abs().sum() > 0
 
 
-def check_down_gemm_takes_act(device: str, seed: int) -> None:
-    """The down GEMM taking act(gate) * up from gate_up rows and quantizing it itself (act_a) against the same GEMM
-    on the act-and-mul launch's e4m3 rows (the launch it replaces): equal bits, both activations, a partial last
-    scale group, rows without a local slot."""
-    from pd.moe.runner import triton_runner as tr
-    from pd.moe.runner.fused_moe_kernel import BlockFp8, invoke_fused_moe_gemm
-    from pd.moe.runner.moe_align import align_pairs_to_blocks
-
-    block, scale = (BLOCK, 1) if device == "cpu" else ((128, 128), 8)
-    gen = torch.Generator().manual_seed(seed)
-    for i, (tokens, top_k, experts, hidden, inter, activation) in enumerate(((5, 2, 4, 48, 32, "silu"),
-                                                                             (19, 3, 8, 32, 40, "gelu"))):  # fmt: skip
-        hidden, inter = hidden * scale, inter * scale  # 40 (320): a partial last scale group
-        dispatched, w13, w2 = make_case(seed + i, tokens, top_k, experts, torch.bfloat16, hidden, inter,
-                                        foreign=0.3, device=device)  # fmt: skip
-        _, q2, scales = quantize_experts(w13.float().cpu(), w2.float().cpu(), block)
-        q2, scales = q2.to(device), ExpertScales(scales.w13.to(device), scales.w2.to(device), block)
-        ids = dispatched.topk_ids
-        pairs = tokens * top_k
-        gate_up = (torch.randn(pairs, 2 * inter, generator=gen) * 3).to(torch.bfloat16).to(device)
-        weights = torch.rand(pairs, generator=gen).to(device)
-        aligned = align_pairs_to_blocks(ids, experts, 16)
-        blocks = (aligned.sorted_ids, aligned.expert_of_block, aligned.num_rows_post_pad)
-        config = dict(SMALL, BLOCK_SIZE_K=block[1], BLOCK_SIZE_N=32 * scale)
-        a_q, fp8 = tr._act_and_mul_quantized(gate_up, ids, experts, inter, hidden, activation, torch.bfloat16, scales)
-        outs = []
-        for a, fp8_down, act in ((gate_up, BlockFp8(None, scales.w2, block, hidden), activation), (a_q, fp8, None)):
-            c = torch.zeros(pairs, hidden, dtype=torch.bfloat16, device=device)
-            invoke_fused_moe_gemm(a, q2, c, *blocks, top_k, True, config, weights, fp8_down, act_a=act)
-            outs.append(c.cpu())
-        where = (tokens, top_k, experts, hidden, inter, activation)
-        assert torch.equal(outs[0], outs[1]), where
-        assert outs[0][(ids >= 0).flatten().cpu()].abs().sum() > 0, where
-
-
 def check_fp8_batched(dtype_name: str, seed: int) -> None:
     """The batched format (rows per expert with counts, 0 and max_rows among them, NaN past them) against both
     oracles, expert by expert."""
@@ -316,11 +281,6 @@ def test_gate_up_gemm_quantizing_its_rows_equals_prequantized_rows_in_interprete
 
 
 @needs_triton
-def test_down_gemm_taking_act_equals_the_act_and_mul_launch_in_interpreter(interpreter: InterpreterChild) -> None:
-    interpreter.run(__name__, "check_down_gemm_takes_act", "cpu", _seed())
-
-
-@needs_triton
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_fp8_triton_batched_format_matches_references_in_interpreter(dtype_name: str,
                                                                      interpreter: InterpreterChild) -> None:
@@ -389,11 +349,6 @@ def test_gpu_act_and_mul_quantizes_as_the_two_launches() -> None:
 @pytest.mark.gpu
 def test_gpu_gate_up_gemm_quantizing_its_rows_equals_prequantized_rows() -> None:
     check_gemm_quantizes_a("cuda", int(torch.randint(0, 2**31, ()).item()))
-
-
-@pytest.mark.gpu
-def test_gpu_down_gemm_taking_act_equals_the_act_and_mul_launch() -> None:
-    check_down_gemm_takes_act("cuda", int(torch.randint(0, 2**31, ()).item()))
 
 
 GPU_BATCHED_CASES = [(32, 1024, 7168, 2048), (128, 128, 2048, 768)]  # DeepSeek-V3 EP=8, Qwen3-30B-A3B decode

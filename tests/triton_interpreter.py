@@ -8,6 +8,9 @@ patches server processes that tests start.
 - A scalar comparison against a plain int argument stays int32 data, and masked load/store reject a mask combined
   from it.
 - tl.dot multiplies bf16 operands as their raw uint16 storage: widen them to float32 first (exact).
+- tl.dot hands its operands to numpy's matmul as they are laid out, and BLAS sums a transposed view in another
+  order than a contiguous array (a tile loaded through a descriptor and permuted differs in its last bit from the
+  same tile loaded through pointers): make both contiguous, so a dot's bits depend on its values only, as on a GPU.
 - float32 -> bf16 casts truncate; compiled Triton rounds to nearest even, as torch does.
 - float32 -> float8e4nv casts convert through an integer cast (or, with a rounding mode, misround); compiled
   Triton rounds to nearest even (cvt.rn.satfinite), as torch's float8_e4m3fn does for values within +-448.
@@ -37,8 +40,9 @@ def patch_interpreter() -> None:
 
     def widen(h: Any) -> Any:
         if h.dtype.scalar != tl.bfloat16:
-            return h
-        return interpreter.TensorHandle((np.asarray(h.data).astype(np.uint32) << 16).view(np.float32), tl.float32)
+            return interpreter.TensorHandle(np.ascontiguousarray(h.data), h.dtype)
+        wide = (np.asarray(h.data).astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(np.ascontiguousarray(wide), tl.float32)
 
     def to_e4m3(src: Any) -> Any:
         f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))

@@ -94,17 +94,6 @@ def _b_scale_ptrs(bs_expert_ptr, pid_n, offs_n, split, stride_bsn, GROUP_N: tl.c
 
 
 @triton.jit
-def act_mul(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """act(gate) * up from float32 gate and up, in the model dtype (the runner's act-and-mul arithmetic)."""
-    if ACTIVATION == "silu":
-        act = gate / (1.0 + tl.exp(-gate))
-    else:  # exact (erf) GELU, F.gelu's default
-        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
-    return (act.to(OUT_DTYPE).to(tl.float32) * up).to(OUT_DTYPE)
-
-
-@triton.jit
 def _load_b(b_ptrs, b_desc, b_row, k, k_left, EVEN_K: tl.constexpr, B_DESC: tl.constexpr, BLOCK_K: tl.constexpr):
     """The k-th [BLOCK_K, BLOCK_N] tile of B: through a tensor descriptor (TMA on Hopper: BLOCK_N rows of the
     [E * N, K] weights from row ``b_row``, K past its end read as zeros) or through pointers."""
@@ -121,8 +110,7 @@ def _load_b(b_ptrs, b_desc, b_row, k, k_left, EVEN_K: tl.constexpr, B_DESC: tl.c
 def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak, stride_bk, stride_ask, stride_bsk,
                     EVEN_K: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, SCALAR_B: tl.constexpr, QUANTIZE_A: tl.constexpr = False,
-                    b_desc=None, b_row=0, B_DESC: tl.constexpr = False, a_up=0,
-                    ACT_A: tl.constexpr = ""):  # fmt: skip
+                    b_desc=None, b_row=0, B_DESC: tl.constexpr = False):  # fmt: skip
     """_accumulate for float8_e4m3fn A and B: each k-step's fp8 product times A's row scales (``as_ptrs`` at group
     0) and B's column scales (``bs_ptrs`` at group 0), summed in float32.
 
@@ -135,11 +123,7 @@ def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak
     (Issuing two k-steps' products before scaling either, so one's scaling could overlap the other's MMA, was
     measured slower on an H200 at every size: benchmarks/results/h200_2026-12-03, ninth run.)
 
-    B_DESC: B's tiles come through ``b_desc`` (see _load_b), ``b_ptrs`` unread.
-
-    ACT_A (with QUANTIZE_A): A's rows are gate_up rows, gate in columns [0, K) and up in [a_up, a_up + K): each k-step
-    computes act(gate) * up in the model dtype (the act-and-mul launch's arithmetic) before quantizing it, so the
-    down GEMM needs no act-and-mul launch."""
+    B_DESC: B's tiles come through ``b_desc`` (see _load_b), ``b_ptrs`` unread."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -151,13 +135,6 @@ def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak
         b = _load_b(b_ptrs, b_desc, b_row, k, k_left, EVEN_K, B_DESC, BLOCK_K)
         group = (k * BLOCK_K) // GROUP_K
         if QUANTIZE_A:  # rows outside a_rows_valid are zeros: scale 1e-10 / 448, products 0
-            if ACT_A != "":  # (act(0) * 0 is 0 too)
-                if EVEN_K:
-                    up = tl.load(a_ptrs + a_up * stride_ak, mask=a_rows_valid[:, None], other=0.0)
-                else:
-                    up = tl.load(a_ptrs + a_up * stride_ak, mask=a_rows_valid[:, None] & (offs_k[None, :] < k_left),
-                                 other=0.0)  # fmt: skip
-                a = act_mul(a.to(tl.float32), up.to(tl.float32), ACT_A, a.dtype)
             a, a_s = e4m3_groups(a.to(tl.float32), b.dtype)
         else:
             a_s = tl.load(as_ptrs + group * stride_ask, mask=a_rows_valid, other=0.0)
@@ -202,7 +179,7 @@ def _fused_moe_kernel(
     DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, USE_FP8: tl.constexpr, QUANTIZE_A: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, SCALAR_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    b_desc=None, B_DESC: tl.constexpr = False, a_up=0, ACT_A: tl.constexpr = "",
+    b_desc=None, B_DESC: tl.constexpr = False,
 ):  # fmt: skip
     # Programs in groups of GROUP_M row blocks that walk the column blocks together, so the A rows of a group
     # stay in L2 while the group sweeps N (the Triton matmul tutorial's ordering).
@@ -238,7 +215,7 @@ def _fused_moe_kernel(
                                 BLOCK_N, SCALAR_B)  # fmt: skip
         acc = _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, valid, K, stride_ak, stride_bk, stride_ask,
                               stride_bsk, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SCALAR_B, QUANTIZE_A,
-                              b_desc, b_row, B_DESC, a_up, ACT_A)  # fmt: skip
+                              b_desc, b_row, B_DESC)  # fmt: skip
     else:
         acc = _accumulate(a_ptrs, b_ptrs, valid, K, stride_ak, stride_bk, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           BLOCK_K, b_desc, b_row, B_DESC)  # fmt: skip
@@ -267,7 +244,6 @@ def invoke_fused_moe_gemm(
     topk_weights_P: torch.Tensor | None = None,
     fp8: BlockFp8 | None = None,
     tma: bool | None = None,
-    act_a: str | None = None,
 ) -> torch.Tensor:
     """c[p] = a[row(p)] @ b[expert(p)].T (times weight[p]) for every pair p in ``sorted_ids``. Asynchronous.
 
@@ -288,9 +264,6 @@ def invoke_fused_moe_gemm(
         fp8: the scales of float8_e4m3fn A and B (a_scale [X, ceil(K / GROUP_K)]); config's BLOCK_SIZE_K must
             divide GROUP_K. With a_scale None, A is in C's dtype and quantized by the kernel (BLOCK_SIZE_K must be
             GROUP_K). None: A, B and C share the model dtype.
-        tma: read B through a tensor descriptor (default weight_descriptor_wanted).
-        act_a: with fp8 quantized by the kernel, a_XK holds gate_up rows [X, 2K] (gate, then up) and the kernel
-            takes act_a(gate) * up (``silu``/``gelu``) as A, in the model dtype, as the act-and-mul launch would.
 
     Returns:
         c_PN.
@@ -298,8 +271,7 @@ def invoke_fused_moe_gemm(
     block_m, block_n, block_k = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     num_pairs, n = c_PN.shape
     e, n_b, k = b_ENK.shape
-    assert a_XK.dim() == 2 and a_XK.shape[1] == (2 * k if act_a else k) and a_XK.stride(1) == 1, (a_XK.shape, k)
-    assert not act_a or (fp8 is not None and fp8.a_scale is None), "act_a: A in the model dtype, quantized inside"
+    assert a_XK.dim() == 2 and a_XK.shape[1] == k and a_XK.stride(1) == 1, (a_XK.shape, b_ENK.shape)
     assert a_XK.shape[0] * (1 if a_per_pair else top_k) == num_pairs and n_b == n, (a_XK.shape, c_PN.shape)
     _check_operands(a_XK, b_ENK, c_PN, fp8, block_k)
     assert sorted_ids.dtype == expert_of_block.dtype == num_rows_post_pad.dtype == torch.int32
@@ -324,7 +296,7 @@ def invoke_fused_moe_gemm(
         QUANTIZE_A=fp8 is not None and fp8.a_scale is None, GROUP_N=group[0], GROUP_K=group[1],
         SCALAR_B=_scalar_b(fp8, n, block_n),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
-        b_desc=b_desc, B_DESC=b_desc is not None, a_up=k, ACT_A=act_a or "",
+        b_desc=b_desc, B_DESC=b_desc is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return c_PN

@@ -20,11 +20,13 @@ Block-FP8 experts (``scales`` given, float8_e4m3fn weights): the GEMMs' inputs a
 bk columns first (pd.layers.triton_fp8_gemm.token_group_quant: the hidden rows before gate_up, the act(gate) * up
 rows before down; in the batched format only the rows below each count), and both GEMMs multiply fp8 tiles with
 their block scales (fused_moe_kernel.BlockFp8). In the standard format no launch is added: the act(gate) * up rows
-are quantized by the act-and-mul launch itself (``_act_and_mul_quant_kernel``); with decode-sized tiles (BLOCK_M
+are quantized by the act-and-mul launch itself (``_act_and_mul_quant_kernel``), and with decode-sized tiles (BLOCK_M
 up to QUANTIZE_IN_GEMM_MAX_BLOCK_M) the gate_up GEMM quantizes its hidden tiles itself (larger tiles: one
-quantization launch before it) and the down GEMM computes act(gate) * up from the gate_up rows and quantizes it
-itself (no act-and-mul launch: four launches up to 128 pairs); the same bits either way. The batched format adds
-two launches. Still no host sync. This adds the activations' e4m3 rounding to the dequantized reference's arithmetic.
+quantization launch before it); the same bits either way. (Having the down GEMM compute act(gate) * up from the
+gate_up rows in its k-steps instead, with no act-and-mul launch, was measured slower on an H200: its 16 column
+blocks each redo the activation, +37 us of experts per batch-64 FP8 step against the launch's 19 us.) The batched
+format adds two launches. Still no host sync. This adds the activations' e4m3 rounding to the dequantized
+reference's arithmetic.
 
 The arithmetic follows pd.moe.runner.torch_ref stage by stage; only the GEMMs' accumulation order differs (float32
 in both). Every stage is deterministic: same inputs, same bits.
@@ -41,13 +43,24 @@ import triton.language as tl
 from pd.layers.triton_fp8_gemm import FP8_DTYPE, e4m3_groups, kernel_block_k, token_group_quant
 from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
 from pd.moe.runner import ExpertScales
-from pd.moe.runner.fused_moe_kernel import BlockFp8, act_mul, get_config, invoke_batched_moe_gemm, invoke_fused_moe_gemm
+from pd.moe.runner.fused_moe_kernel import BlockFp8, get_config, invoke_batched_moe_gemm, invoke_fused_moe_gemm
 from pd.moe.runner.moe_align import align_pairs_to_blocks
 from pd.moe.runner.torch_ref import get_activation
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _BLOCK_COLS = 1024  # columns per program of the two elementwise kernels
 _BATCHED_ROWS, _BATCHED_COLS = 16, 256  # the batched act kernel's tile
+
+
+@triton.jit
+def _act_mul(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """act(gate) * up from float32 gate and up, in the model dtype."""
+    if ACTIVATION == "silu":
+        act = gate / (1.0 + tl.exp(-gate))
+    else:  # exact (erf) GELU, F.gelu's default
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
+    return (act.to(OUT_DTYPE).to(tl.float32) * up).to(OUT_DTYPE)
 
 
 @triton.jit
@@ -62,7 +75,7 @@ def _act_and_mul_kernel(gate_up_ptr, out_ptr, ids_ptr, num_experts, inter, strid
     row = gate_up_ptr + pair.to(tl.int64) * stride_g
     gate = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(row + inter + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pair.to(tl.int64) * stride_o + cols, act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
+    tl.store(out_ptr + pair.to(tl.int64) * stride_o + cols, _act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
 
 
 @triton.jit
@@ -81,7 +94,7 @@ def _act_and_mul_quant_kernel(gate_up_ptr, q_ptr, s_ptr, ids_ptr, num_experts, i
     row = gate_up_ptr + pair.to(tl.int64) * stride_g
     gate = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(row + inter + cols, mask=inside, other=0.0).to(tl.float32)
-    q, scale = e4m3_groups(act_mul(gate, up, ACTIVATION, OUT_DTYPE).to(tl.float32), q_ptr.dtype.element_ty)
+    q, scale = e4m3_groups(_act_mul(gate, up, ACTIVATION, OUT_DTYPE).to(tl.float32), q_ptr.dtype.element_ty)
     tl.store(q_ptr + pair.to(tl.int64) * stride_q + cols, q, mask=inside)
     tl.store(s_ptr + pair.to(tl.int64) * stride_s + groups, scale, mask=groups * GROUP < inter)
 
@@ -101,7 +114,7 @@ def _batched_act_and_mul_kernel(gate_up_ptr, out_ptr, counts_ptr, max_rows, inte
     gate = tl.load(src, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(src + inter, mask=inside, other=0.0).to(tl.float32)
     dst = out_ptr + expert.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(dst, act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
+    tl.store(dst, _act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
 
 
 @triton.jit
@@ -197,11 +210,7 @@ class TritonMoeRunner:
         else:
             a_NH, fp8_up = _quantized(hidden_NH.contiguous(), scales, "w13", inter)
         invoke_fused_moe_gemm(a_NH, w13_EXH, gate_up_PX, *blocks, top_k, False, cfg_up, fp8=fp8_up)
-        act_a = None
-        if scales is not None and _quantizes_in_gemm(cfg_down, scales.block[1]):
-            # decode-sized tiles: the down GEMM takes act(gate) * up from the gate_up rows and quantizes it itself
-            a_PI, fp8_down, act_a = gate_up_PX, BlockFp8(None, scales.w2, scales.block, hidden), activation
-        elif scales is not None and _fuses_quant(scales.block[1]):
+        if scales is not None and _fuses_quant(scales.block[1]):
             a_PI, fp8_down = _act_and_mul_quantized(gate_up_PX, ids_NK, num_experts, inter, hidden, activation,
                                                     dtype, scales)  # fmt: skip
         else:
@@ -214,8 +223,7 @@ class TritonMoeRunner:
             a_PI, fp8_down = _quantized(inter_PI, scales, "w2", hidden)
         weights_P = dispatch_out.topk_weights.to(torch.float32).contiguous().view(-1)
         down_PH = hidden_NH.new_empty(num_pairs, hidden)
-        invoke_fused_moe_gemm(a_PI, w2_EHI, down_PH, *blocks, top_k, True, cfg_down, weights_P, fp8_down,
-                              act_a=act_a)  # fmt: skip
+        invoke_fused_moe_gemm(a_PI, w2_EHI, down_PH, *blocks, top_k, True, cfg_down, weights_P, fp8_down)
         _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, _BLOCK_COLS))](
             down_PH, ids_NK, out_NH, num_experts, hidden, down_PH.stride(0), out_NH.stride(0),
             TOP_K=top_k, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(hidden)),
