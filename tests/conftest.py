@@ -72,13 +72,24 @@ def gpu_fp32_clean() -> Iterator[None]:
     torch.cuda.empty_cache()
 
 
+@pytest.fixture(scope="session")
+def _interpreter_children() -> Iterator[list[InterpreterChild]]:
+    children: list[InterpreterChild] = []
+    yield children
+    for child in children:
+        child.close()
+
+
 @pytest.fixture(scope="module")
-def interpreter() -> Iterator[InterpreterChild]:
-    """A Python with Triton's CPU interpreter on, shared by a module's kernel checks (tests.interpreter_child)."""
+def interpreter(_interpreter_children: list[InterpreterChild]) -> InterpreterChild:
+    """A Python with Triton's CPU interpreter on, running kernel checks (tests.interpreter_child). One serves the
+    whole run (each start costs an interpreter, torch and Triton); a module after one whose check killed it, or ran
+    past its time, gets a fresh one."""
     from tests.interpreter_child import InterpreterChild
 
-    with InterpreterChild() as child:
-        yield child
+    if not _interpreter_children or not _interpreter_children[-1].alive:
+        _interpreter_children.append(InterpreterChild())
+    return _interpreter_children[-1]
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 
 Triton reads TRITON_INTERPRET when its functions are defined, so interpreted kernels need a process started with it
 (tests.triton_interpreter). Starting one per check costs an interpreter, torch and Triton each time; this child is
-started once (the `interpreter` fixture in conftest.py, one per test module) and runs the checks it is sent in
-order, each a module-level function of a test module called by name.
+started once (the `interpreter` fixture in conftest.py: one for the whole run while it lives) and runs the checks it
+is sent in order, each a module-level function of a test module called by name.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ class InterpreterChild:
             raise AssertionError(f"the interpreter child died in {module}.{check}{args} "
                                  f"(exit code {self._proc.exitcode})") from None
         assert error is None, f"{module}.{check}{args} failed in the interpreter child:\n{error}"
+
+    @property
+    def alive(self) -> bool:
+        """Whether it still takes checks (a check that killed it, or ran past its time, ends it)."""
+        return self._proc.is_alive() and not self._conn.closed
 
     def close(self) -> None:
         if self._proc.is_alive():

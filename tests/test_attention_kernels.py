@@ -9,7 +9,7 @@ random values, so a kernel reading a wrong slot or a stale entry fails. Toleranc
 dtype before the value product, as flash attention does, and round the output.
 
 CPU: small shapes in Triton's interpreter, in a child Python with TRITON_INTERPRET=1 set before Triton is
-imported, shared by the module's checks (tests/interpreter_child.py). GPU (marked ``gpu``): long prefixes, real
+imported, shared by the run's kernel checks (tests/interpreter_child.py). GPU (marked ``gpu``): long prefixes, real
 head shapes, and a CUDA graph of decode attention replayed with new lengths.
 """
 

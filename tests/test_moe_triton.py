@@ -2,7 +2,7 @@
 against a Python oracle.
 
 CPU (CI): tiny shapes in Triton's interpreter, in a child Python with TRITON_INTERPRET=1 set before Triton is
-imported, shared by the module's checks (tests/interpreter_child.py). Hidden and intermediate sizes are not
+imported, shared by the run's kernel checks (tests/interpreter_child.py). Hidden and intermediate sizes are not
 multiples of the blocks, some experts get no token, some slots (and some whole tokens) belong to other ranks (-1).
 The batched format (rows grouped per expert, low-latency dispatch) against the reference's masked expert loop:
 random counts including 0 and max_rows, max_rows off the row block, garbage past the counts; and a FusedMoE forward

@@ -7,10 +7,10 @@ Two oracles, as for the dense GEMM (tests/test_triton_fp8_gemm.py):
 - the dequantized model: TorchMoeRunner on the dequantized weights (what FusedMoE runs on CPU), which W8A8 differs
   from by the activations' rounding before both GEMMs: relative L2 error below MOE_W8A8_TOLERANCE.
 
-CPU (CI): Triton's interpreter in one child per module. Hidden 40 and intermediate 24 are off the 16-wide scale
-blocks, so the gate and up halves of w13 end in partial blocks quantized apart; some experts get no token, some
-slots and whole tokens belong to other ranks; the batched format with counts 0 and max_rows and NaN past them;
-FusedMoE with the triton runner keeps the experts FP8 and matches the reference layer.
+CPU (CI): Triton's interpreter in a child process (tests/interpreter_child.py). Hidden 40 and intermediate 24 are
+off the 16-wide scale blocks, so the gate and up halves of w13 end in partial blocks quantized apart; some experts
+get no token, some slots and whole tokens belong to other ranks; the batched format with counts 0 and max_rows and
+NaN past them; FusedMoE with the triton runner keeps the experts FP8 and matches the reference layer.
 GPU (``pytest.mark.gpu``): DeepSeek-V3 (EP=8) and Qwen3-30B-A3B expert shapes in both formats, no host sync, and a
 CUDA-graph replay equal to eager.
 """

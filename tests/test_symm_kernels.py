@@ -10,7 +10,7 @@ across processes is tests/test_symm_exchange_gpu.py.
 
 The checks run in a child Python with TRITON_INTERPRET=1 set before Triton is imported (Triton reads it when its
 functions are defined, its own library included, and cannot be imported twice in one process), one child for the
-module's checks (tests/interpreter_child.py).
+run's kernel checks (tests/interpreter_child.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Two oracles:
 - the dequantized model (pd.quant.fp8.Fp8Linear's reference path, F.linear of the dequantized weight), which the
   W8A8 path differs from by the activations' e4m3 rounding: relative L2 error below W8A8_TOLERANCE per layer.
 
-CPU (CI): Triton's interpreter in one child per module (tests/interpreter_child.py), small shapes whose M, N and K
+CPU (CI): Triton's interpreter in a child process (tests/interpreter_child.py), small shapes whose M, N and K
 are off every block, zero rows, all-zero activation groups, bias, float32/bfloat16/float16 outputs.
 GPU (``pytest.mark.gpu``): DeepSeek-V3 and Qwen3-30B-A3B linear shapes at decode and prefill sizes, Fp8Linear on
 CUDA, and CUDA-graph replay.

@@ -121,7 +121,9 @@ def _accumulate_fp8(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_rows_valid, K, stride_ak
     one per-row vector, a multiply-add per element instead of two multiplies and an add.
 
     (Issuing two k-steps' products before scaling either, so one's scaling could overlap the other's MMA, was
-    measured slower on an H200 at every size: benchmarks/results/h200_2026-12-03, ninth run.)
+    measured slower on an H200 at every size: benchmarks/results/h200_2026-12-03, ninth run. Warp-specializing this
+    loop, ``tl.range(..., warp_specialize=True)``, does not compile with 4 warps on Triton 3.6 for Hopper and
+    changes nothing with 8: benchmarks/results/h200_2026-12-04, thirteenth run.)
 
     B_DESC: B's tiles come through ``b_desc`` (see _load_b), ``b_ptrs`` unread."""
     offs_k = tl.arange(0, BLOCK_K)
