@@ -21,6 +21,19 @@ def _assert_compiled(result, kernels: set[str]) -> None:  # noqa: ANN001
     assert kernels <= {name for name, _ in result.ok}, (kernels, result.ok)
 
 
+def _decode_attention_writing_fp8_rows() -> None:
+    """Decode attention at GQA-8 head shapes whose merge also writes e4m3 rows for a block-FP8 o_proj."""
+    import pd.attention.triton_decode as decode
+    from tests.test_attention_kernels import GPU_HEADS, make_batch
+
+    h = GPU_HEADS["gqa8"]
+    b = make_batch(0, [40, 7], [1, 1], h, 16, torch.bfloat16)
+    out = torch.empty(2, h.q, h.dv, dtype=torch.bfloat16)
+    quant = (torch.empty(2, h.q * h.dv, dtype=torch.float8_e4m3fn), torch.empty(2, h.q * h.dv // 128), 128)
+    decode.decode_attention(b.q, b.k_buffer, b.v_buffer, out, b.page_table, b.rows, b.prefix_lens + 1, b.scale, 16,
+                            4, fp8_rows=quant)  # fmt: skip
+
+
 def test_fused_moe_kernels_compile_for_hopper() -> None:
     """The runner's launches: FP8 in the standard and batched formats with one scale row per column block
     (SCALAR_B), FP8 with one per column (gate/up split off a scale block), FP8 decode tiles (the GEMM quantizes its
@@ -82,12 +95,7 @@ def test_attention_kernels_compile_for_hopper() -> None:
             h = GPU_HEADS[heads]
             run_decode(decode, make_batch(0, [40, 7], [1, 1], h, 16, torch.bfloat16, kv_dtype=kv_dtype), splits=4)
             run_extend(extend, make_batch(0, [40, 7], [30, 5], h, 16, torch.bfloat16, kv_dtype=kv_dtype))
-        h = GPU_HEADS["gqa8"]
-        b = make_batch(0, [40, 7], [1, 1], h, 16, torch.bfloat16)
-        out = torch.empty(2, h.q, h.dv, dtype=torch.bfloat16)
-        quant = (torch.empty(2, h.q * h.dv, dtype=torch.float8_e4m3fn), torch.empty(2, h.q * h.dv // 128), 128)
-        decode.decode_attention(b.q, b.k_buffer, b.v_buffer, out, b.page_table, b.rows, b.prefix_lens + 1, b.scale,
-                                16, 4, fp8_rows=quant)  # fmt: skip
+        _decode_attention_writing_fp8_rows()
     _assert_compiled(result, {"_decode_stage1_kernel", "_decode_stage2_kernel", "_extend_kernel"})
     assert {c["QUANT_GROUP"] for name, c in result.ok if name == "_decode_stage2_kernel"} == {0, 128}
 
@@ -161,13 +169,11 @@ def test_pdl_variants_compile_for_hopper(monkeypatch: pytest.MonkeyPatch) -> Non
     prefetching its weight lines into L2 before waiting (one split, and four of a K whose last split is short), and
     the two kernels before it in a decode layer letting it start: the add-and-norm writing e4m3 rows, the attention
     merge writing them."""
-    import pd.attention.triton_decode as decode
     from pd.layers import pdl
     from pd.layers.triton_fp8_gemm import w8a8_split_k_linear
     from pd.layers.triton_rmsnorm import add_rms_norm
     from pd.quant.fp8 import block_quant
     from tests.hopper_compile import compile_for_hopper
-    from tests.test_attention_kernels import GPU_HEADS, make_batch
 
     monkeypatch.setattr(pdl, "enabled", lambda device: True)
     weight, scale = block_quant(torch.randn(512, 1280) / 32, BLOCK)
@@ -176,12 +182,7 @@ def test_pdl_variants_compile_for_hopper(monkeypatch: pytest.MonkeyPatch) -> Non
         for splits in (1, 4):
             w8a8_split_k_linear(x, weight, scale, BLOCK, splits=splits, quantize_before=True)
         add_rms_norm(x, x.clone(), torch.ones(1280, dtype=torch.bfloat16), 1e-6, quant_group=128)
-        h = GPU_HEADS["gqa8"]
-        b = make_batch(0, [40, 7], [1, 1], h, 16, torch.bfloat16)
-        out = torch.empty(2, h.q, h.dv, dtype=torch.bfloat16)
-        quant = (torch.empty(2, h.q * h.dv, dtype=torch.float8_e4m3fn), torch.empty(2, h.q * h.dv // 128), 128)
-        decode.decode_attention(b.q, b.k_buffer, b.v_buffer, out, b.page_table, b.rows, b.prefix_lens + 1, b.scale,
-                                16, 4, fp8_rows=quant)  # fmt: skip
+        _decode_attention_writing_fp8_rows()
     _assert_compiled(result, {"_w8a8_split_k_kernel", "_add_rmsnorm_kernel", "_decode_stage2_kernel"})
     gemms = {(c["PDL"], c["STEPS"], c["PREFETCH_LINES"]) for name, c in result.ok if name == "_w8a8_split_k_kernel"}
     assert gemms == {(True, 10, 16), (True, 3, 4)}, gemms

@@ -22,9 +22,10 @@ the Triton kernel serves.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+
+from pd.env_choice import env_choice
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,7 @@ _available: dict[int, bool] = {}
 
 
 def mode() -> str:
-    value = os.environ.get("PD_FP8_GEMM", "auto")
-    if value not in ("auto", "triton", "cublas"):
-        raise ValueError(f"PD_FP8_GEMM={value!r}: expected auto, triton or cublas")
-    return value
+    return env_choice("PD_FP8_GEMM", "auto", ("auto", "triton", "cublas"))
 
 
 def use_cublas(rows: int, weight: torch.Tensor, block: tuple[int, int], out_dtype: torch.dtype) -> bool:

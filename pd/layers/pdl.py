@@ -15,20 +15,18 @@ compares the step's time).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from pd.env_choice import env_choice
+
 
 def enabled(device: torch.device) -> bool:
     """Whether launches on ``device`` use PDL: PD_PDL=1, a CUDA device of compute capability 9+, and a Triton that
     has grid dependency control."""
-    value = os.environ.get("PD_PDL", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"PD_PDL={value!r}: expected 0 or 1")
-    return value == "1" and device.type == "cuda" and _supported(device)
+    return env_choice("PD_PDL", "0", ("0", "1")) == "1" and device.type == "cuda" and _supported(device)
 
 
 @functools.cache

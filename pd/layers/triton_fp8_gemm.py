@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from pd.env_choice import env_choice
 from pd.layers import fp8_rows, fp8_scaled_mm, pdl
 from pd.layers.pdl import LINE_BYTES, prefetch_l2, wait_for_producer
 from pd.layers.split_k_parts import SplitKParts
@@ -383,10 +383,7 @@ def split_k_quantizes_before() -> bool:
     """Whether w8a8_split_k_linear quantizes the activations in a launch of their own (PD_FP8_SPLIT_K_QUANT=before,
     the default: 31 us less GPU per batch-64 decode step on an H200) rather than inside the GEMM (``inside``: one
     launch fewer, but every column block's programs quantize the same rows again)."""
-    value = os.environ.get("PD_FP8_SPLIT_K_QUANT", "before")
-    if value not in ("inside", "before"):
-        raise ValueError(f"PD_FP8_SPLIT_K_QUANT={value!r}: expected inside or before")
-    return value == "before"
+    return env_choice("PD_FP8_SPLIT_K_QUANT", "before", ("inside", "before")) == "before"
 
 
 def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pd.env_choice import env_choice
 from pd.layers.triton_fp8_gemm import e4m3_groups
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -308,10 +309,7 @@ def weight_descriptor_wanted(device: torch.device) -> bool:
     """PD_MOE_TMA: 1 (default) reads the experts' weight tiles through tensor descriptors (TMA) on GPUs that have
     it (compute capability 9 and up), 0 through pointers everywhere. On an H200 the descriptors gave FP8 experts at
     8192 tokens 6-7% more TFLOP/s and left bf16 and decode sizes as they were (benchmarks/results/h200_2026-12-04)."""
-    value = os.environ.get("PD_MOE_TMA", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"PD_MOE_TMA={value!r}: expected 0 or 1")
-    return value == "1" and device.type == "cuda" and _has_tma(device)
+    return env_choice("PD_MOE_TMA", "1", ("0", "1")) == "1" and device.type == "cuda" and _has_tma(device)
 
 
 @functools.cache
