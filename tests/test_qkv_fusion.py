@@ -1,8 +1,8 @@
-"""Attention.fuse_qkv (CUDA engines run q/k/v as one GEMM) with q/k/v biases (Qwen2), and with block-FP8 q/k/v
-(weights and scales concatenated): on a fresh random checkpoint an engine whose layers are fused gives the unfused
-engine's logits and greedy tokens, and the three projections stay views of the fused weight (and scales), so a later
-load into them reaches the GEMM. (Without biases the fusion runs in the
-interpreted whole-model test, tests/test_attention_backends.py, with every other GPU kernel.)
+"""Attention.fuse_qkv (CUDA engines run q/k/v as one GEMM) with q/k/v biases (Qwen2), and with block-FP8 q/k/v (weights
+and scales concatenated); DenseMLP.fuse_gate_up (gate and up as one GEMM), plain and block-FP8: on a fresh random
+checkpoint an engine whose layers are fused gives the unfused engine's logits and greedy tokens, and the projections
+stay views of the fused weight (and scales), so a later load into them reaches the GEMM. (Without biases the fusion
+runs in the interpreted whole-model test, tests/test_attention_backends.py, with every other GPU kernel.)
 
 On the CPU engines pack their linears instead of fusing them (pd.engine.model_runner); here the packing is swapped
 for the fusion so the fused path runs on this machine. The GPU parity tests (tests/test_gpu_parity.py) run it as
@@ -22,7 +22,7 @@ import torch
 
 from pd.engine.io import SamplingParams
 from pd.engine.llm import LLM
-from pd.models.llama import Attention
+from pd.models.llama import Attention, DenseMLP
 from pd.quant.fp8 import Fp8Linear
 from tests.fp8_checkpoints import make_bf16_checkpoint, write_fp8_pair
 from tests.tiny_checkpoints import make_checkpoint
@@ -49,6 +49,54 @@ def _equal_engines(path: str, monkeypatch, fuses: bool) -> Attention:
     sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
     assert fused.generate(prompts, sampling) == separate.generate(prompts, sampling)
     return next(m for m in fused.runner.model.modules() if isinstance(m, Attention))
+
+
+def _equal_mlp_engines(path: str, monkeypatch) -> DenseMLP:
+    """The unfused engine and one whose MLPs run gate and up as one GEMM agree; -> a fused engine's MLP."""
+    engine = dict(page_size=4, chunked_prefill_size=32)
+    monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", lambda model: None)
+    separate = LLM(path, **engine)
+
+    def fuse(model: torch.nn.Module) -> None:
+        fused = [m.fuse_gate_up() for m in model.modules() if isinstance(m, DenseMLP)]
+        assert fused and all(fused), fused
+
+    monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", fuse)
+    fused = LLM(path, **engine)
+    gen = torch.Generator().manual_seed(secrets.randbelow(2**31))
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (7, 37)]
+    for ids in prompts:
+        torch.testing.assert_close(fused.prefill_logits(ids), separate.prefill_logits(ids), atol=1e-5, rtol=1e-5)
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
+    assert fused.generate(prompts, sampling) == separate.generate(prompts, sampling)
+    return next(m for m in fused.runner.model.modules() if isinstance(m, DenseMLP))
+
+
+def test_fused_gate_up_equals_separate_projections(tmp_path, monkeypatch) -> None:
+    path = make_checkpoint("llama", str(tmp_path / "llama"), seed=secrets.randbelow(2**31))
+    mlp = _equal_mlp_engines(path, monkeypatch)
+    assert mlp._gate_up is not None
+    weight = mlp._gate_up[0].weight
+    for proj in (mlp.gate_proj, mlp.up_proj):
+        assert proj.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        mlp.up_proj.weight.zero_()
+    assert weight[mlp.gate_proj.out_features :].abs().sum() == 0 and weight[: mlp.gate_proj.out_features].any()
+
+
+def test_fused_fp8_gate_up_concatenates_weights_and_scales(tmp_path, monkeypatch) -> None:
+    """DeepSeek-V3's dense MLPs and shared experts (48 intermediate rows) in block FP8 with blocks of 16 rows fuse
+    into one FP8 linear each."""
+    base = make_bf16_checkpoint("deepseek_v3", str(tmp_path / "bf16"), seed=secrets.randbelow(2**31))
+    fp8 = str(tmp_path / "fp8")
+    write_fp8_pair(base, fp8, str(tmp_path / "dequant"), (16, 32))
+    mlp = _equal_mlp_engines(fp8, monkeypatch)
+    fused = mlp._gate_up[0]
+    assert isinstance(fused, Fp8Linear) and isinstance(mlp.up_proj, Fp8Linear)
+    for name in ("weight", "weight_scale_inv"):
+        whole = getattr(fused, name)
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            assert getattr(proj, name).untyped_storage().data_ptr() == whole.untyped_storage().data_ptr(), name
 
 
 def test_fused_qkv_with_biases_equals_separate_projections(tmp_path, monkeypatch) -> None:

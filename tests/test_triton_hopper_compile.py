@@ -131,6 +131,16 @@ def test_router_norm_and_rotary_kernels_compile_for_hopper() -> None:
         (0, 0), (128, 0), (0, 4)}
 
 
+def test_dense_mlp_activation_compiles_for_hopper() -> None:
+    """silu(gate) * up of DeepSeek-V3's dense MLP rows (18432 wide) in bf16, and of a width below one block."""
+    from pd.layers.triton_activation import silu_and_mul_rows
+    from tests.hopper_compile import compile_for_hopper
+
+    with compile_for_hopper() as result:
+        silu_and_mul_rows(torch.randn(64, 2 * 18432, dtype=torch.bfloat16))
+        silu_and_mul_rows(torch.randn(4, 2 * 100))
+    _assert_compiled(result, {"_silu_and_mul_kernel"})
+
 def test_greedy_argmax_kernels_compile_for_hopper() -> None:
     """Greedy sampling's argmax over a Qwen3 vocabulary, bf16 and float32 logits."""
     from pd.engine.triton_argmax import argmax_rows

@@ -20,7 +20,7 @@ from pd.engine.piecewise_graphs import PiecewiseGraphs
 from pd.layers import fused_kernels
 from pd.layers.cpu_packed import pack_linears_for_cpu
 from pd.models.config import ModelConfig
-from pd.models.llama import Attention, DecoderLayer
+from pd.models.llama import Attention, DecoderLayer, DenseMLP
 from pd.models.loader import load_model
 from pd.moe.context import MoeContext
 from pd.moe.eplb.manager import EplbManager, place_from_file
@@ -108,6 +108,10 @@ class ModelRunner:
             if fused and not all(fused):
                 logger.info("q/k/v projections fused in %d of %d layers (the others: FP8 blocks straddling q/k/v, "
                             "or mixed dtypes)", sum(fused), len(fused))  # fmt: skip
+            fused = [m.fuse_gate_up() for m in self.model.modules() if isinstance(m, DenseMLP)]
+            if fused and not all(fused):
+                logger.info("MLP gate/up projections fused in %d of %d MLPs (the others: FP8 blocks straddling gate "
+                            "and up, or mixed dtypes)", sum(fused), len(fused))  # fmt: skip
             for layer in self.model.modules():
                 if isinstance(layer, DecoderLayer):
                     layer.quantize_norm_for_qkv()

@@ -1,6 +1,7 @@
 """Whether the fused Triton kernels (RMSNorm and the residual add, rotary with q/k norms and the KV store, the router,
-the q/k/v GEMM) run for a tensor: on CUDA whenever Triton is installed; on the CPU only inside `on_cpu()` in a
-process running Triton's interpreter, where tests put a whole CPU model through the kernels a GPU runs.
+the q/k/v GEMM, the dense MLP's silu(gate) * up) run for a tensor: on CUDA whenever Triton is installed; on the CPU
+only inside `on_cpu()` in a process running Triton's interpreter, where tests put a whole CPU model through the
+kernels a GPU runs.
 
 PD_FUSED_KERNELS=0 in the environment turns them off on CUDA too (the reference torch code runs instead): for
 telling a fused kernel's fault or cost from the rest when one is suspected, not for serving."""

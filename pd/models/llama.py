@@ -21,6 +21,7 @@ from pd.layers.rotary import RotaryEmbedding
 from pd.layers.split_k_parts import SplitKParts
 from pd.models.base import CausalLM
 from pd.models.config import ModelConfig
+from pd.models.fused_linear import fuse_linears
 from pd.moe.context import MoeContext
 from pd.quant.fp8 import Fp8Linear
 
@@ -100,52 +101,14 @@ class Attention(nn.Module):
         return self._o_proj_fp8[0] if fp8_scaled_mm.mode() == "auto" else None
 
     def fuse_qkv(self) -> bool:
-        """Runs q/k/v as one GEMM from now on (one launch instead of three: at decode sizes each is launch-bound,
-        and a block-FP8 one also quantizes its input once instead of three times). The three weights (and FP8
-        scales) become views of one [q + k + v, hidden] tensor, so loading into them later still works. For plain
-        linears of one dtype, or block-FP8 linears whose q and k rows end on a scale block's edge (the scales then
-        concatenate like the weights); not CPU-packed ones. -> whether it fused."""
-        linears = (self.q_proj, self.k_proj, self.v_proj)
-        if self._qkv is not None:
-            return True
-        if len({m.bias is None for m in linears}) != 1 or len({m.weight.dtype for m in linears}) != 1:
-            return False
-        kinds = {type(m) for m in linears}
-        if kinds == {Fp8Linear}:
-            block = self.q_proj.block
-            if any(m.block != block for m in linears) or any(m.out_features % block[0] for m in linears[:2]):
-                return False
-        elif kinds != {nn.Linear}:
-            return False
-        sizes = [m.out_features for m in linears]
-        with torch.no_grad():
-            fused = self._fused_linear(linears, sum(sizes))
-            for name in ("weight", "weight_scale_inv", "bias"):
-                whole = getattr(fused, name, None)
-                if whole is None:
-                    continue
-                rows = [getattr(m, name).shape[0] for m in linears]  # scales: rows of blocks
-                for part, m in zip(whole.split(rows), linears, strict=True):
-                    setattr(m, name, nn.Parameter(part, requires_grad=False))
-        self._qkv = (fused, sizes)
-        return True
-
-    @staticmethod
-    def _fused_linear(linears: tuple[nn.Module, ...], out_features: int) -> nn.Module:
-        """A linear whose weight (scales, bias) is the row-wise concatenation of ``linears``'."""
-        first = linears[0]
-        has_bias = first.bias is not None
-        weight = torch.cat([m.weight for m in linears])  # type: ignore[misc]
-        if isinstance(first, Fp8Linear):
-            fused: nn.Module = Fp8Linear(first.in_features, out_features, has_bias, first.block, first.dtype, "meta")
-            fused.weight_scale_inv = nn.Parameter(torch.cat([m.weight_scale_inv for m in linears]),  # type: ignore[misc]
-                                                  requires_grad=False)  # fmt: skip
-        else:
-            fused = nn.Linear(first.in_features, out_features, has_bias, device="meta")  # type: ignore[arg-type]
-        fused.weight = nn.Parameter(weight, requires_grad=False)
-        if has_bias:
-            fused.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)  # type: ignore[misc]
-        return fused
+        """Runs q/k/v as one GEMM from now on (pd.models.fused_linear: one launch instead of three; a block-FP8 one
+        also quantizes its input once instead of three times). -> whether it fused."""
+        if self._qkv is None:
+            linears = (self.q_proj, self.k_proj, self.v_proj)
+            fused = fuse_linears(linears)
+            if fused is not None:
+                self._qkv = (fused, [m.out_features for m in linears])
+        return self._qkv is not None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor | SplitKParts:
         """x [T, hidden] -> [T, hidden] (with o_proj_unsummed, maybe o_proj's unsummed split-K partials)."""
@@ -183,9 +146,23 @@ class DenseMLP(nn.Module):
         self.gate_proj = tp.column_linear(hidden_size, intermediate_size, 1, False, what)
         self.up_proj = tp.column_linear(hidden_size, intermediate_size, 1, False, what)
         self.down_proj = tp.row_linear(intermediate_size, 1, hidden_size, False, what)
+        # fuse_gate_up(): the fused linear, in a tuple (not a submodule: the checkpoint's names stay gate's and up's)
+        self._gate_up: tuple[nn.Module] | None = None
+
+    def fuse_gate_up(self) -> bool:
+        """Runs gate and up as one GEMM from now on (pd.models.fused_linear), whose [gate | up] rows the activation
+        reads as they are: one launch fewer and no concatenation of the two outputs. -> whether it fused."""
+        if self._gate_up is None:
+            fused = fuse_linears((self.gate_proj, self.up_proj))
+            self._gate_up = None if fused is None else (fused,)
+        return self._gate_up is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(silu_and_mul(torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1))))
+        if self._gate_up is not None:
+            gate_up = self._gate_up[0](x)
+        else:
+            gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
+        return self.tp.all_reduce(self.down_proj(silu_and_mul(gate_up)))
 
 
 class DecoderLayer(nn.Module):

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pd.layers.triton_activation import act_mul
 from pd.layers.triton_fp8_gemm import FP8_DTYPE, e4m3_groups, kernel_block_k, token_group_quant
 from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
 from pd.moe.runner import ExpertScales
@@ -50,17 +51,6 @@ from pd.moe.runner.torch_ref import get_activation
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _BLOCK_COLS = 1024  # columns per program of the two elementwise kernels
 _BATCHED_ROWS, _BATCHED_COLS = 16, 256  # the batched act kernel's tile
-
-
-@triton.jit
-def _act_mul(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """act(gate) * up from float32 gate and up, in the model dtype."""
-    if ACTIVATION == "silu":
-        act = gate / (1.0 + tl.exp(-gate))
-    else:  # exact (erf) GELU, F.gelu's default
-        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
-    return (act.to(OUT_DTYPE).to(tl.float32) * up).to(OUT_DTYPE)
 
 
 @triton.jit
@@ -75,7 +65,7 @@ def _act_and_mul_kernel(gate_up_ptr, out_ptr, ids_ptr, num_experts, inter, strid
     row = gate_up_ptr + pair.to(tl.int64) * stride_g
     gate = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(row + inter + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pair.to(tl.int64) * stride_o + cols, _act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
+    tl.store(out_ptr + pair.to(tl.int64) * stride_o + cols, act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
 
 
 @triton.jit
@@ -94,7 +84,7 @@ def _act_and_mul_quant_kernel(gate_up_ptr, q_ptr, s_ptr, ids_ptr, num_experts, i
     row = gate_up_ptr + pair.to(tl.int64) * stride_g
     gate = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(row + inter + cols, mask=inside, other=0.0).to(tl.float32)
-    q, scale = e4m3_groups(_act_mul(gate, up, ACTIVATION, OUT_DTYPE).to(tl.float32), q_ptr.dtype.element_ty)
+    q, scale = e4m3_groups(act_mul(gate, up, ACTIVATION, OUT_DTYPE).to(tl.float32), q_ptr.dtype.element_ty)
     tl.store(q_ptr + pair.to(tl.int64) * stride_q + cols, q, mask=inside)
     tl.store(s_ptr + pair.to(tl.int64) * stride_s + groups, scale, mask=groups * GROUP < inter)
 
@@ -114,7 +104,7 @@ def _batched_act_and_mul_kernel(gate_up_ptr, out_ptr, counts_ptr, max_rows, inte
     gate = tl.load(src, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(src + inter, mask=inside, other=0.0).to(tl.float32)
     dst = out_ptr + expert.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(dst, _act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
+    tl.store(dst, act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
 
 
 @triton.jit

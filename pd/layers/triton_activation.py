@@ -1,0 +1,51 @@
+"""Gated activations as Triton kernels: act(gate) * up with torch's rounding (act rounded to the model dtype, then
+the product), shared by the dense MLP (``silu_and_mul_rows``) and the fused-MoE runner's act kernels (``act_mul``).
+The activation itself is computed in float32 as ``gate / (1 + exp(-gate))`` (or exact GELU): torch's formula, its
+exp within an ulp or so of torch's, so a result may differ from torch's by an ulp of the model dtype."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_BLOCK_COLS = 1024  # columns per program
+
+
+@triton.jit
+def act_mul(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """act(gate) * up from float32 gate and up, in the model dtype."""
+    if ACTIVATION == "silu":
+        act = gate / (1.0 + tl.exp(-gate))
+    else:  # exact (erf) GELU, F.gelu's default
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
+    return (act.to(OUT_DTYPE).to(tl.float32) * up).to(OUT_DTYPE)
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, inter, stride_g, stride_o, OUT_DTYPE: tl.constexpr,
+                         BLOCK: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < inter
+    gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_g + inter + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, act_mul(gate, up, "silu", OUT_DTYPE), mask=inside)
+
+
+def silu_and_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 * I] float32/bfloat16/float16, unit stride along columns -> silu(gate) * up [T, I], new and
+    contiguous, in one launch. Asynchronous, no host sync."""
+    rows, width = gate_up.shape
+    assert width % 2 == 0 and gate_up.stride(1) == 1 and gate_up.dtype in _TL_DTYPES, (gate_up.shape, gate_up.dtype)
+    inter = width // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
+    if rows and inter:
+        block = min(_BLOCK_COLS, triton.next_power_of_2(inter))
+        _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
+            gate_up, out, inter, gate_up.stride(0), out.stride(0), OUT_DTYPE=_TL_DTYPES[gate_up.dtype], BLOCK=block,
+            num_warps=4 if block >= 512 else 1,
+        )  # fmt: skip
+    return out
