@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,15 +32,12 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed (the test extra installs it)")  # fmt: skip
 
 
-def _equal_engines(path: str, monkeypatch, fuses: bool) -> Attention:
-    """Builds the separate and the fused engine of ``path`` and checks they agree; -> a fused engine's attention."""
+def _equal_engines(path: str, monkeypatch, fuse: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+    """Builds the separate engine of ``path`` and one whose model ``fuse`` changes once loaded, and checks they
+    agree; -> the fused engine's model."""
     engine = dict(page_size=4, chunked_prefill_size=32)
     monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", lambda model: None)
     separate = LLM(path, **engine)
-
-    def fuse(model: torch.nn.Module) -> None:
-        assert [m.fuse_qkv() for m in model.modules() if isinstance(m, Attention)] == [fuses] * 2
-
     monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", fuse)
     fused = LLM(path, **engine)
     gen = torch.Generator().manual_seed(secrets.randbelow(2**31))
@@ -48,33 +46,31 @@ def _equal_engines(path: str, monkeypatch, fuses: bool) -> Attention:
         torch.testing.assert_close(fused.prefill_logits(ids), separate.prefill_logits(ids), atol=1e-5, rtol=1e-5)
     sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
     assert fused.generate(prompts, sampling) == separate.generate(prompts, sampling)
-    return next(m for m in fused.runner.model.modules() if isinstance(m, Attention))
+    return fused.runner.model
 
 
-def _equal_mlp_engines(path: str, monkeypatch) -> DenseMLP:
-    """The unfused engine and one whose MLPs run gate and up as one GEMM agree; -> a fused engine's MLP."""
-    engine = dict(page_size=4, chunked_prefill_size=32)
-    monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", lambda model: None)
-    separate = LLM(path, **engine)
+def _fused_attention(path: str, monkeypatch, fuses: bool) -> Attention:
+    """_equal_engines with q/k/v fused in each layer (``fuses``: whether it must take); -> a fused attention."""
+
+    def fuse(model: torch.nn.Module) -> None:
+        assert [m.fuse_qkv() for m in model.modules() if isinstance(m, Attention)] == [fuses] * 2
+
+    return next(m for m in _equal_engines(path, monkeypatch, fuse).modules() if isinstance(m, Attention))
+
+
+def _fused_mlp(path: str, monkeypatch) -> DenseMLP:
+    """_equal_engines with every MLP's gate and up fused; -> a fused engine's MLP."""
 
     def fuse(model: torch.nn.Module) -> None:
         fused = [m.fuse_gate_up() for m in model.modules() if isinstance(m, DenseMLP)]
         assert fused and all(fused), fused
 
-    monkeypatch.setattr("pd.engine.model_runner.pack_linears_for_cpu", fuse)
-    fused = LLM(path, **engine)
-    gen = torch.Generator().manual_seed(secrets.randbelow(2**31))
-    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (7, 37)]
-    for ids in prompts:
-        torch.testing.assert_close(fused.prefill_logits(ids), separate.prefill_logits(ids), atol=1e-5, rtol=1e-5)
-    sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
-    assert fused.generate(prompts, sampling) == separate.generate(prompts, sampling)
-    return next(m for m in fused.runner.model.modules() if isinstance(m, DenseMLP))
+    return next(m for m in _equal_engines(path, monkeypatch, fuse).modules() if isinstance(m, DenseMLP))
 
 
 def test_fused_gate_up_equals_separate_projections(tmp_path, monkeypatch) -> None:
     path = make_checkpoint("llama", str(tmp_path / "llama"), seed=secrets.randbelow(2**31))
-    mlp = _equal_mlp_engines(path, monkeypatch)
+    mlp = _fused_mlp(path, monkeypatch)
     assert mlp._gate_up is not None
     weight = mlp._gate_up[0].weight
     for proj in (mlp.gate_proj, mlp.up_proj):
@@ -90,7 +86,7 @@ def test_fused_fp8_gate_up_concatenates_weights_and_scales(tmp_path, monkeypatch
     base = make_bf16_checkpoint("deepseek_v3", str(tmp_path / "bf16"), seed=secrets.randbelow(2**31))
     fp8 = str(tmp_path / "fp8")
     write_fp8_pair(base, fp8, str(tmp_path / "dequant"), (16, 32))
-    mlp = _equal_mlp_engines(fp8, monkeypatch)
+    mlp = _fused_mlp(fp8, monkeypatch)
     fused = mlp._gate_up[0]
     assert isinstance(fused, Fp8Linear) and isinstance(mlp.up_proj, Fp8Linear)
     for name in ("weight", "weight_scale_inv"):
@@ -101,7 +97,7 @@ def test_fused_fp8_gate_up_concatenates_weights_and_scales(tmp_path, monkeypatch
 
 def test_fused_qkv_with_biases_equals_separate_projections(tmp_path, monkeypatch) -> None:
     path = make_checkpoint("qwen2_moe", str(tmp_path / "qwen2_moe"), seed=secrets.randbelow(2**31))
-    attn = _equal_engines(path, monkeypatch, fuses=True)
+    attn = _fused_attention(path, monkeypatch, fuses=True)
     assert attn._qkv is not None and attn._qkv[0].bias is not None, "Qwen2's q/k/v carry biases"
     weight = attn._qkv[0].weight
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
@@ -117,7 +113,7 @@ def test_fused_fp8_qkv_concatenates_weights_and_scales(tmp_path, monkeypatch) ->
     base = make_bf16_checkpoint("qwen3_moe", str(tmp_path / "bf16"), seed=secrets.randbelow(2**31))
     fp8 = str(tmp_path / "fp8")
     write_fp8_pair(base, fp8, str(tmp_path / "dequant"), (32, 16), ("lm_head", "mlp.gate"))
-    attn = _equal_engines(fp8, monkeypatch, fuses=True)
+    attn = _fused_attention(fp8, monkeypatch, fuses=True)
     assert attn._qkv is not None
     fused = attn._qkv[0]
     assert isinstance(fused, Fp8Linear) and isinstance(attn.k_proj, Fp8Linear)
@@ -136,7 +132,7 @@ def test_fp8_qkv_whose_blocks_straddle_q_and_k_stays_separate(tmp_path, monkeypa
     base = make_bf16_checkpoint("qwen3_moe", str(tmp_path / "bf16"), seed=secrets.randbelow(2**31))
     fp8 = str(tmp_path / "fp8")
     write_fp8_pair(base, fp8, str(tmp_path / "dequant"), (128, 16), ("lm_head", "mlp.gate"))
-    attn = _equal_engines(fp8, monkeypatch, fuses=False)
+    attn = _fused_attention(fp8, monkeypatch, fuses=False)
     assert attn._qkv is None and isinstance(attn.q_proj, Fp8Linear)
 
 
