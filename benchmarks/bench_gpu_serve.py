@@ -243,6 +243,12 @@ async def _serve_load(url: str, prompts: list[list[int]], new_tokens: int) -> tu
     return time.perf_counter() - start, [[t - start for t in times] for times in arrivals]
 
 
+def _first_tokens_ms(arrivals: list[list[float]]) -> list[float]:
+    """[earliest, median, last] of the requests' first-token times (ms from the load's start); [] without any."""
+    got = sorted(1e3 * a[0] for a in arrivals if a)
+    return [round(got[0], 1), round(got[len(got) // 2], 1), round(got[-1], 1)] if got else []
+
+
 def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int) -> dict[str, object]:
     from tests.server_process import free_port, pd_process
 
@@ -274,8 +280,7 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int)
             prompts = fresh(args.prefill_prompts, args.prefill_len)
             elapsed, arrivals = run_load(_serve_load(url, prompts, 1))
             bursts.append(elapsed)
-            got = sorted(1e3 * a[0] for a in arrivals if a)
-            firsts.append([round(got[0], 1), round(got[len(got) // 2], 1), round(got[-1], 1)] if got else [])
+            firsts.append(_first_tokens_ms(arrivals))
         out["prefill_burst_ms"] = [round(1e3 * b, 2) for b in bursts]
         out["prefill_first_token_ms"] = firsts
         out["prefill_tok_s"] = args.prefill_prompts * args.prefill_len / sorted(bursts)[len(bursts) // 2]
@@ -291,8 +296,12 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int)
             out[f"decode_b{b}_itl_ms_mean"] = sum(itl) / len(itl) if itl else None
             out[f"decode_b{b}_itl_ms_p50"] = itl[len(itl) // 2] if itl else None
             out[f"decode_b{b}_itl_ms_p99"] = itl[min(len(itl) - 1, int(0.99 * len(itl)))] if itl else None
+            # The run's start: until its last request's first token the batch is not whole (prompts still arriving
+            # or prefilling); a run lasts about that plus (new tokens - 1) steps.
+            out[f"decode_b{b}_first_token_ms"] = _first_tokens_ms(arrivals)
             print(f"pd serve batch {b}: {out[f'decode_b{b}_tok_s']:.0f} out tok/s, ITL p50 "
-                  f"{out[f'decode_b{b}_itl_ms_p50']} ms", flush=True)  # fmt: skip
+                  f"{out[f'decode_b{b}_itl_ms_p50']} ms, first tokens [earliest, median, last] "
+                  f"{out[f'decode_b{b}_first_token_ms']} ms", flush=True)  # fmt: skip
     return out
 
 
