@@ -25,14 +25,14 @@ def act_mul(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, inter, stride_g, stride_o, OUT_DTYPE: tl.constexpr,
-                         BLOCK: tl.constexpr):  # fmt: skip
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, inter, stride_g, stride_o, ACTIVATION: tl.constexpr,
+                         OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < inter
     gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_g + inter + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, act_mul(gate, up, "silu", OUT_DTYPE), mask=inside)
+    tl.store(out_ptr + row * stride_o + cols, act_mul(gate, up, ACTIVATION, OUT_DTYPE), mask=inside)
 
 
 def silu_and_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,8 @@ def silu_and_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
     if rows and inter:
         block = min(_BLOCK_COLS, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
-            gate_up, out, inter, gate_up.stride(0), out.stride(0), OUT_DTYPE=_TL_DTYPES[gate_up.dtype], BLOCK=block,
+            gate_up, out, inter, gate_up.stride(0), out.stride(0), ACTIVATION="silu",
+            OUT_DTYPE=_TL_DTYPES[gate_up.dtype], BLOCK=block,
             num_warps=4 if block >= 512 else 1,
         )  # fmt: skip
     return out
