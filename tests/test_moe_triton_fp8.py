@@ -152,7 +152,7 @@ def check_act_and_mul_quant_fusion(device: str, seed: int) -> None:
         inter_rows = torch.empty(pairs, inter, dtype=dtype, device=device)
         tr._act_and_mul_kernel[(pairs, triton.cdiv(inter, tr._BLOCK_COLS))](
             gate_up, inter_rows, ids, 3, inter, gate_up.stride(0), inter_rows.stride(0), ACTIVATION=activation,
-            OUT_DTYPE=tr._TL_DTYPES[dtype], BLOCK=min(tr._BLOCK_COLS, triton.next_power_of_2(inter)),
+            OUT_DTYPE=tr.TL_DTYPES[dtype], BLOCK=min(tr._BLOCK_COLS, triton.next_power_of_2(inter)),
         )  # fmt: skip
         local = (ids[:, 0] >= 0).cpu()
         want_q, want_scale = quant_kernel(inter_rows, group)

@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+from pd.layers.triton_fp8_gemm import TL_DTYPES
+
 _BLOCK_COLS = 1024  # columns per program
 
 
@@ -39,14 +40,14 @@ def silu_and_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2 * I] float32/bfloat16/float16, unit stride along columns -> silu(gate) * up [T, I], new and
     contiguous, in one launch. Asynchronous, no host sync."""
     rows, width = gate_up.shape
-    assert width % 2 == 0 and gate_up.stride(1) == 1 and gate_up.dtype in _TL_DTYPES, (gate_up.shape, gate_up.dtype)
+    assert width % 2 == 0 and gate_up.stride(1) == 1 and gate_up.dtype in TL_DTYPES, (gate_up.shape, gate_up.dtype)
     inter = width // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     if rows and inter:
         block = min(_BLOCK_COLS, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
             gate_up, out, inter, gate_up.stride(0), out.stride(0), ACTIVATION="silu",
-            OUT_DTYPE=_TL_DTYPES[gate_up.dtype], BLOCK=block,
+            OUT_DTYPE=TL_DTYPES[gate_up.dtype], BLOCK=block,
             num_warps=4 if block >= 512 else 1,
         )  # fmt: skip
     return out

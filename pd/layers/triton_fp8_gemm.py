@@ -46,7 +46,8 @@ from pd.layers.pdl import LINE_BYTES, prefetch_l2, wait_for_producer
 from pd.layers.split_k_parts import SplitKParts
 
 FP8_DTYPE = torch.float8_e4m3fn  # pd.quant.fp8.FP8_DTYPE (not imported: this module is the GPU path it dispatches to)
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# torch dtype -> Triton dtype of the kernels' model-dtype inputs and outputs (the FP8 GEMM, MoE and activation kernels)
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _QUANT_ROWS = 16  # rows per program of the quantization kernel
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
@@ -96,7 +97,7 @@ def token_group_quant(x: torch.Tensor, group: int, counts: torch.Tensor | None =
     Returns:
         (q, scale): q float8_e4m3fn of x's shape, contiguous; scale float32 [..., M, ceil(K / group)], contiguous.
     """
-    assert x.dim() in (2, 3) and x.stride(-1) == 1 and x.dtype in _TL_DTYPES, (x.shape, x.stride(), x.dtype)
+    assert x.dim() in (2, 3) and x.stride(-1) == 1 and x.dtype in TL_DTYPES, (x.shape, x.stride(), x.dtype)
     assert counts is None or (x.dim() == 3 and counts.shape == (x.shape[0],) and counts.dtype == torch.int32)
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     batch, rows, cols = x3.shape
@@ -123,7 +124,7 @@ def token_group_quant_for_cublas(x: torch.Tensor, group: int) -> tuple[torch.Ten
     """token_group_quant of x [M, K] in the layout cuBLAS's block-scaled GEMM takes (pd.layers.fp8_scaled_mm):
     q [M4, K] and scales [M4, ceil(K / group)] stored column-major (strides (1, M4)), M4 = M rounded up to a
     multiple of 4; rows past M are left unwritten (their output rows are dropped)."""
-    assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in _TL_DTYPES, (x.shape, x.stride(), x.dtype)
+    assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in TL_DTYPES, (x.shape, x.stride(), x.dtype)
     rows, cols = x.shape
     padded = -(-rows // 4) * 4
     q = torch.empty(1, padded, cols, dtype=FP8_DTYPE, device=x.device)
@@ -246,7 +247,7 @@ def w8a8_block_gemm(
     assert a_q.stride(1) == 1 and weight.stride(1) == 1, (a_q.stride(), weight.stride())
     assert a_scale.shape == (m, triton.cdiv(k, group_k)) and a_scale.dtype == torch.float32, a_scale.shape
     assert weight_scale.shape == (triton.cdiv(n, group_n), triton.cdiv(k, group_k)), weight_scale.shape
-    assert weight_scale.dtype == torch.float32 and out_dtype in _TL_DTYPES, (weight_scale.dtype, out_dtype)
+    assert weight_scale.dtype == torch.float32 and out_dtype in TL_DTYPES, (weight_scale.dtype, out_dtype)
     assert bias is None or bias.shape == (n,), bias.shape
     cfg = config or gemm_config(m, n, k, group_k)
     block_m, block_n, block_k = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
@@ -262,7 +263,7 @@ def w8a8_block_gemm(
         a_q.stride(0), a_scale.stride(0), a_scale.stride(1), weight.stride(0), weight_scale.stride(0),
         weight_scale.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, GROUP_N=group_n, GROUP_K=group_k, EVEN_K=k % block_k == 0,
-        OUT_DTYPE=_TL_DTYPES[out_dtype], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        OUT_DTYPE=TL_DTYPES[out_dtype], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_M=cfg["GROUP_SIZE_M"], SCALAR_B=group_n % block_n == 0, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )  # fmt: skip
@@ -417,7 +418,7 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     m, k = x.shape
     n = weight.shape[0]
     group_n, group_k = block
-    assert split_k_fits(m, block) and x.stride(1) == 1 and x.dtype in _TL_DTYPES, (x.shape, x.stride(), block)
+    assert split_k_fits(m, block) and x.stride(1) == 1 and x.dtype in TL_DTYPES, (x.shape, x.stride(), block)
     assert weight.dtype == FP8_DTYPE and weight.shape == (n, k) and weight.stride(1) == 1, (weight.shape, weight.dtype)
     assert weight_scale.shape == (triton.cdiv(n, group_n), triton.cdiv(k, group_k)), weight_scale.shape
     assert bias is None or bias.shape == (n,), bias.shape
@@ -445,7 +446,7 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         a_scale.stride(-1), weight.stride(0), weight_scale.stride(0), weight_scale.stride(1),
         part.stride(0) if splits > 1 else 0, part.stride(-2), PREQUANTIZED=before, HAS_BIAS=bias is not None,
         GROUP_N=group_n, STEPS=steps, ONE_SPLIT=splits == 1,
-        SCALAR_B=group_n % cfg["BLOCK_N"] == 0, OUT_DTYPE=_TL_DTYPES[x.dtype],
+        SCALAR_B=group_n % cfg["BLOCK_N"] == 0, OUT_DTYPE=TL_DTYPES[x.dtype],
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=group_k,
         PDL=use_pdl, PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(steps * group_k, LINE_BYTES)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
@@ -466,7 +467,7 @@ def sum_splits(part: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
     out = torch.empty(m, n, dtype=dtype, device=part.device) if out is None else out
     _sum_splits_kernel[(m, triton.cdiv(n, _SUM_BLOCK_N))](
         part, bias if bias is not None else out, out, n, part.stride(0), part.stride(1), out.stride(0),
-        SPLITS=splits, HAS_BIAS=bias is not None, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK_N=_SUM_BLOCK_N,
+        SPLITS=splits, HAS_BIAS=bias is not None, OUT_DTYPE=TL_DTYPES[dtype], BLOCK_N=_SUM_BLOCK_N,
     )  # fmt: skip
     return out
 

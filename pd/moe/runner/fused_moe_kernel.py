@@ -38,12 +38,11 @@ import triton
 import triton.language as tl
 
 from pd.env_choice import env_choice
-from pd.layers.triton_fp8_gemm import e4m3_groups
+from pd.layers.triton_fp8_gemm import TL_DTYPES, e4m3_groups
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _FP8 = torch.float8_e4m3fn
 # GPUs built on one die (same SMs, shared memory and registers; only the memory differs): a table tuned on one of
 # them is the best guess for the others, far better than the untuned defaults.
@@ -295,7 +294,7 @@ def invoke_fused_moe_gemm(
         c_PN.stride(0), c_PN.stride(1), *a_s_strides, *b_s_strides,
         A_ROW_DIVISOR=1 if a_per_pair else top_k, MUL_WEIGHT=topk_weights_P is not None,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_XK.dtype == torch.float32 else "tf32",
-        OUT_DTYPE=_TL_DTYPES[c_PN.dtype], USE_FP8=fp8 is not None,
+        OUT_DTYPE=TL_DTYPES[c_PN.dtype], USE_FP8=fp8 is not None,
         QUANTIZE_A=fp8 is not None and fp8.a_scale is None, GROUP_N=group[0], GROUP_K=group[1],
         SCALAR_B=_scalar_b(fp8, n, block_n),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_SIZE_M"],
@@ -340,7 +339,7 @@ def _weight_descriptor(b_ENK: torch.Tensor, block_n: int, block_k: int) -> Any:
 
 def _check_operands(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fp8: BlockFp8 | None, block_k: int) -> None:
     """A and B in C's dtype, or float8_e4m3fn with scales whose groups hold whole k-steps."""
-    assert c.dtype in _TL_DTYPES, c.dtype
+    assert c.dtype in TL_DTYPES, c.dtype
     if fp8 is None:
         assert a.dtype == b.dtype == c.dtype, (a.dtype, b.dtype, c.dtype)
         return
@@ -461,7 +460,7 @@ def invoke_batched_moe_gemm(
         a_EMK.stride(0), a_EMK.stride(1), a_EMK.stride(2), b_ENK.stride(0), b_ENK.stride(1), b_ENK.stride(2),
         c_EMN.stride(0), c_EMN.stride(1), c_EMN.stride(2), *a_s_strides, *b_s_strides,
         EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if a_EMK.dtype == torch.float32 else "tf32",
-        OUT_DTYPE=_TL_DTYPES[c_EMN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
+        OUT_DTYPE=TL_DTYPES[c_EMN.dtype], USE_FP8=fp8 is not None, GROUP_N=group[0], GROUP_K=group[1],
         SCALAR_B=_scalar_b(fp8, n, block_n),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=config["num_warps"], num_stages=config["num_stages"],

@@ -41,14 +41,13 @@ import triton
 import triton.language as tl
 
 from pd.layers.triton_activation import act_mul
-from pd.layers.triton_fp8_gemm import FP8_DTYPE, e4m3_groups, kernel_block_k, token_group_quant
+from pd.layers.triton_fp8_gemm import FP8_DTYPE, TL_DTYPES, e4m3_groups, kernel_block_k, token_group_quant
 from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
 from pd.moe.runner import ExpertScales
 from pd.moe.runner.fused_moe_kernel import BlockFp8, get_config, invoke_batched_moe_gemm, invoke_fused_moe_gemm
 from pd.moe.runner.moe_align import align_pairs_to_blocks
 from pd.moe.runner.torch_ref import get_activation
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _BLOCK_COLS = 1024  # columns per program of the two elementwise kernels
 _BATCHED_ROWS, _BATCHED_COLS = 16, 256  # the batched act kernel's tile
 
@@ -207,7 +206,7 @@ class TritonMoeRunner:
             inter_PI = hidden_NH.new_empty(num_pairs, inter)
             _act_and_mul_kernel[(num_pairs, triton.cdiv(inter, _BLOCK_COLS))](
                 gate_up_PX, inter_PI, ids_NK, num_experts, inter, gate_up_PX.stride(0), inter_PI.stride(0),
-                ACTIVATION=activation, OUT_DTYPE=_TL_DTYPES[dtype],
+                ACTIVATION=activation, OUT_DTYPE=TL_DTYPES[dtype],
                 BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(inter)),
             )  # fmt: skip
             a_PI, fp8_down = _quantized(inter_PI, scales, "w2", hidden)
@@ -216,7 +215,7 @@ class TritonMoeRunner:
         invoke_fused_moe_gemm(a_PI, w2_EHI, down_PH, *blocks, top_k, True, cfg_down, weights_P, fp8_down)
         _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, _BLOCK_COLS))](
             down_PH, ids_NK, out_NH, num_experts, hidden, down_PH.stride(0), out_NH.stride(0),
-            TOP_K=top_k, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(hidden)),
+            TOP_K=top_k, OUT_DTYPE=TL_DTYPES[dtype], BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(hidden)),
         )  # fmt: skip
         return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
 
@@ -247,7 +246,7 @@ class TritonMoeRunner:
         block_c = min(_BATCHED_COLS, triton.next_power_of_2(inter))
         _batched_act_and_mul_kernel[(triton.cdiv(max_rows, _BATCHED_ROWS), triton.cdiv(inter, block_c), num_experts)](
             gate_up_EMX, inter_EMI, counts_E, max_rows, inter, gate_up_EMX.stride(0), gate_up_EMX.stride(1),
-            inter_EMI.stride(0), inter_EMI.stride(1), ACTIVATION=activation, OUT_DTYPE=_TL_DTYPES[dtype],
+            inter_EMI.stride(0), inter_EMI.stride(1), ACTIVATION=activation, OUT_DTYPE=TL_DTYPES[dtype],
             BLOCK_R=_BATCHED_ROWS, BLOCK_C=block_c,
         )  # fmt: skip
         a_EMI, fp8_down = _quantized(inter_EMI, scales, "w2", hidden, counts_E)
@@ -276,7 +275,7 @@ class TritonMoeRunner:
 def _check_weights(dtype: torch.dtype, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor,
                    scales: ExpertScales | None) -> None:  # fmt: skip
     """Weights in the model dtype, or float8_e4m3fn with scales."""
-    assert dtype in _TL_DTYPES, dtype
+    assert dtype in TL_DTYPES, dtype
     weights = FP8_DTYPE if scales is not None else dtype
     assert w13_EXH.dtype == w2_EHI.dtype == weights, (dtype, w13_EXH.dtype, w2_EHI.dtype, scales is not None)
 
@@ -309,7 +308,7 @@ def _act_and_mul_quantized(gate_up_PX: torch.Tensor, ids_NK: torch.Tensor, num_e
     a_scale = torch.empty(num_pairs, groups, dtype=torch.float32, device=gate_up_PX.device)
     _act_and_mul_quant_kernel[(num_pairs, triton.cdiv(groups, per_program))](
         gate_up_PX, a_q, a_scale, ids_NK, num_experts, inter, gate_up_PX.stride(0), a_q.stride(0), a_scale.stride(0),
-        ACTIVATION=activation, OUT_DTYPE=_TL_DTYPES[dtype], GROUPS=per_program, GROUP=group,
+        ACTIVATION=activation, OUT_DTYPE=TL_DTYPES[dtype], GROUPS=per_program, GROUP=group,
     )  # fmt: skip
     return a_q, BlockFp8(a_scale, scales.w2, scales.block, hidden)
 
