@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import traceback
 from multiprocessing.connection import Connection
-from types import TracebackType
 from typing import Any
 
 
@@ -68,13 +67,6 @@ class InterpreterChild:
             self._proc.kill()
             self._proc.join(5)
         self._conn.close()
-
-    def __enter__(self) -> InterpreterChild:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 def _serve(conn: Connection) -> None:
