@@ -1,7 +1,8 @@
 """Gated activations as Triton kernels: act(gate) * up with torch's rounding (act rounded to the model dtype, then
 the product), shared by the dense MLP (``silu_and_mul_rows``) and the fused-MoE runner's act kernels (``act_mul``).
 The activation itself is computed in float32 as ``gate / (1 + exp(-gate))`` (or exact GELU): torch's formula, its
-exp within an ulp or so of torch's, so a result may differ from torch's by an ulp of the model dtype."""
+exp within a few float32 ulps of torch's (``exp_f32``), so a result may differ from torch's by an ulp of the model
+dtype."""
 
 from __future__ import annotations
 
@@ -15,10 +16,29 @@ _BLOCK_COLS = 1024  # columns per program
 
 
 @triton.jit
+def exp_f32(x):
+    """exp(x) of float32 x within a few ulps over the whole range. Not ``tl.exp``: on the GPU that is the hardware's
+    approximate 2^(x * log2 e), whose product's rounding error grows with |x| (up to ~|x| / 4 ulps: float32 silu at gate
+    = -20 then misses torch's by more than 8 ulps, measured on an H200). Here x = n ln2 + r with |r| <= ln2 / 2
+    (Cody-Waite, ln2 split so n * LN2_HI is exact), the approximate 2^ only meets |r * log2 e| <= 1/2, and 2^n is built
+    from its exponent bits in two halves (n reaches -150 and 129, beyond one float's exponent), so overflow gives inf as
+    torch's does; a denormal result may be flushed to 0 (the GPU's float32 multiply does)."""
+    # exp(-104) rounds to 0 and exp(89) to inf, as beyond them; NaN stays NaN
+    x = tl.minimum(tl.maximum(x, -104.0, propagate_nan=tl.PropagateNan.ALL), 89.0, propagate_nan=tl.PropagateNan.ALL)
+    n = tl.floor(x * 1.4426950408889634 + 0.5)
+    r = x - n * 0.693359375  # LN2_HI: 9 significant bits, so the product is exact for |n| <= 150
+    r = r + n * 2.12194440e-4  # LN2_HI - ln 2
+    half = tl.floor(n * 0.5)
+    scale_a = ((half.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    scale_b = (((n - half).to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.exp2(r * 1.4426950408889634) * scale_a * scale_b
+
+
+@triton.jit
 def act_mul(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """act(gate) * up from float32 gate and up, in the model dtype."""
     if ACTIVATION == "silu":
-        act = gate / (1.0 + tl.exp(-gate))
+        act = gate / (1.0 + exp_f32(-gate))
     else:  # exact (erf) GELU, F.gelu's default
         act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
     # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
