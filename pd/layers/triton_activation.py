@@ -22,7 +22,7 @@ def exp_f32(x):
     = -20 then misses torch's by more than 8 ulps, measured on an H200). Here x = n ln2 + r with |r| <= ln2 / 2
     (Cody-Waite, ln2 split so n * LN2_HI is exact), the approximate 2^ only meets |r * log2 e| <= 1/2, and 2^n is built
     from its exponent bits in two halves (n reaches -150 and 129, beyond one float's exponent), so overflow gives inf as
-    torch's does; a denormal result may be flushed to 0 (the GPU's float32 multiply does)."""
+    torch's does; a denormal result is only a denormal or 0 (the GPU rounds them its own way)."""
     # exp(-104) rounds to 0 and exp(89) to inf, as beyond them; NaN stays NaN
     x = tl.minimum(tl.maximum(x, -104.0, propagate_nan=tl.PropagateNan.ALL), 89.0, propagate_nan=tl.PropagateNan.ALL)
     n = tl.floor(x * 1.4426950408889634 + 0.5)
