@@ -136,28 +136,6 @@ def test_quantization_fp8_on_bf16_checkpoint(ckpt: dict[str, Any], tmp_path: Any
     assert err < ONLINE_RATIO * scale, (ckpt["seed"], err, scale)
 
 
-def test_programmatic_dependent_launch_gives_the_same_bits(ckpt: dict[str, Any], monkeypatch: Any) -> None:
-    """PD_PDL=1 (pd.layers.pdl: the split-K FP8 GEMMs start while the norm or attention merge before them runs,
-    prefetching their weights, and wait for it before reading activations) changes when kernels run, not what they
-    compute: the same prefill logits and greedy tokens (decode steps replayed from CUDA graphs) as without it."""
-    from pd.layers import pdl
-
-    prompts, params = _prompts(9, 33, 5, 17), SamplingParams(max_new_tokens=24, temperature=0.0)
-    monkeypatch.setenv("PD_PDL", "0")  # read at each launch: the fixture's engine's eager launches too
-    want_logits, want_tokens = _logits(ckpt["ours"], prompts), ckpt["ours"].generate(prompts, params)
-    monkeypatch.setenv("PD_PDL", "1")
-    if not pdl.enabled(torch.device("cuda")):
-        pytest.skip("programmatic dependent launch needs compute capability 9+ and a Triton with grid dependency "
-                    "control")  # fmt: skip
-    launched = []
-    real = pdl.enabled
-    monkeypatch.setattr(pdl, "enabled", lambda device: launched.append(real(device)) or launched[-1])
-    with_pdl = _cuda_llm(ckpt["fp8"])  # its decode graphs captured with PDL launches
-    assert any(launched), "no launch asked for PDL"
-    assert torch.equal(_logits(with_pdl, prompts), want_logits)
-    assert with_pdl.generate(prompts, params) == want_tokens
-
-
 def test_transformers_fp8_loading_agrees_as_a_second_oracle(ckpt: dict[str, Any]) -> None:
     """transformers' own fine-grained FP8 integration on the same checkpoint (W8A8 with per-token-group activation
     scales, as ours): its logits are no farther from ours than the weights' own e4m3 rounding moves them."""

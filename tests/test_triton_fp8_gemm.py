@@ -321,15 +321,3 @@ def test_gpu_fp8_linear_runs_the_kernel_and_replays_in_a_cuda_graph() -> None:
     static.copy_(fresh)
     graph.replay()
     assert torch.equal(captured, linear(fresh))
-
-
-def test_pd_pdl_takes_0_or_1_and_is_off_off_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pd.layers import pdl
-
-    cpu = torch.device("cpu")
-    for value in ("0", "1"):
-        monkeypatch.setenv("PD_PDL", value)
-        assert pdl.enabled(cpu) is False  # no programmatic dependent launch off a GPU, whatever the setting
-    monkeypatch.setenv("PD_PDL", "yes")
-    with pytest.raises(ValueError, match="PD_PDL='yes': expected 0 or 1"):
-        pdl.enabled(cpu)

@@ -172,29 +172,3 @@ def test_fused_moe_weight_descriptor_compiles_for_hopper(monkeypatch: pytest.Mon
     _assert_compiled(result, {"_fused_moe_kernel"})
     variants = {(c["USE_FP8"], c["B_DESC"]) for name, c in result.ok if name == "_fused_moe_kernel"}
     assert variants == {(False, True), (True, True)}, variants
-
-
-def test_pdl_variants_compile_for_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With programmatic dependent launch on (PD_PDL=1 on a Hopper GPU): the split-K FP8 GEMM launched with it,
-    prefetching its weight lines into L2 before waiting (one split, and four of a K whose last split is short), and
-    the two kernels before it in a decode layer letting it start: the add-and-norm writing e4m3 rows, the attention
-    merge writing them."""
-    from pd.layers import pdl
-    from pd.layers.triton_fp8_gemm import w8a8_split_k_linear
-    from pd.layers.triton_rmsnorm import add_rms_norm
-    from pd.quant.fp8 import block_quant
-    from tests.hopper_compile import compile_for_hopper
-
-    monkeypatch.setattr(pdl, "enabled", lambda device: True)
-    weight, scale = block_quant(torch.randn(512, 1280) / 32, BLOCK)
-    with compile_for_hopper() as result:
-        x = torch.randn(64, 1280, dtype=torch.bfloat16)
-        for splits in (1, 4):
-            w8a8_split_k_linear(x, weight, scale, BLOCK, splits=splits, quantize_before=True)
-        add_rms_norm(x, x.clone(), torch.ones(1280, dtype=torch.bfloat16), 1e-6, quant_group=128)
-        _decode_attention_writing_fp8_rows()
-    _assert_compiled(result, {"_w8a8_split_k_kernel", "_add_rmsnorm_kernel", "_decode_stage2_kernel"})
-    gemms = {(c["PDL"], c["STEPS"], c["PREFETCH_LINES"]) for name, c in result.ok if name == "_w8a8_split_k_kernel"}
-    assert gemms == {(True, 10, 16), (True, 3, 4)}, gemms
-    assert all(c["LAUNCH_DEPENDENTS"] for name, c in result.ok if name in ("_add_rmsnorm_kernel",
-                                                                           "_decode_stage2_kernel"))  # fmt: skip

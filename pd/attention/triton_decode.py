@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pd.layers import pdl
-from pd.layers.pdl import let_consumer_start
 from pd.layers.triton_fp8_gemm import e4m3_groups
 
 LOG2E = 1.4426950408889634
@@ -175,10 +173,7 @@ def _decode_stage2_kernel(
     partial_ptr, lse_ptr, out_ptr, q8_ptr, qs_ptr, num_splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_q8b, stride_qsb,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, QUANT_GROUP: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):  # fmt: skip
-    if LAUNCH_DEPENDENTS:  # o_proj's GEMM (launched with PDL) may start pulling its weight into L2 now
-        let_consumer_start()
     head = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     lse_row = lse_ptr + b * stride_lb + head * stride_lh
@@ -356,7 +351,6 @@ def decode_attention(
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), q8.stride(0), q_scale.stride(0),
         DV=head_dim_v, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(num_kv_splits), QUANT_GROUP=quant_group,
-        LAUNCH_DEPENDENTS=fp8_rows is not None and pdl.enabled(out.device),
         # one warp up to 128 columns: 3.45 us a launch quantizing, 4.04 us with 4 warps (H200, batch 64 x 32 heads,
         # 2 splits, in a graph; 3.1 us either way without quantizing)
         num_warps=1 if block_dv <= 128 else 4,

@@ -41,8 +41,7 @@ import triton
 import triton.language as tl
 
 from pd.env_choice import env_choice
-from pd.layers import fp8_rows, fp8_scaled_mm, pdl
-from pd.layers.pdl import LINE_BYTES, prefetch_l2, wait_for_producer
+from pd.layers import fp8_rows, fp8_scaled_mm
 from pd.layers.split_k_parts import SplitKParts
 
 FP8_DTYPE = torch.float8_e4m3fn  # pd.quant.fp8.FP8_DTYPE (not imported: this module is the GPU path it dispatches to)
@@ -276,27 +275,17 @@ def _w8a8_split_k_kernel(
     stride_bsn, stride_bsk, stride_os, stride_om, PREQUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr,
     GROUP_N: tl.constexpr, STEPS: tl.constexpr, ONE_SPLIT: tl.constexpr, SCALAR_B: tl.constexpr,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 1,
 ):  # fmt: skip
     """Program (column block, split): all M rows times one BLOCK_N-wide column block over the split's STEPS
     k-steps (one scale group each, BLOCK_K == GROUP_K). The activations are quantized here as token_group_quant
     does, from the compute-dtype rows x; or, PREQUANTIZED, x is token_group_quant's e4m3 output and xs its scales.
-    Writes the float32 partial sum at [split] of out (or, with one split, the result in OUT_DTYPE with the bias).
-
-    PDL (launched with programmatic dependent launch, pd.layers.pdl): the program first asks L2 for its weight lines
-    (PREFETCH_LINES, a power of two, of 128 bytes per column, the split's K range), then waits for the kernel
-    before it; only then does it read the activations or write anything."""
+    Writes the float32 partial sum at [split] of out (or, with one split, the result in OUT_DTYPE with the bias)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # wrapped: B loads need no column mask
     groups = tl.cdiv(K, BLOCK_K)
-    if PDL:
-        line = split * STEPS * BLOCK_K + tl.arange(0, PREFETCH_LINES) * 128  # L2 lines of 128 one-byte weights
-        line = tl.where(line < tl.minimum((split + 1) * STEPS * BLOCK_K, K), line, 0)  # past the range: a line in it
-        prefetch_l2(b_ptr + cols[:, None].to(tl.int64) * stride_bn + line[None, :])
-        wait_for_producer()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, STEPS):
         group = split * STEPS + step
@@ -392,8 +381,7 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
                         quantize_before: bool | None = None,
                         quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
                         config: dict[str, int] | None = None,
-                        defer_sums: bool = False, use_pdl: bool | None = None,
-                        ) -> torch.Tensor | SplitKParts:  # fmt: skip
+                        defer_sums: bool = False) -> torch.Tensor | SplitKParts:  # fmt: skip
     """The block-FP8 linear for decode-sized x [M <= SPLIT_K_MAX_ROWS, K] (split_k_fits): the activations are
     quantized inside the GEMM (the same values as token_group_quant) or by token_group_quant before it, and K is
     split over programs so the few column blocks of a small N still spread the weight over every SM, each split's
@@ -409,8 +397,6 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         config: BLOCK_N, num_warps, num_stages of the GEMM (default SPLIT_K_CONFIG; benchmarks sweep them).
         defer_sums: with more than one split, return the partials unsummed (pd.layers.split_k_parts) for a
             consumer that sums them as it loads them.
-        use_pdl: launch with programmatic dependent launch, prefetching the weight into L2 while the kernel before
-            runs (default pd.layers.pdl.enabled).
 
     Returns:
         [M, N] in x's dtype, contiguous; or with defer_sums and several splits, a SplitKParts.
@@ -439,8 +425,6 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         assert a.shape == x.shape and a.dtype == FP8_DTYPE and a_scale.shape == (m, triton.cdiv(k, group_k))
     else:
         a, a_scale = token_group_quant(x, group_k) if before else (x, out)  # (out: a pointer never read inside)
-    use_pdl = pdl.enabled(x.device) if use_pdl is None else use_pdl
-    launch = {"launch_pdl": True} if use_pdl else {}
     _w8a8_split_k_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
         a, a_scale, weight, weight_scale, bias_arg, part, m, n, k, a.stride(0), a_scale.stride(0),
         a_scale.stride(-1), weight.stride(0), weight_scale.stride(0), weight_scale.stride(1),
@@ -448,8 +432,7 @@ def w8a8_split_k_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         GROUP_N=group_n, STEPS=steps, ONE_SPLIT=splits == 1,
         SCALAR_B=group_n % cfg["BLOCK_N"] == 0, OUT_DTYPE=TL_DTYPES[x.dtype],
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=group_k,
-        PDL=use_pdl, PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(steps * group_k, LINE_BYTES)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if splits > 1:
         if defer_sums:

@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pd.layers import fp8_rows, pdl
-from pd.layers.pdl import let_consumer_start
+from pd.layers import fp8_rows
 from pd.layers.split_k_parts import SplitKParts
 from pd.layers.triton_fp8_gemm import FP8_DTYPE, e4m3_groups
 
@@ -37,10 +36,7 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_stride, out_stride, eps, BL
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, d_ptr, bias_ptr, w_ptr, sum_ptr, out_ptr, q_ptr, s_ptr, n_cols, x_stride, d_stride,
                         d_split_stride, sum_stride, out_stride, q_stride, s_stride, eps, BLOCK: tl.constexpr,
-                        QUANT_GROUP: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        LAUNCH_DEPENDENTS: tl.constexpr = False):  # fmt: skip
-    if LAUNCH_DEPENDENTS:  # the FP8 GEMM reading the e4m3 rows (launched with PDL) may start pulling its weight now
-        let_consumer_start()
+                        QUANT_GROUP: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -108,7 +104,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | SplitKParts, weight: tor
                                      a.stride(0), b.stride(-2), b.stride(0) if splits else 0, total.stride(0),
                                      out.stride(0), q.stride(0), scale.stride(0), eps, BLOCK=block,
                                      QUANT_GROUP=quant_group or 0, SPLITS=splits, HAS_BIAS=bias is not None,
-                                     LAUNCH_DEPENDENTS=bool(quant_group) and pdl.enabled(x.device),
                                      num_warps=min(max(block // 256, 1), 16))  # fmt: skip
     normed = out.view(x.shape)
     if quant_group:
