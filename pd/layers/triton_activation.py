@@ -1,8 +1,8 @@
 """Gated activations as Triton kernels: act(gate) * up with torch's rounding (act rounded to the model dtype, then
 the product), shared by the dense MLP (``silu_and_mul_rows``) and the fused-MoE runner's act kernels (``act_mul``).
 The activation itself is computed in float32 as ``gate / (1 + exp(-gate))`` (or exact GELU): torch's formula, its
-exp within a few float32 ulps of torch's (``exp_f32``), so a result may differ from torch's by an ulp of the model
-dtype."""
+exp within a few float32 ulps of torch's for float32 models (``exp_f32``) and Triton's faster exp for 16-bit ones,
+so a result may differ from torch's by an ulp or two of the model dtype."""
 
 from __future__ import annotations
 
@@ -37,8 +37,11 @@ def exp_f32(x):
 @triton.jit
 def act_mul(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """act(gate) * up from float32 gate and up, in the model dtype."""
-    if ACTIVATION == "silu":
+    if ACTIVATION == "silu" and OUT_DTYPE == tl.float32:
         act = gate / (1.0 + exp_f32(-gate))
+    elif ACTIVATION == "silu":  # tl.exp's error (< 2^-18 relative for |gate| < 64) is far below a 16-bit ulp (2^-8
+        act = gate / (1.0 + tl.exp(-gate))  # or 2^-11) and costs fewer instructions: ~6 us per FP8 decode step
+
     else:  # exact (erf) GELU, F.gelu's default
         act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
     # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
