@@ -22,7 +22,8 @@ counts at the target shapes (batch 64 x 4k decode, 8 x 1024 extend) and prints t
 in the kernel files.
 
 MLA prefill (--mla-prefill-only): DeepSeek-V3's prompt attention in the expanded form the model runs (keys of 128
-expanded + 64 shared rope columns, values 128, 128 heads) against SDPA on the same tokens.
+expanded + 64 shared rope columns, values 128, 128 heads) against SDPA on the same tokens, and in the other program
+order (heads fastest) beside the default.
 
 Usage: python benchmarks/bench_attention.py [--check] [--sweep] [--page-size 16] [--mla-prefill-only]
            [--out result.json]
@@ -243,13 +244,17 @@ def bench_mla_prefill(batch: int, length: int, sweep: bool) -> dict[str, Any]:
     flops = batch * h * length * length * (dn + dr + dv)
     t_ms = do_bench(triton_run(), warmup=5, rep=30, return_mode="median")
     paged_ms = do_bench(triton_run(contiguous=False), warmup=5, rep=30, return_mode="median")
+    # the other program order (heads fastest, as grouped-query heads run)
+    heads_fastest = dict(triton_extend.extend_config(dn + dr, dv, DTYPE), HEADS_FASTEST=True)
+    heads_ms = do_bench(triton_run(heads_fastest), warmup=5, rep=30, return_mode="median")
     s_ms = do_bench(sdpa, warmup=5, rep=30, return_mode="median")
     print(f"\nMLA prefill (expanded) {batch} x {length}, 128 heads, keys 128 + 64 shared, values 128: triton "
-          f"{t_ms * 1e3:.1f} us ({flops / t_ms / 1e9:.0f} TF/s; through a table {paged_ms * 1e3:.1f} us), sdpa "
-          f"{s_ms * 1e3:.1f} us ({flops / s_ms / 1e9:.0f} TF/s): {t_ms / s_ms:.2f}x sdpa's time")  # fmt: skip
+          f"{t_ms * 1e3:.1f} us ({flops / t_ms / 1e9:.0f} TF/s; through a table {paged_ms * 1e3:.1f} us; heads "
+          f"fastest {heads_ms * 1e3:.1f} us), sdpa {s_ms * 1e3:.1f} us ({flops / s_ms / 1e9:.0f} TF/s): "
+          f"{t_ms / s_ms:.2f}x sdpa's time")  # fmt: skip
     result: dict[str, Any] = {"batch": batch, "length": length, "triton_us": t_ms * 1e3, "sdpa_us": s_ms * 1e3,
                               "triton_tflops": flops / t_ms / 1e9, "sdpa_tflops": flops / s_ms / 1e9,
-                              "triton_table_us": paged_ms * 1e3}  # fmt: skip
+                              "triton_table_us": paged_ms * 1e3, "triton_heads_fastest_us": heads_ms * 1e3}  # fmt: skip
     if sweep:
         timings = []
         for bm, bn, w, st in MLA_PREFILL_CONFIGS:

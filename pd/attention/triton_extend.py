@@ -91,12 +91,18 @@ def _extend_kernel(
     stride_page_row,
     GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-    V_IS_K: tl.constexpr, DOT_PRECISION: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    V_IS_K: tl.constexpr, DOT_PRECISION: tl.constexpr, CONTIGUOUS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):  # fmt: skip
-    # Heads vary fastest (a KV head's query heads read the same keys together, from L2); the last query blocks,
-    # which see the most keys, start first.
-    head = tl.program_id(0)
-    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    # HEADS_FASTEST: a KV head's query heads run together and read its keys from L2 (grouped heads); else one head's
+    # query blocks do (a head with keys of its own: MLA's 128 expanded heads hold 64 MB of keys per 1024-token
+    # request, more than L2, so head after head would read them again for every query block). Either way the last
+    # query blocks, which see the most keys, start first.
+    if HEADS_FASTEST:
+        head = tl.program_id(0)
+        m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+        head = tl.program_id(1)
     b = tl.program_id(2)
     extend_len = tl.load(extend_lens_ptr + b)
     if m_block * BLOCK_M < extend_len:
@@ -204,7 +210,8 @@ def extend_attention(
             kernel reads both where they lie; other splits are concatenated first.
         contiguous: each request's keys are consecutive rows of k_buffer (and k_rope, v_buffer), page_table[row, 0]
             the first (page_size 1): keys are addressed directly instead of through a table lookup per key.
-        config: block sizes overriding extend_config (BLOCK_M, BLOCK_N, num_warps, num_stages).
+        config: block sizes overriding extend_config (BLOCK_M, BLOCK_N, num_warps, num_stages; HEADS_FASTEST, the
+            program order: by default heads vary fastest when query heads share KV heads, query blocks otherwise).
 
     Returns:
         out. Asynchronous: one launch, no host sync.
@@ -231,7 +238,9 @@ def extend_attention(
     block_dv = max(triton.next_power_of_2(head_dim_v), 16)
     v_is_k = v_is_k_prefix(k_buffer, v_buffer, block_dk) and block_dk <= head_dim_k
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (num_q_heads, triton.cdiv(max_extend_len, cfg["BLOCK_M"]), batch)
+    heads_fastest = cfg.get("HEADS_FASTEST", num_q_heads > num_kv_heads)
+    m_blocks = triton.cdiv(max_extend_len, cfg["BLOCK_M"])
+    grid = (num_q_heads, m_blocks, batch) if heads_fastest else (m_blocks, num_q_heads, batch)
     _extend_kernel[grid](
         q, k_buffer, k_rope, v_buffer, out, page_table, req_rows, q_starts, extend_lens, prefix_lens,
         scale * LOG2E,
@@ -239,7 +248,7 @@ def extend_attention(
         v_buffer.stride(0), v_buffer.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         GROUP=num_q_heads // num_kv_heads, PAGE_SIZE=page_size, DK=head_dim_k, DV=head_dim_v,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DR=block_dr, BLOCK_DV=block_dv,
-        V_IS_K=v_is_k, DOT_PRECISION=precision, CONTIGUOUS=contiguous, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        V_IS_K=v_is_k, DOT_PRECISION=precision, CONTIGUOUS=contiguous, HEADS_FASTEST=bool(heads_fastest),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
