@@ -193,7 +193,11 @@ def check_extend_matches_oracle(decode: ModuleType, extend: ModuleType, heads: H
         prefix, new = _ragged(seed, 5, 40, 20)
         b = make_batch(seed, prefix, new, heads, page_size, dtype)
         expected = reference_attention(b)
-        _assert_close(run_extend(extend, b, SMALL_EXTEND), expected, f"extend seed {seed} 16x16 tiles")
+        small = run_extend(extend, b, SMALL_EXTEND)
+        _assert_close(small, expected, f"extend seed {seed} 16x16 tiles")
+        # the other program order (heads fastest by default only for grouped heads): the same programs, same bits
+        other_order = dict(SMALL_EXTEND, HEADS_FASTEST=heads.q == heads.kv)
+        assert torch.equal(run_extend(extend, b, other_order), small), f"extend seed {seed}, the other order"
         _assert_close(run_extend(extend, b), expected, f"extend seed {seed} default tiles")
 
 
