@@ -22,7 +22,8 @@ from pd.attention.triton_decode import LOG2E, check_paged_inputs, head_dim_block
 # time of SDPA's flash backend; 8 warps gave 1.11x); smaller dims keep BLOCK_M 128 with 4 warps;
 # MLA (576/512) keeps a [32, 512] fp32 accumulator per program; (192, 128), MLA's expanded prefill (keys 128 + 64
 # shared): the best of `bench_attention.py --mla-prefill-only --sweep` on an H200 (2026-12-03, 8 x 1024, 128 heads:
-# 1.40 ms against 2.76 ms with 8 warps; torch SDPA 0.73 ms). `python benchmarks/bench_attention.py --sweep` times
+# 1.40 ms against 2.76 ms with 8 warps; torch SDPA 0.73 ms), swept with heads varying fastest; with each head's
+# query blocks together (2026-12-04) 1.10 ms, not re-swept. `python benchmarks/bench_attention.py --sweep` times
 # alternatives; shapes nobody tuned get DEFAULT_EXTEND_CONFIG; fp32 halves both tiles.
 EXTEND_CONFIGS: dict[tuple[int, int], dict[str, int]] = {
     (64, 64): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
