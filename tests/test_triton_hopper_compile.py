@@ -141,6 +141,7 @@ def test_dense_mlp_activation_compiles_for_hopper() -> None:
         silu_and_mul_rows(torch.randn(4, 2 * 100))
     _assert_compiled(result, {"_silu_and_mul_kernel"})
 
+
 def test_greedy_argmax_kernels_compile_for_hopper() -> None:
     """Greedy sampling's argmax over a Qwen3 vocabulary, bf16 and float32 logits."""
     from pd.engine.triton_argmax import argmax_rows

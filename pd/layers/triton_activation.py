@@ -39,9 +39,10 @@ def act_mul(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """act(gate) * up from float32 gate and up, in the model dtype."""
     if ACTIVATION == "silu" and OUT_DTYPE == tl.float32:
         act = gate / (1.0 + exp_f32(-gate))
-    elif ACTIVATION == "silu":  # tl.exp's error (< 2^-18 relative for |gate| < 64) is far below a 16-bit ulp (2^-8
-        act = gate / (1.0 + tl.exp(-gate))  # or 2^-11) and costs fewer instructions: ~6 us per FP8 decode step
-
+    elif ACTIVATION == "silu":
+        # 16-bit results: tl.exp's error (< 2^-18 relative for |gate| < 64) is far below their ulp (2^-8 or 2^-11),
+        # and it costs fewer instructions than exp_f32 (~6 us per FP8 decode step on an H200)
+        act = gate / (1.0 + tl.exp(-gate))
     else:  # exact (erf) GELU, F.gelu's default
         act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
     # Rounded to the model dtype before the product, as torch's act(gate) is, then the product rounded.
