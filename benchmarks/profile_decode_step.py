@@ -184,8 +184,40 @@ def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
         chunk = llm.scheduler.cfg.chunked_prefill_size
         f.write(f"prefill 16 x 1024, {args.model}, {args.layers} layers, chunk {chunk}, wall {wall * 1e3:.1f} ms\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        timeline = kernel_timeline(prof)
+        # host time before the first kernel and after the last one (building the first batch; the last outputs)
+        events = [e for e in prof.events() if e.time_range.end > e.time_range.start]
+        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        if kernels:
+            timeline["host_lead_ms"] = (min(e.time_range.start for e in kernels)
+                                        - min(e.time_range.start for e in events)) / 1e3  # fmt: skip
+            timeline["host_tail_ms"] = (max(e.time_range.end for e in events)
+                                        - max(e.time_range.end for e in kernels)) / 1e3  # fmt: skip
+        f.write(f"\ntimeline of the profiled burst: {json.dumps(timeline)}\n")
+        f.write("the device's longest idle spells (where the wall time beyond the kernels goes):\n")
+        for gap in idle_spells(prof, 12):
+            f.write(f"  {json.dumps(gap)}\n")
     gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
-    return {"variant": "prefill", "wall_ms": wall * 1e3, "tok_per_s": 16 * 1024 / wall, "profiled_gpu_ms": gpu_us / 1e3}
+    return {"variant": "prefill", "wall_ms": wall * 1e3, "tok_per_s": 16 * 1024 / wall, "profiled_gpu_ms": gpu_us / 1e3,
+            **timeline}
+
+
+def idle_spells(prof, count: int) -> list[dict[str, object]]:  # noqa: ANN001 (torch.profiler.profile)
+    """The `count` longest spells with no kernel running, in time order: when each began (ms from the first kernel),
+    how long it lasted, and the kernels either side of it (which say where in the forward the device waited)."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)  # fmt: skip
+    if not kernels:
+        return []
+    spells, reach, last = [], kernels[0][1], kernels[0][2]
+    for start, stop, name in kernels[1:]:
+        if start > reach:
+            spells.append((start - reach, reach, last, name))
+        if stop > reach:
+            reach, last = stop, name
+    longest = sorted(spells, reverse=True)[:count]
+    return [{"at_ms": round((at - kernels[0][0]) / 1e3, 3), "idle_ms": round(idle / 1e3, 3), "after": before[:80],
+             "before": after[:80]} for idle, at, before, after in sorted(longest, key=lambda g: g[1])]  # fmt: skip
 
 
 def _suffix(args: argparse.Namespace) -> str:

@@ -140,6 +140,11 @@ class ServerArgs:
     max_prefill_tokens: int = _opt(
         16384, "max prompt tokens in one prefill step (SGLang's); the bound is never below the context length, so "
         "with chunked prefill on it rarely binds", type=int)
+    prefill_wait_ms: float = _opt(
+        10.0, "an idle instance that receives a request waits up to this long for more of its burst before the first "
+        "prefill forward, while they keep coming (each within 1 ms of the last) and the forward has room: an MoE "
+        "forward reads every expert's weights whatever its size, so a burst split over more forwards costs more "
+        "weight reads (0: the first request runs at once, as SGLang's scheduler does)", type=float)
     page_size: int = _opt(16, "tokens per KV page", type=int)
     decode_log_interval: int = _opt(40, "steps between two progress lines in the log (0: none)", type=int)
     stream_interval: int = _opt(
@@ -605,6 +610,7 @@ def _validate(a: ServerArgs) -> None:
     need(a.piecewise_cuda_graph_max_tokens is None or a.piecewise_cuda_graph_max_tokens >= 1,
          f"--piecewise-cuda-graph-max-tokens must be >= 1, got {a.piecewise_cuda_graph_max_tokens}")
     need(a.max_prefill_tokens >= 1, f"--max-prefill-tokens must be >= 1, got {a.max_prefill_tokens}")
+    need(0 <= a.prefill_wait_ms <= 1000, f"--prefill-wait-ms must be in [0, 1000], got {a.prefill_wait_ms}")
     need(
         a.chunked_prefill_size == -1 or a.chunked_prefill_size >= a.page_size,
         f"--chunked-prefill-size ({a.chunked_prefill_size}) must be -1 (off) or >= --page-size ({a.page_size})",

@@ -124,6 +124,8 @@ BAD = [
     ("--chunked-prefill-size 8", "--chunked-prefill-size (8) must be -1 (off) or >= --page-size (16)"),
     ("--chunked-prefill-size 0", "--chunked-prefill-size (0)"),
     ("--max-prefill-tokens 0", "--max-prefill-tokens must be >= 1"),
+    ("--prefill-wait-ms -1", "--prefill-wait-ms must be in [0, 1000]"),
+    ("--prefill-wait-ms 5000", "--prefill-wait-ms must be in [0, 1000]"),
     ("--max-total-tokens 1024 --chunked-prefill-size 2048",
      "--chunked-prefill-size (2048) must be <= --max-total-tokens (1024)"),
     ("--max-total-tokens 8 --chunked-prefill-size -1", "--max-total-tokens (8) must be >= --page-size (16)"),

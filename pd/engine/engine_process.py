@@ -54,6 +54,9 @@ logger = logging.getLogger("pd.engine")
 DP_IDLE_POLL_S = 0.002
 # Steps that finish nothing report the engine's stats at most this often (each message wakes the front).
 STATS_INTERVAL_S = 0.05
+# An idle engine that got a request waits for more of its burst while they come at most this far apart (and for
+# --prefill-wait-ms in all: EngineLoop._gather_burst).
+BURST_GAP_S = 0.001
 # How often an idle leader checks that its followers are still there.
 HEARTBEAT_S = 1.0
 # A front process (other than the first) whose outputs have waited this long in its pipe is given up: its requests
@@ -114,7 +117,8 @@ def run_engine(
         logger.info("rank %d: the front closed before start-up finished; exiting", rank)
         raise SystemExit(0) from None
     try:
-        EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=multi_rank).run()
+        EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=multi_rank,
+                   prefill_wait_s=spec.scheduler.prefill_wait_s).run()
     except Exception:
         # Peers are mid-collective with us: the instance cannot go on. Exit loudly; the front sees the pipe close.
         logger.error("rank %d: step failed in a multi-rank instance; stopping: %s", rank, traceback.format_exc())
@@ -190,8 +194,10 @@ class EngineLoop:
         outbox: Connection | list[Connection],
         dp_gate: DPGate | None = None,
         multi_rank: bool = False,
+        prefill_wait_s: float = 0.0,
     ) -> None:
-        """inbox / outbox: the pipes from / to the front, or to each front process (lists, front 0 first)."""
+        """inbox / outbox: the pipes from / to the front, or to each front process (lists, front 0 first).
+        prefill_wait_s: --prefill-wait-ms in seconds (see _gather_burst)."""
         self.scheduler = scheduler
         self.inboxes, self.outboxes = _as_list(inbox), _as_list(outbox)
         assert len(self.inboxes) == len(self.outboxes) >= 1
@@ -200,6 +206,7 @@ class EngineLoop:
         self.senders = {i: FrontSender(conn, i) for i, conn in enumerate(self.outboxes) if i > 0}  # (see _send_to)
         self.front_stall_s = FRONT_STALL_S
         self.dp_gate, self.multi_rank = dp_gate, multi_rank
+        self.prefill_wait_s = prefill_wait_s
         self.last_report = 0.0
         self.last_stats = scheduler.stats()  # what the fronts already have (the ready message carried it)
 
@@ -208,14 +215,17 @@ class EngineLoop:
             sched = self.scheduler
             # Block while idle; while only waiting on peers (KV transfers), wake every 2 ms to poll them. Under DP
             # attention never block for long: the other leaders may have work that needs this rank's experts.
+            idle = self.dp_gate is None and not sched.has_work
             if self.dp_gate is not None:
                 timeout: float | None = 0.0 if sched.needs_compute else DP_IDLE_POLL_S
-            elif not sched.has_work:
+            elif idle:
                 timeout = HEARTBEAT_S if self.multi_rank else None
             else:
                 timeout = 0.0 if sched.needs_compute else 0.002
             try:
                 outputs = self._drain_inbox(timeout)
+                if idle:
+                    outputs += self._gather_burst()
             except EOFError:
                 logger.info("front closed the pipe; engine exiting")
                 if self.dp_gate is not None:
@@ -232,6 +242,31 @@ class EngineLoop:
             elif self.multi_rank and not outputs:
                 sched.runner.heartbeat()  # raises if a follower is gone, rather than finding out mid-request
             self._report(outputs)
+
+    def _gather_burst(self) -> list[TokenOutput]:
+        """An engine that was idle and just got requests takes in more of their burst before its first forward:
+        while that forward has room (Scheduler.prompt_room) and requests keep coming, each within BURST_GAP_S of the
+        last, for at most --prefill-wait-ms in all. A burst then runs as full forwards rather than a small first one
+        and the rest (an MoE forward reads every expert's weights whatever its size); a lone request waits one gap.
+        Not under DP attention (the leaders agree on every forward) and not on decode instances (their requests
+        wait for KV, not for a forward)."""
+        if self.prefill_wait_s <= 0:
+            return []
+        sched = self.scheduler
+        deadline = time.monotonic() + self.prefill_wait_s
+        outputs: list[TokenOutput] = []
+        while sched.prompt_room():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._wait_inbox(min(BURST_GAP_S, left)):
+                break
+            outputs += self._drain_inbox(0.0)
+        return outputs
+
+    def _wait_inbox(self, timeout: float) -> bool:
+        """Whether a front's message (or its pipe's closing) arrived within `timeout` seconds."""
+        if len(self.inboxes) == 1:
+            return self.inboxes[0].poll(timeout)
+        return bool(wait([self.inboxes[i] for i in self.open_fronts], timeout))
 
     def _report(self, outputs: list[TokenOutput]) -> None:
         """Sends the outputs with the engine's stats; without outputs, only stats that changed, and while work

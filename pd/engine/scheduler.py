@@ -49,6 +49,9 @@ class SchedulerConfig:
     # --max-prefill-tokens: prompt tokens one step may carry, never below the context length (SGLang's rule); None:
     # no bound but the chunk's
     max_prefill_tokens: int | None = None
+    # --prefill-wait-ms: how long an idle engine that just got a request may wait for more of its burst (EngineLoop
+    # reads it; the scheduler only says whether a forward has room: prompt_room)
+    prefill_wait_s: float = 0.0
 
 
 class SamplingError(RuntimeError):
@@ -250,6 +253,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.in_flight)
 
+    def prompt_room(self) -> bool:
+        """Whether the next forward of an engine with only queued requests could take more prompts than are queued:
+        fewer queued prompt tokens than one forward may carry, and a free batch row for another request (while so,
+        an idle engine that just got requests waits briefly for more of their burst: pd.engine.engine_process)."""
+        if not self.waiting or self.running or self.in_flight:
+            return False
+        chunked = self.cfg.chunked_prefill_size > 0
+        budget = min(self.cfg.chunked_prefill_size if chunked else math.inf, self.prefill_cap)
+        queued = sum(len(r.prompt_ids) - r.num_computed for r in self.waiting)
+        return queued < budget and len(self.waiting) < self.slots.num_free_rows
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_waiting=len(self.waiting),
@@ -386,9 +400,11 @@ class Scheduler:
         # one-token chunk), a decode token after it
         chunks = [n for r, n in zip(reqs, extend_lens, strict=True) if r.num_computed - n < len(r.prompt_ids)]
         waited = max((start - r.arrival for r in new), default=0.0)
-        logger.info("prefill batch: %d prompt tokens of %d requests (%d new, longest wait %.1f ms), %d decodes; "
-                    "queued %d; KV pages %d/%d used; launched in %.1f ms", sum(chunks),
-                    len(chunks), len(new), 1e3 * waited, len(reqs) - len(chunks),
+        # how far apart the new requests arrived: a burst split over forwards shows here
+        spread = max((r.arrival for r in new), default=0.0) - min((r.arrival for r in new), default=0.0)
+        logger.info("prefill batch: %d prompt tokens of %d requests (%d new, arrived over %.1f ms, longest wait "
+                    "%.1f ms), %d decodes; queued %d; KV pages %d/%d used; launched in %.1f ms", sum(chunks),
+                    len(chunks), len(new), 1e3 * spread, 1e3 * waited, len(reqs) - len(chunks),
                     len(self.waiting), self.pool.num_pages - self.num_free_pages, self.pool.num_pages,
                     1e3 * (time.monotonic() - start))  # fmt: skip
 

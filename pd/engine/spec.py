@@ -100,7 +100,8 @@ def scheduler_config(args: ServerArgs) -> SchedulerConfig:
         args.disaggregation_mode != "decode" or args.disaggregation_decode_enable_radix_cache)
     return SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,
                            overlap=not args.disable_overlap_schedule, log_interval=args.decode_log_interval,
-                           radix_cache=radix_cache, max_prefill_tokens=args.max_prefill_tokens)  # fmt: skip
+                           radix_cache=radix_cache, max_prefill_tokens=args.max_prefill_tokens,
+                           prefill_wait_s=args.prefill_wait_ms / 1e3)  # fmt: skip
 
 
 def moe_settings(args: ServerArgs) -> MoeContext:
