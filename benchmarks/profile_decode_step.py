@@ -16,8 +16,10 @@ Usage: python benchmarks/profile_decode_step.py [--out DIR] [--layers 8] [--batc
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -179,6 +181,17 @@ def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, params)
         torch.cuda.synchronize()
+    # The host's own time, by Python function: what the device waits on before the first kernel and between
+    # admitting requests and launching their forward (cProfile slows the host, so compare shares, not times).
+    host = cProfile.Profile()
+    host.enable()
+    llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    host.disable()
+    with open(os.path.join(args.out, f"host_prefill{_suffix(args)}.txt"), "w") as f:
+        stats = pstats.Stats(host, stream=f)
+        stats.sort_stats("cumulative").print_stats(60)
+        stats.sort_stats("tottime").print_stats(30)
     with open(os.path.join(args.out, f"profile_prefill{_suffix(args)}.txt"), "w") as f:
         f.write(f"{torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
         chunk = llm.scheduler.cfg.chunked_prefill_size
