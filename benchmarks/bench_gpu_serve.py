@@ -7,7 +7,8 @@ routing, first layer dense) with --layers layers (default 2: one dense and one M
 weights, held by transformers and by pd serve at once).
 
 Workloads (the serving issue's): prefill tok/s of 16 x 1024-token prompts with 1 new token (transformers: forwards
-of 8 prompts; pd serve: the median of --prefill-bursts bursts of 16 concurrent requests); decode out tok/s at each
+of 8 prompts, and of one --prefill-chunk's worth if that differs, the faster counting; pd serve: the median of
+--prefill-bursts bursts of 16 concurrent requests); decode out tok/s at each
 --batches size with 128-token prompts, 128 new tokens, greedy, ignore_eos
 (transformers: `generate` on the batch; pd serve: the median of --decode-runs runs of that many concurrent streamed
 /generate requests, every run's figure in the JSON), and pd serve's
@@ -140,14 +141,24 @@ def bench_transformers(path: str, device: str, args: argparse.Namespace) -> dict
     gen = torch.Generator().manual_seed(0)
     out: dict[str, object] = {}
     with torch.no_grad():
-        ids = torch.randint(1, vocab, (8, args.prefill_len), generator=gen).to(device)
-        model(ids)  # warm-up at the measured shape
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(args.prefill_prompts // 8):
-            model(ids)
-        _sync(device)
-        out["prefill_tok_s"] = args.prefill_prompts * args.prefill_len / (time.perf_counter() - start)
+        # Forwards of 8 prompts, and of as many as pd serve's prefill chunk holds when that differs: the faster is
+        # the reference (transformers gets the same batching pd serve is given).
+        per_forward = sorted({8, max(1, args.prefill_chunk // args.prefill_len)})
+        by_batch = {}
+        for n in per_forward:
+            ids = torch.randint(1, vocab, (n, args.prefill_len), generator=gen).to(device)
+            model(ids)  # warm-up at the measured shape
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(max(1, args.prefill_prompts // n)):
+                model(ids)
+            _sync(device)
+            forwards = max(1, args.prefill_prompts // n)
+            by_batch[n] = forwards * n * args.prefill_len / (time.perf_counter() - start)
+            del ids
+        out["prefill_tok_s_by_prompts_per_forward"] = by_batch
+        out["prefill_tok_s"] = max(by_batch.values())
+        print(f"transformers prefill tok/s by prompts per forward: {by_batch}", flush=True)
         for b in args.batches:
             ids = torch.randint(1, vocab, (b, args.prompt), generator=gen).to(device)
             model.generate(ids[:, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
@@ -255,8 +266,9 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int)
     port = free_port()
     max_bs = max(args.batches)
     argv = ["serve", "--model-path", path, "--device", device, "--dtype", "bfloat16", "--port", str(port),
-            "--max-running-requests", str(max(max_bs, args.prefill_prompts)), "--chunked-prefill-size", "8192",
-            "--log-level", "warning", *args.serve_args.split()]  # fmt: skip
+            "--max-running-requests", str(max(max_bs, args.prefill_prompts)),
+            "--chunked-prefill-size", str(args.prefill_chunk), "--log-level", "warning",
+            *args.serve_args.split()]  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     # The front runs uvloop where it is installed (a declared dependency; less CPU per streamed event than asyncio's
     # own loop, and the front's CPU bounds decode at large batches): say which one these figures had.
@@ -315,6 +327,9 @@ def main() -> None:
     parser.add_argument("--prefill-prompts", type=int, default=16)
     parser.add_argument("--prefill-len", type=int, default=1024)
     parser.add_argument("--prefill-bursts", type=int, default=5, help="measured prefill bursts (the median counts)")
+    parser.add_argument("--prefill-chunk", type=int, default=8192,
+                        help="pd serve's --chunked-prefill-size; transformers' prefill then also runs forwards of as "
+                             "many prompts as one chunk holds (beside 8), the faster being the reference")
     parser.add_argument("--decode-runs", type=int, default=3, help="measured runs per decode batch (the median counts)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="small widths: a smoke run of the procedure")
