@@ -141,10 +141,10 @@ class ServerArgs:
         16384, "max prompt tokens in one prefill step (SGLang's); the bound is never below the context length, so "
         "with chunked prefill on it rarely binds", type=int)
     prefill_wait_ms: float = _opt(
-        10.0, "an idle instance that receives a request waits up to this long for more of its burst before the first "
-        "prefill forward, while they keep coming (each within 1 ms of the last) and the forward has room: an MoE "
-        "forward reads every expert's weights whatever its size, so a burst split over more forwards costs more "
-        "weight reads (0: the first request runs at once, as SGLang's scheduler does)", type=float)
+        0.0, "an idle instance that receives a request waits up to this long for more of its burst before the first "
+        "prefill forward, while they keep coming (each within 1 ms of the last) and the forward has room: a burst "
+        "then runs as full forwards, not a small first one and the rest (an MoE forward reads every expert's weights "
+        "whatever its size). 0 (default): the first request runs at once, as SGLang's scheduler does", type=float)
     page_size: int = _opt(16, "tokens per KV page", type=int)
     decode_log_interval: int = _opt(40, "steps between two progress lines in the log (0: none)", type=int)
     stream_interval: int = _opt(

@@ -172,3 +172,13 @@ def test_the_scheduler_has_room_while_queued_prompts_fit_one_forward(tmp_path, c
     assert sched.running and not sched.prompt_room(), "a running batch is not an idle engine's first forward"
     for req in list(sched.live_requests()):
         sched.abort(req.rid)
+
+
+def test_the_flag_reaches_the_scheduler_config_and_is_off_by_default() -> None:
+    from pd.engine.spec import scheduler_config
+    from pd.server_args import ServerArgs
+
+    wait_ms = float(torch.randint(1, 500, ()).item()) / 4
+    args = ServerArgs.from_cli(["--model-path", "m", "--prefill-wait-ms", str(wait_ms)])
+    assert scheduler_config(args).prefill_wait_s == pytest.approx(wait_ms / 1e3)
+    assert scheduler_config(ServerArgs.from_cli(["--model-path", "m"])).prefill_wait_s == 0.0
