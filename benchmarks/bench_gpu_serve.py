@@ -80,7 +80,12 @@ def write_checkpoint(path: str, config, device: str) -> None:  # noqa: ANN001
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path)
+    # Gone from the device before anything is served: with --skip-transformers nothing else frees it, and the
+    # DeepSeek shape's writer holds ~68 GiB (its float32 init and the bf16 copy) that pd serve then lacks.
     del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     write_tokenizer(path)
 
 
