@@ -8,7 +8,8 @@ weights, held by transformers and by pd serve at once).
 
 Workloads (the serving issue's): prefill tok/s of 16 x 1024-token prompts with 1 new token (transformers: forwards
 of 8 prompts, and of one --prefill-chunk's worth if that differs, the faster counting; pd serve: the median of
---prefill-bursts bursts of 16 concurrent requests); decode out tok/s at each
+--prefill-bursts bursts of 16 concurrent requests, and as many bursts sent as one batched /generate request, SGLang's
+batch form); decode out tok/s at each
 --batches size with 128-token prompts, 128 new tokens, greedy, ignore_eos
 (transformers: `generate` on the batch; pd serve: the median of --decode-runs runs of that many concurrent streamed
 /generate requests, every run's figure in the JSON), and pd serve's
@@ -259,6 +260,17 @@ async def _serve_load(url: str, prompts: list[list[int]], new_tokens: int) -> tu
     return time.perf_counter() - start, [[t - start for t in times] for times in arrivals]
 
 
+async def _batch_load(url: str, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds for one non-streamed /generate request carrying every prompt (SGLang's batch form, what its
+    bench_one_batch_server sends): the burst reaches the engine at once, whatever one front's cost per request.
+    Encoded before the clock starts, as _serve_load's bodies."""
+    body = json.dumps({"input_ids": prompts, "sampling_params": {
+        "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}).encode()  # fmt: skip
+    start = time.perf_counter()
+    await _stream(url, body)
+    return time.perf_counter() - start
+
+
 def _first_tokens_ms(arrivals: list[list[float]]) -> list[float]:
     """[earliest, median, last] of the requests' first-token times (ms from the load's start); [] without any."""
     got = sorted(1e3 * a[0] for a in arrivals if a)
@@ -301,6 +313,11 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int)
         out["prefill_burst_ms"] = [round(1e3 * b, 2) for b in bursts]
         out["prefill_first_token_ms"] = firsts
         out["prefill_tok_s"] = args.prefill_prompts * args.prefill_len / sorted(bursts)[len(bursts) // 2]
+        # The same bursts as one batched request each (beside the figure above, not instead of it).
+        batched = [run_load(_batch_load(url, fresh(args.prefill_prompts, args.prefill_len), 1))
+                   for _ in range(args.prefill_bursts)]  # fmt: skip
+        out["prefill_batched_ms"] = [round(1e3 * b, 2) for b in batched]
+        out["prefill_batched_tok_s"] = args.prefill_prompts * args.prefill_len / sorted(batched)[len(batched) // 2]
         for b in args.batches:
             run_load(_serve_load(url, fresh(b, args.prompt), 4))  # warm-up at this batch size
             # --decode-runs runs of the batch, one after another: the median run's tok/s and ITLs count (a single
@@ -377,6 +394,9 @@ def main() -> None:
     print(f"\ncopy bandwidth {bandwidth / 1e9:.0f} GB/s; prefill: pd serve {ours['prefill_tok_s']:.0f} tok/s, "
           f"transformers {hf.get('prefill_tok_s', float('nan')):.0f} "
           f"({ours['prefill_tok_s'] / hf.get('prefill_tok_s', float('nan')):.2f}x)")  # fmt: skip
+    print(f"prefill as one batched /generate request per burst: {ours['prefill_batched_tok_s']:.0f} tok/s "
+          f"({ours['prefill_batched_tok_s'] / hf.get('prefill_tok_s', float('nan')):.2f}x), bursts (ms) "
+          f"{ours['prefill_batched_ms']}")  # fmt: skip
     print(f"prefill bursts (ms): {ours['prefill_burst_ms']}; first tokens [earliest, median, last] ms: "
           f"{ours['prefill_first_token_ms']}; the front's event loop: {ours['front_event_loop']}")  # fmt: skip
     print(f"{'batch':>5} {'pd tok/s':>10} {'hf tok/s':>10} {'x hf':>6} {'roofline':>10} {'roof/pd':>8} "
