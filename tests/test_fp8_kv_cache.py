@@ -78,13 +78,18 @@ def test_kv_cache_dtype_flag_is_parsed_and_checked() -> None:
 
 
 def test_pd_with_fp8_kv_on_both_sides_equals_unified_fp8(tmp_path) -> None:
-    path = make_checkpoint("qwen3_moe", str(tmp_path / "qwen3_moe"), seed=secrets.randbelow(2**31))
+    seed = secrets.randbelow(2**31)
+    path = make_checkpoint("qwen3_moe", str(tmp_path / "qwen3_moe"), seed=seed)
     args = ("--chunked-prefill-size", "32", "--page-size", "4", "--kv-cache-dtype", "fp8_e4m3")
     prompts, new_tokens, streams = _prompts(6), 12, [i % 2 == 0 for i in range(6)]
     with pd_serve(path, *args) as url:
         unified = run_all(url, prompts, new_tokens, [False] * len(prompts))
     with pd_cluster(path, 1, 1, instance_args=args) as cluster:
-        assert run_all(cluster.url, prompts, new_tokens, streams) == unified
+        got = run_all(cluster.url, prompts, new_tokens, streams)
+        # Once seen to fail, not reproduced since: what to look at if it fails again.
+        differ = [i for i, (a, b) in enumerate(zip(got, unified, strict=True)) if a != b]
+        assert got == unified, (f"checkpoint seed {seed}, prompts {differ} differ: PD {[got[i] for i in differ]}, "
+                                f"unified {[unified[i] for i in differ]}; prompts {prompts}\n{cluster.logs()}")
 
 
 @pytest.mark.gpu
