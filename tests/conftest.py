@@ -28,6 +28,9 @@ TORCH_SEED = int(os.environ.get("PD_TEST_SEED") or secrets.randbelow(2**63))
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
+    # pytest-xdist's marker (tests/conftest.py groups the PD tests), known also in a run without the plugin
+    config.addinivalue_line("markers", "xdist_group(name): tests of one group run on one xdist worker")
+
     torch.manual_seed(TORCH_SEED)  # for module- and session-scoped fixtures, which run before the per-test seed
 
 
@@ -56,6 +59,7 @@ KV_TRANSFER_MODULES = frozenset({
 })  # fmt: skip
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group the PD / KV-transfer tests for pytest-xdist (above); skip tests marked `gpu` on machines without CUDA
     (CI), so they show as skipped, not failed."""
