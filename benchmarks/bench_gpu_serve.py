@@ -153,13 +153,13 @@ def bench_transformers(path: str, device: str, args: argparse.Namespace) -> dict
         by_batch = {}
         for n in per_forward:
             ids = torch.randint(1, vocab, (n, args.prefill_len), generator=gen).to(device)
+            forwards = max(1, args.prefill_prompts // n)
             model(ids)  # warm-up at the measured shape
             _sync(device)
             start = time.perf_counter()
-            for _ in range(max(1, args.prefill_prompts // n)):
+            for _ in range(forwards):
                 model(ids)
             _sync(device)
-            forwards = max(1, args.prefill_prompts // n)
             by_batch[n] = forwards * n * args.prefill_len / (time.perf_counter() - start)
             del ids
         out["prefill_tok_s_by_prompts_per_forward"] = by_batch

@@ -259,10 +259,15 @@ class Scheduler:
         an idle engine that just got requests waits briefly for more of their burst: pd.engine.engine_process)."""
         if not self.waiting or self.running or self.in_flight:
             return False
-        chunked = self.cfg.chunked_prefill_size > 0
-        budget = min(self.cfg.chunked_prefill_size if chunked else math.inf, self.prefill_cap)
         queued = sum(len(r.prompt_ids) - r.num_computed for r in self.waiting)
-        return queued < budget and len(self.waiting) < self.slots.num_free_rows
+        return queued < self.token_budget and len(self.waiting) < self.slots.num_free_rows
+
+    @property
+    def token_budget(self) -> float:
+        """Tokens one forward may carry: the chunked-prefill size (none when chunking is off) and
+        --max-prefill-tokens (self.prefill_cap)."""
+        chunked = self.cfg.chunked_prefill_size > 0
+        return min(self.cfg.chunked_prefill_size if chunked else math.inf, self.prefill_cap)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -519,7 +524,7 @@ class Scheduler:
         chunked-prefill size and --max-prefill-tokens. Unchunked, prompts go whole while they fit, the first always
         (as SGLang admits them)."""
         chunked = self.cfg.chunked_prefill_size > 0
-        budget = min(self.cfg.chunked_prefill_size if chunked else math.inf, self.prefill_cap)
+        budget = self.token_budget
         reqs, lens = [], []
         for req in self.running:
             if not req.is_prefilling and self._decodes_further(req):
