@@ -34,8 +34,10 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                  reason="triton is not installed (the test extra installs it)")  # fmt: skip
 
 # Two quantized GEMMs in a row: the activations' e4m3 rounding before each (about 2.5-3% relative each, see
-# tests/test_triton_fp8_gemm.W8A8_TOLERANCE) compounds to 3.5-4% on average at the small CPU shapes, whose few
-# terms per dot product and few outputs spread it (one token: up to 7.6% over 300 draws).
+# tests/test_triton_fp8_gemm.W8A8_TOLERANCE) compounds to 3.5-4% on average at the small CPU shapes. Their few terms
+# per dot product spread it widely row by row (one expert's row: 0.4% of 300K draws over 10%, the worst 26%), so a
+# check holds the bound over all its rows together (the batched check's: at most 4.4% over 3,000 draws); the tight
+# per-case oracle is w8a8_reference.
 MOE_W8A8_TOLERANCE = 0.1
 # Against w8a8_reference: float32 summation order (and a rare flipped e4m3 tie); bf16 adds its roundings.
 EMULATED_TOLERANCE = {"float32": 2e-3, "bfloat16": 1.5e-2}
@@ -109,6 +111,7 @@ def check_fp8_runner(dtype_name: str, seed: int) -> None:
     from pd.moe.runner.triton_runner import TritonMoeRunner
 
     dtype = getattr(torch, dtype_name)
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (got, dequantized model's), compared together
     for i, (tokens, top_k, experts) in enumerate(((1, 1, 4), (5, 2, 8), (33, 4, 8), (17, 3, 16))):
         config = SMALL_N16 if i % 2 else SMALL
         runner = TritonMoeRunner(config)
@@ -122,9 +125,11 @@ def check_fp8_runner(dtype_name: str, seed: int) -> None:
         emulated = w8a8_reference(dispatched, q13, q2, scales, activation)
         assert rel_l2(got, emulated) < EMULATED_TOLERANCE[dtype_name], (where, rel_l2(got, emulated))
         dequantized = TorchMoeRunner().run(dispatched, *dequantize_experts(q13, q2, scales, dtype), activation)
-        assert rel_l2(got, dequantized.hidden_states) < MOE_W8A8_TOLERANCE, where
+        outputs.append((got, dequantized.hidden_states))
         assert not got[(dispatched.topk_ids < 0).all(dim=1)].any(), "a token without a local slot gets zeros"
         assert torch.equal(runner.run(dispatched, q13, q2, activation, scales).hidden_states, got)
+    got_all, dequantized_all = (torch.cat(t) for t in zip(*outputs, strict=True))
+    assert rel_l2(got_all, dequantized_all) < MOE_W8A8_TOLERANCE, (dtype_name, rel_l2(got_all, dequantized_all))
     empty = DispatchOutput(torch.empty(0, 40, dtype=dtype), torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2),
                            None)  # fmt: skip
     assert runner.run(empty, q13, q2, scales=scales).hidden_states.shape == (0, 40)
@@ -199,6 +204,7 @@ def check_fp8_batched(dtype_name: str, seed: int) -> None:
     from pd.moe.runner.triton_runner import TritonMoeRunner
 
     dtype = getattr(torch, dtype_name)
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (got, dequantized model's) rows, compared together
     for i, (experts, max_rows) in enumerate(((1, 5), (3, 19), (6, 33))):
         batched, w13, w2 = make_batched_case(seed + i, experts, max_rows, dtype)
         q13, q2, scales = quantize_experts(w13, w2, BLOCK)
@@ -213,7 +219,9 @@ def check_fp8_batched(dtype_name: str, seed: int) -> None:
             emulated = expert_mlp(rows, w13_f[e], w2_f[e], BLOCK[1], "silu", dtype)
             where = f"{experts}x{max_rows} expert {e} ({n} rows) {dtype_name}"
             assert rel_l2(got[e, :n], emulated) < EMULATED_TOLERANCE[dtype_name], (where, rel_l2(got[e, :n], emulated))
-            assert rel_l2(got[e, :n], dequantized[e, :n]) < MOE_W8A8_TOLERANCE, where
+            outputs.append((got[e, :n], dequantized[e, :n]))
+    got_all, dequantized_all = (torch.cat(t) for t in zip(*outputs, strict=True))
+    assert rel_l2(got_all, dequantized_all) < MOE_W8A8_TOLERANCE, (dtype_name, rel_l2(got_all, dequantized_all))
 
 
 def check_fp8_layer(seed: int) -> None:
@@ -248,11 +256,14 @@ def check_fp8_layer(seed: int) -> None:
         scales = layers[name].expert_scales()
         assert layers[name].w13_weight.dtype == layers[name].w2_weight.dtype == FP8_DTYPE and scales is not None
         assert scales.w13.shape[1:] == (4, 3) and scales.w2.shape[1:] == (3, 2)
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}  # both batch sizes compared together
     for tokens in (1, 16):
         x, logits = torch.randn(tokens, 40, generator=gen), torch.randn(tokens, 8, generator=gen)
-        reference = layers["reference"](x, logits)
-        for name in ("triton", "low_latency"):
-            assert rel_l2(layers[name](x, logits), reference) < MOE_W8A8_TOLERANCE, (name, tokens)
+        for name, layer in layers.items():
+            outputs[name].append(layer(x, logits))
+    reference = torch.cat(outputs["reference"])
+    for name in ("triton", "low_latency"):
+        assert rel_l2(torch.cat(outputs[name]), reference) < MOE_W8A8_TOLERANCE, name
 
 
 # ---- CPU tests (CI) ----
