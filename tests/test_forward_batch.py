@@ -59,8 +59,40 @@ def test_batches_equal_the_plain_construction_and_every_array_is_16_byte_aligned
         assert batch.logits_index.tolist() == (logits or [s + e - 1 for s, e in zip(starts, extend, strict=True)])
         assert layout.rows.tolist() == rows and layout.prefix_lens.tolist() == prefix
         assert layout.extend_lens.tolist() == extend and layout.q_starts.tolist() == starts
-        assert layout.rows.dtype == layout.q_starts.dtype == torch.int32
+        assert layout.kv_lens is not None
+        assert layout.kv_lens.tolist() == [p + e for p, e in zip(prefix, extend, strict=True)]
+        assert layout.rows.dtype == layout.q_starts.dtype == layout.kv_lens.dtype == torch.int32
         assert layout.out_loc.tolist() == slots and layout.is_decode == all(e == 1 for e in extend)
         arrays = (batch.input_ids, batch.positions, batch.logits_index, layout.rows, layout.prefix_lens,
-                  layout.extend_lens, layout.q_starts)  # fmt: skip
+                  layout.extend_lens, layout.q_starts, layout.kv_lens)  # fmt: skip
         assert all(a.data_ptr() % 16 == 0 for a in arrays), [a.data_ptr() % 16 for a in arrays]
+
+
+def test_expanded_context_equals_the_plain_construction_with_and_without_cached_prefixes():
+    """The MLA prompt path's context (pd.attention.triton_backend.expanded_context): each request's prefix and new
+    tokens, request after request, their KV slots, and where each request's first key lies. A batch with no cached
+    prefix takes the batch's own slots and starts; any prefix the general construction."""
+    from pd.attention.triton_backend import expanded_context
+
+    rng = random.Random(torch.randint(0, 2**31, ()).item())
+    page_size, rows_total = 16, 24
+    table = ReqToToken(rows_total, 512, page_size, torch.device("cpu"))
+    for row in range(rows_total):
+        table.assign_pages(row, 0, rng.sample(range(10_000), 512 // page_size))
+    for i in range(100):
+        n = rng.randint(1, 10)
+        rows = rng.sample(range(rows_total), n)
+        extend = [rng.randint(1, 37) for _ in range(n)]
+        prefix = [0] * n if i % 2 else [rng.choice((0, rng.randint(1, 400))) for _ in range(n)]
+        ids = [rng.randint(0, 1000) for _ in range(sum(extend))]
+        layout = build_forward_batch(ids, rows, prefix, extend, table, _KV(), _Backend()).layout
+        context = expanded_context(layout)
+
+        lengths = [p + e for p, e in zip(prefix, extend, strict=True)]
+        slots = [int(table.pages[r, p // page_size]) * page_size + p % page_size
+                 for r, n_ctx in zip(rows, lengths, strict=True) for p in range(n_ctx)]  # fmt: skip
+        assert context.new_only == (not any(prefix))
+        assert context.slots.tolist() == slots
+        assert context.firsts.tolist() == [[sum(lengths[:b])] for b in range(n)]
+        assert context.rows.tolist() == list(range(n)) and context.rows.dtype == context.firsts.dtype == torch.int32
+

@@ -55,18 +55,24 @@ class ExpandedContext:
     slots: [S] int64, the KV slot of each context token (to read its latent back from the cache).
     firsts: [B, 1] int32, the row of request b's first key in the expanded keys and values.
     rows:  [B] int32, 0..B-1 (request b reads row b of firsts).
+    new_only: no request has cached tokens, so the context is the batch's new tokens in their own order.
     """
 
     slots: torch.Tensor
     firsts: torch.Tensor
     rows: torch.Tensor
+    new_only: bool = False
 
 
 def expanded_context(layout: BatchLayout) -> ExpandedContext:
     """The batch's ExpandedContext: lengths from the host, page-table rows looked up on the device (one copy, a
-    gather; no sync)."""
+    gather; no sync). A batch of prompts without cached prefixes (the usual prompt forward) needs none of that: its
+    context is its new tokens, whose slots and starts the batch already holds on the device."""
     assert layout.page_table is not None
     device = layout.rows.device
+    if not any(layout.host_prefix_lens):
+        rows = torch.arange(layout.num_reqs, dtype=torch.int32, device=device)
+        return ExpandedContext(layout.out_loc, layout.q_starts.unsqueeze(1), rows, new_only=True)
     prefix = np.asarray(layout.host_prefix_lens, dtype=np.int64)
     lengths = prefix + np.asarray(layout.host_extend_lens, dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
@@ -108,7 +114,7 @@ class TritonAttentionBackend:
             prefix_lens=layout.prefix_lens,
             extend_lens=layout.extend_lens,
             q_starts=layout.q_starts,
-            kv_lens=layout.prefix_lens + layout.extend_lens,
+            kv_lens=layout.prefix_lens + layout.extend_lens if layout.kv_lens is None else layout.kv_lens,
             max_extend_len=layout.max_extend_len,
             decode=layout.is_decode,
             max_context_len=layout.max_context_len,
@@ -186,7 +192,10 @@ class TritonAttentionBackend:
         if meta.context is None:
             meta.context = expanded_context(batch.layout)
         context = meta.context
-        (latent_S1X,) = cache.gather(layer_id, context.slots)
+        if context.new_only and cache.dtype == latent.dtype:
+            latent_S1X = latent  # what the gather would read back: the latents just stored, in the same order
+        else:
+            (latent_S1X,) = cache.gather(layer_id, context.slots)
         k_SHN, k_rope_S1R, v_SHV = expand(latent_S1X.flatten(1).to(q.dtype))
         if out is None:
             out = q.new_empty(q.shape[0], q.shape[1], v_dim)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pd.engine.forward_batch import BatchLayout, ForwardBatch, empty_layout, read_device_tokens
+from pd.engine.forward_batch import BatchLayout, ForwardBatch, TokenIds, empty_layout, read_device_tokens
 
 if TYPE_CHECKING:
     from pd.engine.kv_cache import ReqToToken
@@ -141,7 +141,7 @@ class CudaGraphRunner:
         n = len(extend_lens)
         return 0 < n <= self.max_bs and num_logits == n and max(extend_lens) == 1
 
-    def stage(self, input_ids: list[int], rows: list[int], prefix_lens: list[int],
+    def stage(self, input_ids: TokenIds, rows: list[int], prefix_lens: list[int],
               token_source: torch.Tensor | None = None) -> StagedDecode:  # fmt: skip
         """Writes a decode batch into the static inputs of its bucket (can_stage must hold): one copy from pinned
         host memory, then, for tokens the host has not seen (negative input ids: under overlap scheduling, sampled
@@ -149,6 +149,7 @@ class CudaGraphRunner:
         n = len(rows)
         bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
         on_cuda = self._inputs.device.type == "cuda"
+        self.page_table.sync_device()  # the graphs read the device table in place: pages of new requests first
         # The caching host allocator hands a pinned block back only once the copies that read it have run.
         host = torch.empty(self._inputs.shape[0], dtype=torch.uint8, pin_memory=on_cuda)
         raw = host.numpy()

@@ -19,6 +19,9 @@ from pd.engine.kv_cache import KVCache, ReqToToken
 if TYPE_CHECKING:
     from pd.attention import AttentionBackend
 
+# A batch's new token ids: a list, or an int64 array (prompt chunks are slices of each request's prompt array).
+TokenIds = list[int] | np.ndarray
+
 
 @dataclass
 class BatchLayout:
@@ -33,6 +36,8 @@ class BatchLayout:
     page_table:   the [R, P] int32 page table the rows index (kernels read pages through it, in place); None
                   for an empty batch.
     host_prefix_lens, host_extend_lens: the same lengths as Python lists.
+    kv_lens:      [B] int32, prefix + extend (built with the batch's other facts; None where a layout is made
+                  elsewhere, and a backend then adds them up).
     """
 
     rows: torch.Tensor
@@ -43,6 +48,7 @@ class BatchLayout:
     page_table: ReqToToken | None
     host_prefix_lens: list[int]
     host_extend_lens: list[int]
+    kv_lens: torch.Tensor | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -98,7 +104,7 @@ class ForwardBatch:
 
 
 def build_forward_batch(
-    input_ids: list[int],
+    input_ids: TokenIds,
     rows: list[int],
     prefix_lens: list[int],
     extend_lens: list[int],
@@ -121,6 +127,7 @@ def build_forward_batch(
                   input_ids is read from it (a token the host has not seen yet, under overlap scheduling).
     """
     device = kv_cache.device
+    page_table.sync_device()  # requests admitted since the last forward: their pages, before any kernel reads them
     num_tokens, num_reqs = len(input_ids), len(rows)
     # The host arithmetic is numpy's: torch's CPU ops cost microseconds each, and repeat_interleave opens a
     # parallel region per call, which on a many-core host (or one with more threads than cores) costs milliseconds.
@@ -132,27 +139,28 @@ def build_forward_batch(
     logits = ends - 1 if logits_index is None else np.asarray(logits_index, dtype=np.int64)
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(prefix - starts, q_lens)
     token_rows = np.repeat(rows_np, q_lens)
-    # One host-to-device copy of everything: tokens, positions, rows, logits rows, KV slots, then the four
-    # per-request facts. Every piece starts 16 bytes into the buffer (padding): Triton compiles a kernel variant per
-    # pointer alignment, so alignments that moved with the batch's sizes compiled a variant the warm-up had not met,
-    # on a request.
+    # One host-to-device copy of everything: tokens, positions, rows, logits rows, KV slots (int64), then the five
+    # per-request facts (int32, written as such: no conversion launch on the device). Every piece starts 16 bytes
+    # into the buffer (padding): Triton compiles a kernel variant per pointer alignment, so alignments that moved
+    # with the batch's sizes compiled a variant the warm-up had not met, on a request.
     out_loc = page_table.host_slots(token_rows, positions)
     pieces = (np.asarray(input_ids, dtype=np.int64), positions, token_rows, logits, out_loc)
     lengths = [len(p) for p in pieces]
     padded = [-(-n // 2) * 2 for n in lengths]  # int64s, to a multiple of 16 bytes
-    facts_width = -(-num_reqs // 4) * 4  # the facts become int32: [4, facts_width] keeps each row 16-byte aligned
-    host = torch.zeros(sum(padded) + 4 * facts_width, dtype=torch.int64, pin_memory=device.type == "cuda")
+    facts_width = -(-num_reqs // 4) * 4  # int32s: each row of [5, facts_width] stays 16-byte aligned
+    host = torch.zeros(sum(padded) + 5 * facts_width // 2, dtype=torch.int64, pin_memory=device.type == "cuda")
     buf = host.numpy()
     starts_at, offset = [], 0
     for piece, width in zip(pieces, padded, strict=True):
         buf[offset : offset + len(piece)] = piece
         starts_at.append(offset)
         offset += width
-    buf[offset:].reshape(4, facts_width)[:, :num_reqs] = (rows_np, prefix, q_lens, starts)
+    buf[offset:].view(np.int32).reshape(5, facts_width)[:, :num_reqs] = (rows_np, prefix, q_lens, starts,
+                                                                         prefix + q_lens)  # fmt: skip
     tokens = host.to(device, non_blocking=True)
     ids_d, positions_d, token_rows_d, logits_d, out_loc_d = (tokens[o : o + n]
                                                              for o, n in zip(starts_at, lengths, strict=True))
-    facts = tokens[offset:].view(4, facts_width).to(torch.int32)[:, :num_reqs]
+    facts = tokens[offset:].view(torch.int32).view(5, facts_width)[:, :num_reqs]
     if token_source is not None:
         read_device_tokens(pieces[0], ids_d, token_source, token_rows_d)
     layout = BatchLayout(
@@ -164,6 +172,7 @@ def build_forward_batch(
         page_table=page_table,
         host_prefix_lens=list(prefix_lens),
         host_extend_lens=list(extend_lens),
+        kv_lens=facts[4],
     )
     return ForwardBatch(
         input_ids=ids_d,

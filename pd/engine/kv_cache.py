@@ -63,17 +63,31 @@ class ReqToToken:
 
     A host copy of the table (``host_pages``, numpy; the same memory on a CPU device) lets a batch's KV slots be
     computed on the host and travel with its other inputs in one copy: on the device the lookup took six launches
-    a step (a tenth of a decode step's host time at batch 1)."""
+    a step (a tenth of a decode step's host time at batch 1). On an accelerator, assignments reach the device table
+    together, before the next forward reads it (``sync_device``: one copy and one scatter for however many
+    requests were admitted, where a copy per request cost the host a driver call each)."""
 
-    def __init__(self, max_rows: int, max_context: int, page_size: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, max_rows: int, max_context: int, page_size: int, device: torch.device | str = "cpu",
+                 host_copy: bool | None = None) -> None:  # fmt: skip
+        """host_copy: keep the host table apart from the device's (default: when the device is not the CPU; tests
+        ask for it on the CPU to run the accelerator's path)."""
         self.page_size = page_size
         self.max_pages = -(-max_context // page_size)
-        self.pages = torch.zeros(max_rows, self.max_pages, dtype=torch.int32, device=device)
-        on_cpu = self.pages.device.type == "cpu"
-        self.host_pages = self.pages.numpy() if on_cpu else np.zeros(tuple(self.pages.shape), dtype=np.int32)
+        self._pages = torch.zeros(max_rows, self.max_pages, dtype=torch.int32, device=device)
+        if host_copy is None:
+            host_copy = self._pages.device.type != "cpu"
+        self.host_pages = np.zeros(tuple(self._pages.shape), dtype=np.int32) if host_copy else self._pages.numpy()
         self._free_rows = list(range(max_rows - 1, -1, -1))
+        # Entries assigned on the host and not yet on the device: (row, first page index, end), in call order.
+        self._unsynced: list[tuple[int, int, int]] | None = [] if host_copy else None
         # When a list: every assign_pages call is also recorded here, for mirrors kept on other ranks.
         self.journal: list[list[object]] | None = None
+
+    @property
+    def pages(self) -> torch.Tensor:
+        """The device table, with every assignment made so far (kernels read it in place)."""
+        self.sync_device()
+        return self._pages
 
     def take_journal(self) -> list[list[object]]:
         """The assign_pages calls recorded since the last take (empty when not journaling)."""
@@ -94,7 +108,8 @@ class ReqToToken:
 
     def assign_pages(self, row: int, first_page_index: int, pages: list[int]) -> None:
         """Maps pages [first_page_index, first_page_index + len(pages)) of `row` onto `pages` (pages past the
-        table's width, which no position reaches, are dropped)."""
+        table's width, which no position reaches, are dropped). The device table has them from the next
+        ``sync_device`` (every batch build calls it)."""
         if not pages:
             return
         if self.journal is not None:
@@ -103,10 +118,27 @@ class ReqToToken:
         if end <= first_page_index:
             return
         self.host_pages[row, first_page_index:end] = pages[: end - first_page_index]
-        if self.pages.device.type != "cpu":
-            # From pageable memory: the driver stages the values before returning, so later host writes are safe.
-            self.pages[row, first_page_index:end].copy_(torch.from_numpy(self.host_pages[row, first_page_index:end]),
-                                                        non_blocking=True)  # fmt: skip
+        if self._unsynced is not None:
+            self._unsynced.append((row, first_page_index, end))
+
+    def sync_device(self) -> None:
+        """Brings the device table up to date with the host's: the entries assigned since the last call, in one
+        copy from pinned memory and one scatter, queued on the current stream (before the forward that reads
+        them; a step still running read its own entries earlier in the same stream). The values are read from the
+        host table now, so an entry assigned twice carries its latest value in every duplicate."""
+        if not self._unsynced:
+            return
+        spans, self._unsynced = self._unsynced, []
+        width = self.max_pages
+        index = np.concatenate([np.arange(row * width + first, row * width + end) for row, first, end in spans])
+        n = len(index)
+        # int64 flat indices, then the int32 values (a view of the same pinned buffer: one copy carries both)
+        host = torch.empty(n + -(-n // 2), dtype=torch.int64, pin_memory=self._pages.device.type == "cuda")
+        buf = host.numpy()
+        buf[:n] = index
+        buf[n:].view(np.int32)[:n] = self.host_pages.reshape(-1)[index]
+        dev = host.to(self._pages.device, non_blocking=True)
+        self._pages.view(-1).index_copy_(0, dev[:n], dev[n:].view(torch.int32)[:n])
 
     def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """KV slots (int64) of positions ``positions`` of rows ``rows`` (same-shaped or broadcastable int64

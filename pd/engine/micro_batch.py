@@ -11,21 +11,21 @@ from dataclasses import dataclass
 
 import torch
 
-from pd.engine.forward_batch import ForwardBatch
+from pd.engine.forward_batch import ForwardBatch, TokenIds
 
 
 @dataclass(frozen=True)
 class BatchLists:
     """What build_forward_batch takes, for one micro-batch (logits_index relative to its own tokens)."""
 
-    input_ids: list[int]
+    input_ids: TokenIds
     rows: list[int]
     prefix_lens: list[int]
     extend_lens: list[int]
     logits_index: list[int]
 
 
-def split_in_two(input_ids: list[int], rows: list[int], prefix_lens: list[int], extend_lens: list[int],
+def split_in_two(input_ids: TokenIds, rows: list[int], prefix_lens: list[int], extend_lens: list[int],
                  logits_index: list[int] | None) -> tuple[BatchLists, BatchLists]:  # fmt: skip
     """(first, second): tokens [0, T // 2) and [T // 2, T) of the batch. logits_index (default: each request's
     last token) is split with them; either part may be empty (no requests) when T < 2."""

@@ -7,13 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pd.attention import get_backend
 from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine import compile_watch
 from pd.engine.cuda_graph_runner import CudaGraphRunner, StagedDecode
-from pd.engine.forward_batch import ForwardBatch, build_forward_batch, empty_forward_batch
+from pd.engine.forward_batch import ForwardBatch, TokenIds, build_forward_batch, empty_forward_batch
 from pd.engine.kv_cache import KVCache, ReqToToken, kv_storage_dtype
 from pd.engine.micro_batch import MicroBatches, split_in_two
 from pd.engine.piecewise_graphs import PiecewiseGraphs
@@ -227,7 +228,7 @@ class ModelRunner:
 
     def build_batch(
         self,
-        input_ids: list[int],
+        input_ids: TokenIds,
         rows: list[int],
         prefix_lens: list[int],
         extend_lens: list[int],
@@ -245,13 +246,14 @@ class ModelRunner:
         if self.sync is not None:
             assert token_source is None, "followers take their input tokens from the host"
             journal = self.slot_table.take_journal() if self.slot_table is not None else []
-            self.sync.send({"op": "forward", "input_ids": input_ids, "rows": rows, "prefix_lens": prefix_lens,
+            ids = input_ids.tolist() if isinstance(input_ids, np.ndarray) else input_ids  # the pipe carries lists
+            self.sync.send({"op": "forward", "input_ids": ids, "rows": rows, "prefix_lens": prefix_lens,
                             "extend_lens": extend_lens, "logits_index": logits_index, "slots": journal, "mode": mode})
         return self.make_batch(input_ids, rows, prefix_lens, extend_lens, slots, logits_index, mode, token_source)
 
     def make_batch(
         self,
-        input_ids: list[int],
+        input_ids: TokenIds,
         rows: list[int],
         prefix_lens: list[int],
         extend_lens: list[int],

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pd.engine.io import SamplingParams
 
 if TYPE_CHECKING:
@@ -45,16 +47,23 @@ class Req:
     kv_sent: bool = False  # prefill: the KV pages have been handed to the transfer engine
     every_token: bool = True  # report each sampled token (else the first one and the end only)
     stream_interval: int = 1  # with every_token: report once this many tokens wait (the first one at once)
+    # The prompt as int64, made when the request arrives (the engine is usually waiting then): a prompt forward's
+    # batch joins numpy slices of it instead of converting thousands of Python ints while the device waits.
+    prompt_array: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_array = np.asarray(self.prompt_ids, dtype=np.int64)
 
     @property
     def fill_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def next_input_ids(self, n: int) -> list[int]:
-        """The n tokens after those already in the cache (a prompt chunk, or the last sampled token)."""
+    def next_input_ids(self, n: int) -> np.ndarray | list[int]:
+        """The n tokens after those already in the cache: a prompt chunk (a view of prompt_array), or the last
+        sampled token (a list)."""
         prompt_len = len(self.prompt_ids)
         if self.num_computed < prompt_len:
-            return self.prompt_ids[self.num_computed : self.num_computed + n]
+            return self.prompt_array[self.num_computed : self.num_computed + n]
         start = self.num_computed - prompt_len
         return self.output_ids[start : start + n]
 

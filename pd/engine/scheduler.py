@@ -22,6 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pd.engine import compile_watch
@@ -349,13 +350,7 @@ class Scheduler:
         if not batch_reqs:
             return None
         prefix_lens = [r.num_computed for r in batch_reqs]
-        input_ids: list[int] = []
-        for req, n in zip(batch_reqs, extend_lens, strict=True):
-            ids = req.next_input_ids(n)
-            if len(ids) < n:  # the token sampled by the step in flight
-                assert self.overlap and n == 1 and req.pending, (req.rid, n, req.pending)
-                ids = [FROM_DEVICE]
-            input_ids.extend(ids)
+        input_ids = self._input_ids(batch_reqs, extend_lens)
         # Logits only where a request's known tokens are all in after this step (it needs its next token).
         ends = [end - 1 for end in itertools.accumulate(extend_lens)]
         sampled = [i for i, (r, n) in enumerate(zip(batch_reqs, extend_lens, strict=True))
@@ -395,6 +390,29 @@ class Scheduler:
                 row_index = row_index.to(logits.device, non_blocking=True)
             self.last_tokens.index_copy_(0, row_index, tokens.clamp(min=0))
         return LaunchedStep(reqs, *_to_host(tokens))
+
+    def _input_ids(self, reqs: list[Req], extend_lens: list[int]) -> list[int] | np.ndarray:
+        """The batch's new tokens, request after request: a list for decode tokens alone (a list's extend beats
+        numpy for a few dozen one-token pieces), else one int64 array joined from the prompt chunks' slices."""
+        parts: list[np.ndarray] = []
+        tokens: list[int] = []
+        for req, n in zip(reqs, extend_lens, strict=True):
+            ids = req.next_input_ids(n)
+            if isinstance(ids, np.ndarray):
+                if tokens:
+                    parts.append(np.asarray(tokens, dtype=np.int64))
+                    tokens = []
+                parts.append(ids)
+                continue
+            if len(ids) < n:  # the token sampled by the step in flight
+                assert self.overlap and n == 1 and req.pending, (req.rid, n, req.pending)
+                ids = [FROM_DEVICE]
+            tokens.extend(ids)
+        if not parts:
+            return tokens
+        if tokens:
+            parts.append(np.asarray(tokens, dtype=np.int64))
+        return np.concatenate(parts)
 
     def _log_prefill(self, reqs: list[Req], extend_lens: list[int], new: list[Req], start: float) -> None:
         """One INFO line per forward that carries prompt tokens (SGLang's "Prefill batch" line): what a slow first
