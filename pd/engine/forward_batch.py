@@ -148,7 +148,8 @@ def build_forward_batch(
     lengths = [len(p) for p in pieces]
     padded = [-(-n // 2) * 2 for n in lengths]  # int64s, to a multiple of 16 bytes
     facts_width = -(-num_reqs // 4) * 4  # int32s: each row of [5, facts_width] stays 16-byte aligned
-    host = torch.zeros(sum(padded) + 5 * facts_width // 2, dtype=torch.int64, pin_memory=device.type == "cuda")
+    # empty, not zeros: the padding between pieces is never read, and zeroing is one more parallel region (above)
+    host = torch.empty(sum(padded) + 5 * facts_width // 2, dtype=torch.int64, pin_memory=device.type == "cuda")
     buf = host.numpy()
     starts_at, offset = [], 0
     for piece, width in zip(pieces, padded, strict=True):
