@@ -110,6 +110,7 @@ class CudaGraphRunner:
         free_before = torch.cuda.mem_get_info(device)[0]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
+        self.page_table.sync_device()  # nothing may be left to copy inside a capture
         model = self.runner.model
         for bs in reversed(self.batch_sizes):
             batch = self._static_batch(bs)

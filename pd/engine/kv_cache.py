@@ -128,6 +128,9 @@ class ReqToToken:
         host table now, so an entry assigned twice carries its latest value in every duplicate."""
         if not self._unsynced:
             return
+        if self._pages.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A graph would replay this copy from a pinned buffer long since reused: sync before capturing.
+            raise RuntimeError("page-table entries assigned but not on the device when a CUDA graph is captured")
         spans, self._unsynced = self._unsynced, []
         width = self.max_pages
         index = np.concatenate([np.arange(row * width + first, row * width + end) for row, first, end in spans])

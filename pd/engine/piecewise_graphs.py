@@ -224,6 +224,7 @@ class PiecewiseGraphs:
         free_before = torch.cuda.mem_get_info(device)[0]
         self._pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
+        self.page_table.sync_device()  # nothing may be left to copy inside a capture
         model = self.runner.model
         for size in reversed(self.sizes):
             batch = self._static_batch(size)
