@@ -17,13 +17,10 @@ from pd.engine.llm import LLM
 from tests.tiny_checkpoints import make_checkpoint
 
 
-def test_page_table_assignments_reach_the_device_table_at_the_next_sync():
-    """With a host table apart from the device's (an accelerator's layout, asked for on the CPU), assignments stay on
-    the host until sync_device, then arrive together: rows assigned, reassigned, partly overwritten and past the
-    table's width, in random order, against a plain mirror kept by this test; reading ``pages`` syncs first."""
+def check_assignments_reach_the_device_table(device: str, host_copy: bool | None) -> None:
     rng = random.Random(torch.randint(0, 2**31, ()).item())
     rows_total, width, page_size = 12, 20, 4
-    table = ReqToToken(rows_total, width * page_size, page_size, torch.device("cpu"), host_copy=True)
+    table = ReqToToken(rows_total, width * page_size, page_size, torch.device(device), host_copy=host_copy)
     mirror = [[0] * width for _ in range(rows_total)]
     for round_ in range(60):
         before = table._pages.clone()
@@ -40,6 +37,20 @@ def test_page_table_assignments_reach_the_device_table_at_the_next_sync():
             table.sync_device()
             assert table._pages.tolist() == mirror
         assert table.pages.tolist() == mirror  # reading the table syncs too
+
+
+def test_page_table_assignments_reach_the_device_table_at_the_next_sync():
+    """With a host table apart from the device's (an accelerator's layout, asked for on the CPU), assignments stay on
+    the host until sync_device, then arrive together: rows assigned, reassigned, partly overwritten and past the
+    table's width, in random order, against a plain mirror kept by this test; reading ``pages`` syncs first."""
+    check_assignments_reach_the_device_table("cpu", host_copy=True)
+
+
+@pytest.mark.gpu
+def test_gpu_page_table_assignments_reach_the_device_table_at_the_next_sync():
+    """The same on a CUDA table (a host table apart by default; the copy from pinned memory and the scatter on the
+    device's stream)."""
+    check_assignments_reach_the_device_table("cuda", host_copy=None)
 
 
 
