@@ -139,3 +139,67 @@ def test_a_split_edge_keeps_its_lock_on_the_whole_path() -> None:
     assert cache.evict(4) == 0
     cache.unlock(node)
     assert cache.num_evictable == 4 and cache.evict(4) == 4 and pool.num_free == 16
+
+
+def test_each_eviction_drops_a_least_recently_used_unreferenced_leaf() -> None:
+    """Against a brute-force walk of the tree before every eviction: with prefixes shared, used again, locked and
+    unlocked at random (so the eviction heap holds many stale entries), each evict(1) drops exactly one leaf, an
+    unreferenced one, of the least last use among them; and none is left while an unreferenced leaf remains."""
+    rng = random.Random(random.randrange(1 << 30))
+    pool = PagePool(NUM_PAGES)
+    cache = RadixCache(2, pool)
+    oracle: dict[tuple[int, ...], int] = {}
+    history: list[list[int]] = []
+    held: list[Node] = []
+    for step in range(400):
+        tokens = _prompt(rng, history)
+        history.append(tokens)
+        _serve(cache, pool, oracle, tokens)
+        if rng.random() < 0.5:
+            cache.match(rng.choice(history))  # used again, unlocked: its leaf's last use moves
+        if rng.random() < 0.2:
+            _, node = cache.match(rng.choice(history))
+            cache.lock(node)
+            held.append(node)
+        if held and rng.random() < 0.2:
+            cache.unlock(held.pop(rng.randrange(len(held))))
+        if step % 4 == 3:
+            for _ in range(rng.randrange(1, 4)):
+                before = cache._nodes()
+                candidates = [n for n in before if n.ref == 0 and not n.children]
+                freed = cache.evict(1)
+                gone = set(map(id, before)) - set(map(id, cache._nodes()))
+                if not candidates:
+                    assert freed == 0 and not gone
+                    continue
+                oldest = min(n.last_use for n in candidates)
+                assert len(gone) == 1, len(gone)
+                (leaf,) = [n for n in candidates if id(n) in gone]
+                assert leaf.last_use == oldest and freed == len(leaf.pages)
+            oracle = {k: p for k, p in oracle.items() if pool._in_use[p]}
+    for node in held:
+        cache.unlock(node)
+    cache.flush()
+    assert cache.num_cached == 0 and pool.num_free == NUM_PAGES
+
+
+def test_eviction_does_not_walk_the_tree() -> None:
+    """An eviction costs the leaves it drops: a thousand single-leaf evictions from a tree of 2,000 leaves never
+    list the tree's nodes (the old eviction walked all of them each time)."""
+    pool = PagePool(NUM_PAGES)
+    cache = RadixCache(1, pool)
+    for i in range(2000):
+        pages = pool.alloc(2)
+        assert pages is not None and cache.insert([i, i + 1], pages) == []
+    walks = 0
+    real_nodes = cache._nodes
+
+    def counted() -> list[Node]:
+        nonlocal walks
+        walks += 1
+        return real_nodes()
+
+    cache._nodes = counted  # type: ignore[method-assign]
+    for _ in range(1000):
+        assert cache.evict(1) == 2
+    assert walks == 0 and cache.num_cached == 2000

@@ -5,6 +5,11 @@ A request that starts with a cached prefix maps those pages into its own page-ta
 rest of its prompt. Pages are append-only (a cached page is full and never written again), so sharing needs no
 copy-on-write: a node's reference count is the number of live requests whose prefix passes through it, and only
 unreferenced leaves are evicted, least recently used first, when an allocation needs room.
+
+The evictable leaves are kept in a heap as they appear (a leaf inserted, unlocked or used, a parent left childless),
+so an eviction costs the pages it frees, not a walk of the tree: the scheduler evicts for each request it admits,
+and a full pool of short cached prompts holds thousands of leaves (4,000 of them made each admission walk the tree
+for 1.2 ms). Entries go stale when their node is used, locked, grown or dropped, and are skipped when they surface.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class RadixCache:
         self.num_cached = 0
         self.num_evictable = 0
         self._clock = itertools.count(1)
+        # (last_use, order, node) of each leaf when it became evictable or was last used; stale entries stay until
+        # they surface (see _offer)
+        self._evictable: list[tuple[int, int, Node]] = []
+        self._order = itertools.count()
 
     def match(self, tokens: Sequence[int]) -> tuple[list[int], Node]:
         """The pages of the longest cached prefix of `tokens` made of whole pages, and the node it ends at
@@ -58,7 +67,7 @@ class RadixCache:
             n = self._common_pages(child, tokens, len(pages))
             if n < len(child.pages):
                 child = self._split(child, n)
-            child.last_use = now
+            self._use(child, now)
             pages.extend(child.pages)
             node = child
         return pages, node
@@ -77,6 +86,7 @@ class RadixCache:
             node.ref -= 1
             if node.ref == 0:
                 self.num_evictable += len(node.pages)
+                self._offer(node)
             node = node.parent  # type: ignore[assignment]
 
     def insert(self, tokens: Sequence[int], pages: list[int]) -> list[int]:
@@ -93,15 +103,15 @@ class RadixCache:
             child = node.children.get(self._page(tokens, i))
             if child is None:
                 leaf = Node(node, tuple(tokens[i * self.page_size : num_pages * self.page_size]), pages[i:num_pages])
-                leaf.last_use = now
                 node.children[self._page(tokens, i)] = leaf
                 self.num_cached += len(leaf.pages)
                 self.num_evictable += len(leaf.pages)
+                self._use(leaf, now)
                 break
             n = self._common_pages(child, tokens, i)
             if n < len(child.pages):
                 child = self._split(child, n)
-            child.last_use = now
+            self._use(child, now)
             duplicates.extend(p for p, q in zip(pages[i : i + n], child.pages, strict=True) if p != q)
             i += n
             node = child
@@ -120,21 +130,37 @@ class RadixCache:
         """Frees at least `num_pages` pages (fewer if not enough are evictable) by dropping unreferenced leaves,
         least recently used first; a parent left childless and unreferenced becomes a candidate. Returns how
         many pages went back to the pool."""
-        leaves = [(n.last_use, id(n), n) for n in self._nodes() if not n.children and n.ref == 0]
-        heapq.heapify(leaves)
         freed = 0
-        while freed < num_pages and leaves:
-            _, _, leaf = heapq.heappop(leaves)
+        while freed < num_pages and self._evictable:
+            last_use, _, leaf = heapq.heappop(self._evictable)
+            if leaf.parent is None or leaf.ref or leaf.children or leaf.last_use != last_use:
+                continue  # stale: dropped already, locked, grown children, or used since
             parent = leaf.parent
-            assert parent is not None
             del parent.children[leaf.key[: self.page_size]]
+            leaf.parent = None
             self.pool.free(leaf.pages)
             freed += len(leaf.pages)
             self.num_cached -= len(leaf.pages)
             self.num_evictable -= len(leaf.pages)
-            if parent is not self.root and not parent.children and parent.ref == 0:
-                heapq.heappush(leaves, (parent.last_use, id(parent), parent))
+            if parent is not self.root:
+                self._offer(parent)
         return freed
+
+    def _use(self, node: Node, now: int) -> None:
+        node.last_use = now
+        self._offer(node)
+
+    def _offer(self, node: Node) -> None:
+        """Records `node` as an eviction candidate at its current last_use if it is one now (an unreferenced leaf).
+        The heap is rebuilt from the tree when stale entries outnumber the cached pages (each node holds one page
+        or more), so it stays within a few entries per node."""
+        if node.ref or node.children or node.parent is None:
+            return
+        heapq.heappush(self._evictable, (node.last_use, next(self._order), node))
+        if len(self._evictable) > 2 * self.num_cached + 64:
+            self._evictable = [(n.last_use, next(self._order), n) for n in self._nodes()
+                               if n.ref == 0 and not n.children]  # fmt: skip
+            heapq.heapify(self._evictable)
 
     def flush(self) -> int:
         """Drops every unreferenced cached page; returns how many were freed."""
