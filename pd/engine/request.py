@@ -22,7 +22,7 @@ class ReqState(Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: lists of them are searched by identity, not by every field
 class Req:
     rid: str
     prompt_ids: list[int]
