@@ -203,3 +203,17 @@ def test_eviction_does_not_walk_the_tree() -> None:
     for _ in range(1000):
         assert cache.evict(1) == 2
     assert walks == 0 and cache.num_cached == 2000
+
+
+def test_heap_eviction_frees_the_pages_the_tree_walk_frees() -> None:
+    """benchmarks/bench_radix_evict.py's reference (the walk of the whole tree the heap replaced) on a twin cache:
+    the same pages leave, eviction after eviction (every leaf has its own last use, so the order is defined)."""
+    from benchmarks.bench_radix_evict import full_cache, walk_evict
+
+    seed = random.randrange(1 << 30)
+    cache, twin = full_cache(200, 64, seed), full_cache(200, 64, seed)
+    for _ in range(60):
+        want = random.randrange(1, 9)
+        free_before = set(cache.pool._free)
+        assert cache.evict(want) == walk_evict(twin, want)
+        assert set(cache.pool._free) - free_before == set(twin.pool._free) - free_before
