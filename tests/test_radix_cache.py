@@ -39,6 +39,7 @@ def _check_counts(cache: RadixCache, pool: PagePool) -> None:
     assert cache.num_cached == sum(len(n.pages) for n in nodes)
     assert cache.num_evictable == sum(len(n.pages) for n in nodes if n.ref == 0)
     assert pool.num_free + cache.num_cached == pool.num_pages  # no request is live here
+    assert cache._num_nodes == len(nodes) and len(cache._evictable) <= 2 * len(nodes) + 64  # the heap stays bounded
 
 
 def _serve(cache: RadixCache, pool: PagePool, oracle: dict[tuple[int, ...], int], tokens: list[int]) -> None:

@@ -48,6 +48,7 @@ class RadixCache:
         self.root.ref = 1  # never evicted, never counted
         self.num_cached = 0
         self.num_evictable = 0
+        self._num_nodes = 0  # below the root
         self._clock = itertools.count(1)
         # (last_use, order, node) of each leaf when it became evictable or was last used; stale entries stay until
         # they surface (see _offer)
@@ -104,6 +105,7 @@ class RadixCache:
             if child is None:
                 leaf = Node(node, tuple(tokens[i * self.page_size : num_pages * self.page_size]), pages[i:num_pages])
                 node.children[self._page(tokens, i)] = leaf
+                self._num_nodes += 1
                 self.num_cached += len(leaf.pages)
                 self.num_evictable += len(leaf.pages)
                 self._use(leaf, now)
@@ -138,12 +140,14 @@ class RadixCache:
             parent = leaf.parent
             del parent.children[leaf.key[: self.page_size]]
             leaf.parent = None
+            self._num_nodes -= 1
             self.pool.free(leaf.pages)
             freed += len(leaf.pages)
             self.num_cached -= len(leaf.pages)
             self.num_evictable -= len(leaf.pages)
             if parent is not self.root:
                 self._offer(parent)
+        self._bound_heap()
         return freed
 
     def _use(self, node: Node, now: int) -> None:
@@ -152,12 +156,15 @@ class RadixCache:
 
     def _offer(self, node: Node) -> None:
         """Records `node` as an eviction candidate at its current last_use if it is one now (an unreferenced leaf).
-        The heap is rebuilt from the tree when stale entries outnumber the cached pages (each node holds one page
-        or more), so it stays within a few entries per node."""
+        The heap is rebuilt from the tree when its entries outnumber twice the nodes (checked here and after each
+        eviction), so it stays within a few entries per node (each one more object for the garbage collector)."""
         if node.ref or node.children or node.parent is None:
             return
         heapq.heappush(self._evictable, (node.last_use, next(self._order), node))
-        if len(self._evictable) > 2 * self.num_cached + 64:
+        self._bound_heap()
+
+    def _bound_heap(self) -> None:
+        if len(self._evictable) > 2 * self._num_nodes + 64:
             self._evictable = [(n.last_use, next(self._order), n) for n in self._nodes()
                                if n.ref == 0 and not n.children]  # fmt: skip
             heapq.heapify(self._evictable)
@@ -184,6 +191,7 @@ class RadixCache:
         parent, ps = child.parent, self.page_size
         assert parent is not None and 0 < n < len(child.pages)
         upper = Node(parent, child.key[: n * ps], child.pages[:n])
+        self._num_nodes += 1
         upper.ref, upper.last_use = child.ref, child.last_use
         parent.children[child.key[:ps]] = upper
         child.key, child.pages, child.parent = child.key[n * ps :], child.pages[n:], upper
