@@ -13,6 +13,7 @@ finite one saturate to it), and every reader computes in the model's dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ class PagePool:
             self._in_use[p] = 1
         return pages
 
-    def free(self, pages: list[int]) -> None:
+    def free(self, pages: Sequence[int]) -> None:
         for p in pages:
             assert self._in_use[p], f"page {p} freed twice"
             self._in_use[p] = 0

@@ -26,10 +26,12 @@ class Node:
 
     __slots__ = ("children", "parent", "key", "pages", "ref", "last_use")
 
-    def __init__(self, parent: Node | None, key: tuple[int, ...], pages: list[int]) -> None:
+    def __init__(self, parent: Node | None, key: tuple[int, ...], pages: tuple[int, ...]) -> None:
         self.children: dict[tuple[int, ...], Node] = {}  # by the first page of the child's key
         self.parent = parent
         self.key = key
+        # tuples, not lists: a tuple of ints leaves the garbage collector's tracking, and a full pool's tree has
+        # tens of thousands of nodes for every full collection to visit otherwise
         self.pages = pages
         self.ref = 0  # live requests whose matched prefix ends at or below this node
         self.last_use = 0
@@ -44,7 +46,7 @@ class RadixCache:
     def __init__(self, page_size: int, pool: PagePool) -> None:
         self.page_size = page_size
         self.pool = pool
-        self.root = Node(None, (), [])
+        self.root = Node(None, (), ())
         self.root.ref = 1  # never evicted, never counted
         self.num_cached = 0
         self.num_evictable = 0
@@ -103,7 +105,8 @@ class RadixCache:
         while i < num_pages:
             child = node.children.get(self._page(tokens, i))
             if child is None:
-                leaf = Node(node, tuple(tokens[i * self.page_size : num_pages * self.page_size]), pages[i:num_pages])
+                leaf = Node(node, tuple(tokens[i * self.page_size : num_pages * self.page_size]),
+                            tuple(pages[i:num_pages]))  # fmt: skip
                 node.children[self._page(tokens, i)] = leaf
                 self._num_nodes += 1
                 self.num_cached += len(leaf.pages)
