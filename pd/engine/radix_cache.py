@@ -8,8 +8,9 @@ unreferenced leaves are evicted, least recently used first, when an allocation n
 
 The evictable leaves are kept in a heap as they appear (a leaf inserted, unlocked or used, a parent left childless),
 so an eviction costs the pages it frees, not a walk of the tree: the scheduler evicts for each request it admits,
-and a full pool of short cached prompts holds thousands of leaves (4,000 of them made each admission walk the tree
-for 1.2 ms). Entries go stale when their node is used, locked, grown or dropped, and are skipped when they surface.
+and a full pool of short cached prompts holds thousands of leaves (benchmarks/bench_radix_evict.py: 4,000 of them
+made each admission walk the tree for milliseconds). Entries go stale when their node is used, locked, grown or
+dropped, and are skipped when they surface.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class Node:
         self.pages = pages
         self.ref = 0  # live requests whose matched prefix ends at or below this node
         self.last_use = 0
+
+
+def _evictable(node: Node) -> bool:
+    """In the tree, held by no request, and a leaf."""
+    return node.parent is not None and node.ref == 0 and not node.children
 
 
 class RadixCache:
@@ -138,7 +144,7 @@ class RadixCache:
         freed = 0
         while freed < num_pages and self._evictable:
             last_use, _, leaf = heapq.heappop(self._evictable)
-            if leaf.parent is None or leaf.ref or leaf.children or leaf.last_use != last_use:
+            if not _evictable(leaf) or leaf.last_use != last_use:
                 continue  # stale: dropped already, locked, grown children, or used since
             parent = leaf.parent
             del parent.children[leaf.key[: self.page_size]]
@@ -161,15 +167,13 @@ class RadixCache:
         """Records `node` as an eviction candidate at its current last_use if it is one now (an unreferenced leaf).
         The heap is rebuilt from the tree when its entries outnumber twice the nodes (checked here and after each
         eviction), so it stays within a few entries per node (each one more object for the garbage collector)."""
-        if node.ref or node.children or node.parent is None:
-            return
-        heapq.heappush(self._evictable, (node.last_use, next(self._order), node))
-        self._bound_heap()
+        if _evictable(node):
+            heapq.heappush(self._evictable, (node.last_use, next(self._order), node))
+            self._bound_heap()
 
     def _bound_heap(self) -> None:
         if len(self._evictable) > 2 * self._num_nodes + 64:
-            self._evictable = [(n.last_use, next(self._order), n) for n in self._nodes()
-                               if n.ref == 0 and not n.children]  # fmt: skip
+            self._evictable = [(n.last_use, next(self._order), n) for n in self._nodes() if _evictable(n)]
             heapq.heapify(self._evictable)
 
     def flush(self) -> int:
