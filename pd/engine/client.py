@@ -69,6 +69,7 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ranks: RankProcesses | None = None
         self._closing = False
+        self._outgoing: dict[int, list[bytes]] = {}  # leader -> messages packed this turn of the loop (_send)
 
     @property
     def is_alive(self) -> bool:
@@ -197,9 +198,30 @@ class EngineClient:
         return len(self._queues)
 
     def _send(self, leader: int, msg: GenerateRequest | AbortRequest | FlushCacheRequest) -> None:
+        """Queues `msg` for `leader`. What this turn of the event loop queues for a leader goes out as one pipe write
+        (``_flush``, scheduled by the first): a batch request's prompts, each sent by its own task, then reach the
+        engine together, and its first forward takes them all rather than the first prompt alone (the engine starts
+        a forward with whatever it has; a second one pays a forward's fixed cost again: on an MoE model, reading
+        every expert's weights). Packed here, so a message that cannot be packed fails its own request."""
         if self._closing or not self._leaders:
             return  # late aborts from requests unwinding after close(); the engine is gone
-        self._leaders[leader].inbox.send_bytes(msgpack.packb(to_dict(msg), use_bin_type=True))
+        packed = msgpack.packb(to_dict(msg), use_bin_type=True)
+        queued = self._outgoing.setdefault(leader, [])
+        if not queued:
+            assert self._loop is not None, "engine not started"
+            self._loop.call_soon(self._flush, leader)
+        queued.append(packed)
+
+    def _flush(self, leader: int) -> None:
+        """Writes `leader`'s queued messages, concatenated (the engine reads a write as a stream of messages)."""
+        queued = self._outgoing.pop(leader, None)
+        if not queued or not self._leaders:
+            return
+        try:
+            self._leaders[leader].inbox.send_bytes(b"".join(queued))
+        except OSError as e:  # the pipe is gone, and so is the engine
+            if not self._closing:
+                self._engine_died(f"sending to the engine (leader {leader}) failed: {type(e).__name__}: {e}")
 
     def _pick_leader(self, req: GenerateRequest) -> int:
         if len(self._leaders) == 1:
@@ -267,6 +289,8 @@ class EngineClient:
                 self._send(leader, FlushCacheRequest())
 
     async def close(self) -> None:
+        for leader in list(self._outgoing):  # what was queued before closing still goes out
+            self._flush(leader)
         self._closing = True
         if self._attached is not None:  # a front worker: closing its pipes tells the engine (its requests end)
             for link in self._attached:

@@ -65,6 +65,15 @@ HEARTBEAT_S = 1.0
 FRONT_STALL_S = 30.0
 
 
+def _messages(data: bytes) -> collections.abc.Iterator[Any]:
+    """The messages of one write from a front: one or more packed messages back to back (pd.engine.client sends what
+    one turn of its event loop queued together)."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))  # unpackb's limits: the data's size
+    unpacker.feed(data)
+    for packed in unpacker:
+        yield from_dict(packed)
+
+
 def _send(conn: Connection, payload: dict[str, Any]) -> None:
     conn.send_bytes(msgpack.packb(payload, use_bin_type=True))
 
@@ -363,32 +372,35 @@ class EngineLoop:
         inbox, several = self.inboxes[front], len(self.inboxes) > 1
         outputs: list[TokenOutput] = []
         while inbox.poll(0):
-            msg = from_dict(msgpack.unpackb(inbox.recv_bytes(), raw=False))
-            out = None
-            if isinstance(msg, GenerateRequest):
-                if several and msg.rid in self.owner:  # each front checks its own requests; this spans them
-                    error = f"request id {msg.rid!r} is already in flight; use a unique rid"
-                    row = output_to_row(TokenOutput(msg.rid, [], len(msg.input_ids), 0, "error", error=error,
-                                                    status=409))  # fmt: skip
-                    self._send_to(front, {"outputs": [row], "stats": to_dict(self.last_stats)}, rows=True)
-                    continue
-                try:
-                    out = self.scheduler.add(msg)
-                except Exception as e:  # this request's own problem: refuse it alone, keep serving the others
-                    logger.error("could not queue request %s: %s", msg.rid, traceback.format_exc())
-                    out = TokenOutput(msg.rid, [], len(msg.input_ids), 0, "error",
-                                      error=f"the engine could not queue the request: {type(e).__name__}: {e}")
-                if several:
-                    self.owner[msg.rid] = front
-            elif isinstance(msg, AbortRequest) and msg.every_request:
-                outputs += [o for req in self.scheduler.live_requests() if (o := self.scheduler.abort(req.rid))]
-            elif isinstance(msg, AbortRequest):
-                out = self.scheduler.abort(msg.rid)
-            elif isinstance(msg, FlushCacheRequest):
-                self.scheduler.flush_cache()
-            if out is not None:
-                outputs.append(out)
+            for msg in _messages(inbox.recv_bytes()):
+                outputs += self._take(front, msg, several)
         return outputs
+
+    def _take(self, front: int, msg: Any, several: bool) -> list[TokenOutput]:
+        """Acts on one message from a front: queues a request (or refuses it alone), aborts, flushes the cache.
+        Returns the outputs to report at once (a refusal, aborted requests' ends)."""
+        out = None
+        if isinstance(msg, GenerateRequest):
+            if several and msg.rid in self.owner:  # each front checks its own requests; this spans them
+                error = f"request id {msg.rid!r} is already in flight; use a unique rid"
+                row = output_to_row(TokenOutput(msg.rid, [], len(msg.input_ids), 0, "error", error=error, status=409))
+                self._send_to(front, {"outputs": [row], "stats": to_dict(self.last_stats)}, rows=True)
+                return []
+            try:
+                out = self.scheduler.add(msg)
+            except Exception as e:  # this request's own problem: refuse it alone, keep serving the others
+                logger.error("could not queue request %s: %s", msg.rid, traceback.format_exc())
+                out = TokenOutput(msg.rid, [], len(msg.input_ids), 0, "error",
+                                  error=f"the engine could not queue the request: {type(e).__name__}: {e}")
+            if several:
+                self.owner[msg.rid] = front
+        elif isinstance(msg, AbortRequest) and msg.every_request:
+            return [o for req in self.scheduler.live_requests() if (o := self.scheduler.abort(req.rid))]
+        elif isinstance(msg, AbortRequest):
+            out = self.scheduler.abort(msg.rid)
+        elif isinstance(msg, FlushCacheRequest):
+            self.scheduler.flush_cache()
+        return [out] if out is not None else []
 
     def _front_closed(self, front: int, why: str) -> None:
         """A front process other than the first is gone (or given up): its requests are aborted (their pages

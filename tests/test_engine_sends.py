@@ -1,0 +1,171 @@
+"""What the front writes to the engine: every message one turn of the front's event loop queues for a leader goes out
+as one pipe write, so a batch request's prompts reach the engine together and its first forward takes them all."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from multiprocessing import Pipe
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pd.dist.launch import LeaderLink
+from pd.engine.client import EngineClient
+from pd.engine.engine_process import _messages
+from pd.engine.io import AbortRequest, FlushCacheRequest, GenerateRequest, SamplingParams
+from pd.server_args import ServerArgs
+
+
+def _client_on_pipe() -> tuple[EngineClient, Any]:
+    """An EngineClient wired to one leader link whose far end the test reads (the engine's side of the pipe)."""
+    engine_end, front_end = Pipe(duplex=False)  # engine_end receives what the front sends
+    out_recv, out_send = Pipe(duplex=False)
+    client = EngineClient(ServerArgs(model_path="/models/none", device="cpu"), spec=None)  # type: ignore[arg-type]
+    client._leaders = [LeaderLink(inbox=front_end, outbox=out_recv)]
+    client._loop = asyncio.get_running_loop()
+    return client, engine_end
+
+
+def _writes(conn: Any) -> list[list[Any]]:
+    """Each pipe write waiting on the engine's end, as the messages the engine reads from it."""
+    writes = []
+    while conn.poll(0):
+        writes.append(list(_messages(conn.recv_bytes())))
+    return writes
+
+
+def _request(rng: random.Random, i: int) -> GenerateRequest:
+    ids = [rng.randrange(1 << 17) for _ in range(rng.randint(1, 300))]
+    return GenerateRequest(rid=f"r{i}-{rng.getrandbits(32):x}", input_ids=ids,
+                           sampling=SamplingParams(max_new_tokens=rng.randint(1, 50), temperature=rng.random()))
+
+
+async def _first_output(client: EngineClient, req: GenerateRequest) -> None:
+    """Submits `req` and waits for an output that never comes (the test plays the engine and sends none)."""
+    async for _ in client.generate(req):
+        return
+
+
+def test_requests_queued_in_one_loop_turn_go_out_as_one_write_in_order() -> None:
+    """Against the requests themselves: n generate calls started together reach the engine as one write holding the
+    n requests, equal field for field and in the order they were made; a request started later is a write of its
+    own; an abort queued in the same turn as other messages keeps its place among them."""
+    rng = random.Random()
+
+    async def scenario() -> None:
+        client, engine_end = _client_on_pipe()
+        for _ in range(5):
+            reqs = [_request(rng, i) for i in range(rng.randint(1, 12))]
+            tasks = [asyncio.ensure_future(_first_output(client, r)) for r in reqs]
+            await asyncio.sleep(0.01)
+            assert _writes(engine_end) == [reqs]
+            lone = _request(rng, 99)
+            tasks.append(asyncio.ensure_future(_first_output(client, lone)))
+            await asyncio.sleep(0.01)
+            assert _writes(engine_end) == [[lone]]
+            # cancelling the waiting requests aborts them (their generators' cleanup) and a flush joins the turn
+            victims = rng.sample(range(len(reqs)), rng.randint(1, len(reqs)))
+            for i in victims:
+                tasks[i].cancel()
+            await client.flush_cache()
+            await asyncio.sleep(0.01)
+            (write,) = _writes(engine_end)
+            assert write[0] == FlushCacheRequest()
+            assert sorted(m.rid for m in write[1:]) == sorted(reqs[i].rid for i in victims)
+            assert all(isinstance(m, AbortRequest) for m in write[1:])
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            _writes(engine_end)
+
+    asyncio.run(scenario())
+
+
+def test_a_message_that_cannot_be_packed_fails_its_own_request_alone() -> None:
+    """A request msgpack cannot carry (an id past 64 bits) raises in its own generate; the requests queued with it
+    still go out, in one write (with the harmless abort the failed request's cleanup sends)."""
+    rng = random.Random()
+
+    async def scenario() -> None:
+        client, engine_end = _client_on_pipe()
+        good = [_request(rng, i) for i in range(3)]
+        bad = GenerateRequest(rid="bad", input_ids=[1 << 70], sampling=SamplingParams(max_new_tokens=1))
+        tasks = [asyncio.ensure_future(_first_output(client, r)) for r in (good[0], bad, *good[1:])]
+        await asyncio.sleep(0.01)
+        (write,) = _writes(engine_end)
+        assert [m for m in write if isinstance(m, GenerateRequest)] == good
+        assert [m for m in write if not isinstance(m, GenerateRequest)] == [AbortRequest("bad")]
+        with pytest.raises(OverflowError):
+            await tasks[1]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_closed_pipe_fails_the_requests_waiting_on_it() -> None:
+    """The engine's end gone: the write fails, and the requests that were sent get an error output (as when the
+    engine process dies) instead of waiting forever."""
+
+    async def scenario() -> list[Any]:
+        client, engine_end = _client_on_pipe()
+        engine_end.close()
+        reqs = [_request(random.Random(), i) for i in range(3)]
+
+        async def first(req: GenerateRequest) -> Any:
+            async for out in client.generate(req):
+                return out
+
+        return await asyncio.wait_for(asyncio.gather(*(first(r) for r in reqs)), 10)
+
+    outs = asyncio.run(scenario())
+    assert [o.finish_reason for o in outs] == ["error"] * 3
+    assert all("sending to the engine" in o.error for o in outs), outs
+
+
+@pytest.mark.slow
+def test_a_batch_request_runs_as_one_prefill_forward_and_gives_hf_greedy(tmp_path: Path, capfd: Any) -> None:
+    """A real engine (tiny Llama on the CPU) behind the HTTP front: a /generate batch of k prompts of random lengths
+    is one prefill forward of k new requests (the engine's "prefill batch" line; before, the engine took the first
+    prompt alone, then the rest), and each prompt's tokens are transformers' greedy tokens."""
+    import httpx
+    import torch
+    from transformers import AutoTokenizer
+
+    from pd.engine.spec import EngineSpec
+    from pd.server.app import create_app
+    from tests.tiny_checkpoints import load_hf, make_checkpoint
+
+    path = make_checkpoint("llama", str(tmp_path / "llama"))
+    tok = AutoTokenizer.from_pretrained(path)
+    args = ServerArgs(model_path=path, device="cpu", log_level="info")
+    rng = random.Random()
+    k = rng.randint(3, 8)
+    prompts = [[rng.randrange(1, 256) for _ in range(rng.randint(2, 40))] for _ in range(k)]
+    with torch.no_grad():
+        hf = load_hf(path)
+        want = [hf.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):].tolist() for p in prompts]
+
+    async def scenario() -> list[dict[str, Any]]:
+        engine = EngineClient(args, EngineSpec.from_server_args(args))
+        await engine.start()
+        try:
+            app = create_app(engine, tok, args)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=120) as c:
+                body = {"input_ids": prompts, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+                r = await c.post("/generate", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()
+        finally:
+            await engine.close()
+
+    capfd.readouterr()
+    outs = asyncio.run(scenario())
+    assert [o["output_ids"] for o in outs] == want
+    log = capfd.readouterr().err
+    lines = [line for line in log.splitlines() if "prefill batch:" in line]
+    assert lines, log[-3000:]
+    assert f"prefill batch: {sum(map(len, prompts))} prompt tokens of {k} requests ({k} new" in lines[0], lines
