@@ -169,3 +169,48 @@ def test_a_batch_request_runs_as_one_prefill_forward_and_gives_hf_greedy(tmp_pat
     lines = [line for line in log.splitlines() if "prefill batch:" in line]
     assert lines, log[-3000:]
     assert f"prefill batch: {sum(map(len, prompts))} prompt tokens of {k} requests ({k} new" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_the_front_keeps_answering_while_the_engine_is_in_a_long_forward(tmp_path: Path) -> None:
+    """A front that sends more than a pipe holds (a batch of long prompts, ~100 KB) while the engine is inside a
+    3-second forward must not stall: /health answers within a second (it used to wait for the forward's end, the
+    front's event loop blocked on the full pipe), and every request still completes."""
+    import time
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    from pd.engine.spec import EngineSpec
+    from pd.server.app import create_app
+    from tests.slow_forward import SLOW_S, SLOW_TOKENS, slow_forward_scheduler
+    from tests.tiny_checkpoints import make_checkpoint
+
+    path = make_checkpoint("llama", str(tmp_path / "llama"))
+    tok = AutoTokenizer.from_pretrained(path)
+    args = ServerArgs(model_path=path, device="cpu", max_total_tokens=200_000)
+    rng = random.Random()
+    big = [[rng.randrange(256, 512) for _ in range(3000)] for _ in range(12)]  # 3 bytes an id on the wire: ~108 KB
+
+    async def scenario() -> tuple[float, list[int]]:
+        engine = EngineClient(args, EngineSpec.from_server_args(args, slow_forward_scheduler))
+        await engine.start()
+        try:
+            app = create_app(engine, tok, args)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=60) as c:
+                one = {"sampling_params": {"max_new_tokens": 1}}
+                slow = asyncio.ensure_future(c.post("/generate", json={"input_ids": [1] * SLOW_TOKENS, **one}))
+                await asyncio.sleep(0.5)  # the engine is inside the long forward now
+                start = time.perf_counter()
+                batch = asyncio.ensure_future(c.post("/generate", json={"input_ids": big, **one}))
+                await asyncio.sleep(0.2)  # (a blocked event loop overruns this)
+                health = await c.get("/health")
+                waited = time.perf_counter() - start - 0.2
+                assert health.status_code == 200
+                return waited, [(await slow).status_code, (await batch).status_code]
+        finally:
+            await engine.close()
+
+    waited, statuses = asyncio.run(scenario())
+    assert statuses == [200, 200]
+    assert waited < min(1.0, SLOW_S / 3), f"/health took {waited:.2f} s while the engine was in a {SLOW_S} s forward"
