@@ -1,4 +1,5 @@
-"""Starts `pd serve` (or any `pd` subcommand) as a real subprocess for end-to-end tests."""
+"""Starts `pd serve` (or any `pd` subcommand) as a real subprocess for end-to-end tests, or its front in the test's
+own event loop over a real engine (``in_process_front``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 
@@ -115,3 +117,23 @@ def listeners(port: int) -> int:
                 rows = [row.split() for row in f.read().splitlines()[1:]]
             count += sum(1 for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "0A")
     return count
+
+
+@contextlib.asynccontextmanager
+async def in_process_front(args: Any, tokenizer: Any, make_scheduler: Any = None) -> AsyncIterator[httpx.AsyncClient]:
+    """The HTTP front of the instance ServerArgs ``args`` describe, in the running event loop, over its real engine
+    (rank processes started and stopped here; ``make_scheduler``: a SchedulerFactory other than the default, a
+    module-level function the rank processes import): an httpx client to it."""
+    from pd.engine.client import EngineClient
+    from pd.engine.spec import EngineSpec
+    from pd.server.app import create_app
+
+    spec = EngineSpec.from_server_args(args, make_scheduler) if make_scheduler else EngineSpec.from_server_args(args)
+    engine = EngineClient(args, spec)
+    await engine.start()
+    try:
+        app = create_app(engine, tokenizer, args)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=120) as client:
+            yield client
+    finally:
+        await engine.close()

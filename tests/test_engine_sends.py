@@ -131,12 +131,10 @@ def test_a_batch_request_runs_as_one_prefill_forward_and_gives_hf_greedy(tmp_pat
     """A real engine (tiny Llama on the CPU) behind the HTTP front: a /generate batch of k prompts of random lengths
     is one prefill forward of k new requests (the engine's "prefill batch" line; before, the engine took the first
     prompt alone, then the rest), and each prompt's tokens are transformers' greedy tokens."""
-    import httpx
     import torch
     from transformers import AutoTokenizer
 
-    from pd.engine.spec import EngineSpec
-    from pd.server.app import create_app
+    from tests.server_process import in_process_front
     from tests.tiny_checkpoints import load_hf, make_checkpoint
 
     path = make_checkpoint("llama", str(tmp_path / "llama"))
@@ -150,17 +148,11 @@ def test_a_batch_request_runs_as_one_prefill_forward_and_gives_hf_greedy(tmp_pat
         want = [hf.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):].tolist() for p in prompts]
 
     async def scenario() -> list[dict[str, Any]]:
-        engine = EngineClient(args, EngineSpec.from_server_args(args))
-        await engine.start()
-        try:
-            app = create_app(engine, tok, args)
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=120) as c:
-                body = {"input_ids": prompts, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
-                r = await c.post("/generate", json=body)
-                assert r.status_code == 200, r.text
-                return r.json()
-        finally:
-            await engine.close()
+        async with in_process_front(args, tok) as c:
+            body = {"input_ids": prompts, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+            r = await c.post("/generate", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
 
     capfd.readouterr()
     outs = asyncio.run(scenario())
@@ -178,11 +170,9 @@ def test_the_front_keeps_answering_while_the_engine_is_in_a_long_forward(tmp_pat
     front's event loop blocked on the full pipe), and every request still completes."""
     import time
 
-    import httpx
     from transformers import AutoTokenizer
 
-    from pd.engine.spec import EngineSpec
-    from pd.server.app import create_app
+    from tests.server_process import in_process_front
     from tests.slow_forward import SLOW_S, SLOW_TOKENS, slow_forward_scheduler
     from tests.tiny_checkpoints import make_checkpoint
 
@@ -193,23 +183,17 @@ def test_the_front_keeps_answering_while_the_engine_is_in_a_long_forward(tmp_pat
     big = [[rng.randrange(256, 512) for _ in range(3000)] for _ in range(12)]  # 3 bytes an id on the wire: ~108 KB
 
     async def scenario() -> tuple[float, list[int]]:
-        engine = EngineClient(args, EngineSpec.from_server_args(args, slow_forward_scheduler))
-        await engine.start()
-        try:
-            app = create_app(engine, tok, args)
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=60) as c:
-                one = {"sampling_params": {"max_new_tokens": 1}}
-                slow = asyncio.ensure_future(c.post("/generate", json={"input_ids": [1] * SLOW_TOKENS, **one}))
-                await asyncio.sleep(0.5)  # the engine is inside the long forward now
-                start = time.perf_counter()
-                batch = asyncio.ensure_future(c.post("/generate", json={"input_ids": big, **one}))
-                await asyncio.sleep(0.2)  # (a blocked event loop overruns this)
-                health = await c.get("/health")
-                waited = time.perf_counter() - start - 0.2
-                assert health.status_code == 200
-                return waited, [(await slow).status_code, (await batch).status_code]
-        finally:
-            await engine.close()
+        async with in_process_front(args, tok, slow_forward_scheduler) as c:
+            one = {"sampling_params": {"max_new_tokens": 1}}
+            slow = asyncio.ensure_future(c.post("/generate", json={"input_ids": [1] * SLOW_TOKENS, **one}))
+            await asyncio.sleep(0.5)  # the engine is inside the long forward now
+            start = time.perf_counter()
+            batch = asyncio.ensure_future(c.post("/generate", json={"input_ids": big, **one}))
+            await asyncio.sleep(0.2)  # (a blocked event loop overruns this)
+            health = await c.get("/health")
+            waited = time.perf_counter() - start - 0.2
+            assert health.status_code == 200
+            return waited, [(await slow).status_code, (await batch).status_code]
 
     waited, statuses = asyncio.run(scenario())
     assert statuses == [200, 200]

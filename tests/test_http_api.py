@@ -671,8 +671,7 @@ def test_generate_on_real_engine_matches_hf_greedy(tmp_path: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from pd.engine.client import EngineClient
-    from pd.engine.spec import EngineSpec
+    from tests.server_process import in_process_front
     from tests.tiny_checkpoints import load_hf, make_checkpoint
 
     path = make_checkpoint("mixtral", str(tmp_path / "mixtral"))
@@ -683,17 +682,11 @@ def test_generate_on_real_engine_matches_hf_greedy(tmp_path: Path) -> None:
         hf = load_hf(path).generate(torch.tensor([prompt_ids]), max_new_tokens=8, do_sample=False)[0, 12:].tolist()
 
     async def scenario() -> dict[str, Any]:
-        engine = EngineClient(args, EngineSpec.from_server_args(args))
-        await engine.start()
-        try:
-            app = create_app(engine, tok, args)
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
-                body = {"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
-                r = await c.post("/generate", json=body)
-                assert r.status_code == 200, r.text
-                return r.json()
-        finally:
-            await engine.close()
+        async with in_process_front(args, tok) as c:
+            body = {"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+            r = await c.post("/generate", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
 
     out = asyncio.run(scenario())
     assert out["output_ids"] == hf
