@@ -243,7 +243,9 @@ class FrontInbox:
                 front = next(i for i, c in open_conns.items() if c is conn)
                 try:
                     data: bytes | None = conn.recv_bytes()
-                except (EOFError, OSError):  # the front closed its end (or died): nothing more comes from it
+                except Exception as e:  # closed (the front left or died), or a broken stream: heard no more
+                    if not isinstance(e, (EOFError, OSError)):
+                        logger.exception("reading front %d's pipe failed; treating it as closed", front)
                     data = None
                     del open_conns[front]
                 with self._cond:
