@@ -202,7 +202,9 @@ class EngineClient:
         (``_flush``, scheduled by the first): a batch request's prompts, each sent by its own task, then reach the
         engine together, and its first forward takes them all rather than the first prompt alone (the engine starts
         a forward with whatever it has; a second one pays a forward's fixed cost again: on an MoE model, reading
-        every expert's weights). Packed here, so a message that cannot be packed fails its own request."""
+        every expert's weights). The price: a message waits for the rest of the loop's current turn (nothing when
+        the front is idle; under load, at most that turn's work). Packed here, so a message that cannot be packed
+        fails its own request."""
         if self._closing or not self._leaders:
             return  # late aborts from requests unwinding after close(); the engine is gone
         packed = msgpack.packb(to_dict(msg), use_bin_type=True)
