@@ -17,7 +17,9 @@ token counts. Per shape:
 Fused MoE (the Triton runner, pd.moe.runner.triton_runner): Qwen3-30B-A3B (128 experts, hidden 2048, intermediate
 768, top-8) and DeepSeek-V3 at EP=8 (32 local of 256 experts, hidden 7168, intermediate 2048, top-8) with FP8
 experts and with bf16 experts, against torch._scaled_mm on dense GEMMs of the same FLOPs ([pairs, H] x [H, 2I] and
-[pairs, I] x [I, H]); TFLOP/s = 6 x local pairs x H x I / time.
+[pairs, I] x [I, H]); TFLOP/s = 6 x local pairs x H x I / time. Beside it, the experts' own shapes: ``%smm e``, torch.
+_scaled_mm once per expert on its rows ([rows_e, H] x [H, 2I] and [rows_e, I] x [I, H], all in one CUDA graph), and
+``%sgmm``, torch._scaled_grouped_mm over the same groups (row-wise scales), each time / the FP8 runner's.
 
 Times are medians of triton.testing.do_bench over a CUDA graph holding one call. With --check each FP8 output is
 first compared with the dequantize-then-bf16 reference (relative L2 error, printed). About 3 minutes on an H200.
@@ -81,6 +83,37 @@ def scaled_mm_ms(m: int, n: int, k: int) -> float:
     b = torch.randn(n, k, device=DEVICE).to(FP8_DTYPE).t()  # column-major, as cuBLAS wants the second operand
     one = torch.ones((), device=DEVICE)
     return graph_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+
+
+def per_expert_scaled_mm_ms(rows: list[int], hidden: int, inter: int) -> float:
+    """torch._scaled_mm on the MoE's own shapes: for each expert with rows, [rows, H] x [H, 2I] and [rows, I] x [I, H]
+    (e4m3, per-tensor scales, bf16 out, rows padded to 16 as cuBLAS needs), every call in one CUDA graph (no launch
+    gaps between them)."""
+    calls = []
+    for r in rows:
+        if r:
+            m = -(-r // 16) * 16
+            for k, n in ((hidden, 2 * inter), (inter, hidden)):
+                a = torch.randn(m, k, device=DEVICE).to(FP8_DTYPE)
+                calls.append((a, torch.randn(n, k, device=DEVICE).to(FP8_DTYPE).t()))
+    one = torch.ones((), device=DEVICE)
+    return graph_ms(lambda: [torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+                             for a, b in calls])  # fmt: skip
+
+
+def grouped_scaled_mm_ms(rows: list[int], hidden: int, inter: int) -> float:
+    """torch._scaled_grouped_mm (one grouped FP8 GEMM, row-wise scales: no blocks) on the same expert groups, each
+    padded to 16 rows: [sum rows, H] x [E, H, 2I], then [sum rows, I] x [E, I, H]."""
+    padded = [-(-r // 16) * 16 for r in rows]
+    offs = torch.tensor(padded, device=DEVICE).cumsum(0).to(torch.int32)
+    total, experts = int(offs[-1]), len(rows)
+    calls = []
+    for k, n in ((hidden, 2 * inter), (inter, hidden)):
+        a = torch.randn(total, k, device=DEVICE).to(FP8_DTYPE)
+        b = torch.randn(experts, n, k, device=DEVICE).to(FP8_DTYPE).transpose(-2, -1)  # each expert column-major
+        calls.append((a, b, torch.ones(total, device=DEVICE), torch.ones(experts, n, device=DEVICE)))
+    return graph_ms(lambda: [torch._scaled_grouped_mm(a, b, sa, sb, offs=offs, out_dtype=torch.bfloat16)
+                             for a, b, sa, sb in calls])  # fmt: skip
 
 
 def bench_dense(name: str, m: int, copy: float, check: bool) -> dict[str, object]:
@@ -156,6 +189,17 @@ def bench_moe(name: str, tokens: int, copy: float, check: bool) -> dict[str, obj
         t_smm = scaled_mm_ms(pairs, 2 * inter, hidden) + scaled_mm_ms(pairs, hidden, inter)
         row.update(tflops=flops / t_fp8 / 1e9, scaled_mm_tflops=flops / t_smm / 1e9, scaled_mm_us=t_smm * 1e3,
                    pct_scaled_mm=100 * t_smm / t_fp8)  # fmt: skip
+        # The same GEMMs as the experts compute them, one per expert (the dense pair above is one GEMM of all rows,
+        # which no MoE gets to run), and as torch's grouped FP8 GEMM.
+        rows = torch.bincount(ids[ids >= 0].flatten(), minlength=experts).tolist()
+        for key, reference in (("per_expert", per_expert_scaled_mm_ms), ("grouped", grouped_scaled_mm_ms)):
+            try:
+                t_ref = reference(rows, hidden, inter)
+            except Exception as e:  # e.g. a torch without the grouped GEMM for this GPU
+                print(f"    {name} {tokens}: {key} reference failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            row[f"{key}_scaled_mm_us"] = t_ref * 1e3
+            row[f"pct_{key}_scaled_mm"] = 100 * t_ref / t_fp8
     return row
 
 
@@ -235,7 +279,8 @@ def sweep_split_k(name: str, m: int, copy: float) -> dict[str, object]:
 
 COLUMNS = [("fp8_us", "9.1f"), ("cublas_us", "9.1f"), ("linear_us", "9.1f"), ("scaled_mm_us", "9.1f"),
            ("bf16_us", "9.1f"), ("tflops", "8.1f"), ("scaled_mm_tflops", "8.1f"), ("pct_scaled_mm", "6.1f"),
-           ("pct_scaled_mm_cublas", "6.1f"), ("x_bf16", "6.2f"), ("pct_copy", "6.1f"), ("rel_l2_vs_bf16", "8.1e"),
+           ("pct_scaled_mm_cublas", "6.1f"), ("pct_per_expert_scaled_mm", "6.1f"), ("pct_grouped_scaled_mm", "6.1f"),
+           ("x_bf16", "6.2f"), ("pct_copy", "6.1f"), ("rel_l2_vs_bf16", "8.1e"),
            ("cublas_rel_l2_vs_bf16", "8.1e")]  # fmt: skip
 
 
@@ -283,7 +328,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s (read + write bytes)")
     print(f"{'kind':5s} {'name':18s} {'tokens':>6s} {'fp8 us':>9s} {'cublas us':>9s} {'linear us':>9s} "
           f"{'smm us':>9s} {'bf16 us':>9s} {'TFLOP/s':>8s} {'smm TF/s':>8s} {'%smm':>6s} {'%smm cb':>6s} "
-          f"{'x bf16':>6s} {'%copy':>6s} {'relL2':>8s} {'cb relL2':>8s}")  # fmt: skip
+          f"{'%smm e':>6s} {'%sgmm':>6s} {'x bf16':>6s} {'%copy':>6s} {'relL2':>8s} {'cb relL2':>8s}")  # fmt: skip
     rows = []
     for name in args.dense:
         for m in args.tokens:
