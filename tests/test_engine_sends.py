@@ -198,3 +198,31 @@ def test_the_front_keeps_answering_while_the_engine_is_in_a_long_forward(tmp_pat
     waited, statuses = asyncio.run(scenario())
     assert statuses == [200, 200]
     assert waited < min(1.0, SLOW_S / 3), f"/health took {waited:.2f} s while the engine was in a {SLOW_S} s forward"
+
+
+def test_the_engine_inbox_keeps_each_fronts_order_and_reports_closings() -> None:
+    """FrontInbox against what was written: random writes from three fronts (each write read back whole, the
+    fronts' own orders kept), then each front's closing as one final (front, None), and wait() times out on silence."""
+    import time
+
+    from pd.engine.engine_process import FrontInbox
+
+    rng = random.Random()
+    pipes = [Pipe(duplex=False) for _ in range(3)]
+    inbox = FrontInbox([r for r, _ in pipes])
+    sent: dict[int, list[bytes]] = {0: [], 1: [], 2: []}
+    for _ in range(200):
+        front = rng.randrange(3)
+        data = rng.randbytes(rng.choice([1, 100, 70_000]))  # some past a pipe's 64 KiB
+        pipes[front][1].send_bytes(data)
+        sent[front].append(data)
+    for _, w in pipes:
+        w.close()
+    got: dict[int, list[bytes | None]] = {0: [], 1: [], 2: []}
+    deadline = time.monotonic() + 30
+    while sum(len(v) for v in got.values()) < 203 and time.monotonic() < deadline:
+        inbox.wait(1.0)
+        for front, data in inbox.take():
+            got[front].append(data)
+    assert got == {f: [*sent[f], None] for f in range(3)}
+    assert inbox.wait(0.05) is False and inbox.take() == []
