@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     start = time.monotonic()
                     took = run_load(load(prompts))
                     took = took[0] if isinstance(took, tuple) else took
-                    time.sleep(0.1)  # the last forward's record is written
+                    time.sleep(0.1)  # bursts apart (each forward's record is written before its answer)
                     fwd = _forwards(record, start, start + took)
                     last_end = max(f["start"] + args.fixed_ms / 1e3 + args.us_per_token * f["tokens"] / 1e6
                                    for f in fwd)  # fmt: skip

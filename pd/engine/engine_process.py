@@ -325,14 +325,10 @@ class EngineLoop:
         outputs: list[TokenOutput] = []
         while sched.prompt_room():
             left = deadline - time.monotonic()
-            if left <= 0 or not self._wait_inbox(min(BURST_GAP_S, left)):
+            if left <= 0 or not self.inbox.wait(min(BURST_GAP_S, left)):
                 break
             outputs += self._drain_inbox(0.0)
         return outputs
-
-    def _wait_inbox(self, timeout: float) -> bool:
-        """Whether a front's message (or its pipe's closing) arrived within `timeout` seconds."""
-        return self.inbox.wait(timeout)
 
     def _report(self, outputs: list[TokenOutput]) -> None:
         """Sends the outputs with the engine's stats; without outputs, only stats that changed, and while work
