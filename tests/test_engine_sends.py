@@ -4,17 +4,18 @@ as one pipe write, so a batch request's prompts reach the engine together and it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from multiprocessing import Pipe
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from pd.dist.launch import LeaderLink
 from pd.engine.client import EngineClient
-from pd.engine.engine_process import _messages
-from pd.engine.io import AbortRequest, FlushCacheRequest, GenerateRequest, SamplingParams
+from pd.engine.io import AbortRequest, FlushCacheRequest, GenerateRequest, SamplingParams, unpack_messages
 from pd.server_args import ServerArgs
 
 
@@ -32,7 +33,7 @@ def _writes(conn: Any) -> list[list[Any]]:
     """Each pipe write waiting on the engine's end, as the messages the engine reads from it."""
     writes = []
     while conn.poll(0):
-        writes.append(list(_messages(conn.recv_bytes())))
+        writes.append(list(unpack_messages(conn.recv_bytes())))
     return writes
 
 
@@ -79,6 +80,34 @@ def test_requests_queued_in_one_loop_turn_go_out_as_one_write_in_order() -> None
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             _writes(engine_end)
+
+    asyncio.run(scenario())
+
+
+def test_a_prompt_given_as_an_array_reaches_the_engine_as_the_same_array() -> None:
+    """The front's parsed input_ids (int64 arrays) cross the pipe as their bytes and arrive as int64 arrays of the same
+    ids, beside prompts sent as lists (which stay lists), each request otherwise equal field for field."""
+    rng = random.Random()
+
+    async def scenario() -> None:
+        client, engine_end = _client_on_pipe()
+        reqs = [_request(rng, i) for i in range(8)]
+        arrays = [dataclasses.replace(r, input_ids=np.array(r.input_ids + [2**63 - 1, 0], dtype=np.int64))
+                  if i % 2 else r for i, r in enumerate(reqs)]  # fmt: skip
+        tasks = [asyncio.ensure_future(_first_output(client, r)) for r in arrays]
+        await asyncio.sleep(0.01)
+        (write,) = _writes(engine_end)
+        assert len(write) == len(arrays)
+        for sent, got in zip(arrays, write, strict=True):
+            assert type(got.input_ids) is type(sent.input_ids)
+            if isinstance(sent.input_ids, np.ndarray):
+                assert got.input_ids.dtype == np.int64 and got.input_ids.tolist() == sent.input_ids.tolist()
+            else:
+                assert got.input_ids == sent.input_ids
+            assert dataclasses.replace(got, input_ids=[]) == dataclasses.replace(sent, input_ids=[])
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(scenario())
 

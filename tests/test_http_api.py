@@ -62,7 +62,7 @@ class FakeEngineClient:
                               status=self.fail_with[0])  # fmt: skip
             return
         self.active.add(req.rid)
-        sp, prompt, out = req.sampling, req.input_ids, []
+        sp, prompt, out = req.sampling, [int(t) for t in req.input_ids], []  # ints, as the engine's outputs are
         try:
             while True:
                 await asyncio.sleep(self.token_delay)

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from pd.engine.io import GenerateRequest, SamplingParams, TokenOutput
 from pd.server.app import create_app
+from pd.server.protocol import token_array
 from pd.server_args import ServerArgs
 from tests.server_process import pd_serve
 from tests.test_http_api import FakeEngineClient
@@ -259,3 +262,47 @@ def test_real_server_extreme_sampling_beside_greedy_requests_all_succeed(server:
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
     assert [r.json()["output_ids"] for r in answers[:4]] == solo
     assert answers[4].json()["output_ids"] == solo[0] and answers[7].json()["output_ids"] == solo[0]
+
+
+def _ids_by_hand(v: Any) -> bool:
+    """The oracle of what input_ids may hold: a list of ints (not booleans) in [0, 2**63)."""
+    return isinstance(v, list) and all(type(x) is int and 0 <= x < 2**63 for x in v)
+
+
+SPOILERS = [True, False, -1, -(2**63), 2**63, 2**70, 1.0, 0.5, "1", None, [1], {"a": 1}]
+
+
+def test_input_ids_are_read_as_exactly_the_lists_of_ids_at_or_above_zero() -> None:
+    """token_array (C-built, with booleans looked for only where a 0 or 1 is) against the rule checked id by id, on
+    fresh random lists: the same verdict every time, and the array holds the list's ids."""
+    rng = random.Random()
+    for _ in range(2000):
+        v = [rng.choice([0, 1, rng.randrange(2, 2**63)]) for _ in range(rng.randrange(0, 40))]
+        if v and rng.random() < 0.6:
+            v[rng.randrange(len(v))] = rng.choice(SPOILERS)
+        got = token_array(v)
+        if _ids_by_hand(v):
+            assert got is not None and got.dtype == np.int64 and got.tolist() == v, v
+        else:
+            assert got is None, v
+    assert token_array("12") is None and token_array((1, 2)) is None and token_array(None) is None
+
+
+def test_input_ids_reach_the_engine_as_sent(app_fake: tuple[TestClient, FakeEngineClient]) -> None:
+    """A batch of random prompts: each reaches the engine with its ids, in order; a boolean or an id past 64 bits in
+    any prompt answers 400 naming input_ids, and nothing reaches the engine."""
+    client, fake = app_fake
+    rng = random.Random()
+    vocab = fake.model_config["vocab_size"]
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(2, 6))]
+    r = client.post("/generate", json={"input_ids": prompts, "sampling_params": {"max_new_tokens": 1}})
+    assert r.status_code == 200, r.text
+    got = {req.rid: req.input_ids for req in fake.requests[-len(prompts) :]}
+    assert [got[out["meta_info"]["id"]].tolist() for out in r.json()] == prompts
+    for spoiler in (True, False, 2**64):
+        bad = [list(p) for p in prompts]
+        bad[-1][rng.randrange(len(bad[-1]))] = spoiler
+        before = len(fake.requests)
+        r = client.post("/generate", json={"input_ids": bad})
+        assert r.status_code == 400 and "input_ids must be a list of token ids" in r.json()["error"]["message"], r.text
+        assert len(fake.requests) == before

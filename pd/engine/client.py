@@ -24,7 +24,7 @@ from pd.engine.io import (
     TokenOutput,
     from_dict,
     output_from_row,
-    to_dict,
+    pack_message,
 )
 from pd.engine.spec import EngineSpec
 from pd.server_args import ServerArgs
@@ -207,7 +207,7 @@ class EngineClient:
         fails its own request."""
         if self._closing or not self._leaders:
             return  # late aborts from requests unwinding after close(); the engine is gone
-        packed = msgpack.packb(to_dict(msg), use_bin_type=True)
+        packed = pack_message(msg)
         queued = self._outgoing.setdefault(leader, [])
         if not queued:
             assert self._loop is not None, "engine not started"

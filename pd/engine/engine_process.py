@@ -37,9 +37,9 @@ from pd.engine.io import (
     FlushCacheRequest,
     GenerateRequest,
     TokenOutput,
-    from_dict,
     output_to_row,
     to_dict,
+    unpack_messages,
 )
 from pd.engine.rank import follow, start_rank
 from pd.engine.scheduler import Scheduler
@@ -63,15 +63,6 @@ HEARTBEAT_S = 1.0
 # A front process (other than the first) whose outputs have waited this long in its pipe is given up: its requests
 # are aborted. A healthy front reads its pipe all the time; one that stopped holds batch slots and KV pages.
 FRONT_STALL_S = 30.0
-
-
-def _messages(data: bytes) -> collections.abc.Iterator[Any]:
-    """The messages of one write from a front: one or more packed messages back to back (pd.engine.client sends what
-    one turn of its event loop queued together)."""
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))  # unpackb's limits: the data's size
-    unpacker.feed(data)
-    for packed in unpacker:
-        yield from_dict(packed)
 
 
 def _send(conn: Connection, payload: dict[str, Any]) -> None:
@@ -401,7 +392,7 @@ class EngineLoop:
                     raise EOFError("the first front closed its pipe")
                 self._front_closed(front, "closed its pipe")
             elif front in self.open_fronts:  # a front given up (stalled) is not heard any more
-                for msg in _messages(data):
+                for msg in unpack_messages(data):  # pd.engine.client sends what a turn of its loop queued as one write
                     outputs += self._take(front, msg, several)
         return outputs
 

@@ -1,15 +1,21 @@
 """Messages between the HTTP front and the engine (scheduler) process.
 
 They cross a process boundary, so each is a plain dataclass of ints, floats, strings and lists that
-`to_dict`/`from_dict` turn into msgpack-able dicts. Never pickle.
+`to_dict`/`from_dict` turn into msgpack-able dicts. Never pickle. A request's prompt may also be an int64 array
+(what the front parsed it into); `pack_message` sends that as its raw bytes and `message_unpacker` reads it back as an
+array without a Python int per token.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import msgpack
+import numpy as np
 
 T = TypeVar("T")
 
@@ -50,7 +56,7 @@ class GenerateRequest:
     """One request handed to the engine. `input_ids` is the full tokenized prompt."""
 
     rid: str
-    input_ids: list[int]
+    input_ids: list[int] | np.ndarray  # an array: int64 (the front's parsed /generate input_ids)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Disaggregation fields (PD mode only; None otherwise).
     bootstrap_host: str | None = None
@@ -173,3 +179,35 @@ def from_dict(d: dict[str, Any]) -> Any:
     elif cls is SamplingParams:
         d["stop_token_ids"] = tuple(d["stop_token_ids"])
     return cls(**d)
+
+
+# msgpack extension code of a one-dimensional int64 array (little-endian bytes): a 1024-token prompt packs and unpacks
+# in ~2 us this way against ~50 us as a list of ints, which the front's single thread and the engine's loop both paid.
+TOKEN_ARRAY_EXT = 1
+
+
+def _pack_array(obj: Any) -> msgpack.ExtType:
+    if isinstance(obj, np.ndarray) and obj.ndim == 1 and obj.dtype == np.int64:
+        return msgpack.ExtType(TOKEN_ARRAY_EXT, obj.astype("<i8", copy=False).tobytes())
+    if isinstance(obj, int):  # what msgpack raises without this hook
+        raise OverflowError(f"the integer {obj} is out of msgpack's 64-bit range")
+    raise TypeError(f"a {type(obj).__name__} cannot be sent to the engine")
+
+
+def _unpack_ext(code: int, data: bytes) -> Any:
+    if code != TOKEN_ARRAY_EXT or len(data) % 8:
+        raise ValueError(f"unknown msgpack extension {code} ({len(data)} bytes)")
+    return np.frombuffer(data, dtype="<i8").astype(np.int64, copy=False)
+
+
+def pack_message(msg: Any) -> bytes:
+    """A front-to-engine message (a dataclass of this module) as msgpack bytes."""
+    return msgpack.packb(to_dict(msg), use_bin_type=True, default=_pack_array)
+
+
+def unpack_messages(data: bytes) -> Iterator[Any]:
+    """The messages of `data`: one or more `pack_message` results back to back."""
+    unpacker = msgpack.Unpacker(raw=False, ext_hook=_unpack_ext, max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)  # the limits of unpackb: the data's own size
+    for packed in unpacker:
+        yield from_dict(packed)

@@ -47,12 +47,14 @@ class Req:
     kv_sent: bool = False  # prefill: the KV pages have been handed to the transfer engine
     every_token: bool = True  # report each sampled token (else the first one and the end only)
     stream_interval: int = 1  # with every_token: report once this many tokens wait (the first one at once)
-    # The prompt as int64, made when the request arrives (the engine is usually waiting then): a prompt forward's
-    # batch joins numpy slices of it instead of converting thousands of Python ints while the device waits.
-    prompt_array: np.ndarray = field(init=False, repr=False)
+    # The prompt as int64, made when the request arrives (the engine is usually waiting then) unless it came as one:
+    # a prompt forward's batch joins numpy slices of it instead of converting thousands of Python ints while the
+    # device waits.
+    prompt_array: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.prompt_array = np.asarray(self.prompt_ids, dtype=np.int64)
+        if self.prompt_array is None:
+            self.prompt_array = np.asarray(self.prompt_ids, dtype=np.int64)
 
     @property
     def fill_ids(self) -> list[int]:

@@ -218,11 +218,13 @@ class Scheduler:
             error = f"the request needs {kv_tokens} tokens of KV cache; the pool holds {capacity}"
         if error:
             return TokenOutput(msg.rid, [], prompt_len, 0, finish_reason="error", error=error, status=400)
+        ids = msg.input_ids
         req = Req(
             msg.rid,
-            list(msg.input_ids),
+            ids.tolist() if isinstance(ids, np.ndarray) else list(ids),
             msg.sampling,
             min(self.context_length, prompt_len + msg.sampling.max_new_tokens),
+            prompt_array=ids if isinstance(ids, np.ndarray) else None,
         )
         seed = msg.sampling.seed
         req.seed = seed & ((1 << 64) - 1) if seed is not None else self.seed_stream.getrandbits(64)

@@ -65,7 +65,7 @@ class IncrementalDetokenizer:
         self._skip_special = skip_special_tokens
         self._stop = tuple(stop)
         self._no_stop_trim = no_stop_trim
-        self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
+        self._ids: list[int] = [int(t) for t in prompt_ids[max(0, len(prompt_ids) - PROMPT_CONTEXT_TOKENS) :]]
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._window_emitted = 0  # chars of the current window already added to _text

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+import numpy as np
 from fastapi import Request
 
 from pd.engine.io import EngineStats, GenerateRequest, SamplingParams, TokenOutput
@@ -170,7 +171,7 @@ class GenerationSpec:
     """A validated request, ready for the engine. `arrival` is time.perf_counter() when it came in."""
 
     rid: str
-    input_ids: list[int]
+    input_ids: list[int] | np.ndarray  # an array: int64, as /generate's parser makes it
     sampling: SamplingParams
     arrival: float
     stop: tuple[str, ...] = ()
@@ -204,7 +205,7 @@ class GenerationChunk:
 def make_spec(
     ctx: ServerContext,
     rid: str,
-    input_ids: list[int],
+    input_ids: list[int] | np.ndarray,
     *,
     max_new_tokens: int | None,
     default_max_new_tokens: int | None,
@@ -293,10 +294,10 @@ def make_spec(
     )
 
 
-def _check_token_ids(ctx: ServerContext, ids: Sequence[int], name: str) -> None:
+def _check_token_ids(ctx: ServerContext, ids: Sequence[int] | np.ndarray, name: str) -> None:
     vocab = ctx.vocab_size
-    if ids and vocab is not None and max(ids) >= vocab:
-        raise ApiError(f"{name} contains token id {max(ids)}, but the vocabulary has {vocab} tokens")
+    if len(ids) and vocab is not None and (top := int(ids.max() if isinstance(ids, np.ndarray) else max(ids))) >= vocab:
+        raise ApiError(f"{name} contains token id {top}, but the vocabulary has {vocab} tokens")
 
 
 async def stream_generation(

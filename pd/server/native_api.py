@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -81,7 +82,7 @@ async def _specs(ctx: ServerContext, body: GenerateReqInput, arrival: float) -> 
             workers.encode(t, limit, what=f"text[{i}]" if is_batch else "text") for i, t in enumerate(texts)
         ))  # fmt: skip
     else:
-        is_batch = bool(body.input_ids) and isinstance(body.input_ids[0], list)
+        is_batch = isinstance(body.input_ids, list)  # of prompts, each an int64 array (GenerateReqInput)
         prompts = body.input_ids if is_batch else [body.input_ids]
     n = len(prompts)
     params = _per_item(body.sampling_params, n, is_batch, "sampling_params")
@@ -94,14 +95,14 @@ async def _specs(ctx: ServerContext, body: GenerateReqInput, arrival: float) -> 
     specs = []
     for i, ids in enumerate(prompts):
         where = f"[{i}]" if is_batch else ""
-        if not ids:
+        if len(ids) == 0:
             raise ApiError(f"{'text' if body.text is not None else 'input_ids'}{where} is empty")
         sp = params[i] or SamplingParamsInput()
         specs.append(
             make_spec(
                 ctx,
                 rids[i] or uuid.uuid4().hex,
-                list(ids),
+                ids if isinstance(ids, np.ndarray) else list(ids),
                 max_new_tokens=sp.max_new_tokens,
                 default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
                 max_tokens_name=f"sampling_params{where}.max_new_tokens",

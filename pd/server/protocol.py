@@ -10,6 +10,7 @@ and clients add their own); an unknown key inside `sampling_params` is rejected 
 
 from __future__ import annotations
 
+import array
 import difflib
 import json
 import logging
@@ -17,6 +18,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 from fastapi import Request
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -155,18 +157,46 @@ def _one_or_many(field: str, one: Callable[[Any], bool], what: str) -> BeforeVal
 
 
 def _is_token_list(v: Any) -> bool:
-    # The element types as a set, then the minimum: two C-level passes instead of a Python test per token (a
-    # 1024-token prompt took about a tenth of a millisecond of the front's single thread that way).
-    return isinstance(v, list) and set(map(type, v)) <= {int} and (not v or min(v) >= 0)
+    return token_array(v) is not None
+
+
+def token_array(v: Any) -> np.ndarray | None:
+    """`v` as an int64 array when it is a list of token ids (ints >= 0), else None. Built in C (array's int
+    conversion refuses floats, strings, nulls, lists and ints past 64 bits): ~20 us for 1024 ids, where testing each
+    id's type in Python took ~50 us of the front's one thread, and the array then travels to the engine as its bytes."""
+    if not isinstance(v, list):
+        return None
+    try:
+        ids = np.frombuffer(array.array("q", v), dtype=np.int64)
+    except (TypeError, OverflowError):
+        return None
+    if len(ids) and ids.min() < 0:
+        return None
+    # JSON's true and false pass the int conversion as 1 and 0; only where those values are can a boolean be.
+    if any(type(v[i]) is bool for i in np.flatnonzero(ids <= 1).tolist()):
+        return None
+    return ids
+
+
+def _token_ids(v: Any) -> Any:
+    """/generate's input_ids: None, one prompt (an int64 array) or a non-empty list of them."""
+    if v is None:
+        return None
+    one = token_array(v)
+    if one is not None:
+        return one
+    if isinstance(v, list) and v:
+        each = [token_array(x) for x in v]
+        if all(ids is not None for ids in each):
+            return each
+    raise ValueError("input_ids must be a list of token ids >= 0 or a list of such lists")
 
 
 class GenerateReqInput(StrictModel):
     """Body of POST /generate. Exactly one of `text` / `input_ids`; a list of either is a batch."""
 
     text: Annotated[Any, _one_or_many("text", lambda v: isinstance(v, str), "a string or a list of strings")] = None
-    input_ids: Annotated[
-        Any, _one_or_many("input_ids", _is_token_list, "a list of token ids >= 0 or a list of such lists")
-    ] = None
+    input_ids: Annotated[Any, BeforeValidator(_token_ids)] = None
     sampling_params: SamplingParamsInput | list[SamplingParamsInput] | None = None
     rid: str | list[str] | None = None
     stream: bool = False
