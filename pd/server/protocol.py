@@ -170,10 +170,11 @@ def token_array(v: Any) -> np.ndarray | None:
         ids = np.frombuffer(array.array("q", v), dtype=np.int64)
     except (TypeError, OverflowError):
         return None
-    if len(ids) and ids.min() < 0:
+    low = int(ids.min()) if len(ids) else 2
+    if low < 0:
         return None
     # JSON's true and false pass the int conversion as 1 and 0; only where those values are can a boolean be.
-    if any(type(v[i]) is bool for i in np.flatnonzero(ids <= 1).tolist()):
+    if low <= 1 and any(type(v[i]) is bool for i in np.flatnonzero(ids <= 1).tolist()):
         return None
     return ids
 
