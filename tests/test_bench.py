@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 
 from launch.cli import main as cli_main
 from pd.bench.args import BenchArgs, BenchArgsError
-from pd.bench.client import BenchClient, RequestOutput
+from pd.bench.client import BenchClient, RequestOutput, sse_lines
 from pd.bench.datasets import make_requests, random_text_requests, random_token_requests
 from pd.bench.report import build_report, compute_metrics
 from pd.bench.runner import RunResult, arrival_offsets, run_requests
@@ -264,3 +265,32 @@ def test_cli_reports_unreachable_unhealthy_failing_servers_and_bad_flags(
         assert exc.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(BenchArgsError, match="--warmup-requests"):
         BenchArgs(base_url=url, warmup_requests=-1)
+
+
+def test_sse_lines_split_where_sse_ends_lines_whatever_the_chunks() -> None:
+    """sse_lines against SSE's rule applied to the whole body (a line ends at LF, CR LF or CR), on fresh random bodies
+    cut into random chunks (a CR LF or a UTF-8 character may straddle two): the same lines, and U+2028, U+2029 and
+    U+0085 inside an event stay in it (httpx's aiter_lines splits there)."""
+
+    class Body:
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.chunks = chunks
+
+        async def aiter_bytes(self) -> Any:
+            for chunk in self.chunks:
+                yield chunk
+
+    async def lines(chunks: list[bytes]) -> list[str]:
+        return [line async for line in sse_lines(Body(chunks))]  # type: ignore[arg-type]
+
+    rng = random.Random()
+    pieces = ['data: {"text": "a\u2028b\x85"}', "", "x", "\u00e9\u2029世", "data: [DONE]"]
+    for _ in range(2000):
+        parts = [rng.choice(pieces) + rng.choice(["\n", "\r\n", "\r", ""]) for _ in range(rng.randint(0, 6))]
+        body = "".join(parts).encode()
+        cuts = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, rng.randint(0, 5))))
+        chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        want = [line.decode() for line in body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")]
+        if want[-1] == "":  # the body ended with a line's end, not a line
+            want.pop()
+        assert asyncio.run(lines(chunks)) == want, (body, chunks)

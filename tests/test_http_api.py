@@ -286,6 +286,43 @@ def test_generate_stream_sends_cumulative_sglang_chunks_then_done(app_fake: AppF
     assert events[-1]["text"] == tokenizer.decode(want)
 
 
+# Line breaks to str.splitlines (and so to httpx's aiter_lines, a common way to read SSE) that JSON leaves unescaped.
+UNICODE_LINE_BREAKS = "\u2028\u2029\x85"
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_streamed_text_with_unicode_line_breaks_reaches_an_httpx_line_reader_whole(
+    app_fake: AppFake, tokenizer: Any, route: str
+) -> None:
+    """Generated text holding U+2028, U+2029 or U+0085 (random tokens make them now and then): read with httpx's
+    iter_lines, every data line of the stream is one whole JSON event, and the text they carry is the tokens' text
+    (tokenizer.decode, the oracle). Before, such an event reached the client as two broken lines."""
+    client, _ = app_fake
+    rng = random.Random()
+    # short: prompt and output fit the fake's 64-token context (a character is up to 3 byte tokens)
+    text = "".join(rng.choice(["a", "é", " ", "世", *UNICODE_LINE_BREAKS]) for _ in range(rng.randint(1, 3)))
+    text += rng.choice(UNICODE_LINE_BREAKS)
+    ids = tokenizer.encode(text)
+    body: dict[str, Any] = {"stream": True}
+    if route == "/generate":  # the fake engine echoes the prompt: the output is the text again
+        body.update(input_ids=ids, sampling_params={"max_new_tokens": len(ids)})
+    elif route == "/v1/completions":
+        body.update(prompt=ids, max_tokens=len(ids))
+    else:  # the echo of the templated prompt: <|im_start|> (not shown), "user\n", the text
+        body.update(messages=[{"role": "user", "content": text}], max_tokens=1 + len("user\n") + len(ids))
+    with client.stream("POST", route, json=body) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]  # each line whole
+    if route == "/generate":
+        assert events[-1]["output_ids"] == ids and events[-1]["text"] == tokenizer.decode(ids) == text
+        return
+    key = "text" if route == "/v1/completions" else "content"
+    got = "".join((e["choices"][0].get("delta") or e["choices"][0]).get(key) or "" for e in events if e["choices"])
+    assert got == (text if route == "/v1/completions" else "user\n" + text)
+
+
 @pytest.mark.parametrize("with_text", [True, False])
 def test_generate_stream_events_encoded_incrementally_equal_the_whole_object(with_text: bool) -> None:
     """CumulativeEvents (which extends the JSON of the text and ids so far) against json.dumps of the whole

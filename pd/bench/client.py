@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,7 +205,7 @@ class BenchClient:
     async def _read_stream(self, resp: httpx.Response, out: RequestOutput) -> str:
         """Reads SSE events into `out`; returns "" after `data: [DONE]`, else why the stream failed."""
         timer = _TokenTimer(out)
-        async for line in resp.aiter_lines():
+        async for line in sse_lines(resp):
             now = time.perf_counter()
             if not line.startswith("data:"):
                 continue  # blank separators, SSE comments and other fields
@@ -295,3 +296,21 @@ class _TokenTimer:
         self.count = total
         self.out.output_tokens = total
         self._last_time = now
+
+
+async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an event stream as SSE defines them (ended by LF, CR LF or CR). Not httpx's aiter_lines: it splits
+    as str.splitlines does, also at U+2028, U+2029 and U+0085, which a server may send unescaped inside an event's
+    JSON (generated text holds them now and then), and the event then fails to parse."""
+    rest = b""
+    async for data in resp.aiter_bytes():
+        buf = rest + data
+        held = b"\r" if buf.endswith(b"\r") else b""  # perhaps the first half of a CR LF
+        lines = buf[: len(buf) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        rest = lines.pop() + held
+        for line in lines:
+            yield line.decode("utf-8")
+    if rest.endswith(b"\r"):  # a last line ended by a CR
+        yield rest[:-1].decode("utf-8")
+    elif rest:  # a last line with no end
+        yield rest.decode("utf-8")

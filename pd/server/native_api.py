@@ -36,6 +36,7 @@ from pd.server.streaming import (
     error_type,
     gather_all,
     last_chunk,
+    line_safe,
     raise_if_failed,
     run_unless_disconnected,
     sse,
@@ -185,7 +186,7 @@ class CumulativeEvents:
             self.text_json, self.text_len, self.ids_json, self.num_ids = "", 0, "", 0
         new_text = chunk.delta if extends else chunk.text
         if new_text:
-            self.text_json += json.dumps(new_text, ensure_ascii=False)[1:-1]
+            self.text_json += line_safe(json.dumps(new_text, ensure_ascii=False)[1:-1])
             self.text_len += len(new_text)
         if len(chunk.output_ids) > self.num_ids:
             new = ", ".join(map(str, chunk.output_ids[self.num_ids :]))
@@ -199,8 +200,8 @@ class CumulativeEvents:
         """json.dumps of _output's meta_info, written out: json.dumps of the dict was ~8% of the front's CPU at batch
         64 (the rid is encoded once per stream; only a finished chunk's finish_reason needs the encoder)."""
         if chunk.rid != self.rid:
-            self.rid, self.rid_json = chunk.rid, json.dumps(chunk.rid, ensure_ascii=False)
-        finish = "null" if chunk.finish is None else json.dumps(chunk.finish.to_sglang(), ensure_ascii=False)
+            self.rid, self.rid_json = chunk.rid, line_safe(json.dumps(chunk.rid, ensure_ascii=False))
+        finish = "null" if chunk.finish is None else line_safe(json.dumps(chunk.finish.to_sglang(), ensure_ascii=False))
         latency = float(chunk.e2e_latency)
         latency_json = repr(latency) if math.isfinite(latency) else json.dumps(latency)
         return (f'{{"id": {self.rid_json}, "finish_reason": {finish}, "prompt_tokens": {int(chunk.prompt_tokens)}, '

@@ -35,7 +35,16 @@ class ClientDisconnected(Exception):
 
 def sse(payload: dict[str, Any]) -> str:
     """One server-sent event carrying `payload` as JSON."""
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {line_safe(json.dumps(payload, ensure_ascii=False))}\n\n"
+
+
+def line_safe(json_text: str) -> str:
+    """`json_text` (JSON, or a piece of a JSON string) with the Unicode line breaks JSON leaves unescaped written as
+    escapes: U+2028, U+2029 and U+0085 end a line for str.splitlines, and so for httpx's aiter_lines, and an event
+    whose generated text held one reached such a client as two broken lines (JSON's own escape reads back the same)."""
+    if "\u2028" in json_text or "\u2029" in json_text or "\x85" in json_text:
+        return json_text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+    return json_text
 
 
 async def run_unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
