@@ -2,7 +2,7 @@
 
 They cross a process boundary, so each is a plain dataclass of ints, floats, strings and lists that
 `to_dict`/`from_dict` turn into msgpack-able dicts. Never pickle. A request's prompt may also be an int64 array
-(what the front parsed it into); `pack_message` sends that as its raw bytes and `message_unpacker` reads it back as an
+(what the front parsed it into); `pack_message` sends that as its raw bytes and `unpack_messages` reads it back as an
 array without a Python int per token.
 """
 
