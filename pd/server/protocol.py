@@ -170,7 +170,9 @@ def token_array(v: Any) -> np.ndarray | None:
         ids = np.frombuffer(array.array("q", v), dtype=np.int64)
     except (TypeError, OverflowError):
         return None
-    low = int(ids.min()) if len(ids) else 2
+    if len(ids) == 0:
+        return ids
+    low = int(ids.min())
     if low < 0:
         return None
     # JSON's true and false pass the int conversion as 1 and 0; only where those values are can a boolean be.
