@@ -136,3 +136,26 @@ def test_piecewise_replay_makes_no_host_sync(arch, tmp_path, gpu_fp32_clean):
     batch = runner.build_batch(list(range(sum(lens))), rows, [0, 0, 0], list(lens), sched.slots)
     logits = forward_without_sync(runner, batch)
     assert logits.shape[0] == 3 and torch.isfinite(logits).all()
+
+
+def test_weak_alias_reads_the_memory_without_keeping_it():
+    """The attention's inputs inside a capture are held as aliases (pd.engine.piecewise_graphs.weak_alias): the
+    same memory, dtype, shape, strides and offset as the tensor (any strided view), and the tensor's memory is not
+    kept by the alias (its storage's reference count does not move)."""
+    from pd.engine.piecewise_graphs import weak_alias
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for _ in range(20):
+        rows, cols = (int(n) for n in torch.randint(2, 40, (2,), generator=gen))
+        base = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+        r0, c0 = (int(torch.randint(0, n - 1, (), generator=gen)) for n in (rows, cols))
+        view = base[r0:, c0:]
+        if torch.rand((), generator=gen) < 0.5:
+            view = view.transpose(0, 1)
+        owners = torch._C._storage_Use_Count(base.untyped_storage()._cdata)
+        alias = weak_alias(view)
+        assert torch._C._storage_Use_Count(base.untyped_storage()._cdata) == owners
+        assert (alias.dtype, alias.shape, alias.stride()) == (view.dtype, view.shape, view.stride())
+        assert alias.data_ptr() == view.data_ptr() and torch.equal(alias, view)
+        base.mul_(-2)  # a later write to the memory (a replay) is what the alias reads
+        assert torch.equal(alias, view)
