@@ -26,6 +26,7 @@ from pd.models.loader import load_model
 from pd.moe.context import MoeContext
 from pd.moe.eplb.manager import EplbManager, place_from_file
 from pd.moe.layer import FusedMoE
+from pd.server_args import DEFAULT_GPU_MEM_FRACTION
 
 if TYPE_CHECKING:
     from pd.dist.step_sync import StepSync
@@ -209,7 +210,7 @@ class ModelRunner:
         else:
             per_token = KVCache.bytes_per_token(self.model.num_layers, layout, self.kv_dtype)
             free, total = torch.cuda.mem_get_info(self.device)
-            fraction = cfg.mem_fraction_static or 0.85
+            fraction = cfg.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION
             # This instance's share of the GPU (weights + KV) is fraction x total, whatever other processes hold:
             # two instances on one GPU (PD on one GPU) each take their fraction. It never takes more than is free,
             # less the headroom activations and graphs need.

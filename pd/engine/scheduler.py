@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pd.engine import compile_watch
+from pd.engine.alloc_watch import AllocRetryWatch
 from pd.engine.cuda_graph_runner import StagedDecode
 from pd.engine.io import EngineStats, GenerateRequest, TokenOutput
 from pd.engine.kv_cache import PagePool
@@ -33,6 +34,7 @@ from pd.engine.model_runner import ModelRunner
 from pd.engine.radix_cache import Node, RadixCache
 from pd.engine.request import Req, ReqState
 from pd.engine.sampler import BAD_ROW, SamplingRows, all_greedy_rows, sample
+from pd.server_args import DEFAULT_GPU_MEM_FRACTION
 
 # In a batch's host token list: this request's input token is the one the step in flight sampled (last_tokens).
 FROM_DEVICE = -1
@@ -161,8 +163,11 @@ class Scheduler:
         # Seeds of requests that did not bring one: reproducible from --random-seed, one stream per engine.
         self.seed_stream = random.Random(runner.cfg.random_seed)
         self.progress = StepLog(cfg.log_interval)
-        if runner.device.type == "cuda" and runner.single_rank:
+        on_cuda = runner.device.type == "cuda"
+        if on_cuda and runner.single_rank:
             self.warm_up()
+        # counts from here: the warm-up's own retries stall no request
+        self.alloc_watch = AllocRetryWatch(runner.device, self._memory_advice()) if on_cuda else None
 
     def warm_up(self) -> None:
         """Prompt forwards before the first request, so that Triton compiles their kernel variants now rather than
@@ -338,7 +343,16 @@ class Scheduler:
             return []
         outputs = self._collect(done)
         self.progress.on_step(self, done.waited_s)
+        if self.alloc_watch is not None:
+            self.alloc_watch.check()
         return outputs
+
+    def _memory_advice(self) -> str:
+        """The flags that leave a GPU instance more memory beside its KV pool, with their values now."""
+        rc = self.runner.cfg
+        pool = (f"--max-total-tokens (now {rc.max_total_tokens})" if rc.max_total_tokens is not None
+                else f"--mem-fraction-static (now {rc.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION})")
+        return f"{pool} or --chunked-prefill-size (now {self.cfg.chunked_prefill_size})"
 
     def poll_transfers(self) -> list[TokenOutput]:
         """Hook for disaggregated schedulers: advance requests whose KV is moving between instances."""
