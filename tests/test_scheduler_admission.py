@@ -39,20 +39,35 @@ def test_a_request_that_fits_is_queued(llm: LLM):
     assert sched.pool.num_free == sched.pool.num_pages
 
 
-def test_each_prefill_forward_logs_its_batch_and_launch_time(tmp_path, caplog: pytest.LogCaptureFixture):
-    """The "prefill batch" INFO line counts the prompt tokens and requests it was given (lengths drawn here) and
-    says how long the host took to launch the forward."""
-    path = make_checkpoint("llama", str(tmp_path / "llama"), seed=0)
-    llm = LLM(path, page_size=PAGE, max_total_tokens=256, context_length=CONTEXT, chunked_prefill_size=-1)
+def prefill_lines_name_their_batches(root: str, device: str, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The "prefill batch" INFO lines of three prompts (lengths drawn here) run as one forward: the line counts
+    the prompt tokens and requests it was given and says how long the host took to launch the forward."""
+    path = make_checkpoint("llama", f"{root}/llama", seed=0)
+    llm = LLM(path, device=device, page_size=PAGE, max_total_tokens=256, context_length=CONTEXT,
+              chunked_prefill_size=-1)  # fmt: skip
     lens = torch.randint(2, 20, (3,)).tolist()
     prompts = [torch.randint(1, 256, (n,)).tolist() for n in lens]
     with caplog.at_level("INFO", logger="pd.engine.scheduler"):
         llm.generate(prompts, SamplingParams(max_new_tokens=1, temperature=0.0))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefill batch")]
-    assert lines, [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
     assert f"prefill batch: {sum(lens)} prompt tokens of 3 requests (3 new" in lines[0], lines
-    launched = float(lines[0].rsplit("launched in ", 1)[1].removesuffix(" ms"))
+    launched = float(lines[0].split("launched in ", 1)[1].split(" ms", 1)[0])
     assert 0.0 <= launched < 60_000, lines[0]
+    return lines
+
+
+def test_each_prefill_forward_logs_its_batch_and_launch_time(tmp_path, caplog: pytest.LogCaptureFixture):
+    (line,) = prefill_lines_name_their_batches(str(tmp_path), "cpu", caplog)
+    assert line.endswith(" ms") and "on the device" not in line, line  # the CPU's forward ran within the launch
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_prefill_line_adds_the_forwards_device_time(tmp_path, caplog: pytest.LogCaptureFixture):
+    """On a GPU the line is logged once the forward has ended, with its time on the device."""
+    (line,) = prefill_lines_name_their_batches(str(tmp_path), "cuda", caplog)
+    device_ms = float(line.rsplit(", ", 1)[1].removesuffix(" ms on the device"))
+    assert 0.0 < device_ms < 60_000, line
 
 
 def _expected_prefill_steps(lens: list[int], chunk: int, cap: int) -> list[tuple[int, int]]:

@@ -90,6 +90,13 @@ class LaunchedStep:
     waited_s: float = 0.0  # how long collecting it waited for the device
 
 
+def _timed_event() -> torch.cuda.Event:
+    """A CUDA event recorded now on the current stream, with timing."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """The step's one device-to-host copy: asynchronous into pinned memory on CUDA, with an event to wait on."""
     if tokens.device.type != "cuda":
@@ -163,6 +170,8 @@ class Scheduler:
         # Seeds of requests that did not bring one: reproducible from --random-seed, one stream per engine.
         self.seed_stream = random.Random(runner.cfg.random_seed)
         self.progress = StepLog(cfg.log_interval)
+        # prefill lines waiting for their forward to end on the GPU: (began, ended, the line's format and values)
+        self.prefill_lines: deque[tuple[torch.cuda.Event, torch.cuda.Event, tuple]] = deque()
         on_cuda = runner.device.type == "cuda"
         if on_cuda and runner.single_rank:
             self.warm_up()
@@ -381,9 +390,10 @@ class Scheduler:
             if req.first_scheduled is None:
                 req.first_scheduled = now
             req.num_computed += n
+        began = _timed_event() if log_prefill and self.runner.device.type == "cuda" else None
         logits = self.runner.forward(batch)  # always: a middle prompt chunk samples nothing but writes its KV
         if log_prefill:
-            self._log_prefill(batch_reqs, extend_lens, new, now)
+            self._log_prefill(batch_reqs, extend_lens, new, now, began)
         reqs = [batch_reqs[i] for i in sampled]
         if not reqs:
             return LaunchedStep([], None, None)
@@ -430,22 +440,36 @@ class Scheduler:
             parts.append(np.asarray(tokens, dtype=np.int64))
         return np.concatenate(parts)
 
-    def _log_prefill(self, reqs: list[Req], extend_lens: list[int], new: list[Req], start: float) -> None:
+    def _log_prefill(self, reqs: list[Req], extend_lens: list[int], new: list[Req], start: float,
+                     began: torch.cuda.Event | None) -> None:  # fmt: skip
         """One INFO line per forward that carries prompt tokens (SGLang's "Prefill batch" line): what a slow first
         token is waiting on. A request's wait counts from its arrival at the engine; the launch is the host's time to
-        queue the forward (on a GPU the forward itself runs after; a launch as long as the GPU's step means the
-        host, not the GPU, paces prefill)."""
+        queue the forward (a launch as long as the GPU's step means the host, not the GPU, paces prefill). On a GPU
+        the line waits for the forward to end and adds its time on the device, from its first queued work to its
+        last (`began`: an event recorded before the launch): more than its kernels take means the device idled
+        inside it (the host launching too slowly, or the allocator stalling)."""
         # called after the launch advanced num_computed: a prompt chunk started before the prompt's end (even a
         # one-token chunk), a decode token after it
         chunks = [n for r, n in zip(reqs, extend_lens, strict=True) if r.num_computed - n < len(r.prompt_ids)]
         waited = max((start - r.arrival for r in new), default=0.0)
         # how far apart the new requests arrived: a burst split over forwards shows here
         spread = max((r.arrival for r in new), default=0.0) - min((r.arrival for r in new), default=0.0)
-        logger.info("prefill batch: %d prompt tokens of %d requests (%d new, arrived over %.1f ms, longest wait "
-                    "%.1f ms), %d decodes; queued %d; KV pages %d/%d used; launched in %.1f ms", sum(chunks),
-                    len(chunks), len(new), 1e3 * spread, 1e3 * waited, len(reqs) - len(chunks),
-                    len(self.waiting), self.pool.num_pages - self.num_free_pages, self.pool.num_pages,
-                    1e3 * (time.monotonic() - start))  # fmt: skip
+        line = ("prefill batch: %d prompt tokens of %d requests (%d new, arrived over %.1f ms, longest wait %.1f ms), "
+                "%d decodes; queued %d; KV pages %d/%d used; launched in %.1f ms",
+                sum(chunks), len(chunks), len(new), 1e3 * spread, 1e3 * waited, len(reqs) - len(chunks),
+                len(self.waiting), self.pool.num_pages - self.num_free_pages, self.pool.num_pages,
+                1e3 * (time.monotonic() - start))  # fmt: skip
+        if began is None:
+            logger.info(*line)
+        else:
+            self.prefill_lines.append((began, _timed_event(), line))
+
+    def _flush_prefill_lines(self) -> None:
+        """Logs the prefill lines of forwards that have ended on the device, in launch order, with their device time
+        (a step that samples waits for its forward, so every line before it is out once it is collected)."""
+        while self.prefill_lines and self.prefill_lines[0][1].query():
+            began, ended, (fmt, *args) = self.prefill_lines.popleft()
+            logger.info(fmt + ", %.1f ms on the device", *args, began.elapsed_time(ended))
 
     def _collect(self, step: LaunchedStep) -> list[TokenOutput]:
         """Waits for a launched step's sampled ids and applies them: each request's new token, finish checks,
@@ -455,6 +479,8 @@ class Scheduler:
             step.ready.synchronize()
         tokens = step.tokens.tolist() if step.tokens is not None else []
         step.waited_s = time.perf_counter() - start
+        if self.prefill_lines:
+            self._flush_prefill_lines()
         for ret in step.free_after:  # pages of requests that ended while this step ran: its writes are done
             self._return_pages(ret)
         outputs = []
