@@ -45,6 +45,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.gpu_clocks import GpuClocks, describe, gpu_uuid  # noqa: E402
+
 
 def model_config(name: str, layers: int, tiny: bool):  # noqa: ANN201 (transformers is imported lazily)
     import transformers
@@ -139,7 +141,7 @@ def step_bytes(config, batch: int, context: int, fp8: bool = False) -> float:  #
     return dense_bytes + len(moe_layers) * hit * per_expert + batch * context * kv_per_token
 
 
-def bench_transformers(path: str, device: str, args: argparse.Namespace) -> dict[str, object]:
+def bench_transformers(path: str, device: str, args: argparse.Namespace, clocks: GpuClocks) -> dict[str, object]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
@@ -151,6 +153,7 @@ def bench_transformers(path: str, device: str, args: argparse.Namespace) -> dict
         # the reference (transformers gets the same batching pd serve is given).
         per_forward = sorted({8, max(1, args.prefill_chunk // args.prefill_len)})
         by_batch = {}
+        began = time.monotonic()
         for n in per_forward:
             ids = torch.randint(1, vocab, (n, args.prefill_len), generator=gen).to(device)
             forwards = max(1, args.prefill_prompts // n)
@@ -164,16 +167,18 @@ def bench_transformers(path: str, device: str, args: argparse.Namespace) -> dict
             del ids
         out["prefill_tok_s_by_prompts_per_forward"] = by_batch
         out["prefill_tok_s"] = max(by_batch.values())
+        out["prefill_clocks"] = clocks.span(began, time.monotonic())
         print(f"transformers prefill tok/s by prompts per forward: {by_batch}", flush=True)
         for b in args.batches:
             ids = torch.randint(1, vocab, (b, args.prompt), generator=gen).to(device)
             model.generate(ids[:, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
             _sync(device)
-            start = time.perf_counter()
+            start, began = time.perf_counter(), time.monotonic()
             model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                            pad_token_id=0)  # fmt: skip
             _sync(device)
             out[f"decode_b{b}_tok_s"] = b * args.new_tokens / (time.perf_counter() - start)
+            out[f"decode_b{b}_clocks"] = clocks.span(began, time.monotonic())
             print(f"transformers batch {b}: {out[f'decode_b{b}_tok_s']:.0f} out tok/s", flush=True)
     # pd serve sizes its KV pool from the memory it finds free: transformers' model (its modules hold reference
     # cycles, so `del` alone keeps it) and its allocator's cached blocks must be gone first, or pd serve runs
@@ -277,7 +282,8 @@ def _first_tokens_ms(arrivals: list[list[float]]) -> list[float]:
     return [round(got[0], 1), round(got[len(got) // 2], 1), round(got[-1], 1)] if got else []
 
 
-def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int) -> dict[str, object]:
+def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int,
+                   clocks: GpuClocks) -> dict[str, object]:  # fmt: skip
     from tests.server_process import free_port, pd_process
 
     port = free_port()
@@ -305,24 +311,30 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int)
         run_load(_serve_load(url, fresh(args.prefill_prompts, args.prefill_len), 1))
         # Per burst also when each request's first (only) token came: [earliest, median, last] ms from the start.
         bursts, firsts = [], []
+        began = time.monotonic()
         for _ in range(args.prefill_bursts):
             prompts = fresh(args.prefill_prompts, args.prefill_len)
             elapsed, arrivals = run_load(_serve_load(url, prompts, 1))
             bursts.append(elapsed)
             firsts.append(_first_tokens_ms(arrivals))
+        out["prefill_clocks"] = clocks.span(began, time.monotonic())
         out["prefill_burst_ms"] = [round(1e3 * b, 2) for b in bursts]
         out["prefill_first_token_ms"] = firsts
         out["prefill_tok_s"] = args.prefill_prompts * args.prefill_len / sorted(bursts)[len(bursts) // 2]
         # The same bursts as one batched request each (beside the figure above, not instead of it).
+        began = time.monotonic()
         batched = [run_load(_batch_load(url, fresh(args.prefill_prompts, args.prefill_len), 1))
                    for _ in range(args.prefill_bursts)]  # fmt: skip
+        out["prefill_batched_clocks"] = clocks.span(began, time.monotonic())
         out["prefill_batched_ms"] = [round(1e3 * b, 2) for b in batched]
         out["prefill_batched_tok_s"] = args.prefill_prompts * args.prefill_len / sorted(batched)[len(batched) // 2]
         for b in args.batches:
             run_load(_serve_load(url, fresh(b, args.prompt), 4))  # warm-up at this batch size
             # --decode-runs runs of the batch, one after another: the median run's tok/s and ITLs count (a single
             # run of a few hundred ms moved by 10-30% between calls on an H200 host)
+            began = time.monotonic()
             runs = [run_load(_serve_load(url, fresh(b, args.prompt), args.new_tokens)) for _ in range(args.decode_runs)]
+            out[f"decode_b{b}_clocks"] = clocks.span(began, time.monotonic())
             elapsed, arrivals = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
             itl = sorted(1e3 * (t1 - t0) for times in arrivals for t0, t1 in zip(times[1:], times[2:], strict=False))
             out[f"decode_b{b}_runs_tok_s"] = [round(b * args.new_tokens / run[0], 1) for run in runs]
@@ -368,15 +380,21 @@ def main() -> None:
     layers = args.layers or (8 if args.model == "qwen3" else 2)
     config = model_config(args.model, layers, args.tiny)
     bandwidth = copy_bandwidth(args.device)
-    with tempfile.TemporaryDirectory() as path:
-        write_checkpoint(path, config, args.device)
-        hf = {} if args.skip_transformers else bench_transformers(path, args.device, args)
-        ours = bench_pd_serve(path, args.device, args, config.vocab_size)
-        fp8 = {}
-        if args.fp8_batches:  # the same checkpoint quantized at load, served after the bf16 server has exited
-            fp8_args = argparse.Namespace(**{**vars(args), "batches": args.fp8_batches,
-                                             "serve_args": f"{args.serve_args} --quantization fp8"})  # fmt: skip
-            fp8 = bench_pd_serve(path, args.device, fp8_args, config.vocab_size)
+    # the card's clocks while each figure is measured (a card that slows under sustained load would favour what
+    # runs first)
+    clocks = GpuClocks(gpu_uuid(), enabled=args.device == "cuda")
+    try:
+        with tempfile.TemporaryDirectory() as path:
+            write_checkpoint(path, config, args.device)
+            hf = {} if args.skip_transformers else bench_transformers(path, args.device, args, clocks)
+            ours = bench_pd_serve(path, args.device, args, config.vocab_size, clocks)
+            fp8 = {}
+            if args.fp8_batches:  # the same checkpoint quantized at load, served after the bf16 server has exited
+                fp8_args = argparse.Namespace(**{**vars(args), "batches": args.fp8_batches,
+                                                 "serve_args": f"{args.serve_args} --quantization fp8"})  # fmt: skip
+                fp8 = bench_pd_serve(path, args.device, fp8_args, config.vocab_size, clocks)
+    finally:
+        clocks.close()
     rows = []
     for b in args.batches:
         roof = b / (step_bytes(config, b, args.prompt + args.new_tokens // 2) / bandwidth)
@@ -399,6 +417,8 @@ def main() -> None:
           f"{ours['prefill_batched_ms']}")  # fmt: skip
     print(f"prefill bursts (ms): {ours['prefill_burst_ms']}; first tokens [earliest, median, last] ms: "
           f"{ours['prefill_first_token_ms']}; the front's event loop: {ours['front_event_loop']}")  # fmt: skip
+    print(f"the GPU during prefill: transformers {describe(hf.get('prefill_clocks'))}; pd serve concurrent "
+          f"{describe(ours['prefill_clocks'])}, batched {describe(ours['prefill_batched_clocks'])}")  # fmt: skip
     print(f"{'batch':>5} {'pd tok/s':>10} {'hf tok/s':>10} {'x hf':>6} {'roofline':>10} {'roof/pd':>8} "
           f"{'ITL p50':>8} {'ITL p99':>8} {'ITL mean':>8} {'roof ms':>8} {'p50/roof':>8} {'mean/roof':>9}")  # fmt: skip
     for r in rows:
