@@ -306,3 +306,60 @@ def test_input_ids_reach_the_engine_as_sent(app_fake: tuple[TestClient, FakeEngi
         r = client.post("/generate", json={"input_ids": bad})
         assert r.status_code == 400 and "input_ids must be a list of token ids" in r.json()["error"]["message"], r.text
         assert len(fake.requests) == before
+
+
+# JSON values as text, where json and orjson part ways: integers past 64 bits (orjson reads floats), literals json
+# alone reads (NaN, Infinity, 1e400), nesting past json's recursion limit, lone surrogates, duplicate keys.
+ODD_VALUES = ["18446744073709551616", "-9223372036854775809", "99999999999999999999999", "1e400", "NaN", "-Infinity",
+              "1e20", "2.5", "true", "null", '"x"', '"\\ud800"', '"\\ud83d\\ude00"', "[" * 1100 + "]" * 1100,
+              "[[1, 2], [3]]", "{}"]  # fmt: skip
+FIELDS = ["max_new_tokens", "temperature", "top_k", "seed", "stop_token_ids", "min_new_tokens", "logit_bias", "stop"]
+TOP = ["rid", "bootstrap_room", "bootstrap_port", "model", "return_logprob", "stream", "input_ids", "unknown_field"]
+
+
+def _odd_body(rng: random.Random) -> str:
+    """A /generate body as text: random prompts and sampling parameters, now and then an odd value in a random
+    field (sampling or top level), a duplicated key or a stray character."""
+    prompts = [[rng.randrange(1, 200) for _ in range(rng.randint(1, 12))] for _ in range(rng.randint(1, 3))]
+    sampling = {"max_new_tokens": str(rng.randint(1, 3)), "temperature": "0.0"}
+    top = {"input_ids": json.dumps(prompts if len(prompts) > 1 else prompts[0])}
+    for _ in range(rng.choice((0, 1, 1, 2))):
+        value = rng.choice(ODD_VALUES)
+        if rng.random() < 0.5:
+            sampling[rng.choice(FIELDS)] = value
+        else:
+            top[rng.choice(TOP)] = value
+    sampling_text = "{" + ", ".join(f'"{k}": {v}' for k, v in sampling.items()) + "}"
+    items = [f'"{k}": {v}' for k, v in top.items()] + [f'"sampling_params": {sampling_text}']
+    if rng.random() < 0.1:
+        items.append(rng.choice(items))  # a duplicated key
+    body = "{" + ", ".join(items) + "}"
+    if rng.random() < 0.05:
+        body = body[: rng.randrange(len(body))]  # cut short
+    return body
+
+
+def test_generate_bodies_read_by_orjson_answer_as_by_json(app_fake: tuple[TestClient, FakeEngineClient],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """/generate bodies are parsed with orjson where it can (GenerateReqInput.fast_json); on random bodies with the
+    values where the two parsers differ, every answer is the one json's parse gives: the same status and error
+    message, and the same requests reaching the engine (all but their random ids)."""
+    from pd.server.protocol import GenerateReqInput
+
+    client, fake = app_fake
+    rng = random.Random()
+    seed = rng.randrange(2**31)
+    rng.seed(seed)
+    ok = 0
+    for _ in range(300):
+        body = _odd_body(rng)
+        answers = []
+        for fast in (True, False):
+            monkeypatch.setattr(GenerateReqInput, "fast_json", fast)
+            before = len(fake.requests)
+            r = client.post("/generate", content=body.encode("utf-8", "surrogatepass"))
+            sent = [(list(map(int, q.input_ids)), q.sampling) for q in fake.requests[before:]]
+            answers.append((r.status_code, r.json()["error"]["message"] if r.status_code != 200 else None, sent))
+        assert answers[0] == answers[1], (seed, body[:300], answers)
+        ok += answers[0][0] == 200
+    assert 30 < ok < 290, (seed, ok)  # both outcomes were exercised

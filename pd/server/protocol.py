@@ -16,9 +16,10 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import numpy as np
+import orjson
 from fastapi import Request
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -197,6 +198,8 @@ def _token_ids(v: Any) -> Any:
 
 class GenerateReqInput(StrictModel):
     """Body of POST /generate. Exactly one of `text` / `input_ids`; a list of either is a batch."""
+
+    fast_json: ClassVar[bool] = True  # read_body may parse it with orjson (_orjson_or_none)
 
     text: Annotated[Any, _one_or_many("text", lambda v: isinstance(v, str), "a string or a list of strings")] = None
     input_ids: Annotated[Any, BeforeValidator(_token_ids)] = None
@@ -401,11 +404,17 @@ async def read_body(request: Request, model: type[M], logged_unknown: set[str] |
     raises ApiError (400) saying what is wrong. Unknown top-level fields are accepted (SGLang clients and routers
     send fields this server does not know) and logged once per name (names kept in `logged_unknown`)."""
     raw = await request.body()
-    data = parse_json_body(raw)
+    data = _orjson_or_none(raw) if getattr(model, "fast_json", False) else None
     try:
+        if data is None:
+            data = parse_json_body(raw)
         parsed = model.model_validate(data)
-    except ValidationError as e:
-        raise ApiError(describe_validation_errors(e.errors())) from None
+    except ValidationError:
+        data = parse_json_body(raw)  # the errors json's parse gives, whichever parser ran (see _orjson_or_none)
+        try:
+            parsed = model.model_validate(data)
+        except ValidationError as e:
+            raise ApiError(describe_validation_errors(e.errors())) from None
     if logged_unknown is not None and isinstance(data, dict):
         for key in data.keys() - model.model_fields.keys():
             name = f"{model.__name__}.{key}"
@@ -413,6 +422,40 @@ async def read_body(request: Request, model: type[M], logged_unknown: set[str] |
                 logged_unknown.add(name)
                 logger.warning("%s: ignoring the unknown field %r (logged once)", request.url.path, key)
     return parsed
+
+
+def _orjson_or_none(raw: bytes) -> Any:
+    """The body parsed by orjson (a 16 x 1024-token /generate batch: ~0.4 ms against json's ~0.9 ms), or None where
+    json should parse it. Only for models whose every field is strictly typed or ignored (`fast_json`): there
+    orjson's values are json's, except that it reads integers past 64 bits as floats, which strict int fields
+    refuse (read_body then parses again with json, so every error is the one json's values give), and that it
+    accepts nesting deeper than json's recursion limit: a body nested deeper than NESTING_FOR_JSON anywhere but in
+    its input_ids (which refuse any nesting) goes to json, which says whether it is too deep."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    rest = [v for k, v in data.items() if k != "input_ids"]
+    return None if _deeper_than(rest, NESTING_FOR_JSON) else data
+
+
+NESTING_FOR_JSON = 64  # request bodies nest a few levels; deeper ones are json's to read or refuse
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and dicts nest more than `limit` levels inside `value`."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v if isinstance(x, (list, dict)))
+    return False
 
 
 def parse_json_body(raw: bytes) -> Any:
