@@ -64,10 +64,12 @@ def test_each_prefill_forward_logs_its_batch_and_launch_time(tmp_path, caplog: p
 
 @pytest.mark.gpu
 def test_on_a_gpu_the_prefill_line_adds_the_forwards_device_time(tmp_path, caplog: pytest.LogCaptureFixture):
-    """On a GPU the line is logged once the forward has ended, with its time on the device."""
+    """On a GPU the line is logged once the forward has ended, with its time on the device and when the host saw it
+    end (after its requests arrived and it ran)."""
     (line,) = prefill_lines_name_their_batches(str(tmp_path), "cuda", caplog)
-    device_ms = float(line.rsplit(", ", 1)[1].removesuffix(" ms on the device"))
-    assert 0.0 < device_ms < 60_000, line
+    device_ms = float(line.split(" ms on the device", 1)[0].rsplit(", ", 1)[1])
+    seen_ms = float(line.split("seen done ", 1)[1].removesuffix(" ms after its first new request arrived"))
+    assert 0.0 < device_ms < seen_ms < 60_000, line
 
 
 def _expected_prefill_steps(lens: list[int], chunk: int, cap: int) -> list[tuple[int, int]]:

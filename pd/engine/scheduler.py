@@ -171,7 +171,8 @@ class Scheduler:
         self.seed_stream = random.Random(runner.cfg.random_seed)
         self.progress = StepLog(cfg.log_interval)
         # prefill lines waiting for their forward to end on the GPU: (began, ended, the line's format and values)
-        self.prefill_lines: deque[tuple[torch.cuda.Event, torch.cuda.Event, tuple]] = deque()
+        # and when the first of its new requests arrived (None: no new request)
+        self.prefill_lines: deque[tuple[torch.cuda.Event, torch.cuda.Event, tuple, float | None]] = deque()
         on_cuda = runner.device.type == "cuda"
         if on_cuda and runner.single_rank:
             self.warm_up()
@@ -462,14 +463,20 @@ class Scheduler:
         if began is None:
             logger.info(*line)
         else:
-            self.prefill_lines.append((began, _timed_event(), line))
+            self.prefill_lines.append((began, _timed_event(), line, min((r.arrival for r in new), default=None)))
 
     def _flush_prefill_lines(self) -> None:
         """Logs the prefill lines of forwards that have ended on the device, in launch order, with their device time
-        (a step that samples waits for its forward, so every line before it is out once it is collected)."""
+        and how long after its first new request's arrival the host saw it end (a step that samples waits for its
+        forward, so every line before it is out once it is collected)."""
+        now = time.monotonic()
         while self.prefill_lines and self.prefill_lines[0][1].query():
-            began, ended, (fmt, *args) = self.prefill_lines.popleft()
-            logger.info(fmt + ", %.1f ms on the device", *args, began.elapsed_time(ended))
+            began, ended, (fmt, *args), first = self.prefill_lines.popleft()
+            fmt, args = fmt + ", %.1f ms on the device", [*args, began.elapsed_time(ended)]
+            if first is not None:  # with the arrival spread and the wait: where a burst's time went, engine-side
+                fmt += ", seen done %.1f ms after its first new request arrived"
+                args.append(1e3 * (now - first))
+            logger.info(fmt, *args)
 
     def _collect(self, step: LaunchedStep) -> list[TokenOutput]:
         """Waits for a launched step's sampled ids and applies them: each request's new token, finish checks,
