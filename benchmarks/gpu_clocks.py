@@ -32,7 +32,7 @@ class GpuClocks:
         if command is None:
             if shutil.which("nvidia-smi") is None:
                 return
-            command = ["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", f"-lms={interval_ms}"]
+            command = ["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", f"--loop-ms={interval_ms}"]
             if gpu is not None:
                 command.append(f"--id={gpu}")
         self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
