@@ -8,6 +8,7 @@ between two time.monotonic() readings, so each figure can carry the clocks it wa
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 import subprocess
@@ -32,7 +33,8 @@ class GpuClocks:
         if command is None:
             if shutil.which("nvidia-smi") is None:
                 return
-            command = ["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", f"--loop-ms={interval_ms}"]
+            command = ["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits",
+                       f"--loop-ms={interval_ms}"]  # fmt: skip
             if gpu is not None:
                 command.append(f"--id={gpu}")
         self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -42,11 +44,10 @@ class GpuClocks:
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
-            try:
-                sm, watts, temp = (float(x) for x in line.split(","))
-            except ValueError:  # "[N/A]", a header or an error line: not a sample
+            fields = [_number(x) for x in line.split(",")]
+            if len(fields) != 3 or fields[0] != fields[0]:  # a header, an error line, or no clock: not a sample
                 continue
-            self.samples.append((time.monotonic(), sm, watts, temp))
+            self.samples.append((time.monotonic(), *fields))
 
     def span(self, start: float, end: float) -> dict[str, Any] | None:
         """The samples taken between two time.monotonic() readings: median SM clock (MHz) and power (W), lowest
@@ -54,9 +55,10 @@ class GpuClocks:
         got = [s for s in list(self.samples) if start <= s[0] <= end]
         if not got:
             return None
+        watts, temps = [s[2] for s in got if s[2] == s[2]], [s[3] for s in got if s[3] == s[3]]
         return {"sm_mhz_median": statistics.median(s[1] for s in got), "sm_mhz_min": min(s[1] for s in got),
-                "power_w_median": statistics.median(s[2] for s in got), "temp_c_max": max(s[3] for s in got),
-                "samples": len(got)}  # fmt: skip
+                "power_w_median": statistics.median(watts) if watts else None,
+                "temp_c_max": max(temps) if temps else None, "samples": len(got)}  # fmt: skip
 
     def close(self) -> None:
         if self._proc is not None:
@@ -65,12 +67,21 @@ class GpuClocks:
             self._reader.join(timeout=5)
 
 
+def _number(field: str) -> float:
+    """One CSV field as a number; NaN where nvidia-smi could not read it ("[N/A]", "[Not Supported]")."""
+    try:
+        return float(field)
+    except ValueError:
+        return math.nan
+
+
 def describe(span: dict[str, Any] | None) -> str:
     """A span as one short phrase for a printed line."""
     if span is None:
         return "clocks not sampled"
-    return (f"SM {span['sm_mhz_median']:.0f} MHz (min {span['sm_mhz_min']:.0f}), {span['power_w_median']:.0f} W, "
-            f"up to {span['temp_c_max']:.0f} C")  # fmt: skip
+    watts, temp = span["power_w_median"], span["temp_c_max"]
+    return (f"SM {span['sm_mhz_median']:.0f} MHz (min {span['sm_mhz_min']:.0f}), "
+            f"{'?' if watts is None else f'{watts:.0f}'} W, up to {'?' if temp is None else f'{temp:.0f}'} C")
 
 
 def gpu_uuid() -> str | None:
