@@ -405,16 +405,17 @@ async def read_body(request: Request, model: type[M], logged_unknown: set[str] |
     send fields this server does not know) and logged once per name (names kept in `logged_unknown`)."""
     raw = await request.body()
     data = _orjson_or_none(raw) if getattr(model, "fast_json", False) else None
+    by_orjson = data is not None
     try:
-        if data is None:
-            data = parse_json_body(raw)
-        parsed = model.model_validate(data)
-    except ValidationError:
-        data = parse_json_body(raw)  # the errors json's parse gives, whichever parser ran (see _orjson_or_none)
+        parsed = model.model_validate(data if by_orjson else (data := parse_json_body(raw)))
+    except ValidationError as e:
+        if not by_orjson:
+            raise ApiError(describe_validation_errors(e.errors())) from None
+        data = parse_json_body(raw)  # json's values decide (see _orjson_or_none)
         try:
             parsed = model.model_validate(data)
-        except ValidationError as e:
-            raise ApiError(describe_validation_errors(e.errors())) from None
+        except ValidationError as again:
+            raise ApiError(describe_validation_errors(again.errors())) from None
     if logged_unknown is not None and isinstance(data, dict):
         for key in data.keys() - model.model_fields.keys():
             name = f"{model.__name__}.{key}"
