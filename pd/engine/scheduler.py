@@ -454,7 +454,8 @@ class Scheduler:
         chunks = [n for r, n in zip(reqs, extend_lens, strict=True) if r.num_computed - n < len(r.prompt_ids)]
         waited = max((start - r.arrival for r in new), default=0.0)
         # how far apart the new requests arrived: a burst split over forwards shows here
-        spread = max((r.arrival for r in new), default=0.0) - min((r.arrival for r in new), default=0.0)
+        first = min((r.arrival for r in new), default=None)
+        spread = 0.0 if first is None else max(r.arrival for r in new) - first
         line = ("prefill batch: %d prompt tokens of %d requests (%d new, arrived over %.1f ms, longest wait %.1f ms), "
                 "%d decodes; queued %d; KV pages %d/%d used; launched in %.1f ms",
                 sum(chunks), len(chunks), len(new), 1e3 * spread, 1e3 * waited, len(reqs) - len(chunks),
@@ -463,7 +464,7 @@ class Scheduler:
         if began is None:
             logger.info(*line)
         else:
-            self.prefill_lines.append((began, _timed_event(), line, min((r.arrival for r in new), default=None)))
+            self.prefill_lines.append((began, _timed_event(), line, first))
 
     def _flush_prefill_lines(self) -> None:
         """Logs the prefill lines of forwards that have ended on the device, in launch order, with their device time

@@ -404,18 +404,18 @@ async def read_body(request: Request, model: type[M], logged_unknown: set[str] |
     raises ApiError (400) saying what is wrong. Unknown top-level fields are accepted (SGLang clients and routers
     send fields this server does not know) and logged once per name (names kept in `logged_unknown`)."""
     raw = await request.body()
-    data = _orjson_or_none(raw) if getattr(model, "fast_json", False) else None
-    by_orjson = data is not None
-    try:
-        parsed = model.model_validate(data if by_orjson else (data := parse_json_body(raw)))
-    except ValidationError as e:
-        if not by_orjson:
-            raise ApiError(describe_validation_errors(e.errors())) from None
-        data = parse_json_body(raw)  # json's values decide (see _orjson_or_none)
+    parsed = None
+    if getattr(model, "fast_json", False) and (data := _orjson_or_none(raw)) is not None:
         try:
             parsed = model.model_validate(data)
-        except ValidationError as again:
-            raise ApiError(describe_validation_errors(again.errors())) from None
+        except ValidationError:
+            pass  # json's values decide what is wrong (see _orjson_or_none)
+    if parsed is None:
+        data = parse_json_body(raw)
+        try:
+            parsed = model.model_validate(data)
+        except ValidationError as e:
+            raise ApiError(describe_validation_errors(e.errors())) from None
     if logged_unknown is not None and isinstance(data, dict):
         for key in data.keys() - model.model_fields.keys():
             name = f"{model.__name__}.{key}"
