@@ -282,6 +282,27 @@ def _first_tokens_ms(arrivals: list[list[float]]) -> list[float]:
     return [round(got[0], 1), round(got[len(got) // 2], 1), round(got[-1], 1)] if got else []
 
 
+def profiled_burst(url: str, folder: str, prompts: list[list[int]]) -> dict[str, object]:
+    """One more batched burst under the server's own profiler (/start_profile, /stop_profile; after the measured
+    ones: profiling slows the host): its wall time, and each rank's device timeline from its trace (busy time
+    against the span of the forward: what the served burst's device did, beside the in-process profile)."""
+    import httpx
+
+    from pd.engine.profiler import trace_timeline
+
+    settings = {"output_dir": os.path.abspath(folder), "profile_prefix": "prefill", "with_stack": False,
+                "record_shapes": False}  # fmt: skip
+    httpx.post(url + "/start_profile", json=settings, timeout=60).raise_for_status()
+    elapsed = run_load(_batch_load(url, prompts, 1))
+    answer = httpx.post(url + "/stop_profile", timeout=600)
+    answer.raise_for_status()
+    traces = answer.text.splitlines()[1:]
+    timelines = {os.path.basename(t): trace_timeline(t) for t in traces}
+    for name, t in timelines.items():
+        print(f"profiled batched burst {1e3 * elapsed:.1f} ms; {name}: {json.dumps(t)}", flush=True)
+    return {"prefill_profiled_ms": round(1e3 * elapsed, 2), "prefill_profile": timelines}
+
+
 def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int,
                    clocks: GpuClocks) -> dict[str, object]:  # fmt: skip
     from tests.server_process import free_port, pd_process
@@ -328,6 +349,8 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int,
         out["prefill_batched_clocks"] = clocks.span(began, time.monotonic())
         out["prefill_batched_ms"] = [round(1e3 * b, 2) for b in batched]
         out["prefill_batched_tok_s"] = args.prefill_prompts * args.prefill_len / sorted(batched)[len(batched) // 2]
+        if args.profile_prefill:
+            out.update(profiled_burst(url, args.profile_prefill, fresh(args.prefill_prompts, args.prefill_len)))
         for b in args.batches:
             run_load(_serve_load(url, fresh(b, args.prompt), 4))  # warm-up at this batch size
             # --decode-runs runs of the batch, one after another: the median run's tok/s and ITLs count (a single
@@ -371,6 +394,9 @@ def main() -> None:
     parser.add_argument("--serve-args", default="", help="extra `pd serve` flags, e.g. --disable-overlap-schedule")
     parser.add_argument("--server-log", default=None, help="keep each server's log in this folder (serve.log, "
                         "fp8.log); with --serve-args '--log-level info' it holds the engine's step lines")
+    parser.add_argument("--profile-prefill", default=None, metavar="DIR",
+                        help="after the measured bursts, one batched burst under the server's profiler: its traces "
+                        "go to DIR, each rank's device timeline to the JSON")  # fmt: skip
     parser.add_argument("--skip-transformers", action="store_true", help="pd serve only (no ratios to transformers)")
     parser.add_argument("--fp8-batches", default="64",
                         help="decode batch sizes to serve again with --quantization fp8 in the same run ('' = none)")

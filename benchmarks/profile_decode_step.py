@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from pd.engine.profiler import idle_spells, kernel_timeline  # noqa: E402
+
 FORBIDDEN = ("scaled_dot_product", "cudnn", "flash_attention", "efficient_attention")
 
 
@@ -139,24 +141,6 @@ def run_backend(path: str, variant: str, args: argparse.Namespace) -> dict[str, 
             "out_tok_per_s": args.batch / statistics.median(times[2:] or times)}  # fmt: skip
 
 
-def kernel_timeline(prof) -> dict[str, float]:  # noqa: ANN001 (torch.profiler.profile)
-    """The profiled step's device activity in time: kernels, their summed time, the span from the first one's start
-    to the last one's end, and the idle time between them (launch gaps: what fusing launches saves beyond their
-    own time)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)  # fmt: skip
-    if not spans:
-        return {}
-    busy, idle, reach = 0.0, [], spans[0][0]
-    for start, stop in spans:
-        if start > reach:
-            idle.append(start - reach)
-        busy += max(0.0, stop - max(start, reach))
-        reach = max(reach, stop)
-    return {"kernels": len(spans), "busy_ms": busy / 1e3, "span_ms": (reach - spans[0][0]) / 1e3,
-            "idle_ms": sum(idle) / 1e3, "gap_us_median": statistics.median(idle) if idle else 0.0}
-
-
 def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
     """16 prompts of 1024 tokens, one new token each, through the scheduler (chunks of --chunk tokens, by default
     pd serve's for this GPU) as `pd serve` runs them: the wall time of the burst after a warm-up at the same shape,
@@ -213,24 +197,6 @@ def profile_prefill(path: str, args: argparse.Namespace) -> dict[str, object]:
     gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
     return {"variant": "prefill", "wall_ms": wall * 1e3, "tok_per_s": 16 * 1024 / wall, "profiled_gpu_ms": gpu_us / 1e3,
             **timeline}
-
-
-def idle_spells(prof, count: int) -> list[dict[str, object]]:  # noqa: ANN001 (torch.profiler.profile)
-    """The `count` longest spells with no kernel running, in time order: when each began (ms from the first kernel),
-    how long it lasted, and the kernels either side of it (which say where in the forward the device waited)."""
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)  # fmt: skip
-    if not kernels:
-        return []
-    spells, reach, last = [], kernels[0][1], kernels[0][2]
-    for start, stop, name in kernels[1:]:
-        if start > reach:
-            spells.append((start - reach, reach, last, name))
-        if stop > reach:
-            reach, last = stop, name
-    longest = sorted(spells, reverse=True)[:count]
-    return [{"at_ms": round((at - kernels[0][0]) / 1e3, 3), "idle_ms": round(idle / 1e3, 3), "after": before[:80],
-             "before": after[:80]} for idle, at, before, after in sorted(longest, key=lambda g: g[1])]  # fmt: skip
 
 
 def _suffix(args: argparse.Namespace) -> str:

@@ -130,6 +130,10 @@ def make_stub(state: StubState) -> FastAPI:
         state.aborts.append((await request.json())["rid"])
         return Response()
 
+    @app.post("/stop_profile")
+    async def stop_profile(request: Request) -> Response:  # what pd serve answers: where its traces went
+        return Response(f"Stop profiling. This will take some time.\n/traces/{state.role}-{id(state)}.gz\n")
+
     @app.get("/health")
     async def health() -> Response:
         return Response()
@@ -814,6 +818,13 @@ def test_abort_and_flush_cache_go_to_every_instance_and_name_the_failing_ones() 
         # The stubs have no /flush_cache (as an older server): reported, not a failure.
         r = httpx.post(c.url + "/flush_cache", timeout=10)
         assert r.status_code == 200 and sorted(r.json()["unsupported"]) == sorted(s.url for s in c.prefill + c.decode)
+        # Profiles: each instance's answer (where its traces went) is passed on; the stubs lack /start_profile.
+        r = httpx.post(c.url + "/start_profile", json={"num_steps": 3}, timeout=10)
+        assert r.status_code == 200 and len(r.json()["unsupported"]) == 3 and "answers" not in r.json()
+        r = httpx.post(c.url + "/stop_profile", timeout=10)
+        assert r.status_code == 200 and r.json()["answers"] == {
+            s.url: f"Stop profiling. This will take some time.\n/traces/{s.state.role}-{id(s.state)}.gz"
+            for s in c.prefill + c.decode}  # fmt: skip
         dead = c.decode[1]
         dead.server.stop()
         r = httpx.post(c.url + "/abort_request", json={"rid": "r-2"}, timeout=10)

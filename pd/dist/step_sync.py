@@ -11,6 +11,8 @@ Messages (leader -> followers):
         "slots": [[row, first_page_index, pages], ...] slot-table assignments since the previous message.
     {"op": "idle", "mode"}: a forward without tokens (DP attention: another group computes, experts are shared).
     {"op": "ping"}: an idle leader's liveness check (a dead follower makes the broadcast fail).
+    {"op": "profile", "action": "start", "request"} / {"op": "profile", "action": "stop"}: record the next forwards
+        with torch.profiler, or stop, write the trace and ``gather`` where it went (pd.engine.profiler).
     {"op": "stop"}
 
 Once at start-up a disaggregated instance's ranks also exchange their KV transfer endpoints (``gather``): each
@@ -52,7 +54,7 @@ class StepSync:
 
     def gather(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
         """Every rank's ``msg``, in group rank order, on every rank: a collective over the group's gloo side (every
-        rank of the group calls it at the same point; start-up only)."""
+        rank of the group calls it at the same point: at start-up, and at the end of a profile)."""
         payload = torch.frombuffer(bytearray(msgpack.packb(msg, use_bin_type=True)), dtype=torch.uint8)
         size = torch.tensor([payload.numel()], dtype=torch.int64)
         sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(self.control))]

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from pd.engine.io import (
     EngineStats,
     FlushCacheRequest,
     GenerateRequest,
+    ProfileRequest,
     TokenOutput,
     from_dict,
     output_from_row,
@@ -70,6 +72,7 @@ class EngineClient:
         self._ranks: RankProcesses | None = None
         self._closing = False
         self._outgoing: dict[int, list[bytes]] = {}  # leader -> messages packed this turn of the loop (_send)
+        self._replies: dict[str, asyncio.Future[tuple[bool, str]]] = {}  # rid -> a leader's answer to a request
 
     @property
     def is_alive(self) -> bool:
@@ -163,6 +166,10 @@ class EngineClient:
 
     def _deliver(self, leader: int, msg: dict[str, Any]) -> None:
         self._stats[leader] = from_dict(msg["stats"])
+        for rid, ok, message in msg.get("replies", ()):
+            reply = self._replies.pop(rid, None)
+            if reply is not None and not reply.done():
+                reply.set_result((ok, message))
         for row in msg["outputs"]:
             out = output_from_row(row)
             queue = self._queues.get(out.rid)
@@ -177,6 +184,10 @@ class EngineClient:
             logger.error("%s; failing %d requests in flight", self._dead, len(self._queues))
         for rid, queue in self._queues.items():
             queue.put_nowait(TokenOutput(rid, [], 0, 0, "error", error=self._dead))
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(EngineDeadError(self._dead))
+        self._replies.clear()
         if self._attached is not None and not self._closing:
             # A front worker without its engine serves nothing: stop it as Ctrl-C would (the first front process,
             # which owns the ranks, is going down too).
@@ -197,7 +208,7 @@ class EngineClient:
     def num_in_flight(self) -> int:
         return len(self._queues)
 
-    def _send(self, leader: int, msg: GenerateRequest | AbortRequest | FlushCacheRequest) -> None:
+    def _send(self, leader: int, msg: GenerateRequest | AbortRequest | FlushCacheRequest | ProfileRequest) -> None:
         """Queues `msg` for `leader`. What this turn of the event loop queues for a leader goes out as one pipe write
         (``_flush``, scheduled by the first): a batch request's prompts, each sent by its own task, then reach the
         engine together, and its first forward takes them all rather than the first prompt alone (the engine starts
@@ -289,6 +300,28 @@ class EngineClient:
         if self._dead is None:
             for leader in range(len(self._leaders)):
                 self._send(leader, FlushCacheRequest())
+
+    async def profile(self, action: str, **settings: Any) -> list[tuple[bool, str]]:
+        """Starts (``action`` "start", with pd.engine.io.ProfileRequest's settings) or stops ("stop") the profiler
+        of every leader's group; each leader's (ok, message), once it has acted (a stop: once the traces are
+        written, which takes seconds for a long profile).
+
+        Raises:
+            EngineDeadError: the engine is gone, or went while the leaders acted.
+        """
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        assert self._loop is not None, "engine not started"
+        rids = [f"profile-{uuid.uuid4().hex}" for _ in self._leaders]
+        replies = []
+        for leader, rid in enumerate(rids):
+            replies.append(self._replies.setdefault(rid, self._loop.create_future()))
+            self._send(leader, ProfileRequest(rid, action, **settings))
+        try:
+            return list(await asyncio.gather(*replies))
+        finally:  # answered, or the caller gave up (its client left): nothing waits on these any more
+            for rid in rids:
+                self._replies.pop(rid, None)
 
     async def close(self) -> None:
         for leader in list(self._outgoing):  # what was queued before closing still goes out

@@ -1,9 +1,10 @@
 """A rank process: owns its model shard; a leader also runs the scheduler loop and talks to the HTTP front over
 two pipes, a follower runs the forwards its leader broadcasts (pd.dist.step_sync).
 
-Messages are msgpack dicts (pd.engine.io). Front -> engine: GenerateRequest, AbortRequest. Engine -> front:
-first {"ready": info} or {"fatal": reason}, then {"outputs": [rows], "stats": {...}} after each step that finished
-something (stats alone when they changed: at most every STATS_INTERVAL_S while work goes on, at once when idle).
+Messages are msgpack dicts (pd.engine.io). Front -> engine: GenerateRequest, AbortRequest, FlushCacheRequest,
+ProfileRequest. Engine -> front: first {"ready": info} or {"fatal": reason}, then {"outputs": [rows], "stats": {...}}
+after each step that finished something (stats alone when they changed: at most every STATS_INTERVAL_S while work goes
+on, at once when idle); the answer to a ProfileRequest carries "replies": [[rid, ok, message]] besides.
 
 With several front processes (--tokenizer-worker-num) a leader holds a pipe pair to each: a request's outputs go
 to the front that sent it, the stats to all of them. The first front's closing stops the engine; another's aborts
@@ -36,11 +37,13 @@ from pd.engine.io import (
     AbortRequest,
     FlushCacheRequest,
     GenerateRequest,
+    ProfileRequest,
     TokenOutput,
     output_to_row,
     to_dict,
     unpack_messages,
 )
+from pd.engine.profiler import StepProfiler
 from pd.engine.rank import follow, start_rank
 from pd.engine.scheduler import Scheduler
 from pd.engine.spec import EngineSpec, SchedulerFactory, default_scheduler
@@ -98,7 +101,8 @@ def run_engine(
         if outbox is None:  # a follower
             assert rt.sync is not None, "a rank without pipes follows its attention group's leader"
             freeze_startup_objects(f"rank {rank}")
-            follow(rt.runner, rt.sync, spec.scheduler.max_running_requests, disagg)
+            follow(rt.runner, rt.sync, spec.scheduler.max_running_requests, disagg,
+                   StepProfiler(rt.runner.device, _rank_tag(rt.info), rt.sync))
             _exit_now()
         scheduler: Scheduler = spec.make_scheduler(spec.scheduler, rt.runner, disagg)
     except Exception as e:  # report why loading failed instead of dying silently
@@ -120,7 +124,8 @@ def run_engine(
         raise SystemExit(0) from None
     try:
         EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=multi_rank,
-                   prefill_wait_s=spec.scheduler.prefill_wait_s).run()
+                   prefill_wait_s=spec.scheduler.prefill_wait_s,
+                   profiler=StepProfiler(runner.device, _rank_tag(rt.info), rt.sync)).run()
     except Exception:
         # Peers are mid-collective with us: the instance cannot go on. Exit loudly; the front sees the pipe close.
         logger.error("rank %d: step failed in a multi-rank instance; stopping: %s", rank, traceback.format_exc())
@@ -140,6 +145,11 @@ def serving_threads(device_type: str, env: collections.abc.Mapping[str, str], lo
     if device_type == "cpu" or env.get("OMP_NUM_THREADS"):
         return loading_threads
     return 1
+
+
+def _rank_tag(info: Any) -> str:
+    """A rank's name in its profile trace's file name: its rank in its attention group and the group's (DP) index."""
+    return f"TP-{info.attn_tp_rank}-DP-{info.dp_rank}"
 
 
 def _as_list(conn: Connection | list[Connection] | None) -> list[Connection]:
@@ -253,9 +263,11 @@ class EngineLoop:
         dp_gate: DPGate | None = None,
         multi_rank: bool = False,
         prefill_wait_s: float = 0.0,
+        profiler: StepProfiler | None = None,
     ) -> None:
         """inbox / outbox: the pipes from / to the front, or to each front process (lists, front 0 first).
-        prefill_wait_s: --prefill-wait-ms in seconds (see _gather_burst)."""
+        prefill_wait_s: --prefill-wait-ms in seconds (see _gather_burst). profiler: /start_profile's (one without
+        followers, on the CPU, by default)."""
         self.scheduler = scheduler
         self.inboxes, self.outboxes = _as_list(inbox), _as_list(outbox)
         assert len(self.inboxes) == len(self.outboxes) >= 1
@@ -268,6 +280,7 @@ class EngineLoop:
         self.prefill_wait_s = prefill_wait_s
         self.last_report = 0.0
         self.last_stats = scheduler.stats()  # what the fronts already have (the ready message carried it)
+        self.profiler = profiler or StepProfiler(torch.device("cpu"), "TP-0-DP-0")
 
     def run(self) -> None:
         while True:
@@ -377,6 +390,7 @@ class EngineLoop:
         outputs += sched.compute()
         if runner.num_forwards == before:
             runner.idle_forward()
+        self.profiler.after_step()
         return outputs
 
     def _drain_inbox(self, timeout: float | None) -> list[TokenOutput]:
@@ -420,6 +434,10 @@ class EngineLoop:
             out = self.scheduler.abort(msg.rid)
         elif isinstance(msg, FlushCacheRequest):
             self.scheduler.flush_cache()
+        elif isinstance(msg, ProfileRequest):
+            ok, message = self.profiler.start(msg) if msg.action == "start" else self.profiler.stop()
+            reply = {"outputs": [], "stats": to_dict(self.last_stats), "replies": [[msg.rid, ok, message]]}
+            self._send_to(front, reply, rows=True)
         return [out] if out is not None else []
 
     def _front_closed(self, front: int, why: str) -> None:
@@ -437,7 +455,7 @@ class EngineLoop:
 
     def _step(self) -> list[TokenOutput]:
         try:
-            return self.scheduler.step()
+            outputs = self.scheduler.step()
         except Exception as e:
             if self.multi_rank:
                 raise
@@ -450,3 +468,5 @@ class EngineLoop:
                     outputs.append(TokenOutput(out.rid, out.new_token_ids, out.prompt_tokens, out.completion_tokens,
                                                "error", error=f"internal error: {type(e).__name__}: {e}"))
             return outputs
+        self.profiler.after_step()
+        return outputs

@@ -83,6 +83,23 @@ class FlushCacheRequest:
     """Drop every cached prefix page no request holds."""
 
 
+@dataclass(frozen=True)
+class ProfileRequest:
+    """Start or stop the torch profiler on every rank of the leader's group (SGLang's /start_profile and
+    /stop_profile; pd.engine.profiler). The leader answers with a reply of the same rid: (rid, ok, message)."""
+
+    rid: str
+    action: str  # "start" or "stop"
+    output_dir: str = ""  # where each rank writes its trace (absolute: the front resolved it)
+    profile_id: str = ""  # the traces' shared name (the front's clock when it started them)
+    prefix: str = ""  # put before the profile id in the file names
+    start_step: int | None = None  # the engine step to start at (counted since start-up, as SGLang); None: now
+    num_steps: int | None = None  # stop after this many steps; None: at /stop_profile
+    activities: list[str] = field(default_factory=lambda: ["CPU", "GPU"])
+    with_stack: bool = True
+    record_shapes: bool = True
+
+
 # slots, not frozen: a frozen dataclass's __init__ costs ~8x more (one per request per step, on both sides of the
 # engine pipe).
 @dataclass(slots=True)
@@ -165,7 +182,9 @@ def _fields(msg: Any) -> dict[str, Any]:
 
 
 _TYPES: dict[str, type] = {
-    t.__name__: t for t in (SamplingParams, GenerateRequest, AbortRequest, FlushCacheRequest, TokenOutput, EngineStats)
+    t.__name__: t
+    for t in (SamplingParams, GenerateRequest, AbortRequest, FlushCacheRequest, ProfileRequest, TokenOutput,
+              EngineStats)
 }
 
 

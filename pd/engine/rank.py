@@ -22,6 +22,7 @@ from pd.dist.tp import SINGLE, TensorParallel
 from pd.engine.disagg import DisaggConfig, start_follower_kv
 from pd.engine.kv_cache import ReqToToken
 from pd.engine.model_runner import ModelRunner
+from pd.engine.profiler import StepProfiler
 from pd.engine.spec import EngineSpec
 from pd.moe.context import MoeContext
 
@@ -75,20 +76,24 @@ def start_rank(spec: EngineSpec, rank: int, init_method: str | None) -> RankRunt
     return RankRuntime(info, groups, runner, sync, gate)
 
 
-def follow(runner: ModelRunner, sync: StepSync, max_rows: int, disagg: DisaggConfig | None = None) -> None:
+def follow(runner: ModelRunner, sync: StepSync, max_rows: int, disagg: DisaggConfig | None = None,
+           profiler: StepProfiler | None = None) -> None:  # fmt: skip
     """A follower's life: run what the leader says (pd.dist.step_sync's messages) until it says stop (or the
     group breaks, which raises). ``max_rows`` is the leader scheduler's slot-table height (--max-running-requests);
-    ``disagg``: a prefill or decode instance's transfer settings (this rank's DP group), None when unified."""
+    ``disagg``: a prefill or decode instance's transfer settings (this rank's DP group), None when unified;
+    ``profiler``: this rank's, started and stopped with the leader's (/start_profile)."""
     slots = runner.make_slot_table(max_rows, runner.context_length)
     kv = start_follower_kv(runner, sync, disagg) if disagg is not None else None
+    profiler = profiler or StepProfiler(runner.device, f"TP-{runner.tp.rank}", sync)
     try:
-        _follow(runner, sync, slots, kv)
+        _follow(runner, sync, slots, kv, profiler)
     finally:
         if kv is not None:
             kv.close()
 
 
-def _follow(runner: ModelRunner, sync: StepSync, slots: ReqToToken, kv: KVTargetHolder | None) -> None:
+def _follow(runner: ModelRunner, sync: StepSync, slots: ReqToToken, kv: KVTargetHolder | None,
+            profiler: StepProfiler) -> None:  # fmt: skip
     while True:
         msg = sync.receive()
         op = msg["op"]
@@ -96,6 +101,9 @@ def _follow(runner: ModelRunner, sync: StepSync, slots: ReqToToken, kv: KVTarget
             logger.info("leader said stop")
             return
         if op == "ping":
+            continue
+        if op == "profile":
+            profiler.follow(msg)
             continue
         if op == "kv_send":  # a prefill follower's shares of rooms to write (its own transfer thread does)
             assert isinstance(kv, KVSourceHolder), "kv_send to a rank without a KV source"

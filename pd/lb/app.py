@@ -161,7 +161,7 @@ def create_app(args: LBArgs) -> ASGIApp:
         return Response(metrics.render(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def to_every_instance(request: Request) -> Response:
-        """POST /abort_request or /flush_cache on every instance (healthy or not); see pd.lb.fanout."""
+        """POST an admin route (FANOUT_ROUTES) on every instance (healthy or not); see pd.lb.fanout."""
         a = request.headers.get("authorization")
         auth = f"authorization: {a}\r\n".encode("latin-1") if a else lb_auth
         urls = [w.url for w in registry.all()]
