@@ -158,6 +158,8 @@ def test_a_trace_that_cannot_be_written_is_an_error_and_profiling_can_start_agai
     assert _steps_in(prof.stop()[1]) == [2]
     ok, message = prof.start(_request(str(out / "sub")))  # under a file: cannot be created
     assert not ok and "cannot create the output directory" in message
+    ok, message = prof.start(_request(str(tmp_path / "gpu"), activities=["GPU"]))  # nothing to record on a CPU
+    assert not ok and "need a CUDA device" in message and not prof.active
 
 
 def _fake_profile(spans: list[tuple[float, float]]) -> Any:
@@ -262,3 +264,27 @@ def test_start_and_stop_profile_over_http_write_every_ranks_trace_of_the_forward
             time.sleep(0.1)
         assert len(os.listdir(tmp_path / "one")) == 4
         assert c.post(url + "/stop_profile").status_code == 400  # already over
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_served_profile_holds_the_forwards_kernels(tmp_path) -> None:
+    """On CUDA the traces hold the device's kernels (graph replays included) and their timeline adds up."""
+    from pd.engine.profiler import DEVICE_CATEGORIES
+    from tests.server_process import free_port, pd_process
+
+    path = make_checkpoint("deepseek_v3", str(tmp_path / "model"), seed=secrets.randbelow(2**31))
+    port = free_port()
+    with pd_process(["serve", "--model-path", path, "--device", "cuda", "--port", str(port)], port) as url, \
+            httpx.Client(timeout=120) as c:  # fmt: skip
+        settings = {"output_dir": str(tmp_path / "traces"), "with_stack": False, "record_shapes": False}
+        assert c.post(url + "/start_profile", json=settings).status_code == 200
+        asyncio.run(_generate_concurrently(url, 3))
+        r = c.post(url + "/stop_profile")
+        assert r.status_code == 200, r.text
+    (trace,) = r.text.splitlines()[1:]
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and e.get("ph") == "X"]
+    t = trace_timeline(trace)
+    assert kernels and t["kernels"] == len([k for k in kernels if float(k["dur"]) > 0])
+    assert 0 < t["busy_ms"] <= t["span_ms"] and t["idle_ms"] == pytest.approx(t["span_ms"] - t["busy_ms"], abs=1e-3)

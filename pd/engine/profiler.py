@@ -65,6 +65,8 @@ class StepProfiler:
             return False, f"cannot create the output directory {req.output_dir!r}: {e}"
         if not os.access(req.output_dir, os.W_OK):
             return False, f"the output directory {req.output_dir!r} is not writable"
+        if not self._activities(req):
+            return False, f"activities {req.activities}: GPU events need a CUDA device; this rank runs on {self.device}"
         self._req, self._recorded, self.active = req, 0, True
         # SGLang's start_step is the step count since start-up; one already past starts with the next step.
         self._start_at = max(req.start_step or 0, self.steps)
@@ -141,10 +143,7 @@ class StepProfiler:
 
     def _begin(self) -> None:
         assert self._req is not None
-        activities = [torch.profiler.ProfilerActivity.CPU] if "CPU" in self._req.activities else []
-        if "GPU" in self._req.activities and self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self._prof = torch.profiler.profile(activities=activities, with_stack=self._req.with_stack,
+        self._prof = torch.profiler.profile(activities=self._activities(self._req), with_stack=self._req.with_stack,
                                             record_shapes=self._req.record_shapes)  # fmt: skip
         self._sync()  # what the device still runs from earlier steps stays out of the profile's first step
         self._prof.start()
@@ -198,6 +197,13 @@ class StepProfiler:
                 prof.stop()
             except Exception:  # it may never have started
                 pass
+
+    def _activities(self, req: ProfileRequest) -> list[torch.profiler.ProfilerActivity]:
+        """What torch.profiler records for ``req`` here (GPU events on a CUDA device only)."""
+        activities = [torch.profiler.ProfilerActivity.CPU] if "CPU" in req.activities else []
+        if "GPU" in req.activities and self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        return activities
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
