@@ -56,6 +56,8 @@ class StubState:
     arrivals: list[float] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
+    profiler: bool = True  # has /start_profile and /stop_profile (else they answer 404)
+    profile_calls: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)  # (path, body, when)
 
 
 def _sse(obj: Any) -> str:
@@ -202,6 +204,16 @@ def make_stub(state: StubState) -> FastAPI:
             return StreamingResponse(tokens(seen, n, event, k), media_type="text/event-stream")
 
         return route
+
+    @app.post("/start_profile")
+    @app.post("/stop_profile")
+    async def profile(request: Request) -> Response:  # pd serve's answers; the trace named after the start's time
+        if not state.profiler:
+            return Response(status_code=404)
+        state.profile_calls.append((request.url.path, await request.json(), time.perf_counter()))
+        if request.url.path == "/start_profile":
+            return Response("Start profiling.\n")
+        return Response(f"Stop profiling. This will take some time.\n/traces/{state.profile_calls[0][2]}.gz\n")
 
     app.post("/v1/completions")(openai_route(chat=False))
     app.post("/v1/chat/completions")(openai_route(chat=True))

@@ -267,6 +267,29 @@ def test_cli_reports_unreachable_unhealthy_failing_servers_and_bad_flags(
         BenchArgs(base_url=url, warmup_requests=-1)
 
 
+def test_profile_covers_the_timed_run_and_not_the_warm_up(stub: tuple[str, StubState], tmp_path: Any,
+                                                          capsys: Any) -> None:  # fmt: skip
+    url, state = stub
+    path = tmp_path / "out.json"
+    argv = ["bench", "--base-url", url, "--num-prompts", "5", "--max-concurrency", "2", "--output-len-range", "2", "4",
+            "--warmup-requests", "3", "--disable-progress", "--output-json", str(path), "--profile",
+            "--profile-output-dir", str(tmp_path / "traces")]  # fmt: skip
+    assert cli_main(argv) == 0
+    (start, body, started), (stop, _, stopped) = state.profile_calls
+    assert (start, stop) == ("/start_profile", "/stop_profile") and body == {"output_dir": str(tmp_path / "traces")}
+    warmup, timed = state.seen[:3], state.seen[3:]
+    assert len(timed) == 5 and all(s.done is not None and s.done <= started for s in warmup)
+    assert all(started <= s.arrived and s.done is not None and s.done <= stopped for s in timed)
+    report = json.loads(path.read_text())
+    assert report["profile_traces"] == [f"/traces/{started}.gz"] and report["config"]["profile"] is True
+    assert f"profile trace: /traces/{started}.gz" in capsys.readouterr().out
+    # A server without a profiler: the run stops before its timed part, saying why.
+    reset(stub)
+    state.profiler = False
+    assert cli_main([*argv[:-3], "--profile"]) == 1
+    assert "POST /start_profile answered 404" in capsys.readouterr().err and len(state.seen) == 3  # the warm-up only
+
+
 def test_sse_lines_split_where_sse_ends_lines_whatever_the_chunks() -> None:
     """sse_lines against SSE's rule applied to the whole body (a line ends at LF, CR LF or CR), on fresh random bodies
     cut into random chunks (a CR LF or a UTF-8 character may straddle two): the same lines, and U+2028, U+2029 and

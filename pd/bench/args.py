@@ -79,6 +79,8 @@ class BenchArgs:
     plot_dir: str | None = None
     disable_progress: bool = False
     timeout_s: float = 3600.0
+    profile: bool = False
+    profile_output_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -255,6 +257,18 @@ class BenchArgs:
             default=d["timeout_s"],
             help="per-request timeout in seconds (default: %(default)s)",
         )
+        add(
+            "--profile",
+            action="store_true",
+            help="profile the server over the timed run (its /start_profile and /stop_profile, as SGLang's "
+            "bench_serving --profile); the traces' paths are printed and in the JSON",
+        )
+        add(
+            "--profile-output-dir",
+            default=None,
+            metavar="DIR",
+            help="where the server writes the traces (default: the server's, $SGLANG_TORCH_PROFILER_DIR or /tmp)",
+        )
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> BenchArgs:
@@ -287,6 +301,8 @@ class BenchArgs:
             plot_dir=ns.plot_dir,
             disable_progress=ns.disable_progress,
             timeout_s=ns.timeout,
+            profile=ns.profile,
+            profile_output_dir=ns.profile_output_dir,
         )
 
     def to_config(self, **resolved: Any) -> dict[str, Any]:

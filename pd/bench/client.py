@@ -41,6 +41,8 @@ from pd.bench.args import BACKENDS
 from pd.bench.datasets import BenchRequest
 
 HEALTH_TIMEOUT_S = 10.0
+# A server answers /stop_profile once its traces are written: minutes for a long profile of a large model.
+PROFILE_TIMEOUT_S = 600.0
 PATHS = {"native": "/generate", "openai": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
@@ -101,6 +103,28 @@ async def fetch_vocab_size(base_url: str, api_key: str | None = None) -> int | N
             if isinstance(value, int) and value > 0:
                 return value
     return None
+
+
+async def server_profile(
+    base_url: str, api_key: str | None, action: str, body: dict[str, Any] | None = None
+) -> list[str]:
+    """POST /start_profile (``action`` "start", with ``body``) or /stop_profile ("stop") to the server; returns the
+    trace files a stop listed: pd serve's answer (its first line, then a path a line) or, through pd lb, each
+    instance's answer in "answers". Raises BenchError saying why when the server refuses."""
+    path = f"/{action}_profile"
+    try:
+        async with httpx.AsyncClient(timeout=PROFILE_TIMEOUT_S, base_url=base_url) as http:
+            resp = await http.post(path, json=body or {}, headers=_auth_headers(api_key))
+    except httpx.HTTPError as e:
+        raise BenchError(f"POST {path} failed: {type(e).__name__}: {e}") from None
+    if resp.status_code != 200:
+        hint = " (the server has no profiler: pd serve and SGLang do)" if resp.status_code == 404 else ""
+        raise BenchError(f"POST {path} answered {resp.status_code} {resp.text[:300]!r}{hint}")
+    try:
+        answers = list(resp.json().get("answers", {}).values())  # pd lb: every instance's answer
+    except (ValueError, AttributeError):
+        answers = [resp.text]
+    return [line for answer in answers for line in answer.splitlines()[1:] if line.strip()]
 
 
 def _error_message(event: dict[str, Any]) -> str:

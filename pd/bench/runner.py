@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pd.bench.args import BenchArgs
-from pd.bench.client import BenchClient, BenchError, RequestOutput, check_health, fetch_vocab_size
+from pd.bench.client import BenchClient, BenchError, RequestOutput, check_health, fetch_vocab_size, server_profile
 from pd.bench.conversations import Send, converse, multi_turn_conversations
 from pd.bench.corpus import CorpusUnavailableError, corpus_name
 from pd.bench.datasets import BenchRequest, make_requests
@@ -174,10 +174,16 @@ async def run_benchmark(args: BenchArgs) -> tuple[dict[str, Any], RunResult]:
         ignore_eos=not args.disable_ignore_eos,
     ) as client:
         await warm_up(client, warmup_requests, args.warmup_requests, args.max_concurrency)
-        result = await run_jobs(
-            client, jobs, num_requests, args.request_rate, args.max_concurrency, args.seed,
-            progress=not args.disable_progress, burstiness=args.burstiness,
-        )  # fmt: skip
+        if args.profile:  # the timed run only: not the warm-up (its compiles and first-request costs)
+            body = {"output_dir": args.profile_output_dir} if args.profile_output_dir else {}
+            await server_profile(args.base_url, args.api_key, "start", body)
+        try:
+            result = await run_jobs(
+                client, jobs, num_requests, args.request_rate, args.max_concurrency, args.seed,
+                progress=not args.disable_progress, burstiness=args.burstiness,
+            )  # fmt: skip
+        finally:
+            traces = await server_profile(args.base_url, args.api_key, "stop") if args.profile else []
     resolved: dict[str, Any] = {"vocab_size": vocab_size}
     if args.dataset in ("python-docs", "multi-turn"):
         resolved["corpus"] = corpus_name()
@@ -185,6 +191,8 @@ async def run_benchmark(args: BenchArgs) -> tuple[dict[str, Any], RunResult]:
         args.to_config(**resolved), result.outputs, result.duration_s, result.start_time,
         args.report_percentiles, args.goodput,
     )  # fmt: skip
+    if args.profile:
+        report["profile_traces"] = traces
     return report, result
 
 
@@ -204,6 +212,8 @@ def main(args: BenchArgs) -> int:
         print(f"pd bench: error: {e}", file=sys.stderr)
         return 1
     print(format_table(report))
+    for path in report.get("profile_traces", ()):
+        print(f"profile trace: {path}")
     if args.output_json is not None:
         write_json(report, args.output_json)
     if args.plot_dir is not None:

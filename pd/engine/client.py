@@ -147,9 +147,12 @@ class EngineClient:
 
     def _reader(self, leader: int) -> None:
         assert self._loop is not None
-        while (msg := self._recv(leader)) is not None:
-            self._loop.call_soon_threadsafe(self._deliver, leader, msg)
-        self._loop.call_soon_threadsafe(self._engine_died, f"the engine process of leader {leader} exited")
+        try:
+            while (msg := self._recv(leader)) is not None:
+                self._loop.call_soon_threadsafe(self._deliver, leader, msg)
+            self._loop.call_soon_threadsafe(self._engine_died, f"the engine process of leader {leader} exited")
+        except RuntimeError:  # the front's event loop is closed (it is gone): nobody is left to tell
+            pass
 
     def _watch_ranks(self) -> None:
         """A rank that exits takes the whole instance down (its peers would wait on it in the next collective)."""
