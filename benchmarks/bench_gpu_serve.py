@@ -297,10 +297,27 @@ def profiled_burst(url: str, folder: str, prompts: list[list[int]]) -> dict[str,
     answer = httpx.post(url + "/stop_profile", timeout=600)
     answer.raise_for_status()
     traces = answer.text.splitlines()[1:]
-    timelines = {os.path.basename(t): trace_timeline(t) for t in traces}
+    timelines = {os.path.basename(t): {**trace_timeline(t), "top_kernels_ms": kernel_totals(t, 12)} for t in traces}
     for name, t in timelines.items():
         print(f"profiled batched burst {1e3 * elapsed:.1f} ms; {name}: {json.dumps(t)}", flush=True)
     return {"prefill_profiled_ms": round(1e3 * elapsed, 2), "prefill_profile": timelines}
+
+
+def kernel_totals(trace: str, top: int) -> dict[str, float]:
+    """A trace's ``top`` device events by summed time (ms), names cut to 80 characters: the served forward's
+    kernel table, to set beside profile_decode_step.py's in-process one."""
+    import gzip
+
+    from pd.engine.profiler import DEVICE_CATEGORIES
+
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES:
+            name = str(e.get("name", "?"))[:80]
+            totals[name] = totals.get(name, 0.0) + float(e.get("dur", 0)) / 1e3
+    return {name: round(ms, 3) for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]}
 
 
 def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int,
