@@ -20,6 +20,7 @@ import torch
 from pd.engine.io import ProfileRequest
 from pd.engine.profiler import StepProfiler, idle_spells, kernel_timeline, trace_timeline
 from tests.server_process import pd_serve
+from tests.test_http_api import tokenizer as tokenizer  # noqa: F401  (session fixture)
 from tests.tiny_checkpoints import make_checkpoint
 
 CPU = torch.device("cpu")
@@ -288,3 +289,28 @@ def test_on_a_gpu_a_served_profile_holds_the_forwards_kernels(tmp_path) -> None:
     t = trace_timeline(trace)
     assert kernels and t["kernels"] == len([k for k in kernels if float(k["dur"]) > 0])
     assert 0 < t["busy_ms"] <= t["span_ms"] and t["idle_ms"] == pytest.approx(t["span_ms"] - t["busy_ms"], abs=1e-3)
+
+
+def test_a_start_refused_by_one_dp_group_is_undone_on_the_others(tokenizer: Any) -> None:
+    """Under DP attention each group's leader answers for its group: when one refuses, the groups that started stop
+    again (all or none), and the client gets the refusal."""
+    from fastapi.testclient import TestClient
+
+    from tests.test_http_api import make_app
+
+    app, fake = make_app(tokenizer)
+    calls: list[tuple[str, dict[str, Any]]] = []
+    answers = {"start": [(True, ""), (False, "cannot create the output directory '/x': denied")], "stop": [(True, "")]}
+
+    async def profile(action: str, **settings: Any) -> list[tuple[bool, str]]:
+        calls.append((action, settings))
+        return answers[action]
+
+    fake.profile = profile  # type: ignore[attr-defined]
+    r = TestClient(app).post("/start_profile", json={"output_dir": "/x", "num_steps": 3})
+    assert r.status_code == 400 and "denied" in r.json()["error"]["message"]
+    assert [a for a, _ in calls] == ["start", "stop"]
+    assert calls[0][1]["output_dir"] == "/x" and calls[0][1]["num_steps"] == 3
+    answers["start"] = [(False, "Profiling is already in progress. Call /stop_profile first.")] * 2
+    calls.clear()
+    assert TestClient(app).post("/start_profile").status_code == 400 and [a for a, _ in calls] == ["start"]

@@ -8,7 +8,7 @@
     with_stack, record_shapes   torch.profiler's options (default true, as SGLang)
     profile_prefix  put before the profile id in the trace files' names
 and answers "Start profiling." once every rank is armed. ``POST /stop_profile`` ends it and answers once each rank
-has written ``{prefix-}{profile_id}-TP-{rank}-DP-{group}.trace.json.gz``, listing the leaders' files. A profile
+has written ``{prefix-}{profile_id}-TP-{rank}-DP-{group}.trace.json.gz``, listing them. A profile
 slows the host (CPU activity, stacks): measure with it off, profile to see where the time goes.
 """
 
@@ -83,5 +83,7 @@ async def _ask(ctx: ServerContext, action: str, **settings: Any) -> list[str]:
     replies = await ctx.engine.profile(action, **settings)
     refused = sorted({message for ok, message in replies if not ok})
     if refused:
+        if action == "start" and any(ok for ok, _ in replies):  # the DP groups that did start stop: all or none
+            await ctx.engine.profile("stop")
         raise ApiError("; ".join(refused))
     return [message for _, message in replies]
