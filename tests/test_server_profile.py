@@ -254,6 +254,8 @@ def test_start_and_stop_profile_over_http_write_every_ranks_trace_of_the_forward
         assert sorted(os.listdir(out)) == expected
         for name in expected:
             assert "aten::embedding" in _names_in(str(out / name)), name
+        leader_steps = [n for n in _names_in(str(out / expected[0])) if n and n.startswith("engine step ")]
+        assert leader_steps, "the leader's steps are marked in its trace"
 
         # No body (GET, as SGLang allows): the directory from SGLANG_TORCH_PROFILER_DIR; num_steps ends it alone.
         assert c.get(url + "/start_profile").status_code == 200

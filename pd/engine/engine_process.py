@@ -387,9 +387,10 @@ class EngineLoop:
             return outputs
         runner.forced_mode = "normal" if prefill else "low_latency"
         before = runner.num_forwards
-        outputs += sched.compute()
-        if runner.num_forwards == before:
-            runner.idle_forward()
+        with self.profiler.step_range():
+            outputs += sched.compute()
+            if runner.num_forwards == before:
+                runner.idle_forward()
         self.profiler.after_step()
         return outputs
 
@@ -455,7 +456,8 @@ class EngineLoop:
 
     def _step(self) -> list[TokenOutput]:
         try:
-            outputs = self.scheduler.step()
+            with self.profiler.step_range():
+                outputs = self.scheduler.step()
         except Exception as e:
             if self.multi_rank:
                 raise

@@ -14,6 +14,7 @@ longest idle spells (what the host made the device wait for), the question a ser
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -115,6 +116,13 @@ class StepProfiler:
         except Exception:  # profiling is a diagnostic: its failure must not fail the step's requests
             self._reset()
             logger.exception("profiling failed and was stopped")
+
+    def step_range(self) -> contextlib.AbstractContextManager[Any]:
+        """Wraps one engine step: while recording, a range named "engine step N" in the trace (where each step
+        begins and ends on the host); otherwise nothing."""
+        if self._prof is None:
+            return contextlib.nullcontext()
+        return torch.profiler.record_function(f"engine step {self.steps}")
 
     def follow(self, msg: dict[str, Any]) -> None:
         """A follower's side of the leader's "profile" message: start with it, or stop, write this rank's trace and
