@@ -17,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+from pd.engine import profiler
 from pd.engine.io import ProfileRequest
 from pd.engine.profiler import StepProfiler, idle_spells, kernel_timeline, trace_timeline
 from tests.server_process import pd_serve
@@ -65,7 +66,9 @@ def test_a_trace_holds_exactly_the_steps_the_request_names(tmp_path) -> None:
         assert prof.stop() == (False, "Profiling is not in progress. Call /start_profile first.")
 
 
-def test_a_profile_without_num_steps_records_until_stopped_and_refuses_a_second_start(tmp_path) -> None:
+def test_a_profile_without_num_steps_records_until_stopped_and_refuses_a_second_start(tmp_path, monkeypatch,
+                                                                                      caplog) -> None:  # fmt: skip
+    monkeypatch.setattr(profiler, "LONG_PROFILE_STEPS", 2)  # a forgotten profile is reminded of in the log
     prof = StepProfiler(CPU, "TP-0-DP-0")
     req = _request(str(tmp_path), prefix="run1")
     assert prof.start(req)[0]
@@ -75,6 +78,7 @@ def test_a_profile_without_num_steps_records_until_stopped_and_refuses_a_second_
     ok, path = prof.stop()
     assert ok and path == os.path.join(str(tmp_path), f"run1-{req.profile_id}-TP-0-DP-0.trace.json.gz")
     assert _steps_in(path) == [0, 1, 2, 3, 4]
+    assert sum("goes on until /stop_profile" in r.message for r in caplog.records) == 2  # after steps 2 and 4
     # Stopped before its start step: nothing written, and a new profile can start.
     assert prof.start(_request(str(tmp_path / "later"), start_step=100))[0]
     _run_steps([prof], 5, 3)

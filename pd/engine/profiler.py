@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 ACTIVITIES = ("CPU", "GPU")
 # A Chrome trace's categories of device events (torch.profiler's export).
 DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+# A profile without num_steps is reminded of every this many steps (a forgotten one slows the server and grows).
+LONG_PROFILE_STEPS = 10_000
 # Idle spells of the device named in the log line, longest first.
 LOGGED_IDLE_SPELLS = 3
 
@@ -113,6 +115,10 @@ class StepProfiler:
             assert self._req is not None
             if self._req.num_steps and self._recorded >= self._req.num_steps:
                 self._finish()
+            elif self._recorded % LONG_PROFILE_STEPS == 0:
+                logger.warning("profiling has recorded %d steps over %.0f s and goes on until /stop_profile: it slows "
+                               "this server and its trace grows in memory", self._recorded,
+                               time.monotonic() - self._began)  # fmt: skip
         except Exception:  # profiling is a diagnostic: its failure must not fail the step's requests
             self._reset()
             logger.exception("profiling failed and was stopped")
