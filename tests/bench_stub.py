@@ -57,6 +57,7 @@ class StubState:
     auth: list[str] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     profiler: bool = True  # has /start_profile and /stop_profile (else they answer 404)
+    profile_as_lb: bool = False  # answer the profile routes as pd lb does, for two instances behind it
     profile_calls: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)  # (path, body, when)
 
 
@@ -212,8 +213,15 @@ def make_stub(state: StubState) -> FastAPI:
             return Response(status_code=404)
         state.profile_calls.append((request.url.path, await request.json(), time.perf_counter()))
         if request.url.path == "/start_profile":
-            return Response("Start profiling.\n")
-        return Response(f"Stop profiling. This will take some time.\n/traces/{state.profile_calls[0][2]}.gz\n")
+            text = ["Start profiling.\n"] * 2
+        else:
+            text = [f"Stop profiling. This will take some time.\n/traces/{state.profile_calls[0][2]}-{i}.gz\n"
+                    for i in range(2 if state.profile_as_lb else 1)]  # fmt: skip
+        if state.profile_as_lb:
+            workers = {"http://a": 200, "http://b": 200}
+            answers = dict(zip(workers, [t.strip() for t in text], strict=True))
+            return JSONResponse({"workers": workers, "answers": answers})
+        return Response(text[0])
 
     app.post("/v1/completions")(openai_route(chat=False))
     app.post("/v1/chat/completions")(openai_route(chat=True))

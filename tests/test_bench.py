@@ -281,8 +281,14 @@ def test_profile_covers_the_timed_run_and_not_the_warm_up(stub: tuple[str, StubS
     assert len(timed) == 5 and all(s.done is not None and s.done <= started for s in warmup)
     assert all(started <= s.arrived and s.done is not None and s.done <= stopped for s in timed)
     report = json.loads(path.read_text())
-    assert report["profile_traces"] == [f"/traces/{started}.gz"] and report["config"]["profile"] is True
-    assert f"profile trace: /traces/{started}.gz" in capsys.readouterr().out
+    assert report["profile_traces"] == [f"/traces/{started}-0.gz"] and report["config"]["profile"] is True
+    assert f"profile trace: /traces/{started}-0.gz" in capsys.readouterr().out
+    # Through pd lb: every instance's traces, from the balancer's JSON answer.
+    reset(stub)
+    state.profile_as_lb = True
+    assert cli_main(argv) == 0
+    started = state.profile_calls[0][2]
+    assert json.loads(path.read_text())["profile_traces"] == [f"/traces/{started}-{i}.gz" for i in range(2)]
     # A server without a profiler: the run stops before its timed part, saying why.
     reset(stub)
     state.profiler = False
