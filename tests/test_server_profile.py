@@ -232,12 +232,15 @@ def _names_in(path: str) -> set[str]:
 
 @pytest.mark.xdist_group("serve")
 def test_start_and_stop_profile_over_http_write_every_ranks_trace_of_the_forwards(tmp_path, monkeypatch) -> None:
-    """A real server of two DP-attention groups of two ranks each: every rank writes a trace of the same profile,
-    and each holds the forward of the requests sent meanwhile (their embedding lookup); refusals answer 400."""
+    """A real server of two DP-attention groups of two ranks each, behind two front processes: every rank writes a
+    trace of the same profile, and each holds the forward of the requests sent meanwhile (their embedding lookup);
+    refusals answer 400."""
     path = make_checkpoint("qwen3_moe", str(tmp_path / "model"), seed=secrets.randbelow(2**31))
     out, default_dir = tmp_path / "traces", tmp_path / "default"
     monkeypatch.setenv("SGLANG_TORCH_PROFILER_DIR", str(default_dir))  # the server inherits it
-    with pd_serve(path, "--tp", "4", "--dp-size", "2", "--enable-dp-attention") as url, httpx.Client(timeout=120) as c:
+    with pd_serve(path, "--tp", "4", "--dp-size", "2", "--enable-dp-attention", "--tokenizer-worker-num", "2") as url, \
+            httpx.Client(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as c:  # fmt: skip
+        # (a connection per call: the calls reach either front process, and the engine answers the one that asked)
         for body, why in [({"activities": ["MEM"]}, "activities"), ({"profile_prefix": "a/b"}, "profile_prefix"),
                           ({"num_steps": 0}, "num_steps"), ({"merge_profiles": True}, "merge_profiles")]:  # fmt: skip
             r = c.post(url + "/start_profile", json=body)
