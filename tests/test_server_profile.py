@@ -274,6 +274,10 @@ def test_start_and_stop_profile_over_http_write_every_ranks_trace_of_the_forward
             time.sleep(0.1)
         assert len(os.listdir(tmp_path / "one")) == 4
         assert c.post(url + "/stop_profile").status_code == 400  # already over
+        # A profile still running when the server stops is written at its shutdown.
+        assert c.post(url + "/start_profile", json={"output_dir": str(tmp_path / "last")}).is_success
+        asyncio.run(_generate_concurrently(url, 2))
+    assert len(os.listdir(tmp_path / "last")) == 4
 
 
 @pytest.mark.gpu

@@ -122,14 +122,19 @@ def run_engine(
         # The front went away while this rank loaded (Ctrl-C during start-up): nothing to report to.
         logger.info("rank %d: the front closed before start-up finished; exiting", rank)
         raise SystemExit(0) from None
+    loop = EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=multi_rank,
+                      prefill_wait_s=spec.scheduler.prefill_wait_s,
+                      profiler=StepProfiler(runner.device, _rank_tag(rt.info), rt.sync))  # fmt: skip
     try:
-        EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=multi_rank,
-                   prefill_wait_s=spec.scheduler.prefill_wait_s,
-                   profiler=StepProfiler(runner.device, _rank_tag(rt.info), rt.sync)).run()
+        loop.run()
     except Exception:
         # Peers are mid-collective with us: the instance cannot go on. Exit loudly; the front sees the pipe close.
         logger.error("rank %d: step failed in a multi-rank instance; stopping: %s", rank, traceback.format_exc())
         raise SystemExit(1) from None
+    if loop.profiler.active:  # a profile still running when the server stops is written, not lost
+        ok, message = loop.profiler.stop()
+        if not ok:
+            logger.warning("the profile running at shutdown was not written: %s", message)
     runner.stop_followers()
     if multi_rank:
         _exit_now()
