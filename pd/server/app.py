@@ -31,7 +31,7 @@ from pd.dist.launch import LeaderLink
 from pd.engine.client import EngineDeadError, EngineFullError
 from pd.engine.spec import EngineSpec
 from pd.gc_pause import freeze_startup_objects
-from pd.server import native_api, openai_api, profile_api
+from pd.server import native_api, openai_api, profile_api, tokenize_api
 from pd.server.auth import ApiKeyMiddleware
 from pd.server.body_limit import BodyLimitMiddleware, max_body_bytes
 from pd.server.front_workers import FrontWorkers, listen_socket
@@ -87,6 +87,7 @@ def create_app(
     app.include_router(native_api.router)
     app.include_router(openai_api.router)
     app.include_router(profile_api.router)
+    app.include_router(tokenize_api.router)
     _add_error_handlers(app)
     context_length = engine_client.max_context_length
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes(context_length), context_length=context_length)
