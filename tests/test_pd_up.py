@@ -149,6 +149,19 @@ def test_pd_up_answers_the_readme_request_and_sigint_stops_every_process(interru
         assert r.json()["usage"]["prompt_tokens"] == len(prompt), r.json()
         assert r.json()["choices"][0]["message"]["content"] == tok.decode(ref, skip_special_tokens=True), seed
 
+        # A profile through the balancer: each instance writes its trace, named after its role.
+        traces = tmp_path / "traces"
+        r = httpx.post(f"{url}/start_profile", timeout=60,
+                       json={"output_dir": str(traces), "with_stack": False, "record_shapes": False})
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{url}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}, timeout=60)
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{url}/stop_profile", timeout=120)
+        assert r.status_code == 200, r.text
+        written = sorted(answer.splitlines()[1] for answer in r.json()["answers"].values())
+        assert sorted(os.path.basename(w).split("-", 1)[1] for w in written) == [
+            "decode-TP-0-DP-0.trace.json.gz", "prefill-TP-0-DP-0.trace.json.gz"] and all(map(os.path.exists, written))
+
         children = _descendants(proc.pid)
         names = [_cmdline(pid) for pid in children]
         assert sum(" serve " in n for n in names) == 2 and sum(" lb " in n for n in names) == 1, names

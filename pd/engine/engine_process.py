@@ -102,7 +102,7 @@ def run_engine(
             assert rt.sync is not None, "a rank without pipes follows its attention group's leader"
             freeze_startup_objects(f"rank {rank}")
             follow(rt.runner, rt.sync, spec.scheduler.max_running_requests, disagg,
-                   StepProfiler(rt.runner.device, _rank_tag(rt.info), rt.sync))
+                   StepProfiler(rt.runner.device, _rank_tag(rt.info, spec), rt.sync))
             _exit_now()
         scheduler: Scheduler = spec.make_scheduler(spec.scheduler, rt.runner, disagg)
     except Exception as e:  # report why loading failed instead of dying silently
@@ -124,7 +124,7 @@ def run_engine(
         raise SystemExit(0) from None
     loop = EngineLoop(scheduler, inbox, outbox, rt.dp_gate, multi_rank=multi_rank,
                       prefill_wait_s=spec.scheduler.prefill_wait_s,
-                      profiler=StepProfiler(runner.device, _rank_tag(rt.info), rt.sync))  # fmt: skip
+                      profiler=StepProfiler(runner.device, _rank_tag(rt.info, spec), rt.sync))  # fmt: skip
     try:
         loop.run()
     except Exception:
@@ -152,9 +152,11 @@ def serving_threads(device_type: str, env: collections.abc.Mapping[str, str], lo
     return 1
 
 
-def _rank_tag(info: Any) -> str:
-    """A rank's name in its profile trace's file name: its rank in its attention group and the group's (DP) index."""
-    return f"TP-{info.attn_tp_rank}-DP-{info.dp_rank}"
+def _rank_tag(info: Any, spec: EngineSpec) -> str:
+    """A rank's name in its profile trace's file name: its rank in its attention group and the group's (DP) index,
+    after the instance's role when disaggregated (a prefill and a decode instance may share a trace folder)."""
+    role = "" if spec.disagg is None else f"{spec.disagg.mode}-"
+    return f"{role}TP-{info.attn_tp_rank}-DP-{info.dp_rank}"
 
 
 def _as_list(conn: Connection | list[Connection] | None) -> list[Connection]:

@@ -2,7 +2,7 @@
 
 The leader of each attention group owns a StepProfiler: it starts recording at the step the request names (at once by
 default), counts the steps it records, stops after ``num_steps`` of them or when told, and writes a Chrome trace per
-rank (``{prefix-}{profile_id}-TP-{rank}-DP-{group}.trace.json.gz``, Perfetto and chrome://tracing open it). Its
+rank (``{prefix-}{profile_id}-[prefill-|decode-]TP-{rank}-DP-{group}.trace.json.gz``, Perfetto opens it). Its
 followers record the same steps: the leader broadcasts the start and the stop between forwards
 (pd.dist.step_sync's "profile" op), so every rank's trace covers the same forwards, and the leader answers the stop
 once every rank of its group has written its trace (they tell it where over the group, StepSync.gather).
@@ -82,7 +82,8 @@ class StepProfiler:
                 return False, f"the profiler could not start: {type(e).__name__}: {e}"
         steps = f"{req.num_steps} steps" if req.num_steps else "until /stop_profile"
         when = "now" if self._prof is not None else f"at step {self._start_at} (now {self.steps})"
-        logger.info("profiling %s from %s (%s), traces to %s", steps, when, ", ".join(req.activities), req.output_dir)
+        recorded = ["GPU" if a == torch.profiler.ProfilerActivity.CUDA else "CPU" for a in self._activities(req)]
+        logger.info("profiling %s from %s (%s), traces to %s", steps, when, ", ".join(recorded), req.output_dir)
         return True, ""
 
     def stop(self) -> tuple[bool, str]:

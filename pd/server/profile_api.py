@@ -8,7 +8,8 @@
     with_stack, record_shapes   torch.profiler's options (default true, as SGLang)
     profile_prefix  put before the profile id in the trace files' names
 and answers "Start profiling." once every rank is armed. ``POST /stop_profile`` ends it and answers once each rank
-has written ``{prefix-}{profile_id}-TP-{rank}-DP-{group}.trace.json.gz``, listing them. A profile
+has written ``{prefix-}{profile_id}-TP-{rank}-DP-{group}.trace.json.gz`` (``...-prefill-TP-...`` and ``-decode-``
+on disaggregated instances), listing them. A profile
 slows the host (CPU activity, stacks): measure with it off, profile to see where the time goes.
 """
 
