@@ -10,7 +10,7 @@ loop (pd.server.tokenization). A server started with --skip-tokenizer-init has n
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 
@@ -19,6 +19,7 @@ from pd.server.protocol import ApiError, StrictModel, read_body
 from pd.server.tokenization import TokenizerWorkers
 
 router = APIRouter()
+M = TypeVar("M", bound=StrictModel)
 
 
 class TokenizeReqInput(StrictModel):
@@ -36,9 +37,7 @@ class DetokenizeReqInput(StrictModel):
 @router.post("/tokenize")
 @router.post("/v1/tokenize")
 async def tokenize(request: Request) -> dict[str, Any]:
-    ctx = get_context(request)
-    body = await read_body(request, TokenizeReqInput, ctx.logged_unknown_fields)
-    workers = _workers(ctx)
+    ctx, body, workers = await _read(request, TokenizeReqInput)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     # No length limit: counting a prompt longer than the context is what a client may ask this for (the body's own
     # size limit bounds the work).
@@ -51,9 +50,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
 @router.post("/detokenize")
 @router.post("/v1/detokenize")
 async def detokenize(request: Request) -> dict[str, Any]:
-    ctx = get_context(request)
-    body = await read_body(request, DetokenizeReqInput, ctx.logged_unknown_fields)
-    workers = _workers(ctx)
+    ctx, body, workers = await _read(request, DetokenizeReqInput)
     single = not body.tokens or isinstance(body.tokens[0], int)
     rows: list[list[int]] = [body.tokens] if single else body.tokens  # type: ignore[list-item]
     bound = max(len(workers.tokenizer), int(ctx.engine.model_config.get("vocab_size") or 0))
@@ -65,8 +62,11 @@ async def detokenize(request: Request) -> dict[str, Any]:
     return {"text": texts[0] if single else list(texts)}
 
 
-def _workers(ctx: ServerContext) -> TokenizerWorkers:
+async def _read(request: Request, model: type[M]) -> tuple[ServerContext, M, TokenizerWorkers]:
+    """The server's context, the request's body as ``model``, and the tokenizer's workers (400 without them)."""
+    ctx = get_context(request)
+    body = await read_body(request, model, ctx.logged_unknown_fields)
     if ctx.tokenizer_workers is None:
         raise ApiError("this server was started with --skip-tokenizer-init: it has no tokenizer; send and read "
                        "token ids instead")  # fmt: skip
-    return ctx.tokenizer_workers
+    return ctx, body, ctx.tokenizer_workers
