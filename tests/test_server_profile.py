@@ -168,10 +168,15 @@ def test_a_trace_that_cannot_be_written_is_an_error_and_profiling_can_start_agai
 
 
 def _fake_profile(spans: list[tuple[float, float]]) -> Any:
-    events = [SimpleNamespace(time_range=SimpleNamespace(start=s, end=e), device_type=SimpleNamespace(name="CUDA"),
-                              name=f"k{i}") for i, (s, e) in enumerate(spans)]  # fmt: skip
-    events.append(SimpleNamespace(time_range=SimpleNamespace(start=0.0, end=1e9),
-                                  device_type=SimpleNamespace(name="CPU"), name="host"))  # fmt: skip
+    def event(start: float, end: float, device: str, name: str, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name,
+                               device_type=SimpleNamespace(name=device), is_user_annotation=annotation)  # fmt: skip
+
+    events = [event(s, e, "CUDA", f"k{i}") for i, (s, e) in enumerate(spans)]
+    events.append(event(0.0, 1e9, "CPU", "host"))
+    # A record_function range (an engine step) as the profiler projects it onto the device: not device time.
+    events.append(event(0.0, 1e9, "CUDA", "engine step 0", annotation=True))
+    events.append(event(0.0, 1e9, "CUDA", "engine step 1"))  # (in case a torch marks it as no annotation)
     return SimpleNamespace(events=lambda: events)
 
 

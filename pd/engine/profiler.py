@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 ACTIVITIES = ("CPU", "GPU")
 # A Chrome trace's categories of device events (torch.profiler's export).
 DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+# The name of the range that marks each engine step in a trace ("engine step 12").
+STEP_RANGE = "engine step"
 # A profile without num_steps is reminded of every this many steps (a forgotten one slows the server and grows).
 LONG_PROFILE_STEPS = 10_000
 # Idle spells of the device named in the log line, longest first.
@@ -129,7 +131,7 @@ class StepProfiler:
         begins and ends on the host); otherwise nothing."""
         if self._prof is None:
             return contextlib.nullcontext()
-        return torch.profiler.record_function(f"engine step {self.steps}")
+        return torch.profiler.record_function(f"{STEP_RANGE} {self.steps}")
 
     def follow(self, msg: dict[str, Any]) -> None:
         """A follower's side of the leader's "profile" message: start with it, or stop, write this rank's trace and
@@ -232,8 +234,7 @@ def _fields(req: ProfileRequest) -> dict[str, Any]:
 def kernel_timeline(prof: torch.profiler.profile) -> dict[str, float]:
     """The profiled device activity in time: kernels, their summed time, the span from the first one's start to the
     last one's end, and the idle time between them (launch gaps, and the host making the device wait)."""
-    return _timeline([(e.time_range.start, e.time_range.end) for e in prof.events()
-                      if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start])  # fmt: skip
+    return _timeline([(e.time_range.start, e.time_range.end) for e in _device_events(prof)])
 
 
 def trace_timeline(path: str) -> dict[str, float]:
@@ -263,8 +264,7 @@ def _timeline(spans: list[tuple[float, float]]) -> dict[str, float]:
 def idle_spells(prof: torch.profiler.profile, count: int) -> list[dict[str, Any]]:
     """The ``count`` longest spells with no kernel running, in time order: when each began (ms from the first
     kernel), how long it lasted, and the kernels either side of it (which say where the device waited)."""
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)  # fmt: skip
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in _device_events(prof))
     if not kernels:
         return []
     spells, reach, last = [], kernels[0][1], kernels[0][2]
@@ -287,3 +287,10 @@ def device_summary(prof: torch.profiler.profile) -> str:
     spells = ", ".join(f"{g['idle_ms']:.2f} ms at {g['at_ms']:.1f} ms before {g['before']}" for g in longest)
     return (f"device busy {t['busy_ms']:.1f} ms of a {t['span_ms']:.1f} ms span ({int(t['kernels'])} device events, "
             f"idle {t['idle_ms']:.1f} ms; longest idle: {spells or 'none'})")
+
+
+def _device_events(prof: torch.profiler.profile) -> list[Any]:
+    """The profile's kernels, copies and memsets: its device events without the ranges that record_function
+    projects onto the device's timeline (an "engine step N" spans the step's kernels and the gaps between them)."""
+    return [e for e in prof.events() if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+            and not getattr(e, "is_user_annotation", False) and not e.name.startswith(STEP_RANGE)]  # fmt: skip
