@@ -288,7 +288,7 @@ def profiled_burst(url: str, folder: str, prompts: list[list[int]]) -> dict[str,
     against the span of the forward: what the served burst's device did, beside the in-process profile)."""
     import httpx
 
-    from pd.engine.profiler import trace_timeline
+    from pd.engine.profiler import trace_device_events, trace_timeline
 
     settings = {"output_dir": os.path.abspath(folder), "profile_prefix": "prefill", "with_stack": False,
                 "record_shapes": False}  # fmt: skip
@@ -297,26 +297,21 @@ def profiled_burst(url: str, folder: str, prompts: list[list[int]]) -> dict[str,
     answer = httpx.post(url + "/stop_profile", timeout=600)
     answer.raise_for_status()
     traces = answer.text.splitlines()[1:]
-    timelines = {os.path.basename(t): {**trace_timeline(t), "top_kernels_ms": kernel_totals(t, 12)} for t in traces}
+    timelines = {}
+    for trace in traces:
+        events = trace_device_events(trace)
+        timelines[os.path.basename(trace)] = {**trace_timeline(events), "top_kernels_ms": kernel_totals(events, 12)}
     for name, t in timelines.items():
         print(f"profiled batched burst {1e3 * elapsed:.1f} ms; {name}: {json.dumps(t)}", flush=True)
     return {"prefill_profiled_ms": round(1e3 * elapsed, 2), "prefill_profile": timelines}
 
 
-def kernel_totals(trace: str, top: int) -> dict[str, float]:
-    """A trace's ``top`` device events by summed time (ms), names cut to 80 characters: the served forward's
-    kernel table, to set beside profile_decode_step.py's in-process one."""
-    import gzip
-
-    from pd.engine.profiler import DEVICE_CATEGORIES
-
-    with gzip.open(trace, "rt") as f:
-        events = json.load(f)["traceEvents"]
+def kernel_totals(events: list[tuple[str, float, float]], top: int) -> dict[str, float]:
+    """A trace's ``top`` device events (pd.engine.profiler.trace_device_events) by summed time (ms), names cut to 80
+    characters: the served forward's kernel table, to set beside profile_decode_step.py's in-process one."""
     totals: dict[str, float] = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES:
-            name = str(e.get("name", "?"))[:80]
-            totals[name] = totals.get(name, 0.0) + float(e.get("dur", 0)) / 1e3
+    for name, _, dur in events:
+        totals[name[:80]] = totals.get(name[:80], 0.0) + dur / 1e3
     return {name: round(ms, 3) for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]}
 
 

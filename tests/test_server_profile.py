@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from pd.engine import profiler
-from pd.engine.io import ProfileRequest
-from pd.engine.profiler import StepProfiler, idle_spells, kernel_timeline, trace_timeline
+from pd.engine.io import ProfileRequest, to_dict
+from pd.engine.profiler import StepProfiler, idle_spells, kernel_timeline, trace_device_events, trace_timeline
 from tests.server_process import pd_serve
 from tests.test_http_api import tokenizer as tokenizer  # noqa: F401  (session fixture)
 from tests.tiny_checkpoints import make_checkpoint
@@ -133,8 +133,8 @@ def test_a_follower_that_fails_still_answers_and_its_leader_reports_it(tmp_path)
     follow_sync = FakeSync(False)
     follower = StepProfiler(CPU, "TP-1-DP-0", follow_sync)  # type: ignore[arg-type]
     for where in (tmp_path / "afile" / "under", tmp_path / "fine"):  # cannot start there; then writes its trace
-        follower.follow({"op": "profile", "action": "start", "request": {"rid": "x", "action": "start",
-                         "output_dir": str(where), "profile_id": "1"}})  # fmt: skip
+        request = ProfileRequest("x", "start", output_dir=str(where), profile_id="1")
+        follower.follow({"op": "profile", "action": "start", "request": to_dict(request)})
         _run_steps([], 0, 1)
         follower.follow({"op": "profile", "action": "stop"})
     assert follow_sync.gathered[0]["trace"] == "" and "TP-1-DP-0 could not start" in follow_sync.gathered[0]["error"]
@@ -200,7 +200,7 @@ def test_device_time_summary_equals_a_brute_force_count_on_random_kernels(tmp_pa
                   {"ph": "i", "cat": "kernel", "ts": 9000, "name": "marker"}]  # fmt: skip
         with gzip.open(tmp_path / "t.trace.json.gz", "wt") as f:
             json.dump({"traceEvents": rng.sample(trace, len(trace))}, f)
-        assert trace_timeline(str(tmp_path / "t.trace.json.gz")) == pytest.approx(t)
+        assert trace_timeline(trace_device_events(str(tmp_path / "t.trace.json.gz"))) == pytest.approx(t)
         assert t["busy_ms"] == pytest.approx(len(covered) / 1e3)
         assert t["span_ms"] == pytest.approx((hi - lo) / 1e3)
         assert t["idle_ms"] == pytest.approx(len(idle_cells) / 1e3)
@@ -304,7 +304,7 @@ def test_on_a_gpu_a_served_profile_holds_the_forwards_kernels(tmp_path) -> None:
     with gzip.open(trace, "rt") as f:
         events = json.load(f)["traceEvents"]
     kernels = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and e.get("ph") == "X"]
-    t = trace_timeline(trace)
+    t = trace_timeline(trace_device_events(trace))
     assert kernels and t["kernels"] == len([k for k in kernels if float(k["dur"]) > 0])
     assert 0 < t["busy_ms"] <= t["span_ms"] and t["idle_ms"] == pytest.approx(t["span_ms"] - t["busy_ms"], abs=1e-3)
 

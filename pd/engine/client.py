@@ -318,7 +318,8 @@ class EngineClient:
         rids = [f"profile-{uuid.uuid4().hex}" for _ in self._leaders]
         replies = []
         for leader, rid in enumerate(rids):
-            replies.append(self._replies.setdefault(rid, self._loop.create_future()))
+            self._replies[rid] = reply = self._loop.create_future()
+            replies.append(reply)
             self._send(leader, ProfileRequest(rid, action, **settings))
         try:
             return list(await asyncio.gather(*replies))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pd.engine.io import ProfileRequest
+from pd.engine.io import ProfileRequest, from_dict, to_dict
 
 if TYPE_CHECKING:
     from pd.dist.step_sync import StepSync
@@ -139,7 +139,7 @@ class StepProfiler:
         if msg["action"] == "start":
             self._failed = ""
             try:
-                self._req, self.active = ProfileRequest(**msg["request"]), True
+                self._req, self.active = from_dict(msg["request"]), True
                 os.makedirs(self._req.output_dir, exist_ok=True)  # (a follower on another node than its leader)
                 self._begin()
             except Exception as e:  # a diagnostic: the follower goes on with the forwards, and says so at the stop
@@ -166,7 +166,7 @@ class StepProfiler:
         self._prof.start()
         self._began = time.monotonic()
         if self.sync is not None and self.sync.is_leader:
-            self.sync.send({"op": "profile", "action": "start", "request": _fields(self._req)})
+            self.sync.send({"op": "profile", "action": "start", "request": to_dict(self._req)})
 
     def _finish(self) -> list[str]:
         """The leader's end of a profile: the followers are told, every rank writes its trace; their paths in the
@@ -227,23 +227,24 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)
 
 
-def _fields(req: ProfileRequest) -> dict[str, Any]:
-    return {name: getattr(req, name) for name in req.__dataclass_fields__}
-
-
 def kernel_timeline(prof: torch.profiler.profile) -> dict[str, float]:
     """The profiled device activity in time: kernels, their summed time, the span from the first one's start to the
     last one's end, and the idle time between them (launch gaps, and the host making the device wait)."""
     return _timeline([(e.time_range.start, e.time_range.end) for e in _device_events(prof)])
 
 
-def trace_timeline(path: str) -> dict[str, float]:
-    """``kernel_timeline`` of a written trace (a .trace.json.gz of /stop_profile): its kernels, copies and
-    memsets."""
+def trace_device_events(path: str) -> list[tuple[str, float, float]]:
+    """A written trace's (a .trace.json.gz of /stop_profile) kernels, copies and memsets: (name, start us, duration
+    us)."""
     with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         events = json.load(f)["traceEvents"]
-    return _timeline([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
-                      if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES and float(e.get("dur", 0)) > 0])
+    return [(str(e.get("name", "?")), float(e["ts"]), float(e["dur"])) for e in events
+            if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES and float(e.get("dur", 0)) > 0]  # fmt: skip
+
+
+def trace_timeline(events: list[tuple[str, float, float]]) -> dict[str, float]:
+    """``kernel_timeline`` of a written trace's device events (``trace_device_events``)."""
+    return _timeline([(start, start + dur) for _, start, dur in events])
 
 
 def _timeline(spans: list[tuple[float, float]]) -> dict[str, float]:
