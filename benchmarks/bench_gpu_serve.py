@@ -282,15 +282,16 @@ def _first_tokens_ms(arrivals: list[list[float]]) -> list[float]:
     return [round(got[0], 1), round(got[len(got) // 2], 1), round(got[-1], 1)] if got else []
 
 
-def profiled_burst(url: str, folder: str, prompts: list[list[int]]) -> dict[str, object]:
+def profiled_burst(url: str, folder: str, prompts: list[list[int]], with_stack: bool) -> dict[str, object]:
     """One more batched burst under the server's own profiler (/start_profile, /stop_profile; after the measured
     ones: profiling slows the host): its wall time, and each rank's device timeline from its trace (busy time
-    against the span of the forward: what the served burst's device did, beside the in-process profile)."""
+    against the span of the forward: what the served burst's device did, beside the in-process profile). With
+    ``with_stack`` the traces hold the host's Python calls too (slower still): where the engine's host time goes."""
     import httpx
 
     from pd.engine.profiler import trace_device_events, trace_timeline
 
-    settings = {"output_dir": os.path.abspath(folder), "profile_prefix": "prefill", "with_stack": False,
+    settings = {"output_dir": os.path.abspath(folder), "profile_prefix": "prefill", "with_stack": with_stack,
                 "record_shapes": False}  # fmt: skip
     httpx.post(url + "/start_profile", json=settings, timeout=60).raise_for_status()
     elapsed = run_load(_batch_load(url, prompts, 1))
@@ -362,7 +363,8 @@ def bench_pd_serve(path: str, device: str, args: argparse.Namespace, vocab: int,
         out["prefill_batched_ms"] = [round(1e3 * b, 2) for b in batched]
         out["prefill_batched_tok_s"] = args.prefill_prompts * args.prefill_len / sorted(batched)[len(batched) // 2]
         if args.profile_prefill:
-            out.update(profiled_burst(url, args.profile_prefill, fresh(args.prefill_prompts, args.prefill_len)))
+            out.update(profiled_burst(url, args.profile_prefill, fresh(args.prefill_prompts, args.prefill_len),
+                                      args.profile_stack))  # fmt: skip
         for b in args.batches:
             run_load(_serve_load(url, fresh(b, args.prompt), 4))  # warm-up at this batch size
             # --decode-runs runs of the batch, one after another: the median run's tok/s and ITLs count (a single
@@ -409,6 +411,8 @@ def main() -> None:
     parser.add_argument("--profile-prefill", default=None, metavar="DIR",
                         help="after the measured bursts, one batched burst under the server's profiler: its traces "
                         "go to DIR, each rank's device timeline to the JSON")  # fmt: skip
+    parser.add_argument("--profile-stack", action="store_true",
+                        help="--profile-prefill's traces with the host's Python calls (with_stack)")
     parser.add_argument("--skip-transformers", action="store_true", help="pd serve only (no ratios to transformers)")
     parser.add_argument("--fp8-batches", default="64",
                         help="decode batch sizes to serve again with --quantization fp8 in the same run ('' = none)")

@@ -3,8 +3,9 @@ in the same run.
 
 Layers: Qwen3-30B-A3B widths (128 experts, top-8, hidden 2048, intermediate 768) and DeepSeek-V3 widths at EP=8
 (top-8 routed over 256 experts, experts 0..31 local, the other slots -1; hidden 7168, intermediate 2048), bf16, at
-1, 16, 64, 256, 1024 and 8192 tokens. Every time is the median of triton.testing.do_bench over a CUDA graph
-holding one call (how decode runs; the eager time of the runner is shown too).
+1, 16, 64, 256, 1024 and 8192 tokens (``--models deepseek-v3``: all 256 experts local, the one-GPU DeepSeek shape of
+bench_gpu_serve.py; with ``--tokens 16384`` its 16K prefill chunk). Every time is the median of
+triton.testing.do_bench over a CUDA graph holding one call (how decode runs; the eager time of the runner is shown too).
 
 Columns:
 - ``us``: the runner (align, gate_up GEMM, act-and-mul, down GEMM with the routed weight, per-token sum).
@@ -46,6 +47,7 @@ from pd.moe.runner.triton_runner import TritonMoeRunner  # noqa: E402
 MODELS = {
     "qwen3-30b-a3b": (128, 2048, 768, 8, 128),
     "deepseek-v3-ep8": (32, 7168, 2048, 8, 256),
+    "deepseek-v3": (256, 7168, 2048, 8, 256),  # EP=1: bench_gpu_serve.py's one-GPU DeepSeek shape
 }
 TOKENS = [1, 16, 64, 256, 1024, 8192]
 COPY_BYTES = 2 << 30
@@ -171,7 +173,7 @@ def fmt(row: dict[str, object], key: str, spec: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3-ep8"], choices=list(MODELS))
     parser.add_argument("--check", action="store_true", help="compare with TorchMoeRunner first")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()

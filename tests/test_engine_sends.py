@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import random
 from multiprocessing import Pipe
 from pathlib import Path
@@ -255,3 +256,49 @@ def test_the_engine_inbox_keeps_each_fronts_order_and_reports_closings() -> None
             got[front].append(data)
     assert got == {f: [*sent[f], None] for f in range(3)}
     assert inbox.wait(0.05) is False and inbox.take() == []
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_SETPIPE_SZ"), reason="pipes cannot be resized here (Linux)")
+def test_a_widened_pipe_takes_a_whole_burst_without_its_reader() -> None:
+    """A burst's messages (16 prompts of 1024 random ids, ~130 KiB) fit in a widened front-to-engine pipe: the write
+    returns while nobody reads (a default pipe, 64 KiB, blocks), and the reader then gets the burst whole."""
+    import threading
+
+    from pd.dist.launch import PIPE_BYTES, widen_pipe
+    from pd.engine.io import pack_message
+
+    rng = np.random.default_rng()
+    burst = b"".join(pack_message(GenerateRequest(
+        rid=f"r{i}", input_ids=rng.integers(0, 150_000, 1024, dtype=np.int64), sampling=SamplingParams()))
+        for i in range(16))  # fmt: skip
+    assert 64 * 1024 < len(burst) < PIPE_BYTES
+    reader, writer = Pipe(duplex=False)
+    assert widen_pipe(writer) >= len(burst) + 64
+    sent = threading.Thread(target=writer.send_bytes, args=(burst,), daemon=True)
+    sent.start()
+    sent.join(timeout=5.0)
+    assert not sent.is_alive(), "the write waited for a reader"
+    assert reader.recv_bytes() == burst
+    assert [m.rid for m in unpack_messages(burst)] == [f"r{i}" for i in range(16)]
+
+    narrow_reader, narrow_writer = Pipe(duplex=False)  # the default: the same write waits for its reader
+    blocked = threading.Thread(target=narrow_writer.send_bytes, args=(burst,), daemon=True)
+    blocked.start()
+    blocked.join(timeout=0.5)
+    assert blocked.is_alive()
+    assert narrow_reader.recv_bytes() == burst
+    blocked.join(timeout=5.0)
+
+
+def test_widen_pipe_leaves_what_is_not_a_pipe() -> None:
+    import socket
+    from multiprocessing.connection import Connection
+
+    from pd.dist.launch import widen_pipe
+
+    a, b = socket.socketpair()
+    try:
+        assert widen_pipe(Connection(os.dup(a.fileno()))) == 0
+    finally:
+        a.close()
+        b.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import fcntl
 import logging
 import multiprocessing as mp
 import os
@@ -108,6 +109,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+
+# Bytes a front-to-engine or engine-to-front pipe holds (Linux's default is 64 KiB). A burst of 16 prompts of 1024 ids
+# is ~130 KiB of messages: through the default pipe the writer blocks until the other process's reader thread has
+# taken the first 64 KiB, and that thread waits for its process's GIL (up to the 5 ms switch interval while the engine
+# builds a batch), so the front's event loop stalled in the write. With room for the whole burst the write returns
+# at once and the reader takes it in one read.
+PIPE_BYTES = 1 << 20
+
+
+def widen_pipe(conn: Connection) -> int:
+    """Grows the pipe under ``conn`` to PIPE_BYTES (or the system's cap, /proc/sys/fs/pipe-max-size, if lower) and
+    returns its size in bytes; 0 where pipes cannot be resized (not Linux, not a pipe): writes then block as before."""
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsize is None:
+        return 0
+    want = PIPE_BYTES
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            want = min(want, int(f.read()))
+    except (OSError, ValueError):
+        pass
+    try:
+        return fcntl.fcntl(conn.fileno(), setsize, want)
+    except OSError:
+        return 0
+
 def _rank_main(parent: int, target: RankTarget, *args: Any) -> None:
     die_with_parent(parent)
     _release_fork_server()
@@ -167,6 +194,8 @@ class RankProcesses:
                 for k in range(fronts):
                     inbox_r, inbox_w = ctx.Pipe(duplex=False)
                     outbox_r, outbox_w = ctx.Pipe(duplex=False)
+                    widen_pipe(inbox_w)
+                    widen_pipe(outbox_w)
                     links[k].append(LeaderLink(inbox_w, outbox_r))
                     inboxes.append(inbox_r)
                     outboxes.append(outbox_w)
