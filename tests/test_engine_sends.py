@@ -302,3 +302,33 @@ def test_widen_pipe_leaves_what_is_not_a_pipe() -> None:
     finally:
         a.close()
         b.close()
+
+
+def _report_switch_interval(payload: Any, rank: int, init_method: Any, inbox: Any, outbox: Any) -> None:
+    """A rank target: sends its process's GIL switch interval and its inbox pipe's size to the front."""
+    import fcntl
+    import sys
+
+    size = fcntl.fcntl(inbox.fileno(), fcntl.F_GETPIPE_SZ) if hasattr(fcntl, "F_GETPIPE_SZ") else 0
+    outbox.send((sys.getswitchinterval(), size))
+
+
+def test_a_rank_process_runs_with_the_short_switch_interval_and_widened_pipes() -> None:
+    """What spawn gives a leader rank: the GIL switch interval of pd.dist.launch (not Python's 5 ms default, which
+    this process keeps) and front pipes of PIPE_BYTES (where the system allows that much)."""
+    import sys
+
+    from pd.dist.launch import PIPE_BYTES, RANK_SWITCH_INTERVAL_S, RankProcesses
+    from pd.dist.topology import InstanceLayout
+
+    ranks = RankProcesses.spawn(InstanceLayout(), _report_switch_interval, None)
+    try:
+        link = ranks.leaders[0]
+        assert link.outbox.poll(60), "the rank did not answer"
+        interval, size = link.outbox.recv()
+    finally:
+        ranks.stop(10.0)
+    assert interval == pytest.approx(RANK_SWITCH_INTERVAL_S) and sys.getswitchinterval() != interval
+    if hasattr(__import__("fcntl"), "F_GETPIPE_SZ"):
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            assert size == min(PIPE_BYTES, int(f.read()))
