@@ -9,8 +9,8 @@ packed as the front packs them, and times each write (how long the front's event
 delivery (write start to the reader having it whole; both processes read CLOCK_MONOTONIC).
 
 Printed per pipe (default, widened to pd.dist.launch.PIPE_BYTES), engine state (busy, idle) and, for the widened
-pipe, the child's GIL switch interval (Python's default 5 ms, and pd.dist.launch.RANK_SWITCH_INTERVAL_S, what rank
-processes use): median and p90 of the write's time and of the delivery.
+pipe, the child's GIL switch interval (Python's default 5 ms, and pd.dist.launch.SWITCH_INTERVAL_S, what an
+instance's processes use): median and p90 of the write's time and of the delivery.
 
 Usage: python benchmarks/bench_pipe_burst.py [--bursts 40] [--prompts 16] [--length 1024] [--busy-ms 20]
 """
@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pd.dist.launch import RANK_SWITCH_INTERVAL_S, widen_pipe  # noqa: E402
+from pd.dist.launch import SWITCH_INTERVAL_S, widen_pipe  # noqa: E402
 from pd.engine.io import GenerateRequest, SamplingParams, pack_message  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def main() -> None:
                                                   input_ids=rng.integers(0, 150_000, args.length, dtype=np.int64)))
                      for i in range(args.prompts))  # fmt: skip
     print(f"burst of {args.prompts} x {args.length} ids: {len(burst) / 1024:.0f} KiB")
-    cases = [("default", 0.0), ("widened", 0.0), ("widened", RANK_SWITCH_INTERVAL_S)]
+    cases = [("default", 0.0), ("widened", 0.0), ("widened", SWITCH_INTERVAL_S)]
     for busy in (args.busy_ms / 1e3, 0.0):
         for pipe, switch_s in cases:
             r = run(pipe, busy, args.bursts, burst, switch_s)

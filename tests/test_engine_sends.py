@@ -318,7 +318,7 @@ def test_a_rank_process_runs_with_the_short_switch_interval_and_widened_pipes() 
     this process keeps) and front pipes of PIPE_BYTES (where the system allows that much)."""
     import sys
 
-    from pd.dist.launch import PIPE_BYTES, RANK_SWITCH_INTERVAL_S, RankProcesses
+    from pd.dist.launch import PIPE_BYTES, SWITCH_INTERVAL_S, RankProcesses
     from pd.dist.topology import InstanceLayout
 
     ranks = RankProcesses.spawn(InstanceLayout(), _report_switch_interval, None)
@@ -328,7 +328,26 @@ def test_a_rank_process_runs_with_the_short_switch_interval_and_widened_pipes() 
         interval, size = link.outbox.recv()
     finally:
         ranks.stop(10.0)
-    assert interval == pytest.approx(RANK_SWITCH_INTERVAL_S) and sys.getswitchinterval() != interval
+    assert interval == pytest.approx(SWITCH_INTERVAL_S) and sys.getswitchinterval() != interval
     if hasattr(__import__("fcntl"), "F_GETPIPE_SZ"):
         with open("/proc/sys/fs/pipe-max-size") as f:
             assert size == min(PIPE_BYTES, int(f.read()))
+
+
+def test_a_front_process_runs_its_loop_with_the_short_switch_interval() -> None:
+    import sys
+
+    from pd.dist.launch import SWITCH_INTERVAL_S
+    from pd.server.app import _run
+
+    seen: list[float] = []
+
+    async def main() -> None:
+        seen.append(sys.getswitchinterval())
+
+    before = sys.getswitchinterval()
+    try:
+        _run(main())
+    finally:
+        sys.setswitchinterval(before)
+    assert seen == [pytest.approx(SWITCH_INTERVAL_S)]

@@ -135,16 +135,18 @@ def widen_pipe(conn: Connection) -> int:
     except OSError:
         return 0
 
-# The GIL switch interval of a rank process. Its pipe readers (one thread per front) need the GIL between reads; while
-# the main thread runs Python (admitting, building a batch) a waiting reader gets it only at the switch interval, and a
-# message costs two such waits: with Python's 5 ms a burst reached a busy stand-in engine 10.5 ms after its write,
-# with 1 ms 2.4 ms (benchmarks/bench_pipe_burst.py). The main thread hands the GIL over only when a reader waits.
-RANK_SWITCH_INTERVAL_S = 0.001
+# The GIL switch interval of an instance's processes (ranks and fronts). Each reads its pipes on a thread that needs
+# the GIL between reads; while the main thread runs Python (an engine admitting or building a batch, a front's event
+# loop) a waiting reader gets it only at the switch interval, and a message costs two such waits: with Python's 5 ms a
+# burst reached a busy stand-in engine 10.5 ms after its write, with 1 ms 2.4 ms (benchmarks/bench_pipe_burst.py). The
+# main thread hands the GIL over only when a reader waits: a front streaming 256 requests received as many tokens or
+# more with it (benchmarks/bench_front.py, 77k against 73k tok/s, two runs each, CPU per token unchanged).
+SWITCH_INTERVAL_S = 0.001
 
 
 def _rank_main(parent: int, target: RankTarget, *args: Any) -> None:
     die_with_parent(parent)
-    sys.setswitchinterval(RANK_SWITCH_INTERVAL_S)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     _release_fork_server()
     name_process(f"pd-rank{args[1]}")
     target(*args)

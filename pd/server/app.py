@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pd.dist.launch import LeaderLink
+from pd.dist.launch import SWITCH_INTERVAL_S, LeaderLink
 from pd.engine.client import EngineDeadError, EngineFullError
 from pd.engine.spec import EngineSpec
 from pd.gc_pause import freeze_startup_objects
@@ -180,6 +181,7 @@ def run_front_worker(server_args: ServerArgs, spec: EngineSpec, links: list[Lead
 
 
 def _run(main: Any) -> None:
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # the engine's outputs reach the reader thread while the loop is busy
     try:
         if hasattr(asyncio, "Runner"):  # Python 3.11+
             with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
