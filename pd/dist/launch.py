@@ -109,7 +109,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-
 # Bytes a front-to-engine or engine-to-front pipe holds (Linux's default is 64 KiB). A burst of 16 prompts of 1024 ids
 # is ~130 KiB of messages: through the default pipe the writer blocks until the other process's reader thread has
 # taken the first 64 KiB, and that thread waits for its process's GIL (up to the 5 ms switch interval while the engine
@@ -134,6 +133,7 @@ def widen_pipe(conn: Connection) -> int:
         return fcntl.fcntl(conn.fileno(), setsize, want)
     except OSError:
         return 0
+
 
 # The GIL switch interval of an instance's processes (ranks and fronts). Each reads its pipes on a thread that needs
 # the GIL between reads; while the main thread runs Python (an engine admitting or building a batch, a front's event
