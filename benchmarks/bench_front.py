@@ -72,7 +72,10 @@ class PacedScheduler:
         return EngineStats(len(self.waiting), len(self.running), 1 << 16, 1 << 16, 16, self.generated,
                            self.prompt_tokens)  # fmt: skip
 
-    def step(self) -> list[TokenOutput]:
+    def tidy(self) -> bool:  # nothing is left for after the outputs
+        return False
+
+    def step(self, tidy: bool = True) -> list[TokenOutput]:
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting.pop(0)
             self.running[req.rid] = [req, 0]

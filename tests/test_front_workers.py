@@ -60,7 +60,10 @@ class CountingScheduler:
     def stats(self) -> EngineStats:
         return EngineStats(0, len(self.running), 64, 64, 16, 0, 0)
 
-    def step(self) -> list[TokenOutput]:
+    def tidy(self) -> bool:  # nothing is left for after the outputs
+        return False
+
+    def step(self, tidy: bool = True) -> list[TokenOutput]:
         time.sleep(self.step_s)
         outputs = []
         with self.lock:

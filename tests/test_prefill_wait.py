@@ -47,7 +47,10 @@ class QueueingScheduler:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.queued), 0, 64, 64, 16, 0, 0)
 
-    def step(self) -> list[TokenOutput]:
+    def tidy(self) -> bool:  # nothing is left for after the outputs
+        return False
+
+    def step(self, tidy: bool = True) -> list[TokenOutput]:
         self.steps.append((time.monotonic(), list(self.queued)))
         outputs = [TokenOutput(rid, [1], 1, 1, "length") for rid in self.queued]
         self.queued.clear()

@@ -43,8 +43,9 @@ def test_sse_background_task_closes_the_generation_on_the_event_loop() -> None:
 
 
 def test_a_generation_finished_in_its_first_chunk_is_answered_whole() -> None:
-    """One new token (a prefill-only request): the events and [DONE] in one plain response, the generation closed;
-    a generation that goes on streams."""
+    """One new token (a prefill-only request): the events and [DONE] in one plain response, the generation closed
+    once the answer is out (its ending is bookkeeping the answer does not wait for); a generation that goes on
+    streams."""
     from fastapi.responses import StreamingResponse
 
     from pd.server.generation import FinishReason
@@ -72,7 +73,9 @@ def test_a_generation_finished_in_its_first_chunk_is_answered_whole() -> None:
         request = Request({"type": "http", "method": "POST", "path": "/generate", "headers": []}, receive)
         whole = await sse_response(request, generation(True), formatter)
         assert not isinstance(whole, StreamingResponse) and whole.media_type == "text/event-stream"
-        assert whole.body == f"data: a\n\n{SSE_DONE}".encode() and closed == ["closed"]
+        assert whole.body == f"data: a\n\n{SSE_DONE}".encode() and closed == [], closed
+        await asyncio.sleep(0)  # the loop's next turn: the generation's closing task runs
+        assert closed == ["closed"]
         streamed = await sse_response(request, generation(False), formatter)
         assert isinstance(streamed, StreamingResponse)
         await streamed.background()  # type: ignore[misc]
@@ -131,3 +134,28 @@ def test_the_awaited_generation_starts_before_tasks_already_waiting_and_a_discon
         asyncio.run(main())
     finally:
         streaming.DISCONNECT_POLL_S = original
+
+
+def test_last_chunk_returns_the_final_chunk_before_the_generation_ends() -> None:
+    """A non-streamed answer takes the finished chunk as soon as it comes; the generation's ending (its metrics and log
+    line, in its finally) runs in the loop's next turn, and runs whole, once."""
+    from pd.server.generation import FinishReason
+    from pd.server.streaming import last_chunk
+
+    events: list[str] = []
+
+    async def generation():  # noqa: ANN202
+        try:
+            yield GenerationChunk("r", "a", "a", [7], 3, None, 0.0)
+            yield GenerationChunk("r", "b", "ab", [7, 8], 3, FinishReason("length", length=2), 0.0)
+            events.append("after the last chunk")  # never reached: stream_generation returns after a finished chunk
+        finally:
+            events.append("ended")
+
+    async def main() -> None:
+        final = await last_chunk(generation())
+        assert final.output_ids == [7, 8] and final.finish is not None and events == [], events
+        await asyncio.sleep(0)
+        assert events == ["ended"], events
+
+    asyncio.run(main())

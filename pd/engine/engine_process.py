@@ -321,6 +321,8 @@ class EngineLoop:
             elif self.multi_rank and not outputs:
                 sched.runner.heartbeat()  # raises if a follower is gone, rather than finding out mid-request
             self._report(outputs)
+            if sched.tidy():  # after the outputs left: the pages of ended requests, then the stats that shows
+                self._report([])
 
     def _gather_burst(self) -> list[TokenOutput]:
         """An engine that was idle and just got requests takes in more of their burst before its first forward:
@@ -464,7 +466,7 @@ class EngineLoop:
     def _step(self) -> list[TokenOutput]:
         try:
             with self.profiler.step_range():
-                outputs = self.scheduler.step()
+                outputs = self.scheduler.step(tidy=False)  # run() tidies once the outputs are sent
         except Exception as e:
             if self.multi_rank:
                 raise

@@ -102,12 +102,25 @@ async def gather_all(aws: list[Awaitable[T]]) -> list[T]:
 
 
 async def last_chunk(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
-    """Drain a generation; returns its final chunk (the one with `finish` set)."""
-    last = None
+    """Drain a generation; returns its final chunk (the one with `finish` set) as soon as it comes. The generation's
+    own ending (its metrics, its log line) runs afterwards, in a task of its own, so that the answer does not wait for
+    it: a burst of 16 batched prompts waited ~1 ms for theirs on an H100 host."""
     async for chunk in chunks:
-        last = chunk
-    assert last is not None and last.finish is not None, "stream_generation always ends with a finished chunk"
-    return last
+        if chunk.finish is not None:
+            close_later(chunks)
+            return chunk
+    raise AssertionError("stream_generation always ends with a finished chunk")
+
+
+_closing: set[asyncio.Task[None]] = set()  # generations being closed by close_later (the loop keeps weak references)
+
+
+def close_later(chunks: AsyncIterator[Any]) -> None:
+    """Closes the async generator `chunks` in a task of its own (after whatever this turn of the loop still does,
+    such as sending an answer)."""
+    task = asyncio.ensure_future(chunks.aclose())  # type: ignore[attr-defined]
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def raise_if_failed(chunk: GenerationChunk) -> None:
@@ -146,7 +159,7 @@ async def sse_response(
         # disconnect, a send per event, a closing task). Measured on a 2-core CPU machine under bursts of 16
         # one-token requests: a few percent of the front's CPU per request.
         events = [event async for event in formatter(replay(more=False))]
-        await chunks.aclose()  # type: ignore[attr-defined]
+        close_later(chunks)  # its ending (metrics, log line) after the answer is sent
         return Response("".join(events) + SSE_DONE, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def body() -> AsyncIterator[str]:
