@@ -43,9 +43,8 @@ def test_sse_background_task_closes_the_generation_on_the_event_loop() -> None:
 
 
 def test_a_generation_finished_in_its_first_chunk_is_answered_whole() -> None:
-    """One new token (a prefill-only request): the events and [DONE] in one plain response, the generation closed
-    once the answer is out (its ending is bookkeeping the answer does not wait for); a generation that goes on
-    streams."""
+    """One new token (a prefill-only request): the events and [DONE] in one plain response, the generation closed;
+    a generation that goes on streams."""
     from fastapi.responses import StreamingResponse
 
     from pd.server.generation import FinishReason
@@ -73,9 +72,7 @@ def test_a_generation_finished_in_its_first_chunk_is_answered_whole() -> None:
         request = Request({"type": "http", "method": "POST", "path": "/generate", "headers": []}, receive)
         whole = await sse_response(request, generation(True), formatter)
         assert not isinstance(whole, StreamingResponse) and whole.media_type == "text/event-stream"
-        assert whole.body == f"data: a\n\n{SSE_DONE}".encode() and closed == [], closed
-        await asyncio.sleep(0)  # the loop's next turn: the generation's closing task runs
-        assert closed == ["closed"]
+        assert whole.body == f"data: a\n\n{SSE_DONE}".encode() and closed == ["closed"]
         streamed = await sse_response(request, generation(False), formatter)
         assert isinstance(streamed, StreamingResponse)
         await streamed.background()  # type: ignore[misc]
@@ -136,26 +133,36 @@ def test_the_awaited_generation_starts_before_tasks_already_waiting_and_a_discon
         streaming.DISCONNECT_POLL_S = original
 
 
-def test_last_chunk_returns_the_final_chunk_before_the_generation_ends() -> None:
-    """A non-streamed answer takes the finished chunk as soon as it comes; the generation's ending (its metrics and log
-    line, in its finally) runs in the loop's next turn, and runs whole, once."""
+def test_last_chunk_returns_the_final_chunk_and_leaves_the_ending_to_the_answer() -> None:
+    """A non-streamed answer takes each finished chunk as soon as it comes; the generations' endings (their metrics and
+    log lines, in their finally) run once the answer is sent, each once; by default last_chunk ends the generation
+    itself, and an answer that fails closes them at once."""
     from pd.server.generation import FinishReason
-    from pd.server.streaming import last_chunk
+    from pd.server.streaming import close_after_answer, close_soon, last_chunk
 
     events: list[str] = []
 
-    async def generation():  # noqa: ANN202
+    async def generation(name: str):  # noqa: ANN202
         try:
-            yield GenerationChunk("r", "a", "a", [7], 3, None, 0.0)
-            yield GenerationChunk("r", "b", "ab", [7, 8], 3, FinishReason("length", length=2), 0.0)
-            events.append("after the last chunk")  # never reached: stream_generation returns after a finished chunk
+            yield GenerationChunk(name, "a", "a", [7], 3, None, 0.0)
+            yield GenerationChunk(name, "b", "ab", [7, 8], 3, FinishReason("length", length=2), 0.0)
+            events.append(f"{name} after the last chunk")  # never: stream_generation returns after a finished chunk
         finally:
-            events.append("ended")
+            events.append(f"{name} ended")
 
     async def main() -> None:
-        final = await last_chunk(generation())
-        assert final.output_ids == [7, 8] and final.finish is not None and events == [], events
-        await asyncio.sleep(0)
-        assert events == ["ended"], events
+        gens = [generation("x"), generation("y")]
+        finals = [await last_chunk(g, leave_open=True) for g in gens]
+        assert [f.output_ids for f in finals] == [[7, 8]] * 2 and events == [], events
+        await close_after_answer(gens)()
+        assert events == ["x ended", "y ended"], events
+        events.clear()
+        assert (await last_chunk(generation("z"))).finish is not None and events == ["z ended"], events
+        events.clear()
+        failed = generation("w")
+        await last_chunk(failed, leave_open=True)
+        close_soon([failed])
+        await asyncio.sleep(0.01)
+        assert events == ["w ended"], events
 
     asyncio.run(main())

@@ -33,6 +33,8 @@ from pd.server.protocol import (
     read_body,
 )
 from pd.server.streaming import (
+    close_after_answer,
+    close_soon,
     error_type,
     gather_all,
     last_chunk,
@@ -61,12 +63,18 @@ async def generate(request: Request) -> Response:
         if is_batch:
             raise ApiError("stream=true is not supported for a batch; send one request per prompt")
         return await sse_response(request, stream_generation(ctx, specs[0]), lambda chunks: _events(ctx, chunks))
-    finals_each = [last_chunk(stream_generation(ctx, s, every_token=False)) for s in specs]
-    finals = await run_unless_disconnected(request, gather_all(finals_each))
-    for final in finals:
-        raise_if_failed(final)
+    generations = [stream_generation(ctx, s, every_token=False) for s in specs]
+    try:
+        finals = await run_unless_disconnected(request, gather_all([last_chunk(g, leave_open=True)
+                                                                    for g in generations]))  # fmt: skip
+        for final in finals:
+            raise_if_failed(final)
+    except BaseException:
+        close_soon(generations)  # their engine requests aborted where they still run
+        raise
     outputs = [_output(ctx, final) for final in finals]
-    return JSONResponse(outputs if is_batch else outputs[0])
+    # the generations' endings (metrics, log lines) once the answer is out
+    return JSONResponse(outputs if is_batch else outputs[0], background=close_after_answer(generations))
 
 
 async def _specs(ctx: ServerContext, body: GenerateReqInput, arrival: float) -> tuple[list[GenerationSpec], bool]:

@@ -101,24 +101,38 @@ async def gather_all(aws: list[Awaitable[T]]) -> list[T]:
                 await asyncio.wait(pending)
 
 
-async def last_chunk(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
-    """Drain a generation; returns its final chunk (the one with `finish` set) as soon as it comes. The generation's
-    own ending (its metrics, its log line) runs afterwards, in a task of its own, so that the answer does not wait for
-    it: a burst of 16 batched prompts waited ~1 ms for theirs on an H100 host."""
+async def last_chunk(chunks: AsyncIterator[GenerationChunk], leave_open: bool = False) -> GenerationChunk:
+    """Returns a generation's final chunk (the one with `finish` set) as soon as it comes, the generation closed (its
+    ending: the request's metrics and log line). With leave_open the caller closes it (close_after_answer): a burst
+    of 16 batched prompts waited ~1 ms on an H100 host for their endings before its answer went out."""
     async for chunk in chunks:
         if chunk.finish is not None:
-            close_later(chunks)
+            if not leave_open:
+                await chunks.aclose()  # type: ignore[attr-defined]
             return chunk
     raise AssertionError("stream_generation always ends with a finished chunk")
 
 
-_closing: set[asyncio.Task[None]] = set()  # generations being closed by close_later (the loop keeps weak references)
+def close_after_answer(generations: list[AsyncIterator[Any]]) -> BackgroundTask:
+    """A response's background task (Starlette runs it once the response is sent) that closes `generations`."""
+
+    async def close() -> None:
+        # One turn of the loop first: it closes a `Connection: close` answer's socket (the client's end of the
+        # answer) before the endings run.
+        await asyncio.sleep(0)
+        for chunks in generations:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    return BackgroundTask(close)
 
 
-def close_later(chunks: AsyncIterator[Any]) -> None:
-    """Closes the async generator `chunks` in a task of its own (after whatever this turn of the loop still does,
-    such as sending an answer)."""
-    task = asyncio.ensure_future(chunks.aclose())  # type: ignore[attr-defined]
+_closing: set[asyncio.Task[None]] = set()  # generations being closed by close_soon (the loop keeps weak references)
+
+
+def close_soon(generations: list[AsyncIterator[Any]]) -> None:
+    """Closes `generations` in a task of its own, where no response will (an error or a disconnect ended the
+    answer); one not closed aborts its engine request only once the garbage collector finds it."""
+    task = asyncio.ensure_future(close_after_answer(generations)())
     _closing.add(task)
     task.add_done_callback(_closing.discard)
 
@@ -159,7 +173,7 @@ async def sse_response(
         # disconnect, a send per event, a closing task). Measured on a 2-core CPU machine under bursts of 16
         # one-token requests: a few percent of the front's CPU per request.
         events = [event async for event in formatter(replay(more=False))]
-        close_later(chunks)  # its ending (metrics, log line) after the answer is sent
+        await chunks.aclose()  # type: ignore[attr-defined]
         return Response("".join(events) + SSE_DONE, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def body() -> AsyncIterator[str]:
