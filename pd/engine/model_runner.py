@@ -59,6 +59,13 @@ class RunnerConfig:
     quantization: str = "none"  # --quantization: "fp8" quantizes an unquantized checkpoint at load
     kv_cache_dtype: str = "auto"  # --kv-cache-dtype: auto (= dtype), fp8_e4m3 or fp8_e5m2
 
+    @property
+    def pool_flag(self) -> str:
+        """The flag that sizes the KV pool, with its value now (lowering it leaves the forwards more GPU memory)."""
+        if self.max_total_tokens is not None:
+            return f"--max-total-tokens (now {self.max_total_tokens})"
+        return f"--mem-fraction-static (now {self.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION})"
+
 
 class ModelRunner:
     """One rank's model shard, KV cache and forward.

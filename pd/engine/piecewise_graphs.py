@@ -145,8 +145,12 @@ class PiecewiseGraphs:
             try:
                 self._capture()
             except RuntimeError as e:  # e.g. an operation the capture forbids (a host sync) in some model's layers
-                raise RuntimeError(f"capturing piecewise CUDA graphs of prompt forwards failed ({e}); start with "
-                                   "--disable-piecewise-cuda-graph to run them eagerly") from e  # fmt: skip
+                advice = "start with --disable-piecewise-cuda-graph to run them eagerly"
+                if isinstance(e, torch.OutOfMemoryError):  # e.g. a DeepSeek-V3 shape's 16K-token chunks on 80 GB
+                    advice = (f"the GPU memory beside the KV pool is too small for a forward of {self.max_tokens} "
+                              f"tokens: lower {runner.cfg.pool_flag}, --piecewise-cuda-graph-max-tokens or "
+                              f"--chunked-prefill-size, or {advice}")  # fmt: skip
+                raise RuntimeError(f"capturing piecewise CUDA graphs of prompt forwards failed ({e}); {advice}") from e
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return 0 < batch.num_tokens <= self.max_tokens and (batch.layout.mostly_new or not self.expands)

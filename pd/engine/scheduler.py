@@ -34,7 +34,6 @@ from pd.engine.model_runner import ModelRunner
 from pd.engine.radix_cache import Node, RadixCache
 from pd.engine.request import Req, ReqState
 from pd.engine.sampler import BAD_ROW, SamplingRows, all_greedy_rows, sample
-from pd.server_args import DEFAULT_GPU_MEM_FRACTION
 
 # In a batch's host token list: this request's input token is the one the step in flight sampled (last_tokens).
 FROM_DEVICE = -1
@@ -380,10 +379,7 @@ class Scheduler:
 
     def _memory_advice(self) -> str:
         """The flags that leave a GPU instance more memory beside its KV pool, with their values now."""
-        rc = self.runner.cfg
-        pool = (f"--max-total-tokens (now {rc.max_total_tokens})" if rc.max_total_tokens is not None
-                else f"--mem-fraction-static (now {rc.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION})")
-        return f"{pool} or --chunked-prefill-size (now {self.cfg.chunked_prefill_size})"
+        return f"{self.runner.cfg.pool_flag} or --chunked-prefill-size (now {self.cfg.chunked_prefill_size})"
 
     def poll_transfers(self) -> list[TokenOutput]:
         """Hook for disaggregated schedulers: advance requests whose KV is moving between instances."""
