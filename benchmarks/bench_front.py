@@ -72,6 +72,8 @@ class PacedScheduler:
         return EngineStats(len(self.waiting), len(self.running), 1 << 16, 1 << 16, 16, self.generated,
                            self.prompt_tokens)  # fmt: skip
 
+    untidy = False  # nothing is left for after the outputs
+
     def tidy(self) -> bool:  # nothing is left for after the outputs
         return False
 

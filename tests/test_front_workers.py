@@ -60,6 +60,8 @@ class CountingScheduler:
     def stats(self) -> EngineStats:
         return EngineStats(0, len(self.running), 64, 64, 16, 0, 0)
 
+    untidy = False  # nothing is left for after the outputs
+
     def tidy(self) -> bool:  # nothing is left for after the outputs
         return False
 

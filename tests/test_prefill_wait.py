@@ -47,6 +47,8 @@ class QueueingScheduler:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.queued), 0, 64, 64, 16, 0, 0)
 
+    untidy = False  # nothing is left for after the outputs
+
     def tidy(self) -> bool:  # nothing is left for after the outputs
         return False
 

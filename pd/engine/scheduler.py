@@ -343,6 +343,11 @@ class Scheduler:
             self.tidy()
         return outputs
 
+    @property
+    def untidy(self) -> bool:
+        """Whether tidy() has work."""
+        return bool(self.returns_after_outputs or self.prefill_lines)
+
     def tidy(self) -> bool:
         """The bookkeeping of a collected step that no output waits for: returning the ended requests' pages to the
         pool and the prefix cache, and the INFO lines of prompt forwards that have ended. Also done at the start of
