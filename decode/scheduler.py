@@ -70,7 +70,7 @@ class DecodeScheduler(Scheduler):
         receiver = self._receiver_cls(self.kv_manager, msg.bootstrap_host, msg.bootstrap_port, msg.bootstrap_room,
                                       prompt_fingerprint(req.prompt_ids))
         if receiver.poll() == KVPoll.Failed:  # e.g. the room is taken by a request still in flight: refuse at once
-            return TokenOutput(req.rid, [], len(req.prompt_ids), 0, "error",
+            return TokenOutput(req.rid, [], req.prompt_len, 0, "error",
                                error=f"bootstrap_room refused: {receiver.failure_reason}", status=409)
         self.receivers[req.rid] = receiver
         req.state = ReqState.TRANSFERRING  # queued for pages; _release looks in prealloc first
@@ -90,10 +90,10 @@ class DecodeScheduler(Scheduler):
                 first = receiver.result()  # every rank's pages have landed
                 self.transferring.remove(req)
                 self.receivers.pop(req.rid)
-                req.num_computed = len(req.prompt_ids)
+                req.num_computed = req.prompt_len
                 req.state = ReqState.RUNNING
                 self.running.append(req)
-                self.prompt_tokens_total += len(req.prompt_ids)
+                self.prompt_tokens_total += req.prompt_len
                 self.cached_tokens_total += req.cached_tokens
                 self.generated_tokens_total += 1
                 out = super()._on_sampled(req, first.token_id)
@@ -120,8 +120,8 @@ class DecodeScheduler(Scheduler):
             self.prealloc.popleft()
             req.row, req.state = row, ReqState.TRANSFERRING
             self.slots.assign_pages(row, 0, req.pages)
-            prompt_pages = req.pages[: self._pages_for(len(req.prompt_ids))]
-            self.receivers[req.rid].init(prompt_pages, len(req.prompt_ids), req.cached_tokens)
+            prompt_pages = req.pages[: self._pages_for(req.prompt_len)]
+            self.receivers[req.rid].init(prompt_pages, req.prompt_len, req.cached_tokens)
             self.transferring.append(req)
 
     def _release(self, req: Req) -> None:

@@ -52,7 +52,7 @@ class PrefillScheduler(Scheduler):
         assert msg.bootstrap_room is not None, "the HTTP front refuses PD requests without bootstrap fields"
         sender = self._sender_cls(self.kv_manager, msg.bootstrap_room, prompt_fingerprint(req.prompt_ids))
         if sender.poll() == KVPoll.Failed:  # e.g. the room is taken by a request still in flight: refuse, don't run
-            return TokenOutput(req.rid, [], len(req.prompt_ids), 0, "error",
+            return TokenOutput(req.rid, [], req.prompt_len, 0, "error",
                                error=f"bootstrap_room refused: {sender.failure_reason}", status=409)
         self.senders[req.rid] = sender
         return super()._enqueue(req, msg)
@@ -73,7 +73,7 @@ class PrefillScheduler(Scheduler):
             sender = self.senders[req.rid]
             state = sender.poll()
             if state == KVPoll.WaitingForInput and not req.kv_sent:
-                sender.send(req.pages, len(req.prompt_ids), FirstToken(req.output_ids[0], len(req.prompt_ids)))
+                sender.send(req.pages, req.prompt_len, FirstToken(req.output_ids[0], req.prompt_len))
                 req.kv_sent = True
                 self._hand_out_parts()
             elif state == KVPoll.Success:

@@ -19,7 +19,16 @@ import heapq
 import itertools
 from collections.abc import Sequence
 
+import numpy as np
+
 from pd.engine.kv_cache import PagePool
+
+
+def _ints(tokens: Sequence[int] | np.ndarray, start: int, end: int) -> tuple[int, ...]:
+    """tokens[start:end] as a tuple of Python ints (a match reads a prompt's int64 array a page at a time: only the
+    pages it looks at become Python ints)."""
+    part = tokens[start:end]
+    return tuple(part.tolist() if isinstance(part, np.ndarray) else part)
 
 
 class Node:
@@ -63,7 +72,7 @@ class RadixCache:
         self._evictable: list[tuple[int, int, Node]] = []
         self._order = itertools.count()
 
-    def match(self, tokens: Sequence[int]) -> tuple[list[int], Node]:
+    def match(self, tokens: Sequence[int] | np.ndarray) -> tuple[list[int], Node]:
         """The pages of the longest cached prefix of `tokens` made of whole pages, and the node it ends at
         (lock it before allocating, or eviction may take the pages). Splits an edge where the match ends inside
         it, so the returned node covers exactly the matched prefix."""
@@ -180,15 +189,15 @@ class RadixCache:
         """Drops every unreferenced cached page; returns how many were freed."""
         return self.evict(self.num_evictable)
 
-    def _page(self, tokens: Sequence[int], index: int) -> tuple[int, ...]:
-        return tuple(tokens[index * self.page_size : (index + 1) * self.page_size])
+    def _page(self, tokens: Sequence[int] | np.ndarray, index: int) -> tuple[int, ...]:
+        return _ints(tokens, index * self.page_size, (index + 1) * self.page_size)
 
     def _common_pages(self, child: Node, tokens: Sequence[int], start: int) -> int:
         """How many leading pages of `child`'s key equal tokens' pages from page `start` on (at least one: the
         child was found by its first page)."""
         ps, n = self.page_size, 1
         limit = min(len(child.pages), len(tokens) // ps - start)
-        while n < limit and child.key[n * ps : (n + 1) * ps] == tuple(tokens[(start + n) * ps : (start + n + 1) * ps]):
+        while n < limit and child.key[n * ps : (n + 1) * ps] == _ints(tokens, (start + n) * ps, (start + n + 1) * ps):
             n += 1
         return n
 

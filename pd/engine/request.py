@@ -25,7 +25,9 @@ class ReqState(Enum):
 @dataclass(eq=False)  # a request is itself: lists of them are searched by identity, not by every field
 class Req:
     rid: str
-    prompt_ids: list[int]
+    # The prompt as int64 (what the front parsed /generate's input_ids into): a prompt forward's batch joins numpy
+    # slices of it, and the prefix cache looks up its pages from it; `prompt_ids` is made from it only when needed.
+    prompt_array: np.ndarray
     sampling: SamplingParams
     max_total_len: int  # prompt + new tokens may not exceed this (context length, or prompt + max_new_tokens)
     kv_tokens: int = 0  # KV slots reserved on admission (a prefill instance keeps only the prompt's)
@@ -47,14 +49,20 @@ class Req:
     kv_sent: bool = False  # prefill: the KV pages have been handed to the transfer engine
     every_token: bool = True  # report each sampled token (else the first one and the end only)
     stream_interval: int = 1  # with every_token: report once this many tokens wait (the first one at once)
-    # The prompt as int64, made when the request arrives (the engine is usually waiting then) unless it came as one:
-    # a prompt forward's batch joins numpy slices of it instead of converting thousands of Python ints while the
-    # device waits.
-    prompt_array: np.ndarray | None = field(default=None, repr=False)
+    _prompt_ids: list[int] | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        if self.prompt_array is None:
-            self.prompt_array = np.asarray(self.prompt_ids, dtype=np.int64)
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_array)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt as Python ints, made on first use (a finished request's prefix-cache insert, a PD transfer's
+        fingerprint): made on arrival, a 16 x 1024-token burst's ints cost the engine ~1 ms before its forward on an
+        H100 host."""
+        if self._prompt_ids is None:
+            self._prompt_ids = self.prompt_array.tolist()
+        return self._prompt_ids
 
     @property
     def fill_ids(self) -> list[int]:
@@ -63,7 +71,7 @@ class Req:
     def next_input_ids(self, n: int) -> np.ndarray | list[int]:
         """The n tokens after those already in the cache: a prompt chunk (a view of prompt_array), or the last
         sampled token (a list)."""
-        prompt_len = len(self.prompt_ids)
+        prompt_len = len(self.prompt_array)
         if self.num_computed < prompt_len:
             return self.prompt_array[self.num_computed : self.num_computed + n]
         start = self.num_computed - prompt_len
@@ -71,8 +79,8 @@ class Req:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_array) + len(self.output_ids)
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        return self.num_computed < len(self.prompt_array)

@@ -62,12 +62,18 @@ class SamplingError(RuntimeError):
 
 @dataclass(frozen=True)
 class PageReturn:
-    """An ended request's pages on their way back: `tokens` are the tokens whose KV they hold (their whole pages
-    go into the prefix cache, when on), `node` the cached prefix it matched (unlocked then)."""
+    """An ended request's pages on their way back: the first `num_tokens` of the request's tokens are those whose KV
+    they hold (their whole pages go into the prefix cache, when on), `node` the cached prefix it matched (unlocked
+    then). The token list is made when the pages go back (Scheduler.tidy, once the step's outputs are out)."""
 
-    tokens: list[int]
+    req: Req
+    num_tokens: int
     pages: list[int]
     node: Node | None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.req.fill_ids[: self.num_tokens]
 
 
 @dataclass
@@ -239,10 +245,9 @@ class Scheduler:
         ids = msg.input_ids
         req = Req(
             msg.rid,
-            ids.tolist() if isinstance(ids, np.ndarray) else list(ids),
+            ids if isinstance(ids, np.ndarray) else np.asarray(ids, dtype=np.int64),
             msg.sampling,
             min(self.context_length, prompt_len + msg.sampling.max_new_tokens),
-            prompt_array=ids if isinstance(ids, np.ndarray) else None,
         )
         seed = msg.sampling.seed
         req.seed = seed & ((1 << 64) - 1) if seed is not None else self.seed_stream.getrandbits(64)
@@ -281,7 +286,7 @@ class Scheduler:
         an idle engine that just got requests waits briefly for more of their burst: pd.engine.engine_process)."""
         if not self.waiting or self.running or self.in_flight:
             return False
-        queued = sum(len(r.prompt_ids) - r.num_computed for r in self.waiting)
+        queued = sum(r.prompt_len - r.num_computed for r in self.waiting)
         return queued < self.token_budget and len(self.waiting) < self.slots.num_free_rows
 
     @property
@@ -473,7 +478,7 @@ class Scheduler:
         inside it (the host launching too slowly, or the allocator stalling)."""
         # called after the launch advanced num_computed: a prompt chunk started before the prompt's end (even a
         # one-token chunk), a decode token after it
-        chunks = [n for r, n in zip(reqs, extend_lens, strict=True) if r.num_computed - n < len(r.prompt_ids)]
+        chunks = [n for r, n in zip(reqs, extend_lens, strict=True) if r.num_computed - n < r.prompt_len]
         waited = max((start - r.arrival for r in new), default=0.0)
         # how far apart the new requests arrived: a burst split over forwards shows here
         first = min((r.arrival for r in new), default=None)
@@ -571,14 +576,14 @@ class Scheduler:
             req.row, req.state = row, ReqState.RUNNING
             self.slots.assign_pages(row, 0, req.pages)
             self.running.append(req)
-            self.prompt_tokens_total += len(req.prompt_ids)
+            self.prompt_tokens_total += req.prompt_len
             self.cached_tokens_total += req.cached_tokens
 
     def _take_pages(self, req: Req) -> bool:
         """Gives a request its pages: the cached prefix of its prompt (locked, its tokens counted as computed) and
         fresh pages for the rest of its KV budget. False, with nothing taken, when the pool is short even after
         eviction."""
-        prefix, node = self._match_prefix(req.prompt_ids)
+        prefix, node = self._match_prefix(req.prompt_array)
         pages = self._alloc(self._pages_for(req.kv_tokens) - len(prefix))
         if pages is None:
             if node is not None:
@@ -588,7 +593,7 @@ class Scheduler:
         req.num_computed = req.cached_tokens = len(prefix) * self.page_size
         return True
 
-    def _match_prefix(self, prompt: list[int]) -> tuple[list[int], Node | None]:
+    def _match_prefix(self, prompt: np.ndarray) -> tuple[list[int], Node | None]:
         """The cached pages a request with this prompt starts from (locked), and their node. At least the last
         prompt token is left to compute: its logits give the first output token."""
         if self.cache is None:
@@ -622,7 +627,7 @@ class Scheduler:
         prefilling = [r for r in self.running if r.is_prefilling]
         first = True
         for req in prefilling:
-            left = len(req.prompt_ids) - req.num_computed
+            left = req.prompt_len - req.num_computed
             if chunked:
                 n = int(min(left, budget))
             else:
@@ -659,7 +664,7 @@ class Scheduler:
         return TokenOutput(
             req.rid,
             new,
-            len(req.prompt_ids),
+            req.prompt_len,
             len(req.output_ids),
             req.finish_reason,
             req.matched_stop,
@@ -674,7 +679,7 @@ class Scheduler:
         elif req.state is ReqState.WAITING:
             self.waiting.remove(req)
         if req.pages:
-            ret = PageReturn(self._cacheable_tokens(req), req.pages, req.cache_node)
+            ret = PageReturn(req, self._cacheable_count(req), req.pages, req.cache_node)
             # after the step in flight (it may still write them), else at the next tidy()
             (self.in_flight.free_after if self.in_flight is not None else self.returns_after_outputs).append(ret)
             req.pages, req.cache_node = [], None
@@ -683,13 +688,12 @@ class Scheduler:
             req.row = -1
         req.state = ReqState.FINISHED
 
-    def _cacheable_tokens(self, req: Req) -> list[int]:
-        """The tokens of an ending request whose KV its pages hold and the cache may keep: every computed token
+    def _cacheable_count(self, req: Req) -> int:
+        """How many of an ending request's tokens have KV in its pages that the cache may keep: every computed token
         (the tree takes whole pages only), or only its matched prefix when its KV may be garbage."""
         if self.cache is None:
-            return []
-        n = min(req.num_computed, req.num_tokens) if req.kv_trusted else req.cached_tokens
-        return req.fill_ids[:n]
+            return 0
+        return min(req.num_computed, req.num_tokens) if req.kv_trusted else req.cached_tokens
 
     def _return_pages(self, ret: PageReturn) -> None:
         if self.cache is None:
