@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from pd.engine.kv_cache import PagePool
@@ -45,7 +46,8 @@ def _check_counts(cache: RadixCache, pool: PagePool) -> None:
 def _serve(cache: RadixCache, pool: PagePool, oracle: dict[tuple[int, ...], int], tokens: list[int]) -> None:
     """One request's life against the oracle: match, lock, allocate the rest, compute, insert, unlock."""
     ps = cache.page_size
-    prefix, node = cache.match(tokens)
+    # the engine matches a prompt from its int64 array (its Python ints are made later), tests' own lists too
+    prefix, node = cache.match(np.asarray(tokens, dtype=np.int64) if len(tokens) % 2 else tokens)
     assert prefix == _oracle_match(oracle, tokens, ps)
     cache.lock(node)
     fresh = pool.alloc(-(-len(tokens) // ps) - len(prefix) + 1)  # one page more than the tokens need
@@ -74,6 +76,7 @@ def test_matches_and_inserts_equal_the_brute_force_oracle(page_size: int) -> Non
         _serve(cache, pool, oracle, tokens)
     for tokens in history:  # every inserted prefix is now found whole, with the pages the oracle recorded
         assert cache.match(tokens)[0] == _oracle_match(oracle, tokens, page_size)
+        assert cache.match(np.asarray(tokens, dtype=np.int64))[0] == _oracle_match(oracle, tokens, page_size)
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
