@@ -60,8 +60,15 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
 
 
 def _spawn(world: int, fn: Callable[..., None], *args: Any) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by gloo; a failure in any re-raises here."""
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by gloo; a failure in any re-raises here. A port
+    taken between _free_port and rank 0's listen (another test of the parallel suite) is retried with a new one."""
+    for attempt in range(3):
+        try:
+            mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+            return
+        except mp.ProcessRaisedException as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
 
 
 # ---- inputs and references -------------------------------------------------------------------------------------
