@@ -267,14 +267,21 @@ class EngineClient:
             while True:
                 out = _coalesce(await queue.get(), queue)
                 finished = out.finish_reason is not None
+                if finished:  # the engine is done with it: its rid is free again before the answer goes out
+                    self._forget(req.rid, queue)
                 yield out
                 if finished:
                     return
         finally:
-            self._queues.pop(req.rid, None)
-            self._owner.pop(req.rid, None)
+            self._forget(req.rid, queue)
             if not finished and self._dead is None:
                 self._send(leader, AbortRequest(req.rid))
+
+    def _forget(self, rid: str, queue: asyncio.Queue[TokenOutput]) -> None:
+        """Drops a request's entries, unless its rid already belongs to a newer request."""
+        if self._queues.get(rid) is queue:
+            del self._queues[rid]
+            self._owner.pop(rid, None)
 
     async def abort(self, rid: str) -> None:
         """Aborts `rid` if in flight: this front's own request, or, with several front processes, another's (every

@@ -343,6 +343,7 @@ async def stream_generation(
     text = ""
     cached_tokens = 0
     engine_done = False  # the engine has finished or failed the request itself: nothing to abort
+    rid_released = False  # discarded from ctx.inflight already (a newer request may hold the rid now)
     outcome = "abort (consumer gone)"
     stream = ctx.engine.generate(req)
     try:
@@ -365,6 +366,9 @@ async def stream_generation(
             timer.on_output(len(new_ids), out.queue_time)
             if finish is not None:
                 outcome = finish.type
+                if engine_done:  # its rid is free again before the answer goes out (the ending may run after it)
+                    ctx.inflight.discard(spec.rid)
+                    rid_released = True
             yield GenerationChunk(
                 rid=spec.rid,
                 delta=delta,
@@ -404,7 +408,8 @@ async def stream_generation(
                     await ctx.engine.abort(spec.rid)
             except Exception as e:  # e.g. the engine is already gone at shutdown; nothing left to free
                 logger.warning("could not abort rid=%s in the engine: %r", spec.rid, e)
-        ctx.inflight.discard(spec.rid)
+        if not rid_released:
+            ctx.inflight.discard(spec.rid)
         latency = timer.on_finish(outcome.split(" ")[0], len(spec.input_ids))
         logger.info(
             "finished rid=%s prompt_tokens=%d completion_tokens=%d finish=%s latency=%.3fs",
