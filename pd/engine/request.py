@@ -71,7 +71,7 @@ class Req:
     def next_input_ids(self, n: int) -> np.ndarray | list[int]:
         """The n tokens after those already in the cache: a prompt chunk (a view of prompt_array), or the last
         sampled token (a list)."""
-        prompt_len = len(self.prompt_array)
+        prompt_len = self.prompt_len
         if self.num_computed < prompt_len:
             return self.prompt_array[self.num_computed : self.num_computed + n]
         start = self.num_computed - prompt_len
@@ -79,8 +79,8 @@ class Req:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_array) + len(self.output_ids)
+        return self.prompt_len + len(self.output_ids)
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_array)
+        return self.num_computed < self.prompt_len
