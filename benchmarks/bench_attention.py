@@ -205,7 +205,8 @@ def bench_extend(page_size: int) -> list[dict[str, Any]]:
 
 MLA_PREFILL_CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2),
                        (64, 32, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2), (128, 32, 4, 2), (128, 64, 4, 2),
-                       (128, 32, 8, 3), (64, 64, 8, 3))  # BLOCK_M, BLOCK_N, warps, stages
+                       (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 2), (128, 128, 8, 3),
+                       (64, 64, 4, 4), (64, 32, 2, 3))  # BLOCK_M, BLOCK_N, warps, stages
 
 
 def bench_mla_prefill(batch: int, length: int, sweep: bool) -> dict[str, Any]:
