@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pd.engine.forward_batch import BatchLayout, ForwardBatch, TokenIds, empty_layout, read_device_tokens
+from pd.engine.graph_memory import free_before_capture, used_since
 
 if TYPE_CHECKING:
     from pd.engine.kv_cache import ReqToToken
@@ -107,7 +108,7 @@ class CudaGraphRunner:
     def _capture(self) -> None:
         start = time.perf_counter()
         device = self.runner.device
-        free_before = torch.cuda.mem_get_info(device)[0]
+        free_before = free_before_capture(device)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         self.page_table.sync_device()  # nothing may be left to copy inside a capture
@@ -128,7 +129,7 @@ class CudaGraphRunner:
             self.graphs[bs] = graph
             self.static[bs] = batch  # the graph reads its tensors (logits_index, metadata) at every replay
         torch.cuda.synchronize(device)
-        used = (free_before - torch.cuda.mem_get_info(device)[0]) / 2**20
+        used = used_since(device, free_before)
         logger.info("captured %d CUDA graphs (decode batch sizes %s) in %.1f s, %.0f MiB", len(self.graphs),
                     _ranges(self.batch_sizes), time.perf_counter() - start, used)  # fmt: skip
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pd.engine.forward_batch import BatchLayout, ForwardBatch, empty_layout
+from pd.engine.graph_memory import free_before_capture, used_since
 
 if TYPE_CHECKING:
     from pd.attention import LatentExpand
@@ -225,7 +226,7 @@ class PiecewiseGraphs:
     def _capture(self) -> None:
         start = time.perf_counter()
         device = self.runner.device
-        free_before = torch.cuda.mem_get_info(device)[0]
+        free_before = free_before_capture(device)
         self._pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         self.page_table.sync_device()  # nothing may be left to copy inside a capture
@@ -248,7 +249,7 @@ class PiecewiseGraphs:
             torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the warm-ups' blocks, cached for the capture stream, which nothing else reuses
-        self.capture_mib = (free_before - torch.cuda.mem_get_info(device)[0]) / 2**20
+        self.capture_mib = used_since(device, free_before)
         self.capture_s = time.perf_counter() - start
         pieces = len(next(iter(self.pieces.values())))
         logger.info("captured piecewise CUDA graphs for prompt forwards of %s tokens (%d pieces each) in %.1f s, "
