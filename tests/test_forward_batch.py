@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from pd.engine.forward_batch import build_forward_batch
@@ -23,13 +24,26 @@ class _Backend:
         return None
 
 
-def test_batches_equal_the_plain_construction_and_every_array_is_16_byte_aligned():
+@pytest.mark.parametrize("page_size", [16, 12])
+@pytest.mark.parametrize("host_copy", [False, True])
+def test_batches_equal_the_plain_construction_and_every_array_is_16_byte_aligned(page_size: int, host_copy: bool):
+    """host_copy: the page table kept apart from the device's (an accelerator's layout, asked for on the CPU), with
+    rows reassigned before some builds: the build carries those entries to the device table in its own copy. A page
+    size that is not a power of two takes host_slots' general path."""
     rng = random.Random(torch.randint(0, 2**31, ()).item())
-    page_size, rows_total = 16, 40
-    table = ReqToToken(rows_total, 512, page_size, torch.device("cpu"))
+    rows_total, max_pages = 40, -(-512 // page_size)
+    table = ReqToToken(rows_total, max_pages * page_size, page_size, torch.device("cpu"), host_copy=host_copy)
+    mirror = [rng.sample(range(10_000), max_pages) for _ in range(rows_total)]
     for row in range(rows_total):  # each row's pages: a random permutation, so slots differ from positions
-        table.assign_pages(row, 0, rng.sample(range(10_000), 512 // page_size))
+        table.assign_pages(row, 0, mirror[row])
+    if not host_copy:
+        table.sync_device()
     for _ in range(200):
+        for _ in range(rng.choice((0, 0, 1, 3)) if host_copy else 0):  # pages (re)assigned since the last build
+            row, first = rng.randrange(rows_total), rng.randrange(max_pages)
+            pages = rng.sample(range(10_000), rng.randint(1, max_pages - first))
+            table.assign_pages(row, first, pages)
+            mirror[row][first : first + len(pages)] = pages
         n = rng.randint(1, 12)
         rows = rng.sample(range(rows_total), n)
         decode = rng.random() < 0.3
@@ -49,8 +63,9 @@ def test_batches_equal_the_plain_construction_and_every_array_is_16_byte_aligned
         positions = [p + i for p, e in zip(prefix, extend, strict=True) for i in range(e)]
         token_rows = [r for r, e in zip(rows, extend, strict=True) for _ in range(e)]
         starts = [sum(extend[:i]) for i in range(n)]
-        slots = [int(table.pages[r, p // page_size]) * page_size + p % page_size
+        slots = [mirror[r][p // page_size] * page_size + p % page_size
                  for r, p in zip(token_rows, positions, strict=True)]  # fmt: skip
+        assert table._pages.tolist() == mirror and not table._unsynced  # the build brought the device table along
         layout = batch.layout
         if source is not None:
             ids = [int(source[r]) if t < 0 else t for t, r in zip(sent, token_rows, strict=True)]

@@ -127,7 +127,9 @@ def build_forward_batch(
                   input_ids is read from it (a token the host has not seen yet, under overlap scheduling).
     """
     device = kv_cache.device
-    page_table.sync_device()  # requests admitted since the last forward: their pages, before any kernel reads them
+    # Requests admitted since the last forward: their pages travel in this batch's copy, and reach the device table
+    # before any kernel reads it (one pinned buffer and one copy less than a sync of their own).
+    entries = page_table.unsynced_entries()
     num_tokens, num_reqs = len(input_ids), len(rows)
     # The host arithmetic is numpy's: torch's CPU ops cost microseconds each, and repeat_interleave opens a
     # parallel region per call, which on a many-core host (or one with more threads than cores) costs milliseconds.
@@ -140,28 +142,39 @@ def build_forward_batch(
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(prefix - starts, q_lens)
     token_rows = np.repeat(rows_np, q_lens)
     # One host-to-device copy of everything: tokens, positions, rows, logits rows, KV slots (int64), then the five
-    # per-request facts (int32, written as such: no conversion launch on the device). Every piece starts 16 bytes
-    # into the buffer (padding): Triton compiles a kernel variant per pointer alignment, so alignments that moved
-    # with the batch's sizes compiled a variant the warm-up had not met, on a request.
+    # per-request facts (int32, written as such: no conversion launch on the device), then the page-table entries
+    # (int64 indices, int32 values). Every piece starts 16 bytes into the buffer (padding): Triton compiles a kernel
+    # variant per pointer alignment, so alignments that moved with the batch's sizes compiled a variant the warm-up
+    # had not met, on a request.
     out_loc = page_table.host_slots(token_rows, positions)
     pieces = (np.asarray(input_ids, dtype=np.int64), positions, token_rows, logits, out_loc)
+    if entries is not None:
+        pieces += (entries[0],)
     lengths = [len(p) for p in pieces]
     padded = [-(-n // 2) * 2 for n in lengths]  # int64s, to a multiple of 16 bytes
     facts_width = -(-num_reqs // 4) * 4  # int32s: each row of [5, facts_width] stays 16-byte aligned
+    num_values = 0 if entries is None else -(-len(entries[1]) // 4) * 4
     # empty, not zeros: the padding between pieces is never read, and zeroing is one more parallel region (above)
-    host = torch.empty(sum(padded) + 5 * facts_width // 2, dtype=torch.int64, pin_memory=device.type == "cuda")
+    host = torch.empty(sum(padded) + (5 * facts_width + num_values) // 2, dtype=torch.int64,
+                       pin_memory=device.type == "cuda")  # fmt: skip
     buf = host.numpy()
     starts_at, offset = [], 0
     for piece, width in zip(pieces, padded, strict=True):
         buf[offset : offset + len(piece)] = piece
         starts_at.append(offset)
         offset += width
-    buf[offset:].view(np.int32).reshape(5, facts_width)[:, :num_reqs] = (rows_np, prefix, q_lens, starts,
-                                                                         prefix + q_lens)  # fmt: skip
+    int32s = buf[offset:].view(np.int32)
+    int32s[: 5 * facts_width].reshape(5, facts_width)[:, :num_reqs] = (rows_np, prefix, q_lens, starts,
+                                                                       prefix + q_lens)  # fmt: skip
+    if entries is not None:
+        int32s[5 * facts_width : 5 * facts_width + len(entries[1])] = entries[1]
     tokens = host.to(device, non_blocking=True)
-    ids_d, positions_d, token_rows_d, logits_d, out_loc_d = (tokens[o : o + n]
-                                                             for o, n in zip(starts_at, lengths, strict=True))
-    facts = tokens[offset:].view(torch.int32).view(5, facts_width)[:, :num_reqs]
+    ids_d, positions_d, token_rows_d, logits_d, out_loc_d, *index_d = (tokens[o : o + n]
+                                                                       for o, n in zip(starts_at, lengths, strict=True))
+    int32s_d = tokens[offset:].view(torch.int32)
+    facts = int32s_d[: 5 * facts_width].view(5, facts_width)[:, :num_reqs]
+    if entries is not None:
+        page_table.scatter_entries(index_d[0], int32s_d[5 * facts_width : 5 * facts_width + len(entries[1])])
     if token_source is not None:
         read_device_tokens(pieces[0], ids_d, token_source, token_rows_d)
     layout = BatchLayout(

@@ -81,6 +81,7 @@ class ReqToToken:
         self._free_rows = list(range(max_rows - 1, -1, -1))
         # Entries assigned on the host and not yet on the device: (row, first page index, end), in call order.
         self._unsynced: list[tuple[int, int, int]] | None = [] if host_copy else None
+        self._read = 0  # how many of them the last unsynced_entries read
         # When a list: every assign_pages call is also recorded here, for mirrors kept on other ranks.
         self.journal: list[list[object]] | None = None
 
@@ -125,24 +126,44 @@ class ReqToToken:
     def sync_device(self) -> None:
         """Brings the device table up to date with the host's: the entries assigned since the last call, in one
         copy from pinned memory and one scatter, queued on the current stream (before the forward that reads
-        them; a step still running read its own entries earlier in the same stream). The values are read from the
-        host table now, so an entry assigned twice carries its latest value in every duplicate."""
-        if not self._unsynced:
+        them; a step still running read its own entries earlier in the same stream). A batch build carries them in
+        its own copy instead (unsynced_entries, scatter_entries)."""
+        entries = self.unsynced_entries()
+        if entries is None:
             return
         if self._pages.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # A graph would replay this copy from a pinned buffer long since reused: sync before capturing.
             raise RuntimeError("page-table entries assigned but not on the device when a CUDA graph is captured")
-        spans, self._unsynced = self._unsynced, []
-        width = self.max_pages
-        index = np.concatenate([np.arange(row * width + first, row * width + end) for row, first, end in spans])
+        index, values = entries
         n = len(index)
         # int64 flat indices, then the int32 values (a view of the same pinned buffer: one copy carries both)
         host = torch.empty(n + -(-n // 2), dtype=torch.int64, pin_memory=self._pages.device.type == "cuda")
         buf = host.numpy()
         buf[:n] = index
-        buf[n:].view(np.int32)[:n] = self.host_pages.reshape(-1)[index]
+        buf[n:].view(np.int32)[:n] = values
         dev = host.to(self._pages.device, non_blocking=True)
-        self._pages.view(-1).index_copy_(0, dev[:n], dev[n:].view(torch.int32)[:n])
+        self.scatter_entries(dev[:n], dev[n:].view(torch.int32)[:n])
+
+    def unsynced_entries(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The entries assigned since the last sync, as flat int64 indices into the table and their int32 values,
+        or None if there are none (or the table is the host's own memory). The values are read from the host table
+        now, so an entry assigned twice carries its latest value in every duplicate. They stay unsynced until
+        scatter_entries has queued them."""
+        if not self._unsynced:
+            return None
+        width = self.max_pages
+        self._read = len(self._unsynced)
+        index = np.concatenate([np.arange(row * width + first, row * width + end)
+                                for row, first, end in self._unsynced])  # fmt: skip
+        return index, self.host_pages.reshape(-1)[index]
+
+    def scatter_entries(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Writes the entries unsynced_entries gave (copied to the table's device) into the device table, queued on
+        the current stream; they count as synced from here."""
+        self._pages.view(-1).index_copy_(0, index, values)
+        assert self._unsynced is not None
+        del self._unsynced[: self._read]
+        self._read = 0
 
     def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """KV slots (int64) of positions ``positions`` of rows ``rows`` (same-shaped or broadcastable int64
@@ -151,9 +172,21 @@ class ReqToToken:
         return self.pages[rows, torch.div(positions, ps, rounding_mode="floor")].long() * ps + positions % ps
 
     def host_slots(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """slots() on the host copy: int64 numpy arrays in, int64 out."""
+        """slots() on the host copy: int64 numpy arrays in, int64 out. One flat gather, and shifts for a power-of-two
+        page size (a 16 x 1024-token prompt batch: 0.11 ms, against 0.19 ms for a 2-D index with division)."""
         ps = self.page_size
-        return self.host_pages[rows, positions // ps].astype(np.int64) * ps + positions % ps
+        if ps & (ps - 1):
+            return self.host_pages[rows, positions // ps].astype(np.int64) * ps + positions % ps
+        shift = ps.bit_length() - 1
+        pages = positions >> shift
+        if len(pages) and (pages.max() >= self.max_pages or pages.min() < 0):  # the flat index would not raise
+            raise IndexError(f"a position's page {int(pages.max())} is past the table's {self.max_pages} pages")
+        index = rows * self.max_pages
+        index += pages
+        slots = np.take(self.host_pages.reshape(-1), index).astype(np.int64)
+        slots <<= shift
+        slots |= positions & (ps - 1)
+        return slots
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
