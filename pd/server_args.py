@@ -142,7 +142,7 @@ class ServerArgs:
         "with chunked prefill on it rarely binds", type=int)
     prefill_wait_ms: float = _opt(
         0.0, "an idle instance that receives a request waits up to this long for more of its burst before the first "
-        "prefill forward, while they keep coming (each within 1 ms of the last) and the forward has room: a burst "
+        "prefill forward, while they keep coming (each within 2 ms of the last) and the forward has room: a burst "
         "then runs as full forwards, not a small first one and the rest (an MoE forward reads every expert's weights "
         "whatever its size). 0 (default): the first request runs at once, as SGLang's scheduler does", type=float)
     page_size: int = _opt(16, "tokens per KV page", type=int)

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import random
+import time
 from multiprocessing import Pipe
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,46 @@ def test_requests_queued_in_one_loop_turn_go_out_as_one_write_in_order() -> None
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             _writes(engine_end)
+
+    asyncio.run(scenario())
+
+
+def test_with_a_burst_wait_a_long_loop_turn_writes_as_it_goes() -> None:
+    """With --prefill-wait-ms the engine gathers a burst only while writes keep coming (engine_process.BURST_GAP_S
+    apart at most): a loop turn that runs many requests' handlers back to back (concurrent requests whose bodies
+    all arrived) must not hold them all to its end. Each request queued once the last write is _flush_after old goes
+    out at once, in order; requests queued closer together than that still share a write (a batch request's
+    prompts); nothing is written twice. Without the flag the whole turn is one write (the test above)."""
+    from types import SimpleNamespace
+
+    from pd.engine.engine_process import BURST_GAP_S
+
+    rng = random.Random()
+
+    async def scenario() -> None:
+        client, engine_end = _client_on_pipe()
+        assert client._flush_after is None  # no burst wait: one write per turn
+        spec = SimpleNamespace(scheduler=SimpleNamespace(prefill_wait_s=0.01))
+        client._flush_after = EngineClient(ServerArgs(model_path="/m", device="cpu"), spec=spec)._flush_after  # type: ignore[arg-type]
+        assert client._flush_after is not None and 0 < client._flush_after < BURST_GAP_S
+        handlers = [_request(rng, i) for i in range(rng.randint(3, 8))]
+        written: list[list[Any]] = []
+        for req in handlers:  # one loop turn: each handler busy past _flush_after before it queues its request
+            until = time.monotonic() + 1.5 * client._flush_after
+            while time.monotonic() < until:
+                pass
+            client._send(0, req)
+            written += _writes(engine_end)
+        assert written == [[req] for req in handlers]  # every one went out as it was queued, none at the turn's end
+        batch = [_request(rng, 20 + i) for i in range(rng.randint(2, 12))]
+        until = time.monotonic() + 1.5 * client._flush_after
+        while time.monotonic() < until:
+            pass
+        for req in batch:  # a batch request's prompts, queued together: the first at once, the rest with the turn
+            client._send(0, req)
+        assert _writes(engine_end) == [[batch[0]]]
+        await asyncio.sleep(0.01)
+        assert _writes(engine_end) == [batch[1:]]
 
     asyncio.run(scenario())
 

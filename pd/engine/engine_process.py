@@ -59,8 +59,11 @@ DP_IDLE_POLL_S = 0.002
 # Steps that finish nothing report the engine's stats at most this often (each message wakes the front).
 STATS_INTERVAL_S = 0.05
 # An idle engine that got a request waits for more of its burst while they come at most this far apart (and for
-# --prefill-wait-ms in all: EngineLoop._gather_burst).
-BURST_GAP_S = 0.001
+# --prefill-wait-ms in all: EngineLoop._gather_burst); also what a lone request waits. Above a front's time per
+# request with room for a pause (~0.7 ms for a 1024-token prompt on an H100 host): at 1 ms, 6 of 9 bursts of 16
+# concurrent prompts split in two forwards there; on the CPU stand-in (benchmarks/bench_served_prefill.py), with
+# the fronts writing as they go (EngineClient._send), 7 of 42 bursts split at 1 ms and 3 of 42 at 2 ms.
+BURST_GAP_S = 0.002
 # How often an idle leader checks that its followers are still there.
 HEARTBEAT_S = 1.0
 # A front process (other than the first) whose outputs have waited this long in its pipe is given up: its requests
