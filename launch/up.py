@@ -77,7 +77,7 @@ def _pipe_output(name: str, proc: subprocess.Popen[bytes]) -> None:
         sys.stdout.flush()
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn that makes the child get SIGTERM when this process dies, however it dies (Linux; None
     elsewhere). libc is looked up here, in the parent: the forked child only makes the one call."""
     if not sys.platform.startswith("linux"):
@@ -100,7 +100,7 @@ def _spawn(name: str, args: list[str], url: str, env: dict[str, str], threads: i
         env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pd", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-        start_new_session=True, preexec_fn=_die_with_parent(),
+        start_new_session=True, preexec_fn=die_with_parent(),
     )  # fmt: skip
     output = threading.Thread(target=_pipe_output, args=(name, proc), daemon=True)
     output.start()

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from launch.up import die_with_parent
+
 # One client for the polls of every helper: httpx.get builds a client per call, SSL context included (~25 ms of
 # CPU each), and polling several starting servers every 0.1 s that way took a quarter to half of one of this
 # machine's two cores from the servers' start-up. No keep-alive: each poll is a fresh connection, as before.
@@ -49,7 +51,9 @@ def healthy_process(
     and the process, then stops it (SIGTERM: a profiler around the server still writes its output). On a start-up
     failure the process log is part of the error; log_path keeps the log there (else it is deleted)."""
     log = open(log_path, "w+") if log_path else tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+    # The server dies with this process however it dies: a test run killed by a timeout (SIGTERM, SIGKILL) must not
+    # leave its servers on a GPU, under whatever runs next there.
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
