@@ -23,6 +23,15 @@ from launch.up import die_with_parent
 HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
 
 
+def process_alive(pid: int) -> bool:
+    """Running, or stopped; a zombie has ended (whoever adopted it reaps it). Linux (/proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from tests.server_process import HTTP, free_port
+from tests.server_process import HTTP, free_port, process_alive
 from tests.tiny_checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
@@ -31,15 +31,6 @@ def _descendants(pid: int) -> list[int]:
             for child in map(int, f.read().split()):
                 found += [child, *_descendants(child)]
     return found
-
-
-def _alive(pid: int) -> bool:
-    """Running, or stopped; a zombie has ended (whoever adopted it reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _cmdline(pid: int) -> bytes:
@@ -79,14 +70,14 @@ def test_ranks_frozen_by_sigstop_die_within_seconds_of_a_sigkilled_front(tmp_pat
         os.kill(front.pid, signal.SIGKILL)
         front.wait(10)
         deadline = time.monotonic() + 5
-        while any(map(_alive, children)) and time.monotonic() < deadline:
+        while any(map(process_alive, children)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        left = {pid: _cmdline(pid)[:80] for pid in children if _alive(pid)}
+        left = {pid: _cmdline(pid)[:80] for pid in children if process_alive(pid)}
         assert not left, f"still running 5 s after the front was killed: {left}"
     finally:
         if front.poll() is None:
             front.kill()
             front.wait(10)
         for pid in children:
-            if _alive(pid):
+            if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.server_process import free_port
+from tests.server_process import free_port, process_alive
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 
@@ -28,15 +28,6 @@ with healthy_process([sys.executable, "-m", "http.server", str(port), "--bind", 
 """
 
 
-def _alive(pid: int) -> bool:
-    """Running, or stopped; a zombie has ended."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_server_dies_with_the_process_that_started_it(sig: signal.Signals) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,13 +37,13 @@ def test_a_server_dies_with_the_process_that_started_it(sig: signal.Signals) -> 
         line = parent.stdout.readline() if parent.stdout else b""
         assert line.strip().isdigit(), f"the parent did not start its server: {line!r}"
         server = int(line)
-        assert _alive(server)
+        assert process_alive(server)
         parent.send_signal(sig)  # SIGTERM ends Python at once, with no finally blocks run: as SIGKILL does
         parent.wait(30)
         deadline = time.monotonic() + 10
-        while _alive(server) and time.monotonic() < deadline:
+        while process_alive(server) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(server), "the server outlived the process that started it"
+        assert not process_alive(server), "the server outlived the process that started it"
     finally:
         if parent.poll() is None:
             parent.kill()
