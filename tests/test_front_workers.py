@@ -21,8 +21,8 @@ import torch
 
 from pd.engine.engine_process import EngineLoop
 from pd.engine.io import AbortRequest, EngineStats, GenerateRequest, SamplingParams, TokenOutput, to_dict
-from tests.server_process import free_port, healthy_process, listeners
-from tests.test_rank_lifetime import _alive, _descendants
+from tests.server_process import free_port, healthy_process, listeners, process_alive
+from tests.test_rank_lifetime import _descendants
 from tests.tiny_checkpoints import load_hf, make_checkpoint
 
 
@@ -250,7 +250,8 @@ def test_three_front_processes_answer_like_transformers_and_stop_together(tmp_pa
         assert proc.wait(60) is not None
         text = open(log).read()
         assert f"(pid {workers[0]}) exited with code -9; stopping the server" in text, text[-2000:]
-        assert _wait_for(lambda: not any(_alive(p) for p in family), timeout=30), [p for p in family if _alive(p)]
+        gone = _wait_for(lambda: not any(process_alive(p) for p in family), timeout=30)
+        assert gone, [p for p in family if process_alive(p)]
 
 
 async def _abort_all_midway(url: str, prompts: list[list[int]]) -> list[str]:

@@ -166,9 +166,13 @@ def test_conversations_stick_to_one_worker_and_new_ones_spread_over_the_smallest
     turns = [c for c in history for _ in range(5)]
     rng.shuffle(turns)  # conversations interleave, each turn in order
     for c in turns:
-        # Each conversation opens differently within a few words, as real ones do.
+        # Each conversation opens differently within a few words, as real ones do. A later turn adds less than its
+        # history holds: the history is then over cache_threshold (0.3) of the text, which affinity routing needs (an
+        # opening of 30 words followed by a turn of 60 was not: the conversation then rightly went to the smallest
+        # tree, as the reference test above has it).
         opening = f"conversation {c}: " if not history[c] else ""
-        history[c].append({"role": "user", "content": opening + " ".join(rng.choices(words, k=rng.randrange(30, 60)))})
+        length = rng.randrange(30, 60) if not history[c] else rng.randrange(5, 20)
+        history[c].append({"role": "user", "content": opening + " ".join(rng.choices(words, k=length))})
         text = routing_text("/v1/chat/completions", {"messages": history[c]})
         chosen = policy.select([rng.randrange(0, 4) for _ in urls], urls, text)
         assert home.setdefault(c, chosen) == chosen, f"conversation {c} moved from {home[c]} to {chosen}"
