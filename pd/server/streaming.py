@@ -113,17 +113,17 @@ async def last_chunk(chunks: AsyncIterator[GenerationChunk], leave_open: bool = 
     raise AssertionError("stream_generation always ends with a finished chunk")
 
 
+async def _close(generations: list[AsyncIterator[Any]]) -> None:
+    # One turn of the loop first: it closes a `Connection: close` answer's socket (the client's end of the answer)
+    # before the endings run.
+    await asyncio.sleep(0)
+    for chunks in generations:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
 def close_after_answer(generations: list[AsyncIterator[Any]]) -> BackgroundTask:
     """A response's background task (Starlette runs it once the response is sent) that closes `generations`."""
-
-    async def close() -> None:
-        # One turn of the loop first: it closes a `Connection: close` answer's socket (the client's end of the
-        # answer) before the endings run.
-        await asyncio.sleep(0)
-        for chunks in generations:
-            await chunks.aclose()  # type: ignore[attr-defined]
-
-    return BackgroundTask(close)
+    return BackgroundTask(_close, generations)
 
 
 _closing: set[asyncio.Task[None]] = set()  # generations being closed by close_soon (the loop keeps weak references)
@@ -132,7 +132,7 @@ _closing: set[asyncio.Task[None]] = set()  # generations being closed by close_s
 def close_soon(generations: list[AsyncIterator[Any]]) -> None:
     """Closes `generations` in a task of its own, where no response will (an error or a disconnect ended the
     answer); one not closed aborts its engine request only once the garbage collector finds it."""
-    task = asyncio.ensure_future(close_after_answer(generations)())
+    task = asyncio.ensure_future(_close(generations))
     _closing.add(task)
     task.add_done_callback(_closing.discard)
 
