@@ -33,6 +33,7 @@ Usage: python benchmarks/bench_attention.py [--check] [--sweep] [--page-size 16]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -206,7 +207,8 @@ def bench_extend(page_size: int) -> list[dict[str, Any]]:
 MLA_PREFILL_CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2),
                        (64, 32, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2), (128, 32, 4, 2), (128, 64, 4, 2),
                        (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 2), (128, 128, 8, 3),
-                       (64, 64, 4, 4), (64, 32, 2, 3))  # BLOCK_M, BLOCK_N, warps, stages
+                       (64, 64, 4, 4), (64, 32, 2, 3))  # BLOCK_M, BLOCK_N, warps, stages; each with and without
+# KV_DESC (keys and values through tensor descriptors)
 
 
 def bench_mla_prefill(batch: int, length: int, sweep: bool) -> dict[str, Any]:
@@ -278,8 +280,8 @@ def bench_mla_prefill(batch: int, length: int, sweep: bool) -> dict[str, Any]:
                               "sdpa_cudnn_us": cudnn_ms * 1e3, "cat_keys_us": cat_ms * 1e3}  # fmt: skip
     if sweep:
         timings = []
-        for bm, bn, w, st in MLA_PREFILL_CONFIGS:
-            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        for (bm, bn, w, st), desc in itertools.product(MLA_PREFILL_CONFIGS, (False, True)):
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "KV_DESC": desc}
             ms = _time_or_none(triton_run(cfg))
             if ms is not None:
                 timings.append((ms, cfg))

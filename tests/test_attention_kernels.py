@@ -276,23 +276,38 @@ def check_extend_with_split_keys(decode: ModuleType, extend: ModuleType, heads: 
         extend.extend_attention(b.q, k_main, v, out, b.page_table, b.rows, b.q_starts, b.extend_lens, b.prefix_lens,
                                 int(b.extend_lens.max()), b.scale, page_size, k_rope=rope, config=config)  # fmt: skip
         _assert_close(out, expected, f"extend over split keys, tiles {config}")
-    # contiguous: each request's keys copied to consecutive rows (in request order, after one spare row), the
-    # table's column 0 holding the first
+    # contiguous: each request's keys copied to consecutive rows (in request order, after one spare row), each
+    # followed by a row of NaNs that a tile on the diagonal covers but no score may take in; the table's column 0
+    # holding the first
     table = b.page_table.long()
-    contexts = []
+    nan_row = k_main.shape[0]  # appended below
+    rows = [torch.tensor([0], device=b.q.device)]
+    firsts = []
     for i in range(b.rows.numel()):
         pos = torch.arange(int(b.prefix_lens[i] + b.extend_lens[i]), device=b.q.device)
-        contexts.append(table[int(b.rows[i]), pos // page_size] * page_size + pos % page_size)
-    order = torch.cat([torch.zeros(1, dtype=torch.long, device=b.q.device), *contexts])
-    firsts = torch.tensor([1 + sum(len(c) for c in contexts[:i]) for i in range(len(contexts))], dtype=torch.int32)
+        firsts.append(sum(len(r) for r in rows))
+        rows += [table[int(b.rows[i]), pos // page_size] * page_size + pos % page_size,
+                 torch.tensor([nan_row], device=b.q.device)]  # fmt: skip
+    order = torch.cat(rows)
     first_table = torch.zeros(table.shape[0], 1, dtype=torch.int32)
-    first_table[b.rows.long().cpu(), 0] = firsts
-    wide = torch.cat((k_main[order], v[order]), dim=-1)  # a kv_b_proj output again: K's columns, then V's
-    out = torch.randn(b.q.shape[0], b.q.shape[1], heads.dv).to(b.q.device, dtype)
-    extend.extend_attention(b.q, wide[..., : k_main.shape[-1]], wide[..., k_main.shape[-1] :], out,
-                            first_table.to(b.q.device), b.rows, b.q_starts, b.extend_lens, b.prefix_lens,
-                            int(b.extend_lens.max()), b.scale, 1, k_rope=rope[order], contiguous=True)  # fmt: skip
-    _assert_close(out, expected, "extend over contiguous split keys")
+    first_table[b.rows.long().cpu(), 0] = torch.tensor(firsts, dtype=torch.int32)
+
+    def with_nan_row(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat((t, torch.full_like(t[:1], float("nan"))))
+
+    # a kv_b_proj output again: K's columns, then V's
+    wide = torch.cat((with_nan_row(k_main)[order], with_nan_row(v)[order]), dim=-1)
+    k_wide, v_wide, rope_rows = wide[..., : k_main.shape[-1]], wide[..., k_main.shape[-1] :], with_nan_row(rope)[order]
+    tiles = extend.extend_config(heads.dk, heads.dv, dtype)
+    block_dk, block_dr = extend.head_dim_blocks(heads.dk)
+    # the tensor-descriptor path takes these operands (else this test would not run it)
+    assert extend._kv_descriptors(k_wide, rope_rows, v_wide, tiles["BLOCK_N"], block_dk, block_dr, heads.dv, False)
+    for config in (dict(tiles, KV_DESC=False), dict(tiles, KV_DESC=True)):
+        out = torch.randn(b.q.shape[0], b.q.shape[1], heads.dv).to(b.q.device, dtype)
+        extend.extend_attention(b.q, k_wide, v_wide, out, first_table.to(b.q.device), b.rows, b.q_starts,
+                                b.extend_lens, b.prefix_lens, int(b.extend_lens.max()), b.scale, 1, k_rope=rope_rows,
+                                contiguous=True, config=config)  # fmt: skip
+        _assert_close(out, expected, f"extend over contiguous split keys, {config}")
 
 
 def check_both_match_oracle(decode: ModuleType, extend: ModuleType, heads: Heads, page_size: int,

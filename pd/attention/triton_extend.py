@@ -11,11 +11,14 @@ handled as in pd.attention.triton_decode.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from pd.attention.triton_decode import LOG2E, check_paged_inputs, head_dim_blocks, v_is_k_prefix
+from pd.layers.tma import has_tma
 
 # Block sizes on Hopper (H100/H200), keyed by (head dim of K, head dim of V), bf16/fp16. The D=128 row is the best
 # of `python benchmarks/bench_attention.py --sweep` on an H200 (2026-12-01, 8 x 1024 causal, 32/4 heads: 0.99x the
@@ -23,12 +26,14 @@ from pd.attention.triton_decode import LOG2E, check_paged_inputs, head_dim_block
 # MLA (576/512) keeps a [32, 512] fp32 accumulator per program; (192, 128), MLA's expanded prefill (keys 128 + 64
 # shared): the best of `bench_attention.py --mla-prefill-only --sweep` on an H200 (2026-12-03, 8 x 1024, 128 heads:
 # 1.40 ms against 2.76 ms with 8 warps; torch SDPA 0.73 ms), swept with heads varying fastest; with each head's
-# query blocks together (2026-12-04) 1.10 ms, not re-swept. `python benchmarks/bench_attention.py --sweep` times
-# alternatives; shapes nobody tuned get DEFAULT_EXTEND_CONFIG; fp32 halves both tiles.
+# query blocks together (2026-12-04) 1.10 ms; re-swept with keys and values read through tensor descriptors (KV_DESC,
+# contiguous keys only, 2026-12-05): 1.07 ms against 1.13 ms without, the same block sizes best either way.
+# `python benchmarks/bench_attention.py --sweep` times alternatives; shapes nobody tuned get DEFAULT_EXTEND_CONFIG;
+# fp32 halves both tiles.
 EXTEND_CONFIGS: dict[tuple[int, int], dict[str, int]] = {
     (64, 64): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     (128, 128): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    (192, 128): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    (192, 128): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_DESC": True},
     (256, 256): {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
     (576, 512): {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
 }
@@ -85,6 +90,38 @@ def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, s
 
 
 @triton.jit
+def _attend_block_desc(q, q_rest, m_i, l_i, acc, k_desc, kr_desc, v_desc, first, k_col, kr_col, v_col, scale_log2,
+                       n0, kv_end, q_pos, BLOCK_N: tl.constexpr, BLOCK_DR: tl.constexpr, V_IS_K: tl.constexpr,
+                       MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """_attend_block with the request's keys consecutive rows read through tensor descriptors (TMA on Hopper): K,
+    its rope part and V at rows first + n0 and columns k_col / kr_col / v_col. A diagonal block's rows
+    past kv_end are read too (the next request's keys, or zeros past the buffer) and count for nothing: masked out of
+    the scores, their values zeroed."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    row = first + n0
+    k = k_desc.load([row, k_col])
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+    if BLOCK_DR > 0:
+        k_rest = kr_desc.load([row, kr_col])
+        qk = tl.dot(q_rest, tl.trans(k_rest.to(q.dtype)), qk, input_precision=DOT_PRECISION)
+    qk *= scale_log2
+    if MASKED:
+        qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if V_IS_K:
+        v = k
+    else:
+        v = v_desc.load([row, v_col])
+    if MASKED:  # rows past the request's keys: a zero weight times whatever they hold must stay zero
+        v = tl.where((pos < kv_end)[:, None], v, tl.zeros_like(v))
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _extend_kernel(
     q_ptr, k_ptr, kr_ptr, v_ptr, out_ptr, page_table_ptr, req_rows_ptr, q_starts_ptr, extend_lens_ptr,
     prefix_lens_ptr, scale_log2,
@@ -93,6 +130,7 @@ def _extend_kernel(
     GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     V_IS_K: tl.constexpr, DOT_PRECISION: tl.constexpr, CONTIGUOUS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    k_desc=None, kr_desc=None, v_desc=None, KV_DESC: tl.constexpr = False,
 ):  # fmt: skip
     # HEADS_FASTEST: a KV head's query heads run together and read its keys from L2 (grouped heads); else one head's
     # query blocks do (a head with keys of its own: MLA's 128 expanded heads hold 64 MB of keys per 1024-token
@@ -148,18 +186,32 @@ def _extend_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        for n0 in range(0, full_end, BLOCK_N):
-            m_i, l_i, acc = _attend_block(
-                q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
-                scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K, False,
-                DOT_PRECISION, CONTIGUOUS,
-            )  # fmt: skip
-        for n0 in range(full_end, kv_end, BLOCK_N):
-            m_i, l_i, acc = _attend_block(
-                q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
-                scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K, True,
-                DOT_PRECISION, CONTIGUOUS,
-            )  # fmt: skip
+        if KV_DESC:  # (contiguous keys: see _attend_block_desc)
+            first_row = tl.load(page_row).to(tl.int32)
+            k_col, kr_col, v_col = kv_head * stride_kh, kv_head * stride_krh, kv_head * stride_vh
+            for n0 in range(0, full_end, BLOCK_N):
+                m_i, l_i, acc = _attend_block_desc(
+                    q, q_rest, m_i, l_i, acc, k_desc, kr_desc, v_desc, first_row, k_col, kr_col, v_col, scale_log2,
+                    n0, kv_end, q_pos, BLOCK_N, BLOCK_DR, V_IS_K, False, DOT_PRECISION,
+                )  # fmt: skip
+            for n0 in range(full_end, kv_end, BLOCK_N):
+                m_i, l_i, acc = _attend_block_desc(
+                    q, q_rest, m_i, l_i, acc, k_desc, kr_desc, v_desc, first_row, k_col, kr_col, v_col, scale_log2,
+                    n0, kv_end, q_pos, BLOCK_N, BLOCK_DR, V_IS_K, True, DOT_PRECISION,
+                )  # fmt: skip
+        else:
+            for n0 in range(0, full_end, BLOCK_N):
+                m_i, l_i, acc = _attend_block(
+                    q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
+                    scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K,
+                    False, DOT_PRECISION, CONTIGUOUS,
+                )  # fmt: skip
+            for n0 in range(full_end, kv_end, BLOCK_N):
+                m_i, l_i, acc = _attend_block(
+                    q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
+                    scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE, BLOCK_N, BLOCK_DR, V_IS_K,
+                    True, DOT_PRECISION, CONTIGUOUS,
+                )  # fmt: skip
         out = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
         tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & (offs_dv[None, :] < DV))  # fmt: skip
@@ -212,7 +264,9 @@ def extend_attention(
         contiguous: each request's keys are consecutive rows of k_buffer (and k_rope, v_buffer), page_table[row, 0]
             the first (page_size 1): keys are addressed directly instead of through a table lookup per key.
         config: block sizes overriding extend_config (BLOCK_M, BLOCK_N, num_warps, num_stages; HEADS_FASTEST, the
-            program order: by default heads vary fastest when query heads share KV heads, query blocks otherwise).
+            program order: by default heads vary fastest when query heads share KV heads, query blocks otherwise;
+            KV_DESC: with contiguous keys, read K, its rope part and V through tensor descriptors where the GPU has
+            TMA and the layout allows, else through pointers).
 
     Returns:
         out. Asynchronous: one launch, no host sync.
@@ -239,6 +293,9 @@ def extend_attention(
     block_dv = max(triton.next_power_of_2(head_dim_v), 16)
     v_is_k = v_is_k_prefix(k_buffer, v_buffer, block_dk) and block_dk <= head_dim_k
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    descs = None
+    if contiguous and cfg.get("KV_DESC", False) and (q.device.type == "cpu" or has_tma(q.device)):
+        descs = _kv_descriptors(k_buffer, k_rope, v_buffer, cfg["BLOCK_N"], block_dk, block_dr, block_dv, v_is_k)
     heads_fastest = cfg.get("HEADS_FASTEST", num_q_heads > num_kv_heads)
     m_blocks = triton.cdiv(max_extend_len, cfg["BLOCK_M"])
     grid = (num_q_heads, m_blocks, batch) if heads_fastest else (m_blocks, num_q_heads, batch)
@@ -250,6 +307,32 @@ def extend_attention(
         GROUP=num_q_heads // num_kv_heads, PAGE_SIZE=page_size, DK=head_dim_k, DV=head_dim_v,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DR=block_dr, BLOCK_DV=block_dv,
         V_IS_K=v_is_k, DOT_PRECISION=precision, CONTIGUOUS=contiguous, HEADS_FASTEST=bool(heads_fastest),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        k_desc=descs[0] if descs else None, kr_desc=descs[1] if descs else None, v_desc=descs[2] if descs else None,
+        KV_DESC=descs is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
+
+
+def _kv_descriptors(k_buffer: torch.Tensor, k_rope: torch.Tensor, v_buffer: torch.Tensor, block_n: int, block_dk: int,
+                    block_dr: int, block_dv: int, v_is_k: bool) -> tuple[Any, Any, Any] | None:  # fmt: skip
+    """Tensor descriptors of K, K's rope part and V for the kernel's KV_DESC path, or None where one of them cannot
+    be read through TMA (head dims other than their tiles, unaligned rows)."""
+    k = _rows_descriptor(k_buffer, block_n, block_dk)
+    kr = _rows_descriptor(k_rope, block_n, block_dr) if block_dr else k
+    v = k if v_is_k else _rows_descriptor(v_buffer, block_n, block_dv)
+    return None if k is None or kr is None or v is None else (k, kr, v)
+
+
+def _rows_descriptor(t_SHD: torch.Tensor, block_rows: int, block_cols: int) -> Any:
+    """A [block_rows, D] descriptor over the rows of [S, H, D] (head h's D columns at column h * stride(1) of a
+    row), or None where TMA cannot read it: D not its tile's width, a base, row or head stride not a multiple of 16
+    bytes, a tile row under 16 bytes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows, heads, d = t_SHD.shape
+    size = t_SHD.element_size()
+    row_stride, head_stride = t_SHD.stride(0), t_SHD.stride(1) if heads > 1 else 0
+    if (d != block_cols or t_SHD.stride(2) != 1 or t_SHD.data_ptr() % 16 or (row_stride * size) % 16
+            or (head_stride * size) % 16 or d * size < 16 or d > 256 or rows == 0):  # fmt: skip
+        return None
+    return TensorDescriptor(t_SHD, [rows, (heads - 1) * head_stride + d], [row_stride, 1], [block_rows, d])

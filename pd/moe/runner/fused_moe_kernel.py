@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from pd.env_choice import env_choice
+from pd.layers.tma import has_tma
 from pd.layers.triton_fp8_gemm import TL_DTYPES, e4m3_groups
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -308,20 +309,7 @@ def weight_descriptor_wanted(device: torch.device) -> bool:
     """PD_MOE_TMA: 1 (default) reads the experts' weight tiles through tensor descriptors (TMA) on GPUs that have
     it (compute capability 9 and up), 0 through pointers everywhere. On an H200 the descriptors gave FP8 experts at
     8192 tokens 6-7% more TFLOP/s and left bf16 and decode sizes as they were (benchmarks/results/h200_2026-12-04)."""
-    return env_choice("PD_MOE_TMA", "1", ("0", "1")) == "1" and device.type == "cuda" and _has_tma(device)
-
-
-@functools.cache
-def _has_tma(device: torch.device) -> bool:
-    """Compute capability 9+ and a Triton with host tensor descriptors (3.4 and later; older ones read through
-    pointers)."""
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return env_choice("PD_MOE_TMA", "1", ("0", "1")) == "1" and has_tma(device)
 
 
 def _weight_descriptor(b_ENK: torch.Tensor, block_n: int, block_k: int) -> Any:
