@@ -41,6 +41,20 @@ DEFAULT_EXTEND_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stag
 
 
 @triton.jit
+def _online_softmax(qk, m_i, l_i, scale_log2, pos, q_pos, MASKED: tl.constexpr):
+    """The online softmax's step over one tile of raw scores: (running max, running sum, the tile's weights
+    exp2(score - max), the factor alpha that rescales what was accumulated before). MASKED: key j counts for the
+    row at position q_pos only when j <= q_pos."""
+    qk *= scale_log2
+    if MASKED:
+        qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
 def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, stride_kt, stride_krt, stride_vt,
                   scale_log2, n0, kv_end, q_pos, kv_dk, offs_r, kv_dv, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_DR: tl.constexpr, V_IS_K: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -70,13 +84,7 @@ def _attend_block(q, q_rest, m_i, l_i, acc, page_row, k_head, kr_head, v_head, s
         else:
             k_rest = tl.load(kr_rows + offs_r[None, :])
         qk = tl.dot(q_rest, tl.trans(k_rest.to(q.dtype)), qk, input_precision=DOT_PRECISION)
-    qk *= scale_log2
-    if MASKED:
-        qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, l_i, p, alpha = _online_softmax(qk, m_i, l_i, scale_log2, pos, q_pos, MASKED)
     if V_IS_K:
         v = k
     else:
@@ -104,13 +112,7 @@ def _attend_block_desc(q, q_rest, m_i, l_i, acc, k_desc, kr_desc, v_desc, first,
     if BLOCK_DR > 0:
         k_rest = kr_desc.load([row, kr_col])
         qk = tl.dot(q_rest, tl.trans(k_rest.to(q.dtype)), qk, input_precision=DOT_PRECISION)
-    qk *= scale_log2
-    if MASKED:
-        qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, l_i, p, alpha = _online_softmax(qk, m_i, l_i, scale_log2, pos, q_pos, MASKED)
     if V_IS_K:
         v = k
     else:
