@@ -1,5 +1,5 @@
-"""The Triton MoE runner on one layer (runner only: random weights, random routing), against the bounds measured
-in the same run.
+"""A MoE runner (the Triton runner; ``--runner deep_gemm``: DeepGEMM's grouped GEMMs at every size) on one layer
+(runner only: random weights, random routing), against the bounds measured in the same run.
 
 Layers: Qwen3-30B-A3B widths (128 experts, top-8, hidden 2048, intermediate 768) and DeepSeek-V3 widths at EP=8
 (top-8 routed over 256 experts, experts 0..31 local, the other slots -1; hidden 7168, intermediate 2048), bf16, at
@@ -22,7 +22,7 @@ Columns:
 With --check each runner output is first compared with TorchMoeRunner (relative L2 error, bf16). About 2 minutes
 on an H200 (mostly Triton compilation).
 
-Usage: python benchmarks/bench_moe_kernel.py [--check] [--out result.json]
+Usage: python benchmarks/bench_moe_kernel.py [--runner triton|deep_gemm] [--check] [--out result.json]
 """
 
 from __future__ import annotations
@@ -124,16 +124,27 @@ def grouped_mm_paths(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     return (lambda: gemms(x_sorted)), full
 
 
+def make_runner(name: str) -> object:
+    """The runner timed: ``deep_gemm`` without its hand-off of small batches to the Triton runner (the table then
+    shows where that hand-off belongs)."""
+    if name == "deep_gemm":
+        from pd.moe.runner.deep_gemm_runner import DeepGemmMoeRunner
+
+        return DeepGemmMoeRunner(min_pairs_per_expert=0)
+    return TritonMoeRunner()
+
+
 def bench_layer(name: str, tokens: int, w13: torch.Tensor, w2: torch.Tensor, copy_gbps: float,
-                check: bool) -> dict[str, object]:  # fmt: skip
+                check: bool, runner_name: str = "triton") -> dict[str, object]:  # fmt: skip
     experts, hidden, inter, top_k, routed = MODELS[name]
     ids, weights = routing(tokens, top_k, routed, experts, seed=tokens)
     x = torch.randn(tokens, hidden, device=DEVICE, dtype=w13.dtype)
     dispatched = DispatchOutput(x, ids, weights, handle=None)
-    runner = TritonMoeRunner()
+    runner = make_runner(runner_name)
     pairs = int((ids >= 0).sum())
     hit = int(torch.unique(ids[ids >= 0]).numel())
-    row: dict[str, object] = {"model": name, "tokens": tokens, "local_pairs": pairs, "hit_experts": hit}
+    row: dict[str, object] = {"model": name, "runner": runner_name, "tokens": tokens, "local_pairs": pairs,
+                              "hit_experts": hit}  # fmt: skip
     if check:
         out = runner.run(dispatched, w13, w2).hidden_states
         ref = TorchMoeRunner().run(dispatched, w13, w2).hidden_states
@@ -174,13 +185,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3-ep8"], choices=list(MODELS))
+    parser.add_argument("--runner", default="triton", choices=["triton", "deep_gemm"])
     parser.add_argument("--check", action="store_true", help="compare with TorchMoeRunner first")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     torch.manual_seed(0)
     copy_gbps = copy_bandwidth_gbps()
-    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbps:.0f} GB/s (read + write bytes)")
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbps:.0f} GB/s (read + write bytes); "
+          f"runner {args.runner}")
     rows = []
     header = (f"{'model':16s} {'tokens':>6s} {'pairs':>6s} {'hit':>4s} {'us':>9s} {'eager us':>9s} {'GB/s':>7s} "
               f"{'%copy':>6s} {'TFLOP/s':>8s} {'%mm':>5s} {'x gmm':>6s} {'x gmm+perm':>10s} {'relL2':>8s}")  # fmt: skip
@@ -190,7 +203,7 @@ def main() -> None:
         w13 = torch.randn(experts, 2 * inter, hidden, device=DEVICE, dtype=torch.bfloat16) / hidden**0.5
         w2 = torch.randn(experts, hidden, inter, device=DEVICE, dtype=torch.bfloat16) / inter**0.5
         for tokens in args.tokens:
-            row = bench_layer(name, tokens, w13, w2, copy_gbps, args.check)
+            row = bench_layer(name, tokens, w13, w2, copy_gbps, args.check, args.runner)
             rows.append(row)
             cells = " ".join(fmt(row, key, spec) for key, spec in COLUMNS)
             print(f"{name:16s} {tokens:6d} {row['local_pairs']:6d} {row['hit_experts']:4d} {cells}", flush=True)

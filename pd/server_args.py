@@ -641,7 +641,7 @@ _NOT_IMPLEMENTED: tuple[tuple[str, Callable[[ServerArgs], bool]], ...] = (
      lambda a: a.attention_backend not in ("torch", "triton")),
     ("--moe-a2a-backend {a.moe_a2a_backend}", lambda a: a.moe_a2a_backend not in ("none", "torch", "deepep")),
     ("--moe-runner-backend {a.moe_runner_backend}",
-     lambda a: a.moe_runner_backend not in ("torch", "cpu_packed", "triton")),
+     lambda a: a.moe_runner_backend not in ("torch", "cpu_packed", "triton", "deep_gemm")),
     ("--speculative-moe-runner-backend", lambda a: a.speculative_moe_runner_backend is not None),
     ("--device npu", lambda a: a.device == "npu"),
 )

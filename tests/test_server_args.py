@@ -251,9 +251,10 @@ def test_not_implemented_feature_is_refused(argv: str, flags: list[str]) -> None
 def test_gpu_only_runner_and_npu_device_are_refused_as_not_implemented(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sa, "_cuda_available", lambda: True)
     monkeypatch.setattr(sa, "_npu_available", lambda: True)
-    with pytest.raises(ServerArgsError, match="--moe-runner-backend deep_gemm is not implemented yet"):
-        parse("--device cuda --moe-runner-backend deep_gemm")
+    with pytest.raises(ServerArgsError, match="--moe-runner-backend cutlass is not implemented yet"):
+        parse("--device cuda --moe-runner-backend cutlass")
     assert parse("--device cuda --moe-runner-backend triton").moe_runner_backend == "triton"
+    assert parse("--device cuda --moe-runner-backend deep_gemm").moe_runner_backend == "deep_gemm"
     with pytest.raises(ServerArgsError, match="--device npu is not implemented yet"):
         parse("--device npu")
     with pytest.raises(ServerArgsError, match="--moe-a2a-backend mori is not implemented yet"):

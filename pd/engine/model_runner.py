@@ -185,8 +185,8 @@ class ModelRunner:
     def _graph_blocker(self, has_moe: bool) -> str | None:
         """Why this rank cannot replay graphs of its forwards (decode or piecewise), or None."""
         cfg = self.cfg
-        if has_moe and cfg.moe_runner != "triton":
-            return f"--moe-runner-backend {cfg.moe_runner} reads expert counts on the host (use triton)"
+        if has_moe and cfg.moe_runner not in ("triton", "deep_gemm"):
+            return f"--moe-runner-backend {cfg.moe_runner} reads expert counts on the host (use triton or deep_gemm)"
         if not self.single_rank:
             return "multi-rank instances replay graphs in a later version"
         if cfg.two_batch_overlap:

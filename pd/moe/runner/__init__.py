@@ -57,6 +57,7 @@ _RUNNERS: dict[str, tuple[str, str]] = {
     "torch": ("pd.moe.runner.torch_ref", "TorchMoeRunner"),
     "cpu_packed": ("pd.moe.runner.cpu_packed", "CpuPackedMoeRunner"),
     "triton": ("pd.moe.runner.triton_runner", "TritonMoeRunner"),
+    "deep_gemm": ("pd.moe.runner.deep_gemm_runner", "DeepGemmMoeRunner"),
 }
 
 

@@ -122,6 +122,36 @@ def _sum_slots_kernel(rows_ptr, ids_ptr, out_ptr, num_experts, hidden, stride_r,
     tl.store(out_ptr + token.to(tl.int64) * stride_o + cols, acc.to(OUT_DTYPE), mask=inside)
 
 
+def act_and_mul_rows(gate_up_PX: torch.Tensor, expert_P: torch.Tensor, num_experts: int,
+                     activation: str) -> torch.Tensor:  # fmt: skip
+    """act(gate) * up of each row of gate_up [P, 2I] (gate columns [0, I), up [I, 2I)) -> [P, I] in its dtype; rows
+    whose expert_P entry (any int tensor of P entries) is outside [0, num_experts) are skipped, left unwritten."""
+    num_rows, inter = gate_up_PX.shape[0], gate_up_PX.shape[1] // 2
+    inter_PI = gate_up_PX.new_empty(num_rows, inter)
+    if num_rows:
+        _act_and_mul_kernel[(num_rows, triton.cdiv(inter, _BLOCK_COLS))](
+            gate_up_PX, inter_PI, expert_P, num_experts, inter, gate_up_PX.stride(0), inter_PI.stride(0),
+            ACTIVATION=activation, OUT_DTYPE=TL_DTYPES[gate_up_PX.dtype],
+            BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(inter)),
+        )  # fmt: skip
+    return inter_PI
+
+
+def batched_act_and_mul(gate_up_EMX: torch.Tensor, counts_E: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up of rows [0, counts_E[e]) of each expert's gate_up [E, max_rows, 2I] -> [E, max_rows, I]; the
+    rows past the counts are left unwritten."""
+    num_experts, max_rows, two_inter = gate_up_EMX.shape
+    inter = two_inter // 2
+    inter_EMI = gate_up_EMX.new_empty(num_experts, max_rows, inter)
+    block_c = min(_BATCHED_COLS, triton.next_power_of_2(inter))
+    _batched_act_and_mul_kernel[(triton.cdiv(max_rows, _BATCHED_ROWS), triton.cdiv(inter, block_c), num_experts)](
+        gate_up_EMX, inter_EMI, counts_E, max_rows, inter, gate_up_EMX.stride(0), gate_up_EMX.stride(1),
+        inter_EMI.stride(0), inter_EMI.stride(1), ACTIVATION=activation, OUT_DTYPE=TL_DTYPES[gate_up_EMX.dtype],
+        BLOCK_R=_BATCHED_ROWS, BLOCK_C=block_c,
+    )  # fmt: skip
+    return inter_EMI
+
+
 class TritonMoeRunner:
     """Fused-MoE runner on Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1 (tests).
 
@@ -203,13 +233,8 @@ class TritonMoeRunner:
             a_PI, fp8_down = _act_and_mul_quantized(gate_up_PX, ids_NK, num_experts, inter, hidden, activation,
                                                     dtype, scales)  # fmt: skip
         else:
-            inter_PI = hidden_NH.new_empty(num_pairs, inter)
-            _act_and_mul_kernel[(num_pairs, triton.cdiv(inter, _BLOCK_COLS))](
-                gate_up_PX, inter_PI, ids_NK, num_experts, inter, gate_up_PX.stride(0), inter_PI.stride(0),
-                ACTIVATION=activation, OUT_DTYPE=TL_DTYPES[dtype],
-                BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(inter)),
-            )  # fmt: skip
-            a_PI, fp8_down = _quantized(inter_PI, scales, "w2", hidden)
+            a_PI, fp8_down = _quantized(act_and_mul_rows(gate_up_PX, ids_NK, num_experts, activation), scales, "w2",
+                                        hidden)  # fmt: skip
         weights_P = dispatch_out.topk_weights.to(torch.float32).contiguous().view(-1)
         down_PH = hidden_NH.new_empty(num_pairs, hidden)
         invoke_fused_moe_gemm(a_PI, w2_EHI, down_PH, *blocks, top_k, True, cfg_down, weights_P, fp8_down)
@@ -242,14 +267,8 @@ class TritonMoeRunner:
         gate_up_EMX = x_EMH.new_empty(num_experts, max_rows, two_inter)
         a_EMH, fp8_up = _quantized(x_EMH, scales, "w13", inter, counts_E)
         invoke_batched_moe_gemm(a_EMH, w13_EXH, gate_up_EMX, counts_E, cfg_up, fp8_up)
-        inter_EMI = x_EMH.new_empty(num_experts, max_rows, inter)
-        block_c = min(_BATCHED_COLS, triton.next_power_of_2(inter))
-        _batched_act_and_mul_kernel[(triton.cdiv(max_rows, _BATCHED_ROWS), triton.cdiv(inter, block_c), num_experts)](
-            gate_up_EMX, inter_EMI, counts_E, max_rows, inter, gate_up_EMX.stride(0), gate_up_EMX.stride(1),
-            inter_EMI.stride(0), inter_EMI.stride(1), ACTIVATION=activation, OUT_DTYPE=TL_DTYPES[dtype],
-            BLOCK_R=_BATCHED_ROWS, BLOCK_C=block_c,
-        )  # fmt: skip
-        a_EMI, fp8_down = _quantized(inter_EMI, scales, "w2", hidden, counts_E)
+        a_EMI, fp8_down = _quantized(batched_act_and_mul(gate_up_EMX, counts_E, activation), scales, "w2", hidden,
+                                     counts_E)  # fmt: skip
         invoke_batched_moe_gemm(a_EMI, w2_EHI, out_EMH, counts_E, cfg_down, fp8_down)
         return CombineInput(hidden_states=out_EMH, handle=dispatch_out.handle)
 
