@@ -255,23 +255,28 @@ def run_load(load: Any) -> Any:
         return runner.run(load)
 
 
-async def _serve_load(url: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[float]]]:
+async def _serve_load(url: str, prompts: list[list[int]], new_tokens: int,
+                      began: list[float] | None = None) -> tuple[float, list[list[float]]]:
     """(seconds from the first request's connection to the last answer's end, each request's event times in
     seconds from that start). The bodies are encoded before the clock starts: JSON-encoding 16 prompts of 1024 ids
     is the client's work (~2 ms of one core), not the server's, and transformers' side times its forwards alone."""
     bodies = [_body(p, new_tokens) for p in prompts]
     start = time.perf_counter()
+    if began is not None:  # the start on time.monotonic (the clock of the server's records)
+        began.append(time.monotonic())
     arrivals = await asyncio.gather(*[_stream(url, b) for b in bodies])
     return time.perf_counter() - start, [[t - start for t in times] for times in arrivals]
 
 
-async def _batch_load(url: str, prompts: list[list[int]], new_tokens: int) -> float:
+async def _batch_load(url: str, prompts: list[list[int]], new_tokens: int, began: list[float] | None = None) -> float:
     """Seconds for one non-streamed /generate request carrying every prompt (SGLang's batch form, what its
     bench_one_batch_server sends): the burst reaches the engine at once, whatever one front's cost per request.
     Encoded before the clock starts, as _serve_load's bodies."""
     body = json.dumps({"input_ids": prompts, "sampling_params": {
         "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}).encode()  # fmt: skip
     start = time.perf_counter()
+    if began is not None:
+        began.append(time.monotonic())
     await _stream(url, body)
     return time.perf_counter() - start
 

@@ -44,9 +44,9 @@ def stand_in_scheduler(cfg: Any, runner: Any, disagg: Any = None) -> Any:
 
     def forward(batch: Any, logits: bool = True, eager: bool = False) -> torch.Tensor:
         start = time.monotonic()
-        time.sleep(fixed_s + per_token_s * batch.num_tokens)
-        with open(record, "a") as f:
+        with open(record, "a") as f:  # before the sleep: the record's write is the bench's, not the host path's
             f.write(json.dumps({"start": start, "tokens": batch.num_tokens}) + "\n")
+        time.sleep(max(0.0, start + fixed_s + per_token_s * batch.num_tokens - time.monotonic()))
         return torch.zeros(int(batch.logits_index.shape[0]), vocab)
 
     runner.forward = forward
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def fresh() -> list[list[int]]:  # fresh prompts: a repeated one would come from the prefix cache
             return [torch.randint(1, 250, (args.length,), generator=gen).tolist() for _ in range(args.prompts)]
 
-        loads = {"concurrent": lambda p: _serve_load(url, p, 1), "batched": lambda p: _batch_load(url, p, 1)}
+        loads = {"concurrent": lambda p, b=None: _serve_load(url, p, 1, b),
+                 "batched": lambda p, b=None: _batch_load(url, p, 1, b)}
         with healthy_process(command, port, env=env) as (url, _):
             run_load(_serve_load(url, [[1, 2, 3]], 4))  # warm-up
             for form, load in loads.items():
@@ -106,8 +107,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bursts = []
                 for _ in range(args.bursts):
                     prompts = fresh()
-                    start = time.monotonic()
-                    took = run_load(load(prompts))
+                    began: list[float] = []  # the burst's own clock start (after the client's loop and encoding)
+                    took = run_load(load(prompts, began))
+                    start = began[0]
                     took = took[0] if isinstance(took, tuple) else took
                     time.sleep(0.1)  # bursts apart (each forward's record is written before its answer)
                     fwd = _forwards(record, start, start + took)
