@@ -11,23 +11,29 @@ Workload (the serving issue's prefill): bursts of --prompts fresh random prompts
 token, sent as concurrent /generate requests and as one batched /generate request. Printed per form, in the same
 run: the median burst, the stand-in device time of the whole burst in one forward (the reference), their ratio, how
 many forwards a burst ran as, when its first forward began and how long after its last forward the burst ended.
+With --against ROOT, another checkout's server runs beside this one's and the bursts take turns between them (ABBA):
+host-path changes of a millisecond are inside the spread of two separate runs on a small host, not of the median of
+the paired differences, which is printed per form.
 
 Usage: python benchmarks/bench_served_prefill.py [--prompts 16] [--length 1024] [--bursts 7] [--fronts 1]
-           [--fixed-ms 5] [--us-per-token 3.45] [--serve-args "--prefill-wait-ms 10"] [--out FILE]
+           [--fixed-ms 5] [--us-per-token 3.45] [--serve-args "--prefill-wait-ms 10"] [--against ROOT] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
@@ -71,60 +77,95 @@ def _forwards(path: str, start: float, end: float) -> list[dict[str, float]]:
     return [r for r in rows if start <= r["start"] <= end]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.bench_gpu_serve import _batch_load, _serve_load, run_load
+FORMS = ("concurrent", "batched")
+
+
+@contextlib.contextmanager
+def _server(root: str, checkpoint: str, record: str, args: argparse.Namespace) -> Iterator[str]:
+    """`pd serve` of the checkout at ``root`` with the stand-in device, recording its forwards in ``record``;
+    yields its URL. It runs in ``root``, so `python -m` imports that checkout's code whatever this one is."""
     from tests.server_process import free_port, healthy_process
+
+    tokens = args.prompts * args.length
+    port = free_port()
+    command = [sys.executable, "-m", "benchmarks.bench_served_prefill", "--serve", "--model-path", checkpoint,
+               "--device", "cpu", "--dtype", "float32", "--port", str(port), "--attention-backend", "triton",
+               "--max-running-requests", str(max(64, args.prompts)), "--chunked-prefill-size", str(tokens),
+               "--max-total-tokens", str(4 * tokens + 4096), "--log-level", "warning",
+               "--tokenizer-worker-num", str(args.fronts), *args.serve_args.split()]  # fmt: skip
+    path_now = os.environ.get("PYTHONPATH")
+    env = {"TRITON_INTERPRET": "1", "PD_BENCH_FORWARDS": record, "PD_BENCH_FIXED_S": str(args.fixed_ms / 1e3),
+           "PD_BENCH_PER_TOKEN_S": str(args.us_per_token / 1e6),
+           "PYTHONPATH": os.pathsep.join([root, path_now]) if path_now else root}  # fmt: skip
+    with healthy_process(command, port, env=env, cwd=root) as (url, _):
+        yield url
+
+
+def _summary(bursts: list[dict[str, Any]], device_ms: float) -> dict[str, Any]:
+    median = statistics.median(b["ms"] for b in bursts)
+    return {"bursts": bursts, "median_ms": median, "x_stand_in": median / device_ms}
+
+
+def _line(summary: dict[str, Any], device_ms: float) -> str:
+    bursts, median = summary["bursts"], summary["median_ms"]
+    return (f"median burst {median:6.1f} ms = {median / device_ms:.3f}x the stand-in's {device_ms:.1f} ms; forwards "
+            f"per burst {[len(b['forwards']) for b in bursts]}; first forward at "
+            f"{statistics.median(b['first_forward_ms'] for b in bursts):.1f} ms; done "
+            f"{statistics.median(b['after_last_forward_ms'] for b in bursts):.1f} ms after the last")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The bursts against this checkout's server; with ``args.against`` (another checkout's root) against both,
+    taking turns burst by burst (ABBA), with the median of the paired differences (this - against) per form."""
+    from benchmarks.bench_gpu_serve import _batch_load, _serve_load, run_load
     from tests.tiny_checkpoints import make_checkpoint
 
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    roots = {"this": ROOT}
+    if getattr(args, "against", None):
+        roots["against"] = os.path.abspath(args.against)
     gen = torch.Generator().manual_seed(int(time.time()))
-    tokens = args.prompts * args.length
-    device_ms = args.fixed_ms + args.us_per_token * tokens / 1e3
+    device_ms = args.fixed_ms + args.us_per_token * args.prompts * args.length / 1e3
     result: dict[str, Any] = {"args": vars(args), "stand_in_burst_ms": device_ms}
-    with tempfile.TemporaryDirectory() as path:
+
+    def fresh() -> list[list[int]]:  # fresh prompts: a repeated one would come from the prefix cache
+        return [torch.randint(1, 250, (args.length,), generator=gen).tolist() for _ in range(args.prompts)]
+
+    def burst(url: str, form: str, record: str) -> dict[str, Any]:
+        began: list[float] = []  # the burst's own clock start (after the client's loop and encoding)
+        load = _serve_load(url, fresh(), 1, began) if form == "concurrent" else _batch_load(url, fresh(), 1, began)
+        took = run_load(load)
+        took = took[0] if isinstance(took, tuple) else took
+        start = began[0]
+        time.sleep(0.1)  # bursts apart (each forward's record is written before its answer)
+        fwd = _forwards(record, start, start + took)
+        last_end = max(f["start"] + args.fixed_ms / 1e3 + args.us_per_token * f["tokens"] / 1e6 for f in fwd)
+        return {"ms": 1e3 * took, "forwards": [f["tokens"] for f in fwd],
+                "first_forward_ms": 1e3 * (fwd[0]["start"] - start),
+                "after_last_forward_ms": 1e3 * (start + took - last_end)}  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as path, contextlib.ExitStack() as stack:
         make_checkpoint("llama", path)
-        record = os.path.join(path, "forwards.jsonl")
-        port = free_port()
-        command = [sys.executable, "-m", "benchmarks.bench_served_prefill", "--serve", "--model-path", path,
-                   "--device", "cpu", "--dtype", "float32", "--port", str(port), "--attention-backend", "triton",
-                   "--max-running-requests", str(max(64, args.prompts)), "--chunked-prefill-size", str(tokens),
-                   "--max-total-tokens", str(4 * tokens + 4096), "--log-level", "warning",
-                   "--tokenizer-worker-num", str(args.fronts), *args.serve_args.split()]  # fmt: skip
-        path_now = os.environ.get("PYTHONPATH")
-        env = {"TRITON_INTERPRET": "1", "PD_BENCH_FORWARDS": record, "PD_BENCH_FIXED_S": str(args.fixed_ms / 1e3),
-               "PD_BENCH_PER_TOKEN_S": str(args.us_per_token / 1e6),
-               "PYTHONPATH": os.pathsep.join([root, path_now]) if path_now else root}  # fmt: skip
-
-        def fresh() -> list[list[int]]:  # fresh prompts: a repeated one would come from the prefix cache
-            return [torch.randint(1, 250, (args.length,), generator=gen).tolist() for _ in range(args.prompts)]
-
-        loads = {"concurrent": lambda p, b=None: _serve_load(url, p, 1, b),
-                 "batched": lambda p, b=None: _batch_load(url, p, 1, b)}
-        with healthy_process(command, port, env=env) as (url, _):
+        records = {name: os.path.join(path, f"forwards-{name}.jsonl") for name in roots}
+        urls = {name: stack.enter_context(_server(root, path, records[name], args)) for name, root in roots.items()}
+        for url in urls.values():
             run_load(_serve_load(url, [[1, 2, 3]], 4))  # warm-up
-            for form, load in loads.items():
-                run_load(load(fresh()))
-                bursts = []
-                for _ in range(args.bursts):
-                    prompts = fresh()
-                    began: list[float] = []  # the burst's own clock start (after the client's loop and encoding)
-                    took = run_load(load(prompts, began))
-                    start = began[0]
-                    took = took[0] if isinstance(took, tuple) else took
-                    time.sleep(0.1)  # bursts apart (each forward's record is written before its answer)
-                    fwd = _forwards(record, start, start + took)
-                    last_end = max(f["start"] + args.fixed_ms / 1e3 + args.us_per_token * f["tokens"] / 1e6
-                                   for f in fwd)  # fmt: skip
-                    bursts.append({"ms": 1e3 * took, "forwards": [f["tokens"] for f in fwd],
-                                   "first_forward_ms": 1e3 * (fwd[0]["start"] - start),
-                                   "after_last_forward_ms": 1e3 * (start + took - last_end)})  # fmt: skip
-                median = statistics.median(b["ms"] for b in bursts)
-                result[form] = {"bursts": bursts, "median_ms": median, "x_stand_in": median / device_ms}
-                print(f"{form:>10}: median burst {median:6.1f} ms = {median / device_ms:.3f}x the stand-in's "
-                      f"{device_ms:.1f} ms; forwards per burst {[len(b['forwards']) for b in bursts]}; first "
-                      f"forward at {statistics.median(b['first_forward_ms'] for b in bursts):.1f} ms; done "
-                      f"{statistics.median(b['after_last_forward_ms'] for b in bursts):.1f} ms after the last",
-                      flush=True)  # fmt: skip
+        names = list(roots)
+        for form in FORMS:
+            for name in names:
+                burst(urls[name], form, records[name])  # a first burst of the form, not counted
+            bursts: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for k in range(args.bursts):
+                for name in names if k % 4 in (0, 3) else names[::-1]:  # ABBA: both see the machine alike
+                    bursts[name].append(burst(urls[name], form, records[name]))
+            result[form] = _summary(bursts["this"], device_ms)
+            print(f"{form:>10}: {_line(result[form], device_ms)}", flush=True)
+            if "against" in bursts:
+                against = result[form]["against"] = _summary(bursts["against"], device_ms)
+                pairs = zip(bursts["this"], bursts["against"], strict=True)
+                diff = statistics.median(a["ms"] - b["ms"] for a, b in pairs)
+                result[form]["paired_diff_ms"] = diff
+                print(f"{'against':>10}: {_line(against, device_ms)}\n{'':>10}  median of the paired differences "
+                      f"(this - against): {diff:+.2f} ms", flush=True)  # fmt: skip
     return result
 
 
@@ -140,6 +181,8 @@ def main() -> None:
     parser.add_argument("--fixed-ms", type=float, default=5.0, help="the stand-in's time per forward")
     parser.add_argument("--us-per-token", type=float, default=3.45, help="the stand-in's time per prompt token")
     parser.add_argument("--serve-args", default="", help="more pd serve flags")
+    parser.add_argument("--against", default=None, help="another checkout's root: its server too, bursts taking "
+                        "turns, and the paired differences")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args()
     result = run(args)

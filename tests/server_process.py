@@ -54,15 +54,16 @@ def free_dist_init_addr() -> str:
 @contextlib.contextmanager
 def healthy_process(
     command: list[str], port: int, health_path: str = "/health", timeout: float = 180.0,
-    env: dict[str, str] | None = None, log_path: str | None = None,
+    env: dict[str, str] | None = None, log_path: str | None = None, cwd: str | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:  # fmt: skip
-    """Runs `command` (a server listening on `port`), waits until GET health_path answers 200, yields the base URL
-    and the process, then stops it (SIGTERM: a profiler around the server still writes its output). On a start-up
-    failure the process log is part of the error; log_path keeps the log there (else it is deleted)."""
+    """Runs `command` (a server listening on `port`; in `cwd` if given), waits until GET health_path answers 200,
+    yields the base URL and the process, then stops it (SIGTERM: a profiler around the server still writes its
+    output). On a start-up failure the process log is part of the error; log_path keeps the log there (else it is
+    deleted)."""
     log = open(log_path, "w+") if log_path else tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     # The server dies with this process however it dies: a test run killed by a timeout (SIGTERM, SIGKILL) must not
     # leave its servers on a GPU, under whatever runs next there.
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(), cwd=cwd,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
