@@ -87,11 +87,14 @@ def create_app(
     app.state.ctx = ctx
     app.state.engine_closed = False
     app.include_router(native_api.router)
-    # /generate also as a plain Starlette route, ahead of FastAPI's (which stays for the OpenAPI schema): its handler
-    # reads its own body and returns a Response, and FastAPI's per-request dependency solving and wrapping cost
-    # ~50 us a request (of ~270 us in the app) on a 2-core CPU host.
-    app.router.routes.insert(0, Route("/generate", native_api.generate, methods=["POST"]))
     app.include_router(openai_api.router)
+    # The generation routes also as plain Starlette routes, ahead of FastAPI's (which stay for the OpenAPI schema):
+    # their handlers read their own bodies and return a Response, and FastAPI's per-request dependency solving and
+    # wrapping cost ~50 us a request (of ~270 us in the app for /generate) on a 2-core CPU host.
+    for i, (path, handler) in enumerate((("/generate", native_api.generate),
+                                         ("/v1/completions", openai_api.completions),
+                                         ("/v1/chat/completions", openai_api.chat_completions))):  # fmt: skip
+        app.router.routes.insert(i, Route(path, handler, methods=["POST"]))
     app.include_router(profile_api.router)
     app.include_router(tokenize_api.router)
     _add_error_handlers(app)
