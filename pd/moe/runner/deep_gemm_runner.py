@@ -65,16 +65,19 @@ class DeepGemmKernels:
             raise ImportError(f"--moe-runner-backend deep_gemm needs DeepGEMM (the deep_gemm package, built for this "
                               f"torch and CUDA), which did not import: {e}. Use --moe-runner-backend triton, or "
                               f"install DeepGEMM.") from e  # fmt: skip
-        major, minor = torch.cuda.get_device_capability()
-        if major not in (9, 10):
-            raise RuntimeError(f"--moe-runner-backend deep_gemm needs a Hopper or Blackwell GPU (compute capability "
-                               f"9.x or 10.x); this one is {major}.{minor}. Use --moe-runner-backend triton.")
         self._dg = deep_gemm
         self.row_alignment = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
 
     @staticmethod
     def check_weights(w13_EXH: torch.Tensor, w2_EHI: torch.Tensor) -> None:
-        """bfloat16 weights whose inner sizes DeepGEMM takes (K a multiple of 64 in both GEMMs)."""
+        """bfloat16 weights whose inner sizes DeepGEMM takes (K a multiple of 64 in both GEMMs), on a GPU it has
+        kernels for (the weights' own: each rank checks its device once its weights are there)."""
+        if w13_EXH.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(w13_EXH.device)
+            if major not in (9, 10):
+                raise RuntimeError(f"--moe-runner-backend deep_gemm needs a Hopper or Blackwell GPU (compute "
+                                   f"capability 9.x or 10.x); this one is {major}.{minor}. Use --moe-runner-backend "
+                                   f"triton.")  # fmt: skip
         if w13_EXH.dtype != torch.bfloat16 or w2_EHI.dtype != torch.bfloat16:
             raise ValueError(f"--moe-runner-backend deep_gemm computes in bfloat16; these experts are {w13_EXH.dtype}: "
                              f"serve with --dtype bfloat16, or use --moe-runner-backend triton")  # fmt: skip
@@ -199,9 +202,9 @@ class DeepGemmMoeRunner:
         self.kernels.contiguous(inter_RI, w2_EHI.contiguous(), down_RH, layout_R)
 
         out_NH = x_NH.new_empty(num_tokens, hidden)
-        weights_P = weights_NK.to(torch.float32).contiguous()
+        weights_f32 = weights_NK.to(torch.float32).contiguous()
         _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
-            down_RH, row_of_pair_P, ids_NK, weights_P, out_NH, num_experts, hidden, down_RH.stride(0),
+            down_RH, row_of_pair_P, ids_NK, weights_f32, out_NH, num_experts, hidden, down_RH.stride(0),
             out_NH.stride(0), TOP_K=top_k, OUT_DTYPE=TL_DTYPES[x_NH.dtype], BLOCK=block,
         )  # fmt: skip
         return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
