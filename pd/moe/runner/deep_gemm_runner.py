@@ -43,7 +43,9 @@ from pd.moe.runner.moe_align import align_pairs_to_blocks
 from pd.moe.runner.torch_ref import get_activation
 from pd.moe.runner.triton_runner import TritonMoeRunner, act_and_mul_rows, batched_act_and_mul
 
-# Below this many local pairs per local expert (on average) the Triton runner computes the batch.
+# Below this many local pairs per local expert (on average) the Triton runner computes the batch. Not yet measured:
+# at 256 a expert the 128-row padding adds about a quarter more rows; benchmarks/bench_moe_kernel.py --runner
+# deep_gemm (no hand-off) against --runner triton is where to set it from.
 MIN_PAIRS_PER_EXPERT = 256
 _BLOCK_COLS = 2048  # columns per program of the gather and the sum
 
