@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tests.tiny_checkpoints import make_checkpoint
 
     roots = {"this": ROOT}
-    if getattr(args, "against", None):
+    if args.against:
         roots["against"] = os.path.abspath(args.against)
     gen = torch.Generator().manual_seed(int(time.time()))
     device_ms = args.fixed_ms + args.us_per_token * args.prompts * args.length / 1e3

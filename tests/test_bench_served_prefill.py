@@ -17,7 +17,7 @@ def test_every_prompt_token_reaches_the_stand_in_and_a_batch_is_one_forward() ->
     rng = random.Random()
     prompts, length, bursts = rng.randint(2, 6), rng.randint(8, 64), 2
     args = argparse.Namespace(prompts=prompts, length=length, bursts=bursts, fronts=1, fixed_ms=2.0,
-                              us_per_token=1.0, serve_args="", out=None)  # fmt: skip
+                              us_per_token=1.0, serve_args="", out=None, against=None)  # fmt: skip
     result = run(args)
     assert result["stand_in_burst_ms"] == pytest.approx(2.0 + prompts * length / 1e3)
     for form in ("concurrent", "batched"):

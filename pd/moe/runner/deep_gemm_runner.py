@@ -17,9 +17,9 @@ padding every hit expert to 128 rows):
 3. gate_up: ``m_grouped_bf16_gemm_nt_contiguous`` -> [R, 2I].
 4. act(gate) * up of the rows with an expert (pd.moe.runner.triton_runner.act_and_mul_rows) -> [R, I].
 5. down: the same kernel -> [R, H].
-6. ``_sum_slots_kernel``: per token, 0.0 plus weight * row for each of its local slots in ascending slot order, each
-   product cast to the model dtype, summed in float32, one cast: the reference's arithmetic (pd.moe.runner.torch_ref)
-   on the GEMMs' rows.
+6. per token, 0.0 plus weight * row for each of its local slots in ascending slot order, each product cast to the
+   model dtype, summed in float32, one cast (triton_runner.sum_slots through each pair's row): the reference's
+   arithmetic (pd.moe.runner.torch_ref) on the GEMMs' rows.
 
 Batched format (low-latency dispatch: [E_local, max_rows, H] with counts on the device): ``m_grouped_bf16_gemm_nt_
 masked`` for both GEMMs, act(gate) * up between (triton_runner.batched_act_and_mul); unweighted rows out, rows past
@@ -36,18 +36,17 @@ import torch
 import triton
 import triton.language as tl
 
-from pd.layers.triton_fp8_gemm import TL_DTYPES
 from pd.moe.dispatcher.base import CombineInput, DispatchFormat, DispatchOutput
 from pd.moe.runner import ExpertScales
 from pd.moe.runner.moe_align import align_pairs_to_blocks
 from pd.moe.runner.torch_ref import get_activation
-from pd.moe.runner.triton_runner import TritonMoeRunner, act_and_mul_rows, batched_act_and_mul
+from pd.moe.runner.triton_runner import TritonMoeRunner, act_and_mul_rows, batched_act_and_mul, sum_slots
 
 # Below this many local pairs per local expert (on average) the Triton runner computes the batch. Not yet measured:
 # at 256 a expert the 128-row padding adds about a quarter more rows; benchmarks/bench_moe_kernel.py --runner
 # deep_gemm (no hand-off) against --runner triton is where to set it from.
 MIN_PAIRS_PER_EXPERT = 256
-_BLOCK_COLS = 2048  # columns per program of the gather and the sum
+_BLOCK_COLS = 2048  # columns per program of the gather
 
 
 class DeepGemmKernels:
@@ -114,24 +113,6 @@ def _gather_rows_kernel(x_ptr, out_ptr, sorted_ids_ptr, expert_of_block_ptr, lay
         token = pair // TOP_K
         values = tl.load(x_ptr + token.to(tl.int64) * stride_x + cols, mask=inside)
         tl.store(out_ptr + row.to(tl.int64) * stride_o + cols, values, mask=inside)
-
-
-@triton.jit
-def _sum_slots_kernel(rows_ptr, row_of_pair_ptr, ids_ptr, weights_ptr, out_ptr, num_experts, hidden, stride_r,
-                      stride_o, TOP_K: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    token = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < hidden
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        pair = token * TOP_K + k
-        expert = tl.load(ids_ptr + pair)
-        use = (expert >= 0) & (expert < num_experts)  # a skipped slot has no row: it adds nothing
-        row = tl.load(row_of_pair_ptr + pair, mask=use, other=0)
-        weight = tl.load(weights_ptr + pair, mask=use, other=0.0)
-        value = tl.load(rows_ptr + row.to(tl.int64) * stride_r + cols, mask=inside & use, other=0.0)
-        acc += (value.to(tl.float32) * weight).to(OUT_DTYPE).to(tl.float32)
-    tl.store(out_ptr + token.to(tl.int64) * stride_o + cols, acc.to(OUT_DTYPE), mask=inside)
 
 
 class DeepGemmMoeRunner:
@@ -204,11 +185,7 @@ class DeepGemmMoeRunner:
         self.kernels.contiguous(inter_RI, w2_EHI.contiguous(), down_RH, layout_R)
 
         out_NH = x_NH.new_empty(num_tokens, hidden)
-        weights_f32 = weights_NK.to(torch.float32).contiguous()
-        _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
-            down_RH, row_of_pair_P, ids_NK, weights_f32, out_NH, num_experts, hidden, down_RH.stride(0),
-            out_NH.stride(0), TOP_K=top_k, OUT_DTYPE=TL_DTYPES[x_NH.dtype], BLOCK=block,
-        )  # fmt: skip
+        sum_slots(down_RH, ids_NK, num_experts, out_NH, row_of_pair_P, weights_NK.to(torch.float32).contiguous())
         return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
 
     def _run_masked(self, dispatch_out: DispatchOutput, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor,

@@ -107,8 +107,9 @@ def _batched_act_and_mul_kernel(gate_up_ptr, out_ptr, counts_ptr, max_rows, inte
 
 
 @triton.jit
-def _sum_slots_kernel(rows_ptr, ids_ptr, out_ptr, num_experts, hidden, stride_r, stride_o,
-                      TOP_K: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _sum_slots_kernel(rows_ptr, row_of_pair_ptr, weights_ptr, ids_ptr, out_ptr, num_experts, hidden, stride_r,
+                      stride_o, TOP_K: tl.constexpr, OUT_DTYPE: tl.constexpr, BY_ROW_INDEX: tl.constexpr,
+                      WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < hidden
@@ -117,9 +118,30 @@ def _sum_slots_kernel(rows_ptr, ids_ptr, out_ptr, num_experts, hidden, stride_r,
         pair = token * TOP_K + k
         expert = tl.load(ids_ptr + pair)
         use = (expert >= 0) & (expert < num_experts)  # a skipped slot's row was never written: add nothing
-        row = tl.load(rows_ptr + pair.to(tl.int64) * stride_r + cols, mask=inside & use, other=0.0).to(tl.float32)
-        acc += row
+        if BY_ROW_INDEX:
+            row = tl.load(row_of_pair_ptr + pair, mask=use, other=0)
+        else:
+            row = pair
+        value = tl.load(rows_ptr + row.to(tl.int64) * stride_r + cols, mask=inside & use, other=0.0).to(tl.float32)
+        if WEIGHTED:  # weight * row cast to the model dtype per slot, as the reference's arithmetic
+            value = (value * tl.load(weights_ptr + pair, mask=use, other=0.0)).to(OUT_DTYPE).to(tl.float32)
+        acc += value
     tl.store(out_ptr + token.to(tl.int64) * stride_o + cols, acc.to(OUT_DTYPE), mask=inside)
+
+
+def sum_slots(rows_XH: torch.Tensor, ids_NK: torch.Tensor, num_experts: int, out_NH: torch.Tensor,
+              row_of_pair_P: torch.Tensor | None = None, weights_NK: torch.Tensor | None = None) -> None:  # fmt: skip
+    """out[t] = 0.0 plus, in ascending slot order, the row of each slot k of token t whose expert ids_NK[t, k] is in
+    [0, num_experts) (others add nothing): row t * K + k of rows_XH, or row row_of_pair_P[t * K + k] when given;
+    times weights_NK[t, k] (float32) and cast to out's dtype, slot by slot, when given. Summed in float32, cast
+    once."""
+    num_tokens, top_k = ids_NK.shape
+    hidden = out_NH.shape[1]
+    _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, _BLOCK_COLS))](
+        rows_XH, row_of_pair_P, weights_NK, ids_NK, out_NH, num_experts, hidden, rows_XH.stride(0), out_NH.stride(0),
+        TOP_K=top_k, OUT_DTYPE=TL_DTYPES[out_NH.dtype], BY_ROW_INDEX=row_of_pair_P is not None,
+        WEIGHTED=weights_NK is not None, BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(hidden)),
+    )  # fmt: skip
 
 
 def act_and_mul_rows(gate_up_PX: torch.Tensor, expert_P: torch.Tensor, num_experts: int,
@@ -238,10 +260,7 @@ class TritonMoeRunner:
         weights_P = dispatch_out.topk_weights.to(torch.float32).contiguous().view(-1)
         down_PH = hidden_NH.new_empty(num_pairs, hidden)
         invoke_fused_moe_gemm(a_PI, w2_EHI, down_PH, *blocks, top_k, True, cfg_down, weights_P, fp8_down)
-        _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, _BLOCK_COLS))](
-            down_PH, ids_NK, out_NH, num_experts, hidden, down_PH.stride(0), out_NH.stride(0),
-            TOP_K=top_k, OUT_DTYPE=TL_DTYPES[dtype], BLOCK=min(_BLOCK_COLS, triton.next_power_of_2(hidden)),
-        )  # fmt: skip
+        sum_slots(down_PH, ids_NK, num_experts, out_NH)
         return CombineInput(hidden_states=out_NH, handle=dispatch_out.handle)
 
     def _run_batched(self, dispatch_out: DispatchOutput, w13_EXH: torch.Tensor, w2_EHI: torch.Tensor,
