@@ -149,6 +149,38 @@ def test_deep_gemm_runner_without_deep_gemm_says_what_is_missing() -> None:
         get_runner("deep_gemm")
 
 
+@needs_triton
+def test_deep_gemm_names_what_its_kernel_compilation_lacks(tmp_path) -> None:
+    """DeepGEMM finds its CUDA toolkit as CUDA_HOME, else nvcc's folder; it compiles with nvcc, or with NVRTC against
+    the headers there, and reads each kernel back with that toolkit's cuobjdump (an H100 without cuobjdump failed
+    every GEMM with a bare assertion on an exit code)."""
+    from pd.moe.runner.deep_gemm_runner import jit_toolchain_problem
+
+    home = tmp_path / "cuda"
+    no_nvcc = lambda name: None  # noqa: E731
+
+    def add(relative: str) -> None:
+        (home / relative).parent.mkdir(parents=True, exist_ok=True)
+        (home / relative).write_text("")
+
+    problem = jit_toolchain_problem({"CUDA_HOME": str(home)}, no_nvcc)
+    assert problem is not None and f"{home}/bin/cuobjdump, {home}/bin/nvcc" in problem
+    assert "DG_JIT_USE_NVRTC=1" in problem
+    add("include/cuda.h")
+    nvrtc = {"CUDA_HOME": str(home), "DG_JIT_USE_NVRTC": "1"}
+    problem = jit_toolchain_problem(nvrtc, no_nvcc)
+    assert problem is not None and "lacks " + f"{home}/bin/cuobjdump." in problem
+    add("bin/cuobjdump")
+    assert jit_toolchain_problem(nvrtc, no_nvcc) is None
+    problem = jit_toolchain_problem({"CUDA_HOME": str(home), "DG_JIT_USE_NVRTC": "0"}, no_nvcc)
+    assert problem is not None and "lacks " + f"{home}/bin/nvcc." in problem
+    add("bin/nvcc")
+    assert jit_toolchain_problem({"CUDA_PATH": str(home)}, no_nvcc) is None
+    assert jit_toolchain_problem({}, lambda name: f"{home}/bin/{name}") is None  # the toolkit found through nvcc
+    problem = jit_toolchain_problem({"CUDA_HOME": str(tmp_path / "elsewhere")}, lambda name: f"{home}/bin/{name}")
+    assert problem is not None and "elsewhere/bin/cuobjdump" in problem  # CUDA_HOME first, as DeepGEMM
+
+
 # ---- GPU tests (DeepGEMM itself) ----
 
 GPU_CASES = [

@@ -4,7 +4,11 @@ Why: at prefill sizes the fused Triton kernel multiplies at ~78% of cuBLAS's rat
 DeepSeek-V3 shape, 16K tokens: ~600 against ~780 TFLOP/s), and neither torch's CUTLASS grouped GEMM nor a TMA read of
 its A rows did better. DeepGEMM's Hopper kernels (TMA, warp-specialized producers, persistent CTAs) are what SGLang
 runs there. They read A in expert order, each expert's rows a run padded to DeepGEMM's row alignment (128): the
-"contiguous" layout; so the hidden rows are gathered into that order first.
+"contiguous" layout; so the hidden rows are gathered into that order first. Measured on an H100 at that shape
+(benchmarks/results/h100_2026-12-06): its bf16 grouped GEMMs ran at 488 (gate_up) and 520 (down) TFLOP/s on random
+routing, 23.2 ms together, while the whole Triton runner took 23.5 ms; with the gather and the act-and-mul this runner
+is the slower one there (on the same card DeepGEMM's dense bf16 GEMM of gate_up's FLOPs reached 760 TFLOP/s, cuBLAS
+670). It stays an option, not the default.
 
 Standard format, when the batch has at least ``min_pairs_per_expert`` local (token, slot) pairs per local expert on
 average (prompt-sized batches; smaller ones, decode, go to the Triton runner, whose small row blocks waste less than
@@ -32,6 +36,10 @@ FP8 experts are dequantized once at load (block_fp8 = False).
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable, Mapping
+
 import torch
 import triton
 import triton.language as tl
@@ -42,11 +50,35 @@ from pd.moe.runner.moe_align import align_pairs_to_blocks
 from pd.moe.runner.torch_ref import get_activation
 from pd.moe.runner.triton_runner import TritonMoeRunner, act_and_mul_rows, batched_act_and_mul, sum_slots
 
-# Below this many local pairs per local expert (on average) the Triton runner computes the batch. Not yet measured:
-# at 256 a expert the 128-row padding adds about a quarter more rows; benchmarks/bench_moe_kernel.py --runner
-# deep_gemm (no hand-off) against --runner triton is where to set it from.
+# Below this many local pairs per local expert (on average) the Triton runner computes the batch. At 256 a expert the
+# 128-row padding adds about a quarter more rows. Measured only at 16K tokens (512 a expert) so far, where DeepGEMM
+# is still the slower of the two (benchmarks/results/h100_2026-12-06): benchmarks/bench_moe_kernel.py --runner
+# deep_gemm (no hand-off) against --runner triton at smaller sizes is where to set it from.
 MIN_PAIRS_PER_EXPERT = 256
 _BLOCK_COLS = 2048  # columns per program of the gather
+
+
+def jit_toolchain_problem(env: Mapping[str, str] = os.environ,
+                          which: Callable[[str], str | None] = shutil.which) -> str | None:  # fmt: skip
+    """What DeepGEMM's just-in-time compilation lacks on this host, or None. It finds CUDA as DeepGEMM does
+    (CUDA_HOME, CUDA_PATH, nvcc's folder, /usr/local/cuda); every kernel it builds is compiled with nvcc there, or with
+    NVRTC (DG_JIT_USE_NVRTC=1) against the headers there, and its kernel symbol read back with that CUDA's
+    cuobjdump. A missing piece otherwise shows only at the first GEMM, as an assertion on an exit code."""
+    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    if not home:
+        nvcc = which("nvcc")
+        home = os.path.dirname(os.path.dirname(nvcc)) if nvcc else "/usr/local/cuda"
+    nvrtc = env.get("DG_JIT_USE_NVRTC", "0") not in ("", "0")
+    need = [os.path.join(home, "bin", "cuobjdump")]
+    need.append(os.path.join(home, "include", "cuda.h") if nvrtc else env.get("DG_JIT_NVCC_COMPILER")
+                or os.path.join(home, "bin", "nvcc"))  # fmt: skip
+    missing = [path for path in need if not os.path.exists(path)]
+    if not missing:
+        return None
+    return (f"DeepGEMM compiles its kernels at first use with the CUDA toolkit at {home} (CUDA_HOME), which lacks "
+            f"{', '.join(missing)}. Point CUDA_HOME at a CUDA toolkit with nvcc and cuobjdump; or, without one, set "
+            f"DG_JIT_USE_NVRTC=1 and give CUDA_HOME the CUDA headers (include/, with CCCL's) and bin/cuobjdump "
+            f"(the nvidia-cuda-runtime, -cccl, -crt and -cuobjdump wheels). Or use --moe-runner-backend triton.")
 
 
 class DeepGemmKernels:
@@ -66,6 +98,9 @@ class DeepGemmKernels:
             raise ImportError(f"--moe-runner-backend deep_gemm needs DeepGEMM (the deep_gemm package, built for this "
                               f"torch and CUDA), which did not import: {e}. Use --moe-runner-backend triton, or "
                               f"install DeepGEMM.") from e  # fmt: skip
+        problem = jit_toolchain_problem()
+        if problem is not None:
+            raise RuntimeError(f"--moe-runner-backend deep_gemm: {problem}")
         self._dg = deep_gemm
         self.row_alignment = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
 
