@@ -6,6 +6,9 @@ DeepSeek-V3 shape small enough for one GPU (MLA with 128 heads, 256 experts top-
 routing, first layer dense) with --layers layers (default 2: one dense and one MoE layer, ~27 GB of bf16
 weights, held by transformers and by pd serve at once).
 
+The prefill's compute roofline (benchmarks/prefill_roofline.py): its matmul FLOPs at the rate of one large bf16 GEMM
+measured in the same run, and what that bounds the ratio to transformers at.
+
 Workloads (the serving issue's): prefill tok/s of 16 x 1024-token prompts with 1 new token (transformers: forwards
 of 8 prompts, and of one --prefill-chunk's worth if that differs, the faster counting, each computing the last
 position's logits only, as its generate does for a prompt; pd serve: the median of
@@ -47,6 +50,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.gpu_clocks import GpuClocks, describe, gpu_uuid  # noqa: E402
+from benchmarks.prefill_roofline import matmul_rate, prefill_flops  # noqa: E402
 
 
 def model_config(name: str, layers: int, tiny: bool):  # noqa: ANN201 (transformers is imported lazily)
@@ -105,6 +109,13 @@ def copy_bandwidth(device: str) -> float:
         _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n / statistics.median(times[3:])
+
+
+def transformers_version() -> str:
+    """The reference's version (its MoE layers' default kernels changed between releases)."""
+    import transformers
+
+    return transformers.__version__
 
 
 def _sync(device: str) -> None:
@@ -442,6 +453,7 @@ def main() -> None:
     layers = args.layers or (8 if args.model == "qwen3" else 2)
     config = model_config(args.model, layers, args.tiny)
     bandwidth = copy_bandwidth(args.device)
+    gemm_rate = matmul_rate(args.device)
     # the card's clocks while each figure is measured (a card that slows under sustained load would favour what
     # runs first)
     clocks = GpuClocks(gpu_uuid(), enabled=args.device == "cuda")
@@ -476,6 +488,15 @@ def main() -> None:
           f"({ours['prefill_tok_s'] / hf.get('prefill_tok_s', float('nan')):.2f}x; against transformers' plain "
           f"forward, every position's logits: {hf.get('prefill_tok_s_all_logits', float('nan')):.0f} tok/s, "
           f"{ours['prefill_tok_s'] / hf.get('prefill_tok_s_all_logits', float('nan')):.2f}x)")  # fmt: skip
+    # The prefill's compute roofline: its matmul FLOPs at the rate of one large bf16 GEMM of this run.
+    flops = prefill_flops(config, args.prefill_prompts, args.prefill_len)
+    roof_tok_s = args.prefill_prompts * args.prefill_len / (flops / gemm_rate)
+    print(f"prefill compute roofline: {flops / 1e12:.1f} TFLOP at {gemm_rate / 1e12:.0f} TFLOP/s (one "
+          f"large square bf16 GEMM) = {roof_tok_s:.0f} tok/s; pd serve at "
+          f"{ours['prefill_tok_s'] / roof_tok_s:.2f} of it (batched "
+          f"{ours['prefill_batched_tok_s'] / roof_tok_s:.2f}), transformers at "
+          f"{hf.get('prefill_tok_s', float('nan')) / roof_tok_s:.2f}: no server could be more than "
+          f"{roof_tok_s / hf.get('prefill_tok_s', float('nan')):.2f}x transformers here")  # fmt: skip
     print(f"prefill as one batched /generate request per burst: {ours['prefill_batched_tok_s']:.0f} tok/s "
           f"({ours['prefill_batched_tok_s'] / hf.get('prefill_tok_s', float('nan')):.2f}x), bursts (ms) "
           f"{ours['prefill_batched_ms']}")  # fmt: skip
@@ -507,7 +528,10 @@ def main() -> None:
         device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         with open(args.out, "w") as f:
             json.dump({"device": device_name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       "args": vars(args), "copy_bandwidth_GBps": bandwidth / 1e9, "transformers": hf,
+                       "args": vars(args), "copy_bandwidth_GBps": bandwidth / 1e9,
+                       "prefill_roofline": {"tflop": flops / 1e12, "gemm_tflop_s": gemm_rate / 1e12,
+                                            "tok_s": roof_tok_s},
+                       "transformers_version": transformers_version(), "transformers": hf,
                        "pd_serve": ours, "decode": rows, "pd_serve_fp8": fp8, "decode_fp8": fp8_rows}, f,
                       indent=1)  # fmt: skip
 
