@@ -39,7 +39,6 @@ import gc
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.gpu_clocks import GpuClocks, describe, gpu_uuid  # noqa: E402
-from benchmarks.prefill_roofline import matmul_rate, prefill_flops  # noqa: E402
+from benchmarks.prefill_roofline import matmul_rate, median_seconds, prefill_flops  # noqa: E402
 
 
 def model_config(name: str, layers: int, tiny: bool):  # noqa: ANN201 (transformers is imported lazily)
@@ -101,14 +100,7 @@ def copy_bandwidth(device: str) -> float:
     """(read + written bytes) / time of a 1 GiB device-to-device copy, bytes/s (the median of 10)."""
     n = (1 << 30) if device == "cuda" else (1 << 26)
     src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
-    times = []
-    for _ in range(13):
-        _sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n / statistics.median(times[3:])
+    return 2 * n / median_seconds(lambda: dst.copy_(src), device)
 
 
 def transformers_version() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -44,19 +45,25 @@ def prefill_flops(config, prompts: int, length: int, causal: bool = True) -> flo
     return 2.0 * (tokens * (layers * projections + mlp) + layers * attention + lm_head)
 
 
-def matmul_rate(device: str, n: int | None = None) -> float:
-    """bf16 FLOP/s of one [n, n] x [n, n] GEMM (n 8192 on CUDA, 1024 elsewhere), the median of 10 timed runs after
-    3 warm-ups: the rate every GEMM of the roofline is counted at."""
-    n = n or (8192 if device == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+def median_seconds(run: Callable[[], object], device: str) -> float:
+    """The median wall time of 10 calls of ``run`` after 3 warm-ups, each fenced by a device sync: how this benchmark
+    measures a hardware rate (a GEMM's here, a copy's bandwidth in bench_gpu_serve)."""
     times = []
     for _ in range(13):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        torch.mm(a, b)
+        run()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return 2.0 * n**3 / statistics.median(times[3:])
+    return statistics.median(times[3:])
+
+
+def matmul_rate(device: str, n: int | None = None) -> float:
+    """bf16 FLOP/s of one [n, n] x [n, n] GEMM (n 8192 on CUDA, 1024 elsewhere), timed by median_seconds: the rate
+    every GEMM of the roofline is counted at."""
+    n = n or (8192 if device == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2.0 * n**3 / median_seconds(lambda: torch.mm(a, b), device)

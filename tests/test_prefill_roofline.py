@@ -24,4 +24,3 @@ def test_prefill_flops_match_the_counted_transformers_forward(name: str, layers:
     assert prefill_flops(config, prompts, length, causal=False) == counter.get_total_flops()
     causal = prefill_flops(config, prompts, length)
     assert causal < counter.get_total_flops()  # the roofline counts the causal half only
-
