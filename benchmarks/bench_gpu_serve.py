@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.gpu_clocks import GpuClocks, describe, gpu_uuid  # noqa: E402
-from benchmarks.prefill_roofline import matmul_rate, median_seconds, prefill_flops  # noqa: E402
+from benchmarks.prefill_roofline import matmul_rate, median_seconds, prefill_flops, sync  # noqa: E402
 
 
 def model_config(name: str, layers: int, tiny: bool):  # noqa: ANN201 (transformers is imported lazily)
@@ -110,11 +110,6 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def step_bytes(config, batch: int, context: int, fp8: bool = False) -> float:  # noqa: ANN001
     """Bytes one decode step at batch ``batch`` must read: every weight outside the routed experts, the expected
     distinct experts hit in each MoE layer, and the batch's KV (bf16). fp8: the weights `--quantization fp8`
@@ -167,17 +162,17 @@ def bench_transformers(path: str, device: str, args: argparse.Namespace, clocks:
             ids = torch.randint(1, vocab, (n, args.prefill_len), generator=gen).to(device)
             forwards = max(1, args.prefill_prompts // n)
             model(ids, logits_to_keep=1)  # warm-up at the measured shape
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for _ in range(forwards):
                 model(ids, logits_to_keep=1)
-            _sync(device)
+            sync(device)
             by_batch[n] = forwards * n * args.prefill_len / (time.perf_counter() - start)
             model(ids)  # the plain forward's own warm-up (its LM head's GEMM shape)
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             model(ids)
-            _sync(device)
+            sync(device)
             all_logits[n] = n * args.prefill_len / (time.perf_counter() - start)
             del ids
         out["prefill_tok_s_by_prompts_per_forward"] = by_batch
@@ -190,11 +185,11 @@ def bench_transformers(path: str, device: str, args: argparse.Namespace, clocks:
         for b in args.batches:
             ids = torch.randint(1, vocab, (b, args.prompt), generator=gen).to(device)
             model.generate(ids[:, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-            _sync(device)
+            sync(device)
             start, began = time.perf_counter(), time.monotonic()
             model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                            pad_token_id=0)  # fmt: skip
-            _sync(device)
+            sync(device)
             out[f"decode_b{b}_tok_s"] = b * args.new_tokens / (time.perf_counter() - start)
             out[f"decode_b{b}_clocks"] = clocks.span(began, time.monotonic())
             print(f"transformers batch {b}: {out[f'decode_b{b}_tok_s']:.0f} out tok/s", flush=True)

@@ -45,17 +45,21 @@ def prefill_flops(config, prompts: int, length: int, causal: bool = True) -> flo
     return 2.0 * (tokens * (layers * projections + mlp) + layers * attention + lm_head)
 
 
+def sync(device: str) -> None:
+    """Waits for the device's queued work (nothing to wait for on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_seconds(run: Callable[[], object], device: str) -> float:
     """The median wall time of 10 calls of ``run`` after 3 warm-ups, each fenced by a device sync: how this benchmark
     measures a hardware rate (a GEMM's here, a copy's bandwidth in bench_gpu_serve)."""
     times = []
     for _ in range(13):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         run()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[3:])
 
