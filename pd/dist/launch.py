@@ -13,6 +13,7 @@ module owns processes only. A rank dies with the process that spawned it however
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import fcntl
 import logging
@@ -22,8 +23,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -166,6 +168,30 @@ def _release_fork_server() -> None:
         server._forkserver_alive_fd = None
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends, as they would have (the handler in
+    place before it runs, or the default action). Around a child process's start, which is a handshake: a rank forked
+    from the fork server is asked for over a socket, and a front stopped in the middle of that (`pd up` stopping an
+    instance that is still starting) left the server to die on a half-sent message, printing its traceback into the
+    instance's output; a spawned process (the other front processes) reads its start from a pipe the same way. Only
+    on the main thread (the only one Python runs signal handlers on); a signal whose handler is not Python's (set by
+    C code) is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    held = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None]
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(arrived):  # each signal once, in the order they came
+            signal.raise_signal(sig)
+
+
 def name_process(name: str) -> None:
     """The name `ps -o comm`, `top` and /proc/PID/comm show for this process (Linux; 15 characters)."""
     if sys.platform.startswith("linux"):
@@ -217,7 +243,8 @@ class RankProcesses:
                 name=f"pd-rank{rank}",
                 daemon=True,
             )
-            proc.start()
+            with signals_held():
+                proc.start()
             for end in rank_ends:
                 end.close()
             procs.append(proc)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from pd.dist.launch import LeaderLink, die_with_parent, name_process
+from pd.dist.launch import LeaderLink, die_with_parent, name_process, signals_held
 from pd.engine.spec import EngineSpec
 from pd.server_args import ServerArgs
 
@@ -86,7 +86,8 @@ class FrontWorkers:
             ready_r, ready_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_main, args=(os.getpid(), args, spec, front_links, k, ready_w,
                                                           all_listening), name=f"pd-front{k}", daemon=True)  # fmt: skip
-            proc.start()
+            with signals_held():  # a stop in the middle of the start would leave the child a half-written start
+                proc.start()
             ready_w.close()
             procs.append(proc)
             started.append(ready_r)
